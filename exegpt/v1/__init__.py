@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC stubs for the exegpt.v1 contracts (see protos/). Do not edit."""
