@@ -1,0 +1,57 @@
+"""The `exegpt` command line: one subcommand per module, imported only when used.
+
+Each subcommand module exposes `DESCRIPTION: str`, `add_arguments(parser)` and
+`run(args) -> int` (the exit code), so `exegpt --help` stays fast and each command's
+heavy imports (torch, grpc) happen only when that command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("exegpt.demo", "start a local deployment, send a few requests, print answers"),
+    "up": ("exegpt.launcher", "start the router and N worker replicas and keep them running"),
+    "worker": ("services.worker.__main__", "run one worker replica (engine + model)"),
+    "router": ("services.router.__main__", "run the router with its HTTP gateway"),
+    "bench": ("exegpt.bench.cli", "benchmark a running deployment with a workload"),
+    "plan": ("services.scheduler.plan_cli", "search the best schedule under a latency bound"),
+    "scheduler": ("services.scheduler.__main__", "run the scheduler service"),
+    "profile": ("services.profiler.cli", "profile the model's layers on a device"),
+    "profiler": ("services.profiler.__main__", "run the profiler service"),
+}
+
+
+def _top_level_help() -> str:
+    lines = ["usage: exegpt COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<10} {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", "Run `exegpt COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        sys.stdout.write(_top_level_help() + "\n")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        sys.stderr.write(f"exegpt: unknown command {name!r}\n\n{_top_level_help()}\n")
+        return 2
+    module_name, summary = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"exegpt {name}", description=summary)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
