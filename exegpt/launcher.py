@@ -1,0 +1,222 @@
+"""`exegpt up`: start the router and N worker replicas as separate processes.
+
+Workers start on free ports and publish their address through a ready file; the router is
+started with those addresses. `ready` is printed once every process reports healthy, and
+Ctrl-C or SIGTERM stops every child (SIGTERM, then SIGKILL after a grace period).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DESCRIPTION = "start the router and N worker replicas and keep them running"
+logger = logging.getLogger("exegpt.launcher")
+
+
+class LaunchError(RuntimeError):
+    """A service failed to start; the message carries the end of its log."""
+
+
+@dataclass(frozen=True)
+class DeploymentConfig:
+    model: str = "exegpt-tiny-t5"
+    num_replicas: int = 1
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 50051
+    batching: str = "continuous"
+    max_batch_size: int = 32
+    kv_cache_mb: float = 256.0
+    torch_threads: int | None = None
+    startup_timeout_s: float = 120.0
+    # Child logs go here; None lets children write to this process's stderr.
+    log_dir: Path | None = None
+    extra_worker_args: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.num_replicas < 1:
+            raise ValueError("--replicas must be >= 1")
+
+
+@dataclass
+class _Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    ready_file: Path
+    log_path: Path | None
+
+    def log_tail(self, num_lines: int = 20) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return "(log on the launcher's stderr)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
+
+
+class Deployment:
+    """The local processes of one deployment; use as a context manager."""
+
+    def __init__(self, config: DeploymentConfig) -> None:
+        self.config = config
+        self._state_dir = Path(tempfile.mkdtemp(prefix="exegpt-"))
+        self._children: list[_Child] = []
+        self.worker_addresses: list[str] = []
+        self.grpc_address = ""
+        self.http_url = ""
+
+    def start(self) -> None:
+        try:
+            workers = [self._spawn_worker(index) for index in range(self.config.num_replicas)]
+            self.worker_addresses = [self._wait_ready(child) for child in workers]
+            router = self._spawn_router()
+            self.grpc_address, self.http_url = self._wait_ready(router).split()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _spawn(self, name: str, module: str, args: list[str]) -> _Child:
+        ready_file = self._state_dir / f"{name}.ready"
+        log_path = self.config.log_dir / f"{name}.log" if self.config.log_dir else None
+        output = open(log_path, "wb") if log_path else None  # noqa: SIM115 (owned by the child)
+        command = [sys.executable, "-m", module, *args, "--ready-file", str(ready_file)]
+        process = subprocess.Popen(command, stdout=output, stderr=output)
+        if output is not None:
+            output.close()
+        child = _Child(name, process, ready_file, log_path)
+        self._children.append(child)
+        return child
+
+    def _spawn_worker(self, index: int) -> _Child:
+        threads = self.config.torch_threads or max(
+            1, (os.cpu_count() or 1) // self.config.num_replicas
+        )
+        args = [
+            "--model", self.config.model,
+            "--host", self.config.host,
+            "--port", "0",
+            "--batching", self.config.batching,
+            "--max-batch-size", str(self.config.max_batch_size),
+            "--kv-cache-mb", str(self.config.kv_cache_mb),
+            "--torch-threads", str(threads),
+            *self.config.extra_worker_args,
+        ]  # fmt: skip
+        return self._spawn(f"worker-{index}", "services.worker", args)
+
+    def _spawn_router(self) -> _Child:
+        args = [
+            "--replicas", ",".join(self.worker_addresses),
+            "--host", self.config.host,
+            "--grpc-port", str(self.config.grpc_port),
+            "--http-port", str(self.config.http_port),
+        ]  # fmt: skip
+        return self._spawn("router", "services.router", args)
+
+    def _wait_ready(self, child: _Child) -> str:
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        while time.monotonic() < deadline:
+            if child.ready_file.exists():
+                return child.ready_file.read_text().strip()
+            if child.process.poll() is not None:
+                raise LaunchError(
+                    f"{child.name} exited with code {child.process.returncode}:\n{child.log_tail()}"
+                )
+            time.sleep(0.05)
+        raise LaunchError(f"{child.name} did not become ready in {self.config.startup_timeout_s}s")
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM every child, wait, then SIGKILL what is left; no orphans."""
+        for child in self._children:
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in self._children:
+            try:
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in %.0fs; killing it", child.name, grace_s)
+                child.process.kill()
+                child.process.wait()
+        self._children.clear()
+
+    def failed_child(self) -> str | None:
+        for child in self._children:
+            if child.process.poll() is not None:
+                return f"{child.name} exited with code {child.process.returncode}"
+        return None
+
+    def __enter__(self) -> Deployment:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = DeploymentConfig()
+    parser.add_argument("--model", default=defaults.model, help="model name or HF directory")
+    parser.add_argument("--replicas", type=int, default=defaults.num_replicas)
+    parser.add_argument("--host", default=defaults.host)
+    parser.add_argument("--http-port", type=int, default=defaults.http_port)
+    parser.add_argument("--grpc-port", type=int, default=defaults.grpc_port)
+    parser.add_argument("--batching", choices=["continuous", "static"], default=defaults.batching)
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
+    parser.add_argument("--kv-cache-mb", type=float, default=defaults.kv_cache_mb)
+    parser.add_argument("--torch-threads", type=int, default=None, help="per worker")
+    parser.add_argument("--log-dir", type=Path, default=None, help="write child logs here")
+    parser.add_argument("--log-level", default="INFO")
+
+
+def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
+    if args.log_dir is not None:
+        args.log_dir.mkdir(parents=True, exist_ok=True)
+    return DeploymentConfig(
+        model=args.model,
+        num_replicas=args.replicas,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        batching=args.batching,
+        max_batch_size=args.max_batch_size,
+        kv_cache_mb=args.kv_cache_mb,
+        torch_threads=args.torch_threads,
+        log_dir=args.log_dir,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        deployment = Deployment(config_from_args(args))
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        deployment.start()
+    except LaunchError as exc:
+        logger.error("deployment failed to start: %s", exc)
+        return 1
+    sys.stdout.write(
+        f"exegpt ready: http={deployment.http_url} grpc={deployment.grpc_address} "
+        f"replicas={','.join(deployment.worker_addresses)}\n"
+    )
+    sys.stdout.flush()
+    try:
+        while not stop.wait(0.5):
+            if failure := deployment.failed_child():
+                logger.error("%s; stopping the deployment", failure)
+                return 1
+    finally:
+        deployment.stop()
+        logger.info("all services stopped")
+    return 0

@@ -1,0 +1,45 @@
+"""Typed results returned by the client SDK."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from exegpt.errors import RequestError
+
+__all__ = ["Completion", "CompletionChunk", "ExegptError"]
+
+
+class ExegptError(RequestError):
+    """A request failed; `code` says why (invalid_argument, resource_exhausted, ...)."""
+
+
+@dataclass(frozen=True)
+class CompletionChunk:
+    """Tokens that arrived together while streaming; the last one has finish_reason and usage."""
+
+    text: str
+    token_ids: list[int]
+    # Seconds since the call started, as measured by this client, when the chunk arrived.
+    arrival_s: float
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    # Seconds from sending the request to the first token.
+    ttft_s: float
+    # Seconds from sending the request to each generated token (streaming: measured here;
+    # unary: as stamped by the engine, relative to its receipt of the request).
+    token_times_s: list[float] = field(default_factory=list)
+    request_id: str = ""
+
+    @property
+    def latency_s(self) -> float:
+        return self.token_times_s[-1] if self.token_times_s else 0.0

@@ -1,0 +1,95 @@
+"""What every gRPC service shares: server options, health, binding, ready files, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+@dataclass
+class GrpcServer:
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set("", status)
+
+    async def stop(self, grace_s: float) -> None:
+        await self.set_serving(False)
+        await self.server.stop(grace_s)
+
+
+async def start_grpc_server(
+    register: Callable[[grpc.aio.Server], None],
+    *,
+    host: str,
+    port: int,
+    max_message_bytes: int,
+) -> GrpcServer:
+    """Start a grpc.aio server with the standard health service; port 0 picks a free port."""
+    server = grpc.aio.server(options=channel_options(max_message_bytes))
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound_port = server.add_insecure_port(f"{host}:{port}")
+    if bound_port == 0:
+        raise OSError(f"cannot bind gRPC server to {host}:{port}")
+    await server.start()
+    running = GrpcServer(server, health_servicer, host, bound_port)
+    await running.set_serving(True)
+    return running
+
+
+def write_ready_file(path: str | None, address: str) -> None:
+    """Atomically publish "host:port" so a launcher can find a server started on port 0."""
+    if not path:
+        return
+    target = Path(path)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(address)
+    tmp.replace(target)
+
+
+async def wait_for_shutdown_signal(watch_parent: bool = True) -> None:
+    """Return on SIGINT/SIGTERM, or when the launching parent process has died."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    parent_pid = os.getppid()
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+        except TimeoutError:
+            if watch_parent and os.getppid() != parent_pid:
+                logger.warning("parent process %d is gone; shutting down", parent_pid)
+                return

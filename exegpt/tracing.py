@@ -1,0 +1,61 @@
+"""OpenTelemetry set-up and W3C trace-context propagation over gRPC metadata.
+
+The exporter is chosen the standard way, by OTEL_TRACES_EXPORTER (none, console, otlp);
+the service's main() reads it and passes it here. With "none" (the default) spans are still
+created and propagated, so a test or an embedding process can install its own provider.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+logger = logging.getLogger(__name__)
+
+EXPORTERS = ("none", "console", "otlp")
+
+
+def configure_tracing(service_name: str, exporter: str = "none") -> TracerProvider | None:
+    """Install a global tracer provider exporting with `exporter`; None for "none"."""
+    exporter = (exporter or "none").split(",")[0].strip().lower()
+    if exporter == "none":
+        return None
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    provider.add_span_processor(BatchSpanProcessor(_make_exporter(exporter)))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def _make_exporter(name: str) -> SpanExporter:
+    if name == "console":
+        return ConsoleSpanExporter()
+    if name == "otlp":
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        except ImportError as exc:
+            raise ValueError(
+                "OTEL_TRACES_EXPORTER=otlp needs opentelemetry-exporter-otlp installed"
+            ) from exc
+        return OTLPSpanExporter()
+    raise ValueError(f"unknown OTEL_TRACES_EXPORTER {name!r}; use one of {EXPORTERS}")
+
+
+def outgoing_metadata() -> tuple[tuple[str, str], ...]:
+    """gRPC metadata carrying the current trace context (traceparent, tracestate)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return tuple(carrier.items())
+
+
+def context_from_metadata(
+    metadata: Iterable[tuple[str, str | bytes]] | None,
+) -> otel_context.Context:
+    """The remote parent context found in incoming gRPC metadata (empty if none)."""
+    carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
+    return propagate.extract(carrier)

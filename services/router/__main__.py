@@ -1,0 +1,87 @@
+"""Run the router with its HTTP gateway: `python -m services.router --replicas H:P,H:P`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from exegpt import tracing
+from exegpt.serving import wait_for_shutdown_signal, write_ready_file
+from services.router.config import RouterConfig
+from services.router.policies import RouterPolicy
+
+DESCRIPTION = "run the router with its OpenAI-compatible HTTP gateway"
+logger = logging.getLogger("exegpt.router")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = RouterConfig(replicas=("-",))
+    parser.add_argument(
+        "--replicas", required=True, help="comma-separated worker addresses (host:port)"
+    )
+    parser.add_argument("--host", default=defaults.host)
+    parser.add_argument("--grpc-port", type=int, default=defaults.grpc_port)
+    parser.add_argument("--http-port", type=int, default=defaults.http_port)
+    parser.add_argument(
+        "--policy", choices=[p.value for p in RouterPolicy], default=defaults.policy.value
+    )
+    parser.add_argument(
+        "--health-check-interval-s", type=float, default=defaults.health_check_interval_s
+    )
+    parser.add_argument("--request-timeout-s", type=float, default=defaults.request_timeout_s)
+    parser.add_argument("--max-body-kb", type=float, default=defaults.max_body_bytes / 1024)
+    parser.add_argument("--ready-file", default=None, help="write the gRPC host:port when ready")
+    parser.add_argument("--log-level", default="INFO")
+
+
+def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    replicas = tuple(address.strip() for address in args.replicas.split(",") if address.strip())
+    return RouterConfig(
+        replicas=replicas,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        policy=RouterPolicy(args.policy),
+        health_check_interval_s=args.health_check_interval_s,
+        request_timeout_s=args.request_timeout_s,
+        max_body_bytes=int(args.max_body_kb * 1024),
+        ready_file=args.ready_file,
+    )
+
+
+async def serve(config: RouterConfig) -> None:
+    from services.router.server import start_router
+
+    running = await start_router(config)
+    write_ready_file(config.ready_file, f"{running.grpc_address} {running.http_url}")
+    await wait_for_shutdown_signal()
+    logger.info("shutting down router")
+    await running.stop(config.grace_period_s)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+        tracing.configure_tracing("exegpt-router", os.environ.get("OTEL_TRACES_EXPORTER", "none"))
+        asyncio.run(serve(config))
+    except (ValueError, OSError) as exc:
+        logger.error("router failed to start: %s", exc)
+        return 1
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.router", description=DESCRIPTION)
+    add_arguments(parser)
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

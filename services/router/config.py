@@ -1,0 +1,28 @@
+"""Configuration of the router service and its HTTP gateway (built in main())."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.router.policies import RouterPolicy
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    replicas: tuple[str, ...]
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    http_port: int = 8000
+    policy: RouterPolicy = RouterPolicy.ROUND_ROBIN
+    health_check_interval_s: float = 1.0
+    # A request waits at most this long for a healthy replica before UNAVAILABLE.
+    replica_wait_s: float = 10.0
+    request_timeout_s: float = 600.0
+    max_message_bytes: int = 4 * 2**20
+    max_body_bytes: int = 1 * 2**20
+    ready_file: str | None = None
+    grace_period_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.replicas:
+            raise ValueError("the router needs at least one replica address")

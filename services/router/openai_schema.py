@@ -1,0 +1,121 @@
+"""The OpenAI completions request body, validated, and the response bodies it produces."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from exegpt.generation import GenerationChunk, GenerationRequest, SamplingParams
+
+Number = Annotated[float, Field(strict=False)]
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions. Unknown fields are ignored, as OpenAI-compatible servers do."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr | None = None
+    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+    max_tokens: StrictInt = 16
+    temperature: Number = 1.0
+    top_p: Number = 1.0
+    seed: StrictInt | None = None
+    n: StrictInt = 1
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: StrictBool = False
+    return_token_ids: StrictBool = False
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt of the request (a batch of prompts is not supported)."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+            if len(prompt) != 1:
+                raise ValueError("only one prompt per request is supported")
+            prompt = prompt[0]
+        return prompt  # type: ignore[return-value]
+
+    def to_generation(self, request_id: str) -> GenerationRequest:
+        if self.n != 1:
+            raise ValueError("only n=1 is supported")
+        prompt = self.single_prompt()
+        return GenerationRequest(
+            request_id=request_id,
+            model=self.model or "",
+            sampling=SamplingParams(
+                max_tokens=self.max_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                seed=self.seed,
+                ignore_eos=self.ignore_eos,
+            ),
+            prompt_text=prompt if isinstance(prompt, str) else None,
+            prompt_token_ids=tuple(prompt) if isinstance(prompt, list) else None,
+        )
+
+
+def completion_body(
+    request_id: str, model: str, result: GenerationChunk, return_token_ids: bool
+) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [_choice(result, return_token_ids)],
+        "usage": usage_body(result),
+    }
+
+
+def chunk_body(
+    request_id: str, model: str, chunk: GenerationChunk, return_token_ids: bool
+) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [_choice(chunk, return_token_ids)],
+    }
+
+
+def usage_chunk_body(request_id: str, model: str, last: GenerationChunk) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": usage_body(last),
+    }
+
+
+def usage_body(chunk: GenerationChunk) -> dict[str, int]:
+    return {
+        "prompt_tokens": chunk.prompt_tokens,
+        "completion_tokens": chunk.completion_tokens,
+        "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
+    }
+
+
+def _choice(chunk: GenerationChunk, return_token_ids: bool) -> dict[str, Any]:
+    choice: dict[str, Any] = {
+        "index": 0,
+        "text": chunk.text,
+        "logprobs": None,
+        "finish_reason": str(chunk.finish_reason) if chunk.finish_reason else None,
+    }
+    if return_token_ids:
+        choice["token_ids"] = chunk.token_ids
+    return choice
+
+
+def error_body(message: str, error_type: str, code: str | int | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": None, "code": code}}

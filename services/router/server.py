@@ -1,0 +1,142 @@
+"""The router's gRPC surface: Router.Generate / GenerateStream / ListModels."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+from opentelemetry import trace
+
+from exegpt import tracing
+from exegpt.errors import RequestError
+from exegpt.generation import (
+    GenerationChunk,
+    InvalidRequestError,
+    chunk_to_proto,
+    finish_reason_to_proto,
+    request_from_proto,
+)
+from exegpt.grpc_errors import to_grpc_status
+from exegpt.serving import GrpcServer, start_grpc_server
+from exegpt.v1 import generate_pb2, router_pb2, router_pb2_grpc
+from services.router.config import RouterConfig
+from services.router.gateway import make_app
+from services.router.router import Router
+
+logger = logging.getLogger(__name__)
+tracer = trace.get_tracer("exegpt.router")
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    async def GenerateStream(  # noqa: N802 (gRPC method name)
+        self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generate_pb2.GenerateChunk]:
+        with _server_span("router.GenerateStream", context):
+            try:
+                generation = request_from_proto(request)
+                async for chunk in self._router.generate_stream(
+                    generation, context.time_remaining()
+                ):
+                    yield chunk_to_proto(chunk)
+            except InvalidRequestError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except RequestError as exc:
+                await context.abort(to_grpc_status(exc.code), exc.message)
+
+    async def Generate(  # noqa: N802
+        self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> generate_pb2.GenerateResult:
+        with _server_span("router.Generate", context):
+            try:
+                result = await self._router.generate(
+                    request_from_proto(request), context.time_remaining()
+                )
+            except InvalidRequestError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except RequestError as exc:
+                await context.abort(to_grpc_status(exc.code), exc.message)
+            models = self._router.models()
+            model = request.model or (models[0].name if models else "")
+            return _result_to_proto(result, model)
+
+    async def ListModels(  # noqa: N802
+        self, request: router_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.ListModelsResponse:
+        return router_pb2.ListModelsResponse(models=self._router.models())
+
+
+def _server_span(name: str, context: grpc.aio.ServicerContext) -> trace.Span:
+    parent = tracing.context_from_metadata(context.invocation_metadata())
+    return tracer.start_as_current_span(name, context=parent, kind=trace.SpanKind.SERVER)
+
+
+def _result_to_proto(result: GenerationChunk, model: str) -> generate_pb2.GenerateResult:
+    message = generate_pb2.GenerateResult(
+        request_id=result.request_id,
+        text=result.text,
+        token_ids=result.token_ids,
+        token_times_s=result.token_times_s,
+        model=model,
+    )
+    if result.finish_reason is not None:
+        message.finish_reason = finish_reason_to_proto(result.finish_reason)
+    message.usage.prompt_tokens = result.prompt_tokens
+    message.usage.completion_tokens = result.completion_tokens
+    return message
+
+
+@dataclass
+class RunningRouter:
+    """A started router: its core, gRPC server and HTTP gateway, stopped together."""
+
+    router: Router
+    grpc_server: GrpcServer
+    http_runner: web.AppRunner
+    http_port: int
+
+    @property
+    def grpc_address(self) -> str:
+        return self.grpc_server.address
+
+    @property
+    def http_url(self) -> str:
+        host = self.grpc_server.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.http_port}"
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.grpc_server.stop(grace_s)
+        await self.http_runner.cleanup()
+        await self.router.close()
+
+
+async def start_router(config: RouterConfig) -> RunningRouter:
+    router = Router(config)
+    await router.start()
+    servicer = RouterServicer(router)
+    grpc_server = await start_grpc_server(
+        lambda server: router_pb2_grpc.add_RouterServicer_to_server(servicer, server),
+        host=config.host,
+        port=config.grpc_port,
+        max_message_bytes=config.max_message_bytes,
+    )
+    runner = web.AppRunner(
+        make_app(router, config.max_body_bytes), handler_cancellation=True, access_log=None
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.http_port)
+    await site.start()
+    http_port = runner.addresses[0][1]
+    logger.info(
+        "router: gRPC on %s, HTTP on %s:%d, replicas %s",
+        grpc_server.address,
+        config.host,
+        http_port,
+        ", ".join(config.replicas),
+    )
+    return RunningRouter(router, grpc_server, runner, http_port)

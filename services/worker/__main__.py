@@ -1,0 +1,101 @@
+"""Run one worker replica: `python -m services.worker --port 50061` or `exegpt worker`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from exegpt import tracing
+from exegpt.serving import wait_for_shutdown_signal, write_ready_file
+from services.worker.config import BatchingMode, EngineConfig, WorkerConfig
+
+DESCRIPTION = "run one worker replica (engine + model)"
+logger = logging.getLogger("exegpt.worker")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = WorkerConfig()
+    engine = EngineConfig()
+    parser.add_argument("--model", default=defaults.model, help="model name or HF directory")
+    parser.add_argument("--host", default=defaults.host)
+    parser.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port")
+    parser.add_argument("--device", default=defaults.device, help="cpu or cuda[:N]")
+    parser.add_argument("--torch-threads", type=int, default=None)
+    parser.add_argument(
+        "--batching", choices=[m.value for m in BatchingMode], default=engine.batching.value
+    )
+    parser.add_argument("--max-batch-size", type=int, default=engine.max_batch_size)
+    parser.add_argument("--max-queue-size", type=int, default=engine.max_queue_size)
+    parser.add_argument(
+        "--kv-cache-mb",
+        type=float,
+        default=engine.kv_capacity_bytes / 2**20,
+        help="KV cache capacity in MiB",
+    )
+    parser.add_argument("--kv-block-size", type=int, default=engine.kv_block_size_tokens)
+    parser.add_argument("--max-message-mb", type=float, default=defaults.max_message_bytes / 2**20)
+    parser.add_argument("--ready-file", default=None, help="write host:port here once serving")
+    parser.add_argument("--log-level", default="INFO")
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    return WorkerConfig(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        torch_threads=args.torch_threads,
+        max_message_bytes=int(args.max_message_mb * 2**20),
+        ready_file=args.ready_file,
+        engine=EngineConfig(
+            batching=BatchingMode(args.batching),
+            max_batch_size=args.max_batch_size,
+            max_queue_size=args.max_queue_size,
+            kv_capacity_bytes=int(args.kv_cache_mb * 2**20),
+            kv_block_size_tokens=args.kv_block_size,
+        ),
+    )
+
+
+async def serve(config: WorkerConfig) -> None:
+    import torch
+    from exegpt.models.loader import load_model
+
+    from services.worker.server import start_worker
+
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    loaded = load_model(config.model, device=config.device)
+    worker = await start_worker(config, loaded)
+    write_ready_file(config.ready_file, worker.address)
+    await wait_for_shutdown_signal()
+    logger.info("shutting down worker on %s", worker.address)
+    await worker.stop(config.grace_period_s)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    tracing.configure_tracing("exegpt-worker", os.environ.get("OTEL_TRACES_EXPORTER", "none"))
+    try:
+        asyncio.run(serve(config))
+    except (ValueError, OSError) as exc:
+        logger.error("worker failed to start: %s", exc)
+        return 1
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.worker", description=DESCRIPTION)
+    add_arguments(parser)
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Configuration of the worker service and its engine (one dataclass each, built in main())."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class BatchingMode(enum.StrEnum):
+    # Iteration-level batching (Orca/vLLM): new requests join the running batch, finished leave.
+    CONTINUOUS = "continuous"
+    # A batch runs until all its sequences finish before the next is admitted (FasterTransformer).
+    STATIC = "static"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    batching: BatchingMode = BatchingMode.CONTINUOUS
+    max_batch_size: int = 32
+    # Waiting requests beyond this are refused (RESOURCE_EXHAUSTED), so memory stays bounded.
+    max_queue_size: int = 512
+    kv_capacity_bytes: int = 256 * 2**20
+    kv_block_size_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_queue_size < 1:
+            raise ValueError("max_batch_size and max_queue_size must be >= 1")
+        if self.kv_capacity_bytes <= 0 or self.kv_block_size_tokens < 1:
+            raise ValueError("kv_capacity_bytes and kv_block_size_tokens must be positive")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model: str = "exegpt-tiny-t5"
+    host: str = "127.0.0.1"
+    port: int = 0
+    device: str = "cpu"
+    torch_threads: int | None = None
+    max_message_bytes: int = 4 * 2**20
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    # Written with "host:port" once the server is bound (lets a launcher use port 0).
+    ready_file: str | None = None
+    grace_period_s: float = 5.0

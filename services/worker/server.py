@@ -1,0 +1,233 @@
+"""The worker's gRPC surface: Worker.Generate streams tokens from the engine.
+
+Handlers convert protobuf to the dataclasses of exegpt.generation, hand requests to the
+engine, and turn engine events back into chunks. Cancelling the call aborts the request,
+so a client that disconnects frees its KV cache at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from exegpt.models.kv_cache import KVCachePool, KVCacheSpec
+from exegpt.models.loader import LoadedModel
+from exegpt.models.runner import ModelRunner
+from opentelemetry import trace
+
+from exegpt import tracing
+from exegpt.generation import (
+    GenerationChunk,
+    GenerationRequest,
+    InvalidRequestError,
+    chunk_to_proto,
+    request_from_proto,
+)
+from exegpt.serving import GrpcServer, start_grpc_server
+from exegpt.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
+from services.worker.config import EngineConfig, WorkerConfig
+from services.worker.detokenizer import IncrementalDetokenizer
+from services.worker.engine import (
+    Engine,
+    EngineEvent,
+    EngineRequest,
+    EngineStoppedError,
+    QueueFullError,
+    RequestTimings,
+)
+
+logger = logging.getLogger(__name__)
+tracer = trace.get_tracer("exegpt.worker")
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, loaded: LoadedModel, engine: Engine) -> None:
+        self._loaded = loaded
+        self._engine = engine
+
+    async def Generate(  # noqa: N802 (gRPC method name)
+        self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generate_pb2.GenerateChunk]:
+        parent = tracing.context_from_metadata(context.invocation_metadata())
+        with tracer.start_as_current_span(
+            "worker.generate", context=parent, kind=trace.SpanKind.SERVER
+        ) as span:
+            try:
+                generation = request_from_proto(request)
+                generation.validate()
+                prompt_ids = self._prompt_token_ids(generation)
+            except InvalidRequestError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            if generation.model and generation.model != self._loaded.name:
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND, f"model {generation.model!r} is not served here"
+                )
+            request_id = generation.request_id or uuid.uuid4().hex
+            span.set_attribute("exegpt.request_id", request_id)
+            span.set_attribute("exegpt.prompt_tokens", len(prompt_ids))
+            async for chunk in self._run(context, request_id, generation, prompt_ids):
+                yield chunk_to_proto(chunk)
+
+    async def _run(
+        self,
+        context: grpc.aio.ServicerContext,
+        request_id: str,
+        generation: GenerationRequest,
+        prompt_ids: list[int],
+    ) -> AsyncIterator[GenerationChunk]:
+        events: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        engine_request = EngineRequest(
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            sampling=generation.sampling,
+            on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+        )
+        try:
+            self._engine.submit(engine_request)
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except QueueFullError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except EngineStoppedError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        detokenizer = IncrementalDetokenizer(self._loaded.tokenizer)
+        num_generated = 0
+        finished = False
+        try:
+            while not finished:
+                batch = await _next_events(events)
+                chunk = GenerationChunk(request_id=request_id, token_ids=[])
+                for event in batch:
+                    if event.error is not None:
+                        finished = True
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, event.error)
+                    chunk.token_ids += event.token_ids
+                    chunk.token_times_s += event.token_times_s
+                    if event.finish_reason is not None:
+                        finished = True
+                        chunk.finish_reason = event.finish_reason
+                        _record_phase_spans(event.timings)
+                num_generated += len(chunk.token_ids)
+                chunk.text = detokenizer.add(chunk.token_ids, final=finished)
+                if finished:
+                    chunk.prompt_tokens = len(prompt_ids)
+                    chunk.completion_tokens = num_generated
+                yield chunk
+        finally:
+            if not finished:
+                logger.info("request %s cancelled by its client; aborting", request_id)
+                self._engine.abort(request_id)
+
+    def _prompt_token_ids(self, generation: GenerationRequest) -> list[int]:
+        if generation.prompt_token_ids is not None:
+            return list(generation.prompt_token_ids)
+        tokenizer = self._loaded.tokenizer
+        if tokenizer is None:
+            raise InvalidRequestError(
+                f"model {self._loaded.name!r} has no tokenizer; send the prompt as token ids"
+            )
+        token_ids = tokenizer.encode(generation.prompt_text or "")
+        if not token_ids:
+            raise InvalidRequestError("prompt encodes to no tokens")
+        return token_ids
+
+    async def GetStats(  # noqa: N802
+        self, request: worker_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.WorkerStats:
+        stats = self._engine.stats()
+        return worker_pb2.WorkerStats(**stats.__dict__)
+
+    async def GetModelInfo(  # noqa: N802
+        self, request: worker_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> generate_pb2.ModelInfo:
+        config = self._loaded.config
+        return generate_pb2.ModelInfo(
+            name=self._loaded.name,
+            family=config.family,
+            vocab_size=config.vocab_size,
+            max_context_tokens=config.max_context_tokens,
+            has_tokenizer=self._loaded.tokenizer is not None,
+        )
+
+
+async def _next_events(events: asyncio.Queue[EngineEvent]) -> list[EngineEvent]:
+    """Wait for one event, then take whatever else is ready (coalesces slow readers)."""
+    batch = [await events.get()]
+    while not events.empty():
+        batch.append(events.get_nowait())
+    return batch
+
+
+def _record_phase_spans(timings: RequestTimings | None) -> None:
+    """Child spans of the current request span for its queue wait, prefill and decode."""
+    if timings is None:
+        return
+    phases = (
+        ("worker.queue_wait", timings.arrival_ns, timings.admitted_ns),
+        ("worker.prefill", timings.admitted_ns, timings.prefill_end_ns),
+        ("worker.decode", timings.prefill_end_ns, timings.finished_ns),
+    )
+    for name, start_ns, end_ns in phases:
+        span = tracer.start_span(name, start_time=start_ns)
+        if name == "worker.prefill":
+            span.set_attribute("exegpt.batch_size", timings.prefill_batch_size)
+        span.end(end_time=max(start_ns, end_ns))
+
+
+@dataclass
+class RunningWorker:
+    """A started worker: its gRPC server and engine, stopped together."""
+
+    grpc_server: GrpcServer
+    engine: Engine
+    loaded: LoadedModel
+
+    @property
+    def address(self) -> str:
+        return self.grpc_server.address
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.grpc_server.set_serving(False)
+        # Let in-flight streams finish within the grace period, then stop the engine.
+        await self.grpc_server.server.stop(grace_s)
+        await asyncio.to_thread(self.engine.stop)
+
+
+def build_engine(loaded: LoadedModel, config: EngineConfig) -> Engine:
+    spec = KVCacheSpec.for_model(loaded.config, dtype=loaded.dtype)
+    pool = KVCachePool.for_memory(
+        spec, config.kv_capacity_bytes, block_size_tokens=config.kv_block_size_tokens
+    )
+    return Engine(
+        ModelRunner(loaded.model, pool),
+        pool,
+        config,
+        eos_token_id=loaded.config.eos_token_id,
+        vocab_size=loaded.config.vocab_size,
+        max_context_tokens=loaded.config.max_context_tokens,
+    )
+
+
+async def start_worker(config: WorkerConfig, loaded: LoadedModel) -> RunningWorker:
+    engine = build_engine(loaded, config.engine)
+    engine.start()
+    servicer = WorkerServicer(loaded, engine)
+    grpc_server = await start_grpc_server(
+        lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server),
+        host=config.host,
+        port=config.port,
+        max_message_bytes=config.max_message_bytes,
+    )
+    logger.info(
+        "worker serving %s on %s (%s batching, KV %.1f MiB)",
+        loaded.name,
+        grpc_server.address,
+        config.engine.batching,
+        engine.stats().kv_capacity_bytes / 2**20,
+    )
+    return RunningWorker(grpc_server, engine, loaded)
