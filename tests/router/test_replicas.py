@@ -1,0 +1,82 @@
+"""Routing across replicas: round robin over healthy ones, retry before the first token."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from exegpt.sdk import Client
+from services.worker.config import EngineConfig
+from tests.conftest import BackgroundLoop, Stack, start_stack, stop_stack
+
+
+def _dead_address() -> str:
+    """An address with nothing listening (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture(scope="module")
+def two_replicas(background_loop: BackgroundLoop) -> Iterator[Stack]:
+    stack = start_stack(background_loop, [EngineConfig(), EngineConfig()])
+    yield stack
+    stop_stack(stack)
+
+
+def test_round_robin_spreads_requests_evenly(two_replicas: Stack) -> None:
+    before = [w.engine.stats().num_finished for w in two_replicas.workers]
+    with Client(two_replicas.grpc_address) as client:
+        for _ in range(6):
+            client.generate([3, 4], max_tokens=2)
+    after = [w.engine.stats().num_finished for w in two_replicas.workers]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [3, 3]
+
+
+def test_dead_replica_is_skipped_and_requests_still_succeed(
+    background_loop: BackgroundLoop, two_replicas: Stack
+) -> None:
+    from services.router.config import RouterConfig
+    from services.router.server import start_router
+
+    config = RouterConfig(
+        replicas=(_dead_address(), two_replicas.workers[0].address),
+        grpc_port=0,
+        http_port=0,
+        health_check_interval_s=0.2,
+    )
+    router = background_loop.run(start_router(config))
+    try:
+        with Client(router.grpc_address) as client:
+            for _ in range(4):
+                assert client.generate("hi", max_tokens=2).completion_tokens == 2
+        assert [r.healthy for r in router.router.pool.replicas] == [False, True]
+    finally:
+        background_loop.run(router.stop(0.5))
+
+
+def test_request_retried_on_another_replica_when_the_chosen_one_fails(
+    background_loop: BackgroundLoop, two_replicas: Stack
+) -> None:
+    from services.router.config import RouterConfig
+    from services.router.server import start_router
+
+    config = RouterConfig(
+        replicas=(_dead_address(), two_replicas.workers[1].address),
+        grpc_port=0,
+        http_port=0,
+        health_check_interval_s=60,
+    )
+    router = background_loop.run(start_router(config))
+    try:
+        # Pretend the dead replica passed its last health check: the first attempt fails
+        # with UNAVAILABLE before any token, so the router must retry on the live one.
+        router.router.pool.replicas[0].healthy = True
+        with Client(router.grpc_address) as client:
+            for _ in range(2):
+                assert client.generate("hi", max_tokens=2).completion_tokens == 2
+        assert router.router.pool.replicas[0].healthy is False
+    finally:
+        background_loop.run(router.stop(0.5))

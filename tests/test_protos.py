@@ -1,0 +1,26 @@
+"""The committed stubs in exegpt/v1 are exactly what scripts/gen_protos.py generates."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_committed_stubs_match_protos(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("gen_protos", ROOT / "scripts/gen_protos.py")
+    assert spec and spec.loader
+    gen_protos = importlib.util.module_from_spec(spec)
+    sys.modules["gen_protos"] = gen_protos
+    spec.loader.exec_module(gen_protos)
+    generated = gen_protos.generate(tmp_path)
+    assert generated, "no stubs generated"
+    committed_dir = ROOT / "exegpt" / "v1"
+    for path in generated:
+        committed = committed_dir / path.name
+        assert committed.exists(), f"{path.name} is not committed; run scripts/gen_protos.py"
+        assert committed.read_text() == path.read_text(), (
+            f"exegpt/v1/{path.name} is stale; run scripts/gen_protos.py"
+        )
+    stale = {p.name for p in committed_dir.glob("*_pb2*.py*")} - {p.name for p in generated}
+    assert not stale, f"stubs without a .proto: {sorted(stale)}"

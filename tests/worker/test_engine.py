@@ -1,0 +1,185 @@
+"""The engine on the real default model: batching modes, early exit, KV accounting, limits."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from exegpt.models.loader import LoadedModel, load_model
+
+from exegpt.generation import FinishReason, InvalidRequestError, SamplingParams
+from services.worker.config import BatchingMode, EngineConfig
+from services.worker.engine import Engine, EngineEvent, EngineRequest, QueueFullError
+from services.worker.server import build_engine
+
+
+@pytest.fixture(scope="module")
+def loaded() -> LoadedModel:
+    return load_model("exegpt-tiny-t5")
+
+
+@dataclass
+class Collector:
+    """Receives a request's events on the engine thread and signals its finish."""
+
+    events: list[EngineEvent] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def __call__(self, event: EngineEvent) -> None:
+        self.events.append(event)
+        if event.finish_reason is not None or event.error is not None:
+            self.done.set()
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for e in self.events for t in e.token_ids]
+
+    def wait(self) -> Collector:
+        assert self.done.wait(60), "request did not finish"
+        return self
+
+
+def submit(engine: Engine, prompt: list[int], request_id: str = "r", **sampling) -> Collector:
+    collector = Collector()
+    engine.submit(EngineRequest(request_id, prompt, SamplingParams(**sampling), collector))
+    return collector
+
+
+@pytest.fixture()
+def engine_factory(loaded: LoadedModel) -> Iterator:
+    engines: list[Engine] = []
+
+    def make(**options) -> Engine:
+        engine = build_engine(loaded, EngineConfig(**options))
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+def test_forced_length_and_kv_freed_after_finish(engine_factory) -> None:
+    engine = engine_factory()
+    collector = submit(engine, [3, 4, 5], max_tokens=9, ignore_eos=True).wait()
+    assert len(collector.token_ids) == 9
+    assert collector.events[-1].finish_reason is FinishReason.LENGTH
+    timings = collector.events[-1].timings
+    assert timings is not None
+    assert (
+        timings.arrival_ns <= timings.admitted_ns <= timings.prefill_end_ns <= timings.finished_ns
+    )
+    stats = engine.stats()
+    assert stats.kv_used_bytes == 0 and stats.num_running == 0 and stats.num_finished == 1
+
+
+def test_eos_stops_unless_ignored(engine_factory, loaded: LoadedModel) -> None:
+    engine = engine_factory()
+    # Find a prompt whose greedy continuation emits EOS, by trying a few.
+    eos = loaded.config.eos_token_id
+    for start in range(3, 120):
+        tokens = submit(engine, [start, start + 1], max_tokens=40).wait().token_ids
+        if tokens[-1] == eos:
+            forced = submit(engine, [start, start + 1], max_tokens=40, ignore_eos=True).wait()
+            assert len(forced.token_ids) == 40
+            assert forced.token_ids[: len(tokens) - 1] == tokens[:-1]
+            return
+    pytest.skip("no prompt produced EOS with this random model")
+
+
+def test_batched_requests_equal_individual_runs(engine_factory) -> None:
+    engine = engine_factory(max_batch_size=8)
+    prompts = [[3 + i] * (2 + 5 * i) for i in range(5)]
+    alone = [submit(engine, p, max_tokens=6, ignore_eos=True).wait().token_ids for p in prompts]
+    together = [
+        submit(engine, p, f"r{i}", max_tokens=6, ignore_eos=True) for i, p in enumerate(prompts)
+    ]
+    assert [c.wait().token_ids for c in together] == alone
+
+
+def test_continuous_batching_admits_while_others_run(engine_factory) -> None:
+    engine = engine_factory(max_batch_size=4)
+    long = submit(engine, [3, 4], "long", max_tokens=60, ignore_eos=True)
+    short = submit(engine, [5, 6], "short", max_tokens=3, ignore_eos=True)
+    short.wait()
+    long.wait()
+    # The short request joined the running batch and left before the long one finished.
+    assert short.events[-1].timings.finished_ns < long.events[-1].timings.finished_ns
+
+
+def test_static_batching_waits_for_the_whole_batch(engine_factory) -> None:
+    engine = engine_factory(batching=BatchingMode.STATIC, max_batch_size=2)
+    first = [
+        submit(engine, [3, 4], f"a{i}", max_tokens=n, ignore_eos=True)
+        for i, n in enumerate((3, 30))
+    ]
+    late = submit(engine, [5, 6], "late", max_tokens=2, ignore_eos=True)
+    for collector in [*first, late]:
+        collector.wait()
+    batch_end = max(c.events[-1].timings.finished_ns for c in first)
+    # Early finishers leave at once, but nobody is admitted until the batch has drained.
+    assert first[0].events[-1].timings.finished_ns < batch_end
+    assert late.events[-1].timings.admitted_ns >= batch_end
+
+
+def test_request_that_can_never_fit_is_rejected(engine_factory) -> None:
+    engine = engine_factory(kv_capacity_bytes=256 * 1024, kv_block_size_tokens=16)
+    with pytest.raises(InvalidRequestError, match="KV blocks"):
+        submit(engine, list(range(3, 203)), max_tokens=500)
+    assert len(submit(engine, [3, 4], max_tokens=2).wait().token_ids) == 2
+
+
+def test_context_and_vocabulary_limits(engine_factory) -> None:
+    engine = engine_factory()
+    with pytest.raises(InvalidRequestError, match="context"):
+        submit(engine, [3] * 1000, max_tokens=100)
+    with pytest.raises(InvalidRequestError, match="vocabulary"):
+        submit(engine, [3, 384], max_tokens=1)
+    with pytest.raises(InvalidRequestError, match="empty"):
+        submit(engine, [], max_tokens=1)
+
+
+def test_bounded_queue_refuses_with_queue_full(engine_factory) -> None:
+    engine = engine_factory(max_batch_size=1, max_queue_size=2)
+    running = submit(engine, [3], "run", max_tokens=200, ignore_eos=True)
+    queued = []
+    with pytest.raises(QueueFullError):
+        for i in range(10):
+            queued.append(submit(engine, [3], f"q{i}", max_tokens=1))
+    assert 1 <= len(queued) <= 3
+    engine.abort("run")
+    for collector in queued:
+        collector.wait()
+    # An aborted request gets no further events: its client has gone.
+    assert not running.done.is_set()
+
+
+def test_abort_frees_kv_of_running_and_waiting_requests(engine_factory) -> None:
+    engine = engine_factory(max_batch_size=1)
+    running = submit(engine, [3, 4], "run", max_tokens=500, ignore_eos=True)
+    submit(engine, [3, 4], "wait", max_tokens=500, ignore_eos=True)
+    while not running.events:
+        threading.Event().wait(0.01)
+    assert engine.stats().kv_used_bytes > 0
+    engine.abort("run")
+    engine.abort("wait")
+    for _ in range(500):
+        stats = engine.stats()
+        if stats.num_running == stats.num_waiting == 0 and stats.kv_used_bytes == 0:
+            break
+        threading.Event().wait(0.01)
+    assert stats.kv_used_bytes == 0 and stats.num_aborted == 2
+    assert len(submit(engine, [3], max_tokens=2).wait().token_ids) == 2
+
+
+def test_stop_fails_queued_requests_instead_of_dropping_them(engine_factory) -> None:
+    engine = engine_factory(max_batch_size=1)
+    collectors = [submit(engine, [3], f"r{i}", max_tokens=300, ignore_eos=True) for i in range(3)]
+    engine.stop()
+    for collector in collectors:
+        collector.wait()
+        last = collector.events[-1]
+        assert last.finish_reason is not None or last.error == "engine is shutting down"
