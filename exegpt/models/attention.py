@@ -1,0 +1,112 @@
+"""Attention over a paged KV cache: metadata, cache write/gather, and the attention kernel.
+
+A batch step writes the new tokens' K/V into pool slots and, where the sequences have history
+(decode, T5 cross-attention), gathers each sequence's K/V through slot indices into a padded
+[B, T_kv, H_kv, D] view with an additive length mask. All index tensors are built once per step
+by the runner, so nothing here reads a value back to the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LayerKV:
+    """One layer's slice of the KV pool: flat slot-major storage."""
+
+    k: Tensor  # [num_slots, H_kv, D]
+    v: Tensor  # [num_slots, H_kv, D]
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """What one attention call of a batch step needs; shared by every layer of a stack."""
+
+    attn_bias: Tensor  # [B, 1 | H, T_q, T_kv] additive: 0 or mask_value, plus T5 position bias
+    write_slots: Tensor | None = None  # [N] pool slots that receive the new K/V
+    write_rows: Tensor | None = None  # [N] rows of the flattened [B * T_q] new K/V to store
+    read_slots: Tensor | None = None  # [B, T_kv] slots to attend to; None: attend to new K/V
+    rope: tuple[Tensor, Tensor] | None = None  # Llama cos, sin [B, T_q, D]
+
+
+def mask_value(dtype: torch.dtype) -> float:
+    # Finite, so rows stay NaN-free even when a bias is added to it.
+    return torch.finfo(dtype).min
+
+
+def attention_bias(
+    query_positions: Tensor, kv_lengths: Tensor, num_kv: int, causal: bool, dtype: torch.dtype
+) -> Tensor:
+    """Additive mask [B, 1, T_q, T_kv]: key j is visible if j < length (and j <= query pos)."""
+    keys = torch.arange(num_kv, device=kv_lengths.device)
+    visible = (keys[None, None, :] < kv_lengths[:, None, None]).expand(
+        -1, query_positions.shape[-1], -1
+    )  # [B, T_q, T_kv]
+    if causal:
+        visible = visible & (keys[None, None, :] <= query_positions[..., None])
+    bias = torch.zeros(visible.shape, dtype=dtype, device=kv_lengths.device)
+    bias.masked_fill_(~visible, mask_value(dtype))
+    return bias.unsqueeze(1)  # [B, 1, T_q, T_kv]
+
+
+def write_kv(cache: LayerKV, k: Tensor, v: Tensor, meta: AttentionMetadata) -> None:
+    """Store the new K/V [B, T, H_kv, D] of the rows named by the metadata into their slots."""
+    if meta.write_slots is None:
+        return
+    rows_k = k.reshape(-1, *k.shape[2:])  # [B * T, H_kv, D]
+    rows_v = v.reshape(-1, *v.shape[2:])
+    if meta.write_rows is not None:
+        rows_k, rows_v = rows_k[meta.write_rows], rows_v[meta.write_rows]  # [N, H_kv, D]
+    cache.k.index_copy_(0, meta.write_slots, rows_k.to(cache.k.dtype))
+    cache.v.index_copy_(0, meta.write_slots, rows_v.to(cache.v.dtype))
+
+
+def gather_kv(cache: LayerKV, read_slots: Tensor) -> tuple[Tensor, Tensor]:
+    """Padded per-sequence K/V [B, T_kv, H_kv, D] from slot indices [B, T_kv]."""
+    return cache.k[read_slots], cache.v[read_slots]
+
+
+def attention_kernel(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """softmax(q k^T * scale + bias) v with grouped-query heads.
+
+    q [B, T_q, H, D], k and v [B, T_kv, H_kv, D], bias broadcastable to [B, H, T_q, T_kv];
+    returns [B, T_q, H, D].
+    """
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),  # [B, H, T_q, D]
+        k.transpose(1, 2),  # [B, H_kv, T_kv, D]
+        v.transpose(1, 2),
+        attn_mask=bias.to(q.dtype),
+        scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.transpose(1, 2)  # [B, H, T_q, D] -> [B, T_q, H, D]
+
+
+def paged_attention(
+    q: Tensor,
+    k: Tensor | None,
+    v: Tensor | None,
+    cache: LayerKV | None,
+    meta: AttentionMetadata,
+    scale: float,
+) -> Tensor:
+    """Write the new K/V (if any) to the cache, then attend over what the metadata names.
+
+    With `meta.read_slots` the keys come from the cache (decode, cross-attention); without, they
+    are the new K/V themselves (prefill, encoder). Returns [B, T_q, H, D].
+    """
+    if cache is not None and k is not None and v is not None:
+        write_kv(cache, k, v, meta)
+    if meta.read_slots is not None:
+        if cache is None:
+            raise ValueError("read_slots given but no KV cache")
+        k, v = gather_kv(cache, meta.read_slots)
+    if k is None or v is None:
+        raise ValueError("no keys to attend to: pass new K/V or read_slots")
+    return attention_kernel(q, k.to(q.dtype), v.to(q.dtype), meta.attn_bias, scale)

@@ -1,0 +1,130 @@
+"""Llama-style decoder-only model (RMSNorm, RoPE, SwiGLU, grouped-query attention)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from exegpt.models.attention import AttentionMetadata, LayerKV, attention_bias, paged_attention
+from exegpt.models.batch import DecodeBatch, PrefillBatch
+from exegpt.models.config import ModelConfig
+from exegpt.models.layers import RMSNorm, SwiGLU, apply_rope, embedding, rope_cos_sin
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.q_proj = nn.Linear(config.d_model, config.num_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.d_model, config.num_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.d_model, config.num_kv_heads * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.d_model, bias=False)
+
+    def project_qkv(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        batch, num_tokens = x.shape[:2]
+        q = self.q_proj(x).view(batch, num_tokens, self.num_heads, self.head_dim)  # [B, T, H, D]
+        k = self.k_proj(x).view(batch, num_tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, num_tokens, self.num_kv_heads, self.head_dim)
+        cos, sin = rope
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def project_out(self, attn: Tensor) -> Tensor:
+        return self.o_proj(attn.flatten(2))  # [B, T, H, D] -> [B, T, H*D] -> [B, T, d_model]
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.self_attn = LlamaAttention(config)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config.d_model, config.d_ff)
+
+    def qkv(self, x: Tensor, meta: AttentionMetadata) -> tuple[Tensor, Tensor, Tensor]:
+        if meta.rope is None:
+            raise ValueError("Llama attention needs rotary tables in the metadata")
+        return self.self_attn.project_qkv(self.attn_norm(x), meta.rope)
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, kv: LayerKV, meta: AttentionMetadata
+    ) -> Tensor:
+        return paged_attention(q, k, v, kv, meta, self.self_attn.scale)
+
+    def finish(self, x: Tensor, attn: Tensor) -> Tensor:
+        x = x + self.self_attn.project_out(attn)
+        return x + self.mlp(self.ffn_norm(x))
+
+    def forward(self, x: Tensor, kv: LayerKV, meta: AttentionMetadata) -> Tensor:
+        q, k, v = self.qkv(x, meta)
+        return self.finish(x, self.attend(q, k, v, kv, meta))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.family != "llama":
+            raise ValueError(f"LlamaModel needs a llama config, got {config.family!r}")
+        self.config = config
+        self.embed = embedding(config.vocab_size, config.d_model)
+        self.encoder_layers = nn.ModuleList()  # decoder-only: prefill runs the decoder layers
+        self.decoder_layers = nn.ModuleList(
+            LlamaDecoderLayer(config) for _ in range(config.num_decoder_layers)
+        )
+        self.final_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin [B, T, D] for positions [B, T]; computed once per step for all layers."""
+        return rope_cos_sin(
+            positions, self.config.head_dim, self.config.rope_theta, self.embed.weight.dtype
+        )
+
+    def run_layers(self, tokens: Tensor, kv: Sequence[LayerKV], meta: AttentionMetadata) -> Tensor:
+        x = self.embed(tokens)
+        for layer, layer_kv in zip(self.decoder_layers, kv, strict=True):
+            x = layer(x, layer_kv, meta)
+        return x
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(self.final_norm(hidden)).float()
+
+    def prefill(self, batch: PrefillBatch, kv: Sequence[LayerKV]) -> Tensor:
+        num_tokens = batch.tokens.shape[1]
+        positions = torch.arange(num_tokens, device=batch.tokens.device)[None]  # [1, T]
+        dtype = self.embed.weight.dtype
+        meta = AttentionMetadata(
+            attn_bias=attention_bias(positions, batch.lengths, num_tokens, True, dtype),
+            write_slots=batch.self_kv.write_slots,
+            write_rows=batch.self_kv.write_rows,
+            rope=self.rope(positions),
+        )
+        hidden = self.run_layers(batch.tokens, kv, meta)  # [B, T, d_model]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return self.logits(hidden[rows, batch.lengths - 1])  # last valid position of each row
+
+    def decode(self, batch: DecodeBatch, kv: Sequence[LayerKV]) -> Tensor:
+        read_slots = batch.self_kv.read_slots
+        if read_slots is None:
+            raise ValueError("a decode step needs read slots")
+        positions = batch.positions[:, None]  # [B, 1]
+        meta = AttentionMetadata(
+            attn_bias=attention_bias(
+                positions, batch.self_kv.lengths, read_slots.shape[1], True, self.embed.weight.dtype
+            ),
+            write_slots=batch.self_kv.write_slots,
+            write_rows=batch.self_kv.write_rows,
+            read_slots=read_slots,
+            rope=self.rope(positions),
+        )
+        hidden = self.run_layers(batch.tokens, kv, meta)  # [B, 1, d_model]
+        return self.logits(hidden[:, -1])

@@ -1,0 +1,243 @@
+"""T5 encoder-decoder (original and v1.1 / Flan-T5) over a paged KV cache.
+
+Each layer is split into projections/norms/FFN ("rest of layer") and the attention kernel, so
+they can be timed apart. Relative position bias is computed once per stack from the first
+layer's table and shared by all layers through the attention metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from exegpt.models.attention import (
+    AttentionMetadata,
+    LayerKV,
+    attention_bias,
+    attention_kernel,
+    paged_attention,
+    write_kv,
+)
+from exegpt.models.batch import DecodeBatch, KVIndex, PrefillBatch
+from exegpt.models.config import ModelConfig
+from exegpt.models.layers import RMSNorm, build_ffn, embedding, relative_position_bias
+
+_SCALE = 1.0  # T5 folds 1/sqrt(d) into the initialisation of q
+
+
+class T5Attention(nn.Module):
+    def __init__(self, config: ModelConfig, has_relative_bias: bool) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        inner = config.num_heads * config.head_dim
+        self.q = nn.Linear(config.d_model, inner, bias=False)
+        self.k = nn.Linear(config.d_model, inner, bias=False)
+        self.v = nn.Linear(config.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, config.d_model, bias=False)
+        self.relative_attention_bias = (
+            embedding(config.relative_attention_num_buckets, config.num_heads)
+            if has_relative_bias
+            else None
+        )
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.view(*x.shape[:2], self.num_heads, self.head_dim)  # [B, T, H*D] -> [B, T, H, D]
+
+    def project_q(self, x: Tensor) -> Tensor:
+        return self._heads(self.q(x))
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._heads(self.k(x)), self._heads(self.v(x))
+
+    def project_out(self, attn: Tensor) -> Tensor:
+        return self.o(attn.flatten(2))  # [B, T, H, D] -> [B, T, H*D] -> [B, T, d_model]
+
+
+class T5EncoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, has_relative_bias: bool) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.self_attn = T5Attention(config, has_relative_bias)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.ffn = build_ffn(config)
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h = self.attn_norm(x)
+        return (self.self_attn.project_q(h), *self.self_attn.project_kv(h))
+
+    def finish(self, x: Tensor, attn: Tensor) -> Tensor:
+        x = x + self.self_attn.project_out(attn)
+        return x + self.ffn(self.ffn_norm(x))
+
+    def forward(self, x: Tensor, meta: AttentionMetadata) -> Tensor:
+        q, k, v = self.qkv(x)
+        return self.finish(x, attention_kernel(q, k, v, meta.attn_bias, _SCALE))
+
+
+@dataclass(frozen=True)
+class T5DecoderMetadata:
+    self_attn: AttentionMetadata
+    cross_attn: AttentionMetadata  # reads the encoder K/V written at prefill
+
+
+class T5DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, has_relative_bias: bool) -> None:
+        super().__init__()
+        self.self_attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.self_attn = T5Attention(config, has_relative_bias)
+        self.cross_attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.cross_attn = T5Attention(config, has_relative_bias=False)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.ffn = build_ffn(config)
+
+    def write_cross_kv(self, encoder_out: Tensor, kv: LayerKV, meta: AttentionMetadata) -> None:
+        """Project the encoder output once and store it in the sequences' cross blocks."""
+        k, v = self.cross_attn.project_kv(encoder_out)
+        write_kv(kv, k, v, meta)
+
+    def self_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h = self.self_attn_norm(x)
+        return (self.self_attn.project_q(h), *self.self_attn.project_kv(h))
+
+    def cross_q(self, x: Tensor, self_attn: Tensor) -> tuple[Tensor, Tensor]:
+        x = x + self.self_attn.project_out(self_attn)
+        return x, self.cross_attn.project_q(self.cross_attn_norm(x))
+
+    def finish(self, x: Tensor, cross_attn: Tensor) -> Tensor:
+        x = x + self.cross_attn.project_out(cross_attn)
+        return x + self.ffn(self.ffn_norm(x))
+
+    def forward(self, x: Tensor, kv: LayerKV, meta: T5DecoderMetadata) -> Tensor:
+        q, k, v = self.self_qkv(x)
+        x, q = self.cross_q(x, paged_attention(q, k, v, kv, meta.self_attn, _SCALE))
+        return self.finish(x, paged_attention(q, None, None, kv, meta.cross_attn, _SCALE))
+
+
+class T5Model(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.family != "t5":
+            raise ValueError(f"T5Model needs a t5 config, got {config.family!r}")
+        self.config = config
+        self.embed = embedding(config.vocab_size, config.d_model)
+        self.encoder_layers = nn.ModuleList(
+            T5EncoderLayer(config, has_relative_bias=i == 0)
+            for i in range(config.num_encoder_layers)
+        )
+        self.encoder_final_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.decoder_layers = nn.ModuleList(
+            T5DecoderLayer(config, has_relative_bias=i == 0)
+            for i in range(config.num_decoder_layers)
+        )
+        self.decoder_final_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    # ---- position bias (first layer of each stack owns the table) --------------------------
+
+    def _position_bias(
+        self, layer: nn.Module, q_pos: Tensor, k_pos: Tensor, bidirectional: bool
+    ) -> Tensor:
+        table = layer.self_attn.relative_attention_bias
+        return relative_position_bias(
+            table, q_pos, k_pos, bidirectional, self.config.relative_attention_max_distance
+        )
+
+    def encoder_bias(self, lengths: Tensor, num_tokens: int) -> Tensor:
+        """Bidirectional position bias plus key padding mask: [B, H, S, S]."""
+        pos = torch.arange(num_tokens, device=lengths.device)[None]  # [1, S]
+        bias = self._position_bias(self.encoder_layers[0], pos, pos, bidirectional=True)
+        mask = attention_bias(pos, lengths, num_tokens, causal=False, dtype=bias.dtype)
+        return bias + mask
+
+    def decoder_self_bias(self, q_pos: Tensor, kv_lengths: Tensor, num_kv: int) -> Tensor:
+        """Causal position bias plus length mask: [B, H, T_q, T_kv] for query positions [B, T_q]."""
+        k_pos = torch.arange(num_kv, device=q_pos.device)[None]  # [1, T_kv]
+        bias = self._position_bias(self.decoder_layers[0], q_pos, k_pos, bidirectional=False)
+        mask = attention_bias(q_pos, kv_lengths, num_kv, causal=True, dtype=bias.dtype)
+        return bias + mask
+
+    # ---- stacks ----------------------------------------------------------------------------
+
+    def encode(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        """Encoder output [B, S, d_model] for right-padded prompts [B, S]."""
+        meta = AttentionMetadata(attn_bias=self.encoder_bias(lengths, tokens.shape[1]))
+        x = self.embed(tokens)
+        for layer in self.encoder_layers:
+            x = layer(x, meta)
+        return self.encoder_final_norm(x)
+
+    def write_cross_kv(self, encoder_out: Tensor, cross: KVIndex, kv: Sequence[LayerKV]) -> None:
+        meta = AttentionMetadata(
+            attn_bias=encoder_out.new_zeros(()),
+            write_slots=cross.write_slots,
+            write_rows=cross.write_rows,
+        )
+        for layer, layer_kv in zip(self.decoder_layers, kv, strict=True):
+            layer.write_cross_kv(encoder_out, layer_kv, meta)
+
+    def run_decoder(self, tokens: Tensor, kv: Sequence[LayerKV], meta: T5DecoderMetadata) -> Tensor:
+        x = self.embed(tokens)
+        for layer, layer_kv in zip(self.decoder_layers, kv, strict=True):
+            x = layer(x, layer_kv, meta)
+        return x
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        hidden = self.decoder_final_norm(hidden)
+        if self.config.tie_word_embeddings:
+            hidden = hidden * self.config.d_model**-0.5  # original T5 rescales for the tied head
+        return self.lm_head(hidden).float()
+
+    def _cross_meta(
+        self, cross: KVIndex, num_queries: int, dtype: torch.dtype
+    ) -> AttentionMetadata:
+        assert cross.read_slots is not None
+        q_pos = torch.zeros(1, num_queries, dtype=torch.long, device=cross.lengths.device)
+        bias = attention_bias(q_pos, cross.lengths, cross.read_slots.shape[1], False, dtype)
+        return AttentionMetadata(attn_bias=bias, read_slots=cross.read_slots)
+
+    # ---- batch steps -----------------------------------------------------------------------
+
+    def prefill(self, batch: PrefillBatch, kv: Sequence[LayerKV]) -> Tensor:
+        if batch.encoder_tokens is None or batch.encoder_lengths is None or batch.cross_kv is None:
+            raise ValueError("a T5 prefill needs encoder tokens and cross KV slots")
+        encoder_out = self.encode(batch.encoder_tokens, batch.encoder_lengths)
+        self.write_cross_kv(encoder_out, batch.cross_kv, kv)
+        num_tokens = batch.tokens.shape[1]
+        q_pos = torch.arange(num_tokens, device=batch.tokens.device)[None]  # [1, T]
+        self_meta = AttentionMetadata(
+            attn_bias=self.decoder_self_bias(q_pos, batch.lengths, num_tokens),
+            write_slots=batch.self_kv.write_slots,
+            write_rows=batch.self_kv.write_rows,
+        )
+        meta = T5DecoderMetadata(
+            self_meta, self._cross_meta(batch.cross_kv, num_tokens, encoder_out.dtype)
+        )
+        hidden = self.run_decoder(batch.tokens, kv, meta)  # [B, T, d_model]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return self.logits(hidden[rows, batch.lengths - 1])  # last valid position of each row
+
+    def decode(self, batch: DecodeBatch, kv: Sequence[LayerKV]) -> Tensor:
+        if batch.cross_kv is None or batch.self_kv.read_slots is None:
+            raise ValueError("a T5 decode step needs self and cross KV slots")
+        self_meta = AttentionMetadata(
+            attn_bias=self.decoder_self_bias(
+                batch.positions[:, None], batch.self_kv.lengths, batch.self_kv.read_slots.shape[1]
+            ),
+            write_slots=batch.self_kv.write_slots,
+            write_rows=batch.self_kv.write_rows,
+            read_slots=batch.self_kv.read_slots,
+        )
+        meta = T5DecoderMetadata(
+            self_meta, self._cross_meta(batch.cross_kv, 1, self.embed.weight.dtype)
+        )
+        hidden = self.run_decoder(batch.tokens, kv, meta)  # [B, 1, d_model]
+        return self.logits(hidden[:, -1])

@@ -1,0 +1,58 @@
+"""`exegpt bench` against the real gateway (router + worker), from the shared `gateway_url`
+fixture; skipped while tests/conftest.py does not provide it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from exegpt.bench.workload_plan import PlanOptions, build_plan, parse_workload
+from exegpt.cli import main
+
+NUM_REQUESTS = 6
+SEED = 11
+
+
+def _gateway_url(request: pytest.FixtureRequest) -> str:
+    # Looked up by name rather than as a parameter, so that a missing fixture is a skip with a
+    # reason instead of a collection error.
+    try:
+        return str(request.getfixturevalue("gateway_url"))
+    except pytest.FixtureLookupError:
+        pytest.skip("needs the `gateway_url` fixture (tests/conftest.py), not provided yet")
+
+
+def test_bench_task_s_against_the_gateway(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    gateway_url = _gateway_url(request)
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--url", gateway_url, "--workload", "task:S"]
+    argv += ["--num-requests", str(NUM_REQUESTS), "--length-scale", "0.1", "--seed", str(SEED)]
+    argv += ["--latency-bound", "120", "--timeout-s", "120", "--json", str(out)]
+    assert main(argv) == 0
+    document = json.loads(out.read_text())
+    metrics, settings, rows = document["metrics"], document["settings"], document["requests"]
+    assert (metrics["num_requests"], metrics["num_ok"], metrics["num_failed"]) == (
+        NUM_REQUESTS,
+        NUM_REQUESTS,
+        0,
+    )
+    assert metrics["errors"] == {}
+    assert settings["num_clamped"] == 0
+    plan = build_plan(
+        parse_workload("task:S"),
+        PlanOptions(num_requests=NUM_REQUESTS, length_scale=0.1, seed=SEED),
+    )
+    # Output lengths are forced (ignore_eos): each request streams exactly its planned length.
+    assert [(r["input_tokens"], r["output_tokens"]) for r in rows] == [
+        (p.input_tokens, p.output_tokens) for p in plan
+    ]
+    assert all(r["usage_completion_tokens"] == r["output_tokens"] for r in rows)
+    assert all(r["finish_reason"] == "length" for r in rows)
+    assert metrics["num_output_tokens"] == sum(p.output_tokens for p in plan)
+    assert metrics["num_input_tokens"] == sum(p.input_tokens for p in plan)
+    assert metrics["num_length_mismatch"] == 0
+    assert metrics["fraction_within_bound"] == 1.0
+    assert metrics["throughput"]["sequences_per_s"] > 0
