@@ -1,0 +1,158 @@
+"""What a planning question and its answer look like (plain Python, no grpc).
+
+The search (`search.py`) takes a `PlanProblem` and returns a `PlanResult`; the CLI and the
+gRPC service only translate to and from these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from exegpt.cost_model import CostModel
+from exegpt.schedule import SEARCHED_KINDS, Schedule, ScheduleKind
+from exegpt.workloads import get_task, load_trace
+
+
+@dataclass(frozen=True)
+class WorkloadDistribution:
+    """P_E(S) and P_D(S): probability arrays indexed by length in tokens (index 0 unused)."""
+
+    name: str
+    input_pmf: np.ndarray
+    output_pmf: np.ndarray
+
+    def __post_init__(self) -> None:
+        for label, pmf in (("input", self.input_pmf), ("output", self.output_pmf)):
+            if pmf.ndim != 1 or len(pmf) < 2 or np.any(pmf < 0) or not np.isclose(pmf.sum(), 1):
+                raise ValueError(f"{label} length distribution must be a 1-D pmf summing to 1")
+            if pmf[0] > 0:
+                raise ValueError(f"{label} length distribution gives mass to length 0")
+
+    @classmethod
+    def from_task(cls, task_id: str) -> WorkloadDistribution:
+        task = get_task(task_id)
+        return cls(f"task:{task.task_id}", task.input.pmf(), task.output.pmf())
+
+    @classmethod
+    def from_lengths(
+        cls, name: str, input_tokens: Sequence[int], output_tokens: Sequence[int]
+    ) -> WorkloadDistribution:
+        """Empirical distribution of observed (or traced) lengths."""
+        if len(input_tokens) == 0 or len(output_tokens) == 0:
+            raise ValueError("need at least one observed input and output length")
+        inputs = np.asarray(input_tokens, dtype=np.int64)
+        outputs = np.asarray(output_tokens, dtype=np.int64)
+        if inputs.min() < 1 or outputs.min() < 1:
+            raise ValueError("observed lengths must be at least 1 token")
+        return cls(name, _histogram(inputs), _histogram(outputs))
+
+    @classmethod
+    def from_trace(
+        cls, path: str, *, length_scale: float = 1.0, max_context_tokens: int | None = None
+    ) -> WorkloadDistribution:
+        requests = load_trace(path, length_scale=length_scale, max_input_tokens=max_context_tokens)
+        return cls.from_lengths(
+            f"trace:{path}",
+            [r.input_tokens for r in requests],
+            [r.output_tokens for r in requests],
+        )
+
+    @classmethod
+    def parse(cls, spec: str, *, max_context_tokens: int | None = None) -> WorkloadDistribution:
+        """`task:S` (any of the five tasks) or `trace:PATH`."""
+        kind, _, value = spec.partition(":")
+        if kind == "task" and value:
+            return cls.from_task(value)
+        if kind == "trace" and value:
+            return cls.from_trace(value, max_context_tokens=max_context_tokens)
+        raise ValueError(f"unknown workload {spec!r}; use task:S|T|G|C1|C2 or trace:PATH")
+
+    @property
+    def mean_input_tokens(self) -> float:
+        return float(np.dot(np.arange(len(self.input_pmf)), self.input_pmf))
+
+    @property
+    def mean_output_tokens(self) -> float:
+        return float(np.dot(np.arange(len(self.output_pmf)), self.output_pmf))
+
+    @property
+    def max_input_tokens(self) -> int:
+        return int(np.flatnonzero(self.input_pmf)[-1])
+
+    @property
+    def max_output_tokens(self) -> int:
+        return int(np.flatnonzero(self.output_pmf)[-1])
+
+    def output_quantile_tokens(self, quantile: float) -> int:
+        """Smallest length S with P(output <= S) >= quantile."""
+        cdf = np.cumsum(self.output_pmf)
+        return int(np.searchsorted(cdf, quantile - 1e-12))
+
+    @property
+    def output_p99_tokens(self) -> int:
+        """The length whose generation time defines the latency bound L_B."""
+        return self.output_quantile_tokens(0.99)
+
+
+def _histogram(lengths: np.ndarray) -> np.ndarray:
+    counts = np.bincount(lengths).astype(np.float64)
+    return counts / counts.sum()
+
+
+@dataclass(frozen=True)
+class PlanProblem:
+    """Maximise throughput subject to latency(p99 output length) <= latency_bound_s."""
+
+    cost_model: CostModel
+    workload: WorkloadDistribution
+    latency_bound_s: float  # math.inf: no bound
+    num_devices: int
+    device_memory_bytes: int
+    kinds: tuple[ScheduleKind, ...] = SEARCHED_KINDS
+    throughput_tolerance: float = 0.01  # eps_T, relative
+    latency_tolerance_s: float = 0.0  # eps_L
+
+    def __post_init__(self) -> None:
+        if not self.latency_bound_s > 0:
+            raise ValueError("latency bound must be positive")
+        if self.num_devices < 1:
+            raise ValueError("number of devices must be at least 1")
+        if self.device_memory_bytes <= 0:
+            raise ValueError("device memory must be positive")
+        if not self.kinds or any(kind.is_baseline for kind in self.kinds):
+            raise ValueError("kinds must be a non-empty subset of rra, waa-c, waa-m")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the simulator expects a schedule to deliver at steady state."""
+
+    schedule: Schedule
+    feasible: bool  # fits in memory (and is a valid allocation on the devices)
+    throughput_seq_s: float
+    throughput_tokens_s: float  # generated tokens per second
+    latency_s: float  # of a sequence with the p99 output length (max length: static baseline)
+    memory_bytes_per_device: tuple[int, ...]
+    utilisation_per_device: tuple[float, ...]
+    reason: str = ""  # why infeasible
+
+
+@dataclass(frozen=True)
+class SearchStats:
+    num_evaluations: int
+    wall_s: float
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """The chosen schedule, the best of each kind and baseline, and what the search cost."""
+
+    chosen: Prediction | None  # None when nothing meets the bound
+    meets_bound: bool
+    best_by_kind: dict[str, Prediction]  # kind value -> best feasible point (searched + baselines)
+    lowest_latency: Prediction | None  # the fastest feasible point, reported when nothing meets
+    search: SearchStats
+    evaluated: list[Prediction] = field(default_factory=list)  # every point, for the frontier
