@@ -63,8 +63,13 @@ class GenerationRequest:
             raise InvalidRequestError("give the prompt either as text or as token ids")
         if self.prompt_text is not None and not self.prompt_text:
             raise InvalidRequestError("prompt is empty")
-        if self.prompt_token_ids is not None and not self.prompt_token_ids:
-            raise InvalidRequestError("prompt is empty")
+        if self.prompt_token_ids is not None:
+            if not self.prompt_token_ids:
+                raise InvalidRequestError("prompt is empty")
+            # The model checks the upper bound against its vocabulary; the wire type is uint32.
+            bad = [t for t in self.prompt_token_ids if not 0 <= t < 2**32]
+            if bad:
+                raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary")
         self.sampling.validate()
 
 
