@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         _out(f"  OpenAI-compatible HTTP gateway  {deployment.http_url}/v1/completions")
         _out(f"  router gRPC (SDK)               {deployment.grpc_address}")
         for index, address in enumerate(deployment.worker_addresses):
-            _out(f"  worker replica {index} gRPC         {address}")
+            _out(f"  {f'worker replica {index} gRPC':<32}{address}")
         _out(f"  service logs                    {log_dir}")
         _out()
         _out("(The embedded default model has seeded random weights: its text is noise.)")
