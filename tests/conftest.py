@@ -62,7 +62,6 @@ class Stack:
 
 def start_stack(loop: BackgroundLoop, engine_configs: list[Any], **router_options: Any) -> Stack:
     from exegpt.models.loader import load_model
-
     from services.router.config import RouterConfig
     from services.router.server import start_router
     from services.worker.config import WorkerConfig

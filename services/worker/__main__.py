@@ -62,8 +62,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
 
 async def serve(config: WorkerConfig) -> None:
     import torch
-    from exegpt.models.loader import load_model
 
+    from exegpt.models.loader import load_model
     from services.worker.server import start_worker
 
     if config.torch_threads:

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from exegpt.models.kv_cache import KVCachePool, SequenceKV, num_blocks_needed
-from exegpt.models.runner import ModelRunner
 
 from exegpt.generation import FinishReason, InvalidRequestError, SamplingParams
+from exegpt.models.kv_cache import KVCachePool, SequenceKV, num_blocks_needed
+from exegpt.models.runner import ModelRunner
 from services.worker.config import BatchingMode, EngineConfig
 from services.worker.sampling import make_generator, sample_next_tokens
 

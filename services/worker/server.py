@@ -14,9 +14,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
-from exegpt.models.kv_cache import KVCachePool, KVCacheSpec
-from exegpt.models.loader import LoadedModel
-from exegpt.models.runner import ModelRunner
 from opentelemetry import trace
 
 from exegpt import tracing
@@ -27,6 +24,9 @@ from exegpt.generation import (
     chunk_to_proto,
     request_from_proto,
 )
+from exegpt.models.kv_cache import KVCachePool, KVCacheSpec
+from exegpt.models.loader import LoadedModel
+from exegpt.models.runner import ModelRunner
 from exegpt.serving import GrpcServer, start_grpc_server
 from exegpt.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
 from services.worker.config import EngineConfig, WorkerConfig

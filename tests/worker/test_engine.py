@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from exegpt.models.loader import LoadedModel, load_model
 
 from exegpt.generation import FinishReason, InvalidRequestError, SamplingParams
+from exegpt.models.loader import LoadedModel, load_model
 from services.worker.config import BatchingMode, EngineConfig
 from services.worker.engine import Engine, EngineEvent, EngineRequest, QueueFullError
 from services.worker.server import build_engine
