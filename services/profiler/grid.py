@@ -1,0 +1,135 @@
+"""The measurement grid: which sizes the profiler times, and how carefully.
+
+Sizes are log-spaced: costs change by orders of magnitude across them and the profile
+interpolates between points in log-log space. Encode attention grows with B x S^2 and
+decode attention with B x L, so points past `max_score_elements` / `max_kv_tokens` are
+skipped (their memory would dwarf the model); the profile extrapolates there from the
+batch sizes that were measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+def log_spaced(start: int, stop: int, factor: int = 2) -> tuple[int, ...]:
+    """start, start * factor, ... up to and including `stop` (if it falls on the sequence)."""
+    if start < 1 or factor < 2:
+        raise ValueError(f"log_spaced needs start >= 1 and factor >= 2, got {start}, {factor}")
+    values = []
+    value = start
+    while value <= stop:
+        values.append(value)
+        value *= factor
+    return tuple(values)
+
+
+@dataclass(frozen=True)
+class ProfileGrid:
+    batch_sizes: tuple[int, ...]  # attention: sequences per batch
+    seq_lens_tokens: tuple[int, ...]  # encode attention: prompt length
+    kv_lens_tokens: tuple[int, ...]  # decode attention: cached tokens (self) / encoder tokens
+    num_tokens: tuple[int, ...]  # rest of layer, embedding, LM head: tokens in the batch
+    message_bytes: tuple[int, ...]  # all-reduce and pipeline hand-off sizes
+    num_warmup: int = 2
+    num_repeats: int = 5
+    # Encode attention points with B x H x S^2 above this are skipped.
+    max_score_elements: int = 2**24
+    # Decode attention points with B x L above this are skipped.
+    max_kv_tokens: int = 2**15
+
+    def __post_init__(self) -> None:
+        for name in ("batch_sizes", "seq_lens_tokens", "kv_lens_tokens", "num_tokens"):
+            _check_sizes(name, getattr(self, name), minimum=1)
+        _check_sizes("message_bytes", self.message_bytes, minimum=4)
+        if self.num_warmup < 0 or self.num_repeats < 1:
+            raise ValueError(
+                f"the grid needs num_warmup >= 0 and num_repeats >= 1, got {self.num_warmup} "
+                f"and {self.num_repeats}"
+            )
+        if self.max_score_elements < 1 or self.max_kv_tokens < 1:
+            raise ValueError("max_score_elements and max_kv_tokens must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: list(v) if isinstance(v, tuple) else v for key, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProfileGrid:
+        known = {key: value for key, value in data.items() if key in cls.__dataclass_fields__}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in known.items()})
+
+    def for_context(self, max_context_tokens: int) -> ProfileGrid:
+        """This grid with the sequence lengths past the model's context dropped."""
+        seq = tuple(s for s in self.seq_lens_tokens if s <= max_context_tokens)
+        kv = tuple(s for s in self.kv_lens_tokens if s <= max_context_tokens)
+        if not seq or not kv:
+            raise ValueError(
+                f"every sequence length of the grid exceeds the model's context of "
+                f"{max_context_tokens} tokens"
+            )
+        return replace(self, seq_lens_tokens=seq, kv_lens_tokens=kv)
+
+    def encode_points(self, num_heads: int) -> list[tuple[int, int]]:
+        """(batch, seq_len) points of the encode-attention grid within the memory cap."""
+        shortest = self.seq_lens_tokens[0]  # kept for every batch size: each row needs a point
+        return [
+            (batch, seq)
+            for batch in self.batch_sizes
+            for seq in self.seq_lens_tokens
+            if batch * num_heads * seq * seq <= self.max_score_elements or seq == shortest
+        ]
+
+    def decode_points(self) -> list[tuple[int, int]]:
+        """(batch, kv_len) points of the decode-attention grid within the memory cap."""
+        shortest = self.kv_lens_tokens[0]
+        return [
+            (batch, kv)
+            for batch in self.batch_sizes
+            for kv in self.kv_lens_tokens
+            if batch * kv <= self.max_kv_tokens or kv == shortest
+        ]
+
+
+def _check_sizes(name: str, values: Sequence[int], minimum: int) -> None:
+    if not values:
+        raise ValueError(f"grid {name} is empty")
+    if any(not isinstance(v, int) or isinstance(v, bool) for v in values):
+        raise ValueError(f"grid {name} must hold integers, got {list(values)}")
+    if min(values) < minimum:
+        raise ValueError(f"grid {name} must be >= {minimum}, got {list(values)}")
+    if list(values) != sorted(set(values)):
+        raise ValueError(f"grid {name} must be strictly increasing, got {list(values)}")
+
+
+QUICK = ProfileGrid(
+    batch_sizes=(1, 4, 16),
+    seq_lens_tokens=(16, 128, 1024),
+    kv_lens_tokens=(1, 16, 128, 1024),
+    num_tokens=(1, 16, 256, 4096),
+    message_bytes=(1 * KIB, 64 * KIB, 4 * MIB),
+    num_warmup=2,
+    num_repeats=7,
+)
+
+FULL = ProfileGrid(
+    batch_sizes=log_spaced(1, 64),
+    seq_lens_tokens=log_spaced(8, 1024),
+    kv_lens_tokens=(1, *log_spaced(8, 1024)),
+    num_tokens=log_spaced(1, 16384),
+    message_bytes=log_spaced(256, 64 * MIB, factor=4),
+    num_warmup=3,
+    num_repeats=11,
+)
+
+PRESETS: dict[str, ProfileGrid] = {"quick": QUICK, "full": FULL}
+
+
+def preset(name: str) -> ProfileGrid:
+    if name not in PRESETS:
+        raise ValueError(f"unknown grid {name!r}: expected one of {sorted(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,281 @@
+"""One profiling run: check the request, measure everything, assemble the profile.
+
+Used by both the CLI and the service; no grpc here. Every check that can fail on bad
+input runs before the first measurement, so a bad request costs nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import platform
+import re
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import torch
+
+import exegpt
+from exegpt.models.config import ModelConfig
+from exegpt.models.defaults import DEFAULT_MODEL_NAME
+from exegpt.models.loader import LoadedModel, load_model
+from exegpt.models.tensor_parallel import check_tp_degree, feasible_tp_degrees
+from services.profiler.grid import ProfileGrid, preset
+from services.profiler.measure_comm import (
+    fit_latency_bandwidth,
+    measure_allreduce,
+    measure_transfer,
+)
+from services.profiler.measure_layers import LayerMeasurements, LayerProfiler
+from services.profiler.memory import memory_data
+from services.profiler.profile_format import FORMAT, VERSION, ProfileData
+from services.profiler.timing import Series
+
+logger = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class ProfilingCancelled(Exception):
+    """Raised from a progress callback to stop a run between measurements."""
+
+
+@dataclass(frozen=True)
+class ProfileRequest:
+    model: str = DEFAULT_MODEL_NAME
+    device: str = "cpu"
+    dtype: str = "float32"
+    grid_name: str = "quick"
+    grid: ProfileGrid | None = None  # None: the preset named grid_name
+    tp_degrees: tuple[int, ...] | None = None  # None: every feasible degree
+
+    def resolved_grid(self) -> ProfileGrid:
+        return self.grid if self.grid is not None else preset(self.grid_name)
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    stage: str
+    num_done: int
+    num_total: int
+    elapsed_s: float
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+def check_device(device: str) -> torch.device:
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda[:N]'") from exc
+    if torch_device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for, but this machine has no CUDA")
+        if (torch_device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} GPUs")
+    elif torch_device.type != "cpu":
+        raise ValueError(f"unsupported device {device!r}: use 'cpu' or 'cuda[:N]'")
+    return torch_device
+
+
+def check_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}: use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def max_tp_degree(device: torch.device) -> int:
+    """Ranks the machine can hold: GPUs, or CPU cores (each rank needs one)."""
+    if device.type == "cuda":
+        return torch.cuda.device_count()
+    return os.cpu_count() or 1
+
+
+def resolve_tp_degrees(
+    config: ModelConfig, requested: tuple[int, ...] | None, device: torch.device
+) -> tuple[int, ...]:
+    """The degrees to profile: checked against the model and the machine; always with 1."""
+    limit = max_tp_degree(device)
+    if requested is None:
+        return feasible_tp_degrees(config, limit)
+    if not requested:
+        raise ValueError("no TP degrees given")
+    for degree in requested:
+        check_tp_degree(config, degree)
+        if degree > limit:
+            unit = "GPUs" if device.type == "cuda" else "CPU cores"
+            raise ValueError(
+                f"TP degree {degree} needs {degree} ranks, but this machine has {limit} {unit}"
+            )
+    return tuple(sorted({1, *requested}))
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def new_profile_id(model_name: str, device: torch.device, grid_name: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model_name).strip("-") or "model"
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    return f"{slug}.{device.type}.{grid_name}.{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+class _Steps:
+    """Counts finished measurements and reports them."""
+
+    def __init__(self, total: int, callback: ProgressCallback | None) -> None:
+        self.total = total
+        self.done = 0
+        self.callback = callback
+        self.start = time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        self.done += 1
+        self.report(stage)
+
+    def report(self, stage: str) -> None:
+        if self.callback is not None:
+            elapsed_s = time.perf_counter() - self.start
+            self.callback(ProgressEvent(stage, self.done, self.total, elapsed_s))
+
+
+def run_profile(
+    request: ProfileRequest,
+    on_progress: ProgressCallback | None = None,
+    loaded: LoadedModel | None = None,
+) -> ProfileData:
+    """Measure the model on the device and return the profile (not yet written anywhere)."""
+    device = check_device(request.device)
+    dtype = check_dtype(request.dtype)
+    grid = request.resolved_grid()
+    if loaded is None:
+        loaded = load_model(request.model, device=str(device), dtype=dtype)
+    grid = grid.for_context(loaded.config.max_context_tokens)
+    tp_degrees = resolve_tp_degrees(loaded.config, request.tp_degrees, device)
+    num_threads = torch.get_num_threads()
+    start = time.perf_counter()
+    profiler = LayerProfiler(loaded, grid, tp_degrees, num_threads)
+    steps = _Steps(profiler.num_steps() + len(tp_degrees), on_progress)
+    steps.report("starting")
+    layers = profiler.run(steps)
+    allreduce = {}
+    for tp in tp_degrees[1:]:
+        allreduce[tp] = measure_allreduce(
+            tp,
+            grid.message_bytes,
+            device=device.type,
+            dtype=request.dtype,
+            num_warmup=grid.num_warmup,
+            num_repeats=max(15, 3 * grid.num_repeats),  # cheap, and noisy across processes
+            threads_per_rank=max(1, num_threads // tp),
+        )
+        steps(f"all-reduce, TP {tp}")
+    transfer = measure_transfer(
+        grid.message_bytes,
+        device=device,
+        num_warmup=grid.num_warmup,
+        num_repeats=max(15, 3 * grid.num_repeats),
+    )
+    steps("pipeline hand-off")
+    return ProfileData.model_validate(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "profile_id": new_profile_id(loaded.name, device, request.grid_name),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "grid_name": request.grid_name,
+            "grid": grid.to_dict(),
+            "profiling_time_s": time.perf_counter() - start,
+            "quality": {
+                "num_measurements": profiler.timer.num_measurements,
+                "num_retries": profiler.timer.num_retries,
+                "num_contended": profiler.timer.num_contended,
+            },
+            "model": _model_info(loaded, request.model),
+            "hardware": {
+                "device": str(device),
+                "device_name": _device_name(device),
+                "num_cpus": os.cpu_count() or 1,
+                "platform": platform.platform(),
+            },
+            "software": {
+                "torch_version": torch.__version__,
+                "python_version": sys.version.split()[0],
+                "exegpt_version": exegpt.__version__,
+                "torch_threads": num_threads,
+            },
+            "tp_degrees": list(tp_degrees),
+            **_layer_sections(layers, profiler),
+            "allreduce": {tp: _comm(series) for tp, series in allreduce.items()},
+            "transfer": _comm(transfer),
+            "memory": memory_data(loaded.model, loaded.dtype, tp_degrees),
+        }
+    )
+
+
+def _model_info(loaded: LoadedModel, source: str) -> dict[str, object]:
+    config = loaded.config
+    return {
+        "name": loaded.name,
+        "source": source,
+        "family": config.family,
+        "config_hash": config.config_hash(),
+        "config": dataclasses.asdict(config),
+        "is_encoder_decoder": config.is_encoder_decoder,
+        "num_encode_layers": config.num_encoder_layers or config.num_decoder_layers,
+        "num_decode_layers": config.num_decoder_layers,
+        "hidden_size": config.d_model,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "dtype_bytes": loaded.dtype.itemsize,
+        "max_context_tokens": config.max_context_tokens,
+    }
+
+
+def _layer_sections(layers: LayerMeasurements, profiler: LayerProfiler) -> dict[str, object]:
+    enc_dec = profiler.config.is_encoder_decoder
+    compute = {}
+    for tp, series in layers.compute.items():
+        compute[tp] = {
+            "threads_per_rank": profiler.shards[tp].num_threads,
+            "encode_attention": series["encode_attention"].surface_json(),
+            "encode_rest": series["encode_rest"].curve_json(),
+            "cross_kv_write": series["cross_kv_write"].curve_json() if enc_dec else None,
+            "decode_self_attention": series["decode_self_attention"].surface_json(),
+            "decode_cross_attention": (
+                series["decode_cross_attention"].surface_json() if enc_dec else None
+            ),
+            "decode_rest": series["decode_rest"].curve_json(),
+        }
+    return {
+        "compute": compute,
+        "prefill_forward": layers.prefill_forward.surface_json(),
+        "decode_forward": layers.decode_forward.surface_json(),
+        "embedding": layers.embedding.curve_json(),
+        "lm_head": layers.lm_head.curve_json(),
+    }
+
+
+def _comm(series: Series) -> dict[str, object]:
+    curve = series.curve_json()
+    fit = fit_latency_bandwidth(list(curve["sizes"]), list(curve["median_s"]))
+    bytes_per_s = fit.bytes_per_s if fit.bytes_per_s != float("inf") else None
+    return {"series": curve, "fit": {"latency_s": fit.latency_s, "bytes_per_s": bytes_per_s}}

@@ -1,0 +1,117 @@
+"""Run the scheduler service: `python -m services.scheduler --profile P` or `exegpt scheduler`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import os
+import sys
+
+from exegpt import tracing
+from exegpt.errors import RequestError
+from exegpt.schedule import ScheduleKind
+from exegpt.serving import wait_for_shutdown_signal, write_ready_file
+from services.scheduler.config import DriftThresholds, SchedulerConfig
+
+DESCRIPTION = "run the scheduler service (plans schedules, re-plans on workload drift)"
+logger = logging.getLogger("exegpt.scheduler")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = SchedulerConfig()
+    drift = DriftThresholds()
+    parser.add_argument("--host", default=defaults.host)
+    parser.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="profile file or analytic:PRESET; planned at start-up and pushed to watchers",
+    )
+    parser.add_argument("--workload", default=defaults.workload, help="task:ID or trace:PATH")
+    parser.add_argument(
+        "--latency-bound", type=float, default=0.0, help="seconds; 0 means no bound"
+    )
+    parser.add_argument("--devices", type=int, default=defaults.num_devices)
+    parser.add_argument(
+        "--device-memory-gb", type=float, default=defaults.device_memory_bytes / 2**30
+    )
+    parser.add_argument(
+        "--kinds",
+        default=",".join(kind.value for kind in defaults.kinds),
+        help="comma-separated schedule kinds to search",
+    )
+    parser.add_argument("--min-observations", type=int, default=drift.min_observations)
+    parser.add_argument("--ks-threshold", type=float, default=drift.ks_threshold)
+    parser.add_argument("--mean-shift-threshold", type=float, default=drift.mean_shift_threshold)
+    parser.add_argument("--stage-time-threshold", type=float, default=drift.stage_time_threshold)
+    parser.add_argument("--min-stage-observations", type=int, default=drift.min_stage_observations)
+    parser.add_argument("--length-window", type=int, default=defaults.length_window_size)
+    parser.add_argument("--stage-window", type=int, default=defaults.stage_window_size)
+    parser.add_argument("--replan-min-interval", type=float, default=defaults.replan_min_interval_s)
+    parser.add_argument("--max-subscribers", type=int, default=defaults.max_subscribers)
+    parser.add_argument("--ready-file", default=None, help="write host:port here once serving")
+    parser.add_argument("--log-level", default="INFO")
+
+
+def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
+    if args.latency_bound < 0:
+        raise ValueError("--latency-bound must be positive (0 means no bound)")
+    return SchedulerConfig(
+        host=args.host,
+        port=args.port,
+        profile=args.profile,
+        workload=args.workload,
+        latency_bound_s=args.latency_bound or math.inf,
+        num_devices=args.devices,
+        device_memory_bytes=int(args.device_memory_gb * 2**30),
+        kinds=tuple(ScheduleKind(kind.strip()) for kind in args.kinds.split(",") if kind),
+        drift=DriftThresholds(
+            min_observations=args.min_observations,
+            ks_threshold=args.ks_threshold,
+            mean_shift_threshold=args.mean_shift_threshold,
+            stage_time_threshold=args.stage_time_threshold,
+            min_stage_observations=args.min_stage_observations,
+        ),
+        length_window_size=args.length_window,
+        stage_window_size=args.stage_window,
+        replan_min_interval_s=args.replan_min_interval,
+        max_subscribers=args.max_subscribers,
+        ready_file=args.ready_file,
+    )
+
+
+async def serve(config: SchedulerConfig) -> None:
+    from services.scheduler.server import start_scheduler
+
+    scheduler = await start_scheduler(config)
+    write_ready_file(config.ready_file, scheduler.address)
+    await wait_for_shutdown_signal()
+    logger.info("shutting down scheduler on %s", scheduler.address)
+    await scheduler.stop(config.grace_period_s)
+
+
+def run(args: argparse.Namespace) -> int:
+    tracing.configure_tracing("exegpt-scheduler", os.environ.get("OTEL_TRACES_EXPORTER", "none"))
+    try:
+        config = config_from_args(args)
+        asyncio.run(serve(config))
+    except (ValueError, OSError, RequestError) as exc:
+        logger.error("scheduler failed to start: %s", exc)
+        return 1
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.scheduler", description=DESCRIPTION)
+    add_arguments(parser)
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

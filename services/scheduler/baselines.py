@@ -1,0 +1,237 @@
+"""The schedules users run today, simulated on the same profile as RRA and WAA.
+
+Both baselines place the model on N / t pipeline stages, each a TP group of t devices (t = 1
+is plain pipeline parallelism, t = N plain tensor parallelism), layers split evenly.
+
+Static batching (FasterTransformer). A batch of B queries is encoded, then decoded for the
+MAXIMUM output length: there is no early termination, so every sequence occupies its slot to
+the end and the batch's latency is the latency at the maximum length. One batch is in the
+pipeline at a time (no micro-batches): throughput = B / (encode + max_len x iteration),
+latency = that same batch time. KV is reserved for the maximum input and output lengths.
+
+Continuous / iteration-level batching (Orca, vLLM). Up to B sequences run; finished ones leave
+at once and new ones are admitted, B / mean output per iteration at steady state. With P
+stages the runtime keeps P batches in flight (vLLM's virtual engines), i.e. P micro-batches
+of B / P. Each micro-batch iteration decodes its sequences and prefills its share of the new
+ones; prefills of a virtual engine are batched (`ceil(admissions / P)` at a time) and their
+cost amortised over the iterations between them. One iteration of all micro-batches takes
+`pipeline_period_s` (as in WAA's decode side); throughput = B / (mean output x iteration);
+the p99 sequence waits for its prefill batch and then S99 iterations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from exegpt.schedule import Schedule, ScheduleKind
+from services.scheduler.sim_common import (
+    KV_HEADROOM,
+    LayerCosts,
+    Stage,
+    TimelineEvent,
+    as_batch,
+    build_stages,
+    clip_window,
+    kv_bytes_per_sequence_layer,
+    stage_groups,
+    stage_weight_bytes,
+)
+from services.scheduler.simulator_rra import StageTimes, decode_times, encode_times, traverse
+from services.scheduler.simulator_waa import micro_batch_events, pipeline_period_s
+
+
+def layout_options(costs: LayerCosts, num_devices: int) -> list[int]:
+    """TP degrees a baseline can use on all devices: in the profile and dividing N."""
+    return [t for t in costs.model.tp_degrees if num_devices % t == 0]
+
+
+def even_stages(costs: LayerCosts, tp_degree: int, num_devices: int) -> list[Stage]:
+    shape = costs.model.shape
+    num_tp_devices = num_devices if tp_degree > 1 else 0
+    groups = stage_groups(0, num_devices, tp_degree, num_tp_devices)
+    ones = [1.0] * len(groups)
+    return build_stages(
+        groups,
+        shape.num_encode_layers,
+        ones,
+        shape.num_decode_layers,
+        ones,
+        shared_layers=not shape.is_encoder_decoder,
+    )
+
+
+@dataclass(frozen=True)
+class BaselineOutcome:
+    stages: list[Stage]
+    throughput_seq_s: float
+    throughput_tokens_s: float
+    latency_s: float
+    busy_s_per_stage: list[float]
+    period_s: float
+    memory_bytes: list[int]
+
+
+def _encode_s(costs: LayerCosts, stages: list[Stage], batch_size: int) -> tuple[StageTimes, float]:
+    times = encode_times(costs, stages, batch_size)
+    hop_s = costs.activation_transfer_s(costs.encode_tokens(batch_size))
+    end_s = traverse(stages, times, hop_s, 0.0, "encode", "", None)
+    if costs.model.shape.is_encoder_decoder and len(stages) > 1:
+        end_s += hop_s  # encoder output broadcast to every stage's cross-attention
+    return times, end_s
+
+
+def _memory(
+    costs: LayerCosts,
+    stages: list[Stage],
+    num_devices: int,
+    num_sequences: float,
+    self_kv: float,
+    cross_kv: float,
+) -> list[int]:
+    model = costs.model
+    shared = not model.shape.is_encoder_decoder
+    memory = [0] * num_devices
+    for index, stage in enumerate(stages):
+        weights = stage_weight_bytes(model, stage, shared_layers=shared)
+        weights += model.embedding_weight_bytes() if index in (0, len(stages) - 1) else 0
+        per_seq = kv_bytes_per_sequence_layer(model, stage.tp_degree, self_kv, cross_kv)
+        kv = math.ceil(num_sequences * stage.num_decode_layers * per_seq)
+        for device in stage.devices:
+            memory[device] = weights + kv
+    return memory
+
+
+def static_kv_tokens(costs: LayerCosts, *, mean: bool) -> tuple[float, float]:
+    """(self, cross) KV lengths of a static batch: mean over the run, or reserved (maximum)."""
+    stats = costs.stats
+    generated = (stats.max_output_tokens + 1) / 2 if mean else stats.max_output_tokens
+    prompt = stats.mean_input_tokens if mean else stats.max_input_tokens
+    if costs.model.shape.is_encoder_decoder:
+        return generated, prompt
+    return generated + prompt, 0.0
+
+
+def run_static(
+    costs: LayerCosts,
+    schedule: Schedule,
+    num_devices: int,
+    events: list[TimelineEvent] | None = None,
+) -> BaselineOutcome:
+    batch = schedule.encode_batch_size
+    stages = even_stages(costs, schedule.tp_degree, num_devices)
+    enc_times, encode_s = _encode_s(costs, stages, batch)
+    kv_tokens = round(static_kv_tokens(costs, mean=True)[0])
+    dec_times = decode_times(costs, stages, batch, kv_tokens)
+    hop_s = costs.activation_transfer_s(batch)
+    iteration_s = traverse(stages, dec_times, hop_s, 0.0, "decode", "", None)
+    num_steps = costs.stats.max_output_tokens
+    batch_s = encode_s + num_steps * iteration_s
+    if events is not None:
+        traverse(
+            stages,
+            enc_times,
+            costs.activation_transfer_s(costs.encode_tokens(batch)),
+            0.0,
+            "encode",
+            "encode",
+            events,
+        )
+        for step in range(num_steps):
+            traverse(
+                stages,
+                dec_times,
+                hop_s,
+                encode_s + step * iteration_s,
+                "decode",
+                f"decode {step + 1}",
+                events,
+            )
+    busy = [sum(e) + num_steps * sum(d) for e, d in zip(enc_times, dec_times, strict=True)]
+    self_kv, cross_kv = static_kv_tokens(costs, mean=False)
+    memory = _memory(costs, stages, num_devices, batch, self_kv, cross_kv)
+    mean_out = costs.stats.mean_output_tokens
+    return BaselineOutcome(
+        stages, batch / batch_s, batch * mean_out / batch_s, batch_s, busy, batch_s, memory
+    )
+
+
+def continuous_admissions(
+    costs: LayerCosts, running_batch: int, num_stages: int
+) -> tuple[float, int]:
+    """(new sequences per iteration per virtual engine, prefill batch size of one engine)."""
+    per_engine = running_batch / costs.stats.mean_output_tokens / num_stages
+    return per_engine, max(1, math.ceil(per_engine))
+
+
+def run_continuous(
+    costs: LayerCosts,
+    schedule: Schedule,
+    num_devices: int,
+    events: list[TimelineEvent] | None = None,
+) -> BaselineOutcome:
+    running = schedule.decode_batch_size
+    stages = even_stages(costs, schedule.tp_degree, num_devices)
+    num_stages = len(stages)
+    micro_batch = as_batch(running / num_stages)
+    admitted, prefill_batch = continuous_admissions(costs, running, num_stages)
+    prefill_times, prefill_s = _encode_s(costs, stages, prefill_batch)
+    share = admitted / prefill_batch  # prefills per iteration, amortised
+    dec_times = decode_times(costs, stages, micro_batch)
+    times = [
+        (dc + share * pc, ds + share * ps)
+        for (dc, ds), (pc, ps) in zip(dec_times, prefill_times, strict=True)
+    ]
+    hop_s = costs.activation_transfer_s(micro_batch)
+    iteration_s = pipeline_period_s(times, hop_s, num_stages)
+    if events is not None:
+        # Start empty, let the pipeline fill, then keep three iterations of steady state.
+        warmup, num_shown = num_stages + 1, 3
+        filling: list[TimelineEvent] = []
+        micro_batch_events(stages, times, hop_s, num_stages, warmup + num_shown, 0.0, filling)
+        events.extend(
+            clip_window(filling, warmup * iteration_s, (warmup + num_shown) * iteration_s)
+        )
+    stats = costs.stats
+    latency_s = prefill_s + stats.output_p99_tokens * iteration_s
+    busy = [num_stages * (c + s) for c, s in times]
+    self_kv = stats.running_position_tokens
+    cross_kv = stats.mean_input_tokens if costs.model.shape.is_encoder_decoder else 0.0
+    if not costs.model.shape.is_encoder_decoder:
+        self_kv += stats.mean_input_tokens
+    memory = _memory(costs, stages, num_devices, running * KV_HEADROOM, self_kv, cross_kv)
+    throughput = running / (stats.mean_output_tokens * iteration_s)
+    return BaselineOutcome(
+        stages,
+        throughput,
+        throughput * stats.mean_output_tokens,
+        latency_s,
+        busy,
+        iteration_s,
+        memory,
+    )
+
+
+def static_schedule(batch_size: int, tp_degree: int, num_devices: int) -> Schedule:
+    return Schedule(
+        kind=ScheduleKind.STATIC,
+        encode_batch_size=batch_size,
+        decode_batch_size=batch_size,
+        tp_degree=tp_degree,
+        num_tp_devices=num_devices if tp_degree > 1 else 0,
+    )
+
+
+def continuous_schedule(
+    costs: LayerCosts, running_batch: int, tp_degree: int, num_devices: int
+) -> Schedule:
+    num_stages = num_devices // tp_degree
+    admitted, _ = continuous_admissions(costs, running_batch, num_stages)
+    return Schedule(
+        kind=ScheduleKind.CONTINUOUS,
+        encode_batch_size=as_batch(admitted * num_stages),
+        decode_batch_size=running_batch,
+        num_micro_batches=num_stages,
+        tp_degree=tp_degree,
+        num_tp_devices=num_devices if tp_degree > 1 else 0,
+    )

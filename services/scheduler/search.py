@@ -1,0 +1,219 @@
+"""XScheduler: the highest-throughput schedule whose p99 latency meets the bound.
+
+`plan(problem)` searches every kind in `problem.kinds` separately and keeps the best, then runs
+the two baselines (static and continuous batching, a 1-D batch-size search each) so the answer
+can be compared with what users run today.
+
+The space (the same for branch-and-bound and for `exhaustive=True`):
+- per kind, one sub-space per TP degree t (every degree of the profile up to the devices
+  available, plus no TP) and, for WAA, per candidate encode/decode split (simulator_waa);
+- RRA axes: B_E, N_D, number of TP groups (0..N/t); WAA axes: B_E, B_m (1..8), number of TP
+  groups on the decode side;
+- B_E and N_D take every integer up to `dense_until` (16), then steps of about 10% (`growth`)
+  up to their maximum (B_E: the largest that fits in memory at the most favourable corner of
+  the other axes, at most `max_encode_batch_size`; N_D: the maximum output length). Beyond 16
+  a 10% step changes throughput and latency by a few percent, well inside the tolerances, and
+  keeps the exhaustive mode affordable.
+- Small axes are enumerated, each value a slice of its own, instead of bisected: the number of
+  TP groups (at most N/t + 1 values) and, for WAA, B_m. B_m is not monotonic in this model
+  (more micro-batches fill the decode pipeline but shrink each kernel's batch, so latency and
+  throughput are U-shaped in it; the paper also found B_m the least monotonic variable).
+  Branch-and-bound then bisects (B_E, N_D) for RRA and B_E for WAA, with one incumbent per
+  kind shared by all its slices, so most slices are dropped at their root box.
+
+Monotonic branch-and-bound (DESIGN.md section 4, the paper's Algorithm 1): boxes of index
+ranges wait in a priority queue keyed by an upper bound on their throughput; the simulator
+runs at a box's corners (memoised, so shared corners cost once). Throughput, latency and
+memory are taken to be monotonic along each axis, in either direction, so over a box they are
+extreme at corners: the best corner bounds the box's throughput, the lowest corner latency and
+memory bound its latency and memory. A box is dropped when its throughput bound is within
+eps_T (relative) of the incumbent, its lowest latency exceeds L_B + eps_L, or its lowest memory
+does not fit; otherwise its longest axis is halved. Every corner that is feasible and within
+L_B is a candidate. When nothing meets L_B, a second branch-and-bound minimises latency over
+the feasible points and the answer reports it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+
+from exegpt.schedule import ScheduleKind
+from services.scheduler import baselines
+from services.scheduler.branch_and_bound import maximise
+from services.scheduler.problem import PlanProblem, PlanResult, Prediction, SearchStats
+from services.scheduler.search_space import (
+    Evaluator,
+    SearchSpace,
+    SubSpace,
+    better,
+    fits_memory,
+    sub_spaces,
+)
+from services.scheduler.simulator import Simulator, is_meeting
+
+__all__ = ["SearchSpace", "best_baseline", "plan", "static_latency_bounds"]
+
+logger = logging.getLogger(__name__)
+
+
+def _best_of_kind(
+    subs: list[SubSpace], evaluate: Evaluator, problem: PlanProblem, exhaustive: bool
+) -> Prediction | None:
+    bound_s = problem.latency_bound_s
+    best: Prediction | None = None
+    for sub in subs:
+        if exhaustive:
+            for index in sub.points():
+                prediction = evaluate(sub.schedule(index))
+                if is_meeting(prediction, bound_s) and better(prediction, best):
+                    best = prediction
+            continue
+        best = maximise(
+            sub,
+            evaluate,
+            problem,
+            lambda p: p.throughput_seq_s,
+            lambda p: is_meeting(p, bound_s),
+            best,
+            lambda value: problem.throughput_tolerance * value,
+        )
+    return best
+
+
+def _lowest_latency(
+    subs: list[SubSpace], evaluate: Evaluator, problem: PlanProblem, exhaustive: bool
+) -> Prediction | None:
+    unbounded = replace(problem, latency_bound_s=math.inf)
+    best: Prediction | None = None
+    for sub in subs:
+        if exhaustive:
+            for index in sub.points():
+                prediction = evaluate(sub.schedule(index))
+                if prediction.feasible and (best is None or prediction.latency_s < best.latency_s):
+                    best = prediction
+            continue
+        best = maximise(
+            sub,
+            evaluate,
+            unbounded,
+            lambda p: -p.latency_s,
+            lambda p: p.feasible,
+            best,
+            lambda _value: problem.latency_tolerance_s,
+        )
+    return best
+
+
+def _baseline_points(
+    problem: PlanProblem,
+    simulator: Simulator,
+    evaluate: Evaluator,
+    kind: ScheduleKind,
+    space: SearchSpace,
+) -> Iterator[Prediction]:
+    """Every layout (TP degree dividing N) and batch size, up to the first that does not fit
+    (memory grows with the batch)."""
+    costs = simulator.costs
+    num_devices = problem.num_devices
+    for tp in baselines.layout_options(costs, num_devices):
+        num_stages = num_devices // tp
+        for batch in space.axis(
+            space.max_running_batch_size, num_stages if kind == ScheduleKind.CONTINUOUS else 1
+        ):
+            if kind == ScheduleKind.STATIC:
+                schedule = baselines.static_schedule(batch, tp, num_devices)
+            else:
+                schedule = baselines.continuous_schedule(costs, batch, tp, num_devices)
+            prediction = evaluate(schedule)
+            if not fits_memory(prediction, problem.device_memory_bytes):
+                break
+            yield prediction
+
+
+def best_baseline(
+    problem: PlanProblem,
+    simulator: Simulator,
+    evaluate: Evaluator,
+    kind: ScheduleKind,
+    space: SearchSpace,
+) -> Prediction | None:
+    """The baseline's best configuration within the bound (1-D search per layout)."""
+    best: Prediction | None = None
+    for prediction in _baseline_points(problem, simulator, evaluate, kind, space):
+        if is_meeting(prediction, problem.latency_bound_s) and better(prediction, best):
+            best = prediction
+    return best
+
+
+def static_latency_bounds(
+    problem: PlanProblem, quantiles: tuple[float, ...], space: SearchSpace | None = None
+) -> list[float]:
+    """Latency bounds derived as in the paper (DESIGN.md section 5): the given quantiles of the
+    static baseline's latencies over its batch sizes (every batch that fits, in the layout
+    with the highest unbounded throughput)."""
+    space = space or SearchSpace()
+    unbounded = replace(problem, latency_bound_s=math.inf)
+    simulator = Simulator(unbounded)
+    evaluate = Evaluator(simulator)
+    best = best_baseline(unbounded, simulator, evaluate, ScheduleKind.STATIC, space)
+    if best is None:
+        raise ValueError("the static baseline does not fit on these devices at batch size 1")
+    latencies = []
+    for batch in range(1, space.max_running_batch_size + 1):
+        schedule = baselines.static_schedule(batch, best.schedule.tp_degree, problem.num_devices)
+        prediction = evaluate(schedule)
+        if not prediction.feasible:
+            break
+        latencies.append(prediction.latency_s)
+    ordered = sorted(latencies)
+    return [ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in quantiles]
+
+
+def plan(
+    problem: PlanProblem, *, exhaustive: bool = False, space: SearchSpace | None = None
+) -> PlanResult:
+    """Search `problem.kinds` (branch-and-bound, or every point with `exhaustive`), keep the
+    best within the bound, and report both baselines' best configurations too."""
+    space = space or SearchSpace()
+    simulator = Simulator(problem)
+    evaluate = Evaluator(simulator)
+    start_s = time.perf_counter()
+    best_by_kind: dict[str, Prediction] = {}
+    all_subs: list[SubSpace] = []
+    for kind in problem.kinds:
+        subs = sub_spaces(problem, kind, simulator, space, evaluate)
+        all_subs.extend(subs)
+        best = _best_of_kind(subs, evaluate, problem, exhaustive)
+        if best is not None:
+            best_by_kind[kind.value] = best
+        logger.debug("%s: %d evaluations so far", kind.value, evaluate.num_evaluations)
+    chosen = None
+    for prediction in best_by_kind.values():
+        if better(prediction, chosen):
+            chosen = prediction
+    lowest = None if chosen else _lowest_latency(all_subs, evaluate, problem, exhaustive)
+    search = SearchStats(evaluate.num_evaluations, time.perf_counter() - start_s)
+    baseline_evaluate = Evaluator(simulator)
+    baseline_start_s = time.perf_counter()
+    for kind in (ScheduleKind.STATIC, ScheduleKind.CONTINUOUS):
+        best = best_baseline(problem, simulator, baseline_evaluate, kind, space)
+        if best is not None:
+            best_by_kind[kind.value] = best
+    search = replace(
+        search,
+        num_baseline_evaluations=baseline_evaluate.num_evaluations,
+        baseline_wall_s=time.perf_counter() - baseline_start_s,
+    )
+    evaluated = list(evaluate.evaluated.values()) + list(baseline_evaluate.evaluated.values())
+    return PlanResult(
+        chosen=chosen,
+        meets_bound=chosen is not None,
+        best_by_kind=best_by_kind,
+        lowest_latency=lowest,
+        search=search,
+        evaluated=evaluated,
+    )

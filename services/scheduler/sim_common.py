@@ -1,0 +1,269 @@
+"""Building blocks shared by the XSimulator's schedule kinds (plain Python, no grpc).
+
+- `WorkloadStats`: the moments of P_E and P_D the simulator uses.
+- `Stage` and `build_stages`: how devices form pipeline stages (partial TP) and how layers
+  are divided over them (balanced so that stage times are equal as far as whole layers allow).
+- `LayerCosts`: per-layer times from the cost model, memoised (the search asks for the same
+  operating points many times).
+- `TimelineEvent`: one busy interval of one device, for plots and tests.
+
+Expected workload of a batch (the paper's "expected encoding / decoding workload"):
+- an encode batch of B_E queries costs `encode_attention_s(B_E, S_att)` with S_att =
+  sqrt(E[S^2]) under P_E (attention work grows with S^2, so this keeps its expectation), plus
+  `encode_rest_s(B_E * E[S])` (linear in tokens);
+- a running decode sequence is length-biased: a sequence of output length S stays S
+  iterations, so at a random iteration the batch holds length S with weight S * P_D(S) and its
+  position is uniform in 1..S. Its expected position is (E[S^2] + E[S]) / (2 E[S]); the self
+  KV length is that position (plus the prompt for decoder-only models) and the cross-attention
+  length is E[input].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from exegpt.cost_model import CostModel
+from services.scheduler.problem import WorkloadDistribution
+
+# Expected-length KV reservations keep this much headroom for runs of longer-than-average
+# sequences (the paper's "buffer for the runtime adjustment").
+KV_HEADROOM = 1.1
+ALLREDUCES_PER_LAYER = 2  # after attention and after the FFN
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class WorkloadStats:
+    mean_input_tokens: float
+    attention_input_tokens: int  # sqrt(E[S_in^2]), rounded
+    max_input_tokens: int
+    mean_output_tokens: float
+    output_p99_tokens: int
+    max_output_tokens: int
+    running_position_tokens: float  # expected position of a sequence in the running batch
+    output_pmf: np.ndarray = field(repr=False)
+
+    @classmethod
+    def from_workload(cls, workload: WorkloadDistribution) -> WorkloadStats:
+        lengths_in = np.arange(len(workload.input_pmf), dtype=np.float64)
+        lengths_out = np.arange(len(workload.output_pmf), dtype=np.float64)
+        mean_out = float(np.dot(lengths_out, workload.output_pmf))
+        second_out = float(np.dot(lengths_out**2, workload.output_pmf))
+        second_in = float(np.dot(lengths_in**2, workload.input_pmf))
+        return cls(
+            mean_input_tokens=workload.mean_input_tokens,
+            attention_input_tokens=max(1, round(math.sqrt(second_in))),
+            max_input_tokens=workload.max_input_tokens,
+            mean_output_tokens=mean_out,
+            output_p99_tokens=workload.output_p99_tokens,
+            max_output_tokens=workload.max_output_tokens,
+            running_position_tokens=(second_out + mean_out) / (2.0 * mean_out),
+            output_pmf=workload.output_pmf,
+        )
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: one device, or a TP group of `tp_degree` devices."""
+
+    devices: tuple[int, ...]
+    tp_degree: int
+    num_encode_layers: int
+    num_decode_layers: int
+
+
+@dataclass(frozen=True)
+class TimelineEvent:
+    device: int
+    start_s: float
+    end_s: float
+    kind: str  # 'encode' | 'decode' | 'transfer' | 'allreduce'
+    label: str = ""
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+def clip_window(events: list[TimelineEvent], start_s: float, end_s: float) -> list[TimelineEvent]:
+    """The events inside [start_s, end_s), cut at its edges and shifted to start at 0 (a
+    steady-state window of a simulation that began with an empty pipeline)."""
+    clipped = []
+    for event in events:
+        if event.end_s <= start_s or event.start_s >= end_s:
+            continue
+        clipped.append(
+            replace(
+                event,
+                start_s=max(event.start_s, start_s) - start_s,
+                end_s=min(event.end_s, end_s) - start_s,
+            )
+        )
+    return clipped
+
+
+def split_layers(num_layers: int, per_layer_s: list[float]) -> list[int]:
+    """Whole layers per stage minimising the slowest stage (greedy is optimal here: each layer
+    goes where it finishes earliest; ties go to the earlier stage, so equal costs split evenly
+    with the remainder at the front)."""
+    counts = [0] * len(per_layer_s)
+    for _ in range(num_layers):
+        best = min(range(len(counts)), key=lambda i: ((counts[i] + 1) * per_layer_s[i], i))
+        counts[best] += 1
+    return counts
+
+
+def stage_groups(
+    first_device: int, num_devices: int, tp_degree: int, num_tp_devices: int
+) -> list[tuple[tuple[int, ...], int]]:
+    """(devices, tp degree) of each stage: TP groups first, then single devices."""
+    groups: list[tuple[tuple[int, ...], int]] = []
+    device = first_device
+    for _ in range(num_tp_devices // tp_degree if tp_degree > 1 else 0):
+        groups.append((tuple(range(device, device + tp_degree)), tp_degree))
+        device += tp_degree
+    groups.extend(((d,), 1) for d in range(device, first_device + num_devices))
+    return groups
+
+
+def build_stages(
+    groups: list[tuple[tuple[int, ...], int]],
+    num_encode_layers: int,
+    encode_cost_s: list[float],
+    num_decode_layers: int,
+    decode_cost_s: list[float],
+    *,
+    shared_layers: bool,
+) -> list[Stage]:
+    """Divide layers over stages. `shared_layers`: the encode layers are the decode layers
+    (decoder-only prefill), so one split serves both, balanced on their summed cost."""
+    if shared_layers:
+        combined = [e + d for e, d in zip(encode_cost_s, decode_cost_s, strict=True)]
+        decode_counts = split_layers(num_decode_layers, combined)
+        encode_counts = decode_counts
+    else:
+        encode_counts = split_layers(num_encode_layers, encode_cost_s)
+        decode_counts = split_layers(num_decode_layers, decode_cost_s)
+    return [
+        Stage(devices, tp, num_enc, num_dec)
+        for (devices, tp), num_enc, num_dec in zip(
+            groups, encode_counts, decode_counts, strict=True
+        )
+    ]
+
+
+class LayerCosts:
+    """Per-layer (compute_s, allreduce_s) at an operating point, memoised."""
+
+    def __init__(self, cost_model: CostModel, stats: WorkloadStats) -> None:
+        self.model = cost_model
+        self.stats = stats
+        self.hidden_bytes = cost_model.shape.hidden_bytes_per_token
+        self._encode: dict[tuple[int, int], tuple[float, float]] = {}
+        self._decode: dict[tuple[int, int, int, int], tuple[float, float]] = {}
+        self._misc: dict[tuple[str, int], float] = {}
+
+    def check_tp(self, tp_degree: int) -> None:
+        if tp_degree not in self.model.tp_degrees:
+            have = ", ".join(str(t) for t in self.model.tp_degrees)
+            raise ValueError(f"the profile has no timings for TP degree {tp_degree} (has {have})")
+
+    def encode(self, batch_size: int, tp_degree: int) -> tuple[float, float]:
+        key = (batch_size, tp_degree)
+        if key not in self._encode:
+            num_tokens = max(1, round(batch_size * self.stats.mean_input_tokens))
+            compute_s = self.model.encode_attention_s(
+                batch_size, self.stats.attention_input_tokens, tp_degree
+            ) + self.model.encode_rest_s(num_tokens, tp_degree)
+            sync_s = self._allreduce(num_tokens, tp_degree)
+            self._encode[key] = (compute_s, sync_s)
+        return self._encode[key]
+
+    def decode(
+        self, batch_size: int, tp_degree: int, kv_tokens: int | None = None
+    ) -> tuple[float, float]:
+        """One decode step of one layer; `kv_tokens` overrides the running-batch self-KV
+        length (the static baseline decodes every sequence to the maximum length)."""
+        self_kv, cross_kv = self.kv_lengths()
+        if kv_tokens is not None:
+            self_kv = kv_tokens
+        key = (batch_size, tp_degree, self_kv, cross_kv)
+        if key not in self._decode:
+            compute_s = self.model.decode_attention_s(batch_size, self_kv, cross_kv, tp_degree)
+            compute_s += self.model.decode_rest_s(batch_size, tp_degree)
+            self._decode[key] = (compute_s, self._allreduce(batch_size, tp_degree))
+        return self._decode[key]
+
+    def kv_lengths(self) -> tuple[int, int]:
+        """(self, cross) attention lengths of an average running sequence."""
+        position = self.stats.running_position_tokens
+        if self.model.shape.is_encoder_decoder:
+            return max(1, round(position)), max(1, round(self.stats.mean_input_tokens))
+        return max(1, round(position + self.stats.mean_input_tokens)), 0
+
+    def _allreduce(self, num_tokens: int, tp_degree: int) -> float:
+        if tp_degree == 1:
+            return 0.0
+        return ALLREDUCES_PER_LAYER * self.model.allreduce_s(
+            num_tokens * self.hidden_bytes, tp_degree
+        )
+
+    def _memo(self, name: str, value: int) -> float:
+        key = (name, value)
+        if key not in self._misc:
+            if name == "transfer":
+                self._misc[key] = self.model.transfer_s(value)
+            elif name == "embedding":
+                self._misc[key] = self.model.embedding_s(value)
+            else:
+                self._misc[key] = self.model.lm_head_s(value)
+        return self._misc[key]
+
+    def transfer_s(self, num_bytes: int) -> float:
+        return self._memo("transfer", num_bytes)
+
+    def activation_transfer_s(self, num_tokens: int) -> float:
+        return self.transfer_s(num_tokens * self.hidden_bytes)
+
+    def embedding_s(self, num_tokens: int) -> float:
+        return self._memo("embedding", num_tokens)
+
+    def lm_head_s(self, num_tokens: int) -> float:
+        return self._memo("lm_head", num_tokens)
+
+    def encode_tokens(self, batch_size: int) -> int:
+        return max(1, round(batch_size * self.stats.mean_input_tokens))
+
+
+def stage_weight_bytes(model: CostModel, stage: Stage, *, shared_layers: bool) -> int:
+    weights = stage.num_decode_layers * model.decode_layer_weight_bytes(stage.tp_degree)
+    if not shared_layers:
+        weights += stage.num_encode_layers * model.encode_layer_weight_bytes(stage.tp_degree)
+    return weights
+
+
+def kv_bytes_per_sequence_layer(
+    model: CostModel, tp_degree: int, self_kv_tokens: float, cross_kv_tokens: float
+) -> float:
+    """K/V bytes one sequence keeps in one decoder layer on one device of the TP group."""
+    return self_kv_tokens * model.kv_bytes_per_token(
+        tp_degree
+    ) + cross_kv_tokens * model.cross_kv_bytes_per_token(tp_degree)
+
+
+def memory_reason(memory_bytes_per_device: list[int], capacity_bytes: int) -> str:
+    """'' when everything fits, else which device overflows and by how much."""
+    worst = max(range(len(memory_bytes_per_device)), key=memory_bytes_per_device.__getitem__)
+    if memory_bytes_per_device[worst] <= capacity_bytes:
+        return ""
+    need_gib = memory_bytes_per_device[worst] / GIB
+    return f"device {worst} needs {need_gib:.2f} GiB > {capacity_bytes / GIB:.2f} GiB capacity"
+
+
+def as_batch(value: float) -> int:
+    """An expected batch size as the whole number of sequences the cost model is asked for."""
+    return max(1, round(value))

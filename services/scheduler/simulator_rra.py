@@ -1,0 +1,261 @@
+"""RRA (round-robin allocation) in the XSimulator.
+
+Every pipeline stage holds a slice of the encode layers and of the decode layers (one slice
+for decoder-only models, whose layers serve both phases). With partial TP the first
+`num_tp_devices` devices form groups of `tp_degree` that act as one stage each; layers are
+divided so stage times balance (evenly without TP).
+
+One steady-state cycle is: encode B_E queries through all stages, then N_D decode iterations.
+There are no micro-batches, so a decode iteration is a full traversal of the pipeline (the
+next token needs the one just sampled at the last stage): one token costs the SUM of the
+stage times plus the P - 1 activation transfers, and a device idles while the others work.
+The encoded batch joins the decode batch; encoding blocks decoding (the runtime alternates).
+
+Batch sizes follow the paper: a query of output length S finishes U iterations after an
+encoding with P_D(U|S) (DESIGN.md section 4), B_D = B_E / sum_U P_D(U), and iteration u runs
+the B_D sequences that have not finished in iterations 1..u-1: b_u = B_D (1 - sum_{U<u} P_D(U)).
+B_E sequences finish per cycle, so throughput = B_E / cycle_s. The p99-length sequence needs
+S99 iterations: it is encoded, waits through ceil(S99 / N_D) - 1 further encodings and
+finishes at iteration 1 + (S99 - 1) mod N_D of its last cycle.
+
+Memory per device: its layer weights, the embedding/LM head on the first and last stage, and
+KV for the B_D running sequences at their expected lengths (with `KV_HEADROOM`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from exegpt.schedule import Schedule, ScheduleKind
+from services.scheduler.sim_common import (
+    KV_HEADROOM,
+    LayerCosts,
+    Stage,
+    TimelineEvent,
+    as_batch,
+    build_stages,
+    kv_bytes_per_sequence_layer,
+    stage_groups,
+    stage_weight_bytes,
+)
+
+StageTimes = list[tuple[float, float]]  # per stage: (compute_s, allreduce_s)
+
+
+def completion_pmf(output_pmf: np.ndarray, num_decode_iterations: int) -> np.ndarray:
+    """P_D(U) for U = 0..N_D (index 0 unused), from P_D(S) and the paper's P_D(U|S)."""
+    n = num_decode_iterations
+    lengths = np.arange(len(output_pmf))
+    by_iteration = np.zeros(n + 1)
+    short = (lengths >= 1) & (lengths <= n)
+    by_iteration += np.bincount(lengths[short], output_pmf[short], minlength=n + 1)
+    long = lengths > n
+    finish = 1 + (lengths[long] - 1) % n
+    weight = output_pmf[long] / np.ceil(lengths[long] / n)
+    by_iteration += np.bincount(finish, weight, minlength=n + 1)
+    return by_iteration
+
+
+def decode_batch_size(encode_batch_size: int, by_iteration: np.ndarray) -> float:
+    """B_D = B_E / sum_U P_D(U)."""
+    return encode_batch_size / float(by_iteration.sum())
+
+
+def iteration_batch_sizes(decode_batch: float, by_iteration: np.ndarray) -> np.ndarray:
+    """Expected batch of iterations u = 1..N_D: those not finished before u."""
+    finished_before = np.concatenate(([0.0], np.cumsum(by_iteration[1:-1])))
+    return decode_batch * (1.0 - finished_before)
+
+
+@dataclass(frozen=True)
+class RraLayout:
+    stages: list[Stage]
+    decode_batch: float
+    iteration_batches: list[int]
+
+
+def layout(costs: LayerCosts, schedule: Schedule, num_devices: int) -> RraLayout:
+    shape = costs.model.shape
+    by_iteration = completion_pmf(costs.stats.output_pmf, schedule.num_decode_iterations)
+    decode_batch = decode_batch_size(schedule.encode_batch_size, by_iteration)
+    batches = [as_batch(b) for b in iteration_batch_sizes(decode_batch, by_iteration)]
+    groups = stage_groups(0, num_devices, schedule.tp_degree, schedule.num_tp_devices)
+    encode_cost = [sum(costs.encode(schedule.encode_batch_size, tp)) for _, tp in groups]
+    decode_cost = [
+        sum(costs.decode(as_batch(decode_batch), tp)) * schedule.num_decode_iterations
+        for _, tp in groups
+    ]
+    stages = build_stages(
+        groups,
+        shape.num_encode_layers,
+        encode_cost,
+        shape.num_decode_layers,
+        decode_cost,
+        shared_layers=not shape.is_encoder_decoder,
+    )
+    return RraLayout(stages, decode_batch, batches)
+
+
+def encode_times(costs: LayerCosts, stages: list[Stage], batch_size: int) -> StageTimes:
+    times = []
+    for index, stage in enumerate(stages):
+        compute_s, sync_s = costs.encode(batch_size, stage.tp_degree)
+        extra_s = costs.embedding_s(costs.encode_tokens(batch_size)) if index == 0 else 0.0
+        times.append(
+            (stage.num_encode_layers * compute_s + extra_s, stage.num_encode_layers * sync_s)
+        )
+    return times
+
+
+def decode_times(
+    costs: LayerCosts, stages: list[Stage], batch_size: int, kv_tokens: int | None = None
+) -> StageTimes:
+    times = []
+    for index, stage in enumerate(stages):
+        compute_s, sync_s = costs.decode(batch_size, stage.tp_degree, kv_tokens)
+        extra_s = costs.embedding_s(batch_size) if index == 0 else 0.0
+        extra_s += costs.lm_head_s(batch_size) if index == len(stages) - 1 else 0.0
+        times.append(
+            (stage.num_decode_layers * compute_s + extra_s, stage.num_decode_layers * sync_s)
+        )
+    return times
+
+
+def traverse(
+    stages: list[Stage],
+    times: StageTimes,
+    transfer_s: float,
+    start_s: float,
+    kind: str,
+    label: str,
+    events: list[TimelineEvent] | None,
+) -> float:
+    """One batch through every stage in order; returns when it leaves the last stage."""
+    now = start_s
+    for index, (stage, (compute_s, sync_s)) in enumerate(zip(stages, times, strict=True)):
+        if index > 0:
+            if events is not None:
+                events.extend(
+                    TimelineEvent(d, now, now + transfer_s, "transfer", label)
+                    for d in stage.devices
+                )
+            now += transfer_s
+        if events is not None:
+            events.extend(
+                TimelineEvent(d, now, now + compute_s, kind, label) for d in stage.devices
+            )
+            if sync_s > 0:
+                events.extend(
+                    TimelineEvent(d, now + compute_s, now + compute_s + sync_s, "allreduce", label)
+                    for d in stage.devices
+                )
+        now += compute_s + sync_s
+    return now
+
+
+@dataclass(frozen=True)
+class RraOutcome:
+    layout: RraLayout
+    encode_s: float
+    iteration_s: list[float]  # u = 1..N_D
+    cycle_s: float
+    latency_s: float
+    busy_s_per_stage: list[float]
+
+
+def run_cycle(
+    costs: LayerCosts,
+    schedule: Schedule,
+    num_devices: int,
+    events: list[TimelineEvent] | None = None,
+) -> RraOutcome:
+    """Time one steady-state cycle (and record its events when `events` is given)."""
+    plan = layout(costs, schedule, num_devices)
+    stages = plan.stages
+    busy = [0.0] * len(stages)
+    enc_times = encode_times(costs, stages, schedule.encode_batch_size)
+    enc_tokens = costs.encode_tokens(schedule.encode_batch_size)
+    now = traverse(
+        stages,
+        enc_times,
+        costs.activation_transfer_s(enc_tokens),
+        0.0,
+        "encode",
+        "encode",
+        events,
+    )
+    if costs.model.shape.is_encoder_decoder and len(stages) > 1:
+        # Every stage's decoder layers cross-attend to the encoder output: broadcast it.
+        broadcast_s = costs.activation_transfer_s(enc_tokens)
+        if events is not None:
+            events.extend(
+                TimelineEvent(d, now, now + broadcast_s, "transfer", "encoder output")
+                for stage in stages[:-1]
+                for d in stage.devices
+            )
+        now += broadcast_s
+    encode_s = now
+    for index, (compute_s, sync_s) in enumerate(enc_times):
+        busy[index] += compute_s + sync_s
+    iteration_s: list[float] = []
+    memo: dict[int, tuple[float, StageTimes]] = {}
+    for u, batch in enumerate(plan.iteration_batches, start=1):
+        if batch not in memo or events is not None:
+            times = decode_times(costs, stages, batch)
+            hop_s = costs.activation_transfer_s(batch)
+            end_s = traverse(stages, times, hop_s, now, "decode", f"decode {u}", events)
+            memo[batch] = (end_s - now, times)
+        step_s, times = memo[batch]
+        for index, (compute_s, sync_s) in enumerate(times):
+            busy[index] += compute_s + sync_s
+        iteration_s.append(step_s)
+        now += step_s
+    cycle_s = now
+    latency_s = _p99_latency_s(
+        costs.stats.output_p99_tokens, schedule, encode_s, iteration_s, cycle_s
+    )
+    return RraOutcome(plan, encode_s, iteration_s, cycle_s, latency_s, busy)
+
+
+def _p99_latency_s(
+    p99_tokens: int, schedule: Schedule, encode_s: float, iteration_s: list[float], cycle_s: float
+) -> float:
+    num_cycles = math.ceil(p99_tokens / schedule.num_decode_iterations)
+    last_iteration = 1 + (p99_tokens - 1) % schedule.num_decode_iterations
+    return encode_s + (num_cycles - 1) * cycle_s + sum(iteration_s[:last_iteration])
+
+
+def memory_bytes(costs: LayerCosts, plan: RraLayout, num_devices: int) -> list[int]:
+    model = costs.model
+    shape = model.shape
+    stats = costs.stats
+    self_kv = stats.running_position_tokens
+    cross_kv = stats.mean_input_tokens if shape.is_encoder_decoder else 0.0
+    if not shape.is_encoder_decoder:
+        self_kv += stats.mean_input_tokens
+    memory = [0] * num_devices
+    last = len(plan.stages) - 1
+    for index, stage in enumerate(plan.stages):
+        weights = stage_weight_bytes(model, stage, shared_layers=not shape.is_encoder_decoder)
+        if index in (0, last):
+            weights += model.embedding_weight_bytes()
+        per_seq = kv_bytes_per_sequence_layer(model, stage.tp_degree, self_kv, cross_kv)
+        kv = plan.decode_batch * KV_HEADROOM * stage.num_decode_layers * per_seq
+        for device in stage.devices:
+            memory[device] = weights + math.ceil(kv)
+    return memory
+
+
+def normalised(schedule: Schedule, plan: RraLayout) -> Schedule:
+    has_tp = schedule.tp_degree > 1 and schedule.num_tp_devices > 0
+    return Schedule(
+        kind=ScheduleKind.RRA,
+        encode_batch_size=schedule.encode_batch_size,
+        decode_batch_size=as_batch(plan.decode_batch),
+        num_decode_iterations=schedule.num_decode_iterations,
+        tp_degree=schedule.tp_degree if has_tp else 1,
+        num_tp_devices=schedule.num_tp_devices if has_tp else 0,
+    )

@@ -1,0 +1,298 @@
+"""WAA (workload-aware allocation) in the XSimulator, and the micro-batched decode pipeline
+it shares with the continuous-batching baseline.
+
+The first `num_encode_devices` devices only encode (a pipeline holding every encode layer;
+for decoder-only models that is a second copy of the decoder layers), the others only decode
+(a pipeline holding every decoder layer; partial TP applies to the decode side, whose first
+`num_tp_devices` devices form TP groups). They run asynchronously; as the paper simulates it,
+WAA is N_D = 1: every cycle one batch of B_E is encoded, handed over, and joins the decode
+batch, and the decode batch advances one token. So B_D = B_E x mean output length.
+
+- Encode side: consecutive batches are independent, so it is a full pipeline: it accepts a
+  batch every `max(stage time)`.
+- Hand-over: decoder-only models move the prefill KV of each decode stage's layers to it;
+  encoder-decoder models send the encoder output to every decode stage (each computes its
+  own cross K/V). Stages receive in parallel; the slowest link occupies `handoff_s`.
+- Decode side: the batch is split into B_m micro-batches. A micro-batch's next token needs its
+  previous one from the last stage, so one iteration of all micro-batches takes
+  `max(sum of stage times + transfers, B_m x slowest stage)` (the steady state of that cyclic
+  pipeline; the paper's figure: two tokens in 7 stage-times without micro-batches, 3 2/3 with).
+- cycle_s = max(encode period, hand-over, decode iteration); throughput = B_E / cycle_s.
+- Latency of the p99 sequence: encode traversal + hand-over + S99 cycles.
+
+How many devices encode: WAA-C gives N * C_E / (C_E + C_D) devices to encoding, C_E and C_D
+being the single-device compute times of one encode of B_E and one decode iteration of
+B_E x mean output (the work of one cycle), evaluated at B_E = 1, 8 and 64; the search tries the
+floor and ceiling of each. WAA-M gives encoding the fewest devices that hold its weights and
+the decode side everything else, so that the most memory goes to KV.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from exegpt.schedule import Schedule, ScheduleKind
+from services.scheduler.sim_common import (
+    KV_HEADROOM,
+    LayerCosts,
+    Stage,
+    TimelineEvent,
+    as_batch,
+    build_stages,
+    clip_window,
+    kv_bytes_per_sequence_layer,
+    stage_groups,
+    stage_weight_bytes,
+)
+from services.scheduler.simulator_rra import StageTimes, decode_times, encode_times, traverse
+
+_WAA_C_REFERENCE_BATCHES = (1, 8, 64)
+
+
+def pipeline_period_s(times: StageTimes, hop_s: float, num_micro_batches: int) -> float:
+    """Steady-state time for every micro-batch to advance one token."""
+    stage_s = [compute_s + sync_s for compute_s, sync_s in times]
+    loop_s = sum(stage_s) + hop_s * (len(stage_s) - 1)
+    return max(loop_s, num_micro_batches * max(stage_s))
+
+
+def micro_batch_events(
+    stages: list[Stage],
+    times: StageTimes,
+    hop_s: float,
+    num_micro_batches: int,
+    num_iterations: int,
+    gate_period_s: float,
+    events: list[TimelineEvent],
+) -> None:
+    """Greedy in-order schedule of micro-batches through the stages for a few iterations;
+    iteration i may not start before i * gate_period_s (the arrival of new work)."""
+    stage_free_s = [0.0] * len(stages)
+    ready_s = [0.0] * num_micro_batches
+    for iteration in range(num_iterations):
+        for micro in range(num_micro_batches):
+            now = max(ready_s[micro], iteration * gate_period_s)
+            label = f"decode {iteration + 1}.{micro + 1}"
+            for index, (stage, (compute_s, sync_s)) in enumerate(zip(stages, times, strict=True)):
+                if index > 0:
+                    events.extend(
+                        TimelineEvent(d, now, now + hop_s, "transfer", label) for d in stage.devices
+                    )
+                    now += hop_s
+                now = max(now, stage_free_s[index])
+                events.extend(
+                    TimelineEvent(d, now, now + compute_s, "decode", label) for d in stage.devices
+                )
+                if sync_s > 0:
+                    events.extend(
+                        TimelineEvent(
+                            d, now + compute_s, now + compute_s + sync_s, "allreduce", label
+                        )
+                        for d in stage.devices
+                    )
+                now += compute_s + sync_s
+                stage_free_s[index] = now
+            ready_s[micro] = now
+
+
+@dataclass(frozen=True)
+class WaaOutcome:
+    encode_stages: list[Stage]
+    decode_stages: list[Stage]
+    encode_times: StageTimes
+    decode_times: StageTimes
+    decode_batch: float
+    micro_batch: int
+    encode_traverse_s: float
+    encode_period_s: float
+    handoff_s: float
+    iteration_s: float
+    cycle_s: float
+    latency_s: float
+
+
+def _stages(
+    costs: LayerCosts, schedule: Schedule, num_devices: int, micro_batch: int
+) -> tuple[list[Stage], list[Stage]]:
+    shape = costs.model.shape
+    num_encode = schedule.num_encode_devices
+    encode_groups = stage_groups(0, num_encode, 1, 0)
+    encode_stages = build_stages(
+        encode_groups,
+        shape.num_encode_layers,
+        [1.0] * num_encode,
+        0,
+        [1.0] * num_encode,
+        shared_layers=False,
+    )
+    decode_groups = stage_groups(
+        num_encode, num_devices - num_encode, schedule.tp_degree, schedule.num_tp_devices
+    )
+    decode_cost = [sum(costs.decode(micro_batch, tp)) for _, tp in decode_groups]
+    decode_stages = build_stages(
+        decode_groups, 0, decode_cost, shape.num_decode_layers, decode_cost, shared_layers=False
+    )
+    return encode_stages, decode_stages
+
+
+def _handoff_s(costs: LayerCosts, stages: list[Stage], encode_batch: int) -> float:
+    tokens = costs.encode_tokens(encode_batch)
+    if costs.model.shape.is_encoder_decoder:
+        return costs.activation_transfer_s(tokens)
+    return max(
+        costs.transfer_s(
+            tokens * stage.num_decode_layers * costs.model.kv_bytes_per_token(stage.tp_degree)
+        )
+        for stage in stages
+    )
+
+
+def run(costs: LayerCosts, schedule: Schedule, num_devices: int) -> WaaOutcome:
+    decode_batch = schedule.encode_batch_size * costs.stats.mean_output_tokens
+    micro_batch = as_batch(decode_batch / schedule.num_micro_batches)
+    encode_stages, decode_stages = _stages(costs, schedule, num_devices, micro_batch)
+    enc_times = encode_times(costs, encode_stages, schedule.encode_batch_size)
+    enc_hop_s = costs.activation_transfer_s(costs.encode_tokens(schedule.encode_batch_size))
+    encode_traverse_s = traverse(encode_stages, enc_times, enc_hop_s, 0.0, "encode", "", None)
+    encode_period_s = max(compute_s + sync_s for compute_s, sync_s in enc_times)
+    handoff_s = _handoff_s(costs, decode_stages, schedule.encode_batch_size)
+    dec_times = decode_times(costs, decode_stages, micro_batch)
+    hop_s = costs.activation_transfer_s(micro_batch)
+    iteration_s = pipeline_period_s(dec_times, hop_s, schedule.num_micro_batches)
+    cycle_s = max(encode_period_s, handoff_s, iteration_s)
+    latency_s = encode_traverse_s + handoff_s + costs.stats.output_p99_tokens * cycle_s
+    return WaaOutcome(
+        encode_stages,
+        decode_stages,
+        enc_times,
+        dec_times,
+        decode_batch,
+        micro_batch,
+        encode_traverse_s,
+        encode_period_s,
+        handoff_s,
+        iteration_s,
+        cycle_s,
+        latency_s,
+    )
+
+
+def memory_bytes(
+    costs: LayerCosts, outcome: WaaOutcome, schedule: Schedule, num_devices: int
+) -> list[int]:
+    model = costs.model
+    shape = model.shape
+    stats = costs.stats
+    memory = [0] * num_devices
+    encode_tokens = costs.encode_tokens(schedule.encode_batch_size)
+    last_encode = len(outcome.encode_stages) - 1
+    for index, stage in enumerate(outcome.encode_stages):
+        weights = stage_weight_bytes(model, stage, shared_layers=False)
+        weights += model.embedding_weight_bytes() if index == 0 else 0
+        if shape.is_encoder_decoder:
+            # The encoder output waiting to be handed over.
+            in_flight = encode_tokens * shape.hidden_bytes_per_token if index == last_encode else 0
+        else:
+            in_flight = encode_tokens * stage.num_encode_layers * model.kv_bytes_per_token(1)
+        for device in stage.devices:
+            memory[device] = weights + in_flight
+    self_kv = stats.running_position_tokens
+    cross_kv = stats.mean_input_tokens if shape.is_encoder_decoder else 0.0
+    if not shape.is_encoder_decoder:
+        self_kv += stats.mean_input_tokens
+    last_decode = len(outcome.decode_stages) - 1
+    for index, stage in enumerate(outcome.decode_stages):
+        weights = stage_weight_bytes(model, stage, shared_layers=False)
+        weights += model.embedding_weight_bytes() if index in (0, last_decode) else 0
+        per_seq = kv_bytes_per_sequence_layer(model, stage.tp_degree, self_kv, cross_kv)
+        kv = outcome.decode_batch * KV_HEADROOM * stage.num_decode_layers * per_seq
+        for device in stage.devices:
+            memory[device] = weights + math.ceil(kv)
+    return memory
+
+
+def utilisation(outcome: WaaOutcome, schedule: Schedule, num_devices: int) -> list[float]:
+    busy = [0.0] * num_devices
+    for stage, (compute_s, sync_s) in zip(outcome.encode_stages, outcome.encode_times, strict=True):
+        for device in stage.devices:
+            busy[device] = compute_s + sync_s
+    for stage, (compute_s, sync_s) in zip(outcome.decode_stages, outcome.decode_times, strict=True):
+        for device in stage.devices:
+            busy[device] = schedule.num_micro_batches * (compute_s + sync_s)
+    return [min(1.0, b / outcome.cycle_s) for b in busy]
+
+
+def timeline(
+    costs: LayerCosts, schedule: Schedule, num_devices: int, num_cycles: int = 3
+) -> list[TimelineEvent]:
+    """`num_cycles` cycles of steady state: encodes pipelined on the encode devices with their
+    hand-overs, and the micro-batched decode iterations (one per cycle). The simulation starts
+    empty, runs warm-up cycles, and the window after them is returned."""
+    outcome = run(costs, schedule, num_devices)
+    cycle_s = outcome.cycle_s
+    warmup = len(outcome.encode_stages) + len(outcome.decode_stages) + 2
+    total = warmup + num_cycles
+    events: list[TimelineEvent] = []
+    enc_hop_s = costs.activation_transfer_s(costs.encode_tokens(schedule.encode_batch_size))
+    for cycle in range(total):
+        label = f"batch {cycle + 1}"
+        end_s = traverse(
+            outcome.encode_stages,
+            outcome.encode_times,
+            enc_hop_s,
+            cycle * cycle_s,
+            "encode",
+            label,
+            events,
+        )
+        events.extend(
+            TimelineEvent(d, end_s, end_s + outcome.handoff_s, "transfer", f"hand-over {label}")
+            for stage in outcome.decode_stages
+            for d in stage.devices
+        )
+    micro_batch_events(
+        outcome.decode_stages,
+        outcome.decode_times,
+        costs.activation_transfer_s(outcome.micro_batch),
+        schedule.num_micro_batches,
+        total,
+        cycle_s,
+        events,
+    )
+    return clip_window(events, warmup * cycle_s, total * cycle_s)
+
+
+def normalised(schedule: Schedule, outcome: WaaOutcome) -> Schedule:
+    has_tp = schedule.tp_degree > 1 and schedule.num_tp_devices > 0
+    return Schedule(
+        kind=schedule.kind,
+        encode_batch_size=schedule.encode_batch_size,
+        decode_batch_size=as_batch(outcome.decode_batch),
+        num_micro_batches=schedule.num_micro_batches,
+        tp_degree=schedule.tp_degree if has_tp else 1,
+        num_tp_devices=schedule.num_tp_devices if has_tp else 0,
+        num_encode_devices=schedule.num_encode_devices,
+    )
+
+
+def split_candidates(
+    costs: LayerCosts, kind: ScheduleKind, num_devices: int, capacity_bytes: int
+) -> list[int]:
+    """Numbers of encode devices a kind tries (see the module docstring)."""
+    if num_devices < 2:
+        return []
+    shape = costs.model.shape
+    clamp = lambda n: min(num_devices - 1, max(1, n))  # noqa: E731
+    if kind == ScheduleKind.WAA_M:
+        weights = shape.num_encode_layers * costs.model.encode_layer_weight_bytes(1)
+        weights += costs.model.embedding_weight_bytes()
+        return [clamp(math.ceil(weights / capacity_bytes))]
+    candidates: set[int] = set()
+    for batch in _WAA_C_REFERENCE_BATCHES:
+        encode_s = shape.num_encode_layers * sum(costs.encode(batch, 1))
+        decode_batch = as_batch(batch * costs.stats.mean_output_tokens)
+        decode_s = shape.num_decode_layers * sum(costs.decode(decode_batch, 1))
+        share = num_devices * encode_s / (encode_s + decode_s)
+        candidates.update((clamp(math.floor(share)), clamp(math.ceil(share))))
+    return sorted(candidates)

@@ -1,0 +1,97 @@
+"""`exegpt plan` in-process: output, JSON, plots, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from exegpt.cli import main
+
+PROFILE = "analytic:cpu"  # the default tiny T5 on a CPU worker
+BASE = ["plan", "--profile", PROFILE, "--workload", "task:S", "--gpus", "2"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_plan_prints_and_writes_json_and_plots(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report_path = tmp_path / "plan.json"
+    frontier = tmp_path / "frontier.png"
+    gantt = tmp_path / "timeline.png"
+    code = main(
+        [
+            *BASE,
+            "--latency-bound",
+            "2.0",
+            "--json",
+            str(report_path),
+            "--plot-frontier",
+            str(frontier),
+            "--plot-timeline",
+            str(gantt),
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "chosen:" in out and "static" in out and "continuous" in out and "evaluations" in out
+    report = json.loads(report_path.read_text())
+    assert report["meets_bound"] is True
+    assert report["schedule"]["kind"] in ("rra", "waa-c", "waa-m")
+    assert 0 < report["predicted"]["latency_s"] <= 2.0
+    assert report["predicted"]["throughput_seq_s"] > 0
+    assert report["search"]["num_evaluations"] > 0 and report["search"]["wall_s"] > 0
+    assert {"static", "continuous"} <= set(report["best_by_kind"])
+    for path in (frontier, gantt):
+        data = path.read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+
+
+def test_unmeetable_bound_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report_path = tmp_path / "plan.json"
+    code = main([*BASE, "--latency-bound", "0.0001", "--kinds", "rra", "--json", str(report_path)])
+    assert code == 0
+    assert "no configuration meets the latency bound" in capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert report["meets_bound"] is False and report["schedule"] is None
+    assert report["lowest_latency"]["latency_s"] > 0.0001
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--workload", "task:X"], "unknown task"),
+        (["--workload", "bogus"], "unknown workload"),
+        (["--latency-bound", "0"], "must be positive"),
+        (["--latency-bound", "-3"], "must be positive"),
+        (["--latency-bound", "soon"], "number of seconds"),
+        (["--gpus", "0"], "at least 1"),
+        (["--tp-degrees", "8"], "no timings for TP degree 8"),
+        (["--kinds", "static"], "baseline"),
+        (["--kinds", "rra,fast"], "unknown schedule kind"),
+        (["--profile", "analytic:cpu:opt-13b", "--model-config", "x.json"], "either"),
+        (["--profile", "/no/such/profile.json"], "profile not found"),
+        (["--profile", "/no/such/profile.json", "--model-config", "x.json"], "analytic"),
+        (["--profile", "analytic:tpu"], "unknown analytic device"),
+        (["--gpu-memory-gb", "0"], "must be positive"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(
+    arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [*BASE, "--latency-bound", "2.0"]
+    for option, value in zip(arguments[::2], arguments[1::2], strict=True):
+        if option in argv:
+            argv[argv.index(option) + 1] = value
+        else:
+            argv += [option, value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("exegpt plan: error:")
+    assert message in err
+
+
+def test_missing_required_option(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--profile", PROFILE, "--workload", "task:S", "--gpus", "2"]) == 2
+    assert "--latency-bound is required" in capsys.readouterr().err

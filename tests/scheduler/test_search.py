@@ -1,0 +1,133 @@
+"""XScheduler: branch-and-bound against exhaustive search on random profiles and workloads."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from exegpt.schedule import ScheduleKind
+from exegpt.workloads import LengthSpec
+from services.scheduler.analytic_cost import analytic_cost_model, random_cost_model
+from services.scheduler.problem import PlanProblem, PlanResult, WorkloadDistribution
+from services.scheduler.search import SearchSpace, plan, static_latency_bounds
+from services.scheduler.simulator import is_meeting
+
+NUM_RANDOM_CASES = 50
+SMALL_SPACE = SearchSpace(max_encode_batch_size=32, max_running_batch_size=128)
+
+
+def random_problem(seed: int) -> PlanProblem:
+    """A random model, device, workload, device count, memory and latency bound."""
+    rng = np.random.default_rng(seed)
+    cost_model = random_cost_model(seed)
+    mean_in = int(rng.integers(16, 256))
+    mean_out = int(rng.integers(3, 14))
+    workload = WorkloadDistribution(
+        f"random-{seed}",
+        LengthSpec(mean_in, mean_in * rng.uniform(0.2, 1.0), 2 * mean_in).pmf(),
+        LengthSpec(
+            mean_out, mean_out * rng.uniform(0.2, 0.8), int(rng.integers(mean_out + 2, 25))
+        ).pmf(),
+    )
+    num_devices = int(rng.integers(2, 5))
+    shape = cost_model.shape
+    weights = shape.num_decode_layers * cost_model.decode_layer_weight_bytes(1)
+    if shape.is_encoder_decoder:
+        weights += shape.num_encode_layers * cost_model.encode_layer_weight_bytes(1)
+    weights += cost_model.embedding_weight_bytes()
+    memory = int(weights / num_devices * rng.uniform(1.5, 6.0))
+    problem = PlanProblem(cost_model, workload, math.inf, num_devices, memory)
+    if rng.random() < 0.15:
+        return problem
+    try:
+        (bound_s,) = static_latency_bounds(problem, (rng.uniform(0.05, 0.9),), SMALL_SPACE)
+    except ValueError:  # the static baseline does not fit at all: keep the problem unbounded
+        return problem
+    return replace(problem, latency_bound_s=bound_s)
+
+
+def _throughput(result: PlanResult, kind: str) -> float:
+    best = result.best_by_kind.get(kind)
+    return best.throughput_seq_s if best else 0.0
+
+
+def test_branch_and_bound_reaches_the_exhaustive_optimum() -> None:
+    evaluations_bnb = evaluations_exhaustive = 0
+    num_meeting = 0
+    for seed in range(NUM_RANDOM_CASES):
+        problem = random_problem(seed)
+        fast = plan(problem, space=SMALL_SPACE)
+        full = plan(problem, exhaustive=True, space=SMALL_SPACE)
+        assert fast.meets_bound == full.meets_bound, seed
+        tolerance = 1 + problem.throughput_tolerance
+        for kind in ("rra", "waa-c", "waa-m"):
+            assert _throughput(fast, kind) * tolerance >= _throughput(full, kind), (seed, kind)
+        if full.chosen is not None:
+            num_meeting += 1
+            assert fast.chosen is not None
+            assert is_meeting(fast.chosen, problem.latency_bound_s)
+            assert fast.chosen.throughput_seq_s * tolerance >= full.chosen.throughput_seq_s, seed
+        assert fast.search.num_evaluations <= full.search.num_evaluations
+        evaluations_bnb += fast.search.num_evaluations
+        evaluations_exhaustive += full.search.num_evaluations
+    assert num_meeting >= NUM_RANDOM_CASES // 2  # most cases are constrained, not vacuous
+    assert evaluations_bnb * 4 < evaluations_exhaustive
+
+
+def test_unmeetable_bound_reports_the_lowest_latency() -> None:
+    problem = replace(random_problem(3), latency_bound_s=1e-9)
+    fast = plan(problem, space=SMALL_SPACE)
+    full = plan(problem, exhaustive=True, space=SMALL_SPACE)
+    for result in (fast, full):
+        assert not result.meets_bound and result.chosen is None
+        assert result.lowest_latency is not None and result.lowest_latency.feasible
+        assert result.lowest_latency.throughput_seq_s > 0
+    assert fast.lowest_latency.latency_s == pytest.approx(full.lowest_latency.latency_s)
+
+
+@pytest.fixture(scope="module")
+def opt_result() -> tuple[PlanProblem, PlanResult]:
+    problem = PlanProblem(
+        analytic_cost_model("a40:opt-13b"),
+        WorkloadDistribution.from_task("S"),
+        8.0,
+        4,
+        48 * 1024**3,
+    )
+    return problem, plan(problem)
+
+
+def test_plan_reports_every_kind_and_both_baselines(
+    opt_result: tuple[PlanProblem, PlanResult],
+) -> None:
+    problem, result = opt_result
+    assert result.meets_bound and result.chosen is not None
+    assert set(result.best_by_kind) == {k.value for k in ScheduleKind}
+    for prediction in result.best_by_kind.values():
+        assert is_meeting(prediction, problem.latency_bound_s)
+    searched = [result.best_by_kind[k.value] for k in problem.kinds]
+    assert result.chosen == max(searched, key=lambda p: p.throughput_seq_s)
+    assert result.chosen.throughput_seq_s > result.best_by_kind["static"].throughput_seq_s
+    assert result.search.num_evaluations > 0 and result.search.wall_s > 0
+    assert result.search.num_baseline_evaluations > 0
+    kinds_seen = {p.schedule.kind for p in result.evaluated}
+    assert kinds_seen == set(ScheduleKind)
+
+
+def test_search_is_deterministic(opt_result: tuple[PlanProblem, PlanResult]) -> None:
+    problem, result = opt_result
+    again = plan(problem)
+    assert again.chosen == result.chosen
+    assert again.search.num_evaluations == result.search.num_evaluations
+
+
+def test_grid_axis() -> None:
+    space = SearchSpace(dense_until=4, growth=1.5)
+    assert space.axis(20) == (1, 2, 3, 4, 6, 9, 14, 20)
+    assert space.axis(3) == (1, 2, 3)
+    assert space.axis(1) == (1,)
+    with pytest.raises(ValueError):
+        SearchSpace(growth=1.0)

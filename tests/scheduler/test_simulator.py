@@ -1,0 +1,245 @@
+"""XSimulator against hand-computed small cases (tests/scheduler/toy_cost.py's cost model)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from exegpt.schedule import Schedule, ScheduleKind
+from services.scheduler.analytic_cost import analytic_cost_model
+from services.scheduler.problem import PlanProblem, WorkloadDistribution
+from services.scheduler.sim_common import KV_HEADROOM, LayerCosts, Stage, TimelineEvent
+from services.scheduler.simulator import Simulator, simulate, timeline
+from services.scheduler.simulator_rra import (
+    completion_pmf,
+    decode_batch_size,
+    iteration_batch_sizes,
+)
+from services.scheduler.simulator_waa import micro_batch_events, pipeline_period_s
+from tests.scheduler.toy_cost import ToyCostModel, decoder_only_shape, pmf, toy_workload
+
+# Output lengths 2 (40%) and 3 (60%): mean 2.6, E[S^2] 7.0, running position (7 + 2.6) / 5.2.
+RUNNING_POSITION = (7.0 + 2.6) / 5.2
+KV_TOKENS = 10 + RUNNING_POSITION  # decoder-only: prompt + generated so far
+
+
+def toy_problem(num_devices: int = 2, memory_bytes: int = 10**9, **costs: float) -> PlanProblem:
+    model = ToyCostModel(decoder_only_shape(), **costs)
+    return PlanProblem(model, toy_workload(), math.inf, num_devices, memory_bytes)
+
+
+def rra(encode_batch: int, iterations: int, **extra: int) -> Schedule:
+    return Schedule(ScheduleKind.RRA, encode_batch, 1, num_decode_iterations=iterations, **extra)
+
+
+# ---- P_D(U|S) and B_D --------------------------------------------------------------------------
+
+
+def test_completion_pmf_follows_the_paper_formula() -> None:
+    # S=2 <= N_D=2 finishes at U=2; S=3 > N_D: U = 1 + (2 mod 2) = 1 with weight 1/ceil(3/2).
+    by_iteration = completion_pmf(pmf({2: 0.4, 3: 0.6}), 2)
+    assert by_iteration == pytest.approx([0.0, 0.3, 0.4])
+    assert decode_batch_size(7, by_iteration) == pytest.approx(10.0)
+    assert iteration_batch_sizes(10.0, by_iteration) == pytest.approx([10.0, 7.0])
+
+
+def test_completion_pmf_long_outputs_spread_over_cycles() -> None:
+    # S=1: U=1 (0.2). S=3: ceil(3/2)=2, U=1 -> 0.25. S=5: ceil(5/2)=3, U=1 -> 0.1.
+    by_iteration = completion_pmf(pmf({1: 0.2, 3: 0.5, 5: 0.3}), 2)
+    assert by_iteration == pytest.approx([0.0, 0.55, 0.0])
+    # N_D covering every length: each sequence finishes at U = S within one cycle.
+    assert completion_pmf(pmf({1: 0.2, 3: 0.5, 5: 0.3}), 8)[1:6] == pytest.approx(
+        [0.2, 0, 0.5, 0, 0.3]
+    )
+
+
+# ---- RRA ----------------------------------------------------------------------------------------
+
+
+def test_rra_two_stage_cycle_matches_hand_computation() -> None:
+    problem = toy_problem()
+    prediction = simulate(problem, rra(7, 2))
+    # Encode 70 tokens: 0.07 s per one-layer stage + 0.002 s hop. Iterations at B=10 and B=7:
+    # 2 x (0.01 + 0.001 B) + 0.002.
+    encode_s, iteration_s = 0.142, [0.042, 0.036]
+    cycle_s = encode_s + sum(iteration_s)
+    assert prediction.feasible
+    assert prediction.schedule.decode_batch_size == 10
+    assert prediction.throughput_seq_s == pytest.approx(7 / cycle_s)
+    assert prediction.throughput_tokens_s == pytest.approx(7 / cycle_s * 2.6)
+    # p99 = 3 tokens: ceil(3/2) = 2 encodings, finishing at iteration 1 of its second cycle.
+    assert prediction.latency_s == pytest.approx(encode_s + cycle_s + iteration_s[0])
+    busy_s = 0.07 + 0.02 + 0.017
+    assert prediction.utilisation_per_device == pytest.approx((busy_s / cycle_s,) * 2)
+
+
+def test_rra_memory_is_weights_plus_expected_kv() -> None:
+    prediction = simulate(toy_problem(), rra(7, 2))
+    kv_bytes = math.ceil(10 * KV_HEADROOM * 1 * KV_TOKENS * 10)  # B_D x layers x tokens x 10 B
+    assert prediction.memory_bytes_per_device == (1000 + 500 + kv_bytes,) * 2
+
+
+def test_rra_timeline_of_a_two_stage_pipeline() -> None:
+    events = timeline(toy_problem(), rra(7, 2))
+    expected = [
+        (0, 0.0, 0.07, "encode"),
+        (0, 0.142, 0.162, "decode"),
+        (0, 0.184, 0.201, "decode"),
+        (1, 0.07, 0.072, "transfer"),
+        (1, 0.072, 0.142, "encode"),
+        (1, 0.162, 0.164, "transfer"),
+        (1, 0.164, 0.184, "decode"),
+        (1, 0.201, 0.203, "transfer"),
+        (1, 0.203, 0.22, "decode"),
+    ]
+    got = [(e.device, e.start_s, e.end_s, e.kind) for e in events]
+    assert len(got) == len(expected)
+    for (device, start, end, kind), want in zip(got, expected, strict=True):
+        assert (device, kind) == (want[0], want[3])
+        assert (start, end) == pytest.approx(want[1:3])
+
+
+def test_rra_partial_tensor_parallelism_adds_allreduce() -> None:
+    prediction = simulate(toy_problem(), rra(7, 2, tp_degree=2, num_tp_devices=2))
+    # One TP stage holding both layers at half the compute, plus 2 all-reduces per layer.
+    encode_s = 2 * 0.035 + 4 * 0.0005
+    iteration_s = [2 * 0.01 + 4 * 0.0005, 2 * 0.0085 + 4 * 0.0005]
+    cycle_s = encode_s + sum(iteration_s)
+    assert prediction.throughput_seq_s == pytest.approx(7 / cycle_s)
+    kinds = {e.kind for e in timeline(toy_problem(), prediction.schedule)}
+    assert kinds == {"encode", "decode", "allreduce"}  # one stage: no transfers
+
+
+# ---- WAA ----------------------------------------------------------------------------------------
+
+
+def waa(encode_batch: int, micro_batches: int, encode_devices: int) -> Schedule:
+    return Schedule(
+        ScheduleKind.WAA_C,
+        encode_batch,
+        1,
+        num_micro_batches=micro_batches,
+        num_encode_devices=encode_devices,
+    )
+
+
+def test_waa_batch_period_latency_and_second_weight_copy() -> None:
+    prediction = simulate(toy_problem(num_devices=3), waa(4, 2, 1))
+    assert prediction.schedule.decode_batch_size == 10  # B_E x mean output = 10.4
+    # Encode device: both layers, 40 tokens -> 0.08 s a batch. Decode devices: one layer each,
+    # micro-batches of 5: 0.015 s; iteration max(0.015 + 0.002 + 0.015, 2 x 0.015) = 0.032.
+    cycle_s = 0.08
+    assert prediction.throughput_seq_s == pytest.approx(4 / cycle_s)
+    assert prediction.latency_s == pytest.approx(0.08 + 0.002 + 3 * cycle_s)
+    encode_memory = 2 * 1000 + 500 + 40 * 2 * 10  # a full copy of the layers + prefill KV
+    decode_kv = math.ceil(10.4 * KV_HEADROOM * KV_TOKENS * 10)
+    assert prediction.memory_bytes_per_device == (
+        encode_memory,
+        1000 + 500 + decode_kv,
+        1000 + 500 + decode_kv,
+    )
+    assert prediction.utilisation_per_device == pytest.approx((1.0, 0.375, 0.375))
+
+
+def test_micro_batches_reproduce_the_papers_figure() -> None:
+    # Three decode stages; two tokens take 6 stage-times without micro-batches, 2 2/3 with
+    # three (plus the encoding's one: the paper's 7 and 3 2/3).
+    stages = [Stage((d,), 1, 0, 1) for d in range(3)]
+    whole: list[TimelineEvent] = []
+    micro_batch_events(stages, [(1.0, 0.0)] * 3, 0.0, 1, 2, 0.0, whole)
+    split: list[TimelineEvent] = []
+    micro_batch_events(stages, [(1 / 3, 0.0)] * 3, 0.0, 3, 2, 0.0, split)
+    assert max(e.end_s for e in whole) == pytest.approx(6.0)
+    assert max(e.end_s for e in split) == pytest.approx(8 / 3)
+    assert pipeline_period_s([(1.0, 0.0)] * 3, 0.0, 1) == pytest.approx(3.0)
+    assert pipeline_period_s([(1 / 3, 0.0)] * 3, 0.0, 3) == pytest.approx(1.0)
+
+
+# ---- baselines ----------------------------------------------------------------------------------
+
+
+def test_static_baseline_runs_to_the_maximum_length() -> None:
+    schedule = Schedule(ScheduleKind.STATIC, 4, 4)
+    prediction = simulate(toy_problem(), schedule)
+    batch_s = (0.04 + 0.002 + 0.04) + 3 * (0.014 + 0.002 + 0.014)
+    assert prediction.latency_s == pytest.approx(batch_s)
+    assert prediction.throughput_seq_s == pytest.approx(4 / batch_s)
+    # KV reserved for the maximum input + output (13 tokens) of all 4 sequences.
+    assert prediction.memory_bytes_per_device == (1000 + 500 + 4 * 13 * 10,) * 2
+
+
+def test_continuous_baseline_keeps_a_batch_per_stage_in_flight() -> None:
+    prediction = simulate(
+        toy_problem(), Schedule(ScheduleKind.CONTINUOUS, 1, 4, num_micro_batches=2)
+    )
+    admitted = 4 / 2.6 / 2  # per virtual engine per iteration, prefilled one at a time
+    stage_s = 0.012 + admitted * 0.01
+    iteration_s = max(2 * stage_s + 0.002, 2 * stage_s)
+    assert prediction.throughput_seq_s == pytest.approx(4 / (2.6 * iteration_s))
+    assert prediction.latency_s == pytest.approx(0.022 + 3 * iteration_s)
+
+
+# ---- feasibility, validation, sanity ------------------------------------------------------------
+
+
+def test_memory_shortfall_is_infeasible_with_a_reason() -> None:
+    needed = max(simulate(toy_problem(), rra(7, 2)).memory_bytes_per_device)
+    short = simulate(toy_problem(memory_bytes=needed - 1), rra(7, 2))
+    assert not short.feasible
+    assert "device" in short.reason and "capacity" in short.reason
+    assert short.throughput_seq_s > 0  # still computed, never clipped to fit
+    assert simulate(toy_problem(memory_bytes=needed), rra(7, 2)).feasible
+
+
+def test_invalid_schedules_raise() -> None:
+    problem = toy_problem(num_devices=4)
+    with pytest.raises(ValueError, match="TP degree 4"):
+        simulate(problem, rra(4, 2, tp_degree=4, num_tp_devices=4))
+    with pytest.raises(ValueError, match="encode devices"):
+        simulate(problem, waa(4, 1, 0))
+    with pytest.raises(ValueError, match="TP devices"):
+        simulate(toy_problem(num_devices=1), rra(4, 2, tp_degree=2, num_tp_devices=2))
+
+
+@pytest.fixture(scope="module")
+def opt_simulator() -> Simulator:
+    problem = PlanProblem(
+        analytic_cost_model("a40:opt-13b"),
+        WorkloadDistribution.from_task("T"),
+        math.inf,
+        4,
+        48 * 1024**3,
+    )
+    return Simulator(problem)
+
+
+def test_rra_is_monotonic_in_the_encode_batch(opt_simulator: Simulator) -> None:
+    points = [opt_simulator.simulate(rra(b, 8)) for b in (1, 2, 4, 8, 16, 32)]
+    throughputs = [p.throughput_seq_s for p in points]
+    latencies = [p.latency_s for p in points]
+    memory = [max(p.memory_bytes_per_device) for p in points]
+    assert throughputs == sorted(throughputs)
+    assert latencies == sorted(latencies)
+    assert memory == sorted(memory)
+
+
+def test_rra_encoding_more_often_trades_latency_for_throughput(opt_simulator: Simulator) -> None:
+    frequent, rare = opt_simulator.simulate(rra(16, 2)), opt_simulator.simulate(rra(16, 64))
+    assert frequent.throughput_seq_s > rare.throughput_seq_s
+    assert frequent.latency_s > rare.latency_s
+
+
+def test_simulation_is_deterministic(opt_simulator: Simulator) -> None:
+    schedule = Schedule(ScheduleKind.WAA_M, 2, 1, num_micro_batches=2, num_encode_devices=1)
+    assert opt_simulator.simulate(schedule) == Simulator(opt_simulator.problem).simulate(schedule)
+
+
+def test_layer_costs_use_the_expected_workload() -> None:
+    costs = LayerCosts(ToyCostModel(decoder_only_shape()), Simulator(toy_problem()).stats)
+    assert costs.kv_lengths() == (round(KV_TOKENS), 0)
+    stats = Simulator(toy_problem()).stats
+    assert stats.running_position_tokens == pytest.approx(RUNNING_POSITION)
+    assert stats.attention_input_tokens == 10
+    assert np.isclose(stats.mean_output_tokens, 2.6)
