@@ -5,9 +5,13 @@ is plain pipeline parallelism, t = N plain tensor parallelism), layers split eve
 
 Static batching (FasterTransformer). A batch of B queries is encoded, then decoded for the
 MAXIMUM output length: there is no early termination, so every sequence occupies its slot to
-the end and the batch's latency is the latency at the maximum length. One batch is in the
-pipeline at a time (no micro-batches): throughput = B / (encode + max_len x iteration),
-latency = that same batch time. KV is reserved for the maximum input and output lengths.
+the end and the batch's latency is the latency at the maximum length. One batch is served at
+a time; like FasterTransformer's pipeline parallelism (its `getLocalBatchSize`), the batch is
+split into one micro-batch per pipeline stage, min(P, B) micro-batches of ceil(B / m), which
+flow through the stages together in the encoding and in every decode iteration (an iteration
+takes `pipeline_period_s`, as in WAA's decode side). Throughput = B / (encode + max_len x
+iteration), latency = that same batch time. KV is reserved for the maximum input and output
+lengths of all B sequences.
 
 Continuous / iteration-level batching (Orca, vLLM). Up to B sequences run; finished ones leave
 at once and new ones are admitted, B / mean output per iteration at steady state. With P
@@ -42,8 +46,13 @@ from services.scheduler.simulator_waa import micro_batch_events, pipeline_period
 
 
 def layout_options(costs: LayerCosts, num_devices: int) -> list[int]:
-    """TP degrees a baseline can use on all devices: in the profile and dividing N."""
-    return [t for t in costs.model.tp_degrees if num_devices % t == 0]
+    """TP degrees a baseline can use on all devices: in the profile, dividing N, and leaving
+    no more stages than layers."""
+    shape = costs.model.shape
+    max_stages = max(shape.num_encode_layers, shape.num_decode_layers)
+    return [
+        t for t in costs.model.tp_degrees if num_devices % t == 0 and num_devices // t <= max_stages
+    ]
 
 
 def even_stages(costs: LayerCosts, tp_degree: int, num_devices: int) -> list[Stage]:
@@ -112,6 +121,12 @@ def static_kv_tokens(costs: LayerCosts, *, mean: bool) -> tuple[float, float]:
     return generated + prompt, 0.0
 
 
+def static_micro_batches(batch_size: int, num_stages: int) -> tuple[int, int]:
+    """(number of micro-batches, sequences in each) of a static batch on `num_stages`."""
+    num_micro = min(num_stages, batch_size)
+    return num_micro, math.ceil(batch_size / num_micro)
+
+
 def run_static(
     costs: LayerCosts,
     schedule: Schedule,
@@ -120,34 +135,40 @@ def run_static(
 ) -> BaselineOutcome:
     batch = schedule.encode_batch_size
     stages = even_stages(costs, schedule.tp_degree, num_devices)
-    enc_times, encode_s = _encode_s(costs, stages, batch)
+    num_micro, micro_batch = static_micro_batches(batch, len(stages))
+    enc_times = encode_times(costs, stages, micro_batch)
+    enc_hop_s = costs.activation_transfer_s(costs.encode_tokens(micro_batch))
+    # m micro-batches through P stages: the first one's traversal, then one per slowest stage.
+    encode_s = traverse(stages, enc_times, enc_hop_s, 0.0, "encode", "", None)
+    encode_s += (num_micro - 1) * max(c + sync for c, sync in enc_times)
+    broadcast_s = 0.0
+    if costs.model.shape.is_encoder_decoder and len(stages) > 1:
+        # Each micro-batch's encoder output goes to every stage's cross-attention.
+        broadcast_s = costs.activation_transfer_s(costs.encode_tokens(micro_batch))
+        encode_s += broadcast_s
     kv_tokens = round(static_kv_tokens(costs, mean=True)[0])
-    dec_times = decode_times(costs, stages, batch, kv_tokens)
-    hop_s = costs.activation_transfer_s(batch)
-    iteration_s = traverse(stages, dec_times, hop_s, 0.0, "decode", "", None)
+    dec_times = decode_times(costs, stages, micro_batch, kv_tokens)
+    hop_s = costs.activation_transfer_s(micro_batch)
+    iteration_s = pipeline_period_s(dec_times, hop_s, num_micro)
     num_steps = costs.stats.max_output_tokens
     batch_s = encode_s + num_steps * iteration_s
     if events is not None:
-        traverse(
-            stages,
-            enc_times,
-            costs.activation_transfer_s(costs.encode_tokens(batch)),
-            0.0,
-            "encode",
-            "encode",
-            events,
+        # Each micro-batch starts decoding when its own encoding (and broadcast) is done.
+        state = micro_batch_events(
+            stages, enc_times, enc_hop_s, num_micro, 1, 0.0, events, kind="encode"
         )
-        for step in range(num_steps):
-            traverse(
-                stages,
-                dec_times,
-                hop_s,
-                encode_s + step * iteration_s,
-                "decode",
-                f"decode {step + 1}",
-                events,
-            )
-    busy = [sum(e) + num_steps * sum(d) for e, d in zip(enc_times, dec_times, strict=True)]
+        if broadcast_s > 0:
+            for end_s in state.ready_s:
+                events.extend(
+                    TimelineEvent(d, end_s, end_s + broadcast_s, "transfer", "encoder output")
+                    for stage in stages[:-1]
+                    for d in stage.devices
+                )
+            state.ready_s = [end_s + broadcast_s for end_s in state.ready_s]
+        micro_batch_events(stages, dec_times, hop_s, num_micro, num_steps, 0.0, events, state=state)
+    busy = [
+        num_micro * (sum(e) + num_steps * sum(d)) for e, d in zip(enc_times, dec_times, strict=True)
+    ]
     self_kv, cross_kv = static_kv_tokens(costs, mean=False)
     memory = _memory(costs, stages, num_devices, batch, self_kv, cross_kv)
     mean_out = costs.stats.mean_output_tokens

@@ -40,8 +40,11 @@ def maximise(
     tolerance: Callable[[float], float],
 ) -> Prediction | None:
     """The admissible point of `sub` with the highest `score` (ties: lower latency), or the
-    given incumbent if nothing beats it; a box is explored only if its bound beats the
-    incumbent's score by more than `tolerance(score)`."""
+    given incumbent if nothing beats it. A box is dropped only when its bound plus
+    `tolerance(bound)` is still below the incumbent's score (the paper's rule): the corners
+    bound a box exactly only where the functions are monotonic, and measured profiles are
+    monotonic within a tolerance, not exactly, so the slack keeps a box whose interior may
+    beat its corners by up to that much."""
     bound_s = problem.latency_bound_s + problem.latency_tolerance_s
     capacity = problem.device_memory_bytes
 
@@ -49,10 +52,7 @@ def maximise(
         return score(prediction), -prediction.latency_s
 
     def beaten(value: float) -> bool:
-        if incumbent is None:
-            return False
-        best = score(incumbent)
-        return value <= best + tolerance(best)
+        return incumbent is not None and value + tolerance(value) <= score(incumbent)
 
     def bound(box: Box) -> float | None:
         """Best corner score, or None when the whole box is over the bound or memory."""

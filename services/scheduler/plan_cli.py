@@ -37,8 +37,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory-gb", type=float, help="memory per device in GiB")
     parser.add_argument("--kinds", default="rra,waa-c,waa-m", help="schedule kinds to search")
     parser.add_argument("--tp-degrees", help="TP degrees to consider (default: the profile's)")
-    parser.add_argument("--throughput-tolerance", type=float, default=0.01, help="eps_T")
-    parser.add_argument("--latency-tolerance-s", type=float, default=0.0, help="eps_L")
+    parser.add_argument(
+        "--throughput-tolerance",
+        type=float,
+        default=0.01,
+        help="eps_T: branch-and-bound keeps a box whose throughput bound is within this "
+        "fraction below the incumbent (slack for non-monotonic points; default 0.01)",
+    )
+    parser.add_argument(
+        "--latency-tolerance-s",
+        type=float,
+        default=0.0,
+        help="eps_L: keep a box whose lowest latency is within this many seconds over the bound",
+    )
     parser.add_argument("--exhaustive", action="store_true", help="evaluate every point")
     parser.add_argument("--json", help="write the result as JSON to this file")
     parser.add_argument("--plot-frontier", help="PNG: latency vs throughput of every point")
@@ -206,6 +217,7 @@ def result_to_dict(
         "workload": workload.name,
         "output_p99_tokens": workload.output_p99_tokens,
         "num_devices": problem.num_devices,
+        "kinds": [kind.value for kind in problem.kinds],
         "device_memory_bytes": problem.device_memory_bytes,
         "latency_bound_s": None if math.isinf(problem.latency_bound_s) else problem.latency_bound_s,
         "meets_bound": result.meets_bound,
@@ -216,6 +228,7 @@ def result_to_dict(
         "lowest_latency": (
             prediction_to_dict(result.lowest_latency) if result.lowest_latency else None
         ),
+        "infeasible_reason": result.infeasible_reason or None,
         "search": {
             "mode": "exhaustive" if exhaustive else "branch-and-bound",
             "num_evaluations": result.search.num_evaluations,
@@ -238,8 +251,10 @@ def _line(prediction: dict[str, Any]) -> str:
 def format_report(report: dict[str, Any]) -> str:
     bound = report["latency_bound_s"]
     bound_text = "none" if bound is None else f"{bound:.3f} s"
+    num_devices = report["num_devices"]
     lines = [
-        f"profile {report['profile']} ({report['model']}), {report['num_devices']} devices x "
+        f"profile {report['profile']} ({report['model']}), {num_devices} "
+        f"device{'s' if num_devices > 1 else ''} x "
         f"{report['device_memory_bytes'] / GIB:.1f} GiB",
         f"workload {report['workload']} (p99 output {report['output_p99_tokens']} tokens), "
         f"latency bound {bound_text}",
@@ -255,6 +270,8 @@ def format_report(report: dict[str, Any]) -> str:
         )
         if report["speedup_vs_static"] is not None:
             lines.append(f"  {report['speedup_vs_static']:.2f}x the static-batching baseline")
+    elif report["infeasible_reason"]:
+        lines.append(report["infeasible_reason"])
     else:
         lowest = report["lowest_latency"]
         lines.append(f"no configuration meets the latency bound of {bound_text}")
@@ -268,10 +285,17 @@ def format_report(report: dict[str, Any]) -> str:
         f"  {'kind':<11} {'schedule':<56} {'latency_s':>10} {'seq/s':>10} {'tokens/s':>11} "
         f"{'peak GiB':>8}"
     )
-    for kind in [*(k.value for k in ScheduleKind)]:
-        best = report["best_by_kind"].get(kind)
-        text = _line(best) if best else "(nothing meets the bound)"
-        lines.append(f"  {kind:<11} {text}")
+    for kind in ScheduleKind:
+        best = report["best_by_kind"].get(kind.value)
+        if best:
+            text = _line(best)
+        elif not kind.is_baseline and kind.value not in report["kinds"]:
+            text = "(not searched)"
+        elif kind in (ScheduleKind.WAA_C, ScheduleKind.WAA_M) and num_devices < 2:
+            text = "(needs at least 2 devices)"
+        else:
+            text = "(nothing meets the bound)"
+        lines.append(f"  {kind.value:<11} {text}")
     search = report["search"]
     lines += [
         "",

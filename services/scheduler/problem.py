@@ -118,8 +118,10 @@ class PlanProblem:
     num_devices: int
     device_memory_bytes: int
     kinds: tuple[ScheduleKind, ...] = SEARCHED_KINDS
-    throughput_tolerance: float = 0.01  # eps_T, relative
-    latency_tolerance_s: float = 0.0  # eps_L
+    # Branch-and-bound slack for nearly-monotonic functions (search.py): eps_T, relative to a
+    # box's throughput bound, and eps_L, seconds over the latency bound.
+    throughput_tolerance: float = 0.01
+    latency_tolerance_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.latency_bound_s > 0:
@@ -130,6 +132,13 @@ class PlanProblem:
             raise ValueError("device memory must be positive")
         if not self.kinds or any(kind.is_baseline for kind in self.kinds):
             raise ValueError("kinds must be a non-empty subset of rra, waa-c, waa-m")
+        if self.num_devices < 2 and ScheduleKind.RRA not in self.kinds:
+            raise ValueError(
+                "WAA needs at least 2 devices (some encode, the others decode); "
+                "on 1 device search rra"
+            )
+        if not (self.throughput_tolerance >= 0 and self.latency_tolerance_s >= 0):
+            raise ValueError("tolerances must be non-negative")
 
 
 @dataclass(frozen=True)
@@ -164,3 +173,5 @@ class PlanResult:
     lowest_latency: Prediction | None  # the fastest feasible point, reported when nothing meets
     search: SearchStats
     evaluated: list[Prediction] = field(default_factory=list)  # every point, for the frontier
+    # Set when no searched configuration fits in memory at all: what the smallest one needs.
+    infeasible_reason: str = ""

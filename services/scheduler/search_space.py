@@ -151,11 +151,24 @@ def sub_spaces(
             simulator.costs, kind, num_devices, problem.device_memory_bytes
         )
         splits = [(n, micro) for n in candidates]
+    shape = problem.cost_model.shape
     result = []
     for num_encode, second_axis in splits:
         room = num_devices - num_encode
+        if num_encode > shape.num_encode_layers:
+            continue  # an encode device would hold no layer
+        # Pipeline stages beyond the layers leave a device idle: not this allocation.
+        max_stages = shape.num_decode_layers
+        if kind == ScheduleKind.RRA and shape.is_encoder_decoder:
+            max_stages = max(shape.num_encode_layers, shape.num_decode_layers)
         for tp in [1] + [t for t in problem.cost_model.tp_degrees if 1 < t <= room]:
-            groups = tuple(range(room // tp + 1)) if tp > 1 else (0,)
+            groups = tuple(
+                g
+                for g in (range(room // tp + 1) if tp > 1 else (0,))
+                if g + room - g * tp <= max_stages
+            )
+            if not groups:
+                continue
             axes = (space.axis(space.max_encode_batch_size), second_axis, groups)
             sub = _trim_encode_axis(
                 SubSpace(kind, tp, num_encode, axes), evaluate, problem.device_memory_bytes

@@ -109,9 +109,11 @@ def clip_window(events: list[TimelineEvent], start_s: float, end_s: float) -> li
 def split_layers(num_layers: int, per_layer_s: list[float]) -> list[int]:
     """Whole layers per stage minimising the slowest stage (greedy is optimal here: each layer
     goes where it finishes earliest; ties go to the earlier stage, so equal costs split evenly
-    with the remainder at the front)."""
-    counts = [0] * len(per_layer_s)
-    for _ in range(num_layers):
+    with the remainder at the front). Every stage gets at least one layer when there are
+    enough: a device that holds none would sit idle, which is not the allocation the schedule
+    names (a slow TP group would otherwise be handed nothing)."""
+    counts = [1 if num_layers >= len(per_layer_s) else 0] * len(per_layer_s)
+    for _ in range(num_layers - sum(counts)):
         best = min(range(len(counts)), key=lambda i: ((counts[i] + 1) * per_layer_s[i], i))
         counts[best] += 1
     return counts
@@ -253,6 +255,15 @@ def kv_bytes_per_sequence_layer(
     return self_kv_tokens * model.kv_bytes_per_token(
         tp_degree
     ) + cross_kv_tokens * model.cross_kv_bytes_per_token(tp_degree)
+
+
+def idle_stage_reason(stages: list[Stage]) -> str:
+    """'' when every stage holds a layer, else which devices would hold none."""
+    for stage in stages:
+        if stage.num_encode_layers + stage.num_decode_layers == 0:
+            devices = ", ".join(str(d) for d in stage.devices)
+            return f"{len(stages)} pipeline stages for too few layers: device {devices} holds none"
+    return ""
 
 
 def memory_reason(memory_bytes_per_device: list[int], capacity_bytes: int) -> str:

@@ -27,6 +27,7 @@ from services.scheduler.sim_common import (
     Stage,
     TimelineEvent,
     WorkloadStats,
+    idle_stage_reason,
     memory_reason,
 )
 
@@ -62,6 +63,7 @@ class Simulator:
             outcome.latency_s,
             outcome.memory_bytes,
             self._stage_utilisation(outcome.stages, outcome.busy_s_per_stage, outcome.period_s),
+            idle_stage_reason(outcome.stages),
         )
 
     def timeline(self, schedule: Schedule) -> list[TimelineEvent]:
@@ -92,14 +94,15 @@ class Simulator:
             self._stage_utilisation(
                 outcome.layout.stages, outcome.busy_s_per_stage, outcome.cycle_s
             ),
+            idle_stage_reason(outcome.layout.stages),
         )
 
     def _waa(self, schedule: Schedule) -> Prediction:
         outcome = simulator_waa.run(self.costs, schedule, self.num_devices)
         memory = simulator_waa.memory_bytes(self.costs, outcome, schedule, self.num_devices)
         throughput = schedule.encode_batch_size / outcome.cycle_s
-        reason = ""
-        if schedule.num_micro_batches > outcome.decode_batch:
+        reason = idle_stage_reason(outcome.encode_stages + outcome.decode_stages)
+        if not reason and schedule.num_micro_batches > outcome.decode_batch:
             reason = (
                 f"{schedule.num_micro_batches} micro-batches but only "
                 f"{outcome.decode_batch:.1f} sequences in the decode batch"

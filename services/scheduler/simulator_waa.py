@@ -57,6 +57,18 @@ def pipeline_period_s(times: StageTimes, hop_s: float, num_micro_batches: int) -
     return max(loop_s, num_micro_batches * max(stage_s))
 
 
+@dataclass
+class PipelineState:
+    """When each stage is next free and when each micro-batch's next step may start."""
+
+    stage_free_s: list[float]
+    ready_s: list[float]
+
+    @classmethod
+    def empty(cls, num_stages: int, num_micro_batches: int) -> PipelineState:
+        return cls([0.0] * num_stages, [0.0] * num_micro_batches)
+
+
 def micro_batch_events(
     stages: list[Stage],
     times: StageTimes,
@@ -65,15 +77,19 @@ def micro_batch_events(
     num_iterations: int,
     gate_period_s: float,
     events: list[TimelineEvent],
-) -> None:
+    *,
+    state: PipelineState | None = None,
+    kind: str = "decode",
+) -> PipelineState:
     """Greedy in-order schedule of micro-batches through the stages for a few iterations;
-    iteration i may not start before i * gate_period_s (the arrival of new work)."""
-    stage_free_s = [0.0] * len(stages)
-    ready_s = [0.0] * num_micro_batches
+    iteration i may not start before i * gate_period_s (the arrival of new work). Starts from
+    `state` (an empty pipeline at time 0 by default) and returns the state after."""
+    state = state or PipelineState.empty(len(stages), num_micro_batches)
+    stage_free_s, ready_s = list(state.stage_free_s), list(state.ready_s)
     for iteration in range(num_iterations):
         for micro in range(num_micro_batches):
             now = max(ready_s[micro], iteration * gate_period_s)
-            label = f"decode {iteration + 1}.{micro + 1}"
+            label = f"{kind} {iteration + 1}.{micro + 1}"
             for index, (stage, (compute_s, sync_s)) in enumerate(zip(stages, times, strict=True)):
                 if index > 0:
                     events.extend(
@@ -82,7 +98,7 @@ def micro_batch_events(
                     now += hop_s
                 now = max(now, stage_free_s[index])
                 events.extend(
-                    TimelineEvent(d, now, now + compute_s, "decode", label) for d in stage.devices
+                    TimelineEvent(d, now, now + compute_s, kind, label) for d in stage.devices
                 )
                 if sync_s > 0:
                     events.extend(
@@ -94,6 +110,7 @@ def micro_batch_events(
                 now += compute_s + sync_s
                 stage_free_s[index] = now
             ready_s[micro] = now
+    return PipelineState(stage_free_s, ready_s)
 
 
 @dataclass(frozen=True)

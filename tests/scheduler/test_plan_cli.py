@@ -39,6 +39,10 @@ def test_plan_prints_and_writes_json_and_plots(
     report = json.loads(report_path.read_text())
     assert report["meets_bound"] is True
     assert report["schedule"]["kind"] in ("rra", "waa-c", "waa-m")
+    control = {"encode_batch_size", "decode_batch_size", "num_decode_iterations"}
+    control |= {"num_micro_batches", "tp_degree", "num_tp_devices", "num_encode_devices"}
+    assert control <= set(report["schedule"])
+    assert report["predicted"]["describe"] in out
     assert 0 < report["predicted"]["latency_s"] <= 2.0
     assert report["predicted"]["throughput_seq_s"] > 0
     assert report["search"]["num_evaluations"] > 0 and report["search"]["wall_s"] > 0
@@ -75,6 +79,8 @@ def test_unmeetable_bound_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[
         (["--profile", "/no/such/profile.json", "--model-config", "x.json"], "analytic"),
         (["--profile", "analytic:tpu"], "unknown analytic device"),
         (["--gpu-memory-gb", "0"], "must be positive"),
+        (["--gpus", "1", "--kinds", "waa-c,waa-m"], "WAA needs at least 2 devices"),
+        (["--throughput-tolerance", "-0.1"], "non-negative"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(
@@ -95,3 +101,23 @@ def test_bad_input_exits_2_with_one_line(
 def test_missing_required_option(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--profile", PROFILE, "--workload", "task:S", "--gpus", "2"]) == 2
     assert "--latency-bound is required" in capsys.readouterr().err
+
+
+def test_nothing_fits_in_memory_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report_path = tmp_path / "plan.json"
+    argv = [*BASE, "--latency-bound", "2.0", "--gpu-memory-gb", "0.001", "--json", str(report_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "no configuration fits in memory" in out and "0.001 GiB available" in out
+    report = json.loads(report_path.read_text())
+    assert report["meets_bound"] is False and report["lowest_latency"] is None
+    assert "fits in memory" in report["infeasible_reason"]
+
+
+def test_one_device_searches_rra_and_says_why_waa_is_absent(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["plan", "--profile", PROFILE, "--workload", "task:S", "--gpus", "1"]
+    assert main([*argv, "--latency-bound", "inf"]) == 0
+    out = capsys.readouterr().out
+    assert "chosen: rra" in out and "(needs at least 2 devices)" in out

@@ -14,6 +14,7 @@ from services.scheduler.analytic_cost import analytic_cost_model, random_cost_mo
 from services.scheduler.problem import PlanProblem, PlanResult, WorkloadDistribution
 from services.scheduler.search import SearchSpace, plan, static_latency_bounds
 from services.scheduler.simulator import is_meeting
+from tests.scheduler.toy_cost import BumpyCostModel, decoder_only_shape, toy_workload
 
 NUM_RANDOM_CASES = 50
 SMALL_SPACE = SearchSpace(max_encode_batch_size=32, max_running_batch_size=128)
@@ -115,6 +116,47 @@ def test_plan_reports_every_kind_and_both_baselines(
     assert result.search.num_baseline_evaluations > 0
     kinds_seen = {p.schedule.kind for p in result.evaluated}
     assert kinds_seen == set(ScheduleKind)
+
+
+def test_branch_and_bound_evaluates_far_fewer_points_on_the_full_space(
+    opt_result: tuple[PlanProblem, PlanResult],
+) -> None:
+    problem, fast = opt_result
+    full = plan(problem, exhaustive=True)
+    assert fast.chosen is not None and full.chosen is not None
+    assert fast.chosen.throughput_seq_s * (1 + problem.throughput_tolerance) >= (
+        full.chosen.throughput_seq_s
+    )
+    assert fast.search.num_evaluations * 5 < full.search.num_evaluations
+    assert fast.search.wall_s < full.search.wall_s
+
+
+def test_throughput_tolerance_is_slack_for_an_interior_peak() -> None:
+    """A measured profile is monotonic only within a tolerance: here B_E = 18 encodes 7%
+    faster than its neighbours, so throughput peaks inside the B_E axis, 3.7% above the best
+    corner. With eps_T = 5% the search keeps the boxes around it and finds it (the paper's
+    rule: prune only when bound x (1 + eps_T) <= incumbent); with no slack the corners hide it."""
+    model = BumpyCostModel(
+        decoder_only_shape(), tp_degrees=(1,), bump_tokens=18 * 10, bump_factor=0.93
+    )
+    problem = PlanProblem(model, toy_workload(), math.inf, 1, 10**9, kinds=(ScheduleKind.RRA,))
+    space = SearchSpace(max_encode_batch_size=32)
+    full = plan(problem, exhaustive=True, space=space)
+    assert full.chosen is not None and full.chosen.schedule.encode_batch_size == 18
+    slack = plan(replace(problem, throughput_tolerance=0.05), space=space)
+    assert slack.chosen == full.chosen
+    assert slack.search.num_evaluations < full.search.num_evaluations
+    strict = plan(replace(problem, throughput_tolerance=0.0), space=space)
+    assert strict.chosen is not None
+    assert strict.chosen.throughput_seq_s < full.chosen.throughput_seq_s / 1.03
+
+
+def test_nothing_fitting_in_memory_says_what_the_smallest_needs() -> None:
+    problem = replace(random_problem(5), device_memory_bytes=1000)
+    result = plan(problem, space=SMALL_SPACE)
+    assert result.chosen is None and result.lowest_latency is None
+    assert "no configuration fits in memory" in result.infeasible_reason
+    assert "GiB" in result.infeasible_reason
 
 
 def test_search_is_deterministic(opt_result: tuple[PlanProblem, PlanResult]) -> None:

@@ -163,11 +163,33 @@ def test_micro_batches_reproduce_the_papers_figure() -> None:
 def test_static_baseline_runs_to_the_maximum_length() -> None:
     schedule = Schedule(ScheduleKind.STATIC, 4, 4)
     prediction = simulate(toy_problem(), schedule)
-    batch_s = (0.04 + 0.002 + 0.04) + 3 * (0.014 + 0.002 + 0.014)
+    # Two stages, so two micro-batches of 2 (FasterTransformer's pipeline split). Encode: 20
+    # tokens a stage = 0.02 s; the first micro-batch takes 0.02 + 0.002 + 0.02, the second
+    # follows one stage later. Decode at 2 sequences: 0.012 s a stage; an iteration of both
+    # micro-batches is max(0.012 + 0.002 + 0.012, 2 x 0.012). Three steps (maximum length).
+    batch_s = (0.042 + 0.02) + 3 * 0.026
     assert prediction.latency_s == pytest.approx(batch_s)
     assert prediction.throughput_seq_s == pytest.approx(4 / batch_s)
+    assert prediction.throughput_tokens_s == pytest.approx(4 * 2.6 / batch_s)
     # KV reserved for the maximum input + output (13 tokens) of all 4 sequences.
     assert prediction.memory_bytes_per_device == (1000 + 500 + 4 * 13 * 10,) * 2
+    events = timeline(toy_problem(), schedule)
+    assert max(e.end_s for e in events) == pytest.approx(batch_s)
+    encodes = sorted((e.device, e.start_s) for e in events if e.kind == "encode")
+    assert [device for device, _ in encodes] == [0, 0, 1, 1]
+    assert [start for _, start in encodes] == pytest.approx([0.0, 0.02, 0.022, 0.042])
+    assert sum(e.kind == "decode" for e in events) == 3 * 2 * 2  # steps x micro x stages
+
+
+def test_static_baseline_with_full_tensor_parallelism_has_one_stage() -> None:
+    schedule = Schedule(ScheduleKind.STATIC, 4, 4, tp_degree=2, num_tp_devices=2)
+    prediction = simulate(toy_problem(), schedule)
+    # One TP stage holding both layers: compute halved, 2 all-reduces of 0.0005 s per layer.
+    encode_s = 2 * (40 * 0.001 / 2 + 2 * 0.0005)
+    iteration_s = 2 * ((0.01 + 0.004) / 2 + 2 * 0.0005)
+    assert prediction.latency_s == pytest.approx(encode_s + 3 * iteration_s)
+    kv_bytes = 4 * 13 * 2 * 5  # 4 sequences x 13 tokens x 2 layers x 5 bytes (half the heads)
+    assert prediction.memory_bytes_per_device == (2 * 500 + 500 + kv_bytes,) * 2
 
 
 def test_continuous_baseline_keeps_a_batch_per_stage_in_flight() -> None:
