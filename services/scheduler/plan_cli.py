@@ -326,5 +326,6 @@ def _plots(args: argparse.Namespace, problem: PlanProblem, result: PlanResult, n
             events,
             problem.num_devices,
             args.plot_timeline,
-            f"{shown.schedule.describe()}  ({problem.workload.name})",
+            f"{shown.schedule.describe()}  ({problem.workload.name}): "
+            f"{shown.throughput_seq_s:.2f} seq/s, p99 latency {shown.latency_s:.3f} s",
         )
