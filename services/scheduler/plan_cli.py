@@ -32,6 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model-config", help="HF config.json for an analytic:DEVICE profile")
     parser.add_argument("--workload", help="task:S|T|G|C1|C2 or trace:PATH")
+    parser.add_argument(
+        "--length-scale",
+        type=float,
+        help="multiply a trace's token counts by this (inputs are then clamped to the model's "
+        "context); only with trace:PATH",
+    )
     parser.add_argument("--latency-bound", help="seconds for a p99-length output, or inf")
     parser.add_argument("--gpus", type=int, help="number of devices")
     parser.add_argument("--gpu-memory-gb", type=float, help="memory per device in GiB")
@@ -91,6 +97,11 @@ def build_problem(args: argparse.Namespace) -> tuple[PlanProblem, str]:
         from services.scheduler.calibration import ScaledCostModel
 
         degrees = tuple(sorted({1, *_ints(args.tp_degrees, "--tp-degrees")}))
+        if degrees[-1] > args.gpus:
+            raise ValueError(
+                f"contradictory options: TP degree {degrees[-1]} needs {degrees[-1]} devices "
+                f"but --gpus is {args.gpus}"
+            )
         cost_model = ScaledCostModel(cost_model, tp_degrees=degrees)
     if args.gpu_memory_gb is not None:
         if not args.gpu_memory_gb > 0:
@@ -103,7 +114,9 @@ def build_problem(args: argparse.Namespace) -> tuple[PlanProblem, str]:
     if not (args.throughput_tolerance >= 0 and args.latency_tolerance_s >= 0):
         raise ValueError("tolerances must be non-negative")
     workload = WorkloadDistribution.parse(
-        args.workload, max_context_tokens=cost_model.shape.max_context_tokens
+        args.workload,
+        max_context_tokens=cost_model.shape.max_context_tokens,
+        length_scale=args.length_scale,
     )
     problem = PlanProblem(
         cost_model=cost_model,

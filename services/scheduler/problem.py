@@ -58,20 +58,34 @@ class WorkloadDistribution:
         cls, path: str, *, length_scale: float = 1.0, max_context_tokens: int | None = None
     ) -> WorkloadDistribution:
         requests = load_trace(path, length_scale=length_scale, max_input_tokens=max_context_tokens)
+        scaled = "" if length_scale == 1.0 else f" (lengths x{length_scale:g})"
         return cls.from_lengths(
-            f"trace:{path}",
+            f"trace:{path}{scaled}",
             [r.input_tokens for r in requests],
             [r.output_tokens for r in requests],
         )
 
     @classmethod
-    def parse(cls, spec: str, *, max_context_tokens: int | None = None) -> WorkloadDistribution:
-        """`task:S` (any of the five tasks) or `trace:PATH`."""
+    def parse(
+        cls,
+        spec: str,
+        *,
+        max_context_tokens: int | None = None,
+        length_scale: float | None = None,
+    ) -> WorkloadDistribution:
+        """`task:S` (any of the five tasks) or `trace:PATH`; `length_scale` multiplies a
+        trace's token counts (a task's lengths are fixed by the paper)."""
         kind, _, value = spec.partition(":")
         if kind == "task" and value:
+            if length_scale is not None:
+                raise ValueError("a length scale applies to trace workloads, not to a task")
             return cls.from_task(value)
         if kind == "trace" and value:
-            return cls.from_trace(value, max_context_tokens=max_context_tokens)
+            return cls.from_trace(
+                value,
+                length_scale=1.0 if length_scale is None else length_scale,
+                max_context_tokens=max_context_tokens,
+            )
         raise ValueError(f"unknown workload {spec!r}; use task:S|T|G|C1|C2 or trace:PATH")
 
     @property

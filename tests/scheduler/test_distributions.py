@@ -47,6 +47,13 @@ def test_trace_lengths(tmp_path: Path) -> None:
     assert workload.max_output_tokens == 50
     clamped = WorkloadDistribution.parse(f"trace:{trace}", max_context_tokens=250)
     assert clamped.max_input_tokens == 250
+    scaled = WorkloadDistribution.parse(f"trace:{trace}", length_scale=0.1)
+    assert scaled.mean_input_tokens == pytest.approx(30.0)
+    assert scaled.max_output_tokens == 5 and "x0.1" in scaled.name
+    with pytest.raises(ValueError, match="positive"):
+        WorkloadDistribution.parse(f"trace:{trace}", length_scale=-1.0)
+    with pytest.raises(ValueError, match="trace workloads"):
+        WorkloadDistribution.parse("task:S", length_scale=0.5)
 
 
 @pytest.mark.parametrize("spec", ["task:X", "tsk:S", "task:", "S", "trace:/no/such/file.csv"])

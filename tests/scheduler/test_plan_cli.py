@@ -71,7 +71,9 @@ def test_unmeetable_bound_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[
         (["--latency-bound", "-3"], "must be positive"),
         (["--latency-bound", "soon"], "number of seconds"),
         (["--gpus", "0"], "at least 1"),
-        (["--tp-degrees", "8"], "no timings for TP degree 8"),
+        (["--tp-degrees", "8", "--gpus", "8"], "no timings for TP degree 8"),
+        (["--tp-degrees", "4"], "contradictory options: TP degree 4 needs 4 devices"),
+        (["--tp-degrees", "2,x"], "comma-separated integers"),
         (["--kinds", "static"], "baseline"),
         (["--kinds", "rra,fast"], "unknown schedule kind"),
         (["--profile", "analytic:cpu:opt-13b", "--model-config", "x.json"], "either"),
@@ -81,6 +83,8 @@ def test_unmeetable_bound_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[
         (["--gpu-memory-gb", "0"], "must be positive"),
         (["--gpus", "1", "--kinds", "waa-c,waa-m"], "WAA needs at least 2 devices"),
         (["--throughput-tolerance", "-0.1"], "non-negative"),
+        (["--length-scale", "0.5"], "applies to trace workloads"),
+        (["--workload", "trace:/no/such/trace.csv"], "trace file not found"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(

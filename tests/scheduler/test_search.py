@@ -173,3 +173,23 @@ def test_grid_axis() -> None:
     assert space.axis(1) == (1,)
     with pytest.raises(ValueError):
         SearchSpace(growth=1.0)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"latency_bound_s": 0.0}, "latency bound must be positive"),
+        ({"latency_bound_s": -1.0}, "latency bound must be positive"),
+        ({"latency_bound_s": math.nan}, "latency bound must be positive"),
+        ({"num_devices": 0}, "at least 1"),
+        ({"device_memory_bytes": 0}, "memory must be positive"),
+        ({"kinds": ()}, "non-empty subset"),
+        ({"kinds": (ScheduleKind.STATIC,)}, "non-empty subset"),
+        ({"num_devices": 1, "kinds": (ScheduleKind.WAA_C,)}, "at least 2 devices"),
+        ({"throughput_tolerance": -0.01}, "non-negative"),
+    ],
+)
+def test_problem_rejects_bad_input(changes: dict[str, object], message: str) -> None:
+    problem = random_problem(1)
+    with pytest.raises(ValueError, match=message):
+        replace(problem, **changes)
