@@ -151,6 +151,8 @@ class SchedulerCore:
     async def _plan_and_publish(self, query: PlanQuery, reason: ReplanReason | None) -> PlanOutcome:
         problem = await asyncio.to_thread(build_problem, query, self.config, self._cost_models)
         result = await self._run_planner(problem, exhaustive=query.exhaustive)
+        if result.infeasible_reason:
+            raise invalid(result.infeasible_reason)  # the model does not fit these devices
         version = 0
         if reason is not None:
             planned = PlannedWorkload(problem.workload)

@@ -120,6 +120,8 @@ def test_plan_returns_a_schedule_for_task_s(
         ({"num_devices": 0}, "num_devices must be at least 1"),
         ({"num_devices": -3}, "num_devices must be at least 1"),
         ({"device_memory_bytes": 0}, "device_memory_bytes must be positive"),
+        ({"device_memory_bytes": 1000}, "no configuration fits in memory"),
+        ({"num_devices": 1, "kinds": ["waa-c"]}, "WAA needs at least 2 devices"),
         ({"num_devices": 16, "tp_degrees": [16]}, "no timings for TP degree 16"),
         ({"tp_degrees": [8]}, "contradictory options: TP degree 8"),
         ({"latency_bound_s": 3.0, "no_latency_bound": True}, "contradictory options"),
