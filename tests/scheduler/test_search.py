@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -193,3 +195,11 @@ def test_problem_rejects_bad_input(changes: dict[str, object], message: str) -> 
     problem = random_problem(1)
     with pytest.raises(ValueError, match=message):
         replace(problem, **changes)
+
+
+def test_simulator_and_search_do_not_import_grpc() -> None:
+    code = (
+        "import sys; import services.scheduler.search, services.scheduler.plan_cli; "
+        "sys.exit(any(name.split('.')[0] == 'grpc' for name in sys.modules))"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
