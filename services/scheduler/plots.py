@@ -67,11 +67,12 @@ def plot_frontier(result: PlanResult, latency_bound_s: float, path: str | Path, 
         axes.axvspan(latency_bound_s, latency_bound_s * 1e6, color="0.5", alpha=0.08, lw=0)
         axes.annotate(
             f"L_B = {latency_bound_s:.3g} s",
-            (latency_bound_s, 0.02),
+            (latency_bound_s, 0.98),  # top left of the line: low latency, low throughput
             xycoords=("data", "axes fraction"),
             xytext=(-4, 0),
             textcoords="offset points",
             ha="right",
+            va="top",
             fontsize=8,
         )
     axes.set_xscale("log")
