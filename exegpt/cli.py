@@ -25,6 +25,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Append each option's default to its help, unless it has none worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS)
+        if action.option_strings and shown and "default" not in text.lower():
+            text = f"{text} (default: %(default)s)".strip()
+        return text
+
+
 def _top_level_help() -> str:
     lines = ["usage: exegpt COMMAND [options]", "", "commands:"]
     lines += [f"  {name:<10} {summary}" for name, (_, summary) in COMMANDS.items()]
@@ -43,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, summary = COMMANDS[name]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"exegpt {name}", description=summary)
+    parser = argparse.ArgumentParser(
+        prog=f"exegpt {name}",
+        description=summary,
+        formatter_class=_DefaultsHelpFormatter,
+    )
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     logging.basicConfig(

@@ -24,10 +24,12 @@ PROMPTS = ("Translate to German: The house is small.", "def fibonacci(n):", "Hel
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DeploymentConfig.model)
-    parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--max-tokens", type=int, default=24)
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument(
+        "--model", default=DeploymentConfig.model, help="model name or HF directory"
+    )
+    parser.add_argument("--replicas", type=int, default=2, help="worker processes")
+    parser.add_argument("--max-tokens", type=int, default=24, help="tokens per demo answer")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
 
 
 def _out(line: str = "") -> None:

@@ -163,16 +163,31 @@ class Deployment:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DeploymentConfig()
     parser.add_argument("--model", default=defaults.model, help="model name or HF directory")
-    parser.add_argument("--replicas", type=int, default=defaults.num_replicas)
-    parser.add_argument("--host", default=defaults.host)
-    parser.add_argument("--http-port", type=int, default=defaults.http_port)
-    parser.add_argument("--grpc-port", type=int, default=defaults.grpc_port)
-    parser.add_argument("--batching", choices=["continuous", "static"], default=defaults.batching)
-    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
-    parser.add_argument("--kv-cache-mb", type=float, default=defaults.kv_cache_mb)
+    parser.add_argument(
+        "--replicas", type=int, default=defaults.num_replicas, help="worker processes"
+    )
+    parser.add_argument("--host", default=defaults.host, help="interface every service binds")
+    parser.add_argument(
+        "--http-port", type=int, default=defaults.http_port, help="OpenAI-compatible gateway"
+    )
+    parser.add_argument(
+        "--grpc-port", type=int, default=defaults.grpc_port, help="router gRPC (SDK)"
+    )
+    parser.add_argument(
+        "--batching",
+        choices=["continuous", "static"],
+        default=defaults.batching,
+        help="iteration-level (continuous) or whole-batch (static) batching",
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, default=defaults.max_batch_size, help="per worker"
+    )
+    parser.add_argument(
+        "--kv-cache-mb", type=float, default=defaults.kv_cache_mb, help="KV pool per worker, MiB"
+    )
     parser.add_argument("--torch-threads", type=int, default=None, help="per worker")
     parser.add_argument("--log-dir", type=Path, default=None, help="write child logs here")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
 
 def config_from_args(args: argparse.Namespace) -> DeploymentConfig:

@@ -83,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout-s", type=float, default=600.0, help="per-request timeout")
     parser.add_argument("--model", help="model id to use (default: the gateway's first)")
     parser.add_argument("--json", type=Path, help="write metrics and settings to this file")
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
 
 
 @dataclass(frozen=True)

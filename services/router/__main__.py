@@ -22,19 +22,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--replicas", required=True, help="comma-separated worker addresses (host:port)"
     )
-    parser.add_argument("--host", default=defaults.host)
-    parser.add_argument("--grpc-port", type=int, default=defaults.grpc_port)
-    parser.add_argument("--http-port", type=int, default=defaults.http_port)
+    parser.add_argument("--host", default=defaults.host, help="interface to bind")
     parser.add_argument(
-        "--policy", choices=[p.value for p in RouterPolicy], default=defaults.policy.value
+        "--grpc-port", type=int, default=defaults.grpc_port, help="gRPC Router (SDK)"
     )
     parser.add_argument(
-        "--health-check-interval-s", type=float, default=defaults.health_check_interval_s
+        "--http-port", type=int, default=defaults.http_port, help="OpenAI-compatible gateway"
     )
-    parser.add_argument("--request-timeout-s", type=float, default=defaults.request_timeout_s)
-    parser.add_argument("--max-body-kb", type=float, default=defaults.max_body_bytes / 1024)
+    parser.add_argument(
+        "--policy",
+        choices=[p.value for p in RouterPolicy],
+        default=defaults.policy.value,
+        help="how a replica is chosen",
+    )
+    parser.add_argument(
+        "--health-check-interval-s",
+        type=float,
+        default=defaults.health_check_interval_s,
+        help="seconds between replica health checks",
+    )
+    parser.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=defaults.request_timeout_s,
+        help="a request still running after this gets DEADLINE_EXCEEDED / 504",
+    )
+    parser.add_argument(
+        "--max-body-kb",
+        type=float,
+        default=defaults.max_body_bytes / 1024,
+        help="HTTP bodies over this get 413",
+    )
     parser.add_argument("--ready-file", default=None, help="write the gRPC host:port when ready")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:

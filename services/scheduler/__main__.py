@@ -22,7 +22,7 @@ logger = logging.getLogger("exegpt.scheduler")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = SchedulerConfig()
     drift = DriftThresholds()
-    parser.add_argument("--host", default=defaults.host)
+    parser.add_argument("--host", default=defaults.host, help="interface to bind")
     parser.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port")
     parser.add_argument(
         "--profile",
@@ -33,26 +33,77 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--latency-bound", type=float, default=0.0, help="seconds; 0 means no bound"
     )
-    parser.add_argument("--devices", type=int, default=defaults.num_devices)
     parser.add_argument(
-        "--device-memory-gb", type=float, default=defaults.device_memory_bytes / 2**30
+        "--devices", type=int, default=defaults.num_devices, help="devices the schedule spans"
+    )
+    parser.add_argument(
+        "--device-memory-gb",
+        type=float,
+        default=defaults.device_memory_bytes / 2**30,
+        help="memory per device in GiB",
     )
     parser.add_argument(
         "--kinds",
         default=",".join(kind.value for kind in defaults.kinds),
         help="comma-separated schedule kinds to search",
     )
-    parser.add_argument("--min-observations", type=int, default=drift.min_observations)
-    parser.add_argument("--ks-threshold", type=float, default=drift.ks_threshold)
-    parser.add_argument("--mean-shift-threshold", type=float, default=drift.mean_shift_threshold)
-    parser.add_argument("--stage-time-threshold", type=float, default=drift.stage_time_threshold)
-    parser.add_argument("--min-stage-observations", type=int, default=drift.min_stage_observations)
-    parser.add_argument("--length-window", type=int, default=defaults.length_window_size)
-    parser.add_argument("--stage-window", type=int, default=defaults.stage_window_size)
-    parser.add_argument("--replan-min-interval", type=float, default=defaults.replan_min_interval_s)
-    parser.add_argument("--max-subscribers", type=int, default=defaults.max_subscribers)
+    drift_flags = parser.add_argument_group("drift detection and re-planning")
+    drift_flags.add_argument(
+        "--min-observations",
+        type=int,
+        default=drift.min_observations,
+        help="lengths needed before a length distribution is judged",
+    )
+    drift_flags.add_argument(
+        "--ks-threshold",
+        type=float,
+        default=drift.ks_threshold,
+        help="Kolmogorov-Smirnov distance (observed vs planned lengths) that counts as drift",
+    )
+    drift_flags.add_argument(
+        "--mean-shift-threshold",
+        type=float,
+        default=drift.mean_shift_threshold,
+        help="relative shift of the mean length that counts as drift",
+    )
+    drift_flags.add_argument(
+        "--stage-time-threshold",
+        type=float,
+        default=drift.stage_time_threshold,
+        help="|median measured/predicted stage time - 1| that counts as drift",
+    )
+    drift_flags.add_argument(
+        "--min-stage-observations",
+        type=int,
+        default=drift.min_stage_observations,
+        help="stage times needed before they are judged",
+    )
+    drift_flags.add_argument(
+        "--length-window",
+        type=int,
+        default=defaults.length_window_size,
+        help="most recent lengths kept per dimension",
+    )
+    drift_flags.add_argument(
+        "--stage-window",
+        type=int,
+        default=defaults.stage_window_size,
+        help="most recent stage times kept per stage kind",
+    )
+    drift_flags.add_argument(
+        "--replan-min-interval",
+        type=float,
+        default=defaults.replan_min_interval_s,
+        help="seconds: at most one drift re-plan per interval",
+    )
+    parser.add_argument(
+        "--max-subscribers",
+        type=int,
+        default=defaults.max_subscribers,
+        help="WatchSchedule streams served at once",
+    )
     parser.add_argument("--ready-file", default=None, help="write host:port here once serving")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
 
 def config_from_args(args: argparse.Namespace) -> SchedulerConfig:

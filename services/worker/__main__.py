@@ -20,25 +20,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = WorkerConfig()
     engine = EngineConfig()
     parser.add_argument("--model", default=defaults.model, help="model name or HF directory")
-    parser.add_argument("--host", default=defaults.host)
+    parser.add_argument("--host", default=defaults.host, help="interface to bind")
     parser.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port")
     parser.add_argument("--device", default=defaults.device, help="cpu or cuda[:N]")
-    parser.add_argument("--torch-threads", type=int, default=None)
+    parser.add_argument("--torch-threads", type=int, default=None, help="intra-op threads")
     parser.add_argument(
-        "--batching", choices=[m.value for m in BatchingMode], default=engine.batching.value
+        "--batching",
+        choices=[m.value for m in BatchingMode],
+        default=engine.batching.value,
+        help="iteration-level (continuous) or whole-batch (static) batching",
     )
-    parser.add_argument("--max-batch-size", type=int, default=engine.max_batch_size)
-    parser.add_argument("--max-queue-size", type=int, default=engine.max_queue_size)
+    parser.add_argument(
+        "--max-batch-size", type=int, default=engine.max_batch_size, help="running sequences"
+    )
+    parser.add_argument(
+        "--max-queue-size",
+        type=int,
+        default=engine.max_queue_size,
+        help="waiting requests; more get RESOURCE_EXHAUSTED",
+    )
     parser.add_argument(
         "--kv-cache-mb",
         type=float,
         default=engine.kv_capacity_bytes / 2**20,
         help="KV cache capacity in MiB",
     )
-    parser.add_argument("--kv-block-size", type=int, default=engine.kv_block_size_tokens)
-    parser.add_argument("--max-message-mb", type=float, default=defaults.max_message_bytes / 2**20)
+    parser.add_argument(
+        "--kv-block-size", type=int, default=engine.kv_block_size_tokens, help="tokens per block"
+    )
+    parser.add_argument(
+        "--max-message-mb",
+        type=float,
+        default=defaults.max_message_bytes / 2**20,
+        help="gRPC message size limit",
+    )
     parser.add_argument("--ready-file", default=None, help="write host:port here once serving")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:

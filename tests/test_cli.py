@@ -1,0 +1,39 @@
+"""The `exegpt` entry point: every subcommand answers --help, unknown ones fail clearly."""
+
+from __future__ import annotations
+
+import pytest
+
+from exegpt import cli
+
+
+@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
+def test_every_command_has_help(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([name, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: exegpt {name}")
+    assert cli.COMMANDS[name][1] in out
+
+
+def test_option_defaults_are_shown(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["up", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 127.0.0.1)" in out
+    assert "(default: continuous)" in out
+    # Options without a meaningful default do not print "(default: None)".
+    assert "default: None" not in out
+
+
+def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([]) == 0
+    out = capsys.readouterr().out
+    for name in cli.COMMANDS:
+        assert f"  {name} " in out
+
+
+def test_unknown_command_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["serve-everything"]) == 2
+    assert "unknown command 'serve-everything'" in capsys.readouterr().err
