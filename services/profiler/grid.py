@@ -3,8 +3,9 @@
 Sizes are log-spaced: costs change by orders of magnitude across them and the profile
 interpolates between points in log-log space. Encode attention grows with B x S^2 and
 decode attention with B x L, so points past `max_score_elements` / `max_kv_tokens` are
-skipped (their memory would dwarf the model); the profile extrapolates there from the
-batch sizes that were measured.
+skipped (their memory would dwarf the model), as are encode points of more than
+`max_encode_tokens` tokens (each runs whole layers); the profile extrapolates there from
+the batch sizes that were measured.
 """
 
 from __future__ import annotations
@@ -38,22 +39,30 @@ class ProfileGrid:
     message_bytes: tuple[int, ...]  # all-reduce and pipeline hand-off sizes
     num_warmup: int = 2
     num_repeats: int = 5
+    # One measurement stops repeating after this long (keeping at least 3 samples).
+    max_measure_s: float = 1.0
     # Encode attention points with B x H x S^2 above this are skipped.
     max_score_elements: int = 2**24
     # Decode attention points with B x L above this are skipped.
     max_kv_tokens: int = 2**15
+    # Encode attention points with B x S above this are skipped.
+    max_encode_tokens: int = 2**14
 
     def __post_init__(self) -> None:
         for name in ("batch_sizes", "seq_lens_tokens", "kv_lens_tokens", "num_tokens"):
             _check_sizes(name, getattr(self, name), minimum=1)
         _check_sizes("message_bytes", self.message_bytes, minimum=4)
+        if not self.max_measure_s > 0:
+            raise ValueError(f"max_measure_s must be positive, got {self.max_measure_s}")
         if self.num_warmup < 0 or self.num_repeats < 1:
             raise ValueError(
                 f"the grid needs num_warmup >= 0 and num_repeats >= 1, got {self.num_warmup} "
                 f"and {self.num_repeats}"
             )
-        if self.max_score_elements < 1 or self.max_kv_tokens < 1:
-            raise ValueError("max_score_elements and max_kv_tokens must be positive")
+        if min(self.max_score_elements, self.max_kv_tokens, self.max_encode_tokens) < 1:
+            raise ValueError(
+                "max_score_elements, max_kv_tokens and max_encode_tokens must be positive"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {key: list(v) if isinstance(v, tuple) else v for key, v in asdict(self).items()}
@@ -81,7 +90,11 @@ class ProfileGrid:
             (batch, seq)
             for batch in self.batch_sizes
             for seq in self.seq_lens_tokens
-            if batch * num_heads * seq * seq <= self.max_score_elements or seq == shortest
+            if seq == shortest
+            or (
+                batch * num_heads * seq * seq <= self.max_score_elements
+                and batch * seq <= self.max_encode_tokens
+            )
         ]
 
     def decode_points(self) -> list[tuple[int, int]]:

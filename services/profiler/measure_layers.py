@@ -2,13 +2,16 @@
 
 For every grid point a probe step (services/profiler/probe.py) runs everything outside the
 layers through the engine's own ModelRunner; that time is the per-forward overhead, and the
-inputs it recorded for the layers are replayed through rank 0's shard of the real layers:
+inputs it recorded for the layers are replayed through rank 0's shard of the real layers
+(services/profiler/layer_work.py):
 
-- attention: the kernel alone, as the engine calls it (T5 encoder: `attention_kernel`; decoder
-  and Llama: `paged_attention`, which writes the new K/V and gathers the cached K/V);
-- rest: everything else in the layer (norms, projections, feed-forward), timed over a loop
-  through every layer of the stack so weights stream through the caches as in a forward;
-- T5's cross K/V write: each decoder layer projects the encoder output once per prefill.
+- attention at (batch, length): the whole layer minus the rest of it at that point, both
+  timed back to back over every layer of the stack (T5 decode: split between self and cross
+  attention in proportion to their kernels timed alone);
+- rest over tokens: everything else in the layer (norms, projections, feed-forward), timed
+  over a loop through every layer of the stack so weights stream through the caches as in a
+  forward;
+- T5's cross K/V write over encoder tokens.
 
 Each TP degree runs with `threads // tp` torch threads: the threads one rank would have.
 """
@@ -17,21 +20,38 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from exegpt.models.attention import AttentionMetadata, LayerKV, attention_kernel, paged_attention
-from exegpt.models.kv_cache import KVCachePool, KVCacheSpec, blocks_for
+from exegpt.models.kv_cache import KVCacheSpec, blocks_for
 from exegpt.models.loader import LoadedModel
-from exegpt.models.tensor_parallel import Layer, shard_attention_bias, shard_layer
+from exegpt.models.tensor_parallel import Layer, shard_layer
 from services.profiler.grid import ProfileGrid
+from services.profiler.layer_work import (
+    MAX_KV_STORE_BYTES,
+    ShardSet,
+    cross_kv_work,
+    decode_kernel_works,
+    encode_kernel_work,
+    in_layer_attention,
+    kv_store,
+    rest_work,
+    stack_work,
+)
 from services.profiler.probe import LayerCall, Probe, blocks_for_grid
-from services.profiler.timing import Series, Timer
+from services.profiler.timing import Series, Timer, TimingStats
 
 StepCallback = Callable[[str], None]  # called after each measured point with the stage name
-Work = Callable[[], object]
+COMPUTE_SERIES = (
+    "encode_attention",
+    "encode_rest",
+    "cross_kv_write",
+    "decode_self_attention",
+    "decode_cross_attention",
+    "decode_rest",
+)
 
 
 @contextlib.contextmanager
@@ -45,32 +65,12 @@ def torch_threads(num_threads: int) -> Iterator[None]:
 
 
 @dataclass
-class ShardSet:
-    """Rank 0's shard of every layer at one TP degree, and a one-layer KV store for it."""
-
-    tp_degree: int
-    num_threads: int
-    encode_layers: list[Layer]  # T5 encoder layers; Llama decoder layers (run as prefill)
-    decode_layers: list[Layer]
-    kv: LayerKV
-
-
-@dataclass
 class LayerMeasurements:
     compute: dict[int, dict[str, Series]] = field(default_factory=dict)  # tp -> name -> series
     prefill_forward: Series = field(default_factory=Series)  # probe prefill over (B, S)
     decode_forward: Series = field(default_factory=Series)  # probe decode over (B, L)
     embedding: Series = field(default_factory=Series)
     lm_head: Series = field(default_factory=Series)
-
-
-def _scale(layer: Layer) -> float:
-    # Llama scales by head_dim**-0.5; T5 folds the scale into its q weights (scale 1).
-    return float(getattr(layer.self_attn, "scale", 1.0))
-
-
-def _shard_meta(meta: AttentionMetadata, tp_degree: int) -> AttentionMetadata:
-    return replace(meta, attn_bias=shard_attention_bias(meta.attn_bias, 0, tp_degree))
 
 
 class LayerProfiler:
@@ -85,8 +85,11 @@ class LayerProfiler:
         self.loaded = loaded
         self.config = loaded.config
         self.grid = grid
-        self.timer = Timer(loaded.device, grid.num_warmup, grid.num_repeats)
+        self.timer = Timer(
+            loaded.device, grid.num_warmup, grid.num_repeats, max_time_s=grid.max_measure_s
+        )
         self.num_threads = num_threads
+        self.tp_degrees = tp_degrees
         self.encode_points = grid.encode_points(self.config.num_heads)
         self.decode_points = grid.decode_points()
         num_blocks = max(
@@ -105,21 +108,25 @@ class LayerProfiler:
         model, config = self.loaded.model, self.config
         decoders: list[Layer] = list(model.decoder_layers)
         encoders: list[Layer] = list(model.encoder_layers) if config.is_encoder_decoder else []
-        if tp_degree == 1:
-            kv = self.probe.pool.layers[0]
-        else:
+        if tp_degree > 1:
             decoders = [shard_layer(layer, config, 0, tp_degree) for layer in decoders]
             encoders = [shard_layer(layer, config, 0, tp_degree) for layer in encoders]
-            spec = KVCacheSpec(
-                1, config.num_kv_heads // tp_degree, config.head_dim, self.loaded.dtype
-            )
-            kv = KVCachePool(spec, num_blocks, block_size_tokens, self.loaded.device).layers[0]
+        spec = KVCacheSpec(
+            config.num_kv_layers,
+            config.num_kv_heads // tp_degree,
+            config.head_dim,
+            self.loaded.dtype,
+        )
+        # Each degree's share of the budget is in proportion to its store (1/tp of TP 1's).
+        share = (1 / tp_degree) / sum(1 / degree for degree in self.tp_degrees)
+        budget_bytes = int(MAX_KV_STORE_BYTES * share)
         return ShardSet(
-            tp_degree,
-            max(1, self.num_threads // tp_degree),
-            encoders if config.is_encoder_decoder else decoders,
-            decoders,
-            kv,
+            tp_degree=tp_degree,
+            num_threads=max(1, self.num_threads // tp_degree),
+            encode_layers=encoders if config.is_encoder_decoder else decoders,
+            decode_layers=decoders,
+            kv=kv_store(spec, num_blocks, block_size_tokens, self.loaded.device, budget_bytes),
+            is_encoder_decoder=config.is_encoder_decoder,
         )
 
     def num_steps(self) -> int:
@@ -135,17 +142,7 @@ class LayerProfiler:
     def run(self, on_step: StepCallback) -> LayerMeasurements:
         result = LayerMeasurements()
         for tp in self.shards:
-            result.compute[tp] = {
-                name: Series()
-                for name in (
-                    "encode_attention",
-                    "encode_rest",
-                    "cross_kv_write",
-                    "decode_self_attention",
-                    "decode_cross_attention",
-                    "decode_rest",
-                )
-            }
+            result.compute[tp] = {name: Series() for name in COMPUTE_SERIES}
         for batch, seq_len in self.encode_points:
             self._encode_point(batch, seq_len, result)
             on_step("encode attention")
@@ -161,6 +158,10 @@ class LayerProfiler:
             on_step("embedding and LM head")
         return result
 
+    def _measure(self, work: Callable[[], object], stack: list[Layer]) -> TimingStats:
+        """Time a loop over the stack, per layer."""
+        return self.timer.measure(work, divide_by=len(stack))
+
     # ---- attention (and the per-forward overhead around it) ---------------------------------
 
     def _encode_point(self, batch: int, seq_len: int, result: LayerMeasurements) -> None:
@@ -169,20 +170,13 @@ class LayerProfiler:
         kind = "encoder" if self.config.is_encoder_decoder else "decoder"
         call = self.probe.recorded(kind)
         for tp, shards in self.shards.items():
+            stack = shards.encode_layers
             with torch_threads(shards.num_threads):
-                work = self._encode_attention(shards, call)
-                stats = self.timer.measure(work)
+                kernel = self._measure(encode_kernel_work(shards, call), stack)
+                whole = self._measure(stack_work(shards, call, decode=False), stack)
+                rest = self._measure(rest_work(shards, call.x, False, self._rope(call)), stack)
+            stats = in_layer_attention(whole, rest, kernel)
             result.compute[tp]["encode_attention"].add((batch, seq_len), stats)
-
-    def _encode_attention(self, shards: ShardSet, call: LayerCall) -> Work:
-        layer, tp = shards.encode_layers[0], shards.tp_degree
-        if self.config.is_encoder_decoder:
-            q, k, v = layer.qkv(call.x)
-            bias = shard_attention_bias(call.meta.attn_bias, 0, tp)
-            return lambda: attention_kernel(q, k, v, bias, _scale(layer))
-        meta = _shard_meta(call.meta, tp)
-        q, k, v = layer.qkv(call.x, meta)
-        return lambda: layer.attend(q, k, v, shards.kv, meta)
 
     def _decode_point(self, batch: int, kv_len: int, result: LayerMeasurements) -> None:
         seqs = self.probe.steps.decode_sequences(batch, kv_len, kv_len)
@@ -191,40 +185,42 @@ class LayerProfiler:
             result.decode_forward.add((batch, kv_len), overhead)
             call = self.probe.recorded("decoder")
             for tp, shards in self.shards.items():
-                series = result.compute[tp]
                 with torch_threads(shards.num_threads):
-                    self_work, cross_work = self._decode_attention(shards, call)
-                    stats = self.timer.measure(self_work)
-                    series["decode_self_attention"].add((batch, kv_len), stats)
-                    if cross_work is not None:
-                        stats = self.timer.measure(cross_work)
-                        series["decode_cross_attention"].add((batch, kv_len), stats)
+                    self._decode_attention(shards, call, (batch, kv_len), result.compute[tp])
         finally:
             self.probe.steps.release(seqs)
 
-    def _decode_attention(self, shards: ShardSet, call: LayerCall) -> tuple[Work, Work | None]:
-        layer, tp, kv = shards.decode_layers[0], shards.tp_degree, shards.kv
-        if not self.config.is_encoder_decoder:
-            meta = _shard_meta(call.meta, tp)
-            q, k, v = layer.qkv(call.x, meta)
-            return lambda: layer.attend(q, k, v, kv, meta), None
-        self_meta = _shard_meta(call.meta.self_attn, tp)
-        cross_meta = _shard_meta(call.meta.cross_attn, tp)
-        q, k, v = layer.self_qkv(call.x)
-        _, cross_q = layer.cross_q(call.x, paged_attention(q, k, v, kv, self_meta, 1.0))
-        return (
-            lambda: paged_attention(q, k, v, kv, self_meta, 1.0),
-            lambda: paged_attention(cross_q, None, None, kv, cross_meta, 1.0),
-        )
+    def _decode_attention(
+        self, shards: ShardSet, call: LayerCall, point: tuple[int, int], series: dict[str, Series]
+    ) -> None:
+        stack = shards.decode_layers
+        self_work, cross_work = decode_kernel_works(shards, call)
+        self_kernel = self._measure(self_work, stack)
+        cross_kernel = self._measure(cross_work, stack) if cross_work is not None else None
+        whole = self._measure(stack_work(shards, call, decode=True), stack)
+        rest = self._measure(rest_work(shards, call.x, True, self._rope(call)), stack)
+        if cross_kernel is None:
+            series["decode_self_attention"].add(point, in_layer_attention(whole, rest, self_kernel))
+            return
+        both = self_kernel.plus(cross_kernel)
+        attention = in_layer_attention(whole, rest, both)
+        self_share = self_kernel.median_s / both.median_s if both.median_s > 0 else 0.5
+        series["decode_self_attention"].add(point, attention.scaled(self_share))
+        series["decode_cross_attention"].add(point, attention.scaled(1.0 - self_share))
+
+    def _rope(self, call: LayerCall) -> tuple[Tensor, Tensor] | None:
+        """Llama: the rotary tables the recorded call carried (T5 has none)."""
+        return None if self.config.is_encoder_decoder else call.meta.rope
 
     # ---- rest of the layer, T5 cross K/V, embedding and head ---------------------------------
 
-    def _rope_meta(self, x: Tensor) -> AttentionMetadata:
-        """Metadata with rotary tables for a Llama rest-of-layer call (T5 needs none)."""
+    def _rope_tables(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Rotary tables for a Llama rest-of-layer call on x [B, T, d] (T5 needs none)."""
+        if self.config.is_encoder_decoder:
+            return None
         batch, num_tokens = x.shape[:2]
         positions = torch.arange(num_tokens, device=x.device)[None].expand(batch, -1)
-        rope = self.loaded.model.rope(positions) if not self.config.is_encoder_decoder else None
-        return AttentionMetadata(attn_bias=x.new_zeros(()), rope=rope)
+        return self.loaded.model.rope(positions)
 
     def _tokens(self, batch: int, num_tokens: int) -> Tensor:
         ids = self.probe.steps.prompts(batch, num_tokens)
@@ -235,55 +231,16 @@ class LayerProfiler:
         with torch_threads(shards.num_threads):
             encode_x = embed(self._tokens(1, num_tokens))  # [1, T, d_model]
             decode_x = embed(self._tokens(num_tokens, 1))  # [B = T, 1, d_model]
-            for name, x, stack in (
-                ("encode_rest", encode_x, shards.encode_layers),
-                ("decode_rest", decode_x, shards.decode_layers),
+            for name, x, decode in (
+                ("encode_rest", encode_x, False),
+                ("decode_rest", decode_x, True),
             ):
-                work = self._rest_work(stack, x, decode=name == "decode_rest")
-                stats = self.timer.measure(work, divide_by=len(stack))
-                series[name].add((num_tokens,), stats)
+                stack = shards.decode_layers if decode else shards.encode_layers
+                work = rest_work(shards, x, decode, self._rope_tables(x))
+                series[name].add((num_tokens,), self._measure(work, stack))
             if self.config.is_encoder_decoder:
-                work = self._cross_kv_work(shards, encode_x)
-                stats = self.timer.measure(work, divide_by=len(shards.decode_layers))
+                stats = self._measure(cross_kv_work(shards, encode_x), shards.decode_layers)
                 series["cross_kv_write"].add((num_tokens,), stats)
-
-    def _rest_work(self, stack: list[Layer], x: Tensor, decode: bool) -> Work:
-        meta = self._rope_meta(x)
-        t5 = self.config.is_encoder_decoder
-        if t5 and decode:
-            attn = stack[0].self_qkv(x)[0]  # stands in for the attention output [B, T, H, D]
-
-            def t5_decoder() -> None:
-                for layer in stack:
-                    layer.self_qkv(x)
-                    y, _ = layer.cross_q(x, attn)
-                    layer.finish(y, attn)
-
-            return t5_decoder
-        attn = stack[0].qkv(x)[0] if t5 else stack[0].qkv(x, meta)[0]
-
-        def one_pass() -> None:
-            for layer in stack:
-                if t5:
-                    layer.qkv(x)
-                else:
-                    layer.qkv(x, meta)
-                layer.finish(x, attn)
-
-        return one_pass
-
-    def _cross_kv_work(self, shards: ShardSet, encoder_out: Tensor) -> Work:
-        num_tokens = encoder_out.shape[1]
-        slots = torch.arange(num_tokens, device=encoder_out.device)
-        meta = AttentionMetadata(
-            attn_bias=encoder_out.new_zeros(()), write_slots=slots, write_rows=slots
-        )
-
-        def write_all() -> None:
-            for layer in shards.decode_layers:
-                layer.write_cross_kv(encoder_out, shards.kv, meta)
-
-        return write_all
 
     def _embedding_point(self, num_tokens: int, result: LayerMeasurements) -> None:
         model = self.loaded.model

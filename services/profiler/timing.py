@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +23,7 @@ class TimingStats:
     p10_s: float
     p90_s: float
     num_repeats: int
+    samples_s: tuple[float, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def spread(self) -> float:
@@ -31,7 +32,21 @@ class TimingStats:
 
     def scaled(self, factor: float) -> TimingStats:
         return TimingStats(
-            self.median_s * factor, self.p10_s * factor, self.p90_s * factor, self.num_repeats
+            self.median_s * factor,
+            self.p10_s * factor,
+            self.p90_s * factor,
+            self.num_repeats,
+            tuple(s * factor for s in self.samples_s),
+        )
+
+    def plus(self, other: TimingStats) -> TimingStats:
+        """Two pieces of work run one after the other (quantiles added: an upper bound)."""
+        return TimingStats(
+            self.median_s + other.median_s,
+            self.p10_s + other.p10_s,
+            self.p90_s + other.p90_s,
+            min(self.num_repeats, other.num_repeats),
+            tuple(a + b for a, b in zip(self.samples_s, other.samples_s, strict=False)),
         )
 
 
@@ -44,6 +59,24 @@ def stats_of(samples_s: list[float]) -> TimingStats:
         p10_s=_quantile(ordered, 0.1),
         p90_s=_quantile(ordered, 0.9),
         num_repeats=len(ordered),
+        samples_s=tuple(ordered),
+    )
+
+
+def across_rounds(rounds: list[TimingStats]) -> TimingStats:
+    """One point measured in several rounds spread over a run: the median of the rounds'
+    medians (a round that fell into a slow spell of the machine does not move it), with the
+    10th and 90th percentiles of all their samples."""
+    if len(rounds) == 1:
+        return rounds[0]
+    median_s = statistics.median(r.median_s for r in rounds)
+    samples = sorted(s for r in rounds for s in (r.samples_s or (r.median_s,)))
+    return TimingStats(
+        median_s=median_s,
+        p10_s=min(median_s, _quantile(samples, 0.1)),
+        p90_s=max(median_s, _quantile(samples, 0.9)),
+        num_repeats=len(samples),
+        samples_s=tuple(samples),
     )
 
 
@@ -55,9 +88,16 @@ def _quantile(ordered: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+MIN_REPEATS = 3  # a median needs at least three samples
+
+
 class Timer:
     """Times work on a device; re-measures (up to `max_retries` times, after a pause) when
-    other processes were busy on the CPUs, keeping the attempt with the lowest median."""
+    other processes were busy on the CPUs, keeping the attempt with the lowest median.
+
+    With `max_time_s`, slow work stops early: warm-up after one call once that took longer
+    than the budget, repeats once they took `max_time_s` (but never below MIN_REPEATS).
+    """
 
     def __init__(
         self,
@@ -65,6 +105,7 @@ class Timer:
         num_warmup: int,
         num_repeats: int,
         *,
+        max_time_s: float | None = None,
         max_retries: int = 3,
         retry_pause_s: float = 0.5,
         monitor: ContentionMonitor | None = None,
@@ -72,6 +113,7 @@ class Timer:
         self.device = device
         self.num_warmup = num_warmup
         self.num_repeats = num_repeats
+        self.max_time_s = max_time_s if max_time_s is not None else float("inf")
         self.max_retries = max_retries
         self.retry_pause_s = retry_pause_s
         self.monitor = monitor if monitor is not None else ContentionMonitor()
@@ -105,15 +147,22 @@ class Timer:
 
     def _samples(self, work: Callable[[], object], divide_by: int) -> TimingStats:
         with torch.inference_mode():
+            start = time.perf_counter()
             for _ in range(self.num_warmup):
                 work()
-            samples_s = []
-            for _ in range(self.num_repeats):
+                if time.perf_counter() - start > self.max_time_s:
+                    break
+            samples_s: list[float] = []
+            start = time.perf_counter()
+            while len(samples_s) < self.num_repeats:
                 self._sync()
-                start = time.perf_counter()
+                begin = time.perf_counter()
                 work()
                 self._sync()
-                samples_s.append((time.perf_counter() - start) / divide_by)
+                end = time.perf_counter()
+                samples_s.append((end - begin) / divide_by)
+                if len(samples_s) >= MIN_REPEATS and end - start > self.max_time_s:
+                    break
         return stats_of(samples_s)
 
 
