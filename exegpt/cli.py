@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Callable
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("exegpt.demo", "start a local deployment, send a few requests, print answers"),
@@ -43,6 +44,29 @@ def _top_level_help() -> str:
     return "\n".join(lines)
 
 
+def _configure_logging(args: argparse.Namespace) -> None:
+    logging.basicConfig(
+        level=getattr(args, "log_level", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def service_main(
+    prog: str,
+    description: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+) -> int:
+    """`python -m services.NAME`: the same options and behaviour as `exegpt NAME`."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=_DefaultsHelpFormatter
+    )
+    add_arguments(parser)
+    args = parser.parse_args()
+    _configure_logging(args)
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -61,10 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _configure_logging(args)
     return int(module.run(args) or 0)
 
 

@@ -6,12 +6,14 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from exegpt import tracing
 
 logger = logging.getLogger(__name__)
 
@@ -93,3 +95,22 @@ async def wait_for_shutdown_signal(watch_parent: bool = True) -> None:
             if watch_parent and os.getppid() != parent_pid:
                 logger.warning("parent process %d is gone; shutting down", parent_pid)
                 return
+
+
+def run_service(
+    name: str,
+    serve: Callable[[], Awaitable[None]],
+    errors: tuple[type[Exception], ...] = (ValueError, OSError),
+) -> int:
+    """Run a service until it is told to stop; the exit code for its `run(args)`.
+
+    Tracing is configured from the standard OTEL_* variables first. A bad configuration or
+    an address that cannot be bound (`errors`) is logged in one line and exits 1.
+    """
+    tracing.configure_tracing(f"exegpt-{name}", os.environ.get("OTEL_TRACES_EXPORTER", "none"))
+    try:
+        asyncio.run(serve())
+    except errors as exc:
+        logger.error("%s failed to start: %s", name, exc)
+        return 1
+    return 0

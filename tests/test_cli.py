@@ -37,3 +37,10 @@ def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) 
 def test_unknown_command_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["serve-everything"]) == 2
     assert "unknown command 'serve-everything'" in capsys.readouterr().err
+
+
+def test_a_service_with_a_bad_flag_exits_with_one_clear_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assert cli.main(["scheduler", "--port", "0", "--workload", "task:Q"]) == 1
+    assert "scheduler failed to start: unknown task 'Q'" in caplog.text

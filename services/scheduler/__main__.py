@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import math
-import os
 import sys
 
-from exegpt import tracing
+from exegpt.cli import service_main
 from exegpt.errors import RequestError
 from exegpt.schedule import ScheduleKind
-from exegpt.serving import wait_for_shutdown_signal, write_ready_file
+from exegpt.serving import run_service, wait_for_shutdown_signal, write_ready_file
 from services.scheduler.config import DriftThresholds, SchedulerConfig
+from services.scheduler.problem import WorkloadDistribution
 
 DESCRIPTION = "run the scheduler service (plans schedules, re-plans on workload drift)"
 logger = logging.getLogger("exegpt.scheduler")
@@ -109,6 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
     if args.latency_bound < 0:
         raise ValueError("--latency-bound must be positive (0 means no bound)")
+    WorkloadDistribution.parse(args.workload)  # a typo fails now, not at the first plan
     return SchedulerConfig(
         host=args.host,
         port=args.port,
@@ -144,25 +144,12 @@ async def serve(config: SchedulerConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    tracing.configure_tracing("exegpt-scheduler", os.environ.get("OTEL_TRACES_EXPORTER", "none"))
-    try:
-        config = config_from_args(args)
-        asyncio.run(serve(config))
-    except (ValueError, OSError, RequestError) as exc:
-        logger.error("scheduler failed to start: %s", exc)
-        return 1
-    return 0
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.scheduler", description=DESCRIPTION)
-    add_arguments(parser)
-    args = parser.parse_args()
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    return run_service(
+        "scheduler",
+        lambda: serve(config_from_args(args)),
+        errors=(ValueError, OSError, RequestError),
     )
-    return run(args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(service_main("python -m services.scheduler", DESCRIPTION, add_arguments, run))

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import os
 import sys
 
-from exegpt import tracing
-from exegpt.serving import wait_for_shutdown_signal, write_ready_file
+from exegpt.cli import service_main
+from exegpt.serving import run_service, wait_for_shutdown_signal, write_ready_file
 from services.worker.config import BatchingMode, EngineConfig, WorkerConfig
 
 DESCRIPTION = "run one worker replica (engine + model)"
@@ -94,25 +92,8 @@ async def serve(config: WorkerConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    tracing.configure_tracing("exegpt-worker", os.environ.get("OTEL_TRACES_EXPORTER", "none"))
-    try:
-        asyncio.run(serve(config))
-    except (ValueError, OSError) as exc:
-        logger.error("worker failed to start: %s", exc)
-        return 1
-    return 0
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.worker", description=DESCRIPTION)
-    add_arguments(parser)
-    args = parser.parse_args()
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    return run(args)
+    return run_service("worker", lambda: serve(config_from_args(args)))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(service_main("python -m services.worker", DESCRIPTION, add_arguments, run))
