@@ -146,3 +146,24 @@ def preset(name: str) -> ProfileGrid:
     if name not in PRESETS:
         raise ValueError(f"unknown grid {name!r}: expected one of {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+# The size axes, each a tuple of strictly increasing positive integers.
+AXES = ("batch_sizes", "seq_lens_tokens", "kv_lens_tokens", "num_tokens", "message_bytes")
+CUSTOM = "custom"
+
+
+def build_grid(base: str | None, overrides: dict[str, Any]) -> tuple[str, ProfileGrid]:
+    """(name, grid): the preset `base` with some fields replaced, or (base None or "") a
+    custom grid, which must give every size axis. Raises ValueError saying what is wrong."""
+    unknown = sorted(set(overrides) - set(ProfileGrid.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown grid fields {unknown}")
+    fields = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in overrides.items()}
+    if base:
+        grid = replace(preset(base), **fields)
+        return (base if not fields else f"{base}-{CUSTOM}"), grid
+    for axis in AXES:
+        if axis not in fields:
+            raise ValueError(f"grid {axis} is empty: a custom grid gives every size axis")
+    return CUSTOM, ProfileGrid(**fields)

@@ -25,6 +25,7 @@ from exegpt.models.config import ModelConfig
 from exegpt.models.defaults import DEFAULT_MODEL_NAME
 from exegpt.models.loader import LoadedModel, load_model
 from exegpt.models.tensor_parallel import check_tp_degree, feasible_tp_degrees
+from services.profiler.allocator import configure_allocator
 from services.profiler.grid import ProfileGrid, preset
 from services.profiler.measure_comm import (
     fit_latency_bandwidth,
@@ -158,12 +159,19 @@ class _Steps:
             self.callback(ProgressEvent(stage, self.done, self.total, elapsed_s))
 
 
-def run_profile(
-    request: ProfileRequest,
-    on_progress: ProgressCallback | None = None,
-    loaded: LoadedModel | None = None,
-) -> ProfileData:
-    """Measure the model on the device and return the profile (not yet written anywhere)."""
+@dataclass(frozen=True)
+class PreparedRun:
+    """A checked request with its model loaded: nothing left that bad input can break."""
+
+    request: ProfileRequest
+    device: torch.device
+    grid: ProfileGrid
+    loaded: LoadedModel
+    tp_degrees: tuple[int, ...]
+
+
+def prepare_run(request: ProfileRequest, loaded: LoadedModel | None = None) -> PreparedRun:
+    """Check the request and load the model; raises ValueError with a clear message."""
     device = check_device(request.device)
     dtype = check_dtype(request.dtype)
     grid = request.resolved_grid()
@@ -171,6 +179,26 @@ def run_profile(
         loaded = load_model(request.model, device=str(device), dtype=dtype)
     grid = grid.for_context(loaded.config.max_context_tokens)
     tp_degrees = resolve_tp_degrees(loaded.config, request.tp_degrees, device)
+    return PreparedRun(request, device, grid, loaded, tp_degrees)
+
+
+def run_profile(
+    request: ProfileRequest,
+    on_progress: ProgressCallback | None = None,
+    loaded: LoadedModel | None = None,
+    profile_id: str | None = None,
+) -> ProfileData:
+    """Measure the model on the device and return the profile (not yet written anywhere)."""
+    return measure(prepare_run(request, loaded), on_progress, profile_id)
+
+
+def measure(
+    run: PreparedRun, on_progress: ProgressCallback | None = None, profile_id: str | None = None
+) -> ProfileData:
+    """Time everything a prepared run asks for (the callback may raise ProfilingCancelled)."""
+    request, device, grid, loaded = run.request, run.device, run.grid, run.loaded
+    tp_degrees = run.tp_degrees
+    allocator = configure_allocator()
     num_threads = torch.get_num_threads()
     start = time.perf_counter()
     profiler = LayerProfiler(loaded, grid, tp_degrees, num_threads)
@@ -200,7 +228,7 @@ def run_profile(
         {
             "format": FORMAT,
             "version": VERSION,
-            "profile_id": new_profile_id(loaded.name, device, request.grid_name),
+            "profile_id": profile_id or new_profile_id(loaded.name, device, request.grid_name),
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "grid_name": request.grid_name,
             "grid": grid.to_dict(),
@@ -222,6 +250,7 @@ def run_profile(
                 "python_version": sys.version.split()[0],
                 "exegpt_version": exegpt.__version__,
                 "torch_threads": num_threads,
+                "allocator": allocator,
             },
             "tp_degrees": list(tp_degrees),
             **_layer_sections(layers, profiler),

@@ -16,6 +16,7 @@ from exegpt.cost_model import CostModel
 from exegpt.models.kv_cache import KVCachePool, KVCacheSpec, blocks_for
 from exegpt.models.loader import LoadedModel
 from exegpt.models.runner import ModelRunner
+from services.profiler.allocator import configure_allocator
 from services.profiler.measure_layers import torch_threads
 from services.profiler.probe import Steps
 from services.profiler.timing import Timer, TimingStats, across_rounds
@@ -118,13 +119,16 @@ def validate_profile(
     num_repeats: int = 5,
     num_rounds: int = 3,
     on_point: Callable[[ValidationPoint], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> list[ValidationPoint]:
     """Time whole prefills and decode steps and compare each with its prediction.
 
     Every point is measured once per round and the rounds run one after the other, so a
     slow spell of a shared machine affects one round of many points rather than every
-    measurement of one point (see timing.across_rounds).
+    measurement of one point (see timing.across_rounds). `on_step(done, total)` follows
+    the measurements; `on_point` gets each finished point.
     """
+    configure_allocator()  # as the profile was taken (see allocator.py)
     context = loaded.config.max_context_tokens
     prefill_points = tuple(p for p in prefill_points if p[1] <= context)
     decode_points = tuple(p for p in decode_points if max(p[1], p[2] + 1) <= context)
@@ -138,16 +142,24 @@ def validate_profile(
     steps = Steps(ModelRunner(loaded.model, pool), loaded.config)
     timer = Timer(loaded.device, num_warmup, num_repeats)
     rounds: dict[tuple[str, int, int, int], list[TimingStats]] = {}
+    total = max(1, num_rounds) * (len(prefill_points) + len(decode_points))
+
+    def done(key: tuple[str, int, int, int], stats: TimingStats) -> None:
+        rounds.setdefault(key, []).append(stats)
+        if on_step is not None:
+            on_step(sum(len(r) for r in rounds.values()), total)
+
     with torch_threads(num_threads):
         for _ in range(max(1, num_rounds)):
             for batch, prompt in prefill_points:
-                stats = timer.measure(steps.prefill_step(batch, prompt))
-                rounds.setdefault(("prefill", batch, prompt, 0), []).append(stats)
+                done(
+                    ("prefill", batch, prompt, 0), timer.measure(steps.prefill_step(batch, prompt))
+                )
             for batch, prompt, kv_len in decode_points:
                 seqs = steps.decode_sequences(batch, kv_len, prompt)
                 stats = timer.measure(steps.decode_step(seqs))
                 steps.release(seqs)
-                rounds.setdefault(("decode", batch, prompt, kv_len), []).append(stats)
+                done(("decode", batch, prompt, kv_len), stats)
     results: list[ValidationPoint] = []
     for (kind, batch, prompt, kv_len), measured in rounds.items():
         if kind == "prefill":
