@@ -39,8 +39,15 @@ class ProfileGrid:
     message_bytes: tuple[int, ...]  # all-reduce and pipeline hand-off sizes
     num_warmup: int = 2
     num_repeats: int = 5
+    # Every point is measured once per round, the rounds one after the other, and the
+    # rounds' medians combined: a slow spell of the machine then disturbs one round of many
+    # points instead of every sample of a few.
+    num_rounds: int = 1
     # One measurement stops repeating after this long (keeping at least 3 samples).
     max_measure_s: float = 1.0
+    # CPU: evict the last-level cache before every timed repeat of a layer measurement, as
+    # the rest of a forward would have (timing.CacheFlusher).
+    flush_cache: bool = True
     # Encode attention points with B x H x S^2 above this are skipped.
     max_score_elements: int = 2**24
     # Decode attention points with B x L above this are skipped.
@@ -54,10 +61,10 @@ class ProfileGrid:
         _check_sizes("message_bytes", self.message_bytes, minimum=4)
         if not self.max_measure_s > 0:
             raise ValueError(f"max_measure_s must be positive, got {self.max_measure_s}")
-        if self.num_warmup < 0 or self.num_repeats < 1:
+        if self.num_warmup < 0 or self.num_repeats < 1 or self.num_rounds < 1:
             raise ValueError(
-                f"the grid needs num_warmup >= 0 and num_repeats >= 1, got {self.num_warmup} "
-                f"and {self.num_repeats}"
+                f"the grid needs num_warmup >= 0, num_repeats >= 1 and num_rounds >= 1, got "
+                f"{self.num_warmup}, {self.num_repeats} and {self.num_rounds}"
             )
         if min(self.max_score_elements, self.max_kv_tokens, self.max_encode_tokens) < 1:
             raise ValueError(
@@ -120,13 +127,18 @@ def _check_sizes(name: str, values: Sequence[int], minimum: int) -> None:
 
 
 QUICK = ProfileGrid(
-    batch_sizes=(1, 4, 16),
+    # 1 -> 2 matters: one token or sequence takes matrix-vector kernels, two take GEMMs and
+    # cost markedly more, a step no log-log line between 1 and 4 follows.
+    batch_sizes=(1, 2, 4, 16, 64),
     seq_lens_tokens=(16, 128, 1024),
     kv_lens_tokens=(1, 16, 128, 1024),
-    num_tokens=(1, 16, 256, 4096),
+    num_tokens=(1, 2, 4, 16, 64, 256, 1024, 4096),
     message_bytes=(1 * KIB, 64 * KIB, 4 * MIB),
     num_warmup=2,
-    num_repeats=7,
+    num_repeats=5,
+    num_rounds=3,
+    max_measure_s=0.5,
+    max_encode_tokens=4096,
 )
 
 FULL = ProfileGrid(

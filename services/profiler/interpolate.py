@@ -2,8 +2,10 @@
 
 Costs never fall as sizes grow, but timings are noisy, so measured medians are first made
 non-decreasing (isotonic regression, pool-adjacent-violators). Between grid points values
-are interpolated piecewise-linearly in log-log space (exact for power laws, so a quadratic
-attention cost is not overestimated between far-apart points). Past the largest point the
+are interpolated in log-log space with a monotone cubic (PCHIP, Fritsch-Carlson slopes):
+exact for power laws, and it follows the bend of costs such as a + b*n (a fixed cost that
+gives way to a linear one) or a + c*S^2, which a straight log-log chord overestimates
+between far-apart points (by 15-30% between sizes a factor 8 apart). Past the largest point the
 cost grows linearly in the size with the last segment's slope (never negative); below the
 smallest point it stays at the smallest point's value. Every query says whether it left
 the measured range upwards: that is where predictions can go wrong without bound.
@@ -41,6 +43,7 @@ class Curve:
 
     sizes: tuple[float, ...]  # strictly increasing, > 0
     values: tuple[float, ...]  # non-decreasing, >= 0
+    slopes: tuple[float, ...] = ()  # d log(value) / d log(size) at each size (fit computes)
 
     @classmethod
     def fit(cls, sizes: Sequence[float], values: Sequence[float]) -> Curve:
@@ -49,7 +52,9 @@ class Curve:
         if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)) or sizes[0] <= 0:
             raise ValueError(f"curve sizes must be positive and increasing, got {list(sizes)}")
         monotone = isotonic([max(0.0, float(v)) for v in values])
-        return cls(tuple(float(s) for s in sizes), tuple(monotone))
+        log_x = [math.log(float(s)) for s in sizes]
+        log_y = [math.log(max(v, _FLOOR_S)) for v in monotone]
+        return cls(tuple(float(s) for s in sizes), tuple(monotone), pchip_slopes(log_x, log_y))
 
     @property
     def max_size(self) -> float:
@@ -65,7 +70,25 @@ class Curve:
         i = bisect.bisect_left(sizes, size)
         if sizes[i] == size:
             return values[i], False
-        return _loglog(sizes[i - 1], values[i - 1], sizes[i], values[i], size), False
+        return self._between(i - 1, size), False
+
+    def _between(self, k: int, size: float) -> float:
+        """Monotone cubic Hermite in log-log space on the segment [sizes[k], sizes[k+1]]."""
+        y0, y1 = self.values[k], self.values[k + 1]
+        if y0 <= _FLOOR_S or y1 <= _FLOOR_S or not self.slopes:  # no logarithm: a line
+            t = (size - self.sizes[k]) / (self.sizes[k + 1] - self.sizes[k])
+            return y0 + t * (y1 - y0)
+        x0, x1 = math.log(self.sizes[k]), math.log(self.sizes[k + 1])
+        h = x1 - x0
+        t = (math.log(size) - x0) / h
+        t2, t3 = t * t, t * t * t
+        log_y = (
+            (2 * t3 - 3 * t2 + 1) * math.log(y0)
+            + (t3 - 2 * t2 + t) * h * self.slopes[k]
+            + (-2 * t3 + 3 * t2) * math.log(y1)
+            + (t3 - t2) * h * self.slopes[k + 1]
+        )
+        return min(max(math.exp(log_y), y0), y1)  # stay within the segment
 
     def _extrapolate(self, size: float) -> float:
         sizes, values = self.sizes, self.values
@@ -75,11 +98,35 @@ class Curve:
         return values[-1] + slope * (size - sizes[-1])
 
 
-def _loglog(x0: float, y0: float, x1: float, y1: float, x: float) -> float:
-    ly0, ly1 = math.log(max(y0, _FLOOR_S)), math.log(max(y1, _FLOOR_S))
-    t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
-    value = math.exp(ly0 + t * (ly1 - ly0))
-    return min(max(value, y0), y1)  # guard rounding at the ends: stay within the segment
+def pchip_slopes(x: Sequence[float], y: Sequence[float]) -> tuple[float, ...]:
+    """Fritsch-Carlson derivatives at the knots of non-decreasing data (as SciPy's PCHIP):
+    a weighted harmonic mean of the neighbouring secants inside, a three-point estimate
+    at the ends; the Hermite cubic with these slopes never overshoots the data."""
+    n = len(x)
+    if n < 2:
+        return (0.0,) * n
+    h = [x[i + 1] - x[i] for i in range(n - 1)]
+    secant = [(y[i + 1] - y[i]) / h[i] for i in range(n - 1)]
+    if n == 2:
+        return (secant[0], secant[0])
+    slopes = [0.0] * n
+    for k in range(1, n - 1):
+        if secant[k - 1] <= 0 or secant[k] <= 0:
+            continue
+        w1, w2 = 2 * h[k] + h[k - 1], h[k] + 2 * h[k - 1]
+        slopes[k] = (w1 + w2) / (w1 / secant[k - 1] + w2 / secant[k])
+    slopes[0] = _end_slope(h[0], h[1], secant[0], secant[1])
+    slopes[-1] = _end_slope(h[-1], h[-2], secant[-1], secant[-2])
+    return tuple(slopes)
+
+
+def _end_slope(h0: float, h1: float, s0: float, s1: float) -> float:
+    slope = ((2 * h0 + h1) * s0 - h0 * s1) / (h0 + h1)
+    if slope <= 0 or s0 <= 0:
+        return 0.0
+    if s1 <= 0 and slope > 3 * s0:
+        return 3 * s0
+    return slope
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ input runs before the first measurement, so a bad request costs nothing.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import platform
@@ -17,13 +18,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import torch
 
 import exegpt
 from exegpt.models.config import ModelConfig
-from exegpt.models.defaults import DEFAULT_MODEL_NAME
-from exegpt.models.loader import LoadedModel, load_model
+from exegpt.models.defaults import DEFAULT_MODEL_NAME, default_model_config
+from exegpt.models.loader import LoadedModel, ModelNotFoundError, load_model
 from exegpt.models.tensor_parallel import check_tp_degree, feasible_tp_degrees
 from services.profiler.allocator import configure_allocator
 from services.profiler.grid import ProfileGrid, preset
@@ -160,6 +162,25 @@ class _Steps:
 
 
 @dataclass(frozen=True)
+class CheckedRequest:
+    """A request whose every input was checked (the model's config read, weights not)."""
+
+    request: ProfileRequest
+    device: torch.device
+    dtype: torch.dtype
+    grid: ProfileGrid
+    config: ModelConfig
+    tp_degrees: tuple[int, ...]
+
+    def devices_used(self) -> frozenset[str]:
+        """The devices the run keeps busy (CUDA all-reduces span GPUs 0..tp-1)."""
+        if self.device.type == "cpu":
+            return frozenset({"cpu"})
+        ranks = {f"cuda:{rank}" for rank in range(max(self.tp_degrees))}
+        return frozenset({f"cuda:{self.device.index or 0}", *ranks})
+
+
+@dataclass(frozen=True)
 class PreparedRun:
     """A checked request with its model loaded: nothing left that bad input can break."""
 
@@ -170,16 +191,39 @@ class PreparedRun:
     tp_degrees: tuple[int, ...]
 
 
-def prepare_run(request: ProfileRequest, loaded: LoadedModel | None = None) -> PreparedRun:
-    """Check the request and load the model; raises ValueError with a clear message."""
+def model_config(model: str) -> ModelConfig:
+    """A model's config without loading its weights; ValueError for an unknown model."""
+    if model == DEFAULT_MODEL_NAME:
+        return default_model_config()
+    config_path = Path(model) / "config.json"
+    if not config_path.is_file():
+        raise ModelNotFoundError(
+            f"unknown model {model!r}: expected {DEFAULT_MODEL_NAME!r} or a directory "
+            "holding a Hugging Face checkpoint (config.json + *.safetensors)"
+        )
+    try:
+        return ModelConfig.from_hf_dict(json.loads(config_path.read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot read the model config {config_path}: {exc}") from None
+
+
+def check_request(request: ProfileRequest, config: ModelConfig | None = None) -> CheckedRequest:
+    """Check every input of a request; raises ValueError with a clear message."""
     device = check_device(request.device)
     dtype = check_dtype(request.dtype)
     grid = request.resolved_grid()
+    config = config if config is not None else model_config(request.model)
+    grid = grid.for_context(config.max_context_tokens)
+    tp_degrees = resolve_tp_degrees(config, request.tp_degrees, device)
+    return CheckedRequest(request, device, dtype, grid, config, tp_degrees)
+
+
+def prepare_run(request: ProfileRequest, loaded: LoadedModel | None = None) -> PreparedRun:
+    """Check the request and load the model; raises ValueError with a clear message."""
+    checked = check_request(request, loaded.config if loaded is not None else None)
     if loaded is None:
-        loaded = load_model(request.model, device=str(device), dtype=dtype)
-    grid = grid.for_context(loaded.config.max_context_tokens)
-    tp_degrees = resolve_tp_degrees(loaded.config, request.tp_degrees, device)
-    return PreparedRun(request, device, grid, loaded, tp_degrees)
+        loaded = load_model(request.model, device=str(checked.device), dtype=checked.dtype)
+    return PreparedRun(request, checked.device, checked.grid, loaded, checked.tp_degrees)
 
 
 def run_profile(

@@ -11,6 +11,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -91,6 +92,40 @@ def _quantile(ordered: list[float], q: float) -> float:
 MIN_REPEATS = 3  # a median needs at least three samples
 
 
+def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
+    """The CPU's largest cache (Linux sysfs), or `default` where it cannot be read."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        if text[-1:] in units and text[:-1].isdigit():
+            sizes.append(int(text[:-1]) * units[text[-1]])
+        elif text.isdigit():
+            sizes.append(int(text))
+    return max(sizes, default=default)
+
+
+class CacheFlusher:
+    """Reads a buffer larger than the last-level cache, evicting what work left there.
+
+    A forward streams every layer's weights, the KV cache and the activations through the
+    caches, so by the time a layer runs again little of it is still cached. A layer (or a
+    stack of a small model's layers) timed in a loop would find its weights cached on every
+    repeat after the first and look faster than it is in a forward.
+    """
+
+    def __init__(self, num_bytes: int | None = None) -> None:
+        num_bytes = num_bytes if num_bytes is not None else 2 * last_level_cache_bytes()
+        self.num_bytes = num_bytes
+        self._buffer = torch.ones(max(1, num_bytes // 4), dtype=torch.float32)
+
+    def __call__(self) -> None:
+        self._buffer.sum()
+
+
 class Timer:
     """Times work on a device; re-measures (up to `max_retries` times, after a pause) when
     other processes were busy on the CPUs, keeping the attempt with the lowest median.
@@ -106,6 +141,7 @@ class Timer:
         num_repeats: int,
         *,
         max_time_s: float | None = None,
+        before_repeat: Callable[[], object] | None = None,
         max_retries: int = 3,
         retry_pause_s: float = 0.5,
         monitor: ContentionMonitor | None = None,
@@ -114,6 +150,7 @@ class Timer:
         self.num_warmup = num_warmup
         self.num_repeats = num_repeats
         self.max_time_s = max_time_s if max_time_s is not None else float("inf")
+        self.before_repeat = before_repeat  # untimed, e.g. a CacheFlusher
         self.max_retries = max_retries
         self.retry_pause_s = retry_pause_s
         self.monitor = monitor if monitor is not None else ContentionMonitor()
@@ -155,6 +192,8 @@ class Timer:
             samples_s: list[float] = []
             start = time.perf_counter()
             while len(samples_s) < self.num_repeats:
+                if self.before_repeat is not None:
+                    self.before_repeat()
                 self._sync()
                 begin = time.perf_counter()
                 work()
@@ -167,26 +206,33 @@ class Timer:
 
 
 class Series:
-    """Timings keyed by grid point: one size (a curve) or (batch size, size) (a surface)."""
+    """Timings keyed by grid point: one size (a curve) or (batch size, size) (a surface).
+
+    A point measured in several rounds keeps every round and reports them combined
+    (`across_rounds`)."""
 
     def __init__(self) -> None:
-        self._points: dict[tuple[int, ...], TimingStats] = {}
+        self._points: dict[tuple[int, ...], list[TimingStats]] = {}
 
     def add(self, point: tuple[int, ...], stats: TimingStats) -> None:
-        self._points[point] = stats
+        self._points.setdefault(point, []).append(stats)
 
     def __len__(self) -> int:
         return len(self._points)
 
+    def stats(self, point: tuple[int, ...]) -> TimingStats:
+        return across_rounds(self._points[point])
+
     def curve_json(self) -> dict[str, list[float] | list[int]]:
         """{"sizes", "median_s", "p10_s", "p90_s"} over the points (size,)."""
-        return _series_json(sorted((point[-1], stats) for point, stats in self._points.items()))
+        return _series_json(sorted((point[-1], self.stats(point)) for point in self._points))
 
     def surface_json(self) -> dict[str, list[dict[str, object]]]:
         """{"rows": [{"batch_size", "sizes", "median_s", ...}]} over points (batch, size)."""
         rows: dict[int, list[tuple[int, TimingStats]]] = {}
-        for (batch, size), stats in self._points.items():
-            rows.setdefault(batch, []).append((size, stats))
+        for point in self._points:
+            batch, size = point
+            rows.setdefault(batch, []).append((size, self.stats(point)))
         return {
             "rows": [
                 {"batch_size": batch, **_series_json(sorted(points))}

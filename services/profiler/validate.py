@@ -116,8 +116,8 @@ def validate_profile(
     prefill_points: tuple[tuple[int, int], ...] = PREFILL_POINTS,
     decode_points: tuple[tuple[int, int, int], ...] = DECODE_POINTS,
     num_warmup: int = 2,
-    num_repeats: int = 5,
-    num_rounds: int = 3,
+    num_repeats: int = 3,
+    num_rounds: int = 5,
     on_point: Callable[[ValidationPoint], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
 ) -> list[ValidationPoint]:
@@ -204,4 +204,11 @@ def format_table(points: list[ValidationPoint]) -> str:
     lines.append(
         f"relative error: median {median:.1%}, worst {worst:.1%} over {len(points)} forwards"
     )
+    inside = [p for p in points if not p.extrapolated]
+    if inside and len(inside) < len(points):
+        median, worst = summarize(inside)
+        lines.append(
+            f"inside the profile's grid: median {median:.1%}, worst {worst:.1%} over "
+            f"{len(inside)} forwards ({len(points) - len(inside)} extrapolated)"
+        )
     return "\n".join(lines)
