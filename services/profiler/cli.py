@@ -92,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
     except (UsageError, ProfileError, ValueError) as error:
         sys.stderr.write(f"exegpt profile: error: {error}\n")
         return 2
+    except RuntimeError as error:  # a measurement failed (a rank died, a message was lost)
+        sys.stderr.write(f"exegpt profile: measurement failed, nothing written: {error}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("exegpt profile: interrupted; nothing written\n")
         return 130

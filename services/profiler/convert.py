@@ -21,10 +21,9 @@ def request_from_proto(message: profiler_pb2.StartProfileRequest) -> ProfileRequ
         overrides: dict[str, Any] = {
             axis: tuple(getattr(spec, axis)) for axis in AXES if len(getattr(spec, axis))
         }
-        if spec.HasField("num_warmup"):
-            overrides["num_warmup"] = spec.num_warmup
-        if spec.HasField("num_repeats"):
-            overrides["num_repeats"] = spec.num_repeats
+        for name in ("num_warmup", "num_repeats", "num_rounds"):
+            if spec.HasField(name):
+                overrides[name] = getattr(spec, name)
         try:
             grid_name, grid = build_grid(spec.preset or None, overrides)
         except ValueError as exc:

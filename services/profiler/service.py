@@ -137,10 +137,12 @@ class ProfilerCore:
                 )
             if values and max(values) > limit:
                 raise _invalid(f"grid {axis} goes up to {max(values)}; this service allows {limit}")
-        if grid.num_repeats > config.max_num_repeats or grid.num_warmup > config.max_num_warmup:
+        repeats = grid.num_repeats * grid.num_rounds
+        if repeats > config.max_num_repeats or grid.num_warmup > config.max_num_warmup:
             raise _invalid(
-                f"grid asks for {grid.num_warmup} warm-up runs and {grid.num_repeats} repeats; "
-                f"this service allows {config.max_num_warmup} and {config.max_num_repeats}"
+                f"grid asks for {grid.num_warmup} warm-up runs and {repeats} repeats (over all "
+                f"rounds); this service allows {config.max_num_warmup} and "
+                f"{config.max_num_repeats}"
             )
 
     async def profile(self, request: ProfileRequest) -> AsyncIterator[Event]:
@@ -254,11 +256,14 @@ async def _progress_until(
     """Progress events until the run finishes (its result or error is then in `run`)."""
     while True:
         getter = asyncio.ensure_future(events.get())
-        done, _ = await asyncio.wait({getter, run}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({getter, run}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getter.done():  # the run ended, or the caller went away
+                getter.cancel()
         if getter in done:
             yield getter.result()
             continue
-        getter.cancel()
         while not events.empty():
             yield events.get_nowait()
         return

@@ -1,0 +1,142 @@
+"""Grids, request checks, a decoder-only run, and whole-forward validation (reduced sizes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from exegpt.models.loader import load_model
+from services.profiler.grid import FULL, QUICK, ProfileGrid, build_grid
+from services.profiler.profile import LayerProfile, load_profile
+from services.profiler.profiling import ProfileRequest, check_request, run_profile
+from services.profiler.validate import format_table, summarize, validate_profile
+from tests.profiler.conftest import TINY_GRID, tiny_request
+
+
+def test_presets_and_overrides() -> None:
+    assert build_grid("quick", {}) == ("quick", QUICK)
+    name, grid = build_grid("full", {"batch_sizes": [1, 8], "num_repeats": 3})
+    assert name == "full-custom" and grid.batch_sizes == (1, 8) and grid.num_repeats == 3
+    assert grid.seq_lens_tokens == FULL.seq_lens_tokens
+    name, grid = build_grid(None, TINY_GRID.to_dict())
+    assert name == "custom" and grid == TINY_GRID
+    assert ProfileGrid.from_dict(QUICK.to_dict()) == QUICK
+
+
+@pytest.mark.parametrize(
+    ("base", "overrides", "message"),
+    [
+        ("huge", {}, "unknown grid 'huge'"),
+        (None, {}, "batch_sizes is empty"),
+        ("quick", {"batch_sizes": ()}, "batch_sizes is empty"),
+        ("quick", {"seq_lens_tokens": (128, 16)}, "strictly increasing"),
+        ("quick", {"kv_lens_tokens": (0, 16)}, "must be >= 1"),
+        ("quick", {"num_tokens": (1, 1)}, "strictly increasing"),
+        ("quick", {"message_bytes": (1,)}, "must be >= 4"),
+        ("quick", {"num_repeats": 0}, "num_repeats >= 1"),
+        ("quick", {"num_rounds": 0}, "num_rounds >= 1"),
+        ("quick", {"batch_sizes": (1.5, 2)}, "must hold integers"),
+        ("quick", {"colour": "blue"}, "unknown grid fields"),
+    ],
+)
+def test_invalid_grids_are_named(base: str | None, overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_grid(base, overrides)
+
+
+def test_grid_points_respect_the_caps_and_the_context() -> None:
+    grid = ProfileGrid(
+        batch_sizes=(1, 64),
+        seq_lens_tokens=(16, 1024),
+        kv_lens_tokens=(1, 1024),
+        num_tokens=(1,),
+        message_bytes=(1024,),
+        max_encode_tokens=4096,
+        max_kv_tokens=4096,
+    )
+    # Every batch keeps its shortest length; the rest obey the token caps.
+    assert grid.encode_points(num_heads=4) == [(1, 16), (1, 1024), (64, 16)]
+    assert grid.decode_points() == [(1, 1), (1, 1024), (64, 1)]
+    assert grid.for_context(512).seq_lens_tokens == (16,)
+    with pytest.raises(ValueError, match="exceeds the model's context of 8 tokens"):
+        grid.for_context(8)
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "message"),
+    [
+        ({"model": "no-such-model"}, "unknown model 'no-such-model'"),
+        ({"tp_degrees": (3,)}, "does not divide num_heads=4"),
+        ({"tp_degrees": ()}, "no TP degrees"),
+        ({"device": "tpu"}, "unknown device 'tpu'|unsupported device"),
+        ({"dtype": "int8"}, "unsupported dtype 'int8'"),
+        ({"grid_name": "nope", "grid": None}, "unknown grid 'nope'"),
+    ],
+)
+def test_bad_requests_fail_before_measuring(request_fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_request(tiny_request(**request_fields))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_on_a_machine_without_it() -> None:
+    with pytest.raises(ValueError, match="this machine has no CUDA"):
+        check_request(tiny_request(device="cuda"))
+
+
+def test_a_degree_needs_a_core_per_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("services.profiler.profiling.os.cpu_count", lambda: 2)
+    with pytest.raises(ValueError, match="TP degree 4 needs 4 ranks, but this machine has 2"):
+        check_request(tiny_request(tp_degrees=(4,)))
+    assert check_request(tiny_request(tp_degrees=None)).tp_degrees == (1, 2)
+
+
+def test_tp_degrees_always_include_one() -> None:
+    checked = check_request(tiny_request(tp_degrees=(2,)))
+    assert checked.tp_degrees == (1, 2)
+    assert checked.devices_used() == frozenset({"cpu"})
+
+
+def test_a_decoder_only_model_profiles_prefill_and_decode(llama_dir: Path, tmp_path: Path) -> None:
+    progress: list[tuple[int, int]] = []
+    data = run_profile(
+        ProfileRequest(model=str(llama_dir), grid_name="tiny", grid=TINY_GRID, tp_degrees=(1, 2)),
+        on_progress=lambda event: progress.append((event.num_done, event.num_total)),
+    )
+    assert progress[-1][0] == progress[-1][1]
+    assert data.model.family == "llama" and not data.model.is_encoder_decoder
+    assert data.compute[2].decode_cross_attention is None
+    profile = LayerProfile(data)
+    for tp in (1, 2):
+        assert profile.encode_attention_s(2, 32, tp) > 0  # the decoder layer's prefill
+        assert profile.decode_attention_s(2, 16, 0, tp) > 0
+        assert profile.decode_rest_s(2, tp) > 0
+    assert profile.kv_bytes_per_token(2) == 2 * 1 * 16 * 4  # K and V, one of two KV heads
+
+
+def test_validation_compares_whole_forwards(t5_profile_path: Path) -> None:
+    profile = load_profile(t5_profile_path)
+    loaded = load_model("exegpt-tiny-t5")
+    steps: list[tuple[int, int]] = []
+    points = validate_profile(
+        profile,
+        loaded,
+        num_threads=torch.get_num_threads(),
+        prefill_points=((1, 16), (2, 64)),
+        decode_points=((2, 8, 8), (4, 8, 8)),
+        num_warmup=1,
+        num_repeats=3,
+        num_rounds=2,
+        on_step=lambda done, total: steps.append((done, total)),
+    )
+    assert steps[-1] == (8, 8)
+    assert [p.kind for p in points] == ["prefill", "prefill", "decode", "decode"]
+    assert all(p.predicted_s > 0 and p.measured_s > 0 for p in points)
+    # (2, 64) and batch 4 lie past the tiny grid: flagged, not silently trusted.
+    assert [p.extrapolated for p in points] == [False, True, False, True]
+    median, worst = summarize(points)
+    assert 0 <= median <= worst
+    table = format_table(points)
+    assert "(extrapolated)" in table and "inside the profile's grid" in table
