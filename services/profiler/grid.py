@@ -46,8 +46,9 @@ class ProfileGrid:
     # One measurement stops repeating after this long (keeping at least 3 samples).
     max_measure_s: float = 1.0
     # CPU: evict the last-level cache before every timed repeat of a layer measurement, as
-    # the rest of a forward would have (timing.CacheFlusher).
-    flush_cache: bool = True
+    # the rest of a forward would (timing.CacheFlusher). None: only for models whose weights
+    # exceed the cache (a model that fits stays cached from one forward to the next).
+    flush_cache: bool | None = None
     # Encode attention points with B x H x S^2 above this are skipped.
     max_score_elements: int = 2**24
     # Decode attention points with B x L above this are skipped.
@@ -134,10 +135,10 @@ QUICK = ProfileGrid(
     kv_lens_tokens=(1, 16, 128, 1024),
     num_tokens=(1, 2, 4, 16, 64, 256, 1024, 4096),
     message_bytes=(1 * KIB, 64 * KIB, 4 * MIB),
-    num_warmup=2,
+    num_warmup=1,
     num_repeats=5,
     num_rounds=3,
-    max_measure_s=0.5,
+    max_measure_s=0.4,
     max_encode_tokens=4096,
 )
 
@@ -147,8 +148,10 @@ FULL = ProfileGrid(
     kv_lens_tokens=(1, *log_spaced(8, 1024)),
     num_tokens=log_spaced(1, 16384),
     message_bytes=log_spaced(256, 64 * MIB, factor=4),
-    num_warmup=3,
-    num_repeats=11,
+    num_warmup=1,
+    num_repeats=5,
+    num_rounds=3,
+    max_measure_s=0.5,
 )
 
 PRESETS: dict[str, ProfileGrid] = {"quick": QUICK, "full": FULL}

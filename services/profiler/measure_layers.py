@@ -43,7 +43,13 @@ from services.profiler.layer_work import (
     stack_work,
 )
 from services.profiler.probe import LayerCall, Probe, blocks_for_grid
-from services.profiler.timing import CacheFlusher, Series, Timer, TimingStats
+from services.profiler.timing import (
+    CacheFlusher,
+    Series,
+    Timer,
+    TimingStats,
+    last_level_cache_bytes,
+)
 
 StepCallback = Callable[[str], None]  # called after each measured point with the stage name
 COMPUTE_SERIES = (
@@ -64,6 +70,15 @@ def torch_threads(num_threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def _should_flush(loaded: LoadedModel, flush_cache: bool | None) -> bool:
+    if loaded.device.type != "cpu":
+        return False
+    if flush_cache is not None:
+        return flush_cache
+    weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    return weight_bytes > last_level_cache_bytes()
 
 
 @dataclass
@@ -87,13 +102,13 @@ class LayerProfiler:
         self.loaded = loaded
         self.config = loaded.config
         self.grid = grid
-        flush = grid.flush_cache and loaded.device.type == "cpu"
+        self.flush_cache = _should_flush(loaded, grid.flush_cache)
         self.timer = Timer(
             loaded.device,
             grid.num_warmup,
             grid.num_repeats,
             max_time_s=grid.max_measure_s,
-            before_repeat=CacheFlusher() if flush else None,
+            before_repeat=CacheFlusher() if self.flush_cache else None,
         )
         self.num_threads = num_threads
         self.tp_degrees = tp_degrees

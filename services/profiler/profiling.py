@@ -275,7 +275,7 @@ def measure(
             "profile_id": profile_id or new_profile_id(loaded.name, device, request.grid_name),
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "grid_name": request.grid_name,
-            "grid": grid.to_dict(),
+            "grid": {**grid.to_dict(), "flush_cache": profiler.flush_cache},
             "profiling_time_s": time.perf_counter() - start,
             "quality": {
                 "num_measurements": profiler.timer.num_measurements,

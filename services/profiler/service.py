@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from exegpt.errors import ErrorCode, RequestError
 from services.profiler.config import ProfilerConfig
 from services.profiler.grid import AXES, ProfileGrid
-from services.profiler.profile_format import ProfileData
+from services.profiler.profile_format import ProfileData, ProfileError
 from services.profiler.profiling import (
     CheckedRequest,
     ProfileRequest,
@@ -174,7 +174,10 @@ class ProfilerCore:
                 raise RequestError(ErrorCode.INTERNAL, str(exc)) from None
             finally:
                 cancel.set()  # a client that went away stops the run at the next measurement
-            summary = await asyncio.to_thread(self.store.save, data)
+            try:
+                summary = await asyncio.to_thread(self.store.save, data)
+            except (OSError, ProfileError) as exc:
+                raise RequestError(ErrorCode.INTERNAL, f"cannot store the profile: {exc}") from None
             logger.info("stored profile %s (%.1f s)", summary.profile_id, data.profiling_time_s)
             yield Done(summary)
         finally:

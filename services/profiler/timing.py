@@ -111,10 +111,11 @@ def last_level_cache_bytes(default: int = 32 * 2**20) -> int:
 class CacheFlusher:
     """Reads a buffer larger than the last-level cache, evicting what work left there.
 
-    A forward streams every layer's weights, the KV cache and the activations through the
-    caches, so by the time a layer runs again little of it is still cached. A layer (or a
-    stack of a small model's layers) timed in a loop would find its weights cached on every
-    repeat after the first and look faster than it is in a forward.
+    A forward of a model larger than the cache streams every layer's weights, the KV cache
+    and the activations through it, so by the time a layer runs again little of it is still
+    cached; a stack of a few layers that fits in the cache, timed in a loop, would find its
+    weights cached on every repeat and look faster than in a forward. (A model that fits
+    in the cache as a whole stays there between forwards: no flushing then.)
     """
 
     def __init__(self, num_bytes: int | None = None) -> None:

@@ -117,7 +117,7 @@ def validate_profile(
     decode_points: tuple[tuple[int, int, int], ...] = DECODE_POINTS,
     num_warmup: int = 2,
     num_repeats: int = 3,
-    num_rounds: int = 5,
+    num_rounds: int = 7,
     on_point: Callable[[ValidationPoint], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
 ) -> list[ValidationPoint]:
