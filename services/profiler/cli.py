@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     axes.add_argument("--message-bytes", help="all-reduce and hand-off sizes (bytes)")
     axes.add_argument("--repeats", type=int, help="timed repeats per point")
     axes.add_argument("--warmup", type=int, help="untimed warm-up runs per point")
+    axes.add_argument("--rounds", type=int, help="passes over the whole grid (medians combined)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", help="write the profile to this JSON file")
     parser.add_argument(
@@ -133,6 +134,8 @@ def grid_from_args(args: argparse.Namespace) -> tuple[str, Any]:
         overrides["num_repeats"] = args.repeats
     if args.warmup is not None:
         overrides["num_warmup"] = args.warmup
+    if args.rounds is not None:
+        overrides["num_rounds"] = args.rounds
     base: str | None = args.grid
     if base not in PRESETS and base != "custom":
         overrides = {**_grid_file(base), **overrides}

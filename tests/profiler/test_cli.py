@@ -43,6 +43,7 @@ def profile_cli(*args: str) -> int:
         (["--num-tokens=a,b"], "--num-tokens must be comma-separated integers"),
         (["--grid=custom", "--batch-sizes=1"], "seq_lens_tokens is empty"),
         (["--repeats=0"], "num_repeats >= 1"),
+        (["--rounds=0"], "num_rounds >= 1"),
         (["--tp=3"], "tensor-parallel degree 3 does not divide num_heads=4"),
         (["--tp="], "--tp is empty"),
         (["--dtype=int4"], "unsupported dtype 'int4'"),
