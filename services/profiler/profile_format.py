@@ -124,7 +124,7 @@ class SoftwareData(_Strict):
     python_version: str
     exegpt_version: str
     torch_threads: PositiveInt
-    allocator: str = ""  # malloc settings during the run (services/profiler/allocator.py)
+    allocator: str = ""  # malloc settings during the run (exegpt/allocator.py)
 
 
 class QualityData(_Strict):

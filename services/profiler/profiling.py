@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 import exegpt
+from exegpt.allocator import configure_allocator
 from exegpt.models.config import ModelConfig
 from exegpt.models.defaults import DEFAULT_MODEL_NAME, default_model_config
 from exegpt.models.loader import LoadedModel, ModelNotFoundError, load_model
 from exegpt.models.tensor_parallel import check_tp_degree, feasible_tp_degrees
-from services.profiler.allocator import configure_allocator
 from services.profiler.grid import ProfileGrid, preset
 from services.profiler.measure_comm import (
     fit_latency_bandwidth,

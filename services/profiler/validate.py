@@ -12,11 +12,11 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from exegpt.allocator import configure_allocator
 from exegpt.cost_model import CostModel
 from exegpt.models.kv_cache import KVCachePool, KVCacheSpec, blocks_for
 from exegpt.models.loader import LoadedModel
 from exegpt.models.runner import ModelRunner
-from services.profiler.allocator import configure_allocator
 from services.profiler.measure_layers import torch_threads
 from services.profiler.probe import Steps
 from services.profiler.timing import Timer, TimingStats, across_rounds

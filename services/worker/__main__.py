@@ -78,9 +78,14 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
 async def serve(config: WorkerConfig) -> None:
     import torch
 
+    from exegpt.allocator import configure_allocator
     from exegpt.models.loader import load_model
     from services.worker.server import start_worker
 
+    # The same malloc thresholds the profiler measures under, so its profile describes us.
+    allocator = configure_allocator()
+    if allocator:
+        logger.info("malloc: %s", allocator)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     loaded = load_model(config.model, device=config.device)

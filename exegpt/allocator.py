@@ -9,9 +9,9 @@ step of the default model measured 16 ms or 43 ms per layer depending on the all
 state. Fixing both thresholds makes every block up to 32 MiB (glibc's ceiling) reuse heap
 memory, and keeps up to 1 GiB of freed heap, so repeated steps cost the same every time.
 
-Workers whose timings the profile should predict need the same setting (call
-`configure_allocator()` at start-up, or set MALLOC_MMAP_THRESHOLD_=33554432 and
-MALLOC_TRIM_THRESHOLD_=1073741824 in their environment).
+The profiler and the workers both call `configure_allocator()` at start-up, so the profile
+describes the processes that serve (elsewhere, MALLOC_MMAP_THRESHOLD_=33554432 and
+MALLOC_TRIM_THRESHOLD_=1073741824 in the environment do the same).
 """
 
 from __future__ import annotations
