@@ -31,7 +31,7 @@ class _DefaultsHelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        shown = action.default not in (None, False, argparse.SUPPRESS)
+        shown = not any(action.default is hidden for hidden in (None, False, argparse.SUPPRESS))
         if action.option_strings and shown and "default" not in text.lower():
             text = f"{text} (default: %(default)s)".strip()
         return text
