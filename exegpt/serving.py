@@ -9,6 +9,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -48,6 +49,38 @@ class GrpcServer:
     async def stop(self, grace_s: float) -> None:
         await self.set_serving(False)
         await self.server.stop(grace_s)
+
+
+class ClosableCore(Protocol):
+    async def close(self) -> None: ...
+
+
+CoreT = TypeVar("CoreT", bound=ClosableCore)
+
+
+@dataclass
+class RunningService(Generic[CoreT]):
+    """A started service: its gRPC server and its grpc-free core, stopped together.
+
+    Stopping reports NOT_SERVING first, then closes the core (ending its streams and any
+    running work between two steps) so the grace period is not spent waiting on them.
+    """
+
+    grpc_server: GrpcServer
+    core: CoreT
+    stopped: bool = False
+
+    @property
+    def address(self) -> str:
+        return self.grpc_server.address
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        await self.grpc_server.set_serving(False)
+        await self.core.close()
+        await self.grpc_server.server.stop(grace_s)
 
 
 async def start_grpc_server(

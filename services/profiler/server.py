@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
 from opentelemetry import trace
@@ -17,7 +16,7 @@ from opentelemetry import trace
 from exegpt import tracing
 from exegpt.errors import RequestError
 from exegpt.grpc_errors import to_grpc_status
-from exegpt.serving import GrpcServer, start_grpc_server
+from exegpt.serving import RunningService, start_grpc_server
 from exegpt.v1 import profiler_pb2, profiler_pb2_grpc
 from services.profiler import convert
 from services.profiler.config import ProfilerConfig
@@ -70,25 +69,7 @@ class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):
         )
 
 
-@dataclass
-class RunningProfiler:
-    """A started profiler: its gRPC server and core, stopped together."""
-
-    grpc_server: GrpcServer
-    core: ProfilerCore
-    stopped: bool = False
-
-    @property
-    def address(self) -> str:
-        return self.grpc_server.address
-
-    async def stop(self, grace_s: float = 5.0) -> None:
-        if self.stopped:
-            return
-        self.stopped = True
-        await self.grpc_server.set_serving(False)
-        await self.core.close()  # a running measurement stops between two points
-        await self.grpc_server.server.stop(grace_s)
+RunningProfiler = RunningService[ProfilerCore]
 
 
 async def start_profiler(
@@ -103,4 +84,4 @@ async def start_profiler(
         max_message_bytes=config.max_message_bytes,
     )
     logger.info("profiler serving on %s, profiles in %s", grpc_server.address, core.store.directory)
-    return RunningProfiler(grpc_server, core)
+    return RunningService(grpc_server, core)

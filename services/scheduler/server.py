@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
 from opentelemetry import trace
@@ -17,7 +16,7 @@ from opentelemetry import trace
 from exegpt import tracing
 from exegpt.errors import RequestError
 from exegpt.grpc_errors import to_grpc_status
-from exegpt.serving import GrpcServer, start_grpc_server
+from exegpt.serving import RunningService, start_grpc_server
 from exegpt.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler import convert
 from services.scheduler.config import SchedulerConfig
@@ -81,25 +80,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return response
 
 
-@dataclass
-class RunningScheduler:
-    """A started scheduler: its gRPC server and core, stopped together."""
-
-    grpc_server: GrpcServer
-    core: SchedulerCore
-    stopped: bool = False
-
-    @property
-    def address(self) -> str:
-        return self.grpc_server.address
-
-    async def stop(self, grace_s: float = 5.0) -> None:
-        if self.stopped:
-            return
-        self.stopped = True
-        await self.grpc_server.set_serving(False)
-        await self.core.close()  # ends watch streams, so the grace period is not spent on them
-        await self.grpc_server.server.stop(grace_s)
+RunningScheduler = RunningService[SchedulerCore]
 
 
 async def start_scheduler(
@@ -126,4 +107,4 @@ async def start_scheduler(
         if current
         else "no schedule until a Plan call activates one",
     )
-    return RunningScheduler(grpc_server, core)
+    return RunningService(grpc_server, core)
