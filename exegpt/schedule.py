@@ -7,6 +7,7 @@ engine enforces it. Variables a kind does not use keep their neutral value (1 or
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 
@@ -24,6 +25,27 @@ class ScheduleKind(StrEnum):
 
 
 SEARCHED_KINDS = (ScheduleKind.RRA, ScheduleKind.WAA_C, ScheduleKind.WAA_M)
+
+
+def searched_kinds(names: Iterable[str]) -> tuple[ScheduleKind, ...]:
+    """The schedule kinds to search, from their names (blanks skipped, repeats dropped).
+
+    Raises ValueError for an unknown name or a baseline (baselines are always reported,
+    never searched); an empty result is the caller's to judge.
+    """
+    kinds: list[ScheduleKind] = []
+    for name in (name.strip() for name in names):
+        if not name:
+            continue
+        try:
+            kind = ScheduleKind(name)
+        except ValueError:
+            raise ValueError(f"unknown schedule kind {name!r}; use rra, waa-c or waa-m") from None
+        if kind.is_baseline:
+            raise ValueError(f"{name} is a baseline: it is always reported, not searched")
+        if kind not in kinds:
+            kinds.append(kind)
+    return tuple(kinds)
 
 
 @dataclass(frozen=True)

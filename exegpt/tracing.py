@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -59,3 +60,12 @@ def context_from_metadata(
     """The remote parent context found in incoming gRPC metadata (empty if none)."""
     carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
     return propagate.extract(carrier)
+
+
+def server_span(
+    tracer: trace.Tracer, name: str, metadata: Iterable[tuple[str, str | bytes]] | None
+) -> AbstractContextManager[trace.Span]:
+    """A SERVER span for an incoming gRPC call, joined to the caller's trace if it sent one."""
+    return tracer.start_as_current_span(
+        name, context=context_from_metadata(metadata), kind=trace.SpanKind.SERVER
+    )

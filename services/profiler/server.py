@@ -33,10 +33,8 @@ class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):
     async def StartProfile(  # noqa: N802 (gRPC method name)
         self, request: profiler_pb2.StartProfileRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[profiler_pb2.ProfileEvent]:
-        parent = tracing.context_from_metadata(context.invocation_metadata())
-        with tracer.start_as_current_span(
-            "profiler.start_profile", context=parent, kind=trace.SpanKind.SERVER
-        ) as span:
+        metadata = context.invocation_metadata()
+        with tracing.server_span(tracer, "profiler.start_profile", metadata) as span:
             try:
                 profile_request = convert.request_from_proto(request)
                 span.set_attribute("exegpt.profile.model", profile_request.model)

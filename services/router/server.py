@@ -37,7 +37,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def GenerateStream(  # noqa: N802 (gRPC method name)
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generate_pb2.GenerateChunk]:
-        with _server_span("router.GenerateStream", context):
+        with tracing.server_span(tracer, "router.GenerateStream", context.invocation_metadata()):
             try:
                 generation = request_from_proto(request)
                 async for chunk in self._router.generate_stream(
@@ -52,7 +52,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Generate(  # noqa: N802
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> generate_pb2.GenerateResult:
-        with _server_span("router.Generate", context):
+        with tracing.server_span(tracer, "router.Generate", context.invocation_metadata()):
             try:
                 result = await self._router.generate(
                     request_from_proto(request), context.time_remaining()
@@ -69,11 +69,6 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ListModelsResponse:
         return router_pb2.ListModelsResponse(models=self._router.models())
-
-
-def _server_span(name: str, context: grpc.aio.ServicerContext) -> trace.Span:
-    parent = tracing.context_from_metadata(context.invocation_metadata())
-    return tracer.start_as_current_span(name, context=parent, kind=trace.SpanKind.SERVER)
 
 
 def _result_to_proto(result: GenerationChunk, model: str) -> generate_pb2.GenerateResult:

@@ -9,7 +9,7 @@ import sys
 
 from exegpt.cli import service_main
 from exegpt.errors import RequestError
-from exegpt.schedule import ScheduleKind
+from exegpt.schedule import searched_kinds
 from exegpt.serving import run_service, wait_for_shutdown_signal, write_ready_file
 from services.scheduler.config import DriftThresholds, SchedulerConfig
 from services.scheduler.problem import WorkloadDistribution
@@ -117,7 +117,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         latency_bound_s=args.latency_bound or math.inf,
         num_devices=args.devices,
         device_memory_bytes=int(args.device_memory_gb * 2**30),
-        kinds=tuple(ScheduleKind(kind.strip()) for kind in args.kinds.split(",") if kind),
+        kinds=searched_kinds(args.kinds.split(",")),
         drift=DriftThresholds(
             min_observations=args.min_observations,
             ks_threshold=args.ks_threshold,

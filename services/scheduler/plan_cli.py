@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from exegpt.cost_model import CostModel
-from exegpt.schedule import ScheduleKind
+from exegpt.schedule import ScheduleKind, searched_kinds
 from services.scheduler.problem import PlanProblem, PlanResult, Prediction, WorkloadDistribution
 from services.scheduler.sim_common import GIB
 
@@ -146,21 +146,10 @@ def parse_bound(text: str) -> float:
 
 
 def parse_kinds(text: str) -> tuple[ScheduleKind, ...]:
-    kinds: list[ScheduleKind] = []
-    for name in (part.strip() for part in text.split(",")):
-        if not name:
-            continue
-        try:
-            kind = ScheduleKind(name)
-        except ValueError:
-            raise ValueError(f"unknown schedule kind {name!r}; use rra, waa-c, waa-m") from None
-        if kind.is_baseline:
-            raise ValueError(f"{name} is a baseline: it is always reported, not searched")
-        if kind not in kinds:
-            kinds.append(kind)
+    kinds = searched_kinds(text.split(","))
     if not kinds:
         raise ValueError("--kinds names no schedule kind")
-    return tuple(kinds)
+    return kinds
 
 
 def _ints(text: str, option: str) -> list[int]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from exegpt.cost_model import CostModel
 from exegpt.errors import ErrorCode, RequestError
-from exegpt.schedule import ScheduleKind
+from exegpt.schedule import ScheduleKind, searched_kinds
 from services.scheduler.calibration import ScaledCostModel
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.problem import PlanProblem, WorkloadDistribution
@@ -88,19 +88,10 @@ def resolve_latency_bound_s(query: PlanQuery, config: SchedulerConfig) -> float:
 
 
 def resolve_kinds(query: PlanQuery, config: SchedulerConfig) -> tuple[ScheduleKind, ...]:
-    if not query.kinds:
-        return config.kinds
-    kinds: list[ScheduleKind] = []
-    for value in query.kinds:
-        try:
-            kind = ScheduleKind(value)
-        except ValueError:
-            raise invalid(f"unknown schedule kind {value!r}; use rra, waa-c or waa-m") from None
-        if kind.is_baseline:
-            raise invalid(f"schedule kind {value!r} is a baseline and is not searched")
-        if kind not in kinds:
-            kinds.append(kind)
-    return tuple(kinds)
+    try:
+        return searched_kinds(query.kinds) or config.kinds
+    except ValueError as exc:
+        raise invalid(str(exc)) from None
 
 
 def resolve_device_counts(query: PlanQuery, config: SchedulerConfig) -> tuple[int, int]:

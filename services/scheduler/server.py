@@ -34,10 +34,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def Plan(  # noqa: N802 (gRPC method name)
         self, request: scheduler_pb2.PlanRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.PlanResponse:
-        parent = tracing.context_from_metadata(context.invocation_metadata())
-        with tracer.start_as_current_span(
-            "scheduler.plan", context=parent, kind=trace.SpanKind.SERVER
-        ) as span:
+        metadata = context.invocation_metadata()
+        with tracing.server_span(tracer, "scheduler.plan", metadata) as span:
             try:
                 outcome = await self._core.plan(convert.query_from_proto(request))
             except RequestError as exc:

@@ -52,10 +52,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def Generate(  # noqa: N802 (gRPC method name)
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generate_pb2.GenerateChunk]:
-        parent = tracing.context_from_metadata(context.invocation_metadata())
-        with tracer.start_as_current_span(
-            "worker.generate", context=parent, kind=trace.SpanKind.SERVER
-        ) as span:
+        metadata = context.invocation_metadata()
+        with tracing.server_span(tracer, "worker.generate", metadata) as span:
             try:
                 generation = request_from_proto(request)
                 generation.validate()
