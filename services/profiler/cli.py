@@ -63,7 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     axes.add_argument("--message-bytes", help="all-reduce and hand-off sizes (bytes)")
     axes.add_argument("--repeats", type=int, help="timed repeats per point")
     axes.add_argument("--warmup", type=int, help="untimed warm-up runs per point")
-    axes.add_argument("--rounds", type=int, help="passes over the whole grid (medians combined)")
+    axes.add_argument(
+        "--rounds",
+        type=int,
+        help="passes over the whole grid (medians combined); with --validate: passes over "
+        "the forwards (default there: 10)",
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", help="write the profile to this JSON file")
     parser.add_argument(
@@ -222,7 +227,13 @@ def _validate(args: argparse.Namespace) -> int:
     from exegpt.models.loader import load_model
     from services.profiler.profile import load_profile
     from services.profiler.profiling import check_device, check_dtype
-    from services.profiler.validate import format_table, summarize, validate_profile
+    from services.profiler.validate import (
+        VALIDATION_ROUNDS,
+        common_factor,
+        format_table,
+        summarize,
+        validate_profile,
+    )
 
     if args.out:
         raise UsageError("--out does not apply with --validate")
@@ -233,9 +244,12 @@ def _validate(args: argparse.Namespace) -> int:
     loaded = load_model(model, device=str(device), dtype=check_dtype(data.model.dtype))
     profile = load_profile(args.validate, expected_config_hash=loaded.config.config_hash())
     num_threads = args.threads or data.software.torch_threads
+    num_rounds = args.rounds if args.rounds is not None else VALIDATION_ROUNDS
+    if num_rounds < 1:
+        raise UsageError(f"--rounds must be at least 1, got {num_rounds}")
     sys.stdout.write(
         f"validating {data.profile_id} ({data.model.name}, grid {data.grid_name}) with whole "
-        f"forwards on {device}, {num_threads} threads, TP 1\n"
+        f"forwards on {device}, {num_threads} threads, TP 1, {num_rounds} rounds\n"
     )
     # The table flags extrapolated predictions; the profile's per-query warnings would repeat it.
     logging.getLogger("services.profiler.profile").setLevel(logging.ERROR)
@@ -247,7 +261,9 @@ def _validate(args: argparse.Namespace) -> int:
             bar.total = total
             bar.update(done - bar.n)
 
-        points = validate_profile(profile, loaded, num_threads=num_threads, on_step=step)
+        points = validate_profile(
+            profile, loaded, num_threads=num_threads, num_rounds=num_rounds, on_step=step
+        )
     sys.stdout.write(format_table(points) + "\n")
     if args.json:
         median, worst = summarize(points)
@@ -255,8 +271,10 @@ def _validate(args: argparse.Namespace) -> int:
             "profile": str(args.validate),
             "profile_id": data.profile_id,
             "num_threads": num_threads,
+            "num_rounds": num_rounds,
             "median_abs_error": median,
             "worst_abs_error": worst,
+            "common_factor": common_factor(points),
             "points": [_point_json(point) for point in points],
         }
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -265,10 +283,10 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _point_json(point: Any) -> dict[str, Any]:
     return {
-        "kind": point.kind,
-        "batch_size": point.batch_size,
-        "prompt_tokens": point.prompt_tokens,
-        "kv_len_tokens": point.kv_len_tokens,
+        "kind": point.point.kind,
+        "batch_size": point.point.batch_size,
+        "prompt_tokens": point.point.prompt_tokens,
+        "kv_len_tokens": point.point.kv_len_tokens,
         "predicted_s": point.predicted_s,
         "measured_s": point.measured_s,
         "measured_p10_s": point.measured.p10_s,

@@ -45,6 +45,8 @@ class ProfileGrid:
     num_rounds: int = 1
     # One measurement stops repeating after this long (keeping at least 3 samples).
     max_measure_s: float = 1.0
+    # Each timed sample repeats short work until it lasts this long (timing.Timer).
+    min_sample_s: float = 0.0
     # CPU: evict the last-level cache before every timed repeat of a layer measurement, as
     # the rest of a forward would (timing.CacheFlusher). None: only for models whose weights
     # exceed the cache (a model that fits stays cached from one forward to the next).
@@ -62,6 +64,11 @@ class ProfileGrid:
         _check_sizes("message_bytes", self.message_bytes, minimum=4)
         if not self.max_measure_s > 0:
             raise ValueError(f"max_measure_s must be positive, got {self.max_measure_s}")
+        if not 0 <= self.min_sample_s <= self.max_measure_s:
+            raise ValueError(
+                f"min_sample_s must be between 0 and max_measure_s ({self.max_measure_s}), "
+                f"got {self.min_sample_s}"
+            )
         if self.num_warmup < 0 or self.num_repeats < 1 or self.num_rounds < 1:
             raise ValueError(
                 f"the grid needs num_warmup >= 0, num_repeats >= 1 and num_rounds >= 1, got "
@@ -127,18 +134,23 @@ def _check_sizes(name: str, values: Sequence[int], minimum: int) -> None:
         raise ValueError(f"grid {name} must be strictly increasing, got {list(values)}")
 
 
+# Timed samples of at least 10 ms, as long as the whole forwards validation compares with.
+SAMPLE_S = 0.01
+
 QUICK = ProfileGrid(
     # 1 -> 2 matters: one token or sequence takes matrix-vector kernels, two take GEMMs and
-    # cost markedly more, a step no log-log line between 1 and 4 follows.
-    batch_sizes=(1, 2, 4, 16, 64),
+    # cost markedly more, a step no log-log line between 1 and 4 follows. Batch 32 and KV
+    # 512 bring the larger decode steps (batch x KV up to 32k tokens) inside the grid.
+    batch_sizes=(1, 2, 4, 16, 32, 64),
     seq_lens_tokens=(16, 128, 1024),
-    kv_lens_tokens=(1, 16, 128, 1024),
+    kv_lens_tokens=(1, 16, 128, 512, 1024),
     num_tokens=(1, 2, 4, 16, 64, 256, 1024, 4096),
     message_bytes=(1 * KIB, 64 * KIB, 4 * MIB),
     num_warmup=1,
-    num_repeats=5,
+    num_repeats=3,
     num_rounds=3,
     max_measure_s=0.4,
+    min_sample_s=SAMPLE_S,
     max_encode_tokens=4096,
 )
 
@@ -152,6 +164,7 @@ FULL = ProfileGrid(
     num_repeats=5,
     num_rounds=3,
     max_measure_s=0.5,
+    min_sample_s=SAMPLE_S,
 )
 
 PRESETS: dict[str, ProfileGrid] = {"quick": QUICK, "full": FULL}

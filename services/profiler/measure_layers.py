@@ -108,6 +108,7 @@ class LayerProfiler:
             grid.num_warmup,
             grid.num_repeats,
             max_time_s=grid.max_measure_s,
+            min_sample_s=grid.min_sample_s,
             before_repeat=CacheFlusher() if self.flush_cache else None,
         )
         self.num_threads = num_threads

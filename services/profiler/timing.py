@@ -7,6 +7,7 @@ which other processes used the CPUs are taken again (services/profiler/contentio
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -133,6 +134,12 @@ class Timer:
 
     With `max_time_s`, slow work stops early: warm-up after one call once that took longer
     than the budget, repeats once they took `max_time_s` (but never below MIN_REPEATS).
+
+    With `min_sample_s`, one sample calls short work as often as it takes to last that long
+    (timed from the last warm-up call) and reports the time per call. On a shared machine
+    other tenants interrupt us every few milliseconds: the median of 1 ms samples misses
+    most interruptions, the median of 10 ms forwards includes them, so timing both over the
+    same span keeps a sum of short measurements comparable with one long forward.
     """
 
     def __init__(
@@ -142,6 +149,7 @@ class Timer:
         num_repeats: int,
         *,
         max_time_s: float | None = None,
+        min_sample_s: float = 0.0,
         before_repeat: Callable[[], object] | None = None,
         max_retries: int = 3,
         retry_pause_s: float = 0.5,
@@ -151,7 +159,8 @@ class Timer:
         self.num_warmup = num_warmup
         self.num_repeats = num_repeats
         self.max_time_s = max_time_s if max_time_s is not None else float("inf")
-        self.before_repeat = before_repeat  # untimed, e.g. a CacheFlusher
+        self.min_sample_s = min_sample_s
+        self.before_repeat = before_repeat  # untimed, e.g. a CacheFlusher: one call a sample
         self.max_retries = max_retries
         self.retry_pause_s = retry_pause_s
         self.monitor = monitor if monitor is not None else ContentionMonitor()
@@ -183,13 +192,24 @@ class Timer:
         assert best is not None
         return best
 
+    def _calls_per_sample(self, call_s: float | None) -> int:
+        if self.before_repeat is not None or not self.min_sample_s or not call_s:
+            return 1
+        return max(1, min(1000, math.ceil(self.min_sample_s / call_s)))
+
     def _samples(self, work: Callable[[], object], divide_by: int) -> TimingStats:
         with torch.inference_mode():
             start = time.perf_counter()
+            call_s = None
             for _ in range(self.num_warmup):
+                self._sync()
+                begin = time.perf_counter()
                 work()
+                self._sync()
+                call_s = time.perf_counter() - begin
                 if time.perf_counter() - start > self.max_time_s:
                     break
+            calls = self._calls_per_sample(call_s)
             samples_s: list[float] = []
             start = time.perf_counter()
             while len(samples_s) < self.num_repeats:
@@ -197,10 +217,11 @@ class Timer:
                     self.before_repeat()
                 self._sync()
                 begin = time.perf_counter()
-                work()
+                for _ in range(calls):
+                    work()
                 self._sync()
                 end = time.perf_counter()
-                samples_s.append((end - begin) / divide_by)
+                samples_s.append((end - begin) / (divide_by * calls))
                 if len(samples_s) >= MIN_REPEATS and end - start > self.max_time_s:
                     break
         return stats_of(samples_s)

@@ -12,6 +12,7 @@ import torch
 
 from exegpt import cli
 from services.profiler import validate
+from services.profiler.forwards import decode, prefill
 from services.profiler.measure_comm import MeasurementError
 from services.profiler.profile import load_profile
 from tests.profiler.conftest import TINY_GRID
@@ -129,19 +130,21 @@ def test_profile_then_validate(
 
     reduced = functools.partial(
         validate.validate_profile,
-        prefill_points=((1, 16), (2, 32)),
-        decode_points=((2, 8, 12),),
+        points=(prefill(1, 16), prefill(2, 32), decode(2, 8, 12)),
         num_repeats=3,
-        num_rounds=1,
     )
     monkeypatch.setattr(validate, "validate_profile", reduced)
     report = tmp_path / "report.json"
-    assert profile_cli(f"--validate={out}", "--no-progress", f"--json={report}") == 0
+    assert profile_cli(f"--validate={out}", "--rounds=1", "--no-progress", f"--json={report}") == 0
     stdout = capsys.readouterr().out
     assert "predicted ms" in stdout and "relative error: median" in stdout
     data = json.loads(report.read_text())
     assert [p["kind"] for p in data["points"]] == ["prefill", "prefill", "decode"]
     assert data["worst_abs_error"] >= data["median_abs_error"] >= 0
+    assert data["num_rounds"] == 1 and data["common_factor"] > 0
+    for point in data["points"]:
+        error = point["predicted_s"] / point["measured_s"] - 1
+        assert point["relative_error"] == pytest.approx(error)
 
 
 def test_grid_from_a_json_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

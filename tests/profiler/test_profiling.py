@@ -8,10 +8,19 @@ import pytest
 import torch
 
 from exegpt.models.loader import load_model
+from services.profiler.forwards import decode, prefill
 from services.profiler.grid import FULL, QUICK, ProfileGrid, build_grid
 from services.profiler.profile import LayerProfile, load_profile
 from services.profiler.profiling import ProfileRequest, check_request, run_profile
-from services.profiler.validate import format_table, summarize, validate_profile
+from services.profiler.timing import stats_of
+from services.profiler.validate import (
+    ValidationPoint,
+    common_factor,
+    errors_relative_to,
+    format_table,
+    summarize,
+    validate_profile,
+)
 from tests.profiler.conftest import TINY_GRID, tiny_request
 
 
@@ -124,19 +133,51 @@ def test_validation_compares_whole_forwards(t5_profile_path: Path) -> None:
         profile,
         loaded,
         num_threads=torch.get_num_threads(),
-        prefill_points=((1, 16), (2, 64)),
-        decode_points=((2, 8, 8), (4, 8, 8)),
+        points=(prefill(1, 16), prefill(2, 64), decode(2, 8, 8), decode(4, 8, 8)),
         num_warmup=1,
         num_repeats=3,
         num_rounds=2,
         on_step=lambda done, total: steps.append((done, total)),
     )
     assert steps[-1] == (8, 8)
-    assert [p.kind for p in points] == ["prefill", "prefill", "decode", "decode"]
+    assert [p.point.kind for p in points] == ["prefill", "prefill", "decode", "decode"]
     assert all(p.predicted_s > 0 and p.measured_s > 0 for p in points)
+    assert all(p.measured.num_repeats == 2 * 3 for p in points)  # both rounds' samples
     # (2, 64) and batch 4 lie past the tiny grid: flagged, not silently trusted.
     assert [p.extrapolated for p in points] == [False, True, False, True]
     median, worst = summarize(points)
     assert 0 <= median <= worst
     table = format_table(points)
     assert "(extrapolated)" in table and "inside the profile's grid" in table
+    assert f"took {common_factor(points):.2f}x the predicted time in common" in table
+
+
+def test_common_factor_separates_a_uniform_slowdown_from_the_profile_s_errors() -> None:
+    def point(predicted_s: float, measured_s: float) -> ValidationPoint:
+        return ValidationPoint(prefill(1, 16), predicted_s, False, stats_of([measured_s]))
+
+    # the machine ran 20% slower than when profiled; one forward is also 10% off besides
+    points = [point(1.0, 1.2), point(2.0, 2.4), point(4.0, 4.8 * 1.1)]
+    factor = common_factor(points)
+    assert factor == pytest.approx(1.2 * 1.1 ** (1 / 3))
+    residual = errors_relative_to(points, factor)
+    assert [round(e, 3) for e in residual] == [
+        round(factor / 1.2 - 1, 3),
+        round(factor / 1.2 - 1, 3),
+        round(factor / 1.32 - 1, 3),
+    ]
+    assert common_factor([point(2.0, 2.0)]) == 1.0
+
+
+def test_validation_skips_forwards_longer_than_the_context(llama_dir: Path) -> None:
+    data = run_profile(tiny_request(model=str(llama_dir)))
+    points = validate_profile(
+        LayerProfile(data),
+        load_model(str(llama_dir)),
+        num_threads=1,
+        points=(prefill(1, 16), prefill(1, 300), decode(1, 8, 255), decode(1, 8, 256)),
+        num_repeats=3,
+        num_rounds=1,
+    )
+    # the tiny Llama's context is 256 tokens: a 300-token prompt and a step to 257 do not fit
+    assert [p.point for p in points] == [prefill(1, 16), decode(1, 8, 255)]

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from exegpt.v1 import profiler_pb2, profiler_pb2_grpc
 from services.profiler.config import ProfilerConfig
+from services.profiler.grid import QUICK
 from services.profiler.profile import LayerProfile
 from services.profiler.profile_format import parse_profile
 from services.profiler.profiling import CheckedRequest, ProgressEvent
@@ -121,7 +122,7 @@ def test_start_get_and_list_a_profile(profiler: RunningProfiler) -> None:
     )
     profile = LayerProfile(parse_profile(__import__("json").loads(got.profile_json)))
     assert profile.data.profile_id == done.profile_id
-    assert profile.data.grid["batch_sizes"] == [1, 2, 4, 16, 64]
+    assert profile.data.grid["batch_sizes"] == list(QUICK.batch_sizes)
     assert profile.encode_attention_s(8, 512, 1) > 0 and profile.transfer_s(4096) > 0
     assert not profile.is_extrapolated("decode_attention_s", 16, 1000, 1000, 1)
     assert got.summary == done.summary

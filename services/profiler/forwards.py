@@ -1,0 +1,84 @@
+"""Whole-model forwards on the real model, as `exegpt profile --validate` times them.
+
+A `ForwardPoint` is one prefill or one decode step of a batch; `WholeForwards` runs the
+engine's ModelRunner on the real model over a KV pool sized for its points (every page
+holding data, as in a serving engine) and times them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from exegpt.models.config import ModelConfig
+from exegpt.models.kv_cache import KVCachePool, KVCacheSpec, blocks_for
+from exegpt.models.loader import LoadedModel
+from exegpt.models.runner import ModelRunner
+from services.profiler.probe import Steps
+from services.profiler.timing import Timer, TimingStats
+
+BLOCK_SIZE_TOKENS = 16  # the engine's default
+
+
+@dataclass(frozen=True)
+class ForwardPoint:
+    kind: Literal["prefill", "decode"]
+    batch_size: int
+    prompt_tokens: int
+    kv_len_tokens: int = 0  # decode: tokens cached before the step; prefill: 0
+
+    def fits(self, config: ModelConfig) -> bool:
+        longest = self.prompt_tokens if self.kind == "prefill" else self.kv_len_tokens + 1
+        return max(self.prompt_tokens, longest) <= config.max_context_tokens
+
+    def num_blocks(self, block_size_tokens: int) -> int:
+        """KV blocks the step holds at once (self and, for T5, cross; a few spare)."""
+        if self.kind == "prefill":
+            per_seq = blocks_for(self.prompt_tokens, block_size_tokens) + 1
+        else:
+            per_seq = blocks_for(self.prompt_tokens, block_size_tokens) + blocks_for(
+                self.kv_len_tokens + 1, block_size_tokens
+            )
+        return self.batch_size * per_seq
+
+    def label(self) -> str:
+        if self.kind == "prefill":
+            return f"prefill {self.batch_size}x{self.prompt_tokens}"
+        return f"decode {self.batch_size}x{self.prompt_tokens} kv {self.kv_len_tokens}"
+
+
+def prefill(batch_size: int, prompt_tokens: int) -> ForwardPoint:
+    return ForwardPoint("prefill", batch_size, prompt_tokens)
+
+
+def decode(batch_size: int, prompt_tokens: int, kv_len_tokens: int) -> ForwardPoint:
+    return ForwardPoint("decode", batch_size, prompt_tokens, kv_len_tokens)
+
+
+class WholeForwards:
+    """Times whole prefills and decode steps of the real model (unsharded, TP 1)."""
+
+    def __init__(self, loaded: LoadedModel, points: Iterable[ForwardPoint]) -> None:
+        self.config = loaded.config
+        num_blocks = max([1, *(p.num_blocks(BLOCK_SIZE_TOKENS) for p in points)])
+        spec = KVCacheSpec.for_model(loaded.config, dtype=loaded.dtype)
+        self.pool = KVCachePool(spec, num_blocks, BLOCK_SIZE_TOKENS, loaded.device)
+        for layer in self.pool.layers:  # as in a serving engine, every page holds data
+            layer.k.fill_(0.5)
+            layer.v.fill_(0.5)
+        self.steps = Steps(ModelRunner(loaded.model, self.pool), loaded.config)
+
+    def usable(self, points: Iterable[ForwardPoint]) -> tuple[ForwardPoint, ...]:
+        """The points that fit the model's context."""
+        return tuple(p for p in points if p.fits(self.config))
+
+    def measure(self, timer: Timer, point: ForwardPoint) -> TimingStats:
+        if point.kind == "prefill":
+            return timer.measure(self.steps.prefill_step(point.batch_size, point.prompt_tokens))
+        cross = point.prompt_tokens if self.config.is_encoder_decoder else 0
+        seqs = self.steps.decode_sequences(point.batch_size, point.kv_len_tokens, cross)
+        try:
+            return timer.measure(self.steps.decode_step(seqs))
+        finally:
+            self.steps.release(seqs)
