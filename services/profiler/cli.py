@@ -229,8 +229,8 @@ def _validate(args: argparse.Namespace) -> int:
     from services.profiler.profiling import check_device, check_dtype
     from services.profiler.validate import (
         VALIDATION_ROUNDS,
-        common_factor,
         format_table,
+        repeatability,
         summarize,
         validate_profile,
     )
@@ -274,7 +274,7 @@ def _validate(args: argparse.Namespace) -> int:
             "num_rounds": num_rounds,
             "median_abs_error": median,
             "worst_abs_error": worst,
-            "common_factor": common_factor(points),
+            "repeatability": repeatability(points),
             "points": [_point_json(point) for point in points],
         }
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -292,5 +292,6 @@ def _point_json(point: Any) -> dict[str, Any]:
         "measured_p10_s": point.measured.p10_s,
         "measured_p90_s": point.measured.p90_s,
         "relative_error": point.relative_error,
+        "halves_differ": point.halves_differ(),
         "extrapolated": point.extrapolated,
     }

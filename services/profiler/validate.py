@@ -8,7 +8,6 @@ trust. Measurements run the engine's ModelRunner on the real model and KV pool, 
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,11 +47,21 @@ class ValidationPoint:
     point: ForwardPoint
     predicted_s: float
     extrapolated: bool  # the prediction used a point past the profile's grid
-    measured: TimingStats
+    measured: TimingStats  # over all rounds
+    rounds: tuple[TimingStats, ...] = ()  # each round's, in order
 
     @property
     def measured_s(self) -> float:
         return self.measured.median_s
+
+    def halves_differ(self) -> float | None:
+        """Second half of the rounds vs the first, relative (None with fewer than two)."""
+        half = len(self.rounds) // 2
+        if half == 0:
+            return None
+        first = statistics.median(r.median_s for r in self.rounds[:half])
+        second = statistics.median(r.median_s for r in self.rounds[half:])
+        return (second - first) / first
 
     @property
     def relative_error(self) -> float:
@@ -149,7 +158,10 @@ def validate_profile(
         before = _extrapolations(cost)
         predicted = predict_forward_s(cost, point)
         extrapolated = _extrapolations(cost) > before
-        result = ValidationPoint(point, predicted, extrapolated, across_rounds(rounds[point]))
+        measured = rounds[point]
+        result = ValidationPoint(
+            point, predicted, extrapolated, across_rounds(measured), tuple(measured)
+        )
         results.append(result)
         if on_point is not None:
             on_point(result)
@@ -162,20 +174,12 @@ def summarize(points: list[ValidationPoint]) -> tuple[float, float]:
     return statistics.median(errors), max(errors)
 
 
-def common_factor(points: list[ValidationPoint]) -> float:
-    """measured / predicted, in the geometric mean over the points.
-
-    On a shared machine the speed moves by 10-15% between minutes, the same for all work, so
-    a profile taken earlier is off by a common factor; the errors relative to it show what the
-    profile's composition itself gets wrong. (Fitted on the points it is judged on: a
-    diagnostic, not a second accuracy figure.)
-    """
-    logs = [math.log(p.measured_s / p.predicted_s) for p in points if p.predicted_s > 0]
-    return math.exp(statistics.fmean(logs)) if logs else 1.0
-
-
-def errors_relative_to(points: list[ValidationPoint], factor: float) -> list[float]:
-    return [(p.predicted_s * factor - p.measured_s) / p.measured_s for p in points]
+def repeatability(points: list[ValidationPoint]) -> tuple[float, float] | None:
+    """(median, worst) relative difference between the two halves of the rounds: how well the
+    machine reproduces its own measurements (None with fewer than two rounds)."""
+    differences = [p.halves_differ() for p in points]
+    magnitudes = [abs(d) for d in differences if d is not None]
+    return (statistics.median(magnitudes), max(magnitudes)) if magnitudes else None
 
 
 def format_table(points: list[ValidationPoint]) -> str:
@@ -202,11 +206,10 @@ def format_table(points: list[ValidationPoint]) -> str:
             f"inside the profile's grid: median {median:.1%}, worst {worst:.1%} over "
             f"{len(inside)} forwards ({len(points) - len(inside)} extrapolated)"
         )
-    factor = common_factor(points)
-    magnitudes = [abs(e) for e in errors_relative_to(points, factor)]
-    lines.append(
-        f"the forwards took {factor:.2f}x the predicted time in common (the machine's speed "
-        f"now vs when profiled); relative to that: median {statistics.median(magnitudes):.1%}, "
-        f"worst {max(magnitudes):.1%}"
-    )
+    halves = repeatability(points)
+    if halves is not None:
+        lines.append(
+            f"the machine's own repeatability: the first and second half of the rounds differ "
+            f"by median {halves[0]:.1%}, worst {halves[1]:.1%}"
+        )
     return "\n".join(lines)

@@ -12,12 +12,11 @@ from services.profiler.forwards import decode, prefill
 from services.profiler.grid import FULL, QUICK, ProfileGrid, build_grid
 from services.profiler.profile import LayerProfile, load_profile
 from services.profiler.profiling import ProfileRequest, check_request, run_profile
-from services.profiler.timing import stats_of
+from services.profiler.timing import across_rounds, stats_of
 from services.profiler.validate import (
     ValidationPoint,
-    common_factor,
-    errors_relative_to,
     format_table,
+    repeatability,
     summarize,
     validate_profile,
 )
@@ -149,24 +148,24 @@ def test_validation_compares_whole_forwards(t5_profile_path: Path) -> None:
     assert 0 <= median <= worst
     table = format_table(points)
     assert "(extrapolated)" in table and "inside the profile's grid" in table
-    assert f"took {common_factor(points):.2f}x the predicted time in common" in table
+    assert "the machine's own repeatability" in table  # two rounds: two halves
+    assert all(len(p.rounds) == 2 and p.halves_differ() is not None for p in points)
 
 
-def test_common_factor_separates_a_uniform_slowdown_from_the_profile_s_errors() -> None:
-    def point(predicted_s: float, measured_s: float) -> ValidationPoint:
-        return ValidationPoint(prefill(1, 16), predicted_s, False, stats_of([measured_s]))
+def test_repeatability_compares_the_two_halves_of_the_rounds() -> None:
+    def point(*round_medians: float) -> ValidationPoint:
+        rounds = tuple(stats_of([m]) for m in round_medians)
+        return ValidationPoint(prefill(1, 16), 1.0, False, across_rounds(list(rounds)), rounds)
 
-    # the machine ran 20% slower than when profiled; one forward is also 10% off besides
-    points = [point(1.0, 1.2), point(2.0, 2.4), point(4.0, 4.8 * 1.1)]
-    factor = common_factor(points)
-    assert factor == pytest.approx(1.2 * 1.1 ** (1 / 3))
-    residual = errors_relative_to(points, factor)
-    assert [round(e, 3) for e in residual] == [
-        round(factor / 1.2 - 1, 3),
-        round(factor / 1.2 - 1, 3),
-        round(factor / 1.32 - 1, 3),
-    ]
-    assert common_factor([point(2.0, 2.0)]) == 1.0
+    steady, drifting = point(1.0, 1.1, 1.0, 1.1), point(1.0, 1.0, 1.3, 1.3)
+    assert steady.halves_differ() == pytest.approx(0.0)
+    assert drifting.halves_differ() == pytest.approx(0.3)
+    assert point(1.0, 2.0, 1.5).halves_differ() == pytest.approx(0.75)  # 1.0 vs median(2, 1.5)
+    assert repeatability([steady, drifting]) == pytest.approx((0.15, 0.3))
+    assert point(1.0).halves_differ() is None and repeatability([point(1.0)]) is None
+    assert "first and second half of the rounds differ by median 15.0%, worst 30.0%" in (
+        format_table([steady, drifting])
+    )
 
 
 def test_validation_skips_forwards_longer_than_the_context(llama_dir: Path) -> None:
