@@ -42,11 +42,6 @@ class ForwardPoint:
             )
         return self.batch_size * per_seq
 
-    def label(self) -> str:
-        if self.kind == "prefill":
-            return f"prefill {self.batch_size}x{self.prompt_tokens}"
-        return f"decode {self.batch_size}x{self.prompt_tokens} kv {self.kv_len_tokens}"
-
 
 def prefill(batch_size: int, prompt_tokens: int) -> ForwardPoint:
     return ForwardPoint("prefill", batch_size, prompt_tokens)
