@@ -24,6 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="directory holding the profiles (<profile_id>.json); created if missing",
     )
     parser.add_argument(
+        "--model-root",
+        action="append",
+        default=[],
+        help="a directory under which requests may name checkpoints to profile (repeatable; "
+        "without any, only the embedded default model)",
+    )
+    parser.add_argument(
         "--max-queued-per-device",
         type=int,
         default=defaults.max_queued_per_device,
@@ -47,6 +54,7 @@ def config_from_args(args: argparse.Namespace) -> ProfilerConfig:
         host=args.host,
         port=args.port,
         profile_dir=args.profile_dir,
+        model_roots=tuple(args.model_root),
         max_queued_per_device=args.max_queued_per_device,
         max_message_bytes=int(args.max_message_mb * 2**20),
         ready_file=args.ready_file,

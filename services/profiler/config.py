@@ -11,6 +11,9 @@ class ProfilerConfig:
     port: int = 0
     # Where profiles are stored, one <profile_id>.json each; created if missing.
     profile_dir: str = "profiles"
+    # Directories under which a StartProfile request may name a checkpoint to load; the
+    # embedded default model is always allowed, any other path is refused unread.
+    model_roots: tuple[str, ...] = ()
     # Runs that may wait for a busy device (timings taken concurrently are wrong, so one
     # runs at a time); a request beyond this gets RESOURCE_EXHAUSTED. 0: never wait.
     max_queued_per_device: int = 1

@@ -15,8 +15,10 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from exegpt.errors import ErrorCode, RequestError
+from exegpt.models.defaults import DEFAULT_MODEL_NAME
 from services.profiler.config import ProfilerConfig
 from services.profiler.grid import AXES, ProfileGrid
 from services.profiler.profile_format import ProfileData, ProfileError
@@ -117,12 +119,27 @@ class ProfilerCore:
 
     async def check(self, request: ProfileRequest) -> CheckedRequest:
         """INVALID_ARGUMENT for bad input, before the request waits for anything."""
+        self._check_model(request.model)
         if request.grid is not None:
             self._check_limits(request.grid)
         try:
             return await asyncio.to_thread(check_request, request)
         except ValueError as exc:
             raise RequestError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+
+    def _check_model(self, model: str) -> None:
+        """Only the embedded model and checkpoints under the configured model roots: a
+        request must not make the service read arbitrary paths on its host."""
+        if model == DEFAULT_MODEL_NAME:
+            return
+        path = Path(model).resolve()
+        roots = [Path(root).resolve() for root in self.config.model_roots]
+        if not any(path == root or root in path.parents for root in roots):
+            allowed = ", ".join(str(root) for root in roots) or "none configured"
+            raise _invalid(
+                f"unknown model {model!r}: this service loads {DEFAULT_MODEL_NAME!r} and "
+                f"checkpoint directories under its model roots ({allowed}; see --model-root)"
+            )
 
     def _check_limits(self, grid: ProfileGrid) -> None:
         config = self.config

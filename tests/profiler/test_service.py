@@ -147,6 +147,7 @@ def test_start_get_and_list_a_profile(profiler: RunningProfiler) -> None:
 def bad_requests() -> list[tuple[profiler_pb2.StartProfileRequest, str]]:
     rows = [
         (tiny_request(model="no-such-model"), "unknown model 'no-such-model'"),
+        (tiny_request(model="/etc"), "checkpoint directories under its model roots (none"),
         (tiny_request(grid=profiler_pb2.GridSpec()), "grid batch_sizes is empty"),
         (tiny_request(grid=tiny_spec(seq_lens_tokens=[32, 8])), "strictly increasing"),
         (tiny_request(grid=profiler_pb2.GridSpec(preset="huge")), "unknown grid 'huge'"),
@@ -168,6 +169,22 @@ def test_bad_input_is_invalid_argument(
         call(profiler.address, lambda s: collect(s, request_message))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in (error.value.details() or "")
+
+
+def test_checkpoints_load_only_from_the_model_roots(
+    background_loop: BackgroundLoop, tmp_path: Path, llama_dir: Path
+) -> None:
+    running = start(background_loop, tmp_path / "store", model_roots=(str(llama_dir.parent),))
+    try:
+        done = call(running.address, lambda s: collect(s, tiny_request(model=str(llama_dir))))
+        assert done[-1].done.summary.model_name == llama_dir.name
+        for outside in ("/etc", str(llama_dir / ".." / ".." / "elsewhere")):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                call(running.address, lambda s, m=outside: collect(s, tiny_request(model=m)))
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert str(llama_dir.parent) in (error.value.details() or "")
+    finally:
+        background_loop.run(running.stop(0.5))
 
 
 @pytest.mark.parametrize(
