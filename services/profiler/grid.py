@@ -17,6 +17,9 @@ from typing import Any
 KIB = 1024
 MIB = 1024 * KIB
 
+# Timed samples of at least 10 ms, as long as the whole forwards the validation compares with.
+SAMPLE_S = 0.01
+
 
 def log_spaced(start: int, stop: int, factor: int = 2) -> tuple[int, ...]:
     """start, start * factor, ... up to and including `stop` (if it falls on the sequence)."""
@@ -46,7 +49,7 @@ class ProfileGrid:
     # One measurement stops repeating after this long (keeping at least 3 samples).
     max_measure_s: float = 1.0
     # Each timed sample repeats short work until it lasts this long (timing.Timer).
-    min_sample_s: float = 0.0
+    min_sample_s: float = SAMPLE_S
     # CPU: evict the last-level cache before every timed repeat of a layer measurement, as
     # the rest of a forward would (timing.CacheFlusher). None: only for models whose weights
     # exceed the cache (a model that fits stays cached from one forward to the next).
@@ -134,9 +137,6 @@ def _check_sizes(name: str, values: Sequence[int], minimum: int) -> None:
         raise ValueError(f"grid {name} must be strictly increasing, got {list(values)}")
 
 
-# Timed samples of at least 10 ms, as long as the whole forwards validation compares with.
-SAMPLE_S = 0.01
-
 QUICK = ProfileGrid(
     # 1 -> 2 matters: one token or sequence takes matrix-vector kernels, two take GEMMs and
     # cost markedly more, a step no log-log line between 1 and 4 follows. Batch 32 and KV
@@ -150,7 +150,6 @@ QUICK = ProfileGrid(
     num_repeats=3,
     num_rounds=3,
     max_measure_s=0.4,
-    min_sample_s=SAMPLE_S,
     max_encode_tokens=4096,
 )
 
@@ -164,7 +163,6 @@ FULL = ProfileGrid(
     num_repeats=5,
     num_rounds=3,
     max_measure_s=0.5,
-    min_sample_s=SAMPLE_S,
 )
 
 PRESETS: dict[str, ProfileGrid] = {"quick": QUICK, "full": FULL}
