@@ -29,18 +29,29 @@ class ForwardPoint:
     kv_len_tokens: int = 0  # decode: tokens cached before the step; prefill: 0
 
     def fits(self, config: ModelConfig) -> bool:
-        longest = self.prompt_tokens if self.kind == "prefill" else self.kv_len_tokens + 1
-        return max(self.prompt_tokens, longest) <= config.max_context_tokens
+        longest = self.prompt_tokens
+        if self.kind == "decode":  # the step adds one token to the cache
+            longest = max(longest, self.kv_len_tokens + 1)
+        return longest <= config.max_context_tokens
 
-    def num_blocks(self, block_size_tokens: int) -> int:
-        """KV blocks the step holds at once (self and, for T5, cross; a few spare)."""
+    def num_blocks(self, block_size_tokens: int, is_encoder_decoder: bool) -> int:
+        """KV blocks the step holds at once: its self-attention cache and, for an
+        encoder-decoder, the encoder's cross K/V (a prefill's decoder starts with one token)."""
+        size = block_size_tokens
         if self.kind == "prefill":
-            per_seq = blocks_for(self.prompt_tokens, block_size_tokens) + 1
+            per_seq = blocks_for(self.prompt_tokens, size) + (1 if is_encoder_decoder else 0)
         else:
-            per_seq = blocks_for(self.prompt_tokens, block_size_tokens) + blocks_for(
-                self.kv_len_tokens + 1, block_size_tokens
-            )
+            per_seq = blocks_for(self.kv_len_tokens + 1, size)
+            if is_encoder_decoder:
+                per_seq += blocks_for(self.prompt_tokens, size)
         return self.batch_size * per_seq
+
+
+def blocks_for_points(
+    points: Iterable[ForwardPoint], block_size_tokens: int, is_encoder_decoder: bool
+) -> int:
+    """Blocks a KV pool needs to run the largest of the steps."""
+    return max([1, *(p.num_blocks(block_size_tokens, is_encoder_decoder) for p in points)])
 
 
 def prefill(batch_size: int, prompt_tokens: int) -> ForwardPoint:
@@ -56,7 +67,7 @@ class WholeForwards:
 
     def __init__(self, loaded: LoadedModel, points: Iterable[ForwardPoint]) -> None:
         self.config = loaded.config
-        num_blocks = max([1, *(p.num_blocks(BLOCK_SIZE_TOKENS) for p in points)])
+        num_blocks = blocks_for_points(points, BLOCK_SIZE_TOKENS, loaded.config.is_encoder_decoder)
         spec = KVCacheSpec.for_model(loaded.config, dtype=loaded.dtype)
         self.pool = KVCachePool(spec, num_blocks, BLOCK_SIZE_TOKENS, loaded.device)
         for layer in self.pool.layers:  # as in a serving engine, every page holds data

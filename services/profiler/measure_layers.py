@@ -29,6 +29,7 @@ from torch import Tensor
 from exegpt.models.kv_cache import KVCacheSpec, blocks_for
 from exegpt.models.loader import LoadedModel
 from exegpt.models.tensor_parallel import Layer, shard_layer
+from services.profiler.forwards import blocks_for_points, decode, prefill
 from services.profiler.grid import ProfileGrid
 from services.profiler.layer_work import (
     MAX_KV_STORE_BYTES,
@@ -42,7 +43,7 @@ from services.profiler.layer_work import (
     rest_work,
     stack_work,
 )
-from services.profiler.probe import LayerCall, Probe, blocks_for_grid
+from services.profiler.probe import LayerCall, Probe
 from services.profiler.timing import (
     CacheFlusher,
     Series,
@@ -116,13 +117,10 @@ class LayerProfiler:
         self._kernels: dict[tuple[object, ...], TimingStats] = {}
         self.encode_points = grid.encode_points(self.config.num_heads)
         self.decode_points = grid.decode_points()
+        steps = [prefill(b, s) for b, s in self.encode_points]
+        steps += [decode(b, kv, kv) for b, kv in self.decode_points]  # T5: cross length = kv
         num_blocks = max(
-            blocks_for_grid(
-                self.config.is_encoder_decoder,
-                self.encode_points,
-                self.decode_points,
-                block_size_tokens,
-            ),
+            blocks_for_points(steps, block_size_tokens, self.config.is_encoder_decoder),
             blocks_for(max(grid.num_tokens), block_size_tokens),
         )
         self.probe = Probe(loaded, num_blocks, block_size_tokens)

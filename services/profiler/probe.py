@@ -156,24 +156,3 @@ class Probe:
             if call.kind == kind:
                 return call
         raise LookupError(f"the last step made no {kind!r} layer call")
-
-
-def blocks_for_grid(
-    is_encoder_decoder: bool,
-    encode_points: list[tuple[int, int]],
-    decode_points: list[tuple[int, int]],
-    block_size_tokens: int,
-) -> int:
-    """Blocks the largest single grid step needs (prefill or decode, self and cross)."""
-    needs = [1]
-    for batch, seq_len in encode_points:
-        per_seq = blocks_for(seq_len, block_size_tokens)
-        if is_encoder_decoder:
-            per_seq += 1  # the decoder start token
-        needs.append(batch * per_seq)
-    for batch, kv_len in decode_points:
-        per_seq = blocks_for(kv_len + 1, block_size_tokens)
-        if is_encoder_decoder:
-            per_seq += blocks_for(kv_len, block_size_tokens)
-        needs.append(batch * per_seq)
-    return max(needs)

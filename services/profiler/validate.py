@@ -47,8 +47,12 @@ class ValidationPoint:
     point: ForwardPoint
     predicted_s: float
     extrapolated: bool  # the prediction used a point past the profile's grid
-    measured: TimingStats  # over all rounds
-    rounds: tuple[TimingStats, ...] = ()  # each round's, in order
+    rounds: tuple[TimingStats, ...]  # each round's measurement, in order
+
+    @property
+    def measured(self) -> TimingStats:
+        """Over all rounds (see timing.across_rounds)."""
+        return across_rounds(list(self.rounds))
 
     @property
     def measured_s(self) -> float:
@@ -141,27 +145,22 @@ def validate_profile(
     forwards = WholeForwards(loaded, points)
     points = forwards.usable(points)
     timer = Timer(loaded.device, num_warmup, num_repeats, min_sample_s=SAMPLE_S)
-    rounds: dict[ForwardPoint, list[TimingStats]] = {}
-    total = max(1, num_rounds) * len(points)
-
-    def done(point: ForwardPoint, stats: TimingStats) -> None:
-        rounds.setdefault(point, []).append(stats)
-        if on_step is not None:
-            on_step(sum(len(r) for r in rounds.values()), total)
-
+    rounds: dict[ForwardPoint, list[TimingStats]] = {point: [] for point in points}
+    num_rounds = max(1, num_rounds)
+    num_done = 0
     with torch_threads(num_threads):
-        for _ in range(max(1, num_rounds)):
+        for _ in range(num_rounds):
             for point in points:
-                done(point, forwards.measure(timer, point))
+                rounds[point].append(forwards.measure(timer, point))
+                num_done += 1
+                if on_step is not None:
+                    on_step(num_done, num_rounds * len(points))
     results: list[ValidationPoint] = []
     for point in points:
         before = _extrapolations(cost)
         predicted = predict_forward_s(cost, point)
         extrapolated = _extrapolations(cost) > before
-        measured = rounds[point]
-        result = ValidationPoint(
-            point, predicted, extrapolated, across_rounds(measured), tuple(measured)
-        )
+        result = ValidationPoint(point, predicted, extrapolated, tuple(rounds[point]))
         results.append(result)
         if on_point is not None:
             on_point(result)

@@ -12,7 +12,7 @@ from services.profiler.forwards import decode, prefill
 from services.profiler.grid import FULL, QUICK, ProfileGrid, build_grid
 from services.profiler.profile import LayerProfile, load_profile
 from services.profiler.profiling import ProfileRequest, check_request, run_profile
-from services.profiler.timing import across_rounds, stats_of
+from services.profiler.timing import stats_of
 from services.profiler.validate import (
     ValidationPoint,
     format_table,
@@ -155,7 +155,7 @@ def test_validation_compares_whole_forwards(t5_profile_path: Path) -> None:
 def test_repeatability_compares_the_two_halves_of_the_rounds() -> None:
     def point(*round_medians: float) -> ValidationPoint:
         rounds = tuple(stats_of([m]) for m in round_medians)
-        return ValidationPoint(prefill(1, 16), 1.0, False, across_rounds(list(rounds)), rounds)
+        return ValidationPoint(prefill(1, 16), 1.0, False, rounds)
 
     steady, drifting = point(1.0, 1.1, 1.0, 1.1), point(1.0, 1.0, 1.3, 1.3)
     assert steady.halves_differ() == pytest.approx(0.0)
