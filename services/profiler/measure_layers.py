@@ -1,9 +1,14 @@
 """Time the model's building blocks: attention and the rest of each layer, per TP degree.
 
-For every grid point a probe step (services/profiler/probe.py) runs everything outside the
-layers through the engine's own ModelRunner; that time is the per-forward overhead, and the
-inputs it recorded for the layers are replayed through rank 0's shard of the real layers
-(services/profiler/layer_work.py):
+At every point of the attention grid a whole forward of the real model (TP 1) is timed
+(services/profiler/forwards.py), and a probe step (services/profiler/probe.py) records what
+each layer receives in that forward; the recorded inputs are replayed through rank 0's shard
+of the real layers (services/profiler/layer_work.py). The profile's per-forward overhead is
+the whole forward minus the parts (services/profiler/profile.py): the outside work (index
+building, masks, embedding, head) and whatever running the layers inside a forward costs
+beyond running them in a loop (on a CPU, mostly weights the other stack evicted).
+
+The parts:
 
 - attention at (batch, length): the whole layer minus the rest of it at that point, both
   timed back to back over every layer of the stack (T5 decode: split between self and cross
@@ -29,7 +34,7 @@ from torch import Tensor
 from exegpt.models.kv_cache import KVCacheSpec, blocks_for
 from exegpt.models.loader import LoadedModel
 from exegpt.models.tensor_parallel import Layer, shard_layer
-from services.profiler.forwards import blocks_for_points, decode, prefill
+from services.profiler.forwards import WholeForwards, blocks_for_points, decode, prefill
 from services.profiler.grid import ProfileGrid
 from services.profiler.layer_work import (
     MAX_KV_STORE_BYTES,
@@ -85,8 +90,8 @@ def _should_flush(loaded: LoadedModel, flush_cache: bool | None) -> bool:
 @dataclass
 class LayerMeasurements:
     compute: dict[int, dict[str, Series]] = field(default_factory=dict)  # tp -> name -> series
-    prefill_forward: Series = field(default_factory=Series)  # probe prefill over (B, S)
-    decode_forward: Series = field(default_factory=Series)  # probe decode over (B, L)
+    prefill_whole: Series = field(default_factory=Series)  # whole prefill over (B, S)
+    decode_whole: Series = field(default_factory=Series)  # whole decode step over (B, L)
     embedding: Series = field(default_factory=Series)
     lm_head: Series = field(default_factory=Series)
 
@@ -112,6 +117,14 @@ class LayerProfiler:
             min_sample_s=grid.min_sample_s,
             before_repeat=CacheFlusher() if self.flush_cache else None,
         )
+        # A whole forward streams the whole model through the caches by itself: no flushing.
+        self.forward_timer = Timer(
+            loaded.device,
+            grid.num_warmup,
+            grid.num_repeats,
+            max_time_s=grid.max_measure_s,
+            min_sample_s=grid.min_sample_s,
+        )
         self.num_threads = num_threads
         self.tp_degrees = tp_degrees
         self._kernels: dict[tuple[object, ...], TimingStats] = {}
@@ -124,6 +137,7 @@ class LayerProfiler:
             blocks_for(max(grid.num_tokens), block_size_tokens),
         )
         self.probe = Probe(loaded, num_blocks, block_size_tokens)
+        self.whole = WholeForwards(loaded, steps)
         self.shards = {tp: self._shard_set(tp, num_blocks, block_size_tokens) for tp in tp_degrees}
 
     def _shard_set(self, tp_degree: int, num_blocks: int, block_size_tokens: int) -> ShardSet:
@@ -150,6 +164,9 @@ class LayerProfiler:
             kv=kv_store(spec, num_blocks, block_size_tokens, self.loaded.device, budget_bytes),
             is_encoder_decoder=config.is_encoder_decoder,
         )
+
+    def timers(self) -> tuple[Timer, ...]:
+        return self.timer, self.forward_timer
 
     def num_steps(self) -> int:
         num_sizes = len(self.grid.num_tokens)
@@ -203,8 +220,9 @@ class LayerProfiler:
     # ---- attention (and the per-forward overhead around it) ---------------------------------
 
     def _encode_point(self, batch: int, seq_len: int, result: LayerMeasurements) -> None:
-        step = self.probe.steps.prefill_step(batch, seq_len)
-        result.prefill_forward.add((batch, seq_len), self.timer.measure(step))
+        whole = self.whole.measure(self.forward_timer, prefill(batch, seq_len))
+        result.prefill_whole.add((batch, seq_len), whole)
+        self.probe.steps.prefill_step(batch, seq_len)()  # records the layers' inputs
         kind = "encoder" if self.config.is_encoder_decoder else "decoder"
         call = self.probe.recorded(kind)
         for tp, shards in self.shards.items():
@@ -218,10 +236,11 @@ class LayerProfiler:
             result.compute[tp]["encode_attention"].add((batch, seq_len), stats)
 
     def _decode_point(self, batch: int, kv_len: int, result: LayerMeasurements) -> None:
+        whole = self.whole.measure(self.forward_timer, decode(batch, kv_len, kv_len))
+        result.decode_whole.add((batch, kv_len), whole)
         seqs = self.probe.steps.decode_sequences(batch, kv_len, kv_len)
         try:
-            overhead = self.timer.measure(self.probe.steps.decode_step(seqs))
-            result.decode_forward.add((batch, kv_len), overhead)
+            self.probe.steps.decode_step(seqs)()  # records the layers' inputs
             call = self.probe.recorded("decoder")
             for tp, shards in self.shards.items():
                 with torch_threads(shards.num_threads):

@@ -5,9 +5,13 @@ Load one with `load_profile(path)`. Every query interpolates the measurements mo
 counted in `num_extrapolated_queries`, logs one warning per method, and can be checked with
 `is_extrapolated(method, *args)`.
 
-Work that a forward does once, outside the layers (the runner's index building, masks and
-position biases, rotary tables) is measured as per-forward overhead and folded into the
-per-layer numbers, so the sums the simulator builds add up to whole forwards:
+Whole forwards of the real model were timed at every attention grid point; what each took
+beyond the parts the profile sums for it (at TP 1) is the per-forward overhead: the work a
+forward does once outside the layers (index building, masks and position biases, rotary
+tables), and what the layers cost inside a forward beyond their cost in a loop (caches the
+rest of the model evicted). It is folded into the per-layer numbers, so the sums the
+simulator builds add up to whole forwards (exactly at the grid points, but where noise
+made the remainder negative; it is then taken as zero):
 
 - encoder-decoder (T5): encode(B, S) = embedding_s(B*S) + L_enc x (encode_attention_s +
   encode_rest_s); the first output token then comes from a decode step (B, kv 1, cross S).
@@ -109,27 +113,44 @@ class LayerProfile:
 
     # ---- per-forward overheads -----------------------------------------------------------
 
-    def _outside(self, num_tokens: int, num_rows: int) -> float:
-        return self._embedding(num_tokens)[0] + self._lm_head(num_rows)[0]
-
     def _build_overheads(self) -> None:
-        """Overhead = probe step time minus the embedding and head it also ran, per layer."""
-        enc_dec = self._shape.is_encoder_decoder
-        share = 0.5 if enc_dec else 1.0  # T5 probes ran self and cross over the same length
+        """Overhead = a whole forward at a grid point minus the parts summed for it at TP 1.
 
-        def decode_overhead(batch: int, _: int, probe_s: float) -> float:
-            return max(0.0, probe_s - self._outside(batch, batch)) * share
+        Encoder-decoder decode steps split theirs evenly between the self-attention length
+        and the cross-attention length (the grid timed both over the same length).
+        """
+        shape = self._shape
+        parts = self._compute[1]
+        share = 0.5 if shape.is_encoder_decoder else 1.0
 
-        self._decode_overhead = _derived_surface(self.data.decode_forward, decode_overhead)
+        def decode_overhead(batch: int, length: int, whole_s: float) -> float:
+            layer = parts.decode_self_attention(batch, length)[0] + parts.decode_rest(batch)[0]
+            if parts.decode_cross_attention is not None:
+                layer += parts.decode_cross_attention(batch, length)[0]
+            outside = self._embedding(batch)[0] + self._lm_head(batch)[0]
+            return (whole_s - outside - shape.num_decode_layers * layer) * share
 
-        def encode_overhead(batch: int, seq_len: int, probe_s: float) -> float:
-            outside = self._embedding(batch * seq_len)[0] + self._lm_head(batch)[0]
-            if enc_dec:  # the decoder's first step ran inside the prefill
-                outside += self._embedding(batch)[0] + self._decode_overhead(batch, 1)[0]
-                outside += self._decode_overhead(batch, seq_len)[0]
-            return max(0.0, probe_s - outside)
+        self._decode_overhead = _derived_surface(self.data.decode_whole, decode_overhead)
 
-        self._encode_overhead = _derived_surface(self.data.prefill_forward, encode_overhead)
+        def encode_overhead(batch: int, seq_len: int, whole_s: float) -> float:
+            num_tokens = batch * seq_len
+            layer = (
+                parts.encode_attention(batch, seq_len)[0] + self._q_encode_rest(num_tokens, 1)[0]
+            )
+            summed = self._embedding(num_tokens)[0] + shape.num_encode_layers * layer
+            if shape.is_encoder_decoder:  # the decoder's first step, overhead included
+                summed += self._decode_step_s(batch, 1, seq_len)
+            else:
+                summed += self._lm_head(batch)[0]
+            return whole_s - summed
+
+        self._encode_overhead = _derived_surface(self.data.prefill_whole, encode_overhead)
+
+    def _decode_step_s(self, batch: int, kv_len: int, cross_len: int) -> float:
+        per_layer = self._q_decode_attention(batch, kv_len, cross_len, 1)[0]
+        per_layer += self._q_decode_rest(batch, 1)[0]
+        outside = self._embedding(batch)[0] + self._lm_head(batch)[0]
+        return outside + self._shape.num_decode_layers * per_layer
 
     # ---- CostModel ------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, model_validator
 
 FORMAT = "exegpt-profile"
-VERSION = 1
+VERSION = 2
 
 
 class ProfileError(ValueError):
@@ -137,7 +137,7 @@ class QualityData(_Strict):
 
 class ProfileData(_Strict):
     format: Literal["exegpt-profile"]
-    version: Literal[1]
+    version: Literal[2]
     profile_id: str = Field(min_length=1)
     created_at: str
     grid_name: str
@@ -149,8 +149,10 @@ class ProfileData(_Strict):
     software: SoftwareData
     tp_degrees: list[PositiveInt] = Field(min_length=1)
     compute: dict[PositiveInt, ComputeData]
-    prefill_forward: SurfaceData  # probe prefill (everything outside the layers), (B, S)
-    decode_forward: SurfaceData  # probe decode step, (B, kv_len); T5: cross_len = kv_len
+    # Whole forwards of the real model at TP 1 (services/profiler/forwards.py), timed at the
+    # attention grid's points: the per-forward overhead is what they took beyond the parts.
+    prefill_whole: SurfaceData  # prefill (T5: encode and the first decoder step), (B, S)
+    decode_whole: SurfaceData  # decode step, (B, kv_len); T5: cross_len = kv_len
     embedding: SeriesData
     lm_head: SeriesData
     allreduce: dict[PositiveInt, CommData]  # TP degrees > 1

@@ -278,9 +278,9 @@ def measure(
             "grid": {**grid.to_dict(), "flush_cache": profiler.flush_cache},
             "profiling_time_s": time.perf_counter() - start,
             "quality": {
-                "num_measurements": profiler.timer.num_measurements,
-                "num_retries": profiler.timer.num_retries,
-                "num_contended": profiler.timer.num_contended,
+                "num_measurements": sum(t.num_measurements for t in profiler.timers()),
+                "num_retries": sum(t.num_retries for t in profiler.timers()),
+                "num_contended": sum(t.num_contended for t in profiler.timers()),
             },
             "model": _model_info(loaded, request.model),
             "hardware": {
@@ -340,8 +340,8 @@ def _layer_sections(layers: LayerMeasurements, profiler: LayerProfiler) -> dict[
         }
     return {
         "compute": compute,
-        "prefill_forward": layers.prefill_forward.surface_json(),
-        "decode_forward": layers.decode_forward.surface_json(),
+        "prefill_whole": layers.prefill_whole.surface_json(),
+        "decode_whole": layers.decode_whole.surface_json(),
         "embedding": layers.embedding.curve_json(),
         "lm_head": layers.lm_head.curve_json(),
     }

@@ -4,7 +4,7 @@ with it, and a tiny random Llama checkpoint for the decoder-only paths."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -84,3 +84,48 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def profile_json(t5_profile_path: Path) -> Iterator[dict[str, object]]:
     """A fresh, mutable copy of the session profile's JSON."""
     yield json.loads(t5_profile_path.read_text())
+
+
+def assert_sums_add_up_to_whole_forwards(data: ProfileData) -> None:
+    """At every grid point the profile's sum for a whole forward equals the forward's time.
+
+    The measured whole forwards are replaced by known ones: first by zeros (every overhead
+    is then clamped to zero and the sums are the parts alone), then by those parts plus an
+    overhead that grows with the point, which the sums must give back exactly.
+    """
+    from services.profiler.profile import LayerProfile
+    from services.profiler.validate import predict_decode_step_s, predict_prefill_s
+
+    def rewritten(value: Callable[[str, int, int], float]) -> LayerProfile:
+        raw = data.model_dump(mode="json")
+        for kind in ("prefill_whole", "decode_whole"):
+            for row in raw[kind]["rows"]:
+                b = row["batch_size"]
+                row["median_s"] = [value(kind, b, s) for s in row["sizes"]]
+                row["p10_s"] = row["p90_s"] = row["median_s"]
+        return LayerProfile(ProfileData.model_validate(raw))
+
+    def predict(profile: LayerProfile, kind: str, batch: int, length: int) -> float:
+        if kind == "prefill_whole":
+            return predict_prefill_s(profile, batch, length)
+        cross = length if data.model.is_encoder_decoder else 0
+        return predict_decode_step_s(profile, batch, length, cross)
+
+    parts = rewritten(lambda *_: 0.0)
+    for kind in ("prefill_whole", "decode_whole"):
+        for row in getattr(data, kind).rows:
+            for size in row.sizes:
+                assert predict(parts, kind, row.batch_size, size) > 0
+
+    def whole(kind: str, batch: int, length: int) -> float:
+        # A prefill's remainder is what its own overhead leaves after its decoder step's:
+        # ten times larger, it grows with the length whatever the decode overheads do.
+        scale = 10.0 if kind == "prefill_whole" else 1.0
+        return predict(parts, kind, batch, length) + scale * (1e-4 * batch + 1e-5 * length)
+
+    profile = rewritten(whole)
+    for kind in ("prefill_whole", "decode_whole"):
+        for row in getattr(data, kind).rows:
+            for size in row.sizes:
+                expected = whole(kind, row.batch_size, size)
+                assert predict(profile, kind, row.batch_size, size) == pytest.approx(expected)

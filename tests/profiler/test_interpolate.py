@@ -10,6 +10,8 @@ import pytest
 
 from services.profiler.interpolate import Curve, Surface, isotonic, pchip_slopes
 from services.profiler.profile import load_profile
+from services.profiler.profile_format import ProfileData
+from tests.profiler.conftest import assert_sums_add_up_to_whole_forwards
 
 
 def test_isotonic_pools_adjacent_violators() -> None:
@@ -128,6 +130,10 @@ def test_profile_queries_are_monotone_and_flag_extrapolation(t5_profile_path: Pa
     beyond = profile.decode_rest_s(64, 1)
     assert profile.num_extrapolated_queries == before + 1
     assert beyond >= profile.decode_rest_s(32, 1)
+
+
+def test_the_overheads_make_the_sums_whole_forwards(t5_profile: ProfileData) -> None:
+    assert_sums_add_up_to_whole_forwards(t5_profile)
 
 
 def test_profile_communication_and_memory_queries(t5_profile_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from exegpt.models.defaults import default_model_config
 from services.profiler.profile import ProfileError, load_profile
-from services.profiler.profile_format import ProfileData, check_writable, write_profile
+from services.profiler.profile_format import VERSION, ProfileData, check_writable, write_profile
 
 
 def write_json(path: Path, data: object) -> Path:
@@ -23,7 +23,7 @@ def test_a_written_profile_loads_back(t5_profile_path: Path) -> None:
         t5_profile_path, expected_config_hash=default_model_config().config_hash()
     )
     data = profile.data
-    assert data.format == "exegpt-profile" and data.version == 1
+    assert data.format == "exegpt-profile" and data.version == VERSION
     assert data.model.name == "exegpt-tiny-t5"
     assert data.software.torch_threads >= 1 and data.software.torch_version
     assert data.hardware.device == "cpu" and data.hardware.device_name
@@ -66,9 +66,9 @@ def test_missing_file_and_directory_are_rejected(tmp_path: Path) -> None:
 
 
 def test_wrong_version_says_to_profile_again(profile_json: dict[str, Any], tmp_path: Path) -> None:
-    profile_json["version"] = 2
-    with pytest.raises(ProfileError, match="version 2; this build reads version 1"):
-        load_profile(write_json(tmp_path / "v2.json", profile_json))
+    profile_json["version"] = 1  # before whole forwards were timed
+    with pytest.raises(ProfileError, match="version 1; this build reads version 2"):
+        load_profile(write_json(tmp_path / "v1.json", profile_json))
 
 
 def test_foreign_json_is_not_a_profile(profile_json: dict[str, Any], tmp_path: Path) -> None:

@@ -20,7 +20,11 @@ from services.profiler.validate import (
     summarize,
     validate_profile,
 )
-from tests.profiler.conftest import TINY_GRID, tiny_request
+from tests.profiler.conftest import (
+    TINY_GRID,
+    assert_sums_add_up_to_whole_forwards,
+    tiny_request,
+)
 
 
 def test_presets_and_overrides() -> None:
@@ -122,6 +126,7 @@ def test_a_decoder_only_model_profiles_prefill_and_decode(llama_dir: Path, tmp_p
         assert profile.decode_attention_s(2, 16, 0, tp) > 0
         assert profile.decode_rest_s(2, tp) > 0
     assert profile.kv_bytes_per_token(2) == 2 * 1 * 16 * 4  # K and V, one of two KV heads
+    assert_sums_add_up_to_whole_forwards(data)
 
 
 def test_validation_compares_whole_forwards(t5_profile_path: Path) -> None:
