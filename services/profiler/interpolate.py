@@ -39,19 +39,28 @@ def isotonic(values: Sequence[float]) -> list[float]:
 
 @dataclass(frozen=True)
 class Curve:
-    """A non-decreasing cost over one size axis."""
+    """A non-decreasing cost over one size axis (or, fitted with monotone=False, any
+    non-negative quantity, interpolated linearly)."""
 
     sizes: tuple[float, ...]  # strictly increasing, > 0
-    values: tuple[float, ...]  # non-decreasing, >= 0
+    values: tuple[float, ...]  # non-decreasing (unless fitted with monotone=False), >= 0
     slopes: tuple[float, ...] = ()  # d log(value) / d log(size) at each size (fit computes)
 
     @classmethod
-    def fit(cls, sizes: Sequence[float], values: Sequence[float]) -> Curve:
+    def fit(
+        cls, sizes: Sequence[float], values: Sequence[float], *, monotone: bool = True
+    ) -> Curve:
+        """monotone=False: the values as measured (floored at zero), linear in between: for
+        a remainder such as a per-forward overhead, which need not grow with the size and
+        whose noise pooling would spread from the large sizes to the small ones."""
         if not sizes or len(sizes) != len(values):
             raise ValueError("a curve needs as many values as sizes, and at least one")
         if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)) or sizes[0] <= 0:
             raise ValueError(f"curve sizes must be positive and increasing, got {list(sizes)}")
-        monotone = isotonic([max(0.0, float(v)) for v in values])
+        floored = [max(0.0, float(v)) for v in values]
+        if not monotone:
+            return cls(tuple(float(s) for s in sizes), tuple(floored))
+        monotone = isotonic(floored)
         log_x = [math.log(float(s)) for s in sizes]
         log_y = [math.log(max(v, _FLOOR_S)) for v in monotone]
         return cls(tuple(float(s) for s in sizes), tuple(monotone), pchip_slopes(log_x, log_y))
@@ -140,15 +149,22 @@ class Surface:
 
     batch_sizes: tuple[float, ...]  # strictly increasing
     rows: tuple[Curve, ...]  # one per batch size, over lengths
+    monotone: bool = True  # see Curve.fit
 
     @classmethod
-    def fit(cls, rows: Sequence[tuple[float, Sequence[float], Sequence[float]]]) -> Surface:
+    def fit(
+        cls,
+        rows: Sequence[tuple[float, Sequence[float], Sequence[float]]],
+        *,
+        monotone: bool = True,
+    ) -> Surface:
         """From (batch size, lengths, values) rows."""
         ordered = sorted(rows, key=lambda row: row[0])
         batch_sizes = tuple(float(batch) for batch, _, _ in ordered)
         if not ordered or any(b <= a for a, b in zip(batch_sizes, batch_sizes[1:], strict=False)):
             raise ValueError(f"surface batch sizes must be distinct and present: {batch_sizes}")
-        return cls(batch_sizes, tuple(Curve.fit(sizes, values) for _, sizes, values in ordered))
+        curves = tuple(Curve.fit(sizes, values, monotone=monotone) for _, sizes, values in ordered)
+        return cls(batch_sizes, curves, monotone)
 
     def __call__(self, batch_size: float, length: float) -> tuple[float, bool]:
         longest = max(row.max_size for row in self.rows)
@@ -160,5 +176,5 @@ class Surface:
                 batches.append(batch)
                 values.append(value)
                 extrapolated = extrapolated or row_extrapolated
-        value, batch_extrapolated = Curve.fit(batches, values)(batch_size)
+        value, batch_extrapolated = Curve.fit(batches, values, monotone=self.monotone)(batch_size)
         return value, extrapolated or batch_extrapolated

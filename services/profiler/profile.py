@@ -59,18 +59,18 @@ def _surface(surface: SurfaceData) -> Surface:
     return Surface.fit([(row.batch_size, row.sizes, row.median_s) for row in surface.rows])
 
 
-def _derived_surface(surface: SurfaceData, value: Callable[[int, int, float], float]) -> Surface:
-    """A surface on the same grid with each median replaced by value(batch, size, median)."""
-    return Surface.fit(
-        [
-            (
-                row.batch_size,
-                row.sizes,
-                [value(row.batch_size, s, m) for s, m in zip(row.sizes, row.median_s, strict=True)],
-            )
-            for row in surface.rows
-        ]
-    )
+def _remainder_surface(surface: SurfaceData, value: Callable[[int, int, float], float]) -> Surface:
+    """A surface on the same grid with each median replaced by value(batch, size, median), a
+    remainder: interpolated as measured, not smoothed into a rising cost (Curve.fit)."""
+    rows = [
+        (
+            row.batch_size,
+            row.sizes,
+            [value(row.batch_size, s, m) for s, m in zip(row.sizes, row.median_s, strict=True)],
+        )
+        for row in surface.rows
+    ]
+    return Surface.fit(rows, monotone=False)
 
 
 class _Compute:
@@ -130,7 +130,7 @@ class LayerProfile:
             outside = self._embedding(batch)[0] + self._lm_head(batch)[0]
             return (whole_s - outside - shape.num_decode_layers * layer) * share
 
-        self._decode_overhead = _derived_surface(self.data.decode_whole, decode_overhead)
+        self._decode_overhead = _remainder_surface(self.data.decode_whole, decode_overhead)
 
         def encode_overhead(batch: int, seq_len: int, whole_s: float) -> float:
             num_tokens = batch * seq_len
@@ -144,7 +144,7 @@ class LayerProfile:
                 summed += self._lm_head(batch)[0]
             return whole_s - summed
 
-        self._encode_overhead = _derived_surface(self.data.prefill_whole, encode_overhead)
+        self._encode_overhead = _remainder_surface(self.data.prefill_whole, encode_overhead)
 
     def _decode_step_s(self, batch: int, kv_len: int, cross_len: int) -> float:
         per_layer = self._q_decode_attention(batch, kv_len, cross_len, 1)[0]

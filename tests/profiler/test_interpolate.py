@@ -88,6 +88,18 @@ def test_zero_costs_interpolate_linearly() -> None:
     assert curve(2)[0] == pytest.approx(1.0)
 
 
+def test_remainders_are_kept_as_measured_and_interpolated_linearly() -> None:
+    # A remainder falling with the size stays falling: pooling would lift the small sizes.
+    curve = Curve.fit([1, 16, 128], [3.0, 2.0, -1.0], monotone=False)
+    assert curve.values == (3.0, 2.0, 0.0)  # floored at zero, otherwise as measured
+    assert curve(1) == (3.0, False) and curve(16) == (2.0, False)
+    assert curve(72)[0] == pytest.approx(1.0)  # halfway from 16 to 128
+    assert curve(256) == (0.0, True)  # past the grid: never below the last point
+    surface = Surface.fit([(1, [1, 16], [3.0, 2.0]), (4, [1, 16], [1.0, 0.5])], monotone=False)
+    assert surface(1, 16) == (2.0, False)
+    assert surface(2.5, 16)[0] == pytest.approx(1.25)  # falling across batch sizes too
+
+
 def test_curve_rejects_bad_sizes() -> None:
     with pytest.raises(ValueError, match="increasing"):
         Curve.fit([2, 1], [1.0, 2.0])
