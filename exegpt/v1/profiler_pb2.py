@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65xegpt/v1/profiler.proto\x12\texegpt.v1\"\x85\x02\n\x08GridSpec\x12\x0e\n\x06preset\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61tch_sizes\x18\x02 \x03(\r\x12\x17\n\x0fseq_lens_tokens\x18\x03 \x03(\r\x12\x16\n\x0ekv_lens_tokens\x18\x04 \x03(\r\x12\x12\n\nnum_tokens\x18\x05 \x03(\r\x12\x15\n\rmessage_bytes\x18\x06 \x03(\x04\x12\x17\n\nnum_warmup\x18\x07 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0bnum_repeats\x18\x08 \x01(\rH\x01\x88\x01\x01\x12\x17\n\nnum_rounds\x18\t \x01(\rH\x02\x88\x01\x01\x42\r\n\x0b_num_warmupB\x0e\n\x0c_num_repeatsB\r\n\x0b_num_rounds\"z\n\x13StartProfileRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12!\n\x04grid\x18\x04 \x01(\x0b\x32\x13.exegpt.v1.GridSpec\x12\x12\n\ntp_degrees\x18\x05 \x03(\r\"X\n\x0fProfileProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x10\n\x08num_done\x18\x02 \x01(\r\x12\x11\n\tnum_total\x18\x03 \x01(\r\x12\x11\n\telapsed_s\x18\x04 \x01(\x01\"1\n\rProfileQueued\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\"M\n\x0bProfileDone\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12*\n\x07summary\x18\x02 \x01(\x0b\x32\x19.exegpt.v1.ProfileSummary\"\x9b\x01\n\x0cProfileEvent\x12*\n\x06queued\x18\x01 \x01(\x0b\x32\x18.exegpt.v1.ProfileQueuedH\x00\x12.\n\x08progress\x18\x02 \x01(\x0b\x32\x1a.exegpt.v1.ProfileProgressH\x00\x12&\n\x04\x64one\x18\x03 \x01(\x0b\x32\x16.exegpt.v1.ProfileDoneH\x00\x42\x07\n\x05\x65vent\"\x97\x02\n\x0eProfileSummary\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x14\n\x0cmodel_family\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x11\n\tgrid_name\x18\x08 \x01(\t\x12\x12\n\ntp_degrees\x18\t \x03(\r\x12\x12\n\ncreated_at\x18\n \x01(\t\x12\x18\n\x10profiling_time_s\x18\x0b \x01(\x01\x12\x15\n\rtorch_threads\x18\x0c \x01(\r\x12\x12\n\nsize_bytes\x18\r \x01(\x04\"\'\n\x11GetProfileRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\"V\n\x12GetProfileResponse\x12*\n\x07summary\x18\x01 \x01(\x0b\x32\x19.exegpt.v1.ProfileSummary\x12\x14\n\x0cprofile_json\x18\x02 \x01(\t\"C\n\x13ListProfilesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\r\"X\n\x14ListProfilesResponse\x12+\n\x08profiles\x18\x01 \x03(\x0b\x32\x19.exegpt.v1.ProfileSummary\x12\x13\n\x0bnum_invalid\x18\x02 \x01(\r2\xf1\x01\n\x08Profiler\x12I\n\x0cStartProfile\x12\x1e.exegpt.v1.StartProfileRequest\x1a\x17.exegpt.v1.ProfileEvent0\x01\x12I\n\nGetProfile\x12\x1c.exegpt.v1.GetProfileRequest\x1a\x1d.exegpt.v1.GetProfileResponse\x12O\n\x0cListProfiles\x12\x1e.exegpt.v1.ListProfilesRequest\x1a\x1f.exegpt.v1.ListProfilesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65xegpt/v1/profiler.proto\x12\texegpt.v1\"\xb1\x02\n\x08GridSpec\x12\x0e\n\x06preset\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61tch_sizes\x18\x02 \x03(\r\x12\x17\n\x0fseq_lens_tokens\x18\x03 \x03(\r\x12\x16\n\x0ekv_lens_tokens\x18\x04 \x03(\r\x12\x12\n\nnum_tokens\x18\x05 \x03(\r\x12\x15\n\rmessage_bytes\x18\x06 \x03(\x04\x12\x17\n\nnum_warmup\x18\x07 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0bnum_repeats\x18\x08 \x01(\rH\x01\x88\x01\x01\x12\x17\n\nnum_rounds\x18\t \x01(\rH\x02\x88\x01\x01\x12\x19\n\x0cmin_sample_s\x18\n \x01(\x01H\x03\x88\x01\x01\x42\r\n\x0b_num_warmupB\x0e\n\x0c_num_repeatsB\r\n\x0b_num_roundsB\x0f\n\r_min_sample_s\"z\n\x13StartProfileRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12!\n\x04grid\x18\x04 \x01(\x0b\x32\x13.exegpt.v1.GridSpec\x12\x12\n\ntp_degrees\x18\x05 \x03(\r\"X\n\x0fProfileProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x10\n\x08num_done\x18\x02 \x01(\r\x12\x11\n\tnum_total\x18\x03 \x01(\r\x12\x11\n\telapsed_s\x18\x04 \x01(\x01\"1\n\rProfileQueued\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\"M\n\x0bProfileDone\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12*\n\x07summary\x18\x02 \x01(\x0b\x32\x19.exegpt.v1.ProfileSummary\"\x9b\x01\n\x0cProfileEvent\x12*\n\x06queued\x18\x01 \x01(\x0b\x32\x18.exegpt.v1.ProfileQueuedH\x00\x12.\n\x08progress\x18\x02 \x01(\x0b\x32\x1a.exegpt.v1.ProfileProgressH\x00\x12&\n\x04\x64one\x18\x03 \x01(\x0b\x32\x16.exegpt.v1.ProfileDoneH\x00\x42\x07\n\x05\x65vent\"\x97\x02\n\x0eProfileSummary\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x14\n\x0cmodel_family\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x11\n\tgrid_name\x18\x08 \x01(\t\x12\x12\n\ntp_degrees\x18\t \x03(\r\x12\x12\n\ncreated_at\x18\n \x01(\t\x12\x18\n\x10profiling_time_s\x18\x0b \x01(\x01\x12\x15\n\rtorch_threads\x18\x0c \x01(\r\x12\x12\n\nsize_bytes\x18\r \x01(\x04\"\'\n\x11GetProfileRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\"V\n\x12GetProfileResponse\x12*\n\x07summary\x18\x01 \x01(\x0b\x32\x19.exegpt.v1.ProfileSummary\x12\x14\n\x0cprofile_json\x18\x02 \x01(\t\"C\n\x13ListProfilesRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\r\"X\n\x14ListProfilesResponse\x12+\n\x08profiles\x18\x01 \x03(\x0b\x32\x19.exegpt.v1.ProfileSummary\x12\x13\n\x0bnum_invalid\x18\x02 \x01(\r2\xf1\x01\n\x08Profiler\x12I\n\x0cStartProfile\x12\x1e.exegpt.v1.StartProfileRequest\x1a\x17.exegpt.v1.ProfileEvent0\x01\x12I\n\nGetProfile\x12\x1c.exegpt.v1.GetProfileRequest\x1a\x1d.exegpt.v1.GetProfileResponse\x12O\n\x0cListProfiles\x12\x1e.exegpt.v1.ListProfilesRequest\x1a\x1f.exegpt.v1.ListProfilesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,27 +32,27 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'exegpt.v1.profiler_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GRIDSPEC']._serialized_start=40
-  _globals['_GRIDSPEC']._serialized_end=301
-  _globals['_STARTPROFILEREQUEST']._serialized_start=303
-  _globals['_STARTPROFILEREQUEST']._serialized_end=425
-  _globals['_PROFILEPROGRESS']._serialized_start=427
-  _globals['_PROFILEPROGRESS']._serialized_end=515
-  _globals['_PROFILEQUEUED']._serialized_start=517
-  _globals['_PROFILEQUEUED']._serialized_end=566
-  _globals['_PROFILEDONE']._serialized_start=568
-  _globals['_PROFILEDONE']._serialized_end=645
-  _globals['_PROFILEEVENT']._serialized_start=648
-  _globals['_PROFILEEVENT']._serialized_end=803
-  _globals['_PROFILESUMMARY']._serialized_start=806
-  _globals['_PROFILESUMMARY']._serialized_end=1085
-  _globals['_GETPROFILEREQUEST']._serialized_start=1087
-  _globals['_GETPROFILEREQUEST']._serialized_end=1126
-  _globals['_GETPROFILERESPONSE']._serialized_start=1128
-  _globals['_GETPROFILERESPONSE']._serialized_end=1214
-  _globals['_LISTPROFILESREQUEST']._serialized_start=1216
-  _globals['_LISTPROFILESREQUEST']._serialized_end=1283
-  _globals['_LISTPROFILESRESPONSE']._serialized_start=1285
-  _globals['_LISTPROFILESRESPONSE']._serialized_end=1373
-  _globals['_PROFILER']._serialized_start=1376
-  _globals['_PROFILER']._serialized_end=1617
+  _globals['_GRIDSPEC']._serialized_end=345
+  _globals['_STARTPROFILEREQUEST']._serialized_start=347
+  _globals['_STARTPROFILEREQUEST']._serialized_end=469
+  _globals['_PROFILEPROGRESS']._serialized_start=471
+  _globals['_PROFILEPROGRESS']._serialized_end=559
+  _globals['_PROFILEQUEUED']._serialized_start=561
+  _globals['_PROFILEQUEUED']._serialized_end=610
+  _globals['_PROFILEDONE']._serialized_start=612
+  _globals['_PROFILEDONE']._serialized_end=689
+  _globals['_PROFILEEVENT']._serialized_start=692
+  _globals['_PROFILEEVENT']._serialized_end=847
+  _globals['_PROFILESUMMARY']._serialized_start=850
+  _globals['_PROFILESUMMARY']._serialized_end=1129
+  _globals['_GETPROFILEREQUEST']._serialized_start=1131
+  _globals['_GETPROFILEREQUEST']._serialized_end=1170
+  _globals['_GETPROFILERESPONSE']._serialized_start=1172
+  _globals['_GETPROFILERESPONSE']._serialized_end=1258
+  _globals['_LISTPROFILESREQUEST']._serialized_start=1260
+  _globals['_LISTPROFILESREQUEST']._serialized_end=1327
+  _globals['_LISTPROFILESRESPONSE']._serialized_start=1329
+  _globals['_LISTPROFILESRESPONSE']._serialized_end=1417
+  _globals['_PROFILER']._serialized_start=1420
+  _globals['_PROFILER']._serialized_end=1661
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GridSpec(_message.Message):
-    __slots__ = ("preset", "batch_sizes", "seq_lens_tokens", "kv_lens_tokens", "num_tokens", "message_bytes", "num_warmup", "num_repeats", "num_rounds")
+    __slots__ = ("preset", "batch_sizes", "seq_lens_tokens", "kv_lens_tokens", "num_tokens", "message_bytes", "num_warmup", "num_repeats", "num_rounds", "min_sample_s")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
     SEQ_LENS_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class GridSpec(_message.Message):
     NUM_WARMUP_FIELD_NUMBER: _ClassVar[int]
     NUM_REPEATS_FIELD_NUMBER: _ClassVar[int]
     NUM_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    MIN_SAMPLE_S_FIELD_NUMBER: _ClassVar[int]
     preset: str
     batch_sizes: _containers.RepeatedScalarFieldContainer[int]
     seq_lens_tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -26,7 +27,8 @@ class GridSpec(_message.Message):
     num_warmup: int
     num_repeats: int
     num_rounds: int
-    def __init__(self, preset: _Optional[str] = ..., batch_sizes: _Optional[_Iterable[int]] = ..., seq_lens_tokens: _Optional[_Iterable[int]] = ..., kv_lens_tokens: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[_Iterable[int]] = ..., message_bytes: _Optional[_Iterable[int]] = ..., num_warmup: _Optional[int] = ..., num_repeats: _Optional[int] = ..., num_rounds: _Optional[int] = ...) -> None: ...
+    min_sample_s: float
+    def __init__(self, preset: _Optional[str] = ..., batch_sizes: _Optional[_Iterable[int]] = ..., seq_lens_tokens: _Optional[_Iterable[int]] = ..., kv_lens_tokens: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[_Iterable[int]] = ..., message_bytes: _Optional[_Iterable[int]] = ..., num_warmup: _Optional[int] = ..., num_repeats: _Optional[int] = ..., num_rounds: _Optional[int] = ..., min_sample_s: _Optional[float] = ...) -> None: ...
 
 class StartProfileRequest(_message.Message):
     __slots__ = ("model", "device", "dtype", "grid", "tp_degrees")

@@ -64,6 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     axes.add_argument("--repeats", type=int, help="timed repeats per point")
     axes.add_argument("--warmup", type=int, help="untimed warm-up runs per point")
     axes.add_argument(
+        "--min-sample-s",
+        type=float,
+        help="seconds each timed sample lasts at least, short work repeated within it "
+        "(default 0.01)",
+    )
+    axes.add_argument(
         "--rounds",
         type=int,
         help="passes over the whole grid (medians combined); with --validate: passes over "
@@ -141,6 +147,8 @@ def grid_from_args(args: argparse.Namespace) -> tuple[str, Any]:
         overrides["num_warmup"] = args.warmup
     if args.rounds is not None:
         overrides["num_rounds"] = args.rounds
+    if args.min_sample_s is not None:
+        overrides["min_sample_s"] = args.min_sample_s
     base: str | None = args.grid
     if base not in PRESETS and base != "custom":
         overrides = {**_grid_file(base), **overrides}
@@ -229,6 +237,7 @@ def _validate(args: argparse.Namespace) -> int:
     from services.profiler.profiling import check_device, check_dtype
     from services.profiler.validate import (
         VALIDATION_ROUNDS,
+        common_shift,
         format_table,
         repeatability,
         summarize,
@@ -275,6 +284,7 @@ def _validate(args: argparse.Namespace) -> int:
             "median_abs_error": median,
             "worst_abs_error": worst,
             "repeatability": repeatability(points),
+            "common_shift": common_shift(points),
             "points": [_point_json(point) for point in points],
         }
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -21,7 +21,7 @@ def request_from_proto(message: profiler_pb2.StartProfileRequest) -> ProfileRequ
         overrides: dict[str, Any] = {
             axis: tuple(getattr(spec, axis)) for axis in AXES if len(getattr(spec, axis))
         }
-        for name in ("num_warmup", "num_repeats", "num_rounds"):
+        for name in ("num_warmup", "num_repeats", "num_rounds", "min_sample_s"):
             if spec.HasField(name):
                 overrides[name] = getattr(spec, name)
         try:

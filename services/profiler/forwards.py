@@ -63,17 +63,36 @@ def decode(batch_size: int, prompt_tokens: int, kv_len_tokens: int) -> ForwardPo
 
 
 class WholeForwards:
-    """Times whole prefills and decode steps of the real model (unsharded, TP 1)."""
+    """Times whole prefills and decode steps of the real model (unsharded, TP 1).
 
-    def __init__(self, loaded: LoadedModel, points: Iterable[ForwardPoint]) -> None:
+    The KV pool holds what the largest point needs, or with `max_kv_bytes` the largest
+    point within that budget; `covers` tells which points it can run.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        points: Iterable[ForwardPoint],
+        max_kv_bytes: int | None = None,
+    ) -> None:
         self.config = loaded.config
-        num_blocks = blocks_for_points(points, BLOCK_SIZE_TOKENS, loaded.config.is_encoder_decoder)
         spec = KVCacheSpec.for_model(loaded.config, dtype=loaded.dtype)
+        if max_kv_bytes is not None:
+            max_blocks = max_kv_bytes // (spec.bytes_per_token() * BLOCK_SIZE_TOKENS)
+            points = [p for p in points if self._blocks(p) <= max_blocks]
+        num_blocks = blocks_for_points(points, BLOCK_SIZE_TOKENS, loaded.config.is_encoder_decoder)
         self.pool = KVCachePool(spec, num_blocks, BLOCK_SIZE_TOKENS, loaded.device)
         for layer in self.pool.layers:  # as in a serving engine, every page holds data
             layer.k.fill_(0.5)
             layer.v.fill_(0.5)
         self.steps = Steps(ModelRunner(loaded.model, self.pool), loaded.config)
+
+    def _blocks(self, point: ForwardPoint) -> int:
+        return point.num_blocks(BLOCK_SIZE_TOKENS, self.config.is_encoder_decoder)
+
+    def covers(self, point: ForwardPoint) -> bool:
+        """Whether the pool holds the point's K/V."""
+        return self._blocks(point) <= self.pool.num_blocks
 
     def usable(self, points: Iterable[ForwardPoint]) -> tuple[ForwardPoint, ...]:
         """The points that fit the model's context."""

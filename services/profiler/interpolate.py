@@ -40,27 +40,26 @@ def isotonic(values: Sequence[float]) -> list[float]:
 @dataclass(frozen=True)
 class Curve:
     """A non-decreasing cost over one size axis (or, fitted with monotone=False, any
-    non-negative quantity, interpolated linearly)."""
+    quantity, interpolated linearly)."""
 
     sizes: tuple[float, ...]  # strictly increasing, > 0
-    values: tuple[float, ...]  # non-decreasing (unless fitted with monotone=False), >= 0
+    values: tuple[float, ...]  # non-decreasing and >= 0 (unless fitted with monotone=False)
     slopes: tuple[float, ...] = ()  # d log(value) / d log(size) at each size (fit computes)
 
     @classmethod
     def fit(
         cls, sizes: Sequence[float], values: Sequence[float], *, monotone: bool = True
     ) -> Curve:
-        """monotone=False: the values as measured (floored at zero), linear in between: for
-        a remainder such as a per-forward overhead, which need not grow with the size and
+        """monotone=False: the values as measured (of either sign), linear in between: for a
+        remainder such as a per-forward overhead, which need not grow with the size and
         whose noise pooling would spread from the large sizes to the small ones."""
         if not sizes or len(sizes) != len(values):
             raise ValueError("a curve needs as many values as sizes, and at least one")
         if any(b <= a for a, b in zip(sizes, sizes[1:], strict=False)) or sizes[0] <= 0:
             raise ValueError(f"curve sizes must be positive and increasing, got {list(sizes)}")
-        floored = [max(0.0, float(v)) for v in values]
         if not monotone:
-            return cls(tuple(float(s) for s in sizes), tuple(floored))
-        monotone = isotonic(floored)
+            return cls(tuple(float(s) for s in sizes), tuple(float(v) for v in values))
+        monotone = isotonic([max(0.0, float(v)) for v in values])
         log_x = [math.log(float(s)) for s in sizes]
         log_y = [math.log(max(v, _FLOOR_S)) for v in monotone]
         return cls(tuple(float(s) for s in sizes), tuple(monotone), pchip_slopes(log_x, log_y))

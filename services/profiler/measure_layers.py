@@ -34,7 +34,13 @@ from torch import Tensor
 from exegpt.models.kv_cache import KVCacheSpec, blocks_for
 from exegpt.models.loader import LoadedModel
 from exegpt.models.tensor_parallel import Layer, shard_layer
-from services.profiler.forwards import WholeForwards, blocks_for_points, decode, prefill
+from services.profiler.forwards import (
+    ForwardPoint,
+    WholeForwards,
+    blocks_for_points,
+    decode,
+    prefill,
+)
 from services.profiler.grid import ProfileGrid
 from services.profiler.layer_work import (
     MAX_KV_STORE_BYTES,
@@ -137,7 +143,7 @@ class LayerProfiler:
             blocks_for(max(grid.num_tokens), block_size_tokens),
         )
         self.probe = Probe(loaded, num_blocks, block_size_tokens)
-        self.whole = WholeForwards(loaded, steps)
+        self.whole = WholeForwards(loaded, steps, max_kv_bytes=MAX_KV_STORE_BYTES)
         self.shards = {tp: self._shard_set(tp, num_blocks, block_size_tokens) for tp in tp_degrees}
 
     def _shard_set(self, tp_degree: int, num_blocks: int, block_size_tokens: int) -> ShardSet:
@@ -220,8 +226,7 @@ class LayerProfiler:
     # ---- attention (and the per-forward overhead around it) ---------------------------------
 
     def _encode_point(self, batch: int, seq_len: int, result: LayerMeasurements) -> None:
-        whole = self.whole.measure(self.forward_timer, prefill(batch, seq_len))
-        result.prefill_whole.add((batch, seq_len), whole)
+        self._whole_forward(prefill(batch, seq_len), result.prefill_whole)
         self.probe.steps.prefill_step(batch, seq_len)()  # records the layers' inputs
         kind = "encoder" if self.config.is_encoder_decoder else "decoder"
         call = self.probe.recorded(kind)
@@ -236,8 +241,7 @@ class LayerProfiler:
             result.compute[tp]["encode_attention"].add((batch, seq_len), stats)
 
     def _decode_point(self, batch: int, kv_len: int, result: LayerMeasurements) -> None:
-        whole = self.whole.measure(self.forward_timer, decode(batch, kv_len, kv_len))
-        result.decode_whole.add((batch, kv_len), whole)
+        self._whole_forward(decode(batch, kv_len, kv_len), result.decode_whole)
         seqs = self.probe.steps.decode_sequences(batch, kv_len, kv_len)
         try:
             self.probe.steps.decode_step(seqs)()  # records the layers' inputs
@@ -247,6 +251,13 @@ class LayerProfiler:
                     self._decode_attention(shards, call, (batch, kv_len), result.compute[tp])
         finally:
             self.probe.steps.release(seqs)
+
+    def _whole_forward(self, point: ForwardPoint, series: Series) -> None:
+        """Past the K/V budget no whole forward is timed: its overhead is extrapolated."""
+        if self.whole.covers(point):
+            length = point.prompt_tokens if point.kind == "prefill" else point.kv_len_tokens
+            stats = self.whole.measure(self.forward_timer, point)
+            series.add((point.batch_size, length), stats)
 
     def _decode_attention(
         self, shards: ShardSet, call: LayerCall, point: tuple[int, int], series: dict[str, Series]

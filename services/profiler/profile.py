@@ -9,9 +9,11 @@ Whole forwards of the real model were timed at every attention grid point; what 
 beyond the parts the profile sums for it (at TP 1) is the per-forward overhead: the work a
 forward does once outside the layers (index building, masks and position biases, rotary
 tables), and what the layers cost inside a forward beyond their cost in a loop (caches the
-rest of the model evicted). It is folded into the per-layer numbers, so the sums the
-simulator builds add up to whole forwards (exactly at the grid points, but where noise
-made the remainder negative; it is then taken as zero):
+rest of the model evicted). The remainder is kept as measured, of either sign (noise can
+make the parts outweigh the whole), interpolated linearly between the grid points, and
+added to the attention costs, which stay the measured rising curves otherwise. So the sums
+the simulator builds add up to whole forwards, exactly at the grid points (unless a
+negative remainder would take an attention cost below zero):
 
 - encoder-decoder (T5): encode(B, S) = embedding_s(B*S) + L_enc x (encode_attention_s +
   encode_rest_s); the first output token then comes from a decode step (B, kv 1, cross S).
@@ -23,7 +25,9 @@ made the remainder negative; it is then taken as zero):
 - each layer at TP degree t > 1 adds two all-reduces of the layer's activations.
 
 The overheads are apportioned to the attention methods (they scale with the batch and the
-sequence lengths, as attention does).
+sequence lengths, as attention does). Being remainders of noisy timings, they can make an
+attention cost dip slightly where a larger point's whole forward ran relatively faster:
+costs are nearly, not strictly, monotonic (the search allows for that: search.py).
 
 This module imports neither torch nor grpc: the simulator can load profiles cheaply.
 """
@@ -254,7 +258,7 @@ class LayerProfile:
     def _q_encode_attention(self, batch: int, seq_len: int, tp: int) -> Query:
         kernel, out_k = self._compute[self._check_tp(tp)].encode_attention(batch, seq_len)
         overhead, out_o = self._encode_overhead(batch, seq_len)
-        return kernel + overhead / self._shape.num_encode_layers, out_k or out_o
+        return max(0.0, kernel + overhead / self._shape.num_encode_layers), out_k or out_o
 
     def _q_encode_rest(self, num_tokens: int, tp: int) -> Query:
         compute = self._compute[self._check_tp(tp)]
@@ -278,7 +282,7 @@ class LayerProfile:
             overhead, overhead_out = self._decode_overhead(batch, cross_len)
             value += cross + overhead / num_layers
             extrapolated = extrapolated or cross_out or overhead_out
-        return value, extrapolated
+        return max(0.0, value), extrapolated
 
     def _q_decode_rest(self, batch: int, tp: int) -> Query:
         return self._compute[self._check_tp(tp)].decode_rest(batch)

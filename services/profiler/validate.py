@@ -181,6 +181,20 @@ def repeatability(points: list[ValidationPoint]) -> tuple[float, float] | None:
     return (statistics.median(magnitudes), max(magnitudes)) if magnitudes else None
 
 
+def common_shift(points: list[ValidationPoint]) -> tuple[float, float, float]:
+    """(shift, median, worst): the median signed relative error, and the absolute errors left
+    once every prediction is divided by 1 + shift.
+
+    When a shared machine runs everything faster or slower than while it was profiled,
+    every error moves the same way; the shift is that, and what is left around it is the
+    profile's own shape error. A diagnosis, not a correction: the errors above are the ones
+    a plan made now would see.
+    """
+    shift = statistics.median(p.relative_error for p in points)
+    left = [abs((1 + p.relative_error) / (1 + shift) - 1) for p in points]
+    return shift, statistics.median(left), max(left)
+
+
 def format_table(points: list[ValidationPoint]) -> str:
     lines = [
         f"{'step':<8}{'batch':>6}{'prompt':>8}{'kv':>6}{'predicted ms':>14}"
@@ -205,6 +219,11 @@ def format_table(points: list[ValidationPoint]) -> str:
             f"inside the profile's grid: median {median:.1%}, worst {worst:.1%} over "
             f"{len(inside)} forwards ({len(points) - len(inside)} extrapolated)"
         )
+    shift, median, worst = common_shift(points)
+    lines.append(
+        f"the errors share a shift of {shift:+.1%} (this machine's speed now against while "
+        f"it was profiled); around it: median {median:.1%}, worst {worst:.1%}"
+    )
     halves = repeatability(points)
     if halves is not None:
         lines.append(

@@ -4,7 +4,7 @@ with it, and a tiny random Llama checkpoint for the decoder-only paths."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -86,46 +86,39 @@ def profile_json(t5_profile_path: Path) -> Iterator[dict[str, object]]:
     yield json.loads(t5_profile_path.read_text())
 
 
-def assert_sums_add_up_to_whole_forwards(data: ProfileData) -> None:
-    """At every grid point the profile's sum for a whole forward equals the forward's time.
+def with_longer_whole_forwards(data: ProfileData) -> ProfileData:
+    """The profile with its whole forwards made longer by an overhead that grows with the
+    batch and the length and outweighs the measurement noise: its remainders then rise with
+    the size, so no floor or dip hides what the sums do."""
 
-    The measured whole forwards are replaced by known ones: first by zeros (every overhead
-    is then clamped to zero and the sums are the parts alone), then by those parts plus an
-    overhead that grows with the point, which the sums must give back exactly.
-    """
+    def extra_s(kind: str, batch: int, length: int) -> float:
+        # A prefill's remainder is what is left after its decoder step's: ten times larger,
+        # it grows with the length whatever the decode overheads do.
+        scale = 10.0 if kind == "prefill_whole" else 1.0
+        return scale * (0.1 * batch + 0.01 * length)
+
+    raw = data.model_dump(mode="json")
+    for kind in ("prefill_whole", "decode_whole"):
+        for row in raw[kind]["rows"]:
+            extra = [extra_s(kind, row["batch_size"], size) for size in row["sizes"]]
+            for name in ("median_s", "p10_s", "p90_s"):
+                row[name] = [t + e for t, e in zip(row[name], extra, strict=True)]
+    return ProfileData.model_validate(raw)
+
+
+def assert_sums_add_up_to_whole_forwards(data: ProfileData) -> None:
+    """At every grid point the profile's sum for a whole forward equals the forward's time."""
     from services.profiler.profile import LayerProfile
     from services.profiler.validate import predict_decode_step_s, predict_prefill_s
 
-    def rewritten(value: Callable[[str, int, int], float]) -> LayerProfile:
-        raw = data.model_dump(mode="json")
-        for kind in ("prefill_whole", "decode_whole"):
-            for row in raw[kind]["rows"]:
-                b = row["batch_size"]
-                row["median_s"] = [value(kind, b, s) for s in row["sizes"]]
-                row["p10_s"] = row["p90_s"] = row["median_s"]
-        return LayerProfile(ProfileData.model_validate(raw))
-
-    def predict(profile: LayerProfile, kind: str, batch: int, length: int) -> float:
-        if kind == "prefill_whole":
-            return predict_prefill_s(profile, batch, length)
-        cross = length if data.model.is_encoder_decoder else 0
-        return predict_decode_step_s(profile, batch, length, cross)
-
-    parts = rewritten(lambda *_: 0.0)
+    longer = with_longer_whole_forwards(data)
+    profile = LayerProfile(longer)
     for kind in ("prefill_whole", "decode_whole"):
-        for row in getattr(data, kind).rows:
-            for size in row.sizes:
-                assert predict(parts, kind, row.batch_size, size) > 0
-
-    def whole(kind: str, batch: int, length: int) -> float:
-        # A prefill's remainder is what its own overhead leaves after its decoder step's:
-        # ten times larger, it grows with the length whatever the decode overheads do.
-        scale = 10.0 if kind == "prefill_whole" else 1.0
-        return predict(parts, kind, batch, length) + scale * (1e-4 * batch + 1e-5 * length)
-
-    profile = rewritten(whole)
-    for kind in ("prefill_whole", "decode_whole"):
-        for row in getattr(data, kind).rows:
-            for size in row.sizes:
-                expected = whole(kind, row.batch_size, size)
-                assert predict(profile, kind, row.batch_size, size) == pytest.approx(expected)
+        for row in getattr(longer, kind).rows:
+            for size, whole_s in zip(row.sizes, row.median_s, strict=True):
+                if kind == "prefill_whole":
+                    predicted = predict_prefill_s(profile, row.batch_size, size)
+                else:
+                    cross = size if data.model.is_encoder_decoder else 0
+                    predicted = predict_decode_step_s(profile, row.batch_size, size, cross)
+                assert predicted == pytest.approx(whole_s, rel=1e-9)

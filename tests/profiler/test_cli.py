@@ -45,6 +45,7 @@ def profile_cli(*args: str) -> int:
         (["--grid=custom", "--batch-sizes=1"], "seq_lens_tokens is empty"),
         (["--repeats=0"], "num_repeats >= 1"),
         (["--rounds=0"], "num_rounds >= 1"),
+        (["--min-sample-s=-1"], "min_sample_s must be between 0"),
         (["--tp=3"], "tensor-parallel degree 3 does not divide num_heads=4"),
         (["--tp="], "--tp is empty"),
         (["--dtype=int4"], "unsupported dtype 'int4'"),
@@ -121,12 +122,13 @@ def test_profile_then_validate(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "tiny.json"
-    assert profile_cli(*TINY_FLAGS, "--tp=1", f"--out={out}") == 0
+    assert profile_cli(*TINY_FLAGS, "--tp=1", "--min-sample-s=0.005", f"--out={out}") == 0
     stdout = capsys.readouterr().out
     assert f"wrote {out}" in stdout and "TP degrees [1]" in stdout
     profile = load_profile(out)
     assert profile.data.grid_name == "custom"
     assert profile.data.grid["batch_sizes"] == [1, 2]
+    assert profile.data.grid["min_sample_s"] == 0.005
 
     reduced = functools.partial(
         validate.validate_profile,
@@ -142,6 +144,8 @@ def test_profile_then_validate(
     assert [p["kind"] for p in data["points"]] == ["prefill", "prefill", "decode"]
     assert data["worst_abs_error"] >= data["median_abs_error"] >= 0
     assert data["num_rounds"] == 1 and data["repeatability"] is None  # one round: no halves
+    shift, around_median, around_worst = data["common_shift"]
+    assert -1 < shift and 0 <= around_median <= around_worst
     for point in data["points"]:
         error = point["predicted_s"] / point["measured_s"] - 1
         assert point["relative_error"] == pytest.approx(error)

@@ -7,14 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from exegpt.models.kv_cache import KVCacheSpec
 from exegpt.models.loader import load_model
-from services.profiler.forwards import decode, prefill
+from services.profiler import measure_layers
+from services.profiler.forwards import WholeForwards, decode, prefill
 from services.profiler.grid import FULL, QUICK, ProfileGrid, build_grid
 from services.profiler.profile import LayerProfile, load_profile
 from services.profiler.profiling import ProfileRequest, check_request, run_profile
 from services.profiler.timing import stats_of
 from services.profiler.validate import (
     ValidationPoint,
+    common_shift,
     format_table,
     repeatability,
     summarize,
@@ -173,6 +176,19 @@ def test_repeatability_compares_the_two_halves_of_the_rounds() -> None:
     )
 
 
+def test_a_common_shift_is_told_apart_from_the_shape_error() -> None:
+    def point(predicted_s: float, measured_s: float) -> ValidationPoint:
+        return ValidationPoint(prefill(1, 16), predicted_s, False, (stats_of([measured_s]),))
+
+    # Everything ran 20% slower than profiled; one point is also 10% off on its own.
+    points = [point(1.0, 1.25), point(2.0, 2.5), point(0.5, 0.625), point(1.1, 1.25)]
+    shift, median, worst = common_shift(points)
+    assert shift == pytest.approx(-0.2)
+    assert median == pytest.approx(0.0) and worst == pytest.approx(0.1)
+    assert "share a shift of -20.0%" in format_table(points)
+    assert "around it: median 0.0%, worst 10.0%" in format_table(points)
+
+
 def test_validation_skips_forwards_longer_than_the_context(llama_dir: Path) -> None:
     data = run_profile(tiny_request(model=str(llama_dir)))
     points = validate_profile(
@@ -185,3 +201,27 @@ def test_validation_skips_forwards_longer_than_the_context(llama_dir: Path) -> N
     )
     # the tiny Llama's context is 256 tokens: a 300-token prompt and a step to 257 do not fit
     assert [p.point for p in points] == [prefill(1, 16), decode(1, 8, 255)]
+
+
+def test_whole_forwards_stay_within_the_kv_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Points whose K/V would pass the budget get no whole forward; their overhead is
+    extrapolated from the points that had one, and flagged."""
+    loaded = load_model("exegpt-tiny-t5")
+    block_bytes = 4 * 2048 * 16  # K and V of 16 tokens in each of the 4 decoder layers
+    assert KVCacheSpec.for_model(loaded.config).bytes_per_token() * 16 == block_bytes
+    forwards = WholeForwards(
+        loaded, [prefill(1, 16), decode(4, 16, 64)], max_kv_bytes=5 * block_bytes
+    )
+    assert forwards.covers(prefill(1, 16)) and forwards.pool.num_blocks == 2
+    assert not forwards.covers(decode(4, 16, 64))  # 4 x (5 self + 1 cross) blocks
+
+    # The tiny grid's largest steps (batch 2 at the longest lengths) need 6 blocks.
+    monkeypatch.setattr(measure_layers, "MAX_KV_STORE_BYTES", 5 * block_bytes)
+    data = run_profile(tiny_request())
+    rows = {row.batch_size: row.sizes for row in data.decode_whole.rows}
+    assert rows == {1: [1, 16], 2: [1]}
+    assert {row.batch_size: row.sizes for row in data.prefill_whole.rows} == {1: [8, 32], 2: [8]}
+    profile = LayerProfile(data)
+    assert not profile.is_extrapolated("decode_attention_s", 2, 1, 1, 1)
+    assert profile.is_extrapolated("decode_attention_s", 2, 16, 16, 1)
+    assert profile.decode_attention_s(2, 16, 16, 1) > 0

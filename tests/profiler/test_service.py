@@ -103,8 +103,9 @@ def test_health_is_serving(profiler: RunningProfiler) -> None:
 
 
 def test_start_get_and_list_a_profile(profiler: RunningProfiler) -> None:
-    """The quick grid's sizes (one round instead of three, TP 1: half a minute here)."""
-    quick = profiler_pb2.GridSpec(preset="quick", num_rounds=1)
+    """The quick grid's sizes (one round instead of three, 5 ms samples, TP 1: half a minute
+    here)."""
+    quick = profiler_pb2.GridSpec(preset="quick", num_rounds=1, min_sample_s=0.005)
     request = profiler_pb2.StartProfileRequest(grid=quick, tp_degrees=[1])
     events: Events = call(profiler.address, lambda s: collect(s, request))
     progress = [e.progress for e in events if e.HasField("progress")]
@@ -123,6 +124,7 @@ def test_start_get_and_list_a_profile(profiler: RunningProfiler) -> None:
     profile = LayerProfile(parse_profile(__import__("json").loads(got.profile_json)))
     assert profile.data.profile_id == done.profile_id
     assert profile.data.grid["batch_sizes"] == list(QUICK.batch_sizes)
+    assert profile.data.grid["min_sample_s"] == 0.005
     assert profile.encode_attention_s(8, 512, 1) > 0 and profile.transfer_s(4096) > 0
     assert not profile.is_extrapolated("decode_attention_s", 16, 1000, 1000, 1)
     assert got.summary == done.summary
@@ -153,6 +155,7 @@ def bad_requests() -> list[tuple[profiler_pb2.StartProfileRequest, str]]:
         (tiny_request(grid=profiler_pb2.GridSpec(preset="huge")), "unknown grid 'huge'"),
         (tiny_request(grid=tiny_spec(num_tokens=list(range(1, 100)))), "at most 64"),
         (tiny_request(grid=tiny_spec(batch_sizes=[1, 1 << 20])), "this service allows"),
+        (tiny_request(grid=tiny_spec(min_sample_s=-0.01)), "min_sample_s must be between 0"),
         (tiny_request(tp_degrees=[3]), "does not divide num_heads=4"),
         (tiny_request(dtype="int4"), "unsupported dtype"),
     ]
