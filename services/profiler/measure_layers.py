@@ -6,7 +6,7 @@ each layer receives in that forward; the recorded inputs are replayed through ra
 of the real layers (services/profiler/layer_work.py). The profile's per-forward overhead is
 the whole forward minus the parts (services/profiler/profile.py): the outside work (index
 building, masks, embedding, head) and whatever running the layers inside a forward costs
-beyond running them in a loop (on a CPU, mostly weights the other stack evicted).
+beyond running them in a loop (on a CPU, partly caches the rest of the model evicted).
 
 The parts:
 
@@ -115,22 +115,17 @@ class LayerProfiler:
         self.config = loaded.config
         self.grid = grid
         self.flush_cache = _should_flush(loaded, grid.flush_cache)
-        self.timer = Timer(
+        grid_timer = functools.partial(
+            Timer,
             loaded.device,
             grid.num_warmup,
             grid.num_repeats,
             max_time_s=grid.max_measure_s,
             min_sample_s=grid.min_sample_s,
-            before_repeat=CacheFlusher() if self.flush_cache else None,
         )
+        self.timer = grid_timer(before_repeat=CacheFlusher() if self.flush_cache else None)
         # A whole forward streams the whole model through the caches by itself: no flushing.
-        self.forward_timer = Timer(
-            loaded.device,
-            grid.num_warmup,
-            grid.num_repeats,
-            max_time_s=grid.max_measure_s,
-            min_sample_s=grid.min_sample_s,
-        )
+        self.forward_timer = grid_timer()
         self.num_threads = num_threads
         self.tp_degrees = tp_degrees
         self._kernels: dict[tuple[object, ...], TimingStats] = {}
