@@ -27,6 +27,7 @@ import contextlib
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -63,6 +64,7 @@ from services.profiler.timing import (
     last_level_cache_bytes,
 )
 
+T = TypeVar("T")
 StepCallback = Callable[[str], None]  # called after each measured point with the stage name
 COMPUTE_SERIES = (
     "encode_attention",
@@ -91,6 +93,17 @@ def _should_flush(loaded: LoadedModel, flush_cache: bool | None) -> bool:
         return flush_cache
     weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     return weight_bytes > last_level_cache_bytes()
+
+
+def spread_evenly(lists: list[list[T]]) -> list[T]:
+    """The items of every list, merged so that each list's items are spread evenly over the
+    whole (by their fractional position in their own list), each list's order kept."""
+    keyed = [
+        ((index + 0.5) / len(items), which, item)
+        for which, items in enumerate(lists)
+        for index, item in enumerate(items)
+    ]
+    return [item for _, _, item in sorted(keyed, key=lambda entry: entry[:2])]
 
 
 @dataclass
@@ -191,19 +204,38 @@ class LayerProfiler:
         return result
 
     def _round(self, result: LayerMeasurements, on_step: StepCallback) -> None:
-        for batch, seq_len in self.encode_points:
-            self._encode_point(batch, seq_len, result)
-            on_step("encode attention")
-        for batch, kv_len in self.decode_points:
-            self._decode_point(batch, kv_len, result)
-            on_step("decode attention")
-        for shards in self.shards.values():
-            for num_tokens in self.grid.num_tokens:
-                self._rest_point(shards, num_tokens, result.compute[shards.tp_degree])
-                on_step(f"rest of layer, TP {shards.tp_degree}")
-        for num_tokens in self.grid.num_tokens:
-            self._embedding_point(num_tokens, result)
-            on_step("embedding and LM head")
+        """Every point once, the kinds of measurement spread evenly over the round: a whole
+        forward and the parts subtracted from it should see the same spells of a shared
+        machine, not one kind the first half of the round and another kind the second."""
+        kinds: list[list[tuple[str, Callable[[], None]]]] = [
+            [
+                ("encode attention", functools.partial(self._encode_point, b, s, result))
+                for b, s in self.encode_points
+            ],
+            [
+                ("decode attention", functools.partial(self._decode_point, b, kv, result))
+                for b, kv in self.decode_points
+            ],
+            *(
+                [
+                    (
+                        f"rest of layer, TP {shards.tp_degree}",
+                        functools.partial(
+                            self._rest_point, shards, n, result.compute[shards.tp_degree]
+                        ),
+                    )
+                    for n in self.grid.num_tokens
+                ]
+                for shards in self.shards.values()
+            ),
+            [
+                ("embedding and LM head", functools.partial(self._embedding_point, n, result))
+                for n in self.grid.num_tokens
+            ],
+        ]
+        for stage, measure in spread_evenly(kinds):
+            measure()
+            on_step(stage)
 
     def _measure(self, work: Callable[[], object], stack: list[Layer]) -> TimingStats:
         """Time a loop over the stack, per layer."""

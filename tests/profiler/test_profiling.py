@@ -12,6 +12,7 @@ from exegpt.models.loader import load_model
 from services.profiler import measure_layers
 from services.profiler.forwards import WholeForwards, decode, prefill
 from services.profiler.grid import FULL, QUICK, ProfileGrid, build_grid
+from services.profiler.measure_layers import spread_evenly
 from services.profiler.profile import LayerProfile, load_profile
 from services.profiler.profiling import ProfileRequest, check_request, run_profile
 from services.profiler.timing import stats_of
@@ -225,3 +226,9 @@ def test_whole_forwards_stay_within_the_kv_budget(monkeypatch: pytest.MonkeyPatc
     assert not profile.is_extrapolated("decode_attention_s", 2, 1, 1, 1)
     assert profile.is_extrapolated("decode_attention_s", 2, 16, 16, 1)
     assert profile.decode_attention_s(2, 16, 16, 1) > 0
+
+
+def test_a_round_spreads_every_kind_of_measurement_over_its_length() -> None:
+    merged = spread_evenly([list("abcdef"), [1, 2], ["x"]])
+    assert merged == ["a", "b", 1, "c", "x", "d", "e", 2, "f"]
+    assert spread_evenly([[], [1]]) == [1]
