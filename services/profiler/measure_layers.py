@@ -207,32 +207,29 @@ class LayerProfiler:
         """Every point once, the kinds of measurement spread evenly over the round: a whole
         forward and the parts subtracted from it should see the same spells of a shared
         machine, not one kind the first half of the round and another kind the second."""
+        step = functools.partial
         kinds: list[list[tuple[str, Callable[[], None]]]] = [
             [
-                ("encode attention", functools.partial(self._encode_point, b, s, result))
+                ("encode attention", step(self._encode_point, b, s, result))
                 for b, s in self.encode_points
             ],
             [
-                ("decode attention", functools.partial(self._decode_point, b, kv, result))
+                ("decode attention", step(self._decode_point, b, kv, result))
                 for b, kv in self.decode_points
             ],
-            *(
-                [
-                    (
-                        f"rest of layer, TP {shards.tp_degree}",
-                        functools.partial(
-                            self._rest_point, shards, n, result.compute[shards.tp_degree]
-                        ),
-                    )
-                    for n in self.grid.num_tokens
-                ]
-                for shards in self.shards.values()
-            ),
-            [
-                ("embedding and LM head", functools.partial(self._embedding_point, n, result))
-                for n in self.grid.num_tokens
-            ],
         ]
+        for shards in self.shards.values():
+            stage = f"rest of layer, TP {shards.tp_degree}"
+            series = result.compute[shards.tp_degree]
+            kinds.append(
+                [(stage, step(self._rest_point, shards, n, series)) for n in self.grid.num_tokens]
+            )
+        kinds.append(
+            [
+                ("embedding and LM head", step(self._embedding_point, n, result))
+                for n in self.grid.num_tokens
+            ]
+        )
         for stage, measure in spread_evenly(kinds):
             measure()
             on_step(stage)
