@@ -9,11 +9,12 @@ Whole forwards of the real model were timed at every attention grid point; what 
 beyond the parts the profile sums for it (at TP 1) is the per-forward overhead: the work a
 forward does once outside the layers (index building, masks and position biases, rotary
 tables), and what the layers cost inside a forward beyond their cost in a loop (caches the
-rest of the model evicted). The remainder is kept as measured, of either sign (noise can
-make the parts outweigh the whole), interpolated linearly between the grid points, and
-added to the attention costs, which stay the measured rising curves otherwise. So the sums
-the simulator builds add up to whole forwards, exactly at the grid points (unless a
-negative remainder would take an attention cost below zero):
+rest of the model evicted). The remainder is kept as measured, interpolated linearly
+between the grid points, and added to the attention costs, which stay the measured rising
+curves otherwise; where noise made the parts outweigh the whole it is taken as zero (the
+parts are trusted: a remainder below zero could take an attention cost to nothing). So the
+sums the simulator builds add up to whole forwards, exactly at the grid points where the
+whole took longer than its parts:
 
 - encoder-decoder (T5): encode(B, S) = embedding_s(B*S) + L_enc x (encode_attention_s +
   encode_rest_s); the first output token then comes from a decode step (B, kv 1, cross S).
@@ -65,12 +66,16 @@ def _surface(surface: SurfaceData) -> Surface:
 
 def _remainder_surface(surface: SurfaceData, value: Callable[[int, int, float], float]) -> Surface:
     """A surface on the same grid with each median replaced by value(batch, size, median), a
-    remainder: interpolated as measured, not smoothed into a rising cost (Curve.fit)."""
+    remainder: floored at zero, otherwise interpolated as measured, not smoothed into a
+    rising cost (Curve.fit)."""
     rows = [
         (
             row.batch_size,
             row.sizes,
-            [value(row.batch_size, s, m) for s, m in zip(row.sizes, row.median_s, strict=True)],
+            [
+                max(0.0, value(row.batch_size, s, m))
+                for s, m in zip(row.sizes, row.median_s, strict=True)
+            ],
         )
         for row in surface.rows
     ]
@@ -258,7 +263,7 @@ class LayerProfile:
     def _q_encode_attention(self, batch: int, seq_len: int, tp: int) -> Query:
         kernel, out_k = self._compute[self._check_tp(tp)].encode_attention(batch, seq_len)
         overhead, out_o = self._encode_overhead(batch, seq_len)
-        return max(0.0, kernel + overhead / self._shape.num_encode_layers), out_k or out_o
+        return kernel + overhead / self._shape.num_encode_layers, out_k or out_o
 
     def _q_encode_rest(self, num_tokens: int, tp: int) -> Query:
         compute = self._compute[self._check_tp(tp)]
@@ -282,7 +287,7 @@ class LayerProfile:
             overhead, overhead_out = self._decode_overhead(batch, cross_len)
             value += cross + overhead / num_layers
             extrapolated = extrapolated or cross_out or overhead_out
-        return max(0.0, value), extrapolated
+        return value, extrapolated
 
     def _q_decode_rest(self, batch: int, tp: int) -> Query:
         return self._compute[self._check_tp(tp)].decode_rest(batch)
