@@ -64,23 +64,28 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 await context.abort(
                     grpc.StatusCode.NOT_FOUND, f"model {generation.model!r} is not served here"
                 )
-            request_id = generation.request_id or uuid.uuid4().hex
-            span.set_attribute("exegpt.request_id", request_id)
+            # The engine's key is ours alone: a client's request_id is only a label echoed
+            # back, so another client reusing it can never find or abort this request.
+            engine_key = uuid.uuid4().hex
+            label = generation.request_id or engine_key
+            span.set_attribute("exegpt.request_id", label)
+            span.set_attribute("exegpt.engine_key", engine_key)
             span.set_attribute("exegpt.prompt_tokens", len(prompt_ids))
-            async for chunk in self._run(context, request_id, generation, prompt_ids):
+            async for chunk in self._run(context, engine_key, label, generation, prompt_ids):
                 yield chunk_to_proto(chunk)
 
     async def _run(
         self,
         context: grpc.aio.ServicerContext,
-        request_id: str,
+        engine_key: str,
+        label: str,
         generation: GenerationRequest,
         prompt_ids: list[int],
     ) -> AsyncIterator[GenerationChunk]:
         events: asyncio.Queue[EngineEvent] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         engine_request = EngineRequest(
-            request_id=request_id,
+            request_id=engine_key,
             prompt_token_ids=prompt_ids,
             sampling=generation.sampling,
             on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
@@ -99,11 +104,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         try:
             while not finished:
                 batch = await _next_events(events)
-                chunk = GenerationChunk(request_id=request_id, token_ids=[])
+                chunk = GenerationChunk(request_id=label, token_ids=[])
                 for event in batch:
                     if event.error is not None:
+                        # This request failed, not the replica: INTERNAL keeps the router
+                        # from marking the replica down and retrying (spreading) the request.
                         finished = True
-                        await context.abort(grpc.StatusCode.UNAVAILABLE, event.error)
+                        await context.abort(grpc.StatusCode.INTERNAL, event.error)
                     chunk.token_ids += event.token_ids
                     chunk.token_times_s += event.token_times_s
                     if event.finish_reason is not None:
@@ -118,8 +125,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 yield chunk
         finally:
             if not finished:
-                logger.info("request %s cancelled by its client; aborting", request_id)
-                self._engine.abort(request_id)
+                logger.info("request %s (%s) cancelled by its client; aborting", label, engine_key)
+                self._engine.abort(engine_key)
 
     def _prompt_token_ids(self, generation: GenerationRequest) -> list[int]:
         if generation.prompt_token_ids is not None:
