@@ -10,10 +10,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 from torch import Tensor, nn
 
 from exegpt.models.attention import LayerKV
 from exegpt.models.config import ModelConfig
+from exegpt.models.kv_cache import SequenceKV
 
 
 @dataclass(frozen=True)
@@ -59,3 +61,165 @@ class ServingModel(Protocol):
     def decode(self, batch: DecodeBatch, kv: Sequence[LayerKV]) -> Tensor:
         """Logits [B, vocab] for the next token of each sequence."""
         ...
+
+
+class BatchBuilder:
+    """Builds a step's index tensors from the sequences' block tables (which must already
+    hold every block the step writes). Index math runs on the host, then moves once."""
+
+    def __init__(self, config: ModelConfig, block_size_tokens: int, device: torch.device) -> None:
+        self.config = config
+        self.block_size_tokens = block_size_tokens
+        self.device = device
+
+    def prefill(
+        self, seqs: Sequence[SequenceKV], prompts: list[list[int]], prefixes: list[list[int]]
+    ) -> PrefillBatch:
+        """The prefill of fresh sequences; `prefixes` are tokens already generated (recompute)."""
+        self_lengths, cross_lengths = prefill_lengths(self.config, prompts, prefixes)
+        if self.config.is_encoder_decoder:
+            start = self.config.decoder_start_token_id or 0
+            decoder_inputs = [[start, *prefix] for prefix in prefixes]
+        else:
+            decoder_inputs = [[*p, *prefix] for p, prefix in zip(prompts, prefixes, strict=True)]
+        zeros = [0] * len(seqs)
+        encoder_tokens = encoder_lengths = cross_kv = None
+        if cross_lengths is not None:
+            encoder_tokens = self._padded(prompts)
+            encoder_lengths = self._tensor(cross_lengths)
+            cross_blocks = [s.cross_blocks for s in seqs]
+            cross_kv = self._kv_index(cross_blocks, zeros, cross_lengths, max(cross_lengths))
+        return PrefillBatch(
+            tokens=self._padded(decoder_inputs),
+            lengths=self._tensor(self_lengths),
+            self_kv=self._kv_index([s.self_blocks for s in seqs], zeros, self_lengths, None),
+            encoder_tokens=encoder_tokens,
+            encoder_lengths=encoder_lengths,
+            cross_kv=cross_kv,
+        )
+
+    def decode(self, seqs: Sequence[SequenceKV], last_token_ids: list[int]) -> DecodeBatch:
+        """One decode step of prefilled sequences, appending `last_token_ids`."""
+        positions = [seq.num_self_tokens for seq in seqs]
+        self_kv = self._kv_index(
+            [s.self_blocks for s in seqs], positions, [1] * len(seqs), max(positions) + 1
+        )
+        cross_kv = None
+        if self.config.is_encoder_decoder:
+            cross_lengths = [seq.num_cross_tokens for seq in seqs]
+            cross_kv = self._read_index([s.cross_blocks for s in seqs], cross_lengths)
+        return DecodeBatch(
+            tokens=self._tensor(last_token_ids)[:, None],  # [B] -> [B, 1]
+            positions=self._tensor(positions),
+            self_kv=self_kv,
+            cross_kv=cross_kv,
+        )
+
+    def _tensor(self, values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _padded(self, token_lists: list[list[int]]) -> Tensor:
+        """Right-padded [B, T_max] token ids."""
+        pad = self.config.pad_token_id or 0
+        width = max(len(tokens) for tokens in token_lists)
+        rows = [tokens + [pad] * (width - len(tokens)) for tokens in token_lists]
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def _slots(self, table: Tensor, positions: Tensor) -> Tensor:
+        """Pool slots of token positions [B, T] given block tables [B, M] (on the host)."""
+        block_size = self.block_size_tokens
+        block_index = (positions // block_size).clamp(max=table.shape[1] - 1)
+        return table.gather(1, block_index) * block_size + positions % block_size
+
+    def _kv_index(
+        self,
+        block_lists: list[list[int]],
+        starts: list[int],
+        num_new: list[int],
+        num_read: int | None,
+    ) -> KVIndex:
+        """Writes of `num_new[b]` tokens from position `starts[b]`, plus reads of `num_read`."""
+        table = _block_table(block_lists)
+        starts_t = torch.tensor(starts)
+        num_new_t = torch.tensor(num_new)
+        columns = torch.arange(max(num_new))
+        positions = starts_t[:, None] + columns[None]  # [B, T_new]
+        write_rows = (columns[None] < num_new_t[:, None]).flatten().nonzero().squeeze(1)  # [N]
+        write_slots = self._slots(table, positions).flatten()[write_rows]  # [N]
+        read_slots = None
+        if num_read is not None:
+            read_slots = self._read_slots(table, num_read).to(self.device)
+        return KVIndex(
+            lengths=(starts_t + num_new_t).to(self.device),
+            write_slots=write_slots.to(self.device),
+            write_rows=write_rows.to(self.device),
+            read_slots=read_slots,
+        )
+
+    def _read_index(self, block_lists: list[list[int]], lengths: list[int]) -> KVIndex:
+        table = _block_table(block_lists)
+        return KVIndex(
+            lengths=self._tensor(lengths),
+            write_slots=None,
+            write_rows=None,
+            read_slots=self._read_slots(table, max(lengths)).to(self.device),
+        )
+
+    def _read_slots(self, table: Tensor, num_read: int) -> Tensor:
+        positions = torch.arange(num_read)[None].expand(table.shape[0], -1)  # [B, T_kv]
+        return self._slots(table, positions)
+
+
+def prefill_lengths(
+    config: ModelConfig, prompts: list[list[int]], prefixes: list[list[int]]
+) -> tuple[list[int], list[int] | None]:
+    """Decoder tokens (self KV) and encoder tokens (T5 cross KV) each prefill stores."""
+    if config.is_encoder_decoder:
+        return [1 + len(prefix) for prefix in prefixes], [len(p) for p in prompts]
+    return [len(p) + len(prefix) for p, prefix in zip(prompts, prefixes, strict=True)], None
+
+
+def _block_table(block_lists: list[list[int]]) -> Tensor:
+    """[B, M] block ids padded with block 0 (reads past a sequence's end are masked)."""
+    width = max(1, max(len(blocks) for blocks in block_lists))
+    rows = [blocks + [0] * (width - len(blocks)) for blocks in block_lists]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+# ---- a batch as named tensors (the data plane sends it to pipeline stages) ----------------
+
+
+def batch_tensors(batch: PrefillBatch | DecodeBatch) -> dict[str, Tensor]:
+    """The batch's tensors by dotted field name, None fields left out."""
+    named: dict[str, Tensor] = {}
+    for name, value in vars(batch).items():
+        if isinstance(value, KVIndex):
+            named.update({f"{name}.{k}": v for k, v in vars(value).items() if v is not None})
+        elif value is not None:
+            named[name] = value
+    return named
+
+
+def batch_from_tensors(kind: type[PrefillBatch] | type[DecodeBatch], named: dict[str, Tensor]):
+    """The inverse of `batch_tensors` (raises ValueError when a required field is missing)."""
+    fields: dict[str, object] = {}
+    indexes: dict[str, dict[str, Tensor | None]] = {}
+    for name, tensor in named.items():
+        outer, _, inner = name.partition(".")
+        if inner:
+            indexes.setdefault(outer, {})[inner] = tensor
+        else:
+            fields[outer] = tensor
+    for outer, parts in indexes.items():
+        if "lengths" not in parts:
+            raise ValueError(f"{outer} lacks its lengths")
+        fields[outer] = KVIndex(
+            lengths=parts["lengths"],
+            write_slots=parts.get("write_slots"),
+            write_rows=parts.get("write_rows"),
+            read_slots=parts.get("read_slots"),
+        )
+    try:
+        return kind(**fields)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise ValueError(f"not a {kind.__name__}: {exc}") from None

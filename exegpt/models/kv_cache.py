@@ -67,10 +67,84 @@ def num_blocks_needed(
     return blocks_for(prompt_tokens + new_tokens - 1, block_size_tokens)
 
 
-class KVCachePool:
-    """Per-layer K and V storage [num_blocks * block_size_tokens, num_kv_heads, head_dim].
+class BlockAllocator:
+    """Which of a pool's blocks are free. The engine's step scheduler owns one for its
+    replica; the KV storage may live in this process or in pipeline stages, which all use
+    the same block ids. Not thread-safe: one engine thread allocates and frees."""
 
-    Not thread-safe: one engine thread allocates, frees and runs steps.
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"a KV pool needs num_blocks > 0, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out 0 first
+        self._allocated = [False] * num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    def allocate(self, num_blocks: int) -> list[int]:
+        """Take `num_blocks` blocks; all or nothing (raises KVCacheFull)."""
+        if num_blocks < 0:
+            raise ValueError(f"cannot allocate {num_blocks} blocks")
+        if num_blocks > len(self._free):
+            raise KVCacheFull(
+                f"KV cache full: {num_blocks} blocks requested, {len(self._free)} of "
+                f"{self.num_blocks} free"
+            )
+        block_ids = [self._free.pop() for _ in range(num_blocks)]
+        for block_id in block_ids:
+            self._allocated[block_id] = True
+        return block_ids
+
+    def free(self, block_ids: list[int]) -> None:
+        if len(set(block_ids)) != len(block_ids):
+            raise ValueError(f"duplicate block ids in {block_ids}")
+        for block_id in block_ids:
+            if not (0 <= block_id < self.num_blocks and self._allocated[block_id]):
+                raise ValueError(f"block {block_id} is not allocated")
+        for block_id in block_ids:
+            self._allocated[block_id] = False
+            self._free.append(block_id)
+
+    def grow(
+        self,
+        seqs: list[SequenceKV],
+        block_size_tokens: int,
+        self_tokens: list[int],
+        cross_tokens: list[int] | None,
+    ) -> None:
+        """Grow each sequence's block tables to hold the given token counts, all or nothing."""
+        self_short = [
+            max(0, blocks_for(n, block_size_tokens) - len(s.self_blocks))
+            for s, n in zip(seqs, self_tokens, strict=True)
+        ]
+        cross_short = [0] * len(seqs)
+        if cross_tokens is not None:
+            cross_short = [
+                max(0, blocks_for(n, block_size_tokens) - len(s.cross_blocks))
+                for s, n in zip(seqs, cross_tokens, strict=True)
+            ]
+        needed = sum(self_short) + sum(cross_short)
+        if needed > self.num_free_blocks:
+            raise KVCacheFull(
+                f"KV cache full: this step needs {needed} more blocks, "
+                f"{self.num_free_blocks} of {self.num_blocks} free"
+            )
+        for seq, num_self, num_cross in zip(seqs, self_short, cross_short, strict=True):
+            seq.self_blocks.extend(self.allocate(num_self))
+            seq.cross_blocks.extend(self.allocate(num_cross))
+
+    def release(self, seq: SequenceKV) -> None:
+        """Return the sequence's blocks and reset it."""
+        self.free(seq.self_blocks + seq.cross_blocks)
+        seq.self_blocks, seq.cross_blocks = [], []
+        seq.num_self_tokens = seq.num_cross_tokens = 0
+
+
+class KVCachePool:
+    """Per-layer K and V storage [num_blocks * block_size_tokens, num_kv_heads, head_dim],
+    with its own block allocator for single-process use.
     """
 
     def __init__(
@@ -98,8 +172,7 @@ class KVCachePool:
             )
             for _ in range(spec.num_layers)
         ]
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out 0 first
-        self._allocated = [False] * num_blocks
+        self.allocator = BlockAllocator(num_blocks)
 
     @classmethod
     def for_memory(
@@ -120,7 +193,7 @@ class KVCachePool:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return self.allocator.num_free_blocks
 
     @property
     def bytes_per_block(self) -> int:
@@ -135,25 +208,7 @@ class KVCachePool:
         return (self.num_blocks - self.num_free_blocks) * self.bytes_per_block
 
     def allocate(self, num_blocks: int) -> list[int]:
-        """Take `num_blocks` blocks; all or nothing (raises KVCacheFull)."""
-        if num_blocks < 0:
-            raise ValueError(f"cannot allocate {num_blocks} blocks")
-        if num_blocks > len(self._free):
-            raise KVCacheFull(
-                f"KV cache full: {num_blocks} blocks requested, {len(self._free)} of "
-                f"{self.num_blocks} free"
-            )
-        block_ids = [self._free.pop() for _ in range(num_blocks)]
-        for block_id in block_ids:
-            self._allocated[block_id] = True
-        return block_ids
+        return self.allocator.allocate(num_blocks)
 
     def free(self, block_ids: list[int]) -> None:
-        if len(set(block_ids)) != len(block_ids):
-            raise ValueError(f"duplicate block ids in {block_ids}")
-        for block_id in block_ids:
-            if not (0 <= block_id < self.num_blocks and self._allocated[block_id]):
-                raise ValueError(f"block {block_id} is not allocated")
-        for block_id in block_ids:
-            self._allocated[block_id] = False
-            self._free.append(block_id)
+        self.allocator.free(block_ids)

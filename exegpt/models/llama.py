@@ -77,7 +77,14 @@ class LlamaModel(nn.Module):
         )
         self.final_norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # False on a pipeline stage without the last layer: it returns hidden states.
+        self.has_head = True
         self.tie_weights()
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The weights' dtype (read off the decoder: a pipeline stage may hold no embedding)."""
+        return next(self.decoder_layers.parameters()).dtype
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -86,11 +93,14 @@ class LlamaModel(nn.Module):
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin [B, T, D] for positions [B, T]; computed once per step for all layers."""
         return rope_cos_sin(
-            positions, self.config.head_dim, self.config.rope_theta, self.embed.weight.dtype
+            positions, self.config.head_dim, self.config.rope_theta, self.compute_dtype
         )
 
-    def run_layers(self, tokens: Tensor, kv: Sequence[LayerKV], meta: AttentionMetadata) -> Tensor:
-        x = self.embed(tokens)
+    def run_layers(
+        self, tokens: Tensor, hidden: Tensor | None, kv: Sequence[LayerKV], meta: AttentionMetadata
+    ) -> Tensor:
+        """This model's layers over `hidden` (a later stage) or the embedded tokens (the first)."""
+        x = self.embed(tokens) if hidden is None else hidden
         for layer, layer_kv in zip(self.decoder_layers, kv, strict=True):
             x = layer(x, layer_kv, meta)
         return x
@@ -98,33 +108,42 @@ class LlamaModel(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(self.final_norm(hidden)).float()
 
-    def prefill(self, batch: PrefillBatch, kv: Sequence[LayerKV]) -> Tensor:
+    def prefill(
+        self, batch: PrefillBatch, kv: Sequence[LayerKV], hidden: Tensor | None = None
+    ) -> Tensor:
+        """Logits [B, vocab] at each row's last valid position; a stage without the head
+        returns its hidden states [B, T, d_model] instead."""
         num_tokens = batch.tokens.shape[1]
         positions = torch.arange(num_tokens, device=batch.tokens.device)[None]  # [1, T]
-        dtype = self.embed.weight.dtype
+        dtype = self.compute_dtype
         meta = AttentionMetadata(
             attn_bias=attention_bias(positions, batch.lengths, num_tokens, True, dtype),
             write_slots=batch.self_kv.write_slots,
             write_rows=batch.self_kv.write_rows,
             rope=self.rope(positions),
         )
-        hidden = self.run_layers(batch.tokens, kv, meta)  # [B, T, d_model]
+        hidden = self.run_layers(batch.tokens, hidden, kv, meta)  # [B, T, d_model]
+        if not self.has_head:
+            return hidden
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return self.logits(hidden[rows, batch.lengths - 1])  # last valid position of each row
 
-    def decode(self, batch: DecodeBatch, kv: Sequence[LayerKV]) -> Tensor:
+    def decode(
+        self, batch: DecodeBatch, kv: Sequence[LayerKV], hidden: Tensor | None = None
+    ) -> Tensor:
+        """Logits [B, vocab] for the next token, or a headless stage's hidden [B, 1, d_model]."""
         read_slots = batch.self_kv.read_slots
         if read_slots is None:
             raise ValueError("a decode step needs read slots")
         positions = batch.positions[:, None]  # [B, 1]
         meta = AttentionMetadata(
             attn_bias=attention_bias(
-                positions, batch.self_kv.lengths, read_slots.shape[1], True, self.embed.weight.dtype
+                positions, batch.self_kv.lengths, read_slots.shape[1], True, self.compute_dtype
             ),
             write_slots=batch.self_kv.write_slots,
             write_rows=batch.self_kv.write_rows,
             read_slots=read_slots,
             rope=self.rope(positions),
         )
-        hidden = self.run_layers(batch.tokens, kv, meta)  # [B, 1, d_model]
-        return self.logits(hidden[:, -1])
+        hidden = self.run_layers(batch.tokens, hidden, kv, meta)  # [B, 1, d_model]
+        return self.logits(hidden[:, -1]) if self.has_head else hidden

@@ -28,6 +28,15 @@ from exegpt.models.layers import RMSNorm, build_ffn, embedding, relative_positio
 _SCALE = 1.0  # T5 folds 1/sqrt(d) into the initialisation of q
 
 
+@dataclass(frozen=True)
+class PositionTables:
+    """Each stack's relative-position table (its first layer's), kept apart from the layer
+    list so that a pipeline stage without that layer still computes the bias."""
+
+    encoder: nn.Embedding | None
+    decoder: nn.Embedding | None
+
+
 class T5Attention(nn.Module):
     def __init__(self, config: ModelConfig, has_relative_bias: bool) -> None:
         super().__init__()
@@ -135,7 +144,22 @@ class T5Model(nn.Module):
         )
         self.decoder_final_norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # A pipeline stage holds a slice of each stack: the flags say which ends it holds, and
+        # the position tables (owned by each stack's first layer) are kept for every stage.
+        self.ends_encoder = True
+        self.has_head = True
+        self.position_tables = PositionTables(
+            self.encoder_layers[0].self_attn.relative_attention_bias
+            if config.num_encoder_layers
+            else None,
+            self.decoder_layers[0].self_attn.relative_attention_bias,
+        )
         self.tie_weights()
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The weights' dtype (read off the decoder: a pipeline stage may hold no embedding)."""
+        return next(self.decoder_layers.parameters()).dtype
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -144,9 +168,10 @@ class T5Model(nn.Module):
     # ---- position bias (first layer of each stack owns the table) --------------------------
 
     def _position_bias(
-        self, layer: nn.Module, q_pos: Tensor, k_pos: Tensor, bidirectional: bool
+        self, table: nn.Embedding | None, q_pos: Tensor, k_pos: Tensor, bidirectional: bool
     ) -> Tensor:
-        table = layer.self_attn.relative_attention_bias
+        if table is None:
+            raise ValueError("this stage holds no position table for the stack it runs")
         return relative_position_bias(
             table, q_pos, k_pos, bidirectional, self.config.relative_attention_max_distance
         )
@@ -154,26 +179,31 @@ class T5Model(nn.Module):
     def encoder_bias(self, lengths: Tensor, num_tokens: int) -> Tensor:
         """Bidirectional position bias plus key padding mask: [B, H, S, S]."""
         pos = torch.arange(num_tokens, device=lengths.device)[None]  # [1, S]
-        bias = self._position_bias(self.encoder_layers[0], pos, pos, bidirectional=True)
+        bias = self._position_bias(self.position_tables.encoder, pos, pos, bidirectional=True)
         mask = attention_bias(pos, lengths, num_tokens, causal=False, dtype=bias.dtype)
         return bias + mask
 
     def decoder_self_bias(self, q_pos: Tensor, kv_lengths: Tensor, num_kv: int) -> Tensor:
         """Causal position bias plus length mask: [B, H, T_q, T_kv] for query positions [B, T_q]."""
         k_pos = torch.arange(num_kv, device=q_pos.device)[None]  # [1, T_kv]
-        bias = self._position_bias(self.decoder_layers[0], q_pos, k_pos, bidirectional=False)
+        table = self.position_tables.decoder
+        bias = self._position_bias(table, q_pos, k_pos, bidirectional=False)
         mask = attention_bias(q_pos, kv_lengths, num_kv, causal=True, dtype=bias.dtype)
         return bias + mask
 
     # ---- stacks ----------------------------------------------------------------------------
 
-    def encode(self, tokens: Tensor, lengths: Tensor) -> Tensor:
-        """Encoder output [B, S, d_model] for right-padded prompts [B, S]."""
+    def encode(self, tokens: Tensor, lengths: Tensor, hidden: Tensor | None = None) -> Tensor:
+        """Encoder output [B, S, d_model] for right-padded prompts [B, S].
+
+        A stage runs its slice of the encoder over `hidden` (or the embedded tokens when it
+        holds the first layer) and normalises only when it holds the last one.
+        """
         meta = AttentionMetadata(attn_bias=self.encoder_bias(lengths, tokens.shape[1]))
-        x = self.embed(tokens)
+        x = self.embed(tokens) if hidden is None else hidden
         for layer in self.encoder_layers:
             x = layer(x, meta)
-        return self.encoder_final_norm(x)
+        return self.encoder_final_norm(x) if self.ends_encoder else x
 
     def write_cross_kv(self, encoder_out: Tensor, cross: KVIndex, kv: Sequence[LayerKV]) -> None:
         meta = AttentionMetadata(
@@ -184,8 +214,14 @@ class T5Model(nn.Module):
         for layer, layer_kv in zip(self.decoder_layers, kv, strict=True):
             layer.write_cross_kv(encoder_out, layer_kv, meta)
 
-    def run_decoder(self, tokens: Tensor, kv: Sequence[LayerKV], meta: T5DecoderMetadata) -> Tensor:
-        x = self.embed(tokens)
+    def run_decoder(
+        self,
+        tokens: Tensor,
+        hidden: Tensor | None,
+        kv: Sequence[LayerKV],
+        meta: T5DecoderMetadata,
+    ) -> Tensor:
+        x = self.embed(tokens) if hidden is None else hidden
         for layer, layer_kv in zip(self.decoder_layers, kv, strict=True):
             x = layer(x, layer_kv, meta)
         return x
@@ -206,10 +242,19 @@ class T5Model(nn.Module):
 
     # ---- batch steps -----------------------------------------------------------------------
 
-    def prefill(self, batch: PrefillBatch, kv: Sequence[LayerKV]) -> Tensor:
+    def prefill(
+        self,
+        batch: PrefillBatch,
+        kv: Sequence[LayerKV],
+        hidden: Tensor | None = None,
+        encoder_out: Tensor | None = None,
+    ) -> Tensor:
+        """Logits [B, vocab] of the first decoder step (the whole model), or the decoder slice
+        of a stage: `encoder_out` given, hidden states [B, T, d_model] out unless it ends."""
         if batch.encoder_tokens is None or batch.encoder_lengths is None or batch.cross_kv is None:
             raise ValueError("a T5 prefill needs encoder tokens and cross KV slots")
-        encoder_out = self.encode(batch.encoder_tokens, batch.encoder_lengths)
+        if encoder_out is None:
+            encoder_out = self.encode(batch.encoder_tokens, batch.encoder_lengths)
         self.write_cross_kv(encoder_out, batch.cross_kv, kv)
         num_tokens = batch.tokens.shape[1]
         q_pos = torch.arange(num_tokens, device=batch.tokens.device)[None]  # [1, T]
@@ -221,11 +266,15 @@ class T5Model(nn.Module):
         meta = T5DecoderMetadata(
             self_meta, self._cross_meta(batch.cross_kv, num_tokens, encoder_out.dtype)
         )
-        hidden = self.run_decoder(batch.tokens, kv, meta)  # [B, T, d_model]
+        hidden = self.run_decoder(batch.tokens, hidden, kv, meta)  # [B, T, d_model]
+        if not self.has_head:
+            return hidden
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return self.logits(hidden[rows, batch.lengths - 1])  # last valid position of each row
 
-    def decode(self, batch: DecodeBatch, kv: Sequence[LayerKV]) -> Tensor:
+    def decode(
+        self, batch: DecodeBatch, kv: Sequence[LayerKV], hidden: Tensor | None = None
+    ) -> Tensor:
         if batch.cross_kv is None or batch.self_kv.read_slots is None:
             raise ValueError("a T5 decode step needs self and cross KV slots")
         self_meta = AttentionMetadata(
@@ -237,7 +286,7 @@ class T5Model(nn.Module):
             read_slots=batch.self_kv.read_slots,
         )
         meta = T5DecoderMetadata(
-            self_meta, self._cross_meta(batch.cross_kv, 1, self.embed.weight.dtype)
+            self_meta, self._cross_meta(batch.cross_kv, 1, self.compute_dtype)
         )
-        hidden = self.run_decoder(batch.tokens, kv, meta)  # [B, 1, d_model]
-        return self.logits(hidden[:, -1])
+        hidden = self.run_decoder(batch.tokens, hidden, kv, meta)  # [B, 1, d_model]
+        return self.logits(hidden[:, -1]) if self.has_head else hidden
