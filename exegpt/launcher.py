@@ -3,6 +3,11 @@
 Workers start on free ports and publish their address through a ready file; the router is
 started with those addresses. `ready` is printed once every process reports healthy, and
 Ctrl-C or SIGTERM stops every child (SIGTERM, then SIGKILL after a grace period).
+
+The launcher supervises its children: one that dies is restarted with exponential backoff
+while the others keep serving, on the ports it had (the router keeps its list of worker
+addresses, and clients keep the router's). Only a crash loop (more than `max_restarts`
+exits of one child within `window_s`) stops the deployment, and the log says so.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +31,21 @@ logger = logging.getLogger("exegpt.launcher")
 
 class LaunchError(RuntimeError):
     """A service failed to start; the message carries the end of its log."""
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 10.0
+    # More than max_restarts exits of one child within window_s is a crash loop.
+    max_restarts: int = 5
+    window_s: float = 60.0
+    # A child that stayed up this long is restarted after the initial backoff again.
+    stable_after_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_restarts < 0 or self.window_s <= 0 or self.initial_backoff_s < 0:
+            raise ValueError("--max-restarts must be >= 0 and --restart-window-s positive")
 
 
 @dataclass(frozen=True)
@@ -42,6 +63,8 @@ class DeploymentConfig:
     # Child logs go here; None lets children write to this process's stderr.
     log_dir: Path | None = None
     extra_worker_args: tuple[str, ...] = field(default_factory=tuple)
+    extra_router_args: tuple[str, ...] = field(default_factory=tuple)
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
@@ -51,9 +74,16 @@ class DeploymentConfig:
 @dataclass
 class _Child:
     name: str
+    module: str
+    args: list[str]
     process: subprocess.Popen[bytes]
     ready_file: Path
     log_path: Path | None
+    started_s: float = field(default_factory=time.monotonic)
+    ready: bool = False
+    exits_s: deque[float] = field(default_factory=deque)
+    backoff_s: float = 0.0
+    restart_at_s: float | None = None
 
     def log_tail(self, num_lines: int = 20) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -76,8 +106,13 @@ class Deployment:
         try:
             workers = [self._spawn_worker(index) for index in range(self.config.num_replicas)]
             self.worker_addresses = [self._wait_ready(child) for child in workers]
+            for child, address in zip(workers, self.worker_addresses, strict=True):
+                # A restarted worker must come back where the router looks for it.
+                _set_flag(child.args, "--port", address.rsplit(":", 1)[1])
             router = self._spawn_router()
             self.grpc_address, self.http_url = self._wait_ready(router).split()
+            _set_flag(router.args, "--grpc-port", self.grpc_address.rsplit(":", 1)[1])
+            _set_flag(router.args, "--http-port", self.http_url.rsplit(":", 1)[1])
         except BaseException:
             self.stop()
             raise
@@ -85,14 +120,23 @@ class Deployment:
     def _spawn(self, name: str, module: str, args: list[str]) -> _Child:
         ready_file = self._state_dir / f"{name}.ready"
         log_path = self.config.log_dir / f"{name}.log" if self.config.log_dir else None
-        output = open(log_path, "wb") if log_path else None  # noqa: SIM115 (owned by the child)
+        child = _Child(name, module, args, self._popen(module, args, ready_file, log_path),
+                       ready_file, log_path)  # fmt: skip
+        self._children.append(child)
+        return child
+
+    @staticmethod
+    def _popen(
+        module: str, args: list[str], ready_file: Path, log_path: Path | None
+    ) -> subprocess.Popen[bytes]:
+        ready_file.unlink(missing_ok=True)
+        # Appended to, so a restarted child's log follows the one that died.
+        output = open(log_path, "ab") if log_path else None  # noqa: SIM115 (owned by the child)
         command = [sys.executable, "-m", module, *args, "--ready-file", str(ready_file)]
         process = subprocess.Popen(command, stdout=output, stderr=output)
         if output is not None:
             output.close()
-        child = _Child(name, process, ready_file, log_path)
-        self._children.append(child)
-        return child
+        return process
 
     def _spawn_worker(self, index: int) -> _Child:
         threads = self.config.torch_threads or max(
@@ -116,6 +160,7 @@ class Deployment:
             "--host", self.config.host,
             "--grpc-port", str(self.config.grpc_port),
             "--http-port", str(self.config.http_port),
+            *self.config.extra_router_args,
         ]  # fmt: skip
         return self._spawn("router", "services.router", args)
 
@@ -123,6 +168,7 @@ class Deployment:
         deadline = time.monotonic() + self.config.startup_timeout_s
         while time.monotonic() < deadline:
             if child.ready_file.exists():
+                child.ready = True
                 return child.ready_file.read_text().strip()
             if child.process.poll() is not None:
                 raise LaunchError(
@@ -130,6 +176,50 @@ class Deployment:
                 )
             time.sleep(0.05)
         raise LaunchError(f"{child.name} did not become ready in {self.config.startup_timeout_s}s")
+
+    def supervise(self) -> str | None:
+        """Restart dead children (after their backoff); the reason to stop on a crash loop."""
+        now = time.monotonic()
+        for child in self._children:
+            if child.process.poll() is None:
+                if not child.ready and child.ready_file.exists():
+                    child.ready = True
+                    logger.info("%s restarted and ready again", child.name)
+                continue
+            if child.restart_at_s is None:
+                if reason := self._schedule_restart(child, now):
+                    return reason
+            elif now >= child.restart_at_s:
+                child.restart_at_s = None
+                child.ready = False
+                child.started_s = now
+                child.process = self._popen(
+                    child.module, child.args, child.ready_file, child.log_path
+                )
+        return None
+
+    def _schedule_restart(self, child: _Child, now: float) -> str | None:
+        policy = self.config.restart
+        code = child.process.returncode
+        child.exits_s.append(now)
+        while child.exits_s and now - child.exits_s[0] > policy.window_s:
+            child.exits_s.popleft()
+        if len(child.exits_s) > policy.max_restarts:
+            return (
+                f"{child.name} exited {len(child.exits_s)} times within {policy.window_s:.0f}s "
+                f"(last exit code {code}): a crash loop; stopping the deployment\n"
+                f"{child.log_tail()}"
+            )
+        if now - child.started_s >= policy.stable_after_s or child.backoff_s == 0:
+            child.backoff_s = policy.initial_backoff_s
+        delay = child.backoff_s
+        child.backoff_s = min(policy.max_backoff_s, max(delay, 0.01) * 2)
+        child.restart_at_s = now + delay
+        logger.warning(
+            "%s exited with code %s; restarting it in %.1fs (exit %d of %d allowed within %.0fs)",
+            child.name, code, delay, len(child.exits_s), policy.max_restarts, policy.window_s,
+        )  # fmt: skip
+        return None
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM every child, wait, then SIGKILL what is left; no orphans."""
@@ -146,18 +236,16 @@ class Deployment:
                 child.process.wait()
         self._children.clear()
 
-    def failed_child(self) -> str | None:
-        for child in self._children:
-            if child.process.poll() is not None:
-                return f"{child.name} exited with code {child.process.returncode}"
-        return None
-
     def __enter__(self) -> Deployment:
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _set_flag(args: list[str], flag: str, value: str) -> None:
+    args[args.index(flag) + 1] = value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -187,6 +275,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--torch-threads", type=int, default=None, help="per worker")
     parser.add_argument("--log-dir", type=Path, default=None, help="write child logs here")
+    restart = RestartPolicy()
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=restart.max_restarts,
+        help="a child exiting more often than this within --restart-window-s stops everything",
+    )
+    parser.add_argument(
+        "--restart-window-s",
+        type=float,
+        default=restart.window_s,
+        help="seconds over which a child's exits count towards a crash loop",
+    )
+    parser.add_argument(
+        "--router-arg",
+        action="append",
+        default=[],
+        help="extra router flag, e.g. --router-arg=--stall-timeout-s=5 (repeatable)",
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
 
@@ -204,6 +311,8 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
         kv_cache_mb=args.kv_cache_mb,
         torch_threads=args.torch_threads,
         log_dir=args.log_dir,
+        extra_router_args=tuple(args.router_arg),
+        restart=RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window_s),
     )
 
 
@@ -227,9 +336,9 @@ def run(args: argparse.Namespace) -> int:
     )
     sys.stdout.flush()
     try:
-        while not stop.wait(0.5):
-            if failure := deployment.failed_child():
-                logger.error("%s; stopping the deployment", failure)
+        while not stop.wait(0.25):
+            if crash_loop := deployment.supervise():
+                logger.error("%s", crash_loop)
                 return 1
     finally:
         deployment.stop()

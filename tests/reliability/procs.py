@@ -187,9 +187,10 @@ def stream_in_background(
     def consume() -> None:
         with grpc.insecure_channel(address) as channel:
             if via_router:
-                call = router_pb2_grpc.RouterStub(channel).GenerateStream(request, timeout=timeout_s)
+                method = router_pb2_grpc.RouterStub(channel).GenerateStream
             else:
-                call = worker_pb2_grpc.WorkerStub(channel).Generate(request, timeout=timeout_s)
+                method = worker_pb2_grpc.WorkerStub(channel).Generate
+            call = method(request, timeout=timeout_s)
             outcome.call = call
             try:
                 for chunk in call:
