@@ -7,17 +7,31 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TensorMeta(_message.Message):
-    __slots__ = ("name", "dtype", "shape")
+    __slots__ = ("name", "dtype", "shape", "shm_offset")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
+    SHM_OFFSET_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    shm_offset: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., shm_offset: _Optional[int] = ...) -> None: ...
+
+class ShmSlotRef(_message.Message):
+    __slots__ = ("segment", "slot", "ticket", "payload_bytes")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    slot: int
+    ticket: int
+    payload_bytes: int
+    def __init__(self, segment: _Optional[str] = ..., slot: _Optional[int] = ..., ticket: _Optional[int] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class FrameHeader(_message.Message):
-    __slots__ = ("kind", "sequence", "tensors", "trace_context", "attributes")
+    __slots__ = ("kind", "sequence", "tensors", "trace_context", "attributes", "shm")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -37,9 +51,11 @@ class FrameHeader(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    SHM_FIELD_NUMBER: _ClassVar[int]
     kind: str
     sequence: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorMeta]
     trace_context: _containers.ScalarMap[str, str]
     attributes: _containers.ScalarMap[str, str]
-    def __init__(self, kind: _Optional[str] = ..., sequence: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    shm: ShmSlotRef
+    def __init__(self, kind: _Optional[str] = ..., sequence: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., attributes: _Optional[_Mapping[str, str]] = ..., shm: _Optional[_Union[ShmSlotRef, _Mapping]] = ...) -> None: ...

@@ -1,12 +1,118 @@
-"""ZeroMQ tensor transport: round trips over real sockets, and refusal of bad frames."""
+"""ZeroMQ tensor transport: round trips over real sockets, and refusal of bad frames.
+
+Both kinds of hand-off run here: inline over plain TCP, and same-host through the sender's
+shared-memory ring (shm+ipc://, shm+tcp:// to loopback). Ring internals, forged references
+and a hand-off across two processes are in test_shm_ring.py.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 import zmq
 
-from exegpt.transport import FrameError, TensorMessage, TensorSocket, decode, encode
+from exegpt.transport import (
+    FrameError,
+    TensorMessage,
+    TensorSocket,
+    decode,
+    encode,
+    is_same_host,
+)
+
+ALL_DTYPES = (
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int8,
+    torch.uint8,
+)
+
+
+def every_dtype_tensors() -> dict[str, torch.Tensor]:
+    """One tensor per supported dtype, plus empty, scalar and strided ones."""
+    generator = torch.Generator().manual_seed(7)
+    tensors = {
+        str(dtype): (torch.randn(3, 5, generator=generator) * 50).to(dtype) for dtype in ALL_DTYPES
+    }
+    tensors["empty"] = torch.zeros(0, 4)
+    tensors["empty_bf16"] = torch.zeros(2, 0, dtype=torch.bfloat16)
+    tensors["scalar"] = torch.tensor(2.5, dtype=torch.float64)
+    tensors["strided"] = torch.randn(6, 6, generator=generator)[:, ::2]
+    return tensors
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert list(got) == list(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert got[name].shape == tensor.shape, name
+        assert torch.equal(got[name], tensor), name
+
+
+@pytest.fixture(params=["tcp", "shm+ipc", "shm+tcp"])
+def any_pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple]:
+    """A connected PUSH/PULL pair of each kind: inline TCP, and shared memory over IPC/TCP."""
+    addresses = {
+        "tcp": "tcp://127.0.0.1:0",
+        "shm+ipc": f"shm+ipc://{tmp_path}/data.sock",
+        "shm+tcp": "shm+tcp://127.0.0.1:0",
+    }
+    context = zmq.Context()
+    receiver = TensorSocket(context, zmq.PULL)
+    sender = TensorSocket(context, zmq.PUSH, shm_slot_bytes=2**20, shm_num_slots=4)
+    sender.connect(receiver.bind(addresses[request.param]))
+    yield request.param, sender, receiver
+    sender.close()
+    receiver.close()
+    context.term()
+
+
+def test_every_dtype_round_trips_over_both_kinds_of_hand_off(any_pair) -> None:
+    kind, sender, receiver = any_pair
+    tensors = every_dtype_tensors()
+    sender.send(TensorMessage("activations", tensors, sequence=3, attributes={"step": "1"}))
+    received = receiver.recv(timeout_ms=5000)
+    assert received.kind == "activations" and received.sequence == 3
+    assert received.attributes == {"step": "1"}
+    assert_same_tensors(received.tensors, tensors)
+    used_shm = kind.startswith("shm")
+    assert (sender.stats.sent_shm, sender.stats.sent_inline) == (int(used_shm), int(not used_shm))
+    assert receiver.stats.received_shm == int(used_shm)
+
+
+def test_large_tensors_round_trip_over_both_kinds(any_pair) -> None:
+    _, sender, receiver = any_pair
+    # 3 MiB + 1 MiB: larger than a slot of the fixture's ring, so shm pairs go inline here;
+    # a ring sized for it carries the same tensors in test_shm_ring.py.
+    tensors = {"hidden": torch.randn(768, 1024), "ids": torch.arange(2**17, dtype=torch.int64)}
+    for step in range(3):
+        tensors["hidden"][0, 0] = step
+        sender.send(TensorMessage("activations", tensors, sequence=step))
+        received = receiver.recv(timeout_ms=10_000)
+        assert received.sequence == step
+        assert_same_tensors(received.tensors, tensors)
+
+
+def test_shared_memory_is_only_offered_to_peers_on_this_host() -> None:
+    assert is_same_host("ipc:///tmp/x.sock") and is_same_host("shm+ipc:///tmp/x.sock")
+    assert is_same_host("tcp://127.0.0.1:5555") and is_same_host("tcp://localhost:5555")
+    assert not is_same_host("tcp://192.0.2.1:5555")  # TEST-NET-1: never this machine
+    context = zmq.Context()
+    sender = TensorSocket(context, zmq.PUSH)
+    try:
+        with pytest.raises(ValueError, match="this host"):
+            sender.connect("shm+tcp://192.0.2.1:5555")
+        assert not sender.same_host
+    finally:
+        sender.close()
+        context.term()
 
 
 @pytest.fixture()
