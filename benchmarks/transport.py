@@ -11,7 +11,7 @@ bandwidth is the round's bytes over that time, median of the rounds. The shm col
 what share of messages went through a slot (the rest fell back inline on a full ring).
 Machines here are shared and noisy: read the ratios, not the absolute numbers.
 
-    .venv/bin/python benchmarks/transport.py                       # ~30-60 s here
+    .venv/bin/python benchmarks/transport.py                       # ~20-30 s here
     .venv/bin/python benchmarks/transport.py --sizes 1M,4M --rounds 9
 """
 
