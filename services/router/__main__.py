@@ -43,7 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--request-timeout-s",
         type=float,
         default=defaults.request_timeout_s,
-        help="a request still running after this gets DEADLINE_EXCEEDED / 504",
+        help="a request still running after this gets DEADLINE_EXCEEDED / 504 "
+        "(caps a longer gRPC client deadline too)",
+    )
+    parser.add_argument(
+        "--stall-timeout-s",
+        type=float,
+        default=defaults.stall_timeout_s,
+        help="a replica whose open streams make no progress for this long is cancelled: "
+        "streams without a token are retried elsewhere, the others get UNAVAILABLE",
     )
     parser.add_argument(
         "--max-body-kb",
@@ -65,6 +73,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         policy=RouterPolicy(args.policy),
         health_check_interval_s=args.health_check_interval_s,
         request_timeout_s=args.request_timeout_s,
+        stall_timeout_s=args.stall_timeout_s,
         max_body_bytes=int(args.max_body_kb * 1024),
         ready_file=args.ready_file,
     )

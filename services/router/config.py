@@ -17,7 +17,11 @@ class RouterConfig:
     health_check_interval_s: float = 1.0
     # A request waits at most this long for a healthy replica before UNAVAILABLE.
     replica_wait_s: float = 10.0
+    # Caps every request's deadline, a longer one set by a gRPC client included.
     request_timeout_s: float = 600.0
+    # A replica with open streams and no progress on any of them for this long is frozen:
+    # its streams are cancelled (retried elsewhere before their first token).
+    stall_timeout_s: float = 10.0
     max_message_bytes: int = 4 * 2**20
     max_body_bytes: int = 1 * 2**20
     ready_file: str | None = None
@@ -26,3 +30,6 @@ class RouterConfig:
     def __post_init__(self) -> None:
         if not self.replicas:
             raise ValueError("the router needs at least one replica address")
+        timeouts = (self.request_timeout_s, self.stall_timeout_s, self.health_check_interval_s)
+        if not all(value > 0 for value in timeouts):
+            raise ValueError("timeouts and the health check interval must be positive")

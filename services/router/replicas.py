@@ -1,9 +1,14 @@
-"""The router's view of its replicas: one gRPC channel each, kept fresh by health checks."""
+"""The router's view of its replicas: one gRPC channel each, kept fresh by health checks.
+
+Each replica also tracks its open streams and when any of them last made progress, so a
+watchdog can cancel the streams of a replica that froze or became unreachable.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -15,6 +20,34 @@ from exegpt.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
 logger = logging.getLogger(__name__)
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
+# A replica whose health RPC failed this many times in a row is unreachable: its open
+# streams are cancelled. One miss on a busy machine is not enough to drop live streams.
+UNREACHABLE_AFTER_FAILED_CHECKS = 2
+
+
+def replica_channel_options(
+    max_message_bytes: int, max_reconnect_backoff_s: float
+) -> list[tuple[str, int]]:
+    """Channel options that retry a lost connection at least every max_reconnect_backoff_s.
+
+    gRPC's default backoff grows to 120 s, so a replica back after a long outage was used
+    again only tens of seconds after it was ready; health checks drive reconnects instead.
+    """
+    backoff_ms = max(100, int(max_reconnect_backoff_s * 1000))
+    return [
+        *channel_options(max_message_bytes),
+        ("grpc.initial_reconnect_backoff_ms", min(250, backoff_ms)),
+        ("grpc.min_reconnect_backoff_ms", min(250, backoff_ms)),
+        ("grpc.max_reconnect_backoff_ms", backoff_ms),
+    ]
+
+
+@dataclass(eq=False)
+class OpenStream:
+    """One Generate call in flight on a replica; `stalled` says why the router cancelled it."""
+
+    call: grpc.aio.UnaryStreamCall
+    stalled: str | None = None
 
 
 @dataclass(eq=False)
@@ -24,11 +57,43 @@ class Replica:
     worker: worker_pb2_grpc.WorkerStub
     healthy: bool = False
     model_info: generate_pb2.ModelInfo | None = None
-    num_in_flight: int = 0
+    num_failed_checks: int = 0
+    streams: set[OpenStream] = field(default_factory=set)
+    last_progress_s: float = field(default_factory=time.monotonic)
     _health: health_pb2_grpc.HealthStub = field(init=False)
 
     def __post_init__(self) -> None:
         self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self.streams)
+
+    @property
+    def unreachable(self) -> bool:
+        return self.num_failed_checks >= UNREACHABLE_AFTER_FAILED_CHECKS
+
+    def open_stream(self, call: grpc.aio.UnaryStreamCall) -> OpenStream:
+        if not self.streams:
+            # An idle replica has made no progress because it had nothing to do.
+            self.last_progress_s = time.monotonic()
+        stream = OpenStream(call)
+        self.streams.add(stream)
+        return stream
+
+    def close_stream(self, stream: OpenStream) -> None:
+        self.streams.discard(stream)
+
+    def made_progress(self) -> None:
+        self.last_progress_s = time.monotonic()
+
+    def cancel_streams(self, reason: str) -> int:
+        """Cancel every open stream, recording why; returns how many."""
+        cancelled = [stream for stream in self.streams if stream.stalled is None]
+        for stream in cancelled:
+            stream.stalled = reason
+            stream.call.cancel()
+        return len(cancelled)
 
     async def check(self, timeout_s: float) -> bool:
         """Ask the replica's health service; fetch its model on first success."""
@@ -41,8 +106,11 @@ class Replica:
                 self.model_info = await self.worker.GetModelInfo(
                     worker_pb2.GetModelInfoRequest(), timeout=timeout_s
                 )
+            # NOT_SERVING is a replica draining on purpose: its streams may still finish.
+            self.num_failed_checks = 0
         except grpc.aio.AioRpcError:
             healthy = False
+            self.num_failed_checks += 1
         if healthy != self.healthy:
             logger.info("replica %s is %s", self.address, "healthy" if healthy else "unhealthy")
         self.healthy = healthy
@@ -50,8 +118,13 @@ class Replica:
 
 
 class ReplicaPool:
-    def __init__(self, addresses: tuple[str, ...], max_message_bytes: int) -> None:
-        options = channel_options(max_message_bytes)
+    def __init__(
+        self,
+        addresses: tuple[str, ...],
+        max_message_bytes: int,
+        max_reconnect_backoff_s: float = 1.0,
+    ) -> None:
+        options = replica_channel_options(max_message_bytes, max_reconnect_backoff_s)
         self.replicas = [
             Replica(
                 address,

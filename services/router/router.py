@@ -1,12 +1,23 @@
 """The router's core: pick a replica by policy, forward the request, stream the answer back.
 
 A request is retried on another replica only while nothing has streamed yet, so a client
-never sees tokens twice. Cancellation and deadlines travel down to the worker's call.
+never sees tokens twice. Cancellation and deadlines travel down to the worker's call; every
+deadline is capped by `request_timeout_s`, a client's too.
+
+Only UNAVAILABLE (a replica that cannot be reached, or that the watchdog found frozen) marks
+a replica unhealthy and retries elsewhere. Any other error, INTERNAL included, is this
+request's own and goes back to the client: retrying it would spread a poison request.
+
+A watchdog cancels the open streams of a replica that made no progress on any of them for
+`stall_timeout_s`, or whose health checks fail: streams with no token yet are retried on
+another replica, the others end with an explicit UNAVAILABLE.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -26,7 +37,7 @@ from exegpt.grpc_errors import error_from_rpc
 from exegpt.v1 import generate_pb2
 from services.router.config import RouterConfig
 from services.router.policies import make_policy
-from services.router.replicas import Replica, ReplicaPool
+from services.router.replicas import OpenStream, Replica, ReplicaPool
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("exegpt.router")
@@ -35,15 +46,43 @@ tracer = trace.get_tracer("exegpt.router")
 class Router:
     def __init__(self, config: RouterConfig) -> None:
         self._config = config
-        self.pool = ReplicaPool(config.replicas, config.max_message_bytes)
+        self.pool = ReplicaPool(
+            config.replicas,
+            config.max_message_bytes,
+            max_reconnect_backoff_s=min(1.0, config.health_check_interval_s),
+        )
         self._policy = make_policy(config.policy)
+        self._watchdog: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.pool.check_all()
         self.pool.start(self._config.health_check_interval_s)
+        self._watchdog = asyncio.create_task(self._watch_streams())
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
         await self.pool.close()
+
+    async def _watch_streams(self) -> None:
+        period_s = min(1.0, self._config.stall_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period_s)
+            now = time.monotonic()
+            for replica in self.pool.replicas:
+                if not replica.streams:
+                    continue
+                if replica.unreachable:
+                    why = "its health checks fail"
+                elif now - replica.last_progress_s > self._config.stall_timeout_s:
+                    why = f"no progress on its streams for {now - replica.last_progress_s:.0f}s"
+                else:
+                    continue
+                reason = f"replica {replica.address} stopped responding ({why})"
+                if num_cancelled := replica.cancel_streams(reason):
+                    logger.warning("%s; cancelling its %d streams", reason, num_cancelled)
+                self.pool.mark_unhealthy(replica)
 
     def models(self) -> list[generate_pb2.ModelInfo]:
         return self.pool.models()
@@ -56,7 +95,9 @@ class Router:
             request.validate()
         except InvalidRequestError as exc:
             raise RequestError(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
-        timeout_s = timeout_s or self._config.request_timeout_s
+        cap_s = self._config.request_timeout_s
+        timeout_s = min(timeout_s, cap_s) if timeout_s else cap_s
+        deadline_s = time.monotonic() + timeout_s
         request_id = request.request_id or uuid.uuid4().hex
         with tracer.start_as_current_span("router.generate") as span:
             span.set_attribute("exegpt.request_id", request_id)
@@ -68,8 +109,13 @@ class Router:
                 tried.add(replica.address)
                 span.set_attribute("exegpt.replica", replica.address)
                 streamed = False
+                remaining_s = deadline_s - time.monotonic()
+                if remaining_s <= 0:
+                    raise RequestError(
+                        ErrorCode.DEADLINE_EXCEEDED, f"no answer within {timeout_s:g}s"
+                    )
                 try:
-                    async for chunk in self._forward(replica, message, timeout_s):
+                    async for chunk in self._forward(replica, message, remaining_s):
                         streamed = True
                         yield chunk
                     return
@@ -101,14 +147,24 @@ class Router:
         call = replica.worker.Generate(
             message, timeout=timeout_s, metadata=tracing.outgoing_metadata()
         )
-        replica.num_in_flight += 1
+        stream = replica.open_stream(call)
         try:
             async for chunk in call:
+                replica.made_progress()
                 yield chunk_from_proto(chunk)
         except grpc.aio.AioRpcError as exc:
+            if stream.stalled is not None:
+                raise _stalled(stream) from None
             raise error_from_rpc(exc) from None
+        except asyncio.CancelledError:
+            # grpc.aio raises CancelledError in the reader of a call cancelled by the
+            # watchdog; only a cancellation of this task itself must propagate as one.
+            task = asyncio.current_task()
+            if stream.stalled is None or (task is not None and task.cancelling()):
+                raise
+            raise _stalled(stream) from None
         finally:
-            replica.num_in_flight -= 1
+            replica.close_stream(stream)
             # The consumer left early (client disconnect): cancel so the worker frees its KV.
             call.cancel()
 
@@ -127,6 +183,10 @@ class Router:
                 result.prompt_tokens = chunk.prompt_tokens
                 result.completion_tokens = chunk.completion_tokens
         return result
+
+
+def _stalled(stream: OpenStream) -> RequestError:
+    return RequestError(ErrorCode.UNAVAILABLE, stream.stalled or "replica stopped responding")
 
 
 def _serves(replica: Replica, model: str) -> bool:
