@@ -67,9 +67,12 @@ class BatchBuilder:
     """Builds a step's index tensors from the sequences' block tables (which must already
     hold every block the step writes). Index math runs on the host, then moves once."""
 
-    def __init__(self, config: ModelConfig, block_size_tokens: int, device: torch.device) -> None:
+    def __init__(
+        self, config: ModelConfig, block_size_tokens: int, null_slot: int, device: torch.device
+    ) -> None:
         self.config = config
         self.block_size_tokens = block_size_tokens
+        self.null_slot = null_slot  # an always-zero slot that reads past a sequence's end hit
         self.device = device
 
     def prefill(
@@ -148,7 +151,7 @@ class BatchBuilder:
         write_slots = self._slots(table, positions).flatten()[write_rows]  # [N]
         read_slots = None
         if num_read is not None:
-            read_slots = self._read_slots(table, num_read).to(self.device)
+            read_slots = self._read_slots(table, num_read, starts_t + num_new_t).to(self.device)
         return KVIndex(
             lengths=(starts_t + num_new_t).to(self.device),
             write_slots=write_slots.to(self.device),
@@ -162,12 +165,13 @@ class BatchBuilder:
             lengths=self._tensor(lengths),
             write_slots=None,
             write_rows=None,
-            read_slots=self._read_slots(table, max(lengths)).to(self.device),
+            read_slots=self._read_slots(table, max(lengths), torch.tensor(lengths)).to(self.device),
         )
 
-    def _read_slots(self, table: Tensor, num_read: int) -> Tensor:
+    def _read_slots(self, table: Tensor, num_read: int, lengths: Tensor) -> Tensor:
         positions = torch.arange(num_read)[None].expand(table.shape[0], -1)  # [B, T_kv]
-        return self._slots(table, positions)
+        slots = self._slots(table, positions)
+        return slots.masked_fill(positions >= lengths[:, None], self.null_slot)
 
 
 def prefill_lengths(

@@ -163,7 +163,10 @@ class KVCachePool:
         self.num_blocks = num_blocks
         self.block_size_tokens = block_size_tokens
         self.device = torch.device(device)
-        shape = (num_blocks * block_size_tokens, spec.num_kv_heads, spec.head_dim)
+        # One slot past the blocks stays zero: reads past a sequence's end go there, so stale
+        # (even non-finite) K/V a freed block still holds never reaches another request.
+        self.null_slot = num_blocks * block_size_tokens
+        shape = (self.null_slot + 1, spec.num_kv_heads, spec.head_dim)
         # Zeros, not empty: padded reads hit unwritten slots and must never see NaN.
         self.layers: list[LayerKV] = [
             LayerKV(
@@ -184,7 +187,7 @@ class KVCachePool:
     ) -> KVCachePool:
         """The largest pool whose storage fits in `capacity_bytes`."""
         bytes_per_block = spec.bytes_per_token() * block_size_tokens
-        num_blocks = capacity_bytes // bytes_per_block
+        num_blocks = (capacity_bytes - spec.bytes_per_token()) // bytes_per_block  # + null slot
         if num_blocks < 1:
             raise ValueError(
                 f"{capacity_bytes} bytes cannot hold one KV block of {bytes_per_block} bytes"

@@ -30,7 +30,9 @@ class ModelRunner:
         self.pool = pool
         self.config = model.config
         self.device = pool.device
-        self.builder = BatchBuilder(model.config, pool.block_size_tokens, pool.device)
+        self.builder = BatchBuilder(
+            model.config, pool.block_size_tokens, pool.null_slot, pool.device
+        )
 
     # ---- public API ------------------------------------------------------------------------
 

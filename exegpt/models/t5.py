@@ -158,8 +158,8 @@ class T5Model(nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """The weights' dtype (read off the decoder: a pipeline stage may hold no embedding)."""
-        return next(self.decoder_layers.parameters()).dtype
+        """The weights' dtype (a pipeline stage may hold no embedding: any parameter tells)."""
+        return next(self.parameters()).dtype
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:

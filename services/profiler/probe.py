@@ -70,6 +70,8 @@ def build_probe_model(model: Model, calls: list[LayerCall]) -> Model:
         if len(layers):
             self_attn = getattr(layers[0], "self_attn", None) if config.family == "t5" else None
             setattr(probe, name, nn.ModuleList([ProbeLayer(kind, calls, self_attn)]))
+    if config.family == "t5":
+        probe.position_tables = model.position_tables  # the real first layers' tables
     return probe
 
 

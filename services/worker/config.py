@@ -21,10 +21,15 @@ class EngineConfig:
     max_queue_size: int = 512
     kv_capacity_bytes: int = 256 * 2**20
     kv_block_size_tokens: int = 16
+    # The running batch is split into this many groups that step independently, so that a
+    # pipeline of N stages can hold N groups at once (1: one batch, in process).
+    num_micro_batches: int = 1
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue_size < 1:
             raise ValueError("max_batch_size and max_queue_size must be >= 1")
+        if self.num_micro_batches < 1:
+            raise ValueError("num_micro_batches must be >= 1")
         if self.kv_capacity_bytes <= 0 or self.kv_block_size_tokens < 1:
             raise ValueError("kv_capacity_bytes and kv_block_size_tokens must be positive")
 

@@ -26,7 +26,6 @@ from exegpt.generation import (
 )
 from exegpt.models.kv_cache import KVCachePool, KVCacheSpec
 from exegpt.models.loader import LoadedModel
-from exegpt.models.runner import ModelRunner
 from exegpt.serving import GrpcServer, start_grpc_server
 from exegpt.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
 from services.worker.config import EngineConfig, WorkerConfig
@@ -39,6 +38,7 @@ from services.worker.engine import (
     QueueFullError,
     RequestTimings,
 )
+from services.worker.executor.local import LocalExecutor
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("exegpt.worker")
@@ -109,8 +109,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     if event.error is not None:
                         # This request failed, not the replica: INTERNAL keeps the router
                         # from marking the replica down and retrying (spreading) the request.
+                        # UNAVAILABLE only when the replica itself broke (a stage died).
                         finished = True
-                        await context.abort(grpc.StatusCode.INTERNAL, event.error)
+                        code = grpc.StatusCode.INTERNAL
+                        if event.unavailable:
+                            code = grpc.StatusCode.UNAVAILABLE
+                        await context.abort(code, event.error)
                     chunk.token_ids += event.token_ids
                     chunk.token_times_s += event.token_times_s
                     if event.finish_reason is not None:
@@ -204,17 +208,17 @@ class RunningWorker:
 
 
 def build_engine(loaded: LoadedModel, config: EngineConfig) -> Engine:
+    """An engine over the whole model in this process."""
     spec = KVCacheSpec.for_model(loaded.config, dtype=loaded.dtype)
     pool = KVCachePool.for_memory(
         spec, config.kv_capacity_bytes, block_size_tokens=config.kv_block_size_tokens
     )
     return Engine(
-        ModelRunner(loaded.model, pool),
-        pool,
+        LocalExecutor(loaded.model, pool),
         config,
-        eos_token_id=loaded.config.eos_token_id,
-        vocab_size=loaded.config.vocab_size,
-        max_context_tokens=loaded.config.max_context_tokens,
+        model_config=loaded.config,
+        num_blocks=pool.num_blocks,
+        bytes_per_block=pool.bytes_per_block,
     )
 
 

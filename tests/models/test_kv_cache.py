@@ -28,18 +28,20 @@ def test_bytes_match_storage() -> None:
     assert SPEC.bytes_per_token() == 2 * 3 * 2 * 8 * 2
     pool = KVCachePool(SPEC, num_blocks=5, block_size_tokens=4)
     assert pool.bytes_per_block == SPEC.bytes_per_token() * 4
-    assert pool.capacity_bytes == storage_bytes(pool) == 5 * pool.bytes_per_block
-    assert pool.layers[0].k.shape == (20, 2, 8)
+    assert pool.capacity_bytes == 5 * pool.bytes_per_block
+    # Plus the null slot that reads past a sequence's end go to.
+    assert storage_bytes(pool) == pool.capacity_bytes + SPEC.bytes_per_token()
+    assert pool.layers[0].k.shape == (21, 2, 8) and pool.null_slot == 20
     assert pool.used_bytes == 0
 
 
 def test_for_memory_fits_budget() -> None:
     budget = 10_000
     pool = KVCachePool.for_memory(SPEC, budget, block_size_tokens=4)
-    assert pool.capacity_bytes <= budget < pool.capacity_bytes + pool.bytes_per_block
-    assert storage_bytes(pool) == pool.capacity_bytes
+    assert storage_bytes(pool) <= budget < storage_bytes(pool) + pool.bytes_per_block
+    assert storage_bytes(pool) <= budget
     with pytest.raises(ValueError, match="cannot hold one KV block"):
-        KVCachePool.for_memory(SPEC, pool.bytes_per_block - 1, block_size_tokens=4)
+        KVCachePool.for_memory(SPEC, pool.bytes_per_block, block_size_tokens=4)
 
 
 def test_spec_for_model() -> None:

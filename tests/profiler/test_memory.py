@@ -37,8 +37,9 @@ def kv_pool_bytes_per_token(model: Model, tp_degree: int, dtype: torch.dtype) ->
     spec = KVCacheSpec.for_model(shard_config(model.config, tp_degree), dtype=dtype)
     pool = KVCachePool(spec, num_blocks=3, block_size_tokens=16, device="cpu")
     layer = pool.layers[0]
-    total = layer.k.numel() * layer.k.element_size() + layer.v.numel() * layer.v.element_size()
-    return total // (3 * 16)
+    slot_bytes = layer.k[0].numel() * layer.k.element_size() * 2  # K and V of one slot
+    assert layer.k.shape[0] == 3 * 16 + 1  # the blocks and the null slot
+    return slot_bytes
 
 
 @pytest.fixture(scope="module", params=["t5", "llama"])

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 
 from exegpt.generation import FinishReason, InvalidRequestError, SamplingParams
 from exegpt.models.loader import LoadedModel, load_model
@@ -126,7 +127,7 @@ def test_static_batching_waits_for_the_whole_batch(engine_factory) -> None:
 
 
 def test_request_that_can_never_fit_is_rejected(engine_factory) -> None:
-    engine = engine_factory(kv_capacity_bytes=256 * 1024, kv_block_size_tokens=16)
+    engine = engine_factory(kv_capacity_bytes=300 * 1024, kv_block_size_tokens=16)
     with pytest.raises(InvalidRequestError, match="KV blocks"):
         submit(engine, list(range(3, 203)), max_tokens=500)
     assert len(submit(engine, [3, 4], max_tokens=2).wait().token_ids) == 2
@@ -183,3 +184,31 @@ def test_stop_fails_queued_requests_instead_of_dropping_them(engine_factory) -> 
         collector.wait()
         last = collector.events[-1]
         assert last.finish_reason is not None or last.error == "engine is shutting down"
+
+
+def test_a_tiny_temperature_is_served_beside_others(engine_factory) -> None:
+    engine = engine_factory(max_batch_size=4)
+    normal = submit(engine, [3, 4, 5], "normal", max_tokens=6, ignore_eos=True)
+    poison = submit(engine, [6, 7], "poison", max_tokens=4, temperature=1e-40, ignore_eos=True)
+    assert len(normal.wait().token_ids) == 6 and normal.events[-1].error is None
+    assert len(poison.wait().token_ids) == 4 and poison.events[-1].error is None
+
+
+def test_a_request_that_breaks_the_model_fails_alone() -> None:
+    loaded = load_model("exegpt-tiny-t5")
+    model = loaded.model
+    engine = build_engine(loaded, EngineConfig(max_batch_size=4))
+    engine.start()
+    try:
+        expected = submit(engine, [3, 4, 5], max_tokens=8, ignore_eos=True).wait().token_ids
+        bad_token = next(t for t in range(10, 384) if t not in expected)
+        with torch.no_grad():  # untie the head, then corrupt one input row of the checkpoint
+            model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone(), False)
+            model.embed.weight[bad_token] = float("nan")
+        healthy = submit(engine, [3, 4, 5], "healthy", max_tokens=8, ignore_eos=True)
+        broken = submit(engine, [bad_token, 4], "broken", max_tokens=8, ignore_eos=True)
+        assert "non-finite" in (broken.wait().events[-1].error or "")
+        assert healthy.wait().token_ids == expected and healthy.events[-1].error is None
+        assert engine.stats().kv_used_bytes == 0
+    finally:
+        engine.stop()

@@ -1,0 +1,30 @@
+"""Executors carry out the step scheduler's plans: `LocalExecutor` in this process,
+`PipelineExecutor` over stage processes. The engine drives both through this interface."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from services.worker.step_plan import StepPlan, StepResult
+
+
+class Executor(Protocol):
+    # Steps that may be in flight at once: 1 in process, one per stage in a pipeline.
+    max_in_flight: int
+
+    @property
+    def num_in_flight(self) -> int: ...
+
+    def submit(self, plan: StepPlan) -> None:
+        """Start a step (never raises for a bad step: its result carries the error)."""
+        ...
+
+    def next_result(self, timeout_s: float) -> StepResult | None:
+        """The next finished step, or None after `timeout_s` without one."""
+        ...
+
+    def healthy(self) -> bool:
+        """False while the executor cannot run steps (a stage is down)."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,64 @@
+"""LocalExecutor: runs each plan at once on the whole model in this process."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+
+import torch
+
+from exegpt.models.batch import BatchBuilder, PrefillBatch, ServingModel
+from exegpt.models.kv_cache import KVCachePool
+from services.worker.sampling import sample_rows
+from services.worker.step_plan import StepPlan, StepResult
+
+logger = logging.getLogger(__name__)
+
+
+class LocalExecutor:
+    max_in_flight = 1
+
+    def __init__(self, model: ServingModel, pool: KVCachePool) -> None:
+        self._model = model
+        self._pool = pool
+        self._builder = BatchBuilder(
+            model.config, pool.block_size_tokens, pool.null_slot, pool.device
+        )
+        self._done: collections.deque[StepResult] = collections.deque()
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._done)
+
+    def submit(self, plan: StepPlan) -> None:
+        self._done.append(self._run(plan))
+
+    def next_result(self, timeout_s: float) -> StepResult | None:
+        return self._done.popleft() if self._done else None
+
+    def healthy(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._done.clear()
+
+    @torch.inference_mode()
+    def _run(self, plan: StepPlan) -> StepResult:
+        start_s = time.perf_counter()
+        try:
+            batch = plan.batch(self._builder)
+            if isinstance(batch, PrefillBatch):
+                logits = self._model.prefill(batch, self._pool.layers)
+            else:
+                logits = self._model.decode(batch, self._pool.layers)
+            sampled = sample_rows(logits, list(plan.sampling))
+        except Exception as exc:  # the step's input broke the model: the engine isolates it
+            logger.exception("step %d (%s of %d) failed", plan.step_id, plan.kind, len(plan))
+            return StepResult.failed(plan, f"engine error: {exc}")
+        return StepResult(
+            plan.step_id,
+            tuple(sampled.token_ids),
+            tuple(sampled.errors),
+            compute_s=time.perf_counter() - start_s,
+        )

@@ -1,0 +1,62 @@
+"""The contract between the engine's step scheduler and an executor: one plan per step, data
+only, and the result it comes back as (in the spirit of vLLM v1's SchedulerOutput).
+
+The scheduler decides everything (which sequences, prefill or decode, their block tables,
+how each samples); an executor only carries a plan out, in this process or over pipeline
+stages, and never allocates or chooses.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from exegpt.models.batch import BatchBuilder, DecodeBatch, PrefillBatch
+from exegpt.models.kv_cache import SequenceKV
+from services.worker.sampling import RowSampling
+
+
+class StepKind(enum.StrEnum):
+    PREFILL = "prefill"  # fresh sequences: prompt (+ tokens to recompute) into the KV cache
+    DECODE = "decode"  # one more token for sequences already prefilled
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    step_id: int
+    kind: StepKind
+    seq_ids: tuple[int, ...]
+    # Block tables and stored-token counts before the step; the tables already hold every
+    # block the step writes.
+    kv: tuple[SequenceKV, ...]
+    # PREFILL: each prompt; DECODE: each sequence's last token, alone.
+    token_ids: tuple[tuple[int, ...], ...]
+    # PREFILL: tokens a preempted sequence had generated (recomputed); DECODE: empty.
+    prefixes: tuple[tuple[int, ...], ...]
+    sampling: tuple[RowSampling, ...]
+
+    def __len__(self) -> int:
+        return len(self.seq_ids)
+
+    def batch(self, builder: BatchBuilder) -> PrefillBatch | DecodeBatch:
+        """The step's index tensors (token ids and KV slots)."""
+        if self.kind is StepKind.PREFILL:
+            prompts = [list(t) for t in self.token_ids]
+            return builder.prefill(self.kv, prompts, [list(p) for p in self.prefixes])
+        return builder.decode(self.kv, [t[0] for t in self.token_ids])
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step_id: int
+    token_ids: tuple[int, ...]  # one per row; -1 where the row failed
+    row_errors: tuple[str | None, ...]
+    # The whole step failed (no row has a token). `unavailable`: the executor itself is broken
+    # (a stage died), so the replica cannot serve; otherwise the step's own input failed.
+    error: str | None = None
+    unavailable: bool = False
+    compute_s: float = 0.0
+
+    @classmethod
+    def failed(cls, plan: StepPlan, error: str, unavailable: bool = False) -> StepResult:
+        return cls(plan.step_id, (-1,) * len(plan), (None,) * len(plan), error, unavailable)
