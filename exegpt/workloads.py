@@ -114,17 +114,21 @@ def load_trace(
         for row in reader:
             if limit is not None and len(requests) >= limit:
                 break
-            stamp = _parse_timestamp(row["TIMESTAMP"])
+            try:
+                stamp = _parse_timestamp(row["TIMESTAMP"])
+                num_input, num_output = int(row["ContextTokens"]), int(row["GeneratedTokens"])
+            except (ValueError, TypeError, AttributeError):
+                # Say where, never what: a trace path may come from a remote client.
+                raise ValueError(
+                    f"{path}: line {reader.line_num}: malformed TIMESTAMP, ContextTokens "
+                    "or GeneratedTokens"
+                ) from None
             start = start or stamp
             requests.append(
                 TraceRequest(
                     arrival_s=(stamp - start).total_seconds() * time_scale,
-                    input_tokens=scale_length(
-                        int(row["ContextTokens"]), length_scale, max_input_tokens
-                    ),
-                    output_tokens=scale_length(
-                        int(row["GeneratedTokens"]), length_scale, max_output_tokens
-                    ),
+                    input_tokens=scale_length(num_input, length_scale, max_input_tokens),
+                    output_tokens=scale_length(num_output, length_scale, max_output_tokens),
                 )
             )
     if not requests:

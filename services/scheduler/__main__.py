@@ -6,6 +6,7 @@ import argparse
 import logging
 import math
 import sys
+from pathlib import Path
 
 from exegpt.cli import service_main
 from exegpt.errors import RequestError
@@ -101,6 +102,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.max_subscribers,
         help="WatchSchedule streams served at once",
     )
+    parser.add_argument(
+        "--profile-dir",
+        action="append",
+        type=Path,
+        default=None,
+        help="directory Plan requests may name profiles in (repeatable; default: profiles)",
+    )
+    parser.add_argument(
+        "--trace-dir",
+        action="append",
+        type=Path,
+        default=None,
+        help="directory Plan requests may name trace:PATH workloads in (repeatable; "
+        "default: none, so requests cannot name traces)",
+    )
+    parser.add_argument(
+        "--max-file-mb",
+        type=float,
+        default=defaults.max_file_bytes / 2**20,
+        help="largest profile or trace file a request may name, MiB",
+    )
     parser.add_argument("--ready-file", default=None, help="write host:port here once serving")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
@@ -129,6 +151,9 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         stage_window_size=args.stage_window,
         replan_min_interval_s=args.replan_min_interval,
         max_subscribers=args.max_subscribers,
+        profile_dirs=tuple(args.profile_dir or SchedulerConfig().profile_dirs),
+        trace_dirs=tuple(args.trace_dir or ()),
+        max_file_bytes=int(args.max_file_mb * 2**20),
         ready_file=args.ready_file,
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from exegpt.schedule import SEARCHED_KINDS, ScheduleKind
 
@@ -65,6 +66,11 @@ class SchedulerConfig:
     # Lengths beyond this are refused (they would size the histograms).
     max_length_tokens: int = 1 << 17
     max_concurrent_plans: int = 1
+    # Where files named in requests may be read from (the command line's own --profile and
+    # --workload are the operator's and are not confined), and how large they may be.
+    profile_dirs: tuple[Path, ...] = (Path("profiles"),)
+    trace_dirs: tuple[Path, ...] = ()
+    max_file_bytes: int = 64 * 2**20
     max_message_bytes: int = 4 * 2**20
     ready_file: str | None = None
     grace_period_s: float = 5.0
@@ -83,5 +89,5 @@ class SchedulerConfig:
         if self.replan_min_interval_s < 0:
             raise ValueError("replan_min_interval_s must be >= 0")
         limits = (self.max_subscribers, self.max_report_items, self.max_concurrent_plans)
-        if min(limits) < 1 or self.max_length_tokens < 1:
+        if min(limits) < 1 or self.max_length_tokens < 1 or self.max_file_bytes < 1:
             raise ValueError("subscriber, report, plan and length limits must be >= 1")

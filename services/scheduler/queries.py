@@ -16,6 +16,7 @@ from exegpt.errors import ErrorCode, RequestError
 from exegpt.schedule import ScheduleKind, searched_kinds
 from services.scheduler.calibration import ScaledCostModel
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.confine import confined_file
 from services.scheduler.problem import PlanProblem, WorkloadDistribution
 
 CostModelLoader = Callable[[str], CostModel]
@@ -116,6 +117,31 @@ def resolve_device_counts(query: PlanQuery, config: SchedulerConfig) -> tuple[in
     return num_devices, memory_bytes
 
 
+def resolve_profile(query: PlanQuery, config: SchedulerConfig) -> str:
+    """The profile to plan with; a file a request names must be under --profile-dir."""
+    if not query.profile:
+        if not config.profile:
+            raise invalid(
+                "no profile: name one in the request or start the scheduler with --profile"
+            )
+        return config.profile
+    if query.profile.startswith("analytic:"):
+        return query.profile
+    path = confined_file(
+        query.profile, config.profile_dirs, config.max_file_bytes, "profile", "--profile-dir"
+    )
+    return str(path)
+
+
+def resolve_workload(query: PlanQuery, config: SchedulerConfig) -> str:
+    """The workload spec; a trace a request names must be under --trace-dir."""
+    kind, _, value = query.workload.partition(":")
+    if kind != "trace" or not value:
+        return query.workload or config.workload
+    path = confined_file(value, config.trace_dirs, config.max_file_bytes, "trace", "--trace-dir")
+    return f"trace:{path}"
+
+
 def build_problem(
     query: PlanQuery, config: SchedulerConfig, cost_models: CostModelCache
 ) -> PlanProblem:
@@ -123,15 +149,13 @@ def build_problem(
     latency_bound_s = resolve_latency_bound_s(query, config)
     kinds = resolve_kinds(query, config)
     num_devices, memory_bytes = resolve_device_counts(query, config)
-    profile = query.profile or config.profile
-    if not profile:
-        raise invalid("no profile: name one in the request or start the scheduler with --profile")
+    profile = resolve_profile(query, config)
     base = cost_models.get(profile)
     try:
         cost_model = ScaledCostModel(base, tp_degrees=query.tp_degrees or None)
     except ValueError as exc:
         raise invalid(f"profile {profile!r}: {exc}") from exc
-    spec = query.workload or config.workload
+    spec = resolve_workload(query, config)
     try:
         workload = WorkloadDistribution.parse(
             spec, max_context_tokens=base.shape.max_context_tokens

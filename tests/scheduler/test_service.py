@@ -128,7 +128,7 @@ def test_plan_returns_a_schedule_for_task_s(
         ({"kinds": ["static"]}, "is a baseline"),
         ({"kinds": ["fastest"]}, "unknown schedule kind"),
         ({"profile": "analytic:tpu-v9"}, "unknown analytic device"),
-        ({"profile": "/nonexistent/profile.json"}, "cannot load profile"),
+        ({"profile": "/nonexistent/profile.json"}, "outside the allowed directories"),
     ],
 )
 def test_bad_plan_requests_are_invalid_argument(
