@@ -376,3 +376,37 @@ class TensorSocket:
                 logger.warning("shared-memory ring unavailable, sending inline: %s", exc)
                 self._ring_unavailable = True
         return self._ring
+
+
+class PushFanout:
+    """PUSH sockets to a set of peers, made on first use: a message goes to every address of
+    a hop (each tensor-parallel rank of the next stage gets the same input). A peer on this
+    host is reached through shared memory, another over TCP."""
+
+    def __init__(self, context: zmq.Context, max_message_bytes: int = 256 * 2**20) -> None:
+        self._context = context
+        self._max_message_bytes = max_message_bytes
+        self._sockets: dict[str, TensorSocket] = {}
+
+    def send(self, addresses: list[str], message: TensorMessage) -> None:
+        for address in addresses:
+            self._socket(address).send(message)
+
+    def _socket(self, address: str) -> TensorSocket:
+        socket = self._sockets.get(address)
+        if socket is None:
+            zmq_address, _ = split_shm_scheme(address)
+            socket = TensorSocket(
+                self._context, zmq.PUSH, max_message_bytes=self._max_message_bytes
+            )
+            # Never block the sender on a dead peer: its messages queue up to the HWM.
+            socket.socket.setsockopt(zmq.SNDTIMEO, 5000)
+            prefix = SHM_SCHEME_PREFIX if is_same_host(zmq_address) else ""
+            socket.connect(prefix + zmq_address)
+            self._sockets[address] = socket
+        return socket
+
+    def close(self) -> None:
+        for socket in self._sockets.values():
+            socket.close()
+        self._sockets.clear()

@@ -39,6 +39,7 @@ from services.worker.engine import (
     RequestTimings,
 )
 from services.worker.executor.local import LocalExecutor
+from services.worker.executor.pipeline import PipelineConfig, PipelineExecutor
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("exegpt.worker")
@@ -240,3 +241,19 @@ async def start_worker(config: WorkerConfig, loaded: LoadedModel) -> RunningWork
         engine.stats().kv_capacity_bytes / 2**20,
     )
     return RunningWorker(grpc_server, engine, loaded)
+
+
+def build_pipeline_engine(
+    loaded: LoadedModel, config: EngineConfig, pipeline: PipelineConfig
+) -> Engine:
+    """An engine whose steps run over stage processes (loaded here; raises PipelineError)."""
+    executor = PipelineExecutor(pipeline, loaded.config)
+    executor.start()
+    return Engine(
+        executor,
+        config,
+        model_config=loaded.config,
+        num_blocks=pipeline.num_blocks,
+        bytes_per_block=KVCacheSpec.for_model(loaded.config, loaded.dtype).bytes_per_token()
+        * pipeline.block_size_tokens,
+    )

@@ -1,0 +1,158 @@
+"""Where a replica's layers live: its pipeline stages, each a layer range at a TP degree.
+
+A placement is configuration (`exegpt up --pipeline-stages N --tensor-parallel T`, or
+`--placement FILE`), checked against the model before anything starts. The stages holding
+encoder layers, in order, form the encoder pass; those holding decoder layers form the
+decoder pass (prefill and decode). RRA gives every stage a slice of both stacks; an
+encode/decode split (WAA) gives some stages only encoder layers and the others only decoder
+layers.
+
+A placement file is JSON:
+
+    {"stages": [
+      {"encoder_layers": [0, 4], "decoder_layers": [0, 0], "tp_degree": 1, "device": "cpu"},
+      {"encoder_layers": [0, 0], "decoder_layers": [0, 4], "tp_degree": 2}
+    ]}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from exegpt.models.config import ModelConfig
+from exegpt.models.stage_spec import LayerRange, StageSpec
+from exegpt.models.tensor_parallel import check_tp_degree
+
+MAX_STAGES = 64
+
+
+@dataclass(frozen=True)
+class StagePlacement:
+    encoder_layers: LayerRange
+    decoder_layers: LayerRange
+    tp_degree: int = 1
+    device: str = "cpu"
+
+    def spec(self, tp_rank: int) -> StageSpec:
+        return StageSpec(self.encoder_layers, self.decoder_layers, tp_rank, self.tp_degree)
+
+
+@dataclass(frozen=True)
+class Placement:
+    stages: tuple[StagePlacement, ...]
+
+    @property
+    def num_processes(self) -> int:
+        return sum(stage.tp_degree for stage in self.stages)
+
+    def encoder_route(self) -> list[int]:
+        """Indices of the stages of the encoder pass, in order."""
+        return [i for i, s in enumerate(self.stages) if len(s.encoder_layers)]
+
+    def decoder_route(self) -> list[int]:
+        return [i for i, s in enumerate(self.stages) if len(s.decoder_layers)]
+
+    def check(self, config: ModelConfig) -> None:
+        """Raise ValueError unless the stages cover each stack once, in order."""
+        if not 1 <= len(self.stages) <= MAX_STAGES:
+            raise ValueError(f"a placement needs 1 to {MAX_STAGES} stages, got {len(self.stages)}")
+        for index, stage in enumerate(self.stages):
+            try:
+                stage.spec(0).check(config)
+                check_tp_degree(config, stage.tp_degree)
+            except ValueError as exc:
+                raise ValueError(f"stage {index}: {exc}") from None
+        stacks = (
+            ("encoder", [s.encoder_layers for s in self.stages], config.num_encoder_layers),
+            ("decoder", [s.decoder_layers for s in self.stages], config.num_decoder_layers),
+        )
+        for name, ranges, num_layers in stacks:
+            held = [r for r in ranges if len(r)]
+            expected = 0
+            for layer_range in held:
+                if layer_range.start != expected:
+                    raise ValueError(
+                        f"{name} layers must be split into contiguous ranges in stage order: "
+                        f"a stage starts at {layer_range.start}, expected {expected}"
+                    )
+                expected = layer_range.stop
+            if expected != num_layers:
+                raise ValueError(f"the stages hold {expected} of the {num_layers} {name} layers")
+
+    @classmethod
+    def even(cls, config: ModelConfig, num_stages: int, tp_degree: int = 1) -> Placement:
+        """Every stage gets an even share of each stack (RRA's layout; the first stages take
+        one more layer when the count does not divide)."""
+        if num_stages < 1:
+            raise ValueError(f"--pipeline-stages must be >= 1, got {num_stages}")
+        if num_stages > config.num_decoder_layers:
+            raise ValueError(
+                f"{num_stages} stages for {config.num_decoder_layers} decoder layers: "
+                "every stage needs at least one"
+            )
+        encoders = _split(config.num_encoder_layers, num_stages)
+        decoders = _split(config.num_decoder_layers, num_stages)
+        placement = cls(
+            tuple(
+                StagePlacement(enc, dec, tp_degree)
+                for enc, dec in zip(encoders, decoders, strict=True)
+            )
+        )
+        placement.check(config)
+        return placement
+
+    @classmethod
+    def from_json(cls, text: str) -> Placement:
+        try:
+            data = json.loads(text)
+            stages = tuple(_stage_from_json(item) for item in data["stages"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a placement: {exc}") from None
+        return cls(stages)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "stages": [
+                    {
+                        "encoder_layers": [s.encoder_layers.start, s.encoder_layers.stop],
+                        "decoder_layers": [s.decoder_layers.start, s.decoder_layers.stop],
+                        "tp_degree": s.tp_degree,
+                        "device": s.device,
+                    }
+                    for s in self.stages
+                ]
+            }
+        )
+
+
+def _split(num_layers: int, num_parts: int) -> list[LayerRange]:
+    base, extra = divmod(num_layers, num_parts)
+    ranges, start = [], 0
+    for part in range(num_parts):
+        stop = start + base + (1 if part < extra else 0)
+        ranges.append(LayerRange(start, stop))
+        start = stop
+    return ranges
+
+
+def _stage_from_json(item: Any) -> StagePlacement:
+    if not isinstance(item, dict):
+        raise TypeError("each stage must be an object")
+    unknown = set(item) - {"encoder_layers", "decoder_layers", "tp_degree", "device"}
+    if unknown:
+        raise ValueError(f"unknown stage fields {sorted(unknown)}")
+
+    def layers(name: str) -> LayerRange:
+        value = item.get(name, [0, 0])
+        if not (isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value)):
+            raise TypeError(f"{name} must be [start, stop] integers")
+        return LayerRange(value[0], value[1])
+
+    tp_degree = item.get("tp_degree", 1)
+    device = item.get("device", "cpu")
+    if type(tp_degree) is not int or not isinstance(device, str):
+        raise TypeError("tp_degree must be an integer and device a string")
+    return StagePlacement(layers("encoder_layers"), layers("decoder_layers"), tp_degree, device)

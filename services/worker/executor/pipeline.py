@@ -1,0 +1,322 @@
+"""PipelineExecutor: runs plans over stage processes (ZeroMQ data, gRPC control).
+
+At start it asks every stage rank where it receives data (Describe), then loads each with
+its layer range, TP rank and next hops (Load): a step enters at the first stage of its pass,
+flows stage to stage, and the stage that ends the decoder sends the sampled tokens back
+here. Up to one step per stage is in flight, so the stages compute at once.
+
+A watchdog asks every rank for a sign of life; a rank that stops answering, or comes back
+empty (restarted), takes the replica out of service at once: the steps in flight fail as
+unavailable, and once every rank answers again the whole placement is loaded afresh under a
+new load id. Messages are stamped with that id, so a stage drops steps of an earlier load.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import torch
+import zmq
+
+from exegpt.models.batch import BatchBuilder
+from exegpt.models.config import ModelConfig
+from exegpt.placement import Placement
+from exegpt.transport import FrameError, PushFanout, TensorMessage, TensorSocket
+from exegpt.v1 import stage_pb2, stage_pb2_grpc
+from services.worker.sampling import sampling_tensors
+from services.worker.stage.runtime import message_for_batch
+from services.worker.step_plan import StepKind, StepPlan, StepResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    model: str
+    dtype: str
+    placement: Placement
+    # gRPC address of every TP rank of every stage, in placement order.
+    stage_addresses: tuple[tuple[str, ...], ...]
+    num_blocks: int
+    block_size_tokens: int
+    data_host: str = "127.0.0.1"
+    step_timeout_s: float = 30.0
+    health_interval_s: float = 0.5
+    health_timeout_s: float = 2.0
+    load_timeout_s: float = 120.0
+
+
+class PipelineError(RuntimeError):
+    """The stages could not be loaded (the replica cannot start)."""
+
+
+class PipelineExecutor:
+    def __init__(self, config: PipelineConfig, model_config: ModelConfig) -> None:
+        placement = config.placement
+        placement.check(model_config)
+        if len(config.stage_addresses) != len(placement.stages) or any(
+            len(ranks) != stage.tp_degree
+            for ranks, stage in zip(config.stage_addresses, placement.stages, strict=False)
+        ):
+            raise ValueError("give one address per TP rank of every stage of the placement")
+        self._config = config
+        self._model_config = model_config
+        self.max_in_flight = len(placement.decoder_route())
+        null_slot = config.num_blocks * config.block_size_tokens
+        self._builder = BatchBuilder(model_config, config.block_size_tokens, null_slot, _CPU)
+        self._context = zmq.Context()
+        self._results = TensorSocket(self._context, zmq.PULL, same_host=True)
+        self.data_address = self._results.bind(f"tcp://{config.data_host}:0")
+        self._fanout = PushFanout(self._context)
+        self._channels = [
+            [grpc.insecure_channel(address) for address in ranks]
+            for ranks in config.stage_addresses
+        ]
+        self._stubs = [[stage_pb2_grpc.StageStub(c) for c in ranks] for ranks in self._channels]
+        self._lock = threading.Lock()
+        self._in_flight: dict[int, tuple[StepPlan, float]] = {}
+        self._failed: list[StepResult] = []
+        self._healthy = False
+        self._load_id = ""
+        self._first_hops: dict[str, list[str]] = {}
+        self._closing = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="pipeline-watch", daemon=True)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load every stage (raises PipelineError) and start watching them."""
+        self._load_all()
+        self._watchdog.start()
+
+    def close(self) -> None:
+        self._closing.set()
+        if self._watchdog.is_alive():
+            self._watchdog.join(5)
+        self._fanout.close()
+        self._results.close()
+        for ranks in self._channels:
+            for channel in ranks:
+                channel.close()
+
+    def healthy(self) -> bool:
+        return self._healthy
+
+    @property
+    def num_in_flight(self) -> int:
+        with self._lock:
+            return len(self._in_flight) + len(self._failed)
+
+    # ---- steps ---------------------------------------------------------------------------
+
+    def submit(self, plan: StepPlan) -> None:
+        try:
+            tensors = {
+                **message_for_batch(plan.batch(self._builder)),
+                **sampling_tensors(list(plan.sampling)),
+            }
+        except Exception as exc:  # the plan's own input is bad: fail this step only
+            with self._lock:
+                self._failed.append(StepResult.failed(plan, f"engine error: {exc}"))
+            return
+        if plan.kind is StepKind.DECODE:
+            kind, hop = "decode", "decoder"
+        elif self._model_config.is_encoder_decoder:
+            kind, hop = "encode", "encoder"
+        else:
+            kind, hop = "prefill", "decoder"
+        message = TensorMessage(
+            kind, tensors, attributes={"step_id": str(plan.step_id), "load_id": self._load_id}
+        )
+        with self._lock:
+            self._in_flight[plan.step_id] = (plan, time.monotonic() + self._config.step_timeout_s)
+        self._fanout.send(self._first_hops[hop], message)
+
+    def next_result(self, timeout_s: float) -> StepResult | None:
+        with self._lock:
+            if self._failed:
+                return self._failed.pop(0)
+        try:
+            message = self._results.recv(timeout_ms=int(timeout_s * 1000))
+        except TimeoutError:
+            self._expire_late_steps()
+            return None
+        except FrameError as exc:
+            logger.warning("refused a result frame: %s", exc)
+            return None
+        return self._result_of(message)
+
+    def _result_of(self, message: TensorMessage) -> StepResult | None:
+        try:
+            step_id = int(message.attributes.get("step_id", ""))
+        except ValueError:
+            logger.warning("a %s message without a step id; dropped", message.kind)
+            return None
+        with self._lock:
+            entry = self._in_flight.pop(step_id, None)
+        if entry is None or message.attributes.get("load_id") != self._load_id:
+            return None  # a step of an earlier load, already failed
+        plan = entry[0]
+        compute_s = float(message.attributes.get("compute_s", "0") or 0)
+        if message.kind == "error":
+            error = message.attributes.get("error", "a stage failed the step")
+            return StepResult(
+                plan.step_id,
+                (-1,) * len(plan),
+                (None,) * len(plan),
+                f"engine error: {error}",
+                compute_s=compute_s,
+            )
+        token_ids = message.tensors["token_ids"].tolist()
+        failed = message.tensors["failed"].tolist()
+        if len(token_ids) != len(plan) or len(failed) != len(plan):
+            return StepResult.failed(plan, "a stage returned a result of the wrong size")
+        row_error = message.attributes.get("row_error") or "the step failed for this request"
+        errors = tuple(row_error if bad else None for bad in failed)
+        return StepResult(plan.step_id, tuple(token_ids), errors, compute_s=compute_s)
+
+    def _expire_late_steps(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            late = [step for step, (_, deadline) in self._in_flight.items() if deadline < now]
+        if late:
+            logger.error(
+                "step %d got no answer in %.0f s; reloading the stages",
+                late[0],
+                self._config.step_timeout_s,
+            )
+            self._take_out_of_service()
+
+    # ---- loading and watching ------------------------------------------------------------
+
+    def _load_all(self) -> None:
+        config = self._config
+        infos = self._each_rank(
+            lambda stub: stub.Describe(
+                stage_pb2.DescribeStageRequest(), timeout=config.health_timeout_s
+            )
+        )
+        data = [[info.data_address for info in ranks] for ranks in infos]
+        placement = config.placement
+        encoders, decoders = placement.encoder_route(), placement.decoder_route()
+        load_id = uuid.uuid4().hex
+        requests = []
+        for index, stage in enumerate(placement.stages):
+            after_encoder: list[str] = []
+            if index in encoders:
+                position = encoders.index(index)
+                nxt = encoders[position + 1] if position + 1 < len(encoders) else decoders[0]
+                after_encoder = data[nxt]
+            after_decoder: list[str] = []
+            if index in decoders:
+                position = decoders.index(index)
+                after_decoder = (
+                    data[decoders[position + 1]]
+                    if position + 1 < len(decoders)
+                    else [self.data_address]
+                )
+            host = config.stage_addresses[index][0].rsplit(":", 1)[0]
+            tp_init = f"tcp://{host}:{infos[index][0].free_port}" if stage.tp_degree > 1 else ""
+            requests.append(
+                [
+                    stage_pb2.LoadStageRequest(
+                        model=config.model,
+                        encoder_start=stage.encoder_layers.start,
+                        encoder_stop=stage.encoder_layers.stop,
+                        decoder_start=stage.decoder_layers.start,
+                        decoder_stop=stage.decoder_layers.stop,
+                        tp_rank=rank,
+                        tp_degree=stage.tp_degree,
+                        tp_init_method=tp_init,
+                        num_kv_blocks=config.num_blocks,
+                        kv_block_size_tokens=config.block_size_tokens,
+                        next_after_encoder=after_encoder,
+                        next_after_decoder=after_decoder,
+                        dtype=config.dtype,
+                        load_id=load_id,
+                        engine_address=self.data_address,
+                    )
+                    for rank in range(stage.tp_degree)
+                ]
+            )
+        calls = [
+            (self._stubs[i][r], requests[i][r])
+            for i in range(len(requests))
+            for r in range(len(requests[i]))
+        ]
+        with ThreadPoolExecutor(len(calls)) as pool:  # a TP group's ranks must join together
+            futures = [
+                pool.submit(stub.Load, request, timeout=config.load_timeout_s)
+                for stub, request in calls
+            ]
+            for future in futures:
+                try:
+                    future.result()
+                except grpc.RpcError as exc:
+                    raise PipelineError(f"a stage failed to load: {exc.details()}") from None
+        self._load_id = load_id
+        self._first_hops = {
+            "encoder": data[encoders[0]] if encoders else [],
+            "decoder": data[decoders[0]],
+        }
+        self._healthy = True
+        logger.info(
+            "pipeline loaded: %d stages, %d processes, load %s",
+            len(placement.stages),
+            placement.num_processes,
+            load_id[:8],
+        )
+
+    def _each_rank(self, call):
+        return [[call(stub) for stub in ranks] for ranks in self._stubs]
+
+    def _watch(self) -> None:
+        while not self._closing.wait(self._config.health_interval_s):
+            try:
+                infos = self._each_rank(
+                    lambda stub: stub.Describe(
+                        stage_pb2.DescribeStageRequest(), timeout=self._config.health_timeout_s
+                    )
+                )
+            except grpc.RpcError as exc:
+                if self._healthy:
+                    logger.error(
+                        "a stage stopped answering (%s); replica out of service", exc.code()
+                    )
+                    self._take_out_of_service()
+                continue
+            current = all(
+                info.loaded and info.load_id == self._load_id for ranks in infos for info in ranks
+            )
+            if current:
+                continue
+            if self._healthy:
+                logger.error("a stage restarted empty; replica out of service until reloaded")
+                self._take_out_of_service()
+            try:
+                self._load_all()
+                logger.info("stages reloaded; replica back in service")
+            except (PipelineError, grpc.RpcError) as exc:
+                logger.warning("reload failed, retrying: %s", exc)
+
+    def _take_out_of_service(self) -> None:
+        with self._lock:
+            self._healthy = False
+            self._load_id = ""
+            failed = [
+                StepResult.failed(
+                    plan, "replica unavailable: a pipeline stage is down", unavailable=True
+                )
+                for plan, _ in self._in_flight.values()
+            ]
+            self._in_flight.clear()
+            self._failed.extend(failed)
+
+
+_CPU = torch.device("cpu")  # index math runs on the host; stages move it to their device

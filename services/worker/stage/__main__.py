@@ -1,0 +1,99 @@
+"""Run one pipeline stage process: `python -m services.worker.stage --port 50071`.
+
+It starts empty; the engine's PipelineExecutor tells it over gRPC which layers to load and
+where to send their output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from exegpt.cli import service_main
+from exegpt.serving import run_service, start_grpc_server, write_ready_file
+
+DESCRIPTION = "run one pipeline stage (a layer range, one TP rank) of a replica"
+logger = logging.getLogger("exegpt.stage")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    host: str = "127.0.0.1"
+    port: int = 0
+    device: str = "cpu"
+    torch_threads: int | None = None
+    model_roots: tuple[Path, ...] = ()
+    ready_file: str | None = None
+    max_message_bytes: int = 4 * 2**20
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = StageConfig()
+    parser.add_argument("--host", default=defaults.host, help="interface to bind (gRPC and data)")
+    parser.add_argument("--port", type=int, default=defaults.port, help="gRPC; 0 picks one")
+    parser.add_argument("--device", default=defaults.device, help="cpu or cuda[:N]")
+    parser.add_argument("--torch-threads", type=int, default=None, help="intra-op threads")
+    parser.add_argument(
+        "--model-root",
+        type=Path,
+        action="append",
+        default=[],
+        help="directory whose checkpoints may be loaded (repeatable; the embedded model always)",
+    )
+    parser.add_argument("--ready-file", default=None, help="write host:port here once serving")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+
+
+def config_from_args(args: argparse.Namespace) -> StageConfig:
+    return StageConfig(
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        torch_threads=args.torch_threads,
+        model_roots=tuple(args.model_root),
+        ready_file=args.ready_file,
+    )
+
+
+async def serve(config: StageConfig) -> None:
+    import torch
+
+    from exegpt.allocator import configure_allocator
+    from exegpt.serving import wait_for_shutdown_signal
+    from exegpt.v1 import stage_pb2_grpc
+    from services.worker.stage.runtime import StageRuntime
+    from services.worker.stage.server import StageServicer
+
+    configure_allocator()
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    runtime = StageRuntime(config.host, config.device, config.model_roots)
+    runtime.start()
+    stop = asyncio.Event()
+    servicer = StageServicer(runtime, config.host, stop)
+    server = await start_grpc_server(
+        lambda s: stage_pb2_grpc.add_StageServicer_to_server(servicer, s),
+        host=config.host,
+        port=config.port,
+        max_message_bytes=config.max_message_bytes,
+    )
+    write_ready_file(config.ready_file, server.address)
+    logger.info("stage on %s, data %s", server.address, runtime.data_address)
+    signal_wait = asyncio.ensure_future(wait_for_shutdown_signal())
+    await asyncio.wait(
+        [signal_wait, asyncio.ensure_future(stop.wait())], return_when="FIRST_COMPLETED"
+    )
+    await server.stop(1.0)
+    await asyncio.to_thread(runtime.stop)
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_service("stage", lambda: serve(config_from_args(args)))
+
+
+if __name__ == "__main__":
+    sys.exit(service_main("python -m services.worker.stage", DESCRIPTION, add_arguments, run))

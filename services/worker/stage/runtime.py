@@ -1,0 +1,271 @@
+"""The stage's forward loop: receive a step over ZeroMQ, run this stage's layers, pass it on.
+
+A message is a step of one kind:
+- `encode` (T5): run this stage's encoder layers; the stage that ends the encoder turns the
+  step into a `prefill` for the first decoder stage, carrying the encoder output along;
+- `prefill` / `decode`: run this stage's decoder layers (a T5 prefill first writes the cross
+  KV of its layers from the encoder output); the stage that ends the decoder samples and
+  sends the tokens to the engine as a `result`.
+Every rank of a tensor-parallel stage receives the step and computes; rank 0 alone sends
+it on. A step that fails here goes back to the engine as an `error`; a frame that does not
+match its header is refused and logged, and the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import zmq
+
+from exegpt.models.batch import DecodeBatch, PrefillBatch, batch_from_tensors, batch_tensors
+from exegpt.models.checkpoint import Model
+from exegpt.models.defaults import DEFAULT_MODEL_NAME
+from exegpt.models.kv_cache import KVCachePool
+from exegpt.models.loader import load_model
+from exegpt.models.stage import build_stage, stage_kv_spec
+from exegpt.models.stage_spec import LayerRange, StageSpec
+from exegpt.transport import FrameError, PushFanout, TensorMessage, TensorSocket
+from exegpt.v1 import stage_pb2
+from services.worker.sampling import rows_from_tensors, sample_rows
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_TP_TIMEOUT_S = 60.0
+
+
+class LoadError(ValueError):
+    """The Load request cannot be carried out as given (INVALID_ARGUMENT)."""
+
+
+@dataclass
+class LoadedStage:
+    request: stage_pb2.LoadStageRequest
+    spec: StageSpec
+    model: Model
+    pool: KVCachePool | None
+    ends_encoder: bool
+    ends_decoder: bool
+
+
+@dataclass
+class StageCounters:
+    num_steps: int = 0
+    num_errors: int = 0
+    num_bad_frames: int = 0
+    compute_s: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class StageRuntime:
+    def __init__(self, data_host: str, device: str, model_roots: tuple[Path, ...] = ()) -> None:
+        self._device = torch.device(device)
+        self._model_roots = tuple(root.resolve() for root in model_roots)
+        self._context = zmq.Context()
+        self._pull = TensorSocket(self._context, zmq.PULL, same_host=True)
+        self.data_address = self._pull.bind(f"tcp://{data_host}:0")
+        self._fanout = PushFanout(self._context)
+        self._stage: LoadedStage | None = None
+        self._step_lock = threading.Lock()  # a Load waits for the step in hand
+        self._stopping = threading.Event()
+        self.counters = StageCounters()
+        self._thread = threading.Thread(target=self._loop, name="stage-loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(5)
+        self._fanout.close()
+        self._pull.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    @property
+    def loaded(self) -> LoadedStage | None:
+        return self._stage
+
+    # ---- loading ---------------------------------------------------------------------------
+
+    def load(self, request: stage_pb2.LoadStageRequest) -> None:
+        """Replace what this stage holds; raises LoadError for a bad request."""
+        spec = StageSpec(
+            LayerRange(request.encoder_start, request.encoder_stop),
+            LayerRange(request.decoder_start, request.decoder_stop),
+            request.tp_rank,
+            max(1, request.tp_degree),
+        )
+        dtype = _DTYPES.get(request.dtype or "float32")
+        if dtype is None:
+            raise LoadError(f"dtype must be one of {sorted(_DTYPES)}, got {request.dtype!r}")
+        if request.num_kv_blocks < 1 or request.kv_block_size_tokens < 1:
+            raise LoadError("num_kv_blocks and kv_block_size_tokens must be >= 1")
+        if not request.engine_address:
+            raise LoadError("engine_address is required")
+        model_name = self._resolve_model(request.model)
+        with self._step_lock:
+            self._stage = None
+            loaded = load_model(model_name, device=str(self._device), dtype=dtype)
+            try:
+                spec.check(loaded.config)
+            except ValueError as exc:
+                raise LoadError(str(exc)) from None
+            all_reduce = self._join_tp_group(request, spec) if spec.tp_degree > 1 else None
+            model = build_stage(loaded.model, spec, all_reduce)
+            pool = None
+            if len(spec.decoder_layers):
+                kv_spec = stage_kv_spec(loaded.model, spec, dtype)
+                pool = KVCachePool(
+                    kv_spec, request.num_kv_blocks, request.kv_block_size_tokens, self._device
+                )
+            config = loaded.config
+            self._stage = LoadedStage(
+                request, spec, model, pool, spec.ends_encoder(config), spec.ends_decoder(config)
+            )
+        logger.info(
+            "stage loaded %s: encoder %s, decoder %s, TP rank %d of %d, %d KV blocks",
+            request.model,
+            spec.encoder_layers,
+            spec.decoder_layers,
+            spec.tp_rank,
+            spec.tp_degree,
+            request.num_kv_blocks,
+        )
+
+    def _resolve_model(self, name: str) -> str:
+        if name == DEFAULT_MODEL_NAME:
+            return name
+        path = Path(name).resolve()
+        if not any(path.is_relative_to(root) for root in self._model_roots):
+            raise LoadError(
+                f"model {name!r} is neither {DEFAULT_MODEL_NAME!r} nor under a --model-root"
+            )
+        return str(path)
+
+    def _join_tp_group(self, request: stage_pb2.LoadStageRequest, spec: StageSpec):
+        if not request.tp_init_method:
+            raise LoadError("a TP stage needs tp_init_method")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        dist.init_process_group(
+            "nccl" if self._device.type == "cuda" else "gloo",
+            init_method=request.tp_init_method,
+            rank=spec.tp_rank,
+            world_size=spec.tp_degree,
+            timeout=timedelta(seconds=_TP_TIMEOUT_S),
+        )
+
+        def all_reduce(tensor: torch.Tensor) -> None:
+            dist.all_reduce(tensor)
+
+        return all_reduce
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                message = self._pull.recv(timeout_ms=100)
+            except TimeoutError:
+                continue
+            except FrameError as exc:
+                with self.counters.lock:
+                    self.counters.num_bad_frames += 1
+                logger.warning("refused a frame: %s", exc)
+                continue
+            with self._step_lock:
+                self._handle(message)
+
+    def _handle(self, message: TensorMessage) -> None:
+        stage = self._stage
+        step_id = message.attributes.get("step_id", "?")
+        if stage is None:
+            logger.warning("step %s arrived before a Load; dropped", step_id)
+            return
+        load_id = message.attributes.get("load_id", "")
+        if load_id != stage.request.load_id:
+            logger.info("step %s belongs to an earlier load; dropped", step_id)
+            return
+        start_s = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                out, hop = self._run(stage, message)
+        except Exception as exc:
+            with self.counters.lock:
+                self.counters.num_errors += 1
+            logger.exception("step %s failed on this stage", step_id)
+            out = TensorMessage("error", {}, attributes={"step_id": step_id, "error": str(exc)})
+            hop = [stage.request.engine_address]
+        elapsed_s = time.perf_counter() - start_s
+        with self.counters.lock:
+            self.counters.num_steps += 1
+            self.counters.compute_s += elapsed_s
+        if stage.spec.tp_rank != 0:
+            return
+        previous_s = float(message.attributes.get("compute_s", "0") or 0)
+        out.attributes.setdefault("step_id", step_id)
+        out.attributes["load_id"] = load_id
+        out.attributes["compute_s"] = repr(previous_s + elapsed_s)
+        out.trace_context = dict(message.trace_context)
+        self._fanout.send(hop, out)
+
+    def _run(self, stage: LoadedStage, message: TensorMessage) -> tuple[TensorMessage, list[str]]:
+        tensors = message.tensors
+        batch_part = {
+            k.removeprefix("batch."): v for k, v in tensors.items() if k.startswith("batch.")
+        }
+        carried = {k: v for k, v in tensors.items() if k.startswith(("batch.", "sampling."))}
+        hidden = tensors.get("hidden")
+        request = stage.request
+        if message.kind == "encode":
+            batch = batch_from_tensors(PrefillBatch, batch_part)
+            if batch.encoder_tokens is None or batch.encoder_lengths is None:
+                raise ValueError("an encode step needs encoder tokens")
+            x = stage.model.encode(batch.encoder_tokens, batch.encoder_lengths, hidden)
+            if stage.ends_encoder:
+                return TensorMessage("prefill", {**carried, "encoder_out": x}), list(
+                    request.next_after_encoder
+                )
+            return TensorMessage("encode", {**carried, "hidden": x}), list(
+                request.next_after_encoder
+            )
+        if stage.pool is None:
+            raise ValueError(f"a {message.kind} step reached a stage without decoder layers")
+        layers = stage.pool.layers
+        if message.kind == "prefill":
+            batch = batch_from_tensors(PrefillBatch, batch_part)
+            encoder_out = tensors.get("encoder_out")
+            if encoder_out is not None:
+                x = stage.model.prefill(batch, layers, hidden, encoder_out)
+                carried["encoder_out"] = encoder_out
+            else:
+                x = stage.model.prefill(batch, layers, hidden)
+        elif message.kind == "decode":
+            x = stage.model.decode(batch_from_tensors(DecodeBatch, batch_part), layers, hidden)
+        else:
+            raise ValueError(f"unknown step kind {message.kind!r}")
+        if not stage.ends_decoder:
+            return TensorMessage(message.kind, {**carried, "hidden": x}), list(
+                request.next_after_decoder
+            )
+        sampled = sample_rows(x, rows_from_tensors(tensors))
+        result = {
+            "token_ids": torch.tensor(sampled.token_ids, dtype=torch.int64),
+            "failed": torch.tensor([e is not None for e in sampled.errors], dtype=torch.int8),
+        }
+        row_error = next((e for e in sampled.errors if e is not None), "")
+        out = TensorMessage("result", result, attributes={"row_error": row_error})
+        return out, list(request.next_after_decoder)
+
+
+def message_for_batch(batch: PrefillBatch | DecodeBatch) -> dict[str, torch.Tensor]:
+    """The tensors a step carries for its batch (names prefixed `batch.`)."""
+    return {f"batch.{name}": tensor.cpu() for name, tensor in batch_tensors(batch).items()}

@@ -1,0 +1,117 @@
+"""One replica over real stage processes: greedy tokens equal the single-process engine and
+the transformers reference under PP 2, PP 3 (uneven), TP 2, TP 2 beside TP 1, and an
+encoding process beside a decoding process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from exegpt.models.loader import LoadedModel, load_model
+from exegpt.models.stage_spec import LayerRange
+from exegpt.placement import Placement, StagePlacement
+from services.worker.config import EngineConfig
+from services.worker.executor.pipeline import PipelineConfig
+from services.worker.server import build_engine, build_pipeline_engine
+from tests.worker.stages import StagePool
+from tests.worker.test_engine import submit
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18]]
+NUM_TOKENS = 6
+
+
+def _stage(enc: tuple[int, int], dec: tuple[int, int], tp: int = 1) -> StagePlacement:
+    return StagePlacement(LayerRange(*enc), LayerRange(*dec), tp)
+
+
+def topologies(is_t5: bool) -> dict[str, tuple[Placement, list[int]]]:
+    enc = (lambda a, b: (a, b)) if is_t5 else (lambda a, b: (0, 0))
+    layouts = {
+        "pp2": [_stage(enc(0, 2), (0, 2)), _stage(enc(2, 4), (2, 4))],
+        "pp3-uneven": [
+            _stage(enc(0, 2), (0, 2)),
+            _stage(enc(2, 3), (2, 3)),
+            _stage(enc(3, 4), (3, 4)),
+        ],
+        "tp2": [_stage(enc(0, 4), (0, 4), tp=2)],
+        "tp2-beside-tp1": [_stage(enc(0, 3), (0, 3), tp=2), _stage(enc(3, 4), (3, 4))],
+    }
+    if is_t5:
+        layouts["encode-beside-decode"] = [_stage((0, 4), (0, 0)), _stage((0, 0), (0, 4))]
+    return {
+        name: (Placement(tuple(stages)), [s.tp_degree for s in stages])
+        for name, stages in layouts.items()
+    }
+
+
+def _run(engine, prompts: list[list[int]]) -> list[list[int]]:
+    engine.start()
+    try:
+        collectors = [
+            submit(engine, p, f"r{i}", max_tokens=NUM_TOKENS, ignore_eos=True)
+            for i, p in enumerate(prompts)
+        ]
+        outputs = []
+        for collector in collectors:
+            collector.wait()
+            assert collector.events[-1].error is None, collector.events[-1].error
+            outputs.append(collector.token_ids)
+        return outputs
+    finally:
+        engine.stop()
+
+
+def _reference(hf_model, is_t5: bool) -> list[list[int]]:
+    outputs = []
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            ids = torch.tensor([prompt])
+            generated = hf_model.generate(
+                ids, max_new_tokens=NUM_TOKENS, min_new_tokens=NUM_TOKENS, do_sample=False
+            )[0].tolist()
+            outputs.append(generated[1:] if is_t5 else generated[len(prompt) :])
+    return outputs
+
+
+CASES = [
+    (variant, topology)
+    for variant in ("t5", "t5-v1.1", "llama-gqa")
+    for topology in topologies(variant != "llama-gqa")
+]
+
+
+@pytest.fixture(scope="module")
+def references(four_layer_models) -> dict[str, tuple[LoadedModel, list[list[int]]]]:
+    """Per variant: the loaded model, and tokens that transformers and the single-process
+    engine agree on."""
+    refs = {}
+    for variant, (path, hf_model) in four_layer_models.items():
+        loaded = load_model(str(path))
+        single = _run(build_engine(loaded, EngineConfig(max_batch_size=8)), PROMPTS)
+        assert single == _reference(hf_model, variant != "llama-gqa")
+        refs[variant] = (loaded, single)
+    return refs
+
+
+@pytest.mark.parametrize(("variant", "topology"), CASES)
+def test_pipeline_tokens_equal_the_single_process_engine(
+    variant: str, topology: str, references, four_layer_models, stage_pool: StagePool
+) -> None:
+    loaded, expected = references[variant]
+    path: Path = four_layer_models[variant][0]
+    placement, layout = topologies(variant != "llama-gqa")[topology]
+    pipeline = PipelineConfig(
+        model=str(path),
+        dtype="float32",
+        placement=placement,
+        stage_addresses=stage_pool.addresses(layout),
+        num_blocks=64,
+        block_size_tokens=4,
+    )
+    config = EngineConfig(
+        max_batch_size=8, num_micro_batches=len(placement.stages), kv_block_size_tokens=4
+    )
+    engine = build_pipeline_engine(loaded, config, pipeline)
+    assert _run(engine, PROMPTS) == expected
