@@ -7,12 +7,18 @@ decoder pass (prefill and decode). RRA gives every stage a slice of both stacks;
 encode/decode split (WAA) gives some stages only encoder layers and the others only decoder
 layers.
 
+A decoder-only model splits into a prefill group and a decode group by role: the prefill
+stages hold a copy of the decoder layers and hand each layer's prefill KV to the decode stage
+that owns that layer.
+
 A placement file is JSON:
 
     {"stages": [
       {"encoder_layers": [0, 4], "decoder_layers": [0, 0], "tp_degree": 1, "device": "cpu"},
       {"encoder_layers": [0, 0], "decoder_layers": [0, 4], "tp_degree": 2}
     ]}
+
+(`"role": "prefill"` or `"decode"` on each stage of a decoder-only split.)
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from exegpt.models.stage_spec import LayerRange, StageSpec
 from exegpt.models.tensor_parallel import check_tp_degree
 
 MAX_STAGES = 64
+ROLES = ("both", "prefill", "decode")
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,7 @@ class StagePlacement:
     decoder_layers: LayerRange
     tp_degree: int = 1
     device: str = "cpu"
+    role: str = "both"  # decoder-only splits: "prefill" or "decode"
 
     def spec(self, tp_rank: int) -> StageSpec:
         return StageSpec(self.encoder_layers, self.decoder_layers, tp_rank, self.tp_degree)
@@ -51,8 +59,21 @@ class Placement:
         """Indices of the stages of the encoder pass, in order."""
         return [i for i, s in enumerate(self.stages) if len(s.encoder_layers)]
 
+    def prefill_route(self) -> list[int]:
+        """Stages that run decoder layers for prefills, in order."""
+        return [
+            i for i, s in enumerate(self.stages) if len(s.decoder_layers) and s.role != "decode"
+        ]
+
     def decoder_route(self) -> list[int]:
-        return [i for i, s in enumerate(self.stages) if len(s.decoder_layers)]
+        """Stages that run decoder layers for decode steps (and keep their KV), in order."""
+        return [
+            i for i, s in enumerate(self.stages) if len(s.decoder_layers) and s.role != "prefill"
+        ]
+
+    @property
+    def splits_prefill(self) -> bool:
+        return any(s.role != "both" for s in self.stages)
 
     def check(self, config: ModelConfig) -> None:
         """Raise ValueError unless the stages cover each stack once, in order."""
@@ -64,10 +85,15 @@ class Placement:
                 check_tp_degree(config, stage.tp_degree)
             except ValueError as exc:
                 raise ValueError(f"stage {index}: {exc}") from None
-        stacks = (
+        self._check_roles(config)
+        decoders = [self.stages[i].decoder_layers for i in self.decoder_route()]
+        stacks = [
             ("encoder", [s.encoder_layers for s in self.stages], config.num_encoder_layers),
-            ("decoder", [s.decoder_layers for s in self.stages], config.num_decoder_layers),
-        )
+            ("decoder", decoders, config.num_decoder_layers),
+        ]
+        if self.splits_prefill:
+            prefills = [self.stages[i].decoder_layers for i in self.prefill_route()]
+            stacks.append(("prefill", prefills, config.num_decoder_layers))
         for name, ranges, num_layers in stacks:
             held = [r for r in ranges if len(r)]
             expected = 0
@@ -80,6 +106,22 @@ class Placement:
                 expected = layer_range.stop
             if expected != num_layers:
                 raise ValueError(f"the stages hold {expected} of the {num_layers} {name} layers")
+
+    def _check_roles(self, config: ModelConfig) -> None:
+        roles = {s.role for s in self.stages}
+        if not roles <= set(ROLES):
+            raise ValueError(f"stage roles must be among {ROLES}, got {sorted(roles)}")
+        if not self.splits_prefill:
+            return
+        if config.is_encoder_decoder:
+            raise ValueError(
+                "roles are for decoder-only models; an encoder-decoder model splits by "
+                "giving some stages only encoder layers"
+            )
+        if roles != {"prefill", "decode"}:
+            raise ValueError("a prefill/decode split gives every stage the role prefill or decode")
+        if any(s.role == "prefill" and s.tp_degree > 1 for s in self.stages):
+            raise ValueError("prefill-group stages run at TP 1 (they hand off whole-head KV)")
 
     @classmethod
     def even(cls, config: ModelConfig, num_stages: int, tp_degree: int = 1) -> Placement:
@@ -121,6 +163,7 @@ class Placement:
                         "decoder_layers": [s.decoder_layers.start, s.decoder_layers.stop],
                         "tp_degree": s.tp_degree,
                         "device": s.device,
+                        "role": s.role,
                     }
                     for s in self.stages
                 ]
@@ -141,7 +184,7 @@ def _split(num_layers: int, num_parts: int) -> list[LayerRange]:
 def _stage_from_json(item: Any) -> StagePlacement:
     if not isinstance(item, dict):
         raise TypeError("each stage must be an object")
-    unknown = set(item) - {"encoder_layers", "decoder_layers", "tp_degree", "device"}
+    unknown = set(item) - {"encoder_layers", "decoder_layers", "tp_degree", "device", "role"}
     if unknown:
         raise ValueError(f"unknown stage fields {sorted(unknown)}")
 
@@ -153,6 +196,8 @@ def _stage_from_json(item: Any) -> StagePlacement:
 
     tp_degree = item.get("tp_degree", 1)
     device = item.get("device", "cpu")
-    if type(tp_degree) is not int or not isinstance(device, str):
-        raise TypeError("tp_degree must be an integer and device a string")
-    return StagePlacement(layers("encoder_layers"), layers("decoder_layers"), tp_degree, device)
+    role = item.get("role", "both")
+    if type(tp_degree) is not int or not isinstance(device, str) or not isinstance(role, str):
+        raise TypeError("tp_degree must be an integer, device and role strings")
+    encoder, decoder = layers("encoder_layers"), layers("decoder_layers")
+    return StagePlacement(encoder, decoder, tp_degree, device, role)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x65xegpt/v1/stage.proto\x12\texegpt.v1\"\x16\n\x14\x44\x65scribeStageRequest\"\xe2\x01\n\tStageInfo\x12\x14\n\x0c\x64\x61ta_address\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x11\n\tfree_port\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rencoder_start\x18\x05 \x01(\r\x12\x14\n\x0c\x65ncoder_stop\x18\x06 \x01(\r\x12\x15\n\rdecoder_start\x18\x07 \x01(\r\x12\x14\n\x0c\x64\x65\x63oder_stop\x18\x08 \x01(\r\x12\x0f\n\x07tp_rank\x18\t \x01(\r\x12\x11\n\ttp_degree\x18\n \x01(\r\x12\x0f\n\x07load_id\x18\x0b \x01(\t\"\xdc\x02\n\x10LoadStageRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rencoder_start\x18\x02 \x01(\r\x12\x14\n\x0c\x65ncoder_stop\x18\x03 \x01(\r\x12\x15\n\rdecoder_start\x18\x04 \x01(\r\x12\x14\n\x0c\x64\x65\x63oder_stop\x18\x05 \x01(\r\x12\x0f\n\x07tp_rank\x18\x06 \x01(\r\x12\x11\n\ttp_degree\x18\x07 \x01(\r\x12\x16\n\x0etp_init_method\x18\x08 \x01(\t\x12\x15\n\rnum_kv_blocks\x18\t \x01(\r\x12\x1c\n\x14kv_block_size_tokens\x18\n \x01(\r\x12\x1a\n\x12next_after_encoder\x18\x0b \x03(\t\x12\x1a\n\x12next_after_decoder\x18\x0c \x03(\t\x12\r\n\x05\x64type\x18\r \x01(\t\x12\x0f\n\x07load_id\x18\x0e \x01(\t\x12\x16\n\x0e\x65ngine_address\x18\x0f \x01(\t\"\x16\n\x14GetStageStatsRequest\"y\n\nStageStats\x12\x11\n\tnum_steps\x18\x01 \x01(\x04\x12\x12\n\nnum_errors\x18\x02 \x01(\x04\x12\x16\n\x0enum_bad_frames\x18\x03 \x01(\x04\x12\x11\n\tcompute_s\x18\x04 \x01(\x01\x12\x19\n\x11kv_capacity_bytes\x18\x05 \x01(\x04\"\x12\n\x10StopStageRequest\"\x13\n\x11StopStageResponse2\x8c\x02\n\x05Stage\x12\x41\n\x08\x44\x65scribe\x12\x1f.exegpt.v1.DescribeStageRequest\x1a\x14.exegpt.v1.StageInfo\x12\x39\n\x04Load\x12\x1b.exegpt.v1.LoadStageRequest\x1a\x14.exegpt.v1.StageInfo\x12\x42\n\x08GetStats\x12\x1f.exegpt.v1.GetStageStatsRequest\x1a\x15.exegpt.v1.StageStats\x12\x41\n\x04Stop\x12\x1b.exegpt.v1.StopStageRequest\x1a\x1c.exegpt.v1.StopStageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x65xegpt/v1/stage.proto\x12\texegpt.v1\"\x16\n\x14\x44\x65scribeStageRequest\"\xe2\x01\n\tStageInfo\x12\x14\n\x0c\x64\x61ta_address\x18\x01 \x01(\t\x12\x0e\n\x06loaded\x18\x02 \x01(\x08\x12\x11\n\tfree_port\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rencoder_start\x18\x05 \x01(\r\x12\x14\n\x0c\x65ncoder_stop\x18\x06 \x01(\r\x12\x15\n\rdecoder_start\x18\x07 \x01(\r\x12\x14\n\x0c\x64\x65\x63oder_stop\x18\x08 \x01(\r\x12\x0f\n\x07tp_rank\x18\t \x01(\r\x12\x11\n\ttp_degree\x18\n \x01(\r\x12\x0f\n\x07load_id\x18\x0b \x01(\t\"\xea\x02\n\x10LoadStageRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rencoder_start\x18\x02 \x01(\r\x12\x14\n\x0c\x65ncoder_stop\x18\x03 \x01(\r\x12\x15\n\rdecoder_start\x18\x04 \x01(\r\x12\x14\n\x0c\x64\x65\x63oder_stop\x18\x05 \x01(\r\x12\x0f\n\x07tp_rank\x18\x06 \x01(\r\x12\x11\n\ttp_degree\x18\x07 \x01(\r\x12\x16\n\x0etp_init_method\x18\x08 \x01(\t\x12\x15\n\rnum_kv_blocks\x18\t \x01(\r\x12\x1c\n\x14kv_block_size_tokens\x18\n \x01(\r\x12\x1a\n\x12next_after_encoder\x18\x0b \x03(\t\x12\x1a\n\x12next_after_decoder\x18\x0c \x03(\t\x12\r\n\x05\x64type\x18\r \x01(\t\x12\x0f\n\x07load_id\x18\x0e \x01(\t\x12\x16\n\x0e\x65ngine_address\x18\x0f \x01(\t\x12\x0c\n\x04role\x18\x10 \x01(\t\"\x16\n\x14GetStageStatsRequest\"y\n\nStageStats\x12\x11\n\tnum_steps\x18\x01 \x01(\x04\x12\x12\n\nnum_errors\x18\x02 \x01(\x04\x12\x16\n\x0enum_bad_frames\x18\x03 \x01(\x04\x12\x11\n\tcompute_s\x18\x04 \x01(\x01\x12\x19\n\x11kv_capacity_bytes\x18\x05 \x01(\x04\"\x12\n\x10StopStageRequest\"\x13\n\x11StopStageResponse2\x8c\x02\n\x05Stage\x12\x41\n\x08\x44\x65scribe\x12\x1f.exegpt.v1.DescribeStageRequest\x1a\x14.exegpt.v1.StageInfo\x12\x39\n\x04Load\x12\x1b.exegpt.v1.LoadStageRequest\x1a\x14.exegpt.v1.StageInfo\x12\x42\n\x08GetStats\x12\x1f.exegpt.v1.GetStageStatsRequest\x1a\x15.exegpt.v1.StageStats\x12\x41\n\x04Stop\x12\x1b.exegpt.v1.StopStageRequest\x1a\x1c.exegpt.v1.StopStageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,15 +36,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGEINFO']._serialized_start=61
   _globals['_STAGEINFO']._serialized_end=287
   _globals['_LOADSTAGEREQUEST']._serialized_start=290
-  _globals['_LOADSTAGEREQUEST']._serialized_end=638
-  _globals['_GETSTAGESTATSREQUEST']._serialized_start=640
-  _globals['_GETSTAGESTATSREQUEST']._serialized_end=662
-  _globals['_STAGESTATS']._serialized_start=664
-  _globals['_STAGESTATS']._serialized_end=785
-  _globals['_STOPSTAGEREQUEST']._serialized_start=787
-  _globals['_STOPSTAGEREQUEST']._serialized_end=805
-  _globals['_STOPSTAGERESPONSE']._serialized_start=807
-  _globals['_STOPSTAGERESPONSE']._serialized_end=826
-  _globals['_STAGE']._serialized_start=829
-  _globals['_STAGE']._serialized_end=1097
+  _globals['_LOADSTAGEREQUEST']._serialized_end=652
+  _globals['_GETSTAGESTATSREQUEST']._serialized_start=654
+  _globals['_GETSTAGESTATSREQUEST']._serialized_end=676
+  _globals['_STAGESTATS']._serialized_start=678
+  _globals['_STAGESTATS']._serialized_end=799
+  _globals['_STOPSTAGEREQUEST']._serialized_start=801
+  _globals['_STOPSTAGEREQUEST']._serialized_end=819
+  _globals['_STOPSTAGERESPONSE']._serialized_start=821
+  _globals['_STOPSTAGERESPONSE']._serialized_end=840
+  _globals['_STAGE']._serialized_start=843
+  _globals['_STAGE']._serialized_end=1111
 # @@protoc_insertion_point(module_scope)

@@ -37,7 +37,7 @@ class StageInfo(_message.Message):
     def __init__(self, data_address: _Optional[str] = ..., loaded: _Optional[bool] = ..., free_port: _Optional[int] = ..., model: _Optional[str] = ..., encoder_start: _Optional[int] = ..., encoder_stop: _Optional[int] = ..., decoder_start: _Optional[int] = ..., decoder_stop: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_degree: _Optional[int] = ..., load_id: _Optional[str] = ...) -> None: ...
 
 class LoadStageRequest(_message.Message):
-    __slots__ = ("model", "encoder_start", "encoder_stop", "decoder_start", "decoder_stop", "tp_rank", "tp_degree", "tp_init_method", "num_kv_blocks", "kv_block_size_tokens", "next_after_encoder", "next_after_decoder", "dtype", "load_id", "engine_address")
+    __slots__ = ("model", "encoder_start", "encoder_stop", "decoder_start", "decoder_stop", "tp_rank", "tp_degree", "tp_init_method", "num_kv_blocks", "kv_block_size_tokens", "next_after_encoder", "next_after_decoder", "dtype", "load_id", "engine_address", "role")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ENCODER_START_FIELD_NUMBER: _ClassVar[int]
     ENCODER_STOP_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class LoadStageRequest(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     LOAD_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     model: str
     encoder_start: int
     encoder_stop: int
@@ -68,7 +69,8 @@ class LoadStageRequest(_message.Message):
     dtype: str
     load_id: str
     engine_address: str
-    def __init__(self, model: _Optional[str] = ..., encoder_start: _Optional[int] = ..., encoder_stop: _Optional[int] = ..., decoder_start: _Optional[int] = ..., decoder_stop: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_degree: _Optional[int] = ..., tp_init_method: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., kv_block_size_tokens: _Optional[int] = ..., next_after_encoder: _Optional[_Iterable[str]] = ..., next_after_decoder: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., load_id: _Optional[str] = ..., engine_address: _Optional[str] = ...) -> None: ...
+    role: str
+    def __init__(self, model: _Optional[str] = ..., encoder_start: _Optional[int] = ..., encoder_stop: _Optional[int] = ..., decoder_start: _Optional[int] = ..., decoder_stop: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_degree: _Optional[int] = ..., tp_init_method: _Optional[str] = ..., num_kv_blocks: _Optional[int] = ..., kv_block_size_tokens: _Optional[int] = ..., next_after_encoder: _Optional[_Iterable[str]] = ..., next_after_decoder: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., load_id: _Optional[str] = ..., engine_address: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
 
 class GetStageStatsRequest(_message.Message):
     __slots__ = ()

@@ -4,6 +4,7 @@ encoding process beside a decoding process."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,16 @@ def topologies(is_t5: bool) -> dict[str, tuple[Placement, list[int]]]:
     }
     if is_t5:
         layouts["encode-beside-decode"] = [_stage((0, 4), (0, 0)), _stage((0, 0), (0, 4))]
+    else:  # the prefill group hands each layer's KV to the decode stage that owns it
+        layouts["encode-beside-decode"] = [
+            replace(_stage((0, 0), (0, 4)), role="prefill"),
+            replace(_stage((0, 0), (0, 4)), role="decode"),
+        ]
+        layouts["prefill-beside-two-decode-stages"] = [
+            replace(_stage((0, 0), (0, 4)), role="prefill"),
+            replace(_stage((0, 0), (0, 2), tp=2), role="decode"),
+            replace(_stage((0, 0), (2, 4)), role="decode"),
+        ]
     return {
         name: (Placement(tuple(stages)), [s.tp_degree for s in stages])
         for name, stages in layouts.items()

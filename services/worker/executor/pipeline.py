@@ -67,7 +67,7 @@ class PipelineExecutor:
             raise ValueError("give one address per TP rank of every stage of the placement")
         self._config = config
         self._model_config = model_config
-        self.max_in_flight = len(placement.decoder_route())
+        self.max_in_flight = len(placement.stages)
         null_slot = config.num_blocks * config.block_size_tokens
         self._builder = BatchBuilder(model_config, config.block_size_tokens, null_slot, _CPU)
         self._context = zmq.Context()
@@ -130,7 +130,7 @@ class PipelineExecutor:
         elif self._model_config.is_encoder_decoder:
             kind, hop = "encode", "encoder"
         else:
-            kind, hop = "prefill", "decoder"
+            kind, hop = "prefill", "prefill"
         message = TensorMessage(
             kind, tensors, attributes={"step_id": str(plan.step_id), "load_id": self._load_id}
         )
@@ -204,25 +204,13 @@ class PipelineExecutor:
         )
         data = [[info.data_address for info in ranks] for ranks in infos]
         placement = config.placement
-        encoders, decoders = placement.encoder_route(), placement.decoder_route()
+        hops = _next_hops(placement, data, self.data_address)
         load_id = uuid.uuid4().hex
         requests = []
         for index, stage in enumerate(placement.stages):
-            after_encoder: list[str] = []
-            if index in encoders:
-                position = encoders.index(index)
-                nxt = encoders[position + 1] if position + 1 < len(encoders) else decoders[0]
-                after_encoder = data[nxt]
-            after_decoder: list[str] = []
-            if index in decoders:
-                position = decoders.index(index)
-                after_decoder = (
-                    data[decoders[position + 1]]
-                    if position + 1 < len(decoders)
-                    else [self.data_address]
-                )
             host = config.stage_addresses[index][0].rsplit(":", 1)[0]
             tp_init = f"tcp://{host}:{infos[index][0].free_port}" if stage.tp_degree > 1 else ""
+            after_encoder, after_decoder = hops[index]
             requests.append(
                 [
                     stage_pb2.LoadStageRequest(
@@ -241,6 +229,7 @@ class PipelineExecutor:
                         dtype=config.dtype,
                         load_id=load_id,
                         engine_address=self.data_address,
+                        role="" if stage.role == "both" else stage.role,
                     )
                     for rank in range(stage.tp_degree)
                 ]
@@ -261,9 +250,11 @@ class PipelineExecutor:
                 except grpc.RpcError as exc:
                     raise PipelineError(f"a stage failed to load: {exc.details()}") from None
         self._load_id = load_id
+        encoders = placement.encoder_route()
         self._first_hops = {
             "encoder": data[encoders[0]] if encoders else [],
-            "decoder": data[decoders[0]],
+            "prefill": data[placement.prefill_route()[0]],
+            "decoder": data[placement.decoder_route()[0]],
         }
         self._healthy = True
         logger.info(
@@ -317,6 +308,32 @@ class PipelineExecutor:
             ]
             self._in_flight.clear()
             self._failed.extend(failed)
+
+
+def _next_hops(
+    placement: Placement, data: list[list[str]], engine_address: str
+) -> list[tuple[list[str], list[str]]]:
+    """Per stage: where its output goes after its encoder layers, and after its decoder
+    layers (the next stage of the pass; from the encoder's end to the first prefill stage,
+    from the prefill group's end to the first decode stage, from the decoder's end here)."""
+    encoders, prefills = placement.encoder_route(), placement.prefill_route()
+    decoders = placement.decoder_route()
+    hops: list[tuple[list[str], list[str]]] = []
+    for index in range(len(placement.stages)):
+        after_encoder: list[str] = []
+        if index in encoders:
+            position = encoders.index(index)
+            following = encoders[position + 1 :] or prefills[:1]
+            after_encoder = data[following[0]]
+        after_decoder: list[str] = []
+        if index in decoders:
+            following = decoders[decoders.index(index) + 1 :]
+            after_decoder = data[following[0]] if following else [engine_address]
+        elif index in prefills:
+            following = prefills[prefills.index(index) + 1 :] or decoders[:1]
+            after_decoder = data[following[0]]
+        hops.append((after_encoder, after_decoder))
+    return hops
 
 
 _CPU = torch.device("cpu")  # index math runs on the host; stages move it to their device

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import zmq
 
+from exegpt.models.attention import LayerKV
 from exegpt.models.batch import DecodeBatch, PrefillBatch, batch_from_tensors, batch_tensors
 from exegpt.models.checkpoint import Model
 from exegpt.models.defaults import DEFAULT_MODEL_NAME
@@ -219,10 +220,9 @@ class StageRuntime:
 
     def _run(self, stage: LoadedStage, message: TensorMessage) -> tuple[TensorMessage, list[str]]:
         tensors = message.tensors
-        batch_part = {
-            k.removeprefix("batch."): v for k, v in tensors.items() if k.startswith("batch.")
-        }
-        carried = {k: v for k, v in tensors.items() if k.startswith(("batch.", "sampling."))}
+        # What travels on with the step: its batch, sampling and any handed-off prefill KV.
+        carried = {k: v for k, v in tensors.items() if k.startswith(("batch.", "sampling.", "kv."))}
+        batch_part = {k[len("batch.") :]: v for k, v in carried.items() if k.startswith("batch.")}
         hidden = tensors.get("hidden")
         request = stage.request
         if message.kind == "encode":
@@ -230,40 +230,118 @@ class StageRuntime:
             if batch.encoder_tokens is None or batch.encoder_lengths is None:
                 raise ValueError("an encode step needs encoder tokens")
             x = stage.model.encode(batch.encoder_tokens, batch.encoder_lengths, hidden)
-            if stage.ends_encoder:
-                return TensorMessage("prefill", {**carried, "encoder_out": x}), list(
-                    request.next_after_encoder
-                )
-            return TensorMessage("encode", {**carried, "hidden": x}), list(
-                request.next_after_encoder
-            )
-        if stage.pool is None:
+            out = {**carried, "encoder_out": x} if stage.ends_encoder else {**carried, "hidden": x}
+            kind = "prefill" if stage.ends_encoder else "encode"
+            return TensorMessage(kind, out), list(request.next_after_encoder)
+        if message.kind == "kv":
+            return self._store_handoff(stage, message)
+        if message.kind == "prefill" and request.role == "prefill":
+            batch = batch_from_tensors(PrefillBatch, batch_part)
+            x = self._prefill_for_handoff(stage, batch, hidden, carried)
+            kind = "kv"  # the prefill group's output goes through the decode group
+        elif stage.pool is None:
             raise ValueError(f"a {message.kind} step reached a stage without decoder layers")
-        layers = stage.pool.layers
-        if message.kind == "prefill":
+        elif message.kind == "prefill":
             batch = batch_from_tensors(PrefillBatch, batch_part)
             encoder_out = tensors.get("encoder_out")
             if encoder_out is not None:
-                x = stage.model.prefill(batch, layers, hidden, encoder_out)
                 carried["encoder_out"] = encoder_out
-            else:
-                x = stage.model.prefill(batch, layers, hidden)
+            x = stage.model.prefill(batch, stage.pool.layers, hidden, *_present(encoder_out))
+            kind = "result"
         elif message.kind == "decode":
-            x = stage.model.decode(batch_from_tensors(DecodeBatch, batch_part), layers, hidden)
+            batch = batch_from_tensors(DecodeBatch, batch_part)
+            x = stage.model.decode(batch, stage.pool.layers, hidden)
+            kind = "result"
         else:
             raise ValueError(f"unknown step kind {message.kind!r}")
         if not stage.ends_decoder:
             return TensorMessage(message.kind, {**carried, "hidden": x}), list(
                 request.next_after_decoder
             )
-        sampled = sample_rows(x, rows_from_tensors(tensors))
-        result = {
+        sampled = _sampled(x, tensors)
+        if kind == "kv":
+            sampled.tensors.update(carried)
+        return TensorMessage(kind, sampled.tensors, attributes=sampled.attributes), list(
+            request.next_after_decoder
+        )
+
+    def _prefill_for_handoff(
+        self,
+        stage: LoadedStage,
+        batch: PrefillBatch,
+        hidden: torch.Tensor | None,
+        carried: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """A prefill-group stage writes its layers' K/V into scratch rows (no cache of its
+        own) and adds them to the step, named by global layer, for the decode group."""
+        write_slots = batch.self_kv.write_slots
+        if write_slots is None:
+            raise ValueError("a prefill step needs write slots")
+        kv_spec = stage_kv_spec(stage.model, stage.spec, stage.model.compute_dtype)
+        shape = (write_slots.numel(), kv_spec.num_kv_heads, kv_spec.head_dim)
+        scratch = [
+            LayerKV(
+                torch.zeros(shape, dtype=kv_spec.dtype), torch.zeros(shape, dtype=kv_spec.dtype)
+            )
+            for _ in range(len(stage.spec.decoder_layers))
+        ]
+        rows = torch.arange(write_slots.numel())
+        local = replace(batch, self_kv=replace(batch.self_kv, write_slots=rows))
+        x = stage.model.prefill(local, scratch, hidden)
+        first = stage.spec.decoder_layers.start
+        for offset, layer_kv in enumerate(scratch):
+            carried[f"kv.{first + offset}.k"] = layer_kv.k
+            carried[f"kv.{first + offset}.v"] = layer_kv.v
+        return x
+
+    def _store_handoff(
+        self, stage: LoadedStage, message: TensorMessage
+    ) -> tuple[TensorMessage, list[str]]:
+        """A decode-group stage stores its layers' handed-off prefill K/V in its cache."""
+        if stage.pool is None:
+            raise ValueError("handed-off KV reached a stage without decoder layers")
+        tensors = message.tensors
+        write_slots = tensors.get("batch.self_kv.write_slots")
+        if write_slots is None:
+            raise ValueError("handed-off KV without its write slots")
+        spec = stage.spec
+        for offset, layer in enumerate(range(spec.decoder_layers.start, spec.decoder_layers.stop)):
+            cache = stage.pool.layers[offset]
+            for name, target in (("k", cache.k), ("v", cache.v)):
+                rows = tensors[f"kv.{layer}.{name}"]
+                if spec.tp_degree > 1:  # this rank's KV heads
+                    part = rows.shape[1] // spec.tp_degree
+                    rows = rows[:, spec.tp_rank * part : (spec.tp_rank + 1) * part]
+                target.index_copy_(0, write_slots, rows.to(target.dtype))
+        next_hop = list(stage.request.next_after_decoder)
+        if not stage.ends_decoder:
+            return TensorMessage("kv", dict(tensors), attributes=dict(message.attributes)), next_hop
+        result = {name: tensors[name] for name in ("token_ids", "failed")}
+        attributes = {"row_error": message.attributes.get("row_error", "")}
+        return TensorMessage("result", result, attributes=attributes), next_hop
+
+
+@dataclass
+class _Sampled:
+    tensors: dict[str, torch.Tensor]
+    attributes: dict[str, str]
+
+
+def _sampled(logits: torch.Tensor, tensors: dict[str, torch.Tensor]) -> _Sampled:
+    sampled = sample_rows(logits, rows_from_tensors(tensors))
+    failed = [error is not None for error in sampled.errors]
+    row_error = next((e for e in sampled.errors if e is not None), "")
+    return _Sampled(
+        {
             "token_ids": torch.tensor(sampled.token_ids, dtype=torch.int64),
-            "failed": torch.tensor([e is not None for e in sampled.errors], dtype=torch.int8),
-        }
-        row_error = next((e for e in sampled.errors if e is not None), "")
-        out = TensorMessage("result", result, attributes={"row_error": row_error})
-        return out, list(request.next_after_decoder)
+            "failed": torch.tensor(failed, dtype=torch.int8),
+        },
+        {"row_error": row_error},
+    )
+
+
+def _present(value: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    return () if value is None else (value,)
 
 
 def message_for_batch(batch: PrefillBatch | DecodeBatch) -> dict[str, torch.Tensor]:
