@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from exegpt import tracing
@@ -83,6 +85,97 @@ class RunningService(Generic[CoreT]):
         await self.grpc_server.server.stop(grace_s)
 
 
+class _Malformed:
+    """Stands in for a request whose bytes did not parse, so the handler can refuse it."""
+
+
+_MALFORMED = _Malformed()
+_MALFORMED_MESSAGE = "malformed request: the bytes are not a valid protobuf message"
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError:
+            return _MALFORMED
+
+    return parse
+
+
+async def _refuse_malformed(request: Any, context: grpc.aio.ServicerContext) -> None:
+    if request is _MALFORMED:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _MALFORMED_MESSAGE)
+
+
+async def _checked_stream(
+    requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+) -> AsyncIterator[Any]:
+    async for request in requests:
+        await _refuse_malformed(request, context)
+        yield request
+
+
+def _guard(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The same handler, answering INVALID_ARGUMENT to bytes that are not its request type
+    (grpc's own answer is UNKNOWN with a Python exception in the message)."""
+    deserializer = _safe_deserializer(handler.request_deserializer)
+    serializer = handler.response_serializer
+    if handler.unary_unary is not None:
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await _refuse_malformed(request, context)
+            return await inner_uu(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, deserializer, serializer)
+    if handler.unary_stream is not None:
+        inner_us = handler.unary_stream
+
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await _refuse_malformed(request, context)
+            result = inner_us(request, context)
+            if inspect.isasyncgen(result):
+                async for response in result:
+                    yield response
+            else:  # a handler that writes with context.write()
+                await result
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, deserializer, serializer)
+    if handler.stream_unary is not None:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(requests: AsyncIterator[Any], context: Any) -> Any:
+            return await inner_su(_checked_stream(requests, context), context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, deserializer, serializer)
+    inner_ss = handler.stream_stream
+
+    async def stream_stream(requests: AsyncIterator[Any], context: Any) -> Any:
+        result = inner_ss(_checked_stream(requests, context), context)
+        if inspect.isasyncgen(result):
+            async for response in result:
+                yield response
+        else:
+            await result
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream, deserializer, serializer)
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Every method of the server refuses unparsable requests with INVALID_ARGUMENT."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        return _guard(handler)
+
+
 async def start_grpc_server(
     register: Callable[[grpc.aio.Server], None],
     *,
@@ -91,7 +184,10 @@ async def start_grpc_server(
     max_message_bytes: int,
 ) -> GrpcServer:
     """Start a grpc.aio server with the standard health service; port 0 picks a free port."""
-    server = grpc.aio.server(options=channel_options(max_message_bytes))
+    server = grpc.aio.server(
+        options=channel_options(max_message_bytes),
+        interceptors=[MalformedRequestInterceptor()],
+    )
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -59,6 +59,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.max_body_bytes / 1024,
         help="HTTP bodies over this get 413",
     )
+    parser.add_argument(
+        "--http-idle-timeout-s",
+        type=float,
+        default=defaults.http_idle_timeout_s,
+        help="close HTTP connections that send no complete request head, or sit idle, this long",
+    )
+    parser.add_argument(
+        "--http-body-timeout-s",
+        type=float,
+        default=defaults.http_body_timeout_s,
+        help="an HTTP body not received within this gets 408",
+    )
     parser.add_argument("--ready-file", default=None, help="write the gRPC host:port when ready")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
@@ -75,6 +87,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         request_timeout_s=args.request_timeout_s,
         stall_timeout_s=args.stall_timeout_s,
         max_body_bytes=int(args.max_body_kb * 1024),
+        http_idle_timeout_s=args.http_idle_timeout_s,
+        http_body_timeout_s=args.http_body_timeout_s,
         ready_file=args.ready_file,
     )
 

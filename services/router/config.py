@@ -24,12 +24,23 @@ class RouterConfig:
     stall_timeout_s: float = 10.0
     max_message_bytes: int = 4 * 2**20
     max_body_bytes: int = 1 * 2**20
+    # HTTP: a connection that has not sent a whole request head within this (first request)
+    # or sits idle this long between requests is closed (slowloris); a body that has not
+    # arrived within http_body_timeout_s gets 408.
+    http_idle_timeout_s: float = 15.0
+    http_body_timeout_s: float = 30.0
     ready_file: str | None = None
     grace_period_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not self.replicas:
             raise ValueError("the router needs at least one replica address")
-        timeouts = (self.request_timeout_s, self.stall_timeout_s, self.health_check_interval_s)
+        timeouts = (
+            self.request_timeout_s,
+            self.stall_timeout_s,
+            self.health_check_interval_s,
+            self.http_idle_timeout_s,
+            self.http_body_timeout_s,
+        )
         if not all(value > 0 for value in timeouts):
             raise ValueError("timeouts and the health check interval must be positive")

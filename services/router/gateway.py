@@ -1,9 +1,15 @@
 """OpenAI-compatible HTTP gateway: /v1/completions (JSON or server-sent events),
 /v1/models and /health, in front of the router's core.
+
+Hostile input gets a JSON 4xx, never a 500: bodies must be application/json (a form post
+from any web page needs no CORS preflight), nested at most MAX_JSON_DEPTH deep, free of lone
+UTF-16 surrogates and read within the body timeout. Anything unexpected is logged with its
+stack trace and answered with a JSON 500 carrying an id to find that log line.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -28,11 +34,14 @@ logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("exegpt.gateway")
 
 ROUTER_KEY = web.AppKey("router", Router)
+BODY_TIMEOUT_KEY = web.AppKey("body_timeout_s", float)
+MAX_JSON_DEPTH = 32
 
 
-def make_app(router: Router, max_body_bytes: int) -> web.Application:
+def make_app(router: Router, max_body_bytes: int, body_timeout_s: float = 30.0) -> web.Application:
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_json_errors])
     app[ROUTER_KEY] = router
+    app[BODY_TIMEOUT_KEY] = body_timeout_s
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
@@ -58,18 +67,65 @@ async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse
         if exc.status < 400:
             raise
         return _error(exc.status, exc.reason, "invalid_request_error")
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise  # the client left: nobody to answer
+    except Exception:
+        error_id = f"err-{uuid.uuid4().hex}"
+        logger.exception("unexpected error %s in %s %s", error_id, request.method, request.path)
+        body = error_body(f"internal error (id {error_id})", "server_error", "internal")
+        body["error"]["request_id"] = error_id
+        return web.json_response(body, status=500)
+
+
+def _invalid(message: str) -> RequestError:
+    return RequestError(ErrorCode.INVALID_ARGUMENT, message)
+
+
+def _check_json(value: Any) -> None:
+    """Depth and string checks over a parsed body, iteratively (no recursion to exhaust)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _invalid("a string holds a lone UTF-16 surrogate (\\ud800-\\udfff)") from None
+        elif isinstance(item, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise _invalid(f"JSON is nested deeper than {MAX_JSON_DEPTH} levels")
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+
+
+def _reject_constant(name: str) -> None:
+    raise _invalid(f"{name} is not a JSON number")
+
+
+async def _read_json_body(request: web.Request) -> Any:
+    if request.content_type != "application/json":
+        raise web.HTTPUnsupportedMediaType(reason="Content-Type must be application/json")
+    try:
+        async with asyncio.timeout(request.app[BODY_TIMEOUT_KEY]):
+            raw = await request.read()  # raises 413 beyond client_max_size
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(reason="request body not received in time") from None
+    try:
+        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise _invalid("request body is not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise _invalid(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise _invalid(f"JSON is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    _check_json(body)
+    return body
 
 
 async def _read_completion_request(request: web.Request) -> CompletionRequest:
-    raw = await request.read()  # raises 413 beyond client_max_size
-    try:
-        body = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise RequestError(ErrorCode.INVALID_ARGUMENT, "request body is not UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise RequestError(ErrorCode.INVALID_ARGUMENT, f"malformed JSON: {exc}") from None
+    body = await _read_json_body(request)
     if not isinstance(body, dict):
-        raise RequestError(ErrorCode.INVALID_ARGUMENT, "request body must be a JSON object")
+        raise _invalid("request body must be a JSON object")
     try:
         return CompletionRequest.model_validate(body)
     except pydantic.ValidationError as exc:

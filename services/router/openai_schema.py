@@ -5,11 +5,15 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from exegpt.generation import GenerationChunk, GenerationRequest, SamplingParams
 
-Number = Annotated[float, Field(strict=False)]
+# Strict: "0.5" is not a number and true is not 1. Integers are range-checked against the
+# protobuf fields they end up in, so an overflow is a 400 here rather than a 500 later.
+Number = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+UInt32 = Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]
+UInt64 = Annotated[StrictInt, Field(ge=0, le=2**64 - 1)]
 
 
 class StreamOptions(BaseModel):
@@ -22,12 +26,13 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: StrictStr | None = None
+    # Token ids are range-checked with the request (GenerationRequest.validate).
     prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
-    max_tokens: StrictInt = 16
+    max_tokens: UInt32 = 16
     temperature: Number = 1.0
     top_p: Number = 1.0
-    seed: StrictInt | None = None
-    n: StrictInt = 1
+    seed: UInt64 | None = None
+    n: UInt32 = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     ignore_eos: StrictBool = False

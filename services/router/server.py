@@ -121,7 +121,11 @@ async def start_router(config: RouterConfig) -> RunningRouter:
         max_message_bytes=config.max_message_bytes,
     )
     runner = web.AppRunner(
-        make_app(router, config.max_body_bytes), handler_cancellation=True, access_log=None
+        make_app(router, config.max_body_bytes, config.http_body_timeout_s),
+        handler_cancellation=True,
+        access_log=None,
+        # aiohttp arms this at connection start too: it doubles as the request-head timeout.
+        keepalive_timeout=config.http_idle_timeout_s,
     )
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.http_port)

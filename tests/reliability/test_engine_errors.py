@@ -46,8 +46,9 @@ def test_engine_error_is_not_unavailable_and_not_spread(tmp_path: Path) -> None:
             assert stream.first_token.wait(30), stream.details
         assert [worker_stats(w.ready).num_running for w in workers] == [1, 1]
         response = httpx.post(f"{http_url}/v1/completions", json=POISON, timeout=30)
-        assert response.status_code in (400, 500), response.text
-        assert "error" in response.json()
+        # Refused, failed alone, or served by a NaN-safe sampler: never "no replica" (503).
+        assert response.status_code in (200, 400, 500), response.text
+        assert response.headers["Content-Type"].startswith("application/json")
 
         for stream in long_streams:
             assert stream.done.wait(60)
