@@ -25,6 +25,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from exegpt.topology import (
+    Topology,
+    add_topology_arguments,
+    format_stage_addresses,
+    topology_from_args,
+)
+
 DESCRIPTION = "start the router and N worker replicas and keep them running"
 logger = logging.getLogger("exegpt.launcher")
 
@@ -65,6 +72,7 @@ class DeploymentConfig:
     extra_worker_args: tuple[str, ...] = field(default_factory=tuple)
     extra_router_args: tuple[str, ...] = field(default_factory=tuple)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
+    topology: Topology = field(default_factory=Topology)
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
@@ -104,7 +112,11 @@ class Deployment:
 
     def start(self) -> None:
         try:
-            workers = [self._spawn_worker(index) for index in range(self.config.num_replicas)]
+            stages = [self._start_stages(index) for index in range(self.config.num_replicas)]
+            workers = [
+                self._spawn_worker(index, stages[index])
+                for index in range(self.config.num_replicas)
+            ]
             self.worker_addresses = [self._wait_ready(child) for child in workers]
             for child, address in zip(workers, self.worker_addresses, strict=True):
                 # A restarted worker must come back where the router looks for it.
@@ -138,10 +150,55 @@ class Deployment:
             output.close()
         return process
 
-    def _spawn_worker(self, index: int) -> _Child:
+    def _start_stages(self, replica: int) -> str | None:
+        """Start a pipelined replica's stage processes; their addresses for the worker."""
+        topology = self.config.topology
+        if not topology.is_pipelined:
+            return None
+        layout = topology.ranks_per_stage()
+        num_devices = self.config.num_replicas * sum(layout)
+        threads = topology.threads_per_device or max(1, (os.cpu_count() or 1) // num_devices)
+        model_roots = []
+        if Path(self.config.model).is_dir():
+            model_roots = ["--model-root", str(Path(self.config.model).resolve().parent)]
+        children = [
+            [
+                self._spawn(
+                    f"stage-{replica}-{stage}-{rank}",
+                    "services.worker.stage",
+                    [
+                        "--host",
+                        self.config.host,
+                        "--port",
+                        "0",
+                        "--torch-threads",
+                        str(threads),
+                        "--device",
+                        topology.device,
+                        *model_roots,
+                    ],
+                )  # fmt: skip
+                for rank in range(num_ranks)
+            ]
+            for stage, num_ranks in enumerate(layout)
+        ]
+        grouped = []
+        for ranks in children:
+            addresses = [self._wait_ready(child) for child in ranks]
+            for child, address in zip(ranks, addresses, strict=True):
+                _set_flag(child.args, "--port", address.rsplit(":", 1)[1])  # restart in place
+            grouped.append(addresses)
+        return format_stage_addresses(grouped)
+
+    def _spawn_worker(self, index: int, stages: str | None = None) -> _Child:
         threads = self.config.torch_threads or max(
             1, (os.cpu_count() or 1) // self.config.num_replicas
         )
+        if stages is not None:
+            threads = self.config.torch_threads or 1  # the stages compute; the engine plans
+        topology_args = []
+        if stages is not None:
+            topology_args = ["--stages", stages, *self.config.topology.worker_args()]
         args = [
             "--model", self.config.model,
             "--host", self.config.host,
@@ -150,6 +207,7 @@ class Deployment:
             "--max-batch-size", str(self.config.max_batch_size),
             "--kv-cache-mb", str(self.config.kv_cache_mb),
             "--torch-threads", str(threads),
+            *topology_args,
             *self.config.extra_worker_args,
         ]  # fmt: skip
         return self._spawn(f"worker-{index}", "services.worker", args)
@@ -274,6 +332,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-cache-mb", type=float, default=defaults.kv_cache_mb, help="KV pool per worker, MiB"
     )
     parser.add_argument("--torch-threads", type=int, default=None, help="per worker")
+    add_topology_arguments(parser)
+    parser.add_argument(
+        "--threads-per-device",
+        type=int,
+        default=None,
+        help="intra-op threads of each stage process (default: cores / processes)",
+    )
     parser.add_argument("--log-dir", type=Path, default=None, help="write child logs here")
     restart = RestartPolicy()
     parser.add_argument(
@@ -313,6 +378,7 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
         log_dir=args.log_dir,
         extra_router_args=tuple(args.router_arg),
         restart=RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window_s),
+        topology=topology_from_args(args),
     )
 
 

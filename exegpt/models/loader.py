@@ -11,7 +11,11 @@ import torch
 
 from exegpt.models.checkpoint import Model, create_model, list_tensors, load_weights, save_weights
 from exegpt.models.config import ModelConfig
-from exegpt.models.defaults import DEFAULT_MODEL_NAME, build_default_model
+from exegpt.models.defaults import (
+    DEFAULT_MODEL_NAME,
+    build_default_model,
+    default_model_config,
+)
 from exegpt.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -63,6 +67,36 @@ def load_model(
     logger.info("loaded %s (%s) from %s", config.family, dtype, directory)
     served_name = name or directory.resolve().name
     return LoadedModel(served_name, config, model, tokenizer, dtype, torch_device)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a process that runs no layers needs of a model (an engine over pipeline stages):
+    its served name, config and tokenizer, without the weights."""
+
+    name: str
+    config: ModelConfig
+    tokenizer: Tokenizer | None
+    dtype: torch.dtype = torch.float32
+    # What the stages are told to load: the embedded model's name or an absolute directory.
+    source: str = DEFAULT_MODEL_NAME
+
+
+def read_model_card(
+    name_or_path: str, *, dtype: torch.dtype = torch.float32, name: str | None = None
+) -> ModelCard:
+    if name_or_path == DEFAULT_MODEL_NAME:
+        return ModelCard(name or DEFAULT_MODEL_NAME, default_model_config(), ByteTokenizer(), dtype)
+    directory = Path(name_or_path)
+    if not directory.is_dir():
+        raise ModelNotFoundError(
+            f"unknown model {name_or_path!r}: expected {DEFAULT_MODEL_NAME!r} or a checkpoint "
+            "directory"
+        )
+    config = _read_config(directory)
+    served_name = name or directory.resolve().name
+    tokenizer = _read_tokenizer(directory, config)
+    return ModelCard(served_name, config, tokenizer, dtype, str(directory.resolve()))
 
 
 def save_default_model(directory: str | Path) -> Path:

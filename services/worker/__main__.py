@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from exegpt.cli import service_main
 from exegpt.serving import run_service, wait_for_shutdown_signal, write_ready_file
+from exegpt.topology import add_topology_arguments, parse_stage_addresses, topology_from_args
 from services.worker.config import BatchingMode, EngineConfig, WorkerConfig
+
+if TYPE_CHECKING:
+    from exegpt.models.loader import ModelCard
+    from services.worker.executor.pipeline import PipelineConfig
 
 DESCRIPTION = "run one worker replica (engine + model)"
 logger = logging.getLogger("exegpt.worker")
@@ -52,12 +59,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.max_message_bytes / 2**20,
         help="gRPC message size limit",
     )
+    parser.add_argument(
+        "--stages",
+        default=None,
+        help="run the model on stage processes: their gRPC addresses, stages separated by "
+        "commas and a stage's TP ranks by '+' (h:p+h:p,h:p); with the topology flags below",
+    )
+    add_topology_arguments(parser)
+    parser.add_argument(
+        "--micro-batches",
+        type=int,
+        default=0,
+        help="groups of the running batch stepping independently (0: one per stage)",
+    )
     parser.add_argument("--ready-file", default=None, help="write host:port here once serving")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    stages = parse_stage_addresses(args.stages) if args.stages else None
+    topology = topology_from_args(args)
+    if topology.is_pipelined and stages is None:
+        raise ValueError("--pipeline-stages/--tensor-parallel/--placement need --stages")
+    if stages is not None and [len(r) for r in stages] != topology.ranks_per_stage():
+        raise ValueError(
+            f"--stages gives {[len(r) for r in stages]} ranks per stage, the topology needs "
+            f"{topology.ranks_per_stage()}"
+        )
+    micro_batches = args.micro_batches or (len(stages) if stages else 1)
     return WorkerConfig(
+        stage_addresses=stages,
+        topology=topology,
         model=args.model,
         host=args.host,
         port=args.port,
@@ -71,6 +103,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
             max_queue_size=args.max_queue_size,
             kv_capacity_bytes=int(args.kv_cache_mb * 2**20),
             kv_block_size_tokens=args.kv_block_size,
+            num_micro_batches=micro_batches,
         ),
     )
 
@@ -79,8 +112,8 @@ async def serve(config: WorkerConfig) -> None:
     import torch
 
     from exegpt.allocator import configure_allocator
-    from exegpt.models.loader import load_model
-    from services.worker.server import start_worker
+    from exegpt.models.loader import load_model, read_model_card
+    from services.worker.server import build_pipeline_engine, start_worker
 
     # The same malloc thresholds the profiler measures under, so its profile describes us.
     allocator = configure_allocator()
@@ -88,12 +121,41 @@ async def serve(config: WorkerConfig) -> None:
         logger.info("malloc: %s", allocator)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    loaded = load_model(config.model, device=config.device)
-    worker = await start_worker(config, loaded)
+    if config.stage_addresses is None:
+        loaded = load_model(config.model, device=config.device)
+        worker = await start_worker(config, loaded)
+    else:
+        card = read_model_card(config.model)
+        pipeline = _pipeline(config, card)
+        engine = await asyncio.to_thread(build_pipeline_engine, card, config.engine, pipeline)
+        worker = await start_worker(config, card, engine)
     write_ready_file(config.ready_file, worker.address)
     await wait_for_shutdown_signal()
     logger.info("shutting down worker on %s", worker.address)
     await worker.stop(config.grace_period_s)
+
+
+def _pipeline(config: WorkerConfig, card: ModelCard) -> PipelineConfig:
+    from exegpt.models.kv_cache import KVCacheSpec
+    from services.worker.executor.pipeline import PipelineConfig
+
+    assert config.stage_addresses is not None
+    engine = config.engine
+    bytes_per_block = KVCacheSpec.for_model(card.config, card.dtype).bytes_per_token() * (
+        engine.kv_block_size_tokens
+    )
+    num_blocks = engine.kv_capacity_bytes // bytes_per_block
+    if num_blocks < 1:
+        raise ValueError(f"--kv-cache-mb holds no KV block of {bytes_per_block} bytes")
+    return PipelineConfig(
+        model=card.source,
+        dtype="float32",
+        placement=config.topology.placement(card.config),
+        stage_addresses=config.stage_addresses,
+        num_blocks=num_blocks,
+        block_size_tokens=engine.kv_block_size_tokens,
+        data_host=config.host,
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from exegpt.topology import Topology
+
 
 class BatchingMode(enum.StrEnum):
     # Iteration-level batching (Orca/vLLM): new requests join the running batch, finished leave.
@@ -43,6 +45,9 @@ class WorkerConfig:
     torch_threads: int | None = None
     max_message_bytes: int = 4 * 2**20
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # gRPC addresses of the stage processes that run the model (None: run it in process).
+    stage_addresses: tuple[tuple[str, ...], ...] | None = None
+    topology: Topology = field(default_factory=Topology)
     # Written with "host:port" once the server is bound (lets a launcher use port 0).
     ready_file: str | None = None
     grace_period_s: float = 5.0

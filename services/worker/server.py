@@ -25,7 +25,7 @@ from exegpt.generation import (
     request_from_proto,
 )
 from exegpt.models.kv_cache import KVCachePool, KVCacheSpec
-from exegpt.models.loader import LoadedModel
+from exegpt.models.loader import LoadedModel, ModelCard
 from exegpt.serving import GrpcServer, start_grpc_server
 from exegpt.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
 from services.worker.config import EngineConfig, WorkerConfig
@@ -46,7 +46,7 @@ tracer = trace.get_tracer("exegpt.worker")
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, loaded: LoadedModel, engine: Engine) -> None:
+    def __init__(self, loaded: LoadedModel | ModelCard, engine: Engine) -> None:
         self._loaded = loaded
         self._engine = engine
 
@@ -195,13 +195,16 @@ class RunningWorker:
 
     grpc_server: GrpcServer
     engine: Engine
-    loaded: LoadedModel
+    loaded: LoadedModel | ModelCard
+    health_task: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
         return self.grpc_server.address
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        if self.health_task is not None:
+            self.health_task.cancel()
         await self.grpc_server.set_serving(False)
         # Let in-flight streams finish within the grace period, then stop the engine.
         await self.grpc_server.server.stop(grace_s)
@@ -223,8 +226,13 @@ def build_engine(loaded: LoadedModel, config: EngineConfig) -> Engine:
     )
 
 
-async def start_worker(config: WorkerConfig, loaded: LoadedModel) -> RunningWorker:
-    engine = build_engine(loaded, config.engine)
+async def start_worker(
+    config: WorkerConfig, loaded: LoadedModel | ModelCard, engine: Engine | None = None
+) -> RunningWorker:
+    """Serve `engine` (default: one over `loaded` in this process) over gRPC."""
+    if engine is None:
+        assert isinstance(loaded, LoadedModel), "an in-process engine needs the weights"
+        engine = build_engine(loaded, config.engine)
     engine.start()
     servicer = WorkerServicer(loaded, engine)
     grpc_server = await start_grpc_server(
@@ -240,11 +248,24 @@ async def start_worker(config: WorkerConfig, loaded: LoadedModel) -> RunningWork
         config.engine.batching,
         engine.stats().kv_capacity_bytes / 2**20,
     )
-    return RunningWorker(grpc_server, engine, loaded)
+    health_task = asyncio.create_task(_mirror_health(grpc_server, engine))
+    return RunningWorker(grpc_server, engine, loaded, health_task)
+
+
+async def _mirror_health(grpc_server: GrpcServer, engine: Engine, interval_s: float = 0.25) -> None:
+    """NOT_SERVING while the engine cannot serve (a stage is down), so routers look elsewhere."""
+    serving = True
+    while True:
+        await asyncio.sleep(interval_s)
+        healthy = engine.healthy()
+        if healthy != serving:
+            logger.warning("replica is %s", "serving again" if healthy else "NOT serving")
+            await grpc_server.set_serving(healthy)
+            serving = healthy
 
 
 def build_pipeline_engine(
-    loaded: LoadedModel, config: EngineConfig, pipeline: PipelineConfig
+    loaded: LoadedModel | ModelCard, config: EngineConfig, pipeline: PipelineConfig
 ) -> Engine:
     """An engine whose steps run over stage processes (loaded here; raises PipelineError)."""
     executor = PipelineExecutor(pipeline, loaded.config)

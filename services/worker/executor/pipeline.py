@@ -52,8 +52,8 @@ class PipelineConfig:
     load_timeout_s: float = 120.0
 
 
-class PipelineError(RuntimeError):
-    """The stages could not be loaded (the replica cannot start)."""
+class PipelineError(ConnectionError):
+    """The stages could not be reached or loaded (the replica cannot start)."""
 
 
 class PipelineExecutor:
@@ -92,7 +92,10 @@ class PipelineExecutor:
 
     def start(self) -> None:
         """Load every stage (raises PipelineError) and start watching them."""
-        self._load_all()
+        try:
+            self._load_all()
+        except grpc.RpcError as exc:
+            raise PipelineError(f"a stage is unreachable: {exc.code()} {exc.details()}") from None
         self._watchdog.start()
 
     def close(self) -> None:
