@@ -7,12 +7,15 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
+import zmq
 
 from exegpt.models.loader import LoadedModel, load_model
 from exegpt.models.stage_spec import LayerRange
 from exegpt.placement import Placement, StagePlacement
+from exegpt.v1 import stage_pb2, stage_pb2_grpc, transport_pb2
 from services.worker.config import EngineConfig
 from services.worker.executor.pipeline import PipelineConfig
 from services.worker.server import build_engine, build_pipeline_engine
@@ -126,3 +129,36 @@ def test_pipeline_tokens_equal_the_single_process_engine(
     )
     engine = build_pipeline_engine(loaded, config, pipeline)
     assert _run(engine, PROMPTS) == expected
+
+
+def test_a_frame_that_lies_about_its_tensors_is_refused_and_the_stage_serves_on(
+    references, four_layer_models, stage_pool: StagePool
+) -> None:
+    loaded, expected = references["t5"]
+    placement, layout = topologies(True)["pp2"]
+    addresses = stage_pool.addresses(layout)
+    pipeline = PipelineConfig(
+        model=str(four_layer_models["t5"][0]),
+        dtype="float32",
+        placement=placement,
+        stage_addresses=addresses,
+        num_blocks=64,
+        block_size_tokens=4,
+    )
+    engine = build_pipeline_engine(loaded, EngineConfig(kv_block_size_tokens=4), pipeline)
+    with grpc.insecure_channel(addresses[0][0]) as channel:
+        stub = stage_pb2_grpc.StageStub(channel)
+        data_address = stub.Describe(stage_pb2.DescribeStageRequest()).data_address
+        before = stub.GetStats(stage_pb2.GetStageStatsRequest()).num_bad_frames
+        header = transport_pb2.FrameHeader(kind="decode", attributes={"step_id": "0"})
+        header.tensors.add(name="batch.tokens", dtype="int64", shape=[4, 1])
+        context = zmq.Context()
+        sender = context.socket(zmq.PUSH)
+        sender.connect(data_address)
+        sender.send_multipart([header.SerializeToString(), b"12 bytes, not 32"])
+        sender.send_multipart([b"\xff\xfe not a protobuf header"])
+        assert _run(engine, PROMPTS) == expected
+        after = stub.GetStats(stage_pb2.GetStageStatsRequest()).num_bad_frames
+        sender.close(0)
+        context.term()
+    assert after - before == 2
