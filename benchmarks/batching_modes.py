@@ -10,73 +10,17 @@ Machines here are noisy and shared: compare the ratio, not the absolute numbers.
 from __future__ import annotations
 
 import argparse
-import json
-import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from exegpt.launcher import Deployment, DeploymentConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from deployments import bench_deployment, format_table  # noqa: E402
+
+from exegpt.launcher import DeploymentConfig  # noqa: E402
 
 MODES = ("continuous", "static")
-ROWS = (
-    ("throughput (seq/s)", ("throughput", "sequences_per_s"), 1.0),
-    ("output tokens/s", ("throughput", "output_tokens_per_s"), 1.0),
-    ("e2e latency p50 (s)", ("e2e_latency_s", "p50"), 1.0),
-    ("e2e latency p99 (s)", ("e2e_latency_s", "p99"), 1.0),
-    ("TTFT p50 (ms)", ("ttft_s", "p50"), 1e3),
-    ("TPOT p50 (ms)", ("tpot_s", "p50"), 1e3),
-    ("within latency bound", ("fraction_within_bound",), 1.0),
-    ("failed requests", ("num_failed",), 1.0),
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def bench_mode(mode: str, args: argparse.Namespace, out_dir: Path) -> dict:
-    config = DeploymentConfig(
-        num_replicas=args.replicas,
-        http_port=_free_port(),
-        grpc_port=_free_port(),
-        batching=mode,
-        max_batch_size=args.max_batch_size,
-        log_dir=out_dir,
-    )
-    json_path = out_dir / f"{mode}.json"
-    with Deployment(config) as deployment:
-        command = [
-            sys.executable, "-m", "exegpt.cli", "bench",
-            "--url", deployment.http_url,
-            "--workload", args.workload,
-            "--num-requests", str(args.num_requests),
-            "--rate", str(args.rate),
-            "--latency-bound", str(args.latency_bound),
-            "--json", str(json_path),
-        ]  # fmt: skip
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    return json.loads(json_path.read_text())["metrics"]
-
-
-def _value(metrics: dict, path: tuple[str, ...]) -> float | None:
-    value: object = metrics
-    for key in path:
-        value = value.get(key) if isinstance(value, dict) else None
-    return float(value) if isinstance(value, int | float) else None
-
-
-def format_table(results: dict[str, dict]) -> str:
-    lines = [f"{'':24}{'continuous':>12}{'static':>12}{'cont/static':>13}"]
-    for label, path, scale in ROWS:
-        cont, static = (_value(results[mode], path) for mode in MODES)
-        cells = [f"{v * scale:12.3f}" if v is not None else f"{'-':>12}" for v in (cont, static)]
-        ratio = f"{cont / static:13.2f}" if cont is not None and static else f"{'-':>13}"
-        lines.append(f"{label:24}{''.join(cells)}{ratio}")
-    return "\n".join(lines)
 
 
 def main() -> int:
@@ -89,12 +33,22 @@ def main() -> int:
     parser.add_argument("--max-batch-size", type=int, default=32)
     args = parser.parse_args()
     out_dir = Path(tempfile.mkdtemp(prefix="exegpt-batching-"))
-    results = {mode: bench_mode(mode, args, out_dir) for mode in MODES}
+    bench_args = [
+        "--workload", args.workload, "--num-requests", str(args.num_requests),
+        "--rate", str(args.rate), "--latency-bound", str(args.latency_bound),
+    ]  # fmt: skip
+    results = {}
+    for mode in MODES:
+        config = DeploymentConfig(
+            num_replicas=args.replicas, batching=mode, max_batch_size=args.max_batch_size,
+            log_dir=out_dir,
+        )  # fmt: skip
+        results[mode] = bench_deployment(config, bench_args, out_dir / f"{mode}.json")
     settings = (
         f"{args.workload}, {args.num_requests} requests, rate {args.rate}, "
         f"{args.replicas} replica(s), max batch {args.max_batch_size}"
     )
-    sys.stdout.write(f"batching modes: {settings}\n{format_table(results)}\n")
+    sys.stdout.write(f"batching modes: {settings}\n{format_table(results, 'static')}\n")
     sys.stdout.write(f"reports and logs: {out_dir}\n")
     return 0
 

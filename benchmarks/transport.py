@@ -20,10 +20,12 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -156,15 +158,16 @@ class RemoteReceiver:
         self._context.term()
 
 
-# --- PP-2 pipeline step (NOT MEASURED YET) --------------------------------------------------
-# Issue 11 also asks for a PP-2 step's time against the sum of its two stages' compute
-# (target: <= 10% overhead at decode batch 32). That needs the stage processes, which are
-# being built now; whoever lands them adds the measurement here and a row group to the report.
-# Nothing below fakes it.
+# --- PP-2 pipeline step -------------------------------------------------------------------
+# The step's wall time against its two stages' compute, on real stage processes
+# (benchmarks/pipeline_step.py; target: at most 10% overhead at decode batch 32).
 
 
 def pp2_step_report() -> str:
-    return "PP-2 step vs. sum of stage compute: not measured yet (needs the pipeline stages)."
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from pipeline_step import report
+
+    return report(batch_size=32)
 
 
 # --- report --------------------------------------------------------------------------------
