@@ -17,6 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("exegpt.demo", "start a local deployment, send a few requests, print answers"),
     "up": ("exegpt.launcher", "start the router and N worker replicas and keep them running"),
     "worker": ("services.worker.__main__", "run one worker replica (engine + model)"),
+    "stage": (
+        "services.worker.stage.__main__",
+        "run one pipeline stage process (a layer range, one TP rank) of a replica",
+    ),
     "router": ("services.router.__main__", "run the router with its HTTP gateway"),
     "bench": ("exegpt.bench.cli", "benchmark a running deployment with a workload"),
     "plan": ("services.scheduler.plan_cli", "search the best schedule under a latency bound"),
