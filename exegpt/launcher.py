@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from exegpt.security import SecurityConfig, add_security_arguments, security_from_args
 from exegpt.topology import (
     Topology,
     add_topology_arguments,
@@ -73,6 +74,10 @@ class DeploymentConfig:
     extra_router_args: tuple[str, ...] = field(default_factory=tuple)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     topology: Topology = field(default_factory=Topology)
+    # Workers and stages bind here; only the router (gateway) binds `host`.
+    worker_host: str = "127.0.0.1"
+    # Handed to every child through EXEGPT_* environment variables, never argv.
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
@@ -132,20 +137,25 @@ class Deployment:
     def _spawn(self, name: str, module: str, args: list[str]) -> _Child:
         ready_file = self._state_dir / f"{name}.ready"
         log_path = self.config.log_dir / f"{name}.log" if self.config.log_dir else None
-        child = _Child(name, module, args, self._popen(module, args, ready_file, log_path),
-                       ready_file, log_path)  # fmt: skip
+        process = self._popen(module, args, ready_file, log_path, self.config.security)
+        child = _Child(name, module, args, process, ready_file, log_path)
         self._children.append(child)
         return child
 
     @staticmethod
     def _popen(
-        module: str, args: list[str], ready_file: Path, log_path: Path | None
+        module: str,
+        args: list[str],
+        ready_file: Path,
+        log_path: Path | None,
+        security: SecurityConfig,
     ) -> subprocess.Popen[bytes]:
         ready_file.unlink(missing_ok=True)
         # Appended to, so a restarted child's log follows the one that died.
         output = open(log_path, "ab") if log_path else None  # noqa: SIM115 (owned by the child)
         command = [sys.executable, "-m", module, *args, "--ready-file", str(ready_file)]
-        process = subprocess.Popen(command, stdout=output, stderr=output)
+        env = {**os.environ, **security.environment()}
+        process = subprocess.Popen(command, stdout=output, stderr=output, env=env)
         if output is not None:
             output.close()
         return process
@@ -168,7 +178,7 @@ class Deployment:
                     "services.worker.stage",
                     [
                         "--host",
-                        self.config.host,
+                        self.config.worker_host,
                         "--port",
                         "0",
                         "--torch-threads",
@@ -201,7 +211,7 @@ class Deployment:
             topology_args = ["--stages", stages, *self.config.topology.worker_args()]
         args = [
             "--model", self.config.model,
-            "--host", self.config.host,
+            "--host", self.config.worker_host,
             "--port", "0",
             "--batching", self.config.batching,
             "--max-batch-size", str(self.config.max_batch_size),
@@ -252,8 +262,9 @@ class Deployment:
                 child.ready = False
                 child.started_s = now
                 child.process = self._popen(
-                    child.module, child.args, child.ready_file, child.log_path
-                )
+                    child.module, child.args, child.ready_file, child.log_path,
+                    self.config.security,
+                )  # fmt: skip
         return None
 
     def _schedule_restart(self, child: _Child, now: float) -> str | None:
@@ -312,7 +323,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--replicas", type=int, default=defaults.num_replicas, help="worker processes"
     )
-    parser.add_argument("--host", default=defaults.host, help="interface every service binds")
+    parser.add_argument("--host", default=defaults.host, help="interface the gateway binds")
+    parser.add_argument(
+        "--worker-host",
+        default=defaults.worker_host,
+        help="interface workers and stages bind (default loopback: only the gateway is exposed)",
+    )
     parser.add_argument(
         "--http-port", type=int, default=defaults.http_port, help="OpenAI-compatible gateway"
     )
@@ -359,6 +375,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="extra router flag, e.g. --router-arg=--stall-timeout-s=5 (repeatable)",
     )
+    add_security_arguments(parser)
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
 
@@ -379,6 +396,8 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
         extra_router_args=tuple(args.router_arg),
         restart=RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window_s),
         topology=topology_from_args(args),
+        worker_host=args.worker_host,
+        security=security_from_args(args),
     )
 
 

@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from exegpt import tracing
+from exegpt.security import AuthInterceptor, SecurityConfig, server_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -182,16 +183,28 @@ async def start_grpc_server(
     host: str,
     port: int,
     max_message_bytes: int,
+    security: SecurityConfig | None = None,
+    require_client_cert: bool = True,
 ) -> GrpcServer:
-    """Start a grpc.aio server with the standard health service; port 0 picks a free port."""
-    server = grpc.aio.server(
-        options=channel_options(max_message_bytes),
-        interceptors=[MalformedRequestInterceptor()],
-    )
+    """Start a grpc.aio server with the standard health service; port 0 picks a free port.
+
+    With `security`, calls need its API key (health checks excepted) and the server speaks
+    TLS when given a certificate, asking for client certificates signed by its CA when it
+    has one and `require_client_cert` (internal services; the router's public port not).
+    """
+    security = security or SecurityConfig()
+    interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
+    if security.api_key:
+        interceptors.insert(0, AuthInterceptor(security.api_key))
+    server = grpc.aio.server(options=channel_options(max_message_bytes), interceptors=interceptors)
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound_port = server.add_insecure_port(f"{host}:{port}")
+    credentials = server_credentials(security, require_client_cert)
+    if credentials is None:
+        bound_port = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound_port = server.add_secure_port(f"{host}:{port}", credentials)
     if bound_port == 0:
         raise OSError(f"cannot bind gRPC server to {host}:{port}")
     await server.start()

@@ -12,9 +12,10 @@ import asyncio
 import json
 import logging
 import math
+import os
 import resource
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from exegpt.bench.workload_plan import (
     clamp_to_context,
     parse_workload,
 )
+from exegpt.security import API_KEY_ENV
 
 DESCRIPTION = "benchmark a running deployment with a workload"
 logger = logging.getLogger(__name__)
@@ -83,6 +85,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout-s", type=float, default=600.0, help="per-request timeout")
     parser.add_argument("--model", help="model id to use (default: the gateway's first)")
     parser.add_argument("--json", type=Path, help="write metrics and settings to this file")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help=f"sent as 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})",
+    )
+    parser.add_argument("--tls-ca", type=Path, default=None, help="PEM CA for an https gateway")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
 
 
@@ -96,6 +104,8 @@ class BenchSettings:
     timeout_s: float
     model: str | None
     json_path: Path | None
+    api_key: str | None = field(default=None, repr=False)  # never written to reports
+    tls_ca: Path | None = None
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
@@ -124,6 +134,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         timeout_s=args.timeout_s,
         model=args.model,
         json_path=args.json,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        tls_ca=args.tls_ca,
     )
 
 
@@ -173,7 +185,7 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 async def _bench(settings: BenchSettings, plan: list[PlannedRequest]) -> BenchResult:
-    async with make_session() as session:
+    async with make_session(settings.api_key, settings.tls_ca) as session:
         server = await fetch_server_info(session, settings.url, settings.model)
         clamp = clamp_to_context(plan, server.max_model_len)
         if clamp.num_clamped:

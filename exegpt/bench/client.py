@@ -11,9 +11,11 @@ import asyncio
 import json
 import logging
 import math
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -89,11 +91,16 @@ def normalize_url(url: str) -> str:
     return url.rstrip("/")
 
 
-def make_session() -> aiohttp.ClientSession:
+def make_session(api_key: str | None = None, tls_ca: Path | None = None) -> aiohttp.ClientSession:
+    """A session sending `Authorization: Bearer api_key`, checking https servers by `tls_ca`."""
     # No connector-wide cap: open-loop arrivals must not queue inside aiohttp; the client's
     # own --max-concurrency semaphore is the only limit.
-    connector = aiohttp.TCPConnector(limit=0)
-    return aiohttp.ClientSession(connector=connector, read_bufsize=READ_BUFFER_BYTES)
+    ssl_context = ssl.create_default_context(cafile=tls_ca) if tls_ca is not None else True
+    connector = aiohttp.TCPConnector(limit=0, ssl=ssl_context)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    return aiohttp.ClientSession(
+        connector=connector, read_bufsize=READ_BUFFER_BYTES, headers=headers
+    )
 
 
 async def fetch_server_info(

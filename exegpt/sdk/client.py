@@ -5,12 +5,18 @@ with Client("127.0.0.1:50051") as client:
     completion = client.generate("Hello", max_tokens=16)
     for chunk in client.stream([3, 4, 5], max_tokens=8, ignore_eos=True):
         print(chunk.token_ids)
+
+`api_key` (default: $EXEGPT_API_KEY) is sent as `authorization: Bearer KEY`; `tls_ca` makes
+the channel TLS, checking the router against that CA (PEM path), and `tls_client_cert` /
+`tls_client_key` present a client certificate.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,6 +30,7 @@ from exegpt.generation import (
 )
 from exegpt.grpc_errors import error_from_rpc
 from exegpt.sdk.types import Completion, CompletionChunk, ExegptError
+from exegpt.security import API_KEY_ENV, SecurityConfig, aio_channel, sync_channel
 from exegpt.serving import channel_options
 from exegpt.v1 import generate_pb2, router_pb2, router_pb2_grpc
 
@@ -39,6 +46,23 @@ def _build_request(prompt: str | list[int], model: str, **sampling: Any) -> Any:
         prompt_token_ids=None if isinstance(prompt, str) else tuple(prompt),
     )
     return request_to_proto(generation)
+
+
+def _security(
+    api_key: str | None,
+    tls_ca: str | Path | None,
+    tls_client_cert: str | Path | None,
+    tls_client_key: str | Path | None,
+) -> SecurityConfig:
+    def path(value: str | Path | None) -> Path | None:
+        return Path(value) if value is not None else None
+
+    return SecurityConfig(
+        api_key=api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None,
+        tls_ca=path(tls_ca),
+        tls_client_cert=path(tls_client_cert),
+        tls_client_key=path(tls_client_key),
+    )
 
 
 def _sdk_error(error: grpc.RpcError) -> ExegptError:
@@ -76,8 +100,19 @@ def _chunk_from_message(message: generate_pb2.GenerateChunk, start_s: float) -> 
 class Client:
     """Blocking client. `target` is the router's gRPC address, e.g. "127.0.0.1:50051"."""
 
-    def __init__(self, target: str, *, model: str = "", timeout_s: float | None = 600.0) -> None:
-        self._channel = grpc.insecure_channel(target, options=channel_options(_MAX_MESSAGE_BYTES))
+    def __init__(
+        self,
+        target: str,
+        *,
+        model: str = "",
+        timeout_s: float | None = 600.0,
+        api_key: str | None = None,
+        tls_ca: str | Path | None = None,
+        tls_client_cert: str | Path | None = None,
+        tls_client_key: str | Path | None = None,
+    ) -> None:
+        security = _security(api_key, tls_ca, tls_client_cert, tls_client_key)
+        self._channel = sync_channel(target, security, channel_options(_MAX_MESSAGE_BYTES))
         self._stub = router_pb2_grpc.RouterStub(self._channel)
         self._model = model
         self._timeout_s = timeout_s
@@ -127,10 +162,19 @@ class Client:
 class AsyncClient:
     """asyncio client with the same methods as Client, awaited."""
 
-    def __init__(self, target: str, *, model: str = "", timeout_s: float | None = 600.0) -> None:
-        self._channel = grpc.aio.insecure_channel(
-            target, options=channel_options(_MAX_MESSAGE_BYTES)
-        )
+    def __init__(
+        self,
+        target: str,
+        *,
+        model: str = "",
+        timeout_s: float | None = 600.0,
+        api_key: str | None = None,
+        tls_ca: str | Path | None = None,
+        tls_client_cert: str | Path | None = None,
+        tls_client_key: str | Path | None = None,
+    ) -> None:
+        security = _security(api_key, tls_ca, tls_client_cert, tls_client_key)
+        self._channel = aio_channel(target, security, channel_options(_MAX_MESSAGE_BYTES))
         self._stub = router_pb2_grpc.RouterStub(self._channel)
         self._model = model
         self._timeout_s = timeout_s

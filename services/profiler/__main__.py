@@ -7,6 +7,7 @@ import logging
 import sys
 
 from exegpt.cli import service_main
+from exegpt.security import add_security_arguments, security_from_args
 from exegpt.serving import run_service, wait_for_shutdown_signal, write_ready_file
 from services.profiler.config import ProfilerConfig
 
@@ -43,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.max_message_bytes / 2**20,
         help="largest gRPC message in MiB (GetProfile answers carry a whole profile)",
     )
+    add_security_arguments(parser)
     parser.add_argument("--ready-file", default=None, help="write host:port here once serving")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
@@ -58,6 +60,7 @@ def config_from_args(args: argparse.Namespace) -> ProfilerConfig:
         max_queued_per_device=args.max_queued_per_device,
         max_message_bytes=int(args.max_message_mb * 2**20),
         ready_file=args.ready_file,
+        security=security_from_args(args),
     )
 
 

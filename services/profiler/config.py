@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from exegpt.security import SecurityConfig
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class ProfilerConfig:
     max_message_bytes: int = 4 * 2**20
     ready_file: str | None = None
     grace_period_s: float = 5.0
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         if not self.profile_dir:

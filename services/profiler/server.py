@@ -80,6 +80,7 @@ async def start_profiler(
         host=config.host,
         port=config.port,
         max_message_bytes=config.max_message_bytes,
+        security=config.security,
     )
     logger.info("profiler serving on %s, profiles in %s", grpc_server.address, core.store.directory)
     return RunningService(grpc_server, core)

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from exegpt.cli import service_main
+from exegpt.security import add_security_arguments, security_from_args
 from exegpt.serving import run_service, wait_for_shutdown_signal, write_ready_file
 from services.router.config import RouterConfig
 from services.router.policies import RouterPolicy
@@ -71,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.http_body_timeout_s,
         help="an HTTP body not received within this gets 408",
     )
+    add_security_arguments(parser)
     parser.add_argument("--ready-file", default=None, help="write the gRPC host:port when ready")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
@@ -90,6 +92,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         http_idle_timeout_s=args.http_idle_timeout_s,
         http_body_timeout_s=args.http_body_timeout_s,
         ready_file=args.ready_file,
+        security=security_from_args(args),
     )
 
 

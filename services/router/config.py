@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from exegpt.security import SecurityConfig
 from services.router.policies import RouterPolicy
 
 
@@ -31,6 +32,8 @@ class RouterConfig:
     http_body_timeout_s: float = 30.0
     ready_file: str | None = None
     grace_period_s: float = 5.0
+    # API key and TLS of the public ports (gateway, gRPC) and of the calls to the replicas.
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         if not self.replicas:

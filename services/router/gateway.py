@@ -5,6 +5,10 @@ Hostile input gets a JSON 4xx, never a 500: bodies must be application/json (a f
 from any web page needs no CORS preflight), nested at most MAX_JSON_DEPTH deep, free of lone
 UTF-16 surrogates and read within the body timeout. Anything unexpected is logged with its
 stack trace and answered with a JSON 500 carrying an id to find that log line.
+
+With an API key, every path but /health needs `Authorization: Bearer KEY` (401 otherwise,
+checked before the body is read). /health stays open for load balancers: it tells only how
+many replicas are healthy.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from opentelemetry import trace
 
 from exegpt.errors import HTTP_STATUS, ErrorCode, RequestError
 from exegpt.generation import GenerationRequest
+from exegpt.security import key_matches
 from services.router.openai_schema import (
     CompletionRequest,
     chunk_body,
@@ -35,13 +40,20 @@ tracer = trace.get_tracer("exegpt.gateway")
 
 ROUTER_KEY = web.AppKey("router", Router)
 BODY_TIMEOUT_KEY = web.AppKey("body_timeout_s", float)
+BEARER_KEY = web.AppKey("bearer", str)
 MAX_JSON_DEPTH = 32
+OPEN_PATHS = frozenset({"/health"})
 
 
-def make_app(router: Router, max_body_bytes: int, body_timeout_s: float = 30.0) -> web.Application:
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[_json_errors])
+def make_app(
+    router: Router, max_body_bytes: int, body_timeout_s: float = 30.0, api_key: str | None = None
+) -> web.Application:
+    middlewares = [_json_errors] if api_key is None else [_json_errors, _authenticate]
+    app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
     app[ROUTER_KEY] = router
     app[BODY_TIMEOUT_KEY] = body_timeout_s
+    if api_key is not None:
+        app[BEARER_KEY] = f"Bearer {api_key}"
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
@@ -75,6 +87,20 @@ async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse
         body = error_body(f"internal error (id {error_id})", "server_error", "internal")
         body["error"]["request_id"] = error_id
         return web.json_response(body, status=500)
+
+
+@web.middleware
+async def _authenticate(request: web.Request, handler: Any) -> web.StreamResponse:
+    if request.path in OPEN_PATHS or key_matches(
+        request.headers.get("Authorization"), request.app[BEARER_KEY]
+    ):
+        return await handler(request)
+    response = _error(
+        401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error",
+        "invalid_api_key",
+    )  # fmt: skip
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
 
 
 def _invalid(message: str) -> RequestError:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from exegpt.security import SecurityConfig, aio_channel
 from exegpt.serving import channel_options
 from exegpt.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
 
@@ -123,12 +124,14 @@ class ReplicaPool:
         addresses: tuple[str, ...],
         max_message_bytes: int,
         max_reconnect_backoff_s: float = 1.0,
+        security: SecurityConfig | None = None,
     ) -> None:
         options = replica_channel_options(max_message_bytes, max_reconnect_backoff_s)
+        security = security or SecurityConfig()
         self.replicas = [
             Replica(
                 address,
-                channel := grpc.aio.insecure_channel(address, options=options),
+                channel := aio_channel(address, security, options),
                 worker_pb2_grpc.WorkerStub(channel),
             )
             for address in addresses

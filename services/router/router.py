@@ -50,6 +50,7 @@ class Router:
             config.replicas,
             config.max_message_bytes,
             max_reconnect_backoff_s=min(1.0, config.health_check_interval_s),
+            security=config.security,
         )
         self._policy = make_policy(config.policy)
         self._watchdog: asyncio.Task[None] | None = None
@@ -155,6 +156,9 @@ class Router:
         except grpc.aio.AioRpcError as exc:
             if stream.stalled is not None:
                 raise _stalled(stream) from None
+            if exc.code() is grpc.StatusCode.UNAUTHENTICATED:  # our key, not the client's
+                message = f"replica {replica.address} refused the router's API key"
+                raise RequestError(ErrorCode.INTERNAL, message) from None
             raise error_from_rpc(exc) from None
         except asyncio.CancelledError:
             # grpc.aio raises CancelledError in the reader of a call cancelled by the

@@ -20,6 +20,7 @@ from exegpt.generation import (
     request_from_proto,
 )
 from exegpt.grpc_errors import to_grpc_status
+from exegpt.security import server_ssl_context
 from exegpt.serving import GrpcServer, start_grpc_server
 from exegpt.v1 import generate_pb2, router_pb2, router_pb2_grpc
 from services.router.config import RouterConfig
@@ -94,6 +95,7 @@ class RunningRouter:
     grpc_server: GrpcServer
     http_runner: web.AppRunner
     http_port: int
+    http_scheme: str = "http"
 
     @property
     def grpc_address(self) -> str:
@@ -102,7 +104,7 @@ class RunningRouter:
     @property
     def http_url(self) -> str:
         host = self.grpc_server.host
-        return f"http://{f'[{host}]' if ':' in host else host}:{self.http_port}"
+        return f"{self.http_scheme}://{f'[{host}]' if ':' in host else host}:{self.http_port}"
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.grpc_server.stop(grace_s)
@@ -119,16 +121,21 @@ async def start_router(config: RouterConfig) -> RunningRouter:
         host=config.host,
         port=config.grpc_port,
         max_message_bytes=config.max_message_bytes,
+        security=config.security,
+        require_client_cert=False,  # public: clients are authenticated by the API key
     )
     runner = web.AppRunner(
-        make_app(router, config.max_body_bytes, config.http_body_timeout_s),
+        make_app(
+            router, config.max_body_bytes, config.http_body_timeout_s, config.security.api_key
+        ),
         handler_cancellation=True,
         access_log=None,
         # aiohttp arms this at connection start too: it doubles as the request-head timeout.
         keepalive_timeout=config.http_idle_timeout_s,
     )
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.http_port)
+    ssl_context = server_ssl_context(config.security)
+    site = web.TCPSite(runner, config.host, config.http_port, ssl_context=ssl_context)
     await site.start()
     http_port = runner.addresses[0][1]
     logger.info(
@@ -138,4 +145,4 @@ async def start_router(config: RouterConfig) -> RunningRouter:
         http_port,
         ", ".join(config.replicas),
     )
-    return RunningRouter(router, grpc_server, runner, http_port)
+    return RunningRouter(router, grpc_server, runner, http_port, config.security.url_scheme)

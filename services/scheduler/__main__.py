@@ -11,6 +11,7 @@ from pathlib import Path
 from exegpt.cli import service_main
 from exegpt.errors import RequestError
 from exegpt.schedule import searched_kinds
+from exegpt.security import add_security_arguments, security_from_args
 from exegpt.serving import run_service, wait_for_shutdown_signal, write_ready_file
 from services.scheduler.config import DriftThresholds, SchedulerConfig
 from services.scheduler.problem import WorkloadDistribution
@@ -103,6 +104,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="WatchSchedule streams served at once",
     )
     parser.add_argument(
+        "--max-subscribers-per-client",
+        type=int,
+        default=defaults.max_subscribers_per_client,
+        help="WatchSchedule streams one client host may hold; more get RESOURCE_EXHAUSTED",
+    )
+    parser.add_argument(
         "--profile-dir",
         action="append",
         type=Path,
@@ -123,6 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.max_file_bytes / 2**20,
         help="largest profile or trace file a request may name, MiB",
     )
+    add_security_arguments(parser)
     parser.add_argument("--ready-file", default=None, help="write host:port here once serving")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
@@ -151,10 +159,12 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         stage_window_size=args.stage_window,
         replan_min_interval_s=args.replan_min_interval,
         max_subscribers=args.max_subscribers,
+        max_subscribers_per_client=args.max_subscribers_per_client,
         profile_dirs=tuple(args.profile_dir or SchedulerConfig().profile_dirs),
         trace_dirs=tuple(args.trace_dir or ()),
         max_file_bytes=int(args.max_file_mb * 2**20),
         ready_file=args.ready_file,
+        security=security_from_args(args),
     )
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exegpt.schedule import SEARCHED_KINDS, ScheduleKind
+from exegpt.security import SecurityConfig
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class SchedulerConfig:
     # At most one drift re-plan per interval (measured from the last published schedule).
     replan_min_interval_s: float = 30.0
     max_subscribers: int = 64
+    # WatchSchedule streams one client (peer host) may hold, so one cannot take every slot.
+    max_subscribers_per_client: int = 8
     # Lengths plus stage times in one WorkloadReport; longer reports are refused.
     max_report_items: int = 8192
     # Lengths beyond this are refused (they would size the histograms).
@@ -74,6 +77,7 @@ class SchedulerConfig:
     max_message_bytes: int = 4 * 2**20
     ready_file: str | None = None
     grace_period_s: float = 5.0
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         if not self.latency_bound_s > 0:
@@ -88,6 +92,11 @@ class SchedulerConfig:
             raise ValueError("stage_window_size must be at least drift.min_stage_observations")
         if self.replan_min_interval_s < 0:
             raise ValueError("replan_min_interval_s must be >= 0")
-        limits = (self.max_subscribers, self.max_report_items, self.max_concurrent_plans)
+        limits = (
+            self.max_subscribers,
+            self.max_subscribers_per_client,
+            self.max_report_items,
+            self.max_concurrent_plans,
+        )
         if min(limits) < 1 or self.max_length_tokens < 1 or self.max_file_bytes < 1:
             raise ValueError("subscriber, report, plan and length limits must be >= 1")

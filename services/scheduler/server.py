@@ -47,7 +47,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.WatchScheduleRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[scheduler_pb2.ScheduleUpdate]:
         try:
-            subscription = self._core.subscribe(request.replica_id, request.after_version)
+            subscription = self._core.subscribe(
+                request.replica_id, request.after_version, client=peer_host(context.peer())
+            )
         except RequestError as exc:
             await context.abort(to_grpc_status(exc.code), exc.message)
         with subscription:
@@ -78,6 +80,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return response
 
 
+def peer_host(peer: str) -> str:
+    """The host of a gRPC peer ("ipv4:10.0.0.2:5123", "ipv6:[::1]:5123"): one client."""
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return address.rsplit(":", 1)[0].strip("[]")
+    return peer  # unix sockets and the like: the whole peer string
+
+
 RunningScheduler = RunningService[SchedulerCore]
 
 
@@ -96,6 +106,7 @@ async def start_scheduler(
         host=config.host,
         port=config.port,
         max_message_bytes=config.max_message_bytes,
+        security=config.security,
     )
     current = core.current
     logger.info(

@@ -115,6 +115,7 @@ class SchedulerCore:
         self._replan_task: asyncio.Task[None] | None = None
         self._deferred: asyncio.TimerHandle | None = None
         self._num_watchers = 0
+        self._watchers_by_client: dict[str, int] = {}
         self._closed = False
 
     @property
@@ -210,7 +211,8 @@ class SchedulerCore:
 
     # ---- WatchSchedule ---------------------------------------------------------------------
 
-    def subscribe(self, replica_id: str, after_version: int = 0) -> Subscription:
+    def subscribe(self, replica_id: str, after_version: int = 0, client: str = "") -> Subscription:
+        """A watch slot; `client` (the peer's host) holds at most max_subscribers_per_client."""
         if self._closed:
             raise RequestError(ErrorCode.UNAVAILABLE, "the scheduler is shutting down")
         if self._num_watchers >= self.config.max_subscribers:
@@ -219,12 +221,23 @@ class SchedulerCore:
                 f"{self._num_watchers} replicas already watch the schedule "
                 f"(limit {self.config.max_subscribers})",
             )
+        held = self._watchers_by_client.get(client, 0)
+        if held >= self.config.max_subscribers_per_client:
+            raise RequestError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"this client already holds {held} WatchSchedule streams "
+                f"(limit {self.config.max_subscribers_per_client} per client)",
+            )
         self._num_watchers += 1
+        self._watchers_by_client[client] = held + 1
         logger.info("replica %r watches the schedule", replica_id or "?")
-        return Subscription(self, replica_id, after_version)
+        return Subscription(self, replica_id, after_version, client)
 
-    def _unsubscribe(self, replica_id: str) -> None:
+    def _unsubscribe(self, replica_id: str, client: str = "") -> None:
         self._num_watchers -= 1
+        left = self._watchers_by_client.pop(client, 1) - 1
+        if left > 0:
+            self._watchers_by_client[client] = left
         logger.info("replica %r stopped watching", replica_id or "?")
 
     async def _updates(self, after_version: int) -> AsyncIterator[PublishedSchedule]:
@@ -341,9 +354,12 @@ class SchedulerCore:
 class Subscription:
     """One watcher's place; use as a context manager so the slot is given back."""
 
-    def __init__(self, core: SchedulerCore, replica_id: str, after_version: int) -> None:
+    def __init__(
+        self, core: SchedulerCore, replica_id: str, after_version: int, client: str = ""
+    ) -> None:
         self._core = core
         self.replica_id = replica_id
+        self.client = client
         self._after_version = after_version
         self._open = True
 
@@ -356,7 +372,7 @@ class Subscription:
     def close(self) -> None:
         if self._open:
             self._open = False
-            self._core._unsubscribe(self.replica_id)
+            self._core._unsubscribe(self.replica_id, self.client)
 
     def __aiter__(self) -> AsyncIterator[PublishedSchedule]:
         return self._core._updates(self._after_version)

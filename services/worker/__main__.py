@@ -9,6 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from exegpt.cli import service_main
+from exegpt.security import add_security_arguments, security_from_args
 from exegpt.serving import run_service, wait_for_shutdown_signal, write_ready_file
 from exegpt.topology import add_topology_arguments, parse_stage_addresses, topology_from_args
 from services.worker.config import BatchingMode, EngineConfig, WorkerConfig
@@ -72,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="groups of the running batch stepping independently (0: one per stage)",
     )
+    add_security_arguments(parser)
     parser.add_argument("--ready-file", default=None, help="write host:port here once serving")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
@@ -97,6 +99,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         torch_threads=args.torch_threads,
         max_message_bytes=int(args.max_message_mb * 2**20),
         ready_file=args.ready_file,
+        security=security_from_args(args),
         engine=EngineConfig(
             batching=BatchingMode(args.batching),
             max_batch_size=args.max_batch_size,
@@ -155,6 +158,7 @@ def _pipeline(config: WorkerConfig, card: ModelCard) -> PipelineConfig:
         num_blocks=num_blocks,
         block_size_tokens=engine.kv_block_size_tokens,
         data_host=config.host,
+        security=config.security,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from exegpt.security import SecurityConfig
 from exegpt.topology import Topology
 
 
@@ -51,3 +52,5 @@ class WorkerConfig:
     # Written with "host:port" once the server is bound (lets a launcher use port 0).
     ready_file: str | None = None
     grace_period_s: float = 5.0
+    # API key and TLS of this worker's server and of its calls to its stages.
+    security: SecurityConfig = field(default_factory=SecurityConfig)

@@ -240,6 +240,7 @@ async def start_worker(
         host=config.host,
         port=config.port,
         max_message_bytes=config.max_message_bytes,
+        security=config.security,
     )
     logger.info(
         "worker serving %s on %s (%s batching, KV %.1f MiB)",

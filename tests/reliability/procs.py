@@ -48,6 +48,8 @@ class Services:
 
     directory: Path
     started: list[Service] = field(default_factory=list)
+    # Extra environment of every process started (EXEGPT_API_KEY, EXEGPT_TLS_*, ...).
+    env: dict[str, str] = field(default_factory=dict)
 
     def spawn(self, name: str, command: list[str]) -> tuple[Service, Path]:
         ready_file = self.directory / f"{name}.ready"
@@ -59,6 +61,7 @@ class Services:
                 cwd=REPO_ROOT,
                 stdout=log,
                 stderr=log,
+                env={**os.environ, **self.env},
             )
         service = Service(name, process, log_path)
         self.started.append(service)
@@ -109,8 +112,8 @@ def wait_ready(service: Service, ready_file: Path) -> str:
 
 
 @contextmanager
-def services(directory: Path) -> Iterator[Services]:
-    group = Services(directory)
+def services(directory: Path, env: dict[str, str] | None = None) -> Iterator[Services]:
+    group = Services(directory, env=dict(env or {}))
     try:
         yield group
     finally:

@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import torch
@@ -27,6 +27,7 @@ import zmq
 from exegpt.models.batch import BatchBuilder
 from exegpt.models.config import ModelConfig
 from exegpt.placement import Placement
+from exegpt.security import SecurityConfig, sync_channel
 from exegpt.transport import FrameError, PushFanout, TensorMessage, TensorSocket
 from exegpt.v1 import stage_pb2, stage_pb2_grpc
 from services.worker.sampling import sampling_tensors
@@ -50,6 +51,8 @@ class PipelineConfig:
     health_interval_s: float = 0.5
     health_timeout_s: float = 2.0
     load_timeout_s: float = 120.0
+    # API key and TLS of the gRPC control calls to the stages.
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 class PipelineError(ConnectionError):
@@ -75,7 +78,7 @@ class PipelineExecutor:
         self.data_address = self._results.bind(f"tcp://{config.data_host}:0")
         self._fanout = PushFanout(self._context)
         self._channels = [
-            [grpc.insecure_channel(address) for address in ranks]
+            [sync_channel(address, config.security) for address in ranks]
             for ranks in config.stage_addresses
         ]
         self._stubs = [[stage_pb2_grpc.StageStub(c) for c in ranks] for ranks in self._channels]

@@ -10,10 +10,11 @@ import argparse
 import asyncio
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from exegpt.cli import service_main
+from exegpt.security import SecurityConfig, add_security_arguments, security_from_args
 from exegpt.serving import run_service, start_grpc_server, write_ready_file
 
 DESCRIPTION = "run one pipeline stage (a layer range, one TP rank) of a replica"
@@ -29,6 +30,7 @@ class StageConfig:
     model_roots: tuple[Path, ...] = ()
     ready_file: str | None = None
     max_message_bytes: int = 4 * 2**20
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="directory whose checkpoints may be loaded (repeatable; the embedded model always)",
     )
+    add_security_arguments(parser)
     parser.add_argument("--ready-file", default=None, help="write host:port here once serving")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
@@ -56,6 +59,7 @@ def config_from_args(args: argparse.Namespace) -> StageConfig:
         torch_threads=args.torch_threads,
         model_roots=tuple(args.model_root),
         ready_file=args.ready_file,
+        security=security_from_args(args),
     )
 
 
@@ -80,6 +84,7 @@ async def serve(config: StageConfig) -> None:
         host=config.host,
         port=config.port,
         max_message_bytes=config.max_message_bytes,
+        security=config.security,
     )
     write_ready_file(config.ready_file, server.address)
     logger.info("stage on %s, data %s", server.address, runtime.data_address)
