@@ -1,18 +1,24 @@
 """A request the engine fails on is that request's failure: never UNAVAILABLE, never retried.
 
-The poison request is the one from issue 14 (a temperature so small that sampling produced
-NaN and the engine failed its whole running batch). Whatever the engine does with it, it
-must not reach a second replica: a long stream on the other replica finishes, and both
-replicas stay healthy.
+The workers serve a checkpoint whose embedding row for one token is NaN (with an untied
+head, so other requests' logits stay finite): a prompt holding that token makes the model
+produce non-finite logits for that request alone. It must get an error of its own (HTTP 500
+JSON / gRPC INTERNAL) while the streams beside it on both replicas finish, and no replica
+is marked unhealthy (a poison request must not reach, or take down, a second replica).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grpc
 import httpx
+import torch
+from safetensors.torch import load_file, save_file
 
+from exegpt.models.loader import save_default_model
+from exegpt.v1 import generate_pb2
 from tests.reliability.procs import (
     generate_request,
     router_addresses,
@@ -21,39 +27,69 @@ from tests.reliability.procs import (
     worker_stats,
 )
 
-POISON = {"prompt": "x", "max_tokens": 4, "temperature": 1e-40}
-LONG_TOKENS = 900
+POISON_TOKEN = 383  # the tiny model never produces it for the prompts below
+LONG_TOKENS = 200
 
 
-def test_engine_error_is_not_unavailable_and_not_spread(tmp_path: Path) -> None:
+def save_poisoned_model(directory: Path) -> Path:
+    """The embedded model as a checkpoint, embedding row POISON_TOKEN NaN, head untied."""
+    path = save_default_model(directory)
+    config = json.loads((path / "config.json").read_text())
+    weights = load_file(path / "model.safetensors")
+    shared = weights["shared.weight"]
+    # The tied head scaled the decoder output by d_model**-0.5: fold that into the copy.
+    weights["lm_head.weight"] = shared.clone() * config["d_model"] ** -0.5
+    weights["shared.weight"] = shared.clone()
+    weights["shared.weight"][POISON_TOKEN] = torch.nan
+    save_file(weights, path / "model.safetensors")
+    config.update(tie_word_embeddings=False, scale_decoder_outputs=False)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def poisoned_request() -> generate_pb2.GenerateRequest:
+    request = generate_request(4, temperature=0.0)
+    request.token_ids.ids.append(POISON_TOKEN)
+    return request
+
+
+def test_a_request_the_model_fails_on_fails_alone(tmp_path: Path) -> None:
+    model = save_poisoned_model(tmp_path / "poisoned")
     with services(tmp_path) as group:
-        workers = group.workers(["worker-a", "worker-b"])
+        workers = group.workers(["worker-a", "worker-b"], extra=("--model", str(model)))
         grpc_address, http_url = router_addresses(group.router([w.ready for w in workers]))
 
-        # Straight to a worker: a failure of this request, not of the replica.
-        poisoned = stream_in_background(
-            workers[0].ready, generate_request(4, temperature=1e-40), 30, via_router=False
-        )
-        assert poisoned.done.wait(30)
-        assert poisoned.code is not grpc.StatusCode.UNAVAILABLE, poisoned.details
-
-        # One long stream running on each replica (round robin), then the poison request.
+        # One long greedy stream running on each replica (round robin) before the poison.
         long_streams = [
-            stream_in_background(grpc_address, generate_request(LONG_TOKENS), 60, via_router=True)
+            stream_in_background(
+                grpc_address, generate_request(LONG_TOKENS, temperature=0.0), 120, via_router=True
+            )
             for _ in workers
         ]
         for stream in long_streams:
-            assert stream.first_token.wait(30), stream.details
+            assert stream.first_token.wait(60), stream.details
         assert [worker_stats(w.ready).num_running for w in workers] == [1, 1]
-        response = httpx.post(f"{http_url}/v1/completions", json=POISON, timeout=30)
-        # Refused, failed alone, or served by a NaN-safe sampler: never "no replica" (503).
-        assert response.status_code in (200, 400, 500), response.text
+
+        direct = stream_in_background(workers[0].ready, poisoned_request(), 60, via_router=False)
+        routed = stream_in_background(grpc_address, poisoned_request(), 60, via_router=True)
+        response = httpx.post(
+            f"{http_url}/v1/completions",
+            json={"prompt": [3, POISON_TOKEN], "max_tokens": 4, "temperature": 0},
+            timeout=60,
+        )
+        assert response.status_code == 500, response.text
         assert response.headers["Content-Type"].startswith("application/json")
+        assert "non-finite" in response.json()["error"]["message"]
+        for poisoned in (direct, routed):
+            assert poisoned.done.wait(60)
+            assert poisoned.code is grpc.StatusCode.INTERNAL, (poisoned.code, poisoned.details)
 
         for stream in long_streams:
-            assert stream.done.wait(60)
-        finished = [s for s in long_streams if s.code is grpc.StatusCode.OK]
-        assert finished, [s.details for s in long_streams]  # the poison reached one replica
-        assert all(s.num_tokens == LONG_TOKENS for s in finished)
+            assert stream.done.wait(120)
+            assert stream.code is grpc.StatusCode.OK, stream.details
+            assert stream.num_tokens == LONG_TOKENS
         health = httpx.get(f"{http_url}/health", timeout=10).json()
         assert health["healthy_replicas"] == 2, health
+        body = {"prompt": [3, 4], "max_tokens": 8, "temperature": 0}
+        ok = httpx.post(f"{http_url}/v1/completions", json=body, timeout=60)
+        assert ok.status_code == 200, ok.text
