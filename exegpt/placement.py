@@ -155,20 +155,119 @@ class Placement:
         return cls(stages)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "stages": [
-                    {
-                        "encoder_layers": [s.encoder_layers.start, s.encoder_layers.stop],
-                        "decoder_layers": [s.decoder_layers.start, s.decoder_layers.stop],
-                        "tp_degree": s.tp_degree,
-                        "device": s.device,
-                        "role": s.role,
-                    }
-                    for s in self.stages
-                ]
-            }
+        return json.dumps(self.to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stages": [
+                {
+                    "encoder_layers": [s.encoder_layers.start, s.encoder_layers.stop],
+                    "decoder_layers": [s.decoder_layers.start, s.decoder_layers.stop],
+                    "tp_degree": s.tp_degree,
+                    "device": s.device,
+                    "role": s.role,
+                }
+                for s in self.stages
+            ]
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Placement:
+        return cls.from_json(json.dumps(data))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage as the simulator lays it out: its devices (one, or a TP group of
+    `tp_degree`) and how many layers of each stack it holds."""
+
+    devices: tuple[int, ...]
+    tp_degree: int
+    num_encode_layers: int
+    num_decode_layers: int
+
+
+def split_layers(num_layers: int, per_layer_s: list[float]) -> list[int]:
+    """Whole layers per stage minimising the slowest stage (greedy is optimal here: each layer
+    goes where it finishes earliest; ties go to the earlier stage, so equal costs split evenly
+    with the remainder at the front). Every stage gets at least one layer when there are
+    enough: a device that holds none would sit idle, which is not the allocation the schedule
+    names (a slow TP group would otherwise be handed nothing)."""
+    counts = [1 if num_layers >= len(per_layer_s) else 0] * len(per_layer_s)
+    for _ in range(num_layers - sum(counts)):
+        best = min(range(len(counts)), key=lambda i: ((counts[i] + 1) * per_layer_s[i], i))
+        counts[best] += 1
+    return counts
+
+
+def stage_groups(
+    first_device: int, num_devices: int, tp_degree: int, num_tp_devices: int
+) -> list[tuple[tuple[int, ...], int]]:
+    """(devices, tp degree) of each stage: TP groups first, then single devices."""
+    groups: list[tuple[tuple[int, ...], int]] = []
+    device = first_device
+    for _ in range(num_tp_devices // tp_degree if tp_degree > 1 else 0):
+        groups.append((tuple(range(device, device + tp_degree)), tp_degree))
+        device += tp_degree
+    groups.extend(((d,), 1) for d in range(device, first_device + num_devices))
+    return groups
+
+
+def build_stages(
+    groups: list[tuple[tuple[int, ...], int]],
+    num_encode_layers: int,
+    encode_cost_s: list[float],
+    num_decode_layers: int,
+    decode_cost_s: list[float],
+    *,
+    shared_layers: bool,
+) -> list[Stage]:
+    """Divide layers over stages. `shared_layers`: the encode layers are the decode layers
+    (decoder-only prefill), so one split serves both, balanced on their summed cost."""
+    if shared_layers:
+        combined = [e + d for e, d in zip(encode_cost_s, decode_cost_s, strict=True)]
+        decode_counts = split_layers(num_decode_layers, combined)
+        encode_counts = decode_counts
+    else:
+        encode_counts = split_layers(num_encode_layers, encode_cost_s)
+        decode_counts = split_layers(num_decode_layers, decode_cost_s)
+    return [
+        Stage(devices, tp, num_enc, num_dec)
+        for (devices, tp), num_enc, num_dec in zip(
+            groups, encode_counts, decode_counts, strict=True
         )
+    ]
+
+
+def placement_from_layout(
+    stages: list[Stage], *, is_encoder_decoder: bool, num_encode_stages: int = 0
+) -> Placement:
+    """The placement a simulated layout describes: layer counts become contiguous ranges in
+    stage order. The first `num_encode_stages` stages only encode (WAA): T5 gives them the
+    encoder, a decoder-only model a copy of its layers for prefills (role "prefill")."""
+    placed: list[StagePlacement] = []
+    next_encoder = next_decoder = next_prefill = 0
+    for index, stage in enumerate(stages):
+        encoder = decoder = LayerRange()
+        role = "both"
+        if index < num_encode_stages and not is_encoder_decoder:
+            decoder = _take(next_prefill, stage.num_encode_layers)
+            next_prefill += stage.num_encode_layers
+            role = "prefill"
+        else:
+            if is_encoder_decoder:
+                encoder = _take(next_encoder, stage.num_encode_layers)
+                next_encoder += stage.num_encode_layers
+            decoder = _take(next_decoder, stage.num_decode_layers)
+            next_decoder += stage.num_decode_layers
+            if num_encode_stages and not is_encoder_decoder:
+                role = "decode"
+        placed.append(StagePlacement(encoder, decoder, stage.tp_degree, role=role))
+    return Placement(tuple(placed))
+
+
+def _take(start: int, count: int) -> LayerRange:
+    return LayerRange(start, start + count) if count else LayerRange()
 
 
 def _split(num_layers: int, num_parts: int) -> list[LayerRange]:

@@ -22,6 +22,8 @@ class Topology:
     # Intra-op threads of each stage process (a "device" on a CPU machine).
     threads_per_device: int | None = None
     device: str = "cpu"
+    # A planned schedule's placement (exegpt plan --json), when no flag names another.
+    planned: Placement | None = None
 
     def __post_init__(self) -> None:
         if self.pipeline_stages < 1 or self.tensor_parallel < 1:
@@ -35,7 +37,12 @@ class Topology:
     @property
     def is_pipelined(self) -> bool:
         """Stage processes run the model (else the worker runs it in process)."""
+        if self.planned is not None and self._default_layout():
+            return self.planned.num_processes > 1
         return self.placement_file is not None or self.pipeline_stages * self.tensor_parallel > 1
+
+    def _default_layout(self) -> bool:
+        return self.placement_file is None and self.pipeline_stages * self.tensor_parallel == 1
 
     def read_placement_text(self) -> str:
         assert self.placement_file is not None
@@ -46,11 +53,16 @@ class Topology:
 
     def ranks_per_stage(self) -> list[int]:
         """TP ranks of each stage, known without the model (the launcher starts them)."""
+        if self.planned is not None and self._default_layout():
+            return [stage.tp_degree for stage in self.planned.stages]
         if self.placement_file is None:
             return [self.tensor_parallel] * self.pipeline_stages
         return [stage.tp_degree for stage in Placement.from_json(self.read_placement_text()).stages]
 
     def placement(self, config: ModelConfig) -> Placement:
+        if self.planned is not None and self._default_layout():
+            self.planned.check(config)
+            return self.planned
         if self.placement_file is None:
             return Placement.even(config, self.pipeline_stages, self.tensor_parallel)
         placement = Placement.from_json(self.read_placement_text())
@@ -58,6 +70,9 @@ class Topology:
         return placement
 
     def worker_args(self) -> list[str]:
+        """Flags that give a worker this topology (a planned one travels with --schedule)."""
+        if self.planned is not None and self._default_layout():
+            return []
         if self.placement_file is not None:
             return ["--placement", str(self.placement_file)]
         return [
@@ -81,12 +96,13 @@ def add_topology_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def topology_from_args(args: argparse.Namespace) -> Topology:
+def topology_from_args(args: argparse.Namespace, planned: Placement | None = None) -> Topology:
     return Topology(
         pipeline_stages=args.pipeline_stages,
         tensor_parallel=args.tensor_parallel,
         placement_file=args.placement,
         threads_per_device=getattr(args, "threads_per_device", None),
+        planned=planned,
     )
 
 

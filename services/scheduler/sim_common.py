@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from exegpt.cost_model import CostModel
+from exegpt.placement import Stage
 from services.scheduler.problem import WorkloadDistribution
 
 # Expected-length KV reservations keep this much headroom for runs of longer-than-average
@@ -67,16 +68,6 @@ class WorkloadStats:
 
 
 @dataclass(frozen=True)
-class Stage:
-    """One pipeline stage: one device, or a TP group of `tp_degree` devices."""
-
-    devices: tuple[int, ...]
-    tp_degree: int
-    num_encode_layers: int
-    num_decode_layers: int
-
-
-@dataclass(frozen=True)
 class TimelineEvent:
     device: int
     start_s: float
@@ -104,58 +95,6 @@ def clip_window(events: list[TimelineEvent], start_s: float, end_s: float) -> li
             )
         )
     return clipped
-
-
-def split_layers(num_layers: int, per_layer_s: list[float]) -> list[int]:
-    """Whole layers per stage minimising the slowest stage (greedy is optimal here: each layer
-    goes where it finishes earliest; ties go to the earlier stage, so equal costs split evenly
-    with the remainder at the front). Every stage gets at least one layer when there are
-    enough: a device that holds none would sit idle, which is not the allocation the schedule
-    names (a slow TP group would otherwise be handed nothing)."""
-    counts = [1 if num_layers >= len(per_layer_s) else 0] * len(per_layer_s)
-    for _ in range(num_layers - sum(counts)):
-        best = min(range(len(counts)), key=lambda i: ((counts[i] + 1) * per_layer_s[i], i))
-        counts[best] += 1
-    return counts
-
-
-def stage_groups(
-    first_device: int, num_devices: int, tp_degree: int, num_tp_devices: int
-) -> list[tuple[tuple[int, ...], int]]:
-    """(devices, tp degree) of each stage: TP groups first, then single devices."""
-    groups: list[tuple[tuple[int, ...], int]] = []
-    device = first_device
-    for _ in range(num_tp_devices // tp_degree if tp_degree > 1 else 0):
-        groups.append((tuple(range(device, device + tp_degree)), tp_degree))
-        device += tp_degree
-    groups.extend(((d,), 1) for d in range(device, first_device + num_devices))
-    return groups
-
-
-def build_stages(
-    groups: list[tuple[tuple[int, ...], int]],
-    num_encode_layers: int,
-    encode_cost_s: list[float],
-    num_decode_layers: int,
-    decode_cost_s: list[float],
-    *,
-    shared_layers: bool,
-) -> list[Stage]:
-    """Divide layers over stages. `shared_layers`: the encode layers are the decode layers
-    (decoder-only prefill), so one split serves both, balanced on their summed cost."""
-    if shared_layers:
-        combined = [e + d for e, d in zip(encode_cost_s, decode_cost_s, strict=True)]
-        decode_counts = split_layers(num_decode_layers, combined)
-        encode_counts = decode_counts
-    else:
-        encode_counts = split_layers(num_encode_layers, encode_cost_s)
-        decode_counts = split_layers(num_decode_layers, decode_cost_s)
-    return [
-        Stage(devices, tp, num_enc, num_dec)
-        for (devices, tp), num_enc, num_dec in zip(
-            groups, encode_counts, decode_counts, strict=True
-        )
-    ]
 
 
 class LayerCosts:

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import math
 
+from exegpt.placement import Placement, Stage, placement_from_layout
 from exegpt.schedule import Schedule, ScheduleKind
 from services.scheduler import baselines, simulator_rra, simulator_waa
 from services.scheduler.problem import PlanProblem, Prediction
 from services.scheduler.sim_common import (
     LayerCosts,
-    Stage,
     TimelineEvent,
     WorkloadStats,
     idle_stage_reason,
@@ -78,6 +78,24 @@ class Simulator:
         else:
             baselines.run_continuous(self.costs, schedule, self.num_devices, events)
         return sorted(events, key=lambda e: (e.device, e.start_s, e.end_s))
+
+    def placement(self, schedule: Schedule) -> Placement:
+        """Where the schedule puts each layer, exactly as simulated: the runner deploys this
+        (`exegpt plan --json` writes it beside the schedule)."""
+        self._validate(schedule)
+        is_encoder_decoder = self.costs.model.shape.is_encoder_decoder
+        if schedule.kind == ScheduleKind.RRA:
+            stages = simulator_rra.layout(self.costs, schedule, self.num_devices).stages
+            return placement_from_layout(stages, is_encoder_decoder=is_encoder_decoder)
+        if schedule.kind in (ScheduleKind.WAA_C, ScheduleKind.WAA_M):
+            outcome = simulator_waa.run(self.costs, schedule, self.num_devices)
+            return placement_from_layout(
+                outcome.encode_stages + outcome.decode_stages,
+                is_encoder_decoder=is_encoder_decoder,
+                num_encode_stages=len(outcome.encode_stages),
+            )
+        stages = baselines.even_stages(self.costs, schedule.tp_degree, self.num_devices)
+        return placement_from_layout(stages, is_encoder_decoder=is_encoder_decoder)
 
     # ---- kinds -----------------------------------------------------------------------------
 

@@ -29,16 +29,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from exegpt.placement import Stage, build_stages, stage_groups
 from exegpt.schedule import Schedule, ScheduleKind
 from services.scheduler.sim_common import (
     KV_HEADROOM,
     LayerCosts,
-    Stage,
     TimelineEvent,
     as_batch,
-    build_stages,
     kv_bytes_per_sequence_layer,
-    stage_groups,
     stage_weight_bytes,
 )
 

@@ -32,17 +32,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from exegpt.placement import Stage, build_stages, stage_groups
 from exegpt.schedule import Schedule, ScheduleKind
 from services.scheduler.sim_common import (
     KV_HEADROOM,
     LayerCosts,
-    Stage,
     TimelineEvent,
     as_batch,
-    build_stages,
     clip_window,
     kv_bytes_per_sequence_layer,
-    stage_groups,
     stage_weight_bytes,
 )
 from services.scheduler.simulator_rra import StageTimes, decode_times, encode_times, traverse

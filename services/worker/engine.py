@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 from exegpt.generation import InvalidRequestError
 from exegpt.models.config import ModelConfig
 from exegpt.models.kv_cache import BlockAllocator
+from exegpt.placement import Placement
+from exegpt.schedule import Schedule
 from services.worker.config import EngineConfig
 from services.worker.executor import Executor
+from services.worker.modes import ScheduleMode
+from services.worker.observations import Observations
 from services.worker.requests import (
     EngineEvent,
     EngineRequest,
@@ -42,6 +47,20 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.05  # how often the loop looks at aborts and executor health while steps run
+
+
+@dataclass(frozen=True)
+class PendingSchedule:
+    schedule: Schedule
+    placement: Placement | None
+    mean_input_tokens: float | None
+
+
+@dataclass(frozen=True)
+class ScheduleSwitch:
+    schedule: Schedule
+    redeployed: bool
+    duration_s: float  # from the step boundary to running the new schedule
 
 
 @dataclass(frozen=True)
@@ -77,6 +96,8 @@ class Engine:
         self._scheduler = StepScheduler(config, model_config, self._allocator)
         self._wake = threading.Condition()
         self._stopping = False
+        self._pending: PendingSchedule | None = None
+        self.switches: list[ScheduleSwitch] = []
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     # ---- called from other threads -------------------------------------------------------
@@ -118,6 +139,36 @@ class Engine:
         self._scheduler.request_abort(request_id)
         with self._wake:
             self._wake.notify_all()
+
+    def apply_schedule(
+        self,
+        schedule: Schedule,
+        placement: Placement | None = None,
+        mean_input_tokens: float | None = None,
+    ) -> None:
+        """Run `schedule` from the next step boundary. Control variables change in place; a
+        new placement redeploys: admission pauses, the steps in flight finish, the stages load
+        their new layers and every running request is recomputed (prompt + its tokens), so
+        none is dropped or duplicated."""
+        with self._wake:
+            self._pending = PendingSchedule(schedule, placement, mean_input_tokens)
+            self._wake.notify_all()
+
+    def drain_observations(self) -> Observations:
+        return self._scheduler.drain_observations()
+
+    @property
+    def config(self) -> EngineConfig:
+        return self._config
+
+    @property
+    def placement(self) -> Placement | None:
+        return self._executor.placement
+
+    @property
+    def mode(self) -> ScheduleMode:
+        """The schedule mode batches form by (read-only: for stats and reports)."""
+        return self._scheduler.mode
 
     def healthy(self) -> bool:
         return not self._stopping and self._executor.healthy()
@@ -169,6 +220,11 @@ class Engine:
                 if self._stopping:
                     break
             scheduler.apply_aborts()
+            if self._pending is not None and not self._apply_pending():
+                result = executor.next_result(_POLL_S)  # drain the steps in flight first
+                if result is not None:
+                    self._deliver(scheduler.complete(result))
+                continue
             if not executor.healthy():
                 self._deliver(scheduler.fail_all("replica unavailable: a stage is down", True))
                 with self._wake:
@@ -189,6 +245,45 @@ class Engine:
                     logger.error("executor failed: %s", result.error)
                 self._deliver(scheduler.complete(result))
         self._deliver(scheduler.fail_all("engine is shutting down"))
+
+    def _apply_pending(self) -> bool:
+        """Switch to the pending schedule; False while steps must drain before a redeploy."""
+        with self._wake:
+            pending = self._pending
+        assert pending is not None
+        placement = pending.placement
+        redeploy = placement is not None and placement != self._executor.placement
+        if redeploy and self._executor.num_in_flight:
+            return False
+        start_s = time.perf_counter()
+        if redeploy:
+            assert placement is not None
+            self._scheduler.reset_for_recompute()
+            try:
+                self._executor.redeploy(placement)
+            except ValueError as exc:
+                logger.error("cannot deploy the new placement, keeping the old one: %s", exc)
+                redeploy = False
+        config = replace(
+            self._config,
+            batching=pending.schedule.kind,
+            schedule=pending.schedule,
+            mean_input_tokens=pending.mean_input_tokens or self._config.mean_input_tokens,
+        )
+        self._scheduler.set_mode(config)
+        self._config = config
+        switch = ScheduleSwitch(pending.schedule, redeploy, time.perf_counter() - start_s)
+        self.switches.append(switch)
+        logger.info(
+            "now running %s%s in %.3f s",
+            pending.schedule.describe(),
+            " on a new placement" if redeploy else "",
+            switch.duration_s,
+        )
+        with self._wake:
+            if self._pending is pending:
+                self._pending = None
+        return True
 
     @staticmethod
     def _deliver(deliveries: list[Delivery]) -> None:

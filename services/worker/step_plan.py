@@ -56,6 +56,8 @@ class StepResult:
     error: str | None = None
     unavailable: bool = False
     compute_s: float = 0.0
+    # Compute time of each stage the step passed through, in order (one: in process).
+    stage_s: tuple[float, ...] = ()
 
     @classmethod
     def failed(cls, plan: StepPlan, error: str, unavailable: bool = False) -> StepResult:

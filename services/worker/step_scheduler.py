@@ -25,7 +25,8 @@ from exegpt.models.batch import prefill_lengths
 from exegpt.models.config import ModelConfig
 from exegpt.models.kv_cache import BlockAllocator, SequenceKV, num_blocks_needed
 from services.worker.config import EngineConfig
-from services.worker.modes import make_mode
+from services.worker.modes import ModeView, make_mode
+from services.worker.observations import Observations
 from services.worker.requests import EngineEvent, EngineRequest, RequestTimings
 from services.worker.sampling import RowSampling
 from services.worker.step_plan import StepKind, StepPlan, StepResult
@@ -78,19 +79,21 @@ class StepScheduler:
         self._config = config
         self._model_config = model_config
         self._allocator = allocator
-        self._mode = make_mode(config.batching)
+        self.mode = make_mode(config)
+        self._num_groups = self.mode.num_micro_batches
         self._lock = threading.Lock()
         self._waiting: collections.deque[EngineRequest] = collections.deque()
         self._pending_aborts: set[str] = set()
         self._running: list[Sequence] = []
         self._plans: dict[int, list[Sequence]] = {}  # in flight, by step id
-        self._busy_groups: set[int] = set()
+        self._busy_groups: dict[int, int] = {}  # group -> step id of its decode in flight
         self._next_group = 0
         self._reserved_blocks = 0
         self._step_ids = itertools.count()
         self._seq_ids = itertools.count()
         self.num_finished = 0
         self.num_aborted = 0
+        self._observations = Observations()
 
     # ---- any thread ----------------------------------------------------------------------
 
@@ -157,11 +160,16 @@ class StepScheduler:
             lone.retry_alone = False
             kind = StepKind.DECODE if lone.prefilled else StepKind.PREFILL
             return self._plan(kind, [lone])
+        recompute = [s for s in self._running if not (s.prefilled or s.in_flight or s.retry_alone)]
+        if recompute:  # after a redeploy: prompt + the tokens already generated
+            return self._plan(StepKind.PREFILL, recompute)
         admitted = self._admit()
         if admitted:
             return self._plan(StepKind.PREFILL, admitted)
-        for offset in range(self._config.num_micro_batches):
-            group = (self._next_group + offset) % self._config.num_micro_batches
+        if not self.mode.may_decode(self._view()):
+            return None
+        for offset in range(self._num_groups):
+            group = (self._next_group + offset) % self._num_groups
             if group in self._busy_groups:
                 continue
             ready = [
@@ -169,8 +177,9 @@ class StepScheduler:
             ]
             if ready:
                 self._next_group = group + 1
-                self._busy_groups.add(group)
-                return self._plan(StepKind.DECODE, ready)
+                plan = self._plan(StepKind.DECODE, ready)
+                self._busy_groups[group] = plan.step_id
+                return plan
         return None
 
     def complete(self, result: StepResult) -> list[Delivery]:
@@ -180,7 +189,8 @@ class StepScheduler:
             return []
         for seq in seqs:
             seq.in_flight = False
-            self._busy_groups.discard(seq.group)
+        self._busy_groups = {g: s for g, s in self._busy_groups.items() if s != result.step_id}
+        was_decode = all(seq.prefilled for seq in seqs)
         if result.error is not None and len(seqs) > 1 and not result.unavailable:
             for seq in seqs:  # find the culprit: each sequence alone
                 if seq.aborted:
@@ -200,7 +210,35 @@ class StepScheduler:
                 deliveries.append(_failure(seq, error, result.unavailable))
                 continue
             deliveries.append(self._advance(seq, result.token_ids[row], now_s, len(seqs)))
+        if was_decode:
+            self.mode.on_decoded(sum(1 for d in deliveries if d.event.finish_reason is not None))
+        if result.error is None:
+            self._observations.add_step(seqs, result, was_decode)
         return deliveries
+
+    def set_mode(self, config: EngineConfig) -> None:
+        """Form batches by `config`'s kind and control variables from the next step on."""
+        self._config = config
+        self.mode = make_mode(config)
+        self._num_groups = self.mode.num_micro_batches
+        for seq in self._running:
+            seq.group %= self._num_groups
+
+    def reset_for_recompute(self) -> None:
+        """Drop every running sequence's KV (a redeploy replaces the caches) and keep its
+        tokens: each is prefilled again with its prompt and what it generated. Call with no
+        step in flight."""
+        if self._plans:
+            raise RuntimeError("steps are in flight")
+        for seq in self._running:
+            self._allocator.release(seq.kv)
+            seq.retry_alone = False
+        self._busy_groups.clear()
+
+    def drain_observations(self) -> Observations:
+        """What was observed since the last call (lengths, step times), for the scheduler."""
+        drained, self._observations = self._observations, Observations()
+        return drained
 
     def fail_all(self, message: str, unavailable: bool = False) -> list[Delivery]:
         """Fail every request, queued or running (the engine is stopping or broken)."""
@@ -220,17 +258,26 @@ class StepScheduler:
 
     # ---- internals -------------------------------------------------------------------------
 
+    def _view(self) -> ModeView:
+        num_prefilling = sum(
+            1 for seqs in self._plans.values() for seq in seqs if not seq.prefilled
+        )
+        return ModeView(len(self._running), num_prefilling, self._config.max_batch_size)
+
     def _admit(self) -> list[Sequence]:
-        """FCFS admission while the mode allows and KV reservations last."""
-        limit = self._mode.admission_limit(len(self._running), self._config.max_batch_size)
+        """Admit whom the mode chooses, in its order, while KV reservations last."""
+        view = self._view()
+        limit = self.mode.admission_limit(view)
+        if limit <= 0:
+            return []
         admitted: list[Sequence] = []
         with self._lock:
-            while self._waiting and len(admitted) < limit:
-                head = self._waiting[0]
+            chosen = self.mode.choose(list(self._waiting), limit) if self._waiting else []
+            for head in chosen:
                 needed = self.reserved_blocks_for(head)
                 if needed > self._allocator.num_blocks - self._reserved_blocks:
                     break
-                self._waiting.popleft()
+                self._waiting.remove(head)
                 self._reserved_blocks += needed
                 seq = Sequence(
                     request=head,
@@ -242,11 +289,12 @@ class StepScheduler:
                 )
                 self._running.append(seq)
                 admitted.append(seq)
+        self.mode.on_admitted(len(admitted), view)
         return admitted
 
     def _smallest_group(self) -> int:
         sizes = collections.Counter(s.group for s in self._running)
-        return min(range(self._config.num_micro_batches), key=lambda g: sizes[g])
+        return min(range(self._num_groups), key=lambda g: sizes[g])
 
     def _plan(self, kind: StepKind, seqs: list[Sequence]) -> StepPlan:
         block_size = self._config.kv_block_size_tokens
@@ -294,6 +342,7 @@ class StepScheduler:
         if finish is not None:
             self._remove(seq)  # early termination: leave at once and free the KV
             self.num_finished += 1
+            self._observations.add_lengths(seq.request, len(seq.output_token_ids))
             timings = RequestTimings(
                 arrival_ns=seq.request.arrival_ns,
                 admitted_ns=seq.admitted_ns,

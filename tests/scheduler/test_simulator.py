@@ -7,10 +7,15 @@ import math
 import numpy as np
 import pytest
 
+from exegpt.placement import Stage
 from exegpt.schedule import Schedule, ScheduleKind
 from services.scheduler.analytic_cost import analytic_cost_model
 from services.scheduler.problem import PlanProblem, WorkloadDistribution
-from services.scheduler.sim_common import KV_HEADROOM, LayerCosts, Stage, TimelineEvent
+from services.scheduler.sim_common import (
+    KV_HEADROOM,
+    LayerCosts,
+    TimelineEvent,
+)
 from services.scheduler.simulator import Simulator, simulate, timeline
 from services.scheduler.simulator_rra import (
     completion_pmf,

@@ -10,10 +10,14 @@ from dataclasses import replace
 import pytest
 
 from exegpt.cost_model import ModelShape
+from exegpt.placement import split_layers
 from exegpt.schedule import Schedule, ScheduleKind
 from services.scheduler.problem import PlanProblem
 from services.scheduler.search import SearchSpace, plan
-from services.scheduler.sim_common import KV_HEADROOM, TimelineEvent, split_layers
+from services.scheduler.sim_common import (
+    KV_HEADROOM,
+    TimelineEvent,
+)
 from services.scheduler.simulator import Simulator, simulate, timeline
 from services.scheduler.simulator_waa import split_candidates
 from tests.scheduler.toy_cost import ToyCostModel, decoder_only_shape, toy_workload

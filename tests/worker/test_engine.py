@@ -11,7 +11,8 @@ import torch
 
 from exegpt.generation import FinishReason, InvalidRequestError, SamplingParams
 from exegpt.models.loader import LoadedModel, load_model
-from services.worker.config import BatchingMode, EngineConfig
+from exegpt.schedule import ScheduleKind
+from services.worker.config import EngineConfig
 from services.worker.engine import Engine, EngineEvent, EngineRequest, QueueFullError
 from services.worker.server import build_engine
 
@@ -112,7 +113,7 @@ def test_continuous_batching_admits_while_others_run(engine_factory) -> None:
 
 
 def test_static_batching_waits_for_the_whole_batch(engine_factory) -> None:
-    engine = engine_factory(batching=BatchingMode.STATIC, max_batch_size=2)
+    engine = engine_factory(batching=ScheduleKind.STATIC, max_batch_size=2)
     first = [
         submit(engine, [3, 4], f"a{i}", max_tokens=n, ignore_eos=True)
         for i, n in enumerate((3, 30))

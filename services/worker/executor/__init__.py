@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from exegpt.placement import Placement
 from services.worker.step_plan import StepPlan, StepResult
 
 
@@ -25,6 +26,15 @@ class Executor(Protocol):
 
     def healthy(self) -> bool:
         """False while the executor cannot run steps (a stage is down)."""
+        ...
+
+    @property
+    def placement(self) -> Placement | None:
+        """Where the layers run (None: all in this process)."""
+        ...
+
+    def redeploy(self, placement: Placement) -> None:
+        """Run `placement` from now on; raises ValueError if these devices cannot."""
         ...
 
     def close(self) -> None: ...

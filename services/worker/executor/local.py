@@ -40,6 +40,14 @@ class LocalExecutor:
     def healthy(self) -> bool:
         return True
 
+    @property
+    def placement(self) -> None:
+        """One process holds the whole model: there is nothing to place."""
+        return None
+
+    def redeploy(self, placement: object) -> None:
+        raise ValueError("an in-process replica has one device: it cannot take a placement")
+
     def close(self) -> None:
         self._done.clear()
 
@@ -60,5 +68,6 @@ class LocalExecutor:
             plan.step_id,
             tuple(sampled.token_ids),
             tuple(sampled.errors),
-            compute_s=time.perf_counter() - start_s,
+            compute_s=(elapsed_s := time.perf_counter() - start_s),
+            stage_s=(elapsed_s,),
         )

@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 import torch
@@ -83,6 +83,7 @@ class PipelineExecutor:
         ]
         self._stubs = [[stage_pb2_grpc.StageStub(c) for c in ranks] for ranks in self._channels]
         self._lock = threading.Lock()
+        self._load_lock = threading.RLock()  # a redeploy and the watchdog's reload
         self._in_flight: dict[int, tuple[StepPlan, float]] = {}
         self._failed: list[StepResult] = []
         self._healthy = False
@@ -113,6 +114,35 @@ class PipelineExecutor:
 
     def healthy(self) -> bool:
         return self._healthy
+
+    @property
+    def placement(self) -> Placement:
+        return self._config.placement
+
+    def redeploy(self, placement: Placement) -> None:
+        """Load `placement` on the same stage processes, regrouped by its TP degrees. No step
+        may be in flight: the caller recomputes its sequences' KV afterwards."""
+        placement.check(self._model_config)
+        flat = [address for ranks in self._config.stage_addresses for address in ranks]
+        stubs = [stub for ranks in self._stubs for stub in ranks]
+        if placement.num_processes != len(flat):
+            raise ValueError(
+                f"the placement needs {placement.num_processes} processes; "
+                f"this replica has {len(flat)}"
+            )
+        grouped: list[tuple[str, ...]] = []
+        grouped_stubs: list[list[stage_pb2_grpc.StageStub]] = []
+        for stage in placement.stages:
+            start = sum(len(g) for g in grouped)
+            grouped.append(tuple(flat[start : start + stage.tp_degree]))
+            grouped_stubs.append(stubs[start : start + stage.tp_degree])
+        with self._load_lock:
+            self._config = replace(
+                self._config, placement=placement, stage_addresses=tuple(grouped)
+            )
+            self._stubs = grouped_stubs
+            self.max_in_flight = len(placement.stages)
+            self._load_all()
 
     @property
     def num_in_flight(self) -> int:
@@ -185,7 +215,10 @@ class PipelineExecutor:
             return StepResult.failed(plan, "a stage returned a result of the wrong size")
         row_error = message.attributes.get("row_error") or "the step failed for this request"
         errors = tuple(row_error if bad else None for bad in failed)
-        return StepResult(plan.step_id, tuple(token_ids), errors, compute_s=compute_s)
+        stage_s = _floats(message.attributes.get("stage_s", ""))
+        return StepResult(
+            plan.step_id, tuple(token_ids), errors, compute_s=compute_s, stage_s=stage_s
+        )
 
     def _expire_late_steps(self) -> None:
         now = time.monotonic()
@@ -202,6 +235,10 @@ class PipelineExecutor:
     # ---- loading and watching ------------------------------------------------------------
 
     def _load_all(self) -> None:
+        with self._load_lock:
+            self._load_placement()
+
+    def _load_placement(self) -> None:
         config = self._config
         infos = self._each_rank(
             lambda stub: stub.Describe(
@@ -314,6 +351,13 @@ class PipelineExecutor:
             ]
             self._in_flight.clear()
             self._failed.extend(failed)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part)
+    except ValueError:
+        return ()
 
 
 def _next_hops(

@@ -1,29 +1,54 @@
-"""Schedule modes: how batches form on a replica (one file each, registered by name).
+"""Schedule modes: how batches form on a replica (one file each, registered by kind).
 
-A mode answers one question for the step scheduler: how many waiting requests may join the
-running batch now. The XRunner modes (rra, waa) plug in here beside the baselines.
+A mode answers the step scheduler's questions at each step boundary: how many waiting
+requests may join the running batch and which, and whether the batch may decode now.
+The baselines (continuous, static) sit beside ExeGPT's planned schedules (rra, waa).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
-from services.worker.config import BatchingMode
+from exegpt.schedule import Schedule, ScheduleKind
+from services.worker.config import EngineConfig
+from services.worker.modes.base import FcfsMode, ModeView
 from services.worker.modes.continuous import ContinuousMode
+from services.worker.modes.rra import RraMode
 from services.worker.modes.static import StaticMode
+from services.worker.modes.waa import WaaMode
+from services.worker.requests import EngineRequest
+
+__all__ = ["ModeView", "ScheduleMode", "make_mode"]
 
 
 class ScheduleMode(Protocol):
-    def admission_limit(self, num_running: int, max_batch_size: int) -> int:
-        """How many waiting requests may be admitted now (0: none)."""
-        ...
+    num_micro_batches: int
+
+    def admission_limit(self, view: ModeView) -> int: ...
+
+    def choose(self, waiting: list[EngineRequest], limit: int) -> list[EngineRequest]: ...
+
+    def on_admitted(self, num_admitted: int, view: ModeView) -> None: ...
+
+    def may_decode(self, view: ModeView) -> bool: ...
+
+    def on_decoded(self, num_finished: int) -> None: ...
 
 
-_MODES: dict[BatchingMode, type[ScheduleMode]] = {
-    BatchingMode.CONTINUOUS: ContinuousMode,
-    BatchingMode.STATIC: StaticMode,
+def _schedule(config: EngineConfig) -> Schedule:
+    assert config.schedule is not None, "checked by EngineConfig"
+    return config.schedule
+
+
+_MODES: dict[ScheduleKind, Callable[[EngineConfig], FcfsMode]] = {
+    ScheduleKind.CONTINUOUS: lambda c: ContinuousMode(c.num_micro_batches),
+    ScheduleKind.STATIC: lambda c: StaticMode(c.num_micro_batches),
+    ScheduleKind.RRA: lambda c: RraMode(_schedule(c), c.mean_input_tokens, c.input_band),
+    ScheduleKind.WAA_C: lambda c: WaaMode(_schedule(c)),
+    ScheduleKind.WAA_M: lambda c: WaaMode(_schedule(c)),
 }
 
 
-def make_mode(mode: BatchingMode) -> ScheduleMode:
-    return _MODES[mode]()
+def make_mode(config: EngineConfig) -> ScheduleMode:
+    return _MODES[config.batching](config)

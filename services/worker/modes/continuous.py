@@ -3,7 +3,8 @@ batch at the next step boundary whenever a slot is free, and leaves as soon as i
 
 from __future__ import annotations
 
+from services.worker.modes.base import FcfsMode
 
-class ContinuousMode:
-    def admission_limit(self, num_running: int, max_batch_size: int) -> int:
-        return max(0, max_batch_size - num_running)
+
+class ContinuousMode(FcfsMode):
+    pass

@@ -3,7 +3,9 @@ only once every sequence of it has finished (finished ones still leave early and
 
 from __future__ import annotations
 
+from services.worker.modes.base import FcfsMode, ModeView
 
-class StaticMode:
-    def admission_limit(self, num_running: int, max_batch_size: int) -> int:
-        return max_batch_size if num_running == 0 else 0
+
+class StaticMode(FcfsMode):
+    def admission_limit(self, view: ModeView) -> int:
+        return view.max_batch_size if view.num_running == 0 else 0
