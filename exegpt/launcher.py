@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from exegpt.dtypes import DEFAULT_DTYPE, DTYPE_CHOICES
 from exegpt.security import SecurityConfig, add_security_arguments, security_from_args
 from exegpt.topology import (
     Topology,
@@ -66,6 +67,8 @@ class DeploymentConfig:
     batching: str = "continuous"
     max_batch_size: int = 32
     kv_cache_mb: float = 256.0
+    # Passed to every worker, which resolves `auto` and tells its stages the result.
+    dtype: str = DEFAULT_DTYPE
     torch_threads: int | None = None
     startup_timeout_s: float = 120.0
     # Child logs go here; None lets children write to this process's stderr.
@@ -216,6 +219,7 @@ class Deployment:
             "--batching", self.config.batching,
             "--max-batch-size", str(self.config.max_batch_size),
             "--kv-cache-mb", str(self.config.kv_cache_mb),
+            "--dtype", self.config.dtype,
             "--torch-threads", str(threads),
             *topology_args,
             *self.config.extra_worker_args,
@@ -347,6 +351,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-cache-mb", type=float, default=defaults.kv_cache_mb, help="KV pool per worker, MiB"
     )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default=defaults.dtype,
+        help="weights, activations and KV cache of every worker (auto: bfloat16 where the "
+        "device computes it fast, else float32)",
+    )
     parser.add_argument("--torch-threads", type=int, default=None, help="per worker")
     add_topology_arguments(parser)
     parser.add_argument(
@@ -391,6 +402,7 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
         batching=args.batching,
         max_batch_size=args.max_batch_size,
         kv_cache_mb=args.kv_cache_mb,
+        dtype=args.dtype,
         torch_threads=args.torch_threads,
         log_dir=args.log_dir,
         extra_router_args=tuple(args.router_arg),

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from exegpt.dtypes import DEFAULT_DTYPE
 from exegpt.models.defaults import DEFAULT_MODEL_NAME
 
 DESCRIPTION = "profile the model's layers on a device, or check a profile against whole forwards"
@@ -40,7 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "with --validate: the model the profile names)",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument(
+        "--dtype",
+        default=DEFAULT_DTYPE,
+        help="float32, bfloat16, float16, or auto (bfloat16 where the device computes it fast, "
+        "else float32; the profile records what it resolved to). Profile in the dtype the "
+        "workers serve in: `exegpt plan` refuses a profile of another dtype",
+    )
     parser.add_argument(
         "--tp",
         default=None,
@@ -232,9 +239,10 @@ class _ProgressBar:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from exegpt.dtypes import torch_dtype
     from exegpt.models.loader import load_model
     from services.profiler.profile import load_profile
-    from services.profiler.profiling import check_device, check_dtype
+    from services.profiler.profiling import check_device
     from services.profiler.validate import (
         VALIDATION_ROUNDS,
         common_shift,
@@ -250,7 +258,7 @@ def _validate(args: argparse.Namespace) -> int:
     data = profile.data
     device = check_device(args.device or data.hardware.device)
     model = args.model or data.model.source
-    loaded = load_model(model, device=str(device), dtype=check_dtype(data.model.dtype))
+    loaded = load_model(model, device=str(device), dtype=torch_dtype(data.model.dtype))
     profile = load_profile(args.validate, expected_config_hash=loaded.config.config_hash())
     num_threads = args.threads or data.software.torch_threads
     num_rounds = args.rounds if args.rounds is not None else VALIDATION_ROUNDS

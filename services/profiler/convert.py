@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from exegpt.dtypes import DEFAULT_DTYPE
 from exegpt.errors import ErrorCode, RequestError
 from exegpt.models.defaults import DEFAULT_MODEL_NAME
 from exegpt.v1 import profiler_pb2
@@ -31,7 +32,7 @@ def request_from_proto(message: profiler_pb2.StartProfileRequest) -> ProfileRequ
     return ProfileRequest(
         model=message.model or DEFAULT_MODEL_NAME,
         device=message.device or "cpu",
-        dtype=message.dtype or "float32",
+        dtype=message.dtype or DEFAULT_DTYPE,
         grid_name=grid_name,
         grid=grid,
         tp_degrees=tuple(message.tp_degrees) or None,

@@ -107,8 +107,10 @@ class ModelData(_Strict):
     num_encode_layers: PositiveInt
     num_decode_layers: PositiveInt
     hidden_size: PositiveInt
-    dtype: str
-    dtype_bytes: PositiveInt
+    # The dtype every timing was measured in; a profile written before the field existed was
+    # measured in float32. The planner refuses to plan for workers of another dtype.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype_bytes: PositiveInt = 4
     max_context_tokens: PositiveInt
 
 

@@ -24,6 +24,7 @@ import torch
 
 import exegpt
 from exegpt.allocator import configure_allocator
+from exegpt.dtypes import DEFAULT_DTYPE, dtype_name, resolve_dtype
 from exegpt.models.config import ModelConfig
 from exegpt.models.defaults import DEFAULT_MODEL_NAME, default_model_config
 from exegpt.models.loader import LoadedModel, ModelNotFoundError, load_model
@@ -41,12 +42,6 @@ from services.profiler.timing import Series
 
 logger = logging.getLogger(__name__)
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-
 
 class ProfilingCancelled(Exception):
     """Raised from a progress callback to stop a run between measurements."""
@@ -56,7 +51,7 @@ class ProfilingCancelled(Exception):
 class ProfileRequest:
     model: str = DEFAULT_MODEL_NAME
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = DEFAULT_DTYPE  # or auto: the profile records what it resolved to
     grid_name: str = "quick"
     grid: ProfileGrid | None = None  # None: the preset named grid_name
     tp_degrees: tuple[int, ...] | None = None  # None: every feasible degree
@@ -91,10 +86,9 @@ def check_device(device: str) -> torch.device:
     return torch_device
 
 
-def check_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"unsupported dtype {name!r}: use one of {sorted(DTYPES)}")
-    return DTYPES[name]
+def check_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype to profile in; `auto` is resolved for `device` as a worker there would."""
+    return resolve_dtype(name, str(device))
 
 
 def max_tp_degree(device: torch.device) -> int:
@@ -210,7 +204,7 @@ def model_config(model: str) -> ModelConfig:
 def check_request(request: ProfileRequest, config: ModelConfig | None = None) -> CheckedRequest:
     """Check every input of a request; raises ValueError with a clear message."""
     device = check_device(request.device)
-    dtype = check_dtype(request.dtype)
+    dtype = check_dtype(request.dtype, device)
     grid = request.resolved_grid()
     config = config if config is not None else model_config(request.model)
     grid = grid.for_context(config.max_context_tokens)
@@ -255,7 +249,7 @@ def measure(
             tp,
             grid.message_bytes,
             device=device.type,
-            dtype=request.dtype,
+            dtype=dtype_name(loaded.dtype),
             num_warmup=grid.num_warmup,
             num_repeats=max(15, 3 * grid.num_repeats),  # cheap, and noisy across processes
             threads_per_rank=max(1, num_threads // tp),
@@ -317,7 +311,7 @@ def _model_info(loaded: LoadedModel, source: str) -> dict[str, object]:
         "num_encode_layers": config.num_encoder_layers or config.num_decoder_layers,
         "num_decode_layers": config.num_decoder_layers,
         "hidden_size": config.d_model,
-        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "dtype": dtype_name(loaded.dtype),
         "dtype_bytes": loaded.dtype.itemsize,
         "max_context_tokens": config.max_context_tokens,
     }

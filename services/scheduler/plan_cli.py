@@ -18,6 +18,7 @@ from typing import Any
 from exegpt.cost_model import CostModel
 from exegpt.schedule import ScheduleKind, searched_kinds
 from services.scheduler.problem import PlanProblem, PlanResult, Prediction, WorkloadDistribution
+from services.scheduler.profile_dtype import check_profile_dtype
 from services.scheduler.sim_common import GIB
 
 DESCRIPTION = "search the best schedule under a latency bound (XSimulator + XScheduler)"
@@ -31,6 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "exegpt-tiny-t5 (default), t5-11b, opt-13b, llama-2-7b)",
     )
     parser.add_argument("--model-config", help="HF config.json for an analytic:DEVICE profile")
+    parser.add_argument(
+        "--dtype",
+        help="dtype the workers run in (float32, bfloat16, float16, or auto as resolved on "
+        "this machine); a profile measured in another dtype is refused (default: the "
+        "profile's own)",
+    )
     parser.add_argument("--workload", help="task:S|T|G|C1|C2 or trace:PATH")
     parser.add_argument(
         "--length-scale",
@@ -93,6 +100,7 @@ def build_problem(args: argparse.Namespace) -> tuple[PlanProblem, str]:
     cost_model, default_memory_bytes, profile_name = load_cost_model(
         args.profile, args.model_config
     )
+    check_profile_dtype(cost_model, getattr(args, "dtype", None), profile_name)
     if args.tp_degrees:
         from services.scheduler.calibration import ScaledCostModel
 

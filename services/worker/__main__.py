@@ -9,6 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from exegpt.cli import service_main
+from exegpt.dtypes import DTYPE_CHOICES, resolve_dtype
 from exegpt.security import add_security_arguments, security_from_args
 from exegpt.serving import run_service, wait_for_shutdown_signal, write_ready_file
 from exegpt.topology import add_topology_arguments, parse_stage_addresses, topology_from_args
@@ -29,6 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=defaults.host, help="interface to bind")
     parser.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port")
     parser.add_argument("--device", default=defaults.device, help="cpu or cuda[:N]")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default=defaults.dtype,
+        help="weights, activations and KV cache (auto: bfloat16 where the device computes it "
+        "fast, else float32); logits and sampling stay float32",
+    )
     parser.add_argument("--torch-threads", type=int, default=None, help="intra-op threads")
     parser.add_argument(
         "--batching",
@@ -96,6 +104,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         host=args.host,
         port=args.port,
         device=args.device,
+        dtype=args.dtype,
         torch_threads=args.torch_threads,
         max_message_bytes=int(args.max_message_mb * 2**20),
         ready_file=args.ready_file,
@@ -124,11 +133,14 @@ async def serve(config: WorkerConfig) -> None:
         logger.info("malloc: %s", allocator)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
+    # `auto` is decided for the device that runs the layers: this one, or the stages'.
+    compute_device = config.device if config.stage_addresses is None else config.topology.device
+    dtype = resolve_dtype(config.dtype, compute_device)
     if config.stage_addresses is None:
-        loaded = load_model(config.model, device=config.device)
+        loaded = load_model(config.model, device=config.device, dtype=dtype)
         worker = await start_worker(config, loaded)
     else:
-        card = read_model_card(config.model)
+        card = read_model_card(config.model, dtype=dtype)
         pipeline = _pipeline(config, card)
         engine = await asyncio.to_thread(build_pipeline_engine, card, config.engine, pipeline)
         worker = await start_worker(config, card, engine)
@@ -139,6 +151,7 @@ async def serve(config: WorkerConfig) -> None:
 
 
 def _pipeline(config: WorkerConfig, card: ModelCard) -> PipelineConfig:
+    from exegpt.dtypes import dtype_name
     from exegpt.models.kv_cache import KVCacheSpec
     from services.worker.executor.pipeline import PipelineConfig
 
@@ -152,7 +165,7 @@ def _pipeline(config: WorkerConfig, card: ModelCard) -> PipelineConfig:
         raise ValueError(f"--kv-cache-mb holds no KV block of {bytes_per_block} bytes")
     return PipelineConfig(
         model=card.source,
-        dtype="float32",
+        dtype=dtype_name(card.dtype),  # the stages hold weights and KV in the card's dtype
         placement=config.topology.placement(card.config),
         stage_addresses=config.stage_addresses,
         num_blocks=num_blocks,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from exegpt.dtypes import DEFAULT_DTYPE
 from exegpt.security import SecurityConfig
 from exegpt.topology import Topology
 
@@ -43,6 +44,9 @@ class WorkerConfig:
     host: str = "127.0.0.1"
     port: int = 0
     device: str = "cpu"
+    # float32, bfloat16, float16, or auto (resolved once at start for the device that runs
+    # the model: exegpt/dtypes.py); weights, activations and KV cache all use it.
+    dtype: str = DEFAULT_DTYPE
     torch_threads: int | None = None
     max_message_bytes: int = 4 * 2**20
     engine: EngineConfig = field(default_factory=EngineConfig)

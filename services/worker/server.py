@@ -17,6 +17,7 @@ import grpc
 from opentelemetry import trace
 
 from exegpt import tracing
+from exegpt.dtypes import dtype_name
 from exegpt.generation import (
     GenerationChunk,
     GenerationRequest,
@@ -243,9 +244,10 @@ async def start_worker(
         security=config.security,
     )
     logger.info(
-        "worker serving %s on %s (%s batching, KV %.1f MiB)",
+        "worker serving %s on %s (%s, %s batching, KV %.1f MiB)",
         loaded.name,
         grpc_server.address,
+        dtype_name(loaded.dtype),
         config.engine.batching,
         engine.stats().kv_capacity_bytes / 2**20,
     )
@@ -269,6 +271,12 @@ def build_pipeline_engine(
     loaded: LoadedModel | ModelCard, config: EngineConfig, pipeline: PipelineConfig
 ) -> Engine:
     """An engine whose steps run over stage processes (loaded here; raises PipelineError)."""
+    # The stages hold their KV in pipeline.dtype: the engine's byte accounting must use the
+    # same, so a card of another dtype is a caller's mistake, refused before any stage loads.
+    if pipeline.dtype != dtype_name(loaded.dtype):
+        raise ValueError(
+            f"the pipeline runs {pipeline.dtype} but the model card says {loaded.dtype}"
+        )
     executor = PipelineExecutor(pipeline, loaded.config)
     executor.start()
     return Engine(

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from exegpt.cli import main
+from exegpt.dtypes import detect_and_choose
+from services.profiler.profile import load_profile
 from services.profiler.profile_format import write_profile
 from services.profiler.profiling import run_profile
 from tests.profiler.conftest import tiny_request
@@ -58,3 +60,72 @@ def test_a_tp_degree_the_profile_lacks_is_a_clear_error(
     code, report = _plan(measured_profile, tmp_path, "--latency-bound", "inf", "--tp-degrees", "2")
     assert code == 2 and report == {}
     assert "TP degree" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def bf16_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model measured in bfloat16 (the profile records it)."""
+    data = run_profile(tiny_request(tp_degrees=(1,), dtype="bfloat16"))
+    return write_profile(data, tmp_path_factory.mktemp("measured") / "tiny-bf16.json")
+
+
+def test_the_profile_records_its_dtype_and_the_kv_bytes_follow(
+    measured_profile: Path, bf16_profile: Path
+) -> None:
+    float32 = load_profile(measured_profile)
+    bfloat16 = load_profile(bf16_profile)
+    assert (float32.data.model.dtype, float32.data.model.dtype_bytes) == ("float32", 4)
+    assert (bfloat16.data.model.dtype, bfloat16.data.model.dtype_bytes) == ("bfloat16", 2)
+    assert bfloat16.kv_bytes_per_token(1) * 2 == float32.kv_bytes_per_token(1)
+
+
+def test_a_profile_from_before_the_dtype_field_means_float32(
+    measured_profile: Path, tmp_path: Path
+) -> None:
+    raw = json.loads(measured_profile.read_text())
+    del raw["model"]["dtype"], raw["model"]["dtype_bytes"]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(raw))
+    assert load_profile(old).data.model.dtype == "float32"
+    code, _ = _plan(old, tmp_path, "--latency-bound", "inf", "--dtype", "float32")
+    assert code == 0
+
+
+def test_the_planner_refuses_a_profile_of_another_dtype(
+    measured_profile: Path, bf16_profile: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, report = _plan(bf16_profile, tmp_path, "--latency-bound", "inf")  # its own dtype
+    assert code == 0 and report["meets_bound"] is True
+    code, report = _plan(bf16_profile, tmp_path, "--latency-bound", "inf", "--dtype", "bfloat16")
+    assert code == 0
+    capsys.readouterr()
+    (tmp_path / "plan.json").unlink()
+    code, report = _plan(bf16_profile, tmp_path, "--latency-bound", "inf", "--dtype", "float32")
+    err = capsys.readouterr().err
+    assert code == 2 and report == {} and err.count("\n") == 1
+    assert "was measured in bfloat16, but the workers run float32" in err
+    assert "exegpt profile --dtype float32" in err
+    code, _ = _plan(measured_profile, tmp_path, "--latency-bound", "inf", "--dtype", "float16")
+    assert code == 2 and "was measured in float32" in capsys.readouterr().err
+    code, _ = _plan(measured_profile, tmp_path, "--latency-bound", "inf", "--dtype", "int8")
+    assert code == 2 and "unsupported dtype 'int8'" in capsys.readouterr().err
+
+
+def test_auto_plans_for_what_workers_here_would_run(
+    measured_profile: Path, bf16_profile: Path, tmp_path: Path
+) -> None:
+    here = detect_and_choose("auto", "cpu").name
+    for path, dtype in ((measured_profile, "float32"), (bf16_profile, "bfloat16")):
+        code, _ = _plan(path, tmp_path, "--latency-bound", "inf", "--dtype", "auto")
+        assert code == (0 if dtype == here else 2)
+
+
+def test_an_analytic_model_has_no_measured_dtype_to_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _ = _plan(Path("analytic:a100-80gb"), tmp_path, "--latency-bound", "inf")
+    assert code == 0
+    code, _ = _plan(
+        Path("analytic:a100-80gb"), tmp_path, "--latency-bound", "inf", "--dtype", "bfloat16"
+    )
+    assert code == 2 and "--dtype applies to a measured profile" in capsys.readouterr().err

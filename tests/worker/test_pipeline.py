@@ -162,3 +162,55 @@ def test_a_frame_that_lies_about_its_tensors_is_refused_and_the_stage_serves_on(
         sender.close(0)
         context.term()
     assert after - before == 2
+
+
+# Longer prompts than PROMPTS (4-67 tokens): on these, bf16 changes some of both models'
+# tokens (7 and 3 of 8 rows), so the test below sees which dtype the stages ran.
+BF16_PROMPTS = [[(13 * i + 17 * j + i * j) % 190 + 5 for j in range(4 + 9 * i)] for i in range(8)]
+BF16_BLOCKS = 128  # of 4 tokens: every prompt is admitted at the first step
+
+
+def _run_all_queued(engine, prompts: list[list[int]]) -> list[list[int]]:
+    """Like _run, with every request queued before the engine starts: bf16 rounding depends
+    on the GEMM shapes, so the batches must not depend on when the engine thread wakes."""
+    collectors = [
+        submit(engine, p, f"r{i}", max_tokens=NUM_TOKENS, ignore_eos=True)
+        for i, p in enumerate(prompts)
+    ]
+    engine.start()
+    try:
+        return [collector.wait().token_ids for collector in collectors]
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("variant", ["t5", "llama-gqa"])
+def test_bf16_pipeline_tokens_equal_the_bf16_single_process_engine(
+    variant: str, four_layer_models, stage_pool: StagePool
+) -> None:
+    path: Path = four_layer_models[variant][0]
+    loaded = load_model(str(path), dtype=torch.bfloat16)
+    placement, layout = topologies(variant != "llama-gqa")["pp2"]
+    # Two micro-batches in both engines and room for every request at once, so each step
+    # computes the same rows in both: only the stage boundary differs.
+    config = EngineConfig(max_batch_size=8, num_micro_batches=2, kv_block_size_tokens=4)
+    expected = _run_all_queued(build_engine(loaded, config), BF16_PROMPTS)
+    pipeline = PipelineConfig(
+        model=str(path),
+        dtype="bfloat16",
+        placement=placement,
+        stage_addresses=stage_pool.addresses(layout),
+        num_blocks=BF16_BLOCKS,
+        block_size_tokens=4,
+    )
+    with pytest.raises(ValueError, match="runs bfloat16 but the model card says torch.float32"):
+        build_pipeline_engine(load_model(str(path)), config, pipeline)
+    engine = build_pipeline_engine(loaded, config, pipeline)
+    # The stages hold bf16 KV: the engine's accounting counts 2 bytes an element.
+    model = loaded.config
+    bytes_per_token = 2 * model.num_kv_layers * model.num_kv_heads * model.head_dim * 2  # K, V
+    assert engine.stats().kv_capacity_bytes == BF16_BLOCKS * 4 * bytes_per_token
+    assert _run_all_queued(engine, BF16_PROMPTS) == expected
+    # bf16 changes some of these tokens: equal tokens mean the stages ran bf16 too.
+    float32 = _run_all_queued(build_engine(load_model(str(path)), config), BF16_PROMPTS)
+    assert expected != float32

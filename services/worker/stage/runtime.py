@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import zmq
 
+from exegpt.dtypes import DtypeError, torch_dtype
 from exegpt.models.attention import LayerKV
 from exegpt.models.batch import DecodeBatch, PrefillBatch, batch_from_tensors, batch_tensors
 from exegpt.models.checkpoint import Model
@@ -38,7 +39,6 @@ from services.worker.sampling import rows_from_tensors, sample_rows
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TP_TIMEOUT_S = 60.0
 
 
@@ -104,9 +104,12 @@ class StageRuntime:
             request.tp_rank,
             max(1, request.tp_degree),
         )
-        dtype = _DTYPES.get(request.dtype or "float32")
-        if dtype is None:
-            raise LoadError(f"dtype must be one of {sorted(_DTYPES)}, got {request.dtype!r}")
+        # A concrete dtype only: the worker resolves `auto`, because its KV byte accounting
+        # must match what every stage allocates.
+        try:
+            dtype = torch_dtype(request.dtype or "float32")
+        except DtypeError as exc:
+            raise LoadError(str(exc)) from None
         if request.num_kv_blocks < 1 or request.kv_block_size_tokens < 1:
             raise LoadError("num_kv_blocks and kv_block_size_tokens must be >= 1")
         if not request.engine_address:
