@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exegpt.dtypes import DEFAULT_DTYPE, DTYPE_CHOICES
+from exegpt.plan_file import PlanFile
+from exegpt.schedule import ScheduleKind
 from exegpt.security import SecurityConfig, add_security_arguments, security_from_args
 from exegpt.topology import (
     Topology,
@@ -64,7 +66,9 @@ class DeploymentConfig:
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 50051
-    batching: str = "continuous"
+    batching: str | None = None  # None: the plan's kind with --schedule, else continuous
+    # A plan from `exegpt plan --json`: its schedule runs on every replica, at its placement.
+    schedule_file: Path | None = None
     max_batch_size: int = 32
     kv_cache_mb: float = 256.0
     # Passed to every worker, which resolves `auto` and tells its stages the result.
@@ -216,7 +220,8 @@ class Deployment:
             "--model", self.config.model,
             "--host", self.config.worker_host,
             "--port", "0",
-            "--batching", self.config.batching,
+            *(["--batching", self.config.batching] if self.config.batching else []),
+            *(["--schedule", str(self.config.schedule_file)] if self.config.schedule_file else []),
             "--max-batch-size", str(self.config.max_batch_size),
             "--kv-cache-mb", str(self.config.kv_cache_mb),
             "--dtype", self.config.dtype,
@@ -341,9 +346,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--batching",
-        choices=["continuous", "static"],
-        default=defaults.batching,
-        help="iteration-level (continuous) or whole-batch (static) batching",
+        choices=[kind.value for kind in ScheduleKind],
+        default=None,
+        help="continuous, static, or a plan's kind (default: the plan's, else continuous)",
+    )
+    parser.add_argument(
+        "--schedule",
+        type=Path,
+        default=None,
+        help="deploy this `exegpt plan --json` plan: its placement and control variables",
     )
     parser.add_argument(
         "--max-batch-size", type=int, default=defaults.max_batch_size, help="per worker"
@@ -391,6 +402,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
+    plan = PlanFile.read(args.schedule) if args.schedule else None
     if args.log_dir is not None:
         args.log_dir.mkdir(parents=True, exist_ok=True)
     return DeploymentConfig(
@@ -407,7 +419,8 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
         log_dir=args.log_dir,
         extra_router_args=tuple(args.router_arg),
         restart=RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window_s),
-        topology=topology_from_args(args),
+        topology=topology_from_args(args, plan.placement if plan else None),
+        schedule_file=args.schedule.resolve() if args.schedule else None,
         worker_host=args.worker_host,
         security=security_from_args(args),
     )

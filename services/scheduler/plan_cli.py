@@ -20,6 +20,7 @@ from exegpt.schedule import ScheduleKind, searched_kinds
 from services.scheduler.problem import PlanProblem, PlanResult, Prediction, WorkloadDistribution
 from services.scheduler.profile_dtype import check_profile_dtype
 from services.scheduler.sim_common import GIB
+from services.scheduler.simulator import Simulator
 
 DESCRIPTION = "search the best schedule under a latency bound (XSimulator + XScheduler)"
 
@@ -226,12 +227,20 @@ def result_to_dict(
         "model": problem.cost_model.shape.model_name,
         "workload": workload.name,
         "output_p99_tokens": workload.output_p99_tokens,
+        "mean_input_tokens": workload.mean_input_tokens,
+        "mean_output_tokens": workload.mean_output_tokens,
         "num_devices": problem.num_devices,
         "kinds": [kind.value for kind in problem.kinds],
         "device_memory_bytes": problem.device_memory_bytes,
         "latency_bound_s": None if math.isinf(problem.latency_bound_s) else problem.latency_bound_s,
         "meets_bound": result.meets_bound,
         "schedule": chosen["schedule"] if chosen else None,
+        # Where the chosen schedule puts each layer, as simulated: `exegpt up --schedule`.
+        "placement": (
+            Simulator(problem).placement(result.chosen.schedule).to_dict()
+            if result.chosen
+            else None
+        ),
         "predicted": {k: v for k, v in chosen.items() if k != "schedule"} if chosen else None,
         "speedup_vs_static": speedup,
         "best_by_kind": {k: prediction_to_dict(v) for k, v in result.best_by_kind.items()},

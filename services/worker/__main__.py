@@ -6,14 +6,17 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exegpt.cli import service_main
 from exegpt.dtypes import DTYPE_CHOICES, resolve_dtype
+from exegpt.plan_file import PlanFile
+from exegpt.schedule import ScheduleKind
 from exegpt.security import add_security_arguments, security_from_args
 from exegpt.serving import run_service, wait_for_shutdown_signal, write_ready_file
 from exegpt.topology import add_topology_arguments, parse_stage_addresses, topology_from_args
-from services.worker.config import BatchingMode, EngineConfig, WorkerConfig
+from services.worker.config import BATCHING_KINDS, EngineConfig, WorkerConfig
 
 if TYPE_CHECKING:
     from exegpt.models.loader import ModelCard
@@ -40,9 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torch-threads", type=int, default=None, help="intra-op threads")
     parser.add_argument(
         "--batching",
-        choices=[m.value for m in BatchingMode],
-        default=engine.batching.value,
-        help="iteration-level (continuous) or whole-batch (static) batching",
+        choices=BATCHING_KINDS,
+        default=None,
+        help="continuous (iteration-level), static (whole batches), or a planned schedule's kind "
+        "(rra, waa-c, waa-m; with --schedule). Default: the schedule's, else continuous",
     )
     parser.add_argument(
         "--max-batch-size", type=int, default=engine.max_batch_size, help="running sequences"
@@ -69,6 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="gRPC message size limit",
     )
     parser.add_argument(
+        "--schedule",
+        type=Path,
+        default=None,
+        help="run the plan `exegpt plan --json` wrote: its schedule and, without topology "
+        "flags, its placement",
+    )
+    parser.add_argument(
         "--stages",
         default=None,
         help="run the model on stage processes: their gRPC addresses, stages separated by "
@@ -87,8 +98,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    plan = PlanFile.read(args.schedule) if args.schedule else None
+    batching = ScheduleKind(args.batching or (plan.schedule.kind if plan else "continuous"))
+    if plan is not None and batching != plan.schedule.kind and not batching.is_baseline:
+        raise ValueError(f"--batching {batching} contradicts the plan's {plan.schedule.kind}")
     stages = parse_stage_addresses(args.stages) if args.stages else None
-    topology = topology_from_args(args)
+    topology = topology_from_args(args, plan.placement if plan else None)
     if topology.is_pipelined and stages is None:
         raise ValueError("--pipeline-stages/--tensor-parallel/--placement need --stages")
     if stages is not None and [len(r) for r in stages] != topology.ranks_per_stage():
@@ -110,7 +125,9 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         ready_file=args.ready_file,
         security=security_from_args(args),
         engine=EngineConfig(
-            batching=BatchingMode(args.batching),
+            batching=batching,
+            schedule=plan.schedule if plan else None,
+            mean_input_tokens=plan.mean_input_tokens if plan else None,
             max_batch_size=args.max_batch_size,
             max_queue_size=args.max_queue_size,
             kv_capacity_bytes=int(args.kv_cache_mb * 2**20),

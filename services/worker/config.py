@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 from exegpt.dtypes import DEFAULT_DTYPE
+from exegpt.schedule import Schedule, ScheduleKind
 from exegpt.security import SecurityConfig
 from exegpt.topology import Topology
 
-
-class BatchingMode(enum.StrEnum):
-    # Iteration-level batching (Orca/vLLM): new requests join the running batch, finished leave.
-    CONTINUOUS = "continuous"
-    # A batch runs until all its sequences finish before the next is admitted (FasterTransformer).
-    STATIC = "static"
+# How batches form is a schedule kind (services/worker/modes/): the baselines, continuous
+# (Orca/vLLM iteration-level batching) and static (FasterTransformer), or a planned ExeGPT
+# schedule, rra or waa-c / waa-m, whose control variables come with it.
+BATCHING_KINDS = tuple(kind.value for kind in ScheduleKind)
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    batching: BatchingMode = BatchingMode.CONTINUOUS
+    batching: ScheduleKind = ScheduleKind.CONTINUOUS
     max_batch_size: int = 32
     # Waiting requests beyond this are refused (RESOURCE_EXHAUSTED), so memory stays bounded.
     max_queue_size: int = 512
@@ -28,8 +26,17 @@ class EngineConfig:
     # The running batch is split into this many groups that step independently, so that a
     # pipeline of N stages can hold N groups at once (1: one batch, in process).
     num_micro_batches: int = 1
+    # rra / waa: the planned schedule's control variables (B_E, B_D, N_D, B_m).
+    schedule: Schedule | None = None
+    # rra: each encoding's prompt tokens stay within this fraction of B_E x this mean.
+    mean_input_tokens: float | None = None
+    input_band: float = 0.2
 
     def __post_init__(self) -> None:
+        if not self.batching.is_baseline and self.schedule is None:
+            raise ValueError(f"{self.batching} batching needs a schedule (exegpt plan --json)")
+        if not 0 <= self.input_band < 1:
+            raise ValueError("input_band must be in [0, 1)")
         if self.max_batch_size < 1 or self.max_queue_size < 1:
             raise ValueError("max_batch_size and max_queue_size must be >= 1")
         if self.num_micro_batches < 1:

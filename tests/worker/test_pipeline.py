@@ -4,6 +4,7 @@ encoding process beside a decoding process."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import zmq
 from exegpt.models.loader import LoadedModel, load_model
 from exegpt.models.stage_spec import LayerRange
 from exegpt.placement import Placement, StagePlacement
+from exegpt.schedule import Schedule, ScheduleKind
 from exegpt.v1 import stage_pb2, stage_pb2_grpc, transport_pb2
 from services.worker.config import EngineConfig
 from services.worker.executor.pipeline import PipelineConfig
@@ -164,6 +166,40 @@ def test_a_frame_that_lies_about_its_tensors_is_refused_and_the_stage_serves_on(
     assert after - before == 2
 
 
+PLANNED = {
+    "rra": (
+        "pp2",
+        Schedule(
+            ScheduleKind.RRA, encode_batch_size=2, decode_batch_size=4, num_decode_iterations=2
+        ),
+    ),
+    "waa": (
+        "encode-beside-decode",
+        Schedule(ScheduleKind.WAA_C, encode_batch_size=2, decode_batch_size=4, num_micro_batches=2),
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", list(PLANNED))
+@pytest.mark.parametrize("variant", ["t5", "llama-gqa"])
+def test_planned_schedules_over_stages_give_the_single_process_tokens(
+    variant: str, mode: str, references, four_layer_models, stage_pool: StagePool
+) -> None:
+    loaded, expected = references[variant]
+    topology, schedule = PLANNED[mode]
+    placement, layout = topologies(variant != "llama-gqa")[topology]
+    pipeline = PipelineConfig(
+        model=str(four_layer_models[variant][0]),
+        dtype="float32",
+        placement=placement,
+        stage_addresses=stage_pool.addresses(layout),
+        num_blocks=64,
+        block_size_tokens=4,
+    )
+    config = EngineConfig(batching=schedule.kind, schedule=schedule, kv_block_size_tokens=4)
+    assert _run(build_pipeline_engine(loaded, config, pipeline), PROMPTS) == expected
+
+
 # Longer prompts than PROMPTS (4-67 tokens): on these, bf16 changes some of both models'
 # tokens (7 and 3 of 8 rows), so the test below sees which dtype the stages ran.
 BF16_PROMPTS = [[(13 * i + 17 * j + i * j) % 190 + 5 for j in range(4 + 9 * i)] for i in range(8)]
@@ -214,3 +250,56 @@ def test_bf16_pipeline_tokens_equal_the_bf16_single_process_engine(
     # bf16 changes some of these tokens: equal tokens mean the stages ran bf16 too.
     float32 = _run_all_queued(build_engine(load_model(str(path)), config), BF16_PROMPTS)
     assert expected != float32
+
+
+@pytest.mark.parametrize("variant", ["t5", "llama-gqa"])
+def test_a_pushed_placement_applies_under_load_and_no_request_fails(
+    variant: str, references, four_layer_models, stage_pool: StagePool
+) -> None:
+    loaded, _ = references[variant]
+    is_t5 = variant != "llama-gqa"
+    num_tokens = 14
+    expected = []
+    local = build_engine(loaded, EngineConfig(max_batch_size=8))
+    local.start()
+    try:
+        for i, prompt in enumerate(PROMPTS):
+            expected.append(
+                submit(local, prompt, f"e{i}", max_tokens=num_tokens, ignore_eos=True)
+                .wait()
+                .token_ids
+            )
+    finally:
+        local.stop()
+    before, layout = topologies(is_t5)["pp2"]
+    after, _ = topologies(is_t5)["encode-beside-decode"]
+    pipeline = PipelineConfig(
+        model=str(four_layer_models[variant][0]),
+        dtype="float32",
+        placement=before,
+        stage_addresses=stage_pool.addresses(layout),
+        num_blocks=64,
+        block_size_tokens=4,
+    )
+    engine = build_pipeline_engine(loaded, EngineConfig(kv_block_size_tokens=4), pipeline)
+    engine.start()
+    try:
+        collectors = [
+            submit(engine, p, f"r{i}", max_tokens=num_tokens, ignore_eos=True)
+            for i, p in enumerate(PROMPTS)
+        ]
+        while sum(len(c.token_ids) for c in collectors) < 2 * len(PROMPTS):
+            time.sleep(0.005)
+        schedule = PLANNED["waa"][1]
+        engine.apply_schedule(schedule, after)
+        outputs = []
+        for collector in collectors:
+            collector.wait()
+            assert collector.events[-1].error is None, collector.events[-1].error
+            outputs.append(collector.token_ids)
+        assert engine.placement == after and engine.config.schedule == schedule
+        assert [s.redeployed for s in engine.switches] == [True]
+        assert any(0 < len(c.token_ids) for c in collectors)
+    finally:
+        engine.stop()
+    assert outputs == expected  # nothing dropped, nothing duplicated, same tokens

@@ -218,6 +218,11 @@ class StageRuntime:
         out.attributes.setdefault("step_id", step_id)
         out.attributes["load_id"] = load_id
         out.attributes["compute_s"] = repr(previous_s + elapsed_s)
+        # Each stage's own time, in route order: the engine reports them for calibration.
+        stage_times = message.attributes.get("stage_s", "")
+        out.attributes["stage_s"] = (
+            f"{stage_times},{elapsed_s!r}" if stage_times else repr(elapsed_s)
+        )
         out.trace_context = dict(message.trace_context)
         self._fanout.send(hop, out)
 
