@@ -29,6 +29,7 @@ from exegpt.dtypes import DEFAULT_DTYPE, DTYPE_CHOICES
 from exegpt.plan_file import PlanFile
 from exegpt.schedule import ScheduleKind
 from exegpt.security import SecurityConfig, add_security_arguments, security_from_args
+from exegpt.serving import supervisor_environment
 from exegpt.topology import (
     Topology,
     add_topology_arguments,
@@ -161,7 +162,7 @@ class Deployment:
         # Appended to, so a restarted child's log follows the one that died.
         output = open(log_path, "ab") if log_path else None  # noqa: SIM115 (owned by the child)
         command = [sys.executable, "-m", module, *args, "--ready-file", str(ready_file)]
-        env = {**os.environ, **security.environment()}
+        env = {**os.environ, **security.environment(), **supervisor_environment()}
         process = subprocess.Popen(command, stdout=output, stderr=output, env=env)
         if output is not None:
             output.close()

@@ -223,19 +223,29 @@ def write_ready_file(path: str | None, address: str) -> None:
     tmp.replace(target)
 
 
-async def wait_for_shutdown_signal(watch_parent: bool = True) -> None:
-    """Return on SIGINT/SIGTERM, or when the launching parent process has died."""
+SUPERVISOR_PID_ENV = "EXEGPT_SUPERVISOR_PID"
+
+
+def supervisor_environment() -> dict[str, str]:
+    """What a supervisor (`exegpt up`) puts in its children's environment so that they stop
+    when it dies; a service started by hand outlives the shell that started it."""
+    return {SUPERVISOR_PID_ENV: str(os.getpid())}
+
+
+async def wait_for_shutdown_signal() -> None:
+    """Return on SIGINT/SIGTERM, or when the supervisor that started this process is gone."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    parent_pid = os.getppid()
+    supervisor = os.environ.get(SUPERVISOR_PID_ENV, "")
+    supervisor_pid = int(supervisor) if supervisor.isdigit() else None
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), timeout=1.0)
         except TimeoutError:
-            if watch_parent and os.getppid() != parent_pid:
-                logger.warning("parent process %d is gone; shutting down", parent_pid)
+            if supervisor_pid is not None and os.getppid() != supervisor_pid:
+                logger.warning("supervisor %d is gone; shutting down", supervisor_pid)
                 return
 
 
