@@ -179,6 +179,7 @@ class Deployment:
         model_roots = []
         if Path(self.config.model).is_dir():
             model_roots = ["--model-root", str(Path(self.config.model).resolve().parent)]
+        first_device = replica * sum(layout)
         children = [
             [
                 self._spawn(
@@ -192,7 +193,7 @@ class Deployment:
                         "--torch-threads",
                         str(threads),
                         "--device",
-                        topology.device,
+                        topology.device_of(first_device + sum(layout[:stage]) + rank),
                         *model_roots,
                     ],
                 )  # fmt: skip
@@ -372,6 +373,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--torch-threads", type=int, default=None, help="per worker")
     add_topology_arguments(parser)
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where stage processes compute: cpu, cuda (one GPU per process, in order) or cuda:N",
+    )
     parser.add_argument(
         "--threads-per-device",
         type=int,

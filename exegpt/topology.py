@@ -44,6 +44,11 @@ class Topology:
     def _default_layout(self) -> bool:
         return self.placement_file is None and self.pipeline_stages * self.tensor_parallel == 1
 
+    def device_of(self, index: int) -> str:
+        """The device of a replica's `index`-th process: `cuda` spreads them over the GPUs
+        (cuda:0, cuda:1, ...); anything else (cpu, or cuda:N) is used as given."""
+        return f"cuda:{index}" if self.device == "cuda" else self.device
+
     def read_placement_text(self) -> str:
         assert self.placement_file is not None
         path = self.placement_file
@@ -102,6 +107,7 @@ def topology_from_args(args: argparse.Namespace, planned: Placement | None = Non
         tensor_parallel=args.tensor_parallel,
         placement_file=args.placement,
         threads_per_device=getattr(args, "threads_per_device", None),
+        device=getattr(args, "device", "cpu"),
         planned=planned,
     )
 

@@ -34,6 +34,8 @@ class StepPlan:
     # PREFILL: tokens a preempted sequence had generated (recomputed); DECODE: empty.
     prefixes: tuple[tuple[int, ...], ...]
     sampling: tuple[RowSampling, ...]
+    # DECODE: the group of the running batch this step advances (-1: a prefill).
+    micro_batch: int = -1
 
     def __len__(self) -> int:
         return len(self.seq_ids)

@@ -177,7 +177,7 @@ class StepScheduler:
             ]
             if ready:
                 self._next_group = group + 1
-                plan = self._plan(StepKind.DECODE, ready)
+                plan = replace(self._plan(StepKind.DECODE, ready), micro_batch=group)
                 self._busy_groups[group] = plan.step_id
                 return plan
         return None

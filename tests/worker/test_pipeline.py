@@ -4,6 +4,9 @@ encoding process beside a decoding process."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +24,7 @@ from exegpt.v1 import stage_pb2, stage_pb2_grpc, transport_pb2
 from services.worker.config import EngineConfig
 from services.worker.executor.pipeline import PipelineConfig
 from services.worker.server import build_engine, build_pipeline_engine
-from tests.worker.stages import StagePool
+from tests.worker.stages import StagePool, StageProcess
 from tests.worker.test_engine import submit
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18]]
@@ -303,3 +306,39 @@ def test_a_pushed_placement_applies_under_load_and_no_request_fails(
     finally:
         engine.stop()
     assert outputs == expected  # nothing dropped, nothing duplicated, same tokens
+
+
+def test_a_step_is_one_trace_across_the_engine_and_its_stages(tmp_path: Path) -> None:
+    from tests.conftest import SPAN_EXPORTER
+
+    ready = tmp_path / "stage.ready"
+    log = tmp_path / "stage.log"
+    env = {**os.environ, "OTEL_TRACES_EXPORTER": "console", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "services.worker.stage", "--port", "0",
+               "--torch-threads", "1", "--ready-file", str(ready)]  # fmt: skip
+    with open(log, "wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=output, env=env)
+    try:
+        stage = StageProcess(process, ready, log)
+        loaded = load_model("exegpt-tiny-t5")
+        pipeline = PipelineConfig(
+            model="exegpt-tiny-t5",
+            dtype="float32",
+            placement=Placement.even(loaded.config, 1),
+            stage_addresses=((stage.wait_ready(),),),
+            num_blocks=64,
+            block_size_tokens=4,
+        )
+        SPAN_EXPORTER.clear()
+        engine = build_pipeline_engine(loaded, EngineConfig(kv_block_size_tokens=4), pipeline)
+        _run(engine, [[5, 6, 7]])
+        steps = [s for s in SPAN_EXPORTER.get_finished_spans() if s.name.startswith("pipeline.")]
+        assert {s.name for s in steps} == {"pipeline.encode", "pipeline.decode"}
+        trace_ids = {f"0x{s.context.trace_id:032x}" for s in steps}
+    finally:
+        process.terminate()
+        process.wait(10)
+    stage_log = log.read_text()
+    # The stage's console exporter printed its spans under the engine's trace ids.
+    assert '"name": "stage.encode"' in stage_log and '"name": "stage.decode"' in stage_log
+    assert all(f'"trace_id": "{trace_id}"' in stage_log for trace_id in trace_ids)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 import grpc
 import torch
 import zmq
+from opentelemetry import propagate, trace
 
 from exegpt.models.batch import BatchBuilder
 from exegpt.models.config import ModelConfig
@@ -35,6 +36,7 @@ from services.worker.stage.runtime import message_for_batch
 from services.worker.step_plan import StepKind, StepPlan, StepResult
 
 logger = logging.getLogger(__name__)
+tracer = trace.get_tracer("exegpt.pipeline")
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class PipelineExecutor:
         self._lock = threading.Lock()
         self._load_lock = threading.RLock()  # a redeploy and the watchdog's reload
         self._in_flight: dict[int, tuple[StepPlan, float]] = {}
+        self._spans: dict[int, trace.Span] = {}
         self._failed: list[StepResult] = []
         self._healthy = False
         self._load_id = ""
@@ -167,11 +170,23 @@ class PipelineExecutor:
             kind, hop = "encode", "encoder"
         else:
             kind, hop = "prefill", "prefill"
-        message = TensorMessage(
-            kind, tensors, attributes={"step_id": str(plan.step_id), "load_id": self._load_id}
+        # One span per step, ended when its tokens come back; every stage's span joins it
+        # through the W3C context in the frame header.
+        span = tracer.start_span(
+            f"pipeline.{kind}",
+            attributes={"exegpt.step_id": plan.step_id, "exegpt.batch_size": len(plan)},
         )
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        attributes = {
+            "step_id": str(plan.step_id),
+            "load_id": self._load_id,
+            "micro_batch": str(plan.micro_batch),
+        }
+        message = TensorMessage(kind, tensors, attributes=attributes, trace_context=carrier)
         with self._lock:
             self._in_flight[plan.step_id] = (plan, time.monotonic() + self._config.step_timeout_s)
+            self._spans[plan.step_id] = span
         self._fanout.send(self._first_hops[hop], message)
 
     def next_result(self, timeout_s: float) -> StepResult | None:
@@ -196,6 +211,9 @@ class PipelineExecutor:
             return None
         with self._lock:
             entry = self._in_flight.pop(step_id, None)
+            span = self._spans.pop(step_id, None)
+        if span is not None:
+            span.end()
         if entry is None or message.attributes.get("load_id") != self._load_id:
             return None  # a step of an earlier load, already failed
         plan = entry[0]
@@ -350,6 +368,10 @@ class PipelineExecutor:
                 for plan, _ in self._in_flight.values()
             ]
             self._in_flight.clear()
+            for span in self._spans.values():
+                span.set_status(trace.Status(trace.StatusCode.ERROR, "a stage is down"))
+                span.end()
+            self._spans.clear()
             self._failed.extend(failed)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import zmq
+from opentelemetry import propagate, trace
 
 from exegpt.dtypes import DtypeError, torch_dtype
 from exegpt.models.attention import LayerKV
@@ -38,6 +39,7 @@ from exegpt.v1 import stage_pb2
 from services.worker.sampling import rows_from_tensors, sample_rows
 
 logger = logging.getLogger(__name__)
+tracer = trace.get_tracer("exegpt.stage")
 
 _TP_TIMEOUT_S = 60.0
 
@@ -199,8 +201,16 @@ class StageRuntime:
             logger.info("step %s belongs to an earlier load; dropped", step_id)
             return
         start_s = time.perf_counter()
+        parent = propagate.extract(message.trace_context)
         try:
-            with torch.inference_mode():
+            with (
+                tracer.start_as_current_span(
+                    f"stage.{message.kind}",
+                    context=parent,
+                    attributes={"exegpt.step_id": step_id, "exegpt.tp_rank": stage.spec.tp_rank},
+                ),
+                torch.inference_mode(),
+            ):
                 out, hop = self._run(stage, message)
         except Exception as exc:
             with self.counters.lock:
