@@ -25,6 +25,7 @@ from opentelemetry import trace
 
 from exegpt.errors import HTTP_STATUS, ErrorCode, RequestError
 from exegpt.generation import GenerationRequest
+from exegpt.metrics import metrics_response
 from exegpt.security import key_matches
 from services.router.openai_schema import (
     CompletionRequest,
@@ -57,6 +58,7 @@ def make_app(
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
     return app
 
 
@@ -246,6 +248,11 @@ async def list_models(request: web.Request) -> web.Response:
         for info in router.models()
     ]
     return web.json_response({"object": "list", "data": data})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text: the router's metrics and every replica's (labelled replica=)."""
+    return metrics_response(await request.app[ROUTER_KEY].metrics.exposition())
 
 
 async def health(request: web.Request) -> web.Response:

@@ -36,6 +36,7 @@ from exegpt.generation import (
 from exegpt.grpc_errors import error_from_rpc
 from exegpt.v1 import generate_pb2
 from services.router.config import RouterConfig
+from services.router.metrics import RouterMetrics
 from services.router.policies import make_policy
 from services.router.replicas import OpenStream, Replica, ReplicaPool
 
@@ -53,6 +54,7 @@ class Router:
             security=config.security,
         )
         self._policy = make_policy(config.policy)
+        self.metrics = RouterMetrics(self.pool, str(config.policy))
         self._watchdog: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -124,6 +126,7 @@ class Router:
                     if streamed or exc.code is not ErrorCode.UNAVAILABLE:
                         raise
                     self.pool.mark_unhealthy(replica)
+                    self.metrics.retried(replica.address)
                     logger.warning("retrying %s elsewhere: %s", request_id, exc.message)
 
     async def _choose_replica(self, model: str, tried: set[str]) -> Replica:
@@ -140,7 +143,9 @@ class Router:
         ]
         if not candidates:
             raise RequestError(ErrorCode.UNAVAILABLE, "no healthy replica can take the request")
-        return self._policy.choose(candidates)  # type: ignore[return-value]
+        chosen: Replica = self._policy.choose(candidates)  # type: ignore[assignment]
+        self.metrics.routed(chosen.address)
+        return chosen
 
     async def _forward(
         self, replica: Replica, message: generate_pb2.GenerateRequest, timeout_s: float

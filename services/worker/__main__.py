@@ -92,6 +92,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="groups of the running batch stepping independently (0: one per stage)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus /metrics on this HTTP port (0: a free one; default off: the "
+        "gateway's /metrics already aggregates every worker)",
+    )
+    parser.add_argument(
+        "--metrics-host", default=defaults.metrics_host, help="interface of --metrics-port"
+    )
     add_security_arguments(parser)
     parser.add_argument("--ready-file", default=None, help="write host:port here once serving")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
@@ -123,6 +133,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         torch_threads=args.torch_threads,
         max_message_bytes=int(args.max_message_mb * 2**20),
         ready_file=args.ready_file,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         security=security_from_args(args),
         engine=EngineConfig(
             batching=batching,

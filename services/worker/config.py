@@ -63,5 +63,9 @@ class WorkerConfig:
     # Written with "host:port" once the server is bound (lets a launcher use port 0).
     ready_file: str | None = None
     grace_period_s: float = 5.0
+    # Prometheus /metrics on its own HTTP port (None: off; 0: a free port). The gateway's
+    # /metrics aggregates every worker over gRPC without it.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     # API key and TLS of this worker's server and of its calls to its stages.
     security: SecurityConfig = field(default_factory=SecurityConfig)

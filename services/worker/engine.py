@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from exegpt.generation import InvalidRequestError
@@ -32,6 +33,7 @@ from services.worker.requests import (
     QueueFullError,
     RequestTimings,
 )
+from services.worker.step_plan import StepKind, StepResult
 from services.worker.step_scheduler import Delivery, StepScheduler
 
 __all__ = [
@@ -47,6 +49,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.05  # how often the loop looks at aborts and executor health while steps run
+
+# Called on the engine thread with each step that came back (kind, rows, result), for
+# metrics; it must be quick and must not raise. It reads, never drains, what was observed.
+StepObserver = Callable[[StepKind, int, StepResult], None]
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,8 @@ class Engine:
         self._stopping = False
         self._pending: PendingSchedule | None = None
         self.switches: list[ScheduleSwitch] = []
+        self.step_observers: list[StepObserver] = []
+        self._submitted: dict[int, tuple[StepKind, int]] = {}  # step id -> kind, rows
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     # ---- called from other threads -------------------------------------------------------
@@ -223,10 +231,12 @@ class Engine:
             if self._pending is not None and not self._apply_pending():
                 result = executor.next_result(_POLL_S)  # drain the steps in flight first
                 if result is not None:
+                    self._observe(result)
                     self._deliver(scheduler.complete(result))
                 continue
             if not executor.healthy():
                 self._deliver(scheduler.fail_all("replica unavailable: a stage is down", True))
+                self._submitted.clear()  # their results never come back
                 with self._wake:
                     self._wake.wait(_POLL_S)
                 continue
@@ -234,6 +244,7 @@ class Engine:
                 plan = scheduler.next_plan()
                 if plan is None:
                     break
+                self._submitted[plan.step_id] = (plan.kind, len(plan))
                 executor.submit(plan)
             if not executor.num_in_flight:
                 with self._wake:  # nothing can run until a request arrives or is aborted
@@ -243,6 +254,7 @@ class Engine:
             if result is not None:
                 if result.unavailable:
                     logger.error("executor failed: %s", result.error)
+                self._observe(result)
                 self._deliver(scheduler.complete(result))
         self._deliver(scheduler.fail_all("engine is shutting down"))
 
@@ -284,6 +296,16 @@ class Engine:
             if self._pending is pending:
                 self._pending = None
         return True
+
+    def _observe(self, result: StepResult) -> None:
+        submitted = self._submitted.pop(result.step_id, None)
+        if submitted is None or result.error is not None:
+            return
+        for observer in self.step_observers:
+            try:
+                observer(submitted[0], submitted[1], result)
+            except Exception:  # metrics must never stop the engine
+                logger.exception("step observer failed")
 
     @staticmethod
     def _deliver(deliveries: list[Delivery]) -> None:

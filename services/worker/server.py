@@ -28,7 +28,7 @@ from exegpt.generation import (
 from exegpt.models.kv_cache import KVCachePool, KVCacheSpec
 from exegpt.models.loader import LoadedModel, ModelCard
 from exegpt.serving import GrpcServer, start_grpc_server
-from exegpt.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
+from exegpt.v1 import generate_pb2, metrics_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.worker.config import EngineConfig, WorkerConfig
 from services.worker.detokenizer import IncrementalDetokenizer
 from services.worker.engine import (
@@ -41,6 +41,12 @@ from services.worker.engine import (
 )
 from services.worker.executor.local import LocalExecutor
 from services.worker.executor.pipeline import PipelineConfig, PipelineExecutor
+from services.worker.metrics import (
+    MetricsServicer,
+    metrics_of,
+    start_metrics_port,
+    stop_metrics_port,
+)
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("exegpt.worker")
@@ -50,6 +56,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, loaded: LoadedModel | ModelCard, engine: Engine) -> None:
         self._loaded = loaded
         self._engine = engine
+        self.metrics = metrics_of(engine, loaded.name)
 
     async def Generate(  # noqa: N802 (gRPC method name)
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -103,6 +110,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         detokenizer = IncrementalDetokenizer(self._loaded.tokenizer)
         num_generated = 0
         finished = False
+        token_times: list[float] = []
+        timings: RequestTimings | None = None
         try:
             while not finished:
                 batch = await _next_events(events)
@@ -123,6 +132,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                         finished = True
                         chunk.finish_reason = event.finish_reason
                         _record_phase_spans(event.timings)
+                        timings = event.timings
+                self.metrics.on_tokens(len(prompt_ids), chunk.token_times_s, not token_times)
+                token_times += chunk.token_times_s
+                if chunk.finish_reason is not None:
+                    self.metrics.on_finish(chunk.finish_reason, token_times, timings)
                 num_generated += len(chunk.token_ids)
                 chunk.text = detokenizer.add(chunk.token_ids, final=finished)
                 if finished:
@@ -209,6 +223,7 @@ class RunningWorker:
         await self.grpc_server.set_serving(False)
         # Let in-flight streams finish within the grace period, then stop the engine.
         await self.grpc_server.server.stop(grace_s)
+        await stop_metrics_port(self.engine)
         await asyncio.to_thread(self.engine.stop)
 
 
@@ -235,9 +250,14 @@ async def start_worker(
         assert isinstance(loaded, LoadedModel), "an in-process engine needs the weights"
         engine = build_engine(loaded, config.engine)
     engine.start()
+    metrics_port = await start_metrics_port(
+        config.metrics_host, config.metrics_port, config.security, metrics_of(engine, loaded.name)
+    )
+    if metrics_port is not None:
+        logger.info("worker metrics on %s:%d/metrics", config.metrics_host, metrics_port)
     servicer = WorkerServicer(loaded, engine)
     grpc_server = await start_grpc_server(
-        lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server),
+        lambda server: _register(server, servicer),
         host=config.host,
         port=config.port,
         max_message_bytes=config.max_message_bytes,
@@ -253,6 +273,11 @@ async def start_worker(
     )
     health_task = asyncio.create_task(_mirror_health(grpc_server, engine))
     return RunningWorker(grpc_server, engine, loaded, health_task)
+
+
+def _register(server: grpc.aio.Server, servicer: WorkerServicer) -> None:
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    metrics_pb2_grpc.add_MetricsServicer_to_server(MetricsServicer(servicer.metrics), server)
 
 
 async def _mirror_health(grpc_server: GrpcServer, engine: Engine, interval_s: float = 0.25) -> None:
