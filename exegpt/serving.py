@@ -259,7 +259,7 @@ def run_service(
     Tracing is configured from the standard OTEL_* variables first. A bad configuration or
     an address that cannot be bound (`errors`) is logged in one line and exits 1.
     """
-    tracing.configure_tracing(f"exegpt-{name}", os.environ.get("OTEL_TRACES_EXPORTER", "none"))
+    tracing.configure_tracing(f"exegpt-{name}", tracing.exporter_from_environment())
     try:
         asyncio.run(serve())
     except errors as exc:

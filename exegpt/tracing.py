@@ -1,14 +1,18 @@
 """OpenTelemetry set-up and W3C trace-context propagation over gRPC metadata.
 
-The exporter is chosen the standard way, by OTEL_TRACES_EXPORTER (none, console, otlp);
-the service's main() reads it and passes it here. With "none" (the default) spans are still
-created and propagated, so a test or an embedding process can install its own provider.
+The exporter is chosen the standard way (`exporter_from_environment`): OTEL_TRACES_EXPORTER
+(none, console, otlp) when set, else otlp when an OTLP endpoint is configured
+(OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT), else none. The OTLP
+exporter speaks gRPC and reads the other OTEL_EXPORTER_OTLP_* variables itself (headers,
+certificates, insecure, timeout). With "none" spans are still created and propagated, so a
+test or an embedding process can install its own provider.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 
 from opentelemetry import context as otel_context
@@ -20,6 +24,16 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 logger = logging.getLogger(__name__)
 
 EXPORTERS = ("none", "console", "otlp")
+OTLP_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+
+
+def exporter_from_environment(environ: Mapping[str, str] | None = None) -> str:
+    """OTEL_TRACES_EXPORTER if set; otlp if an OTLP endpoint is set; else none."""
+    environ = os.environ if environ is None else environ
+    chosen = environ.get("OTEL_TRACES_EXPORTER", "").strip()
+    if chosen:
+        return chosen
+    return "otlp" if any(environ.get(name) for name in OTLP_ENDPOINT_VARIABLES) else "none"
 
 
 def configure_tracing(service_name: str, exporter: str = "none") -> TracerProvider | None:
@@ -41,7 +55,7 @@ def _make_exporter(name: str) -> SpanExporter:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         except ImportError as exc:
             raise ValueError(
-                "OTEL_TRACES_EXPORTER=otlp needs opentelemetry-exporter-otlp installed"
+                "OTEL_TRACES_EXPORTER=otlp needs opentelemetry-exporter-otlp-proto-grpc installed"
             ) from exc
         return OTLPSpanExporter()
     raise ValueError(f"unknown OTEL_TRACES_EXPORTER {name!r}; use one of {EXPORTERS}")
