@@ -18,7 +18,7 @@ class InvalidRequestError(ValueError):
 
 
 class FinishReason(enum.StrEnum):
-    STOP = "stop"  # the model produced EOS
+    STOP = "stop"  # the model produced EOS, or the text reached a stop string
     LENGTH = "length"  # max_tokens was reached
 
 
@@ -27,6 +27,8 @@ _FINISH_TO_PROTO = {
     FinishReason.LENGTH: generate_pb2.FINISH_REASON_LENGTH,
 }
 _FINISH_FROM_PROTO = {v: k for k, v in _FINISH_TO_PROTO.items()}
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,14 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False
+    stop: tuple[str, ...] = ()  # the output ends before the first of these in its text
 
     def validate(self) -> None:
+        if len(self.stop) > MAX_STOPS or any(not 0 < len(s) <= MAX_STOP_CHARS for s in self.stop):
+            raise InvalidRequestError(
+                f"stop takes at most {MAX_STOPS} non-empty strings of up to {MAX_STOP_CHARS} "
+                "characters"
+            )
         if self.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not self.temperature >= 0:
@@ -93,6 +101,7 @@ def sampling_from_proto(msg: generate_pb2.SamplingParams) -> SamplingParams:
         top_p=msg.top_p or 1.0,
         seed=msg.seed if msg.HasField("seed") else None,
         ignore_eos=msg.ignore_eos,
+        stop=tuple(msg.stop),
     )
 
 
@@ -102,6 +111,7 @@ def sampling_to_proto(params: SamplingParams) -> generate_pb2.SamplingParams:
         temperature=params.temperature,
         top_p=params.top_p,
         ignore_eos=params.ignore_eos,
+        stop=list(params.stop),
     )
     if params.seed is not None:
         msg.seed = params.seed

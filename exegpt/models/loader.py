@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from exegpt.chat import ChatTemplate, read_chat_template
 from exegpt.models.checkpoint import Model, create_model, list_tensors, load_weights, save_weights
 from exegpt.models.config import ModelConfig
 from exegpt.models.defaults import (
@@ -35,6 +36,7 @@ class LoadedModel:
     tokenizer: Tokenizer | None  # None: the model takes token-id prompts only
     dtype: torch.dtype = torch.float32
     device: torch.device = torch.device("cpu")
+    chat_template: ChatTemplate | None = None  # None: the fallback (exegpt/chat.py)
 
 
 def load_model(
@@ -66,7 +68,9 @@ def load_model(
     tokenizer = _read_tokenizer(directory, config)
     logger.info("loaded %s (%s) from %s", config.family, dtype, directory)
     served_name = name or directory.resolve().name
-    return LoadedModel(served_name, config, model, tokenizer, dtype, torch_device)
+    return LoadedModel(
+        served_name, config, model, tokenizer, dtype, torch_device, read_chat_template(directory)
+    )
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ class ModelCard:
     dtype: torch.dtype = torch.float32
     # What the stages are told to load: the embedded model's name or an absolute directory.
     source: str = DEFAULT_MODEL_NAME
+    chat_template: ChatTemplate | None = None
 
 
 def read_model_card(
@@ -96,7 +101,14 @@ def read_model_card(
     config = _read_config(directory)
     served_name = name or directory.resolve().name
     tokenizer = _read_tokenizer(directory, config)
-    return ModelCard(served_name, config, tokenizer, dtype, str(directory.resolve()))
+    return ModelCard(
+        served_name,
+        config,
+        tokenizer,
+        dtype,
+        str(directory.resolve()),
+        read_chat_template(directory),
+    )
 
 
 def save_default_model(directory: str | Path) -> Path:

@@ -55,7 +55,10 @@ def make_app(
     app[BODY_TIMEOUT_KEY] = body_timeout_s
     if api_key is not None:
         app[BEARER_KEY] = f"Bearer {api_key}"
+    from services.router.chat import chat_completions  # it uses this module's helpers
+
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
@@ -182,6 +185,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
             result = await router.generate(generation)
         except RequestError as exc:
             return _request_error(exc)
+        if body.echo:
+            result.text = (generation.prompt_text or "") + result.text
         return web.json_response(completion_body(request_id, model, result, body.return_token_ids))
 
 
@@ -202,6 +207,8 @@ async def _stream_completion(
     )
     await response.prepare(request)
     last = first
+    if body.echo:
+        first.text = (generation.prompt_text or "") + first.text
     try:
         await _send_event(
             response, chunk_body(generation.request_id, model, first, body.return_token_ids)

@@ -14,29 +14,84 @@ from exegpt.generation import GenerationChunk, GenerationRequest, SamplingParams
 Number = Annotated[StrictFloat, Field(allow_inf_nan=False)]
 UInt32 = Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]
 UInt64 = Annotated[StrictInt, Field(ge=0, le=2**64 - 1)]
+DEFAULT_MAX_TOKENS = 16
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: StrictBool = False
 
 
-class CompletionRequest(BaseModel):
-    """POST /v1/completions. Unknown fields are ignored, as OpenAI-compatible servers do."""
+class SamplingFields(BaseModel):
+    """Fields /v1/completions and /v1/chat/completions share. An unknown field is refused
+    with a 400 naming it, and so is a known one this server cannot honour (`refuse`):
+    a client never gets output that silently ignored what it asked for."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: StrictStr | None = None
-    # Token ids are range-checked with the request (GenerationRequest.validate).
-    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
-    max_tokens: UInt32 = 16
+    max_tokens: UInt32 | None = None
     temperature: Number = 1.0
     top_p: Number = 1.0
     seed: UInt64 | None = None
     n: UInt32 = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    presence_penalty: Number = 0.0
+    frequency_penalty: Number = 0.0
+    logit_bias: dict[StrictStr, Number] | None = None
+    user: StrictStr | None = None  # an end-user label: accepted, changes nothing
     ignore_eos: StrictBool = False
     return_token_ids: StrictBool = False
+
+    def refuse(self) -> None:
+        """Raise ValueError naming the first field set to what this server cannot do."""
+        unsupported = {
+            "n=1": self.n != 1,
+            "presence_penalty=0": self.presence_penalty != 0,
+            "frequency_penalty=0": self.frequency_penalty != 0,
+            "logit_bias={}": bool(self.logit_bias),
+        }
+        for default, refused in unsupported.items():
+            if refused:
+                name = default.split("=")[0]
+                raise ValueError(f"{name} is not supported by this server (only {default})")
+
+    def sampling(self, max_tokens: int | None) -> SamplingParams:
+        self.refuse()
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            ignore_eos=self.ignore_eos,
+            stop=stop,
+        )
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions."""
+
+    # Token ids are range-checked with the request (GenerationRequest.validate).
+    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+    echo: StrictBool = False
+    logprobs: UInt32 | None = None
+    suffix: StrictStr | None = None
+    best_of: UInt32 | None = None
+
+    def refuse(self) -> None:
+        super().refuse()
+        if self.logprobs is not None:
+            raise ValueError("logprobs is not supported by this server")
+        if self.suffix:
+            raise ValueError("suffix is not supported by this server")
+        if self.best_of not in (None, 1):
+            raise ValueError("best_of is not supported by this server (only 1)")
+        if self.echo and not isinstance(self.single_prompt(), str):
+            raise ValueError("echo needs the prompt as text, not token ids")
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt of the request (a batch of prompts is not supported)."""
@@ -48,19 +103,11 @@ class CompletionRequest(BaseModel):
         return prompt  # type: ignore[return-value]
 
     def to_generation(self, request_id: str) -> GenerationRequest:
-        if self.n != 1:
-            raise ValueError("only n=1 is supported")
         prompt = self.single_prompt()
         return GenerationRequest(
             request_id=request_id,
             model=self.model or "",
-            sampling=SamplingParams(
-                max_tokens=self.max_tokens,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                seed=self.seed,
-                ignore_eos=self.ignore_eos,
-            ),
+            sampling=self.sampling(self.max_tokens),
             prompt_text=prompt if isinstance(prompt, str) else None,
             prompt_token_ids=tuple(prompt) if isinstance(prompt, list) else None,
         )

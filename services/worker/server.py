@@ -17,8 +17,10 @@ import grpc
 from opentelemetry import trace
 
 from exegpt import tracing
+from exegpt.chat import ChatTemplate
 from exegpt.dtypes import dtype_name
 from exegpt.generation import (
+    FinishReason,
     GenerationChunk,
     GenerationRequest,
     InvalidRequestError,
@@ -28,6 +30,7 @@ from exegpt.generation import (
 from exegpt.models.kv_cache import KVCachePool, KVCacheSpec
 from exegpt.models.loader import LoadedModel, ModelCard
 from exegpt.serving import GrpcServer, start_grpc_server
+from exegpt.stops import StopMatcher
 from exegpt.v1 import generate_pb2, metrics_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.worker.config import EngineConfig, WorkerConfig
 from services.worker.detokenizer import IncrementalDetokenizer
@@ -108,6 +111,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except EngineStoppedError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         detokenizer = IncrementalDetokenizer(self._loaded.tokenizer)
+        stops = StopMatcher(generation.sampling.stop)
         num_generated = 0
         finished = False
         token_times: list[float] = []
@@ -139,6 +143,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     self.metrics.on_finish(chunk.finish_reason, token_times, timings)
                 num_generated += len(chunk.token_ids)
                 chunk.text = detokenizer.add(chunk.token_ids, final=finished)
+                if generation.sampling.stop:
+                    chunk.text = stops.feed(chunk.text, final=finished)
+                    if stops.stopped:  # the text reached a stop string: end here
+                        if not finished:
+                            self._engine.abort(engine_key)
+                            self.metrics.on_finish(FinishReason.STOP, token_times, None)
+                        finished = True
+                        chunk.finish_reason = FinishReason.STOP
                 if finished:
                     chunk.prompt_tokens = len(prompt_ids)
                     chunk.completion_tokens = num_generated
@@ -177,7 +189,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             vocab_size=config.vocab_size,
             max_context_tokens=config.max_context_tokens,
             has_tokenizer=self._loaded.tokenizer is not None,
+            **_chat_fields(self._loaded.chat_template),
         )
+
+
+def _chat_fields(template: ChatTemplate | None) -> dict[str, str]:
+    if template is None:
+        return {}
+    return {
+        "chat_template": template.source,
+        "bos_token": template.bos_token,
+        "eos_token": template.eos_token,
+    }
 
 
 async def _next_events(events: asyncio.Queue[EngineEvent]) -> list[EngineEvent]:
