@@ -22,7 +22,7 @@ def test_option_defaults_are_shown(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["up", "--help"])
     out = capsys.readouterr().out
     assert "(default: 127.0.0.1)" in out
-    assert "(default: continuous)" in out
+    assert "(default: cpu)" in out  # --device
     # Options without a meaningful default do not print "(default: None)".
     assert "default: None" not in out
 
