@@ -1,7 +1,10 @@
-"""`exegpt demo`: the README's main job. Starts a local deployment of the embedded default
-model (router + worker replicas as separate processes), sends a few requests through the
-gRPC SDK and the OpenAI-compatible HTTP gateway, prints the answers and where each service
-listens, and shuts everything down.
+"""`exegpt demo`: the README's main job, the product's whole loop in a few minutes.
+
+It profiles the embedded default model on this machine (cached; a small grid), plans the
+best schedule for a latency bound on 2 devices (2 stage processes here), deploys that
+schedule (router + worker + stage processes), sends a few requests through the gRPC SDK and
+the OpenAI-compatible HTTP gateway (plain and streaming), then a saturating burst, prints
+the chosen schedule's predicted and measured throughput and latency, and shuts down.
 """
 
 from __future__ import annotations
@@ -11,11 +14,15 @@ import json
 import logging
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
+from exegpt import autoplan
+from exegpt.bench import against_plan
 from exegpt.launcher import Deployment, DeploymentConfig
 from exegpt.sdk import Client
+from exegpt.topology import Topology
 
 DESCRIPTION = "start a local deployment, send a few requests, print answers"
 logger = logging.getLogger("exegpt.demo")
@@ -27,8 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=DeploymentConfig.model, help="model name or HF directory"
     )
-    parser.add_argument("--replicas", type=int, default=2, help="worker processes")
+    parser.add_argument("--replicas", type=int, default=1, help="worker processes")
     parser.add_argument("--max-tokens", type=int, default=24, help="tokens per demo answer")
+    parser.add_argument(
+        "--burst", type=int, default=96, help="requests sent at once to measure the schedule"
+    )
+    autoplan.add_arguments(parser, plan_flag=False)
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
 
 
@@ -63,23 +74,80 @@ def _http_stream(base_url: str, payload: dict) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    start_s = time.monotonic()
+    try:
+        request = autoplan.request_from_args(args, args.replicas)
+        profile = autoplan.ensure_profile(request)
+        auto = autoplan.make_plan(request, profile)
+        kv_mb = autoplan.kv_cache_mb(auto, profile)
+    except ValueError as exc:
+        sys.stderr.write(f"exegpt demo: {exc}\n")
+        return 2
+    _out(autoplan.format_choice(auto))
+    _out()
     log_dir = Path(tempfile.mkdtemp(prefix="exegpt-demo-logs-"))
     config = DeploymentConfig(
-        model=args.model, num_replicas=args.replicas, http_port=0, grpc_port=0, log_dir=log_dir
+        model=args.model,
+        num_replicas=args.replicas,
+        http_port=0,
+        grpc_port=0,
+        log_dir=log_dir,
+        schedule_file=auto.path,
+        max_batch_size=auto.plan.schedule.decode_batch_size,
+        kv_cache_mb=kv_mb,
+        topology=Topology(planned=auto.plan.placement, threads_per_device=request.threads),
+        # A saturating burst on a shared CPU can hold one prefill step for seconds.
+        extra_router_args=("--stall-timeout-s=120",),
     )
-    _out(f"Starting router + {args.replicas} worker replica(s) of {args.model} ...")
+    _out(f"Deploying it: router + {args.replicas} worker replica(s) of {args.model} ...")
     with Deployment(config) as deployment:
-        _out("ready:")
-        _out(f"  OpenAI-compatible HTTP gateway  {deployment.http_url}/v1/completions")
-        _out(f"  router gRPC (SDK)               {deployment.grpc_address}")
-        for index, address in enumerate(deployment.worker_addresses):
-            _out(f"  {f'worker replica {index} gRPC':<32}{address}")
-        _out(f"  service logs                    {log_dir}")
-        _out()
-        _out("(The embedded default model has seeded random weights: its text is noise.)")
+        _print_endpoints(deployment, log_dir)
         _run_requests(deployment, args.max_tokens)
-    _out("All services stopped.")
+        _out()
+        _run_burst(deployment, auto, args, log_dir)
+    _out(f"All services stopped ({time.monotonic() - start_s:.0f} s in all).")
     return 0
+
+
+def _print_endpoints(deployment: Deployment, log_dir: Path) -> None:
+    _out("ready:")
+    _out(f"  OpenAI-compatible HTTP gateway  {deployment.http_url}/v1/completions")
+    _out(f"  router gRPC (SDK)               {deployment.grpc_address}")
+    for index, address in enumerate(deployment.worker_addresses):
+        _out(f"  {f'worker replica {index} gRPC':<32}{address}")
+    _out(f"  service logs                    {log_dir}")
+    _out()
+    _out("(The embedded default model has seeded random weights: its text is noise.)")
+
+
+def _run_burst(
+    deployment: Deployment, auto: autoplan.AutoPlan, args: argparse.Namespace, log_dir: Path
+) -> None:
+    report = auto.report
+    _out(f"Burst: {args.burst} requests of {report['workload']} at once ...")
+    document = against_plan.run_bench(
+        deployment.http_url, args.workload, args.burst, log_dir / "burst.json", args.length_scale
+    )
+    measured = against_plan.measure(document, int(report["output_p99_tokens"]))
+    result = against_plan.compare(auto.predicted, measured, auto.bound_s)
+    met = {True: "yes", False: "NO", None: "-"}[result.meets_bound]
+    _out(
+        f"schedule {auto.predicted['describe']} ({measured.num_ok} ok, "
+        f"{measured.num_failed} failed)"
+    )
+    _out(f"  {'':28}{'predicted':>10}{'measured':>10}{'error':>8}")
+    _out(
+        f"  {'throughput (seq/s)':28}{result.predicted_seq_s:10.2f}{result.measured_seq_s:10.2f}"
+        f"{against_plan.percent(result.throughput_error):>8}"
+    )
+    _out(
+        f"  {'p99-length latency (s)':28}{result.predicted_latency_s:10.3f}"
+        f"{result.measured_latency_s:10.3f}{against_plan.percent(result.latency_error):>8}"
+    )
+    _out(
+        f"  latency bound {auto.bound_s:.3f} s met: {met}  (measured at steady state, "
+        "queueing excluded; see exegpt/bench/against_plan.py)"
+    )
 
 
 def _run_requests(deployment: Deployment, max_tokens: int) -> None:

@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from exegpt import autoplan
 from exegpt.dtypes import DEFAULT_DTYPE, DTYPE_CHOICES
 from exegpt.plan_file import PlanFile
 from exegpt.schedule import ScheduleKind
@@ -405,6 +406,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="extra router flag, e.g. --router-arg=--stall-timeout-s=5 (repeatable)",
     )
     add_security_arguments(parser)
+    autoplan.add_arguments(parser)  # --plan: profile (cached), plan, deploy
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
 
@@ -435,6 +437,8 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.plan:
+            autoplan.prepare_up(args)
         deployment = Deployment(config_from_args(args))
     except ValueError as exc:
         logger.error("%s", exc)

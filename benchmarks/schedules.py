@@ -1,0 +1,256 @@
+"""The planned schedule against both baselines, measured, on 2 devices (here: 2 processes x 1
+thread), per task and latency bound, in one go.
+
+For each task and each bound (the 30% and 70% quantiles of static batching's predicted
+latencies over its batch sizes, as the paper derives bounds: DESIGN.md section 5), the
+schedule `exegpt up --plan` would choose (the best predicted of any kind, baselines included),
+static batching (its best batch within the bound, on the same 2 devices) and continuous
+batching on 2 data-parallel replicas each run under `exegpt bench` at saturation. Per row:
+the kind chosen, predicted vs measured seq/s and p99-length latency (error %), whether the
+bound was met, and the measured ratios against both baselines (measured as in
+exegpt/bench/against_plan.py).
+
+Lengths are scaled (`--length-scale`, default 0.25) in the plan and in the benchmark alike so
+a run stays tractable on a CPU.
+
+    python benchmarks/schedules.py --tasks S --bounds 1          # one row, a few minutes
+    python benchmarks/schedules.py                               # 5 tasks x 2 bounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from deployments import free_port  # noqa: E402
+
+from exegpt import autoplan  # noqa: E402
+from exegpt.bench import against_plan  # noqa: E402
+from exegpt.launcher import Deployment, DeploymentConfig  # noqa: E402
+from exegpt.schedule import Schedule, ScheduleKind  # noqa: E402
+from exegpt.topology import Topology  # noqa: E402
+
+TASKS = ("S", "T", "G", "C1", "C2")
+BOUND_QUANTILES = (0.3, 0.7)
+ROUTER_ARGS = ("--stall-timeout-s=120",)  # a saturating burst can hold a CPU step for seconds
+
+
+@dataclass(frozen=True)
+class Row:
+    task: str
+    bound_s: float
+    kind: str
+    describe: str
+    planned: against_plan.Comparison
+    static: against_plan.Measured | None
+    continuous_dp: against_plan.Measured
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task ids")
+    parser.add_argument("--bounds", default="1,2", help="which bounds: 1 (30%%), 2 (70%%)")
+    parser.add_argument("--length-scale", type=float, default=0.25, help="task lengths x this")
+    parser.add_argument("--num-requests", type=int, help="per run (default: 4 x B_D, 64..400)")
+    parser.add_argument("--devices", type=int, default=2, help="processes (devices)")
+    parser.add_argument("--profile", type=Path, help="a profile (default: the cached one)")
+    parser.add_argument(
+        "--profile-dir", type=Path, default=autoplan.DEFAULT_PROFILE_DIR.expanduser()
+    )
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    return parser.parse_args()
+
+
+def plan_request(args: argparse.Namespace, task: str, bound: str) -> autoplan.PlanRequest:
+    return autoplan.PlanRequest(
+        workload=f"task:{task}",
+        latency_bound=bound,
+        num_devices=args.devices,
+        length_scale=args.length_scale,
+        threads=1,
+        profile_dir=args.profile_dir,
+        profile=args.profile,
+    )
+
+
+def static_bounds(args: argparse.Namespace, task: str, profile: Path) -> list[float]:
+    from services.scheduler.search import static_latency_bounds
+
+    problem = autoplan.build_problem(plan_request(args, task, "inf"), profile)
+    return static_latency_bounds(problem, BOUND_QUANTILES)
+
+
+def baseline_plan(
+    auto: autoplan.AutoPlan, kind: str, request: autoplan.PlanRequest, profile: Path
+) -> autoplan.AutoPlan | None:
+    """The plan file for a baseline's best configuration at this bound (None: none meets)."""
+    from services.scheduler.simulator import Simulator
+
+    best = auto.report["best_by_kind"].get(kind)
+    if best is None:
+        return None
+    if kind == auto.report["chosen_kind"]:
+        return auto
+    schedule = Schedule.from_dict(best["schedule"])
+    problem = autoplan.build_problem(request, profile, auto.bound_s)
+    report = {
+        **auto.report,
+        "schedule": best["schedule"],
+        "predicted": {k: v for k, v in best.items() if k != "schedule"},
+        "placement": Simulator(problem).placement(schedule).to_dict(),
+    }
+    path = auto.path.with_suffix(f".{kind}.json")
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return autoplan.AutoPlan(report, path, autoplan.PlanFile.from_dict(report), auto.bound_s)
+
+
+def planned_config(auto: autoplan.AutoPlan, profile: Path, log_dir: Path) -> DeploymentConfig:
+    return DeploymentConfig(
+        schedule_file=auto.path,
+        max_batch_size=auto.plan.schedule.decode_batch_size,
+        kv_cache_mb=autoplan.kv_cache_mb(auto, profile),
+        topology=Topology(planned=auto.plan.placement, threads_per_device=1),
+        log_dir=log_dir,
+        extra_router_args=ROUTER_ARGS,
+    )
+
+
+def dp_config(auto: autoplan.AutoPlan, profile: Path, log_dir: Path) -> DeploymentConfig:
+    """Continuous batching on `devices` replicas of one process each; each replica takes a
+    share of the continuous baseline's planned running batch (32 when none fits)."""
+    devices = auto.report["num_devices"]
+    best = auto.report["best_by_kind"].get(ScheduleKind.CONTINUOUS.value)
+    running = best["schedule"]["decode_batch_size"] if best else 32 * devices
+    return DeploymentConfig(
+        num_replicas=devices,
+        batching=ScheduleKind.CONTINUOUS.value,
+        torch_threads=1,
+        max_batch_size=max(1, running // devices),
+        kv_cache_mb=autoplan.kv_cache_mb(auto, profile),
+        log_dir=log_dir,
+        extra_router_args=ROUTER_ARGS,
+    )
+
+
+def measure(
+    config: DeploymentConfig, args: argparse.Namespace, task: str, num: int, s99: int, out: Path
+) -> against_plan.Measured:
+    config = replace(config, http_port=free_port(), grpc_port=free_port())
+    if config.log_dir is not None:
+        config.log_dir.mkdir(parents=True, exist_ok=True)
+    with Deployment(config) as deployment:
+        document = against_plan.run_bench(
+            deployment.http_url, f"task:{task}", num, out, args.length_scale
+        )
+    return against_plan.measure(document, s99)
+
+
+def run_row(args: argparse.Namespace, task: str, bound_s: float, profile: Path, work: Path) -> Row:
+    request = plan_request(args, task, f"{bound_s:.6f}")
+    auto = autoplan.make_plan(request, profile, work)
+    sys.stderr.write(autoplan.format_choice(auto) + "\n")
+    s99 = int(auto.report["output_p99_tokens"])
+    num = args.num_requests or min(400, max(64, 4 * auto.plan.schedule.decode_batch_size))
+    tag = f"{task}-{bound_s:.3g}"
+    planned = measure(
+        planned_config(auto, profile, work / f"{tag}-planned"), args, task, num, s99,
+        work / f"{tag}-planned.json",
+    )  # fmt: skip
+    static_plan = baseline_plan(auto, ScheduleKind.STATIC.value, request, profile)
+    static = None
+    if static_plan is auto:
+        static = planned
+    elif static_plan is not None:
+        static = measure(
+            planned_config(static_plan, profile, work / f"{tag}-static"), args, task, num, s99,
+            work / f"{tag}-static.json",
+        )  # fmt: skip
+    dp = measure(
+        dp_config(auto, profile, work / f"{tag}-dp"), args, task, num, s99,
+        work / f"{tag}-dp.json",
+    )  # fmt: skip
+    return Row(
+        task, bound_s, auto.report["chosen_kind"], auto.predicted["describe"],
+        against_plan.compare(auto.predicted, planned, bound_s), static, dp,
+    )  # fmt: skip
+
+
+def _ratio(value: float, base: against_plan.Measured | None) -> str:
+    if base is None or not base.throughput_seq_s:
+        return "-"
+    return f"{value / base.throughput_seq_s:.2f}"
+
+
+def format_rows(rows: list[Row]) -> str:
+    header = (
+        f"{'task':<5}{'bound s':>8}  {'kind':<11}{'seq/s pred':>11}{'meas':>7}{'err':>6}"
+        f"{'lat s pred':>11}{'meas':>7}{'err':>6}{'met':>5}{'static':>8}{'cont-DP':>8}"
+        f"{'vs static':>10}{'vs DP':>7}"
+    )
+    lines = [header]
+    for row in rows:
+        c = row.planned
+        met = {True: "yes", False: "no", None: "-"}[c.meets_bound]
+        static = f"{row.static.throughput_seq_s:.2f}" if row.static else "-"
+        lines.append(
+            f"{row.task:<5}{row.bound_s:8.2f}  {row.kind:<11}{c.predicted_seq_s:11.2f}"
+            f"{c.measured_seq_s:7.2f}{against_plan.percent(c.throughput_error):>6}"
+            f"{c.predicted_latency_s:11.2f}{c.measured_latency_s:7.2f}"
+            f"{against_plan.percent(c.latency_error):>6}{met:>5}{static:>8}"
+            f"{row.continuous_dp.throughput_seq_s:8.2f}{_ratio(c.measured_seq_s, row.static):>10}"
+            f"{_ratio(c.measured_seq_s, row.continuous_dp):>7}"
+        )
+    lines += ["", *(f"{r.task} @ {r.bound_s:.2f} s: {r.describe}" for r in rows)]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    args = parse_args()
+    tasks = [t.strip().upper() for t in args.tasks.split(",") if t.strip()]
+    which = [int(b) for b in args.bounds.split(",") if b.strip()]
+    if not set(tasks) <= set(TASKS) or not set(which) <= {1, 2}:
+        sys.stderr.write(f"--tasks takes {','.join(TASKS)}; --bounds takes 1,2\n")
+        return 2
+    request = plan_request(args, tasks[0], "inf")
+    profile = autoplan.ensure_profile(request, sys.stderr)
+    work = Path(tempfile.mkdtemp(prefix="exegpt-schedules-"))
+    rows = []
+    for task in tasks:
+        bounds = static_bounds(args, task, profile)
+        for index in which:
+            rows.append(run_row(args, task, bounds[index - 1], profile, work))
+            sys.stderr.write(format_rows(rows[-1:]).splitlines()[1] + "\n")
+    sys.stdout.write(
+        f"{args.devices} devices ({args.devices} processes x 1 thread), lengths x"
+        f"{args.length_scale:g}, bounds = static batching's {BOUND_QUANTILES} latency quantiles;"
+        f" profile {profile}; runs in {work}\n\n{format_rows(rows)}\n"
+    )
+    if args.json:
+        args.json.write_text(json.dumps([_row_json(r) for r in rows], indent=2) + "\n")
+    return 0
+
+
+def _row_json(row: Row) -> dict:
+    def nan_none(value: float) -> float | None:
+        return None if math.isnan(value) else value
+
+    c = row.planned
+    return {
+        "task": row.task, "bound_s": row.bound_s, "kind": row.kind, "schedule": row.describe,
+        "predicted_seq_s": c.predicted_seq_s, "measured_seq_s": c.measured_seq_s,
+        "predicted_latency_s": c.predicted_latency_s,
+        "measured_latency_s": nan_none(c.measured_latency_s), "meets_bound": c.meets_bound,
+        "static_seq_s": row.static.throughput_seq_s if row.static else None,
+        "continuous_dp_seq_s": row.continuous_dp.throughput_seq_s,
+    }  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Measured against predicted: run `exegpt bench` at saturation and read what a plan predicts.
+
+The simulator predicts steady state: sequences per second once the batch is full, and the
+latency of a p99-output-length sequence from the start of its encoding to its last token.
+A saturating burst (every request sent at once) also has a filling and a draining phase and
+a queue, so the measured figures are read the same way:
+
+- **throughput**: completions per second between the 10th and the 90th percentile
+  completion time (the middle of the burst, at steady state);
+- **p99-length latency**: the first encoding's time to first token (no queue before it)
+  plus (p99 output length - 1) times the median time per output token of the requests.
+  Queueing before admission is left out, as in the prediction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STEADY_WINDOW = (0.1, 0.9)
+
+
+@dataclass(frozen=True)
+class Measured:
+    throughput_seq_s: float
+    p99_length_latency_s: float
+    num_ok: int
+    num_failed: int
+    burst_throughput_seq_s: float  # the whole burst, fill and drain included
+
+
+@dataclass(frozen=True)
+class Comparison:
+    predicted_seq_s: float
+    measured_seq_s: float
+    predicted_latency_s: float
+    measured_latency_s: float
+    bound_s: float | None
+
+    @property
+    def throughput_error(self) -> float:
+        return relative_error(self.measured_seq_s, self.predicted_seq_s)
+
+    @property
+    def latency_error(self) -> float:
+        return relative_error(self.measured_latency_s, self.predicted_latency_s)
+
+    @property
+    def meets_bound(self) -> bool | None:
+        if self.bound_s is None or math.isinf(self.bound_s):
+            return None
+        return self.measured_latency_s <= self.bound_s
+
+
+def relative_error(measured: float, predicted: float) -> float:
+    return (measured - predicted) / predicted if predicted > 0 else math.nan
+
+
+def bench_command(
+    url: str, workload: str, num_requests: int, json_path: Path, length_scale: float | None
+) -> list[str]:
+    scale = ["--length-scale", str(length_scale)] if length_scale is not None else []
+    return [
+        sys.executable, "-m", "exegpt.cli", "bench", "--url", url, "--workload", workload,
+        "--num-requests", str(num_requests), "--rate", "inf", *scale, "--json", str(json_path),
+    ]  # fmt: skip
+
+
+def run_bench(
+    url: str, workload: str, num_requests: int, json_path: Path, length_scale: float | None
+) -> dict[str, Any]:
+    """`exegpt bench` at saturation against `url`; its JSON document (requests included)."""
+    command = bench_command(url, workload, num_requests, json_path, length_scale)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads(json_path.read_text())
+
+
+def measure(document: dict[str, Any], p99_output_tokens: int) -> Measured:
+    """Steady-state throughput and the p99-length latency of a bench document."""
+    rows = [r for r in document["requests"] if r["error"] is None and r["e2e_s"] is not None]
+    metrics = document["metrics"]
+    burst = float(metrics["throughput"]["sequences_per_s"])
+    if not rows:
+        return Measured(0.0, math.nan, 0, int(metrics["num_failed"]), burst)
+    return Measured(
+        throughput_seq_s=steady_throughput([r["send_s"] + r["e2e_s"] for r in rows]) or burst,
+        p99_length_latency_s=p99_length_latency(rows, p99_output_tokens),
+        num_ok=len(rows),
+        num_failed=int(metrics["num_failed"]),
+        burst_throughput_seq_s=burst,
+    )
+
+
+def steady_throughput(end_times_s: list[float]) -> float | None:
+    """Completions per second between the window's quantiles of completion times."""
+    ends = sorted(end_times_s)
+    first = int(STEADY_WINDOW[0] * (len(ends) - 1))
+    last = int(STEADY_WINDOW[1] * (len(ends) - 1))
+    if last - first < 2 or ends[last] <= ends[first]:
+        return None
+    return (last - first) / (ends[last] - ends[first])
+
+
+def p99_length_latency(rows: list[dict[str, Any]], p99_output_tokens: int) -> float:
+    per_token = [
+        (r["e2e_s"] - r["ttft_s"]) / (r["output_tokens"] - 1)
+        for r in rows
+        if r["ttft_s"] is not None and r["output_tokens"] > 1
+    ]
+    first_s = min(r["ttft_s"] for r in rows if r["ttft_s"] is not None)
+    if not per_token:
+        return first_s
+    return first_s + (p99_output_tokens - 1) * statistics.median(per_token)
+
+
+def compare(predicted: dict[str, Any], measured: Measured, bound_s: float | None) -> Comparison:
+    return Comparison(
+        predicted_seq_s=float(predicted["throughput_seq_s"]),
+        measured_seq_s=measured.throughput_seq_s,
+        predicted_latency_s=float(predicted["latency_s"]),
+        measured_latency_s=measured.p99_length_latency_s,
+        bound_s=bound_s,
+    )
+
+
+def percent(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value * 100:+.0f}%"

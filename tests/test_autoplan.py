@@ -1,0 +1,108 @@
+"""`exegpt up --plan`: profile (cached), plan, print the choice, deploy it as real processes.
+
+The profile grid is tiny so the test profiles for real in seconds; the deployment must come
+up running the kind the plan chose, on the plan's stage processes, and serve requests.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+
+from exegpt import autoplan
+from exegpt.v1 import worker_pb2, worker_pb2_grpc
+
+TINY_GRID = {
+    "batch_sizes": [1, 8],
+    "seq_lens_tokens": [16, 64],
+    "kv_lens_tokens": [1, 64],
+    "num_tokens": [1, 64, 512],
+    "message_bytes": [1024, 65536],
+    "num_warmup": 0,
+    "num_repeats": 1,
+    "num_rounds": 1,
+    "min_sample_s": 0.001,
+    "max_measure_s": 0.05,
+}
+
+
+def _read_until_ready(launcher: subprocess.Popen[str]) -> list[str]:
+    lines = []
+    for line in launcher.stdout:  # type: ignore[union-attr]
+        lines.append(line)
+        if "ready" in line:
+            return lines
+    raise AssertionError("exegpt up exited before ready:\n" + "".join(lines))
+
+
+def test_up_plan_profiles_plans_and_serves_the_planned_kind(tmp_path: Path) -> None:
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps(TINY_GRID))
+    profile_dir = tmp_path / "profiles"
+    command = [
+        sys.executable, "-m", "exegpt.cli", "up", "--plan", "--workload", "task:S",
+        "--length-scale", "0.1", "--latency-bound", "inf", "--devices", "2",
+        "--threads-per-device", "1", "--profile-dir", str(profile_dir),
+        "--profile-grid", str(grid), "--http-port", "0", "--grpc-port", "0",
+        "--log-dir", str(tmp_path / "logs"),
+    ]  # fmt: skip
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        lines = _read_until_ready(launcher)
+        output = "".join(lines)
+        assert "profile: measuring" in output
+        kind = re.search(r"chosen: (\S+)", output).group(1)
+        plan_path = Path(re.search(r"plan file: (\S+)", output).group(1))
+        plan = json.loads(plan_path.read_text())
+        assert plan["schedule"]["kind"] == kind == plan["chosen_kind"]
+        # The honest choice: no kind the search or the baselines found predicts more.
+        best = max(p["throughput_seq_s"] for p in plan["best_by_kind"].values())
+        assert plan["predicted"]["throughput_seq_s"] == best
+        http_url = re.search(r"http=(\S+)", lines[-1]).group(1)
+        worker = re.search(r"replicas=(\S+)", lines[-1]).group(1)
+        with grpc.insecure_channel(worker) as channel:
+            stats = worker_pb2_grpc.WorkerStub(channel).GetStats(worker_pb2.GetStatsRequest())
+        assert stats.batching == kind
+        stage_logs = sorted((tmp_path / "logs").glob("stage-0-*.log"))
+        assert len(stage_logs) == len(plan["placement"]["stages"]) == 2
+        for index in range(3):
+            body = httpx.post(
+                f"{http_url}/v1/completions",
+                json={"prompt": [3, 4, 5 + index], "max_tokens": 4, "ignore_eos": True},
+                timeout=120,
+            ).json()
+            assert body["usage"]["completion_tokens"] == 4
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=30) == 0
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    # A second run finds the profile in the cache and does not measure again.
+    request = autoplan.PlanRequest(
+        workload="task:S", threads=1, profile_dir=profile_dir, profile_grid=str(grid)
+    )
+    cached = autoplan.profile_path(request)
+    assert cached.is_file()
+    before = cached.stat().st_mtime_ns
+    assert autoplan.ensure_profile(request, open("/dev/null", "w")) == cached
+    assert cached.stat().st_mtime_ns == before
+
+
+def test_scaled_task_matches_what_bench_sends() -> None:
+    from exegpt.bench.workload_plan import PlanOptions, build_plan, parse_workload
+
+    scaled = autoplan.scaled_task("S", 0.25)
+    requests = build_plan(
+        parse_workload("task:S"), PlanOptions(num_requests=4000, length_scale=0.25)
+    )
+    outputs = np.array([r.output_tokens for r in requests])
+    assert abs(outputs.mean() - scaled.mean_output_tokens) < 0.05 * scaled.mean_output_tokens
+    assert scaled.max_output_tokens == 20 and scaled.output_p99_tokens == 16
