@@ -25,6 +25,7 @@ class Launcher:
     http_url: str
     replicas: list[str]
     log_path: Path
+    grpc_address: str = ""
 
     def pid_of(self, name: str) -> int | None:
         """The live child whose ready file is `name`.ready (worker-0, router, ...)."""
@@ -56,7 +57,8 @@ def launched(tmp_path: Path, *extra: str, replicas: int = 2) -> Iterator[Launche
         assert "ready" in line, log_path.read_text()
         http_url = re.search(r"http=(\S+)", line).group(1)  # type: ignore[union-attr]
         addresses = re.search(r"replicas=(\S+)", line).group(1).split(",")  # type: ignore[union-attr]
-        yield Launcher(process, http_url, addresses, log_path)
+        grpc_address = re.search(r"grpc=(\S+)", line).group(1)  # type: ignore[union-attr]
+        yield Launcher(process, http_url, addresses, log_path, grpc_address)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)

@@ -6,27 +6,20 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from exegpt.sdk import Client, ExegptError
+from tests.reliability.test_supervision import Launcher, launched
 
 NUM_STREAMS = 6
 MAX_TOKENS = 400
 ANSWER_BOUND_S = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass
@@ -49,44 +42,17 @@ class Stream:
 
 
 @pytest.fixture()
-def deployment(tmp_path: Path):
-    grpc_port, http_port = _free_port(), _free_port()
-    command = [
-        sys.executable, "-m", "exegpt.cli", "up", "--replicas", "2", "--pipeline-stages", "2",
-        "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--max-batch-size", "8",
-        "--log-dir", str(tmp_path), "--threads-per-device", "1",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    assert process.stdout is not None
-    deadline = time.monotonic() + 120
-    for line in process.stdout:
-        if b"exegpt ready" in line:
-            break
-        assert time.monotonic() < deadline, "deployment did not start"
-    else:
-        pytest.fail(f"exegpt up exited: {process.wait()}")
-    threading.Thread(target=process.stdout.read, daemon=True).start()  # keep the pipe drained
-    try:
-        yield f"127.0.0.1:{grpc_port}", tmp_path
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-def _stage_pid(name: str) -> int:
-    found = subprocess.run(
-        ["pgrep", "-f", f"{name}.ready"], capture_output=True, text=True, check=False
-    ).stdout.split()
-    assert len(found) == 1, found
-    return int(found[0])
+def deployment(tmp_path: Path) -> Iterator[tuple[Launcher, Path]]:
+    # Stage processes are the launcher's own children: looked up by parent, never by name
+    # alone (another deployment on the machine may run a stage of the same name).
+    with launched(tmp_path, "--pipeline-stages", "2", "--threads-per-device", "1",
+                  "--max-batch-size", "8") as launcher:  # fmt: skip
+        yield launcher, tmp_path
 
 
 def test_a_killed_stage_answers_every_request_and_the_other_replica_serves(deployment) -> None:
-    address, log_dir = deployment
+    launcher, log_dir = deployment
+    address = launcher.grpc_address
     streams = [Stream() for _ in range(NUM_STREAMS)]
     threads = [
         threading.Thread(target=s.run, args=(address, [5 + i, 6, 7]), daemon=True)
@@ -96,7 +62,9 @@ def test_a_killed_stage_answers_every_request_and_the_other_replica_serves(deplo
         thread.start()
     for stream in streams:
         assert stream.first_token.wait(60), stream.error
-    os.kill(_stage_pid("stage-0-1-0"), signal.SIGKILL)
+    stage_pid = launcher.pid_of("stage-0-1-0")
+    assert stage_pid is not None
+    os.kill(stage_pid, signal.SIGKILL)
     killed_s = time.monotonic()
     for thread in threads:
         thread.join(ANSWER_BOUND_S + 30)
