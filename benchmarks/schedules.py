@@ -39,7 +39,10 @@ from exegpt.topology import Topology  # noqa: E402
 
 TASKS = ("S", "T", "G", "C1", "C2")
 BOUND_QUANTILES = (0.3, 0.7)
+MAX_REQUESTS = 1000
 ROUTER_ARGS = ("--stall-timeout-s=120",)  # a saturating burst can hold a CPU step for seconds
+# Every request of a burst waits in the replica's queue rather than being refused.
+WORKER_ARGS = ("--max-queue-size", "4096")
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task ids")
     parser.add_argument("--bounds", default="1,2", help="which bounds: 1 (30%%), 2 (70%%)")
     parser.add_argument("--length-scale", type=float, default=0.25, help="task lengths x this")
-    parser.add_argument("--num-requests", type=int, help="per run (default: 4 x B_D, 64..400)")
+    parser.add_argument(
+        "--num-requests", type=int, help="per run (default: 4 x B_D or 15 s predicted, 64..1000)"
+    )
     parser.add_argument("--devices", type=int, default=2, help="processes (devices)")
     parser.add_argument("--profile", type=Path, help="a profile (default: the cached one)")
     parser.add_argument(
@@ -119,6 +124,7 @@ def planned_config(auto: autoplan.AutoPlan, profile: Path, log_dir: Path) -> Dep
         topology=Topology(planned=auto.plan.placement, threads_per_device=1),
         log_dir=log_dir,
         extra_router_args=ROUTER_ARGS,
+        extra_worker_args=WORKER_ARGS,
     )
 
 
@@ -136,6 +142,7 @@ def dp_config(auto: autoplan.AutoPlan, profile: Path, log_dir: Path) -> Deployme
         kv_cache_mb=autoplan.kv_cache_mb(auto, profile),
         log_dir=log_dir,
         extra_router_args=ROUTER_ARGS,
+        extra_worker_args=WORKER_ARGS,
     )
 
 
@@ -157,7 +164,10 @@ def run_row(args: argparse.Namespace, task: str, bound_s: float, profile: Path, 
     auto = autoplan.make_plan(request, profile, work)
     sys.stderr.write(autoplan.format_choice(auto) + "\n")
     s99 = int(auto.report["output_p99_tokens"])
-    num = args.num_requests or min(400, max(64, 4 * auto.plan.schedule.decode_batch_size))
+    # Several batches' worth, and ~15 s at the predicted rate, so the middle is steady.
+    batch = auto.plan.schedule.decode_batch_size
+    pred = int(15 * auto.predicted["throughput_seq_s"])
+    num = args.num_requests or min(MAX_REQUESTS, max(64, 4 * batch, pred))
     tag = f"{task}-{bound_s:.3g}"
     planned = measure(
         planned_config(auto, profile, work / f"{tag}-planned"), args, task, num, s99,

@@ -37,9 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, default=1, help="worker processes")
     parser.add_argument("--max-tokens", type=int, default=24, help="tokens per demo answer")
     parser.add_argument(
-        "--burst", type=int, default=96, help="requests sent at once to measure the schedule"
+        "--burst",
+        type=int,
+        default=None,
+        help="requests sent at once to measure the schedule (default: 3 x B_D, 64..400)",
     )
     autoplan.add_arguments(parser, plan_flag=False)
+    # Task S with a quarter of its lengths: short steps keep the burst brief on a CPU.
+    parser.set_defaults(length_scale=0.25)
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
 
 
@@ -98,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         topology=Topology(planned=auto.plan.placement, threads_per_device=request.threads),
         # A saturating burst on a shared CPU can hold one prefill step for seconds.
         extra_router_args=("--stall-timeout-s=120",),
+        extra_worker_args=("--max-queue-size", str(max(512, args.burst or 400))),
     )
     _out(f"Deploying it: router + {args.replicas} worker replica(s) of {args.model} ...")
     with Deployment(config) as deployment:
@@ -124,9 +130,10 @@ def _run_burst(
     deployment: Deployment, auto: autoplan.AutoPlan, args: argparse.Namespace, log_dir: Path
 ) -> None:
     report = auto.report
-    _out(f"Burst: {args.burst} requests of {report['workload']} at once ...")
+    burst = args.burst or min(400, max(64, 3 * auto.plan.schedule.decode_batch_size))
+    _out(f"Burst: {burst} requests of {report['workload']} at once ...")
     document = against_plan.run_bench(
-        deployment.http_url, args.workload, args.burst, log_dir / "burst.json", args.length_scale
+        deployment.http_url, args.workload, burst, log_dir / "burst.json", args.length_scale
     )
     measured = against_plan.measure(document, int(report["output_p99_tokens"]))
     result = against_plan.compare(auto.predicted, measured, auto.bound_s)

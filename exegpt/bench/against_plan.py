@@ -7,9 +7,11 @@ a queue, so the measured figures are read the same way:
 
 - **throughput**: completions per second between the 10th and the 90th percentile
   completion time (the middle of the burst, at steady state);
-- **p99-length latency**: the first encoding's time to first token (no queue before it)
-  plus (p99 output length - 1) times the median time per output token of the requests.
-  Queueing before admission is left out, as in the prediction.
+- **p99-length latency**: the p99 output length times the median time per output token
+  (first to last token) of the requests that completed in that window: at steady state a
+  sequence waits about one step for its encoding and then one step per token, so this is
+  its life in the batch. Queueing before admission is left out, as in the prediction (a
+  burst's queue says how long the burst is, not how the schedule serves).
 """
 
 from __future__ import annotations
@@ -88,9 +90,12 @@ def measure(document: dict[str, Any], p99_output_tokens: int) -> Measured:
     burst = float(metrics["throughput"]["sequences_per_s"])
     if not rows:
         return Measured(0.0, math.nan, 0, int(metrics["num_failed"]), burst)
+    ends = sorted(r["send_s"] + r["e2e_s"] for r in rows)
+    first, last = (ends[int(q * (len(ends) - 1))] for q in STEADY_WINDOW)
+    steady = [r for r in rows if first <= r["send_s"] + r["e2e_s"] <= last]
     return Measured(
-        throughput_seq_s=steady_throughput([r["send_s"] + r["e2e_s"] for r in rows]) or burst,
-        p99_length_latency_s=p99_length_latency(rows, p99_output_tokens),
+        throughput_seq_s=steady_throughput(ends) or burst,
+        p99_length_latency_s=p99_length_latency(steady or rows, p99_output_tokens),
         num_ok=len(rows),
         num_failed=int(metrics["num_failed"]),
         burst_throughput_seq_s=burst,
@@ -113,10 +118,9 @@ def p99_length_latency(rows: list[dict[str, Any]], p99_output_tokens: int) -> fl
         for r in rows
         if r["ttft_s"] is not None and r["output_tokens"] > 1
     ]
-    first_s = min(r["ttft_s"] for r in rows if r["ttft_s"] is not None)
     if not per_token:
-        return first_s
-    return first_s + (p99_output_tokens - 1) * statistics.median(per_token)
+        return math.nan
+    return p99_output_tokens * statistics.median(per_token)
 
 
 def compare(predicted: dict[str, Any], measured: Measured, bound_s: float | None) -> Comparison:
