@@ -1,0 +1,50 @@
+"""Reading a saturating burst as the simulator predicts: steady-state rate, life in the batch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from exegpt.bench import against_plan
+
+
+def _row(send_s: float, ttft_s: float, e2e_s: float, tokens: int) -> dict:
+    return {"send_s": send_s, "ttft_s": ttft_s, "e2e_s": e2e_s, "output_tokens": tokens,
+            "error": None}  # fmt: skip
+
+
+def _document(rows: list[dict], num_failed: int = 0) -> dict:
+    return {"requests": rows, "metrics": {"num_failed": num_failed,
+            "throughput": {"sequences_per_s": 1.0}}}  # fmt: skip
+
+
+def test_steady_rate_ignores_the_fill_and_the_drain() -> None:
+    # 5 requests complete in a slow start, then 90 at 10 per second, then a slow tail.
+    ends = [1.0 + i for i in range(5)] + [20.0 + i / 10 for i in range(90)]
+    ends += [40.0 + i for i in range(5)]
+    assert against_plan.steady_throughput(ends) == pytest.approx(10.0, rel=0.15)
+
+
+def test_p99_length_latency_is_time_in_batch_not_queueing() -> None:
+    # Every request decodes at 0.1 s per token; later ones waited longer in the queue.
+    rows = [_row(0.0, 5.0 * i, 5.0 * i + 0.1 * 9, 10) for i in range(1, 40)]
+    measured = against_plan.measure(_document(rows), p99_output_tokens=20)
+    assert measured.p99_length_latency_s == pytest.approx(2.0)
+    assert measured.num_ok == 39
+
+
+def test_comparison_reports_errors_and_the_bound() -> None:
+    measured = against_plan.Measured(8.0, 3.0, 10, 0, 7.0)
+    result = against_plan.compare({"throughput_seq_s": 10.0, "latency_s": 2.0}, measured, 2.5)
+    assert result.throughput_error == pytest.approx(-0.2)
+    assert result.latency_error == pytest.approx(0.5)
+    assert result.meets_bound is False
+    assert against_plan.compare({"throughput_seq_s": 1, "latency_s": 1}, measured, math.inf)\
+        .meets_bound is None  # fmt: skip
+
+
+def test_failed_burst_has_no_latency() -> None:
+    failed = dict(_row(0.0, 0.0, 0.0, 0), error="HTTP 503")
+    measured = against_plan.measure(_document([failed], num_failed=1), 10)
+    assert measured.num_ok == 0 and math.isnan(measured.p99_length_latency_s)
