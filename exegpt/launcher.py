@@ -72,6 +72,7 @@ class DeploymentConfig:
     # A plan from `exegpt plan --json`: its schedule runs on every replica, at its placement.
     schedule_file: Path | None = None
     max_batch_size: int = 32
+    engine_policy: str | None = None  # None: the worker's default (fcfs)
     kv_cache_mb: float = 256.0
     # Passed to every worker, which resolves `auto` and tells its stages the result.
     dtype: str = DEFAULT_DTYPE
@@ -226,6 +227,7 @@ class Deployment:
             *(["--batching", self.config.batching] if self.config.batching else []),
             *(["--schedule", str(self.config.schedule_file)] if self.config.schedule_file else []),
             "--max-batch-size", str(self.config.max_batch_size),
+            *(["--engine-policy", self.config.engine_policy] if self.config.engine_policy else []),
             "--kv-cache-mb", str(self.config.kv_cache_mb),
             "--dtype", self.config.dtype,
             "--torch-threads", str(threads),
@@ -366,6 +368,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-cache-mb", type=float, default=defaults.kv_cache_mb, help="KV pool per worker, MiB"
     )
     parser.add_argument(
+        "--engine-policy",
+        choices=("fcfs", "memory_aware", "sjf"),
+        default=None,
+        help="every worker's engine policy (default fcfs); the router's is --router-arg=--policy=X",
+    )
+    parser.add_argument(
         "--dtype",
         choices=DTYPE_CHOICES,
         default=defaults.dtype,
@@ -422,6 +430,7 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
         grpc_port=args.grpc_port,
         batching=args.batching,
         max_batch_size=args.max_batch_size,
+        engine_policy=args.engine_policy,
         kv_cache_mb=args.kv_cache_mb,
         dtype=args.dtype,
         torch_threads=args.torch_threads,

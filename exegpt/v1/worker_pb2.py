@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from exegpt.v1 import generate_pb2 as exegpt_dot_v1_dot_generate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65xegpt/v1/worker.proto\x12\texegpt.v1\x1a\x18\x65xegpt/v1/generate.proto\"\x11\n\x0fGetStatsRequest\"\x15\n\x13GetModelInfoRequest\"\xa2\x02\n\x0bWorkerStats\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\r\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x15\n\rkv_used_bytes\x18\x03 \x01(\x04\x12\x19\n\x11kv_capacity_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12kv_num_free_blocks\x18\x05 \x01(\r\x12\x15\n\rkv_num_blocks\x18\x06 \x01(\r\x12\x14\n\x0cnum_finished\x18\x07 \x01(\x04\x12\x13\n\x0bnum_aborted\x18\x08 \x01(\x04\x12\x10\n\x08\x62\x61tching\x18\t \x01(\t\x12\"\n\x1anum_pending_prefill_tokens\x18\n \x01(\x04\x12#\n\x1bnum_remaining_decode_tokens\x18\x0b \x01(\x04\x32\xd2\x01\n\x06Worker\x12\x42\n\x08Generate\x12\x1a.exegpt.v1.GenerateRequest\x1a\x18.exegpt.v1.GenerateChunk0\x01\x12>\n\x08GetStats\x12\x1a.exegpt.v1.GetStatsRequest\x1a\x16.exegpt.v1.WorkerStats\x12\x44\n\x0cGetModelInfo\x12\x1e.exegpt.v1.GetModelInfoRequest\x1a\x14.exegpt.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65xegpt/v1/worker.proto\x12\texegpt.v1\x1a\x18\x65xegpt/v1/generate.proto\"\x11\n\x0fGetStatsRequest\"\x15\n\x13GetModelInfoRequest\"\x87\x03\n\x0bWorkerStats\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\r\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x15\n\rkv_used_bytes\x18\x03 \x01(\x04\x12\x19\n\x11kv_capacity_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12kv_num_free_blocks\x18\x05 \x01(\r\x12\x15\n\rkv_num_blocks\x18\x06 \x01(\r\x12\x14\n\x0cnum_finished\x18\x07 \x01(\x04\x12\x13\n\x0bnum_aborted\x18\x08 \x01(\x04\x12\x10\n\x08\x62\x61tching\x18\t \x01(\t\x12\"\n\x1anum_pending_prefill_tokens\x18\n \x01(\x04\x12#\n\x1bnum_remaining_decode_tokens\x18\x0b \x01(\x04\x12\x15\n\rengine_policy\x18\x0c \x01(\t\x12\x17\n\x0fnum_preemptions\x18\r \x01(\x04\x12\x1d\n\x15num_recomputed_tokens\x18\x0e \x01(\x04\x12\x14\n\x0cqueue_time_s\x18\x0f \x01(\x01\x32\xd2\x01\n\x06Worker\x12\x42\n\x08Generate\x12\x1a.exegpt.v1.GenerateRequest\x1a\x18.exegpt.v1.GenerateChunk0\x01\x12>\n\x08GetStats\x12\x1a.exegpt.v1.GetStatsRequest\x1a\x16.exegpt.v1.WorkerStats\x12\x44\n\x0cGetModelInfo\x12\x1e.exegpt.v1.GetModelInfoRequest\x1a\x14.exegpt.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,7 +37,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELINFOREQUEST']._serialized_start=82
   _globals['_GETMODELINFOREQUEST']._serialized_end=103
   _globals['_WORKERSTATS']._serialized_start=106
-  _globals['_WORKERSTATS']._serialized_end=396
-  _globals['_WORKER']._serialized_start=399
-  _globals['_WORKER']._serialized_end=609
+  _globals['_WORKERSTATS']._serialized_end=497
+  _globals['_WORKER']._serialized_start=500
+  _globals['_WORKER']._serialized_end=710
 # @@protoc_insertion_point(module_scope)

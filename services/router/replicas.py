@@ -1,5 +1,9 @@
 """The router's view of its replicas: one gRPC channel each, kept fresh by health checks.
 
+Each health check of a healthy replica also polls its load (GetStats): queued prefill tokens
+and expected remaining decode tokens. Between two polls the router adds what it sent itself,
+so a burst of requests does not all land on the replica that looked idle at the last poll.
+
 Each replica also tracks its open streams and when any of them last made progress, so a
 watchdog can cancel the streams of a replica that froze or became unreachable.
 """
@@ -61,6 +65,9 @@ class Replica:
     num_failed_checks: int = 0
     streams: set[OpenStream] = field(default_factory=set)
     last_progress_s: float = field(default_factory=time.monotonic)
+    # Load at the last poll (tokens), and (when sent, tokens) of requests routed since.
+    polled_tokens: float = 0.0
+    sent_since_poll: list[tuple[float, float]] = field(default_factory=list)
     _health: health_pb2_grpc.HealthStub = field(init=False)
 
     def __post_init__(self) -> None:
@@ -69,6 +76,24 @@ class Replica:
     @property
     def num_in_flight(self) -> int:
         return len(self.streams)
+
+    @property
+    def outstanding_tokens(self) -> float:
+        """Prefill + expected decode tokens owed: the last poll plus what was sent since."""
+        return self.polled_tokens + sum(tokens for _, tokens in self.sent_since_poll)
+
+    def note_sent(self, num_tokens: float) -> None:
+        self.sent_since_poll.append((time.monotonic(), num_tokens))
+
+    async def poll_load(self, timeout_s: float) -> None:
+        """Read the replica's queue (GetStats); a failure keeps the previous reading."""
+        asked_s = time.monotonic()
+        try:
+            stats = await self.worker.GetStats(worker_pb2.GetStatsRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return
+        self.polled_tokens = stats.num_pending_prefill_tokens + stats.num_remaining_decode_tokens
+        self.sent_since_poll = [(t, n) for t, n in self.sent_since_poll if t >= asked_s]
 
     @property
     def unreachable(self) -> bool:
@@ -115,6 +140,8 @@ class Replica:
         if healthy != self.healthy:
             logger.info("replica %s is %s", self.address, "healthy" if healthy else "unhealthy")
         self.healthy = healthy
+        if healthy:
+            await self.poll_load(timeout_s)
         return healthy
 
 

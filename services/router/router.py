@@ -109,6 +109,7 @@ class Router:
             tried: set[str] = set()
             while True:
                 replica = await self._choose_replica(request.model, tried)
+                replica.note_sent(_expected_tokens(request))
                 tried.add(replica.address)
                 span.set_attribute("exegpt.replica", replica.address)
                 streamed = False
@@ -196,6 +197,16 @@ class Router:
 
 def _stalled(stream: OpenStream) -> RequestError:
     return RequestError(ErrorCode.UNAVAILABLE, stream.stalled or "replica stopped responding")
+
+
+def _expected_tokens(request: GenerationRequest) -> float:
+    """Work a request brings, for token-aware routing until the replica's next poll: its
+    prompt (text: about 4 characters a token) and max_tokens."""
+    if request.prompt_token_ids is not None:
+        prompt = len(request.prompt_token_ids)
+    else:
+        prompt = len(request.prompt_text or "") // 4 + 1
+    return prompt + request.sampling.max_tokens
 
 
 def _serves(replica: Replica, model: str) -> bool:

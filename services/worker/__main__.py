@@ -17,6 +17,7 @@ from exegpt.security import add_security_arguments, security_from_args
 from exegpt.serving import run_service, wait_for_shutdown_signal, write_ready_file
 from exegpt.topology import add_topology_arguments, parse_stage_addresses, topology_from_args
 from services.worker.config import BATCHING_KINDS, EngineConfig, WorkerConfig
+from services.worker.policies import ENGINE_POLICIES, EnginePolicy, PolicyConfig
 
 if TYPE_CHECKING:
     from exegpt.models.loader import ModelCard
@@ -51,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-batch-size", type=int, default=engine.max_batch_size, help="running sequences"
     )
+    _add_policy_arguments(parser, engine.policy)
     parser.add_argument(
         "--max-queue-size",
         type=int,
@@ -107,6 +109,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
 
+def _add_policy_arguments(parser: argparse.ArgumentParser, policy: PolicyConfig) -> None:
+    parser.add_argument(
+        "--engine-policy",
+        choices=ENGINE_POLICIES,
+        default=policy.name.value,
+        help="who runs next and who is preempted: fcfs (arrival order, newest preempted), "
+        "memory_aware (admit while the predicted peak KV fits), sjf (shortest predicted "
+        "work first, aged requests first)",
+    )
+    parser.add_argument(
+        "--length-quantile",
+        type=float,
+        default=policy.length_quantile,
+        help="memory_aware: quantile of the observed output lengths a request is predicted "
+        "to reach",
+    )
+    parser.add_argument(
+        "--max-wait-s",
+        type=float,
+        default=policy.max_wait_s,
+        help="sjf: a request waiting this long goes before shorter ones (aging bound)",
+    )
+
+
+def policy_from_args(args: argparse.Namespace) -> PolicyConfig:
+    return PolicyConfig(
+        EnginePolicy(args.engine_policy),
+        length_quantile=args.length_quantile,
+        max_wait_s=args.max_wait_s,
+    )
+
+
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     plan = PlanFile.read(args.schedule) if args.schedule else None
     batching = ScheduleKind(args.batching or (plan.schedule.kind if plan else "continuous"))
@@ -141,6 +175,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
             schedule=plan.schedule if plan else None,
             mean_input_tokens=plan.mean_input_tokens if plan else None,
             max_batch_size=args.max_batch_size,
+            policy=policy_from_args(args),
             max_queue_size=args.max_queue_size,
             kv_capacity_bytes=int(args.kv_cache_mb * 2**20),
             kv_block_size_tokens=args.kv_block_size,

@@ -8,6 +8,7 @@ from exegpt.dtypes import DEFAULT_DTYPE
 from exegpt.schedule import Schedule, ScheduleKind
 from exegpt.security import SecurityConfig
 from exegpt.topology import Topology
+from services.worker.policies.config import PolicyConfig
 
 # How batches form is a schedule kind (services/worker/modes/): the baselines, continuous
 # (Orca/vLLM iteration-level batching) and static (FasterTransformer), or a planned ExeGPT
@@ -31,6 +32,8 @@ class EngineConfig:
     # rra: each encoding's prompt tokens stay within this fraction of B_E x this mean.
     mean_input_tokens: float | None = None
     input_band: float = 0.2
+    # Who goes next and who is preempted (--engine-policy: fcfs, memory_aware, sjf).
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
     def __post_init__(self) -> None:
         if not self.batching.is_baseline and self.schedule is None:

@@ -82,6 +82,10 @@ class EngineStats:
     batching: str
     num_pending_prefill_tokens: int
     num_remaining_decode_tokens: int
+    engine_policy: str
+    num_preemptions: int
+    num_recomputed_tokens: int
+    queue_time_s: float  # summed over admitted requests: arrival to first admission
 
 
 class Engine:
@@ -124,7 +128,7 @@ class Engine:
     def submit(self, request: EngineRequest) -> None:
         """Queue a request; raises InvalidRequestError, QueueFullError or EngineStoppedError."""
         self._validate(request)
-        needed = self._scheduler.reserved_blocks_for(request)
+        needed = self._scheduler.max_blocks_for(request)
         if needed > self._allocator.num_blocks:
             raise InvalidRequestError(
                 f"request needs {needed} KV blocks at its longest but the "
@@ -196,6 +200,10 @@ class Engine:
             batching=str(self._config.batching),
             num_pending_prefill_tokens=snapshot.num_pending_prefill_tokens,
             num_remaining_decode_tokens=snapshot.num_remaining_decode_tokens,
+            engine_policy=str(self._config.policy.name),
+            num_preemptions=self._scheduler.num_preemptions,
+            num_recomputed_tokens=self._scheduler.num_recomputed_tokens,
+            queue_time_s=self._scheduler.queue_time_s,
         )
 
     def _validate(self, request: EngineRequest) -> None:

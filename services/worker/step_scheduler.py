@@ -1,10 +1,13 @@
 """The engine's step scheduler: it owns the queue, the running sequences and the KV block
 tables, and turns them into one `StepPlan` at a time.
 
-Admission reserves each request's worst-case blocks (prompt + max_tokens) so a running
-sequence never runs out of cache; the tables themselves grow step by step. The running
-sequences are split into `num_micro_batches` groups: each group's decode step is independent
-of the others', so a pipeline executor can keep one group in every stage at once.
+KV blocks are allocated as sequences grow. The engine policy (policies/) orders the queue and
+decides whether a request may be admitted; when a step's sequences cannot take their next
+blocks, the policy's victims are preempted by recompute: their KV is released and they go to
+the head of the queue with their tokens, to be prefilled again with prompt + tokens (their
+sampling continues where it stopped, so greedy and seeded output does not change). The
+running sequences are split into `num_micro_batches` groups: each group's decode step is
+independent of the others', so a pipeline executor can keep one group in every stage at once.
 
 A step that fails as a whole is retried one sequence at a time, so a request that breaks the
 model fails alone and the batch goes on. Not thread-safe except `enqueue`, `request_abort`
@@ -15,61 +18,31 @@ from __future__ import annotations
 
 import collections
 import itertools
-import random
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
-from exegpt.generation import FinishReason
 from exegpt.models.batch import prefill_lengths
 from exegpt.models.config import ModelConfig
-from exegpt.models.kv_cache import BlockAllocator, SequenceKV, num_blocks_needed
+from exegpt.models.kv_cache import BlockAllocator, num_blocks_needed
 from services.worker.config import EngineConfig
 from services.worker.modes import ModeView, make_mode
 from services.worker.observations import Observations
-from services.worker.requests import EngineEvent, EngineRequest, RequestTimings
-from services.worker.sampling import RowSampling
+from services.worker.policies import KvState, Load, OutputLengthModel, make_policy
+from services.worker.requests import EngineEvent, EngineRequest
+from services.worker.sequence import (
+    Delivery,
+    Sequence,
+    Snapshot,
+    build_plan,
+    deliver,
+    failure,
+    request_load,
+    seed_of,
+)
 from services.worker.step_plan import StepKind, StepPlan, StepResult
 
-
-@dataclass(eq=False)
-class Sequence:
-    """An admitted request as the scheduler tracks it."""
-
-    request: EngineRequest
-    seq_id: int
-    seed: int
-    group: int
-    reserved_blocks: int
-    kv: SequenceKV = field(default_factory=SequenceKV)
-    output_token_ids: list[int] = field(default_factory=list)
-    admitted_ns: int = 0
-    prefill_end_ns: int = 0
-    prefill_batch_size: int = 0
-    in_flight: bool = False
-    aborted: bool = False
-    retry_alone: bool = False
-
-    @property
-    def prefilled(self) -> bool:
-        return self.kv.num_self_tokens > 0
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """An event for a request's callback (called by the engine outside any lock)."""
-
-    request: EngineRequest
-    event: EngineEvent
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    num_waiting: int
-    num_running: int
-    num_free_blocks: int
-    num_pending_prefill_tokens: int
-    num_remaining_decode_tokens: int
+__all__ = ["Delivery", "Sequence", "Snapshot", "StepScheduler"]
 
 
 class StepScheduler:
@@ -79,20 +52,25 @@ class StepScheduler:
         self._config = config
         self._model_config = model_config
         self._allocator = allocator
-        self.mode = make_mode(config)
+        self.lengths = OutputLengthModel(config.policy.length_window)
+        self.policy = make_policy(config.policy, self.lengths)
+        self.mode = make_mode(config, self.policy)
         self._num_groups = self.mode.num_micro_batches
         self._lock = threading.Lock()
         self._waiting: collections.deque[EngineRequest] = collections.deque()
+        self._preempted: list[Sequence] = []  # the head of the queue, oldest admission first
         self._pending_aborts: set[str] = set()
         self._running: list[Sequence] = []
         self._plans: dict[int, list[Sequence]] = {}  # in flight, by step id
         self._busy_groups: dict[int, int] = {}  # group -> step id of its decode in flight
         self._next_group = 0
-        self._reserved_blocks = 0
         self._step_ids = itertools.count()
         self._seq_ids = itertools.count()
         self.num_finished = 0
         self.num_aborted = 0
+        self.num_preemptions = 0
+        self.num_recomputed_tokens = 0  # prompt + generated tokens prefilled again
+        self.queue_time_s = 0.0  # summed over admitted requests, arrival to first admission
         self._observations = Observations()
 
     # ---- any thread ----------------------------------------------------------------------
@@ -105,7 +83,7 @@ class StepScheduler:
 
     def num_waiting(self) -> int:
         with self._lock:
-            return len(self._waiting)
+            return len(self._waiting) + len(self._preempted)
 
     def request_abort(self, request_id: str) -> None:
         with self._lock:
@@ -113,30 +91,31 @@ class StepScheduler:
 
     def snapshot(self) -> Snapshot:
         with self._lock:
-            waiting = list(self._waiting)
-            running = list(self._running)
+            waiting = [request_load(r) for r in self._waiting]
+            preempted = [s.load() for s in self._preempted]
+            running = [s.load() for s in self._running]
+        remaining = self.lengths.expected_remaining
         return Snapshot(
-            num_waiting=len(waiting),
+            num_waiting=len(waiting) + len(preempted),
             num_running=len(running),
             num_free_blocks=self._allocator.num_free_blocks,
-            num_pending_prefill_tokens=sum(len(r.prompt_token_ids) for r in waiting),
-            num_remaining_decode_tokens=sum(r.sampling.max_tokens for r in waiting)
-            + sum(s.request.sampling.max_tokens - len(s.output_token_ids) for s in running),
+            num_pending_prefill_tokens=sum(
+                w.prompt_tokens + w.num_generated for w in waiting + preempted
+            ),
+            num_remaining_decode_tokens=round(
+                sum(remaining(w.num_generated, w.max_tokens) for w in waiting + preempted + running)
+            ),
         )
 
-    def reserved_blocks_for(self, request: EngineRequest) -> int:
-        return num_blocks_needed(
-            self._model_config,
-            len(request.prompt_token_ids),
-            request.sampling.max_tokens,
-            self._config.kv_block_size_tokens,
-        )
+    def max_blocks_for(self, request: EngineRequest) -> int:
+        """Blocks the request holds at its longest (it must fit the cache alone)."""
+        return self._blocks_at(len(request.prompt_token_ids), request.sampling.max_tokens)
 
     # ---- the engine thread ---------------------------------------------------------------
 
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self._waiting or self._running or self._pending_aborts)
+            return bool(self._waiting or self._preempted or self._running or self._pending_aborts)
 
     def apply_aborts(self) -> None:
         with self._lock:
@@ -146,7 +125,9 @@ class StepScheduler:
             dropped = [r for r in self._waiting if r.request_id in aborts]
             for request in dropped:
                 self._waiting.remove(request)
-        self.num_aborted += len(dropped)
+            resumable = [s for s in self._preempted if s.request.request_id in aborts]
+            self._preempted = [s for s in self._preempted if s not in resumable]
+        self.num_aborted += len(dropped) + len(resumable)
         for seq in [s for s in self._running if s.request.request_id in aborts]:
             seq.aborted = True
             self.num_aborted += 1
@@ -156,11 +137,12 @@ class StepScheduler:
     def next_plan(self) -> StepPlan | None:
         """The next step to run, or None when nothing can run now."""
         lone = next((s for s in self._running if s.retry_alone and not s.in_flight), None)
-        if lone is not None:
+        if lone is not None and self._make_room([lone]):
             lone.retry_alone = False
             kind = StepKind.DECODE if lone.prefilled else StepKind.PREFILL
             return self._plan(kind, [lone])
         recompute = [s for s in self._running if not (s.prefilled or s.in_flight or s.retry_alone)]
+        recompute = self._make_room(recompute)
         if recompute:  # after a redeploy: prompt + the tokens already generated
             return self._plan(StepKind.PREFILL, recompute)
         admitted = self._admit()
@@ -175,6 +157,7 @@ class StepScheduler:
             ready = [
                 s for s in self._running if s.group == group and s.prefilled and not s.in_flight
             ]
+            ready = self._make_room(ready)
             if ready:
                 self._next_group = group + 1
                 plan = replace(self._plan(StepKind.DECODE, ready), micro_batch=group)
@@ -207,7 +190,7 @@ class StepScheduler:
             error = result.error or result.row_errors[row]
             if error is not None:
                 self._remove(seq)
-                deliveries.append(_failure(seq, error, result.unavailable))
+                deliveries.append(failure(seq, error, result.unavailable))
                 continue
             deliveries.append(self._advance(seq, result.token_ids[row], now_s, len(seqs)))
         if was_decode:
@@ -219,7 +202,7 @@ class StepScheduler:
     def set_mode(self, config: EngineConfig) -> None:
         """Form batches by `config`'s kind and control variables from the next step on."""
         self._config = config
-        self.mode = make_mode(config)
+        self.mode = make_mode(config, self.policy)
         self._num_groups = self.mode.num_micro_batches
         for seq in self._running:
             seq.group %= self._num_groups
@@ -244,19 +227,21 @@ class StepScheduler:
         """Fail every request, queued or running (the engine is stopping or broken)."""
         with self._lock:
             waiting, self._waiting = list(self._waiting), collections.deque()
+            preempted, self._preempted = self._preempted, []
         deliveries = [
             Delivery(r, EngineEvent(r.request_id, [], [], error=message, unavailable=unavailable))
             for r in waiting
         ]
+        deliveries += [failure(s, message, unavailable) for s in preempted]
         for seq in list(self._running):
             if not seq.aborted:
-                deliveries.append(_failure(seq, message, unavailable))
+                deliveries.append(failure(seq, message, unavailable))
             self._remove(seq)
         self._plans.clear()
         self._busy_groups.clear()
         return deliveries
 
-    # ---- internals -------------------------------------------------------------------------
+    # ---- internals: admission and preemption ---------------------------------------------
 
     def _view(self) -> ModeView:
         num_prefilling = sum(
@@ -264,61 +249,116 @@ class StepScheduler:
         )
         return ModeView(len(self._running), num_prefilling, self._config.max_batch_size)
 
+    def _blocks_at(self, prompt_tokens: int, num_generated: int) -> int:
+        block_size = self._config.kv_block_size_tokens
+        return num_blocks_needed(self._model_config, prompt_tokens, num_generated, block_size)
+
+    def _kv_state(self) -> KvState:
+        return KvState(
+            self._allocator.num_blocks,
+            self._allocator.num_free_blocks,
+            tuple(s.load() for s in self._running),
+            self._blocks_at,
+        )
+
+    def _fits(self, load: Load, state: KvState) -> bool:
+        """The policy's admission check; alone in an idle engine, only its prefill must fit."""
+        if not state.admitted:
+            return state.prefill_blocks(load) <= state.free_blocks
+        return self.policy.can_admit(load, state)
+
     def _admit(self) -> list[Sequence]:
-        """Admit whom the mode chooses, in its order, while KV reservations last."""
+        """Resume the preempted, then admit whom the mode chooses, while the policy allows."""
         view = self._view()
         limit = self.mode.admission_limit(view)
         if limit <= 0:
             return []
+        state = self._kv_state()
         admitted: list[Sequence] = []
         with self._lock:
-            chosen = self.mode.choose(list(self._waiting), limit) if self._waiting else []
-            for head in chosen:
-                needed = self.reserved_blocks_for(head)
-                if needed > self._allocator.num_blocks - self._reserved_blocks:
+            while self._preempted and len(admitted) < limit:
+                seq = self._preempted[0]
+                if not self._fits(seq.load(), state):
                     break
-                self._waiting.remove(head)
-                self._reserved_blocks += needed
-                seq = Sequence(
-                    request=head,
-                    seq_id=next(self._seq_ids),
-                    seed=_seed(head),
-                    group=self._smallest_group(),
-                    reserved_blocks=needed,
-                    admitted_ns=time.time_ns(),
-                )
+                self._preempted.pop(0)
+                state = _with(state, seq.load())
+                self.num_recomputed_tokens += seq.load().prompt_tokens + len(seq.output_token_ids)
+                seq.group = self._smallest_group()
                 self._running.append(seq)
                 admitted.append(seq)
+            if self._waiting and not self._preempted and len(admitted) < limit:
+                for head in self.mode.choose(list(self._waiting), limit - len(admitted)):
+                    load = request_load(head)
+                    if not self._fits(load, state):
+                        break
+                    self._waiting.remove(head)
+                    state = _with(state, load)
+                    admitted.append(self._new_sequence(head))
         self.mode.on_admitted(len(admitted), view)
         return admitted
+
+    def _new_sequence(self, request: EngineRequest) -> Sequence:
+        seq = Sequence(
+            request=request,
+            seq_id=next(self._seq_ids),
+            seed=seed_of(request),
+            group=self._smallest_group(),
+            admitted_ns=time.time_ns(),
+        )
+        self.queue_time_s += seq.admitted_s - request.arrival_s
+        self._running.append(seq)
+        return seq
+
+    def _make_room(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Preempt the policy's victims until `seqs` can take the blocks their next step
+        writes. Returns those of `seqs` still to plan (a victim among them leaves it)."""
+        seqs = list(seqs)
+        while seqs and self._blocks_short(seqs) > 0:
+            candidates = [
+                s
+                for s in self._running
+                if not (s.in_flight or s.aborted) and (s in seqs or s.kv.self_blocks)
+            ]
+            if not candidates:
+                return []  # the blocks come back with the steps in flight
+            chosen = self.mode.victim([s.load() for s in candidates])
+            victim = next(s for s in candidates if s.seq_id == chosen.seq_id)
+            self._preempt(victim)
+            if victim in seqs:
+                seqs.remove(victim)
+        return seqs
+
+    def _blocks_short(self, seqs: list[Sequence]) -> int:
+        """Blocks the next step of `seqs` needs beyond the free ones."""
+        needed = 0
+        for seq in seqs:
+            held = len(seq.kv.self_blocks) + len(seq.kv.cross_blocks)
+            load = seq.load()
+            needed += max(0, self._blocks_at(load.prompt_tokens, load.num_generated + 1) - held)
+        return needed - self._allocator.num_free_blocks
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Release the sequence's KV; it waits at the head of the queue with its tokens."""
+        self._allocator.release(seq.kv)
+        seq.retry_alone = False
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        with self._lock:
+            self._running.remove(seq)
+            self._preempted.append(seq)
+            self._preempted.sort(key=lambda s: s.seq_id)
 
     def _smallest_group(self) -> int:
         sizes = collections.Counter(s.group for s in self._running)
         return min(range(self._num_groups), key=lambda g: sizes[g])
 
+    # ---- internals: plans and results ----------------------------------------------------
+
     def _plan(self, kind: StepKind, seqs: list[Sequence]) -> StepPlan:
+        """A step of `seqs`, their block tables grown to what it writes."""
         block_size = self._config.kv_block_size_tokens
-        if kind is StepKind.PREFILL:
-            prompts = [s.request.prompt_token_ids for s in seqs]
-            prefixes = [list(s.output_token_ids) for s in seqs]
-            self_lengths, cross_lengths = prefill_lengths(self._model_config, prompts, prefixes)
-            self._allocator.grow([s.kv for s in seqs], block_size, self_lengths, cross_lengths)
-            token_ids = tuple(tuple(p) for p in prompts)
-            prefix_ids = tuple(tuple(p) for p in prefixes)
-        else:
-            lengths = [s.kv.num_self_tokens + 1 for s in seqs]
-            self._allocator.grow([s.kv for s in seqs], block_size, lengths, None)
-            token_ids = tuple((s.output_token_ids[-1],) for s in seqs)
-            prefix_ids = tuple(() for _ in seqs)
-        plan = StepPlan(
-            step_id=next(self._step_ids),
-            kind=kind,
-            seq_ids=tuple(s.seq_id for s in seqs),
-            kv=tuple(_copy_kv(s.kv) for s in seqs),
-            token_ids=token_ids,
-            prefixes=prefix_ids,
-            sampling=tuple(_row_sampling(s) for s in seqs),
-        )
+        step_id = next(self._step_ids)
+        plan = build_plan(step_id, kind, seqs, self._model_config, self._allocator, block_size)
         for seq in seqs:
             seq.in_flight = True
         self._plans[plan.step_id] = seqs
@@ -332,63 +372,33 @@ class StepScheduler:
             )
             seq.kv.num_self_tokens = self_lengths[0]
             seq.kv.num_cross_tokens = cross_lengths[0] if cross_lengths else 0
-            seq.prefill_end_ns = time.time_ns()
-            seq.prefill_batch_size = batch_size
+            if not seq.prefill_end_ns:  # the first prefill (a recompute is not the TTFT)
+                seq.prefill_end_ns = time.time_ns()
+                seq.prefill_batch_size = batch_size
         else:
             seq.kv.num_self_tokens += 1
         seq.output_token_ids.append(token)
-        finish = self._finish_reason(seq, token)
+        finish = seq.finish_reason(token, self._model_config.eos_token_id)
         timings = None
         if finish is not None:
             self._remove(seq)  # early termination: leave at once and free the KV
             self.num_finished += 1
+            self.lengths.observe(len(seq.output_token_ids))
             self._observations.add_lengths(seq.request, len(seq.output_token_ids))
-            timings = RequestTimings(
-                arrival_ns=seq.request.arrival_ns,
-                admitted_ns=seq.admitted_ns,
-                prefill_end_ns=seq.prefill_end_ns,
-                finished_ns=time.time_ns(),
-                prefill_batch_size=seq.prefill_batch_size,
-            )
+            timings = seq.timings()
         request = seq.request
         event = EngineEvent(
             request.request_id, [token], [now_s - request.arrival_s], finish, timings=timings
         )
-        return _deliver(seq, event)
-
-    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
-        sampling = seq.request.sampling
-        if token == self._model_config.eos_token_id and not sampling.ignore_eos:
-            return FinishReason.STOP
-        if len(seq.output_token_ids) >= sampling.max_tokens:
-            return FinishReason.LENGTH
-        return None
+        return deliver(seq, event)
 
     def _remove(self, seq: Sequence) -> None:
         self._allocator.release(seq.kv)
         with self._lock:
             self._running.remove(seq)
-            self._reserved_blocks -= seq.reserved_blocks
 
 
-def _deliver(seq: Sequence, event: EngineEvent) -> Delivery:
-    return Delivery(seq.request, event)
-
-
-def _failure(seq: Sequence, message: str, unavailable: bool = False) -> Delivery:
-    event = EngineEvent(seq.request.request_id, [], [], error=message, unavailable=unavailable)
-    return Delivery(seq.request, event)
-
-
-def _seed(request: EngineRequest) -> int:
-    seed = request.sampling.seed
-    return seed if seed is not None else random.getrandbits(63)
-
-
-def _row_sampling(seq: Sequence) -> RowSampling:
-    sampling = seq.request.sampling
-    return RowSampling(sampling.temperature, sampling.top_p, seq.seed, len(seq.output_token_ids))
-
-
-def _copy_kv(kv: SequenceKV) -> SequenceKV:
-    return replace(kv, self_blocks=list(kv.self_blocks), cross_blocks=list(kv.cross_blocks))
+def _with(state: KvState, load: Load) -> KvState:
+    """`state` after admitting `load` (its prefill blocks are taken)."""
+    free = state.free_blocks - state.prefill_blocks(load)
+    return replace(state, free_blocks=free, admitted=(*state.admitted, load))

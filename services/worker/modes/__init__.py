@@ -17,6 +17,7 @@ from services.worker.modes.continuous import ContinuousMode
 from services.worker.modes.rra import RraMode
 from services.worker.modes.static import StaticMode
 from services.worker.modes.waa import WaaMode
+from services.worker.policies import BasePolicy, Load
 from services.worker.requests import EngineRequest
 
 __all__ = ["ModeView", "ScheduleMode", "make_mode"]
@@ -28,6 +29,10 @@ class ScheduleMode(Protocol):
     def admission_limit(self, view: ModeView) -> int: ...
 
     def choose(self, waiting: list[EngineRequest], limit: int) -> list[EngineRequest]: ...
+
+    def victim(self, candidates: list[Load]) -> Load: ...
+
+    def use_policy(self, policy: BasePolicy) -> None: ...
 
     def on_admitted(self, num_admitted: int, view: ModeView) -> None: ...
 
@@ -50,5 +55,9 @@ _MODES: dict[ScheduleKind, Callable[[EngineConfig], FcfsMode]] = {
 }
 
 
-def make_mode(config: EngineConfig) -> ScheduleMode:
-    return _MODES[config.batching](config)
+def make_mode(config: EngineConfig, policy: BasePolicy | None = None) -> ScheduleMode:
+    """The mode of `config`'s kind, taking its queue order and victims from `policy`."""
+    mode = _MODES[config.batching](config)
+    if policy is not None:
+        mode.use_policy(policy)
+    return mode

@@ -1,11 +1,13 @@
-"""What a schedule mode sees and decides at a step boundary, and the first-come-first-served
-defaults the simple modes keep."""
+"""What a schedule mode sees and decides at a step boundary, and the defaults the simple
+modes keep. Whom to admit first and whom to preempt is the engine policy's (policies/): a mode
+takes the waiting queue in the policy's order."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from services.worker.policies import BasePolicy, Load, OutputLengthModel, PolicyConfig, make_policy
 from services.worker.requests import EngineRequest
 
 
@@ -17,10 +19,15 @@ class ModeView:
 
 
 class FcfsMode:
-    """Admit in arrival order; decode whenever sequences are ready."""
+    """Admit in the policy's order (arrival order by default); decode whenever sequences are
+    ready."""
 
     def __init__(self, num_micro_batches: int = 1) -> None:
         self.num_micro_batches = num_micro_batches
+        self.policy: BasePolicy = make_policy(PolicyConfig(), OutputLengthModel())
+
+    def use_policy(self, policy: BasePolicy) -> None:
+        self.policy = policy
 
     def admission_limit(self, view: ModeView) -> int:
         """How many waiting requests may be admitted now (0: none)."""
@@ -28,7 +35,11 @@ class FcfsMode:
 
     def choose(self, waiting: Sequence[EngineRequest], limit: int) -> list[EngineRequest]:
         """Which waiting requests to admit, at most `limit`, in the order to admit them."""
-        return list(waiting[:limit])
+        return self.policy.order(waiting)[:limit]
+
+    def victim(self, candidates: Sequence[Load]) -> Load:
+        """Whom to preempt first when the KV cache runs out (the policy decides)."""
+        return self.policy.victim(candidates)
 
     def on_admitted(self, num_admitted: int, view: ModeView) -> None:
         """An admission round with a non-zero limit ended (num_admitted may be 0)."""

@@ -69,6 +69,7 @@ class RraMode(FcfsMode):
 
     def choose(self, waiting: Sequence[EngineRequest], limit: int) -> list[EngineRequest]:
         self._limit = limit
+        waiting = self.policy.order(waiting)
         mean = self._mean_input(waiting)
         upper_tokens = limit * mean * (1 + self.band)
         chosen = [r for r in waiting if r.request_id in self._passed_over][:limit]

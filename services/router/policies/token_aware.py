@@ -1,0 +1,26 @@
+"""Token-aware least load: the replica with the least outstanding work, in tokens.
+
+A replica's work is its queued prefill tokens plus the expected decode tokens still owed to
+its requests, as its worker last reported them (GetStats, polled on the health-check loop;
+the worker predicts decode tokens from the output lengths it observed), plus the prompt and
+max_tokens of every request this router sent it since that poll. Ties go to the replica with
+fewer requests in flight, then round robin.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from services.router.policies import ReplicaView
+
+
+class TokenAwarePolicy:
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+
+    def choose(self, replicas: Sequence[ReplicaView]) -> ReplicaView:
+        ordered = sorted(replicas, key=lambda replica: replica.address)
+        least = min((r.outstanding_tokens, r.num_in_flight) for r in ordered)
+        tied = [r for r in ordered if (r.outstanding_tokens, r.num_in_flight) == least]
+        return tied[next(self._counter) % len(tied)]

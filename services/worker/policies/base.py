@@ -1,0 +1,85 @@
+"""What an engine policy sees, and the defaults the three policies share.
+
+A policy decides WHO goes next (the order of the waiting queue), whether one more request
+may be admitted given the KV cache, and whom to preempt when the cache runs out. Schedule
+modes (services/worker/modes/) decide HOW batches form and ask the policy these questions.
+
+KV blocks are allocated as sequences grow; admission only checks that a request's prefill
+fits now (plus whatever the policy predicts), and a sequence that cannot grow makes the
+scheduler preempt a victim by recompute.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from services.worker.policies.config import PolicyConfig
+from services.worker.policies.lengths import OutputLengthModel
+from services.worker.requests import EngineRequest
+
+# Blocks a sequence holds after it generated n tokens: (prompt tokens, n) -> blocks.
+BlocksAt = Callable[[int, int], int]
+
+
+@dataclass(frozen=True)
+class Load:
+    """An admitted (or candidate) sequence as the KV accounting sees it."""
+
+    prompt_tokens: int
+    num_generated: int
+    max_tokens: int
+    seq_id: int = -1  # -1: a request not admitted yet
+    admitted_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class KvState:
+    """The cache at an admission decision: `free_blocks` is net of this round's admissions,
+    `admitted` holds every running sequence and this round's admissions."""
+
+    num_blocks: int
+    free_blocks: int
+    admitted: tuple[Load, ...]
+    blocks_at: BlocksAt
+
+    def prefill_blocks(self, load: Load) -> int:
+        """Blocks a (re)prefill of `load` takes: its prompt and the tokens it generated."""
+        return self.blocks_at(load.prompt_tokens, load.num_generated + 1)
+
+    @property
+    def watermark(self) -> int:
+        """Blocks kept free at admission so the running sequences can grow a little."""
+        return max(1, math.ceil(0.01 * self.num_blocks))
+
+
+class BasePolicy:
+    """First come, first served; the newest running sequence is preempted first."""
+
+    name = "base"
+
+    def __init__(self, config: PolicyConfig, lengths: OutputLengthModel) -> None:
+        self.config = config
+        self.lengths = lengths
+
+    def order(self, waiting: Sequence[EngineRequest]) -> list[EngineRequest]:
+        """The waiting requests in the order they should be admitted."""
+        return list(waiting)
+
+    def can_admit(self, candidate: Load, state: KvState) -> bool:
+        """Whether `candidate` may be (re)admitted now."""
+        return state.prefill_blocks(candidate) + state.watermark <= state.free_blocks
+
+    def victim(self, candidates: Sequence[Load]) -> Load:
+        """Which of the (non-empty) preemptible sequences to preempt first."""
+        return max(candidates, key=lambda load: load.seq_id)
+
+    def predicted_work(self, request: EngineRequest) -> float:
+        """Predicted tokens of work (prefill + decode) a waiting request brings."""
+        prefill = self.config.prefill_token_weight * len(request.prompt_token_ids)
+        return prefill + self.lengths.expected_remaining(0, request.sampling.max_tokens)
+
+    def waited_s(self, request: EngineRequest, now_s: float | None = None) -> float:
+        return (time.monotonic() if now_s is None else now_s) - request.arrival_s

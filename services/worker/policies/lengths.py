@@ -1,0 +1,59 @@
+"""Output lengths learned online: a bounded window of the lengths of finished requests, kept
+sorted, from which a policy reads a high quantile (to predict a peak) or a mean (to predict
+work), conditioned on the tokens a request has generated so far and capped by its max_tokens.
+
+Before anything finished the model knows nothing and predicts max_tokens (the worst case).
+Thread-safe: the engine thread learns, the stats thread reads.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import math
+import threading
+
+
+class OutputLengthModel:
+    def __init__(self, window: int = 2048, min_samples: int = 8) -> None:
+        if window < 1 or min_samples < 1:
+            raise ValueError("window and min_samples must be >= 1")
+        self._window = window
+        self._min_samples = min_samples
+        self._order: collections.deque[int] = collections.deque()
+        self._sorted: list[int] = []
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._sorted)
+
+    def observe(self, num_output_tokens: int) -> None:
+        with self._lock:
+            if len(self._order) >= self._window:
+                oldest = self._order.popleft()
+                del self._sorted[bisect.bisect_left(self._sorted, oldest)]
+            self._order.append(num_output_tokens)
+            bisect.insort(self._sorted, num_output_tokens)
+
+    def quantile(self, q: float, num_generated: int, max_tokens: int) -> int:
+        """The q-quantile of the total output length of a request that has generated
+        `num_generated` tokens (of lengths seen beyond that), in [num_generated + 1,
+        max_tokens]; max_tokens while too few such lengths were seen."""
+        with self._lock:
+            tail = self._tail(num_generated)
+            if tail is None:
+                return max_tokens
+            value = tail[min(len(tail) - 1, math.ceil(q * len(tail)) - 1)] if q > 0 else tail[0]
+        return max(num_generated + 1, min(max_tokens, value))
+
+    def expected_remaining(self, num_generated: int, max_tokens: int) -> float:
+        """Mean tokens still to come for a request that has generated `num_generated`."""
+        with self._lock:
+            tail = self._tail(num_generated)
+            mean = max_tokens if tail is None else sum(tail) / len(tail)
+        return max(1.0, min(max_tokens, mean) - num_generated)
+
+    def _tail(self, num_generated: int) -> list[int] | None:
+        """The lengths seen beyond num_generated, or None while fewer than min_samples."""
+        tail = self._sorted[bisect.bisect_right(self._sorted, num_generated) :]
+        return tail if len(tail) >= self._min_samples else None

@@ -1,0 +1,148 @@
+"""The step scheduler's records: an admitted request (`Sequence`), an event to deliver, the
+queue snapshot for stats, and the small conversions from them to a step's rows."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field, replace
+
+from exegpt.generation import FinishReason
+from exegpt.models.batch import prefill_lengths
+from exegpt.models.config import ModelConfig
+from exegpt.models.kv_cache import BlockAllocator, SequenceKV
+from services.worker.policies import Load
+from services.worker.requests import EngineEvent, EngineRequest, RequestTimings
+from services.worker.sampling import RowSampling
+from services.worker.step_plan import StepKind, StepPlan
+
+
+@dataclass(eq=False)
+class Sequence:
+    """An admitted request as the scheduler tracks it. A preempted one keeps its tokens,
+    seed and id and waits at the head of the queue without KV until it is recomputed."""
+
+    request: EngineRequest
+    seq_id: int
+    seed: int
+    group: int
+    kv: SequenceKV = field(default_factory=SequenceKV)
+    output_token_ids: list[int] = field(default_factory=list)
+    admitted_ns: int = 0
+    admitted_s: float = field(default_factory=time.monotonic)
+    prefill_end_ns: int = 0
+    prefill_batch_size: int = 0
+    in_flight: bool = False
+    aborted: bool = False
+    retry_alone: bool = False
+    num_preemptions: int = 0
+
+    @property
+    def prefilled(self) -> bool:
+        return self.kv.num_self_tokens > 0
+
+    def finish_reason(self, token: int, eos_token_id: int | None) -> FinishReason | None:
+        sampling = self.request.sampling
+        if token == eos_token_id and not sampling.ignore_eos:
+            return FinishReason.STOP
+        if len(self.output_token_ids) >= sampling.max_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def timings(self) -> RequestTimings:
+        """Its phases, at its finish."""
+        return RequestTimings(
+            arrival_ns=self.request.arrival_ns,
+            admitted_ns=self.admitted_ns,
+            prefill_end_ns=self.prefill_end_ns,
+            finished_ns=time.time_ns(),
+            prefill_batch_size=self.prefill_batch_size,
+        )
+
+    def load(self) -> Load:
+        sampling = self.request.sampling
+        return Load(
+            len(self.request.prompt_token_ids),
+            len(self.output_token_ids),
+            sampling.max_tokens,
+            self.seq_id,
+            self.admitted_s,
+        )
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """An event for a request's callback (called by the engine outside any lock)."""
+
+    request: EngineRequest
+    event: EngineEvent
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    num_waiting: int
+    num_running: int
+    num_free_blocks: int
+    num_pending_prefill_tokens: int
+    num_remaining_decode_tokens: int
+
+
+def request_load(request: EngineRequest) -> Load:
+    return Load(len(request.prompt_token_ids), 0, request.sampling.max_tokens)
+
+
+def deliver(seq: Sequence, event: EngineEvent) -> Delivery:
+    return Delivery(seq.request, event)
+
+
+def failure(seq: Sequence, message: str, unavailable: bool = False) -> Delivery:
+    event = EngineEvent(seq.request.request_id, [], [], error=message, unavailable=unavailable)
+    return Delivery(seq.request, event)
+
+
+def seed_of(request: EngineRequest) -> int:
+    seed = request.sampling.seed
+    return seed if seed is not None else random.getrandbits(63)
+
+
+def row_sampling(seq: Sequence) -> RowSampling:
+    """How the sequence samples its next token: the index continues after a preemption, so a
+    recomputed request draws the same tokens it would have drawn."""
+    sampling = seq.request.sampling
+    return RowSampling(sampling.temperature, sampling.top_p, seq.seed, len(seq.output_token_ids))
+
+
+def copy_kv(kv: SequenceKV) -> SequenceKV:
+    return replace(kv, self_blocks=list(kv.self_blocks), cross_blocks=list(kv.cross_blocks))
+
+
+def build_plan(
+    step_id: int,
+    kind: StepKind,
+    seqs: list[Sequence],
+    model_config: ModelConfig,
+    allocator: BlockAllocator,
+    block_size: int,
+) -> StepPlan:
+    """The plan of one step of `seqs`; grows their block tables to hold what it writes."""
+    if kind is StepKind.PREFILL:
+        prompts = [s.request.prompt_token_ids for s in seqs]
+        prefixes = [list(s.output_token_ids) for s in seqs]
+        self_lengths, cross_lengths = prefill_lengths(model_config, prompts, prefixes)
+        allocator.grow([s.kv for s in seqs], block_size, self_lengths, cross_lengths)
+        token_ids = tuple(tuple(p) for p in prompts)
+        prefix_ids = tuple(tuple(p) for p in prefixes)
+    else:
+        lengths = [s.kv.num_self_tokens + 1 for s in seqs]
+        allocator.grow([s.kv for s in seqs], block_size, lengths, None)
+        token_ids = tuple((s.output_token_ids[-1],) for s in seqs)
+        prefix_ids = tuple(() for _ in seqs)
+    return StepPlan(
+        step_id=step_id,
+        kind=kind,
+        seq_ids=tuple(s.seq_id for s in seqs),
+        kv=tuple(copy_kv(s.kv) for s in seqs),
+        token_ids=token_ids,
+        prefixes=prefix_ids,
+        sampling=tuple(row_sampling(s) for s in seqs),
+    )
