@@ -260,6 +260,8 @@ def build_problem(request: PlanRequest, profile: Path, bound_s: float = math.inf
 
     if request.num_devices < 1 or not request.device_memory_gb > 0:
         raise ValueError("--devices must be >= 1 and --device-memory-gb positive")
+    # Queries past a small grid are extrapolated and each one logged: the plan is the report.
+    logging.getLogger("services.profiler.profile").setLevel(logging.ERROR)
     cost_model, _, _ = load_profile_file(str(profile))
     check_profile_dtype(cost_model, request.dtype, str(profile))
     workload = workload_distribution(
@@ -293,8 +295,6 @@ def make_plan(request: PlanRequest, profile: Path, out_dir: Path | None = None) 
     from services.scheduler.search import plan
     from services.scheduler.simulator import Simulator
 
-    # Queries past a small grid are extrapolated and each one logged: the plan is the report.
-    logging.getLogger("services.profiler.profile").setLevel(logging.ERROR)
     problem = build_problem(request, profile)
     bound_s = resolve_bound(request.latency_bound, problem)
     problem = replace(problem, latency_bound_s=bound_s)
@@ -342,10 +342,17 @@ def format_choice(auto: AutoPlan) -> str:
         f"  predicted: {predicted['throughput_seq_s']:.2f} seq/s, p99-length latency "
         f"{predicted['latency_s']:.3f} s",
     ]
-    for kind in ScheduleKind:
-        if kind.value in auto.margins:
-            ratio = auto.margins[kind.value]
-            lines.append(f"  {report['chosen_kind']} won: {ratio:.2f}x the best {kind.value}")
+    beaten = [
+        f"{auto.margins[kind.value]:.2f}x {kind.value}"
+        for kind in ScheduleKind
+        if kind.value in auto.margins
+    ]
+    missing = [k.value for k in ScheduleKind if k.value not in auto.margins]
+    missing.remove(report["chosen_kind"])
+    lines.append(
+        f"  {report['chosen_kind']} won: {', '.join(beaten) or 'nothing else meets the bound'}"
+        + (f" (none within the bound: {', '.join(missing)})" if missing else "")
+    )
     lines.append(f"  plan file: {auto.path}")
     return "\n".join(lines)
 
