@@ -71,6 +71,8 @@ class DeploymentConfig:
     batching: str | None = None  # None: the plan's kind with --schedule, else continuous
     # A plan from `exegpt plan --json`: its schedule runs on every replica, at its placement.
     schedule_file: Path | None = None
+    # HOST:PORT of a scheduler service every worker watches and reports to (--scheduler).
+    scheduler: str | None = None
     max_batch_size: int = 32
     engine_policy: str | None = None  # None: the worker's default (fcfs)
     kv_cache_mb: float = 256.0
@@ -226,6 +228,7 @@ class Deployment:
             "--port", "0",
             *(["--batching", self.config.batching] if self.config.batching else []),
             *(["--schedule", str(self.config.schedule_file)] if self.config.schedule_file else []),
+            *(["--scheduler", self.config.scheduler] if self.config.scheduler else []),
             "--max-batch-size", str(self.config.max_batch_size),
             *(["--engine-policy", self.config.engine_policy] if self.config.engine_policy else []),
             "--kv-cache-mb", str(self.config.kv_cache_mb),
@@ -362,6 +365,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="deploy this `exegpt plan --json` plan: its placement and control variables",
     )
     parser.add_argument(
+        "--scheduler",
+        default=None,
+        help="HOST:PORT of the scheduler service: every worker applies the schedules it "
+        "pushes and reports observed lengths and stage times to it",
+    )
+    parser.add_argument(
         "--max-batch-size", type=int, default=defaults.max_batch_size, help="per worker"
     )
     parser.add_argument(
@@ -439,6 +448,7 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
         restart=RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window_s),
         topology=topology_from_args(args, plan.placement if plan else None),
         schedule_file=args.schedule.resolve() if args.schedule else None,
+        scheduler=args.scheduler,
         worker_host=args.worker_host,
         security=security_from_args(args),
     )

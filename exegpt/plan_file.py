@@ -26,6 +26,8 @@ class PlanFile:
     mean_output_tokens: float | None
     workload: str
     predicted: dict[str, Any]
+    latency_bound_s: float | None = None  # None: planned without a bound
+    meets_bound: bool = True
 
     @classmethod
     def read(cls, path: Path) -> PlanFile:
@@ -53,6 +55,8 @@ class PlanFile:
             mean_output_tokens=_number(data.get("mean_output_tokens")),
             workload=str(data.get("workload", "")),
             predicted=data.get("predicted") or {},
+            latency_bound_s=_number(data.get("latency_bound_s")),
+            meets_bound=data.get("meets_bound") is not False,
         )
 
 

@@ -163,7 +163,7 @@ class DriftStatistics(_message.Message):
     def __init__(self, input: _Optional[_Union[LengthDrift, _Mapping]] = ..., output: _Optional[_Union[LengthDrift, _Mapping]] = ..., encode_time_ratio: _Optional[float] = ..., decode_time_ratio: _Optional[float] = ..., num_encode_observations: _Optional[int] = ..., num_decode_observations: _Optional[int] = ...) -> None: ...
 
 class ScheduleUpdate(_message.Message):
-    __slots__ = ("version", "reason", "schedule", "prediction", "meets_bound", "latency_bound_s", "workload", "mean_input_tokens", "mean_output_tokens", "p99_output_tokens", "drift", "detail", "published_unix_s")
+    __slots__ = ("version", "reason", "schedule", "prediction", "meets_bound", "latency_bound_s", "workload", "mean_input_tokens", "mean_output_tokens", "p99_output_tokens", "drift", "detail", "published_unix_s", "placement_json")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,7 @@ class ScheduleUpdate(_message.Message):
     DRIFT_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     PUBLISHED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_JSON_FIELD_NUMBER: _ClassVar[int]
     version: int
     reason: ReplanReason
     schedule: Schedule
@@ -190,7 +191,8 @@ class ScheduleUpdate(_message.Message):
     drift: DriftStatistics
     detail: str
     published_unix_s: float
-    def __init__(self, version: _Optional[int] = ..., reason: _Optional[_Union[ReplanReason, str]] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., meets_bound: _Optional[bool] = ..., latency_bound_s: _Optional[float] = ..., workload: _Optional[str] = ..., mean_input_tokens: _Optional[float] = ..., mean_output_tokens: _Optional[float] = ..., p99_output_tokens: _Optional[int] = ..., drift: _Optional[_Union[DriftStatistics, _Mapping]] = ..., detail: _Optional[str] = ..., published_unix_s: _Optional[float] = ...) -> None: ...
+    placement_json: str
+    def __init__(self, version: _Optional[int] = ..., reason: _Optional[_Union[ReplanReason, str]] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., meets_bound: _Optional[bool] = ..., latency_bound_s: _Optional[float] = ..., workload: _Optional[str] = ..., mean_input_tokens: _Optional[float] = ..., mean_output_tokens: _Optional[float] = ..., p99_output_tokens: _Optional[int] = ..., drift: _Optional[_Union[DriftStatistics, _Mapping]] = ..., detail: _Optional[str] = ..., published_unix_s: _Optional[float] = ..., placement_json: _Optional[str] = ...) -> None: ...
 
 class StageTimeObservation(_message.Message):
     __slots__ = ("stage", "batch_size", "num_tokens", "num_cross_tokens", "num_layers", "tp_degree", "measured_s")

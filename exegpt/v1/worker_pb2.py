@@ -23,21 +23,30 @@ _sym_db = _symbol_database.Default()
 
 
 from exegpt.v1 import generate_pb2 as exegpt_dot_v1_dot_generate__pb2
+from exegpt.v1 import scheduler_pb2 as exegpt_dot_v1_dot_scheduler__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65xegpt/v1/worker.proto\x12\texegpt.v1\x1a\x18\x65xegpt/v1/generate.proto\"\x11\n\x0fGetStatsRequest\"\x15\n\x13GetModelInfoRequest\"\x87\x03\n\x0bWorkerStats\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\r\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x15\n\rkv_used_bytes\x18\x03 \x01(\x04\x12\x19\n\x11kv_capacity_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12kv_num_free_blocks\x18\x05 \x01(\r\x12\x15\n\rkv_num_blocks\x18\x06 \x01(\r\x12\x14\n\x0cnum_finished\x18\x07 \x01(\x04\x12\x13\n\x0bnum_aborted\x18\x08 \x01(\x04\x12\x10\n\x08\x62\x61tching\x18\t \x01(\t\x12\"\n\x1anum_pending_prefill_tokens\x18\n \x01(\x04\x12#\n\x1bnum_remaining_decode_tokens\x18\x0b \x01(\x04\x12\x15\n\rengine_policy\x18\x0c \x01(\t\x12\x17\n\x0fnum_preemptions\x18\r \x01(\x04\x12\x1d\n\x15num_recomputed_tokens\x18\x0e \x01(\x04\x12\x14\n\x0cqueue_time_s\x18\x0f \x01(\x01\x32\xd2\x01\n\x06Worker\x12\x42\n\x08Generate\x12\x1a.exegpt.v1.GenerateRequest\x1a\x18.exegpt.v1.GenerateChunk0\x01\x12>\n\x08GetStats\x12\x1a.exegpt.v1.GetStatsRequest\x1a\x16.exegpt.v1.WorkerStats\x12\x44\n\x0cGetModelInfo\x12\x1e.exegpt.v1.GetModelInfoRequest\x1a\x14.exegpt.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65xegpt/v1/worker.proto\x12\texegpt.v1\x1a\x18\x65xegpt/v1/generate.proto\x1a\x19\x65xegpt/v1/scheduler.proto\"\x11\n\x0fGetStatsRequest\"\x15\n\x13GetModelInfoRequest\"\x14\n\x12GetScheduleRequest\"\x87\x03\n\x0bWorkerStats\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\r\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x15\n\rkv_used_bytes\x18\x03 \x01(\x04\x12\x19\n\x11kv_capacity_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12kv_num_free_blocks\x18\x05 \x01(\r\x12\x15\n\rkv_num_blocks\x18\x06 \x01(\r\x12\x14\n\x0cnum_finished\x18\x07 \x01(\x04\x12\x13\n\x0bnum_aborted\x18\x08 \x01(\x04\x12\x10\n\x08\x62\x61tching\x18\t \x01(\t\x12\"\n\x1anum_pending_prefill_tokens\x18\n \x01(\x04\x12#\n\x1bnum_remaining_decode_tokens\x18\x0b \x01(\x04\x12\x15\n\rengine_policy\x18\x0c \x01(\t\x12\x17\n\x0fnum_preemptions\x18\r \x01(\x04\x12\x1d\n\x15num_recomputed_tokens\x18\x0e \x01(\x04\x12\x14\n\x0cqueue_time_s\x18\x0f \x01(\x01\"\x9e\x01\n\x12SchedulePrediction\x12\x18\n\x10throughput_seq_s\x18\x01 \x01(\x01\x12\x1b\n\x13throughput_tokens_s\x18\x02 \x01(\x01\x12\x11\n\tlatency_s\x18\x03 \x01(\x01\x12\x13\n\x0bmeets_bound\x18\x04 \x01(\x08\x12\x17\n\x0flatency_bound_s\x18\x05 \x01(\x01\x12\x10\n\x08workload\x18\x06 \x01(\t\"_\n\x0eScheduleSwitch\x12%\n\x08schedule\x18\x01 \x01(\x0b\x32\x13.exegpt.v1.Schedule\x12\x12\n\nredeployed\x18\x02 \x01(\x08\x12\x12\n\nduration_s\x18\x03 \x01(\x01\"\xce\x03\n\x0eScheduleStatus\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12%\n\x08schedule\x18\x02 \x01(\x0b\x32\x13.exegpt.v1.Schedule\x12\x16\n\x0eplacement_json\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x04\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x17\n\x0fpending_version\x18\x07 \x01(\x04\x12\x31\n\nprediction\x18\x08 \x01(\x0b\x32\x1d.exegpt.v1.SchedulePrediction\x12+\n\x08switches\x18\t \x03(\x0b\x32\x19.exegpt.v1.ScheduleSwitch\x12\x11\n\telapsed_s\x18\n \x01(\x01\x12\x14\n\x0cnum_finished\x18\x0b \x01(\x04\x12!\n\x19measured_throughput_seq_s\x18\x0c \x01(\x01\x12%\n\x1dmeasured_p99_length_latency_s\x18\r \x01(\x01\x12\"\n\x1ameasured_p99_output_tokens\x18\x0e \x01(\r\x12\x11\n\tscheduler\x18\x0f \x01(\t\x12\x1b\n\x13scheduler_connected\x18\x10 \x01(\x08\x32\x9b\x02\n\x06Worker\x12\x42\n\x08Generate\x12\x1a.exegpt.v1.GenerateRequest\x1a\x18.exegpt.v1.GenerateChunk0\x01\x12>\n\x08GetStats\x12\x1a.exegpt.v1.GetStatsRequest\x1a\x16.exegpt.v1.WorkerStats\x12\x44\n\x0cGetModelInfo\x12\x1e.exegpt.v1.GetModelInfoRequest\x1a\x14.exegpt.v1.ModelInfo\x12G\n\x0bGetSchedule\x12\x1d.exegpt.v1.GetScheduleRequest\x1a\x19.exegpt.v1.ScheduleStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'exegpt.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETSTATSREQUEST']._serialized_start=63
-  _globals['_GETSTATSREQUEST']._serialized_end=80
-  _globals['_GETMODELINFOREQUEST']._serialized_start=82
-  _globals['_GETMODELINFOREQUEST']._serialized_end=103
-  _globals['_WORKERSTATS']._serialized_start=106
-  _globals['_WORKERSTATS']._serialized_end=497
-  _globals['_WORKER']._serialized_start=500
-  _globals['_WORKER']._serialized_end=710
+  _globals['_GETSTATSREQUEST']._serialized_start=90
+  _globals['_GETSTATSREQUEST']._serialized_end=107
+  _globals['_GETMODELINFOREQUEST']._serialized_start=109
+  _globals['_GETMODELINFOREQUEST']._serialized_end=130
+  _globals['_GETSCHEDULEREQUEST']._serialized_start=132
+  _globals['_GETSCHEDULEREQUEST']._serialized_end=152
+  _globals['_WORKERSTATS']._serialized_start=155
+  _globals['_WORKERSTATS']._serialized_end=546
+  _globals['_SCHEDULEPREDICTION']._serialized_start=549
+  _globals['_SCHEDULEPREDICTION']._serialized_end=707
+  _globals['_SCHEDULESWITCH']._serialized_start=709
+  _globals['_SCHEDULESWITCH']._serialized_end=804
+  _globals['_SCHEDULESTATUS']._serialized_start=807
+  _globals['_SCHEDULESTATUS']._serialized_end=1269
+  _globals['_WORKER']._serialized_start=1272
+  _globals['_WORKER']._serialized_end=1555
 # @@protoc_insertion_point(module_scope)

@@ -50,6 +50,11 @@ class WorkerStub:
                 request_serializer=exegpt_dot_v1_dot_worker__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=exegpt_dot_v1_dot_generate__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.GetSchedule = channel.unary_unary(
+                '/exegpt.v1.Worker/GetSchedule',
+                request_serializer=exegpt_dot_v1_dot_worker__pb2.GetScheduleRequest.SerializeToString,
+                response_deserializer=exegpt_dot_v1_dot_worker__pb2.ScheduleStatus.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -74,6 +79,13 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSchedule(self, request, context):
+        """The schedule the engine runs, what its plan predicted and what was measured under it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +103,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=exegpt_dot_v1_dot_worker__pb2.GetModelInfoRequest.FromString,
                     response_serializer=exegpt_dot_v1_dot_generate__pb2.ModelInfo.SerializeToString,
+            ),
+            'GetSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSchedule,
+                    request_deserializer=exegpt_dot_v1_dot_worker__pb2.GetScheduleRequest.FromString,
+                    response_serializer=exegpt_dot_v1_dot_worker__pb2.ScheduleStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +191,33 @@ class Worker:
             '/exegpt.v1.Worker/GetModelInfo',
             exegpt_dot_v1_dot_worker__pb2.GetModelInfoRequest.SerializeToString,
             exegpt_dot_v1_dot_generate__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exegpt.v1.Worker/GetSchedule',
+            exegpt_dot_v1_dot_worker__pb2.GetScheduleRequest.SerializeToString,
+            exegpt_dot_v1_dot_worker__pb2.ScheduleStatus.FromString,
             options,
             channel_credentials,
             insecure,

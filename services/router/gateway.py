@@ -35,6 +35,7 @@ from services.router.openai_schema import (
     usage_chunk_body,
 )
 from services.router.router import Router
+from services.router.schedules import replica_schedules
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("exegpt.gateway")
@@ -62,6 +63,7 @@ def make_app(
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/schedule", schedule)
     return app
 
 
@@ -271,3 +273,14 @@ async def health(request: web.Request) -> web.Response:
         "replicas": len(pool.replicas),
     }
     return web.json_response(body, status=200 if healthy else 503)
+
+
+async def schedule(request: web.Request) -> web.Response:
+    """Each replica's active schedule, its prediction, switches and measured figures; 503
+    when no replica answered."""
+    replicas = await replica_schedules(request.app[ROUTER_KEY].pool)
+    if not any("error" not in replica for replica in replicas):
+        body = error_body("no replica answered GetSchedule", "server_error", "unavailable")
+        body["replicas"] = replicas
+        return web.json_response(body, status=503)
+    return web.json_response({"object": "schedule.list", "data": replicas})

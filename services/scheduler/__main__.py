@@ -30,6 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="profile file or analytic:PRESET; planned at start-up and pushed to watchers",
     )
+    parser.add_argument(
+        "--model-config",
+        default=None,
+        help="HF config.json (or its directory) of the served model, for analytic:DEVICE",
+    )
     parser.add_argument("--workload", default=defaults.workload, help="task:ID or trace:PATH")
     parser.add_argument(
         "--latency-bound", type=float, default=0.0, help="seconds; 0 means no bound"
@@ -143,6 +148,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         host=args.host,
         port=args.port,
         profile=args.profile,
+        model_config=args.model_config,
         workload=args.workload,
         latency_bound_s=args.latency_bound or math.inf,
         num_devices=args.devices,

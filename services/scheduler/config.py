@@ -50,6 +50,8 @@ class SchedulerConfig:
     port: int = 0
     # Planned at start-up and pushed as version 1 when set: a profile path or analytic:PRESET.
     profile: str | None = None
+    # The served model's HF config.json (or its directory) for an analytic:DEVICE profile.
+    model_config: str | None = None
     workload: str = "task:S"
     latency_bound_s: float = math.inf
     num_devices: int = 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from exegpt.schedule import Schedule, ScheduleKind
+from exegpt.schedule_proto import schedule_from_proto, schedule_to_proto
 from exegpt.v1 import scheduler_pb2
 from services.scheduler.drift import DriftVerdict, LengthDrift
 from services.scheduler.observations import (
@@ -15,6 +15,17 @@ from services.scheduler.observations import (
 from services.scheduler.problem import Prediction
 from services.scheduler.queries import PlanQuery, invalid
 from services.scheduler.service import PlanOutcome, PublishedSchedule, ReplanReason
+
+__all__ = [
+    "observations_from_proto",
+    "outcome_to_proto",
+    "prediction_to_proto",
+    "query_from_proto",
+    "schedule_from_proto",
+    "schedule_to_proto",
+    "update_to_proto",
+    "verdict_to_proto",
+]
 
 _REASONS = {
     ReplanReason.INITIAL: scheduler_pb2.REPLAN_REASON_INITIAL,
@@ -42,24 +53,6 @@ def query_from_proto(request: scheduler_pb2.PlanRequest) -> PlanQuery:
         tp_degrees=tuple(request.tp_degrees),
         exhaustive=request.exhaustive,
         activate=request.activate,
-    )
-
-
-def schedule_to_proto(schedule: Schedule) -> scheduler_pb2.Schedule:
-    return scheduler_pb2.Schedule(**schedule.to_dict())
-
-
-def schedule_from_proto(message: scheduler_pb2.Schedule) -> Schedule:
-    """The engine side: a pushed schedule as the shared dataclass."""
-    return Schedule(
-        kind=ScheduleKind(message.kind),
-        encode_batch_size=message.encode_batch_size,
-        decode_batch_size=message.decode_batch_size,
-        num_decode_iterations=message.num_decode_iterations,
-        num_micro_batches=message.num_micro_batches,
-        tp_degree=message.tp_degree,
-        num_tp_devices=message.num_tp_devices,
-        num_encode_devices=message.num_encode_devices,
     )
 
 
@@ -137,6 +130,7 @@ def update_to_proto(published: PublishedSchedule) -> scheduler_pb2.ScheduleUpdat
         p99_output_tokens=workload.output_p99_tokens,
         detail=published.detail,
         published_unix_s=published.published_unix_s,
+        placement_json=published.placement.to_json() if published.placement else "",
     )
     if published.verdict is not None:
         update.drift.CopyFrom(verdict_to_proto(published.verdict))

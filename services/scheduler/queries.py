@@ -40,17 +40,27 @@ def invalid(message: str) -> RequestError:
     return RequestError(ErrorCode.INVALID_ARGUMENT, message)
 
 
-def load_cost_model(spec: str) -> CostModel:
+def load_cost_model(spec: str, model_config: str | None = None) -> CostModel:
     """`analytic:DEVICE[:MODEL]` (the roofline model of analytic_cost.py, for tests and
-    what-ifs, e.g. analytic:a40:opt-13b) or a profile file written by the profiler."""
+    what-ifs, e.g. analytic:a40:opt-13b) or a profile file written by the profiler.
+    `model_config` (a HF config.json or its directory) is the model of an `analytic:DEVICE`
+    that names no model preset."""
     kind, _, value = spec.partition(":")
     if kind == "analytic":
         from services.scheduler.analytic_cost import analytic_cost_model
 
-        return analytic_cost_model(value)
+        _, _, preset = value.partition(":")
+        return analytic_cost_model(value, None if preset else model_config)
     from services.profiler.profile import load_profile
 
     return load_profile(spec)
+
+
+def configured_loader(config: SchedulerConfig) -> CostModelLoader:
+    """load_cost_model with the scheduler's --model-config."""
+    if config.model_config is None:
+        return load_cost_model
+    return lambda spec: load_cost_model(spec, config.model_config)
 
 
 class CostModelCache:

@@ -20,7 +20,7 @@ from exegpt.serving import RunningService, start_grpc_server
 from exegpt.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.scheduler import convert
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.queries import CostModelLoader, load_cost_model
+from services.scheduler.queries import CostModelLoader
 from services.scheduler.service import Planner, SchedulerCore, default_planner
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ async def start_scheduler(
     config: SchedulerConfig,
     *,
     planner: Planner = default_planner,
-    cost_model_loader: CostModelLoader = load_cost_model,
+    cost_model_loader: CostModelLoader | None = None,
 ) -> RunningScheduler:
     """Plan the configured problem (if a profile is set), then serve."""
     core = SchedulerCore(config, planner=planner, cost_model_loader=cost_model_loader)

@@ -21,6 +21,8 @@ from enum import StrEnum
 from typing import Protocol
 
 from exegpt.errors import ErrorCode, RequestError
+from exegpt.placement import Placement
+from exegpt.schedule import Schedule
 from services.scheduler.calibration import as_scaled, predict_stage_s
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.drift import DriftDetector, DriftVerdict, PlannedWorkload, observed_workload
@@ -35,8 +37,8 @@ from services.scheduler.queries import (
     CostModelLoader,
     PlanQuery,
     build_problem,
+    configured_loader,
     invalid,
-    load_cost_model,
 )
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,8 @@ class PublishedSchedule:
     verdict: DriftVerdict | None
     detail: str
     published_unix_s: float
+    # Where the schedule puts each layer, as simulated (None: it could not be laid out).
+    placement: Placement | None = None
 
 
 @dataclass(frozen=True)
@@ -98,12 +102,12 @@ class SchedulerCore:
         config: SchedulerConfig,
         *,
         planner: Planner = default_planner,
-        cost_model_loader: CostModelLoader = load_cost_model,
+        cost_model_loader: CostModelLoader | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self._planner = planner
-        self._cost_models = CostModelCache(cost_model_loader)
+        self._cost_models = CostModelCache(cost_model_loader or configured_loader(config))
         self._clock = clock
         self._detector = DriftDetector(config.drift)
         self._windows = ObservationWindows(config.length_window_size, config.stage_window_size)
@@ -193,6 +197,7 @@ class SchedulerCore:
             verdict=verdict,
             detail=detail,
             published_unix_s=time.time(),
+            placement=_placement(problem, prediction.schedule),
         )
         self._active = _ActivePlan(problem, planned)
         self._last_replan_s = self._clock()
@@ -349,6 +354,17 @@ class SchedulerCore:
         for window in (self._windows.inputs, self._windows.outputs):
             if len(window) >= self.config.drift.min_observations:
                 window.clear()
+
+
+def _placement(problem: PlanProblem, schedule: Schedule) -> Placement | None:
+    """The simulator's layout of `schedule`, for replicas that redeploy to it."""
+    from services.scheduler.simulator import Simulator
+
+    try:
+        return Simulator(problem).placement(schedule)
+    except ValueError as exc:
+        logger.warning("no placement for %s: %s", schedule.describe(), exc)
+        return None
 
 
 class Subscription:

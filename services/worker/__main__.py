@@ -16,12 +16,20 @@ from exegpt.schedule import ScheduleKind
 from exegpt.security import add_security_arguments, security_from_args
 from exegpt.serving import run_service, wait_for_shutdown_signal, write_ready_file
 from exegpt.topology import add_topology_arguments, parse_stage_addresses, topology_from_args
-from services.worker.config import BATCHING_KINDS, EngineConfig, WorkerConfig
+from services.worker.config import (
+    BATCHING_KINDS,
+    EngineConfig,
+    ScheduleLinkConfig,
+    WorkerConfig,
+)
 from services.worker.policies import ENGINE_POLICIES, EnginePolicy, PolicyConfig
+from services.worker.schedule_board import PlannedPrediction
 
 if TYPE_CHECKING:
     from exegpt.models.loader import ModelCard
     from services.worker.executor.pipeline import PipelineConfig
+    from services.worker.schedule_link import ScheduleLink
+    from services.worker.server import RunningWorker
 
 DESCRIPTION = "run one worker replica (engine + model)"
 logger = logging.getLogger("exegpt.worker")
@@ -93,6 +101,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="groups of the running batch stepping independently (0: one per stage)",
+    )
+    parser.add_argument(
+        "--scheduler",
+        default=None,
+        help="HOST:PORT of the scheduler service: apply every schedule it pushes "
+        "(WatchSchedule) and report observed lengths and stage times to it (ReportWorkload)",
+    )
+    parser.add_argument(
+        "--report-interval-s",
+        type=float,
+        default=5.0,
+        help="seconds between two reports to --scheduler",
     )
     parser.add_argument(
         "--metrics-port",
@@ -170,6 +190,12 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         security=security_from_args(args),
+        planned=PlannedPrediction.from_plan(plan) if plan else None,
+        schedule_link=(
+            ScheduleLinkConfig(args.scheduler, report_interval_s=args.report_interval_s)
+            if args.scheduler
+            else None
+        ),
         engine=EngineConfig(
             batching=batching,
             schedule=plan.schedule if plan else None,
@@ -208,10 +234,29 @@ async def serve(config: WorkerConfig) -> None:
         pipeline = _pipeline(config, card)
         engine = await asyncio.to_thread(build_pipeline_engine, card, config.engine, pipeline)
         worker = await start_worker(config, card, engine)
+    link = await _link(config, worker)
     write_ready_file(config.ready_file, worker.address)
     await wait_for_shutdown_signal()
     logger.info("shutting down worker on %s", worker.address)
+    if link is not None:
+        await link.stop()
     await worker.stop(config.grace_period_s)
+
+
+async def _link(config: WorkerConfig, worker: RunningWorker) -> ScheduleLink | None:
+    """Watch and report to the scheduler (--scheduler); serving never waits for it."""
+    from services.worker.schedule_link import start_schedule_link
+
+    if config.schedule_link is None or worker.board is None:
+        return None
+    return await start_schedule_link(
+        config.schedule_link,
+        worker.engine,
+        worker.board,
+        worker.loaded.config,
+        replica_id=worker.address,
+        security=config.security,
+    )
 
 
 def _pipeline(config: WorkerConfig, card: ModelCard) -> PipelineConfig:

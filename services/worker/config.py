@@ -9,6 +9,7 @@ from exegpt.schedule import Schedule, ScheduleKind
 from exegpt.security import SecurityConfig
 from exegpt.topology import Topology
 from services.worker.policies.config import PolicyConfig
+from services.worker.schedule_board import PlannedPrediction
 
 # How batches form is a schedule kind (services/worker/modes/): the baselines, continuous
 # (Orca/vLLM iteration-level batching) and static (FasterTransformer), or a planned ExeGPT
@@ -49,6 +50,32 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class ScheduleLinkConfig:
+    """The replica's link to the scheduler (--scheduler): it applies every schedule pushed
+    over WatchSchedule and reports what it observes over ReportWorkload."""
+
+    address: str
+    report_interval_s: float = 5.0
+    # Reconnecting to a scheduler that is down: the wait doubles from initial to max.
+    initial_backoff_s: float = 0.25
+    max_backoff_s: float = 5.0
+    # Lengths plus stage times per WorkloadReport (the scheduler refuses more than its limit).
+    max_report_items: int = 4096
+    rpc_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        host, _, port = self.address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--scheduler: {self.address!r} is not host:port")
+        if not self.report_interval_s > 0 or not self.rpc_timeout_s > 0:
+            raise ValueError("the report interval and RPC timeout must be positive")
+        if not 0 < self.initial_backoff_s <= self.max_backoff_s:
+            raise ValueError("backoffs must satisfy 0 < initial <= max")
+        if self.max_report_items < 1:
+            raise ValueError("max_report_items must be >= 1")
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     model: str = "exegpt-tiny-t5"
     host: str = "127.0.0.1"
@@ -72,3 +99,7 @@ class WorkerConfig:
     metrics_host: str = "127.0.0.1"
     # API key and TLS of this worker's server and of its calls to its stages.
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    # What the plan (--schedule) predicted, shown by GetSchedule beside what is measured.
+    planned: PlannedPrediction | None = None
+    # Watch the scheduler's schedule and report to it (None: serve on the schedule given).
+    schedule_link: ScheduleLinkConfig | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -50,16 +51,20 @@ from services.worker.metrics import (
     start_metrics_port,
     stop_metrics_port,
 )
+from services.worker.schedule_board import ScheduleBoard, initial_origin
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("exegpt.worker")
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, loaded: LoadedModel | ModelCard, engine: Engine) -> None:
+    def __init__(
+        self, loaded: LoadedModel | ModelCard, engine: Engine, board: ScheduleBoard | None = None
+    ) -> None:
         self._loaded = loaded
         self._engine = engine
         self.metrics = metrics_of(engine, loaded.name)
+        self._board = board or ScheduleBoard(engine, initial_origin(engine.config.schedule, None))
 
     async def Generate(  # noqa: N802 (gRPC method name)
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -95,6 +100,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         prompt_ids: list[int],
     ) -> AsyncIterator[GenerationChunk]:
         events: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        started_s = time.monotonic()
         loop = asyncio.get_running_loop()
         engine_request = EngineRequest(
             request_id=engine_key,
@@ -154,6 +160,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 if finished:
                     chunk.prompt_tokens = len(prompt_ids)
                     chunk.completion_tokens = num_generated
+                    self._board.record_finish(num_generated, time.monotonic() - started_s)
                 yield chunk
         finally:
             if not finished:
@@ -178,6 +185,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     ) -> worker_pb2.WorkerStats:
         stats = self._engine.stats()
         return worker_pb2.WorkerStats(**stats.__dict__)
+
+    async def GetSchedule(  # noqa: N802
+        self, request: worker_pb2.GetScheduleRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ScheduleStatus:
+        return self._board.status()
 
     async def GetModelInfo(  # noqa: N802
         self, request: worker_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
@@ -235,6 +247,7 @@ class RunningWorker:
     engine: Engine
     loaded: LoadedModel | ModelCard
     health_task: asyncio.Task[None] | None = None
+    board: ScheduleBoard | None = None
 
     @property
     def address(self) -> str:
@@ -278,7 +291,8 @@ async def start_worker(
     )
     if metrics_port is not None:
         logger.info("worker metrics on %s:%d/metrics", config.metrics_host, metrics_port)
-    servicer = WorkerServicer(loaded, engine)
+    board = ScheduleBoard(engine, initial_origin(config.engine.schedule, config.planned))
+    servicer = WorkerServicer(loaded, engine, board)
     grpc_server = await start_grpc_server(
         lambda server: _register(server, servicer),
         host=config.host,
@@ -295,7 +309,7 @@ async def start_worker(
         engine.stats().kv_capacity_bytes / 2**20,
     )
     health_task = asyncio.create_task(_mirror_health(grpc_server, engine))
-    return RunningWorker(grpc_server, engine, loaded, health_task)
+    return RunningWorker(grpc_server, engine, loaded, health_task, board)
 
 
 def _register(server: grpc.aio.Server, servicer: WorkerServicer) -> None:
