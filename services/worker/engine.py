@@ -67,6 +67,7 @@ class ScheduleSwitch:
     schedule: Schedule
     redeployed: bool
     duration_s: float  # from the step boundary to running the new schedule
+    started_s: float  # time.monotonic() when the new schedule began to run
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,12 @@ class Engine:
         scheduler, executor = self._scheduler, self._executor
         while True:
             with self._wake:
-                while not (self._stopping or scheduler.has_work() or executor.num_in_flight):
+                while not (
+                    self._stopping
+                    or scheduler.has_work()
+                    or executor.num_in_flight
+                    or self._pending is not None  # an idle replica takes a schedule too
+                ):
                     self._wake.wait()
                 if self._stopping:
                     break
@@ -292,7 +298,9 @@ class Engine:
         )
         self._scheduler.set_mode(config)
         self._config = config
-        switch = ScheduleSwitch(pending.schedule, redeploy, time.perf_counter() - start_s)
+        switch = ScheduleSwitch(
+            pending.schedule, redeploy, time.perf_counter() - start_s, time.monotonic()
+        )
         self.switches.append(switch)
         logger.info(
             "now running %s%s in %.3f s",

@@ -6,6 +6,7 @@ continuous batching."""
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 
@@ -99,3 +100,18 @@ def test_rra_keeps_each_encoding_in_the_input_band_without_starving_long_queries
         checked += 1
     assert checked >= 3
     assert any(e.took_passed_over for e in mode.encodings)  # the band did pass some over
+
+
+def test_an_idle_engine_takes_a_pushed_schedule_at_once(loaded) -> None:
+    engine = build_engine(loaded, EngineConfig())
+    engine.start()
+    try:
+        engine.apply_schedule(RRA, mean_input_tokens=8.0)
+        for _ in range(200):
+            if engine.config.schedule == RRA:
+                break
+            threading.Event().wait(0.01)
+        assert engine.config.batching is ScheduleKind.RRA and isinstance(engine.mode, RraMode)
+        assert [s.redeployed for s in engine.switches] == [False]
+    finally:
+        engine.stop()
