@@ -8,6 +8,7 @@ rejects the same bad input with the same message.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from exegpt.v1 import generate_pb2
@@ -29,6 +30,27 @@ _FINISH_TO_PROTO = {
 _FINISH_FROM_PROTO = {v: k for k, v in _FINISH_TO_PROTO.items()}
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI: 5 on completions, 20 on chat)
+MAX_PENALTY = 2.0
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    logprob: float
+    token: str = ""  # the token's text alone (filled by the worker, which has the tokenizer)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's logprob under the distribution it was drawn from (after
+    penalties and temperature; greedy rows at temperature 1, so without penalties it is the
+    model's own log-softmax), and the top alternatives there, most likely first."""
+
+    token_id: int
+    logprob: float
+    token: str = ""
+    top: tuple[TopLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -39,8 +61,13 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()  # the output ends before the first of these in its text
+    stop_token_ids: tuple[int, ...] = ()  # generation ends when one of these is sampled
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # top alternatives per token; None: no logprobs at all
 
     def validate(self) -> None:
+        self._validate_extras()
         if len(self.stop) > MAX_STOPS or any(not 0 < len(s) <= MAX_STOP_CHARS for s in self.stop):
             raise InvalidRequestError(
                 f"stop takes at most {MAX_STOPS} non-empty strings of up to {MAX_STOP_CHARS} "
@@ -54,6 +81,17 @@ class SamplingParams:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidRequestError(f"seed must be in [0, 2**63), got {self.seed}")
+
+    def _validate_extras(self) -> None:
+        if len(self.stop_token_ids) > MAX_STOPS or any(
+            not 0 <= t < 2**32 for t in self.stop_token_ids
+        ):
+            raise InvalidRequestError(f"stop takes at most {MAX_STOPS} token ids")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError(f"logprobs must be in [0, {MAX_LOGPROBS}]")
 
 
 @dataclass(frozen=True)
@@ -92,6 +130,7 @@ class GenerationChunk:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked
 
 
 def sampling_from_proto(msg: generate_pb2.SamplingParams) -> SamplingParams:
@@ -102,6 +141,10 @@ def sampling_from_proto(msg: generate_pb2.SamplingParams) -> SamplingParams:
         seed=msg.seed if msg.HasField("seed") else None,
         ignore_eos=msg.ignore_eos,
         stop=tuple(msg.stop),
+        stop_token_ids=tuple(msg.stop_token_ids),
+        presence_penalty=msg.presence_penalty,
+        frequency_penalty=msg.frequency_penalty,
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
     )
 
 
@@ -112,9 +155,14 @@ def sampling_to_proto(params: SamplingParams) -> generate_pb2.SamplingParams:
         top_p=params.top_p,
         ignore_eos=params.ignore_eos,
         stop=list(params.stop),
+        stop_token_ids=list(params.stop_token_ids),
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
     )
     if params.seed is not None:
         msg.seed = params.seed
+    if params.logprobs is not None:
+        msg.logprobs = params.logprobs
     return msg
 
 
@@ -150,6 +198,7 @@ def chunk_to_proto(chunk: GenerationChunk) -> generate_pb2.GenerateChunk:
         token_ids=chunk.token_ids,
         text=chunk.text,
         token_times_s=chunk.token_times_s,
+        logprobs=logprobs_to_proto(chunk.logprobs),
     )
     if chunk.finish_reason is not None:
         msg.finish_reason = _FINISH_TO_PROTO[chunk.finish_reason]
@@ -168,7 +217,31 @@ def chunk_from_proto(msg: generate_pb2.GenerateChunk) -> GenerationChunk:
         finish_reason=finish,
         prompt_tokens=msg.usage.prompt_tokens,
         completion_tokens=msg.usage.completion_tokens,
+        logprobs=logprobs_from_proto(msg.logprobs),
     )
+
+
+def logprobs_to_proto(logprobs: list[TokenLogprob]) -> list[generate_pb2.TokenLogprob]:
+    return [
+        generate_pb2.TokenLogprob(
+            token_id=lp.token_id,
+            logprob=lp.logprob,
+            token=lp.token,
+            top=[generate_pb2.TopLogprob(token_id=t.token_id, logprob=t.logprob, token=t.token)
+                 for t in lp.top],
+        )
+        for lp in logprobs
+    ]  # fmt: skip
+
+
+def logprobs_from_proto(messages: Iterable[generate_pb2.TokenLogprob]) -> list[TokenLogprob]:
+    return [
+        TokenLogprob(
+            m.token_id, m.logprob, m.token,
+            tuple(TopLogprob(t.token_id, t.logprob, t.token) for t in m.top),
+        )
+        for m in messages
+    ]  # fmt: skip
 
 
 def finish_reason_to_proto(reason: FinishReason) -> int:

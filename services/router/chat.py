@@ -11,13 +11,15 @@ from typing import Annotated, Any, Literal
 import pydantic
 from aiohttp import web
 from opentelemetry import trace
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from exegpt.chat import ChatTemplate, ChatTemplateError, render_chat
 from exegpt.errors import HTTP_STATUS, ErrorCode, RequestError
-from exegpt.generation import GenerationChunk, GenerationRequest
+from exegpt.generation import MAX_LOGPROBS, GenerationChunk, GenerationRequest
 from exegpt.v1 import generate_pb2
 from services.router import gateway
+from services.router.fanout import fan_out, generate_all, stream_all
+from services.router.logprobs_json import chat_logprobs
 from services.router.openai_schema import SamplingFields, UInt32, error_body, usage_body
 from services.router.router import Router
 
@@ -52,14 +54,14 @@ class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: UInt32 | None = None
     logprobs: StrictBool = False
-    top_logprobs: UInt32 | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     # vLLM's extension: end the prompt with the assistant's turn opening (default).
     add_generation_prompt: StrictBool = True
 
     def refuse(self) -> None:
         super().refuse()
-        if self.logprobs or self.top_logprobs is not None:
-            raise ValueError("logprobs / top_logprobs are not supported by this server")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
 
     def to_generation(self, request_id: str, template: ChatTemplate | None) -> GenerationRequest:
         messages = [message.as_dict() for message in self.messages]
@@ -68,7 +70,10 @@ class ChatCompletionRequest(SamplingFields):
         return GenerationRequest(
             request_id=request_id,
             model=self.model or "",
-            sampling=self.sampling(self.max_tokens if limit is None else limit),
+            sampling=self.sampling(
+                self.max_tokens if limit is None else limit,
+                (self.top_logprobs or 0) if self.logprobs else None,
+            ),
             prompt_text=prompt,
         )
 
@@ -124,28 +129,40 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if body.stream:
             return await _stream(request, router, body, generation, info.name)
         try:
-            result = await router.generate(generation)
+            results = await generate_all(router, fan_out(generation, body.n))
         except RequestError as exc:
             return gateway._request_error(exc)
-        return web.json_response(_completion(request_id, info.name, result))
+        return web.json_response(_completion(request_id, info.name, results, body.logprobs))
 
 
 def _envelope(request_id: str, model: str, kind: str) -> dict[str, Any]:
     return {"id": request_id, "object": kind, "created": int(time.time()), "model": model}
 
 
-def _completion(request_id: str, model: str, result: GenerationChunk) -> dict[str, Any]:
-    finish = str(result.finish_reason) if result.finish_reason else None
-    message = {"role": "assistant", "content": result.text}
+def _completion(
+    request_id: str, model: str, results: list[GenerationChunk], logprobs: bool
+) -> dict[str, Any]:
+    choices = [
+        {
+            "index": index,
+            "message": {"role": "assistant", "content": result.text},
+            "logprobs": chat_logprobs(result.logprobs) if logprobs else None,
+            "finish_reason": str(result.finish_reason) if result.finish_reason else None,
+        }
+        for index, result in enumerate(results)
+    ]
     return {
         **_envelope(request_id, model, "chat.completion"),
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-        "usage": usage_body(result),
+        "choices": choices,
+        "usage": usage_body(results),
     }
 
 
-def _chunk(request_id: str, model: str, delta: dict[str, Any], finish: Any) -> dict[str, Any]:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+def _chunk(
+    request_id: str, model: str, delta: dict[str, Any], finish: Any, index: int = 0,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     return {**_envelope(request_id, model, "chat.completion.chunk"), "choices": [choice]}
 
 
@@ -157,7 +174,7 @@ async def _stream(
     model: str,
 ) -> web.StreamResponse:
     request_id = generation.request_id
-    stream = router.generate_stream(generation)
+    stream = stream_all(router, fan_out(generation, body.n))
     try:
         first = await anext(stream)
     except RequestError as exc:
@@ -166,22 +183,24 @@ async def _stream(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     await response.prepare(request)
-    last = first
+    lasts: dict[int, GenerationChunk] = {}
     try:
-        await gateway._send_event(
-            response, _chunk(request_id, model, {"role": "assistant", "content": ""}, None)
-        )
-        chunk: GenerationChunk | None = first
-        while chunk is not None:
-            last = chunk
+        for index in range(body.n):
+            role = {"role": "assistant", "content": ""}
+            await gateway._send_event(response, _chunk(request_id, model, role, None, index))
+        item: tuple[int, GenerationChunk] | None = first
+        while item is not None:
+            index, chunk = lasts_put(lasts, item)
             finish = str(chunk.finish_reason) if chunk.finish_reason else None
-            if chunk.text or finish:
+            if chunk.text or finish or chunk.logprobs:
                 delta = {"content": chunk.text} if chunk.text else {}
-                await gateway._send_event(response, _chunk(request_id, model, delta, finish))
-            chunk = await anext(stream, None)
+                logprobs = chat_logprobs(chunk.logprobs) if body.logprobs else None
+                payload = _chunk(request_id, model, delta, finish, index, logprobs)
+                await gateway._send_event(response, payload)
+            item = await anext(stream, None)
         if body.stream_options and body.stream_options.include_usage:
             usage = {**_envelope(request_id, model, "chat.completion.chunk"), "choices": []}
-            await gateway._send_event(response, {**usage, "usage": usage_body(last)})
+            await gateway._send_event(response, {**usage, "usage": usage_body([*lasts.values()])})
     except RequestError as exc:
         error_type = "server_error" if HTTP_STATUS[exc.code] >= 500 else "invalid_request_error"
         await gateway._send_event(response, error_body(exc.message, error_type, str(exc.code)))
@@ -190,3 +209,11 @@ async def _stream(
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
+
+
+def lasts_put(
+    lasts: dict[int, GenerationChunk], item: tuple[int, GenerationChunk]
+) -> tuple[int, GenerationChunk]:
+    """Record `item` as its choice's latest chunk (for usage) and return it."""
+    lasts[item[0]] = item[1]
+    return item

@@ -24,9 +24,10 @@ from aiohttp import web
 from opentelemetry import trace
 
 from exegpt.errors import HTTP_STATUS, ErrorCode, RequestError
-from exegpt.generation import GenerationRequest
+from exegpt.generation import GenerationChunk, GenerationRequest
 from exegpt.metrics import metrics_response
 from exegpt.security import key_matches
+from services.router.fanout import fan_out, generate_all, stream_all
 from services.router.openai_schema import (
     CompletionRequest,
     chunk_body,
@@ -184,12 +185,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
         if body.stream:
             return await _stream_completion(request, router, body, generation, model)
         try:
-            result = await router.generate(generation)
+            results = await generate_all(router, fan_out(generation, body.n))
         except RequestError as exc:
             return _request_error(exc)
         if body.echo:
-            result.text = (generation.prompt_text or "") + result.text
-        return web.json_response(completion_body(request_id, model, result, body.return_token_ids))
+            for result in results:
+                result.text = (generation.prompt_text or "") + result.text
+        return web.json_response(completion_body(request_id, model, results, body))
 
 
 async def _stream_completion(
@@ -199,7 +201,7 @@ async def _stream_completion(
     generation: GenerationRequest,
     model: str,
 ) -> web.StreamResponse:
-    stream = router.generate_stream(generation)
+    stream = stream_all(router, fan_out(generation, body.n))
     try:
         first = await anext(stream)
     except RequestError as exc:  # nothing sent yet: a plain HTTP error is still possible
@@ -208,20 +210,23 @@ async def _stream_completion(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     await response.prepare(request)
-    last = first
-    if body.echo:
-        first.text = (generation.prompt_text or "") + first.text
+    lasts: dict[int, GenerationChunk] = {}
+    offsets: dict[int, int] = {}  # text sent so far per choice (logprobs' text_offset)
     try:
-        await _send_event(
-            response, chunk_body(generation.request_id, model, first, body.return_token_ids)
-        )
-        async for chunk in stream:
-            last = chunk
-            await _send_event(
-                response, chunk_body(generation.request_id, model, chunk, body.return_token_ids)
-            )
+        item: tuple[int, GenerationChunk] | None = first
+        while item is not None:
+            index, chunk = item
+            if body.echo and index not in lasts:
+                chunk.text = (generation.prompt_text or "") + chunk.text
+            lasts[index] = chunk
+            offset = offsets.get(index, 0)
+            offsets[index] = offset + len(chunk.text)
+            payload = chunk_body(generation.request_id, model, chunk, index, body, offset)
+            await _send_event(response, payload)
+            item = await anext(stream, None)
         if body.stream_options and body.stream_options.include_usage:
-            await _send_event(response, usage_chunk_body(generation.request_id, model, last))
+            usage = usage_chunk_body(generation.request_id, model, list(lasts.values()))
+            await _send_event(response, usage)
     except RequestError as exc:
         error_type = "server_error" if HTTP_STATUS[exc.code] >= 500 else "invalid_request_error"
         await _send_event(response, error_body(exc.message, error_type, str(exc.code)))

@@ -188,6 +188,7 @@ class Router:
             result.token_ids += chunk.token_ids
             result.text += chunk.text
             result.token_times_s += chunk.token_times_s
+            result.logprobs += chunk.logprobs
             if chunk.finish_reason is not None:
                 result.finish_reason = chunk.finish_reason
                 result.prompt_tokens = chunk.prompt_tokens

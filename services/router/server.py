@@ -17,6 +17,7 @@ from exegpt.generation import (
     InvalidRequestError,
     chunk_to_proto,
     finish_reason_to_proto,
+    logprobs_to_proto,
     request_from_proto,
 )
 from exegpt.grpc_errors import to_grpc_status
@@ -79,6 +80,7 @@ def _result_to_proto(result: GenerationChunk, model: str) -> generate_pb2.Genera
         token_ids=result.token_ids,
         token_times_s=result.token_times_s,
         model=model,
+        logprobs=logprobs_to_proto(result.logprobs),
     )
     if result.finish_reason is not None:
         message.finish_reason = finish_reason_to_proto(result.finish_reason)

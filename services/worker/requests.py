@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from exegpt.generation import FinishReason, SamplingParams
+from exegpt.generation import FinishReason, SamplingParams, TokenLogprob
 
 
 class QueueFullError(RuntimeError):
@@ -39,6 +39,8 @@ class EngineEvent:
     timings: RequestTimings | None = None  # set with the finish
     # The replica could not serve (its executor broke), as opposed to this request failing.
     unavailable: bool = False
+    # One per token in token_ids when the request asked for logprobs.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass

@@ -4,6 +4,12 @@ Sampling is stateless: the draw for a sequence's n-th token uses a generator see
 request's seed and n, so the same request gives the same tokens whichever process samples it
 (the engine's own, or the last pipeline stage) and however it was batched. Each row fails
 alone: a row whose logits are not finite gets an error, the others their tokens.
+
+Penalties (OpenAI's presence/frequency) are applied to a row's logits first, from the tokens
+it generated so far (carried in the row), for greedy rows too; then temperature. A row that
+asks for logprobs gets the sampled token's log-softmax of that final distribution (after
+penalties and temperature, before top-p; a greedy row at temperature 1, so without penalties
+it is the model's own distribution) and the top alternatives there.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from exegpt.generation import TokenLogprob, TopLogprob
 
 # Below this temperature sampling is greedy: dividing logits by a tinier one overflows them
 # to inf and the softmax to NaN (a request of temperature 1e-40 used to fail its whole batch).
@@ -26,16 +34,26 @@ class RowSampling:
     top_p: float
     seed: int
     index: int  # tokens the sequence has generated before this one
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    num_logprobs: int = -1  # top alternatives to return with the token; -1: no logprobs
+    generated: tuple[int, ...] = ()  # the tokens generated so far (carried when penalised)
 
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
+
+    @property
+    def penalised(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 @dataclass(frozen=True)
 class SampledTokens:
     token_ids: list[int]  # -1 where the row failed
     errors: list[str | None]
+    # Per row: the token's logprob and top alternatives, where the row asked (else None).
+    logprobs: list[TokenLogprob | None] | None = None
 
 
 def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> SampledTokens:
@@ -44,15 +62,49 @@ def sample_rows(logits: torch.Tensor, rows: list[RowSampling]) -> SampledTokens:
         raise ValueError(f"{logits.shape[0]} rows of logits for {len(rows)} sequences")
     logits = logits.float()
     finite = torch.isfinite(logits).all(dim=-1).tolist()
+    if any(params.penalised for params in rows):
+        logits = logits.clone()
+        for row, params in enumerate(rows):
+            if params.penalised:
+                apply_penalties(logits[row], params)
     token_ids = logits.argmax(dim=-1).tolist()
     errors: list[str | None] = [None] * len(rows)
+    logprobs: list[TokenLogprob | None] = [None] * len(rows)
     for row, params in enumerate(rows):
         if not finite[row]:
             token_ids[row] = -1
             errors[row] = "the model produced non-finite logits for this request"
-        elif not params.greedy:
+            continue
+        if not params.greedy:
             token_ids[row] = _sample_row(logits[row], params)
-    return SampledTokens(token_ids, errors)
+        if params.num_logprobs >= 0:
+            logprobs[row] = token_logprob(logits[row], params, token_ids[row])
+    return SampledTokens(token_ids, errors, logprobs)
+
+
+def apply_penalties(logits: torch.Tensor, params: RowSampling) -> None:
+    """OpenAI's penalties, in place on one row [vocab]: logit -= count * frequency +
+    (count > 0) * presence, counting the tokens the sequence generated."""
+    vocab = logits.shape[-1]
+    generated = torch.tensor([t for t in params.generated if 0 <= t < vocab], dtype=torch.int64)
+    if generated.numel() == 0:
+        return
+    counts = torch.bincount(generated, minlength=vocab).to(logits.dtype)
+    logits -= counts * params.frequency_penalty + (counts > 0).to(logits.dtype) * (
+        params.presence_penalty
+    )
+
+
+def token_logprob(logits: torch.Tensor, params: RowSampling, token: int) -> TokenLogprob:
+    """`token`'s logprob in the row's final distribution and its top alternatives."""
+    temperature = 1.0 if params.greedy else params.temperature
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    top = logprobs.topk(min(params.num_logprobs, logprobs.shape[-1]))
+    alternatives = tuple(
+        TopLogprob(int(i), float(v))
+        for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)
+    )
+    return TokenLogprob(token, float(logprobs[token]), top=alternatives)
 
 
 def _sample_row(logits: torch.Tensor, params: RowSampling) -> int:  # logits [vocab]
@@ -72,7 +124,19 @@ def _sample_row(logits: torch.Tensor, params: RowSampling) -> int:  # logits [vo
 
 
 def sampling_tensors(rows: list[RowSampling]) -> dict[str, torch.Tensor]:
+    lengths = torch.tensor([0] + [len(r.generated) for r in rows], dtype=torch.int64)
+    generated = [t for r in rows for t in r.generated]
     return {
+        "sampling.presence_penalty": torch.tensor(
+            [r.presence_penalty for r in rows], dtype=torch.float64
+        ),
+        "sampling.frequency_penalty": torch.tensor(
+            [r.frequency_penalty for r in rows], dtype=torch.float64
+        ),
+        "sampling.num_logprobs": torch.tensor([r.num_logprobs for r in rows], dtype=torch.int64),
+        # Ragged: row i's generated tokens are generated[offsets[i]:offsets[i + 1]].
+        "sampling.generated": torch.tensor(generated, dtype=torch.int64),
+        "sampling.generated_offsets": lengths.cumsum(0),
         "sampling.temperature": torch.tensor([r.temperature for r in rows], dtype=torch.float64),
         "sampling.top_p": torch.tensor([r.top_p for r in rows], dtype=torch.float64),
         "sampling.seed": torch.tensor([r.seed for r in rows], dtype=torch.int64),
@@ -80,13 +144,61 @@ def sampling_tensors(rows: list[RowSampling]) -> dict[str, torch.Tensor]:
     }
 
 
+_COLUMNS = ("temperature", "top_p", "seed", "index", "presence_penalty", "frequency_penalty")
+
+
 def rows_from_tensors(named: dict[str, torch.Tensor]) -> list[RowSampling]:
     try:
-        columns = [
-            named[f"sampling.{name}"].tolist() for name in ("temperature", "top_p", "seed", "index")
-        ]
+        columns = [named[f"sampling.{name}"].tolist() for name in (*_COLUMNS, "num_logprobs")]
+        generated = named["sampling.generated"].tolist()
+        offsets = named["sampling.generated_offsets"].tolist()
     except KeyError as exc:
         raise ValueError(f"sampling parameters lack {exc}") from None
-    if len({len(column) for column in columns}) != 1:
+    if len({len(column) for column in columns}) != 1 or len(offsets) != len(columns[0]) + 1:
         raise ValueError("sampling parameters have rows of different lengths")
-    return [RowSampling(*row) for row in zip(*columns, strict=True)]
+    if offsets[0] != 0 or offsets[-1] != len(generated) or offsets != sorted(offsets):
+        raise ValueError("sampling.generated_offsets do not index sampling.generated")
+    return [
+        RowSampling(*row[:6], num_logprobs=row[6], generated=tuple(generated[a:b]))
+        for row, a, b in zip(zip(*columns, strict=True), offsets, offsets[1:], strict=False)
+    ]
+
+
+# ---- logprobs as tensors (the last stage returns them with the tokens) ---------------------
+
+
+def logprob_tensors(sampled: SampledTokens, rows: list[RowSampling]) -> dict[str, torch.Tensor]:
+    """The rows' logprobs, padded to the widest top-k; none when no row asked."""
+    if sampled.logprobs is None or all(r.num_logprobs < 0 for r in rows):
+        return {}
+    width = max(r.num_logprobs for r in rows)
+    token = torch.zeros(len(rows), dtype=torch.float64)
+    top_ids = torch.zeros(len(rows), width, dtype=torch.int64)
+    top = torch.zeros(len(rows), width, dtype=torch.float64)
+    for row, lp in enumerate(sampled.logprobs):
+        if lp is not None:
+            token[row] = lp.logprob
+            top_ids[row, : len(lp.top)] = torch.tensor([t.token_id for t in lp.top])
+            top[row, : len(lp.top)] = torch.tensor([t.logprob for t in lp.top])
+    return {"logprob.token": token, "logprob.top_ids": top_ids, "logprob.top": top}
+
+
+def logprobs_from_tensors(
+    named: dict[str, torch.Tensor], token_ids: list[int], rows: list[RowSampling]
+) -> list[TokenLogprob | None]:
+    if "logprob.token" not in named:
+        return [None] * len(rows)
+    token = named["logprob.token"].tolist()
+    top_ids = named["logprob.top_ids"].tolist()
+    top = named["logprob.top"].tolist()
+    if not len(token) == len(top_ids) == len(top) == len(rows):
+        raise ValueError("logprobs of the wrong size")
+    return [
+        None if params.num_logprobs < 0 or token_ids[row] < 0 else TokenLogprob(
+            token_ids[row], token[row],
+            top=tuple(TopLogprob(int(i), v) for i, v in zip(
+                top_ids[row][: params.num_logprobs], top[row][: params.num_logprobs], strict=True
+            )),
+        )
+        for row, params in enumerate(rows)
+    ]  # fmt: skip

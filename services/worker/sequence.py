@@ -14,7 +14,7 @@ from exegpt.models.kv_cache import BlockAllocator, SequenceKV
 from services.worker.policies import Load
 from services.worker.requests import EngineEvent, EngineRequest, RequestTimings
 from services.worker.sampling import RowSampling
-from services.worker.step_plan import StepKind, StepPlan
+from services.worker.step_plan import StepKind, StepPlan, StepResult
 
 
 @dataclass(eq=False)
@@ -44,6 +44,8 @@ class Sequence:
     def finish_reason(self, token: int, eos_token_id: int | None) -> FinishReason | None:
         sampling = self.request.sampling
         if token == eos_token_id and not sampling.ignore_eos:
+            return FinishReason.STOP
+        if token in sampling.stop_token_ids:
             return FinishReason.STOP
         if len(self.output_token_ids) >= sampling.max_tokens:
             return FinishReason.LENGTH
@@ -109,7 +111,25 @@ def row_sampling(seq: Sequence) -> RowSampling:
     """How the sequence samples its next token: the index continues after a preemption, so a
     recomputed request draws the same tokens it would have drawn."""
     sampling = seq.request.sampling
-    return RowSampling(sampling.temperature, sampling.top_p, seq.seed, len(seq.output_token_ids))
+    penalised = sampling.presence_penalty != 0 or sampling.frequency_penalty != 0
+    return RowSampling(
+        sampling.temperature,
+        sampling.top_p,
+        seq.seed,
+        len(seq.output_token_ids),
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        num_logprobs=-1 if sampling.logprobs is None else sampling.logprobs,
+        generated=tuple(seq.output_token_ids) if penalised else (),
+    )
+
+
+def with_logprobs(delivery: Delivery, result: StepResult, row: int) -> Delivery:
+    """`delivery` with the row's logprobs, where the step returned them."""
+    logprob = result.logprobs[row] if row < len(result.logprobs) else None
+    if logprob is None:
+        return delivery
+    return replace(delivery, event=replace(delivery.event, logprobs=[logprob]))
 
 
 def copy_kv(kv: SequenceKV) -> SequenceKV:

@@ -52,6 +52,7 @@ from services.worker.metrics import (
     stop_metrics_port,
 )
 from services.worker.schedule_board import ScheduleBoard, initial_origin
+from services.worker.token_text import named_logprobs, text_token_ids
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("exegpt.worker")
@@ -138,6 +139,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                         await context.abort(code, event.error)
                     chunk.token_ids += event.token_ids
                     chunk.token_times_s += event.token_times_s
+                    chunk.logprobs += event.logprobs
                     if event.finish_reason is not None:
                         finished = True
                         chunk.finish_reason = event.finish_reason
@@ -148,7 +150,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 if chunk.finish_reason is not None:
                     self.metrics.on_finish(chunk.finish_reason, token_times, timings)
                 num_generated += len(chunk.token_ids)
-                chunk.text = detokenizer.add(chunk.token_ids, final=finished)
+                text_ids = text_token_ids(chunk, generation.sampling)
+                chunk.text = detokenizer.add(text_ids, final=finished)
+                chunk.logprobs = named_logprobs(self._loaded.tokenizer, chunk.logprobs)
                 if generation.sampling.stop:
                     chunk.text = stops.feed(chunk.text, final=finished)
                     if stops.stopped:  # the text reached a stop string: end here

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from exegpt.generation import TokenLogprob
 from exegpt.models.batch import BatchBuilder, DecodeBatch, PrefillBatch
 from exegpt.models.kv_cache import SequenceKV
 from services.worker.sampling import RowSampling
@@ -60,6 +61,8 @@ class StepResult:
     compute_s: float = 0.0
     # Compute time of each stage the step passed through, in order (one: in process).
     stage_s: tuple[float, ...] = ()
+    # Per row, where its sampling asked for them: the token's logprob and alternatives.
+    logprobs: tuple[TokenLogprob | None, ...] = ()
 
     @classmethod
     def failed(cls, plan: StepPlan, error: str, unavailable: bool = False) -> StepResult:

@@ -39,6 +39,7 @@ from services.worker.sequence import (
     failure,
     request_load,
     seed_of,
+    with_logprobs,
 )
 from services.worker.step_plan import StepKind, StepPlan, StepResult
 
@@ -192,7 +193,8 @@ class StepScheduler:
                 self._remove(seq)
                 deliveries.append(failure(seq, error, result.unavailable))
                 continue
-            deliveries.append(self._advance(seq, result.token_ids[row], now_s, len(seqs)))
+            advanced = self._advance(seq, result.token_ids[row], now_s, len(seqs))
+            deliveries.append(with_logprobs(advanced, result, row))
         if was_decode:
             self.mode.on_decoded(sum(1 for d in deliveries if d.event.finish_reason is not None))
         if result.error is None:

@@ -88,13 +88,13 @@ def test_echo_prepends_the_prompt(client: openai.OpenAI) -> None:
 @pytest.mark.parametrize(
     ("fields", "named"),
     [
-        ({"logprobs": 2}, "logprobs"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"frequency_penalty": -0.5}, "frequency_penalty"),
+        ({"logprobs": 2, "echo": True}, "logprobs"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -2.5}, "frequency_penalty"),
         ({"logit_bias": {"5": 10}}, "logit_bias"),
         ({"suffix": "end"}, "suffix"),
         ({"best_of": 3}, "best_of"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
         ({"echo": True, "prompt": [5, 6]}, "echo"),
     ],
 )
@@ -110,7 +110,7 @@ def test_unknown_and_unsupported_chat_fields_are_refused(client: openai.OpenAI) 
     with pytest.raises(openai.BadRequestError, match="frobnicate"):
         client.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body={"frobnicate": 1})
     with pytest.raises(openai.BadRequestError, match="logprobs"):
-        client.chat.completions.create(model=MODEL, messages=MESSAGES, logprobs=True)
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, top_logprobs=21)
     with pytest.raises(openai.BadRequestError, match="tools"):
         client.chat.completions.create(
             model=MODEL, messages=MESSAGES,

@@ -342,3 +342,57 @@ def test_a_step_is_one_trace_across_the_engine_and_its_stages(tmp_path: Path) ->
     # The stage's console exporter printed its spans under the engine's trace ids.
     assert '"name": "stage.encode"' in stage_log and '"name": "stage.decode"' in stage_log
     assert all(f'"trace_id": "{trace_id}"' in stage_log for trace_id in trace_ids)
+
+
+PENALISED = [
+    {"temperature": 0.0, "frequency_penalty": 1.5, "logprobs": 3},
+    {"temperature": 0.8, "seed": 11, "presence_penalty": 0.7, "logprobs": 0},
+    {"temperature": 0.0},
+    {"temperature": 1.2, "seed": 5, "frequency_penalty": -0.5, "presence_penalty": 2.0},
+]
+
+
+def _run_sampled(engine) -> list[tuple[list[int], list]]:
+    engine.start()
+    try:
+        collectors = [
+            submit(engine, prompt, f"p{i}", max_tokens=NUM_TOKENS, ignore_eos=True, **fields)
+            for i, (prompt, fields) in enumerate(zip(PROMPTS, PENALISED, strict=True))
+        ]
+        outputs = []
+        for collector in collectors:
+            collector.wait()
+            assert collector.events[-1].error is None, collector.events[-1].error
+            logprobs = [lp for e in collector.events for lp in e.logprobs]
+            outputs.append((collector.token_ids, logprobs))
+        return outputs
+    finally:
+        engine.stop()
+
+
+def test_penalties_and_logprobs_at_the_last_stage_equal_the_single_process_engine(
+    references, four_layer_models, stage_pool: StagePool
+) -> None:
+    """Two stages: the rows' generated tokens travel to the last stage, which applies the
+    penalties and returns logprobs as tensors; tokens and logprobs equal the in-process run."""
+    loaded = references["llama-gqa"][0]
+    single = _run_sampled(build_engine(loaded, EngineConfig(max_batch_size=8)))
+    placement, layout = topologies(False)["pp2"]
+    pipeline = PipelineConfig(
+        model=str(four_layer_models["llama-gqa"][0]),
+        dtype="float32",
+        placement=placement,
+        stage_addresses=stage_pool.addresses(layout),
+        num_blocks=64,
+        block_size_tokens=4,
+    )
+    config = EngineConfig(max_batch_size=8, num_micro_batches=2, kv_block_size_tokens=4)
+    staged = _run_sampled(build_pipeline_engine(loaded, config, pipeline))
+    assert [tokens for tokens, _ in staged] == [tokens for tokens, _ in single]
+    for (_, expected), (_, actual), fields in zip(single, staged, PENALISED, strict=True):
+        assert len(actual) == (NUM_TOKENS if "logprobs" in fields else 0)
+        for want, got in zip(expected, actual, strict=True):
+            assert got.token_id == want.token_id
+            assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+            assert [t.token_id for t in got.top] == [t.token_id for t in want.top]
+            assert len(got.top) == fields["logprobs"]

@@ -61,3 +61,49 @@ def test_a_row_with_non_finite_logits_fails_alone() -> None:
 def test_rows_cross_the_data_plane_as_tensors() -> None:
     rows = [row(0.7, 0.9, 2**62, 3), row()]
     assert rows_from_tensors(sampling_tensors(rows)) == rows
+
+
+def test_penalties_subtract_counts_before_temperature_for_greedy_rows_too() -> None:
+    logits = torch.tensor([[3.0, 2.5, 0.0]])
+    # Token 0 generated twice: 3 - 2*0.5 (frequency) - 0.2 (presence) = 1.8 < 2.5.
+    params = RowSampling(0.0, 1.0, 0, 3, presence_penalty=0.2, frequency_penalty=0.5,
+                         generated=(0, 0, 2))  # fmt: skip
+    assert sample_rows(logits, [row()]).token_ids == [0]
+    assert sample_rows(logits, [params]).token_ids == [1]
+    negative = RowSampling(0.0, 1.0, 0, 1, presence_penalty=-2.0, generated=(2,))
+    assert sample_rows(logits, [negative]).token_ids == [0]  # 0 + 2 = 2 < 3
+
+
+def test_logprobs_are_the_final_distributions_log_softmax_with_top_alternatives() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [1.0, 3.0, 2.0, 0.0]])
+    rows = [
+        RowSampling(0.0, 1.0, 0, 0, num_logprobs=2),
+        RowSampling(0.5, 1.0, 7, 0, frequency_penalty=1.0, num_logprobs=3, generated=(1,)),
+    ]
+    sampled = sample_rows(logits, rows)
+    assert sampled.logprobs is not None
+    greedy, hot = sampled.logprobs
+    expected = torch.log_softmax(logits[0], -1)
+    assert greedy is not None and greedy.token_id == 1
+    assert math.isclose(greedy.logprob, float(expected[1]), rel_tol=1e-6)
+    assert [t.token_id for t in greedy.top] == [1, 2]
+    final = torch.log_softmax(torch.tensor([1.0, 2.0, 2.0, 0.0]) / 0.5, -1)
+    assert hot is not None and len(hot.top) == 3
+    assert math.isclose(hot.logprob, float(final[hot.token_id]), rel_tol=1e-6)
+    assert math.isclose(hot.top[0].logprob, float(final.max()), rel_tol=1e-6)
+    assert sample_rows(logits, [row(), row()]).logprobs == [None, None]
+
+
+def test_rows_and_logprobs_travel_as_tensors_unchanged() -> None:
+    from services.worker.sampling import logprob_tensors, logprobs_from_tensors
+
+    rows = [
+        RowSampling(0.7, 0.9, 5, 3, 0.5, -1.0, num_logprobs=4, generated=(4, 4, 1)),
+        RowSampling(0.0, 1.0, 2, 0),
+        RowSampling(0.0, 1.0, 2, 1, frequency_penalty=2.0, num_logprobs=0, generated=(9,)),
+    ]
+    assert rows_from_tensors(sampling_tensors(rows)) == rows
+    logits = torch.randn(3, 12)
+    sampled = sample_rows(logits, rows)
+    named = logprob_tensors(sampled, rows)
+    assert logprobs_from_tensors(named, sampled.token_ids, rows) == sampled.logprobs

@@ -70,4 +70,5 @@ class LocalExecutor:
             tuple(sampled.errors),
             compute_s=(elapsed_s := time.perf_counter() - start_s),
             stage_s=(elapsed_s,),
+            logprobs=tuple(sampled.logprobs or ()),
         )

@@ -31,7 +31,7 @@ from exegpt.placement import Placement
 from exegpt.security import SecurityConfig, sync_channel
 from exegpt.transport import FrameError, PushFanout, TensorMessage, TensorSocket
 from exegpt.v1 import stage_pb2, stage_pb2_grpc
-from services.worker.sampling import sampling_tensors
+from services.worker.sampling import logprobs_from_tensors, sampling_tensors
 from services.worker.stage.runtime import message_for_batch
 from services.worker.step_plan import StepKind, StepPlan, StepResult
 
@@ -234,9 +234,14 @@ class PipelineExecutor:
         row_error = message.attributes.get("row_error") or "the step failed for this request"
         errors = tuple(row_error if bad else None for bad in failed)
         stage_s = _floats(message.attributes.get("stage_s", ""))
+        try:
+            logprobs = logprobs_from_tensors(message.tensors, token_ids, list(plan.sampling))
+        except (KeyError, ValueError) as exc:
+            return StepResult.failed(plan, f"a stage returned bad logprobs: {exc}")
         return StepResult(
-            plan.step_id, tuple(token_ids), errors, compute_s=compute_s, stage_s=stage_s
-        )
+            plan.step_id, tuple(token_ids), errors, compute_s=compute_s, stage_s=stage_s,
+            logprobs=tuple(logprobs),
+        )  # fmt: skip
 
     def _expire_late_steps(self) -> None:
         now = time.monotonic()

@@ -36,7 +36,7 @@ from exegpt.models.stage import build_stage, stage_kv_spec
 from exegpt.models.stage_spec import LayerRange, StageSpec
 from exegpt.transport import FrameError, PushFanout, TensorMessage, TensorSocket
 from exegpt.v1 import stage_pb2
-from services.worker.sampling import rows_from_tensors, sample_rows
+from services.worker.sampling import logprob_tensors, rows_from_tensors, sample_rows
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("exegpt.stage")
@@ -334,7 +334,11 @@ class StageRuntime:
         next_hop = list(stage.request.next_after_decoder)
         if not stage.ends_decoder:
             return TensorMessage("kv", dict(tensors), attributes=dict(message.attributes)), next_hop
-        result = {name: tensors[name] for name in ("token_ids", "failed")}
+        result = {
+            name: tensor
+            for name, tensor in tensors.items()
+            if name in ("token_ids", "failed") or name.startswith("logprob.")
+        }
         attributes = {"row_error": message.attributes.get("row_error", "")}
         return TensorMessage("result", result, attributes=attributes), next_hop
 
@@ -346,13 +350,15 @@ class _Sampled:
 
 
 def _sampled(logits: torch.Tensor, tensors: dict[str, torch.Tensor]) -> _Sampled:
-    sampled = sample_rows(logits, rows_from_tensors(tensors))
+    rows = rows_from_tensors(tensors)
+    sampled = sample_rows(logits, rows)
     failed = [error is not None for error in sampled.errors]
     row_error = next((e for e in sampled.errors if e is not None), "")
     return _Sampled(
         {
             "token_ids": torch.tensor(sampled.token_ids, dtype=torch.int64),
             "failed": torch.tensor(failed, dtype=torch.int8),
+            **logprob_tensors(sampled, rows),
         },
         {"row_error": row_error},
     )
