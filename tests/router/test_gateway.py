@@ -104,7 +104,7 @@ def test_models_and_health(http: httpx.Client) -> None:
         ({"prompt": [1, -2], "max_tokens": 4}, 400, "vocabulary"),
         ({"prompt": "hi", "max_tokens": 4, "temperature": -0.5}, 400, "temperature"),
         ({"prompt": "hi", "max_tokens": 4, "top_p": 0}, 400, "top_p"),
-        ({"prompt": "hi", "max_tokens": 4, "n": 2}, 400, "n=1"),
+        ({"prompt": "hi", "max_tokens": 4, "n": 17}, 400, "less than or equal to 16"),
         ({"max_tokens": 4}, 400, "prompt"),
     ],
 )
