@@ -2,7 +2,7 @@
 thread), per task and latency bound, in one go.
 
 For each task and each bound (the 30% and 70% quantiles of static batching's predicted
-latencies over its batch sizes, as the paper derives bounds: DESIGN.md section 5), the
+latencies over its batch sizes, as the paper derives bounds: docs/design.md section 4), the
 schedule `exegpt up --plan` would choose (the best predicted of any kind, baselines included),
 static batching (its best batch within the bound, on the same 2 devices) and continuous
 batching on 2 data-parallel replicas each run under `exegpt bench` at saturation. Per row:

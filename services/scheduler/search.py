@@ -21,7 +21,7 @@ The space (the same for branch-and-bound and for `exhaustive=True`):
   Branch-and-bound then bisects (B_E, N_D) for RRA and B_E for WAA, with one incumbent per
   kind shared by all its slices, so most slices are dropped at their root box.
 
-Monotonic branch-and-bound (DESIGN.md section 4, the paper's Algorithm 1): boxes of index
+Monotonic branch-and-bound (docs/design.md section 3.3; the paper's Algorithm 1): boxes of index
 ranges wait in a priority queue keyed by an upper bound on their throughput; the simulator
 runs at a box's corners (memoised, so shared corners cost once). Throughput, latency and
 memory are taken to be monotonic along each axis, in either direction, so over a box they are
@@ -157,7 +157,7 @@ def best_baseline(
 def static_latency_bounds(
     problem: PlanProblem, quantiles: tuple[float, ...], space: SearchSpace | None = None
 ) -> list[float]:
-    """Latency bounds derived as in the paper (DESIGN.md section 5): the given quantiles of the
+    """Latency bounds derived as in the paper (docs/design.md section 4): the given quantiles of the
     static baseline's latencies over its batch sizes (every batch that fits, in the layout
     with the highest unbounded throughput)."""
     space = space or SearchSpace()

@@ -12,7 +12,7 @@ stage times plus the P - 1 activation transfers, and a device idles while the ot
 The encoded batch joins the decode batch; encoding blocks decoding (the runtime alternates).
 
 Batch sizes follow the paper: a query of output length S finishes U iterations after an
-encoding with P_D(U|S) (DESIGN.md section 4), B_D = B_E / sum_U P_D(U), and iteration u runs
+encoding with P_D(U|S) (docs/design.md section 3.2), B_D = B_E / sum_U P_D(U), and iteration u runs
 the B_D sequences that have not finished in iterations 1..u-1: b_u = B_D (1 - sum_{U<u} P_D(U)).
 B_E sequences finish per cycle, so throughput = B_E / cycle_s. The p99-length sequence needs
 S99 iterations: it is encoded, waits through ceil(S99 / N_D) - 1 further encodings and

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from exegpt.bench.workload_plan import PlanOptions, build_plan, parse_workload
 from exegpt.cli import main
 
@@ -16,17 +14,7 @@ NUM_REQUESTS = 6
 SEED = 11
 
 
-def _gateway_url(request: pytest.FixtureRequest) -> str:
-    # Looked up by name rather than as a parameter, so that a missing fixture is a skip with a
-    # reason instead of a collection error.
-    try:
-        return str(request.getfixturevalue("gateway_url"))
-    except pytest.FixtureLookupError:
-        pytest.skip("needs the `gateway_url` fixture (tests/conftest.py), not provided yet")
-
-
-def test_bench_task_s_against_the_gateway(request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    gateway_url = _gateway_url(request)
+def test_bench_task_s_against_the_gateway(gateway_url: str, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     argv = ["bench", "--url", gateway_url, "--workload", "task:S"]
     argv += ["--num-requests", str(NUM_REQUESTS), "--length-scale", "0.1", "--seed", str(SEED)]

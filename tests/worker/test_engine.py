@@ -89,7 +89,8 @@ def test_eos_stops_unless_ignored(engine_factory, loaded: LoadedModel) -> None:
             assert len(forced.token_ids) == 40
             assert forced.token_ids[: len(tokens) - 1] == tokens[:-1]
             return
-    pytest.skip("no prompt produced EOS with this random model")
+    # The embedded model's weights are seeded: some prompt ends in EOS, or the search is broken.
+    pytest.fail("no prompt produced EOS: the EOS check has nothing to test")
 
 
 def test_batched_requests_equal_individual_runs(engine_factory) -> None:
