@@ -1,7 +1,8 @@
 """Workloads: the ExeGPT paper's five tasks and the Azure request traces.
 
-A task draws input and output lengths from truncated normal distributions (docs/design.md section 4);
-a trace replays real arrival times and lengths, scaled to what the machine can serve.
+A task draws input and output lengths from truncated normal distributions
+(docs/design.md section 4); a trace replays real arrival times and lengths, scaled to what
+the machine can serve.
 Both the benchmark client and the scheduler's distributions read lengths from here.
 """
 
