@@ -27,6 +27,7 @@ from pathlib import Path
 
 from exegpt import autoplan
 from exegpt.dtypes import DEFAULT_DTYPE, DTYPE_CHOICES
+from exegpt.models.hub_cache import local_model_directory
 from exegpt.plan_file import PlanFile
 from exegpt.schedule import ScheduleKind
 from exegpt.security import SecurityConfig, add_security_arguments, security_from_args
@@ -181,8 +182,8 @@ class Deployment:
         num_devices = self.config.num_replicas * sum(layout)
         threads = topology.threads_per_device or max(1, (os.cpu_count() or 1) // num_devices)
         model_roots = []
-        if Path(self.config.model).is_dir():
-            model_roots = ["--model-root", str(Path(self.config.model).resolve().parent)]
+        if (directory := local_model_directory(self.config.model)) is not None:  # or a Hub id
+            model_roots = ["--model-root", str(directory.resolve().parent)]
         first_device = replica * sum(layout)
         children = [
             [

@@ -40,15 +40,23 @@ def mask_value(dtype: torch.dtype) -> float:
 
 
 def attention_bias(
-    query_positions: Tensor, kv_lengths: Tensor, num_kv: int, causal: bool, dtype: torch.dtype
+    query_positions: Tensor,
+    kv_lengths: Tensor,
+    num_kv: int,
+    causal: bool,
+    dtype: torch.dtype,
+    window: int | None = None,
 ) -> Tensor:
-    """Additive mask [B, 1, T_q, T_kv]: key j is visible if j < length (and j <= query pos)."""
+    """Additive mask [B, 1, T_q, T_kv]: key j is visible if j < length (and j <= query pos;
+    with a sliding `window`, also j > query pos - window, as Mistral)."""
     keys = torch.arange(num_kv, device=kv_lengths.device)
     visible = (keys[None, None, :] < kv_lengths[:, None, None]).expand(
         -1, query_positions.shape[-1], -1
     )  # [B, T_q, T_kv]
     if causal:
         visible = visible & (keys[None, None, :] <= query_positions[..., None])
+    if window is not None:
+        visible = visible & (keys[None, None, :] > query_positions[..., None] - window)
     bias = torch.zeros(visible.shape, dtype=dtype, device=kv_lengths.device)
     bias.masked_fill_(~visible, mask_value(dtype))
     return bias.unsqueeze(1)  # [B, 1, T_q, T_kv]

@@ -92,6 +92,8 @@ def _llama_names(config: ModelConfig) -> dict[str, str]:
         names[f"{ours}.ffn_norm.weight"] = f"{theirs}.post_attention_layernorm.weight"
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             names[f"{ours}.self_attn.{proj}.weight"] = f"{theirs}.self_attn.{proj}.weight"
+            if config.qkv_bias and proj != "o_proj":  # Qwen2
+                names[f"{ours}.self_attn.{proj}.bias"] = f"{theirs}.self_attn.{proj}.bias"
         for proj in ("gate_proj", "up_proj", "down_proj"):
             names[f"{ours}.mlp.{proj}.weight"] = f"{theirs}.mlp.{proj}.weight"
     return names

@@ -12,6 +12,29 @@ Family = Literal["t5", "llama"]
 FfnKind = Literal["relu", "gated-gelu", "swiglu"]
 
 _T5_FFN: dict[str, FfnKind] = {"relu": "relu", "gated-gelu": "gated-gelu"}
+# Llama-shaped checkpoints: the same layers, with q/k/v biases (Qwen2) or a sliding window
+# (Mistral) read from their config.
+_LLAMA_TYPES = ("llama", "mistral", "qwen2")
+RopeType = Literal["llama3", "linear"]
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Scaled RoPE frequencies (Llama 3.x "llama3", or plain "linear" position interpolation)."""
+
+    rope_type: RopeType
+    factor: float
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+    original_max_position_embeddings: int = 8192  # llama3 only
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rope_type": self.rope_type, "factor": self.factor}
+        if self.rope_type == "llama3":
+            out["low_freq_factor"] = self.low_freq_factor
+            out["high_freq_factor"] = self.high_freq_factor
+            out["original_max_position_embeddings"] = self.original_max_position_embeddings
+        return out
 
 
 @dataclass(frozen=True)
@@ -36,6 +59,9 @@ class ModelConfig:
     rope_theta: float = 10000.0  # Llama only
     relative_attention_num_buckets: int = 32  # T5 only
     relative_attention_max_distance: int = 128  # T5 only
+    qkv_bias: bool = False  # Llama-shaped only: q/k/v projections with biases (Qwen2)
+    sliding_window: int | None = None  # Mistral: a query sees only the last `window` keys
+    rope_scaling: RopeScaling | None = None  # Llama 3.x long-context RoPE
 
     def __post_init__(self) -> None:
         if self.family not in ("t5", "llama"):
@@ -52,6 +78,8 @@ class ModelConfig:
             raise ValueError("T5 has no grouped-query attention: num_kv_heads must equal num_heads")
         if self.family == "llama" and self.num_encoder_layers != 0:
             raise ValueError("a decoder-only model has no encoder layers")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -68,11 +96,11 @@ class ModelConfig:
         model_type = hf.get("model_type")
         if model_type in ("t5", "mt5"):
             return _t5_from_hf(hf)
-        if model_type == "llama":
+        if model_type in _LLAMA_TYPES:
             return _llama_from_hf(hf)
         raise ValueError(
-            f"unsupported model_type {model_type!r}: exegpt runs 't5' (original, v1.1, Flan-T5) "
-            "and 'llama' checkpoints"
+            f"unsupported model_type {model_type!r}: exegpt runs 't5' (original, v1.1, Flan-T5), "
+            "'mt5', 'llama', 'mistral' and 'qwen2' checkpoints"
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -85,8 +113,15 @@ class ModelConfig:
 
 def config_hash(config: ModelConfig) -> str:
     """sha256 of the canonical JSON of the config: a stable key for profiles."""
-    canonical = json.dumps(dataclasses.asdict(config), sort_keys=True, separators=(",", ":"))
+    fields = dataclasses.asdict(config)
+    for name in _HASH_OPTIONAL:  # fields added later: absent at their defaults, so the hashes
+        if fields[name] == _HASH_OPTIONAL[name]:  # of existing profiles stay valid
+            del fields[name]
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+_HASH_OPTIONAL: dict[str, Any] = {"qkv_bias": False, "sliding_window": None, "rope_scaling": None}
 
 
 def _first_id(value: int | list[int] | None) -> int | None:
@@ -135,12 +170,44 @@ def _t5_from_hf(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
-def _llama_rope_theta(hf: dict[str, Any]) -> float:
+def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    """rope_theta and the scaling, from `rope_scaling` (transformers 4) or `rope_parameters`."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"unsupported rope type {rope_type!r}: only plain RoPE is implemented")
-    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "linear":
+        return theta, RopeScaling("linear", float(rope["factor"]))
+    if rope_type == "llama3":
+        return theta, RopeScaling(
+            "llama3",
+            float(rope["factor"]),
+            float(rope["low_freq_factor"]),
+            float(rope["high_freq_factor"]),
+            int(rope["original_max_position_embeddings"]),
+        )
+    raise ValueError(
+        f"unsupported rope type {rope_type!r}: plain RoPE, 'llama3' and 'linear' are implemented"
+    )
+
+
+def _sliding_window(hf: dict[str, Any], num_layers: int) -> int | None:
+    window = hf.get("sliding_window")
+    if hf.get("model_type") == "mistral":
+        return None if window is None else int(window)
+    if hf.get("model_type") == "qwen2":
+        # Qwen2 slides only in layers from max_window_layers on; per-layer windows are not
+        # implemented, so such a config is refused unless no layer actually slides.
+        sliding = "sliding_attention" in (hf.get("layer_types") or [])
+        if hf.get("use_sliding_window") and window is not None:
+            sliding = sliding or int(hf.get("max_window_layers", 28)) < num_layers
+        if sliding:
+            raise ValueError(
+                "Qwen2 with use_sliding_window and max_window_layers < num_hidden_layers "
+                "(sliding attention in some layers only) is not supported"
+            )
+    return None
 
 
 def _llama_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -151,6 +218,8 @@ def _llama_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise ValueError("Llama checkpoints with attention_bias or mlp_bias are not supported")
     d_model = int(hf["hidden_size"])
     num_heads = int(hf["num_attention_heads"])
+    num_layers = int(hf["num_hidden_layers"])
+    theta, scaling = _rope(hf)
     return ModelConfig(
         family="llama",
         vocab_size=int(hf["vocab_size"]),
@@ -160,7 +229,7 @@ def _llama_from_hf(hf: dict[str, Any]) -> ModelConfig:
         head_dim=int(hf.get("head_dim") or d_model // num_heads),
         d_ff=int(hf["intermediate_size"]),
         num_encoder_layers=0,
-        num_decoder_layers=int(hf["num_hidden_layers"]),
+        num_decoder_layers=num_layers,
         ffn="swiglu",
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
@@ -169,7 +238,10 @@ def _llama_from_hf(hf: dict[str, Any]) -> ModelConfig:
         bos_token_id=_first_id(hf.get("bos_token_id")),
         decoder_start_token_id=None,
         max_context_tokens=int(hf.get("max_position_embeddings", 2048)),
-        rope_theta=_llama_rope_theta(hf),
+        rope_theta=theta,
+        qkv_bias=hf.get("model_type") == "qwen2",
+        sliding_window=_sliding_window(hf, num_layers),
+        rope_scaling=scaling,
     )
 
 
@@ -200,9 +272,20 @@ def _t5_to_hf(config: ModelConfig) -> dict[str, Any]:
 
 
 def _llama_to_hf(config: ModelConfig) -> dict[str, Any]:
+    if config.qkv_bias and config.sliding_window is not None:
+        raise ValueError("no Hugging Face model type has both q/k/v biases and a sliding window")
+    model_type, arch = "llama", "LlamaForCausalLM"
+    extra: dict[str, Any] = {"attention_bias": False, "mlp_bias": False}
+    if config.qkv_bias:
+        model_type, arch, extra = "qwen2", "Qwen2ForCausalLM", {"use_sliding_window": False}
+    elif config.sliding_window is not None:
+        model_type, arch, extra = "mistral", "MistralForCausalLM", {}
+        extra["sliding_window"] = config.sliding_window
+    if config.rope_scaling is not None:
+        extra["rope_scaling"] = config.rope_scaling.to_hf_dict()
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [arch],
+        "model_type": model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.d_model,
         "intermediate_size": config.d_ff,
@@ -218,6 +301,5 @@ def _llama_to_hf(config: ModelConfig) -> dict[str, Any]:
         "eos_token_id": config.eos_token_id,
         "pad_token_id": config.pad_token_id,
         "bos_token_id": config.bos_token_id,
-        "attention_bias": False,
-        "mlp_bias": False,
+        **extra,
     }

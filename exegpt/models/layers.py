@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from exegpt.models.config import ModelConfig
+from exegpt.models.config import ModelConfig, RopeScaling
 
 
 def embedding(num_embeddings: int, dim: int) -> nn.Embedding:
@@ -81,12 +82,39 @@ def build_ffn(config: ModelConfig) -> nn.Module:
 # ---- rotary positions (Llama) --------------------------------------------------------------
 
 
+def rope_inv_freq(
+    head_dim: int, theta: float, scaling: RopeScaling | None = None, device: Any = None
+) -> Tensor:
+    """Inverse frequencies [head_dim / 2], scaled as transformers scales them."""
+    exponents = torch.arange(0, head_dim, 2, device=device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)  # [head_dim / 2]
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: long wavelengths slow down by `factor`, short ones stay, the middle band blends.
+    old_context = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_context / scaling.low_freq_factor
+    high_freq_wavelen = old_context / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_context / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
 def rope_cos_sin(
-    positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype
+    positions: Tensor,
+    head_dim: int,
+    theta: float,
+    dtype: torch.dtype,
+    scaling: RopeScaling | None = None,
 ) -> tuple[Tensor, Tensor]:
     """cos and sin tables [B, T, head_dim] for integer positions [B, T] (HF layout)."""
-    exponents = torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim
-    inv_freq = 1.0 / (theta**exponents)  # [head_dim / 2]
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device)  # [head_dim / 2]
     freqs = positions.float()[..., None] * inv_freq  # [B, T, head_dim / 2]
     angles = torch.cat((freqs, freqs), dim=-1)  # [B, T, head_dim]
     return angles.cos().to(dtype), angles.sin().to(dtype)

@@ -20,9 +20,10 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
-        self.q_proj = nn.Linear(config.d_model, config.num_heads * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.d_model, config.num_kv_heads * config.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.d_model, config.num_kv_heads * config.head_dim, bias=False)
+        bias = config.qkv_bias  # Qwen2
+        self.q_proj = nn.Linear(config.d_model, config.num_heads * config.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.d_model, config.num_kv_heads * config.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.d_model, config.num_kv_heads * config.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.d_model, bias=False)
 
     def project_qkv(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -92,8 +93,9 @@ class LlamaModel(nn.Module):
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin [B, T, D] for positions [B, T]; computed once per step for all layers."""
+        config = self.config
         return rope_cos_sin(
-            positions, self.config.head_dim, self.config.rope_theta, self.compute_dtype
+            positions, config.head_dim, config.rope_theta, self.compute_dtype, config.rope_scaling
         )
 
     def run_layers(
@@ -117,7 +119,9 @@ class LlamaModel(nn.Module):
         positions = torch.arange(num_tokens, device=batch.tokens.device)[None]  # [1, T]
         dtype = self.compute_dtype
         meta = AttentionMetadata(
-            attn_bias=attention_bias(positions, batch.lengths, num_tokens, True, dtype),
+            attn_bias=attention_bias(
+                positions, batch.lengths, num_tokens, True, dtype, self.config.sliding_window
+            ),
             write_slots=batch.self_kv.write_slots,
             write_rows=batch.self_kv.write_rows,
             rope=self.rope(positions),
@@ -138,7 +142,12 @@ class LlamaModel(nn.Module):
         positions = batch.positions[:, None]  # [B, 1]
         meta = AttentionMetadata(
             attn_bias=attention_bias(
-                positions, batch.self_kv.lengths, read_slots.shape[1], True, self.compute_dtype
+                positions,
+                batch.self_kv.lengths,
+                read_slots.shape[1],
+                True,
+                self.compute_dtype,
+                self.config.sliding_window,
             ),
             write_slots=batch.self_kv.write_slots,
             write_rows=batch.self_kv.write_rows,

@@ -17,6 +17,7 @@ from exegpt.models.defaults import (
     build_default_model,
     default_model_config,
 )
+from exegpt.models.hub_cache import HubCacheMissError, looks_like_repo_id, resolve_cached_model
 from exegpt.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     name: str | None = None,
 ) -> LoadedModel:
-    """Load `DEFAULT_MODEL_NAME` or an HF checkpoint directory (config.json + *.safetensors).
+    """Load `DEFAULT_MODEL_NAME`, an HF checkpoint directory (config.json + *.safetensors) or
+    a Hub id `org/name` from the local Hugging Face cache (`checkpoint_directory`).
 
     `name` overrides the served name (default: the model name, or the directory's name).
     """
@@ -56,18 +58,13 @@ def load_model(
         return LoadedModel(
             name or DEFAULT_MODEL_NAME, model.config, model, ByteTokenizer(), dtype, torch_device
         )
-    directory = Path(name_or_path)
-    if not directory.is_dir():
-        raise ModelNotFoundError(
-            f"unknown model {name_or_path!r}: expected {DEFAULT_MODEL_NAME!r} or a directory "
-            "holding a Hugging Face checkpoint (config.json + *.safetensors)"
-        )
+    directory, served_name = checkpoint_directory(name_or_path)
     config = _read_config(directory)
     model = create_model(config, device=torch_device, dtype=dtype)
     load_weights(model, config, _tensor_files(directory))
     tokenizer = _read_tokenizer(directory, config)
     logger.info("loaded %s (%s) from %s", config.family, dtype, directory)
-    served_name = name or directory.resolve().name
+    served_name = name or served_name
     return LoadedModel(
         served_name, config, model, tokenizer, dtype, torch_device, read_chat_template(directory)
     )
@@ -82,7 +79,8 @@ class ModelCard:
     config: ModelConfig
     tokenizer: Tokenizer | None
     dtype: torch.dtype = torch.float32
-    # What the stages are told to load: the embedded model's name or an absolute directory.
+    # What the stages are told to load: the embedded model's name or an absolute directory
+    # (for a Hub id, its snapshot in the local cache).
     source: str = DEFAULT_MODEL_NAME
     chat_template: ChatTemplate | None = None
 
@@ -92,14 +90,9 @@ def read_model_card(
 ) -> ModelCard:
     if name_or_path == DEFAULT_MODEL_NAME:
         return ModelCard(name or DEFAULT_MODEL_NAME, default_model_config(), ByteTokenizer(), dtype)
-    directory = Path(name_or_path)
-    if not directory.is_dir():
-        raise ModelNotFoundError(
-            f"unknown model {name_or_path!r}: expected {DEFAULT_MODEL_NAME!r} or a checkpoint "
-            "directory"
-        )
+    directory, served_name = checkpoint_directory(name_or_path)
     config = _read_config(directory)
-    served_name = name or directory.resolve().name
+    served_name = name or served_name
     tokenizer = _read_tokenizer(directory, config)
     return ModelCard(
         served_name,
@@ -109,6 +102,29 @@ def read_model_card(
         str(directory.resolve()),
         read_chat_template(directory),
     )
+
+
+def checkpoint_directory(name_or_path: str) -> tuple[Path, str]:
+    """The checkpoint directory `name_or_path` names, and the name it is served under: a
+    directory (served as its own name) or a Hub id `org/name[@revision]` found in the local
+    Hugging Face cache (served as `org/name`; never downloaded)."""
+    directory = Path(name_or_path)
+    if directory.is_dir():
+        return directory, directory.resolve().name
+    if not looks_like_repo_id(name_or_path):
+        raise ModelNotFoundError(
+            f"unknown model {name_or_path!r}: expected {DEFAULT_MODEL_NAME!r}, a directory "
+            "holding a Hugging Face checkpoint (config.json + *.safetensors) or a model id "
+            "(org/name) in the local Hugging Face cache"
+        )
+    try:
+        snapshot = resolve_cached_model(name_or_path)
+    except HubCacheMissError as exc:
+        raise ModelNotFoundError(
+            f"unknown model {name_or_path!r}: expected {DEFAULT_MODEL_NAME!r}, a checkpoint "
+            f"directory or a model id in the local Hugging Face cache; {exc}"
+        ) from exc
+    return snapshot, name_or_path.partition("@")[0]
 
 
 def save_default_model(directory: str | Path) -> Path:

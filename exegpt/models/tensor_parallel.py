@@ -101,9 +101,16 @@ def shard_config(config: ModelConfig, tp_degree: int) -> ModelConfig:
 def split_of(parameter_name: str) -> Split:
     """How the parameter named `parameter_name` (as in layer.named_parameters()) splits."""
     parts = parameter_name.split(".")
-    if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in _LINEAR_SPLITS:
-        return _LINEAR_SPLITS[parts[-2]]
-    return Split.REPLICATE  # norms, T5's relative-position table
+    if len(parts) < 2 or parts[-2] not in _LINEAR_SPLITS:
+        return Split.REPLICATE  # norms, T5's relative-position table
+    split = _LINEAR_SPLITS[parts[-2]]
+    if parts[-1] == "bias":
+        # A column-parallel bias [out] splits with its rows. A row-parallel bias would be
+        # added once per rank before the all-reduce: no supported model has one.
+        if split is Split.ROW:
+            raise ValueError(f"{parameter_name}: a row-parallel Linear with a bias is unsupported")
+        return split
+    return split if parts[-1] == "weight" else Split.REPLICATE
 
 
 def shard_tensor(tensor: Tensor, split: Split, rank: int, tp_degree: int) -> Tensor:

@@ -12,7 +12,25 @@ from torch import nn
 
 from exegpt.models.loader import LoadedModel, load_model
 
-VARIANTS = ["t5", "t5-v1.1", "t5-v1.1-shared-head", "llama", "llama-tied"]
+# Llama-shaped families: Mistral with a sliding window shorter than the longest prompt plus
+# its generation, Qwen2 with q/k/v biases (untied and tied head), Llama 3.x RoPE scaling.
+FAMILY_VARIANTS = [
+    "mistral-window",
+    "qwen2",
+    "qwen2-tied",
+    "llama3-rope",
+    "llama-linear-rope",
+]
+VARIANTS = ["t5", "t5-v1.1", "t5-v1.1-shared-head", "llama", "llama-tied", *FAMILY_VARIANTS]
+SLIDING_WINDOW = 8
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,  # head_dim 16: low, medium and high bands all occur
+}
 
 
 @dataclass
@@ -61,9 +79,43 @@ def _spread_t5_weights(model: nn.Module, seed: int) -> None:
             param.copy_(noise * 2.0 / param.shape[1] ** 0.5)
 
 
+def build_family_hf(variant: str, num_layers: int = 2, seed: int = 1234) -> nn.Module:
+    """A tiny random Mistral, Qwen2 or scaled-RoPE Llama (transformers' own classes)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    shape: dict[str, Any] = dict(
+        vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        initializer_range=0.1,
+    )  # fmt: skip
+    if variant.startswith("mistral"):
+        config = AutoConfig.for_model("mistral", sliding_window=SLIDING_WINDOW, **shape)
+    elif variant.startswith("qwen2"):
+        tied = variant == "qwen2-tied"
+        config = AutoConfig.for_model("qwen2", tie_word_embeddings=tied, **shape)
+    elif variant == "llama3-rope":
+        config = AutoConfig.for_model("llama", rope_parameters=dict(LLAMA3_ROPE), **shape)
+    else:
+        rope = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 3.0}
+        config = AutoConfig.for_model("llama", rope_parameters=rope, **shape)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # transformers starts biases at zero: give them a visible effect
+        generator = torch.Generator().manual_seed(seed + 1)
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.copy_(0.5 * torch.randn(param.shape, generator=generator))
+    model.eval()
+    model.generation_config.eos_token_id = None  # compare forced-length outputs
+    model.generation_config.pad_token_id = 0
+    return model
+
+
 def _build_hf(variant: str) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM, T5ForConditionalGeneration
 
+    if variant in FAMILY_VARIANTS:
+        return build_family_hf(variant)
     torch.manual_seed(1234)
     if variant.startswith("t5"):
         proj = "relu" if variant == "t5" else "gated-gelu"

@@ -75,7 +75,7 @@ def test_llama_config() -> None:
         ({"model_type": "bert"}, "unsupported model_type 'bert'"),
         ({**FLAN_T5_SMALL, "feed_forward_proj": "gated-silu"}, "feed_forward_proj"),
         ({**LLAMA, "hidden_act": "gelu"}, "hidden_act"),
-        ({**LLAMA, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope type"),
+        ({**LLAMA, "rope_scaling": {"rope_type": "yarn", "factor": 8.0}}, "rope type"),
         ({**LLAMA, "attention_bias": True}, "attention_bias"),
     ],
 )
