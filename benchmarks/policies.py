@@ -8,6 +8,10 @@ The trace is read from the path given (this repository holds none). One table: t
 TTFT and TPOT p50/p99, e2e p99 and preemptions per combination, and each one's ratios to
 fcfs + round_robin (TTFT p99, TPOT p99, throughput). Preemptions are read from every
 worker's GetStats before the deployment stops.
+
+A combination may end in `+chunkN`, e.g. `memory_aware+token_aware+chunk64`: its workers run
+chunked prefill with at most N prompt tokens a step (`--max-tokens-per-step`; decoder-only
+models only: pass `--model` a Llama checkpoint, T5 prompts are never chunked).
 """
 
 from __future__ import annotations
@@ -52,10 +56,19 @@ RATIOS = (("TTFT p99", ("ttft_s", "p99")), ("TPOT p99", ("tpot_s", "p99")),
 class Run:
     engine_policy: str
     router_policy: str
+    max_tokens_per_step: int | None = None  # chunked prefill; None: off
 
     @property
     def name(self) -> str:
-        return f"{self.engine_policy}+{self.router_policy}"
+        chunked = f"+chunk{self.max_tokens_per_step}" if self.max_tokens_per_step else ""
+        return f"{self.engine_policy}+{self.router_policy}{chunked}"
+
+    @classmethod
+    def parse(cls, combo: str) -> Run:
+        """`engine+router` or `engine+router+chunkN`."""
+        engine, router, *chunk = combo.split("+")
+        budget = int(chunk[0].removeprefix("chunk")) if chunk else None
+        return cls(engine, router, budget)
 
 
 def worker_stats(addresses: list[str]) -> list[worker_pb2.WorkerStats]:
@@ -80,6 +93,7 @@ def bench_run(run: Run, args: argparse.Namespace, json_path: Path) -> dict:
         max_batch_size=args.max_batch_size,
         kv_cache_mb=args.kv_cache_mb,
         engine_policy=run.engine_policy,
+        max_tokens_per_step=run.max_tokens_per_step,
         extra_router_args=(
             f"--policy={run.router_policy}",
             f"--health-check-interval-s={args.poll_interval_s}",
@@ -121,7 +135,7 @@ def format_table(results: dict[str, dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trace", type=Path, help="an Azure LLM inference trace CSV")
-    parser.add_argument("--combos", default=DEFAULT_COMBOS, help="engine+router,...")
+    parser.add_argument("--combos", default=DEFAULT_COMBOS, help="engine+router[+chunkN],...")
     parser.add_argument("--num-requests", type=int, default=80)
     parser.add_argument("--trace-time-scale", type=float, default=0.05)
     parser.add_argument("--length-scale", type=float, default=0.25)
@@ -133,7 +147,7 @@ def main() -> int:
     args = parser.parse_args()
     if not args.trace.is_file():
         parser.error(f"no trace at {args.trace}")
-    runs = [Run(*combo.split("+")) for combo in args.combos.split(",")]
+    runs = [Run.parse(combo) for combo in args.combos.split(",")]
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for run in runs:

@@ -76,6 +76,7 @@ class DeploymentConfig:
     scheduler: str | None = None
     max_batch_size: int = 32
     engine_policy: str | None = None  # None: the worker's default (fcfs)
+    max_tokens_per_step: int | None = None  # chunked prefill budget; None: off
     kv_cache_mb: float = 256.0
     # Passed to every worker, which resolves `auto` and tells its stages the result.
     dtype: str = DEFAULT_DTYPE
@@ -232,6 +233,8 @@ class Deployment:
             *(["--scheduler", self.config.scheduler] if self.config.scheduler else []),
             "--max-batch-size", str(self.config.max_batch_size),
             *(["--engine-policy", self.config.engine_policy] if self.config.engine_policy else []),
+            *(["--max-tokens-per-step", str(self.config.max_tokens_per_step)]
+              if self.config.max_tokens_per_step else []),
             "--kv-cache-mb", str(self.config.kv_cache_mb),
             "--dtype", self.config.dtype,
             "--torch-threads", str(threads),
@@ -384,6 +387,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="every worker's engine policy (default fcfs); the router's is --router-arg=--policy=X",
     )
     parser.add_argument(
+        "--max-tokens-per-step",
+        type=int,
+        default=None,
+        help="every worker's chunked-prefill budget: prompt tokens a step (default off)",
+    )
+    parser.add_argument(
         "--dtype",
         choices=DTYPE_CHOICES,
         default=defaults.dtype,
@@ -441,6 +450,7 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
         batching=args.batching,
         max_batch_size=args.max_batch_size,
         engine_policy=args.engine_policy,
+        max_tokens_per_step=args.max_tokens_per_step,
         kv_cache_mb=args.kv_cache_mb,
         dtype=args.dtype,
         torch_threads=args.torch_threads,

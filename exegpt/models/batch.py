@@ -40,10 +40,13 @@ class PrefillBatch:
 
 @dataclass(frozen=True)
 class DecodeBatch:
-    tokens: Tensor  # [B, 1] the last token of each sequence
-    positions: Tensor  # [B] its position, i.e. the KV length before this step
-    self_kv: KVIndex  # writes one token per sequence, reads [B, T_kv]
+    tokens: Tensor  # [B, T] the last token of each sequence (T = 1), or a prefill chunk
+    positions: Tensor  # [B] position of tokens[:, 0], i.e. the KV length before this step
+    self_kv: KVIndex  # writes the new tokens of each sequence, reads [B, T_kv]
     cross_kv: KVIndex | None = None  # T5: reads the encoder K/V
+    # A chunk of a decoder-only prefill: valid new tokens per row (right-padded), logits at
+    # each row's last one; None: one token per row (a decode step).
+    num_new: Tensor | None = None  # [B]
 
 
 class ServingModel(Protocol):
@@ -116,6 +119,23 @@ class BatchBuilder:
             positions=self._tensor(positions),
             self_kv=self_kv,
             cross_kv=cross_kv,
+        )
+
+    def chunk(
+        self, seqs: Sequence[SequenceKV], chunks: list[list[int]], starts: list[int]
+    ) -> DecodeBatch:
+        """Prefill chunks of decoder-only sequences: `chunks[b]` from position `starts[b]`,
+        attending causally to the K/V of the earlier chunks already in the cache."""
+        if self.config.is_encoder_decoder:
+            raise ValueError("an encoder-decoder prompt is not chunked (its encoder sees it all)")
+        num_new = [len(chunk) for chunk in chunks]
+        num_read = max(s + n for s, n in zip(starts, num_new, strict=True))
+        self_kv = self._kv_index([s.self_blocks for s in seqs], starts, num_new, num_read)
+        return DecodeBatch(
+            tokens=self._padded(chunks),  # [B, T_max]
+            positions=self._tensor(starts),
+            self_kv=self_kv,
+            num_new=self._tensor(num_new),
         )
 
     def _tensor(self, values: list[int]) -> Tensor:

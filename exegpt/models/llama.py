@@ -135,11 +135,14 @@ class LlamaModel(nn.Module):
     def decode(
         self, batch: DecodeBatch, kv: Sequence[LayerKV], hidden: Tensor | None = None
     ) -> Tensor:
-        """Logits [B, vocab] for the next token, or a headless stage's hidden [B, 1, d_model]."""
+        """Logits [B, vocab] for the next token, or a headless stage's hidden [B, T, d_model].
+        With `batch.num_new` the rows are prefill chunks: T tokens from each row's position,
+        causal over the cached K/V before it; logits at each row's last valid token."""
         read_slots = batch.self_kv.read_slots
         if read_slots is None:
             raise ValueError("a decode step needs read slots")
-        positions = batch.positions[:, None]  # [B, 1]
+        offsets = torch.arange(batch.tokens.shape[1], device=batch.tokens.device)
+        positions = batch.positions[:, None] + offsets[None]  # [B, 1] + [1, T] -> [B, T]
         meta = AttentionMetadata(
             attn_bias=attention_bias(
                 positions,
@@ -154,5 +157,10 @@ class LlamaModel(nn.Module):
             read_slots=read_slots,
             rope=self.rope(positions),
         )
-        hidden = self.run_layers(batch.tokens, hidden, kv, meta)  # [B, 1, d_model]
-        return self.logits(hidden[:, -1]) if self.has_head else hidden
+        hidden = self.run_layers(batch.tokens, hidden, kv, meta)  # [B, T, d_model]
+        if not self.has_head:
+            return hidden
+        if batch.num_new is None:
+            return self.logits(hidden[:, -1])
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return self.logits(hidden[rows, batch.num_new - 1])  # last valid token of each row

@@ -151,6 +151,13 @@ def _add_policy_arguments(parser: argparse.ArgumentParser, policy: PolicyConfig)
         default=policy.max_wait_s,
         help="sjf: a request waiting this long goes before shorter ones (aging bound)",
     )
+    parser.add_argument(
+        "--max-tokens-per-step",
+        type=int,
+        default=None,
+        help="chunked prefill: at most N prompt tokens a step, a long prompt split over "
+        "several steps that alternate with decode steps (decoder-only models; default off)",
+    )
 
 
 def policy_from_args(args: argparse.Namespace) -> PolicyConfig:
@@ -206,6 +213,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
             kv_capacity_bytes=int(args.kv_cache_mb * 2**20),
             kv_block_size_tokens=args.kv_block_size,
             num_micro_batches=micro_batches,
+            max_tokens_per_step=args.max_tokens_per_step,
         ),
     )
 

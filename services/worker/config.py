@@ -35,6 +35,9 @@ class EngineConfig:
     input_band: float = 0.2
     # Who goes next and who is preempted (--engine-policy: fcfs, memory_aware, sjf).
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    # Chunked prefill (--max-tokens-per-step): at most this many prompt tokens a step, chunk
+    # steps alternating with decode steps (services/worker/chunked.py); None: off.
+    max_tokens_per_step: int | None = None
 
     def __post_init__(self) -> None:
         if not self.batching.is_baseline and self.schedule is None:
@@ -43,6 +46,8 @@ class EngineConfig:
             raise ValueError("input_band must be in [0, 1)")
         if self.max_batch_size < 1 or self.max_queue_size < 1:
             raise ValueError("max_batch_size and max_queue_size must be >= 1")
+        if self.max_tokens_per_step is not None and self.max_tokens_per_step < 1:
+            raise ValueError("max_tokens_per_step must be >= 1")
         if self.num_micro_batches < 1:
             raise ValueError("num_micro_batches must be >= 1")
         if self.kv_capacity_bytes <= 0 or self.kv_block_size_tokens < 1:

@@ -36,10 +36,40 @@ class Sequence:
     aborted: bool = False
     retry_alone: bool = False
     num_preemptions: int = 0
+    # Chunked prefill (decoder-only): prefill tokens its earlier chunks cached, and where the
+    # chunk planned next (or in flight) ends; 0: none.
+    num_chunked: int = 0
+    chunk_end: int = 0
 
     @property
     def prefilled(self) -> bool:
         return self.kv.num_self_tokens > 0
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Decoder tokens its (re)prefill stores: the prompt and what it has generated."""
+        return len(self.request.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def chunk_start(self) -> int:
+        """Prefill tokens already cached by its chunks (0 once its KV was released)."""
+        return self.num_chunked if self.kv.self_blocks and not self.prefilled else 0
+
+    def next_step_tokens(self) -> tuple[int, int]:
+        """(prompt, generated) tokens whose blocks its next step needs: a chunk's only
+        reach its end."""
+        if self.chunk_end and not self.prefilled:
+            return self.chunk_end, 1
+        return len(self.request.prompt_token_ids), len(self.output_token_ids) + 1
+
+    def partial_chunk_done(self) -> bool:
+        """After a step of it: True when it was a chunk before the prefill's last (its
+        token is dropped: no token comes from the middle of a prompt)."""
+        end, self.chunk_end = self.chunk_end, 0
+        if self.prefilled or not 0 < end < self.prefill_tokens:
+            return False
+        self.num_chunked = end
+        return True
 
     def finish_reason(self, token: int, eos_token_id: int | None) -> FinishReason | None:
         sampling = self.request.sampling
@@ -152,6 +182,8 @@ def build_plan(
         allocator.grow([s.kv for s in seqs], block_size, self_lengths, cross_lengths)
         token_ids = tuple(tuple(p) for p in prompts)
         prefix_ids = tuple(tuple(p) for p in prefixes)
+    elif kind is StepKind.CHUNK:
+        return _chunk_plan(step_id, seqs, allocator, block_size)
     else:
         lengths = [s.kv.num_self_tokens + 1 for s in seqs]
         allocator.grow([s.kv for s in seqs], block_size, lengths, None)
@@ -165,4 +197,29 @@ def build_plan(
         token_ids=token_ids,
         prefixes=prefix_ids,
         sampling=tuple(row_sampling(s) for s in seqs),
+    )
+
+
+def _chunk_plan(
+    step_id: int, seqs: list[Sequence], allocator: BlockAllocator, block_size: int
+) -> StepPlan:
+    """A step of prefill chunks: each row's tokens [chunk_start, chunk_end) of its prompt +
+    generated tokens (set by the chunk planner); its sampling index is the whole prefill's."""
+    starts = [s.chunk_start for s in seqs]
+    for seq, start in zip(seqs, starts, strict=True):
+        seq.num_chunked = start  # a stale count from before a release or failure goes
+    allocator.grow([s.kv for s in seqs], block_size, [s.chunk_end for s in seqs], None)
+    chunks = tuple(
+        tuple([*s.request.prompt_token_ids, *s.output_token_ids][start : s.chunk_end])
+        for s, start in zip(seqs, starts, strict=True)
+    )
+    return StepPlan(
+        step_id=step_id,
+        kind=StepKind.CHUNK,
+        seq_ids=tuple(s.seq_id for s in seqs),
+        kv=tuple(copy_kv(s.kv) for s in seqs),
+        token_ids=chunks,
+        prefixes=tuple(() for _ in seqs),
+        sampling=tuple(row_sampling(s) for s in seqs),
+        starts=tuple(starts),
     )

@@ -20,6 +20,9 @@ from services.worker.sampling import RowSampling
 class StepKind(enum.StrEnum):
     PREFILL = "prefill"  # fresh sequences: prompt (+ tokens to recompute) into the KV cache
     DECODE = "decode"  # one more token for sequences already prefilled
+    # Decoder-only prefill chunks (--max-tokens-per-step): each row continues its sequence's
+    # prefill after the K/V its earlier chunks cached; it runs like a decode of T tokens.
+    CHUNK = "chunk"
 
 
 @dataclass(frozen=True)
@@ -30,13 +33,15 @@ class StepPlan:
     # Block tables and stored-token counts before the step; the tables already hold every
     # block the step writes.
     kv: tuple[SequenceKV, ...]
-    # PREFILL: each prompt; DECODE: each sequence's last token, alone.
+    # PREFILL: each prompt; DECODE: each sequence's last token, alone; CHUNK: each chunk.
     token_ids: tuple[tuple[int, ...], ...]
     # PREFILL: tokens a preempted sequence had generated (recomputed); DECODE: empty.
     prefixes: tuple[tuple[int, ...], ...]
     sampling: tuple[RowSampling, ...]
     # DECODE: the group of the running batch this step advances (-1: a prefill).
     micro_batch: int = -1
+    # CHUNK: the prefill tokens each sequence's KV holds before the step (where it starts).
+    starts: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.seq_ids)
@@ -46,6 +51,8 @@ class StepPlan:
         if self.kind is StepKind.PREFILL:
             prompts = [list(t) for t in self.token_ids]
             return builder.prefill(self.kv, prompts, [list(p) for p in self.prefixes])
+        if self.kind is StepKind.CHUNK:
+            return builder.chunk(self.kv, [list(t) for t in self.token_ids], list(self.starts))
         return builder.decode(self.kv, [t[0] for t in self.token_ids])
 
 

@@ -25,6 +25,7 @@ from dataclasses import replace
 from exegpt.models.batch import prefill_lengths
 from exegpt.models.config import ModelConfig
 from exegpt.models.kv_cache import BlockAllocator, num_blocks_needed
+from services.worker.chunked import chunk_budget
 from services.worker.config import EngineConfig
 from services.worker.modes import ModeView, make_mode
 from services.worker.observations import Observations
@@ -57,6 +58,7 @@ class StepScheduler:
         self.policy = make_policy(config.policy, self.lengths)
         self.mode = make_mode(config, self.policy)
         self._num_groups = self.mode.num_micro_batches
+        self._chunks = chunk_budget(config.max_tokens_per_step, model_config.is_encoder_decoder)
         self._lock = threading.Lock()
         self._waiting: collections.deque[EngineRequest] = collections.deque()
         self._preempted: list[Sequence] = []  # the head of the queue, oldest admission first
@@ -138,17 +140,46 @@ class StepScheduler:
     def next_plan(self) -> StepPlan | None:
         """The next step to run, or None when nothing can run now."""
         lone = next((s for s in self._running if s.retry_alone and not s.in_flight), None)
+        kind = StepKind.DECODE if lone is None or lone.prefilled else self._prefill_kind()
+        if kind is StepKind.CHUNK and self._chunks is not None:
+            self._chunks.select([lone])
         if lone is not None and self._make_room([lone]):
             lone.retry_alone = False
-            kind = StepKind.DECODE if lone.prefilled else StepKind.PREFILL
             return self._plan(kind, [lone])
-        recompute = [s for s in self._running if not (s.prefilled or s.in_flight or s.retry_alone)]
-        recompute = self._make_room(recompute)
+        makers = [self._prefill_plan, self._decode_plan]
+        if self._chunks is not None and self._chunks.decode_turn:
+            makers.reverse()  # chunk and decode steps alternate
+        for make in makers:
+            plan = make()
+            if plan is not None:
+                if self._chunks is not None:
+                    self._chunks.decode_turn = plan.kind is StepKind.CHUNK
+                return plan
+        return None
+
+    def _prefill_kind(self) -> StepKind:
+        return StepKind.PREFILL if self._chunks is None else StepKind.CHUNK
+
+    def _idle_unprefilled(self) -> list[Sequence]:
+        return [s for s in self._running if not (s.prefilled or s.in_flight or s.retry_alone)]
+
+    def _prefill_plan(self) -> StepPlan | None:
+        """Prefill of recomputed or admitted sequences: whole, or chunks within the budget."""
+        if self._chunks is not None:
+            pending = self._idle_unprefilled()
+            if self._chunks.has_room(pending):
+                pending += self._admit()
+            rows = self._make_room(self._chunks.select(pending))
+            return self._plan(StepKind.CHUNK, rows) if rows else None
+        recompute = self._make_room(self._idle_unprefilled())
         if recompute:  # after a redeploy: prompt + the tokens already generated
             return self._plan(StepKind.PREFILL, recompute)
         admitted = self._admit()
         if admitted:
             return self._plan(StepKind.PREFILL, admitted)
+        return None
+
+    def _decode_plan(self) -> StepPlan | None:
         if not self.mode.may_decode(self._view()):
             return None
         for offset in range(self._num_groups):
@@ -192,6 +223,8 @@ class StepScheduler:
             if error is not None:
                 self._remove(seq)
                 deliveries.append(failure(seq, error, result.unavailable))
+                continue
+            if seq.partial_chunk_done():  # an earlier chunk of a prefill: no token yet
                 continue
             advanced = self._advance(seq, result.token_ids[row], now_s, len(seqs))
             deliveries.append(with_logprobs(advanced, result, row))
@@ -335,8 +368,7 @@ class StepScheduler:
         needed = 0
         for seq in seqs:
             held = len(seq.kv.self_blocks) + len(seq.kv.cross_blocks)
-            load = seq.load()
-            needed += max(0, self._blocks_at(load.prompt_tokens, load.num_generated + 1) - held)
+            needed += max(0, self._blocks_at(*seq.next_step_tokens()) - held)
         return needed - self._allocator.num_free_blocks
 
     def _preempt(self, seq: Sequence) -> None:

@@ -1,0 +1,182 @@
+"""Chunked prefill (--max-tokens-per-step) on the real engine: greedy tokens equal the
+unchunked ones (in process, under preemption by recompute, over 2 pipeline stages), no step
+carries more prompt tokens than the budget, decode steps interleave with a long prompt's
+chunks, and T5 prompts are not chunked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from exegpt.generation import SamplingParams
+from exegpt.models.kv_cache import KVCachePool, KVCacheSpec
+from exegpt.models.loader import LoadedModel, load_model
+from services.worker.config import EngineConfig
+from services.worker.executor.local import LocalExecutor
+from services.worker.executor.pipeline import PipelineConfig
+from services.worker.policies import EnginePolicy, PolicyConfig
+from services.worker.requests import EngineRequest
+from services.worker.server import build_engine, build_pipeline_engine
+from services.worker.step_plan import StepKind, StepPlan
+from services.worker.step_scheduler import StepScheduler
+from tests.worker.stages import StagePool
+from tests.worker.test_engine import submit
+from tests.worker.test_pipeline import topologies
+
+BLOCK = 4
+NUM_TOKENS = 6
+# Lengths around the chunk boundaries of budgets 4 and 5 (and the 4-token blocks).
+PROMPTS = [[(7 * i + 3 * j) % 190 + 5 for j in range(n)] for i, n in enumerate([3, 4, 5, 8, 9, 13])]
+BYTES_PER_TOKEN = 4 * 2 * 16 * 2 * 4  # llama-gqa: layers x KV heads x head dim x K,V x fp32
+
+
+@pytest.fixture(scope="module")
+def llama(four_layer_models) -> tuple[Path, LoadedModel]:
+    path = four_layer_models["llama-gqa"][0]
+    return path, load_model(str(path))
+
+
+def _run(engine, prompts: list[list[int]], num_tokens: int = NUM_TOKENS) -> list[list[int]]:
+    """Every request queued before the engine starts, so that batches do not depend on when
+    the engine thread wakes."""
+    collectors = [
+        submit(engine, p, f"r{i}", max_tokens=num_tokens, ignore_eos=True)
+        for i, p in enumerate(prompts)
+    ]
+    engine.start()
+    try:
+        outputs = []
+        for collector in collectors:
+            collector.wait()
+            assert collector.events[-1].error is None, collector.events[-1].error
+            outputs.append(collector.token_ids)
+        return outputs
+    finally:
+        engine.stop()
+
+
+def _config(budget: int | None, **options) -> EngineConfig:
+    return EngineConfig(
+        max_batch_size=8, kv_block_size_tokens=BLOCK, max_tokens_per_step=budget, **options
+    )
+
+
+@pytest.mark.parametrize("policy", list(EnginePolicy))
+@pytest.mark.parametrize("budget", [4, 5])
+def test_chunked_greedy_tokens_equal_unchunked_in_process(llama, budget: int, policy) -> None:
+    _, loaded = llama
+    policy_config = PolicyConfig(policy)
+    expected = _run(build_engine(loaded, _config(None, policy=policy_config)), PROMPTS)
+    chunked = build_engine(loaded, _config(budget, policy=policy_config))
+    assert _run(chunked, PROMPTS) == expected
+
+
+def test_a_preempted_chunked_request_is_recomputed_in_chunks_with_the_same_tokens(llama) -> None:
+    _, loaded = llama
+    num_tokens = 16
+    expected = _run(build_engine(loaded, _config(None)), PROMPTS, num_tokens)
+    # 12 blocks of 4: the six requests grow past them, so the newest are preempted.
+    capacity = 12 * BLOCK * BYTES_PER_TOKEN + BYTES_PER_TOKEN
+    engine = build_engine(loaded, _config(5, kv_capacity_bytes=capacity))
+    assert _run(engine, PROMPTS, num_tokens) == expected
+    assert engine.stats().num_preemptions > 0
+
+
+def test_chunked_tokens_over_two_pipeline_stages_equal_unchunked(
+    llama, stage_pool: StagePool
+) -> None:
+    path, loaded = llama
+    expected = _run(build_engine(loaded, _config(None)), PROMPTS)
+    placement, layout = topologies(False)["pp2"]
+    pipeline = PipelineConfig(
+        model=str(path),
+        dtype="float32",
+        placement=placement,
+        stage_addresses=stage_pool.addresses(layout),
+        num_blocks=64,
+        block_size_tokens=BLOCK,
+    )
+    config = _config(4, num_micro_batches=2)
+    assert _run(build_pipeline_engine(loaded, config, pipeline), PROMPTS) == expected
+
+
+def _drive(loaded: LoadedModel, budget: int | None, long_prompt: list[int]):
+    """Two short requests decode; after 3 steps a long prompt arrives. Returns every plan
+    and the tokens of each request (the real scheduler over the real in-process model)."""
+    config = _config(budget)
+    pool = KVCachePool.for_memory(
+        KVCacheSpec.for_model(loaded.config, dtype=loaded.dtype),
+        config.kv_capacity_bytes,
+        block_size_tokens=BLOCK,
+    )
+    scheduler = StepScheduler(config, loaded.config, pool.allocator)
+    executor = LocalExecutor(loaded.model, pool)
+    tokens: dict[str, list[int]] = {}
+
+    def request(request_id: str, prompt: list[int]) -> EngineRequest:
+        sampling = SamplingParams(max_tokens=20, ignore_eos=True)
+        return EngineRequest(request_id, prompt, sampling, lambda event: None)
+
+    for i, prompt in enumerate(PROMPTS[:2]):
+        scheduler.enqueue(request(f"short{i}", prompt))
+    plans: list[StepPlan] = []
+    while scheduler.has_work():
+        if len(plans) == 3:
+            scheduler.enqueue(request("long", long_prompt))
+        plan = scheduler.next_plan()
+        assert plan is not None
+        plans.append(plan)
+        executor.submit(plan)
+        result = executor.next_result(0.0)
+        assert result is not None
+        for delivery in scheduler.complete(result):
+            tokens.setdefault(delivery.request.request_id, []).extend(delivery.event.token_ids)
+    return plans, tokens
+
+
+def _prompt_tokens(plan: StepPlan) -> int:
+    return 0 if plan.kind is StepKind.DECODE else sum(len(t) for t in plan.token_ids)
+
+
+def test_a_long_prompt_is_chunked_between_the_running_decodes(llama) -> None:
+    _, loaded = llama
+    long_prompt = [(11 * j) % 190 + 5 for j in range(40)]
+    whole_plans, whole_tokens = _drive(loaded, None, long_prompt)
+    plans, tokens = _drive(loaded, 8, long_prompt)
+    assert tokens == whole_tokens  # same greedy tokens for all three requests
+    # Unchunked, one step carries the whole prompt between two decodes of the others.
+    assert max(_prompt_tokens(p) for p in whole_plans) == 40
+    assert all(_prompt_tokens(p) <= 8 for p in plans)
+    chunks = [i for i, p in enumerate(plans) if p.kind is StepKind.CHUNK and len(p) == 1]
+    assert len(chunks) == 5  # 40 tokens in chunks of 8
+    # Between two chunks of the long prompt the short requests decode.
+    for before, after in zip(chunks, chunks[1:], strict=False):
+        between = plans[before + 1 : after]
+        assert any(p.kind is StepKind.DECODE and len(p) == 2 for p in between)
+    # The most prompt tokens the running requests wait through between two of their decodes.
+    assert _max_stall(plans) <= 8 < _max_stall(whole_plans)
+
+
+def _max_stall(plans: list[StepPlan]) -> int:
+    stall = worst = 0
+    for plan in plans:
+        if plan.kind is StepKind.DECODE:
+            worst, stall = max(worst, stall), 0
+        else:
+            stall += _prompt_tokens(plan)
+    return worst
+
+
+def test_t5_prompts_are_not_chunked() -> None:
+    loaded = load_model("exegpt-tiny-t5")
+    long_prompts = [[5 + j % 50 for j in range(n)] for n in (3, 12, 30)]
+    expected = _run(build_engine(loaded, _config(None)), long_prompts)
+    assert _run(build_engine(loaded, _config(4)), long_prompts) == expected
+    scheduler = StepScheduler(_config(4), loaded.config, KVCachePool.for_memory(
+        KVCacheSpec.for_model(loaded.config, dtype=loaded.dtype), 2**22, block_size_tokens=BLOCK
+    ).allocator)  # fmt: skip
+    sampling = SamplingParams(max_tokens=2)
+    scheduler.enqueue(EngineRequest("t5", long_prompts[2], sampling, lambda event: None))
+    plan = scheduler.next_plan()
+    assert plan is not None and plan.kind is StepKind.PREFILL and len(plan.token_ids[0]) == 30
