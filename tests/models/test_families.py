@@ -22,10 +22,18 @@ from tests.models.test_hf_equivalence import NUM_NEW_TOKENS, hf_greedy_single
 from tests.worker.test_engine import submit
 
 
-@pytest.mark.parametrize("variant", FAMILY_VARIANTS)
-def test_engine_tokens_match_transformers(checkpoints: dict[str, Checkpoint], variant: str) -> None:
+@pytest.mark.parametrize(
+    ("variant", "chunk"),
+    [(variant, None) for variant in FAMILY_VARIANTS] + [("mistral-window", 5), ("qwen2", 5)],
+)
+def test_engine_tokens_match_transformers(
+    checkpoints: dict[str, Checkpoint], variant: str, chunk: int | None
+) -> None:
+    """Chunked prefill (`chunk` prompt tokens a step) attends to cached keys: the sliding
+    window must hold across chunk boundaries too."""
     ckpt = checkpoints[variant]
-    engine = build_engine(ckpt.loaded, EngineConfig(max_batch_size=8, kv_block_size_tokens=4))
+    config = EngineConfig(max_batch_size=8, kv_block_size_tokens=4, max_tokens_per_step=chunk)
+    engine = build_engine(ckpt.loaded, config)
     engine.start()
     try:
         collectors = [
