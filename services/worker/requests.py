@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from exegpt.generation import FinishReason, SamplingParams, TokenLogprob
 
@@ -49,5 +50,7 @@ class EngineRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     on_event: Callable[[EngineEvent], None]
+    # The request's span (worker.generate): engine steps link to it.
+    trace_context: Any = None
     arrival_s: float = field(default_factory=time.monotonic)
     arrival_ns: int = field(default_factory=time.time_ns)

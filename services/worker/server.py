@@ -108,6 +108,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             prompt_token_ids=prompt_ids,
             sampling=generation.sampling,
             on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+            trace_context=trace.get_current_span().get_span_context(),
         )
         try:
             self._engine.submit(engine_request)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 from exegpt.generation import TokenLogprob
 from exegpt.models.batch import BatchBuilder, DecodeBatch, PrefillBatch
@@ -40,6 +41,9 @@ class StepPlan:
     sampling: tuple[RowSampling, ...]
     # DECODE: the group of the running batch this step advances (-1: a prefill).
     micro_batch: int = -1
+    # The trace context of each request in the step (OpenTelemetry SpanContexts), so the
+    # step's span can link to the requests it served.
+    trace_links: tuple[Any, ...] = ()
     # CHUNK: the prefill tokens each sequence's KV holds before the step (where it starts).
     starts: tuple[int, ...] = ()
 

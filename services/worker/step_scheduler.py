@@ -393,6 +393,9 @@ class StepScheduler:
         block_size = self._config.kv_block_size_tokens
         step_id = next(self._step_ids)
         plan = build_plan(step_id, kind, seqs, self._model_config, self._allocator, block_size)
+        # The step's span links to each request's trace (a step serves many requests).
+        links = tuple(s.request.trace_context for s in seqs if s.request.trace_context)
+        plan = replace(plan, trace_links=links)
         for seq in seqs:
             seq.in_flight = True
         self._plans[plan.step_id] = seqs

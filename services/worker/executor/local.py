@@ -7,6 +7,7 @@ import logging
 import time
 
 import torch
+from opentelemetry import trace
 
 from exegpt.models.batch import BatchBuilder, PrefillBatch, ServingModel
 from exegpt.models.kv_cache import KVCachePool
@@ -14,6 +15,7 @@ from services.worker.sampling import sample_rows
 from services.worker.step_plan import StepPlan, StepResult
 
 logger = logging.getLogger(__name__)
+tracer = trace.get_tracer("exegpt.engine")
 
 
 class LocalExecutor:
@@ -53,6 +55,14 @@ class LocalExecutor:
 
     @torch.inference_mode()
     def _run(self, plan: StepPlan) -> StepResult:
+        with tracer.start_as_current_span(
+            f"engine.{plan.kind}",
+            attributes={"exegpt.step_id": plan.step_id, "exegpt.batch_size": len(plan)},
+            links=[trace.Link(context) for context in plan.trace_links],
+        ):
+            return self._step(plan)
+
+    def _step(self, plan: StepPlan) -> StepResult:
         start_s = time.perf_counter()
         try:
             batch = plan.batch(self._builder)

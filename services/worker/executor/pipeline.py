@@ -175,6 +175,7 @@ class PipelineExecutor:
         span = tracer.start_span(
             f"pipeline.{kind}",
             attributes={"exegpt.step_id": plan.step_id, "exegpt.batch_size": len(plan)},
+            links=[trace.Link(context) for context in plan.trace_links],
         )
         carrier: dict[str, str] = {}
         propagate.inject(carrier, context=trace.set_span_in_context(span))
