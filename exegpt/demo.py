@@ -40,11 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--burst",
         type=int,
         default=None,
-        help="requests sent at once to measure the schedule (default: 3 x B_D, 64..400)",
+        help="requests sent at once to measure the schedule (default: 3 x B_D, 64..600)",
     )
     autoplan.add_arguments(parser, plan_flag=False)
-    # Task S with a quarter of its lengths: short steps keep the burst brief on a CPU.
-    parser.set_defaults(length_scale=0.25)
+    # Task S with a quarter of its lengths: short steps keep the burst brief on a CPU. The
+    # bound (10% quantile of static latencies) keeps B_D small enough that a burst of 3 x B_D
+    # reaches a steady state.
+    parser.set_defaults(length_scale=0.25, latency_bound="auto:0.1")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
 
 
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         topology=Topology(planned=auto.plan.placement, threads_per_device=request.threads),
         # A saturating burst on a shared CPU can hold one prefill step for seconds.
         extra_router_args=("--stall-timeout-s=120",),
-        extra_worker_args=("--max-queue-size", str(max(512, args.burst or 400))),
+        extra_worker_args=("--max-queue-size", str(max(1024, args.burst or 0))),
     )
     _out(f"Deploying it: router + {args.replicas} worker replica(s) of {args.model} ...")
     with Deployment(config) as deployment:
@@ -130,7 +132,7 @@ def _run_burst(
     deployment: Deployment, auto: autoplan.AutoPlan, args: argparse.Namespace, log_dir: Path
 ) -> None:
     report = auto.report
-    burst = args.burst or min(400, max(64, 3 * auto.plan.schedule.decode_batch_size))
+    burst = args.burst or min(600, max(64, 3 * auto.plan.schedule.decode_batch_size))
     _out(f"Burst: {burst} requests of {report['workload']} at once ...")
     document = against_plan.run_bench(
         deployment.http_url, args.workload, burst, log_dir / "burst.json", args.length_scale
