@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("exegpt.demo", "start a local deployment, send a few requests, print answers"),
-    "up": ("exegpt.launcher", "start the router and N worker replicas and keep them running"),
+    "up": ("exegpt.up", "start the router and N worker replicas and keep them running"),
     "worker": ("services.worker.__main__", "run one worker replica (engine + model)"),
     "stage": (
         "services.worker.stage.__main__",
