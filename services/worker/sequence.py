@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from exegpt.generation import FinishReason
@@ -71,6 +72,22 @@ class Sequence:
         self.num_chunked = end
         return True
 
+    def take_token(self, token: int, config: ModelConfig, batch_size: int) -> FinishReason | None:
+        """Record a sampled token (and the KV it implies); the finish it brings, if any."""
+        if not self.prefilled:
+            self_lengths, cross_lengths = prefill_lengths(
+                config, [self.request.prompt_token_ids], [self.output_token_ids]
+            )
+            self.kv.num_self_tokens = self_lengths[0]
+            self.kv.num_cross_tokens = cross_lengths[0] if cross_lengths else 0
+            if not self.prefill_end_ns:  # the first prefill (a recompute is not the TTFT)
+                self.prefill_end_ns = time.time_ns()
+                self.prefill_batch_size = batch_size
+        else:
+            self.kv.num_self_tokens += 1
+        self.output_token_ids.append(token)
+        return self.finish_reason(token, config.eos_token_id)
+
     def finish_reason(self, token: int, eos_token_id: int | None) -> FinishReason | None:
         sampling = self.request.sampling
         if token == eos_token_id and not sampling.ignore_eos:
@@ -117,6 +134,25 @@ class Snapshot:
     num_free_blocks: int
     num_pending_prefill_tokens: int
     num_remaining_decode_tokens: int
+
+    @classmethod
+    def of(
+        cls,
+        queued: list[Load],
+        running: list[Load],
+        num_free_blocks: int,
+        expected_remaining: Callable[[int, int], float],
+    ) -> Snapshot:
+        """The queue's state for stats: queued (waiting or preempted) and running loads."""
+        return cls(
+            num_waiting=len(queued),
+            num_running=len(running),
+            num_free_blocks=num_free_blocks,
+            num_pending_prefill_tokens=sum(q.prompt_tokens + q.num_generated for q in queued),
+            num_remaining_decode_tokens=round(
+                sum(expected_remaining(x.num_generated, x.max_tokens) for x in queued + running)
+            ),
+        )
 
 
 def request_load(request: EngineRequest) -> Load:

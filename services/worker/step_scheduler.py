@@ -22,7 +22,6 @@ import threading
 import time
 from dataclasses import replace
 
-from exegpt.models.batch import prefill_lengths
 from exegpt.models.config import ModelConfig
 from exegpt.models.kv_cache import BlockAllocator, num_blocks_needed
 from services.worker.chunked import chunk_budget
@@ -94,20 +93,11 @@ class StepScheduler:
 
     def snapshot(self) -> Snapshot:
         with self._lock:
-            waiting = [request_load(r) for r in self._waiting]
-            preempted = [s.load() for s in self._preempted]
+            queued = [request_load(r) for r in self._waiting]
+            queued += [s.load() for s in self._preempted]
             running = [s.load() for s in self._running]
-        remaining = self.lengths.expected_remaining
-        return Snapshot(
-            num_waiting=len(waiting) + len(preempted),
-            num_running=len(running),
-            num_free_blocks=self._allocator.num_free_blocks,
-            num_pending_prefill_tokens=sum(
-                w.prompt_tokens + w.num_generated for w in waiting + preempted
-            ),
-            num_remaining_decode_tokens=round(
-                sum(remaining(w.num_generated, w.max_tokens) for w in waiting + preempted + running)
-            ),
+        return Snapshot.of(
+            queued, running, self._allocator.num_free_blocks, self.lengths.expected_remaining
         )
 
     def max_blocks_for(self, request: EngineRequest) -> int:
@@ -402,20 +392,7 @@ class StepScheduler:
         return plan
 
     def _advance(self, seq: Sequence, token: int, now_s: float, batch_size: int) -> Delivery:
-        if not seq.prefilled:
-            prompts = [seq.request.prompt_token_ids]
-            self_lengths, cross_lengths = prefill_lengths(
-                self._model_config, prompts, [seq.output_token_ids]
-            )
-            seq.kv.num_self_tokens = self_lengths[0]
-            seq.kv.num_cross_tokens = cross_lengths[0] if cross_lengths else 0
-            if not seq.prefill_end_ns:  # the first prefill (a recompute is not the TTFT)
-                seq.prefill_end_ns = time.time_ns()
-                seq.prefill_batch_size = batch_size
-        else:
-            seq.kv.num_self_tokens += 1
-        seq.output_token_ids.append(token)
-        finish = seq.finish_reason(token, self._model_config.eos_token_id)
+        finish = seq.take_token(token, self._model_config, batch_size)
         timings = None
         if finish is not None:
             self._remove(seq)  # early termination: leave at once and free the KV
