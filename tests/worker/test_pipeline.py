@@ -31,6 +31,24 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18]]
 NUM_TOKENS = 6
 
 
+def _pipeline(
+    model: object,
+    placement: Placement,
+    addresses: tuple[tuple[str, ...], ...],
+    dtype: str = "float32",
+    num_blocks: int = 64,
+) -> PipelineConfig:
+    """A 4-token-block pipeline over `addresses` (the tests' stage processes)."""
+    return PipelineConfig(
+        model=str(model),
+        dtype=dtype,
+        placement=placement,
+        stage_addresses=addresses,
+        num_blocks=num_blocks,
+        block_size_tokens=4,
+    )
+
+
 def _stage(enc: tuple[int, int], dec: tuple[int, int], tp: int = 1) -> StagePlacement:
     return StagePlacement(LayerRange(*enc), LayerRange(*dec), tp)
 
@@ -121,14 +139,7 @@ def test_pipeline_tokens_equal_the_single_process_engine(
     loaded, expected = references[variant]
     path: Path = four_layer_models[variant][0]
     placement, layout = topologies(variant != "llama-gqa")[topology]
-    pipeline = PipelineConfig(
-        model=str(path),
-        dtype="float32",
-        placement=placement,
-        stage_addresses=stage_pool.addresses(layout),
-        num_blocks=64,
-        block_size_tokens=4,
-    )
+    pipeline = _pipeline(path, placement, stage_pool.addresses(layout))
     config = EngineConfig(
         max_batch_size=8, num_micro_batches=len(placement.stages), kv_block_size_tokens=4
     )
@@ -142,14 +153,7 @@ def test_a_frame_that_lies_about_its_tensors_is_refused_and_the_stage_serves_on(
     loaded, expected = references["t5"]
     placement, layout = topologies(True)["pp2"]
     addresses = stage_pool.addresses(layout)
-    pipeline = PipelineConfig(
-        model=str(four_layer_models["t5"][0]),
-        dtype="float32",
-        placement=placement,
-        stage_addresses=addresses,
-        num_blocks=64,
-        block_size_tokens=4,
-    )
+    pipeline = _pipeline(four_layer_models["t5"][0], placement, addresses)
     engine = build_pipeline_engine(loaded, EngineConfig(kv_block_size_tokens=4), pipeline)
     with grpc.insecure_channel(addresses[0][0]) as channel:
         stub = stage_pb2_grpc.StageStub(channel)
@@ -191,14 +195,7 @@ def test_planned_schedules_over_stages_give_the_single_process_tokens(
     loaded, expected = references[variant]
     topology, schedule = PLANNED[mode]
     placement, layout = topologies(variant != "llama-gqa")[topology]
-    pipeline = PipelineConfig(
-        model=str(four_layer_models[variant][0]),
-        dtype="float32",
-        placement=placement,
-        stage_addresses=stage_pool.addresses(layout),
-        num_blocks=64,
-        block_size_tokens=4,
-    )
+    pipeline = _pipeline(four_layer_models[variant][0], placement, stage_pool.addresses(layout))
     config = EngineConfig(batching=schedule.kind, schedule=schedule, kv_block_size_tokens=4)
     assert _run(build_pipeline_engine(loaded, config, pipeline), PROMPTS) == expected
 
@@ -234,13 +231,8 @@ def test_bf16_pipeline_tokens_equal_the_bf16_single_process_engine(
     # computes the same rows in both: only the stage boundary differs.
     config = EngineConfig(max_batch_size=8, num_micro_batches=2, kv_block_size_tokens=4)
     expected = _run_all_queued(build_engine(loaded, config), BF16_PROMPTS)
-    pipeline = PipelineConfig(
-        model=str(path),
-        dtype="bfloat16",
-        placement=placement,
-        stage_addresses=stage_pool.addresses(layout),
-        num_blocks=BF16_BLOCKS,
-        block_size_tokens=4,
+    pipeline = _pipeline(
+        path, placement, stage_pool.addresses(layout), dtype="bfloat16", num_blocks=BF16_BLOCKS
     )
     with pytest.raises(ValueError, match="runs bfloat16 but the model card says torch.float32"):
         build_pipeline_engine(load_model(str(path)), config, pipeline)
@@ -276,14 +268,7 @@ def test_a_pushed_placement_applies_under_load_and_no_request_fails(
         local.stop()
     before, layout = topologies(is_t5)["pp2"]
     after, _ = topologies(is_t5)["encode-beside-decode"]
-    pipeline = PipelineConfig(
-        model=str(four_layer_models[variant][0]),
-        dtype="float32",
-        placement=before,
-        stage_addresses=stage_pool.addresses(layout),
-        num_blocks=64,
-        block_size_tokens=4,
-    )
+    pipeline = _pipeline(four_layer_models[variant][0], before, stage_pool.addresses(layout))
     engine = build_pipeline_engine(loaded, EngineConfig(kv_block_size_tokens=4), pipeline)
     engine.start()
     try:
@@ -321,13 +306,8 @@ def test_a_step_is_one_trace_across_the_engine_and_its_stages(tmp_path: Path) ->
     try:
         stage = StageProcess(process, ready, log)
         loaded = load_model("exegpt-tiny-t5")
-        pipeline = PipelineConfig(
-            model="exegpt-tiny-t5",
-            dtype="float32",
-            placement=Placement.even(loaded.config, 1),
-            stage_addresses=((stage.wait_ready(),),),
-            num_blocks=64,
-            block_size_tokens=4,
+        pipeline = _pipeline(
+            "exegpt-tiny-t5", Placement.even(loaded.config, 1), ((stage.wait_ready(),),)
         )
         SPAN_EXPORTER.clear()
         engine = build_pipeline_engine(loaded, EngineConfig(kv_block_size_tokens=4), pipeline)
@@ -378,14 +358,7 @@ def test_penalties_and_logprobs_at_the_last_stage_equal_the_single_process_engin
     loaded = references["llama-gqa"][0]
     single = _run_sampled(build_engine(loaded, EngineConfig(max_batch_size=8)))
     placement, layout = topologies(False)["pp2"]
-    pipeline = PipelineConfig(
-        model=str(four_layer_models["llama-gqa"][0]),
-        dtype="float32",
-        placement=placement,
-        stage_addresses=stage_pool.addresses(layout),
-        num_blocks=64,
-        block_size_tokens=4,
-    )
+    pipeline = _pipeline(four_layer_models["llama-gqa"][0], placement, stage_pool.addresses(layout))
     config = EngineConfig(max_batch_size=8, num_micro_batches=2, kv_block_size_tokens=4)
     staged = _run_sampled(build_pipeline_engine(loaded, config, pipeline))
     assert [tokens for tokens, _ in staged] == [tokens for tokens, _ in single]
