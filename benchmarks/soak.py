@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import re
@@ -35,31 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import torch
-from safetensors.torch import load_file, save_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from exegpt.models.loader import save_default_model  # noqa: E402
+from tests.reliability.poison import POISON_TOKEN, save_poisoned_model  # noqa: E402
 
-POISON_TOKEN = 383
 PROMPTS = [[3, 4, 5], [10, 11, 12, 13], [40, 41], [7, 8, 9, 10, 11, 12]]
-
-
-def save_poisoned_model(directory: Path) -> Path:
-    """The embedded model as a checkpoint: embedding row POISON_TOKEN NaN, head untied."""
-    path = save_default_model(directory)
-    config = json.loads((path / "config.json").read_text())
-    weights = load_file(path / "model.safetensors")
-    shared = weights["shared.weight"]
-    weights["lm_head.weight"] = shared.clone() * config["d_model"] ** -0.5
-    weights["shared.weight"] = shared.clone()
-    weights["shared.weight"][POISON_TOKEN] = torch.nan
-    save_file(weights, path / "model.safetensors")
-    config.update(tie_word_embeddings=False, scale_decoder_outputs=False)
-    (path / "config.json").write_text(json.dumps(config))
-    return path
 
 
 @dataclass

@@ -9,16 +9,13 @@ is marked unhealthy (a poison request must not reach, or take down, a second rep
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import grpc
 import httpx
-import torch
-from safetensors.torch import load_file, save_file
 
-from exegpt.models.loader import save_default_model
 from exegpt.v1 import generate_pb2
+from tests.reliability.poison import POISON_TOKEN, save_poisoned_model
 from tests.reliability.procs import (
     generate_request,
     router_addresses,
@@ -27,24 +24,7 @@ from tests.reliability.procs import (
     worker_stats,
 )
 
-POISON_TOKEN = 383  # the tiny model never produces it for the prompts below
 LONG_TOKENS = 200
-
-
-def save_poisoned_model(directory: Path) -> Path:
-    """The embedded model as a checkpoint, embedding row POISON_TOKEN NaN, head untied."""
-    path = save_default_model(directory)
-    config = json.loads((path / "config.json").read_text())
-    weights = load_file(path / "model.safetensors")
-    shared = weights["shared.weight"]
-    # The tied head scaled the decoder output by d_model**-0.5: fold that into the copy.
-    weights["lm_head.weight"] = shared.clone() * config["d_model"] ** -0.5
-    weights["shared.weight"] = shared.clone()
-    weights["shared.weight"][POISON_TOKEN] = torch.nan
-    save_file(weights, path / "model.safetensors")
-    config.update(tie_word_embeddings=False, scale_decoder_outputs=False)
-    (path / "config.json").write_text(json.dumps(config))
-    return path
 
 
 def poisoned_request() -> generate_pb2.GenerateRequest:
