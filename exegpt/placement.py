@@ -149,10 +149,9 @@ class Placement:
     def from_json(cls, text: str) -> Placement:
         try:
             data = json.loads(text)
-            stages = tuple(_stage_from_json(item) for item in data["stages"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except json.JSONDecodeError as exc:
             raise ValueError(f"not a placement: {exc}") from None
-        return cls(stages)
+        return cls.from_dict(data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -173,7 +172,10 @@ class Placement:
 
     @classmethod
     def from_dict(cls, data: Any) -> Placement:
-        return cls.from_json(json.dumps(data))
+        try:
+            return cls(tuple(_stage_from_json(item) for item in data["stages"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a placement: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -224,6 +224,11 @@ def batch_tensors(batch: PrefillBatch | DecodeBatch) -> dict[str, Tensor]:
     return named
 
 
+def batch_frame_tensors(batch: PrefillBatch | DecodeBatch) -> dict[str, Tensor]:
+    """The tensors a step carries for its batch on the data plane (names prefixed `batch.`)."""
+    return {f"batch.{name}": tensor.cpu() for name, tensor in batch_tensors(batch).items()}
+
+
 def batch_from_tensors(kind: type[PrefillBatch] | type[DecodeBatch], named: dict[str, Tensor]):
     """The inverse of `batch_tensors` (raises ValueError when a required field is missing)."""
     fields: dict[str, object] = {}

@@ -36,6 +36,9 @@ class KVCacheSpec:
         element_bytes = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_bytes
 
+    def bytes_per_block(self, block_size_tokens: int) -> int:
+        return self.bytes_per_token() * block_size_tokens
+
 
 @dataclass
 class SequenceKV:
@@ -186,7 +189,7 @@ class KVCachePool:
         device: str | torch.device = "cpu",
     ) -> KVCachePool:
         """The largest pool whose storage fits in `capacity_bytes`."""
-        bytes_per_block = spec.bytes_per_token() * block_size_tokens
+        bytes_per_block = spec.bytes_per_block(block_size_tokens)
         num_blocks = (capacity_bytes - spec.bytes_per_token()) // bytes_per_block  # + null slot
         if num_blocks < 1:
             raise ValueError(
@@ -200,7 +203,7 @@ class KVCachePool:
 
     @property
     def bytes_per_block(self) -> int:
-        return self.spec.bytes_per_token() * self.block_size_tokens
+        return self.spec.bytes_per_block(self.block_size_tokens)
 
     @property
     def capacity_bytes(self) -> int:

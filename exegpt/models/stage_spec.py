@@ -60,13 +60,6 @@ class StageSpec:
         if not 0 <= self.tp_rank < self.tp_degree:
             raise ValueError(f"TP rank {self.tp_rank} is outside a group of {self.tp_degree}")
 
-    @classmethod
-    def whole(cls, config: ModelConfig) -> StageSpec:
-        """The one stage that holds the whole model."""
-        return cls(
-            LayerRange(0, config.num_encoder_layers), LayerRange(0, config.num_decoder_layers)
-        )
-
     def embeds_encoder(self) -> bool:
         return len(self.encoder_layers) > 0 and self.encoder_layers.start == 0
 

@@ -274,9 +274,8 @@ def _pipeline(config: WorkerConfig, card: ModelCard) -> PipelineConfig:
 
     assert config.stage_addresses is not None
     engine = config.engine
-    bytes_per_block = KVCacheSpec.for_model(card.config, card.dtype).bytes_per_token() * (
-        engine.kv_block_size_tokens
-    )
+    spec = KVCacheSpec.for_model(card.config, card.dtype)
+    bytes_per_block = spec.bytes_per_block(engine.kv_block_size_tokens)
     num_blocks = engine.kv_capacity_bytes // bytes_per_block
     if num_blocks < 1:
         raise ValueError(f"--kv-cache-mb holds no KV block of {bytes_per_block} bytes")

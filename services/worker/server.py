@@ -351,6 +351,7 @@ def build_pipeline_engine(
         config,
         model_config=loaded.config,
         num_blocks=pipeline.num_blocks,
-        bytes_per_block=KVCacheSpec.for_model(loaded.config, loaded.dtype).bytes_per_token()
-        * pipeline.block_size_tokens,
+        bytes_per_block=KVCacheSpec.for_model(loaded.config, loaded.dtype).bytes_per_block(
+            pipeline.block_size_tokens
+        ),
     )

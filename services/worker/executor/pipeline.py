@@ -25,14 +25,13 @@ import torch
 import zmq
 from opentelemetry import propagate, trace
 
-from exegpt.models.batch import BatchBuilder
+from exegpt.models.batch import BatchBuilder, batch_frame_tensors
 from exegpt.models.config import ModelConfig
 from exegpt.placement import Placement
 from exegpt.security import SecurityConfig, sync_channel
 from exegpt.transport import FrameError, PushFanout, TensorMessage, TensorSocket
 from exegpt.v1 import stage_pb2, stage_pb2_grpc
 from services.worker.sampling import logprobs_from_tensors, sampling_tensors
-from services.worker.stage.runtime import message_for_batch
 from services.worker.step_plan import StepKind, StepPlan, StepResult
 
 logger = logging.getLogger(__name__)
@@ -157,7 +156,7 @@ class PipelineExecutor:
     def submit(self, plan: StepPlan) -> None:
         try:
             tensors = {
-                **message_for_batch(plan.batch(self._builder)),
+                **batch_frame_tensors(plan.batch(self._builder)),
                 **sampling_tensors(list(plan.sampling)),
             }
         except Exception as exc:  # the plan's own input is bad: fail this step only

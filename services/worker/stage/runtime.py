@@ -27,7 +27,7 @@ from opentelemetry import propagate, trace
 
 from exegpt.dtypes import DtypeError, torch_dtype
 from exegpt.models.attention import LayerKV
-from exegpt.models.batch import DecodeBatch, PrefillBatch, batch_from_tensors, batch_tensors
+from exegpt.models.batch import DecodeBatch, PrefillBatch, batch_from_tensors
 from exegpt.models.checkpoint import Model
 from exegpt.models.defaults import DEFAULT_MODEL_NAME
 from exegpt.models.kv_cache import KVCachePool
@@ -262,9 +262,11 @@ class StageRuntime:
         elif message.kind == "prefill":
             batch = batch_from_tensors(PrefillBatch, batch_part)
             encoder_out = tensors.get("encoder_out")
-            if encoder_out is not None:
+            if encoder_out is None:  # decoder-only
+                x = stage.model.prefill(batch, stage.pool.layers, hidden)
+            else:  # T5: the decoder stages write their cross KV from the encoder output
                 carried["encoder_out"] = encoder_out
-            x = stage.model.prefill(batch, stage.pool.layers, hidden, *_present(encoder_out))
+                x = stage.model.prefill(batch, stage.pool.layers, hidden, encoder_out)
             kind = "result"
         elif message.kind == "decode":
             batch = batch_from_tensors(DecodeBatch, batch_part)
@@ -362,12 +364,3 @@ def _sampled(logits: torch.Tensor, tensors: dict[str, torch.Tensor]) -> _Sampled
         },
         {"row_error": row_error},
     )
-
-
-def _present(value: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    return () if value is None else (value,)
-
-
-def message_for_batch(batch: PrefillBatch | DecodeBatch) -> dict[str, torch.Tensor]:
-    """The tensors a step carries for its batch (names prefixed `batch.`)."""
-    return {f"batch.{name}": tensor.cpu() for name, tensor in batch_tensors(batch).items()}
