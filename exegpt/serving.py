@@ -21,6 +21,10 @@ from exegpt.security import AuthInterceptor, SecurityConfig, server_credentials
 
 logger = logging.getLogger(__name__)
 
+# Generate metadata naming the router that sent a request: a worker's WatchLoad pushes count
+# the requests it accepted from the watching router (Worker.WatchLoad in worker.proto).
+ROUTER_ID_METADATA = "exegpt-router-id"
+
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [

@@ -20,6 +20,34 @@ class GetScheduleRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class WatchLoadRequest(_message.Message):
+    __slots__ = ("router_id",)
+    ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
+    router_id: str
+    def __init__(self, router_id: _Optional[str] = ...) -> None: ...
+
+class LoadUpdate(_message.Message):
+    __slots__ = ("num_pending_prefill_tokens", "num_remaining_decode_tokens", "num_waiting", "num_running", "kv_used_bytes", "kv_capacity_bytes", "num_preemptions", "num_accepted", "worker_id")
+    NUM_PENDING_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_REMAINING_DECODE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
+    NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    KV_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    num_pending_prefill_tokens: int
+    num_remaining_decode_tokens: int
+    num_waiting: int
+    num_running: int
+    kv_used_bytes: int
+    kv_capacity_bytes: int
+    num_preemptions: int
+    num_accepted: int
+    worker_id: str
+    def __init__(self, num_pending_prefill_tokens: _Optional[int] = ..., num_remaining_decode_tokens: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_accepted: _Optional[int] = ..., worker_id: _Optional[str] = ...) -> None: ...
+
 class WorkerStats(_message.Message):
     __slots__ = ("num_waiting", "num_running", "kv_used_bytes", "kv_capacity_bytes", "kv_num_free_blocks", "kv_num_blocks", "num_finished", "num_aborted", "batching", "num_pending_prefill_tokens", "num_remaining_decode_tokens", "engine_policy", "num_preemptions", "num_recomputed_tokens", "queue_time_s")
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]

@@ -55,6 +55,11 @@ class WorkerStub:
                 request_serializer=exegpt_dot_v1_dot_worker__pb2.GetScheduleRequest.SerializeToString,
                 response_deserializer=exegpt_dot_v1_dot_worker__pb2.ScheduleStatus.FromString,
                 _registered_method=True)
+        self.WatchLoad = channel.unary_stream(
+                '/exegpt.v1.Worker/WatchLoad',
+                request_serializer=exegpt_dot_v1_dot_worker__pb2.WatchLoadRequest.SerializeToString,
+                response_deserializer=exegpt_dot_v1_dot_worker__pb2.LoadUpdate.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -86,6 +91,16 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchLoad(self, request, context):
+        """Pushes the replica's load: at once, on every change of its queue (a request queued,
+        admitted, preempted, finished or aborted) and at least every heartbeat while nothing
+        changes, but never more often than every 50 ms. Ends (OK) when the worker shuts down;
+        RESOURCE_EXHAUSTED when too many watchers are open.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +123,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.GetSchedule,
                     request_deserializer=exegpt_dot_v1_dot_worker__pb2.GetScheduleRequest.FromString,
                     response_serializer=exegpt_dot_v1_dot_worker__pb2.ScheduleStatus.SerializeToString,
+            ),
+            'WatchLoad': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchLoad,
+                    request_deserializer=exegpt_dot_v1_dot_worker__pb2.WatchLoadRequest.FromString,
+                    response_serializer=exegpt_dot_v1_dot_worker__pb2.LoadUpdate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +238,33 @@ class Worker:
             '/exegpt.v1.Worker/GetSchedule',
             exegpt_dot_v1_dot_worker__pb2.GetScheduleRequest.SerializeToString,
             exegpt_dot_v1_dot_worker__pb2.ScheduleStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/exegpt.v1.Worker/WatchLoad',
+            exegpt_dot_v1_dot_worker__pb2.WatchLoadRequest.SerializeToString,
+            exegpt_dot_v1_dot_worker__pb2.LoadUpdate.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,8 +1,7 @@
 """The router's view of its replicas: one gRPC channel each, kept fresh by health checks.
 
-Each health check of a healthy replica also polls its load (GetStats): queued prefill tokens
-and expected remaining decode tokens. Between two polls the router adds what it sent itself,
-so a burst of requests does not all land on the replica that looked idle at the last poll.
+For token-aware routing, each replica's load comes from its Worker.WatchLoad stream, plus
+what this router sent it since the last push (services/router/load_watch.py).
 
 Each replica also tracks its open streams and when any of them last made progress, so a
 watchdog can cancel the streams of a replica that froze or became unreachable.
@@ -21,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from exegpt.security import SecurityConfig, aio_channel
 from exegpt.serving import channel_options
 from exegpt.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
+from services.router.load_watch import ReplicaLoad, SentRequest, watch_load
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +65,7 @@ class Replica:
     num_failed_checks: int = 0
     streams: set[OpenStream] = field(default_factory=set)
     last_progress_s: float = field(default_factory=time.monotonic)
-    # Load at the last poll (tokens), and (when sent, tokens) of requests routed since.
-    polled_tokens: float = 0.0
-    sent_since_poll: list[tuple[float, float]] = field(default_factory=list)
+    load: ReplicaLoad = field(default_factory=ReplicaLoad)
     _health: health_pb2_grpc.HealthStub = field(init=False)
 
     def __post_init__(self) -> None:
@@ -79,21 +77,11 @@ class Replica:
 
     @property
     def outstanding_tokens(self) -> float:
-        """Prefill + expected decode tokens owed: the last poll plus what was sent since."""
-        return self.polled_tokens + sum(tokens for _, tokens in self.sent_since_poll)
+        """Prefill + expected decode tokens owed: the last push plus what was sent since."""
+        return self.load.outstanding_tokens
 
-    def note_sent(self, num_tokens: float) -> None:
-        self.sent_since_poll.append((time.monotonic(), num_tokens))
-
-    async def poll_load(self, timeout_s: float) -> None:
-        """Read the replica's queue (GetStats); a failure keeps the previous reading."""
-        asked_s = time.monotonic()
-        try:
-            stats = await self.worker.GetStats(worker_pb2.GetStatsRequest(), timeout=timeout_s)
-        except grpc.aio.AioRpcError:
-            return
-        self.polled_tokens = stats.num_pending_prefill_tokens + stats.num_remaining_decode_tokens
-        self.sent_since_poll = [(t, n) for t, n in self.sent_since_poll if t >= asked_s]
+    def note_sent(self, num_tokens: float) -> SentRequest:
+        return self.load.sent(num_tokens)
 
     @property
     def unreachable(self) -> bool:
@@ -140,8 +128,6 @@ class Replica:
         if healthy != self.healthy:
             logger.info("replica %s is %s", self.address, "healthy" if healthy else "unhealthy")
         self.healthy = healthy
-        if healthy:
-            await self.poll_load(timeout_s)
         return healthy
 
 
@@ -164,6 +150,7 @@ class ReplicaPool:
             for address in addresses
         ]
         self._task: asyncio.Task[None] | None = None
+        self._watches: list[asyncio.Task[None]] = []
 
     def healthy(self) -> list[Replica]:
         return [replica for replica in self.replicas if replica.healthy]
@@ -197,8 +184,17 @@ class ReplicaPool:
                 await asyncio.sleep(min(0.2, max(0.0, deadline - loop.time())))
         return healthy
 
-    def start(self, interval_s: float) -> None:
+    def start(self, interval_s: float, watch_load_as: str | None = None) -> None:
+        """Check health every interval_s; with a router id, also watch every replica's load
+        (reopening a stream that ended at most every interval_s)."""
         self._task = asyncio.create_task(self._check_forever(interval_s))
+        if watch_load_as is not None:
+            self._watches = [
+                asyncio.create_task(
+                    watch_load(r.address, r.worker, r.load, watch_load_as, min(1.0, interval_s))
+                )
+                for r in self.replicas
+            ]
 
     async def _check_forever(self, interval_s: float) -> None:
         while True:
@@ -206,7 +202,8 @@ class ReplicaPool:
             await asyncio.sleep(interval_s)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [task for task in (self._task, *self._watches) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(replica.channel.close() for replica in self.replicas))

@@ -34,10 +34,11 @@ from exegpt.generation import (
     request_to_proto,
 )
 from exegpt.grpc_errors import error_from_rpc
+from exegpt.serving import ROUTER_ID_METADATA
 from exegpt.v1 import generate_pb2
 from services.router.config import RouterConfig
 from services.router.metrics import RouterMetrics
-from services.router.policies import make_policy
+from services.router.policies import RouterPolicy, make_policy
 from services.router.replicas import OpenStream, Replica, ReplicaPool
 
 logger = logging.getLogger(__name__)
@@ -54,12 +55,14 @@ class Router:
             security=config.security,
         )
         self._policy = make_policy(config.policy)
+        self.router_id = uuid.uuid4().hex  # names this router's requests to the workers
         self.metrics = RouterMetrics(self.pool, str(config.policy))
         self._watchdog: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.pool.check_all()
-        self.pool.start(self._config.health_check_interval_s)
+        watch_as = self.router_id if self._config.policy is RouterPolicy.TOKEN_AWARE else None
+        self.pool.start(self._config.health_check_interval_s, watch_load_as=watch_as)
         self._watchdog = asyncio.create_task(self._watch_streams())
 
     async def close(self) -> None:
@@ -109,7 +112,6 @@ class Router:
             tried: set[str] = set()
             while True:
                 replica = await self._choose_replica(request.model, tried)
-                replica.note_sent(_expected_tokens(request))
                 tried.add(replica.address)
                 span.set_attribute("exegpt.replica", replica.address)
                 streamed = False
@@ -118,6 +120,7 @@ class Router:
                     raise RequestError(
                         ErrorCode.DEADLINE_EXCEEDED, f"no answer within {timeout_s:g}s"
                     )
+                sent = replica.note_sent(_expected_tokens(request))
                 try:
                     async for chunk in self._forward(replica, message, remaining_s):
                         streamed = True
@@ -129,6 +132,8 @@ class Router:
                     self.pool.mark_unhealthy(replica)
                     self.metrics.retried(replica.address)
                     logger.warning("retrying %s elsewhere: %s", request_id, exc.message)
+                finally:
+                    replica.load.settled(sent, streamed)
 
     async def _choose_replica(self, model: str, tried: set[str]) -> Replica:
         healthy = await self.pool.wait_for_healthy(self._config.replica_wait_s)
@@ -151,9 +156,8 @@ class Router:
     async def _forward(
         self, replica: Replica, message: generate_pb2.GenerateRequest, timeout_s: float
     ) -> AsyncIterator[GenerationChunk]:
-        call = replica.worker.Generate(
-            message, timeout=timeout_s, metadata=tracing.outgoing_metadata()
-        )
+        metadata = (*tracing.outgoing_metadata(), (ROUTER_ID_METADATA, self.router_id))
+        call = replica.worker.Generate(message, timeout=timeout_s, metadata=metadata)
         stream = replica.open_stream(call)
         try:
             async for chunk in call:
@@ -201,7 +205,7 @@ def _stalled(stream: OpenStream) -> RequestError:
 
 
 def _expected_tokens(request: GenerationRequest) -> float:
-    """Work a request brings, for token-aware routing until the replica's next poll: its
+    """Work a request brings, for token-aware routing until the replica's next push: its
     prompt (text: about 4 characters a token) and max_tokens."""
     if request.prompt_token_ids is not None:
         prompt = len(request.prompt_token_ids)

@@ -50,6 +50,10 @@ logger = logging.getLogger(__name__)
 
 _POLL_S = 0.05  # how often the loop looks at aborts and executor health while steps run
 
+# Called whenever the queue's state changed (a request queued, admitted, preempted, finished
+# or aborted), on the engine thread or a submitter's; it must be quick and must not raise.
+LoadListener = Callable[[], None]
+
 # Called on the engine thread with each step that came back (kind, rows, result), for
 # metrics; it must be quick and must not raise. It reads, never drains, what was observed.
 StepObserver = Callable[[StepKind, int, StepResult], None]
@@ -110,6 +114,9 @@ class Engine:
         self._pending: PendingSchedule | None = None
         self.switches: list[ScheduleSwitch] = []
         self.step_observers: list[StepObserver] = []
+        self.load_listeners: list[LoadListener] = []
+        self._num_submitted = 0
+        self._queue_state: tuple[int, ...] = ()
         self._submitted: dict[int, tuple[StepKind, int]] = {}  # step id -> kind, rows
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
@@ -145,7 +152,9 @@ class Engine:
                     f"request queue is full ({self._config.max_queue_size} waiting); retry later"
                 )
             self._scheduler.enqueue(request)
+            self._num_submitted += 1
             self._wake.notify_all()
+        self._notify_load()
 
     def abort(self, request_id: str) -> None:
         """Drop a request (its client went away); frees its KV at the next step boundary."""
@@ -242,6 +251,7 @@ class Engine:
                 if self._stopping:
                     break
             scheduler.apply_aborts()
+            self._check_queue_state()
             if self._pending is not None and not self._apply_pending():
                 result = executor.next_result(_POLL_S)  # drain the steps in flight first
                 if result is not None:
@@ -260,6 +270,7 @@ class Engine:
                     break
                 self._submitted[plan.step_id] = (plan.kind, len(plan))
                 executor.submit(plan)
+            self._check_queue_state()  # admissions and preemptions
             if not executor.num_in_flight:
                 with self._wake:  # nothing can run until a request arrives or is aborted
                     self._wake.wait(_POLL_S)
@@ -270,7 +281,9 @@ class Engine:
                     logger.error("executor failed: %s", result.error)
                 self._observe(result)
                 self._deliver(scheduler.complete(result))
+                self._check_queue_state()  # finishes
         self._deliver(scheduler.fail_all("engine is shutting down"))
+        self._notify_load()
 
     def _apply_pending(self) -> bool:
         """Switch to the pending schedule; False while steps must drain before a redeploy."""
@@ -312,6 +325,28 @@ class Engine:
             if self._pending is pending:
                 self._pending = None
         return True
+
+    def _check_queue_state(self) -> None:
+        """Tell the load listeners when the queue changed since the last look: every queue
+        transition moves one of these counters."""
+        scheduler = self._scheduler
+        state = (
+            self._num_submitted,
+            scheduler.num_waiting(),
+            scheduler.num_finished,
+            scheduler.num_aborted,
+            scheduler.num_preemptions,
+        )
+        if state != self._queue_state:
+            self._queue_state = state
+            self._notify_load()
+
+    def _notify_load(self) -> None:
+        for listener in self.load_listeners:
+            try:
+                listener()
+            except Exception:  # a watcher's failure must never stop the engine
+                logger.exception("load listener failed")
 
     def _observe(self, result: StepResult) -> None:
         submitted = self._submitted.pop(result.step_id, None)

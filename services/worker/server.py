@@ -30,7 +30,7 @@ from exegpt.generation import (
 )
 from exegpt.models.kv_cache import KVCachePool, KVCacheSpec
 from exegpt.models.loader import LoadedModel, ModelCard
-from exegpt.serving import GrpcServer, start_grpc_server
+from exegpt.serving import ROUTER_ID_METADATA, GrpcServer, start_grpc_server
 from exegpt.stops import StopMatcher
 from exegpt.v1 import generate_pb2, metrics_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.worker.config import EngineConfig, WorkerConfig
@@ -45,6 +45,7 @@ from services.worker.engine import (
 )
 from services.worker.executor.local import LocalExecutor
 from services.worker.executor.pipeline import PipelineConfig, PipelineExecutor
+from services.worker.load_watch import LoadBoard, TooManyWatchersError
 from services.worker.metrics import (
     MetricsServicer,
     metrics_of,
@@ -66,6 +67,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._engine = engine
         self.metrics = metrics_of(engine, loaded.name)
         self._board = board or ScheduleBoard(engine, initial_origin(engine.config.schedule, None))
+        self.loads = LoadBoard(engine)
 
     async def Generate(  # noqa: N802 (gRPC method name)
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -89,7 +91,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             span.set_attribute("exegpt.request_id", label)
             span.set_attribute("exegpt.engine_key", engine_key)
             span.set_attribute("exegpt.prompt_tokens", len(prompt_ids))
-            async for chunk in self._run(context, engine_key, label, generation, prompt_ids):
+            router_id = dict(metadata or ()).get(ROUTER_ID_METADATA, "")
+            run = self._run(context, engine_key, label, generation, prompt_ids, router_id)
+            async for chunk in run:
                 yield chunk_to_proto(chunk)
 
     async def _run(
@@ -99,6 +103,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         label: str,
         generation: GenerationRequest,
         prompt_ids: list[int],
+        router_id: str,
     ) -> AsyncIterator[GenerationChunk]:
         events: asyncio.Queue[EngineEvent] = asyncio.Queue()
         started_s = time.monotonic()
@@ -118,6 +123,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except EngineStoppedError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        self.loads.accepted(router_id)
         detokenizer = IncrementalDetokenizer(self._loaded.tokenizer)
         stops = StopMatcher(generation.sampling.stop)
         num_generated = 0
@@ -191,6 +197,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         stats = self._engine.stats()
         return worker_pb2.WorkerStats(**stats.__dict__)
 
+    async def WatchLoad(  # noqa: N802
+        self, request: worker_pb2.WatchLoadRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.LoadUpdate]:
+        try:
+            async for update in self.loads.watch(request.router_id):
+                yield update
+        except TooManyWatchersError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+
     async def GetSchedule(  # noqa: N802
         self, request: worker_pb2.GetScheduleRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ScheduleStatus:
@@ -253,6 +268,7 @@ class RunningWorker:
     loaded: LoadedModel | ModelCard
     health_task: asyncio.Task[None] | None = None
     board: ScheduleBoard | None = None
+    loads: LoadBoard | None = None
 
     @property
     def address(self) -> str:
@@ -262,6 +278,8 @@ class RunningWorker:
         if self.health_task is not None:
             self.health_task.cancel()
         await self.grpc_server.set_serving(False)
+        if self.loads is not None:
+            self.loads.close()  # the watch streams end now, not at the grace period
         # Let in-flight streams finish within the grace period, then stop the engine.
         await self.grpc_server.server.stop(grace_s)
         await stop_metrics_port(self.engine)
@@ -314,7 +332,7 @@ async def start_worker(
         engine.stats().kv_capacity_bytes / 2**20,
     )
     health_task = asyncio.create_task(_mirror_health(grpc_server, engine))
-    return RunningWorker(grpc_server, engine, loaded, health_task, board)
+    return RunningWorker(grpc_server, engine, loaded, health_task, board, servicer.loads)
 
 
 def _register(server: grpc.aio.Server, servicer: WorkerServicer) -> None:

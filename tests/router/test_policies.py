@@ -1,5 +1,5 @@
-"""Routing policies choosing on real workers: their stats polled over gRPC, the router's own
-in-flight counts, and what it sent between two polls."""
+"""Routing policies choosing on real workers: their loads pushed over gRPC (WatchLoad), the
+router's own in-flight counts, and what it sent between two pushes."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def test_token_aware_avoids_the_replica_with_the_long_queue(token_aware: Stack) 
         sampling = SamplingParams(max_tokens=400, ignore_eos=True)
         busy.submit(EngineRequest(request_id, [3, 4, 5], sampling, lambda event: None))
     replicas = _replicas(token_aware)
-    _wait_until(lambda: replicas[0].polled_tokens > 1000)
+    _wait_until(lambda: replicas[0].load.pushed_tokens > 1000)
     assert replicas[1].outstanding_tokens < replicas[0].outstanding_tokens
     before = _finished(token_aware)
     try:
@@ -66,18 +66,18 @@ def test_token_aware_avoids_the_replica_with_the_long_queue(token_aware: Stack) 
     _wait_until(lambda: busy.stats().num_running == busy.stats().num_waiting == 0)
 
 
-def test_token_aware_counts_what_it_sent_between_two_polls(token_aware: Stack) -> None:
+def test_token_aware_counts_what_it_sent_between_two_pushes(token_aware: Stack) -> None:
     replicas = _replicas(token_aware)
-    _wait_until(lambda: all(r.polled_tokens == 0 for r in replicas))
+    _wait_until(lambda: all(r.outstanding_tokens == 0 for r in replicas))
     policy = make_policy(RouterPolicy.TOKEN_AWARE)
     chosen = []
-    for _ in range(4):  # no poll in between can be relied on: the router's own counts spread
+    for _ in range(4):  # no push in between can be relied on: the router's own counts spread
         replica = policy.choose(replicas)
         replica.note_sent(100.0)
         chosen.append(replica.address)
     assert sorted(chosen) == sorted([r.address for r in replicas] * 2)
     for replica in replicas:
-        replica.sent_since_poll.clear()
+        replica.load.unacked.clear()
 
 
 def test_least_requests_and_power_of_two_avoid_the_replica_with_a_stream_open(

@@ -4,8 +4,8 @@
 - least_requests: the replica with the fewest requests this router has in flight on it.
 - power_of_two: two healthy replicas at random, the one with fewer in flight.
 - token_aware: the least outstanding work: the replica's queued prefill tokens plus the
-  expected decode tokens still owed to its requests (from its GetStats, polled on the
-  health-check loop), plus what this router sent it since that poll.
+  expected decode tokens still owed to its requests (pushed by its Worker.WatchLoad stream),
+  plus what this router sent it since that push.
 """
 
 from __future__ import annotations

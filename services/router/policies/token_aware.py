@@ -1,10 +1,10 @@
 """Token-aware least load: the replica with the least outstanding work, in tokens.
 
 A replica's work is its queued prefill tokens plus the expected decode tokens still owed to
-its requests, as its worker last reported them (GetStats, polled on the health-check loop;
-the worker predicts decode tokens from the output lengths it observed), plus the prompt and
-max_tokens of every request this router sent it since that poll. Ties go to the replica with
-fewer requests in flight, then round robin.
+its requests, as its worker last pushed them (Worker.WatchLoad; the worker predicts decode
+tokens from the output lengths it observed, conditioned on the tokens generated so far),
+plus the prompt and max_tokens of every request this router sent it that no push counted
+yet. Ties go to the replica with fewer requests in flight, then round robin.
 """
 
 from __future__ import annotations
