@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--policy",
         choices=[p.value for p in RouterPolicy],
         default=defaults.policy.value,
-        help="how a replica is chosen",
+        help="how a replica is chosen (default %(default)s: the least queued prefill + "
+        "expected decode tokens, pushed by each replica)",
     )
     parser.add_argument(
         "--health-check-interval-s",

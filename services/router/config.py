@@ -14,7 +14,7 @@ class RouterConfig:
     host: str = "127.0.0.1"
     grpc_port: int = 50051
     http_port: int = 8000
-    policy: RouterPolicy = RouterPolicy.ROUND_ROBIN
+    policy: RouterPolicy = RouterPolicy.TOKEN_AWARE
     health_check_interval_s: float = 1.0
     # A request waits at most this long for a healthy replica before UNAVAILABLE.
     replica_wait_s: float = 10.0

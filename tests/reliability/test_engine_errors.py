@@ -37,7 +37,8 @@ def test_a_request_the_model_fails_on_fails_alone(tmp_path: Path) -> None:
     model = save_poisoned_model(tmp_path / "poisoned")
     with services(tmp_path) as group:
         workers = group.workers(["worker-a", "worker-b"], extra=("--model", str(model)))
-        grpc_address, http_url = router_addresses(group.router([w.ready for w in workers]))
+        router = group.router([w.ready for w in workers], extra=("--policy", "round_robin"))
+        grpc_address, http_url = router_addresses(router)
 
         # One long greedy stream running on each replica (round robin) before the poison.
         long_streams = [

@@ -39,9 +39,12 @@ def total(parsed: dict, name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def two_replicas(background_loop: BackgroundLoop) -> Iterator[Stack]:
+    from services.router.policies import RouterPolicy
     from services.worker.config import EngineConfig
 
-    running = start_stack(background_loop, [EngineConfig(max_batch_size=4)] * 2)
+    running = start_stack(
+        background_loop, [EngineConfig(max_batch_size=4)] * 2, policy=RouterPolicy.ROUND_ROBIN
+    )
     yield running
     stop_stack(running)
 

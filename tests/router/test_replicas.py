@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from exegpt.sdk import Client
+from services.router.policies import RouterPolicy
 from services.worker.config import EngineConfig
 from tests.conftest import BackgroundLoop, Stack, start_stack, stop_stack
 
@@ -21,7 +22,9 @@ def _dead_address() -> str:
 
 @pytest.fixture(scope="module")
 def two_replicas(background_loop: BackgroundLoop) -> Iterator[Stack]:
-    stack = start_stack(background_loop, [EngineConfig(), EngineConfig()])
+    stack = start_stack(
+        background_loop, [EngineConfig(), EngineConfig()], policy=RouterPolicy.ROUND_ROBIN
+    )
     yield stack
     stop_stack(stack)
 
