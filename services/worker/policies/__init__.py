@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from exegpt.output_lengths import OutputLengthModel
 from services.worker.policies.base import BasePolicy, KvState, Load
 from services.worker.policies.config import EnginePolicy, PolicyConfig
 from services.worker.policies.fcfs import FcfsPolicy
-from services.worker.policies.lengths import OutputLengthModel
 from services.worker.policies.memory_aware import MemoryAwarePolicy
 from services.worker.policies.sjf import SjfPolicy
 

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from exegpt.output_lengths import OutputLengthModel
 from services.worker.policies.config import PolicyConfig
-from services.worker.policies.lengths import OutputLengthModel
 from services.worker.requests import EngineRequest
 
 # Blocks a sequence holds after it generated n tokens: (prompt tokens, n) -> blocks.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from exegpt.output_lengths import predicted_peak_blocks
 from services.worker.policies.base import BasePolicy, KvState, Load
 
 
@@ -31,15 +32,18 @@ class MemoryAwarePolicy(BasePolicy):
             self.config.length_quantile, load.num_generated, load.max_tokens
         )
 
+    def predicted_left(self, load: Load) -> int:
+        """Output tokens `load` is predicted still to generate."""
+        return self.predicted_total(load) - load.num_generated
+
     def predicted_peak(self, loads: Sequence[Load], state: KvState) -> int:
         """Most blocks the sequences are predicted to hold at once from now on."""
-        remaining = [max(0, self.predicted_total(load) - load.num_generated) for load in loads]
-        peak = 0
-        for t in sorted(set(remaining)):
-            held = sum(
-                state.blocks_at(load.prompt_tokens, load.num_generated + t)
-                for load, left in zip(loads, remaining, strict=True)
-                if left >= t
+        sequences = [
+            (
+                load.prompt_tokens,
+                load.num_generated,
+                self.predicted_total(load) - load.num_generated,
             )
-            peak = max(peak, held)
-        return peak
+            for load in loads
+        ]
+        return predicted_peak_blocks(sequences, state.blocks_at)

@@ -1,4 +1,5 @@
-"""Output lengths learned online: a bounded window of the lengths of finished requests, kept
+"""Output lengths learned online (shared by the engine's policies and the scheduler's
+simulation of them): a bounded window of the lengths of finished requests, kept
 sorted, from which a policy reads a high quantile (to predict a peak) or a mean (to predict
 work), conditioned on the tokens a request has generated so far and capped by its max_tokens.
 
@@ -12,6 +13,7 @@ import bisect
 import collections
 import math
 import threading
+from collections.abc import Callable, Iterable
 
 
 class OutputLengthModel:
@@ -57,3 +59,23 @@ class OutputLengthModel:
         """The lengths seen beyond num_generated, or None while fewer than min_samples."""
         tail = self._sorted[bisect.bisect_right(self._sorted, num_generated) :]
         return tail if len(tail) >= self._min_samples else None
+
+
+def predicted_peak_blocks(
+    sequences: Iterable[tuple[int, int, int]], blocks_at: Callable[[int, int], int]
+) -> int:
+    """Most KV blocks the sequences are predicted to hold at once from now on.
+
+    Each sequence is (prompt tokens, tokens generated, tokens predicted still to come);
+    `blocks_at(prompt, generated)` is the blocks one holds. Sequences finish at different
+    times, so the peak is taken over the moments each one is predicted to finish: at the
+    t-th step from now every sequence still running holds the blocks of its tokens + t.
+    """
+    sequences = list(sequences)
+    peak = 0
+    for t in sorted({left for _, _, left in sequences}):
+        held = sum(
+            blocks_at(prompt, generated + t) for prompt, generated, left in sequences if left >= t
+        )
+        peak = max(peak, held)
+    return peak
