@@ -1,0 +1,133 @@
+"""What the policy benchmarks (policies.py, two_level.py) share: a combination of engine and
+router policies, a 2-replica deployment running it, one `exegpt bench` replay against it with
+the preemptions it caused, and the table columns."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from deployments import free_port, metric
+
+from exegpt.launcher import Deployment, DeploymentConfig
+from exegpt.v1 import worker_pb2, worker_pb2_grpc
+
+BASELINE = "fcfs+round_robin"
+COLUMNS = (  # label, metrics path, scale, format
+    ("seq/s", ("throughput", "sequences_per_s"), 1.0, "{:8.2f}"),
+    ("tok/s", ("throughput", "output_tokens_per_s"), 1.0, "{:8.1f}"),
+    ("TTFT p50", ("ttft_s", "p50"), 1e3, "{:9.0f}"),
+    ("TTFT p99", ("ttft_s", "p99"), 1e3, "{:9.0f}"),
+    ("TPOT p50", ("tpot_s", "p50"), 1e3, "{:9.1f}"),
+    ("TPOT p99", ("tpot_s", "p99"), 1e3, "{:9.1f}"),
+    ("e2e p99", ("e2e_latency_s", "p99"), 1.0, "{:8.2f}"),
+    ("failed", ("num_failed",), 1.0, "{:7.0f}"),
+)
+RATIOS = (("TTFT p99", ("ttft_s", "p99")), ("TPOT p99", ("tpot_s", "p99")),
+          ("seq/s", ("throughput", "sequences_per_s")))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Run:
+    engine_policy: str
+    router_policy: str
+    max_tokens_per_step: int | None = None  # chunked prefill; None: off
+
+    @property
+    def name(self) -> str:
+        chunked = f"+chunk{self.max_tokens_per_step}" if self.max_tokens_per_step else ""
+        return f"{self.engine_policy}+{self.router_policy}{chunked}"
+
+    @classmethod
+    def parse(cls, combo: str) -> Run:
+        """`engine+router` or `engine+router+chunkN`."""
+        engine, router, *chunk = combo.split("+")
+        budget = int(chunk[0].removeprefix("chunk")) if chunk else None
+        return cls(engine, router, budget)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every deployment of a benchmark shares."""
+
+    model: str
+    kv_cache_mb: float
+    max_batch_size: int
+    torch_threads: int | None = None
+
+
+def deployment_config(run: Run, setup: Setup) -> DeploymentConfig:
+    """2 replicas on free ports running `run`'s policies."""
+    return DeploymentConfig(
+        model=setup.model,
+        num_replicas=2,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        max_batch_size=setup.max_batch_size,
+        kv_cache_mb=setup.kv_cache_mb,
+        engine_policy=run.engine_policy,
+        max_tokens_per_step=run.max_tokens_per_step,
+        torch_threads=setup.torch_threads,
+        extra_router_args=(f"--policy={run.router_policy}",),
+    )
+
+
+def worker_stats(addresses: list[str]) -> list[worker_pb2.WorkerStats]:
+    async def read() -> list[worker_pb2.WorkerStats]:
+        stats = []
+        for address in addresses:
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = worker_pb2_grpc.WorkerStub(channel)
+                stats.append(await stub.GetStats(worker_pb2.GetStatsRequest(), timeout=10))
+        return stats
+
+    return asyncio.run(read())
+
+
+def replay(deployment: Deployment, bench_args: list[str], json_path: Path) -> dict:
+    """One `exegpt bench` run against a started deployment: its metrics, plus the
+    preemptions it caused and the requests each replica finished (GetStats deltas)."""
+    addresses = list(deployment.worker_addresses)
+    before = worker_stats(addresses)
+    command = [
+        sys.executable, "-m", "exegpt.cli", "bench", "--url", deployment.http_url,
+        *bench_args, "--json", str(json_path),
+    ]  # fmt: skip
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    after = worker_stats(addresses)
+    metrics = json.loads(json_path.read_text())["metrics"]
+    metrics["preemptions"] = sum(
+        a.num_preemptions - b.num_preemptions for a, b in zip(after, before, strict=True)
+    )
+    metrics["finished_per_replica"] = [
+        a.num_finished - b.num_finished for a, b in zip(after, before, strict=True)
+    ]
+    return metrics
+
+
+def cells(metrics: dict) -> str:
+    """The COLUMNS of one run, then its preemptions."""
+    text = ""
+    for _, path, scale, fmt in COLUMNS:
+        value = metric(metrics, path)
+        text += f"{fmt.format(value * scale):>10}" if value is not None else f"{'-':>10}"
+    return text + f"{metrics['preemptions']:9d}"
+
+
+def ratios(metrics: dict, base: dict | None) -> str:
+    """RATIOS of one run to the baseline's."""
+    text = ""
+    for _, path in RATIOS:
+        value, ref = metric(metrics, path), metric(base, path) if base else None
+        text += f"{value / ref:12.2f}" if value is not None and ref else f"{'-':>12}"
+    return text
+
+
+def header(first: str, width: int) -> str:
+    head = f"{first:{width}}" + "".join(f"{label:>10}" for label, *_ in COLUMNS)
+    return head + f"{'preempt':>9}" + "".join(f"{label + ' x':>12}" for label, _ in RATIOS)

@@ -1,0 +1,205 @@
+"""Two-level scheduling on real traces: router x engine policies, each on 2 replicas (one
+torch thread each), replaying the Azure conversation and code traces at 50%, 80% and 95% of
+the capacity measured for fcfs + round_robin.
+
+    python benchmarks/two_level.py --trace-dir ../shared/traces --requests-per-cell 40
+
+The traces are read from --trace-dir (this repository holds none). Lengths are scaled by
+--length-scale to fit the model. The model is a seeded random 4-layer Llama built into a
+temporary directory (decoder-only, so chunked prefill applies), unless --model names one.
+
+Per trace, the baseline's deployment first replays the trace with every request at once; its
+throughput is the capacity, and its e2e p50 the latency bound (unless --latency-bound-s).
+Then every combination replays it as Poisson arrivals at each load, on one deployment per
+combination and trace (the loads in increasing order). One matrix per trace and load:
+throughput, TTFT p50/p99, TPOT p50/p99, e2e p99, failures, preemptions (GetStats deltas),
+the fraction within the bound, and ratios to the baseline. The targets are checked last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from deployments import metric  # noqa: E402
+from policy_runs import (  # noqa: E402
+    BASELINE,
+    Run,
+    Setup,
+    cells,
+    deployment_config,
+    header,
+    ratios,
+    replay,
+)
+
+from exegpt.launcher import Deployment  # noqa: E402
+
+TRACES = {"conv": "azure2023_conv.csv", "code": "azure2023_code.csv"}
+DEFAULT_COMBOS = (
+    "fcfs+round_robin,fcfs+token_aware,memory_aware+round_robin,memory_aware+token_aware+chunk64"
+)
+TARGET = "memory_aware+token_aware+chunk64"
+
+
+@dataclass
+class TraceResults:
+    capacity_seq_s: float
+    bound_s: float
+    cells: dict[tuple[str, float], dict]  # (combo, load) -> metrics
+
+
+def build_tiny_llama(directory: Path) -> Path:
+    """A seeded random 4-layer Llama checkpoint (safetensors) with a 2048-token context."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1234)
+    config = LlamaConfig(
+        vocab_size=384, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def bench_args(args: argparse.Namespace, trace: Path, rate: str, bound_s: float | None) -> list:
+    bench = [
+        "--workload", f"trace:{trace}", "--num-requests", str(args.requests_per_cell),
+        "--rate", rate, "--length-scale", str(args.length_scale), "--seed", str(args.seed),
+    ]  # fmt: skip
+    return bench + (["--latency-bound", f"{bound_s:.3f}"] if bound_s else [])
+
+
+def run_trace(
+    name: str, runs: list[Run], setup: Setup, args: argparse.Namespace, tmp: Path
+) -> TraceResults:
+    trace = args.trace_dir / TRACES[name]
+    results = TraceResults(0.0, 0.0, {})
+    for run in runs:  # the baseline first: it measures the capacity
+        with Deployment(deployment_config(run, setup)) as deployment:
+            if run.name == BASELINE:
+                sys.stderr.write(f"{name}: measuring capacity with {run.name}\n")
+                saturated = replay(deployment, bench_args(args, trace, "inf", None), tmp / "cap")
+                results.capacity_seq_s = metric(saturated, ("throughput", "sequences_per_s")) or 0
+                p50 = metric(saturated, ("e2e_latency_s", "p50")) or 1.0
+                results.bound_s = args.latency_bound_s or p50
+            for load in args.loads:
+                rate = f"{load * results.capacity_seq_s:.4f}"
+                sys.stderr.write(f"{name}: {run.name} at {load:.0%} ({rate} req/s)\n")
+                json_path = tmp / f"{name}-{run.name}-{load}.json"
+                bench = bench_args(args, trace, rate, results.bound_s)
+                results.cells[(run.name, load)] = replay(deployment, bench, json_path)
+    return results
+
+
+def format_matrix(name: str, results: TraceResults, runs: list[Run], loads: list[float]) -> str:
+    lines = [
+        f"== {name}: capacity {results.capacity_seq_s:.2f} seq/s (fcfs+round_robin, all at "
+        f"once); latency bound {results.bound_s:.2f} s"
+    ]
+    for load in loads:
+        lines.append(f"-- load {load:.0%}")
+        lines.append(header("router / engine", 36) + f"{'in bound':>10}")
+        base = results.cells.get((BASELINE, load))
+        for run in runs:
+            metrics = results.cells[(run.name, load)]
+            within = metric(metrics, ("fraction_within_bound",))
+            label = f"{run.router_policy} / {run.name.split('+', 1)[0]}" + (
+                f"+chunk{run.max_tokens_per_step}" if run.max_tokens_per_step else ""
+            )
+            bound = f"{within:10.2f}" if within is not None else f"{'-':>10}"
+            lines.append(f"{label:36}{cells(metrics)}{ratios(metrics, base)}{bound}")
+    return "\n".join(lines)
+
+
+def check_targets(all_results: dict[str, TraceResults], loads: list[float]) -> list[str]:
+    """One line per target and trace: the measured figure and whether it is met."""
+    lines = []
+    for name, results in all_results.items():
+        for load in [x for x in loads if x >= 0.8]:
+            base, best = results.cells.get((BASELINE, load)), results.cells.get((TARGET, load))
+            if base is None or best is None:
+                continue
+            ttft = _ratio(best, base, ("ttft_s", "p99"))
+            tput = _ratio(best, base, ("throughput", "sequences_per_s"))
+            met = ttft is not None and tput is not None and ttft <= 0.5 and tput >= 0.97
+            lines.append(
+                f"{name} {load:.0%}: {TARGET} TTFT p99 x{_fmt(ttft)} of {BASELINE} (target "
+                f"<= 0.5), throughput x{_fmt(tput)} (target >= 1, noise 3%): "
+                f"{'met' if met else 'NOT met'}"
+            )
+        for (combo, load), metrics in results.cells.items():
+            ratio = _ratio(metrics, metrics, ("tpot_s", "p99"), ("tpot_s", "p50"))
+            if ratio is not None and ratio > 3:
+                lines.append(f"{name} {load:.0%} {combo}: TPOT p99 = {ratio:.1f}x p50 (> 3x)")
+        fcfs = sum(m["preemptions"] for (c, _), m in results.cells.items() if c.startswith("fcfs"))
+        aware = sum(
+            m["preemptions"] for (c, _), m in results.cells.items() if c.startswith("memory_aware")
+        )
+        met = fcfs > 0 and aware * 10 <= fcfs
+        lines.append(
+            f"{name}: preemptions fcfs {fcfs} vs memory_aware {aware} (target >= 10x fewer, "
+            f"under a budget where fcfs preempts): {'met' if met else 'NOT met'}"
+        )
+    return lines
+
+
+def _ratio(a: dict, b: dict, path: tuple, path_b: tuple | None = None) -> float | None:
+    value, ref = metric(a, path), metric(b, path_b or path)
+    return value / ref if value is not None and ref else None
+
+
+def _fmt(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "-"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trace-dir", type=Path, required=True, help="holds the Azure CSVs")
+    parser.add_argument("--traces", default="conv,code", help="conv and/or code")
+    parser.add_argument("--combos", default=DEFAULT_COMBOS, help="engine+router[+chunkN],...")
+    parser.add_argument("--loads", default="0.5,0.8,0.95", help="fractions of the capacity")
+    parser.add_argument("--requests-per-cell", type=int, default=40)
+    parser.add_argument("--length-scale", type=float, default=0.125)
+    parser.add_argument("--kv-cache-mb", type=float, default=4.0, help="per replica")
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--latency-bound-s", type=float, help="default: e2e p50 at capacity")
+    parser.add_argument("--model", help="default: a seeded random 4-layer Llama")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    args.loads = [float(x) for x in args.loads.split(",")]
+    traces = args.traces.split(",")
+    if unknown := [t for t in traces if t not in TRACES]:
+        parser.error(f"unknown traces {unknown}; pick from {list(TRACES)}")
+    missing = [TRACES[t] for t in traces if not (args.trace_dir / TRACES[t]).is_file()]
+    if missing:
+        parser.error(f"{args.trace_dir} lacks {missing}")
+    runs = [Run.parse(combo) for combo in args.combos.split(",")]
+    runs.sort(key=lambda run: run.name != BASELINE)
+    if runs[0].name != BASELINE:
+        parser.error(f"--combos must include the baseline {BASELINE}")
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        model = args.model or str(build_tiny_llama(tmp / "tiny-llama"))
+        setup = Setup(model, args.kv_cache_mb, args.max_batch_size, torch_threads=1)
+        results = {name: run_trace(name, runs, setup, args, tmp) for name in traces}
+    print(
+        f"{args.requests_per_cell} requests a cell, lengths x{args.length_scale}, 2 replicas x "
+        f"1 thread, KV {args.kv_cache_mb} MiB and batch {args.max_batch_size} each, model "
+        f"{args.model or 'tiny random Llama (4 layers, d=256)'}; ms unless noted, e2e in s"
+    )
+    for name in traces:
+        print(format_matrix(name, results[name], runs, args.loads))
+    print("\n".join(check_targets(results, args.loads)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
