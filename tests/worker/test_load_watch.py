@@ -17,7 +17,7 @@ from exegpt.serving import ROUTER_ID_METADATA
 from exegpt.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
 from services.worker.config import EngineConfig, WorkerConfig
 from services.worker.engine import EngineRequest
-from services.worker.load_watch import MIN_PUSH_INTERVAL_S
+from services.worker.load_watch import MIN_PUSH_INTERVAL_S, LoadBoard, TooManyWatchersError
 from services.worker.server import RunningWorker, start_worker
 from tests.conftest import BackgroundLoop
 
@@ -131,3 +131,20 @@ def test_the_stream_ends_cleanly_when_the_worker_stops(
         remaining = list(stream)  # ends without an error
         assert all(update.worker_id for update in remaining)
         assert stream.code() is grpc.StatusCode.OK
+
+
+def test_watchers_are_bounded(background_loop: BackgroundLoop, worker: RunningWorker) -> None:
+    async def second_watcher_refused() -> str:
+        board = LoadBoard(worker.engine, max_watchers=1)
+        first = board.watch("r1")
+        await anext(first)  # one watcher open
+        try:
+            await anext(board.watch("r2"))
+        except TooManyWatchersError as exc:
+            return str(exc)
+        finally:
+            board.close()
+            await first.aclose()
+        return "accepted"
+
+    assert "at most 1" in background_loop.run(second_watcher_refused())
