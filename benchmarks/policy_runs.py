@@ -104,6 +104,7 @@ def replay(deployment: Deployment, bench_args: list[str], json_path: Path) -> di
     metrics["preemptions"] = sum(
         a.num_preemptions - b.num_preemptions for a, b in zip(after, before, strict=True)
     )
+    metrics["kv_num_blocks"] = after[0].kv_num_blocks
     metrics["finished_per_replica"] = [
         a.num_finished - b.num_finished for a, b in zip(after, before, strict=True)
     ]
