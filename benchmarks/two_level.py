@@ -45,7 +45,8 @@ from services.scheduler.kv_policy_sim import SimRequest, simulate_kv_policy  # n
 
 TRACES = {"conv": "azure2023_conv.csv", "code": "azure2023_code.csv"}
 DEFAULT_COMBOS = (
-    "fcfs+round_robin,fcfs+token_aware,memory_aware+round_robin,memory_aware+token_aware+chunk64"
+    "fcfs+round_robin,fcfs+least_requests,fcfs+power_of_two,fcfs+token_aware,"
+    "memory_aware+round_robin,memory_aware+token_aware,memory_aware+token_aware+chunk256"
 )
 TARGET = "memory_aware+token_aware+chunk256"
 BURST = math.inf  # the load of a replay with every request at once
