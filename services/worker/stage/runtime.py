@@ -189,6 +189,7 @@ class StageRuntime:
                 continue
             with self._step_lock:
                 self._handle(message)
+            del message  # its tensors may view a sender's shared-memory slot: hand it back
 
     def _handle(self, message: TensorMessage) -> None:
         stage = self._stage
