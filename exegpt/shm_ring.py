@@ -115,6 +115,7 @@ class _Mapping:
         self.view = memoryview(mapped)
         self.words = self.view[: control_bytes(num_slots)].cast("Q")
         self.data = np.frombuffer(mapped, dtype=np.uint8)
+        self.address: int = self.data.ctypes.data
         # slot -> weak reference to its lease; the callback ends the lease. Reentrant: a
         # garbage collection inside a locked section may end another lease of this mapping.
         self.leases: dict[int, weakref.ref] = {}
@@ -245,6 +246,11 @@ class ShmRing:
     def slot_view(self, slot: int, payload_bytes: int) -> np.ndarray:
         """The slot's first `payload_bytes` as a writable uint8 array (valid until publish)."""
         return self._live().slot_bytes_view(slot, payload_bytes)
+
+    def slot_address(self, slot: int) -> int:
+        """The address of the slot's first byte in this process (valid until close)."""
+        mapping = self._live()
+        return mapping.address + mapping.slot_start(slot)
 
     def publish(self, slot: int, payload_bytes: int) -> SlotRef:
         """Stamp a filled slot so a receiver may read it; returns the reference to send."""
