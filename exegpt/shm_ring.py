@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 SHM_DIR = Path("/dev/shm")
 SEGMENT_PREFIX = "exegpt-shm-"
 # Only names the ring itself makes: no '/', '.', or anything a path could be built from.
-_SEGMENT_NAME = re.compile(rf"^{re.escape(SEGMENT_PREFIX)}[0-9]+-[0-9a-f]{{16}}$")
+_SEGMENT_NAME = re.compile(rf"^{re.escape(SEGMENT_PREFIX)}([0-9]+)-[0-9a-f]{{16}}$")
 _MAGIC = int.from_bytes(b"EXEGSHM1", "little")
 _VERSION = 1
 _HEADER_WORDS = 8
@@ -193,12 +193,13 @@ class ShmRing:
             raise ValueError("a ring needs at least one slot of at least one byte")
         self.slot_bytes = _round_up(slot_bytes, _PAGE_BYTES)
         self.num_slots = num_slots
+        sweep_dead_segments(directory)  # rings of killed senders, before taking more memory
         self.name = f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
         self.path = directory / self.name
         total_bytes = control_bytes(num_slots) + num_slots * self.slot_bytes
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(self.path, flags, 0o600)
-        # Unlinked on close, on garbage collection and at interpreter exit (not on SIGKILL).
+        # Unlinked on close, on garbage collection and at exit; after a SIGKILL, by a sweep.
         self._unlinker = weakref.finalize(self, _unlink_quietly, self.path)
         try:
             # Reserve the pages now: a full /dev/shm then fails here, not as SIGBUS mid-copy.
@@ -365,3 +366,35 @@ def _checked_layout(mapped: mmap.mmap, name: str) -> _Mapping:
 def leftover_segments(pid: int, directory: Path = SHM_DIR) -> list[Path]:
     """Ring segments a process created that still exist (for tests and operators)."""
     return sorted(directory.glob(f"{SEGMENT_PREFIX}{pid}-*"))
+
+
+def sweep_dead_segments(directory: Path = SHM_DIR, *, pid: int | None = None) -> list[Path]:
+    """Unlink the ring segments whose creator (the pid in the name) is dead; returns them.
+
+    A SIGKILLed sender never runs its finalizer, so its ring would hold memory until reboot.
+    A live creator's segment is never touched (a reused pid keeps a dead ring longer: the safe
+    side); receivers still mapping an unlinked segment read on until they unmap it.
+    """
+    removed = []
+    for path in directory.glob(f"{SEGMENT_PREFIX}{'*' if pid is None else pid}-*"):
+        match = _SEGMENT_NAME.match(path.name)
+        if match is None or not _is_dead(int(match.group(1))):
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue  # swept by another process meanwhile, or not ours to remove
+        removed.append(path)
+    if removed:
+        logger.info("removed %d ring segment(s) of dead processes", len(removed))
+    return removed
+
+
+def _is_dead(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        pass  # another user's live process, or not a pid at all: not ours to judge
+    return False
