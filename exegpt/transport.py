@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import logging
 import socket as stdlib_socket
-from collections.abc import Mapping
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import zmq
@@ -46,6 +48,9 @@ DEFAULT_SHM_NUM_SLOTS = 8
 # How long a send waits for a slot to free before it goes inline: long enough to ride out a
 # receiver's copy of a large payload, short enough that a receiver that has gone costs little.
 DEFAULT_SHM_WAIT_S = 0.05
+# A stage sends to a handful of addresses per load (next stage's TP ranks, the engine); the
+# bound only stops peers from piling up when routes change and nothing calls `retain`.
+DEFAULT_MAX_PEERS = 16
 
 
 @dataclass
@@ -199,32 +204,88 @@ class TensorSocket:
 class PushFanout:
     """PUSH sockets to a set of peers, made on first use: a message goes to every address of
     a hop (each tensor-parallel rank of the next stage gets the same input). A peer on this
-    host is reached through shared memory, another over TCP."""
+    host is reached through shared memory, another over TCP.
 
-    def __init__(self, context: zmq.Context, max_message_bytes: int = 256 * 2**20) -> None:
+    Each same-host peer costs a socket and a ring of shared memory, so the set is kept small:
+    `retain` closes the peers a new route no longer names, and beyond `max_peers` the least
+    recently used is closed. Closing drops what is still queued to that peer and unlinks its
+    ring; a receiver that already mapped the ring keeps reading its leased slots, and a
+    header that arrives after the unlink is refused as a bad frame. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        context: zmq.Context,
+        max_message_bytes: int = 256 * 2**20,
+        *,
+        max_peers: int = DEFAULT_MAX_PEERS,
+        shm_slot_bytes: int = DEFAULT_SHM_SLOT_BYTES,
+    ) -> None:
+        if max_peers < 1:
+            raise ValueError("a fanout needs room for at least one peer")
         self._context = context
         self._max_message_bytes = max_message_bytes
-        self._sockets: dict[str, TensorSocket] = {}
+        self._max_peers = max_peers
+        self._shm_slot_bytes = shm_slot_bytes
+        self._sockets: OrderedDict[str, TensorSocket] = OrderedDict()  # least recent first
+        self._lock = threading.Lock()
+
+    @property
+    def peers(self) -> list[str]:
+        """The addresses with an open socket, least recently used first."""
+        with self._lock:
+            return list(self._sockets)
+
+    def shm_segments(self) -> dict[str, str]:
+        """Each peer's ring segment name under /dev/shm, for the peers that have one."""
+        with self._lock:
+            return {
+                address: socket.shm_segment
+                for address, socket in self._sockets.items()
+                if socket.shm_segment is not None
+            }
 
     def send(self, addresses: list[str], message: TensorMessage) -> None:
-        for address in addresses:
-            self._socket(address).send(message)
+        with self._lock:
+            for address in addresses:
+                self._socket(address).send(message)
+
+    def retain(self, addresses: Iterable[str]) -> list[str]:
+        """Close every peer not in `addresses` (a new load's routes); returns those closed."""
+        keep = set(addresses)
+        with self._lock:
+            gone = [address for address in self._sockets if address not in keep]
+            for address in gone:
+                self._sockets.pop(address).close()
+        if gone:
+            logger.info("closed %d data-plane peer(s) no longer routed to", len(gone))
+        return gone
 
     def _socket(self, address: str) -> TensorSocket:
         socket = self._sockets.get(address)
-        if socket is None:
-            zmq_address, _ = split_shm_scheme(address)
-            socket = TensorSocket(
-                self._context, zmq.PUSH, max_message_bytes=self._max_message_bytes
-            )
-            # Never block the sender on a dead peer: its messages queue up to the HWM.
-            socket.socket.setsockopt(zmq.SNDTIMEO, 5000)
-            prefix = SHM_SCHEME_PREFIX if is_same_host(zmq_address) else ""
-            socket.connect(prefix + zmq_address)
-            self._sockets[address] = socket
+        if socket is not None:
+            self._sockets.move_to_end(address)
+            return socket
+        zmq_address, _ = split_shm_scheme(address)
+        socket = TensorSocket(
+            self._context,
+            zmq.PUSH,
+            max_message_bytes=self._max_message_bytes,
+            shm_slot_bytes=self._shm_slot_bytes,
+        )
+        # Never block the sender on a dead peer: its messages queue up to the HWM.
+        socket.socket.setsockopt(zmq.SNDTIMEO, 5000)
+        prefix = SHM_SCHEME_PREFIX if is_same_host(zmq_address) else ""
+        socket.connect(prefix + zmq_address)
+        self._sockets[address] = socket
+        while len(self._sockets) > self._max_peers:
+            evicted, oldest = self._sockets.popitem(last=False)
+            logger.warning("more than %d data-plane peers: closed %s", self._max_peers, evicted)
+            oldest.close()
         return socket
 
     def close(self) -> None:
-        for socket in self._sockets.values():
-            socket.close()
-        self._sockets.clear()
+        with self._lock:
+            for socket in self._sockets.values():
+                socket.close()
+            self._sockets.clear()

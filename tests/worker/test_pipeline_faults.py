@@ -1,7 +1,7 @@
 """`exegpt up` with pipelined replicas, under load, when a stage process is killed: every
 request completes or gets an explicit error quickly, the router uses the other replica, and
-the replica comes back once the launcher has restarted its stage, and the killed stage's
-shared-memory ring does not stay behind."""
+the replica comes back once the launcher has restarted its stage, and neither the killed
+stage's shared-memory ring nor its upstream stage's ring to it stays behind."""
 
 from __future__ import annotations
 
@@ -67,6 +67,10 @@ def test_a_killed_stage_answers_every_request_and_the_other_replica_serves(deplo
     stage_pid = launcher.pid_of("stage-0-1-0")
     assert stage_pid is not None
     assert leftover_segments(stage_pid)  # the stage streams its outputs through a ring
+    upstream_pid = launcher.pid_of("stage-0-0-0")
+    assert upstream_pid is not None
+    upstream_rings = leftover_segments(upstream_pid)  # its ring to the stage about to die
+    assert upstream_rings
     os.kill(stage_pid, signal.SIGKILL)
     killed_s = time.monotonic()
     for thread in threads:
@@ -90,3 +94,6 @@ def test_a_killed_stage_answers_every_request_and_the_other_replica_serves(deplo
         assert time.monotonic() < deadline, worker_log.read_text()[-3000:]
         time.sleep(0.2)
     assert leftover_segments(stage_pid) == []  # its ring, which it could not unlink, is swept
+    # The restarted stage has a new data address: the reload closed the upstream stage's
+    # socket and ring to the old one.
+    assert not any(ring.exists() for ring in upstream_rings)

@@ -318,6 +318,8 @@ class PipelineExecutor:
                     raise PipelineError(f"a stage failed to load: {exc.details()}") from None
         self._load_id = load_id
         self._first_hops = first_hops(placement, data)
+        # A restarted stage has a new data address: close the socket and ring of its old one.
+        self._fanout.retain(address for hop in self._first_hops.values() for address in hop)
         self._healthy = True
         logger.info(
             "pipeline loaded: %d stages, %d processes, load %s",
