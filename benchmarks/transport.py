@@ -6,13 +6,16 @@ For each tensor size it measures, side by side in one run:
 - shm: exegpt.transport over `shm+ipc://` (payload through the sender's shared-memory ring,
   header over ZeroMQ), and tcp: the same transport over `tcp://127.0.0.1`, each with the
   sender here and the receiver in a separate (spawned) process that decodes every message.
-A transport round streams messages and ends when the receiver reports the last one decoded;
-bandwidth is the round's bytes over that time, median of the rounds. The shm column also says
-what share of messages went through a slot (the rest fell back inline on a full ring).
-Machines here are shared and noisy: read the ratios, not the absolute numbers.
+A transport round streams messages and ends when the receiver reports the last one decoded
+(the receiver's tensors are views of the slot; dropping them hands it back); bandwidth is the
+round's bytes over that time. Rounds are interleaved, one of each column in turn, so a burst
+of load on a shared machine hits every column alike; each column prints its median, and each
+ratio is the median of per-round ratios. The shm column also says what share of messages
+went through a slot (the rest fell back inline on a full ring). Machines here are shared
+and noisy: read the ratios, not the absolute numbers.
 
     .venv/bin/python benchmarks/transport.py                       # ~20-30 s here
-    .venv/bin/python benchmarks/transport.py --sizes 1M,4M --rounds 9
+    .venv/bin/python benchmarks/transport.py --sizes 1M,4M --rounds 9 --no-step
 """
 
 from __future__ import annotations
@@ -49,36 +52,31 @@ def messages_per_round(size_bytes: int, round_bytes: int) -> int:
     return max(8, round_bytes // size_bytes)
 
 
-def median_gb_per_s(size_bytes: int, count: int, round_times_s: list[float]) -> float:
-    return size_bytes * count / statistics.median(round_times_s) / 1e9
-
-
 # --- in-process copies -------------------------------------------------------------------
 
 
-def time_rounds(action: Callable[[], object], count: int, rounds: int) -> list[float]:
-    action()  # warm-up: first-touch page faults and allocator growth stay out of the rounds
-    times_s = []
-    for _ in range(rounds):
-        start_s = time.perf_counter()
-        for _ in range(count):
-            action()
-        times_s.append(time.perf_counter() - start_s)
-    return times_s
+def timed_round(action: Callable[[], object], count: int) -> float:
+    start_s = time.perf_counter()
+    for _ in range(count):
+        action()
+    return time.perf_counter() - start_s
 
 
-def memcpy_gb_per_s(size_bytes: int, round_bytes: int, rounds: int) -> float:
-    source = np.ones(size_bytes, dtype=np.uint8)
-    target = np.empty_like(source)
-    count = messages_per_round(size_bytes, round_bytes)
-    times_s = time_rounds(lambda: np.copyto(target, source), count, rounds)
-    return median_gb_per_s(size_bytes, count, times_s)
+class InProcessCopies:
+    """The references: a numpy memcpy into a preallocated buffer, and a torch clone."""
 
+    def __init__(self, size_bytes: int) -> None:
+        self._source = np.ones(size_bytes, dtype=np.uint8)
+        self._target = np.empty_like(self._source)
+        self._tensor = torch.ones(size_bytes, dtype=torch.uint8)
+        self.memcpy()  # warm-up: first-touch page faults and allocator growth
+        self.clone()
 
-def clone_gb_per_s(size_bytes: int, round_bytes: int, rounds: int) -> float:
-    source = torch.ones(size_bytes, dtype=torch.uint8)
-    count = messages_per_round(size_bytes, round_bytes)
-    return median_gb_per_s(size_bytes, count, time_rounds(source.clone, count, rounds))
+    def memcpy(self) -> None:
+        np.copyto(self._target, self._source)
+
+    def clone(self) -> None:
+        self._tensor.clone()
 
 
 # --- two processes over the transport ------------------------------------------------------
@@ -99,12 +97,6 @@ def receiver_main(address: str, report: Connection) -> None:
     finally:
         receiver.close()
         context.term()
-
-
-@dataclass
-class TransportResult:
-    gb_per_s: float
-    shm_share: float  # messages through a slot / messages sent
 
 
 class RemoteReceiver:
@@ -136,17 +128,6 @@ class RemoteReceiver:
             raise RuntimeError("the receiver did not finish a round within 120 s")
         self._report.recv()
         return time.perf_counter() - start_s
-
-    def measure(self, size_bytes: int, round_bytes: int, rounds: int) -> TransportResult:
-        tensor = torch.ones(size_bytes // 4, dtype=torch.float32)
-        count = messages_per_round(size_bytes, round_bytes)
-        self.one_round(tensor, min(count, 8))  # warm-up: ring pages, sockets, allocator
-        shm_before, inline_before = self.sender.stats.sent_shm, self.sender.stats.sent_inline
-        times_s = [self.one_round(tensor, count) for _ in range(rounds)]
-        sent_shm = self.sender.stats.sent_shm - shm_before
-        sent_inline = self.sender.stats.sent_inline - inline_before - rounds  # not round ends
-        share = sent_shm / max(1, sent_shm + sent_inline)
-        return TransportResult(median_gb_per_s(size_bytes, count, times_s), share)
 
     def close(self) -> None:
         self.sender.send(TensorMessage("stop", {}))
@@ -180,12 +161,55 @@ def format_size(size_bytes: int) -> str:
     return f"{size_bytes} B"
 
 
+@dataclass
+class Point:
+    """One tensor size: per-round GB/s of each column, rounds interleaved across columns."""
+
+    size_bytes: int
+    rounds: dict[str, list[float]]
+    shm_share: float  # messages through a slot / messages sent
+
+    def median(self, column: str) -> float:
+        return statistics.median(self.rounds[column])
+
+    def ratio(self, column: str, reference: str = "memcpy") -> float:
+        """Median over rounds of column / reference, each pair measured back to back."""
+        pairs = zip(self.rounds[column], self.rounds[reference], strict=True)
+        return statistics.median(value / ref for value, ref in pairs)
+
+
+def measure_point(
+    size_bytes: int, round_bytes: int, rounds: int, transports: dict[str, RemoteReceiver]
+) -> Point:
+    """Round by round, each column in turn: on a shared machine a burst of load then hits
+    every column alike instead of one, and each ratio compares rounds taken back to back."""
+    copies = InProcessCopies(size_bytes)
+    tensor = torch.ones(size_bytes // 4, dtype=torch.float32)
+    count = messages_per_round(size_bytes, round_bytes)
+    for transport in transports.values():
+        transport.one_round(tensor, min(count, 8))  # warm-up: ring pages, sockets, allocator
+    shm = transports["shm"].sender.stats
+    shm_before, inline_before = shm.sent_shm, shm.sent_inline
+    columns: dict[str, list[float]] = {"memcpy": [], "clone": [], **{k: [] for k in transports}}
+    for _ in range(rounds):
+        times_s = {"memcpy": timed_round(copies.memcpy, count)}
+        times_s["clone"] = timed_round(copies.clone, count)
+        for name, transport in transports.items():
+            times_s[name] = transport.one_round(tensor, count)
+        for name, time_s in times_s.items():
+            columns[name].append(size_bytes * count / time_s / 1e9)
+    sent_shm = shm.sent_shm - shm_before
+    sent_inline = shm.sent_inline - inline_before - rounds  # not the round ends
+    return Point(size_bytes, columns, sent_shm / max(1, sent_shm + sent_inline))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="comma-separated, e.g. 64K,1M")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per point")
     parser.add_argument("--round-mb", type=float, default=128, help="bytes per round, in MiB")
     parser.add_argument("--slots", type=int, default=8, help="shared-memory ring slots")
+    parser.add_argument("--no-step", action="store_true", help="skip the PP-2 step report")
     args = parser.parse_args()
     sizes_bytes = [parse_size_bytes(text) for text in args.sizes.split(",")]
     round_bytes = int(args.round_mb * 2**20)
@@ -198,24 +222,24 @@ def main() -> None:
         f"{'size':>7} {'memcpy':>8} {'clone':>8} {'shm':>8} {'shm/memcpy':>10} {'via slot':>8} "
         f"{'tcp':>8} {'tcp/memcpy':>10}"
     )
-    print("hand-off bandwidth, GB/s (shm and tcp: sender and receiver in separate processes)")
+    print("hand-off bandwidth, GB/s, median of rounds (shm and tcp: sender and receiver in")
+    print("separate processes; ratios: median of per-round ratios, rounds interleaved)")
     print(header)
     try:
         for size_bytes in sizes_bytes:
-            memcpy = memcpy_gb_per_s(size_bytes, round_bytes, args.rounds)
-            clone = clone_gb_per_s(size_bytes, round_bytes, args.rounds)
-            shm = transports["shm"].measure(size_bytes, round_bytes, args.rounds)
-            tcp = transports["tcp"].measure(size_bytes, round_bytes, args.rounds)
+            point = measure_point(size_bytes, round_bytes, args.rounds, transports)
             print(
-                f"{format_size(size_bytes):>7} {memcpy:8.2f} {clone:8.2f} {shm.gb_per_s:8.2f} "
-                f"{shm.gb_per_s / memcpy:10.2f} {shm.shm_share:8.0%} {tcp.gb_per_s:8.2f} "
-                f"{tcp.gb_per_s / memcpy:10.2f}",
+                f"{format_size(size_bytes):>7} {point.median('memcpy'):8.2f} "
+                f"{point.median('clone'):8.2f} {point.median('shm'):8.2f} "
+                f"{point.ratio('shm'):10.2f} {point.shm_share:8.0%} {point.median('tcp'):8.2f} "
+                f"{point.ratio('tcp'):10.2f}",
                 flush=True,
             )
     finally:
         for transport in transports.values():
             transport.close()
-    print(pp2_step_report())
+    if not args.no_step:
+        print(pp2_step_report())
 
 
 if __name__ == "__main__":

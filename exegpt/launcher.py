@@ -9,7 +9,8 @@ Ctrl-C or SIGTERM stops every child (SIGTERM, then SIGKILL after a grace period)
 The launcher supervises its children: one that dies is restarted with exponential backoff
 while the others keep serving, on the ports it had (the router keeps its list of worker
 addresses, and clients keep the router's). Only a crash loop (more than `max_restarts`
-exits of one child within `window_s`) stops the deployment, and the log says so.
+exits of one child within `window_s`) stops the deployment, and the log says so. The
+shared-memory rings of a child that died without unlinking them are removed when it is seen.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from exegpt.dtypes import DEFAULT_DTYPE
 from exegpt.models.hub_cache import local_model_directory
 from exegpt.security import SecurityConfig
 from exegpt.serving import supervisor_environment
+from exegpt.shm_ring import sweep_dead_segments
 from exegpt.topology import (
     Topology,
     format_stage_addresses,
@@ -270,6 +272,7 @@ class Deployment:
                     logger.info("%s restarted and ready again", child.name)
                 continue
             if child.restart_at_s is None:
+                sweep_dead_segments(pid=child.process.pid)  # a killed child's rings
                 if reason := self._schedule_restart(child, now):
                     return reason
             elif now >= child.restart_at_s:
@@ -318,6 +321,7 @@ class Deployment:
                 logger.warning("%s did not stop in %.0fs; killing it", child.name, grace_s)
                 child.process.kill()
                 child.process.wait()
+            sweep_dead_segments(pid=child.process.pid)
         self._children.clear()
 
     def __enter__(self) -> Deployment:

@@ -3,12 +3,13 @@
 ZeroMQ over loopback moves a few GB/s; a memcpy moves tens. So on one host a sender copies a
 message's tensors into one fixed-size slot of a file it maps under /dev/shm, stamps the slot
 with a fresh ticket, and ZeroMQ carries only the protobuf header with the slot's reference.
-The receiver checks that reference against the segment's own layout and stamps, copies the
-bytes out (one memcpy, so the slot's lifetime ends inside `recv`) and writes the ticket into
-the slot's release word. The sender reuses a slot only once its release word equals its
-ticket: no reverse channel is needed (PUSH/PULL works), releases may come out of order
-(several receivers), and a slot is never overwritten while a receiver still reads it. A full
-ring, or a payload larger than a slot, goes inline over ZeroMQ instead (exegpt/transport.py).
+The receiver checks that reference against the segment's own layout and stamps, then leases
+the slot: its tensors are views of the shared bytes (no copy), and when the last of them is
+garbage collected the lease ends and writes the ticket into the slot's release word. The
+sender reuses a slot only once its release word equals its ticket: no reverse channel is
+needed (PUSH/PULL works), releases may come out of order (several receivers, consumers that
+keep a message longer), and a slot is never overwritten while a view of it is alive. A full
+ring, or a payload larger than a slot, goes inline over ZeroMQ instead (exegpt/frames.py).
 
 Segment layout, native-endian u64 words (both sides are on one host):
   word 0..4  magic, version, num_slots, slot_bytes, data_offset
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 SHM_DIR = Path("/dev/shm")
 SEGMENT_PREFIX = "exegpt-shm-"
 # Only names the ring itself makes: no '/', '.', or anything a path could be built from.
-_SEGMENT_NAME = re.compile(rf"^{re.escape(SEGMENT_PREFIX)}[0-9]+-[0-9a-f]{{16}}$")
+_SEGMENT_NAME = re.compile(rf"^{re.escape(SEGMENT_PREFIX)}([0-9]+)-[0-9a-f]{{16}}$")
 _MAGIC = int.from_bytes(b"EXEGSHM1", "little")
 _VERSION = 1
 _HEADER_WORDS = 8
@@ -101,22 +102,71 @@ class SlotRef:
 
 
 class _Mapping:
-    """One mapped segment: the control words and the data bytes as views of the same memory."""
+    """One mapped segment: the control words and the data bytes as views of the same memory.
+
+    On the receiver's side it also keeps the slots leased out as views: it unmaps only once
+    the last of them has ended, so closing never pulls memory from under a live tensor.
+    """
 
     def __init__(self, mapped: mmap.mmap, num_slots: int, slot_bytes: int) -> None:
         self.mapped = mapped
         self.num_slots = num_slots
         self.slot_bytes = slot_bytes
-        self.words = memoryview(mapped)[: control_bytes(num_slots)].cast("Q")
+        self.view = memoryview(mapped)
+        self.words = self.view[: control_bytes(num_slots)].cast("Q")
         self.data = np.frombuffer(mapped, dtype=np.uint8)
+        self.address: int = self.data.ctypes.data
+        # slot -> weak reference to its lease; the callback ends the lease. Reentrant: a
+        # garbage collection inside a locked section may end another lease of this mapping.
+        self.leases: dict[int, weakref.ref] = {}
+        self._lock = threading.RLock()
+        self._closing = False
+        self._unmapped = False
+
+    def slot_start(self, slot: int) -> int:
+        return control_bytes(self.num_slots) + slot * self.slot_bytes
 
     def slot_bytes_view(self, slot: int, num_bytes: int) -> np.ndarray:
-        start = control_bytes(self.num_slots) + slot * self.slot_bytes
+        start = self.slot_start(slot)
         return self.data[start : start + num_bytes]
 
+    def lease(self, ref: SlotRef) -> memoryview:
+        """The slot's payload as a view that releases the slot once it is garbage collected."""
+        start = self.slot_start(ref.slot)
+        view = self.view[start : start + ref.payload_bytes]
+        with self._lock:
+            self.leases[ref.slot] = weakref.ref(
+                view, lambda _, slot=ref.slot, ticket=ref.ticket: self.end_lease(slot, ticket)
+            )
+        return view
+
+    def end_lease(self, slot: int, ticket: int) -> None:
+        """Hand the slot back to its sender (and unmap if a close was waiting for this)."""
+        with self._lock:
+            self.leases.pop(slot, None)
+            self.release(slot, ticket)
+            unmap = self._closing and not self.leases
+        if unmap:
+            self._unmap()
+
+    def release(self, slot: int, ticket: int) -> None:
+        if self._unmapped:
+            return  # closed: the sender's segment is no longer ours to write
+        _fence()  # the reads of the slot come before the stamp that frees it
+        self.words[_released_word(slot)] = ticket
+
     def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            if self.leases:
+                return  # the last lease to end unmaps
+        self._unmap()
+
+    def _unmap(self) -> None:
         # Views first: an mmap with live exports refuses to close.
+        self._unmapped = True
         self.words.release()
+        self.view.release()
         del self.data
         self.mapped.close()
 
@@ -143,12 +193,13 @@ class ShmRing:
             raise ValueError("a ring needs at least one slot of at least one byte")
         self.slot_bytes = _round_up(slot_bytes, _PAGE_BYTES)
         self.num_slots = num_slots
+        sweep_dead_segments(directory)  # rings of killed senders, before taking more memory
         self.name = f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
         self.path = directory / self.name
         total_bytes = control_bytes(num_slots) + num_slots * self.slot_bytes
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(self.path, flags, 0o600)
-        # Unlinked on close, on garbage collection and at interpreter exit (not on SIGKILL).
+        # Unlinked on close, on garbage collection and at exit; after a SIGKILL, by a sweep.
         self._unlinker = weakref.finalize(self, _unlink_quietly, self.path)
         try:
             # Reserve the pages now: a full /dev/shm then fails here, not as SIGBUS mid-copy.
@@ -197,6 +248,11 @@ class ShmRing:
         """The slot's first `payload_bytes` as a writable uint8 array (valid until publish)."""
         return self._live().slot_bytes_view(slot, payload_bytes)
 
+    def slot_address(self, slot: int) -> int:
+        """The address of the slot's first byte in this process (valid until close)."""
+        mapping = self._live()
+        return mapping.address + mapping.slot_start(slot)
+
     def publish(self, slot: int, payload_bytes: int) -> SlotRef:
         """Stamp a filled slot so a receiver may read it; returns the reference to send."""
         ticket = self._next_ticket
@@ -227,8 +283,8 @@ class ShmReader:
         self.max_payload_bytes = max_payload_bytes
         self._attached: OrderedDict[str, _Mapping] = OrderedDict()
 
-    def payload(self, ref: SlotRef) -> np.ndarray:
-        """The slot's payload bytes, once the ref is checked against the segment's stamps."""
+    def check(self, ref: SlotRef) -> None:
+        """Raise ShmRefError unless `ref` names a slot its sender published and nobody holds."""
         mapping = self._attach(ref.segment)
         if ref.slot >= mapping.num_slots:
             raise ShmRefError(f"slot {ref.slot} out of range ({mapping.num_slots} slots)")
@@ -242,17 +298,21 @@ class ShmReader:
             raise ShmRefError(f"slot {ref.slot} holds ticket {stamped_ticket}, not {ref.ticket}")
         if words[_released_word(ref.slot)] == ref.ticket:
             raise ShmRefError(f"slot {ref.slot} ticket {ref.ticket} was already read")
+        if ref.slot in mapping.leases:  # a replayed reference: one lease per slot
+            raise ShmRefError(f"slot {ref.slot} ticket {ref.ticket} is still leased")
         if stamped_bytes != ref.payload_bytes:
             raise ShmRefError(
                 f"slot {ref.slot} holds {stamped_bytes} bytes, not {ref.payload_bytes}"
             )
-        return mapping.slot_bytes_view(ref.slot, ref.payload_bytes)
+
+    def lease(self, ref: SlotRef) -> memoryview:
+        """A checked slot's payload bytes, shared with the sender (no copy). The slot goes back
+        to the sender once this view, and every tensor made from it, is garbage collected."""
+        return self._attached[ref.segment].lease(ref)
 
     def release(self, ref: SlotRef) -> None:
-        """Hand the slot back to the sender (call once the bytes are copied out)."""
-        mapping = self._attached[ref.segment]
-        _fence()
-        mapping.words[_released_word(ref.slot)] = ref.ticket
+        """Hand a checked slot straight back to the sender without leasing it."""
+        self._attached[ref.segment].release(ref.slot, ref.ticket)
 
     def close(self) -> None:
         while self._attached:
@@ -306,3 +366,35 @@ def _checked_layout(mapped: mmap.mmap, name: str) -> _Mapping:
 def leftover_segments(pid: int, directory: Path = SHM_DIR) -> list[Path]:
     """Ring segments a process created that still exist (for tests and operators)."""
     return sorted(directory.glob(f"{SEGMENT_PREFIX}{pid}-*"))
+
+
+def sweep_dead_segments(directory: Path = SHM_DIR, *, pid: int | None = None) -> list[Path]:
+    """Unlink the ring segments whose creator (the pid in the name) is dead; returns them.
+
+    A SIGKILLed sender never runs its finalizer, so its ring would hold memory until reboot.
+    A live creator's segment is never touched (a reused pid keeps a dead ring longer: the safe
+    side); receivers still mapping an unlinked segment read on until they unmap it.
+    """
+    removed = []
+    for path in directory.glob(f"{SEGMENT_PREFIX}{'*' if pid is None else pid}-*"):
+        match = _SEGMENT_NAME.match(path.name)
+        if match is None or not _is_dead(int(match.group(1))):
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue  # swept by another process meanwhile, or not ours to remove
+        removed.append(path)
+    if removed:
+        logger.info("removed %d ring segment(s) of dead processes", len(removed))
+    return removed
+
+
+def _is_dead(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        pass  # another user's live process, or not a pid at all: not ours to judge
+    return False

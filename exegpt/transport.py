@@ -1,58 +1,56 @@
-"""The data plane: tensors over ZeroMQ as a protobuf header plus one raw frame per tensor.
+"""The data plane's sockets: TensorMessages over ZeroMQ, framed by exegpt/frames.py.
 
-Sends are zero-copy (ZeroMQ takes the tensor's memory directly) and receives wrap the frame
-buffers with torch.frombuffer, so a tensor crosses a socket without being copied into Python
-objects, and nothing is ever unpickled. Every received header is checked against its frames
-before a byte is interpreted.
+A message is a protobuf header plus one raw frame per tensor, sent and received without
+copies into Python objects, never pickled, and checked against its header on receipt.
 
 On one host, loopback TCP or IPC moves a few GB/s against tens for a memcpy, so a socket made
 with `same_host=True`, or bound/connected to an `shm+ipc://`, `shm+tcp://` or `shm+inproc://`
 address, sends each message's tensors through a slot of its shared-memory ring
-(exegpt/shm_ring.py) and ZeroMQ carries only the header naming that slot. A payload larger
-than a slot, or a full ring, goes inline as above; so does everything from a plain socket.
-Only a same-host socket accepts slot references, and it checks each against the segment.
+(exegpt/shm_ring.py) and ZeroMQ carries only the header naming that slot. The receiver's
+tensors are views of that slot, which goes back to the sender when the last of them is
+garbage collected: a consumer that keeps a message keeps its slot. A payload larger than a
+slot, or a ring still full after `shm_wait_s`, goes inline; so does everything from a plain
+socket. Only a same-host socket accepts slot references, and it checks each against the
+segment.
 """
 
 from __future__ import annotations
 
 import logging
 import socket as stdlib_socket
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
-import numpy as np
-import torch
 import zmq
 
-from exegpt.shm_ring import ShmReader, ShmRefError, ShmRing, SlotRef, aligned_bytes
-from exegpt.v1 import transport_pb2
+from exegpt.frames import FrameError, TensorMessage, decode, encode, encode_into_ring
+from exegpt.shm_ring import ShmReader, ShmRing
+
+__all__ = [
+    "FrameError",
+    "PushFanout",
+    "TensorMessage",
+    "TensorSocket",
+    "TransportStats",
+    "decode",
+    "encode",
+    "is_same_host",
+    "split_shm_scheme",
+]
 
 logger = logging.getLogger(__name__)
 
-_DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, name)
-    for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8")
-}
-MAX_HEADER_BYTES = 64 * 1024
 SHM_SCHEME_PREFIX = "shm+"
 DEFAULT_SHM_SLOT_BYTES = 8 * 2**20
 DEFAULT_SHM_NUM_SLOTS = 8
 # How long a send waits for a slot to free before it goes inline: long enough to ride out a
 # receiver's copy of a large payload, short enough that a receiver that has gone costs little.
 DEFAULT_SHM_WAIT_S = 0.05
-
-
-class FrameError(ValueError):
-    """A received message does not match its header (refused, never interpreted)."""
-
-
-@dataclass
-class TensorMessage:
-    kind: str
-    tensors: dict[str, torch.Tensor]
-    sequence: int = 0
-    trace_context: dict[str, str] = field(default_factory=dict)
-    attributes: dict[str, str] = field(default_factory=dict)
+# A stage sends to a handful of addresses per load (next stage's TP ranks, the engine); the
+# bound only stops peers from piling up when routes change and nothing calls `retain`.
+DEFAULT_MAX_PEERS = 16
 
 
 @dataclass
@@ -63,185 +61,6 @@ class TransportStats:
     sent_inline: int = 0
     received_shm: int = 0
     received_inline: int = 0
-
-
-def _new_header(message: TensorMessage) -> transport_pb2.FrameHeader:
-    return transport_pb2.FrameHeader(
-        kind=message.kind,
-        sequence=message.sequence,
-        trace_context=message.trace_context,
-        attributes=message.attributes,
-    )
-
-
-def _dtype_name(name: str, tensor: torch.Tensor) -> str:
-    dtype_name = str(tensor.dtype).removeprefix("torch.")
-    if dtype_name not in _DTYPES:
-        raise TypeError(f"tensor {name!r}: dtype {tensor.dtype} cannot be sent")
-    return dtype_name
-
-
-def encode(message: TensorMessage) -> list[bytes | memoryview]:
-    """Frames for a message: the header, then each tensor's bytes (no copy when contiguous)."""
-    header = _new_header(message)
-    frames: list[bytes | memoryview] = []
-    for name, tensor in message.tensors.items():
-        header.tensors.add(name=name, dtype=_dtype_name(name, tensor), shape=list(tensor.shape))
-        data = tensor.detach().cpu().contiguous()
-        # Reinterpret as bytes without copying (bfloat16 has no numpy equivalent); flattened
-        # first because a 0-dim tensor cannot change its element size.
-        as_bytes = data.reshape(-1).view(torch.uint8)
-        frames.append(memoryview(as_bytes.numpy()) if data.numel() else b"")
-    return [header.SerializeToString(), *frames]
-
-
-def encode_into_ring(
-    message: TensorMessage, ring: ShmRing, *, wait_s: float = 0.0
-) -> list[bytes] | None:
-    """The header-only frame for a message whose tensors now lie in one of the ring's slots.
-
-    None when the message should go inline instead: nothing to carry, larger than a slot, or
-    every slot still being read after `wait_s`.
-    """
-    offsets_bytes: list[int] = []
-    payload_bytes = 0
-    for tensor in message.tensors.values():
-        offsets_bytes.append(payload_bytes)
-        payload_bytes += aligned_bytes(tensor.numel() * tensor.element_size())
-    slot = ring.reserve(payload_bytes, wait_s=wait_s) if payload_bytes else None
-    if slot is None:
-        return None
-    view = ring.slot_view(slot, payload_bytes)
-    header = _new_header(message)
-    for (name, tensor), offset in zip(message.tensors.items(), offsets_bytes, strict=True):
-        header.tensors.add(
-            name=name, dtype=_dtype_name(name, tensor), shape=list(tensor.shape), shm_offset=offset
-        )
-        _copy_into_slot(view, offset, tensor)
-    ref = ring.publish(slot, payload_bytes)
-    header.shm.CopyFrom(
-        transport_pb2.ShmSlotRef(
-            segment=ref.segment, slot=ref.slot, ticket=ref.ticket, payload_bytes=payload_bytes
-        )
-    )
-    return [header.SerializeToString()]
-
-
-def _copy_into_slot(view: np.ndarray, offset_bytes: int, tensor: torch.Tensor) -> None:
-    num_bytes = tensor.numel() * tensor.element_size()
-    if num_bytes == 0:
-        return
-    target = view[offset_bytes : offset_bytes + num_bytes]
-    source = tensor.detach()
-    if source.device.type == "cpu" and source.is_contiguous():
-        # numpy's copy is one plain memcpy on this thread: it keeps the data plane off torch's
-        # intra-op pool, which the stage's compute owns (and which stalls on shared cores).
-        np.copyto(target, source.reshape(-1).view(torch.uint8).numpy())
-        return
-    # Strided or on a GPU: one copy straight from the source into the slot's bytes.
-    torch.from_numpy(target).view(source.dtype).view(source.shape).copy_(source)
-
-
-def decode(frames: list[zmq.Frame] | list[bytes], *, shm: ShmReader | None = None) -> TensorMessage:
-    """Rebuild a message from frames, validating dtypes, shapes and sizes first.
-
-    A header that names a shared-memory slot is read through `shm` (a same-host socket's
-    reader) and refused without one.
-    """
-    if not frames:
-        raise FrameError("empty message")
-    header = _parse_header(_buffer(frames[0]))
-    if header.HasField("shm"):
-        if shm is None:
-            raise FrameError("shared-memory reference on a socket that does not accept them")
-        if len(frames) != 1:
-            raise FrameError(f"shared-memory message with {len(frames) - 1} tensor frames")
-        tensors = _tensors_from_slot(header, shm)
-    else:
-        if len(header.tensors) != len(frames) - 1:
-            raise FrameError(f"header lists {len(header.tensors)} tensors, got {len(frames) - 1}")
-        tensors = {
-            meta.name: _tensor_from_frame(meta, _buffer(frame))
-            for meta, frame in zip(header.tensors, frames[1:], strict=True)
-        }
-    return TensorMessage(
-        kind=header.kind,
-        tensors=tensors,
-        sequence=header.sequence,
-        trace_context=dict(header.trace_context),
-        attributes=dict(header.attributes),
-    )
-
-
-def _parse_header(raw_header: memoryview) -> transport_pb2.FrameHeader:
-    if len(raw_header) > MAX_HEADER_BYTES:
-        raise FrameError(f"header of {len(raw_header)} bytes exceeds {MAX_HEADER_BYTES}")
-    header = transport_pb2.FrameHeader()
-    try:
-        header.ParseFromString(bytes(raw_header))
-    except Exception as exc:  # protobuf raises DecodeError, a bare Exception subclass
-        raise FrameError(f"malformed header: {exc}") from None
-    return header
-
-
-def _buffer(frame: zmq.Frame | bytes) -> memoryview:
-    return frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame)
-
-
-def _checked_meta(meta: transport_pb2.TensorMeta) -> tuple[torch.dtype, list[int], int]:
-    """The dtype, shape and byte size a tensor's header entry implies, once they make sense."""
-    dtype = _DTYPES.get(meta.dtype)
-    if dtype is None:
-        raise FrameError(f"tensor {meta.name!r}: unsupported dtype {meta.dtype!r}")
-    if any(dim < 0 for dim in meta.shape):
-        raise FrameError(f"tensor {meta.name!r}: negative dimension in {list(meta.shape)}")
-    numel = 1
-    for dim in meta.shape:
-        numel *= dim
-    return dtype, list(meta.shape), numel * dtype.itemsize
-
-
-def _tensor_from_frame(meta: transport_pb2.TensorMeta, data: memoryview) -> torch.Tensor:
-    dtype, shape, expected = _checked_meta(meta)
-    if len(data) != expected:
-        raise FrameError(f"tensor {meta.name!r}: {len(data)} bytes, header implies {expected}")
-    if expected == 0:
-        return torch.empty(shape, dtype=dtype)
-    # The frame's memory is read-only; torch warns but only reads it. Clone before writing.
-    flat = torch.frombuffer(data, dtype=torch.uint8)
-    return flat.view(dtype).view(shape)
-
-
-def _tensors_from_slot(
-    header: transport_pb2.FrameHeader, reader: ShmReader
-) -> dict[str, torch.Tensor]:
-    ref = SlotRef(header.shm.segment, header.shm.slot, header.shm.ticket, header.shm.payload_bytes)
-    try:
-        payload = reader.payload(ref)
-    except ShmRefError as exc:
-        raise FrameError(f"shared-memory reference refused: {exc}") from None
-    try:
-        return {meta.name: _tensor_from_slot(meta, payload) for meta in header.tensors}
-    finally:
-        # The ref was genuine, so the slot goes back to the sender even if a tensor is refused.
-        reader.release(ref)
-
-
-def _tensor_from_slot(meta: transport_pb2.TensorMeta, payload: np.ndarray) -> torch.Tensor:
-    dtype, shape, num_bytes = _checked_meta(meta)
-    end_bytes = meta.shm_offset + num_bytes
-    if meta.shm_offset % dtype.itemsize or end_bytes > len(payload):
-        raise FrameError(
-            f"tensor {meta.name!r}: bytes {meta.shm_offset}..{end_bytes} outside the "
-            f"{len(payload)}-byte slot payload or misaligned"
-        )
-    if num_bytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    # Copied out so the slot is free again when recv returns (no shared lifetimes). numpy
-    # allocates large buffers on huge pages, which saves most of a fresh buffer's page faults.
-    data = np.empty(num_bytes, dtype=np.uint8)
-    np.copyto(data, payload[meta.shm_offset : end_bytes])
-    return torch.from_numpy(data).view(dtype).view(shape)
 
 
 def split_shm_scheme(address: str) -> tuple[str, bool]:
@@ -337,20 +156,24 @@ class TensorSocket:
         if extra:
             message.attributes.update(extra)
         ring = self._ring_for_send()
-        frames = None
+        header = None
         if ring is not None:
-            frames = encode_into_ring(message, ring, wait_s=self.shm_wait_s)
-        if frames is not None:
+            header = encode_into_ring(message, ring, wait_s=self.shm_wait_s)
+        if header is not None:
             self.stats.sent_shm += 1
-            self.socket.send_multipart(frames, copy=False)
+            self.socket.send(header)  # a few hundred bytes: copying beats a zero-copy hand-off
             return
         self.stats.sent_inline += 1
         self.socket.send_multipart(encode(message), copy=False)
 
     def recv(self, timeout_ms: int | None = None) -> TensorMessage:
+        """The next message. A shared-memory message's tensors are views of its slot: keep
+        them only as long as needed (the sender has `shm_num_slots` slots in all)."""
         if timeout_ms is not None and not self.socket.poll(timeout_ms):
             raise TimeoutError(f"no message within {timeout_ms} ms")
-        frames = self.socket.recv_multipart(copy=False)
+        frames: list[zmq.Frame | bytes] = [self.socket.recv()]  # the header, copied: small
+        if self.socket.getsockopt(zmq.RCVMORE):
+            frames.extend(self.socket.recv_multipart(copy=False))  # tensor frames: no copy
         message = decode(frames, shm=self._reader if self.same_host else None)
         if len(frames) == 1 and message.tensors:
             self.stats.received_shm += 1
@@ -381,32 +204,88 @@ class TensorSocket:
 class PushFanout:
     """PUSH sockets to a set of peers, made on first use: a message goes to every address of
     a hop (each tensor-parallel rank of the next stage gets the same input). A peer on this
-    host is reached through shared memory, another over TCP."""
+    host is reached through shared memory, another over TCP.
 
-    def __init__(self, context: zmq.Context, max_message_bytes: int = 256 * 2**20) -> None:
+    Each same-host peer costs a socket and a ring of shared memory, so the set is kept small:
+    `retain` closes the peers a new route no longer names, and beyond `max_peers` the least
+    recently used is closed. Closing drops what is still queued to that peer and unlinks its
+    ring; a receiver that already mapped the ring keeps reading its leased slots, and a
+    header that arrives after the unlink is refused as a bad frame. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        context: zmq.Context,
+        max_message_bytes: int = 256 * 2**20,
+        *,
+        max_peers: int = DEFAULT_MAX_PEERS,
+        shm_slot_bytes: int = DEFAULT_SHM_SLOT_BYTES,
+    ) -> None:
+        if max_peers < 1:
+            raise ValueError("a fanout needs room for at least one peer")
         self._context = context
         self._max_message_bytes = max_message_bytes
-        self._sockets: dict[str, TensorSocket] = {}
+        self._max_peers = max_peers
+        self._shm_slot_bytes = shm_slot_bytes
+        self._sockets: OrderedDict[str, TensorSocket] = OrderedDict()  # least recent first
+        self._lock = threading.Lock()
+
+    @property
+    def peers(self) -> list[str]:
+        """The addresses with an open socket, least recently used first."""
+        with self._lock:
+            return list(self._sockets)
+
+    def shm_segments(self) -> dict[str, str]:
+        """Each peer's ring segment name under /dev/shm, for the peers that have one."""
+        with self._lock:
+            return {
+                address: socket.shm_segment
+                for address, socket in self._sockets.items()
+                if socket.shm_segment is not None
+            }
 
     def send(self, addresses: list[str], message: TensorMessage) -> None:
-        for address in addresses:
-            self._socket(address).send(message)
+        with self._lock:
+            for address in addresses:
+                self._socket(address).send(message)
+
+    def retain(self, addresses: Iterable[str]) -> list[str]:
+        """Close every peer not in `addresses` (a new load's routes); returns those closed."""
+        keep = set(addresses)
+        with self._lock:
+            gone = [address for address in self._sockets if address not in keep]
+            for address in gone:
+                self._sockets.pop(address).close()
+        if gone:
+            logger.info("closed %d data-plane peer(s) no longer routed to", len(gone))
+        return gone
 
     def _socket(self, address: str) -> TensorSocket:
         socket = self._sockets.get(address)
-        if socket is None:
-            zmq_address, _ = split_shm_scheme(address)
-            socket = TensorSocket(
-                self._context, zmq.PUSH, max_message_bytes=self._max_message_bytes
-            )
-            # Never block the sender on a dead peer: its messages queue up to the HWM.
-            socket.socket.setsockopt(zmq.SNDTIMEO, 5000)
-            prefix = SHM_SCHEME_PREFIX if is_same_host(zmq_address) else ""
-            socket.connect(prefix + zmq_address)
-            self._sockets[address] = socket
+        if socket is not None:
+            self._sockets.move_to_end(address)
+            return socket
+        zmq_address, _ = split_shm_scheme(address)
+        socket = TensorSocket(
+            self._context,
+            zmq.PUSH,
+            max_message_bytes=self._max_message_bytes,
+            shm_slot_bytes=self._shm_slot_bytes,
+        )
+        # Never block the sender on a dead peer: its messages queue up to the HWM.
+        socket.socket.setsockopt(zmq.SNDTIMEO, 5000)
+        prefix = SHM_SCHEME_PREFIX if is_same_host(zmq_address) else ""
+        socket.connect(prefix + zmq_address)
+        self._sockets[address] = socket
+        while len(self._sockets) > self._max_peers:
+            evicted, oldest = self._sockets.popitem(last=False)
+            logger.warning("more than %d data-plane peers: closed %s", self._max_peers, evicted)
+            oldest.close()
         return socket
 
     def close(self) -> None:
-        for socket in self._sockets.values():
-            socket.close()
-        self._sockets.clear()
+        with self._lock:
+            for socket in self._sockets.values():
+                socket.close()
+            self._sockets.clear()

@@ -123,44 +123,53 @@ def _sample_row(logits: torch.Tensor, params: RowSampling) -> int:  # logits [vo
 # ---- rows as tensors (the last pipeline stage samples) -------------------------------------
 
 
+_FLOAT_COLUMNS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+_INT_COLUMNS = ("seed", "index", "num_logprobs")
+
+
 def sampling_tensors(rows: list[RowSampling]) -> dict[str, torch.Tensor]:
+    """The rows as four tensors (each costs a header entry and a copy on every hop)."""
     lengths = torch.tensor([0] + [len(r.generated) for r in rows], dtype=torch.int64)
-    generated = [t for r in rows for t in r.generated]
     return {
-        "sampling.presence_penalty": torch.tensor(
-            [r.presence_penalty for r in rows], dtype=torch.float64
-        ),
-        "sampling.frequency_penalty": torch.tensor(
-            [r.frequency_penalty for r in rows], dtype=torch.float64
-        ),
-        "sampling.num_logprobs": torch.tensor([r.num_logprobs for r in rows], dtype=torch.int64),
+        # [B, 4] and [B, 3]: one row per sequence, the columns above.
+        "sampling.floats": torch.tensor(
+            [[getattr(r, name) for name in _FLOAT_COLUMNS] for r in rows], dtype=torch.float64
+        ).view(len(rows), len(_FLOAT_COLUMNS)),
+        "sampling.ints": torch.tensor(
+            [[getattr(r, name) for name in _INT_COLUMNS] for r in rows], dtype=torch.int64
+        ).view(len(rows), len(_INT_COLUMNS)),
         # Ragged: row i's generated tokens are generated[offsets[i]:offsets[i + 1]].
-        "sampling.generated": torch.tensor(generated, dtype=torch.int64),
+        "sampling.generated": torch.tensor(
+            [t for r in rows for t in r.generated], dtype=torch.int64
+        ),
         "sampling.generated_offsets": lengths.cumsum(0),
-        "sampling.temperature": torch.tensor([r.temperature for r in rows], dtype=torch.float64),
-        "sampling.top_p": torch.tensor([r.top_p for r in rows], dtype=torch.float64),
-        "sampling.seed": torch.tensor([r.seed for r in rows], dtype=torch.int64),
-        "sampling.index": torch.tensor([r.index for r in rows], dtype=torch.int64),
     }
-
-
-_COLUMNS = ("temperature", "top_p", "seed", "index", "presence_penalty", "frequency_penalty")
 
 
 def rows_from_tensors(named: dict[str, torch.Tensor]) -> list[RowSampling]:
     try:
-        columns = [named[f"sampling.{name}"].tolist() for name in (*_COLUMNS, "num_logprobs")]
+        floats, ints = named["sampling.floats"], named["sampling.ints"]
         generated = named["sampling.generated"].tolist()
         offsets = named["sampling.generated_offsets"].tolist()
     except KeyError as exc:
         raise ValueError(f"sampling parameters lack {exc}") from None
-    if len({len(column) for column in columns}) != 1 or len(offsets) != len(columns[0]) + 1:
+    num_rows = len(offsets) - 1
+    if floats.shape != (num_rows, len(_FLOAT_COLUMNS)) or ints.shape != (
+        num_rows,
+        len(_INT_COLUMNS),
+    ):
         raise ValueError("sampling parameters have rows of different lengths")
     if offsets[0] != 0 or offsets[-1] != len(generated) or offsets != sorted(offsets):
         raise ValueError("sampling.generated_offsets do not index sampling.generated")
     return [
-        RowSampling(*row[:6], num_logprobs=row[6], generated=tuple(generated[a:b]))
-        for row, a, b in zip(zip(*columns, strict=True), offsets, offsets[1:], strict=False)
+        RowSampling(
+            **dict(zip(_FLOAT_COLUMNS, float_row, strict=True)),
+            **dict(zip(_INT_COLUMNS, int_row, strict=True)),
+            generated=tuple(generated[a:b]),
+        )
+        for float_row, int_row, a, b in zip(
+            floats.tolist(), ints.tolist(), offsets, offsets[1:], strict=False
+        )
     ]
 
 

@@ -1,6 +1,7 @@
 """`exegpt up` with pipelined replicas, under load, when a stage process is killed: every
 request completes or gets an explicit error quickly, the router uses the other replica, and
-the replica comes back once the launcher has restarted its stage."""
+the replica comes back once the launcher has restarted its stage, and neither the killed
+stage's shared-memory ring nor its upstream stage's ring to it stays behind."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from exegpt.sdk import Client, ExegptError
+from exegpt.shm_ring import leftover_segments
 from tests.reliability.test_supervision import Launcher, launched
 
 NUM_STREAMS = 6
@@ -64,6 +66,11 @@ def test_a_killed_stage_answers_every_request_and_the_other_replica_serves(deplo
         assert stream.first_token.wait(60), stream.error
     stage_pid = launcher.pid_of("stage-0-1-0")
     assert stage_pid is not None
+    assert leftover_segments(stage_pid)  # the stage streams its outputs through a ring
+    upstream_pid = launcher.pid_of("stage-0-0-0")
+    assert upstream_pid is not None
+    upstream_rings = leftover_segments(upstream_pid)  # its ring to the stage about to die
+    assert upstream_rings
     os.kill(stage_pid, signal.SIGKILL)
     killed_s = time.monotonic()
     for thread in threads:
@@ -86,3 +93,7 @@ def test_a_killed_stage_answers_every_request_and_the_other_replica_serves(deplo
     while "serving again" not in worker_log.read_text(errors="replace"):
         assert time.monotonic() < deadline, worker_log.read_text()[-3000:]
         time.sleep(0.2)
+    assert leftover_segments(stage_pid) == []  # its ring, which it could not unlink, is swept
+    # The restarted stage has a new data address: the reload closed the upstream stage's
+    # socket and ring to the old one.
+    assert not any(ring.exists() for ring in upstream_rings)

@@ -31,6 +31,7 @@ from exegpt.placement import Placement
 from exegpt.security import SecurityConfig, sync_channel
 from exegpt.transport import FrameError, PushFanout, TensorMessage, TensorSocket
 from exegpt.v1 import stage_pb2, stage_pb2_grpc
+from services.worker.executor.routes import first_hops, next_hops
 from services.worker.sampling import logprobs_from_tensors, sampling_tensors
 from services.worker.step_plan import StepKind, StepPlan, StepResult
 
@@ -270,7 +271,7 @@ class PipelineExecutor:
         )
         data = [[info.data_address for info in ranks] for ranks in infos]
         placement = config.placement
-        hops = _next_hops(placement, data, self.data_address)
+        hops = next_hops(placement, data, self.data_address)
         load_id = uuid.uuid4().hex
         requests = []
         for index, stage in enumerate(placement.stages):
@@ -316,12 +317,9 @@ class PipelineExecutor:
                 except grpc.RpcError as exc:
                     raise PipelineError(f"a stage failed to load: {exc.details()}") from None
         self._load_id = load_id
-        encoders = placement.encoder_route()
-        self._first_hops = {
-            "encoder": data[encoders[0]] if encoders else [],
-            "prefill": data[placement.prefill_route()[0]],
-            "decoder": data[placement.decoder_route()[0]],
-        }
+        self._first_hops = first_hops(placement, data)
+        # A restarted stage has a new data address: close the socket and ring of its old one.
+        self._fanout.retain(address for hop in self._first_hops.values() for address in hop)
         self._healthy = True
         logger.info(
             "pipeline loaded: %d stages, %d processes, load %s",
@@ -385,32 +383,6 @@ def _floats(text: str) -> tuple[float, ...]:
         return tuple(float(part) for part in text.split(",") if part)
     except ValueError:
         return ()
-
-
-def _next_hops(
-    placement: Placement, data: list[list[str]], engine_address: str
-) -> list[tuple[list[str], list[str]]]:
-    """Per stage: where its output goes after its encoder layers, and after its decoder
-    layers (the next stage of the pass; from the encoder's end to the first prefill stage,
-    from the prefill group's end to the first decode stage, from the decoder's end here)."""
-    encoders, prefills = placement.encoder_route(), placement.prefill_route()
-    decoders = placement.decoder_route()
-    hops: list[tuple[list[str], list[str]]] = []
-    for index in range(len(placement.stages)):
-        after_encoder: list[str] = []
-        if index in encoders:
-            position = encoders.index(index)
-            following = encoders[position + 1 :] or prefills[:1]
-            after_encoder = data[following[0]]
-        after_decoder: list[str] = []
-        if index in decoders:
-            following = decoders[decoders.index(index) + 1 :]
-            after_decoder = data[following[0]] if following else [engine_address]
-        elif index in prefills:
-            following = prefills[prefills.index(index) + 1 :] or decoders[:1]
-            after_decoder = data[following[0]]
-        hops.append((after_encoder, after_decoder))
-    return hops
 
 
 _CPU = torch.device("cpu")  # index math runs on the host; stages move it to their device

@@ -96,6 +96,11 @@ class StageRuntime:
     def loaded(self) -> LoadedStage | None:
         return self._stage
 
+    @property
+    def fanout(self) -> PushFanout:
+        """The sockets (and rings) this stage sends through: only the current load's peers."""
+        return self._fanout
+
     # ---- loading ---------------------------------------------------------------------------
 
     def load(self, request: stage_pb2.LoadStageRequest) -> None:
@@ -119,6 +124,7 @@ class StageRuntime:
         model_name = self._resolve_model(request.model)
         with self._step_lock:
             self._stage = None
+            self._fanout.retain(_routes(request))  # old loads' peers: their sockets and rings
             loaded = load_model(model_name, device=str(self._device), dtype=dtype)
             try:
                 spec.check(loaded.config)
@@ -189,6 +195,7 @@ class StageRuntime:
                 continue
             with self._step_lock:
                 self._handle(message)
+            del message  # its tensors may view a sender's shared-memory slot: hand it back
 
     def _handle(self, message: TensorMessage) -> None:
         stage = self._stage
@@ -343,6 +350,11 @@ class StageRuntime:
         }
         attributes = {"row_error": message.attributes.get("row_error", "")}
         return TensorMessage("result", result, attributes=attributes), next_hop
+
+
+def _routes(request: stage_pb2.LoadStageRequest) -> list[str]:
+    """Every address a stage loaded with `request` sends to."""
+    return [*request.next_after_encoder, *request.next_after_decoder, request.engine_address]
 
 
 @dataclass

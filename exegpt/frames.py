@@ -1,0 +1,234 @@
+"""Data-plane frames: a TensorMessage as a protobuf header plus its tensors' raw bytes.
+
+Inline, the bytes follow the header as one ZeroMQ frame per tensor: sends hand ZeroMQ the
+tensor's memory and receives wrap the frame buffers with torch.frombuffer, so nothing is
+copied into Python objects and nothing is ever unpickled. On one host the bytes may instead
+lie in one slot of the sender's shared-memory ring (exegpt/shm_ring.py) and the header names
+that slot; the receiver's tensors are then views of the slot, which goes back to the sender
+when the last of them is garbage collected. Every received header is checked against its
+frames, or its slot, before a byte is interpreted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import zmq
+
+from exegpt.shm_ring import ShmReader, ShmRefError, ShmRing, SlotRef, aligned_bytes
+from exegpt.v1 import transport_pb2
+
+_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name)
+    for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8")
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+MAX_HEADER_BYTES = 64 * 1024
+
+
+class FrameError(ValueError):
+    """A received message does not match its header (refused, never interpreted)."""
+
+
+@dataclass
+class TensorMessage:
+    kind: str
+    tensors: dict[str, torch.Tensor]
+    sequence: int = 0
+    trace_context: dict[str, str] = field(default_factory=dict)
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+def _new_header(message: TensorMessage) -> transport_pb2.FrameHeader:
+    return transport_pb2.FrameHeader(
+        kind=message.kind,
+        sequence=message.sequence,
+        trace_context=message.trace_context,
+        attributes=message.attributes,
+    )
+
+
+def _dtype_name(name: str, tensor: torch.Tensor) -> str:
+    dtype_name = _DTYPE_NAMES.get(tensor.dtype)
+    if dtype_name is None:
+        raise TypeError(f"tensor {name!r}: dtype {tensor.dtype} cannot be sent")
+    return dtype_name
+
+
+def encode(message: TensorMessage) -> list[bytes | memoryview]:
+    """Frames for a message: the header, then each tensor's bytes (no copy when contiguous)."""
+    header = _new_header(message)
+    frames: list[bytes | memoryview] = []
+    for name, tensor in message.tensors.items():
+        header.tensors.add(name=name, dtype=_dtype_name(name, tensor), shape=list(tensor.shape))
+        data = tensor.detach().cpu().contiguous()
+        # Reinterpret as bytes without copying (bfloat16 has no numpy equivalent); flattened
+        # first because a 0-dim tensor cannot change its element size.
+        as_bytes = data.reshape(-1).view(torch.uint8)
+        frames.append(memoryview(as_bytes.numpy()) if data.numel() else b"")
+    return [header.SerializeToString(), *frames]
+
+
+def encode_into_ring(message: TensorMessage, ring: ShmRing, *, wait_s: float = 0.0) -> bytes | None:
+    """The header for a message whose tensors now lie in one of the ring's slots.
+
+    None when the message should go inline instead: nothing to carry, larger than a slot, or
+    every slot still leased after `wait_s`.
+    """
+    offsets_bytes: list[int] = []
+    payload_bytes = 0
+    for tensor in message.tensors.values():
+        offsets_bytes.append(payload_bytes)
+        payload_bytes += aligned_bytes(tensor.nbytes)
+    slot = ring.reserve(payload_bytes, wait_s=wait_s) if payload_bytes else None
+    if slot is None:
+        return None
+    address = ring.slot_address(slot)
+    header = _new_header(message)
+    add_meta = header.tensors.add
+    for (name, tensor), offset in zip(message.tensors.items(), offsets_bytes, strict=True):
+        add_meta(name=name, dtype=_dtype_name(name, tensor), shape=tensor.shape, shm_offset=offset)
+        _copy_into_slot(ring, slot, address + offset, offset, tensor)
+    ref = ring.publish(slot, payload_bytes)
+    shm = header.shm
+    shm.segment, shm.slot, shm.ticket = ref.segment, ref.slot, ref.ticket
+    shm.payload_bytes = payload_bytes
+    return header.SerializeToString()
+
+
+def _copy_into_slot(
+    ring: ShmRing, slot: int, address: int, offset_bytes: int, tensor: torch.Tensor
+) -> None:
+    """Copy a tensor's bytes to `address`, inside a reserved slot with room for all of them."""
+    num_bytes = tensor.nbytes
+    if num_bytes == 0:
+        return
+    if tensor.device.type == "cpu" and tensor.is_contiguous():
+        # One plain memcpy on this thread, with no array or tensor made per copy (small tensors
+        # cost a microsecond, not five), and off torch's intra-op pool, which the stage's
+        # compute owns. In bounds: the slot was reserved for these tensors' aligned sizes.
+        ctypes.memmove(address, tensor.data_ptr(), num_bytes)
+        return
+    # Strided or on a GPU: one copy straight from the source into the slot's bytes.
+    target = torch.from_numpy(ring.slot_view(slot, offset_bytes + num_bytes)[offset_bytes:])
+    target.view(tensor.dtype).view(tensor.shape).copy_(tensor.detach())
+
+
+def decode(frames: Sequence[zmq.Frame | bytes], *, shm: ShmReader | None = None) -> TensorMessage:
+    """Rebuild a message from frames, validating dtypes, shapes and sizes first.
+
+    A header that names a shared-memory slot is read through `shm` (a same-host socket's
+    reader) and refused without one.
+    """
+    if not frames:
+        raise FrameError("empty message")
+    header = _parse_header(_buffer(frames[0]))
+    if header.HasField("shm"):
+        if shm is None:
+            raise FrameError("shared-memory reference on a socket that does not accept them")
+        if len(frames) != 1:
+            raise FrameError(f"shared-memory message with {len(frames) - 1} tensor frames")
+        tensors = _tensors_from_slot(header, shm)
+    else:
+        if len(header.tensors) != len(frames) - 1:
+            raise FrameError(f"header lists {len(header.tensors)} tensors, got {len(frames) - 1}")
+        tensors = {
+            meta.name: _tensor_from_frame(meta, _buffer(frame))
+            for meta, frame in zip(header.tensors, frames[1:], strict=True)
+        }
+    return TensorMessage(
+        kind=header.kind,
+        tensors=tensors,
+        sequence=header.sequence,
+        trace_context=dict(header.trace_context),
+        attributes=dict(header.attributes),
+    )
+
+
+def _parse_header(raw_header: memoryview | bytes) -> transport_pb2.FrameHeader:
+    if len(raw_header) > MAX_HEADER_BYTES:
+        raise FrameError(f"header of {len(raw_header)} bytes exceeds {MAX_HEADER_BYTES}")
+    header = transport_pb2.FrameHeader()
+    try:
+        header.ParseFromString(bytes(raw_header))
+    except Exception as exc:  # protobuf raises DecodeError, a bare Exception subclass
+        raise FrameError(f"malformed header: {exc}") from None
+    return header
+
+
+def _buffer(frame: zmq.Frame | bytes) -> memoryview | bytes:
+    return frame.buffer if isinstance(frame, zmq.Frame) else frame
+
+
+def _checked_meta(meta: transport_pb2.TensorMeta) -> tuple[torch.dtype, list[int], int]:
+    """The dtype, shape and byte size a tensor's header entry implies, once they make sense."""
+    dtype = _DTYPES.get(meta.dtype)
+    if dtype is None:
+        raise FrameError(f"tensor {meta.name!r}: unsupported dtype {meta.dtype!r}")
+    shape = list(meta.shape)
+    if shape and min(shape) < 0:
+        raise FrameError(f"tensor {meta.name!r}: negative dimension in {shape}")
+    return dtype, shape, math.prod(shape) * dtype.itemsize
+
+
+def _tensor_from_frame(meta: transport_pb2.TensorMeta, data: memoryview | bytes) -> torch.Tensor:
+    dtype, shape, expected = _checked_meta(meta)
+    if len(data) != expected:
+        raise FrameError(f"tensor {meta.name!r}: {len(data)} bytes, header implies {expected}")
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    # The frame's memory is read-only; torch warns but only reads it. Clone before writing.
+    flat = torch.frombuffer(data, dtype=torch.uint8)
+    return flat.view(dtype).view(shape)
+
+
+def _tensors_from_slot(
+    header: transport_pb2.FrameHeader, reader: ShmReader
+) -> dict[str, torch.Tensor]:
+    """The message's tensors as views of its slot, each checked to lie inside the payload.
+
+    The slot stays leased while any of them lives; a refused message hands it straight back.
+    """
+    shm = header.shm
+    ref = SlotRef(shm.segment, shm.slot, shm.ticket, shm.payload_bytes)
+    try:
+        reader.check(ref)
+    except ShmRefError as exc:
+        raise FrameError(f"shared-memory reference refused: {exc}") from None
+    try:
+        layout = [_slot_layout(meta, ref.payload_bytes) for meta in header.tensors]
+    except FrameError:
+        reader.release(ref)  # the ref was genuine: the slot goes back to the sender
+        raise
+    if not any(num_bytes for _, _, _, _, num_bytes in layout):
+        reader.release(ref)
+        return {name: torch.empty(shape, dtype=dtype) for name, dtype, shape, _, _ in layout}
+    # Every tensor's storage holds the lease; the lease ends when the last of them is freed.
+    lease = reader.lease(ref)
+    return {
+        name: torch.frombuffer(
+            lease, dtype=dtype, count=num_bytes // dtype.itemsize, offset=offset
+        ).view(shape)
+        if num_bytes
+        else torch.empty(shape, dtype=dtype)
+        for name, dtype, shape, offset, num_bytes in layout
+    }
+
+
+def _slot_layout(
+    meta: transport_pb2.TensorMeta, payload_bytes: int
+) -> tuple[str, torch.dtype, list[int], int, int]:
+    """Name, dtype, shape, offset and size of a tensor in a slot, once they fit the payload."""
+    dtype, shape, num_bytes = _checked_meta(meta)
+    offset = meta.shm_offset
+    end_bytes = offset + num_bytes
+    if offset % dtype.itemsize or end_bytes > payload_bytes:
+        raise FrameError(
+            f"tensor {meta.name!r}: bytes {offset}..{end_bytes} outside the "
+            f"{payload_bytes}-byte slot payload or misaligned"
+        )
+    return meta.name, dtype, shape, offset, num_bytes
