@@ -23,6 +23,7 @@ from exegpt.models.kv_cache import BlockAllocator
 from exegpt.placement import Placement
 from exegpt.schedule import Schedule
 from services.worker.config import EngineConfig
+from services.worker.engine_clock import EngineClock, StepTotals, busy_fraction
 from services.worker.executor import Executor
 from services.worker.modes import ScheduleMode
 from services.worker.observations import Observations
@@ -87,6 +88,9 @@ class EngineStats:
     num_preemptions: int
     num_recomputed_tokens: int
     queue_time_s: float  # summed over admitted requests: arrival to first admission
+    # Busy wall time split into forwards and host work, by step kind (engine_clock.py).
+    step_totals: tuple[StepTotals, ...] = ()
+    busy_fraction: float = 0.0  # forward time / busy wall time
 
 
 class Engine:
@@ -111,6 +115,7 @@ class Engine:
         self.switches: list[ScheduleSwitch] = []
         self.step_observers: list[StepObserver] = []
         self._submitted: dict[int, tuple[StepKind, int]] = {}  # step id -> kind, rows
+        self._clock = EngineClock()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     # ---- called from other threads -------------------------------------------------------
@@ -205,6 +210,8 @@ class Engine:
             num_preemptions=self._scheduler.num_preemptions,
             num_recomputed_tokens=self._scheduler.num_recomputed_tokens,
             queue_time_s=self._scheduler.queue_time_s,
+            step_totals=tuple(totals := self._clock.totals()),
+            busy_fraction=busy_fraction(totals),
         )
 
     def _validate(self, request: EngineRequest) -> None:
@@ -238,15 +245,16 @@ class Engine:
                     or executor.num_in_flight
                     or self._pending is not None  # an idle replica takes a schedule too
                 ):
+                    self._clock.stop_busy()
                     self._wake.wait()
                 if self._stopping:
                     break
+            self._clock.start_busy()
             scheduler.apply_aborts()
             if self._pending is not None and not self._apply_pending():
                 result = executor.next_result(_POLL_S)  # drain the steps in flight first
                 if result is not None:
-                    self._observe(result)
-                    self._deliver(scheduler.complete(result))
+                    self._apply(result)
                 continue
             if not executor.healthy():
                 self._deliver(scheduler.fail_all("replica unavailable: a stage is down", True))
@@ -261,6 +269,7 @@ class Engine:
                 self._submitted[plan.step_id] = (plan.kind, len(plan))
                 executor.submit(plan)
             if not executor.num_in_flight:
+                self._clock.stop_busy()
                 with self._wake:  # nothing can run until a request arrives or is aborted
                     self._wake.wait(_POLL_S)
                 continue
@@ -268,8 +277,7 @@ class Engine:
             if result is not None:
                 if result.unavailable:
                     logger.error("executor failed: %s", result.error)
-                self._observe(result)
-                self._deliver(scheduler.complete(result))
+                self._apply(result)
         self._deliver(scheduler.fail_all("engine is shutting down"))
 
     def _apply_pending(self) -> bool:
@@ -313,8 +321,17 @@ class Engine:
                 self._pending = None
         return True
 
-    def _observe(self, result: StepResult) -> None:
+    def _apply(self, result: StepResult) -> None:
+        """Observe a step's result, deliver its tokens, then charge the step its wall time
+        (delivery included: it is the step's host work)."""
         submitted = self._submitted.pop(result.step_id, None)
+        self._observe(submitted, result)
+        self._deliver(self._scheduler.complete(result))
+        if submitted is not None:
+            kind = "decode" if submitted[0] is StepKind.DECODE else "prefill"
+            self._clock.charge(kind, submitted[1], result.forward_s or result.compute_s)
+
+    def _observe(self, submitted: tuple[StepKind, int] | None, result: StepResult) -> None:
         if submitted is None or result.error is not None:
             return
         for observer in self.step_observers:
