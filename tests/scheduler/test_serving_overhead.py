@@ -86,9 +86,22 @@ def test_rra_cycle_pays_one_prefill_and_n_d_decode_steps() -> None:
 def test_waa_decode_side_pays_per_micro_batch_step() -> None:
     overhead = ServingOverhead(step_s=0.003, token_s=0.001)
     schedule = Schedule(ScheduleKind.WAA_C, 4, 8, num_micro_batches=2, num_encode_devices=1)
-    bare, served = both(schedule, overhead, num_devices=2)
-    assert served.throughput_seq_s < bare.throughput_seq_s
-    assert served.latency_s > bare.latency_s
+
+    def run(with_overhead: ServingOverhead):
+        # cheap encoding: the decode side's iteration sets the cycle
+        model = ServedToyCostModel(
+            decoder_only_shape(), encode_token_s=0.0001, serving_overhead=with_overhead
+        )
+        return simulate(PlanProblem(model, toy_workload(), math.inf, 2, 10**9), schedule)
+
+    bare, served = run(NO_OVERHEAD), run(overhead)
+    decode_batch = served.schedule.decode_batch_size  # B_E x E[S_out], rounded: 10
+    micro_step_s = overhead.decode_step_s(decode_batch / 2)
+    cycle_bare, cycle_served = (4 / p.throughput_seq_s for p in (bare, served))
+    assert cycle_served - cycle_bare == pytest.approx(2 * micro_step_s)
+    # the p99 sequence: its prefill step, then S99 = 3 cycles of the decode side
+    expected_latency_s = overhead.prefill_step_s(4) + 3 * 2 * micro_step_s
+    assert served.latency_s - bare.latency_s == pytest.approx(expected_latency_s)
 
 
 def test_no_overhead_leaves_the_prediction_unchanged() -> None:
