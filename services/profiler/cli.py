@@ -89,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="also measure the serving path's host work on a real deployment (exegpt up + "
         "exegpt bench, about a minute) for the simulator to add to the forwards (default: "
-        "with the quick and full grids)",
+        "with the quick and full grids, overridden or not)",
     )
     parser.add_argument("--out", help="write the profile to this JSON file")
     parser.add_argument(
@@ -208,7 +208,7 @@ def _profile(args: argparse.Namespace) -> int:
     prepared = prepare_run(request)
     with _ProgressBar(disabled=args.no_progress) as bar:
         profile = measure(prepared, bar.update)
-    if args.serving if args.serving is not None else grid_name in ("quick", "full"):
+    if args.serving if args.serving is not None else args.grid in ("quick", "full"):
         profile = _with_serving(profile, request, args.no_progress)
     path = write_profile(profile, out)
     quality = profile.quality

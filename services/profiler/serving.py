@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 WORKLOAD = "task:S"
 LENGTH_SCALE = 0.25
 BATCH_SIZES = (4, 16)
-REQUESTS_PER_SLOT = 4  # a burst of 4 x the batch: the batch stays full most of the run
+REQUESTS_PER_SLOT = 8  # a burst of 8 x the batch: the batch stays full most of the run
 BENCH_TIMEOUT_S = 300.0
 
 
@@ -133,7 +133,7 @@ def _step_totals(address: str) -> Totals:
 
 
 def _bench(url: str, settings: ServingSettings, batch_size: int, scratch: Path) -> None:
-    num_requests = max(32, REQUESTS_PER_SLOT * batch_size)
+    num_requests = max(64, REQUESTS_PER_SLOT * batch_size)
     command = [
         sys.executable, "-m", "exegpt.cli", "bench", "--url", url,
         "--workload", settings.workload, "--length-scale", str(settings.length_scale),
