@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "router": ("services.router.__main__", "run the router with its HTTP gateway"),
     "bench": ("exegpt.bench.cli", "benchmark a running deployment with a workload"),
     "plan": ("services.scheduler.plan_cli", "search the best schedule under a latency bound"),
+    "simulate": ("services.scheduler.simulate_cli", "predict what one given schedule delivers"),
     "scheduler": ("services.scheduler.__main__", "run the scheduler service"),
     "profile": ("services.profiler.cli", "profile the model's layers on a device"),
     "profiler": ("services.profiler.__main__", "run the profiler service"),

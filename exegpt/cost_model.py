@@ -11,6 +11,9 @@ Conventions
   tensor-parallel group of degree `tp_degree` (the layer sharded as the TP worker shards it).
   The all-reduce a TP layer needs is not included; add `allreduce_s`.
 - Memory is exact bytes for the given tensor-parallel shard.
+- Optionally, a cost model carries `serving_overhead` (exegpt/serving_overhead.py): the
+  serving path's host work per step, token and request, which the simulator adds to the
+  forwards. A cost model without it (an analytic one) prices the forwards alone.
 """
 
 from __future__ import annotations

@@ -83,6 +83,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the forwards (default there: 10)",
     )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--serving",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also measure the serving path's host work on a real deployment (exegpt up + "
+        "exegpt bench, about a minute) for the simulator to add to the forwards (default: "
+        "with the quick and full grids, overridden or not)",
+    )
     parser.add_argument("--out", help="write the profile to this JSON file")
     parser.add_argument(
         "--validate",
@@ -200,6 +208,8 @@ def _profile(args: argparse.Namespace) -> int:
     prepared = prepare_run(request)
     with _ProgressBar(disabled=args.no_progress) as bar:
         profile = measure(prepared, bar.update)
+    if args.serving if args.serving is not None else args.grid in ("quick", "full"):
+        profile = _with_serving(profile, request, args.no_progress)
     path = write_profile(profile, out)
     quality = profile.quality
     sys.stdout.write(
@@ -212,6 +222,22 @@ def _profile(args: argparse.Namespace) -> int:
         f"contention, {quality.num_contended} kept contended)\n"
     )
     return 0
+
+
+def _with_serving(profile: Any, request: Any, quiet: bool) -> Any:
+    """The profile with its `serving` section measured (services/profiler/serving.py)."""
+    from services.profiler.serving import ServingSettings, measure_serving
+
+    settings = ServingSettings(request.model, request.device, profile.model.dtype)
+    if not quiet:
+        sys.stderr.write(f"measuring the serving path: {settings.method}\n")
+    serving = measure_serving(settings)
+    sys.stdout.write(
+        f"  serving: {serving.step_s * 1e3:.2f} ms per step, {serving.token_s * 1e3:.3f} ms "
+        f"per token, {serving.request_s * 1e3:.2f} ms per request; engine busy "
+        f"{serving.busy_fraction:.0%} in forwards\n"
+    )
+    return profile.model_copy(update={"serving": serving})
 
 
 class _ProgressBar:

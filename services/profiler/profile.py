@@ -40,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from exegpt.cost_model import ModelShape
+from exegpt.serving_overhead import NO_OVERHEAD, ServingOverhead
 from services.profiler.interpolate import Curve, Surface
 from services.profiler.profile_format import (
     ComputeData,
@@ -160,6 +161,15 @@ class LayerProfile:
         per_layer += self._q_decode_rest(batch, 1)[0]
         outside = self._embedding(batch)[0] + self._lm_head(batch)[0]
         return outside + self._shape.num_decode_layers * per_layer
+
+    @property
+    def serving_overhead(self) -> ServingOverhead:
+        """Host work of the serving path per step, token and request (zero when the
+        profile was measured without its `serving` section)."""
+        serving = self.data.serving
+        if serving is None:
+            return NO_OVERHEAD
+        return ServingOverhead(serving.step_s, serving.token_s, serving.request_s)
 
     # ---- CostModel ------------------------------------------------------------------------
 

@@ -137,6 +137,18 @@ class QualityData(_Strict):
     num_contended: int  # kept although every attempt was disturbed
 
 
+class ServingData(_Strict):
+    """The serving path's host work beside the forwards (exegpt/serving_overhead.py), fitted
+    to a real deployment driven at saturation (services/profiler/serving.py)."""
+
+    step_s: NonNegativeFloat  # per engine step
+    token_s: NonNegativeFloat  # per row of a step (one token: sampling, detokenize, stream)
+    request_s: NonNegativeFloat  # per request a prefill admits
+    num_steps: int  # engine steps the fit saw
+    busy_fraction: float = Field(ge=0.0, le=1.0)  # forwards / engine wall time while busy
+    method: str  # how it was measured, for the record
+
+
 class ProfileData(_Strict):
     format: Literal["exegpt-profile"]
     version: Literal[2]
@@ -160,6 +172,8 @@ class ProfileData(_Strict):
     allreduce: dict[PositiveInt, CommData]  # TP degrees > 1
     transfer: CommData
     memory: MemoryData
+    # Optional: profiles measured without it (or before it existed) add no serving overhead.
+    serving: ServingData | None = None
 
     @model_validator(mode="after")
     def _complete(self) -> Self:

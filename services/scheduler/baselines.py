@@ -145,7 +145,10 @@ def run_static(
         broadcast_s = costs.activation_transfer_s(costs.encode_tokens(micro_batch))
         encode_s += broadcast_s
     kv_tokens = round(static_kv_tokens(costs, mean=True)[0])
-    dec_times = decode_times(costs, stages, micro_batch, kv_tokens)
+    # Finished sequences stop streaming: on average a row produces mean/max of the steps.
+    stats = costs.stats
+    live_rows = micro_batch * stats.mean_output_tokens / stats.max_output_tokens
+    dec_times = decode_times(costs, stages, micro_batch, kv_tokens, live_rows)
     hop_s = costs.activation_transfer_s(micro_batch)
     iteration_s = pipeline_period_s(dec_times, hop_s, num_micro)
     num_steps = costs.stats.max_output_tokens

@@ -27,6 +27,7 @@ import numpy as np
 
 from exegpt.cost_model import CostModel
 from exegpt.placement import Stage
+from exegpt.serving_overhead import serving_overhead_of
 from services.scheduler.problem import WorkloadDistribution
 
 # Expected-length KV reservations keep this much headroom for runs of longer-than-average
@@ -104,6 +105,8 @@ class LayerCosts:
         self.model = cost_model
         self.stats = stats
         self.hidden_bytes = cost_model.shape.hidden_bytes_per_token
+        # Host work of the serving path per step (exegpt/serving_overhead.py), if profiled.
+        self.overhead = serving_overhead_of(cost_model)
         self._encode: dict[tuple[int, int], tuple[float, float]] = {}
         self._decode: dict[tuple[int, int, int, int], tuple[float, float]] = {}
         self._misc: dict[tuple[str, int], float] = {}

@@ -101,7 +101,10 @@ def encode_times(costs: LayerCosts, stages: list[Stage], batch_size: int) -> Sta
     times = []
     for index, stage in enumerate(stages):
         compute_s, sync_s = costs.encode(batch_size, stage.tp_degree)
-        extra_s = costs.embedding_s(costs.encode_tokens(batch_size)) if index == 0 else 0.0
+        extra_s = 0.0
+        if index == 0:  # the engine's host work for the step is paid where it enters
+            extra_s = costs.embedding_s(costs.encode_tokens(batch_size))
+            extra_s += costs.overhead.prefill_step_s(batch_size)
         times.append(
             (stage.num_encode_layers * compute_s + extra_s, stage.num_encode_layers * sync_s)
         )
@@ -109,12 +112,21 @@ def encode_times(costs: LayerCosts, stages: list[Stage], batch_size: int) -> Sta
 
 
 def decode_times(
-    costs: LayerCosts, stages: list[Stage], batch_size: int, kv_tokens: int | None = None
+    costs: LayerCosts,
+    stages: list[Stage],
+    batch_size: int,
+    kv_tokens: int | None = None,
+    live_rows: float | None = None,
 ) -> StageTimes:
+    """Per-stage times of a decode step; `live_rows` (default: the batch) are the sequences
+    that still produce a token, each paying the serving overhead's per-token host work."""
+    rows = batch_size if live_rows is None else live_rows
     times = []
     for index, stage in enumerate(stages):
         compute_s, sync_s = costs.decode(batch_size, stage.tp_degree, kv_tokens)
-        extra_s = costs.embedding_s(batch_size) if index == 0 else 0.0
+        extra_s = 0.0
+        if index == 0:
+            extra_s = costs.embedding_s(batch_size) + costs.overhead.decode_step_s(rows)
         extra_s += costs.lm_head_s(batch_size) if index == len(stages) - 1 else 0.0
         times.append(
             (stage.num_decode_layers * compute_s + extra_s, stage.num_decode_layers * sync_s)

@@ -23,6 +23,7 @@ from exegpt.models.kv_cache import BlockAllocator
 from exegpt.placement import Placement
 from exegpt.schedule import Schedule
 from services.worker.config import EngineConfig
+from services.worker.engine_clock import EngineClock, StepTotals, busy_fraction
 from services.worker.executor import Executor
 from services.worker.modes import ScheduleMode
 from services.worker.observations import Observations
@@ -91,6 +92,9 @@ class EngineStats:
     num_preemptions: int
     num_recomputed_tokens: int
     queue_time_s: float  # summed over admitted requests: arrival to first admission
+    # Busy wall time split into forwards and host work, by step kind (engine_clock.py).
+    step_totals: tuple[StepTotals, ...] = ()
+    busy_fraction: float = 0.0  # forward time / busy wall time
 
 
 class Engine:
@@ -118,6 +122,7 @@ class Engine:
         self._num_submitted = 0
         self._queue_state: tuple[int, ...] = ()
         self._submitted: dict[int, tuple[StepKind, int]] = {}  # step id -> kind, rows
+        self._clock = EngineClock()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     # ---- called from other threads -------------------------------------------------------
@@ -214,6 +219,8 @@ class Engine:
             num_preemptions=self._scheduler.num_preemptions,
             num_recomputed_tokens=self._scheduler.num_recomputed_tokens,
             queue_time_s=self._scheduler.queue_time_s,
+            step_totals=tuple(totals := self._clock.totals()),
+            busy_fraction=busy_fraction(totals),
         )
 
     def _validate(self, request: EngineRequest) -> None:
@@ -247,16 +254,17 @@ class Engine:
                     or executor.num_in_flight
                     or self._pending is not None  # an idle replica takes a schedule too
                 ):
+                    self._clock.stop_busy()
                     self._wake.wait()
                 if self._stopping:
                     break
+            self._clock.start_busy()
             scheduler.apply_aborts()
             self._check_queue_state()
             if self._pending is not None and not self._apply_pending():
                 result = executor.next_result(_POLL_S)  # drain the steps in flight first
                 if result is not None:
-                    self._observe(result)
-                    self._deliver(scheduler.complete(result))
+                    self._apply(result)
                 continue
             if not executor.healthy():
                 self._deliver(scheduler.fail_all("replica unavailable: a stage is down", True))
@@ -272,6 +280,7 @@ class Engine:
                 executor.submit(plan)
             self._check_queue_state()  # admissions and preemptions
             if not executor.num_in_flight:
+                self._clock.stop_busy()
                 with self._wake:  # nothing can run until a request arrives or is aborted
                     self._wake.wait(_POLL_S)
                 continue
@@ -279,8 +288,7 @@ class Engine:
             if result is not None:
                 if result.unavailable:
                     logger.error("executor failed: %s", result.error)
-                self._observe(result)
-                self._deliver(scheduler.complete(result))
+                self._apply(result)
                 self._check_queue_state()  # finishes
         self._deliver(scheduler.fail_all("engine is shutting down"))
         self._notify_load()
@@ -348,8 +356,17 @@ class Engine:
             except Exception:  # a watcher's failure must never stop the engine
                 logger.exception("load listener failed")
 
-    def _observe(self, result: StepResult) -> None:
+    def _apply(self, result: StepResult) -> None:
+        """Observe a step's result, deliver its tokens, then charge the step its wall time
+        (delivery included: it is the step's host work)."""
         submitted = self._submitted.pop(result.step_id, None)
+        self._observe(submitted, result)
+        self._deliver(self._scheduler.complete(result))
+        if submitted is not None:
+            kind = "decode" if submitted[0] is StepKind.DECODE else "prefill"
+            self._clock.charge(kind, submitted[1], result.forward_s or result.compute_s)
+
+    def _observe(self, submitted: tuple[StepKind, int] | None, result: StepResult) -> None:
         if submitted is None or result.error is not None:
             return
         for observer in self.step_observers:

@@ -22,7 +22,7 @@ from exegpt.generation import FinishReason
 from exegpt.metrics import serve_metrics
 from exegpt.security import SecurityConfig
 from exegpt.v1 import metrics_pb2, metrics_pb2_grpc
-from services.worker.engine import Engine, RequestTimings
+from services.worker.engine import Engine, EngineStats, RequestTimings
 from services.worker.step_plan import StepKind, StepResult
 
 # vLLM's buckets, so dashboards built on its histograms read the same.
@@ -72,7 +72,28 @@ class EngineCollector:
         )
         preemptions.add_metric(values, float(getattr(stats, "num_preemptions", 0)))
         yield preemptions
+        yield from self._clock(stats, values)
         yield from self._schedule()
+
+    @staticmethod
+    def _clock(stats: EngineStats, values: list[str]) -> Iterator[Metric]:
+        """The engine's busy fraction and its busy time split by step kind."""
+        busy = GaugeMetricFamily(
+            "exegpt:engine_busy_fraction",
+            "Time inside forwards over the engine's wall time while it had work.",
+            labels=["model_name"],
+        )
+        busy.add_metric(values, stats.busy_fraction)
+        yield busy
+        seconds = CounterMetricFamily(
+            "exegpt:engine_seconds",
+            "Engine wall time while busy, inside forwards or host work, by step kind.",
+            labels=["model_name", "phase", "part"],
+        )
+        for totals in stats.step_totals:
+            seconds.add_metric([*values, totals.kind, "forward"], totals.forward_s)
+            seconds.add_metric([*values, totals.kind, "host"], totals.host_s)
+        yield seconds
 
     def _schedule(self) -> Iterator[Metric]:
         config = self._engine.config

@@ -195,7 +195,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.WorkerStats:
         stats = self._engine.stats()
-        return worker_pb2.WorkerStats(**stats.__dict__)
+        fields = {**stats.__dict__, "step_totals": [t.__dict__ for t in stats.step_totals]}
+        return worker_pb2.WorkerStats(**fields)
 
     async def WatchLoad(  # noqa: N802
         self, request: worker_pb2.WatchLoadRequest, context: grpc.aio.ServicerContext

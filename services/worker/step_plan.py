@@ -72,6 +72,9 @@ class StepResult:
     compute_s: float = 0.0
     # Compute time of each stage the step passed through, in order (one: in process).
     stage_s: tuple[float, ...] = ()
+    # Time inside the model call alone (no batch building, no sampling); 0: not measured
+    # apart from compute_s (the engine's clock then charges compute_s as the forward).
+    forward_s: float = 0.0
     # Per row, where its sampling asked for them: the token's logprob and alternatives.
     logprobs: tuple[TokenLogprob | None, ...] = ()
 

@@ -66,10 +66,14 @@ class LocalExecutor:
         start_s = time.perf_counter()
         try:
             batch = plan.batch(self._builder)
+            forward_start_s = time.perf_counter()
             if isinstance(batch, PrefillBatch):
                 logits = self._model.prefill(batch, self._pool.layers)
             else:
                 logits = self._model.decode(batch, self._pool.layers)
+            if logits.device.type == "cuda":
+                torch.cuda.synchronize(logits.device)  # the forward's time, not its launch
+            forward_s = time.perf_counter() - forward_start_s
             sampled = sample_rows(logits, list(plan.sampling))
         except Exception as exc:  # the step's input broke the model: the engine isolates it
             logger.exception("step %d (%s of %d) failed", plan.step_id, plan.kind, len(plan))
@@ -80,5 +84,6 @@ class LocalExecutor:
             tuple(sampled.errors),
             compute_s=(elapsed_s := time.perf_counter() - start_s),
             stage_s=(elapsed_s,),
+            forward_s=forward_s,
             logprobs=tuple(sampled.logprobs or ()),
         )

@@ -1,0 +1,191 @@
+"""Predicted vs measured: the simulator's baselines against real serving, on 1 device.
+
+For each task, batching mode and batch size, `exegpt simulate` (services/scheduler/predict.py)
+predicts the schedule on the given profile, then a local deployment (`exegpt up`'s launcher,
+one replica) runs it and `exegpt bench` drives it at saturation with the same workload
+(lengths scaled alike). Measured figures are read as `exegpt bench --against-plan` reads them
+(exegpt/bench/against_plan.py): steady-state seq/s and the p99-length latency. Prints one
+row per run as it finishes, then the median and worst absolute errors and their signs.
+
+    .venv/bin/python benchmarks/fidelity.py --profile quick.json            # 30 runs
+    .venv/bin/python benchmarks/fidelity.py --profile quick.json --tasks S --batch-sizes 32
+
+The machine is shared and noisy: read the errors as such, and rerun a subset to check one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import grpc  # noqa: E402
+from deployments import free_port  # noqa: E402
+
+from exegpt.bench.against_plan import measure, percent, relative_error, run_bench  # noqa: E402
+from exegpt.launcher import Deployment, DeploymentConfig  # noqa: E402
+from exegpt.v1 import worker_pb2, worker_pb2_grpc  # noqa: E402
+from services.scheduler.predict import PredictRequest, predict  # noqa: E402
+
+TASKS = ("S", "T", "G", "C1", "C2")
+MODES = ("static", "continuous")
+TARGET_MEDIAN, TARGET_WORST = 0.10, 0.20
+
+
+@dataclass(frozen=True)
+class Run:
+    task: str
+    mode: str
+    batch_size: int
+    num_requests: int
+    predicted_seq_s: float
+    measured_seq_s: float
+    predicted_latency_s: float
+    measured_latency_s: float
+    num_failed: int
+    busy_fraction: float  # the engine's forward time / busy wall time during the run
+    decode_host_ms: float  # the engine's host work per decode step (engine clock)
+
+    @property
+    def seq_error(self) -> float:
+        return relative_error(self.measured_seq_s, self.predicted_seq_s)
+
+    @property
+    def latency_error(self) -> float:
+        return relative_error(self.measured_latency_s, self.predicted_latency_s)
+
+
+def one_run(args: argparse.Namespace, task: str, mode: str, batch: int, scratch: Path) -> Run:
+    schedule = f"{mode}:encode_batch_size={batch},decode_batch_size={batch}"
+    request = PredictRequest(
+        profile=args.profile,
+        workload=f"task:{task}",
+        num_devices=1,
+        schedule=schedule,
+        length_scale=args.length_scale,
+    )
+    predicted = predict(request)
+    num_requests = max(args.min_requests, args.requests_per_slot * batch)
+    config = DeploymentConfig(
+        batching=mode, max_batch_size=batch, log_dir=scratch, startup_timeout_s=300.0
+    )
+    config = replace(config, http_port=free_port(), grpc_port=free_port())
+    document_path = scratch / f"{task}-{mode}-{batch}.json"
+    with Deployment(config) as deployment:
+        document = run_bench(
+            deployment.http_url, f"task:{task}", num_requests, document_path, args.length_scale
+        )
+        totals = engine_totals(deployment.worker_addresses[0])
+    measured = measure(document, int(predicted["output_p99_tokens"]))
+    return Run(
+        task, mode, batch, num_requests,
+        predicted["predicted"]["throughput_seq_s"], measured.throughput_seq_s,
+        predicted["predicted"]["latency_s"], measured.p99_length_latency_s,
+        measured.num_failed, busy_fraction(totals),
+        1e3 * totals["decode"].host_s / max(1, totals["decode"].num_steps),
+    )  # fmt: skip
+
+
+def engine_totals(address: str) -> dict:
+    """The worker's engine clock by step kind (GetStats step_totals)."""
+    with grpc.insecure_channel(address) as channel:
+        stats = worker_pb2_grpc.WorkerStub(channel).GetStats(worker_pb2.GetStatsRequest())
+    return {t.kind: t for t in stats.step_totals}
+
+
+def busy_fraction(totals: dict) -> float:
+    forward_s = sum(t.forward_s for t in totals.values())
+    wall_s = forward_s + sum(t.host_s for t in totals.values())
+    return forward_s / wall_s if wall_s > 0 else math.nan
+
+
+HEADER = (
+    f"{'task':<5}{'mode':<11}{'batch':>6}{'reqs':>6} {'pred seq/s':>11}{'meas seq/s':>11}"
+    f"{'err':>7} {'pred p99 s':>11}{'meas p99 s':>11}{'err':>7}{'failed':>7}{'busy':>6}"
+    f"{'host ms/dec':>12}"
+)
+
+
+def row(run: Run) -> str:
+    return (
+        f"{run.task:<5}{run.mode:<11}{run.batch_size:>6}{run.num_requests:>6} "
+        f"{run.predicted_seq_s:>11.3f}{run.measured_seq_s:>11.3f}{percent(run.seq_error):>7} "
+        f"{run.predicted_latency_s:>11.3f}{run.measured_latency_s:>11.3f}"
+        f"{percent(run.latency_error):>7}{run.num_failed:>7}{run.busy_fraction:>6.0%}"
+        f"{run.decode_host_ms:>12.2f}"
+    )
+
+
+def summary(label: str, errors: list[float]) -> str:
+    errors = [e for e in errors if not math.isnan(e)]
+    if not errors:
+        return f"{label}: no measurement"
+    absolute = [abs(e) for e in errors]
+    median, worst = statistics.median(absolute), max(absolute)
+    over = sum(e > 0 for e in errors)
+    under = sum(e < 0 for e in errors)
+    verdict = (
+        "meets"
+        if median <= TARGET_MEDIAN and worst <= TARGET_WORST and over and under
+        else "misses"
+    )
+    return (
+        f"{label}: median |error| {median:.1%}, worst {worst:.1%}; {over} measured above the "
+        f"prediction, {under} below ({verdict} the targets: median <= {TARGET_MEDIAN:.0%}, "
+        f"worst <= {TARGET_WORST:.0%}, both signs)"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", required=True, help="profile JSON (`exegpt profile`)")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task ids")
+    parser.add_argument("--modes", default=",".join(MODES), help="static,continuous")
+    parser.add_argument("--batch-sizes", default="8,16,32", help="comma-separated")
+    parser.add_argument(
+        "--length-scale",
+        type=float,
+        default=0.25,
+        help="multiply every input and output length (prediction and bench alike) so a full "
+        "run fits in about 15 minutes on 2 cores",
+    )
+    parser.add_argument("--requests-per-slot", type=int, default=4, help="requests per batch slot")
+    parser.add_argument("--min-requests", type=int, default=32, help="requests per run at least")
+    parser.add_argument("--json", type=Path, help="write every run's figures here")
+    args = parser.parse_args()
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    scratch = Path(tempfile.mkdtemp(prefix="exegpt-fidelity-"))
+    sys.stdout.write(
+        f"fidelity on 1 device: profile {args.profile}, lengths x{args.length_scale:g}, "
+        f"{args.requests_per_slot} requests per slot (at least {args.min_requests})\n{HEADER}\n"
+    )
+    runs: list[Run] = []
+    for task in tasks:
+        for mode in modes:
+            for batch in batches:
+                runs.append(one_run(args, task, mode, batch, scratch))
+                sys.stdout.write(row(runs[-1]) + "\n")
+                sys.stdout.flush()
+    sys.stdout.write(summary("throughput (seq/s)", [r.seq_error for r in runs]) + "\n")
+    sys.stdout.write(summary("p99-length latency", [r.latency_error for r in runs]) + "\n")
+    for mode in modes:
+        chosen = [r for r in runs if r.mode == mode]
+        sys.stdout.write(summary(f"  {mode} seq/s", [r.seq_error for r in chosen]) + "\n")
+        sys.stdout.write(summary(f"  {mode} latency", [r.latency_error for r in chosen]) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in runs], indent=2) + "\n")
+    sys.stdout.write(f"bench reports and logs: {scratch}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

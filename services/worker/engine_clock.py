@@ -1,0 +1,83 @@
+"""Where the engine thread's time goes while it has work: inside forwards, or host work.
+
+The engine marks the moment it starts working (leaving an idle wait) and, for every step
+result it applies, charges the wall time since the previous mark to that step: the part
+spent inside the step's forward (the model call, as the executor measured it) and the rest,
+host work (planning, batching, sampling, applying the result, delivering tokens, and
+waiting for the GIL or a core while the server streams). The totals, by step kind, feed the
+worker's stats (GetStats, /metrics) and the profiler's fit of the serving overhead
+(exegpt/serving_overhead.py). The busy fraction is forward time over wall time while busy.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StepTotals:
+    """One step kind's totals since the engine started."""
+
+    kind: str  # 'prefill' (chunks included) or 'decode'
+    num_steps: int
+    num_rows: int
+    forward_s: float
+    host_s: float
+
+
+@dataclass
+class _Totals:
+    num_steps: int = 0
+    num_rows: int = 0
+    forward_s: float = 0.0
+    host_s: float = 0.0
+
+
+class EngineClock:
+    """Charges the engine thread's busy wall time to the steps it applies (thread-safe
+    reads: the engine thread writes, stats readers copy under the lock)."""
+
+    KINDS = ("prefill", "decode")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._totals = {kind: _Totals() for kind in self.KINDS}
+        self._mark_s: float | None = None
+
+    def start_busy(self) -> None:
+        """The engine has work from now on (a no-op while it already counts)."""
+        if self._mark_s is None:
+            self._mark_s = time.perf_counter()
+
+    def stop_busy(self) -> None:
+        """The engine is about to wait with nothing in flight: that time is not charged."""
+        self._mark_s = None
+
+    def charge(self, kind: str, num_rows: int, forward_s: float) -> None:
+        """A step's result was applied: charge it the wall time since the last mark."""
+        now = time.perf_counter()
+        wall_s = now - self._mark_s if self._mark_s is not None else forward_s
+        self._mark_s = now
+        forward_s = min(max(0.0, forward_s), wall_s) if wall_s > 0 else 0.0
+        with self._lock:
+            totals = self._totals[kind]
+            totals.num_steps += 1
+            totals.num_rows += num_rows
+            totals.forward_s += forward_s
+            totals.host_s += wall_s - forward_s
+
+    def totals(self) -> list[StepTotals]:
+        with self._lock:
+            return [
+                StepTotals(kind, t.num_steps, t.num_rows, t.forward_s, t.host_s)
+                for kind, t in self._totals.items()
+            ]
+
+
+def busy_fraction(totals: list[StepTotals]) -> float:
+    """Forward time over busy wall time (0 before the first step)."""
+    forward_s = sum(t.forward_s for t in totals)
+    wall_s = forward_s + sum(t.host_s for t in totals)
+    return forward_s / wall_s if wall_s > 0 else 0.0

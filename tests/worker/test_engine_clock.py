@@ -1,0 +1,69 @@
+"""The engine's clock on a real replica: busy time split into forwards and host work by step
+kind, read over gRPC (GetStats) and from the gateway's /metrics."""
+
+from __future__ import annotations
+
+import grpc
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from exegpt.v1 import worker_pb2, worker_pb2_grpc
+from tests.conftest import BackgroundLoop, start_stack, stop_stack
+
+PROMPTS = ([5, 6, 7], [8, 9, 10, 11, 12], [13, 14])
+MAX_TOKENS = (6, 4, 5)
+
+
+@pytest.fixture(scope="module")
+def served(background_loop: BackgroundLoop):
+    from services.worker.config import EngineConfig
+
+    stack = start_stack(background_loop, [EngineConfig(max_batch_size=4)])
+    with httpx.Client(base_url=stack.http_url, timeout=60) as http:
+        for prompt, max_tokens in zip(PROMPTS, MAX_TOKENS, strict=True):
+            answer = http.post(
+                "/v1/completions",
+                json={"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True},
+            )
+            assert answer.status_code == 200, answer.text
+        scrape = http.get("/metrics").text
+    with grpc.insecure_channel(stack.workers[0].address) as channel:
+        stats = worker_pb2_grpc.WorkerStub(channel).GetStats(worker_pb2.GetStatsRequest())
+    yield stats, scrape
+    stop_stack(stack)
+
+
+def test_every_step_is_charged_to_its_kind(served) -> None:
+    stats, _ = served
+    totals = {t.kind: t for t in stats.step_totals}
+    assert set(totals) == {"prefill", "decode"}
+    # Each request is prefilled once (its first token) and decoded for the rest.
+    assert totals["prefill"].num_rows == len(PROMPTS)
+    assert totals["decode"].num_rows == sum(MAX_TOKENS) - len(PROMPTS)
+    assert totals["decode"].num_steps >= max(MAX_TOKENS) - 1
+    for kind in totals.values():
+        assert kind.forward_s > 0 and kind.host_s > 0, kind
+
+
+def test_busy_fraction_is_forward_time_over_busy_wall_time(served) -> None:
+    stats, scrape = served
+    forward_s = sum(t.forward_s for t in stats.step_totals)
+    wall_s = forward_s + sum(t.host_s for t in stats.step_totals)
+    assert 0 < stats.busy_fraction < 1
+    assert stats.busy_fraction == pytest.approx(forward_s / wall_s)
+    gauges = {
+        family.name: family.samples[0].value
+        for family in text_string_to_metric_families(scrape)
+        if family.name == "exegpt:engine_busy_fraction"
+    }
+    assert gauges["exegpt:engine_busy_fraction"] == pytest.approx(stats.busy_fraction)
+    seconds = [
+        sample
+        for family in text_string_to_metric_families(scrape)
+        if family.name == "exegpt:engine_seconds"
+        for sample in family.samples
+        if sample.labels.get("phase") == "decode" and sample.labels.get("part") == "forward"
+    ]
+    decode = next(t for t in stats.step_totals if t.kind == "decode")
+    assert seconds and seconds[0].value == pytest.approx(decode.forward_s)
