@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from exegpt.models.packed import PackedLayout, packed_attention
+
 
 @dataclass(frozen=True)
 class LayerKV:
@@ -27,11 +29,15 @@ class LayerKV:
 class AttentionMetadata:
     """What one attention call of a batch step needs; shared by every layer of a stack."""
 
-    attn_bias: Tensor  # [B, 1 | H, T_q, T_kv] additive: 0 or mask_value, plus T5 position bias
+    # [B, 1 | H, T_q, T_kv] additive: 0 or mask_value, plus T5 position bias; None when packed
+    attn_bias: Tensor | None = None
     write_slots: Tensor | None = None  # [N] pool slots that receive the new K/V
     write_rows: Tensor | None = None  # [N] rows of the flattened [B * T_q] new K/V to store
     read_slots: Tensor | None = None  # [B, T_kv] slots to attend to; None: attend to new K/V
     rope: tuple[Tensor, Tensor] | None = None  # Llama cos, sin [B, T_q, D]
+    # A packed step (decoder-only): the new tokens are one row [1, N] and `read_slots` are
+    # every row's valid key slots back to back; the layout says how attention is cut.
+    packed: PackedLayout | None = None
 
 
 def mask_value(dtype: torch.dtype) -> float:
@@ -111,10 +117,15 @@ def paged_attention(
     """
     if cache is not None and k is not None and v is not None:
         write_kv(cache, k, v, meta)
+    if meta.packed is not None:
+        if k is None or v is None:
+            raise ValueError("a packed step attends over its new K/V and the cache")
+        cache_k, cache_v = (cache.k, cache.v) if cache is not None else (None, None)
+        return packed_attention(q, k, v, cache_k, cache_v, meta.packed, scale)
     if meta.read_slots is not None:
         if cache is None:
             raise ValueError("read_slots given but no KV cache")
         k, v = gather_kv(cache, meta.read_slots)
-    if k is None or v is None:
-        raise ValueError("no keys to attend to: pass new K/V or read_slots")
+    if k is None or v is None or meta.attn_bias is None:
+        raise ValueError("no keys to attend to: pass new K/V or read_slots, and a bias")
     return attention_kernel(q, k.to(q.dtype), v.to(q.dtype), meta.attn_bias, scale)

@@ -30,6 +30,8 @@ class KVIndex:
 
 @dataclass(frozen=True)
 class PrefillBatch:
+    """A T5 prefill, padded (decoder-only prefills are packed: `PackedBatch`)."""
+
     tokens: Tensor  # [B, T] right-padded; Llama: prompt + prefix, T5: [start] + prefix
     lengths: Tensor  # [B] valid tokens per row
     self_kv: KVIndex  # writes the K/V of valid tokens; no reads
@@ -40,13 +42,26 @@ class PrefillBatch:
 
 @dataclass(frozen=True)
 class DecodeBatch:
-    tokens: Tensor  # [B, T] the last token of each sequence (T = 1), or a prefill chunk
+    """A T5 decode step (decoder-only steps are packed: `PackedBatch`)."""
+
+    tokens: Tensor  # [B, 1] the last token of each sequence
     positions: Tensor  # [B] position of tokens[:, 0], i.e. the KV length before this step
     self_kv: KVIndex  # writes the new tokens of each sequence, reads [B, T_kv]
     cross_kv: KVIndex | None = None  # T5: reads the encoder K/V
-    # A chunk of a decoder-only prefill: valid new tokens per row (right-padded), logits at
-    # each row's last one; None: one token per row (a decode step).
-    num_new: Tensor | None = None  # [B]
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """A decoder-only step as packed rows (exegpt/models/packed.py): prefills, prefill chunks
+    and decodes alike, in any mix. Row b's new tokens are
+    `tokens[query_starts[b]:query_starts[b + 1]]`, from KV position `positions[b]`."""
+
+    tokens: Tensor  # [N] every row's new tokens, back to back (no padding)
+    query_starts: Tensor  # [B + 1] offsets of each row's tokens (cu_seqlens)
+    positions: Tensor  # [B] KV tokens each row holds before the step
+    # lengths [B] after the step; write_slots [N]; read_slots: every row's valid key slots back
+    # to back ([sum lengths]), or None when no row has cached K/V (a plain prefill)
+    self_kv: KVIndex
 
 
 class ServingModel(Protocol):
@@ -57,11 +72,11 @@ class ServingModel(Protocol):
     decoder_layers: nn.ModuleList
     lm_head: nn.Linear
 
-    def prefill(self, batch: PrefillBatch, kv: Sequence[LayerKV]) -> Tensor:
+    def prefill(self, batch: PrefillBatch | PackedBatch, kv: Sequence[LayerKV]) -> Tensor:
         """Logits [B, vocab] at each row's last valid position."""
         ...
 
-    def decode(self, batch: DecodeBatch, kv: Sequence[LayerKV]) -> Tensor:
+    def decode(self, batch: DecodeBatch | PackedBatch, kv: Sequence[LayerKV]) -> Tensor:
         """Logits [B, vocab] for the next token of each sequence."""
         ...
 
@@ -80,14 +95,15 @@ class BatchBuilder:
 
     def prefill(
         self, seqs: Sequence[SequenceKV], prompts: list[list[int]], prefixes: list[list[int]]
-    ) -> PrefillBatch:
-        """The prefill of fresh sequences; `prefixes` are tokens already generated (recompute)."""
+    ) -> PrefillBatch | PackedBatch:
+        """The prefill of fresh sequences; `prefixes` are tokens already generated (recompute).
+        Decoder-only: packed rows; T5: padded (its encoder and position bias are per batch)."""
+        if not self.config.is_encoder_decoder:
+            inputs = [[*p, *prefix] for p, prefix in zip(prompts, prefixes, strict=True)]
+            return self.packed(seqs, inputs, [0] * len(seqs))
         self_lengths, cross_lengths = prefill_lengths(self.config, prompts, prefixes)
-        if self.config.is_encoder_decoder:
-            start = self.config.decoder_start_token_id or 0
-            decoder_inputs = [[start, *prefix] for prefix in prefixes]
-        else:
-            decoder_inputs = [[*p, *prefix] for p, prefix in zip(prompts, prefixes, strict=True)]
+        start = self.config.decoder_start_token_id or 0
+        decoder_inputs = [[start, *prefix] for prefix in prefixes]
         zeros = [0] * len(seqs)
         encoder_tokens = encoder_lengths = cross_kv = None
         if cross_lengths is not None:
@@ -104,9 +120,13 @@ class BatchBuilder:
             cross_kv=cross_kv,
         )
 
-    def decode(self, seqs: Sequence[SequenceKV], last_token_ids: list[int]) -> DecodeBatch:
+    def decode(
+        self, seqs: Sequence[SequenceKV], last_token_ids: list[int]
+    ) -> DecodeBatch | PackedBatch:
         """One decode step of prefilled sequences, appending `last_token_ids`."""
         positions = [seq.num_self_tokens for seq in seqs]
+        if not self.config.is_encoder_decoder:
+            return self.packed(seqs, [[token] for token in last_token_ids], positions)
         self_kv = self._kv_index(
             [s.self_blocks for s in seqs], positions, [1] * len(seqs), max(positions) + 1
         )
@@ -121,22 +141,42 @@ class BatchBuilder:
             cross_kv=cross_kv,
         )
 
+    def packed(
+        self, seqs: Sequence[SequenceKV], token_lists: list[list[int]], starts: list[int]
+    ) -> PackedBatch:
+        """Decoder-only rows: `token_lists[b]` from KV position `starts[b]` (0: a prefill; more:
+        a chunk or a decode, attending to the K/V already cached before it)."""
+        if self.config.is_encoder_decoder:
+            raise ValueError("an encoder-decoder step is not packed (its encoder sees it all)")
+        num_new = [len(tokens) for tokens in token_lists]
+        lengths = [s + n for s, n in zip(starts, num_new, strict=True)]
+        table = _block_table([s.self_blocks for s in seqs])
+        write_slots = self._slots(table, *_rows_and_positions(starts, num_new))
+        read_slots = None
+        if any(starts):
+            read_slots = self._slots(table, *_rows_and_positions([0] * len(seqs), lengths))
+            read_slots = read_slots.to(self.device)
+        query_starts = [0]
+        for count in num_new:
+            query_starts.append(query_starts[-1] + count)
+        return PackedBatch(
+            tokens=self._tensor([t for tokens in token_lists for t in tokens]),
+            query_starts=self._tensor(query_starts),
+            positions=self._tensor(starts),
+            self_kv=KVIndex(
+                lengths=self._tensor(lengths),
+                write_slots=write_slots.to(self.device),
+                write_rows=None,
+                read_slots=read_slots,
+            ),
+        )
+
     def chunk(
         self, seqs: Sequence[SequenceKV], chunks: list[list[int]], starts: list[int]
-    ) -> DecodeBatch:
+    ) -> PackedBatch:
         """Prefill chunks of decoder-only sequences: `chunks[b]` from position `starts[b]`,
         attending causally to the K/V of the earlier chunks already in the cache."""
-        if self.config.is_encoder_decoder:
-            raise ValueError("an encoder-decoder prompt is not chunked (its encoder sees it all)")
-        num_new = [len(chunk) for chunk in chunks]
-        num_read = max(s + n for s, n in zip(starts, num_new, strict=True))
-        self_kv = self._kv_index([s.self_blocks for s in seqs], starts, num_new, num_read)
-        return DecodeBatch(
-            tokens=self._padded(chunks),  # [B, T_max]
-            positions=self._tensor(starts),
-            self_kv=self_kv,
-            num_new=self._tensor(num_new),
-        )
+        return self.packed(seqs, chunks, starts)
 
     def _tensor(self, values: list[int]) -> Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -148,10 +188,13 @@ class BatchBuilder:
         rows = [tokens + [pad] * (width - len(tokens)) for tokens in token_lists]
         return torch.tensor(rows, dtype=torch.long, device=self.device)
 
-    def _slots(self, table: Tensor, positions: Tensor) -> Tensor:
-        """Pool slots of token positions [B, T] given block tables [B, M] (on the host)."""
+    def _slots(self, table: Tensor, positions: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Pool slots of token positions [B, T] given block tables [B, M] (on the host); with
+        `rows`, of flat positions [N] in the tables' rows [N]."""
         block_size = self.block_size_tokens
         block_index = (positions // block_size).clamp(max=table.shape[1] - 1)
+        if rows is not None:
+            return table[rows, block_index] * block_size + positions % block_size
         return table.gather(1, block_index) * block_size + positions % block_size
 
     def _kv_index(
@@ -203,6 +246,16 @@ def prefill_lengths(
     return [len(p) + len(prefix) for p, prefix in zip(prompts, prefixes, strict=True)], None
 
 
+def _rows_and_positions(starts: list[int], counts: list[int]) -> tuple[Tensor, Tensor]:
+    """Flat positions [N] = starts[b] .. starts[b] + counts[b] - 1 of every row b, and the row
+    [N] of each (for `BatchBuilder._slots`)."""
+    counts_t = torch.tensor(counts)
+    rows = torch.repeat_interleave(torch.arange(len(counts)), counts_t)
+    row_starts = torch.cumsum(counts_t, 0) - counts_t  # offset of each row's first position
+    offsets = torch.arange(int(counts_t.sum())) - row_starts[rows]
+    return torch.tensor(starts)[rows] + offsets, rows
+
+
 def _block_table(block_lists: list[list[int]]) -> Tensor:
     """[B, M] block ids padded with block 0 (reads past a sequence's end are masked)."""
     width = max(1, max(len(blocks) for blocks in block_lists))
@@ -213,7 +266,7 @@ def _block_table(block_lists: list[list[int]]) -> Tensor:
 # ---- a batch as named tensors (the data plane sends it to pipeline stages) ----------------
 
 
-def batch_tensors(batch: PrefillBatch | DecodeBatch) -> dict[str, Tensor]:
+def batch_tensors(batch: PrefillBatch | DecodeBatch | PackedBatch) -> dict[str, Tensor]:
     """The batch's tensors by dotted field name, None fields left out."""
     named: dict[str, Tensor] = {}
     for name, value in vars(batch).items():
@@ -224,13 +277,16 @@ def batch_tensors(batch: PrefillBatch | DecodeBatch) -> dict[str, Tensor]:
     return named
 
 
-def batch_frame_tensors(batch: PrefillBatch | DecodeBatch) -> dict[str, Tensor]:
+def batch_frame_tensors(batch: PrefillBatch | DecodeBatch | PackedBatch) -> dict[str, Tensor]:
     """The tensors a step carries for its batch on the data plane (names prefixed `batch.`)."""
     return {f"batch.{name}": tensor.cpu() for name, tensor in batch_tensors(batch).items()}
 
 
 def batch_from_tensors(kind: type[PrefillBatch] | type[DecodeBatch], named: dict[str, Tensor]):
-    """The inverse of `batch_tensors` (raises ValueError when a required field is missing)."""
+    """The inverse of `batch_tensors` (raises ValueError when a required field is missing).
+    A packed batch (decoder-only steps of every kind) is known by its `query_starts`."""
+    if "query_starts" in named:
+        kind = PackedBatch  # type: ignore[assignment]
     fields: dict[str, object] = {}
     indexes: dict[str, dict[str, Tensor | None]] = {}
     for name, tensor in named.items():
