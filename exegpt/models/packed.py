@@ -6,10 +6,11 @@ A row is a prefill (its keys are its own new tokens), a chunk of a prefill (it a
 the K/V its earlier chunks cached) or a decode (one new token over its cached K/V); one step may
 mix them. Attention runs per kind of row, over valid keys only:
 
-- a row with several query tokens gets its own `scaled_dot_product_attention` call over
-  exactly its keys (causal, aligned to the row's last key). On this project's CPU that beats
-  one call over a block-diagonal mask of all N tokens, which does work on every pair of rows
-  (benchmarks/packed_prefill.py measures both);
+- rows with several query tokens get one `scaled_dot_product_attention` call per group of
+  rows of the same shape (new tokens, start, keys), over exactly their keys (causal, aligned
+  to each row's last key): one call per row in a skewed batch, one for a batch of equal
+  prompts. On this project's CPU that beats one call over a block-diagonal mask of all N
+  tokens, which does work on every pair of rows (benchmarks/packed_prefill.py measures both);
 - decode rows (one query token) are batched: sorted by KV length and cut into buckets in which
   every row holds at least `1 - DECODE_BUCKET_PADDING` of the bucket's longest, so a bucket's
   padded keys stay under a third of its valid ones, and each bucket is one kernel call.
@@ -40,11 +41,11 @@ class DecodeBucket:
 
 
 @dataclass(frozen=True)
-class RowAttention:
-    """A row with several query tokens: one kernel call over exactly its keys."""
+class RowGroup:
+    """Rows with several query tokens and the same shape: one kernel call over their keys."""
 
-    queries: slice  # its tokens in the packed N
-    key_slots: Tensor | None  # [T_kv] pool slots of its keys; None: its new K/V (a prefill)
+    query_index: Tensor  # [b, T_q] their tokens in the packed N
+    key_slots: Tensor | None  # [b, T_kv] pool slots of their keys; None: their new K/V
     mask: Tensor | None  # [T_q, T_kv] True where visible; None: plain causal
 
 
@@ -53,7 +54,7 @@ class PackedLayout:
     """How a packed step's attention is cut, built once per step for every layer."""
 
     num_tokens: int
-    rows: tuple[RowAttention, ...]
+    groups: tuple[RowGroup, ...]
     buckets: tuple[DecodeBucket, ...]
     token_positions: Tensor  # [N] absolute position of each new token
     last_tokens: Tensor  # [B] index of each row's last new token (where its logits are)
@@ -77,15 +78,22 @@ def packed_layout(
     key_starts = [0]
     for length in kv_lengths:
         key_starts.append(key_starts[-1] + length)
-    rows: list[RowAttention] = []
+    shapes: dict[tuple[int, int], list[int]] = {}  # (start, new tokens) -> rows
     decodes: list[int] = []
     for b, count in enumerate(num_new):
         if count == 1 and read_slots is not None:
             decodes.append(b)
-            continue
-        keys = None if read_slots is None else read_slots[key_starts[b] : key_starts[b + 1]]
-        mask = _row_mask(first_positions[b], count, kv_lengths[b], window, device)
-        rows.append(RowAttention(slice(starts[b], starts[b + 1]), keys, mask))
+        else:
+            shapes.setdefault((first_positions[b], count), []).append(b)
+    groups = []
+    for (first, count), rows in shapes.items():
+        query_index = torch.tensor([starts[b] for b in rows])[:, None] + torch.arange(count)
+        key_slots = None
+        if read_slots is not None:
+            key_index = torch.tensor([key_starts[b] for b in rows])[:, None]
+            key_slots = read_slots[(key_index + torch.arange(first + count)).to(device)]
+        mask = _row_mask(first, count, first + count, window, device)
+        groups.append(RowGroup(query_index.to(device), key_slots, mask))
     buckets: tuple[DecodeBucket, ...] = ()
     if decodes:
         assert read_slots is not None
@@ -97,7 +105,7 @@ def packed_layout(
     )
     return PackedLayout(
         num_tokens=starts[-1],
-        rows=tuple(rows),
+        groups=tuple(groups),
         buckets=buckets,
         token_positions=token_positions.to(device),
         last_tokens=query_starts[1:] - 1,
@@ -173,15 +181,14 @@ def packed_attention(
     q, k, v = q[0], k[0], v[0]  # [N, H, D], [N, H_kv, D]
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
-    for row in layout.rows:
-        if row.key_slots is None:
-            keys, values = k[row.queries], v[row.queries]
+    for group in layout.groups:
+        if group.key_slots is None:
+            keys, values = k[group.query_index], v[group.query_index]  # [b, T, H_kv, D]
         else:
             assert cache_k is not None and cache_v is not None
-            keys, values = cache_k[row.key_slots], cache_v[row.key_slots]
-        out[row.queries] = _kernel(
-            q[row.queries][None], keys[None], values[None], row.mask, scale, gqa
-        )[0]
+            keys, values = cache_k[group.key_slots], cache_v[group.key_slots]
+        queries = q[group.query_index]  # [b, T_q, H, D]
+        out[group.query_index] = _kernel(queries, keys, values, group.mask, scale, gqa)
     for bucket in layout.buckets:
         assert cache_k is not None and cache_v is not None
         queries = q[bucket.query_index][:, None]  # [b, 1, H, D]

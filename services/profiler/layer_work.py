@@ -75,6 +75,8 @@ def _scale(layer: Layer) -> float:
 
 
 def shard_meta(meta: AttentionMetadata, tp_degree: int) -> AttentionMetadata:
+    if meta.attn_bias is None:  # a packed step: no bias, its layout holds for every head
+        return meta
     return replace(meta, attn_bias=shard_attention_bias(meta.attn_bias, 0, tp_degree))
 
 

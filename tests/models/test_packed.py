@@ -41,7 +41,7 @@ def test_decode_buckets_hold_every_row_once_within_the_padding_bound(padding: fl
     query_starts = torch.arange(len(kv_lengths) + 1)
     read_slots = torch.arange(sum(kv_lengths)) + 1000
     layout = packed_layout(query_starts, positions, read_slots, None, padding)
-    assert layout.rows == ()
+    assert layout.groups == ()
     queries = sorted(q for b in layout.buckets for q in b.query_index.tolist())
     assert queries == list(range(len(kv_lengths)))
     starts = [sum(kv_lengths[:b]) for b in range(len(kv_lengths))]
@@ -95,3 +95,15 @@ def test_a_mixed_step_equals_each_sequence_prefilled_alone(
     mixed = run(seqs, [[50], [51], long_prompt[6:], fresh], [11, 3, 6, 0])
     for got, want in zip(mixed, alone, strict=True):
         assert_logits_close(got, want)
+
+
+def test_prefill_rows_of_the_same_shape_share_one_kernel_call() -> None:
+    query_starts = torch.tensor([0, 5, 12, 17, 22])  # rows of 5, 7, 5 and 5 tokens
+    layout = packed_layout(query_starts, torch.zeros(4, dtype=torch.long), None, None)
+    shapes = sorted(tuple(group.query_index.shape) for group in layout.groups)
+    assert shapes == [(1, 7), (3, 5)]
+    for group in layout.groups:
+        for index in group.query_index.tolist():  # each row's tokens, in order
+            assert index == list(range(index[0], index[0] + len(index)))
+    assert sorted(g.query_index[:, 0].tolist() for g in layout.groups) == [[0, 12, 17], [5]]
+    assert layout.last_tokens.tolist() == [4, 11, 16, 21]  # each row's last token
