@@ -163,11 +163,13 @@ class StepScheduler(Admission):
         group, decodes = self._ready_decodes()
         pending = self._idle_unprefilled()
         prefills_wait = bool(pending) or self.num_waiting() > 0
-        if not self._chunks.decodes_go_in(len(decodes), prefills_wait):
-            decodes = []
-        if self._chunks.has_room(pending, len(decodes)):
+        chunk_turn = not self._chunks.decodes_go_in(len(decodes), prefills_wait)
+        num_decodes = 0 if chunk_turn else len(decodes)
+        if self._chunks.has_room(pending, num_decodes):
             pending += self._admit()
-        chunks = self._chunks.select(pending, len(decodes))
+        chunks = self._chunks.select(pending, num_decodes)
+        if chunk_turn and chunks:  # else no prefill could start: the decodes go on
+            decodes = []
         rows = self._make_room(decodes + chunks)  # a victim leaves the step
         decodes = [s for s in rows if s.prefilled]
         chunks = [s for s in rows if not s.prefilled]

@@ -56,9 +56,12 @@ def _run(engine, prompts: list[list[int]], num_tokens: int = NUM_TOKENS) -> list
         engine.stop()
 
 
-def _config(budget: int | None, **options) -> EngineConfig:
+def _config(budget: int | None, max_batch_size: int = 8, **options) -> EngineConfig:
     return EngineConfig(
-        max_batch_size=8, kv_block_size_tokens=BLOCK, max_tokens_per_step=budget, **options
+        max_batch_size=max_batch_size,
+        kv_block_size_tokens=BLOCK,
+        max_tokens_per_step=budget,
+        **options,
     )
 
 
@@ -108,10 +111,13 @@ def test_chunked_tokens_over_two_pipeline_stages_equal_unchunked(
     assert StepKind.MIXED in kinds  # decodes and chunks shared steps across the stages
 
 
-def _drive(loaded: LoadedModel, budget: int | None, long_prompt: list[int]):
+def _drive(
+    loaded: LoadedModel, budget: int | None, long_prompt: list[int], max_batch_size: int = 8
+):
     """Two short requests decode; after 3 steps a long prompt arrives. Returns every plan
-    and the tokens of each request (the real scheduler over the real in-process model)."""
-    config = _config(budget)
+    (there must always be one to run) and the tokens of each request (the real scheduler
+    over the real in-process model)."""
+    config = _config(budget, max_batch_size)
     pool = KVCachePool.for_memory(
         KVCacheSpec.for_model(loaded.config, dtype=loaded.dtype),
         config.kv_capacity_bytes,
@@ -183,6 +189,20 @@ def test_decodes_that_fill_the_budget_leave_every_other_step_to_a_chunk(llama) -
     # Between two of its chunks, one step decodes the running requests.
     assert all(after - before == 2 for before, after in zip(carrying, carrying[1:], strict=False))
     assert all(plans[i + 1].kind is StepKind.DECODE for i in carrying[:-1])
+
+
+def test_decodes_go_on_while_a_waiting_request_cannot_start(llama) -> None:
+    _, loaded = llama
+    long_prompt = [(11 * j) % 190 + 5 for j in range(10)]
+    # The batch holds two: the long request waits until a short one finishes, while the two
+    # decodes fill the budget; every step still runs (_drive asserts a plan each time).
+    plans, tokens = _drive(loaded, 2, long_prompt, max_batch_size=2)
+    _, whole_tokens = _drive(loaded, None, long_prompt, max_batch_size=2)
+    assert tokens == whole_tokens
+    both = next(i for i, p in enumerate(plans) if _num_decodes(p) == 2)
+    first_chunk = next(i for i, p in enumerate(plans) if 2 in p.seq_ids)
+    assert first_chunk - both >= 15  # it started once a short request had its 20 tokens
+    assert all(p.kind is StepKind.DECODE and len(p) == 2 for p in plans[both:first_chunk])
 
 
 def _max_stall(plans: list[StepPlan]) -> int:
