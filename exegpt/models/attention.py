@@ -39,6 +39,9 @@ class AttentionMetadata:
     # A packed step (decoder-only): the new tokens are one row [1, N] and `read_slots` are
     # every row's valid key slots back to back; the layout says how attention is cut.
     packed: PackedLayout | None = None
+    # A packed T5 encoder step: the prompts are one row [1, N], back to back with these lengths,
+    # each attending to itself alone with `attn_bias` [1, H, S_max, S_max] cut to its length.
+    row_lengths: tuple[int, ...] | None = None
 
 
 def mask_value(dtype: torch.dtype) -> float:
@@ -101,6 +104,27 @@ def attention_kernel(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float
         enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)  # [B, H, T_q, D] -> [B, T_q, H, D]
+
+
+def packed_rows_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, row_lengths: tuple[int, ...], scale: float
+) -> Tensor:
+    """Bidirectional attention of packed rows q, k, v [1, N, H, D]: each row over its own
+    tokens, with the bias [1 | B, H, S, S] cut to its length (rows of one length share a call).
+    """
+    out = torch.empty_like(q[0])  # [N, H, D]
+    starts: dict[int, list[int]] = {}
+    offset = 0
+    for length in row_lengths:
+        starts.setdefault(length, []).append(offset)
+        offset += length
+    for length, row_starts in starts.items():
+        index = torch.tensor(row_starts, device=q.device)[:, None] + torch.arange(
+            length, device=q.device
+        )  # [b, n] token indexes of the rows of this length
+        cut = bias[:1, :, :length, :length]
+        out[index] = attention_kernel(q[0][index], k[0][index], v[0][index], cut, scale)
+    return out[None]
 
 
 def paged_attention(

@@ -7,7 +7,7 @@ sequences' block tables, and each model turns them into attention metadata.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -30,12 +30,13 @@ class KVIndex:
 
 @dataclass(frozen=True)
 class PrefillBatch:
-    """A T5 prefill, padded (decoder-only prefills are packed: `PackedBatch`)."""
+    """A T5 prefill: the encoder's prompts packed, the decoder's inputs padded (decoder-only
+    prefills are packed whole: `PackedBatch`)."""
 
     tokens: Tensor  # [B, T] right-padded; Llama: prompt + prefix, T5: [start] + prefix
     lengths: Tensor  # [B] valid tokens per row
     self_kv: KVIndex  # writes the K/V of valid tokens; no reads
-    encoder_tokens: Tensor | None = None  # [B, S] right-padded prompts (T5)
+    encoder_tokens: Tensor | None = None  # [N] the prompts back to back (T5)
     encoder_lengths: Tensor | None = None  # [B]
     cross_kv: KVIndex | None = None  # T5: writes encoder K/V, reads it back for the decoder
 
@@ -106,11 +107,12 @@ class BatchBuilder:
         decoder_inputs = [[start, *prefix] for prefix in prefixes]
         zeros = [0] * len(seqs)
         encoder_tokens = encoder_lengths = cross_kv = None
-        if cross_lengths is not None:
-            encoder_tokens = self._padded(prompts)
+        if cross_lengths is not None:  # the encoder runs packed: no padding between prompts
+            encoder_tokens = self._tensor([t for prompt in prompts for t in prompt])
             encoder_lengths = self._tensor(cross_lengths)
             cross_blocks = [s.cross_blocks for s in seqs]
             cross_kv = self._kv_index(cross_blocks, zeros, cross_lengths, max(cross_lengths))
+            cross_kv = replace(cross_kv, write_rows=None)  # the packed rows, all in order
         return PrefillBatch(
             tokens=self._padded(decoder_inputs),
             lengths=self._tensor(self_lengths),

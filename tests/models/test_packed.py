@@ -1,6 +1,6 @@
-"""Packed steps (decoder-only): no projection sees padding, decode buckets bound their padding,
-and one step that mixes a fresh prefill, a prefill chunk and decodes gives each row the logits
-it gets when its whole sequence is prefilled alone."""
+"""Packed steps (decoder-only, and the T5 encoder): no projection sees padding, decode buckets
+bound their padding, and one step that mixes a fresh prefill, a prefill chunk and decodes gives
+each row the logits it gets when its whole sequence is prefilled alone."""
 
 from __future__ import annotations
 
@@ -15,14 +15,16 @@ from tests.models.helpers import assert_logits_close, make_runner
 FAMILIES = ["llama", "mistral-window", "qwen2"]
 
 
+@pytest.mark.parametrize(("variant", "stack"), [("llama", "decoder"), ("t5", "encoder")])
 def test_prefill_projections_see_only_the_valid_tokens(
-    checkpoints: dict[str, Checkpoint],
+    checkpoints: dict[str, Checkpoint], variant: str, stack: str
 ) -> None:
-    runner = make_runner(checkpoints["llama"].loaded)
+    """Llama: every step is packed; T5: its encoder is (its decoder starts from one token)."""
+    runner = make_runner(checkpoints[variant].loaded)
+    layer = getattr(runner.model, f"{stack}_layers")[0]
     seen: list[torch.Size] = []
-    hook = runner.model.decoder_layers[0].mlp.register_forward_hook(
-        lambda module, inputs, output: seen.append(inputs[0].shape)
-    )
+    ffn = layer.mlp if variant == "llama" else layer.ffn
+    hook = ffn.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape))
     prompts = [[5] * 3, [6] * 17, [7] * 5]
     seqs = [SequenceKV() for _ in prompts]
     try:
@@ -31,7 +33,8 @@ def test_prefill_projections_see_only_the_valid_tokens(
     finally:
         hook.remove()
     # 25 prompt tokens, not 3 rows padded to 17 (51); then one token per sequence.
-    assert [shape[:2] for shape in seen] == [(1, 25), (1, 3)]
+    expected = [(1, 25), (1, 3)] if variant == "llama" else [(1, 25)]
+    assert [shape[:2] for shape in seen] == expected
 
 
 @pytest.mark.parametrize("padding", [0.0, 0.25, 0.5])
