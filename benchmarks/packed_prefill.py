@@ -9,7 +9,8 @@ drift hits them alike):
 
 1. the whole prefill: exegpt packed (no token of padding), exegpt with every prompt padded to
    the longest (the work a padded batch does), and transformers' forward over the padded batch
-   with its attention mask; seconds, sequences/s and the ratios;
+   with its attention mask; seconds, sequences/s and the ratios. Then the same two exegpt
+   paths on the embedded T5 (its encoder runs packed);
 2. the attention kernel alone over the same rows: one call per row (what exegpt runs), one call
    over a block-diagonal causal mask of all tokens, and one padded batched call with a mask;
 3. decode attention over a paged KV cache with skewed KV lengths: decode rows bucketed by
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from exegpt.dtypes import torch_dtype
 from exegpt.models.kv_cache import KVCachePool, KVCacheSpec, SequenceKV
-from exegpt.models.loader import load_model
+from exegpt.models.loader import LoadedModel, load_model
 from exegpt.models.packed import packed_attention, packed_layout
 from exegpt.models.runner import ModelRunner
 
@@ -59,37 +60,57 @@ def best_of(rounds: int, paths: dict[str, Callable[[], object]]) -> dict[str, fl
     return best
 
 
+def exegpt_prefill(loaded: LoadedModel, rows: list[list[int]]) -> Callable[[], object]:
+    """A prefill of `rows` on the engine's runner, blocks released after."""
+    width = max(len(row) for row in rows)
+    num_blocks = 2 * len(rows) * width // 16 + 16  # self (and T5 cross) blocks, padded rows
+    pool = KVCachePool(KVCacheSpec.for_model(loaded.config, loaded.dtype), num_blocks, 16)
+    runner = ModelRunner(loaded.model, pool)
+
+    def run() -> object:
+        seqs = [SequenceKV() for _ in rows]
+        logits = runner.prefill(seqs, rows)
+        for seq in seqs:
+            runner.release(seq)
+        return logits
+
+    return run
+
+
+def padded_rows(prompts: list[list[int]]) -> list[list[int]]:
+    """Every prompt padded with real tokens to the longest: the work of a padded batch."""
+    width = max(len(p) for p in prompts)
+    return [p + [3] * (width - len(p)) for p in prompts]
+
+
 def prefill_paths(directory: str, dtype: torch.dtype, prompts: list[list[int]]) -> dict:
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
     loaded = load_model(directory, dtype=dtype)
     width = max(len(p) for p in prompts)
-    num_blocks = len(prompts) * width // 16 + 16  # room for the padded rows too
-    pool = KVCachePool(KVCacheSpec.for_model(loaded.config, dtype), num_blocks, 16)
-    runner = ModelRunner(loaded.model, pool)
-    padded = [p + [3] * (width - len(p)) for p in prompts]
-    ids = torch.tensor(padded)
+    ids = torch.tensor(padded_rows(prompts))
     mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts])
-
-    def exegpt(rows: list[list[int]]) -> Callable[[], object]:
-        def run() -> object:
-            seqs = [SequenceKV() for _ in rows]
-            logits = runner.prefill(seqs, rows)
-            for seq in seqs:
-                runner.release(seq)
-            return logits
-
-        return run
 
     @torch.inference_mode()
     def transformers() -> object:
         return hf(input_ids=ids, attention_mask=mask, use_cache=True).logits[:, -1]
 
     return {
-        "exegpt packed": exegpt(prompts),
-        "exegpt padded rows": exegpt(padded),
+        "exegpt packed": exegpt_prefill(loaded, prompts),
+        "exegpt padded rows": exegpt_prefill(loaded, padded_rows(prompts)),
         "transformers padded": transformers,
+    }
+
+
+def t5_paths(dtype: torch.dtype, prompts: list[list[int]]) -> dict:
+    """The embedded T5 (exegpt-tiny-t5): its encoder runs packed, its decoder padded."""
+    loaded = load_model("exegpt-tiny-t5", dtype=dtype)
+    vocab = loaded.config.vocab_size
+    prompts = [[3 + t % (vocab - 3) for t in prompt] for prompt in prompts]
+    return {
+        "exegpt packed": exegpt_prefill(loaded, prompts),
+        "exegpt padded rows": exegpt_prefill(loaded, padded_rows(prompts)),
     }
 
 
@@ -188,6 +209,10 @@ def main() -> int:
     print(f"  packed speed-up: {whole['exegpt padded rows'] / whole['exegpt packed']:.2f}x "
           f"over padded rows, {whole['transformers padded'] / whole['exegpt packed']:.2f}x "
           "over transformers padded")  # fmt: skip
+    with torch.inference_mode():
+        t5 = best_of(args.rounds, t5_paths(dtype, prompts))
+    print_block("prefill, the embedded T5 (encoder packed, decoder padded):", t5, len(lengths))
+    print(f"  packed speed-up: {t5['exegpt padded rows'] / t5['exegpt packed']:.2f}x")
     with torch.inference_mode():
         kernels = best_of(args.rounds, kernel_paths(lengths, dtype))
         kv_lengths = [1024, 1024, *[64 + 6 * i for i in range(30)]]
