@@ -1,9 +1,10 @@
 """Attention over a paged KV cache: metadata, cache write/gather, and the attention kernel.
 
 A batch step writes the new tokens' K/V into pool slots and, where the sequences have history
-(decode, T5 cross-attention), gathers each sequence's K/V through slot indices into a padded
-[B, T_kv, H_kv, D] view with an additive length mask. All index tensors are built once per step
-by the runner, so nothing here reads a value back to the host.
+(decode, T5 cross-attention), gathers each sequence's K/V through slot indices. T5 batches are
+padded: a [B, T_kv, H_kv, D] view with an additive length mask, and nothing here reads a value
+back to the host. Decoder-only steps are packed (`meta.packed`, exegpt/models/packed.py): each
+row attends over its own valid keys only, cut by a layout read once per step.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from exegpt.models.packed import PackedLayout, packed_attention
 
 
 @dataclass(frozen=True)
@@ -27,11 +30,18 @@ class LayerKV:
 class AttentionMetadata:
     """What one attention call of a batch step needs; shared by every layer of a stack."""
 
-    attn_bias: Tensor  # [B, 1 | H, T_q, T_kv] additive: 0 or mask_value, plus T5 position bias
+    # [B, 1 | H, T_q, T_kv] additive: 0 or mask_value, plus T5 position bias; None when packed
+    attn_bias: Tensor | None = None
     write_slots: Tensor | None = None  # [N] pool slots that receive the new K/V
     write_rows: Tensor | None = None  # [N] rows of the flattened [B * T_q] new K/V to store
     read_slots: Tensor | None = None  # [B, T_kv] slots to attend to; None: attend to new K/V
     rope: tuple[Tensor, Tensor] | None = None  # Llama cos, sin [B, T_q, D]
+    # A packed step (decoder-only): the new tokens are one row [1, N] and `read_slots` are
+    # every row's valid key slots back to back; the layout says how attention is cut.
+    packed: PackedLayout | None = None
+    # A packed T5 encoder step: the prompts are one row [1, N], back to back with these lengths,
+    # each attending to itself alone with `attn_bias` [1, H, S_max, S_max] cut to its length.
+    row_lengths: tuple[int, ...] | None = None
 
 
 def mask_value(dtype: torch.dtype) -> float:
@@ -96,6 +106,27 @@ def attention_kernel(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float
     return out.transpose(1, 2)  # [B, H, T_q, D] -> [B, T_q, H, D]
 
 
+def packed_rows_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, row_lengths: tuple[int, ...], scale: float
+) -> Tensor:
+    """Bidirectional attention of packed rows q, k, v [1, N, H, D]: each row over its own
+    tokens, with the bias [1 | B, H, S, S] cut to its length (rows of one length share a call).
+    """
+    out = torch.empty_like(q[0])  # [N, H, D]
+    starts: dict[int, list[int]] = {}
+    offset = 0
+    for length in row_lengths:
+        starts.setdefault(length, []).append(offset)
+        offset += length
+    for length, row_starts in starts.items():
+        index = torch.tensor(row_starts, device=q.device)[:, None] + torch.arange(
+            length, device=q.device
+        )  # [b, n] token indexes of the rows of this length
+        cut = bias[:1, :, :length, :length]
+        out[index] = attention_kernel(q[0][index], k[0][index], v[0][index], cut, scale)
+    return out[None]
+
+
 def paged_attention(
     q: Tensor,
     k: Tensor | None,
@@ -111,10 +142,15 @@ def paged_attention(
     """
     if cache is not None and k is not None and v is not None:
         write_kv(cache, k, v, meta)
+    if meta.packed is not None:
+        if k is None or v is None:
+            raise ValueError("a packed step attends over its new K/V and the cache")
+        cache_k, cache_v = (cache.k, cache.v) if cache is not None else (None, None)
+        return packed_attention(q, k, v, cache_k, cache_v, meta.packed, scale)
     if meta.read_slots is not None:
         if cache is None:
             raise ValueError("read_slots given but no KV cache")
         k, v = gather_kv(cache, meta.read_slots)
-    if k is None or v is None:
-        raise ValueError("no keys to attend to: pass new K/V or read_slots")
+    if k is None or v is None or meta.attn_bias is None:
+        raise ValueError("no keys to attend to: pass new K/V or read_slots, and a bias")
     return attention_kernel(q, k.to(q.dtype), v.to(q.dtype), meta.attn_bias, scale)

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from exegpt.models.attention import AttentionMetadata, LayerKV, attention_bias, paged_attention
-from exegpt.models.batch import DecodeBatch, PrefillBatch
+from exegpt.models.attention import AttentionMetadata, LayerKV, paged_attention
+from exegpt.models.batch import PackedBatch
 from exegpt.models.config import ModelConfig
 from exegpt.models.layers import RMSNorm, SwiGLU, apply_rope, embedding, rope_cos_sin
+from exegpt.models.packed import packed_layout
 
 
 class LlamaAttention(nn.Module):
@@ -111,56 +112,34 @@ class LlamaModel(nn.Module):
         return self.lm_head(self.final_norm(hidden)).float()
 
     def prefill(
-        self, batch: PrefillBatch, kv: Sequence[LayerKV], hidden: Tensor | None = None
+        self, batch: PackedBatch, kv: Sequence[LayerKV], hidden: Tensor | None = None
     ) -> Tensor:
-        """Logits [B, vocab] at each row's last valid position; a stage without the head
-        returns its hidden states [B, T, d_model] instead."""
-        num_tokens = batch.tokens.shape[1]
-        positions = torch.arange(num_tokens, device=batch.tokens.device)[None]  # [1, T]
-        dtype = self.compute_dtype
-        meta = AttentionMetadata(
-            attn_bias=attention_bias(
-                positions, batch.lengths, num_tokens, True, dtype, self.config.sliding_window
-            ),
-            write_slots=batch.self_kv.write_slots,
-            write_rows=batch.self_kv.write_rows,
-            rope=self.rope(positions),
-        )
-        hidden = self.run_layers(batch.tokens, hidden, kv, meta)  # [B, T, d_model]
-        if not self.has_head:
-            return hidden
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return self.logits(hidden[rows, batch.lengths - 1])  # last valid position of each row
+        """Logits [B, vocab] at each row's last new token; a stage without the head returns its
+        hidden states [1, N, d_model] instead. Prefills, chunks and decodes all run packed."""
+        return self.step(batch, kv, hidden)
 
     def decode(
-        self, batch: DecodeBatch, kv: Sequence[LayerKV], hidden: Tensor | None = None
+        self, batch: PackedBatch, kv: Sequence[LayerKV], hidden: Tensor | None = None
     ) -> Tensor:
-        """Logits [B, vocab] for the next token, or a headless stage's hidden [B, T, d_model].
-        With `batch.num_new` the rows are prefill chunks: T tokens from each row's position,
-        causal over the cached K/V before it; logits at each row's last valid token."""
-        read_slots = batch.self_kv.read_slots
-        if read_slots is None:
-            raise ValueError("a decode step needs read slots")
-        offsets = torch.arange(batch.tokens.shape[1], device=batch.tokens.device)
-        positions = batch.positions[:, None] + offsets[None]  # [B, 1] + [1, T] -> [B, T]
-        meta = AttentionMetadata(
-            attn_bias=attention_bias(
-                positions,
-                batch.self_kv.lengths,
-                read_slots.shape[1],
-                True,
-                self.compute_dtype,
-                self.config.sliding_window,
-            ),
-            write_slots=batch.self_kv.write_slots,
-            write_rows=batch.self_kv.write_rows,
-            read_slots=read_slots,
-            rope=self.rope(positions),
+        return self.step(batch, kv, hidden)
+
+    def step(self, batch: PackedBatch, kv: Sequence[LayerKV], hidden: Tensor | None) -> Tensor:
+        """One packed step: the new tokens run as one row [1, N] through every layer, each
+        row attending to its own cached and new keys only (exegpt/models/packed.py)."""
+        if not isinstance(batch, PackedBatch):
+            raise ValueError(f"a Llama step takes a packed batch, got {type(batch).__name__}")
+        self_kv = batch.self_kv
+        layout = packed_layout(
+            batch.query_starts, batch.positions, self_kv.read_slots, self.config.sliding_window
         )
-        hidden = self.run_layers(batch.tokens, hidden, kv, meta)  # [B, T, d_model]
+        meta = AttentionMetadata(
+            write_slots=self_kv.write_slots,
+            write_rows=self_kv.write_rows,
+            read_slots=self_kv.read_slots,
+            rope=self.rope(layout.token_positions[None]),  # [1, N, D]
+            packed=layout,
+        )
+        hidden = self.run_layers(batch.tokens[None], hidden, kv, meta)  # [1, N, d_model]
         if not self.has_head:
             return hidden
-        if batch.num_new is None:
-            return self.logits(hidden[:, -1])
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return self.logits(hidden[rows, batch.num_new - 1])  # last valid token of each row
+        return self.logits(hidden[0, layout.last_tokens])  # each row's last new token

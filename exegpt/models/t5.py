@@ -18,6 +18,7 @@ from exegpt.models.attention import (
     LayerKV,
     attention_bias,
     attention_kernel,
+    packed_rows_attention,
     paged_attention,
     write_kv,
 )
@@ -82,9 +83,16 @@ class T5EncoderLayer(nn.Module):
         x = x + self.self_attn.project_out(attn)
         return x + self.ffn(self.ffn_norm(x))
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata) -> Tensor:
+        if meta.attn_bias is None:
+            raise ValueError("T5 encoder attention needs its position bias")
+        if meta.row_lengths is None:  # padded rows [B, S]
+            return attention_kernel(q, k, v, meta.attn_bias, _SCALE)
+        return packed_rows_attention(q, k, v, meta.attn_bias, meta.row_lengths, _SCALE)
+
     def forward(self, x: Tensor, meta: AttentionMetadata) -> Tensor:
         q, k, v = self.qkv(x)
-        return self.finish(x, attention_kernel(q, k, v, meta.attn_bias, _SCALE))
+        return self.finish(x, self.attend(q, k, v, meta))
 
 
 @dataclass(frozen=True)
@@ -176,13 +184,6 @@ class T5Model(nn.Module):
             table, q_pos, k_pos, bidirectional, self.config.relative_attention_max_distance
         )
 
-    def encoder_bias(self, lengths: Tensor, num_tokens: int) -> Tensor:
-        """Bidirectional position bias plus key padding mask: [B, H, S, S]."""
-        pos = torch.arange(num_tokens, device=lengths.device)[None]  # [1, S]
-        bias = self._position_bias(self.position_tables.encoder, pos, pos, bidirectional=True)
-        mask = attention_bias(pos, lengths, num_tokens, causal=False, dtype=bias.dtype)
-        return bias + mask
-
     def decoder_self_bias(self, q_pos: Tensor, kv_lengths: Tensor, num_kv: int) -> Tensor:
         """Causal position bias plus length mask: [B, H, T_q, T_kv] for query positions [B, T_q]."""
         k_pos = torch.arange(num_kv, device=q_pos.device)[None]  # [1, T_kv]
@@ -194,13 +195,18 @@ class T5Model(nn.Module):
     # ---- stacks ----------------------------------------------------------------------------
 
     def encode(self, tokens: Tensor, lengths: Tensor, hidden: Tensor | None = None) -> Tensor:
-        """Encoder output [B, S, d_model] for right-padded prompts [B, S].
+        """Encoder output [1, N, d_model] for prompts packed back to back: tokens [N], their
+        lengths [B]. Each prompt attends to itself alone (no work on padding).
 
         A stage runs its slice of the encoder over `hidden` (or the embedded tokens when it
         holds the first layer) and normalises only when it holds the last one.
         """
-        meta = AttentionMetadata(attn_bias=self.encoder_bias(lengths, tokens.shape[1]))
-        x = self.embed(tokens) if hidden is None else hidden
+        row_lengths = tuple(lengths.tolist())  # one host read per step
+        pos = torch.arange(max(row_lengths), device=tokens.device)[None]  # [1, S_max]
+        table = self.position_tables.encoder
+        bias = self._position_bias(table, pos, pos, bidirectional=True)  # [1, H, S, S]
+        meta = AttentionMetadata(attn_bias=bias, row_lengths=row_lengths)
+        x = self.embed(tokens[None]) if hidden is None else hidden  # [1, N, d_model]
         for layer in self.encoder_layers:
             x = layer(x, meta)
         return self.encoder_final_norm(x) if self.ends_encoder else x
@@ -285,8 +291,6 @@ class T5Model(nn.Module):
             write_rows=batch.self_kv.write_rows,
             read_slots=batch.self_kv.read_slots,
         )
-        meta = T5DecoderMetadata(
-            self_meta, self._cross_meta(batch.cross_kv, 1, self.compute_dtype)
-        )
+        meta = T5DecoderMetadata(self_meta, self._cross_meta(batch.cross_kv, 1, self.compute_dtype))
         hidden = self.run_decoder(batch.tokens, hidden, kv, meta)  # [B, 1, d_model]
         return self.logits(hidden[:, -1]) if self.has_head else hidden

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from exegpt.models.attention import AttentionMetadata, LayerKV, attention_kernel, paged_attention
+from exegpt.models.attention import AttentionMetadata, LayerKV, paged_attention
 from exegpt.models.kv_cache import KVCachePool, KVCacheSpec
 from exegpt.models.t5 import T5DecoderMetadata
 from exegpt.models.tensor_parallel import Layer, shard_attention_bias
@@ -75,6 +75,8 @@ def _scale(layer: Layer) -> float:
 
 
 def shard_meta(meta: AttentionMetadata, tp_degree: int) -> AttentionMetadata:
+    if meta.attn_bias is None:  # a packed step: no bias, its layout holds for every head
+        return meta
     return replace(meta, attn_bias=shard_attention_bias(meta.attn_bias, 0, tp_degree))
 
 
@@ -93,11 +95,10 @@ def encode_kernel_work(shards: ShardSet, call: LayerCall) -> Work:
     """The attention of every encode layer (T5's encoder keeps no K/V; Llama writes it)."""
     stack, tp = shards.encode_layers, shards.tp_degree
     layer = stack[0]
+    meta = shard_meta(call.meta, tp)
     if shards.is_encoder_decoder:
         q, k, v = layer.qkv(call.x)
-        bias = shard_attention_bias(call.meta.attn_bias, 0, tp)
-        return _loop(stack, lambda _, __: attention_kernel(q, k, v, bias, _scale(layer)))
-    meta = shard_meta(call.meta, tp)
+        return _loop(stack, lambda _, __: layer.attend(q, k, v, meta))
     q, k, v = layer.qkv(call.x, meta)
     return _loop(stack, lambda i, _: layer.attend(q, k, v, shards.kv_of(i), meta))
 

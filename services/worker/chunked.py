@@ -1,13 +1,17 @@
-"""Chunked prefill (Sarathi-Serve style, --max-tokens-per-step N): a step carries at most N
-prompt tokens, so a long prompt is prefilled over several steps, and the running batch
-decodes between them instead of waiting for the whole prompt.
+"""Chunked prefill with mixed steps (Sarathi-Serve style, --max-tokens-per-step N): one step
+carries the running batch's ready decodes (one token each) and, in what they leave of the
+budget of N tokens, chunks of the waiting prefills. A long prompt is thus prefilled over several
+steps while the running requests keep decoding in every one of them.
 
-Each chunk step is followed by a decode step of the running batch when one is ready (and a
-decode step by a chunk step when a prefill waits): the two kinds alternate rather than share
-one step. A chunk runs as a decode of T tokens (`StepKind.CHUNK`): its rows attend causally
-to the K/V their earlier chunks cached. Only the chunk that ends a prefill yields a token.
+A step is a packed batch (exegpt/models/packed.py): each row has its own number of new tokens
+and attends to its own cached K/V, so decodes and chunks share the step (`StepKind.MIXED`;
+`CHUNK` when no decode is ready, `DECODE` when no prefill waits). Only the chunk that ends a
+prefill yields a token. When the ready decodes alone fill the budget and prefills wait, every
+other step leaves the decodes out and carries a chunk, so no prompt waits forever.
+
 Encoder-decoder models (T5) are not chunked: the encoder attends to the whole prompt at once,
-and the decoder's prefill is its start token (plus any tokens to recompute).
+and the decoder's prefill is its start token (plus any tokens to recompute); their prefill and
+decode steps alternate as without a budget.
 """
 
 from __future__ import annotations
@@ -20,16 +24,27 @@ class ChunkBudget:
         if max_tokens_per_step < 1:
             raise ValueError("max_tokens_per_step must be >= 1")
         self.max_tokens = max_tokens_per_step
-        self.decode_turn = False  # a chunk step went last: the running batch decodes next
+        self._starved = False  # the last step's decodes left no budget to waiting prefills
 
-    def has_room(self, pending: list[Sequence]) -> bool:
+    def decodes_go_in(self, num_decodes: int, prefills_wait: bool) -> bool:
+        """Whether this step carries the ready decodes: yes, unless they left no budget to
+        the waiting prefills in the last step too (then this step is a chunk step)."""
+        starved = prefills_wait and num_decodes >= self.max_tokens
+        if starved and self._starved:
+            self._starved = False
+            return False
+        self._starved = starved
+        return True
+
+    def has_room(self, pending: list[Sequence], num_decodes: int = 0) -> bool:
         """Whether the prefills already waiting leave budget for newly admitted ones."""
-        return sum(s.prefill_tokens - s.chunk_start for s in pending) < self.max_tokens
+        waiting_tokens = sum(s.prefill_tokens - s.chunk_start for s in pending)
+        return waiting_tokens + num_decodes < self.max_tokens
 
-    def select(self, pending: list[Sequence]) -> list[Sequence]:
-        """The rows of the next chunk step, in order, each with `chunk_end` set: the rest of
-        its prefill or what the budget leaves, until the budget is spent."""
-        budget = self.max_tokens
+    def select(self, pending: list[Sequence], num_decodes: int = 0) -> list[Sequence]:
+        """The chunk rows of the next step, in order, each with `chunk_end` set: the rest of
+        its prefill or what the budget leaves after `num_decodes` decode tokens."""
+        budget = self.max_tokens - num_decodes
         chosen: list[Sequence] = []
         for seq in pending:
             if budget <= 0:

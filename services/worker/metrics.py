@@ -174,7 +174,7 @@ class WorkerMetrics:
         engine.step_observers.append(self.on_step)
 
     def on_step(self, kind: StepKind, num_rows: int, result: StepResult) -> None:
-        phase = "decode" if kind is StepKind.DECODE else "prefill"
+        phase = kind.value if kind in (StepKind.DECODE, StepKind.MIXED) else "prefill"
         self.steps.labels(self._model, phase).inc()
         self.step_rows.labels(self._model, phase).inc(num_rows)
         for stage, seconds in enumerate(result.stage_s):

@@ -218,8 +218,8 @@ def build_plan(
         allocator.grow([s.kv for s in seqs], block_size, self_lengths, cross_lengths)
         token_ids = tuple(tuple(p) for p in prompts)
         prefix_ids = tuple(tuple(p) for p in prefixes)
-    elif kind is StepKind.CHUNK:
-        return _chunk_plan(step_id, seqs, allocator, block_size)
+    elif kind in (StepKind.CHUNK, StepKind.MIXED):
+        return _packed_plan(step_id, kind, seqs, allocator, block_size)
     else:
         lengths = [s.kv.num_self_tokens + 1 for s in seqs]
         allocator.grow([s.kv for s in seqs], block_size, lengths, None)
@@ -236,25 +236,32 @@ def build_plan(
     )
 
 
-def _chunk_plan(
-    step_id: int, seqs: list[Sequence], allocator: BlockAllocator, block_size: int
+def _packed_plan(
+    step_id: int, kind: StepKind, seqs: list[Sequence], allocator: BlockAllocator, block_size: int
 ) -> StepPlan:
-    """A step of prefill chunks: each row's tokens [chunk_start, chunk_end) of its prompt +
-    generated tokens (set by the chunk planner); its sampling index is the whole prefill's."""
-    starts = [s.chunk_start for s in seqs]
+    """A step of prefill chunks and (MIXED) decodes. A chunk row holds its tokens
+    [chunk_start, chunk_end) of prompt + generated (set by the chunk planner) and samples with
+    the whole prefill's index; a decode row holds its last token after its cached K/V."""
+    starts = [s.kv.num_self_tokens if s.prefilled else s.chunk_start for s in seqs]
+    ends = [
+        start + 1 if s.prefilled else s.chunk_end for s, start in zip(seqs, starts, strict=True)
+    ]
     for seq, start in zip(seqs, starts, strict=True):
-        seq.num_chunked = start  # a stale count from before a release or failure goes
-    allocator.grow([s.kv for s in seqs], block_size, [s.chunk_end for s in seqs], None)
-    chunks = tuple(
-        tuple([*s.request.prompt_token_ids, *s.output_token_ids][start : s.chunk_end])
-        for s, start in zip(seqs, starts, strict=True)
+        if not seq.prefilled:
+            seq.num_chunked = start  # a stale count from before a release or failure goes
+    allocator.grow([s.kv for s in seqs], block_size, ends, None)
+    token_ids = tuple(
+        (s.output_token_ids[-1],)
+        if s.prefilled
+        else tuple([*s.request.prompt_token_ids, *s.output_token_ids][start:end])
+        for s, start, end in zip(seqs, starts, ends, strict=True)
     )
     return StepPlan(
         step_id=step_id,
-        kind=StepKind.CHUNK,
+        kind=kind,
         seq_ids=tuple(s.seq_id for s in seqs),
         kv=tuple(copy_kv(s.kv) for s in seqs),
-        token_ids=chunks,
+        token_ids=token_ids,
         prefixes=tuple(() for _ in seqs),
         sampling=tuple(row_sampling(s) for s in seqs),
         starts=tuple(starts),

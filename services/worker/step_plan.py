@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from exegpt.generation import TokenLogprob
-from exegpt.models.batch import BatchBuilder, DecodeBatch, PrefillBatch
+from exegpt.models.batch import BatchBuilder, DecodeBatch, PackedBatch, PrefillBatch
 from exegpt.models.kv_cache import SequenceKV
 from services.worker.sampling import RowSampling
 
@@ -24,6 +24,8 @@ class StepKind(enum.StrEnum):
     # Decoder-only prefill chunks (--max-tokens-per-step): each row continues its sequence's
     # prefill after the K/V its earlier chunks cached; it runs like a decode of T tokens.
     CHUNK = "chunk"
+    # Decodes and prefill chunks in one packed step (--max-tokens-per-step, decoder-only).
+    MIXED = "mixed"
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,8 @@ class StepPlan:
     # Block tables and stored-token counts before the step; the tables already hold every
     # block the step writes.
     kv: tuple[SequenceKV, ...]
-    # PREFILL: each prompt; DECODE: each sequence's last token, alone; CHUNK: each chunk.
+    # PREFILL: each prompt; DECODE: each sequence's last token, alone; CHUNK: each chunk;
+    # MIXED: a decode row's last token or a chunk row's chunk.
     token_ids: tuple[tuple[int, ...], ...]
     # PREFILL: tokens a preempted sequence had generated (recomputed); DECODE: empty.
     prefixes: tuple[tuple[int, ...], ...]
@@ -44,19 +47,19 @@ class StepPlan:
     # The trace context of each request in the step (OpenTelemetry SpanContexts), so the
     # step's span can link to the requests it served.
     trace_links: tuple[Any, ...] = ()
-    # CHUNK: the prefill tokens each sequence's KV holds before the step (where it starts).
+    # CHUNK, MIXED: the tokens each row's KV holds before the step (where its tokens start).
     starts: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.seq_ids)
 
-    def batch(self, builder: BatchBuilder) -> PrefillBatch | DecodeBatch:
+    def batch(self, builder: BatchBuilder) -> PrefillBatch | DecodeBatch | PackedBatch:
         """The step's index tensors (token ids and KV slots)."""
         if self.kind is StepKind.PREFILL:
             prompts = [list(t) for t in self.token_ids]
             return builder.prefill(self.kv, prompts, [list(p) for p in self.prefixes])
-        if self.kind is StepKind.CHUNK:
-            return builder.chunk(self.kv, [list(t) for t in self.token_ids], list(self.starts))
+        if self.kind in (StepKind.CHUNK, StepKind.MIXED):
+            return builder.packed(self.kv, [list(t) for t in self.token_ids], list(self.starts))
         return builder.decode(self.kv, [t[0] for t in self.token_ids])
 
 

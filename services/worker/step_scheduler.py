@@ -8,6 +8,8 @@ the head of the queue with their tokens, to be prefilled again with prompt + tok
 sampling continues where it stopped, so greedy and seeded output does not change). The
 running sequences are split into `num_micro_batches` groups: each group's decode step is
 independent of the others', so a pipeline executor can keep one group in every stage at once.
+Admission and preemption are in admission.py; with --max-tokens-per-step, decodes and prefill
+chunks share steps (chunked.py).
 
 A step that fails as a whole is retried one sequence at a time, so a request that breaks the
 model fails alone and the batch goes on. Not thread-safe except `enqueue`, `request_abort`
@@ -23,12 +25,13 @@ import time
 from dataclasses import replace
 
 from exegpt.models.config import ModelConfig
-from exegpt.models.kv_cache import BlockAllocator, num_blocks_needed
+from exegpt.models.kv_cache import BlockAllocator
+from services.worker.admission import Admission
 from services.worker.chunked import chunk_budget
 from services.worker.config import EngineConfig
-from services.worker.modes import ModeView, make_mode
+from services.worker.modes import make_mode
 from services.worker.observations import Observations
-from services.worker.policies import KvState, Load, OutputLengthModel, make_policy
+from services.worker.policies import OutputLengthModel, make_policy
 from services.worker.requests import EngineEvent, EngineRequest
 from services.worker.sequence import (
     Delivery,
@@ -38,7 +41,6 @@ from services.worker.sequence import (
     deliver,
     failure,
     request_load,
-    seed_of,
     with_logprobs,
 )
 from services.worker.step_plan import StepKind, StepPlan, StepResult
@@ -46,7 +48,7 @@ from services.worker.step_plan import StepKind, StepPlan, StepResult
 __all__ = ["Delivery", "Sequence", "Snapshot", "StepScheduler"]
 
 
-class StepScheduler:
+class StepScheduler(Admission):
     def __init__(
         self, config: EngineConfig, model_config: ModelConfig, allocator: BlockAllocator
     ) -> None:
@@ -136,16 +138,9 @@ class StepScheduler:
         if lone is not None and self._make_room([lone]):
             lone.retry_alone = False
             return self._plan(kind, [lone])
-        makers = [self._prefill_plan, self._decode_plan]
-        if self._chunks is not None and self._chunks.decode_turn:
-            makers.reverse()  # chunk and decode steps alternate
-        for make in makers:
-            plan = make()
-            if plan is not None:
-                if self._chunks is not None:
-                    self._chunks.decode_turn = plan.kind is StepKind.CHUNK
-                return plan
-        return None
+        if self._chunks is not None:
+            return self._mixed_plan()
+        return self._prefill_plan() or self._decode_plan()
 
     def _prefill_kind(self) -> StepKind:
         return StepKind.PREFILL if self._chunks is None else StepKind.CHUNK
@@ -154,24 +149,42 @@ class StepScheduler:
         return [s for s in self._running if not (s.prefilled or s.in_flight or s.retry_alone)]
 
     def _prefill_plan(self) -> StepPlan | None:
-        """Prefill of recomputed or admitted sequences: whole, or chunks within the budget."""
-        if self._chunks is not None:
-            pending = self._idle_unprefilled()
-            if self._chunks.has_room(pending):
-                pending += self._admit()
-            rows = self._make_room(self._chunks.select(pending))
-            return self._plan(StepKind.CHUNK, rows) if rows else None
+        """Prefill of whole prompts: recomputed sequences first, else newly admitted ones."""
         recompute = self._make_room(self._idle_unprefilled())
         if recompute:  # after a redeploy: prompt + the tokens already generated
             return self._plan(StepKind.PREFILL, recompute)
         admitted = self._admit()
-        if admitted:
-            return self._plan(StepKind.PREFILL, admitted)
-        return None
+        return self._plan(StepKind.PREFILL, admitted) if admitted else None
+
+    def _mixed_plan(self) -> StepPlan | None:
+        """--max-tokens-per-step (chunked.py): a group's ready decodes and, in the budget they
+        leave, chunks of the waiting prefills, in one step."""
+        assert self._chunks is not None
+        group, decodes = self._ready_decodes()
+        pending = self._idle_unprefilled()
+        prefills_wait = bool(pending) or self.num_waiting() > 0
+        chunk_turn = not self._chunks.decodes_go_in(len(decodes), prefills_wait)
+        num_decodes = 0 if chunk_turn else len(decodes)
+        if self._chunks.has_room(pending, num_decodes):
+            pending += self._admit()
+        chunks = self._chunks.select(pending, num_decodes)
+        if chunk_turn and chunks:  # else no prefill could start: the decodes go on
+            decodes = []
+        rows = self._make_room(decodes + chunks)  # a victim leaves the step
+        decodes = [s for s in rows if s.prefilled]
+        chunks = [s for s in rows if not s.prefilled]
+        if not decodes:
+            return self._plan(StepKind.CHUNK, chunks) if chunks else None
+        return self._group_plan(StepKind.MIXED if chunks else StepKind.DECODE, rows, group)
 
     def _decode_plan(self) -> StepPlan | None:
+        group, ready = self._ready_decodes()
+        return self._group_plan(StepKind.DECODE, ready, group) if ready else None
+
+    def _ready_decodes(self) -> tuple[int, list[Sequence]]:
+        """The next group free to decode and its sequences ready to (room made for them)."""
         if not self.mode.may_decode(self._view()):
-            return None
+            return -1, []
         for offset in range(self._num_groups):
             group = (self._next_group + offset) % self._num_groups
             if group in self._busy_groups:
@@ -181,11 +194,15 @@ class StepScheduler:
             ]
             ready = self._make_room(ready)
             if ready:
-                self._next_group = group + 1
-                plan = replace(self._plan(StepKind.DECODE, ready), micro_batch=group)
-                self._busy_groups[group] = plan.step_id
-                return plan
-        return None
+                return group, ready
+        return -1, []
+
+    def _group_plan(self, kind: StepKind, seqs: list[Sequence], group: int) -> StepPlan:
+        """A step that advances `group` of the running batch (with any chunks riding along)."""
+        self._next_group = group + 1
+        plan = replace(self._plan(kind, seqs), micro_batch=group)
+        self._busy_groups[group] = plan.step_id
+        return plan
 
     def complete(self, result: StepResult) -> list[Delivery]:
         """Apply a step's result: tokens, finishes, failures. Returns the events to deliver."""
@@ -195,7 +212,7 @@ class StepScheduler:
         for seq in seqs:
             seq.in_flight = False
         self._busy_groups = {g: s for g, s in self._busy_groups.items() if s != result.step_id}
-        was_decode = all(seq.prefilled for seq in seqs)
+        decoded = [seq.prefilled for seq in seqs]  # a mixed step also carries chunks
         if result.error is not None and len(seqs) > 1 and not result.unavailable:
             for seq in seqs:  # find the culprit: each sequence alone
                 if seq.aborted:
@@ -205,6 +222,7 @@ class StepScheduler:
             return []
         deliveries: list[Delivery] = []
         now_s = time.monotonic()
+        num_finished = 0  # of the rows that decoded
         for row, seq in enumerate(seqs):
             if seq.aborted:
                 self._remove(seq)
@@ -217,11 +235,12 @@ class StepScheduler:
             if seq.partial_chunk_done():  # an earlier chunk of a prefill: no token yet
                 continue
             advanced = self._advance(seq, result.token_ids[row], now_s, len(seqs))
+            num_finished += decoded[row] and advanced.event.finish_reason is not None
             deliveries.append(with_logprobs(advanced, result, row))
-        if was_decode:
-            self.mode.on_decoded(sum(1 for d in deliveries if d.event.finish_reason is not None))
-        if result.error is None:
-            self._observations.add_step(seqs, result, was_decode)
+        if any(decoded):
+            self.mode.on_decoded(num_finished)
+        if result.error is None and len(set(decoded)) == 1:  # a mixed step times neither kind
+            self._observations.add_step(seqs, result, decoded[0])
         return deliveries
 
     def set_mode(self, config: EngineConfig) -> None:
@@ -266,116 +285,6 @@ class StepScheduler:
         self._busy_groups.clear()
         return deliveries
 
-    # ---- internals: admission and preemption ---------------------------------------------
-
-    def _view(self) -> ModeView:
-        num_prefilling = sum(
-            1 for seqs in self._plans.values() for seq in seqs if not seq.prefilled
-        )
-        return ModeView(len(self._running), num_prefilling, self._config.max_batch_size)
-
-    def _blocks_at(self, prompt_tokens: int, num_generated: int) -> int:
-        block_size = self._config.kv_block_size_tokens
-        return num_blocks_needed(self._model_config, prompt_tokens, num_generated, block_size)
-
-    def _kv_state(self) -> KvState:
-        return KvState(
-            self._allocator.num_blocks,
-            self._allocator.num_free_blocks,
-            tuple(s.load() for s in self._running),
-            self._blocks_at,
-        )
-
-    def _fits(self, load: Load, state: KvState) -> bool:
-        """The policy's admission check; alone in an idle engine, only its prefill must fit."""
-        if not state.admitted:
-            return state.prefill_blocks(load) <= state.free_blocks
-        return self.policy.can_admit(load, state)
-
-    def _admit(self) -> list[Sequence]:
-        """Resume the preempted, then admit whom the mode chooses, while the policy allows."""
-        view = self._view()
-        limit = self.mode.admission_limit(view)
-        if limit <= 0:
-            return []
-        state = self._kv_state()
-        admitted: list[Sequence] = []
-        with self._lock:
-            while self._preempted and len(admitted) < limit:
-                seq = self._preempted[0]
-                if not self._fits(seq.load(), state):
-                    break
-                self._preempted.pop(0)
-                state = _with(state, seq.load())
-                self.num_recomputed_tokens += seq.load().prompt_tokens + len(seq.output_token_ids)
-                seq.group = self._smallest_group()
-                self._running.append(seq)
-                admitted.append(seq)
-            if self._waiting and not self._preempted and len(admitted) < limit:
-                for head in self.mode.choose(list(self._waiting), limit - len(admitted)):
-                    load = request_load(head)
-                    if not self._fits(load, state):
-                        break
-                    self._waiting.remove(head)
-                    state = _with(state, load)
-                    admitted.append(self._new_sequence(head))
-        self.mode.on_admitted(len(admitted), view)
-        return admitted
-
-    def _new_sequence(self, request: EngineRequest) -> Sequence:
-        seq = Sequence(
-            request=request,
-            seq_id=next(self._seq_ids),
-            seed=seed_of(request),
-            group=self._smallest_group(),
-            admitted_ns=time.time_ns(),
-        )
-        self.queue_time_s += seq.admitted_s - request.arrival_s
-        self._running.append(seq)
-        return seq
-
-    def _make_room(self, seqs: list[Sequence]) -> list[Sequence]:
-        """Preempt the policy's victims until `seqs` can take the blocks their next step
-        writes. Returns those of `seqs` still to plan (a victim among them leaves it)."""
-        seqs = list(seqs)
-        while seqs and self._blocks_short(seqs) > 0:
-            candidates = [
-                s
-                for s in self._running
-                if not (s.in_flight or s.aborted) and (s in seqs or s.kv.self_blocks)
-            ]
-            if not candidates:
-                return []  # the blocks come back with the steps in flight
-            chosen = self.mode.victim([s.load() for s in candidates])
-            victim = next(s for s in candidates if s.seq_id == chosen.seq_id)
-            self._preempt(victim)
-            if victim in seqs:
-                seqs.remove(victim)
-        return seqs
-
-    def _blocks_short(self, seqs: list[Sequence]) -> int:
-        """Blocks the next step of `seqs` needs beyond the free ones."""
-        needed = 0
-        for seq in seqs:
-            held = len(seq.kv.self_blocks) + len(seq.kv.cross_blocks)
-            needed += max(0, self._blocks_at(*seq.next_step_tokens()) - held)
-        return needed - self._allocator.num_free_blocks
-
-    def _preempt(self, seq: Sequence) -> None:
-        """Release the sequence's KV; it waits at the head of the queue with its tokens."""
-        self._allocator.release(seq.kv)
-        seq.retry_alone = False
-        seq.num_preemptions += 1
-        self.num_preemptions += 1
-        with self._lock:
-            self._running.remove(seq)
-            self._preempted.append(seq)
-            self._preempted.sort(key=lambda s: s.seq_id)
-
-    def _smallest_group(self) -> int:
-        sizes = collections.Counter(s.group for s in self._running)
-        return min(range(self._num_groups), key=lambda g: sizes[g])
-
     # ---- internals: plans and results ----------------------------------------------------
 
     def _plan(self, kind: StepKind, seqs: list[Sequence]) -> StepPlan:
@@ -410,9 +319,3 @@ class StepScheduler:
         self._allocator.release(seq.kv)
         with self._lock:
             self._running.remove(seq)
-
-
-def _with(state: KvState, load: Load) -> KvState:
-    """`state` after admitting `load` (its prefill blocks are taken)."""
-    free = state.free_blocks - state.prefill_blocks(load)
-    return replace(state, free_blocks=free, admitted=(*state.admitted, load))

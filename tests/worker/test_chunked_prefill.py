@@ -1,7 +1,7 @@
 """Chunked prefill (--max-tokens-per-step) on the real engine: greedy tokens equal the
 unchunked ones (in process, under preemption by recompute, over 2 pipeline stages), no step
-carries more prompt tokens than the budget, decode steps interleave with a long prompt's
-chunks, and T5 prompts are not chunked."""
+carries more tokens than the budget, a long prompt's chunks share steps with the running
+decodes (mixed steps), and T5 prompts are not chunked."""
 
 from __future__ import annotations
 
@@ -56,9 +56,12 @@ def _run(engine, prompts: list[list[int]], num_tokens: int = NUM_TOKENS) -> list
         engine.stop()
 
 
-def _config(budget: int | None, **options) -> EngineConfig:
+def _config(budget: int | None, max_batch_size: int = 8, **options) -> EngineConfig:
     return EngineConfig(
-        max_batch_size=8, kv_block_size_tokens=BLOCK, max_tokens_per_step=budget, **options
+        max_batch_size=max_batch_size,
+        kv_block_size_tokens=BLOCK,
+        max_tokens_per_step=budget,
+        **options,
     )
 
 
@@ -69,7 +72,10 @@ def test_chunked_greedy_tokens_equal_unchunked_in_process(llama, budget: int, po
     policy_config = PolicyConfig(policy)
     expected = _run(build_engine(loaded, _config(None, policy=policy_config)), PROMPTS)
     chunked = build_engine(loaded, _config(budget, policy=policy_config))
+    kinds: list[StepKind] = []
+    chunked.step_observers.append(lambda kind, num_rows, result: kinds.append(kind))
     assert _run(chunked, PROMPTS) == expected
+    assert StepKind.MIXED in kinds
 
 
 def test_a_preempted_chunked_request_is_recomputed_in_chunks_with_the_same_tokens(llama) -> None:
@@ -98,13 +104,20 @@ def test_chunked_tokens_over_two_pipeline_stages_equal_unchunked(
         block_size_tokens=BLOCK,
     )
     config = _config(4, num_micro_batches=2)
-    assert _run(build_pipeline_engine(loaded, config, pipeline), PROMPTS) == expected
+    engine = build_pipeline_engine(loaded, config, pipeline)
+    kinds: list[StepKind] = []
+    engine.step_observers.append(lambda kind, num_rows, result: kinds.append(kind))
+    assert _run(engine, PROMPTS) == expected
+    assert StepKind.MIXED in kinds  # decodes and chunks shared steps across the stages
 
 
-def _drive(loaded: LoadedModel, budget: int | None, long_prompt: list[int]):
+def _drive(
+    loaded: LoadedModel, budget: int | None, long_prompt: list[int], max_batch_size: int = 8
+):
     """Two short requests decode; after 3 steps a long prompt arrives. Returns every plan
-    and the tokens of each request (the real scheduler over the real in-process model)."""
-    config = _config(budget)
+    (there must always be one to run) and the tokens of each request (the real scheduler
+    over the real in-process model)."""
+    config = _config(budget, max_batch_size)
     pool = KVCachePool.for_memory(
         KVCacheSpec.for_model(loaded.config, dtype=loaded.dtype),
         config.kv_capacity_bytes,
@@ -135,11 +148,19 @@ def _drive(loaded: LoadedModel, budget: int | None, long_prompt: list[int]):
     return plans, tokens
 
 
+def _is_decode_row(plan: StepPlan, row: int) -> bool:
+    return plan.kv[row].num_self_tokens > 0  # prefilled before the step
+
+
 def _prompt_tokens(plan: StepPlan) -> int:
-    return 0 if plan.kind is StepKind.DECODE else sum(len(t) for t in plan.token_ids)
+    return sum(len(t) for i, t in enumerate(plan.token_ids) if not _is_decode_row(plan, i))
 
 
-def test_a_long_prompt_is_chunked_between_the_running_decodes(llama) -> None:
+def _num_decodes(plan: StepPlan) -> int:
+    return sum(_is_decode_row(plan, i) for i in range(len(plan)))
+
+
+def test_a_long_prompt_is_chunked_into_the_steps_of_the_running_decodes(llama) -> None:
     _, loaded = llama
     long_prompt = [(11 * j) % 190 + 5 for j in range(40)]
     whole_plans, whole_tokens = _drive(loaded, None, long_prompt)
@@ -147,23 +168,52 @@ def test_a_long_prompt_is_chunked_between_the_running_decodes(llama) -> None:
     assert tokens == whole_tokens  # same greedy tokens for all three requests
     # Unchunked, one step carries the whole prompt between two decodes of the others.
     assert max(_prompt_tokens(p) for p in whole_plans) == 40
-    assert all(_prompt_tokens(p) <= 8 for p in plans)
-    chunks = [i for i, p in enumerate(plans) if p.kind is StepKind.CHUNK and len(p) == 1]
-    assert len(chunks) == 5  # 40 tokens in chunks of 8
-    # Between two chunks of the long prompt the short requests decode.
-    for before, after in zip(chunks, chunks[1:], strict=False):
-        between = plans[before + 1 : after]
-        assert any(p.kind is StepKind.DECODE and len(p) == 2 for p in between)
-    # The most prompt tokens the running requests wait through between two of their decodes.
-    assert _max_stall(plans) <= 8 < _max_stall(whole_plans)
+    # Chunked, decodes count in the budget: no step carries more than 8 tokens in all.
+    assert all(sum(len(t) for t in p.token_ids) <= 8 for p in plans)
+    carrying = [p for p in plans if 2 in p.seq_ids and _prompt_tokens(p) > 0]  # the long one
+    # Each of its chunks rides along with both running decodes: 40 tokens in 6 + ... + 4.
+    assert [p.kind for p in carrying] == [StepKind.MIXED] * 7
+    assert all(_num_decodes(p) == 2 and _prompt_tokens(p) <= 6 for p in carrying)
+    # The running requests never wait through a prompt: every step decodes them.
+    assert _max_stall(plans) == 0 < _max_stall(whole_plans)
+
+
+def test_decodes_that_fill_the_budget_leave_every_other_step_to_a_chunk(llama) -> None:
+    _, loaded = llama
+    long_prompt = [(11 * j) % 190 + 5 for j in range(10)]
+    plans, tokens = _drive(loaded, 2, long_prompt)  # two decodes fill a budget of 2
+    _, whole_tokens = _drive(loaded, None, long_prompt)
+    assert tokens == whole_tokens
+    carrying = [i for i, p in enumerate(plans) if 2 in p.seq_ids and _prompt_tokens(p) > 0]
+    assert [plans[i].kind for i in carrying] == [StepKind.CHUNK] * 5  # 10 tokens by 2
+    # Between two of its chunks, one step decodes the running requests.
+    assert all(after - before == 2 for before, after in zip(carrying, carrying[1:], strict=False))
+    assert all(plans[i + 1].kind is StepKind.DECODE for i in carrying[:-1])
+
+
+def test_decodes_go_on_while_a_waiting_request_cannot_start(llama) -> None:
+    _, loaded = llama
+    long_prompt = [(11 * j) % 190 + 5 for j in range(10)]
+    # The batch holds two: the long request waits until a short one finishes, while the two
+    # decodes fill the budget; every step still runs (_drive asserts a plan each time).
+    plans, tokens = _drive(loaded, 2, long_prompt, max_batch_size=2)
+    _, whole_tokens = _drive(loaded, None, long_prompt, max_batch_size=2)
+    assert tokens == whole_tokens
+    both = next(i for i, p in enumerate(plans) if _num_decodes(p) == 2)
+    first_chunk = next(i for i, p in enumerate(plans) if 2 in p.seq_ids)
+    assert first_chunk - both >= 15  # it started once a short request had its 20 tokens
+    assert all(p.kind is StepKind.DECODE and len(p) == 2 for p in plans[both:first_chunk])
 
 
 def _max_stall(plans: list[StepPlan]) -> int:
-    stall = worst = 0
+    """The most prompt tokens the running requests wait through, in steps that do not decode
+    them, between two of their decodes."""
+    stall: int | None = None  # none before the first decode
+    worst = 0
     for plan in plans:
-        if plan.kind is StepKind.DECODE:
-            worst, stall = max(worst, stall), 0
-        else:
+        if _num_decodes(plan):
+            worst, stall = max(worst, stall or 0), 0
+        elif stall is not None:
             stall += _prompt_tokens(plan)
     return worst
 

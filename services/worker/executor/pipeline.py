@@ -164,7 +164,7 @@ class PipelineExecutor:
             with self._lock:
                 self._failed.append(StepResult.failed(plan, f"engine error: {exc}"))
             return
-        if plan.kind in (StepKind.DECODE, StepKind.CHUNK):  # a chunk reads the cached KV
+        if plan.kind is not StepKind.PREFILL:  # a chunk or mixed step reads the cached KV
             kind, hop = "decode", "decoder"
         elif self._model_config.is_encoder_decoder:
             kind, hop = "encode", "encoder"

@@ -1,0 +1,214 @@
+"""Packed variable-length steps (decoder-only models): every row's new tokens flattened into one
+sequence of N tokens with per-row offsets (cu_seqlens), so the projections and feed-forward
+never compute on padding.
+
+A row is a prefill (its keys are its own new tokens), a chunk of a prefill (it also attends to
+the K/V its earlier chunks cached) or a decode (one new token over its cached K/V); one step may
+mix them. Attention runs per kind of row, over valid keys only:
+
+- rows with several query tokens get one `scaled_dot_product_attention` call per group of
+  rows of the same shape (new tokens, start, keys), over exactly their keys (causal, aligned
+  to each row's last key): one call per row in a skewed batch, one for a batch of equal
+  prompts. On this project's CPU that beats one call over a block-diagonal mask of all N
+  tokens, which does work on every pair of rows (benchmarks/packed_prefill.py measures both);
+- decode rows (one query token) are batched: sorted by KV length and cut into buckets in which
+  every row holds at least `1 - DECODE_BUCKET_PADDING` of the bucket's longest, so a bucket's
+  padded keys stay under a third of its valid ones, and each bucket is one kernel call.
+
+The layout is read from the batch's small index tensors once per step (one host read), then
+every layer reuses it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# A decode row joins a bucket while its KV length is at least (1 - this) x the bucket's longest.
+DECODE_BUCKET_PADDING = 0.25
+
+
+@dataclass(frozen=True)
+class DecodeBucket:
+    """Decode rows attended together: their query tokens and their keys padded to the longest."""
+
+    query_index: Tensor  # [b] token index (in the packed N) of each row's query
+    key_slots: Tensor  # [b, T] pool slots of each row's keys (padding repeats a valid slot)
+    mask: Tensor | None  # [b, 1, 1, T] True where the key is visible; None: all are
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """Rows with several query tokens and the same shape: one kernel call over their keys."""
+
+    query_index: Tensor  # [b, T_q] their tokens in the packed N
+    key_slots: Tensor | None  # [b, T_kv] pool slots of their keys; None: their new K/V
+    mask: Tensor | None  # [T_q, T_kv] True where visible; None: plain causal
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """How a packed step's attention is cut, built once per step for every layer."""
+
+    num_tokens: int
+    groups: tuple[RowGroup, ...]
+    buckets: tuple[DecodeBucket, ...]
+    token_positions: Tensor  # [N] absolute position of each new token
+    last_tokens: Tensor  # [B] index of each row's last new token (where its logits are)
+
+
+def packed_layout(
+    query_starts: Tensor,
+    positions: Tensor,
+    read_slots: Tensor | None,
+    window: int | None,
+    padding: float = DECODE_BUCKET_PADDING,
+) -> PackedLayout:
+    """The layout of rows whose tokens are `query_starts[b]:query_starts[b + 1]`, starting at
+    KV position `positions[b]`; `read_slots` (None: no row has cached K/V) are every row's
+    valid key slots back to back."""
+    device = query_starts.device
+    starts = query_starts.tolist()
+    first_positions = positions.tolist()
+    num_new = [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    kv_lengths = [p + n for p, n in zip(first_positions, num_new, strict=True)]
+    key_starts = [0]
+    for length in kv_lengths:
+        key_starts.append(key_starts[-1] + length)
+    shapes: dict[tuple[int, int], list[int]] = {}  # (start, new tokens) -> rows
+    decodes: list[int] = []
+    for b, count in enumerate(num_new):
+        if count == 1 and read_slots is not None:
+            decodes.append(b)
+        else:
+            shapes.setdefault((first_positions[b], count), []).append(b)
+    groups = []
+    for (first, count), rows in shapes.items():
+        query_index = torch.tensor([starts[b] for b in rows])[:, None] + torch.arange(count)
+        key_slots = None
+        if read_slots is not None:
+            key_index = torch.tensor([key_starts[b] for b in rows])[:, None]
+            key_slots = read_slots[(key_index + torch.arange(first + count)).to(device)]
+        mask = _row_mask(first, count, first + count, window, device)
+        groups.append(RowGroup(query_index.to(device), key_slots, mask))
+    buckets: tuple[DecodeBucket, ...] = ()
+    if decodes:
+        assert read_slots is not None
+        buckets = _decode_buckets(
+            decodes, starts, kv_lengths, key_starts, read_slots, window, padding
+        )
+    token_positions = torch.cat(
+        [torch.arange(p, p + n) for p, n in zip(first_positions, num_new, strict=True)]
+    )
+    return PackedLayout(
+        num_tokens=starts[-1],
+        groups=tuple(groups),
+        buckets=buckets,
+        token_positions=token_positions.to(device),
+        last_tokens=query_starts[1:] - 1,
+    )
+
+
+def _row_mask(
+    first: int, num_queries: int, num_keys: int, window: int | None, device: torch.device
+) -> Tensor | None:
+    """Visibility [T_q, T_kv] of a row whose queries sit at first .. first + T_q - 1; None when
+    it is the plain causal mask of a fresh prefill (the kernel's own)."""
+    if first == 0 and window is None:
+        return None
+    query_pos = torch.arange(first, first + num_queries, device=device)[:, None]
+    keys = torch.arange(num_keys, device=device)[None]
+    visible = keys <= query_pos
+    if window is not None:
+        visible = visible & (keys > query_pos - window)
+    return visible
+
+
+def _decode_buckets(
+    decodes: list[int],
+    starts: list[int],
+    kv_lengths: list[int],
+    key_starts: list[int],
+    read_slots: Tensor,
+    window: int | None,
+    padding: float,
+) -> tuple[DecodeBucket, ...]:
+    """Decode rows, longest KV first, cut where a row would pad past the bound."""
+    order = sorted(decodes, key=lambda b: kv_lengths[b], reverse=True)
+    groups: list[list[int]] = []
+    for b in order:
+        if groups and kv_lengths[b] >= (1 - padding) * kv_lengths[groups[-1][0]]:
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    device = read_slots.device
+    buckets = []
+    for group in groups:
+        width = kv_lengths[group[0]]
+        columns = torch.arange(width)
+        lengths = torch.tensor([kv_lengths[b] for b in group])
+        offsets = torch.tensor([key_starts[b] for b in group])
+        # Padding columns repeat the row's last key; the mask hides them.
+        index = offsets[:, None] + torch.minimum(columns[None], lengths[:, None] - 1)
+        visible = columns[None] < lengths[:, None]  # [b, T]
+        if window is not None:
+            visible = visible & (columns[None] > lengths[:, None] - 1 - window)
+        mask = None if bool(visible.all()) else visible[:, None, None, :].to(device)
+        buckets.append(
+            DecodeBucket(
+                query_index=torch.tensor([starts[b] for b in group], device=device),
+                key_slots=read_slots[index.to(device)],
+                mask=mask,
+            )
+        )
+    return tuple(buckets)
+
+
+def packed_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cache_k: Tensor | None,
+    cache_v: Tensor | None,
+    layout: PackedLayout,
+    scale: float,
+) -> Tensor:
+    """Attention of packed queries q [1, N, H, D]; new K/V [1, N, H_kv, D] (already written to
+    the cache when there is one). Returns [1, N, H, D]."""
+    q, k, v = q[0], k[0], v[0]  # [N, H, D], [N, H_kv, D]
+    out = torch.empty_like(q)
+    gqa = q.shape[1] != k.shape[1]
+    for group in layout.groups:
+        if group.key_slots is None:
+            keys, values = k[group.query_index], v[group.query_index]  # [b, T, H_kv, D]
+        else:
+            assert cache_k is not None and cache_v is not None
+            keys, values = cache_k[group.key_slots], cache_v[group.key_slots]
+        queries = q[group.query_index]  # [b, T_q, H, D]
+        out[group.query_index] = _kernel(queries, keys, values, group.mask, scale, gqa)
+    for bucket in layout.buckets:
+        assert cache_k is not None and cache_v is not None
+        queries = q[bucket.query_index][:, None]  # [b, 1, H, D]
+        keys, values = cache_k[bucket.key_slots], cache_v[bucket.key_slots]  # [b, T, H_kv, D]
+        out[bucket.query_index] = _kernel(queries, keys, values, bucket.mask, scale, gqa)[:, 0]
+    return out[None]
+
+
+def _kernel(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, gqa: bool
+) -> Tensor:
+    """SDPA over [B, T, H, D] layouts; no mask means causal for a square row, or all keys."""
+    causal = mask is None and q.shape[1] > 1
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.to(q.dtype).transpose(1, 2),
+        v.to(q.dtype).transpose(1, 2),
+        attn_mask=mask,
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=gqa,
+    )
+    return out.transpose(1, 2)

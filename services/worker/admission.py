@@ -1,0 +1,153 @@
+"""The step scheduler's admission and preemption: whom to admit from the queue while the
+engine policy allows, and whom to preempt by recompute when a step's sequences cannot take
+their next KV blocks. A part of `StepScheduler` (step_scheduler.py), which owns the state."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from dataclasses import replace
+
+from exegpt.models.config import ModelConfig
+from exegpt.models.kv_cache import BlockAllocator, num_blocks_needed
+from services.worker.config import EngineConfig
+from services.worker.modes import ModeView, ScheduleMode
+from services.worker.policies import BasePolicy, KvState, Load
+from services.worker.requests import EngineRequest
+from services.worker.sequence import Sequence, request_load, seed_of
+
+
+class Admission:
+    """Admission and preemption over the scheduler's queue and running sequences."""
+
+    _config: EngineConfig
+    _model_config: ModelConfig
+    _allocator: BlockAllocator
+    _lock: threading.Lock
+    _waiting: collections.deque[EngineRequest]
+    _preempted: list[Sequence]
+    _running: list[Sequence]
+    _plans: dict[int, list[Sequence]]
+    _seq_ids: itertools.count
+    _num_groups: int
+    mode: ScheduleMode
+    policy: BasePolicy
+    num_preemptions: int
+    num_recomputed_tokens: int
+    queue_time_s: float
+
+    def _view(self) -> ModeView:
+        num_prefilling = sum(
+            1 for seqs in self._plans.values() for seq in seqs if not seq.prefilled
+        )
+        return ModeView(len(self._running), num_prefilling, self._config.max_batch_size)
+
+    def _blocks_at(self, prompt_tokens: int, num_generated: int) -> int:
+        block_size = self._config.kv_block_size_tokens
+        return num_blocks_needed(self._model_config, prompt_tokens, num_generated, block_size)
+
+    def _kv_state(self) -> KvState:
+        return KvState(
+            self._allocator.num_blocks,
+            self._allocator.num_free_blocks,
+            tuple(s.load() for s in self._running),
+            self._blocks_at,
+        )
+
+    def _fits(self, load: Load, state: KvState) -> bool:
+        """The policy's admission check; alone in an idle engine, only its prefill must fit."""
+        if not state.admitted:
+            return state.prefill_blocks(load) <= state.free_blocks
+        return self.policy.can_admit(load, state)
+
+    def _admit(self) -> list[Sequence]:
+        """Resume the preempted, then admit whom the mode chooses, while the policy allows."""
+        view = self._view()
+        limit = self.mode.admission_limit(view)
+        if limit <= 0:
+            return []
+        state = self._kv_state()
+        admitted: list[Sequence] = []
+        with self._lock:
+            while self._preempted and len(admitted) < limit:
+                seq = self._preempted[0]
+                if not self._fits(seq.load(), state):
+                    break
+                self._preempted.pop(0)
+                state = _with(state, seq.load())
+                self.num_recomputed_tokens += seq.load().prompt_tokens + len(seq.output_token_ids)
+                seq.group = self._smallest_group()
+                self._running.append(seq)
+                admitted.append(seq)
+            if self._waiting and not self._preempted and len(admitted) < limit:
+                for head in self.mode.choose(list(self._waiting), limit - len(admitted)):
+                    load = request_load(head)
+                    if not self._fits(load, state):
+                        break
+                    self._waiting.remove(head)
+                    state = _with(state, load)
+                    admitted.append(self._new_sequence(head))
+        self.mode.on_admitted(len(admitted), view)
+        return admitted
+
+    def _new_sequence(self, request: EngineRequest) -> Sequence:
+        seq = Sequence(
+            request=request,
+            seq_id=next(self._seq_ids),
+            seed=seed_of(request),
+            group=self._smallest_group(),
+            admitted_ns=time.time_ns(),
+        )
+        self.queue_time_s += seq.admitted_s - request.arrival_s
+        self._running.append(seq)
+        return seq
+
+    def _make_room(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Preempt the policy's victims until `seqs` can take the blocks their next step
+        writes. Returns those of `seqs` still to plan (a victim among them leaves it)."""
+        seqs = list(seqs)
+        while seqs and self._blocks_short(seqs) > 0:
+            candidates = [
+                s
+                for s in self._running
+                if not (s.in_flight or s.aborted) and (s in seqs or s.kv.self_blocks)
+            ]
+            if not candidates:
+                return []  # the blocks come back with the steps in flight
+            chosen = self.mode.victim([s.load() for s in candidates])
+            victim = next(s for s in candidates if s.seq_id == chosen.seq_id)
+            self._preempt(victim)
+            if victim in seqs:
+                seqs.remove(victim)
+        return seqs
+
+    def _blocks_short(self, seqs: list[Sequence]) -> int:
+        """Blocks the next step of `seqs` needs beyond the free ones."""
+        needed = 0
+        for seq in seqs:
+            held = len(seq.kv.self_blocks) + len(seq.kv.cross_blocks)
+            needed += max(0, self._blocks_at(*seq.next_step_tokens()) - held)
+        return needed - self._allocator.num_free_blocks
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Release the sequence's KV; it waits at the head of the queue with its tokens."""
+        self._allocator.release(seq.kv)
+        seq.retry_alone = False
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        with self._lock:
+            self._running.remove(seq)
+            self._preempted.append(seq)
+            self._preempted.sort(key=lambda s: s.seq_id)
+
+    def _smallest_group(self) -> int:
+        sizes = collections.Counter(s.group for s in self._running)
+        return min(range(self._num_groups), key=lambda g: sizes[g])
+
+
+def _with(state: KvState, load: Load) -> KvState:
+    """`state` after admitting `load` (its prefill blocks are taken)."""
+    free = state.free_blocks - state.prefill_blocks(load)
+    return replace(state, free_blocks=free, admitted=(*state.admitted, load))
