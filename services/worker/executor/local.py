@@ -69,6 +69,8 @@ class LocalExecutor:
             if isinstance(batch, PrefillBatch):
                 logits = self._model.prefill(batch, self._pool.layers)
             else:
+                # Eager on purpose: torch.compile of the decode step compiled for minutes and
+                # then ran slower here (docs/design.md, section 6, has the figures).
                 logits = self._model.decode(batch, self._pool.layers)
             sampled = sample_rows(logits, list(plan.sampling))
         except Exception as exc:  # the step's input broke the model: the engine isolates it
