@@ -240,7 +240,7 @@ def main() -> int:
     for name in names:
         for task in args.tasks.split(","):
             rows.append(measure(name, task.strip().upper(), args, out_dir))
-            sys.stderr.write(f"{name} task {task}: done\n")
+            sys.stderr.write(format_rows(rows[-1:]) + "\n")  # so far, in case of a long run
     print(
         f"exegpt vs transformers, {args.dtype}, {args.num_requests} requests per task "
         f"(seed {SEED}, forced lengths), batch {BATCH}, {torch.get_num_threads()} threads; "
