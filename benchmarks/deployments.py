@@ -32,13 +32,21 @@ def free_port() -> int:
 
 def bench_deployment(config: DeploymentConfig, bench_args: list[str], json_path: Path) -> dict:
     """Start `config` on free ports, run `exegpt bench` against it, return its metrics."""
-    config = replace(config, http_port=free_port(), grpc_port=free_port())
-    with Deployment(config) as deployment:
-        command = [
-            sys.executable, "-m", "exegpt.cli", "bench", "--url", deployment.http_url,
-            *bench_args, "--json", str(json_path),
-        ]  # fmt: skip
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    with Deployment(on_free_ports(config)) as deployment:
+        return run_bench(deployment, bench_args, json_path)
+
+
+def on_free_ports(config: DeploymentConfig) -> DeploymentConfig:
+    return replace(config, http_port=free_port(), grpc_port=free_port())
+
+
+def run_bench(deployment: Deployment, bench_args: list[str], json_path: Path) -> dict:
+    """Run `exegpt bench` against a started deployment; return its report's metrics."""
+    command = [
+        sys.executable, "-m", "exegpt.cli", "bench", "--url", deployment.http_url,
+        *bench_args, "--json", str(json_path),
+    ]  # fmt: skip
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return json.loads(json_path.read_text())["metrics"]
 
 

@@ -23,12 +23,16 @@ from pathlib import Path
 
 import torch
 
-from exegpt.dtypes import dtype_name
-from exegpt.generation import SamplingParams
-from exegpt.models.loader import load_model, save_default_model
-from services.worker.config import EngineConfig
-from services.worker.engine import EngineEvent, EngineRequest
-from services.worker.server import build_engine
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hf_generate import transformers_runner  # noqa: E402
+
+from exegpt.dtypes import dtype_name  # noqa: E402
+from exegpt.generation import SamplingParams  # noqa: E402
+from exegpt.models.loader import load_model, save_default_model  # noqa: E402
+from services.worker.config import EngineConfig  # noqa: E402
+from services.worker.engine import EngineEvent, EngineRequest  # noqa: E402
+from services.worker.server import build_engine  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -44,7 +48,7 @@ def seeded_prompts(num: int, mean_tokens: int, vocab: int, seed: int = 0) -> lis
 def exegpt_runner(model: str, dtype: torch.dtype, max_batch: int) -> Callable:
     loaded = load_model(model, dtype=dtype)
 
-    def run(prompts: list[list[int]], output_tokens: int) -> int:
+    def run(prompts: list[list[int]], output_lengths: list[int]) -> int:
         engine = build_engine(loaded, EngineConfig(max_batch_size=max_batch))
         done: list[int] = []
         finished = threading.Event()
@@ -57,8 +61,10 @@ def exegpt_runner(model: str, dtype: torch.dtype, max_batch: int) -> Callable:
                 if len(done) == len(prompts):
                     finished.set()
 
-        sampling = SamplingParams(max_tokens=output_tokens, temperature=0.0, ignore_eos=True)
         for index, prompt in enumerate(prompts):  # all at once: saturation
+            sampling = SamplingParams(
+                max_tokens=output_lengths[index], temperature=0.0, ignore_eos=True
+            )
             engine.submit(EngineRequest(f"r{index}", prompt, sampling, on_event))
         engine.start()
         try:
@@ -66,34 +72,7 @@ def exegpt_runner(model: str, dtype: torch.dtype, max_batch: int) -> Callable:
                 raise RuntimeError("the engine did not finish in 600 s")
         finally:
             engine.stop()
-        return len(prompts) * output_tokens
-
-    return run
-
-
-def transformers_runner(checkpoint: Path, dtype: torch.dtype, batch: int) -> Callable:
-    from transformers import AutoModelForSeq2SeqLM
-
-    model = AutoModelForSeq2SeqLM.from_pretrained(checkpoint, dtype=dtype).eval()
-    model.generation_config.eos_token_id = None  # forced lengths, as in the engine
-
-    @torch.inference_mode()
-    def run(prompts: list[list[int]], output_tokens: int) -> int:
-        for start in range(0, len(prompts), batch):
-            rows = prompts[start : start + batch]
-            width = max(len(p) for p in rows)
-            ids = torch.tensor([p + [0] * (width - len(p)) for p in rows])
-            mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in rows])
-            out = model.generate(
-                ids,
-                attention_mask=mask,
-                do_sample=False,
-                max_new_tokens=output_tokens,
-                min_new_tokens=output_tokens,
-                pad_token_id=0,
-            )
-            assert out.shape[1] == output_tokens + 1  # the decoder start token + outputs
-        return len(prompts) * output_tokens
+        return sum(output_lengths)
 
     return run
 
@@ -122,12 +101,12 @@ def main() -> int:
                 checkpoint, dtype, args.batch_size
             )
         for run in runners.values():
-            run(warmup, 4)
+            run(warmup, [4] * len(warmup))
         best_s = {name: float("inf") for name in runners}
         for _ in range(args.rounds):
             for name, run in runners.items():
                 start = time.perf_counter()
-                run(prompts, args.output_tokens)
+                run(prompts, [args.output_tokens] * len(prompts))
                 best_s[name] = min(best_s[name], time.perf_counter() - start)
                 sys.stderr.write(f"{name}: {best_s[name]:.1f} s\n")
     print_table(best_s, args)

@@ -24,9 +24,11 @@ logger = logging.getLogger(__name__)
 AUTO = "auto"
 DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 DTYPE_CHOICES: tuple[str, ...] = (AUTO, *DTYPE_NAMES)
-# float32 stays the default until small-batch decode is fast in bf16 on CPUs: at M=1 a bf16
-# GEMM re-packs its weights on every call and ran 5x slower than float32 on the development
-# machine (issue 15), so `auto` is a choice a deployment makes, not one made for it.
+# float32 stays the default: it is token-identical to transformers in float32, which tests
+# that start `exegpt up` without --dtype rely on. bf16 is no longer slower at small batches
+# on CPUs: serving packs bf16 Linear weights once for oneDNN (exegpt/models/prepack.py), and
+# packed bf16 then ran in 0.1-0.6x float32's time at M=1..32 on the development machine
+# (benchmarks/linear_kernels.py), so `auto` is the fast choice a deployment opts into.
 DEFAULT_DTYPE = "float32"
 # /proc/cpuinfo flags of the x86 matrix and vector units that compute bf16 natively.
 CPU_BF16_FLAGS: tuple[str, ...] = ("amx_bf16", "avx512_bf16")

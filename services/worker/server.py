@@ -30,6 +30,7 @@ from exegpt.generation import (
 )
 from exegpt.models.kv_cache import KVCachePool, KVCacheSpec
 from exegpt.models.loader import LoadedModel, ModelCard
+from exegpt.models.prepack import linear_kernel, pack_linears
 from exegpt.serving import ROUTER_ID_METADATA, GrpcServer, start_grpc_server
 from exegpt.stops import StopMatcher
 from exegpt.v1 import generate_pb2, metrics_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -288,7 +289,9 @@ class RunningWorker:
 
 
 def build_engine(loaded: LoadedModel, config: EngineConfig) -> Engine:
-    """An engine over the whole model in this process."""
+    """An engine over the whole model in this process (its bf16 CPU Linears packed once)."""
+    if packed := pack_linears(loaded.model):
+        logger.info("%d Linears run %s", packed, linear_kernel(loaded.dtype, loaded.device))
     spec = KVCacheSpec.for_model(loaded.config, dtype=loaded.dtype)
     pool = KVCachePool.for_memory(
         spec, config.kv_capacity_bytes, block_size_tokens=config.kv_block_size_tokens

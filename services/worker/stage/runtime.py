@@ -32,6 +32,7 @@ from exegpt.models.checkpoint import Model
 from exegpt.models.defaults import DEFAULT_MODEL_NAME
 from exegpt.models.kv_cache import KVCachePool
 from exegpt.models.loader import load_model
+from exegpt.models.prepack import pack_linears
 from exegpt.models.stage import build_stage, stage_kv_spec
 from exegpt.models.stage_spec import LayerRange, StageSpec
 from exegpt.transport import FrameError, PushFanout, TensorMessage, TensorSocket
@@ -132,6 +133,7 @@ class StageRuntime:
                 raise LoadError(str(exc)) from None
             all_reduce = self._join_tp_group(request, spec) if spec.tp_degree > 1 else None
             model = build_stage(loaded.model, spec, all_reduce)
+            pack_linears(model)  # bf16 on CPU: weights packed once for oneDNN (no-op otherwise)
             pool = None
             if len(spec.decoder_layers):
                 kv_spec = stage_kv_spec(loaded.model, spec, dtype)
