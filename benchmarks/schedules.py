@@ -40,7 +40,6 @@ from exegpt.topology import Topology  # noqa: E402
 TASKS = ("S", "T", "G", "C1", "C2")
 BOUND_QUANTILES = (0.3, 0.7)
 MAX_REQUESTS = 1000
-ROUTER_ARGS = ("--stall-timeout-s=120",)  # a saturating burst can hold a CPU step for seconds
 # Every request of a burst waits in the replica's queue rather than being refused.
 WORKER_ARGS = ("--max-queue-size", "4096")
 
@@ -123,7 +122,6 @@ def planned_config(auto: autoplan.AutoPlan, profile: Path, log_dir: Path) -> Dep
         kv_cache_mb=autoplan.kv_cache_mb(auto, profile),
         topology=Topology(planned=auto.plan.placement, threads_per_device=1),
         log_dir=log_dir,
-        extra_router_args=ROUTER_ARGS,
         extra_worker_args=WORKER_ARGS,
     )
 
@@ -141,7 +139,6 @@ def dp_config(auto: autoplan.AutoPlan, profile: Path, log_dir: Path) -> Deployme
         max_batch_size=max(1, running // devices),
         kv_cache_mb=autoplan.kv_cache_mb(auto, profile),
         log_dir=log_dir,
-        extra_router_args=ROUTER_ARGS,
         extra_worker_args=WORKER_ARGS,
     )
 

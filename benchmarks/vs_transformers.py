@@ -66,7 +66,6 @@ MODELS: dict[str, ModelConfig] = {
 SEED = 0
 BATCH = 32
 GEMM_ROWS = 2048
-STALL_TIMEOUT_S = 300
 
 
 @dataclass(frozen=True)
@@ -164,9 +163,6 @@ def run_exegpt(checkpoint: Path, task: str, args: argparse.Namespace, out_dir: P
     config = DeploymentConfig(
         model=str(checkpoint), max_batch_size=BATCH, dtype=args.dtype,
         kv_cache_mb=args.kv_cache_mb, log_dir=out_dir,
-        # A saturated prefill of 32 long prompts may take longer than the router's default
-        # stall timeout on a small CPU: that is throughput, not a hung replica.
-        extra_router_args=(f"--stall-timeout-s={STALL_TIMEOUT_S}",),
     )  # fmt: skip
     bench_args = [
         "--workload", f"task:{task}", "--num-requests", str(args.num_requests),

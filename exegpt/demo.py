@@ -103,8 +103,6 @@ def run(args: argparse.Namespace) -> int:
         max_batch_size=auto.plan.schedule.decode_batch_size,
         kv_cache_mb=kv_mb,
         topology=Topology(planned=auto.plan.placement, threads_per_device=request.threads),
-        # A saturating burst on a shared CPU can hold one prefill step for seconds.
-        extra_router_args=("--stall-timeout-s=120",),
         extra_worker_args=("--max-queue-size", str(max(1024, args.burst or 0))),
     )
     _out(f"Deploying it: router + {args.replicas} worker replica(s) of {args.model} ...")

@@ -20,9 +20,12 @@ class RouterConfig:
     replica_wait_s: float = 10.0
     # Caps every request's deadline, a longer one set by a gRPC client included.
     request_timeout_s: float = 600.0
-    # A replica with open streams and no progress on any of them for this long is frozen:
-    # its streams are cancelled (retried elsewhere before their first token).
-    stall_timeout_s: float = 10.0
+    # A replica with open streams and no progress on any of them for this long is wedged:
+    # its streams are cancelled (retried elsewhere before their first token). A frozen or
+    # dead process fails its health checks within seconds; this backstop is for one that
+    # answers them yet streams nothing. It must outlast the longest legitimate step: one
+    # saturated prefill of 32 long prompts takes over 10 s on a 2-core CPU.
+    stall_timeout_s: float = 120.0
     max_message_bytes: int = 4 * 2**20
     max_body_bytes: int = 1 * 2**20
     # HTTP: a connection that has not sent a whole request head within this (first request)
