@@ -11,6 +11,10 @@ Conventions
   tensor-parallel group of degree `tp_degree` (the layer sharded as the TP worker shards it).
   The all-reduce a TP layer needs is not included; add `allreduce_s`.
 - Memory is exact bytes for the given tensor-parallel shard.
+- Attention and rest are always used together: a layer's time is attention + rest, which is
+  never negative. A measured profile folds the correction that scales a forward's parts to
+  its measured whole into the attention methods (their arguments name the forward), so an
+  attention time alone may fall below zero.
 """
 
 from __future__ import annotations
