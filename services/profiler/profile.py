@@ -23,14 +23,11 @@ simulator builds add up to the whole forwards at the grid points, and err either
 - decode step(B) = embedding_s(B) + L_dec x (decode_attention_s + decode_rest_s) + lm_head_s(B).
 - each layer at TP degree t > 1 adds two all-reduces of the layer's activations.
 
-The correction is carried by the attention methods (their arguments name the forward: batch
-and lengths): attention reports the factor times the layer's parts less the unscaled rest and
-share of the embedding and head. Below 1 that can make an attention cost negative where the
-kernel is a small share of the layer: it is the forward's correction, and every consumer adds
-the rest to it (attention + rest never falls below zero). Being scaled by a factor
-interpolated from noisy timings, an attention cost can dip slightly where a larger point's
-whole forward ran relatively faster: costs are nearly, not strictly, monotonic (the search
-allows for that: search.py).
+The rest of a layer is scaled by the factor common to the forwards of its size, attention by
+the rest of its forward's factor (reconcile.py); every cost stays a non-negative time. Being
+scaled by a factor interpolated from noisy timings, an attention cost can dip slightly where
+a larger point's whole forward ran relatively faster: costs are nearly, not strictly,
+monotonic (the search allows for that: search.py).
 
 This module imports neither torch nor grpc: the simulator can load profiles cheaply.
 """
@@ -50,7 +47,7 @@ from services.profiler.profile_format import (
     SurfaceData,
     read_profile,
 )
-from services.profiler.reconcile import ForwardFactor, scaled_layer_s
+from services.profiler.reconcile import ForwardFactor, scaled_attention_s
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +110,11 @@ class LayerProfile:
         factor already reconciles: it is taken off the whole before the encode factor.
         """
         self._decode_factor = ForwardFactor.fit(self.data.decode_whole, self.decode_parts_s)
+        self._decode_rest_factor = self._decode_factor.by_batch()
         self._encode_factor = ForwardFactor.fit(
             self.data.prefill_whole, self.prefill_parts_s, self.prefill_first_step_s
         )
+        self._encode_rest_factor = self._encode_factor.by_tokens()
 
     def decode_parts_s(self, batch: int, length: int) -> float:
         """A decode step's parts summed at TP 1 before reconciliation (an encoder-decoder's
@@ -132,7 +131,7 @@ class LayerProfile:
         encoder-decoder's first decoder step: prefill_first_step_s)."""
         num_tokens = batch * seq_len
         attention = self._compute[1].encode_attention(batch, seq_len)[0]
-        layer = attention + self._q_encode_rest(num_tokens, 1)[0]
+        layer = attention + self._encode_rest_parts(num_tokens, 1)[0]
         return self._encode_outside_s(batch, num_tokens) + self._shape.num_encode_layers * layer
 
     def prefill_first_step_s(self, batch: int, seq_len: int) -> float:
@@ -254,12 +253,23 @@ class LayerProfile:
     def _q_encode_attention(self, batch: int, seq_len: int, tp: int) -> Query:
         kernel, extrapolated = self._compute[self._check_tp(tp)].encode_attention(batch, seq_len)
         num_tokens = batch * seq_len
-        rest = self._q_encode_rest(num_tokens, tp)[0]
-        shared = rest + self._encode_outside_s(batch, num_tokens) / self._shape.num_encode_layers
+        outside = self._encode_outside_s(batch, num_tokens) / self._shape.num_encode_layers
         factor, factor_out = self._encode_factor(batch, seq_len)
-        return scaled_layer_s(factor, kernel, shared, rest), extrapolated or factor_out
+        value = scaled_attention_s(
+            factor,
+            kernel,
+            self._encode_rest_factor(num_tokens),
+            self._encode_rest_parts(num_tokens, tp)[0],
+            outside,
+        )
+        return value, extrapolated or factor_out
 
     def _q_encode_rest(self, num_tokens: int, tp: int) -> Query:
+        value, extrapolated = self._encode_rest_parts(num_tokens, tp)
+        return self._encode_rest_factor(num_tokens) * value, extrapolated
+
+    def _encode_rest_parts(self, num_tokens: int, tp: int) -> Query:
+        """The rest of an encode layer as measured (T5: with its share of the cross-KV write)."""
         compute = self._compute[self._check_tp(tp)]
         value, extrapolated = compute.encode_rest(num_tokens)
         if compute.cross_kv_write is not None:
@@ -281,13 +291,15 @@ class LayerProfile:
             extrapolated = extrapolated or cross_out or cross_factor_out
             # the grid timed both lengths equal: each length brings half the factor
             factor = (factor + cross_factor) / 2
-        rest = compute.decode_rest(batch)[0]
         outside = self._embedding(batch)[0] + self._lm_head(batch)[0]
-        shared = rest + outside / self._shape.num_decode_layers
-        return scaled_layer_s(factor, value, shared, rest), extrapolated
+        rest = compute.decode_rest(batch)[0]
+        rest_factor = self._decode_rest_factor(batch)
+        outside /= self._shape.num_decode_layers
+        return scaled_attention_s(factor, value, rest_factor, rest, outside), extrapolated
 
     def _q_decode_rest(self, batch: int, tp: int) -> Query:
-        return self._compute[self._check_tp(tp)].decode_rest(batch)
+        value, extrapolated = self._compute[self._check_tp(tp)].decode_rest(batch)
+        return self._decode_rest_factor(batch) * value, extrapolated
 
     def _q_embedding(self, num_tokens: int) -> Query:
         return self._embedding(num_tokens)

@@ -15,6 +15,12 @@ it (a ratio measured at the largest sizes is the best guess beyond them; a linea
 extrapolation of a ratio has no bound). The profile applies one factor to every layer of a
 forward, so the forward's prediction is the factor times its parts: exactly the measured
 whole at every grid point, of either sign in between.
+
+Attention's arguments name the forward (batch and lengths); the rest of a layer knows only
+its tokens (encode) or its batch (decode). So the rest is scaled by the factor common to the
+forwards of its size (the mean over the grid points of that size: `by_tokens`, `by_batch`),
+and attention by the forward's own factor plus what the rest's factor misses for this
+forward. Every cost stays a non-negative time whichever sizes a caller combines.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.profiler.interpolate import Surface
+from services.profiler.interpolate import Curve, Surface
 from services.profiler.profile_format import SurfaceData
 
 
@@ -71,15 +77,45 @@ class ForwardFactor:
         past = batch_size > self.max_batch_size or length > self.max_length
         return value, past or extrapolated
 
+    def by_batch(self) -> HeldCurve:
+        """The mean factor of each batch size's row, over batch sizes: what a cost that
+        knows only the batch (a decode step's rest of the layer) is scaled by."""
+        means = [sum(curve.values) / len(curve.values) for curve in self.surface.rows]
+        return HeldCurve(Curve.fit(self.surface.batch_sizes, means, monotone=False))
+
+    def by_tokens(self) -> HeldCurve:
+        """The factor over a forward's tokens (batch x length; points with the same count
+        averaged): what a cost that knows only the tokens (an encode's rest) is scaled by."""
+        points: dict[float, list[float]] = {}
+        for batch, curve in zip(self.surface.batch_sizes, self.surface.rows, strict=True):
+            for size, value in zip(curve.sizes, curve.values, strict=True):
+                points.setdefault(batch * size, []).append(value)
+        tokens = sorted(points)
+        means = [sum(points[n]) / len(points[n]) for n in tokens]
+        return HeldCurve(Curve.fit(tokens, means, monotone=False))
+
     def grid_factors(self) -> list[float]:
         """The factor at every measured point (for reports and tests)."""
         return [value for curve in self.surface.rows for value in curve.values]
 
 
-def scaled_layer_s(factor: float, own_s: float, shared_s: float, rest_s: float) -> float:
-    """What a layer's `own_s` part (attention) reports so that, added to the unscaled
-    `shared_s` (the layer's rest plus its share of the work outside the layers), the sum is
-    `factor` times both. Below 1 that can be negative: the correction is the forward's, not
-    the kernel's, and every consumer adds the layer's `rest_s` to it, so it is kept only at
-    or above -rest_s (a layer never takes less than no time)."""
-    return max(-rest_s, factor * own_s + (factor - 1.0) * shared_s)
+@dataclass(frozen=True)
+class HeldCurve:
+    """A factor over one size, linear between the measured sizes and held past them."""
+
+    curve: Curve
+
+    def __call__(self, size: float) -> float:
+        return self.curve(min(size, self.curve.max_size))[0]
+
+
+def scaled_attention_s(
+    factor: float, attention_s: float, rest_factor: float, rest_s: float, outside_s: float
+) -> float:
+    """What a layer's attention reports so that the layer, with its rest scaled by
+    `rest_factor` (rest_s is the unscaled rest) and its share `outside_s` of the work outside
+    the layers left unscaled, sums to `factor` times all three. The rest carries the factor
+    common to the forwards of its size; attention carries what differs between forwards of
+    that size. Kept at or above zero: a cost is a time."""
+    excess = (factor - rest_factor) * rest_s + (factor - 1.0) * outside_s
+    return max(0.0, factor * attention_s + excess)

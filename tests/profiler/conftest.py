@@ -106,27 +106,28 @@ def with_longer_whole_forwards(data: ProfileData) -> ProfileData:
     return ProfileData.model_validate(raw)
 
 
-def with_whole_forwards_at(data: ProfileData, factor: Callable[[str, int], float]) -> ProfileData:
-    """The profile with each whole forward set to `factor(kind, i)` times its parts (i counts
-    the kind's grid points in row order): decode steps first, since an encoder-decoder
-    prefill's whole includes a reconciled decoder step."""
+def with_whole_forwards_at(
+    data: ProfileData, factor: Callable[[str, int, int], float]
+) -> ProfileData:
+    """The profile with each whole forward set to `factor(kind, batch, length)` times its
+    parts: decode steps first, since an encoder-decoder prefill's whole includes a
+    reconciled decoder step."""
     from services.profiler.profile import LayerProfile
 
     raw = data.model_dump(mode="json")
     for kind in ("decode_whole", "prefill_whole"):
         profile = LayerProfile(ProfileData.model_validate(raw))
-        index = 0
         for row in raw[kind]["rows"]:
+            batch = row["batch_size"]
             for i, size in enumerate(row["sizes"]):
                 if kind == "decode_whole":
-                    target = factor(kind, index) * profile.decode_parts_s(row["batch_size"], size)
+                    target = factor(kind, batch, size) * profile.decode_parts_s(batch, size)
                 else:
-                    parts = profile.prefill_parts_s(row["batch_size"], size)
-                    fixed = profile.prefill_first_step_s(row["batch_size"], size)
-                    target = fixed + factor(kind, index) * parts
+                    parts = profile.prefill_parts_s(batch, size)
+                    fixed = profile.prefill_first_step_s(batch, size)
+                    target = fixed + factor(kind, batch, size) * parts
                 for name in ("median_s", "p10_s", "p90_s"):
                     row[name][i] = target
-                index += 1
     return ProfileData.model_validate(raw)
 
 

@@ -131,7 +131,7 @@ def test_surface_uses_only_rows_that_reach_the_length() -> None:
 def test_profile_queries_are_monotone_and_flag_extrapolation(t5_profile: ProfileData) -> None:
     # Factors of noisy whole forwards over their parts may make a cost dip (profile.py); with
     # one factor over the grid, every query rises.
-    profile = LayerProfile(with_whole_forwards_at(t5_profile, lambda kind, i: 1.3))
+    profile = LayerProfile(with_whole_forwards_at(t5_profile, lambda kind, batch, size: 1.3))
     for tp in (1, 2):
         encode = [profile.encode_attention_s(2, s, tp) for s in (1, 8, 12, 20, 32)]
         assert all(b >= a for a, b in itertools.pairwise(encode))

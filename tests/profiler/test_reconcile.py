@@ -6,7 +6,7 @@ import pytest
 
 from services.profiler.profile import LayerProfile
 from services.profiler.profile_format import ProfileData, RowData, SurfaceData
-from services.profiler.reconcile import ForwardFactor, scaled_layer_s
+from services.profiler.reconcile import ForwardFactor, scaled_attention_s
 from services.profiler.validate import predict_decode_step_s, predict_prefill_s
 from tests.profiler.conftest import with_whole_forwards_at
 
@@ -52,16 +52,33 @@ def test_parts_must_be_positive() -> None:
 
 
 def test_the_scaled_layer_sums_to_the_factor_times_the_parts() -> None:
-    assert scaled_layer_s(0.8, 1.0, 2.0, 2.0) + 2.0 == pytest.approx(0.8 * 3.0)
-    assert scaled_layer_s(1.5, 1.0, 2.0, 2.0) + 2.0 == pytest.approx(1.5 * 3.0)
-    # the kernel is a small share: the forward's correction takes attention below zero
-    assert scaled_layer_s(0.9, 0.1, 2.0, 2.0) == pytest.approx(0.9 * 2.1 - 2.0)
-    assert scaled_layer_s(0.0, 1.0, 2.0, 1.5) == -1.5  # a layer never takes less than no time
+    # attention 1, rest 2 (scaled by its own factor), outside share 0.5
+    for factor, rest_factor in ((0.8, 0.8), (1.5, 1.2), (0.9, 1.0)):
+        attention = scaled_attention_s(factor, 1.0, rest_factor, 2.0, 0.5)
+        assert attention + rest_factor * 2.0 + 0.5 == pytest.approx(factor * 3.5)
+    assert scaled_attention_s(0.2, 1.0, 1.0, 2.0, 0.5) == 0.0  # a cost is a time
+
+
+def test_costs_known_by_one_size_take_the_mean_factor_of_that_size() -> None:
+    wholes = _surface({1: [(8, 0.010), (64, 0.048)], 4: [(2, 0.009), (8, 0.030)]})
+    factor = ForwardFactor.fit(wholes, lambda batch, length: 1e-3 * batch * length)
+    by_batch = factor.by_batch()
+    assert by_batch(1) == pytest.approx((1.25 + 0.75) / 2)
+    assert by_batch(4) == pytest.approx((1.125 + 0.9375) / 2)
+    assert by_batch(64) == by_batch(4)  # held past the grid
+    by_tokens = factor.by_tokens()  # 8 tokens twice (1 x 8, 4 x 2), 32, 64
+    assert by_tokens(8) == pytest.approx((1.25 + 1.125) / 2)
+    assert by_tokens(32) == pytest.approx(0.9375)
+    assert by_tokens(1000) == pytest.approx(0.75)
 
 
 def test_forwards_faster_and_slower_than_their_parts(t5_profile: ProfileData) -> None:
-    def factor(kind: str, index: int) -> float:
-        return 0.9 if index % 2 == 0 else 1.2
+    # decode: one factor per batch size; prefill: one per token count (the tiny grid's
+    # batch x length products are distinct), so the rest of a layer carries it all
+    def factor(kind: str, batch: int, size: int) -> float:
+        if kind == "decode_whole":
+            return 0.8 if batch == 1 else 1.25
+        return 0.9 if (batch + size // 8) % 2 == 0 else 1.2
 
     data = with_whole_forwards_at(t5_profile, factor)
     profile = LayerProfile(data)
@@ -69,7 +86,8 @@ def test_forwards_faster_and_slower_than_their_parts(t5_profile: ProfileData) ->
         ("decode_whole", profile._decode_factor),
         ("prefill_whole", profile._encode_factor),
     ):
-        wanted = [factor(kind, i) for i in range(len(fitted.grid_factors()))]
+        rows = getattr(data, kind).rows
+        wanted = [factor(kind, row.batch_size, size) for row in rows for size in row.sizes]
         assert fitted.grid_factors() == pytest.approx(wanted)
         assert min(wanted) < 1 < max(wanted)  # errors of both signs
     for row in data.decode_whole.rows:
