@@ -142,7 +142,8 @@ def update_to_proto(published: PublishedSchedule) -> scheduler_pb2.ScheduleUpdat
 def _stage_time_from_proto(message: scheduler_pb2.StageTimeObservation) -> StageTimeObservation:
     if message.stage not in _STAGES:
         raise invalid(
-            "stage time: stage must be STAGE_KIND_ENCODE, _DECODE, _TRANSFER or _OVERHEAD"
+            "stage time: stage must be STAGE_KIND_ENCODE, STAGE_KIND_DECODE, "
+            "STAGE_KIND_TRANSFER or STAGE_KIND_OVERHEAD"
         )
     try:
         return StageTimeObservation(
