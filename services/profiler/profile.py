@@ -23,8 +23,8 @@ simulator builds add up to the whole forwards at the grid points, and err either
 - decode step(B) = embedding_s(B) + L_dec x (decode_attention_s + decode_rest_s) + lm_head_s(B).
 - each layer at TP degree t > 1 adds two all-reduces of the layer's activations.
 
-The rest of a layer is scaled by the factor common to the forwards of its size, attention by
-the rest of its forward's factor (reconcile.py); every cost stays a non-negative time. Being
+The rest of a layer is scaled by the smallest factor of the forwards of its size, attention
+by the rest of its forward's factor (reconcile.py); every cost stays a non-negative time. Being
 scaled by a factor interpolated from noisy timings, an attention cost can dip slightly where
 a larger point's whole forward ran relatively faster: costs are nearly, not strictly,
 monotonic (the search allows for that: search.py).

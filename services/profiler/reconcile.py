@@ -17,10 +17,11 @@ forward, so the forward's prediction is the factor times its parts: exactly the 
 whole at every grid point, of either sign in between.
 
 Attention's arguments name the forward (batch and lengths); the rest of a layer knows only
-its tokens (encode) or its batch (decode). So the rest is scaled by the factor common to the
-forwards of its size (the mean over the grid points of that size: `by_tokens`, `by_batch`),
-and attention by the forward's own factor plus what the rest's factor misses for this
-forward. Every cost stays a non-negative time whichever sizes a caller combines.
+its tokens (encode) or its batch (decode). So the rest is scaled by the smallest factor of
+the forwards of its size (`by_tokens`, `by_batch`), and attention by the forward's own factor
+plus what the rest's factor leaves out for this forward, never negative at a grid point
+(unless a factor below 1 meets a large share of work outside the layers). Every cost stays a
+non-negative time whichever sizes a caller combines.
 """
 
 from __future__ import annotations
@@ -78,21 +79,21 @@ class ForwardFactor:
         return value, past or extrapolated
 
     def by_batch(self) -> HeldCurve:
-        """The mean factor of each batch size's row, over batch sizes: what a cost that
+        """The smallest factor of each batch size's row, over batch sizes: what a cost that
         knows only the batch (a decode step's rest of the layer) is scaled by."""
-        means = [sum(curve.values) / len(curve.values) for curve in self.surface.rows]
-        return HeldCurve(Curve.fit(self.surface.batch_sizes, means, monotone=False))
+        smallest = [min(curve.values) for curve in self.surface.rows]
+        return HeldCurve(Curve.fit(self.surface.batch_sizes, smallest, monotone=False))
 
     def by_tokens(self) -> HeldCurve:
-        """The factor over a forward's tokens (batch x length; points with the same count
-        averaged): what a cost that knows only the tokens (an encode's rest) is scaled by."""
+        """The factor over a forward's tokens (batch x length; the smallest of the points
+        with the same count): what a cost that knows only the tokens (an encode's rest) is
+        scaled by."""
         points: dict[float, list[float]] = {}
         for batch, curve in zip(self.surface.batch_sizes, self.surface.rows, strict=True):
             for size, value in zip(curve.sizes, curve.values, strict=True):
                 points.setdefault(batch * size, []).append(value)
         tokens = sorted(points)
-        means = [sum(points[n]) / len(points[n]) for n in tokens]
-        return HeldCurve(Curve.fit(tokens, means, monotone=False))
+        return HeldCurve(Curve.fit(tokens, [min(points[n]) for n in tokens], monotone=False))
 
     def grid_factors(self) -> list[float]:
         """The factor at every measured point (for reports and tests)."""

@@ -59,15 +59,16 @@ def test_the_scaled_layer_sums_to_the_factor_times_the_parts() -> None:
     assert scaled_attention_s(0.2, 1.0, 1.0, 2.0, 0.5) == 0.0  # a cost is a time
 
 
-def test_costs_known_by_one_size_take_the_mean_factor_of_that_size() -> None:
+def test_costs_known_by_one_size_take_the_smallest_factor_of_that_size() -> None:
     wholes = _surface({1: [(8, 0.010), (64, 0.048)], 4: [(2, 0.009), (8, 0.030)]})
     factor = ForwardFactor.fit(wholes, lambda batch, length: 1e-3 * batch * length)
     by_batch = factor.by_batch()
-    assert by_batch(1) == pytest.approx((1.25 + 0.75) / 2)
-    assert by_batch(4) == pytest.approx((1.125 + 0.9375) / 2)
+    assert by_batch(1) == pytest.approx(0.75)
+    assert by_batch(4) == pytest.approx(0.9375)
+    assert by_batch(2) == pytest.approx(0.75 + (0.9375 - 0.75) / 3)
     assert by_batch(64) == by_batch(4)  # held past the grid
     by_tokens = factor.by_tokens()  # 8 tokens twice (1 x 8, 4 x 2), 32, 64
-    assert by_tokens(8) == pytest.approx((1.25 + 1.125) / 2)
+    assert by_tokens(8) == pytest.approx(1.125)
     assert by_tokens(32) == pytest.approx(0.9375)
     assert by_tokens(1000) == pytest.approx(0.75)
 
