@@ -71,12 +71,18 @@ class ForwardFactor:
         return cls(surface, surface.batch_sizes[-1], longest)
 
     def __call__(self, batch_size: float, length: float) -> tuple[float, bool]:
-        """(factor, past the measured grid: held at its edge)."""
-        value, extrapolated = self.surface(
-            min(batch_size, self.max_batch_size), min(length, self.max_length)
-        )
-        past = batch_size > self.max_batch_size or length > self.max_length
-        return value, past or extrapolated
+        """(factor, past the measured grid: held at its edge). Within the rows that reach the
+        length (large batches may stop short of the longest lengths), linear in the length,
+        then linear across their batch sizes; never extrapolated."""
+        reach = min(length, self.max_length)
+        batches, values = [], []
+        for batch, row in zip(self.surface.batch_sizes, self.surface.rows, strict=True):
+            if row.max_size >= reach:
+                batches.append(batch)
+                values.append(row(reach)[0])
+        held = min(max(batch_size, batches[0]), batches[-1])
+        value = Curve.fit(batches, values, monotone=False)(held)[0]
+        return value, length > self.max_length or batch_size > batches[-1]
 
     def by_batch(self) -> HeldCurve:
         """The smallest factor of each batch size's row, over batch sizes: what a cost that

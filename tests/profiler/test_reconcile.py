@@ -40,6 +40,14 @@ def test_parts_that_outweigh_the_whole_give_a_factor_below_one() -> None:
     assert factor(16, 64) == (pytest.approx(1.0), True)
 
 
+def test_a_factor_is_never_extrapolated_where_rows_stop_short() -> None:
+    # the batch-4 row stops at length 8: at length 64 only batch 1 has a factor
+    wholes = _surface({1: [(8, 0.010), (64, 0.048)], 4: [(8, 0.030)]})
+    factor = ForwardFactor.fit(wholes, lambda batch, length: 1e-3 * batch * length)
+    assert factor(4, 64) == (pytest.approx(0.75), True)  # held, and flagged
+    assert factor(4, 8) == (pytest.approx(0.9375), False)
+
+
 def test_a_fixed_part_is_taken_off_the_whole_first() -> None:
     wholes = _surface({1: [(8, 0.010)]})
     factor = ForwardFactor.fit(wholes, lambda batch, length: 0.004, lambda batch, length: 0.002)
