@@ -134,7 +134,8 @@ def test_profile_queries_are_monotone_and_flag_extrapolation(t5_profile: Profile
     profile = LayerProfile(with_whole_forwards_at(t5_profile, lambda kind, batch, size: 1.3))
     for tp in (1, 2):
         encode = [profile.encode_attention_s(2, s, tp) for s in (1, 8, 12, 20, 32)]
-        assert all(b >= a for a, b in itertools.pairwise(encode))
+        # (a factor of 1.3 is 1.3 up to rounding: equal costs may differ in the last bits)
+        assert all(b >= a * (1 - 1e-12) for a, b in itertools.pairwise(encode)), encode
         rest = [profile.encode_rest_s(n, tp) for n in (1, 2, 4, 9, 32)]
         assert all(b >= a for a, b in itertools.pairwise(rest))
         decode = [profile.decode_attention_s(b, 8, 8, tp) for b in (1, 2)]
