@@ -19,9 +19,8 @@ whole at every grid point, of either sign in between.
 Attention's arguments name the forward (batch and lengths); the rest of a layer knows only
 its tokens (encode) or its batch (decode). So the rest is scaled by the smallest factor of
 the forwards of its size (`by_tokens`, `by_batch`), and attention by the forward's own factor
-plus what the rest's factor leaves out for this forward, and never less than its kernel
-scaled by the rest's factor. Every cost stays a positive time whichever sizes a caller
-combines.
+plus what the rest's factor leaves out for this forward, kept at or above zero. Every cost
+stays a time whichever sizes a caller combines.
 """
 
 from __future__ import annotations
@@ -123,8 +122,8 @@ def scaled_attention_s(
     `rest_factor` (rest_s is the unscaled rest) and its share `outside_s` of the work outside
     the layers left unscaled, sums to `factor` times all three. The rest carries the factor
     common to the forwards of its size; attention carries what differs between forwards of
-    that size. Never below the kernel scaled by the rest's factor: no part of a layer is
-    scaled below the smallest factor of its size (where a factor below 1 meets a large share
-    of work outside the layers, the forward is then predicted a little long)."""
+    that size. At a grid point factor >= rest_factor, so only a factor below 1 meeting a large
+    share of work outside the layers can take it below zero: it is kept at zero there (a cost
+    is a time; the forward is then predicted a little long)."""
     excess = (factor - rest_factor) * rest_s + (factor - 1.0) * outside_s
-    return max(rest_factor * attention_s, factor * attention_s + excess)
+    return max(0.0, factor * attention_s + excess)

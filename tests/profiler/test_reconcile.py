@@ -64,9 +64,8 @@ def test_the_scaled_layer_sums_to_the_factor_times_the_parts() -> None:
     for factor, rest_factor in ((0.8, 0.8), (1.5, 1.2), (0.9, 1.0)):
         attention = scaled_attention_s(factor, 1.0, rest_factor, 2.0, 0.5)
         assert attention + rest_factor * 2.0 + 0.5 == pytest.approx(factor * 3.5)
-    # a factor below 1 with much work outside the layers: attention keeps its kernel at the
-    # rest's factor
-    assert scaled_attention_s(0.2, 1.0, 0.1, 2.0, 0.5) == pytest.approx(0.1)
+    # a factor below 1 with much work outside the layers: attention stays a time
+    assert scaled_attention_s(0.2, 1.0, 0.1, 2.0, 0.5) == 0.0
 
 
 def test_costs_known_by_one_size_take_the_smallest_factor_of_that_size() -> None:
