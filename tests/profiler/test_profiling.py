@@ -227,7 +227,7 @@ def test_whole_forwards_stay_within_the_kv_budget(monkeypatch: pytest.MonkeyPatc
     profile = LayerProfile(data)
     assert not profile.is_extrapolated("decode_attention_s", 2, 1, 1, 1)
     assert profile.is_extrapolated("decode_attention_s", 2, 16, 16, 1)
-    assert profile.decode_attention_s(2, 16, 16, 1) > 0
+    assert profile.decode_attention_s(2, 16, 16, 1) + profile.decode_rest_s(2, 1) > 0
 
 
 def test_a_round_spreads_every_kind_of_measurement_over_its_length() -> None:
