@@ -104,3 +104,36 @@ class CostModel(Protocol):
     def cross_kv_bytes_per_token(self, tp_degree: int) -> int:
         """Cross-attention K and V of one encoder token in one decoder layer (0 decoder-only)."""
         ...
+
+
+# ---- one layer at an operating point (the simulator and the calibration compose these) ----
+
+ALLREDUCES_PER_LAYER = 2  # after attention and after the feed-forward
+
+
+def layer_allreduce_s(cost_model: CostModel, num_tokens: int, tp_degree: int) -> float:
+    """The all-reduces one TP layer does for `num_tokens` activations (0 at degree 1)."""
+    if tp_degree == 1:
+        return 0.0
+    num_bytes = num_tokens * cost_model.shape.hidden_bytes_per_token
+    return ALLREDUCES_PER_LAYER * cost_model.allreduce_s(num_bytes, tp_degree)
+
+
+def encode_layer_s(
+    cost_model: CostModel, batch_size: int, attention_tokens: int, num_tokens: int, tp: int
+) -> tuple[float, float]:
+    """(compute, all-reduce) seconds of one encode layer: `batch_size` sequences whose
+    attention costs as `attention_tokens` each, `num_tokens` in all."""
+    compute_s = cost_model.encode_attention_s(batch_size, attention_tokens, tp)
+    compute_s += cost_model.encode_rest_s(num_tokens, tp)
+    return compute_s, layer_allreduce_s(cost_model, num_tokens, tp)
+
+
+def decode_layer_s(
+    cost_model: CostModel, batch_size: int, kv_tokens: int, cross_tokens: int, tp: int
+) -> tuple[float, float]:
+    """(compute, all-reduce) seconds of one decode step of one layer (one new token per
+    sequence)."""
+    compute_s = cost_model.decode_attention_s(batch_size, kv_tokens, cross_tokens, tp)
+    compute_s += cost_model.decode_rest_s(batch_size, tp)
+    return compute_s, layer_allreduce_s(cost_model, batch_size, tp)

@@ -20,6 +20,8 @@ class StageKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STAGE_KIND_UNSPECIFIED: _ClassVar[StageKind]
     STAGE_KIND_ENCODE: _ClassVar[StageKind]
     STAGE_KIND_DECODE: _ClassVar[StageKind]
+    STAGE_KIND_TRANSFER: _ClassVar[StageKind]
+    STAGE_KIND_OVERHEAD: _ClassVar[StageKind]
 REPLAN_REASON_UNSPECIFIED: ReplanReason
 REPLAN_REASON_INITIAL: ReplanReason
 REPLAN_REASON_LENGTH_DRIFT: ReplanReason
@@ -28,6 +30,8 @@ REPLAN_REASON_REQUESTED: ReplanReason
 STAGE_KIND_UNSPECIFIED: StageKind
 STAGE_KIND_ENCODE: StageKind
 STAGE_KIND_DECODE: StageKind
+STAGE_KIND_TRANSFER: StageKind
+STAGE_KIND_OVERHEAD: StageKind
 
 class Schedule(_message.Message):
     __slots__ = ("kind", "encode_batch_size", "decode_batch_size", "num_decode_iterations", "num_micro_batches", "tp_degree", "num_tp_devices", "num_encode_devices")

@@ -5,16 +5,14 @@ Load one with `load_profile(path)`. Every query interpolates the measurements mo
 counted in `num_extrapolated_queries`, logs one warning per method, and can be checked with
 `is_extrapolated(method, *args)`.
 
-Whole forwards of the real model were timed at every attention grid point; what each took
-beyond the parts the profile sums for it (at TP 1) is the per-forward overhead: the work a
-forward does once outside the layers (index building, masks and position biases, rotary
-tables), and what the layers cost inside a forward beyond their cost in a loop (caches the
-rest of the model evicted). The remainder is kept as measured, interpolated linearly
-between the grid points, and added to the attention costs, which stay the measured rising
-curves otherwise; where noise made the parts outweigh the whole it is taken as zero (the
-parts are trusted: a remainder below zero could take an attention cost to nothing). So the
-sums the simulator builds add up to whole forwards, exactly at the grid points where the
-whole took longer than its parts:
+Whole forwards of the real model were timed at every attention grid point. Each grid point's
+parts (summed at TP 1 as below) are scaled to its whole forward: the factor whole / parts is
+interpolated between the grid points and held at the grid's edge past it
+(services/profiler/reconcile.py), and one factor applies to every layer of a forward. It can
+take either sign of correction: above 1 where the forward does work outside the layers
+(index building, masks and position biases, rotary tables) or its layers evict each other's
+caches, below 1 where a layer timed alone ran slower than inside the forward. So the sums the
+simulator builds add up to the whole forwards at the grid points, and err either way between:
 
 - encoder-decoder (T5): encode(B, S) = embedding_s(B*S) + L_enc x (encode_attention_s +
   encode_rest_s); the first output token then comes from a decode step (B, kv 1, cross S).
@@ -25,10 +23,11 @@ whole took longer than its parts:
 - decode step(B) = embedding_s(B) + L_dec x (decode_attention_s + decode_rest_s) + lm_head_s(B).
 - each layer at TP degree t > 1 adds two all-reduces of the layer's activations.
 
-The overheads are apportioned to the attention methods (they scale with the batch and the
-sequence lengths, as attention does). Being remainders of noisy timings, they can make an
-attention cost dip slightly where a larger point's whole forward ran relatively faster:
-costs are nearly, not strictly, monotonic (the search allows for that: search.py).
+The rest of a layer is scaled by the smallest factor of the forwards of its size, attention
+by the rest of its forward's factor (reconcile.py); every cost stays a non-negative time. Being
+scaled by a factor interpolated from noisy timings, an attention cost can dip slightly where
+a larger point's whole forward ran relatively faster: costs are nearly, not strictly,
+monotonic (the search allows for that: search.py).
 
 This module imports neither torch nor grpc: the simulator can load profiles cheaply.
 """
@@ -36,7 +35,6 @@ This module imports neither torch nor grpc: the simulator can load profiles chea
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 from exegpt.cost_model import ModelShape
@@ -50,6 +48,7 @@ from services.profiler.profile_format import (
     SurfaceData,
     read_profile,
 )
+from services.profiler.reconcile import ForwardFactor, scaled_attention_s
 
 logger = logging.getLogger(__name__)
 
@@ -63,24 +62,6 @@ def _curve(series: SeriesData) -> Curve:
 
 def _surface(surface: SurfaceData) -> Surface:
     return Surface.fit([(row.batch_size, row.sizes, row.median_s) for row in surface.rows])
-
-
-def _remainder_surface(surface: SurfaceData, value: Callable[[int, int, float], float]) -> Surface:
-    """A surface on the same grid with each median replaced by value(batch, size, median), a
-    remainder: floored at zero, otherwise interpolated as measured, not smoothed into a
-    rising cost (Curve.fit)."""
-    rows = [
-        (
-            row.batch_size,
-            row.sizes,
-            [
-                max(0.0, value(row.batch_size, s, m))
-                for s, m in zip(row.sizes, row.median_s, strict=True)
-            ],
-        )
-        for row in surface.rows
-    ]
-    return Surface.fit(rows, monotone=False)
 
 
 class _Compute:
@@ -121,40 +102,49 @@ class LayerProfile:
         self._warned: set[str] = set()
         self._cache: dict[tuple[str, tuple[int, ...]], Query] = {}
 
-    # ---- per-forward overheads -----------------------------------------------------------
+    # ---- parts reconciled with whole forwards -------------------------------------------
 
     def _build_overheads(self) -> None:
-        """Overhead = a whole forward at a grid point minus the parts summed for it at TP 1.
+        """One factor per forward, whole / parts at TP 1 (services/profiler/reconcile.py).
 
-        Encoder-decoder decode steps split theirs evenly between the self-attention length
-        and the cross-attention length (the grid timed both over the same length).
+        An encoder-decoder prefill's whole includes its first decoder step, which the decode
+        factor already reconciles: it is taken off the whole before the encode factor.
         """
-        shape = self._shape
+        self._decode_factor = ForwardFactor.fit(self.data.decode_whole, self.decode_parts_s)
+        self._decode_rest_factor = self._decode_factor.by_batch()
+        self._encode_factor = ForwardFactor.fit(
+            self.data.prefill_whole, self.prefill_parts_s, self.prefill_first_step_s
+        )
+        self._encode_rest_factor = self._encode_factor.by_tokens()
+
+    def decode_parts_s(self, batch: int, length: int) -> float:
+        """A decode step's parts summed at TP 1 before reconciliation (an encoder-decoder's
+        self and cross attention both over `length`, as the grid timed them)."""
         parts = self._compute[1]
-        share = 0.5 if shape.is_encoder_decoder else 1.0
+        layer = parts.decode_self_attention(batch, length)[0] + parts.decode_rest(batch)[0]
+        if parts.decode_cross_attention is not None:
+            layer += parts.decode_cross_attention(batch, length)[0]
+        outside = self._embedding(batch)[0] + self._lm_head(batch)[0]
+        return outside + self._shape.num_decode_layers * layer
 
-        def decode_overhead(batch: int, length: int, whole_s: float) -> float:
-            layer = parts.decode_self_attention(batch, length)[0] + parts.decode_rest(batch)[0]
-            if parts.decode_cross_attention is not None:
-                layer += parts.decode_cross_attention(batch, length)[0]
-            outside = self._embedding(batch)[0] + self._lm_head(batch)[0]
-            return (whole_s - outside - shape.num_decode_layers * layer) * share
+    def prefill_parts_s(self, batch: int, seq_len: int) -> float:
+        """An encode forward's parts summed at TP 1 before reconciliation (without an
+        encoder-decoder's first decoder step: prefill_first_step_s)."""
+        num_tokens = batch * seq_len
+        attention = self._compute[1].encode_attention(batch, seq_len)[0]
+        layer = attention + self._encode_rest_parts(num_tokens, 1)[0]
+        return self._encode_outside_s(batch, num_tokens) + self._shape.num_encode_layers * layer
 
-        self._decode_overhead = _remainder_surface(self.data.decode_whole, decode_overhead)
+    def prefill_first_step_s(self, batch: int, seq_len: int) -> float:
+        """An encoder-decoder prefill's first decoder step, reconciled (0 decoder-only)."""
+        if not self._shape.is_encoder_decoder:
+            return 0.0
+        return self._decode_step_s(batch, 1, seq_len)
 
-        def encode_overhead(batch: int, seq_len: int, whole_s: float) -> float:
-            num_tokens = batch * seq_len
-            layer = (
-                parts.encode_attention(batch, seq_len)[0] + self._q_encode_rest(num_tokens, 1)[0]
-            )
-            summed = self._embedding(num_tokens)[0] + shape.num_encode_layers * layer
-            if shape.is_encoder_decoder:  # the decoder's first step, overhead included
-                summed += self._decode_step_s(batch, 1, seq_len)
-            else:
-                summed += self._lm_head(batch)[0]
-            return whole_s - summed
-
-        self._encode_overhead = _remainder_surface(self.data.prefill_whole, encode_overhead)
+    def _encode_outside_s(self, batch: int, num_tokens: int) -> float:
+        """What an encode forward does outside its layers (the LM head of a prefill)."""
+        head = 0.0 if self._shape.is_encoder_decoder else self._lm_head(batch)[0]
+        return self._embedding(num_tokens)[0] + head
 
     def _decode_step_s(self, batch: int, kv_len: int, cross_len: int) -> float:
         per_layer = self._q_decode_attention(batch, kv_len, cross_len, 1)[0]
@@ -271,11 +261,25 @@ class LayerProfile:
     # ---- the queries -----------------------------------------------------------------------
 
     def _q_encode_attention(self, batch: int, seq_len: int, tp: int) -> Query:
-        kernel, out_k = self._compute[self._check_tp(tp)].encode_attention(batch, seq_len)
-        overhead, out_o = self._encode_overhead(batch, seq_len)
-        return kernel + overhead / self._shape.num_encode_layers, out_k or out_o
+        kernel, extrapolated = self._compute[self._check_tp(tp)].encode_attention(batch, seq_len)
+        num_tokens = batch * seq_len
+        outside = self._encode_outside_s(batch, num_tokens) / self._shape.num_encode_layers
+        factor, factor_out = self._encode_factor(batch, seq_len)
+        value = scaled_attention_s(
+            factor,
+            kernel,
+            self._encode_rest_factor(num_tokens),
+            self._encode_rest_parts(num_tokens, tp)[0],
+            outside,
+        )
+        return value, extrapolated or factor_out
 
     def _q_encode_rest(self, num_tokens: int, tp: int) -> Query:
+        value, extrapolated = self._encode_rest_parts(num_tokens, tp)
+        return self._encode_rest_factor(num_tokens) * value, extrapolated
+
+    def _encode_rest_parts(self, num_tokens: int, tp: int) -> Query:
+        """The rest of an encode layer as measured (T5: with its share of the cross-KV write)."""
         compute = self._compute[self._check_tp(tp)]
         value, extrapolated = compute.encode_rest(num_tokens)
         if compute.cross_kv_write is not None:
@@ -287,20 +291,25 @@ class LayerProfile:
 
     def _q_decode_attention(self, batch: int, kv_len: int, cross_len: int, tp: int) -> Query:
         compute = self._compute[self._check_tp(tp)]
-        num_layers = self._shape.num_decode_layers
         value, extrapolated = compute.decode_self_attention(batch, kv_len)
-        overhead, overhead_out = self._decode_overhead(batch, kv_len)
-        value += overhead / num_layers
-        extrapolated = extrapolated or overhead_out
+        factor, factor_out = self._decode_factor(batch, kv_len)
+        extrapolated = extrapolated or factor_out
         if cross_len > 0 and compute.decode_cross_attention is not None:
             cross, cross_out = compute.decode_cross_attention(batch, cross_len)
-            overhead, overhead_out = self._decode_overhead(batch, cross_len)
-            value += cross + overhead / num_layers
-            extrapolated = extrapolated or cross_out or overhead_out
-        return value, extrapolated
+            cross_factor, cross_factor_out = self._decode_factor(batch, cross_len)
+            value += cross
+            extrapolated = extrapolated or cross_out or cross_factor_out
+            # the grid timed both lengths equal: each length brings half the factor
+            factor = (factor + cross_factor) / 2
+        outside = self._embedding(batch)[0] + self._lm_head(batch)[0]
+        rest = compute.decode_rest(batch)[0]
+        rest_factor = self._decode_rest_factor(batch)
+        outside /= self._shape.num_decode_layers
+        return scaled_attention_s(factor, value, rest_factor, rest, outside), extrapolated
 
     def _q_decode_rest(self, batch: int, tp: int) -> Query:
-        return self._compute[self._check_tp(tp)].decode_rest(batch)
+        value, extrapolated = self._compute[self._check_tp(tp)].decode_rest(batch)
+        return self._decode_rest_factor(batch) * value, extrapolated
 
     def _q_embedding(self, num_tokens: int) -> Query:
         return self._embedding(num_tokens)

@@ -1,56 +1,150 @@
-"""Stage-time predictions from a cost model, and a cost model corrected by what was measured.
+"""Predictions of what engines report, and a cost model corrected by what was measured.
 
-A stage-time observation (observations.StageTimeObservation) is compared with what the cost
-model predicts for the same work: `num_layers` times the per-layer compute (attention plus the
-rest) at the observed batch size and mean length, plus the layer's two tensor-parallel
-all-reduces (after attention and after the MLP) when TP > 1. Embedding, LM head and pipeline
-transfers are not part of a stage observation. When the median measured / predicted ratio of a
-stage kind drifts, the scheduler re-plans with `ScaledCostModel`: the same profile with encode
-or decode compute scaled by that ratio, communication and memory unchanged.
+An observation (observations.StageTimeObservation) is compared with what the cost model
+predicts for the same work, composed as the simulator composes it (exegpt/cost_model.py):
+
+- encode / decode: `num_layers` times one layer's compute plus its TP all-reduces, at the
+  observed batch size and mean length (no embedding, LM head or transfer);
+- transfer: `transfer_s` of the observed tokens' activations;
+- overhead: the serving path's host work of a step of `batch_size` rows, when the cost model
+  carries such terms (`serving_overhead`); without them there is nothing to correct.
+
+A `Calibration` holds one factor per kind, measured / predicted, and how many observations it
+rests on. `ScaledCostModel` is the profile seen through it: encode compute, decode compute,
+transfers and the serving-overhead terms each multiplied by their own factor; memory and
+all-reduces unchanged. The scheduler re-plans with it when a kind drifts, and keeps it beside
+the profile (calibration_store.py) so that the next plan starts from it.
 """
 
 from __future__ import annotations
 
-from exegpt.cost_model import CostModel, ModelShape
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from exegpt.cost_model import CostModel, ModelShape, decode_layer_s, encode_layer_s
 from services.scheduler.observations import StageKind, StageTimeObservation
 
-_ALLREDUCES_PER_LAYER = 2
+
+def serving_overhead(cost_model: object) -> Any | None:
+    """The serving-overhead terms a cost model carries (looking through views' `base`)."""
+    for _ in range(8):
+        overhead = getattr(cost_model, "serving_overhead", None)
+        if overhead is not None or not hasattr(cost_model, "base"):
+            return overhead
+        cost_model = cost_model.base  # type: ignore[attr-defined]
+    return None
 
 
 def predict_stage_s(cost_model: CostModel, observation: StageTimeObservation) -> float:
-    """What `cost_model` expects the observed stage to take, in seconds."""
-    tp = observation.tp_degree
-    batch = observation.batch_size
+    """What `cost_model` expects the observed work to take, in seconds (0: it has no term
+    for it)."""
+    tp, batch = observation.tp_degree, observation.batch_size
+    if observation.stage == StageKind.TRANSFER:
+        return cost_model.transfer_s(
+            observation.num_tokens * cost_model.shape.hidden_bytes_per_token
+        )
+    if observation.stage == StageKind.OVERHEAD:
+        overhead = serving_overhead(cost_model)
+        return float(overhead.decode_step_s(batch)) if overhead is not None else 0.0
     mean_tokens = max(1, round(observation.num_tokens / batch))
     if observation.stage == StageKind.ENCODE:
-        layer_s = cost_model.encode_attention_s(batch, mean_tokens, tp)
-        layer_s += cost_model.encode_rest_s(observation.num_tokens, tp)
-        activation_tokens = observation.num_tokens
+        layer = encode_layer_s(cost_model, batch, mean_tokens, observation.num_tokens, tp)
     else:
         mean_cross_tokens = round(observation.num_cross_tokens / batch)
-        layer_s = cost_model.decode_attention_s(batch, mean_tokens, mean_cross_tokens, tp)
-        layer_s += cost_model.decode_rest_s(batch, tp)
-        activation_tokens = batch  # one new token per sequence
-    if tp > 1:
-        activation_bytes = activation_tokens * cost_model.shape.hidden_bytes_per_token
-        layer_s += _ALLREDUCES_PER_LAYER * cost_model.allreduce_s(activation_bytes, tp)
-    return observation.num_layers * layer_s
+        layer = decode_layer_s(cost_model, batch, mean_tokens, mean_cross_tokens, tp)
+    return observation.num_layers * sum(layer)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Measured / predicted per kind of cost, and the observations behind each factor."""
+
+    factors: Mapping[StageKind, float] = field(default_factory=dict)
+    counts: Mapping[StageKind, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for kind, factor in self.factors.items():
+            if not (math.isfinite(factor) and factor > 0):
+                raise ValueError(f"calibration: the {kind} factor must be positive, got {factor}")
+        if any(count < 0 for count in self.counts.values()):
+            raise ValueError("calibration: observation counts must be >= 0")
+
+    def factor(self, kind: StageKind) -> float:
+        return self.factors.get(kind, 1.0)
+
+    @property
+    def num_observations(self) -> int:
+        return sum(self.counts.values())
+
+    def updated(
+        self, ratios: Mapping[StageKind, float], counts: Mapping[StageKind, int]
+    ) -> Calibration:
+        """This calibration corrected by ratios measured against it (each kind on its own)."""
+        factors = dict(self.factors)
+        totals = dict(self.counts)
+        for kind, ratio in ratios.items():
+            factors[kind] = self.factor(kind) * ratio
+            totals[kind] = totals.get(kind, 0) + counts.get(kind, 0)
+        return Calibration(factors, totals)
+
+    def describe(self) -> str:
+        """'calibrated from N observations (encode x1.20 from 12, ...)', or 'uncalibrated'."""
+        if not self.num_observations:
+            return "uncalibrated"
+        kinds = [kind for kind in StageKind if self.counts.get(kind)]
+        details = ", ".join(f"{k} x{self.factor(k):.2f} from {self.counts[k]}" for k in kinds)
+        return f"calibrated from {self.num_observations} observations ({details})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "factors": {
+                kind.value: self.factors[kind] for kind in StageKind if kind in self.factors
+            },
+            "counts": {kind.value: self.counts[kind] for kind in StageKind if kind in self.counts},
+        }
+
+    @classmethod
+    def from_dict(cls, raw: object) -> Calibration:
+        """From `to_dict`'s form (raises ValueError naming what is wrong)."""
+        if not isinstance(raw, dict) or set(raw) - {"factors", "counts"}:
+            raise ValueError("a calibration is an object with 'factors' and 'counts'")
+        factors, counts = raw.get("factors", {}), raw.get("counts", {})
+        if not isinstance(factors, dict) or not isinstance(counts, dict):
+            raise ValueError("calibration 'factors' and 'counts' must be objects")
+        try:
+            return cls(
+                {StageKind(k): _number(v, float) for k, v in factors.items()},
+                {StageKind(k): _number(v, int) for k, v in counts.items()},
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"calibration: {exc}") from None
+
+
+def _number(value: object, kind: type) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{value!r} is not a number")
+    if kind is int and value != int(value):
+        raise ValueError(f"{value!r} is not a whole number")
+    return kind(value)
 
 
 class ScaledCostModel:
-    """A view of a cost model: encode and decode compute times multiplied by a factor each,
-    optionally offering only some of its TP degrees (1 is always kept)."""
+    """A view of a cost model through a `Calibration`, optionally offering only some of its
+    TP degrees (1 is always kept). `calibration_path` is where the calibration is kept (beside
+    a profile file; None for a model that has no file)."""
 
     def __init__(
         self,
         base: CostModel,
         *,
-        encode_scale: float = 1.0,
-        decode_scale: float = 1.0,
+        calibration: Calibration | None = None,
         tp_degrees: tuple[int, ...] | None = None,
+        calibration_path: Path | None = None,
     ) -> None:
-        if not (encode_scale > 0 and decode_scale > 0):
-            raise ValueError("cost scales must be positive")
         if tp_degrees is not None:
             missing = sorted(set(tp_degrees) - set(base.tp_degrees))
             if missing:
@@ -60,17 +154,21 @@ class ScaledCostModel:
                 )
             tp_degrees = tuple(sorted({1, *tp_degrees}))
         self.base = base
-        self.encode_scale = encode_scale
-        self.decode_scale = decode_scale
+        self.calibration = calibration or Calibration()
+        self.calibration_path = calibration_path
         self._tp_degrees = tp_degrees
+        self._encode = self.calibration.factor(StageKind.ENCODE)
+        self._decode = self.calibration.factor(StageKind.DECODE)
 
-    def rescaled(self, encode_ratio: float, decode_ratio: float) -> ScaledCostModel:
-        """This view with its scales multiplied by the newly observed ratios."""
+    def rescaled(
+        self, ratios: Mapping[StageKind, float], counts: Mapping[StageKind, int]
+    ) -> ScaledCostModel:
+        """This view with its calibration corrected by newly observed ratios."""
         return ScaledCostModel(
             self.base,
-            encode_scale=self.encode_scale * encode_ratio,
-            decode_scale=self.decode_scale * decode_ratio,
+            calibration=self.calibration.updated(ratios, counts),
             tp_degrees=self._tp_degrees,
+            calibration_path=self.calibration_path,
         )
 
     @property
@@ -81,12 +179,26 @@ class ScaledCostModel:
     def tp_degrees(self) -> tuple[int, ...]:
         return self._tp_degrees if self._tp_degrees is not None else self.base.tp_degrees
 
+    @property
+    def serving_overhead(self) -> Any | None:
+        """The base's serving-overhead terms, every one of them (each float field) times the
+        overhead factor."""
+        overhead = serving_overhead(self.base)
+        factor = self.calibration.factor(StageKind.OVERHEAD)
+        if overhead is None or factor == 1.0 or not dataclasses.is_dataclass(overhead):
+            return overhead
+        scaled = {
+            item.name: getattr(overhead, item.name) * factor
+            for item in dataclasses.fields(overhead)
+            if isinstance(getattr(overhead, item.name), float)
+        }
+        return dataclasses.replace(overhead, **scaled)  # type: ignore[type-var]
+
     def encode_attention_s(self, batch_size: int, seq_len_tokens: int, tp_degree: int) -> float:
-        base_s = self.base.encode_attention_s(batch_size, seq_len_tokens, tp_degree)
-        return self.encode_scale * base_s
+        return self._encode * self.base.encode_attention_s(batch_size, seq_len_tokens, tp_degree)
 
     def encode_rest_s(self, num_tokens: int, tp_degree: int) -> float:
-        return self.encode_scale * self.base.encode_rest_s(num_tokens, tp_degree)
+        return self._encode * self.base.encode_rest_s(num_tokens, tp_degree)
 
     def decode_attention_s(
         self, batch_size: int, kv_len_tokens: int, cross_len_tokens: int, tp_degree: int
@@ -94,10 +206,10 @@ class ScaledCostModel:
         base_s = self.base.decode_attention_s(
             batch_size, kv_len_tokens, cross_len_tokens, tp_degree
         )
-        return self.decode_scale * base_s
+        return self._decode * base_s
 
     def decode_rest_s(self, batch_size: int, tp_degree: int) -> float:
-        return self.decode_scale * self.base.decode_rest_s(batch_size, tp_degree)
+        return self._decode * self.base.decode_rest_s(batch_size, tp_degree)
 
     def embedding_s(self, num_tokens: int) -> float:
         return self.base.embedding_s(num_tokens)
@@ -109,7 +221,7 @@ class ScaledCostModel:
         return self.base.allreduce_s(num_bytes, tp_degree)
 
     def transfer_s(self, num_bytes: int) -> float:
-        return self.base.transfer_s(num_bytes)
+        return self.calibration.factor(StageKind.TRANSFER) * self.base.transfer_s(num_bytes)
 
     def encode_layer_weight_bytes(self, tp_degree: int) -> int:
         return self.base.encode_layer_weight_bytes(tp_degree)

@@ -36,6 +36,8 @@ _REASONS = {
 _STAGES = {
     scheduler_pb2.STAGE_KIND_ENCODE: StageKind.ENCODE,
     scheduler_pb2.STAGE_KIND_DECODE: StageKind.DECODE,
+    scheduler_pb2.STAGE_KIND_TRANSFER: StageKind.TRANSFER,
+    scheduler_pb2.STAGE_KIND_OVERHEAD: StageKind.OVERHEAD,
 }
 
 
@@ -139,7 +141,10 @@ def update_to_proto(published: PublishedSchedule) -> scheduler_pb2.ScheduleUpdat
 
 def _stage_time_from_proto(message: scheduler_pb2.StageTimeObservation) -> StageTimeObservation:
     if message.stage not in _STAGES:
-        raise invalid("stage time: stage must be STAGE_KIND_ENCODE or STAGE_KIND_DECODE")
+        raise invalid(
+            "stage time: stage must be STAGE_KIND_ENCODE, STAGE_KIND_DECODE, "
+            "STAGE_KIND_TRANSFER or STAGE_KIND_OVERHEAD"
+        )
     try:
         return StageTimeObservation(
             stage=_STAGES[message.stage],

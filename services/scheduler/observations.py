@@ -12,17 +12,27 @@ import numpy as np
 
 
 class StageKind(StrEnum):
+    """The kinds of cost an engine reports and the calibration corrects one by one."""
+
     ENCODE = "encode"  # encoder layers, or decoder layers running prefill
     DECODE = "decode"  # one generation step of decoder layers
+    TRANSFER = "transfer"  # a hand-off of activations from one pipeline stage to the next
+    OVERHEAD = "overhead"  # an engine step's host work beyond its forward (the serving path)
+
+
+LAYER_KINDS = (StageKind.ENCODE, StageKind.DECODE)
 
 
 @dataclass(frozen=True)
 class StageTimeObservation:
-    """The measured time of one pipeline stage's layers for one batch.
+    """The measured time of one kind of work for one batch.
 
-    num_tokens is the input tokens of the batch for an encode, and the cached (self-attention)
-    tokens summed over the batch for a decode step; num_cross_tokens is the encoder tokens
-    summed over the batch (decode of an encoder-decoder model, else 0).
+    ENCODE and DECODE: one pipeline stage's `num_layers` layers. num_tokens is the input
+    tokens of the batch for an encode, and the cached (self-attention) tokens summed over the
+    batch for a decode step; num_cross_tokens is the encoder tokens summed over the batch
+    (decode of an encoder-decoder model, else 0). TRANSFER: one hand-off of `num_tokens`
+    tokens' activations between stages. OVERHEAD: one engine step's host time beyond its
+    forward, for `batch_size` rows. num_layers is only checked for the layer kinds.
     """
 
     stage: StageKind
@@ -34,9 +44,11 @@ class StageTimeObservation:
     num_cross_tokens: int = 0
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.num_layers < 1 or self.tp_degree < 1:
-            raise ValueError("stage time: batch_size, num_layers and tp_degree must be >= 1")
-        if self.num_tokens < self.batch_size:
+        if self.batch_size < 1 or self.tp_degree < 1:
+            raise ValueError("stage time: batch_size and tp_degree must be >= 1")
+        if self.stage in LAYER_KINDS and self.num_layers < 1:
+            raise ValueError(f"stage time: {self.stage} needs num_layers >= 1")
+        if self.stage != StageKind.OVERHEAD and self.num_tokens < self.batch_size:
             raise ValueError("stage time: num_tokens must be at least one per sequence")
         if self.num_cross_tokens < 0:
             raise ValueError("stage time: num_cross_tokens must be >= 0")

@@ -17,6 +17,7 @@ from typing import Any
 
 from exegpt.cost_model import CostModel
 from exegpt.schedule import ScheduleKind, searched_kinds
+from services.scheduler.calibration_store import calibration_path, load_calibration
 from services.scheduler.problem import PlanProblem, PlanResult, Prediction, WorkloadDistribution
 from services.scheduler.profile_dtype import check_profile_dtype
 from services.scheduler.sim_common import GIB
@@ -102,16 +103,19 @@ def build_problem(args: argparse.Namespace) -> tuple[PlanProblem, str]:
         args.profile, args.model_config
     )
     check_profile_dtype(cost_model, getattr(args, "dtype", None), profile_name)
+    degrees = None
     if args.tp_degrees:
-        from services.scheduler.calibration import ScaledCostModel
-
         degrees = tuple(sorted({1, *_ints(args.tp_degrees, "--tp-degrees")}))
         if degrees[-1] > args.gpus:
             raise ValueError(
                 f"contradictory options: TP degree {degrees[-1]} needs {degrees[-1]} devices "
                 f"but --gpus is {args.gpus}"
             )
-        cost_model = ScaledCostModel(cost_model, tp_degrees=degrees)
+    calibration = load_calibration(calibration_path(args.profile))
+    if degrees or calibration:
+        from services.scheduler.calibration import ScaledCostModel
+
+        cost_model = ScaledCostModel(cost_model, calibration=calibration, tp_degrees=degrees)
     if args.gpu_memory_gb is not None:
         if not args.gpu_memory_gb > 0:
             raise ValueError(f"--gpu-memory-gb must be positive, got {args.gpu_memory_gb}")
@@ -222,8 +226,12 @@ def result_to_dict(
     if result.chosen and static:
         speedup = result.chosen.throughput_seq_s / static.throughput_seq_s
     workload = problem.workload
+    calibration = getattr(problem.cost_model, "calibration", None)
     return {
         "profile": profile_name,
+        "calibration": calibration.to_dict() | {"describe": calibration.describe()}
+        if calibration is not None and calibration.num_observations
+        else None,
         "model": problem.cost_model.shape.model_name,
         "workload": workload.name,
         "output_p99_tokens": workload.output_p99_tokens,
@@ -275,6 +283,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"profile {report['profile']} ({report['model']}), {num_devices} "
         f"device{'s' if num_devices > 1 else ''} x "
         f"{report['device_memory_bytes'] / GIB:.1f} GiB",
+        *([f"profile {report['calibration']['describe']}"] if report["calibration"] else []),
         f"workload {report['workload']} (p99 output {report['output_p99_tokens']} tokens), "
         f"latency bound {bound_text}",
         "",

@@ -15,6 +15,7 @@ from exegpt.cost_model import CostModel
 from exegpt.errors import ErrorCode, RequestError
 from exegpt.schedule import ScheduleKind, searched_kinds
 from services.scheduler.calibration import ScaledCostModel
+from services.scheduler.calibration_store import calibration_path, load_calibration
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.confine import confined_file
 from services.scheduler.problem import PlanProblem, WorkloadDistribution
@@ -161,8 +162,14 @@ def build_problem(
     num_devices, memory_bytes = resolve_device_counts(query, config)
     profile = resolve_profile(query, config)
     base = cost_models.get(profile)
+    stored = calibration_path(profile)
     try:
-        cost_model = ScaledCostModel(base, tp_degrees=query.tp_degrees or None)
+        cost_model = ScaledCostModel(
+            base,
+            calibration=load_calibration(stored),
+            tp_degrees=query.tp_degrees or None,
+            calibration_path=stored,
+        )
     except ValueError as exc:
         raise invalid(f"profile {profile!r}: {exc}") from exc
     spec = resolve_workload(query, config)

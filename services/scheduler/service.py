@@ -24,6 +24,7 @@ from exegpt.errors import ErrorCode, RequestError
 from exegpt.placement import Placement
 from exegpt.schedule import Schedule
 from services.scheduler.calibration import as_scaled, predict_stage_s
+from services.scheduler.calibration_store import save_calibration
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.drift import DriftDetector, DriftVerdict, PlannedWorkload, observed_workload
 from services.scheduler.observations import (
@@ -324,9 +325,10 @@ class SchedulerCore:
         reason = ReplanReason.STAGE_TIME_DRIFT
         if verdict.stage_time_drifted:
             cost_model = as_scaled(problem.cost_model).rescaled(
-                verdict.stage_time_ratios.get(StageKind.ENCODE, 1.0),
-                verdict.stage_time_ratios.get(StageKind.DECODE, 1.0),
+                verdict.stage_time_ratios, verdict.stage_time_counts
             )
+            if cost_model.calibration_path is not None:
+                save_calibration(cost_model.calibration_path, cost_model.calibration)
             problem = dataclasses.replace(problem, cost_model=cost_model)
         if verdict.length_drifted:
             reason = ReplanReason.LENGTH_DRIFT

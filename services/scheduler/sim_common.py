@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from exegpt.cost_model import CostModel
+from exegpt.cost_model import CostModel, decode_layer_s, encode_layer_s
 from exegpt.placement import Stage
 from exegpt.serving_overhead import serving_overhead_of
 from services.scheduler.problem import WorkloadDistribution
@@ -33,7 +33,6 @@ from services.scheduler.problem import WorkloadDistribution
 # Expected-length KV reservations keep this much headroom for runs of longer-than-average
 # sequences (the paper's "buffer for the runtime adjustment").
 KV_HEADROOM = 1.1
-ALLREDUCES_PER_LAYER = 2  # after attention and after the FFN
 
 GIB = 1024**3
 
@@ -120,11 +119,9 @@ class LayerCosts:
         key = (batch_size, tp_degree)
         if key not in self._encode:
             num_tokens = max(1, round(batch_size * self.stats.mean_input_tokens))
-            compute_s = self.model.encode_attention_s(
-                batch_size, self.stats.attention_input_tokens, tp_degree
-            ) + self.model.encode_rest_s(num_tokens, tp_degree)
-            sync_s = self._allreduce(num_tokens, tp_degree)
-            self._encode[key] = (compute_s, sync_s)
+            self._encode[key] = encode_layer_s(
+                self.model, batch_size, self.stats.attention_input_tokens, num_tokens, tp_degree
+            )
         return self._encode[key]
 
     def decode(
@@ -137,9 +134,7 @@ class LayerCosts:
             self_kv = kv_tokens
         key = (batch_size, tp_degree, self_kv, cross_kv)
         if key not in self._decode:
-            compute_s = self.model.decode_attention_s(batch_size, self_kv, cross_kv, tp_degree)
-            compute_s += self.model.decode_rest_s(batch_size, tp_degree)
-            self._decode[key] = (compute_s, self._allreduce(batch_size, tp_degree))
+            self._decode[key] = decode_layer_s(self.model, batch_size, self_kv, cross_kv, tp_degree)
         return self._decode[key]
 
     def kv_lengths(self) -> tuple[int, int]:
@@ -148,13 +143,6 @@ class LayerCosts:
         if self.model.shape.is_encoder_decoder:
             return max(1, round(position)), max(1, round(self.stats.mean_input_tokens))
         return max(1, round(position + self.stats.mean_input_tokens)), 0
-
-    def _allreduce(self, num_tokens: int, tp_degree: int) -> float:
-        if tp_degree == 1:
-            return 0.0
-        return ALLREDUCES_PER_LAYER * self.model.allreduce_s(
-            num_tokens * self.hidden_bytes, tp_degree
-        )
 
     def _memo(self, name: str, value: int) -> float:
         key = (name, value)

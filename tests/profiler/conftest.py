@@ -4,7 +4,7 @@ with it, and a tiny random Llama checkpoint for the decoder-only paths."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -103,6 +103,31 @@ def with_longer_whole_forwards(data: ProfileData) -> ProfileData:
             extra = [extra_s(kind, row["batch_size"], size) for size in row["sizes"]]
             for name in ("median_s", "p10_s", "p90_s"):
                 row[name] = [t + e for t, e in zip(row[name], extra, strict=True)]
+    return ProfileData.model_validate(raw)
+
+
+def with_whole_forwards_at(
+    data: ProfileData, factor: Callable[[str, int, int], float]
+) -> ProfileData:
+    """The profile with each whole forward set to `factor(kind, batch, length)` times its
+    parts: decode steps first, since an encoder-decoder prefill's whole includes a
+    reconciled decoder step."""
+    from services.profiler.profile import LayerProfile
+
+    raw = data.model_dump(mode="json")
+    for kind in ("decode_whole", "prefill_whole"):
+        profile = LayerProfile(ProfileData.model_validate(raw))
+        for row in raw[kind]["rows"]:
+            batch = row["batch_size"]
+            for i, size in enumerate(row["sizes"]):
+                if kind == "decode_whole":
+                    target = factor(kind, batch, size) * profile.decode_parts_s(batch, size)
+                else:
+                    parts = profile.prefill_parts_s(batch, size)
+                    fixed = profile.prefill_first_step_s(batch, size)
+                    target = fixed + factor(kind, batch, size) * parts
+                for name in ("median_s", "p10_s", "p90_s"):
+                    row[name][i] = target
     return ProfileData.model_validate(raw)
 
 

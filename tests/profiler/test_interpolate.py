@@ -13,7 +13,7 @@ from services.profiler.profile import LayerProfile, load_profile
 from services.profiler.profile_format import ProfileData
 from tests.profiler.conftest import (
     assert_sums_add_up_to_whole_forwards,
-    with_longer_whole_forwards,
+    with_whole_forwards_at,
 )
 
 
@@ -129,12 +129,13 @@ def test_surface_uses_only_rows_that_reach_the_length() -> None:
 
 
 def test_profile_queries_are_monotone_and_flag_extrapolation(t5_profile: ProfileData) -> None:
-    # Overheads are remainders of noisy whole forwards and may dip (profile.py); with
-    # remainders that rise, every query rises too.
-    profile = LayerProfile(with_longer_whole_forwards(t5_profile))
+    # Factors of noisy whole forwards over their parts may make a cost dip (profile.py); with
+    # one factor over the grid, every query rises.
+    profile = LayerProfile(with_whole_forwards_at(t5_profile, lambda kind, batch, size: 1.3))
     for tp in (1, 2):
         encode = [profile.encode_attention_s(2, s, tp) for s in (1, 8, 12, 20, 32)]
-        assert all(b >= a for a, b in itertools.pairwise(encode))
+        # (a factor of 1.3 is 1.3 up to rounding: equal costs may differ in the last bits)
+        assert all(b >= a * (1 - 1e-12) for a, b in itertools.pairwise(encode)), encode
         rest = [profile.encode_rest_s(n, tp) for n in (1, 2, 4, 9, 32)]
         assert all(b >= a for a, b in itertools.pairwise(rest))
         decode = [profile.decode_attention_s(b, 8, 8, tp) for b in (1, 2)]
@@ -149,7 +150,7 @@ def test_profile_queries_are_monotone_and_flag_extrapolation(t5_profile: Profile
     assert beyond >= profile.decode_rest_s(32, 1)
 
 
-def test_the_overheads_make_the_sums_whole_forwards(t5_profile: ProfileData) -> None:
+def test_the_factors_make_the_sums_whole_forwards(t5_profile: ProfileData) -> None:
     assert_sums_add_up_to_whole_forwards(t5_profile)
 
 

@@ -11,7 +11,7 @@ import pytest
 from exegpt.schedule import Schedule, ScheduleKind
 from exegpt.workloads import get_task
 from services.scheduler.analytic_cost import analytic_cost_model
-from services.scheduler.calibration import ScaledCostModel, predict_stage_s
+from services.scheduler.calibration import Calibration, ScaledCostModel, predict_stage_s
 from services.scheduler.config import DriftThresholds, SchedulerConfig
 from services.scheduler.drift import (
     DriftDetector,
@@ -145,7 +145,11 @@ def test_stage_time_off_the_prediction_is_drift(factor: float, drifted: bool) ->
 
 def test_scaled_cost_model_scales_compute_only() -> None:
     base = analytic_cost_model("a40:opt-13b")
-    scaled = ScaledCostModel(base, encode_scale=2.0).rescaled(1.5, 0.5)
+    start = Calibration({StageKind.ENCODE: 2.0}, {StageKind.ENCODE: 10})
+    scaled = ScaledCostModel(base, calibration=start).rescaled(
+        {StageKind.ENCODE: 1.5, StageKind.DECODE: 0.5}, {StageKind.ENCODE: 5, StageKind.DECODE: 7}
+    )
+    assert scaled.calibration.counts == {StageKind.ENCODE: 15, StageKind.DECODE: 7}
     assert scaled.encode_rest_s(512, 2) == pytest.approx(3.0 * base.encode_rest_s(512, 2))
     assert scaled.decode_rest_s(8, 1) == pytest.approx(0.5 * base.decode_rest_s(8, 1))
     assert scaled.allreduce_s(1 << 20, 2) == base.allreduce_s(1 << 20, 2)
@@ -261,8 +265,8 @@ def test_core_recalibrates_the_cost_model_on_stage_time_drift() -> None:
         assert core.current.reason == ReplanReason.STAGE_TIME_DRIFT
         replanned = planner.problems[-1].cost_model
         assert isinstance(replanned, ScaledCostModel)
-        assert replanned.encode_scale == pytest.approx(2.0)
-        assert replanned.decode_scale == 1.0
+        assert replanned.calibration.factor(StageKind.ENCODE) == pytest.approx(2.0)
+        assert replanned.calibration.factor(StageKind.DECODE) == 1.0
         assert planner.problems[-1].workload is planner.problems[0].workload
         # Times that now match the recalibrated model are no drift.
         clock.now_s += 61

@@ -129,3 +129,27 @@ def test_an_analytic_model_has_no_measured_dtype_to_check(
         Path("analytic:a100-80gb"), tmp_path, "--latency-bound", "inf", "--dtype", "bfloat16"
     )
     assert code == 2 and "--dtype applies to a measured profile" in capsys.readouterr().err
+
+
+def test_plan_starts_from_the_calibration_beside_the_profile(
+    measured_profile: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from services.scheduler.calibration import Calibration
+    from services.scheduler.calibration_store import save_calibration
+    from services.scheduler.observations import StageKind
+
+    profile = tmp_path / "tiny.json"
+    profile.write_bytes(measured_profile.read_bytes())
+    code, plain = _plan(profile, tmp_path, "--latency-bound", "inf", "--kinds", "rra")
+    assert code == 0 and plain["calibration"] is None
+    assert "calibrated" not in capsys.readouterr().out
+    slower = Calibration(
+        {StageKind.ENCODE: 1.0, StageKind.DECODE: 3.0}, {StageKind.ENCODE: 8, StageKind.DECODE: 22}
+    )
+    assert save_calibration(tmp_path / "tiny.calibration.json", slower)
+    code, calibrated = _plan(profile, tmp_path, "--latency-bound", "inf", "--kinds", "rra")
+    assert code == 0
+    assert "calibrated from 30 observations" in capsys.readouterr().out
+    assert calibrated["calibration"]["factors"] == {"encode": 1.0, "decode": 3.0}
+    slow_s = calibrated["best_by_kind"]["rra"]["throughput_seq_s"]
+    assert slow_s < plain["best_by_kind"]["rra"]["throughput_seq_s"]

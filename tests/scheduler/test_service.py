@@ -199,7 +199,7 @@ def test_health_check_is_serving(
             scheduler_pb2.WorkloadReport(
                 stage_times=[scheduler_pb2.StageTimeObservation(batch_size=1, measured_s=1)]
             ),
-            "STAGE_KIND_ENCODE or STAGE_KIND_DECODE",
+            "STAGE_KIND_ENCODE, STAGE_KIND_DECODE, STAGE_KIND_TRANSFER or STAGE_KIND_OVERHEAD",
         ),
         (
             scheduler_pb2.WorkloadReport(
