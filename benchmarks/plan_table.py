@@ -27,8 +27,8 @@ from exegpt.schedule import ScheduleKind
 from exegpt.workloads import TASKS
 from services.scheduler.plan_cli import load_cost_model
 from services.scheduler.problem import PlanProblem, PlanResult, WorkloadDistribution
-from services.scheduler.search import plan
-from services.scheduler.sim_common import GIB
+from services.scheduler.search.plan import plan
+from services.scheduler.simulator.common import GIB
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -160,7 +160,7 @@ def resolved_dtype(name: str, device: str) -> str:
 
 def profile_path(request: PlanRequest) -> Path:
     """Where the cache keeps this model's profile for this device, dtype, threads and grid."""
-    from services.profiler.profiling import model_config
+    from services.profiler.measure.run import model_config
 
     config_hash = model_config(request.model).config_hash()
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(request.model).name).strip("-") or "model"
@@ -204,8 +204,8 @@ def ensure_profile(request: PlanRequest, out: TextIO = sys.stdout) -> Path:
 
 
 def _loads(path: Path) -> bool:
-    from services.profiler.profile import load_profile
-    from services.profiler.profile_format import ProfileError
+    from exegpt.profile.format import ProfileError
+    from exegpt.profile.layer_profile import load_profile
 
     try:
         load_profile(str(path))
@@ -256,12 +256,12 @@ def build_problem(request: PlanRequest, profile: Path, bound_s: float = math.inf
     from services.scheduler.plan_cli import load_profile_file
     from services.scheduler.problem import PlanProblem
     from services.scheduler.profile_dtype import check_profile_dtype
-    from services.scheduler.sim_common import GIB
+    from services.scheduler.simulator.common import GIB
 
     if request.num_devices < 1 or not request.device_memory_gb > 0:
         raise ValueError("--devices must be >= 1 and --device-memory-gb positive")
     # Queries past a small grid are extrapolated and each one logged: the plan is the report.
-    logging.getLogger("services.profiler.profile").setLevel(logging.ERROR)
+    logging.getLogger("exegpt.profile.layer_profile").setLevel(logging.ERROR)
     cost_model, _, _ = load_profile_file(str(profile))
     check_profile_dtype(cost_model, request.dtype, str(profile))
     workload = workload_distribution(
@@ -279,7 +279,7 @@ def build_problem(request: PlanRequest, profile: Path, bound_s: float = math.inf
 def resolve_bound(text: str, problem: Any) -> float:
     """Seconds from `S`, `inf`, `auto` or `auto:Q` (a quantile of static latencies)."""
     from services.scheduler.plan_cli import parse_bound
-    from services.scheduler.search import static_latency_bounds
+    from services.scheduler.search.plan import static_latency_bounds
 
     if text.startswith("auto"):
         quantile = float(text.partition(":")[2] or AUTO_BOUND_QUANTILE)
@@ -292,8 +292,8 @@ def make_plan(request: PlanRequest, profile: Path, out_dir: Path | None = None) 
     from dataclasses import replace
 
     from services.scheduler.plan_cli import prediction_to_dict, result_to_dict
-    from services.scheduler.search import plan
-    from services.scheduler.simulator import Simulator
+    from services.scheduler.search.plan import plan
+    from services.scheduler.simulator.predict import Simulator
 
     problem = build_problem(request, profile)
     bound_s = resolve_bound(request.latency_bound, problem)

@@ -19,8 +19,8 @@ from exegpt.cost_model import CostModel
 from exegpt.schedule import ScheduleKind, searched_kinds
 from services.scheduler.problem import PlanProblem, PlanResult, Prediction, WorkloadDistribution
 from services.scheduler.profile_dtype import check_profile_dtype
-from services.scheduler.sim_common import GIB
-from services.scheduler.simulator import Simulator
+from services.scheduler.simulator.common import GIB
+from services.scheduler.simulator.predict import Simulator
 
 DESCRIPTION = "search the best schedule under a latency bound (XSimulator + XScheduler)"
 
@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         problem, profile_name = build_problem(args)
-        from services.scheduler.search import plan
+        from services.scheduler.search.plan import plan
 
         result = plan(problem, exhaustive=args.exhaustive)
     except ValueError as error:
@@ -188,7 +188,7 @@ def load_profile_file(path: str) -> tuple[CostModel, int | None, str]:
     if not Path(path).is_file():
         raise ValueError(f"profile not found: {path} (or use analytic:DEVICE[:MODEL])")
     try:
-        profile_module = importlib.import_module("services.profiler.profile")
+        profile_module = importlib.import_module("exegpt.profile.layer_profile")
     except ImportError as error:
         raise ValueError(f"cannot load profile files here: {error}") from None
     profile = profile_module.load_profile(path)
@@ -334,7 +334,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def _plots(args: argparse.Namespace, problem: PlanProblem, result: PlanResult, name: str) -> None:
     from services.scheduler import plots
-    from services.scheduler.simulator import timeline
+    from services.scheduler.simulator.predict import timeline
 
     title = (
         f"{problem.cost_model.shape.model_name} ({name}), {problem.workload.name}, "

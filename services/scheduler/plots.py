@@ -16,7 +16,7 @@ from matplotlib import ticker  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from services.scheduler.problem import PlanResult, Prediction  # noqa: E402
-from services.scheduler.sim_common import TimelineEvent  # noqa: E402
+from services.scheduler.simulator.common import TimelineEvent  # noqa: E402
 
 _KIND_STYLE = {
     "rra": ("tab:blue", "o"),

@@ -51,7 +51,7 @@ def load_cost_model(spec: str, model_config: str | None = None) -> CostModel:
 
         _, _, preset = value.partition(":")
         return analytic_cost_model(value, None if preset else model_config)
-    from services.profiler.profile import load_profile
+    from exegpt.profile.layer_profile import load_profile
 
     return load_profile(spec)
 

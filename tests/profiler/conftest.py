@@ -12,9 +12,9 @@ import torch
 
 from exegpt.models.checkpoint import create_model, save_weights
 from exegpt.models.config import ModelConfig
-from services.profiler.grid import ProfileGrid
-from services.profiler.profile_format import ProfileData, write_profile
-from services.profiler.profiling import ProfileRequest, run_profile
+from exegpt.profile.format import ProfileData, write_profile
+from services.profiler.measure.grid import ProfileGrid
+from services.profiler.measure.run import ProfileRequest, run_profile
 
 # Small enough that a TP-1 profile of the default model takes about a second.
 TINY_GRID = ProfileGrid(
@@ -108,8 +108,8 @@ def with_longer_whole_forwards(data: ProfileData) -> ProfileData:
 
 def assert_sums_add_up_to_whole_forwards(data: ProfileData) -> None:
     """At every grid point the profile's sum for a whole forward equals the forward's time."""
-    from services.profiler.profile import LayerProfile
-    from services.profiler.validate import predict_decode_step_s, predict_prefill_s
+    from exegpt.profile.layer_profile import LayerProfile
+    from services.profiler.measure.validate import predict_decode_step_s, predict_prefill_s
 
     longer = with_longer_whole_forwards(data)
     profile = LayerProfile(longer)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from services.profiler.interpolate import Curve, Surface, isotonic, pchip_slopes
-from services.profiler.profile import LayerProfile, load_profile
-from services.profiler.profile_format import ProfileData
+from exegpt.profile.format import ProfileData
+from exegpt.profile.interpolate import Curve, Surface, isotonic, pchip_slopes
+from exegpt.profile.layer_profile import LayerProfile, load_profile
 from tests.profiler.conftest import (
     assert_sums_add_up_to_whole_forwards,
     with_longer_whole_forwards,

@@ -13,9 +13,9 @@ import pytest
 
 from exegpt.cli import main
 from exegpt.dtypes import detect_and_choose
-from services.profiler.profile import load_profile
-from services.profiler.profile_format import write_profile
-from services.profiler.profiling import run_profile
+from exegpt.profile.format import write_profile
+from exegpt.profile.layer_profile import load_profile
+from services.profiler.measure.run import run_profile
 from tests.profiler.conftest import tiny_request
 
 

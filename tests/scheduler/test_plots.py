@@ -10,9 +10,9 @@ import pytest
 from exegpt.schedule import Schedule, ScheduleKind
 from services.scheduler import plots
 from services.scheduler.problem import PlanProblem
-from services.scheduler.search import SearchSpace, plan
-from services.scheduler.sim_common import TimelineEvent
-from services.scheduler.simulator import timeline
+from services.scheduler.search.plan import SearchSpace, plan
+from services.scheduler.simulator.common import TimelineEvent
+from services.scheduler.simulator.predict import timeline
 from tests.scheduler.toy_cost import ToyCostModel, decoder_only_shape, toy_workload
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

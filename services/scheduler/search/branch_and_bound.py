@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from services.scheduler.problem import PlanProblem, Prediction
-from services.scheduler.search_space import Evaluator, Index, SubSpace
+from services.scheduler.search.space import Evaluator, Index, SubSpace
 
 
 @dataclass(frozen=True)

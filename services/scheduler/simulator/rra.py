@@ -31,7 +31,7 @@ import numpy as np
 
 from exegpt.placement import Stage, build_stages, stage_groups
 from exegpt.schedule import Schedule, ScheduleKind
-from services.scheduler.sim_common import (
+from services.scheduler.simulator.common import (
     KV_HEADROOM,
     LayerCosts,
     TimelineEvent,

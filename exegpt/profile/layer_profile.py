@@ -1,7 +1,7 @@
 """A measured profile as a `CostModel`: per-layer costs at any operating point.
 
 Load one with `load_profile(path)`. Every query interpolates the measurements monotonically
-(services/profiler/interpolate.py); a query past the measured grid extrapolates linearly, is
+(exegpt/profile/interpolate.py); a query past the measured grid extrapolates linearly, is
 counted in `num_extrapolated_queries`, logs one warning per method, and can be checked with
 `is_extrapolated(method, *args)`.
 
@@ -40,8 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from exegpt.cost_model import ModelShape
-from services.profiler.interpolate import Curve, Surface
-from services.profiler.profile_format import (
+from exegpt.profile.format import (
     ComputeData,
     ProfileData,
     ProfileError,
@@ -49,6 +48,7 @@ from services.profiler.profile_format import (
     SurfaceData,
     read_profile,
 )
+from exegpt.profile.interpolate import Curve, Surface
 
 logger = logging.getLogger(__name__)
 

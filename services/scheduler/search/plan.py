@@ -46,10 +46,9 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from exegpt.schedule import ScheduleKind
-from services.scheduler import baselines
-from services.scheduler.branch_and_bound import maximise
 from services.scheduler.problem import PlanProblem, PlanResult, Prediction, SearchStats
-from services.scheduler.search_space import (
+from services.scheduler.search.branch_and_bound import maximise
+from services.scheduler.search.space import (
     Evaluator,
     SearchSpace,
     SubSpace,
@@ -57,8 +56,9 @@ from services.scheduler.search_space import (
     fits_memory,
     sub_spaces,
 )
-from services.scheduler.sim_common import GIB
-from services.scheduler.simulator import Simulator, is_meeting
+from services.scheduler.simulator import baselines
+from services.scheduler.simulator.common import GIB
+from services.scheduler.simulator.predict import Simulator, is_meeting
 
 __all__ = ["SearchSpace", "best_baseline", "plan", "static_latency_bounds"]
 

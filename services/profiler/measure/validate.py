@@ -1,7 +1,7 @@
 """Check a profile against whole-model forwards: predicted vs measured time.
 
 Predictions use only the `CostModel` interface, composed the way the profile documents
-(services/profiler/profile.py), so a small error here means the simulator gets sums it can
+(exegpt/profile/layer_profile.py), so a small error here means the simulator gets sums it can
 trust. Measurements run the engine's ModelRunner on the real model and KV pool, unsharded
 (TP 1), with the thread count the profile was taken with.
 """
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from exegpt.allocator import configure_allocator
 from exegpt.cost_model import CostModel
 from exegpt.models.loader import LoadedModel
-from services.profiler.forwards import ForwardPoint, WholeForwards, decode, prefill
-from services.profiler.grid import SAMPLE_S
-from services.profiler.measure_layers import torch_threads
-from services.profiler.timing import Timer, TimingStats, across_rounds
+from services.profiler.measure.forwards import ForwardPoint, WholeForwards, decode, prefill
+from services.profiler.measure.grid import SAMPLE_S
+from services.profiler.measure.layers import torch_threads
+from services.profiler.measure.timing import Timer, TimingStats, across_rounds
 
 # Prefills (batch, prompt tokens) and decode steps (batch, prompt tokens, cached tokens)
 # inside and between the quick grid's points, small and large.

@@ -130,7 +130,7 @@ class SoftwareData(_Strict):
 
 
 class QualityData(_Strict):
-    """How undisturbed the measurements were (see services/profiler/contention.py)."""
+    """How undisturbed the measurements were (see services/profiler/measure/contention.py)."""
 
     num_measurements: int
     num_retries: int  # re-measured because other processes were busy on the CPUs
@@ -151,7 +151,7 @@ class ProfileData(_Strict):
     software: SoftwareData
     tp_degrees: list[PositiveInt] = Field(min_length=1)
     compute: dict[PositiveInt, ComputeData]
-    # Whole forwards of the real model at TP 1 (services/profiler/forwards.py), timed at the
+    # Whole forwards of the real model at TP 1 (services/profiler/measure/forwards.py), timed at the
     # attention grid's points: the per-forward overhead is what they took beyond the parts.
     prefill_whole: SurfaceData  # prefill (T5: encode and the first decoder step), (B, S)
     decode_whole: SurfaceData  # decode step, (B, kv_len); T5: cross_len = kv_len

@@ -15,8 +15,8 @@ from exegpt.models.config import ModelConfig
 from exegpt.models.kv_cache import KVCachePool, KVCacheSpec, blocks_for
 from exegpt.models.loader import LoadedModel
 from exegpt.models.runner import ModelRunner
-from services.profiler.probe import Steps
-from services.profiler.timing import Timer, TimingStats
+from services.profiler.measure.probe import Steps
+from services.profiler.measure.timing import Timer, TimingStats
 
 BLOCK_SIZE_TOKENS = 16  # the engine's default
 

@@ -21,9 +21,9 @@ import math
 
 from exegpt.placement import Placement, Stage, placement_from_layout
 from exegpt.schedule import Schedule, ScheduleKind
-from services.scheduler import baselines, simulator_rra, simulator_waa
 from services.scheduler.problem import PlanProblem, Prediction
-from services.scheduler.sim_common import (
+from services.scheduler.simulator import baselines, rra, waa
+from services.scheduler.simulator.common import (
     LayerCosts,
     TimelineEvent,
     WorkloadStats,
@@ -70,9 +70,9 @@ class Simulator:
         self._validate(schedule)
         events: list[TimelineEvent] = []
         if schedule.kind == ScheduleKind.RRA:
-            simulator_rra.run_cycle(self.costs, schedule, self.num_devices, events)
+            rra.run_cycle(self.costs, schedule, self.num_devices, events)
         elif schedule.kind in (ScheduleKind.WAA_C, ScheduleKind.WAA_M):
-            events = simulator_waa.timeline(self.costs, schedule, self.num_devices)
+            events = waa.timeline(self.costs, schedule, self.num_devices)
         elif schedule.kind == ScheduleKind.STATIC:
             baselines.run_static(self.costs, schedule, self.num_devices, events)
         else:
@@ -85,10 +85,10 @@ class Simulator:
         self._validate(schedule)
         is_encoder_decoder = self.costs.model.shape.is_encoder_decoder
         if schedule.kind == ScheduleKind.RRA:
-            stages = simulator_rra.layout(self.costs, schedule, self.num_devices).stages
+            stages = rra.layout(self.costs, schedule, self.num_devices).stages
             return placement_from_layout(stages, is_encoder_decoder=is_encoder_decoder)
         if schedule.kind in (ScheduleKind.WAA_C, ScheduleKind.WAA_M):
-            outcome = simulator_waa.run(self.costs, schedule, self.num_devices)
+            outcome = waa.run(self.costs, schedule, self.num_devices)
             return placement_from_layout(
                 outcome.encode_stages + outcome.decode_stages,
                 is_encoder_decoder=is_encoder_decoder,
@@ -100,11 +100,11 @@ class Simulator:
     # ---- kinds -----------------------------------------------------------------------------
 
     def _rra(self, schedule: Schedule) -> Prediction:
-        outcome = simulator_rra.run_cycle(self.costs, schedule, self.num_devices)
-        memory = simulator_rra.memory_bytes(self.costs, outcome.layout, self.num_devices)
+        outcome = rra.run_cycle(self.costs, schedule, self.num_devices)
+        memory = rra.memory_bytes(self.costs, outcome.layout, self.num_devices)
         throughput = schedule.encode_batch_size / outcome.cycle_s
         return self._prediction(
-            simulator_rra.normalised(schedule, outcome.layout),
+            rra.normalised(schedule, outcome.layout),
             throughput,
             throughput * self.stats.mean_output_tokens,
             outcome.latency_s,
@@ -116,8 +116,8 @@ class Simulator:
         )
 
     def _waa(self, schedule: Schedule) -> Prediction:
-        outcome = simulator_waa.run(self.costs, schedule, self.num_devices)
-        memory = simulator_waa.memory_bytes(self.costs, outcome, schedule, self.num_devices)
+        outcome = waa.run(self.costs, schedule, self.num_devices)
+        memory = waa.memory_bytes(self.costs, outcome, schedule, self.num_devices)
         throughput = schedule.encode_batch_size / outcome.cycle_s
         reason = idle_stage_reason(outcome.encode_stages + outcome.decode_stages)
         if not reason and schedule.num_micro_batches > outcome.decode_batch:
@@ -126,12 +126,12 @@ class Simulator:
                 f"{outcome.decode_batch:.1f} sequences in the decode batch"
             )
         return self._prediction(
-            simulator_waa.normalised(schedule, outcome),
+            waa.normalised(schedule, outcome),
             throughput,
             throughput * self.stats.mean_output_tokens,
             outcome.latency_s,
             memory,
-            simulator_waa.utilisation(outcome, schedule, self.num_devices),
+            waa.utilisation(outcome, schedule, self.num_devices),
             reason,
         )
 
