@@ -253,8 +253,8 @@ def workload_distribution(spec: str, length_scale: float | None, max_context: in
 
 
 def build_problem(request: PlanRequest, profile: Path, bound_s: float = math.inf) -> Any:
-    from services.scheduler.plan_cli import load_profile_file
     from services.scheduler.problem import PlanProblem
+    from services.scheduler.problem_builder import load_cost_model
     from services.scheduler.profile_dtype import check_profile_dtype
     from services.scheduler.simulator.common import GIB
 
@@ -262,7 +262,7 @@ def build_problem(request: PlanRequest, profile: Path, bound_s: float = math.inf
         raise ValueError("--devices must be >= 1 and --device-memory-gb positive")
     # Queries past a small grid are extrapolated and each one logged: the plan is the report.
     logging.getLogger("exegpt.profile.layer_profile").setLevel(logging.ERROR)
-    cost_model, _, _ = load_profile_file(str(profile))
+    cost_model = load_cost_model(str(profile)).model
     check_profile_dtype(cost_model, request.dtype, str(profile))
     workload = workload_distribution(
         request.workload, request.length_scale, cost_model.shape.max_context_tokens
@@ -278,20 +278,20 @@ def build_problem(request: PlanRequest, profile: Path, bound_s: float = math.inf
 
 def resolve_bound(text: str, problem: Any) -> float:
     """Seconds from `S`, `inf`, `auto` or `auto:Q` (a quantile of static latencies)."""
-    from services.scheduler.plan_cli import parse_bound
+    from services.scheduler.problem_builder import parse_latency_bound
     from services.scheduler.search.plan import static_latency_bounds
 
     if text.startswith("auto"):
         quantile = float(text.partition(":")[2] or AUTO_BOUND_QUANTILE)
         return static_latency_bounds(problem, (quantile,))[0]
-    return parse_bound(text)
+    return parse_latency_bound(text)
 
 
 def make_plan(request: PlanRequest, profile: Path, out_dir: Path | None = None) -> AutoPlan:
     """Plan on `profile`, choose the best schedule of any kind, write it; ValueError if none."""
     from dataclasses import replace
 
-    from services.scheduler.plan_cli import prediction_to_dict, result_to_dict
+    from services.scheduler.report import prediction_to_dict, result_to_dict
     from services.scheduler.search.plan import plan
     from services.scheduler.simulator.predict import Simulator
 
@@ -362,9 +362,9 @@ def format_choice(auto: AutoPlan) -> str:
 
 def kv_cache_mb(auto: AutoPlan, problem_profile: Path, floor_mb: float = 256.0) -> float:
     """A KV pool per replica holding B_D sequences at the workload's longest lengths."""
-    from services.scheduler.plan_cli import load_profile_file
+    from services.scheduler.problem_builder import load_cost_model
 
-    cost_model, _, _ = load_profile_file(str(problem_profile))
+    cost_model = load_cost_model(str(problem_profile)).model
     shape = cost_model.shape
     per_token = shape.num_decode_layers * (
         cost_model.kv_bytes_per_token(1) + cost_model.cross_kv_bytes_per_token(1)
