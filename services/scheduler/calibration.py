@@ -11,10 +11,8 @@ or decode compute scaled by that ratio, communication and memory unchanged.
 
 from __future__ import annotations
 
-from exegpt.cost_model import CostModel, ModelShape
+from exegpt.cost_model import CostModel, ModelShape, decode_layer_s, encode_layer_s
 from services.scheduler.observations import StageKind, StageTimeObservation
-
-_ALLREDUCES_PER_LAYER = 2
 
 
 def predict_stage_s(cost_model: CostModel, observation: StageTimeObservation) -> float:
@@ -23,18 +21,11 @@ def predict_stage_s(cost_model: CostModel, observation: StageTimeObservation) ->
     batch = observation.batch_size
     mean_tokens = max(1, round(observation.num_tokens / batch))
     if observation.stage == StageKind.ENCODE:
-        layer_s = cost_model.encode_attention_s(batch, mean_tokens, tp)
-        layer_s += cost_model.encode_rest_s(observation.num_tokens, tp)
-        activation_tokens = observation.num_tokens
+        layer = encode_layer_s(cost_model, batch, mean_tokens, observation.num_tokens, tp)
     else:
         mean_cross_tokens = round(observation.num_cross_tokens / batch)
-        layer_s = cost_model.decode_attention_s(batch, mean_tokens, mean_cross_tokens, tp)
-        layer_s += cost_model.decode_rest_s(batch, tp)
-        activation_tokens = batch  # one new token per sequence
-    if tp > 1:
-        activation_bytes = activation_tokens * cost_model.shape.hidden_bytes_per_token
-        layer_s += _ALLREDUCES_PER_LAYER * cost_model.allreduce_s(activation_bytes, tp)
-    return observation.num_layers * layer_s
+        layer = decode_layer_s(cost_model, batch, mean_tokens, mean_cross_tokens, tp)
+    return observation.num_layers * sum(layer)
 
 
 class ScaledCostModel:
