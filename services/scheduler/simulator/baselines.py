@@ -33,13 +33,16 @@ from exegpt.schedule import Schedule, ScheduleKind
 from services.scheduler.simulator.common import (
     KV_HEADROOM,
     LayerCosts,
+    StageTimes,
     TimelineEvent,
     as_batch,
     clip_window,
+    decode_times,
+    encode_times,
     kv_bytes_per_sequence_layer,
     stage_weight_bytes,
+    traverse,
 )
-from services.scheduler.simulator.rra import StageTimes, decode_times, encode_times, traverse
 from services.scheduler.simulator.waa import micro_batch_events, pipeline_period_s
 
 

@@ -1,10 +1,11 @@
 """Building blocks shared by the XSimulator's schedule kinds (plain Python, no grpc).
 
 - `WorkloadStats`: the moments of P_E and P_D the simulator uses.
-- `Stage` and `build_stages`: how devices form pipeline stages (partial TP) and how layers
-  are divided over them (balanced so that stage times are equal as far as whole layers allow).
-- `LayerCosts`: per-layer times from the cost model, memoised (the search asks for the same
-  operating points many times).
+- `LayerCosts`: per-layer times from the cost model (`exegpt.cost_model`'s one composition),
+  memoised (the search asks for the same operating points many times).
+- `encode_times` / `decode_times` / `traverse`: a batch's time in each pipeline stage, and one
+  batch through every stage in order. How devices form stages and how layers are divided
+  over them is `exegpt.placement` (`stage_groups`, `build_stages`).
 - `TimelineEvent`: one busy interval of one device, for plots and tests.
 
 Expected workload of a batch (the paper's "expected encoding / decoding workload"):
@@ -25,14 +26,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from exegpt.cost_model import CostModel
+from exegpt.cost_model import CostModel, decode_layer_s, encode_layer_s
 from exegpt.placement import Stage
 from services.scheduler.problem import WorkloadDistribution
 
 # Expected-length KV reservations keep this much headroom for runs of longer-than-average
 # sequences (the paper's "buffer for the runtime adjustment").
 KV_HEADROOM = 1.1
-ALLREDUCES_PER_LAYER = 2  # after attention and after the FFN
 
 GIB = 1024**3
 
@@ -116,12 +116,13 @@ class LayerCosts:
     def encode(self, batch_size: int, tp_degree: int) -> tuple[float, float]:
         key = (batch_size, tp_degree)
         if key not in self._encode:
-            num_tokens = max(1, round(batch_size * self.stats.mean_input_tokens))
-            compute_s = self.model.encode_attention_s(
-                batch_size, self.stats.attention_input_tokens, tp_degree
-            ) + self.model.encode_rest_s(num_tokens, tp_degree)
-            sync_s = self._allreduce(num_tokens, tp_degree)
-            self._encode[key] = (compute_s, sync_s)
+            self._encode[key] = encode_layer_s(
+                self.model,
+                batch_size,
+                self.stats.attention_input_tokens,
+                self.encode_tokens(batch_size),
+                tp_degree,
+            )
         return self._encode[key]
 
     def decode(
@@ -134,9 +135,7 @@ class LayerCosts:
             self_kv = kv_tokens
         key = (batch_size, tp_degree, self_kv, cross_kv)
         if key not in self._decode:
-            compute_s = self.model.decode_attention_s(batch_size, self_kv, cross_kv, tp_degree)
-            compute_s += self.model.decode_rest_s(batch_size, tp_degree)
-            self._decode[key] = (compute_s, self._allreduce(batch_size, tp_degree))
+            self._decode[key] = decode_layer_s(self.model, batch_size, self_kv, cross_kv, tp_degree)
         return self._decode[key]
 
     def kv_lengths(self) -> tuple[int, int]:
@@ -145,13 +144,6 @@ class LayerCosts:
         if self.model.shape.is_encoder_decoder:
             return max(1, round(position)), max(1, round(self.stats.mean_input_tokens))
         return max(1, round(position + self.stats.mean_input_tokens)), 0
-
-    def _allreduce(self, num_tokens: int, tp_degree: int) -> float:
-        if tp_degree == 1:
-            return 0.0
-        return ALLREDUCES_PER_LAYER * self.model.allreduce_s(
-            num_tokens * self.hidden_bytes, tp_degree
-        )
 
     def _memo(self, name: str, value: int) -> float:
         key = (name, value)
@@ -217,3 +209,65 @@ def memory_reason(memory_bytes_per_device: list[int], capacity_bytes: int) -> st
 def as_batch(value: float) -> int:
     """An expected batch size as the whole number of sequences the cost model is asked for."""
     return max(1, round(value))
+
+
+# ---- stage times: a batch through the pipeline, shared by every kind ----------------------
+
+StageTimes = list[tuple[float, float]]  # per stage: (compute_s, allreduce_s)
+
+
+def encode_times(costs: LayerCosts, stages: list[Stage], batch_size: int) -> StageTimes:
+    times = []
+    for index, stage in enumerate(stages):
+        compute_s, sync_s = costs.encode(batch_size, stage.tp_degree)
+        extra_s = costs.embedding_s(costs.encode_tokens(batch_size)) if index == 0 else 0.0
+        times.append(
+            (stage.num_encode_layers * compute_s + extra_s, stage.num_encode_layers * sync_s)
+        )
+    return times
+
+
+def decode_times(
+    costs: LayerCosts, stages: list[Stage], batch_size: int, kv_tokens: int | None = None
+) -> StageTimes:
+    times = []
+    for index, stage in enumerate(stages):
+        compute_s, sync_s = costs.decode(batch_size, stage.tp_degree, kv_tokens)
+        extra_s = costs.embedding_s(batch_size) if index == 0 else 0.0
+        extra_s += costs.lm_head_s(batch_size) if index == len(stages) - 1 else 0.0
+        times.append(
+            (stage.num_decode_layers * compute_s + extra_s, stage.num_decode_layers * sync_s)
+        )
+    return times
+
+
+def traverse(
+    stages: list[Stage],
+    times: StageTimes,
+    transfer_s: float,
+    start_s: float,
+    kind: str,
+    label: str,
+    events: list[TimelineEvent] | None,
+) -> float:
+    """One batch through every stage in order; returns when it leaves the last stage."""
+    now = start_s
+    for index, (stage, (compute_s, sync_s)) in enumerate(zip(stages, times, strict=True)):
+        if index > 0:
+            if events is not None:
+                events.extend(
+                    TimelineEvent(d, now, now + transfer_s, "transfer", label)
+                    for d in stage.devices
+                )
+            now += transfer_s
+        if events is not None:
+            events.extend(
+                TimelineEvent(d, now, now + compute_s, kind, label) for d in stage.devices
+            )
+            if sync_s > 0:
+                events.extend(
+                    TimelineEvent(d, now + compute_s, now + compute_s + sync_s, "allreduce", label)
+                    for d in stage.devices
+                )
+        now += compute_s + sync_s
+    return now

@@ -34,13 +34,15 @@ from exegpt.schedule import Schedule, ScheduleKind
 from services.scheduler.simulator.common import (
     KV_HEADROOM,
     LayerCosts,
+    StageTimes,
     TimelineEvent,
     as_batch,
+    decode_times,
+    encode_times,
     kv_bytes_per_sequence_layer,
     stage_weight_bytes,
+    traverse,
 )
-
-StageTimes = list[tuple[float, float]]  # per stage: (compute_s, allreduce_s)
 
 
 def completion_pmf(output_pmf: np.ndarray, num_decode_iterations: int) -> np.ndarray:
@@ -95,63 +97,6 @@ def layout(costs: LayerCosts, schedule: Schedule, num_devices: int) -> RraLayout
         shared_layers=not shape.is_encoder_decoder,
     )
     return RraLayout(stages, decode_batch, batches)
-
-
-def encode_times(costs: LayerCosts, stages: list[Stage], batch_size: int) -> StageTimes:
-    times = []
-    for index, stage in enumerate(stages):
-        compute_s, sync_s = costs.encode(batch_size, stage.tp_degree)
-        extra_s = costs.embedding_s(costs.encode_tokens(batch_size)) if index == 0 else 0.0
-        times.append(
-            (stage.num_encode_layers * compute_s + extra_s, stage.num_encode_layers * sync_s)
-        )
-    return times
-
-
-def decode_times(
-    costs: LayerCosts, stages: list[Stage], batch_size: int, kv_tokens: int | None = None
-) -> StageTimes:
-    times = []
-    for index, stage in enumerate(stages):
-        compute_s, sync_s = costs.decode(batch_size, stage.tp_degree, kv_tokens)
-        extra_s = costs.embedding_s(batch_size) if index == 0 else 0.0
-        extra_s += costs.lm_head_s(batch_size) if index == len(stages) - 1 else 0.0
-        times.append(
-            (stage.num_decode_layers * compute_s + extra_s, stage.num_decode_layers * sync_s)
-        )
-    return times
-
-
-def traverse(
-    stages: list[Stage],
-    times: StageTimes,
-    transfer_s: float,
-    start_s: float,
-    kind: str,
-    label: str,
-    events: list[TimelineEvent] | None,
-) -> float:
-    """One batch through every stage in order; returns when it leaves the last stage."""
-    now = start_s
-    for index, (stage, (compute_s, sync_s)) in enumerate(zip(stages, times, strict=True)):
-        if index > 0:
-            if events is not None:
-                events.extend(
-                    TimelineEvent(d, now, now + transfer_s, "transfer", label)
-                    for d in stage.devices
-                )
-            now += transfer_s
-        if events is not None:
-            events.extend(
-                TimelineEvent(d, now, now + compute_s, kind, label) for d in stage.devices
-            )
-            if sync_s > 0:
-                events.extend(
-                    TimelineEvent(d, now + compute_s, now + compute_s + sync_s, "allreduce", label)
-                    for d in stage.devices
-                )
-        now += compute_s + sync_s
-    return now
 
 
 @dataclass(frozen=True)
