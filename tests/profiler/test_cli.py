@@ -15,7 +15,7 @@ from exegpt.profile.layer_profile import load_profile
 from services.profiler.measure import validate
 from services.profiler.measure.comm import MeasurementError
 from services.profiler.measure.forwards import decode, prefill
-from tests.profiler.conftest import TINY_GRID
+from tests.tiny_profile import TINY_GRID
 
 TINY_FLAGS = [
     "--grid=custom",

@@ -24,11 +24,8 @@ from services.profiler.measure.validate import (
     summarize,
     validate_profile,
 )
-from tests.profiler.conftest import (
-    TINY_GRID,
-    assert_sums_add_up_to_whole_forwards,
-    tiny_request,
-)
+from tests.profiler.conftest import assert_sums_add_up_to_whole_forwards
+from tests.tiny_profile import TINY_GRID, tiny_request
 
 
 def test_presets_and_overrides() -> None:

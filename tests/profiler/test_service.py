@@ -22,7 +22,7 @@ from services.profiler.measure.run import CheckedRequest, ProgressEvent
 from services.profiler.server import RunningProfiler, start_profiler
 from services.profiler.service import default_runner
 from tests.conftest import BackgroundLoop
-from tests.profiler.conftest import TINY_GRID
+from tests.tiny_profile import TINY_GRID
 
 TIMEOUT_S = 120.0
 Events = list[profiler_pb2.ProfileEvent]

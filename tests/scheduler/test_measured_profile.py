@@ -16,7 +16,7 @@ from exegpt.dtypes import detect_and_choose
 from exegpt.profile.format import write_profile
 from exegpt.profile.layer_profile import load_profile
 from services.profiler.measure.run import run_profile
-from tests.profiler.conftest import tiny_request
+from tests.tiny_profile import tiny_request
 
 
 @pytest.fixture(scope="module")
