@@ -1,7 +1,7 @@
 """The profile file: versioned JSON, validated on load, written atomically.
 
 A profile holds raw measurements (medians with p10/p90 over each grid), exact memory sizes,
-and the hardware, software and model it was measured with. `profile.py` turns it into the
+and the hardware, software and model it was measured with. `layer_profile.py` turns it into the
 query API. Loading checks the format tag, the version and every field's shape, so a
 corrupt, truncated or foreign file fails with a message that says what is wrong.
 """
@@ -66,7 +66,8 @@ class SurfaceData(_Strict):
 
 
 class ComputeData(_Strict):
-    """One TP degree: per-layer times on one rank (seconds), see measure_layers.py."""
+    """One TP degree: per-layer times on one rank (seconds); services/profiler/measure/layers.py
+    measures them."""
 
     threads_per_rank: PositiveInt
     encode_attention: SurfaceData  # over (batch, seq_len)

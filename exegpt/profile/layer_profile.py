@@ -1,7 +1,7 @@
 """A measured profile as a `CostModel`: per-layer costs at any operating point.
 
 Load one with `load_profile(path)`. Every query interpolates the measurements monotonically
-(exegpt/profile/interpolate.py); a query past the measured grid extrapolates linearly, is
+(`interpolate.py` beside it); a query past the measured grid extrapolates linearly, is
 counted in `num_extrapolated_queries`, logs one warning per method, and can be checked with
 `is_extrapolated(method, *args)`.
 
@@ -28,7 +28,8 @@ whole took longer than its parts:
 The overheads are apportioned to the attention methods (they scale with the batch and the
 sequence lengths, as attention does). Being remainders of noisy timings, they can make an
 attention cost dip slightly where a larger point's whole forward ran relatively faster:
-costs are nearly, not strictly, monotonic (the search allows for that: search.py).
+costs are nearly, not strictly, monotonic (the search allows for that:
+services/scheduler/search/plan.py).
 
 This module imports neither torch nor grpc: the simulator can load profiles cheaply.
 """

@@ -129,7 +129,7 @@ def test_surface_uses_only_rows_that_reach_the_length() -> None:
 
 
 def test_profile_queries_are_monotone_and_flag_extrapolation(t5_profile: ProfileData) -> None:
-    # Overheads are remainders of noisy whole forwards and may dip (profile.py); with
+    # Overheads are remainders of noisy whole forwards and may dip (layer_profile.py); with
     # remainders that rise, every query rises too.
     profile = LayerProfile(with_longer_whole_forwards(t5_profile))
     for tp in (1, 2):

@@ -1,4 +1,4 @@
-"""One rank of the all-reduce measurement, run as its own process by measure_comm.
+"""One rank of the all-reduce measurement, run as its own process by comm.py.
 
 `python -m services.profiler.measure.allreduce_worker --rank R --world-size N --init-method tcp://...`
 joins a torch.distributed group (gloo on CPU, NCCL on CUDA), times all_reduce for each size,

@@ -1,4 +1,4 @@
-"""Monotonic branch-and-bound over the index box of a sub-space (search.py explains it)."""
+"""Monotonic branch-and-bound over the index box of a sub-space (plan.py explains it)."""
 
 from __future__ import annotations
 

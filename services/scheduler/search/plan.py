@@ -6,7 +6,7 @@ can be compared with what users run today.
 
 The space (the same for branch-and-bound and for `exhaustive=True`):
 - per kind, one sub-space per TP degree t (every degree of the profile up to the devices
-  available, plus no TP) and, for WAA, per candidate encode/decode split (simulator_waa);
+  available, plus no TP) and, for WAA, per candidate encode/decode split (simulator/waa.py);
 - RRA axes: B_E, N_D, number of TP groups (0..N/t); WAA axes: B_E, B_m (1..8), number of TP
   groups on the decode side;
 - B_E and N_D take every integer up to `dense_until` (16), then steps of about 10% (`growth`)

@@ -1,6 +1,6 @@
 """The space XScheduler searches: grids, per-kind sub-spaces, memoised evaluations.
 
-See search.py for what the axes are and why some are enumerated rather than bisected.
+See plan.py for what the axes are and why some are enumerated rather than bisected.
 """
 
 from __future__ import annotations
