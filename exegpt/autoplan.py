@@ -253,8 +253,8 @@ def workload_distribution(spec: str, length_scale: float | None, max_context: in
 
 
 def build_problem(request: PlanRequest, profile: Path, bound_s: float = math.inf) -> Any:
-    from services.scheduler.problem import PlanProblem
-    from services.scheduler.problem_builder import load_cost_model
+    """The plan's problem, built by the scheduler's one problem builder."""
+    from services.scheduler import problem_builder
     from services.scheduler.profile_dtype import check_profile_dtype
     from services.scheduler.simulator.common import GIB
 
@@ -262,18 +262,18 @@ def build_problem(request: PlanRequest, profile: Path, bound_s: float = math.inf
         raise ValueError("--devices must be >= 1 and --device-memory-gb positive")
     # Queries past a small grid are extrapolated and each one logged: the plan is the report.
     logging.getLogger("exegpt.profile.layer_profile").setLevel(logging.ERROR)
-    cost_model = load_cost_model(str(profile)).model
-    check_profile_dtype(cost_model, request.dtype, str(profile))
+    loaded = problem_builder.load_cost_model(str(profile))
+    check_profile_dtype(loaded.model, request.dtype, str(profile))
     workload = workload_distribution(
-        request.workload, request.length_scale, cost_model.shape.max_context_tokens
+        request.workload, request.length_scale, loaded.model.shape.max_context_tokens
     )
-    return PlanProblem(
-        cost_model=cost_model,
+    plan_request = problem_builder.ProblemRequest(
         workload=workload,
         latency_bound_s=bound_s,
         num_devices=request.num_devices,
         device_memory_bytes=int(request.device_memory_gb * GIB),
     )
+    return problem_builder.build_problem(plan_request, loaded)
 
 
 def resolve_bound(text: str, problem: Any) -> float:

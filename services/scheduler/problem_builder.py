@@ -34,7 +34,7 @@ class LoadedCostModel:
 class ProblemRequest:
     """The knobs of one plan; `device_memory_bytes=None` takes the cost model's device."""
 
-    workload: str
+    workload: str | WorkloadDistribution  # a spec (task:ID, trace:PATH) or one already built
     latency_bound_s: float  # math.inf: no bound
     num_devices: int
     device_memory_bytes: int | None = None
@@ -83,17 +83,23 @@ def build_problem(request: ProblemRequest, loaded: LoadedCostModel) -> PlanProbl
         raise ValueError(f"the number of devices must be at least 1, got {request.num_devices}")
     return PlanProblem(
         cost_model=_restricted(loaded.model, request),
-        workload=WorkloadDistribution.parse(
-            request.workload,
-            max_context_tokens=loaded.model.shape.max_context_tokens,
-            length_scale=request.length_scale,
-        ),
+        workload=_workload(request, loaded.model),
         latency_bound_s=request.latency_bound_s,
         num_devices=request.num_devices,
         device_memory_bytes=_memory_bytes(request, loaded),
         kinds=request.kinds,
         throughput_tolerance=request.throughput_tolerance,
         latency_tolerance_s=request.latency_tolerance_s,
+    )
+
+
+def _workload(request: ProblemRequest, model: CostModel) -> WorkloadDistribution:
+    if isinstance(request.workload, WorkloadDistribution):
+        return request.workload
+    return WorkloadDistribution.parse(
+        request.workload,
+        max_context_tokens=model.shape.max_context_tokens,
+        length_scale=request.length_scale,
     )
 
 
