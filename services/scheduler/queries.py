@@ -52,7 +52,8 @@ def configured_loader(config: SchedulerConfig) -> CostModelLoader:
     `analytic:DEVICE` that names no model preset."""
 
     def load(spec: str) -> CostModel:
-        names_device_only = spec.startswith(ANALYTIC_PREFIX) and spec.count(":") == 1
+        _, _, preset = spec.removeprefix(ANALYTIC_PREFIX).partition(":")
+        names_device_only = spec.startswith(ANALYTIC_PREFIX) and not preset
         model_config = config.model_config if names_device_only else None
         return load_cost_model(spec, model_config).model
 
