@@ -1,6 +1,6 @@
 """Predicted vs measured: the simulator's baselines against real serving, on 1 device.
 
-For each task, batching mode and batch size, `exegpt simulate` (services/scheduler/predict.py)
+For each task, batching mode and batch size, `exegpt simulate` (services/scheduler/simulate.py)
 predicts the schedule on the given profile, then a local deployment (`exegpt up`'s launcher,
 one replica) runs it and `exegpt bench` drives it at saturation with the same workload
 (lengths scaled alike). Measured figures are read as `exegpt bench --against-plan` reads them
@@ -32,7 +32,7 @@ from deployments import free_port  # noqa: E402
 from exegpt.bench.against_plan import measure, percent, relative_error, run_bench  # noqa: E402
 from exegpt.launcher import Deployment, DeploymentConfig  # noqa: E402
 from exegpt.v1 import worker_pb2, worker_pb2_grpc  # noqa: E402
-from services.scheduler.predict import PredictRequest, predict  # noqa: E402
+from services.scheduler.simulate import PredictRequest, predict  # noqa: E402
 
 TASKS = ("S", "T", "G", "C1", "C2")
 MODES = ("static", "continuous")

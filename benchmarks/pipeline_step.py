@@ -20,13 +20,12 @@ from pathlib import Path
 
 from exegpt.models.batch import prefill_lengths
 from exegpt.models.defaults import DEFAULT_MODEL_NAME, default_model_config
-from exegpt.models.kv_cache import BlockAllocator, SequenceKV
+from exegpt.models.kv_cache import DEFAULT_BLOCK_SIZE_TOKENS, BlockAllocator, SequenceKV
 from exegpt.placement import Placement
 from services.worker.executor.pipeline import PipelineConfig, PipelineExecutor
 from services.worker.sampling import RowSampling
 from services.worker.step_plan import StepKind, StepPlan, StepResult
 
-BLOCK_SIZE_TOKENS = 16
 NUM_BLOCKS = 2048
 
 
@@ -64,7 +63,7 @@ def measure(
     pipeline = PipelineConfig(
         model=DEFAULT_MODEL_NAME, dtype="float32", placement=placement,
         stage_addresses=tuple((a,) for a in addresses), num_blocks=NUM_BLOCKS,
-        block_size_tokens=BLOCK_SIZE_TOKENS,
+        block_size_tokens=DEFAULT_BLOCK_SIZE_TOKENS,
     )  # fmt: skip
     executor = PipelineExecutor(pipeline, config)
     executor.start()
@@ -73,7 +72,7 @@ def measure(
     prompts = [[3 + (i * 7 + j) % 300 for j in range(prompt_tokens)] for i in range(batch_size)]
     greedy = tuple(RowSampling(0.0, 1.0, 0, 0) for _ in seqs)
     self_lengths, cross_lengths = prefill_lengths(config, prompts, [[] for _ in seqs])
-    allocator.grow(seqs, BLOCK_SIZE_TOKENS, self_lengths, cross_lengths)
+    allocator.grow(seqs, DEFAULT_BLOCK_SIZE_TOKENS, self_lengths, cross_lengths)
 
     def plan(step_id: int, kind: StepKind, token_ids: tuple[tuple[int, ...], ...]) -> StepPlan:
         kv = tuple(
@@ -90,7 +89,9 @@ def measure(
             seq.num_self_tokens, seq.num_cross_tokens = self_len, cross_len
         samples = []
         for step in range(1, num_steps + 1):
-            allocator.grow(seqs, BLOCK_SIZE_TOKENS, [s.num_self_tokens + 1 for s in seqs], None)
+            allocator.grow(
+                seqs, DEFAULT_BLOCK_SIZE_TOKENS, [s.num_self_tokens + 1 for s in seqs], None
+            )
             start_s = time.perf_counter()
             executor.submit(plan(step, StepKind.DECODE, tuple((t,) for t in tokens)))
             result = wait_result(executor)

@@ -25,10 +25,10 @@ from typing import Any
 
 from exegpt.schedule import ScheduleKind
 from exegpt.workloads import TASKS
-from services.scheduler.plan_cli import load_cost_model
 from services.scheduler.problem import PlanProblem, PlanResult, WorkloadDistribution
-from services.scheduler.search import plan
-from services.scheduler.sim_common import GIB
+from services.scheduler.problem_builder import load_cost_model
+from services.scheduler.search.plan import plan
+from services.scheduler.simulator.common import GIB
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     # Measured quick-grid profiles extrapolate past their grid and warn each time: count them.
     logging.basicConfig(level=logging.ERROR)
     try:
-        cost_model, profile_memory, name = load_cost_model(args.profile, None)
+        loaded = load_cost_model(args.profile)
+        cost_model, profile_memory, name = loaded.model, loaded.device_memory_bytes, loaded.name
         if args.gpu_memory_gb is None and profile_memory is None:
             raise ValueError("the profile does not record the device memory: give --gpu-memory-gb")
         memory_bytes = int(args.gpu_memory_gb * GIB) if args.gpu_memory_gb else profile_memory

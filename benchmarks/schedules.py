@@ -85,7 +85,7 @@ def plan_request(args: argparse.Namespace, task: str, bound: str) -> autoplan.Pl
 
 
 def static_bounds(args: argparse.Namespace, task: str, profile: Path) -> list[float]:
-    from services.scheduler.search import static_latency_bounds
+    from services.scheduler.search.plan import static_latency_bounds
 
     problem = autoplan.build_problem(plan_request(args, task, "inf"), profile)
     return static_latency_bounds(problem, BOUND_QUANTILES)
@@ -95,7 +95,7 @@ def baseline_plan(
     auto: autoplan.AutoPlan, kind: str, request: autoplan.PlanRequest, profile: Path
 ) -> autoplan.AutoPlan | None:
     """The plan file for a baseline's best configuration at this bound (None: none meets)."""
-    from services.scheduler.simulator import Simulator
+    from services.scheduler.simulator.predict import Simulator
 
     best = auto.report["best_by_kind"].get(kind)
     if best is None:

@@ -41,7 +41,7 @@ from policy_runs import (  # noqa: E402
 
 from exegpt.launcher import Deployment  # noqa: E402
 from exegpt.workloads import load_trace  # noqa: E402
-from services.scheduler.kv_policy_sim import SimRequest, simulate_kv_policy  # noqa: E402
+from services.scheduler.simulator.kv_policy import SimRequest, simulate_kv_policy  # noqa: E402
 
 TRACES = {"conv": "azure2023_conv.csv", "code": "azure2023_code.csv"}
 DEFAULT_COMBOS = (

@@ -160,7 +160,7 @@ def resolved_dtype(name: str, device: str) -> str:
 
 def profile_path(request: PlanRequest) -> Path:
     """Where the cache keeps this model's profile for this device, dtype, threads and grid."""
-    from services.profiler.profiling import model_config
+    from services.profiler.measure.run import model_config
 
     config_hash = model_config(request.model).config_hash()
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(request.model).name).strip("-") or "model"
@@ -204,8 +204,8 @@ def ensure_profile(request: PlanRequest, out: TextIO = sys.stdout) -> Path:
 
 
 def _loads(path: Path) -> bool:
-    from services.profiler.profile import load_profile
-    from services.profiler.profile_format import ProfileError
+    from exegpt.profile.format import ProfileError
+    from exegpt.profile.layer_profile import load_profile
 
     try:
         load_profile(str(path))
@@ -253,47 +253,47 @@ def workload_distribution(spec: str, length_scale: float | None, max_context: in
 
 
 def build_problem(request: PlanRequest, profile: Path, bound_s: float = math.inf) -> Any:
-    from services.scheduler.plan_cli import load_profile_file
-    from services.scheduler.problem import PlanProblem
+    """The plan's problem, built by the scheduler's one problem builder."""
+    from services.scheduler import problem_builder
     from services.scheduler.profile_dtype import check_profile_dtype
-    from services.scheduler.sim_common import GIB
+    from services.scheduler.simulator.common import GIB
 
     if request.num_devices < 1 or not request.device_memory_gb > 0:
         raise ValueError("--devices must be >= 1 and --device-memory-gb positive")
     # Queries past a small grid are extrapolated and each one logged: the plan is the report.
-    logging.getLogger("services.profiler.profile").setLevel(logging.ERROR)
-    cost_model, _, _ = load_profile_file(str(profile))
-    check_profile_dtype(cost_model, request.dtype, str(profile))
+    logging.getLogger("exegpt.profile.layer_profile").setLevel(logging.ERROR)
+    loaded = problem_builder.load_cost_model(str(profile))
+    check_profile_dtype(loaded.model, request.dtype, str(profile))
     workload = workload_distribution(
-        request.workload, request.length_scale, cost_model.shape.max_context_tokens
+        request.workload, request.length_scale, loaded.model.shape.max_context_tokens
     )
-    return PlanProblem(
-        cost_model=cost_model,
+    plan_request = problem_builder.ProblemRequest(
         workload=workload,
         latency_bound_s=bound_s,
         num_devices=request.num_devices,
         device_memory_bytes=int(request.device_memory_gb * GIB),
     )
+    return problem_builder.build_problem(plan_request, loaded)
 
 
 def resolve_bound(text: str, problem: Any) -> float:
     """Seconds from `S`, `inf`, `auto` or `auto:Q` (a quantile of static latencies)."""
-    from services.scheduler.plan_cli import parse_bound
-    from services.scheduler.search import static_latency_bounds
+    from services.scheduler.problem_builder import parse_latency_bound
+    from services.scheduler.search.plan import static_latency_bounds
 
     if text.startswith("auto"):
         quantile = float(text.partition(":")[2] or AUTO_BOUND_QUANTILE)
         return static_latency_bounds(problem, (quantile,))[0]
-    return parse_bound(text)
+    return parse_latency_bound(text)
 
 
 def make_plan(request: PlanRequest, profile: Path, out_dir: Path | None = None) -> AutoPlan:
     """Plan on `profile`, choose the best schedule of any kind, write it; ValueError if none."""
     from dataclasses import replace
 
-    from services.scheduler.plan_cli import prediction_to_dict, result_to_dict
-    from services.scheduler.search import plan
-    from services.scheduler.simulator import Simulator
+    from services.scheduler.report import prediction_to_dict, result_to_dict
+    from services.scheduler.search.plan import plan
+    from services.scheduler.simulator.predict import Simulator
 
     problem = build_problem(request, profile)
     bound_s = resolve_bound(request.latency_bound, problem)
@@ -362,9 +362,9 @@ def format_choice(auto: AutoPlan) -> str:
 
 def kv_cache_mb(auto: AutoPlan, problem_profile: Path, floor_mb: float = 256.0) -> float:
     """A KV pool per replica holding B_D sequences at the workload's longest lengths."""
-    from services.scheduler.plan_cli import load_profile_file
+    from services.scheduler.problem_builder import load_cost_model
 
-    cost_model, _, _ = load_profile_file(str(problem_profile))
+    cost_model = load_cost_model(str(problem_profile)).model
     shape = cost_model.shape
     per_token = shape.num_decode_layers * (
         cost_model.kv_bytes_per_token(1) + cost_model.cross_kv_bytes_per_token(1)

@@ -8,26 +8,56 @@ heavy imports (torch, grpc) happen only when that command runs.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Callable
+from types import ModuleType
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("exegpt.demo", "start a local deployment, send a few requests, print answers"),
-    "up": ("exegpt.up", "start the router and N worker replicas and keep them running"),
-    "worker": ("services.worker.__main__", "run one worker replica (engine + model)"),
-    "stage": (
-        "services.worker.stage.__main__",
-        "run one pipeline stage process (a layer range, one TP rank) of a replica",
-    ),
-    "router": ("services.router.__main__", "run the router with its HTTP gateway"),
-    "bench": ("exegpt.bench.cli", "benchmark a running deployment with a workload"),
-    "plan": ("services.scheduler.plan_cli", "search the best schedule under a latency bound"),
-    "simulate": ("services.scheduler.simulate_cli", "predict what one given schedule delivers"),
-    "scheduler": ("services.scheduler.__main__", "run the scheduler service"),
-    "profile": ("services.profiler.cli", "profile the model's layers on a device"),
-    "profiler": ("services.profiler.__main__", "run the profiler service"),
+
+def load_command(name: str) -> ModuleType:
+    """The module of command `name`, imported now: plain imports, kept in this function so
+    that `exegpt --help` does not pay for torch or grpc."""
+    match name:
+        case "demo":
+            from exegpt import demo as module
+        case "up":
+            from exegpt import up as module
+        case "worker":
+            from services.worker import __main__ as module
+        case "stage":
+            from services.worker.stage import __main__ as module
+        case "router":
+            from services.router import __main__ as module
+        case "bench":
+            from exegpt.bench import cli as module
+        case "plan":
+            from services.scheduler import plan_cli as module
+        case "simulate":
+            from services.scheduler import simulate_cli as module
+        case "scheduler":
+            from services.scheduler import __main__ as module
+        case "profile":
+            from services.profiler import cli as module
+        case "profiler":
+            from services.profiler import __main__ as module
+        case _:
+            raise KeyError(name)
+    return module
+
+
+# Each command and its one-line summary; `load_command` imports its module.
+COMMANDS: dict[str, str] = {
+    "demo": "start a local deployment, send a few requests, print answers",
+    "up": "start the router and N worker replicas and keep them running",
+    "worker": "run one worker replica (engine + model)",
+    "stage": "run one pipeline stage process (a layer range, one TP rank) of a replica",
+    "router": "run the router with its HTTP gateway",
+    "bench": "benchmark a running deployment with a workload",
+    "plan": "search the best schedule under a latency bound",
+    "simulate": "predict what one given schedule delivers",
+    "scheduler": "run the scheduler service",
+    "profile": "profile the model's layers on a device",
+    "profiler": "run the profiler service",
 }
 
 
@@ -44,7 +74,7 @@ class _DefaultsHelpFormatter(argparse.HelpFormatter):
 
 def _top_level_help() -> str:
     lines = ["usage: exegpt COMMAND [options]", "", "commands:"]
-    lines += [f"  {name:<10} {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += [f"  {name:<10} {summary}" for name, summary in COMMANDS.items()]
     lines += ["", "Run `exegpt COMMAND --help` for a command's options."]
     return "\n".join(lines)
 
@@ -81,11 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         sys.stderr.write(f"exegpt: unknown command {name!r}\n\n{_top_level_help()}\n")
         return 2
-    module_name, summary = COMMANDS[name]
-    module = importlib.import_module(module_name)
+    module = load_command(name)
     parser = argparse.ArgumentParser(
         prog=f"exegpt {name}",
-        description=summary,
+        description=COMMANDS[name],
         formatter_class=_DefaultsHelpFormatter,
     )
     module.add_arguments(parser)

@@ -1,15 +1,17 @@
 """The contract between the profiler and the simulator: per-layer costs at any operating point.
 
-The profiler (services/profiler) measures these on a device and publishes a profile that
-implements `CostModel`; the simulator (services/scheduler) composes them into pipeline
-timelines. Neither side imports the other: both depend only on this file.
+The profiler (services/profiler) measures these on a device and writes a profile file
+(exegpt/profile: its format, and `LayerProfile`, the `CostModel` a file loads into); the
+simulator (services/scheduler) composes them into pipeline timelines. Neither service imports
+the other: both depend only on exegpt/. A layer's time at an operating point is composed once,
+here (`encode_layer_s`, `decode_layer_s`), for the simulator, calibration and validation.
 
 Conventions
 - "encode" is the encoder layer of an encoder-decoder model, or the prefill pass of a
   decoder layer in a decoder-only model; "decode" is one generation step of a decoder layer.
 - Every time is for ONE layer (or one embedding / head call), in seconds, on ONE device of a
   tensor-parallel group of degree `tp_degree` (the layer sharded as the TP worker shards it).
-  The all-reduce a TP layer needs is not included; add `allreduce_s`.
+  The all-reduce a TP layer needs is not included: `layer_allreduce_s` adds it.
 - Memory is exact bytes for the given tensor-parallel shard.
 - Optionally, a cost model carries `serving_overhead` (exegpt/serving_overhead.py): the
   serving path's host work per step, token and request, which the simulator adds to the
@@ -106,34 +108,34 @@ class CostModel(Protocol):
         ...
 
 
-# ---- one layer at an operating point (the simulator and the calibration compose these) ----
+# ---- one layer's time, as every user of a cost model composes it ----------------------------
 
-ALLREDUCES_PER_LAYER = 2  # after attention and after the feed-forward
+ALLREDUCES_PER_LAYER = 2  # a TP layer all-reduces after attention and after the FFN
 
 
-def layer_allreduce_s(cost_model: CostModel, num_tokens: int, tp_degree: int) -> float:
-    """The all-reduces one TP layer does for `num_tokens` activations (0 at degree 1)."""
+def layer_allreduce_s(model: CostModel, num_tokens: int, tp_degree: int) -> float:
+    """The all-reduces of one TP layer over `num_tokens` activations (0 at TP 1)."""
     if tp_degree == 1:
         return 0.0
-    num_bytes = num_tokens * cost_model.shape.hidden_bytes_per_token
-    return ALLREDUCES_PER_LAYER * cost_model.allreduce_s(num_bytes, tp_degree)
+    num_bytes = num_tokens * model.shape.hidden_bytes_per_token
+    return ALLREDUCES_PER_LAYER * model.allreduce_s(num_bytes, tp_degree)
 
 
 def encode_layer_s(
-    cost_model: CostModel, batch_size: int, attention_tokens: int, num_tokens: int, tp: int
+    model: CostModel, batch_size: int, seq_len_tokens: int, num_tokens: int, tp_degree: int
 ) -> tuple[float, float]:
-    """(compute, all-reduce) seconds of one encode layer: `batch_size` sequences whose
-    attention costs as `attention_tokens` each, `num_tokens` in all."""
-    compute_s = cost_model.encode_attention_s(batch_size, attention_tokens, tp)
-    compute_s += cost_model.encode_rest_s(num_tokens, tp)
-    return compute_s, layer_allreduce_s(cost_model, num_tokens, tp)
+    """(compute_s, allreduce_s) of one encode layer: `batch_size` sequences of
+    `seq_len_tokens` for attention, `num_tokens` in all for the rest."""
+    compute_s = model.encode_attention_s(batch_size, seq_len_tokens, tp_degree)
+    compute_s += model.encode_rest_s(num_tokens, tp_degree)
+    return compute_s, layer_allreduce_s(model, num_tokens, tp_degree)
 
 
 def decode_layer_s(
-    cost_model: CostModel, batch_size: int, kv_tokens: int, cross_tokens: int, tp: int
+    model: CostModel, batch_size: int, kv_tokens: int, cross_tokens: int, tp_degree: int
 ) -> tuple[float, float]:
-    """(compute, all-reduce) seconds of one decode step of one layer (one new token per
-    sequence)."""
-    compute_s = cost_model.decode_attention_s(batch_size, kv_tokens, cross_tokens, tp)
-    compute_s += cost_model.decode_rest_s(batch_size, tp)
-    return compute_s, layer_allreduce_s(cost_model, batch_size, tp)
+    """(compute_s, allreduce_s) of one decode step of one layer: one new token per sequence,
+    attending to `kv_tokens` of its own and `cross_tokens` of the encoder's."""
+    compute_s = model.decode_attention_s(batch_size, kv_tokens, cross_tokens, tp_degree)
+    compute_s += model.decode_rest_s(batch_size, tp_degree)
+    return compute_s, layer_allreduce_s(model, batch_size, tp_degree)

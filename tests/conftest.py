@@ -11,6 +11,7 @@ import asyncio
 import threading
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -114,3 +115,15 @@ def gateway_url(stack: Stack) -> str:
 def spans() -> InMemorySpanExporter:
     SPAN_EXPORTER.clear()
     return SPAN_EXPORTER
+
+
+@pytest.fixture(scope="session")
+def measured_tiny_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model really measured at TP 1 on the reduced grid (tests/tiny_profile.py),
+    once per session: the scheduler's tests plan and simulate on it."""
+    from exegpt.profile.format import write_profile
+    from services.profiler.measure.run import run_profile
+    from tests.tiny_profile import tiny_request
+
+    data = run_profile(tiny_request(tp_degrees=(1,)))
+    return write_profile(data, tmp_path_factory.mktemp("measured") / "tiny.json")

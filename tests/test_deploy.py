@@ -6,7 +6,6 @@ worker and router use, and the API key comes only from a Secret."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import re
 from pathlib import Path
 from typing import Any
@@ -35,11 +34,12 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser(command: str) -> argparse.ArgumentParser:
     """What `exegpt COMMAND` builds (exegpt/cli.py), raising instead of exiting."""
-    module_name, summary = cli.COMMANDS[command]
     parser = _Parser(
-        prog=f"exegpt {command}", description=summary, formatter_class=cli._DefaultsHelpFormatter
+        prog=f"exegpt {command}",
+        description=cli.COMMANDS[command],
+        formatter_class=cli._DefaultsHelpFormatter,
     )
-    importlib.import_module(module_name).add_arguments(parser)
+    cli.load_command(command).add_arguments(parser)
     return parser
 
 
@@ -119,7 +119,7 @@ def test_container_args_parse_with_the_exegpt_command_parser(
     assert getattr(args, "api_key", None) is None, "the key comes from a Secret, never a flag"
     for name, value in _env(container).items():
         monkeypatch.setenv(name, value)
-    module = importlib.import_module(cli.COMMANDS[command][0])
+    module = cli.load_command(command)
     if hasattr(module, "config_from_args"):  # the command's own checks on top of argparse
         module.config_from_args(args)
     if command != "profile":  # a long-running service: the key from the Secret

@@ -1,19 +1,15 @@
 """The committed stubs in exegpt/v1 are exactly what scripts/gen_protos.py generates."""
 
-import importlib.util
-import sys
+import runpy
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_committed_stubs_match_protos(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("gen_protos", ROOT / "scripts/gen_protos.py")
-    assert spec and spec.loader
-    gen_protos = importlib.util.module_from_spec(spec)
-    sys.modules["gen_protos"] = gen_protos
-    spec.loader.exec_module(gen_protos)
-    generated = gen_protos.generate(tmp_path)
+    script = runpy.run_path(str(ROOT / "scripts" / "gen_protos.py"), run_name="gen_protos")
+    generate = script["generate"]
+    generated = generate(tmp_path)
     assert generated, "no stubs generated"
     committed_dir = ROOT / "exegpt" / "v1"
     for path in generated:

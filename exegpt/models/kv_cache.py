@@ -15,6 +15,8 @@ import torch
 from exegpt.models.attention import LayerKV
 from exegpt.models.config import ModelConfig
 
+DEFAULT_BLOCK_SIZE_TOKENS = 16  # tokens per KV block unless a worker is told otherwise
+
 
 class KVCacheFull(RuntimeError):
     """The pool has fewer free blocks than a request needs."""
@@ -154,7 +156,7 @@ class KVCachePool:
         self,
         spec: KVCacheSpec,
         num_blocks: int,
-        block_size_tokens: int = 16,
+        block_size_tokens: int = DEFAULT_BLOCK_SIZE_TOKENS,
         device: str | torch.device = "cpu",
     ) -> None:
         if num_blocks <= 0 or block_size_tokens <= 0:
@@ -185,7 +187,7 @@ class KVCachePool:
         cls,
         spec: KVCacheSpec,
         capacity_bytes: int,
-        block_size_tokens: int = 16,
+        block_size_tokens: int = DEFAULT_BLOCK_SIZE_TOKENS,
         device: str | torch.device = "cpu",
     ) -> KVCachePool:
         """The largest pool whose storage fits in `capacity_bytes`."""

@@ -108,7 +108,7 @@ class UsageError(ValueError):
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.profiler.profile_format import ProfileError
+    from exegpt.profile.format import ProfileError
 
     try:
         if args.threads is not None:
@@ -149,7 +149,7 @@ def parse_sizes(text: str, flag: str) -> tuple[int, ...]:
 
 def grid_from_args(args: argparse.Namespace) -> tuple[str, Any]:
     """(grid name, ProfileGrid) from --grid and the per-axis overrides."""
-    from services.profiler.grid import PRESETS, build_grid
+    from services.profiler.measure.grid import PRESETS, build_grid
 
     overrides: dict[str, Any] = {}
     for attr, field in _AXIS_FLAGS.items():
@@ -185,8 +185,8 @@ def _grid_file(path: str) -> dict[str, Any]:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from services.profiler.profile_format import check_writable, write_profile
-    from services.profiler.profiling import ProfileRequest, measure, prepare_run
+    from exegpt.profile.format import check_writable, write_profile
+    from services.profiler.measure.run import ProfileRequest, measure, prepare_run
 
     if not args.out:
         raise UsageError("--out FILE is required (or --validate FILE to check a profile)")
@@ -267,9 +267,9 @@ class _ProgressBar:
 def _validate(args: argparse.Namespace) -> int:
     from exegpt.dtypes import torch_dtype
     from exegpt.models.loader import load_model
-    from services.profiler.profile import load_profile
-    from services.profiler.profiling import check_device
-    from services.profiler.validate import (
+    from exegpt.profile.layer_profile import load_profile
+    from services.profiler.measure.run import check_device
+    from services.profiler.measure.validate import (
         VALIDATION_ROUNDS,
         common_shift,
         format_table,
@@ -295,7 +295,7 @@ def _validate(args: argparse.Namespace) -> int:
         f"forwards on {device}, {num_threads} threads, TP 1, {num_rounds} rounds\n"
     )
     # The table flags extrapolated predictions; the profile's per-query warnings would repeat it.
-    logging.getLogger("services.profiler.profile").setLevel(logging.ERROR)
+    logging.getLogger("exegpt.profile.layer_profile").setLevel(logging.ERROR)
     from tqdm import tqdm
 
     with tqdm(unit="forward", file=sys.stderr, disable=args.no_progress, desc="forwards") as bar:

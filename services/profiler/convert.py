@@ -8,8 +8,8 @@ from exegpt.dtypes import DEFAULT_DTYPE
 from exegpt.errors import ErrorCode, RequestError
 from exegpt.models.defaults import DEFAULT_MODEL_NAME
 from exegpt.v1 import profiler_pb2
-from services.profiler.grid import AXES, build_grid
-from services.profiler.profiling import ProfileRequest, ProgressEvent
+from services.profiler.measure.grid import AXES, build_grid
+from services.profiler.measure.run import ProfileRequest, ProgressEvent
 from services.profiler.service import Done, Event, Queued
 from services.profiler.store import ProfileSummary
 

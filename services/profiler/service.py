@@ -19,10 +19,10 @@ from pathlib import Path
 
 from exegpt.errors import ErrorCode, RequestError
 from exegpt.models.defaults import DEFAULT_MODEL_NAME
+from exegpt.profile.format import ProfileData, ProfileError
 from services.profiler.config import ProfilerConfig
-from services.profiler.grid import AXES, ProfileGrid
-from services.profiler.profile_format import ProfileData, ProfileError
-from services.profiler.profiling import (
+from services.profiler.measure.grid import AXES, ProfileGrid
+from services.profiler.measure.run import (
     CheckedRequest,
     ProfileRequest,
     ProfilingCancelled,

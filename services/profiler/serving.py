@@ -27,9 +27,9 @@ from pathlib import Path
 import grpc
 
 from exegpt.launcher import Deployment, DeploymentConfig
+from exegpt.profile.format import ServingData
 from exegpt.serving_overhead import StepSample, fit_overhead
 from exegpt.v1 import worker_pb2, worker_pb2_grpc
-from services.profiler.profile_format import ServingData
 
 logger = logging.getLogger(__name__)
 

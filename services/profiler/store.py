@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exegpt.errors import ErrorCode, RequestError
-from services.profiler.profile_format import (
+from exegpt.profile.format import (
     ProfileData,
     ProfileError,
     check_writable,

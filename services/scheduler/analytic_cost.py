@@ -27,22 +27,26 @@ are replicated, matrices split `tp_degree` ways).
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from exegpt.cost_model import ModelShape
 
+if TYPE_CHECKING:
+    from exegpt.models.config import ModelConfig
+
 _KERNELS_PER_ATTENTION = 2  # score/softmax/value fused pair
 _KERNELS_PER_REST = 8  # QKV, O, FFN in/act/out, two norms, residual
-_ALLREDUCES_PER_LAYER = 2  # after attention and after the FFN (Megatron-style sharding)
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """The transformer's dimensions (enough to count FLOPs and bytes exactly)."""
+    """The transformer's dimensions as the roofline counts them (FLOPs and bytes exactly).
+
+    A model exegpt runs is described once, by its `ModelConfig` (`from_config`); the presets
+    written out below are the paper's models, which exegpt cannot load (OPT) or does not
+    ship."""
 
     name: str
     is_encoder_decoder: bool
@@ -67,6 +71,26 @@ class ArchSpec:
             raise ValueError(f"{self.name}: encoder layers iff the model is encoder-decoder")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"{self.name}: num_heads must be a multiple of num_kv_heads")
+
+    @classmethod
+    def from_config(cls, name: str, config: ModelConfig, dtype_bytes: int) -> ArchSpec:
+        """The dimensions of a model exegpt runs, read from its one description."""
+        return cls(
+            name,
+            config.is_encoder_decoder,
+            config.num_encoder_layers,
+            config.num_decoder_layers,
+            config.d_model,
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+            config.d_ff,
+            config.vocab_size,
+            config.ffn != "relu",
+            config.tie_word_embeddings,
+            dtype_bytes,
+            config.max_context_tokens,
+        )
 
     @property
     def shape(self) -> ModelShape:
@@ -125,10 +149,6 @@ DEVICE_PRESETS: dict[str, DeviceSpec] = {
 }
 
 MODEL_PRESETS: dict[str, ArchSpec] = {
-    # The project's embedded default model (exegpt/models/defaults.py), run in float32.
-    "exegpt-tiny-t5": ArchSpec(
-        "exegpt-tiny-t5", True, 4, 4, 256, 4, 4, 64, 1024, 384, False, True, 4, 1024
-    ),
     "t5-11b": ArchSpec(
         "t5-11b", True, 24, 24, 1024, 128, 128, 128, 65536, 32128, False, False, 2, 2048
     ),
@@ -140,7 +160,22 @@ MODEL_PRESETS: dict[str, ArchSpec] = {
     ),
 }
 
+# The embedded default model (exegpt.models.defaults), run in float32. Its config is read
+# when it is asked for: the exegpt.models package imports torch, which a scheduler planning
+# on a paper model or a profile file does not need.
 DEFAULT_ANALYTIC_MODEL = "exegpt-tiny-t5"
+
+
+def model_preset(name: str) -> ArchSpec:
+    """The preset called `name`: the embedded default model or one of MODEL_PRESETS."""
+    if name == DEFAULT_ANALYTIC_MODEL:
+        from exegpt.models.defaults import DEFAULT_MODEL_NAME, default_model_config
+
+        return ArchSpec.from_config(DEFAULT_MODEL_NAME, default_model_config(), 4)
+    if name not in MODEL_PRESETS:
+        known = ", ".join([DEFAULT_ANALYTIC_MODEL, *MODEL_PRESETS])
+        raise ValueError(f"unknown analytic model {name!r}; known: {known}")
+    return MODEL_PRESETS[name]
 
 
 def _roofline_s(flops: float, num_bytes: float, num_kernels: int, device: DeviceSpec) -> float:
@@ -276,54 +311,25 @@ class AnalyticCostModel:
 
 
 def arch_from_hf_config(path: str | Path) -> ArchSpec:
-    """An `ArchSpec` from a Hugging Face `config.json` (T5 or Llama layouts)."""
+    """An `ArchSpec` from a Hugging Face `config.json`, read as the workers read it
+    (`ModelConfig.from_hf_dict`); its `torch_dtype` gives the bytes per element."""
     config_path = Path(path)
     if config_path.is_dir():
         config_path = config_path / "config.json"
     if not config_path.is_file():
         raise ValueError(f"model config not found: {config_path}")
+    from exegpt.models.config import ModelConfig
+
     hf = json.loads(config_path.read_text())
-    model_type = hf.get("model_type")
+    try:
+        config = ModelConfig.from_hf_dict(hf)
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{config_path}: not a usable model config ({error!r})") from None
+    except ValueError as error:
+        raise ValueError(f"{config_path}: {error}") from None
     dtype_bytes = 4 if hf.get("torch_dtype", hf.get("dtype")) == "float32" else 2
     name = str(hf.get("_name_or_path") or config_path.parent.name)
-    if model_type in ("t5", "mt5"):
-        heads = int(hf["num_heads"])
-        return ArchSpec(
-            name,
-            True,
-            int(hf["num_layers"]),
-            int(hf.get("num_decoder_layers", hf["num_layers"])),
-            int(hf["d_model"]),
-            heads,
-            heads,
-            int(hf["d_kv"]),
-            int(hf["d_ff"]),
-            int(hf["vocab_size"]),
-            str(hf.get("feed_forward_proj", "relu")).startswith("gated"),
-            bool(hf.get("tie_word_embeddings", True)),
-            dtype_bytes,
-            int(hf.get("n_positions", 1024)),
-        )
-    if model_type == "llama":
-        heads = int(hf["num_attention_heads"])
-        d_model = int(hf["hidden_size"])
-        return ArchSpec(
-            name,
-            False,
-            0,
-            int(hf["num_hidden_layers"]),
-            d_model,
-            heads,
-            int(hf.get("num_key_value_heads", heads)),
-            int(hf.get("head_dim", d_model // heads)),
-            int(hf["intermediate_size"]),
-            int(hf["vocab_size"]),
-            True,
-            bool(hf.get("tie_word_embeddings", False)),
-            dtype_bytes,
-            int(hf.get("max_position_embeddings", 4096)),
-        )
-    raise ValueError(f"{config_path}: unsupported model_type {model_type!r} (t5 or llama)")
+    return ArchSpec.from_config(name, config, dtype_bytes)
 
 
 def analytic_cost_model(spec: str, model_config: str | None = None) -> AnalyticCostModel:
@@ -338,45 +344,5 @@ def analytic_cost_model(spec: str, model_config: str | None = None) -> AnalyticC
     if model_config is not None:
         arch = arch_from_hf_config(model_config)
     else:
-        model_name = model_name or DEFAULT_ANALYTIC_MODEL
-        if model_name not in MODEL_PRESETS:
-            known = ", ".join(MODEL_PRESETS)
-            raise ValueError(f"unknown analytic model {model_name!r}; known: {known}")
-        arch = MODEL_PRESETS[model_name]
+        arch = model_preset(model_name or DEFAULT_ANALYTIC_MODEL)
     return AnalyticCostModel(arch, DEVICE_PRESETS[device_name])
-
-
-def random_cost_model(seed: int) -> AnalyticCostModel:
-    """A random but plausible model and device (for property tests of the search)."""
-    rng = np.random.default_rng(seed)
-    heads = int(rng.choice([4, 8, 16]))
-    head_dim = int(rng.choice([32, 64, 128]))
-    d_model = heads * head_dim
-    is_encoder_decoder = bool(rng.integers(2))
-    num_layers = int(rng.integers(2, 13))
-    arch = ArchSpec(
-        name=f"random-{seed}",
-        is_encoder_decoder=is_encoder_decoder,
-        num_encoder_layers=num_layers if is_encoder_decoder else 0,
-        num_decoder_layers=num_layers,
-        d_model=d_model,
-        num_heads=heads,
-        num_kv_heads=heads,
-        head_dim=head_dim,
-        d_ff=4 * d_model,
-        vocab_size=int(rng.integers(1000, 50000)),
-        gated_ffn=bool(rng.integers(2)),
-        tie_word_embeddings=bool(rng.integers(2)),
-        dtype_bytes=2,
-        max_context_tokens=4096,
-    )
-    base = DEVICE_PRESETS[str(rng.choice(["a40", "a100-40gb", "h100-80gb", "cpu"]))]
-    device = replace(
-        base,
-        name=f"{base.name}-random-{seed}",
-        peak_flops=base.peak_flops * math.exp(rng.uniform(-1.0, 1.0)),
-        memory_bytes_s=base.memory_bytes_s * math.exp(rng.uniform(-1.0, 1.0)),
-        link_bytes_s=base.link_bytes_s * math.exp(rng.uniform(-1.0, 1.0)),
-        kernel_overhead_s=base.kernel_overhead_s * math.exp(rng.uniform(-1.0, 1.0)),
-    )
-    return AnalyticCostModel(arch, device)

@@ -26,17 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from exegpt.cost_model import CostModel, ModelShape, decode_layer_s, encode_layer_s
+from exegpt.serving_overhead import ServingOverhead, serving_overhead_of
 from services.scheduler.observations import StageKind, StageTimeObservation
-
-
-def serving_overhead(cost_model: object) -> Any | None:
-    """The serving-overhead terms a cost model carries (looking through views' `base`)."""
-    for _ in range(8):
-        overhead = getattr(cost_model, "serving_overhead", None)
-        if overhead is not None or not hasattr(cost_model, "base"):
-            return overhead
-        cost_model = cost_model.base  # type: ignore[attr-defined]
-    return None
 
 
 def predict_stage_s(cost_model: CostModel, observation: StageTimeObservation) -> float:
@@ -48,8 +39,7 @@ def predict_stage_s(cost_model: CostModel, observation: StageTimeObservation) ->
             observation.num_tokens * cost_model.shape.hidden_bytes_per_token
         )
     if observation.stage == StageKind.OVERHEAD:
-        overhead = serving_overhead(cost_model)
-        return float(overhead.decode_step_s(batch)) if overhead is not None else 0.0
+        return serving_overhead_of(cost_model).decode_step_s(batch)
     mean_tokens = max(1, round(observation.num_tokens / batch))
     if observation.stage == StageKind.ENCODE:
         layer = encode_layer_s(cost_model, batch, mean_tokens, observation.num_tokens, tp)
@@ -180,19 +170,19 @@ class ScaledCostModel:
         return self._tp_degrees if self._tp_degrees is not None else self.base.tp_degrees
 
     @property
-    def serving_overhead(self) -> Any | None:
+    def serving_overhead(self) -> ServingOverhead:
         """The base's serving-overhead terms, every one of them (each float field) times the
         overhead factor."""
-        overhead = serving_overhead(self.base)
+        overhead = serving_overhead_of(self.base)
         factor = self.calibration.factor(StageKind.OVERHEAD)
-        if overhead is None or factor == 1.0 or not dataclasses.is_dataclass(overhead):
+        if factor == 1.0:
             return overhead
         scaled = {
             item.name: getattr(overhead, item.name) * factor
             for item in dataclasses.fields(overhead)
             if isinstance(getattr(overhead, item.name), float)
         }
-        return dataclasses.replace(overhead, **scaled)  # type: ignore[type-var]
+        return dataclasses.replace(overhead, **scaled)
 
     def encode_attention_s(self, batch_size: int, seq_len_tokens: int, tp_degree: int) -> float:
         return self._encode * self.base.encode_attention_s(batch_size, seq_len_tokens, tp_degree)

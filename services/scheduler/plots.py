@@ -13,10 +13,11 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from services.scheduler.problem import PlanResult, Prediction  # noqa: E402
-from services.scheduler.sim_common import TimelineEvent  # noqa: E402
+from services.scheduler.simulator.common import TimelineEvent  # noqa: E402
 
 _KIND_STYLE = {
     "rra": ("tab:blue", "o"),
@@ -33,8 +34,11 @@ _EVENT_COLOURS = {
 }
 
 
-def plot_frontier(result: PlanResult, latency_bound_s: float, path: str | Path, title: str) -> None:
-    """Every feasible evaluated configuration's latency vs throughput, by kind."""
+def plot_frontier(
+    result: PlanResult, latency_bound_s: float, path: str | Path, title: str
+) -> Figure:
+    """Every feasible evaluated configuration's latency vs throughput, by kind; writes the
+    PNG and returns the (closed) figure."""
     figure, axes = plt.subplots(figsize=(11, 5.5), dpi=120)
     by_kind: dict[str, list[Prediction]] = {}
     for prediction in result.evaluated:
@@ -90,6 +94,7 @@ def plot_frontier(result: PlanResult, latency_bound_s: float, path: str | Path, 
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+    return figure
 
 
 def _mark_best(axes: plt.Axes, result: PlanResult) -> None:
@@ -150,10 +155,11 @@ def busy_fractions(events: Sequence[TimelineEvent], num_devices: int, end_s: flo
 
 def plot_timeline(
     events: Sequence[TimelineEvent], num_devices: int, path: str | Path, title: str
-) -> None:
+) -> Figure:
     """Gantt chart: one row per device; gaps (grey) are idle time. Compute and all-reduces
     are full-height bars; transfers are thin bars along the bottom of the row, as links that
-    may run beside compute (WAA's hand-over does)."""
+    may run beside compute (WAA's hand-over does). Writes the PNG and returns the (closed)
+    figure."""
     end_s = max((e.end_s for e in events), default=1.0)
     scale, unit = (1e3, "ms") if end_s < 1.0 else (1.0, "s")
     figure, axes = plt.subplots(figsize=(11, 1.2 + 0.6 * num_devices), dpi=120)
@@ -204,3 +210,4 @@ def plot_timeline(
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+    return figure

@@ -1,6 +1,6 @@
 """What a planning question and its answer look like (plain Python, no grpc).
 
-The search (`search.py`) takes a `PlanProblem` and returns a `PlanResult`; the CLI and the
+The search (`search/plan.py`) takes a `PlanProblem` and returns a `PlanResult`; the CLI and the
 gRPC service only translate to and from these.
 """
 
@@ -132,7 +132,7 @@ class PlanProblem:
     num_devices: int
     device_memory_bytes: int
     kinds: tuple[ScheduleKind, ...] = SEARCHED_KINDS
-    # Branch-and-bound slack for nearly-monotonic functions (search.py): eps_T, relative to a
+    # Branch-and-bound slack for nearly-monotonic functions (search/plan.py): eps_T, relative to a
     # box's throughput bound, and eps_L, seconds over the latency bound.
     throughput_tolerance: float = 0.01
     latency_tolerance_s: float = 0.0

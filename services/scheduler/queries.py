@@ -1,4 +1,5 @@
-"""A Plan request as the core sees it, checked and turned into a PlanProblem.
+"""A Plan request as the core sees it, completed from the configuration and turned into a
+PlanProblem by the one problem builder (problem_builder.py).
 
 Every rejection is a RequestError(INVALID_ARGUMENT) whose message says what to change;
 unset fields fall back to the scheduler's configuration.
@@ -14,11 +15,17 @@ from dataclasses import dataclass
 from exegpt.cost_model import CostModel
 from exegpt.errors import ErrorCode, RequestError
 from exegpt.schedule import ScheduleKind, searched_kinds
-from services.scheduler.calibration import ScaledCostModel
-from services.scheduler.calibration_store import calibration_path, load_calibration
+from services.scheduler import problem_builder
+from services.scheduler.calibration_store import calibration_path
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.confine import confined_file
-from services.scheduler.problem import PlanProblem, WorkloadDistribution
+from services.scheduler.problem import PlanProblem
+from services.scheduler.problem_builder import (
+    ANALYTIC_PREFIX,
+    LoadedCostModel,
+    ProblemRequest,
+    load_cost_model,
+)
 
 CostModelLoader = Callable[[str], CostModel]
 
@@ -41,27 +48,17 @@ def invalid(message: str) -> RequestError:
     return RequestError(ErrorCode.INVALID_ARGUMENT, message)
 
 
-def load_cost_model(spec: str, model_config: str | None = None) -> CostModel:
-    """`analytic:DEVICE[:MODEL]` (the roofline model of analytic_cost.py, for tests and
-    what-ifs, e.g. analytic:a40:opt-13b) or a profile file written by the profiler.
-    `model_config` (a HF config.json or its directory) is the model of an `analytic:DEVICE`
-    that names no model preset."""
-    kind, _, value = spec.partition(":")
-    if kind == "analytic":
-        from services.scheduler.analytic_cost import analytic_cost_model
-
-        _, _, preset = value.partition(":")
-        return analytic_cost_model(value, None if preset else model_config)
-    from services.profiler.profile import load_profile
-
-    return load_profile(spec)
-
-
 def configured_loader(config: SchedulerConfig) -> CostModelLoader:
-    """load_cost_model with the scheduler's --model-config."""
-    if config.model_config is None:
-        return load_cost_model
-    return lambda spec: load_cost_model(spec, config.model_config)
+    """The problem builder's loader, with the scheduler's --model-config as the model of an
+    `analytic:DEVICE` that names no model preset."""
+
+    def load(spec: str) -> CostModel:
+        _, _, preset = spec.removeprefix(ANALYTIC_PREFIX).partition(":")
+        names_device_only = spec.startswith(ANALYTIC_PREFIX) and not preset
+        model_config = config.model_config if names_device_only else None
+        return load_cost_model(spec, model_config).model
+
+    return load
 
 
 class CostModelCache:
@@ -91,12 +88,7 @@ def resolve_latency_bound_s(query: PlanQuery, config: SchedulerConfig) -> float:
         raise invalid("contradictory options: latency_bound_s is set and no_latency_bound too")
     if query.no_latency_bound:
         return math.inf
-    bound_s = config.latency_bound_s if query.latency_bound_s is None else query.latency_bound_s
-    if not bound_s > 0:
-        raise invalid(
-            f"latency_bound_s must be positive, got {bound_s} (set no_latency_bound for none)"
-        )
-    return bound_s
+    return config.latency_bound_s if query.latency_bound_s is None else query.latency_bound_s
 
 
 def resolve_kinds(query: PlanQuery, config: SchedulerConfig) -> tuple[ScheduleKind, ...]:
@@ -104,28 +96,6 @@ def resolve_kinds(query: PlanQuery, config: SchedulerConfig) -> tuple[ScheduleKi
         return searched_kinds(query.kinds) or config.kinds
     except ValueError as exc:
         raise invalid(str(exc)) from None
-
-
-def resolve_device_counts(query: PlanQuery, config: SchedulerConfig) -> tuple[int, int]:
-    num_devices = config.num_devices if query.num_devices is None else query.num_devices
-    memory_bytes = (
-        config.device_memory_bytes
-        if query.device_memory_bytes is None
-        else query.device_memory_bytes
-    )
-    if num_devices < 1:
-        raise invalid(f"num_devices must be at least 1, got {num_devices}")
-    if memory_bytes <= 0:
-        raise invalid(f"device_memory_bytes must be positive, got {memory_bytes}")
-    for tp_degree in query.tp_degrees:
-        if tp_degree < 1:
-            raise invalid(f"TP degrees must be at least 1, got {tp_degree}")
-        if tp_degree > num_devices:
-            raise invalid(
-                f"contradictory options: TP degree {tp_degree} needs {tp_degree} devices "
-                f"but num_devices is {num_devices}"
-            )
-    return num_devices, memory_bytes
 
 
 def resolve_profile(query: PlanQuery, config: SchedulerConfig) -> str:
@@ -156,34 +126,23 @@ def resolve_workload(query: PlanQuery, config: SchedulerConfig) -> str:
 def build_problem(
     query: PlanQuery, config: SchedulerConfig, cost_models: CostModelCache
 ) -> PlanProblem:
-    """Check `query` against the configuration and the profile; load what it names."""
-    latency_bound_s = resolve_latency_bound_s(query, config)
-    kinds = resolve_kinds(query, config)
-    num_devices, memory_bytes = resolve_device_counts(query, config)
+    """Fill `query`'s unset fields from the configuration, load the profile it names and
+    build the problem with the scheduler's one problem builder."""
+    request = ProblemRequest(
+        workload=resolve_workload(query, config),
+        latency_bound_s=resolve_latency_bound_s(query, config),
+        num_devices=config.num_devices if query.num_devices is None else query.num_devices,
+        device_memory_bytes=(
+            config.device_memory_bytes
+            if query.device_memory_bytes is None
+            else query.device_memory_bytes
+        ),
+        kinds=resolve_kinds(query, config),
+        tp_degrees=query.tp_degrees,
+    )
     profile = resolve_profile(query, config)
-    base = cost_models.get(profile)
-    stored = calibration_path(profile)
+    loaded = LoadedCostModel(cost_models.get(profile), profile, None, calibration_path(profile))
     try:
-        cost_model = ScaledCostModel(
-            base,
-            calibration=load_calibration(stored),
-            tp_degrees=query.tp_degrees or None,
-            calibration_path=stored,
-        )
-    except ValueError as exc:
-        raise invalid(f"profile {profile!r}: {exc}") from exc
-    spec = resolve_workload(query, config)
-    try:
-        workload = WorkloadDistribution.parse(
-            spec, max_context_tokens=base.shape.max_context_tokens
-        )
-        return PlanProblem(
-            cost_model=cost_model,
-            workload=workload,
-            latency_bound_s=latency_bound_s,
-            num_devices=num_devices,
-            device_memory_bytes=memory_bytes,
-            kinds=kinds,
-        )
+        return problem_builder.build_problem(request, loaded)
     except ValueError as exc:
         raise invalid(str(exc)) from exc

@@ -50,7 +50,7 @@ class Planner(Protocol):
 
 
 def default_planner(problem: PlanProblem, *, exhaustive: bool = False) -> PlanResult:
-    from services.scheduler.search import plan
+    from services.scheduler.search.plan import plan
 
     return plan(problem, exhaustive=exhaustive)
 
@@ -360,7 +360,7 @@ class SchedulerCore:
 
 def _placement(problem: PlanProblem, schedule: Schedule) -> Placement | None:
     """The simulator's layout of `schedule`, for replicas that redeploy to it."""
-    from services.scheduler.simulator import Simulator
+    from services.scheduler.simulator.predict import Simulator
 
     try:
         return Simulator(problem).placement(schedule)

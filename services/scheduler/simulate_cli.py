@@ -7,7 +7,7 @@
 Prints the predicted throughput and p99-length latency (and what the prediction prices:
 the forwards, plus the serving path's host work when the profile measured it); `--json`
 writes them with the keys `exegpt plan --json` uses. Bad input gives exit code 2 and a
-one-line message. The work is done by services/scheduler/predict.py.
+one-line message. The work is done by services/scheduler/simulate.py.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from services.scheduler.predict import PredictRequest, predict
-from services.scheduler.sim_common import GIB
+from services.scheduler.simulate import PredictRequest, predict
+from services.scheduler.simulator.common import GIB
 
 DESCRIPTION = "predict what one given schedule delivers (XSimulator)"
 

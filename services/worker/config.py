@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from exegpt.dtypes import DEFAULT_DTYPE
+from exegpt.models.kv_cache import DEFAULT_BLOCK_SIZE_TOKENS
 from exegpt.schedule import Schedule, ScheduleKind
 from exegpt.security import SecurityConfig
 from exegpt.topology import Topology
@@ -24,7 +25,7 @@ class EngineConfig:
     # Waiting requests beyond this are refused (RESOURCE_EXHAUSTED), so memory stays bounded.
     max_queue_size: int = 512
     kv_capacity_bytes: int = 256 * 2**20
-    kv_block_size_tokens: int = 16
+    kv_block_size_tokens: int = DEFAULT_BLOCK_SIZE_TOKENS
     # The running batch is split into this many groups that step independently, so that a
     # pipeline of N stages can hold N groups at once (1: one batch, in process).
     num_micro_batches: int = 1

@@ -1,6 +1,5 @@
-"""`exegpt bench` against the real gateway (router + worker), from the shared `gateway_url`
-fixture; skipped while tests/conftest.py does not provide it.
-"""
+"""`exegpt bench` against the real gateway (router + worker) that tests/conftest.py starts
+(the shared `gateway_url` fixture)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Shared fixtures: a reduced grid (seconds, not minutes), profiles measured once per session
-with it, and a tiny random Llama checkpoint for the decoder-only paths."""
+"""Shared fixtures: profiles measured once per session on the reduced grid (tests/tiny_profile.py),
+and a tiny random Llama checkpoint for the decoder-only paths."""
 
 from __future__ import annotations
 
@@ -12,21 +12,9 @@ import torch
 
 from exegpt.models.checkpoint import create_model, save_weights
 from exegpt.models.config import ModelConfig
-from services.profiler.grid import ProfileGrid
-from services.profiler.profile_format import ProfileData, write_profile
-from services.profiler.profiling import ProfileRequest, run_profile
-
-# Small enough that a TP-1 profile of the default model takes about a second.
-TINY_GRID = ProfileGrid(
-    batch_sizes=(1, 2),
-    seq_lens_tokens=(8, 32),
-    kv_lens_tokens=(1, 16),
-    num_tokens=(1, 4, 32),
-    message_bytes=(1024, 65536),
-    num_warmup=1,
-    num_repeats=3,
-    max_measure_s=0.05,
-)
+from exegpt.profile.format import ProfileData, write_profile
+from services.profiler.measure.run import run_profile
+from tests.tiny_profile import tiny_request
 
 TINY_LLAMA = ModelConfig(
     family="llama",
@@ -47,12 +35,6 @@ TINY_LLAMA = ModelConfig(
     decoder_start_token_id=None,
     max_context_tokens=256,
 )
-
-
-def tiny_request(**overrides: object) -> ProfileRequest:
-    options: dict[str, object] = {"grid_name": "tiny", "grid": TINY_GRID, "tp_degrees": (1,)}
-    options.update(overrides)
-    return ProfileRequest(**options)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")
@@ -112,7 +94,7 @@ def with_whole_forwards_at(
     """The profile with each whole forward set to `factor(kind, batch, length)` times its
     parts: decode steps first, since an encoder-decoder prefill's whole includes a
     reconciled decoder step."""
-    from services.profiler.profile import LayerProfile
+    from exegpt.profile.layer_profile import LayerProfile
 
     raw = data.model_dump(mode="json")
     for kind in ("decode_whole", "prefill_whole"):
@@ -133,8 +115,8 @@ def with_whole_forwards_at(
 
 def assert_sums_add_up_to_whole_forwards(data: ProfileData) -> None:
     """At every grid point the profile's sum for a whole forward equals the forward's time."""
-    from services.profiler.profile import LayerProfile
-    from services.profiler.validate import predict_decode_step_s, predict_prefill_s
+    from exegpt.profile.layer_profile import LayerProfile
+    from services.profiler.measure.validate import predict_decode_step_s, predict_prefill_s
 
     longer = with_longer_whole_forwards(data)
     profile = LayerProfile(longer)

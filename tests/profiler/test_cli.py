@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from exegpt import cli
-from services.profiler import validate
-from services.profiler.forwards import decode, prefill
-from services.profiler.measure_comm import MeasurementError
-from services.profiler.profile import load_profile
-from tests.profiler.conftest import TINY_GRID
+from exegpt.profile.layer_profile import load_profile
+from services.profiler.measure import validate
+from services.profiler.measure.comm import MeasurementError
+from services.profiler.measure.forwards import decode, prefill
+from tests.tiny_profile import TINY_GRID
 
 TINY_FLAGS = [
     "--grid=custom",
@@ -112,7 +112,7 @@ def test_a_run_that_fails_midway_leaves_no_file(
     def fail(*args: object, **kwargs: object) -> None:
         raise failure
 
-    monkeypatch.setattr("services.profiler.profiling.measure_transfer", fail)
+    monkeypatch.setattr("services.profiler.measure.run.measure_transfer", fail)
     assert profile_cli(*TINY_FLAGS, "--tp=1", f"--out={tmp_path / 'p.json'}") == code
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

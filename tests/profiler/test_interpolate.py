@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from services.profiler.interpolate import Curve, Surface, isotonic, pchip_slopes
-from services.profiler.profile import LayerProfile, load_profile
-from services.profiler.profile_format import ProfileData
+from exegpt.profile.format import ProfileData
+from exegpt.profile.interpolate import Curve, Surface, isotonic, pchip_slopes
+from exegpt.profile.layer_profile import LayerProfile, load_profile
 from tests.profiler.conftest import (
     assert_sums_add_up_to_whole_forwards,
     with_whole_forwards_at,
@@ -129,7 +129,7 @@ def test_surface_uses_only_rows_that_reach_the_length() -> None:
 
 
 def test_profile_queries_are_monotone_and_flag_extrapolation(t5_profile: ProfileData) -> None:
-    # Factors of noisy whole forwards over their parts may make a cost dip (profile.py); with
+    # Factors of noisy whole forwards over their parts may make a cost dip (layer_profile.py); with
     # one factor over the grid, every query rises.
     profile = LayerProfile(with_whole_forwards_at(t5_profile, lambda kind, batch, size: 1.3))
     for tp in (1, 2):

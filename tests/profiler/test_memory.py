@@ -13,8 +13,8 @@ from exegpt.models.checkpoint import Model
 from exegpt.models.kv_cache import KVCachePool, KVCacheSpec
 from exegpt.models.loader import load_model
 from exegpt.models.tensor_parallel import shard_config, shard_layer
-from services.profiler.memory import memory_data
-from services.profiler.profile import load_profile
+from exegpt.profile.layer_profile import load_profile
+from services.profiler.measure.memory import memory_data
 
 
 def tensor_bytes(module: nn.Module, skip_tables: bool = True) -> int:

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from exegpt.models.defaults import default_model_config
-from services.profiler.profile import ProfileError, load_profile
-from services.profiler.profile_format import VERSION, ProfileData, check_writable, write_profile
+from exegpt.profile.format import VERSION, ProfileData, check_writable, write_profile
+from exegpt.profile.layer_profile import ProfileError, load_profile
 
 
 def write_json(path: Path, data: object) -> Path:

@@ -9,14 +9,14 @@ import torch
 
 from exegpt.models.kv_cache import KVCacheSpec
 from exegpt.models.loader import load_model
-from services.profiler import measure_layers
-from services.profiler.forwards import WholeForwards, decode, prefill
-from services.profiler.grid import FULL, QUICK, ProfileGrid, build_grid
-from services.profiler.measure_layers import spread_evenly
-from services.profiler.profile import LayerProfile, load_profile
-from services.profiler.profiling import ProfileRequest, check_request, run_profile
-from services.profiler.timing import stats_of
-from services.profiler.validate import (
+from exegpt.profile.layer_profile import LayerProfile, load_profile
+from services.profiler.measure import layers as measure_layers
+from services.profiler.measure.forwards import WholeForwards, decode, prefill
+from services.profiler.measure.grid import FULL, QUICK, ProfileGrid, build_grid
+from services.profiler.measure.layers import spread_evenly
+from services.profiler.measure.run import ProfileRequest, check_request, run_profile
+from services.profiler.measure.timing import stats_of
+from services.profiler.measure.validate import (
     ValidationPoint,
     common_shift,
     format_table,
@@ -24,11 +24,8 @@ from services.profiler.validate import (
     summarize,
     validate_profile,
 )
-from tests.profiler.conftest import (
-    TINY_GRID,
-    assert_sums_add_up_to_whole_forwards,
-    tiny_request,
-)
+from tests.profiler.conftest import assert_sums_add_up_to_whole_forwards
+from tests.tiny_profile import TINY_GRID, tiny_request
 
 
 def test_presets_and_overrides() -> None:
@@ -103,7 +100,7 @@ def test_cuda_on_a_machine_without_it() -> None:
 
 
 def test_a_degree_needs_a_core_per_rank(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("services.profiler.profiling.os.cpu_count", lambda: 2)
+    monkeypatch.setattr("services.profiler.measure.run.os.cpu_count", lambda: 2)
     with pytest.raises(ValueError, match="TP degree 4 needs 4 ranks, but this machine has 2"):
         check_request(tiny_request(tp_degrees=(4,)))
     assert check_request(tiny_request(tp_degrees=None)).tp_degrees == (1, 2)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from services.profiler.profile import LayerProfile
-from services.profiler.profile_format import ProfileData, RowData, SurfaceData
-from services.profiler.reconcile import ForwardFactor, scaled_attention_s
-from services.profiler.validate import predict_decode_step_s, predict_prefill_s
+from exegpt.profile.format import ProfileData, RowData, SurfaceData
+from exegpt.profile.layer_profile import LayerProfile
+from exegpt.profile.reconcile import ForwardFactor, scaled_attention_s
+from services.profiler.measure.validate import predict_decode_step_s, predict_prefill_s
 from tests.profiler.conftest import with_whole_forwards_at
 
 

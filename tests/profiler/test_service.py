@@ -13,16 +13,16 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from exegpt.profile.format import parse_profile
+from exegpt.profile.layer_profile import LayerProfile
 from exegpt.v1 import profiler_pb2, profiler_pb2_grpc
 from services.profiler.config import ProfilerConfig
-from services.profiler.grid import QUICK
-from services.profiler.profile import LayerProfile
-from services.profiler.profile_format import parse_profile
-from services.profiler.profiling import CheckedRequest, ProgressEvent
+from services.profiler.measure.grid import QUICK
+from services.profiler.measure.run import CheckedRequest, ProgressEvent
 from services.profiler.server import RunningProfiler, start_profiler
 from services.profiler.service import default_runner
 from tests.conftest import BackgroundLoop
-from tests.profiler.conftest import TINY_GRID
+from tests.tiny_profile import TINY_GRID
 
 TIMEOUT_S = 120.0
 Events = list[profiler_pb2.ProfileEvent]

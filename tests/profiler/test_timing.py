@@ -7,9 +7,9 @@ import time
 import pytest
 import torch
 
-from services.profiler.contention import ContentionMonitor
-from services.profiler.grid import QUICK, ProfileGrid
-from services.profiler.timing import Timer, across_rounds, stats_of
+from services.profiler.measure.contention import ContentionMonitor
+from services.profiler.measure.grid import QUICK, ProfileGrid
+from services.profiler.measure.timing import Timer, across_rounds, stats_of
 
 CPU = torch.device("cpu")
 

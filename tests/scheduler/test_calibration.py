@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from exegpt.cost_model import CostModel
+from exegpt.serving_overhead import ServingOverhead
 from services.scheduler.analytic_cost import analytic_cost_model
 from services.scheduler.calibration import (
     Calibration,
@@ -35,21 +35,10 @@ from tests.scheduler.test_drift import (
 BASE = analytic_cost_model("a40:opt-13b")
 
 
-@dataclass(frozen=True)
-class Overhead:
-    """Serving-overhead terms of the shape a profile carries (per step and per row)."""
-
-    step_s: float
-    token_s: float
-
-    def decode_step_s(self, num_rows: float) -> float:
-        return self.step_s + self.token_s * num_rows
-
-
 class WithOverhead:
     """The analytic model plus serving-overhead terms (a hand-made profile)."""
 
-    def __init__(self, base: CostModel, overhead: Overhead) -> None:
+    def __init__(self, base: CostModel, overhead: ServingOverhead) -> None:
         self.base = base
         self.serving_overhead = overhead
 
@@ -71,7 +60,7 @@ def observe(
 
 
 def test_each_kind_is_predicted_and_scaled_on_its_own() -> None:
-    model = WithOverhead(BASE, Overhead(step_s=0.002, token_s=0.0001))
+    model = WithOverhead(BASE, ServingOverhead(step_s=0.002, token_s=0.0001))
     calibration = Calibration(
         {
             StageKind.ENCODE: 1.0,
@@ -89,7 +78,8 @@ def test_each_kind_is_predicted_and_scaled_on_its_own() -> None:
     assert scaled.encode_rest_s(512, 1) == BASE.encode_rest_s(512, 1)
     assert scaled.decode_rest_s(8, 1) == pytest.approx(1.5 * BASE.decode_rest_s(8, 1))
     assert scaled.transfer_s(1 << 20) == pytest.approx(2.0 * BASE.transfer_s(1 << 20))
-    assert scaled.serving_overhead == Overhead(step_s=0.006, token_s=pytest.approx(0.0003))
+    overhead_terms = scaled.serving_overhead
+    assert (overhead_terms.step_s, overhead_terms.token_s) == pytest.approx((0.006, 0.0003))
     assert scaled.allreduce_s(1 << 20, 2) == BASE.allreduce_s(1 << 20, 2)
     # a model without overhead terms has none to predict or scale
     overhead = StageTimeObservation(StageKind.OVERHEAD, 8, 1, 0, 0.01)

@@ -9,7 +9,7 @@ import pytest
 
 from exegpt.workloads import TASKS
 from services.scheduler.problem import WorkloadDistribution
-from services.scheduler.sim_common import WorkloadStats
+from services.scheduler.simulator.common import WorkloadStats
 
 
 @pytest.mark.parametrize("task_id", list(TASKS))

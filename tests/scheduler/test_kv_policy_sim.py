@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from services.scheduler.kv_policy_sim import SimRequest, simulate_kv_policy
+from services.scheduler.simulator.kv_policy import SimRequest, simulate_kv_policy
 
 
 def test_fcfs_preempts_where_memory_aware_waits_against_a_hand_computed_budget() -> None:

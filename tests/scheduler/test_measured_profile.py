@@ -13,17 +13,16 @@ import pytest
 
 from exegpt.cli import main
 from exegpt.dtypes import detect_and_choose
-from services.profiler.profile import load_profile
-from services.profiler.profile_format import write_profile
-from services.profiler.profiling import run_profile
-from tests.profiler.conftest import tiny_request
+from exegpt.profile.format import write_profile
+from exegpt.profile.layer_profile import load_profile
+from services.profiler.measure.run import run_profile
+from tests.tiny_profile import tiny_request
 
 
 @pytest.fixture(scope="module")
-def measured_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default model, measured at TP 1 on a reduced grid (about a second)."""
-    data = run_profile(tiny_request(tp_degrees=(1,)))
-    return write_profile(data, tmp_path_factory.mktemp("measured") / "tiny.json")
+def measured_profile(measured_tiny_profile: Path) -> Path:
+    """The default model, measured at TP 1 on a reduced grid (tests/conftest.py)."""
+    return measured_tiny_profile
 
 
 def _plan(profile: Path, tmp_path: Path, *extra: str) -> tuple[int, dict[str, object]]:

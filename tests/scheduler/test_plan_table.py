@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import runpy
 from pathlib import Path
 
 import pytest
@@ -14,13 +14,10 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "plan_table.py"
 def test_plan_table_prints_a_row_per_bound(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    spec = importlib.util.spec_from_file_location("plan_table", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    main = runpy.run_path(str(SCRIPT), run_name="plan_table")["main"]
     rows_path = tmp_path / "rows.json"
     argv = ["--profile", "analytic:cpu", "--tasks", "S", "--no-exhaustive"]
-    assert module.main([*argv, "--json", str(rows_path)]) == 0
+    assert main([*argv, "--json", str(rows_path)]) == 0
     out = capsys.readouterr().out
     assert out.count("| S |") == 2 and "vs static" in out
     rows = json.loads(rows_path.read_text())
@@ -29,4 +26,4 @@ def test_plan_table_prints_a_row_per_bound(
     for row in rows:
         assert row["latency_s"] <= row["latency_bound_s"]
         assert row["bnb_evaluations"] > 0 and row["static_seq_s"] > 0
-    assert module.main(["--profile", "/no/such/profile.json"]) == 2
+    assert main(["--profile", "/no/such/profile.json"]) == 2

@@ -12,10 +12,11 @@ import pytest
 
 from exegpt.schedule import ScheduleKind
 from exegpt.workloads import LengthSpec
-from services.scheduler.analytic_cost import analytic_cost_model, random_cost_model
+from services.scheduler.analytic_cost import analytic_cost_model
 from services.scheduler.problem import PlanProblem, PlanResult, WorkloadDistribution
-from services.scheduler.search import SearchSpace, plan, static_latency_bounds
-from services.scheduler.simulator import is_meeting
+from services.scheduler.search.plan import SearchSpace, plan, static_latency_bounds
+from services.scheduler.simulator.predict import is_meeting
+from tests.scheduler.random_cost import random_cost_model
 from tests.scheduler.toy_cost import BumpyCostModel, decoder_only_shape, toy_workload
 
 NUM_RANDOM_CASES = 50
@@ -199,7 +200,7 @@ def test_problem_rejects_bad_input(changes: dict[str, object], message: str) -> 
 
 def test_simulator_and_search_do_not_import_grpc() -> None:
     code = (
-        "import sys; import services.scheduler.search, services.scheduler.plan_cli; "
+        "import sys; import services.scheduler.search.plan, services.scheduler.problem_builder; "
         "sys.exit(any(name.split('.')[0] == 'grpc' for name in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

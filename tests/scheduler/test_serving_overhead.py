@@ -17,9 +17,10 @@ from exegpt.serving_overhead import (
     fit_overhead,
     serving_overhead_of,
 )
-from services.scheduler.calibration import ScaledCostModel
+from services.scheduler.calibration import Calibration, ScaledCostModel
+from services.scheduler.observations import StageKind
 from services.scheduler.problem import PlanProblem
-from services.scheduler.simulator import simulate
+from services.scheduler.simulator.predict import simulate
 from tests.scheduler.toy_cost import ToyCostModel, decoder_only_shape, toy_workload
 
 MEAN_OUT, MAX_OUT = 2.6, 3  # toy outputs: 2 tokens (40%) or 3 (60%)
@@ -112,7 +113,8 @@ def test_no_overhead_leaves_the_prediction_unchanged() -> None:
 
 def test_a_view_of_a_served_model_keeps_its_overhead() -> None:
     base = ServedToyCostModel(decoder_only_shape(), serving_overhead=OVERHEAD)
-    assert serving_overhead_of(ScaledCostModel(base, decode_scale=2.0)) == OVERHEAD
+    decode_slower = Calibration({StageKind.DECODE: 2.0})
+    assert serving_overhead_of(ScaledCostModel(base, calibration=decode_slower)) == OVERHEAD
     assert serving_overhead_of(ToyCostModel(decoder_only_shape())) == NO_OVERHEAD
 
 

@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 
 from exegpt.cli import main
-from services.profiler.profile_format import ServingData, write_profile
-from services.profiler.profiling import run_profile
-from tests.profiler.conftest import tiny_request
+from exegpt.profile.format import ServingData, read_profile, write_profile
 
 CONTINUOUS = "continuous:encode_batch_size=8,decode_batch_size=8"
 SERVING = ServingData(
@@ -20,9 +18,11 @@ SERVING = ServingData(
 
 
 @pytest.fixture(scope="module")
-def profiles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def profiles(
+    measured_tiny_profile: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path]:
     """The default model measured on a reduced grid, without and with a serving section."""
-    data = run_profile(tiny_request(tp_degrees=(1,)))
+    data = read_profile(measured_tiny_profile)
     directory = tmp_path_factory.mktemp("simulate")
     bare = write_profile(data, directory / "bare.json")
     served = write_profile(data.model_copy(update={"serving": SERVING}), directory / "served.json")
@@ -130,8 +130,8 @@ def test_bad_devices_and_profile_are_errors(
 def test_the_profile_serving_section_is_optional_and_checked(
     profiles: tuple[Path, Path], tmp_path: Path
 ) -> None:
+    from exegpt.profile.layer_profile import ProfileError, load_profile
     from exegpt.serving_overhead import NO_OVERHEAD, ServingOverhead
-    from services.profiler.profile import ProfileError, load_profile
 
     assert load_profile(profiles[0]).serving_overhead == NO_OVERHEAD
     assert load_profile(profiles[1]).serving_overhead == ServingOverhead(0.002, 0.0003, 0.001)

@@ -11,18 +11,18 @@ from exegpt.placement import Stage
 from exegpt.schedule import Schedule, ScheduleKind
 from services.scheduler.analytic_cost import analytic_cost_model
 from services.scheduler.problem import PlanProblem, WorkloadDistribution
-from services.scheduler.sim_common import (
+from services.scheduler.simulator.common import (
     KV_HEADROOM,
     LayerCosts,
     TimelineEvent,
 )
-from services.scheduler.simulator import Simulator, simulate, timeline
-from services.scheduler.simulator_rra import (
+from services.scheduler.simulator.predict import Simulator, simulate, timeline
+from services.scheduler.simulator.rra import (
     completion_pmf,
     decode_batch_size,
     iteration_batch_sizes,
 )
-from services.scheduler.simulator_waa import micro_batch_events, pipeline_period_s
+from services.scheduler.simulator.waa import micro_batch_events, pipeline_period_s
 from tests.scheduler.toy_cost import ToyCostModel, decoder_only_shape, pmf, toy_workload
 
 # Output lengths 2 (40%) and 3 (60%): mean 2.6, E[S^2] 7.0, running position (7 + 2.6) / 5.2.

@@ -13,13 +13,13 @@ from exegpt.cost_model import ModelShape
 from exegpt.placement import split_layers
 from exegpt.schedule import Schedule, ScheduleKind
 from services.scheduler.problem import PlanProblem
-from services.scheduler.search import SearchSpace, plan
-from services.scheduler.sim_common import (
+from services.scheduler.search.plan import SearchSpace, plan
+from services.scheduler.simulator.common import (
     KV_HEADROOM,
     TimelineEvent,
 )
-from services.scheduler.simulator import Simulator, simulate, timeline
-from services.scheduler.simulator_waa import split_candidates
+from services.scheduler.simulator.predict import Simulator, simulate, timeline
+from services.scheduler.simulator.waa import split_candidates
 from tests.scheduler.toy_cost import ToyCostModel, decoder_only_shape, toy_workload
 
 # Outputs of 2 (40%) or 3 (60%) tokens: a running sequence is at (E[S^2] + E[S]) / (2 E[S]).

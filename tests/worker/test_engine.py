@@ -181,11 +181,12 @@ def test_abort_frees_kv_of_running_and_waiting_requests(engine_factory) -> None:
 def test_stop_fails_queued_requests_instead_of_dropping_them(engine_factory) -> None:
     engine = engine_factory(max_batch_size=1)
     collectors = [submit(engine, [3], f"r{i}", max_tokens=300, ignore_eos=True) for i in range(3)]
-    engine.stop()
+    engine.stop()  # long before the running request's 300 tokens
     for collector in collectors:
-        collector.wait()
-        last = collector.events[-1]
-        assert last.finish_reason is not None or last.error == "engine is shutting down"
+        last = collector.wait().events[-1]
+        assert last.finish_reason is None and last.error == "engine is shutting down"
+    # One request fits the batch: the two queued behind it never produced a token.
+    assert [collector.token_ids for collector in collectors[1:]] == [[], []]
 
 
 def test_a_tiny_temperature_is_served_beside_others(engine_factory) -> None:

@@ -1,6 +1,6 @@
 """Communication costs: TP all-reduce across real processes, and the pipeline hand-off.
 
-The all-reduce runs in `tp_degree` fresh processes (services/profiler/allreduce_worker.py)
+The all-reduce runs in `tp_degree` fresh processes (services/profiler/measure/allreduce_worker.py)
 joined by torch.distributed over a loopback tcp:// rendezvous, the way TP workers are. The
 hand-off sends activations through the workers' ZeroMQ transport (exegpt.transport) over
 loopback TCP to a receiving thread, which decodes each message and moves it to the device:
@@ -24,7 +24,7 @@ import torch
 import zmq
 
 from exegpt.transport import TensorMessage, TensorSocket
-from services.profiler.timing import Series, stats_of
+from services.profiler.measure.timing import Series, stats_of
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def measure_allreduce(
     command = [
         sys.executable,
         "-m",
-        "services.profiler.allreduce_worker",
+        "services.profiler.measure.allreduce_worker",
         f"--world-size={tp_degree}",
         f"--init-method={init_method}",
         f"--device={device}",

@@ -1,7 +1,7 @@
 """The profile file: versioned JSON, validated on load, written atomically.
 
 A profile holds raw measurements (medians with p10/p90 over each grid), exact memory sizes,
-and the hardware, software and model it was measured with. `profile.py` turns it into the
+and the hardware, software and model it was measured with. `layer_profile.py` turns it into the
 query API. Loading checks the format tag, the version and every field's shape, so a
 corrupt, truncated or foreign file fails with a message that says what is wrong.
 """
@@ -66,7 +66,8 @@ class SurfaceData(_Strict):
 
 
 class ComputeData(_Strict):
-    """One TP degree: per-layer times on one rank (seconds), see measure_layers.py."""
+    """One TP degree: per-layer times on one rank (seconds); services/profiler/measure/layers.py
+    measures them."""
 
     threads_per_rank: PositiveInt
     encode_attention: SurfaceData  # over (batch, seq_len)
@@ -130,7 +131,7 @@ class SoftwareData(_Strict):
 
 
 class QualityData(_Strict):
-    """How undisturbed the measurements were (see services/profiler/contention.py)."""
+    """How undisturbed the measurements were (see services/profiler/measure/contention.py)."""
 
     num_measurements: int
     num_retries: int  # re-measured because other processes were busy on the CPUs
@@ -163,7 +164,7 @@ class ProfileData(_Strict):
     software: SoftwareData
     tp_degrees: list[PositiveInt] = Field(min_length=1)
     compute: dict[PositiveInt, ComputeData]
-    # Whole forwards of the real model at TP 1 (services/profiler/forwards.py), timed at the
+    # Whole forwards of the real model at TP 1 (services/profiler/measure/forwards.py), timed at the
     # attention grid's points: the per-forward overhead is what they took beyond the parts.
     prefill_whole: SurfaceData  # prefill (T5: encode and the first decoder step), (B, S)
     decode_whole: SurfaceData  # decode step, (B, kv_len); T5: cross_len = kv_len

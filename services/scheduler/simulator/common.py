@@ -1,10 +1,11 @@
 """Building blocks shared by the XSimulator's schedule kinds (plain Python, no grpc).
 
 - `WorkloadStats`: the moments of P_E and P_D the simulator uses.
-- `Stage` and `build_stages`: how devices form pipeline stages (partial TP) and how layers
-  are divided over them (balanced so that stage times are equal as far as whole layers allow).
-- `LayerCosts`: per-layer times from the cost model, memoised (the search asks for the same
-  operating points many times).
+- `LayerCosts`: per-layer times from the cost model (`exegpt.cost_model`'s one composition),
+  memoised (the search asks for the same operating points many times).
+- `encode_times` / `decode_times` / `traverse`: a batch's time in each pipeline stage, and one
+  batch through every stage in order. How devices form stages and how layers are divided
+  over them is `exegpt.placement` (`stage_groups`, `build_stages`).
 - `TimelineEvent`: one busy interval of one device, for plots and tests.
 
 Expected workload of a batch (the paper's "expected encoding / decoding workload"):
@@ -118,9 +119,12 @@ class LayerCosts:
     def encode(self, batch_size: int, tp_degree: int) -> tuple[float, float]:
         key = (batch_size, tp_degree)
         if key not in self._encode:
-            num_tokens = max(1, round(batch_size * self.stats.mean_input_tokens))
             self._encode[key] = encode_layer_s(
-                self.model, batch_size, self.stats.attention_input_tokens, num_tokens, tp_degree
+                self.model,
+                batch_size,
+                self.stats.attention_input_tokens,
+                self.encode_tokens(batch_size),
+                tp_degree,
             )
         return self._encode[key]
 
@@ -208,3 +212,77 @@ def memory_reason(memory_bytes_per_device: list[int], capacity_bytes: int) -> st
 def as_batch(value: float) -> int:
     """An expected batch size as the whole number of sequences the cost model is asked for."""
     return max(1, round(value))
+
+
+# ---- stage times: a batch through the pipeline, shared by every kind ----------------------
+
+StageTimes = list[tuple[float, float]]  # per stage: (compute_s, allreduce_s)
+
+
+def encode_times(costs: LayerCosts, stages: list[Stage], batch_size: int) -> StageTimes:
+    times = []
+    for index, stage in enumerate(stages):
+        compute_s, sync_s = costs.encode(batch_size, stage.tp_degree)
+        extra_s = 0.0
+        if index == 0:  # the engine's host work for the step is paid where it enters
+            extra_s = costs.embedding_s(costs.encode_tokens(batch_size))
+            extra_s += costs.overhead.prefill_step_s(batch_size)
+        times.append(
+            (stage.num_encode_layers * compute_s + extra_s, stage.num_encode_layers * sync_s)
+        )
+    return times
+
+
+def decode_times(
+    costs: LayerCosts,
+    stages: list[Stage],
+    batch_size: int,
+    kv_tokens: int | None = None,
+    live_rows: float | None = None,
+) -> StageTimes:
+    """Per-stage times of a decode step; `live_rows` (default: the batch) are the sequences
+    that still produce a token, each paying the serving overhead's per-token host work."""
+    rows = batch_size if live_rows is None else live_rows
+    times = []
+    for index, stage in enumerate(stages):
+        compute_s, sync_s = costs.decode(batch_size, stage.tp_degree, kv_tokens)
+        extra_s = 0.0
+        if index == 0:
+            extra_s = costs.embedding_s(batch_size) + costs.overhead.decode_step_s(rows)
+        extra_s += costs.lm_head_s(batch_size) if index == len(stages) - 1 else 0.0
+        times.append(
+            (stage.num_decode_layers * compute_s + extra_s, stage.num_decode_layers * sync_s)
+        )
+    return times
+
+
+def traverse(
+    stages: list[Stage],
+    times: StageTimes,
+    transfer_s: float,
+    start_s: float,
+    kind: str,
+    label: str,
+    events: list[TimelineEvent] | None,
+) -> float:
+    """One batch through every stage in order; returns when it leaves the last stage."""
+    now = start_s
+    for index, (stage, (compute_s, sync_s)) in enumerate(zip(stages, times, strict=True)):
+        if index > 0:
+            if events is not None:
+                events.extend(
+                    TimelineEvent(d, now, now + transfer_s, "transfer", label)
+                    for d in stage.devices
+                )
+            now += transfer_s
+        if events is not None:
+            events.extend(
+                TimelineEvent(d, now, now + compute_s, kind, label) for d in stage.devices
+            )
+            if sync_s > 0:
+                events.extend(
+                    TimelineEvent(d, now + compute_s, now + compute_s + sync_s, "allreduce", label)
+                    for d in stage.devices
+                )
+        now += compute_s + sync_s
+    return now

@@ -12,13 +12,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 from exegpt.models.config import ModelConfig
-from exegpt.models.kv_cache import KVCachePool, KVCacheSpec, blocks_for
+from exegpt.models.kv_cache import (
+    DEFAULT_BLOCK_SIZE_TOKENS,
+    KVCachePool,
+    KVCacheSpec,
+    blocks_for,
+)
 from exegpt.models.loader import LoadedModel
 from exegpt.models.runner import ModelRunner
-from services.profiler.probe import Steps
-from services.profiler.timing import Timer, TimingStats
-
-BLOCK_SIZE_TOKENS = 16  # the engine's default
+from services.profiler.measure.probe import Steps
+from services.profiler.measure.timing import Timer, TimingStats
 
 
 @dataclass(frozen=True)
@@ -78,17 +81,19 @@ class WholeForwards:
         self.config = loaded.config
         spec = KVCacheSpec.for_model(loaded.config, dtype=loaded.dtype)
         if max_kv_bytes is not None:
-            max_blocks = max_kv_bytes // (spec.bytes_per_token() * BLOCK_SIZE_TOKENS)
+            max_blocks = max_kv_bytes // (spec.bytes_per_token() * DEFAULT_BLOCK_SIZE_TOKENS)
             points = [p for p in points if self._blocks(p) <= max_blocks]
-        num_blocks = blocks_for_points(points, BLOCK_SIZE_TOKENS, loaded.config.is_encoder_decoder)
-        self.pool = KVCachePool(spec, num_blocks, BLOCK_SIZE_TOKENS, loaded.device)
+        num_blocks = blocks_for_points(
+            points, DEFAULT_BLOCK_SIZE_TOKENS, loaded.config.is_encoder_decoder
+        )
+        self.pool = KVCachePool(spec, num_blocks, DEFAULT_BLOCK_SIZE_TOKENS, loaded.device)
         for layer in self.pool.layers:  # as in a serving engine, every page holds data
             layer.k.fill_(0.5)
             layer.v.fill_(0.5)
         self.steps = Steps(ModelRunner(loaded.model, self.pool), loaded.config)
 
     def _blocks(self, point: ForwardPoint) -> int:
-        return point.num_blocks(BLOCK_SIZE_TOKENS, self.config.is_encoder_decoder)
+        return point.num_blocks(DEFAULT_BLOCK_SIZE_TOKENS, self.config.is_encoder_decoder)
 
     def covers(self, point: ForwardPoint) -> bool:
         """Whether the pool holds the point's K/V."""

@@ -6,24 +6,29 @@ memory and utilisation per device); `timeline(problem, schedule)` returns the pe
 events of a steady-state cycle for plots. `Simulator` keeps per-layer costs memoised across
 calls, which the search relies on.
 
-How each kind is modelled is documented in its module: `simulator_rra` (RRA), `simulator_waa`
-(WAA-C / WAA-M, and the micro-batched decode pipeline), `baselines` (static batching and
-continuous batching); the shared pieces (expected workloads, stages, layer split) are in
-`sim_common`. A schedule whose memory does not fit is returned with `feasible=False` and a
-reason, its throughput and latency still computed (the search bounds boxes with them); it is
-never clipped to fit. Invalid input (a TP degree the profile lacks, more devices than exist,
+How each kind is modelled is documented in its module: `rra` (RRA), `waa` (WAA-C / WAA-M,
+and the micro-batched decode pipeline), `baselines` (static batching and continuous
+batching); `KINDS` below maps each kind to its model, the one place the simulator dispatches
+on kind. The shared pieces are in `common` (expected workloads, per-layer costs, memory, a batch's
+time per stage and through the pipeline).
+
+A schedule whose memory does not fit is returned with `feasible=False` and a reason, its
+throughput and latency still computed (the search bounds boxes with them); it is never
+clipped to fit. Invalid input (a TP degree the profile lacks, more devices than exist,
 a WAA split leaving no decode device) raises ValueError.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from exegpt.placement import Placement, Stage, placement_from_layout
 from exegpt.schedule import Schedule, ScheduleKind
-from services.scheduler import baselines, simulator_rra, simulator_waa
 from services.scheduler.problem import PlanProblem, Prediction
-from services.scheduler.sim_common import (
+from services.scheduler.simulator import baselines, rra, waa
+from services.scheduler.simulator.common import (
     LayerCosts,
     TimelineEvent,
     WorkloadStats,
@@ -48,63 +53,32 @@ class Simulator:
 
     def simulate(self, schedule: Schedule) -> Prediction:
         self._validate(schedule)
-        if schedule.kind == ScheduleKind.RRA:
-            return self._rra(schedule)
-        if schedule.kind in (ScheduleKind.WAA_C, ScheduleKind.WAA_M):
-            return self._waa(schedule)
-        if schedule.kind == ScheduleKind.STATIC:
-            outcome = baselines.run_static(self.costs, schedule, self.num_devices)
-        else:
-            outcome = baselines.run_continuous(self.costs, schedule, self.num_devices)
-        return self._prediction(
-            schedule,
-            outcome.throughput_seq_s,
-            outcome.throughput_tokens_s,
-            outcome.latency_s,
-            outcome.memory_bytes,
-            self._stage_utilisation(outcome.stages, outcome.busy_s_per_stage, outcome.period_s),
-            idle_stage_reason(outcome.stages),
-        )
+        return KINDS[schedule.kind].simulate(self, schedule)
 
     def timeline(self, schedule: Schedule) -> list[TimelineEvent]:
         self._validate(schedule)
-        events: list[TimelineEvent] = []
-        if schedule.kind == ScheduleKind.RRA:
-            simulator_rra.run_cycle(self.costs, schedule, self.num_devices, events)
-        elif schedule.kind in (ScheduleKind.WAA_C, ScheduleKind.WAA_M):
-            events = simulator_waa.timeline(self.costs, schedule, self.num_devices)
-        elif schedule.kind == ScheduleKind.STATIC:
-            baselines.run_static(self.costs, schedule, self.num_devices, events)
-        else:
-            baselines.run_continuous(self.costs, schedule, self.num_devices, events)
+        events = KINDS[schedule.kind].timeline(self, schedule)
         return sorted(events, key=lambda e: (e.device, e.start_s, e.end_s))
 
     def placement(self, schedule: Schedule) -> Placement:
         """Where the schedule puts each layer, exactly as simulated: the runner deploys this
         (`exegpt plan --json` writes it beside the schedule)."""
         self._validate(schedule)
-        is_encoder_decoder = self.costs.model.shape.is_encoder_decoder
-        if schedule.kind == ScheduleKind.RRA:
-            stages = simulator_rra.layout(self.costs, schedule, self.num_devices).stages
-            return placement_from_layout(stages, is_encoder_decoder=is_encoder_decoder)
-        if schedule.kind in (ScheduleKind.WAA_C, ScheduleKind.WAA_M):
-            outcome = simulator_waa.run(self.costs, schedule, self.num_devices)
-            return placement_from_layout(
-                outcome.encode_stages + outcome.decode_stages,
-                is_encoder_decoder=is_encoder_decoder,
-                num_encode_stages=len(outcome.encode_stages),
-            )
-        stages = baselines.even_stages(self.costs, schedule.tp_degree, self.num_devices)
-        return placement_from_layout(stages, is_encoder_decoder=is_encoder_decoder)
+        stages, num_encode_stages = KINDS[schedule.kind].stages(self, schedule)
+        return placement_from_layout(
+            stages,
+            is_encoder_decoder=self.costs.model.shape.is_encoder_decoder,
+            num_encode_stages=num_encode_stages,
+        )
 
     # ---- kinds -----------------------------------------------------------------------------
 
     def _rra(self, schedule: Schedule) -> Prediction:
-        outcome = simulator_rra.run_cycle(self.costs, schedule, self.num_devices)
-        memory = simulator_rra.memory_bytes(self.costs, outcome.layout, self.num_devices)
+        outcome = rra.run_cycle(self.costs, schedule, self.num_devices)
+        memory = rra.memory_bytes(self.costs, outcome.layout, self.num_devices)
         throughput = schedule.encode_batch_size / outcome.cycle_s
         return self._prediction(
-            simulator_rra.normalised(schedule, outcome.layout),
+            rra.normalised(schedule, outcome.layout),
             throughput,
             throughput * self.stats.mean_output_tokens,
             outcome.latency_s,
@@ -116,8 +90,8 @@ class Simulator:
         )
 
     def _waa(self, schedule: Schedule) -> Prediction:
-        outcome = simulator_waa.run(self.costs, schedule, self.num_devices)
-        memory = simulator_waa.memory_bytes(self.costs, outcome, schedule, self.num_devices)
+        outcome = waa.run(self.costs, schedule, self.num_devices)
+        memory = waa.memory_bytes(self.costs, outcome, schedule, self.num_devices)
         throughput = schedule.encode_batch_size / outcome.cycle_s
         reason = idle_stage_reason(outcome.encode_stages + outcome.decode_stages)
         if not reason and schedule.num_micro_batches > outcome.decode_batch:
@@ -126,14 +100,43 @@ class Simulator:
                 f"{outcome.decode_batch:.1f} sequences in the decode batch"
             )
         return self._prediction(
-            simulator_waa.normalised(schedule, outcome),
+            waa.normalised(schedule, outcome),
             throughput,
             throughput * self.stats.mean_output_tokens,
             outcome.latency_s,
             memory,
-            simulator_waa.utilisation(outcome, schedule, self.num_devices),
+            waa.utilisation(outcome, schedule, self.num_devices),
             reason,
         )
+
+    def _rra_timeline(self, schedule: Schedule) -> list[TimelineEvent]:
+        events: list[TimelineEvent] = []
+        rra.run_cycle(self.costs, schedule, self.num_devices, events)
+        return events
+
+    def _rra_stages(self, schedule: Schedule) -> tuple[list[Stage], int]:
+        return rra.layout(self.costs, schedule, self.num_devices).stages, 0
+
+    def _waa_timeline(self, schedule: Schedule) -> list[TimelineEvent]:
+        return waa.timeline(self.costs, schedule, self.num_devices)
+
+    def _waa_stages(self, schedule: Schedule) -> tuple[list[Stage], int]:
+        outcome = waa.run(self.costs, schedule, self.num_devices)
+        return outcome.encode_stages + outcome.decode_stages, len(outcome.encode_stages)
+
+    def _baseline(self, schedule: Schedule, outcome: baselines.BaselineOutcome) -> Prediction:
+        return self._prediction(
+            schedule,
+            outcome.throughput_seq_s,
+            outcome.throughput_tokens_s,
+            outcome.latency_s,
+            outcome.memory_bytes,
+            self._stage_utilisation(outcome.stages, outcome.busy_s_per_stage, outcome.period_s),
+            idle_stage_reason(outcome.stages),
+        )
+
+    def _baseline_stages(self, schedule: Schedule) -> tuple[list[Stage], int]:
+        return baselines.even_stages(self.costs, schedule.tp_degree, self.num_devices), 0
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -190,6 +193,45 @@ class Simulator:
                 )
             if schedule.tp_degree > 1 and schedule.num_tp_devices != num_devices:
                 raise ValueError("a baseline applies its TP degree to every device")
+
+
+@dataclass(frozen=True)
+class KindModel:
+    """How the simulator models one kind of schedule: its prediction, the events of its
+    timeline, and its stages (with how many of them only encode: WAA's, 0 otherwise)."""
+
+    simulate: Callable[[Simulator, Schedule], Prediction]
+    timeline: Callable[[Simulator, Schedule], list[TimelineEvent]]
+    stages: Callable[[Simulator, Schedule], tuple[list[Stage], int]]
+
+
+BaselineRun = Callable[..., baselines.BaselineOutcome]
+
+
+def _baseline_model(run: BaselineRun) -> KindModel:
+    """A baseline's model from its run (`run(costs, schedule, num_devices, events=None)`)."""
+
+    def simulate(simulator: Simulator, schedule: Schedule) -> Prediction:
+        return simulator._baseline(schedule, run(simulator.costs, schedule, simulator.num_devices))
+
+    def timeline(simulator: Simulator, schedule: Schedule) -> list[TimelineEvent]:
+        events: list[TimelineEvent] = []
+        run(simulator.costs, schedule, simulator.num_devices, events)
+        return events
+
+    return KindModel(simulate, timeline, Simulator._baseline_stages)
+
+
+_WAA = KindModel(Simulator._waa, Simulator._waa_timeline, Simulator._waa_stages)
+
+# The one place the simulator dispatches on a schedule's kind.
+KINDS: dict[ScheduleKind, KindModel] = {
+    ScheduleKind.RRA: KindModel(Simulator._rra, Simulator._rra_timeline, Simulator._rra_stages),
+    ScheduleKind.WAA_C: _WAA,
+    ScheduleKind.WAA_M: _WAA,
+    ScheduleKind.STATIC: _baseline_model(baselines.run_static),
+    ScheduleKind.CONTINUOUS: _baseline_model(baselines.run_continuous),
+}
 
 
 def simulate(problem: PlanProblem, schedule: Schedule) -> Prediction:

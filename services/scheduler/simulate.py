@@ -20,10 +20,11 @@ from exegpt.plan_file import PlanFile
 from exegpt.schedule import SEARCHED_KINDS, Schedule, ScheduleKind
 from exegpt.serving_overhead import serving_overhead_of
 from exegpt.workloads import scale_length
-from services.scheduler.plan_cli import load_cost_model, prediction_to_dict
 from services.scheduler.problem import PlanProblem, WorkloadDistribution
-from services.scheduler.sim_common import GIB
-from services.scheduler.simulator import Simulator
+from services.scheduler.problem_builder import calibrated_model, load_cost_model
+from services.scheduler.report import prediction_to_dict
+from services.scheduler.simulator.common import GIB
+from services.scheduler.simulator.predict import Simulator
 
 SCHEDULE_FIELDS = tuple(f.name for f in fields(Schedule) if f.name != "kind")
 # Memory is not judged when neither the profile nor the caller knows the device's capacity.
@@ -114,7 +115,12 @@ def build_problem(request: PredictRequest) -> tuple[PlanProblem, Schedule, str, 
         schedule = parse_schedule(request.schedule)
     else:
         schedule = PlanFile.read(Path(str(request.plan))).schedule
-    cost_model, memory_bytes, name = load_cost_model(request.profile, request.model_config)
+    loaded = load_cost_model(request.profile, request.model_config)
+    cost_model, memory_bytes, name = (
+        calibrated_model(loaded),
+        loaded.device_memory_bytes,
+        loaded.name,
+    )
     if request.gpu_memory_gb is not None:
         if not request.gpu_memory_gb > 0:
             raise ValueError(f"--gpu-memory-gb must be positive, got {request.gpu_memory_gb}")

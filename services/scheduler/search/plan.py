@@ -6,7 +6,7 @@ can be compared with what users run today.
 
 The space (the same for branch-and-bound and for `exhaustive=True`):
 - per kind, one sub-space per TP degree t (every degree of the profile up to the devices
-  available, plus no TP) and, for WAA, per candidate encode/decode split (simulator_waa);
+  available, plus no TP) and, for WAA, per candidate encode/decode split (simulator/waa.py);
 - RRA axes: B_E, N_D, number of TP groups (0..N/t); WAA axes: B_E, B_m (1..8), number of TP
   groups on the decode side;
 - B_E and N_D take every integer up to `dense_until` (16), then steps of about 10% (`growth`)
@@ -46,10 +46,9 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from exegpt.schedule import ScheduleKind
-from services.scheduler import baselines
-from services.scheduler.branch_and_bound import maximise
 from services.scheduler.problem import PlanProblem, PlanResult, Prediction, SearchStats
-from services.scheduler.search_space import (
+from services.scheduler.search.branch_and_bound import maximise
+from services.scheduler.search.space import (
     Evaluator,
     SearchSpace,
     SubSpace,
@@ -57,8 +56,9 @@ from services.scheduler.search_space import (
     fits_memory,
     sub_spaces,
 )
-from services.scheduler.sim_common import GIB
-from services.scheduler.simulator import Simulator, is_meeting
+from services.scheduler.simulator import baselines
+from services.scheduler.simulator.common import GIB
+from services.scheduler.simulator.predict import Simulator, is_meeting
 
 __all__ = ["SearchSpace", "best_baseline", "plan", "static_latency_bounds"]
 

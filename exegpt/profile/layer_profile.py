@@ -1,14 +1,14 @@
 """A measured profile as a `CostModel`: per-layer costs at any operating point.
 
 Load one with `load_profile(path)`. Every query interpolates the measurements monotonically
-(services/profiler/interpolate.py); a query past the measured grid extrapolates linearly, is
+(`interpolate.py` beside it); a query past the measured grid extrapolates linearly, is
 counted in `num_extrapolated_queries`, logs one warning per method, and can be checked with
 `is_extrapolated(method, *args)`.
 
 Whole forwards of the real model were timed at every attention grid point. Each grid point's
 parts (summed at TP 1 as below) are scaled to its whole forward: the factor whole / parts is
 interpolated between the grid points and held at the grid's edge past it
-(services/profiler/reconcile.py), and one factor applies to every layer of a forward. It can
+(exegpt/profile/reconcile.py), and one factor applies to every layer of a forward. It can
 take either sign of correction: above 1 where the forward does work outside the layers
 (index building, masks and position biases, rotary tables) or its layers evict each other's
 caches, below 1 where a layer timed alone ran slower than inside the forward. So the sums the
@@ -24,10 +24,11 @@ simulator builds add up to the whole forwards at the grid points, and err either
 - each layer at TP degree t > 1 adds two all-reduces of the layer's activations.
 
 The rest of a layer is scaled by the smallest factor of the forwards of its size, attention
-by the rest of its forward's factor (reconcile.py); every cost stays a non-negative time. Being
-scaled by a factor interpolated from noisy timings, an attention cost can dip slightly where
-a larger point's whole forward ran relatively faster: costs are nearly, not strictly,
-monotonic (the search allows for that: search.py).
+by the rest of its forward's factor (exegpt/profile/reconcile.py); every cost stays a
+non-negative time. Being scaled by a factor interpolated from noisy timings, an attention
+cost can dip slightly where a larger point's whole forward ran relatively faster: costs are
+nearly, not strictly, monotonic (the search allows for that:
+services/scheduler/search/plan.py).
 
 This module imports neither torch nor grpc: the simulator can load profiles cheaply.
 """
@@ -38,9 +39,7 @@ import logging
 from pathlib import Path
 
 from exegpt.cost_model import ModelShape
-from exegpt.serving_overhead import NO_OVERHEAD, ServingOverhead
-from services.profiler.interpolate import Curve, Surface
-from services.profiler.profile_format import (
+from exegpt.profile.format import (
     ComputeData,
     ProfileData,
     ProfileError,
@@ -48,7 +47,9 @@ from services.profiler.profile_format import (
     SurfaceData,
     read_profile,
 )
-from services.profiler.reconcile import ForwardFactor, scaled_attention_s
+from exegpt.profile.interpolate import Curve, Surface
+from exegpt.profile.reconcile import ForwardFactor, scaled_attention_s
+from exegpt.serving_overhead import NO_OVERHEAD, ServingOverhead
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class LayerProfile:
     # ---- parts reconciled with whole forwards -------------------------------------------
 
     def _build_overheads(self) -> None:
-        """One factor per forward, whole / parts at TP 1 (services/profiler/reconcile.py).
+        """One factor per forward, whole / parts at TP 1 (exegpt/profile/reconcile.py).
 
         An encoder-decoder prefill's whole includes its first decoder step, which the decode
         factor already reconciles: it is taken off the whole before the encode factor.

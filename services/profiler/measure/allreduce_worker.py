@@ -1,6 +1,6 @@
-"""One rank of the all-reduce measurement, run as its own process by measure_comm.
+"""One rank of the all-reduce measurement, run as its own process by comm.py.
 
-`python -m services.profiler.allreduce_worker --rank R --world-size N --init-method tcp://...`
+`python -m services.profiler.measure.allreduce_worker --rank R --world-size N --init-method tcp://...`
 joins a torch.distributed group (gloo on CPU, NCCL on CUDA), times all_reduce for each size,
 and rank 0 prints the timings as one JSON line on stdout. Each repeat's time is the slowest
 rank's, so a rank that arrives late cannot make the collective look fast.
@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m services.profiler.allreduce_worker")
+    parser = argparse.ArgumentParser(prog="python -m services.profiler.measure.allreduce_worker")
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world-size", type=int, required=True)
     parser.add_argument("--init-method", required=True, help="tcp://127.0.0.1:PORT")

@@ -29,16 +29,16 @@ from exegpt.models.config import ModelConfig
 from exegpt.models.defaults import DEFAULT_MODEL_NAME, default_model_config
 from exegpt.models.loader import LoadedModel, ModelNotFoundError, load_model
 from exegpt.models.tensor_parallel import check_tp_degree, feasible_tp_degrees
-from services.profiler.grid import ProfileGrid, preset
-from services.profiler.measure_comm import (
+from exegpt.profile.format import FORMAT, VERSION, ProfileData
+from services.profiler.measure.comm import (
     fit_latency_bandwidth,
     measure_allreduce,
     measure_transfer,
 )
-from services.profiler.measure_layers import LayerMeasurements, LayerProfiler
-from services.profiler.memory import memory_data
-from services.profiler.profile_format import FORMAT, VERSION, ProfileData
-from services.profiler.timing import Series
+from services.profiler.measure.grid import ProfileGrid, preset
+from services.profiler.measure.layers import LayerMeasurements, LayerProfiler
+from services.profiler.measure.memory import memory_data
+from services.profiler.measure.timing import Series
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 CPU ops are synchronous; on CUDA the clock only means something after a synchronize, so the
 timer synchronizes before starting and before stopping each repeat. Measurements during
-which other processes used the CPUs are taken again (services/profiler/contention.py).
+which other processes used the CPUs are taken again (services/profiler/measure/contention.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from services.profiler.contention import ContentionMonitor
+from services.profiler.measure.contention import ContentionMonitor
 
 
 @dataclass(frozen=True)

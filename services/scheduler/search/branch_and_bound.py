@@ -1,4 +1,4 @@
-"""Monotonic branch-and-bound over the index box of a sub-space (search.py explains it)."""
+"""Monotonic branch-and-bound over the index box of a sub-space (plan.py explains it)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from services.scheduler.problem import PlanProblem, Prediction
-from services.scheduler.search_space import Evaluator, Index, SubSpace
+from services.scheduler.search.space import Evaluator, Index, SubSpace
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The space XScheduler searches: grids, per-kind sub-spaces, memoised evaluations.
 
-See search.py for what the axes are and why some are enumerated rather than bisected.
+See plan.py for what the axes are and why some are enumerated rather than bisected.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from exegpt.schedule import Schedule, ScheduleKind
-from services.scheduler import simulator_waa
 from services.scheduler.problem import PlanProblem, Prediction
-from services.scheduler.simulator import Simulator
+from services.scheduler.simulator import waa
+from services.scheduler.simulator.predict import Simulator
 
 Index = tuple[int, ...]
 
@@ -147,7 +147,7 @@ def sub_spaces(
         splits = [(0, space.axis(max(1, min(max_iterations, stats.max_output_tokens))))]
     else:
         micro = tuple(range(1, space.max_micro_batches + 1))
-        candidates = simulator_waa.split_candidates(
+        candidates = waa.split_candidates(
             simulator.costs, kind, num_devices, problem.device_memory_bytes
         )
         splits = [(n, micro) for n in candidates]

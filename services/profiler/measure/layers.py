@@ -1,12 +1,12 @@
 """Time the model's building blocks: attention and the rest of each layer, per TP degree.
 
 At every point of the attention grid a whole forward of the real model (TP 1) is timed
-(services/profiler/forwards.py), and a probe step (services/profiler/probe.py) records what
-each layer receives in that forward; the recorded inputs are replayed through rank 0's shard
-of the real layers (services/profiler/layer_work.py). The profile's per-forward overhead is
-the whole forward minus the parts (services/profiler/profile.py): the outside work (index
-building, masks, embedding, head) and whatever running the layers inside a forward costs
-beyond running them in a loop (on a CPU, partly caches the rest of the model evicted).
+(`forwards.py`), and a probe step (`probe.py`) records what each layer receives in that
+forward; the recorded inputs are replayed through rank 0's shard of the real layers
+(`layer_work.py`). The profile's per-forward overhead is the whole forward minus the parts
+(exegpt/profile/layer_profile.py): the outside work (index building, masks, embedding, head)
+and whatever running the layers inside a forward costs beyond running them in a loop (on a
+CPU, partly caches the rest of the model evicted).
 
 The parts:
 
@@ -35,15 +35,15 @@ from torch import Tensor
 from exegpt.models.kv_cache import KVCacheSpec, blocks_for
 from exegpt.models.loader import LoadedModel
 from exegpt.models.tensor_parallel import Layer, shard_layer
-from services.profiler.forwards import (
+from services.profiler.measure.forwards import (
     ForwardPoint,
     WholeForwards,
     blocks_for_points,
     decode,
     prefill,
 )
-from services.profiler.grid import ProfileGrid
-from services.profiler.layer_work import (
+from services.profiler.measure.grid import ProfileGrid
+from services.profiler.measure.layer_work import (
     MAX_KV_STORE_BYTES,
     ShardSet,
     Work,
@@ -55,8 +55,8 @@ from services.profiler.layer_work import (
     rest_work,
     stack_work,
 )
-from services.profiler.probe import LayerCall, Probe
-from services.profiler.timing import (
+from services.profiler.measure.probe import LayerCall, Probe
+from services.profiler.measure.timing import (
     CacheFlusher,
     Series,
     Timer,

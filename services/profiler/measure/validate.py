@@ -1,7 +1,7 @@
 """Check a profile against whole-model forwards: predicted vs measured time.
 
 Predictions use only the `CostModel` interface, composed the way the profile documents
-(services/profiler/profile.py), so a small error here means the simulator gets sums it can
+(exegpt/profile/layer_profile.py), so a small error here means the simulator gets sums it can
 trust. Measurements run the engine's ModelRunner on the real model and KV pool, unsharded
 (TP 1), with the thread count the profile was taken with.
 """
@@ -13,12 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from exegpt.allocator import configure_allocator
-from exegpt.cost_model import CostModel
+from exegpt.cost_model import CostModel, decode_layer_s, encode_layer_s
 from exegpt.models.loader import LoadedModel
-from services.profiler.forwards import ForwardPoint, WholeForwards, decode, prefill
-from services.profiler.grid import SAMPLE_S
-from services.profiler.measure_layers import torch_threads
-from services.profiler.timing import Timer, TimingStats, across_rounds
+from services.profiler.measure.forwards import ForwardPoint, WholeForwards, decode, prefill
+from services.profiler.measure.grid import SAMPLE_S
+from services.profiler.measure.layers import torch_threads
+from services.profiler.measure.timing import Timer, TimingStats, across_rounds
 
 # Prefills (batch, prompt tokens) and decode steps (batch, prompt tokens, cached tokens)
 # inside and between the quick grid's points, small and large.
@@ -72,27 +72,13 @@ class ValidationPoint:
         return (self.predicted_s - self.measured_s) / self.measured_s
 
 
-def _layers_allreduce_s(cost: CostModel, num_layers: int, num_tokens: int, tp: int) -> float:
-    """A TP layer all-reduces its activations twice (attention out, feed-forward out)."""
-    if tp == 1:
-        return 0.0
-    num_bytes = num_tokens * cost.shape.hidden_bytes_per_token
-    return num_layers * 2 * cost.allreduce_s(num_bytes, tp)
-
-
 def predict_decode_step_s(
     cost: CostModel, batch: int, kv_len: int, cross_len: int, tp: int = 1
 ) -> float:
     """One decode step of the whole model for a batch."""
-    num_layers = cost.shape.num_decode_layers
-    per_layer = cost.decode_attention_s(batch, kv_len, cross_len, tp) + cost.decode_rest_s(
-        batch, tp
-    )
+    layer = decode_layer_s(cost, batch, kv_len, cross_len, tp)
     return (
-        cost.embedding_s(batch)
-        + num_layers * per_layer
-        + _layers_allreduce_s(cost, num_layers, batch, tp)
-        + cost.lm_head_s(batch)
+        cost.embedding_s(batch) + cost.shape.num_decode_layers * sum(layer) + cost.lm_head_s(batch)
     )
 
 
@@ -100,12 +86,8 @@ def predict_prefill_s(cost: CostModel, batch: int, seq_len: int, tp: int = 1) ->
     """A prefill (encoder-decoder: encode plus the first decoder step) up to the first token."""
     shape = cost.shape
     num_tokens = batch * seq_len
-    per_layer = cost.encode_attention_s(batch, seq_len, tp) + cost.encode_rest_s(num_tokens, tp)
-    encode = (
-        cost.embedding_s(num_tokens)
-        + shape.num_encode_layers * per_layer
-        + _layers_allreduce_s(cost, shape.num_encode_layers, num_tokens, tp)
-    )
+    layer = encode_layer_s(cost, batch, seq_len, num_tokens, tp)
+    encode = cost.embedding_s(num_tokens) + shape.num_encode_layers * sum(layer)
     if shape.is_encoder_decoder:
         return encode + predict_decode_step_s(cost, batch, 1, seq_len, tp)
     return encode + cost.lm_head_s(batch)

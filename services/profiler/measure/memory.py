@@ -10,7 +10,7 @@ from torch import nn
 from exegpt.models.checkpoint import Model
 from exegpt.models.config import ModelConfig
 from exegpt.models.tensor_parallel import shard_config, shard_shapes
-from services.profiler.profile_format import MemoryData
+from exegpt.profile.format import MemoryData
 
 _LAYER_LISTS = ("encoder_layers.", "decoder_layers.")
 _REPLICATED_TABLE = "relative_attention_bias."  # T5: owned by a stack's first layer, shared

@@ -27,8 +27,8 @@ from exegpt.models.attention import AttentionMetadata, LayerKV, paged_attention
 from exegpt.models.kv_cache import KVCachePool, KVCacheSpec
 from exegpt.models.t5 import T5DecoderMetadata
 from exegpt.models.tensor_parallel import Layer, shard_attention_bias
-from services.profiler.probe import LayerCall
-from services.profiler.timing import TimingStats
+from services.profiler.measure.probe import LayerCall
+from services.profiler.measure.timing import TimingStats
 
 Work = Callable[[], object]
 

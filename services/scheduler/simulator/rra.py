@@ -31,16 +31,18 @@ import numpy as np
 
 from exegpt.placement import Stage, build_stages, stage_groups
 from exegpt.schedule import Schedule, ScheduleKind
-from services.scheduler.sim_common import (
+from services.scheduler.simulator.common import (
     KV_HEADROOM,
     LayerCosts,
+    StageTimes,
     TimelineEvent,
     as_batch,
+    decode_times,
+    encode_times,
     kv_bytes_per_sequence_layer,
     stage_weight_bytes,
+    traverse,
 )
-
-StageTimes = list[tuple[float, float]]  # per stage: (compute_s, allreduce_s)
 
 
 def completion_pmf(output_pmf: np.ndarray, num_decode_iterations: int) -> np.ndarray:
@@ -95,75 +97,6 @@ def layout(costs: LayerCosts, schedule: Schedule, num_devices: int) -> RraLayout
         shared_layers=not shape.is_encoder_decoder,
     )
     return RraLayout(stages, decode_batch, batches)
-
-
-def encode_times(costs: LayerCosts, stages: list[Stage], batch_size: int) -> StageTimes:
-    times = []
-    for index, stage in enumerate(stages):
-        compute_s, sync_s = costs.encode(batch_size, stage.tp_degree)
-        extra_s = 0.0
-        if index == 0:  # the engine's host work for the step is paid where it enters
-            extra_s = costs.embedding_s(costs.encode_tokens(batch_size))
-            extra_s += costs.overhead.prefill_step_s(batch_size)
-        times.append(
-            (stage.num_encode_layers * compute_s + extra_s, stage.num_encode_layers * sync_s)
-        )
-    return times
-
-
-def decode_times(
-    costs: LayerCosts,
-    stages: list[Stage],
-    batch_size: int,
-    kv_tokens: int | None = None,
-    live_rows: float | None = None,
-) -> StageTimes:
-    """Per-stage times of a decode step; `live_rows` (default: the batch) are the sequences
-    that still produce a token, each paying the serving overhead's per-token host work."""
-    rows = batch_size if live_rows is None else live_rows
-    times = []
-    for index, stage in enumerate(stages):
-        compute_s, sync_s = costs.decode(batch_size, stage.tp_degree, kv_tokens)
-        extra_s = 0.0
-        if index == 0:
-            extra_s = costs.embedding_s(batch_size) + costs.overhead.decode_step_s(rows)
-        extra_s += costs.lm_head_s(batch_size) if index == len(stages) - 1 else 0.0
-        times.append(
-            (stage.num_decode_layers * compute_s + extra_s, stage.num_decode_layers * sync_s)
-        )
-    return times
-
-
-def traverse(
-    stages: list[Stage],
-    times: StageTimes,
-    transfer_s: float,
-    start_s: float,
-    kind: str,
-    label: str,
-    events: list[TimelineEvent] | None,
-) -> float:
-    """One batch through every stage in order; returns when it leaves the last stage."""
-    now = start_s
-    for index, (stage, (compute_s, sync_s)) in enumerate(zip(stages, times, strict=True)):
-        if index > 0:
-            if events is not None:
-                events.extend(
-                    TimelineEvent(d, now, now + transfer_s, "transfer", label)
-                    for d in stage.devices
-                )
-            now += transfer_s
-        if events is not None:
-            events.extend(
-                TimelineEvent(d, now, now + compute_s, kind, label) for d in stage.devices
-            )
-            if sync_s > 0:
-                events.extend(
-                    TimelineEvent(d, now + compute_s, now + compute_s + sync_s, "allreduce", label)
-                    for d in stage.devices
-                )
-        now += compute_s + sync_s
-    return now
 
 
 @dataclass(frozen=True)

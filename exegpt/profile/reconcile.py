@@ -28,8 +28,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.profiler.interpolate import Curve, Surface
-from services.profiler.profile_format import SurfaceData
+from exegpt.profile.format import SurfaceData
+from exegpt.profile.interpolate import Curve, Surface
 
 
 @dataclass(frozen=True)

@@ -34,16 +34,19 @@ from dataclasses import dataclass
 
 from exegpt.placement import Stage, build_stages, stage_groups
 from exegpt.schedule import Schedule, ScheduleKind
-from services.scheduler.sim_common import (
+from services.scheduler.simulator.common import (
     KV_HEADROOM,
     LayerCosts,
+    StageTimes,
     TimelineEvent,
     as_batch,
     clip_window,
+    decode_times,
+    encode_times,
     kv_bytes_per_sequence_layer,
     stage_weight_bytes,
+    traverse,
 )
-from services.scheduler.simulator_rra import StageTimes, decode_times, encode_times, traverse
 
 _WAA_C_REFERENCE_BATCHES = (1, 8, 64)
 

@@ -1,0 +1,1 @@
+"""What the profiler measures on a device: layers, communication, memory, whole forwards."""

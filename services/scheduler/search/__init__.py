@@ -1,0 +1,1 @@
+"""The XScheduler: the search space, branch-and-bound, and the planner over them."""

@@ -1,0 +1,1 @@
+"""The XSimulator: what a schedule delivers (`predict`), one module per kind of schedule."""
