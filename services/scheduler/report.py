@@ -26,6 +26,20 @@ def prediction_to_dict(prediction: Prediction) -> dict[str, Any]:
     }
 
 
+def problem_header(problem: PlanProblem, profile_name: str) -> dict[str, Any]:
+    """What a plan and a simulation report first: the profile, model, workload and devices."""
+    workload = problem.workload
+    return {
+        "profile": profile_name,
+        "model": problem.cost_model.shape.model_name,
+        "workload": workload.name,
+        "output_p99_tokens": workload.output_p99_tokens,
+        "mean_input_tokens": workload.mean_input_tokens,
+        "mean_output_tokens": workload.mean_output_tokens,
+        "num_devices": problem.num_devices,
+    }
+
+
 def result_to_dict(
     problem: PlanProblem, result: PlanResult, profile_name: str, exhaustive: bool
 ) -> dict[str, Any]:
@@ -34,19 +48,12 @@ def result_to_dict(
     speedup = None
     if result.chosen and static:
         speedup = result.chosen.throughput_seq_s / static.throughput_seq_s
-    workload = problem.workload
     calibration = getattr(problem.cost_model, "calibration", None)
     return {
-        "profile": profile_name,
+        **problem_header(problem, profile_name),
         "calibration": calibration.to_dict() | {"describe": calibration.describe()}
         if calibration is not None and calibration.num_observations
         else None,
-        "model": problem.cost_model.shape.model_name,
-        "workload": workload.name,
-        "output_p99_tokens": workload.output_p99_tokens,
-        "mean_input_tokens": workload.mean_input_tokens,
-        "mean_output_tokens": workload.mean_output_tokens,
-        "num_devices": problem.num_devices,
         "kinds": [kind.value for kind in problem.kinds],
         "device_memory_bytes": problem.device_memory_bytes,
         "latency_bound_s": None if math.isinf(problem.latency_bound_s) else problem.latency_bound_s,

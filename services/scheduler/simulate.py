@@ -22,7 +22,7 @@ from exegpt.serving_overhead import serving_overhead_of
 from exegpt.workloads import scale_length
 from services.scheduler.problem import PlanProblem, WorkloadDistribution
 from services.scheduler.problem_builder import calibrated_model, load_cost_model
-from services.scheduler.report import prediction_to_dict
+from services.scheduler.report import prediction_to_dict, problem_header
 from services.scheduler.simulator.common import GIB
 from services.scheduler.simulator.predict import Simulator
 
@@ -147,16 +147,9 @@ def predict(request: PredictRequest) -> dict[str, Any]:
     simulator = Simulator(problem)
     prediction = simulator.simulate(schedule)
     predicted = prediction_to_dict(prediction)
-    workload = problem.workload
     overhead = serving_overhead_of(problem.cost_model)
     return {
-        "profile": name,
-        "model": problem.cost_model.shape.model_name,
-        "workload": workload.name,
-        "output_p99_tokens": workload.output_p99_tokens,
-        "mean_input_tokens": workload.mean_input_tokens,
-        "mean_output_tokens": workload.mean_output_tokens,
-        "num_devices": problem.num_devices,
+        **problem_header(problem, name),
         "device_memory_bytes": problem.device_memory_bytes if memory_known else None,
         "schedule": predicted.pop("schedule"),
         "placement": simulator.placement(schedule).to_dict(),

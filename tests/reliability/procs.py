@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from exegpt.v1 import generate_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tests.wait import wait_until  # noqa: F401 (the reliability tests import it from here)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 60.0
@@ -148,15 +149,6 @@ def worker_stats(address: str) -> worker_pb2.WorkerStats:
     with grpc.insecure_channel(address) as channel:
         stub = worker_pb2_grpc.WorkerStub(channel)
         return stub.GetStats(worker_pb2.GetStatsRequest(), timeout=10)
-
-
-def wait_until(predicate: Callable[[], object], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def pid_alive(pid: int) -> bool:

@@ -3,8 +3,6 @@ token-aware choices from pushed loads, and the stream reopened across a worker r
 
 from __future__ import annotations
 
-import time
-
 from exegpt.models.loader import load_model
 from exegpt.v1 import worker_pb2
 from services.router.load_watch import ReplicaLoad
@@ -12,6 +10,7 @@ from services.router.policies import RouterPolicy, make_policy
 from services.worker.config import EngineConfig, WorkerConfig
 from services.worker.server import start_worker
 from tests.conftest import BackgroundLoop, start_stack, stop_stack
+from tests.wait import wait_until
 
 
 def _push(tokens: int, accepted: int, worker_id: str = "w1") -> worker_pb2.LoadUpdate:
@@ -91,21 +90,15 @@ def test_the_router_watches_again_after_a_replica_restarts(
     )
     try:
         replica = stack.router.router.pool.replicas[0]
-        _wait_until(lambda: replica.load.connected)
+        wait_until(lambda: replica.load.connected)
         first_id = replica.load.worker_id
         old = stack.workers[0]
         port = int(old.address.rsplit(":", 1)[1])
         background_loop.run(old.stop(0.5))
-        _wait_until(lambda: not replica.load.connected)
+        wait_until(lambda: not replica.load.connected)
         config = WorkerConfig(port=port, engine=EngineConfig(max_batch_size=2))
         stack.workers[0] = background_loop.run(start_worker(config, load_model("exegpt-tiny-t5")))
-        _wait_until(lambda: replica.load.connected and replica.load.worker_id != first_id)
+        wait_until(lambda: replica.load.connected and replica.load.worker_id != first_id)
     finally:
         stop_stack(stack)
 
-
-def _wait_until(predicate, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)

@@ -4,7 +4,6 @@ router's own in-flight counts, and what it sent between two pushes."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -16,6 +15,7 @@ from services.router.replicas import Replica
 from services.worker.config import EngineConfig
 from services.worker.engine import EngineRequest
 from tests.conftest import BackgroundLoop, Stack, start_stack, stop_stack
+from tests.wait import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +27,6 @@ def token_aware(background_loop: BackgroundLoop) -> Iterator[Stack]:
     yield stack
     stop_stack(stack)
 
-
-def _wait_until(predicate, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
 
 
 def _replicas(stack: Stack) -> list[Replica]:
@@ -51,7 +45,7 @@ def test_token_aware_avoids_the_replica_with_the_long_queue(token_aware: Stack) 
         sampling = SamplingParams(max_tokens=400, ignore_eos=True)
         busy.submit(EngineRequest(request_id, [3, 4, 5], sampling, lambda event: None))
     replicas = _replicas(token_aware)
-    _wait_until(lambda: replicas[0].load.pushed_tokens > 1000)
+    wait_until(lambda: replicas[0].load.pushed_tokens > 1000)
     assert replicas[1].outstanding_tokens < replicas[0].outstanding_tokens
     before = _finished(token_aware)
     try:
@@ -63,12 +57,12 @@ def test_token_aware_avoids_the_replica_with_the_long_queue(token_aware: Stack) 
     finally:
         for request_id in ids:
             busy.abort(request_id)
-    _wait_until(lambda: busy.stats().num_running == busy.stats().num_waiting == 0)
+    wait_until(lambda: busy.stats().num_running == busy.stats().num_waiting == 0)
 
 
 def test_token_aware_counts_what_it_sent_between_two_pushes(token_aware: Stack) -> None:
     replicas = _replicas(token_aware)
-    _wait_until(lambda: all(r.outstanding_tokens == 0 for r in replicas))
+    wait_until(lambda: all(r.outstanding_tokens == 0 for r in replicas))
     policy = make_policy(RouterPolicy.TOKEN_AWARE)
     chosen = []
     for _ in range(4):  # no push in between can be relied on: the router's own counts spread
@@ -93,7 +87,7 @@ def test_least_requests_and_power_of_two_avoid_the_replica_with_a_stream_open(
 
     thread = threading.Thread(target=long_request)
     thread.start()
-    _wait_until(lambda: sum(r.num_in_flight for r in replicas) == 1)
+    wait_until(lambda: sum(r.num_in_flight for r in replicas) == 1)
     busy = next(r for r in replicas if r.num_in_flight == 1)
     idle = next(r for r in replicas if r is not busy)
     for policy in (RouterPolicy.LEAST_REQUESTS, RouterPolicy.POWER_OF_TWO):
