@@ -101,4 +101,3 @@ def test_the_router_watches_again_after_a_replica_restarts(
         wait_until(lambda: replica.load.connected and replica.load.worker_id != first_id)
     finally:
         stop_stack(stack)
-

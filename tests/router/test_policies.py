@@ -28,7 +28,6 @@ def token_aware(background_loop: BackgroundLoop) -> Iterator[Stack]:
     stop_stack(stack)
 
 
-
 def _replicas(stack: Stack) -> list[Replica]:
     by_address = {r.address: r for r in stack.router.router.pool.replicas}
     return [by_address[w.address] for w in stack.workers]
