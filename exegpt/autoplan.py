@@ -178,7 +178,7 @@ def profile_command(request: PlanRequest, out: Path) -> list[str]:
     return [
         sys.executable, "-m", "exegpt.cli", "profile", "--model", request.model,
         "--device", request.device, "--dtype", request.dtype, "--tp", "1",
-        "--threads", str(request.threads), *grid, "--out", str(out),
+        "--threads", str(request.threads), *grid, "--serving", "--out", str(out),
     ]  # fmt: skip
 
 
@@ -204,14 +204,16 @@ def ensure_profile(request: PlanRequest, out: TextIO = sys.stdout) -> Path:
 
 
 def _loads(path: Path) -> bool:
-    from exegpt.profile.format import ProfileError
+    """A cached profile is used when it loads and carries the serving path's host work (the
+    planner prices it beside the forwards); one measured without it is measured again."""
+    from exegpt.profile.format import ProfileError, read_profile
     from exegpt.profile.layer_profile import load_profile
 
     try:
         load_profile(str(path))
+        return read_profile(path).serving is not None
     except (ProfileError, ValueError, OSError):
         return False
-    return True
 
 
 # ---- plan ----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 
 from exegpt import autoplan
+from exegpt.profile.format import read_profile
 from exegpt.v1 import worker_pb2, worker_pb2_grpc
 
 TINY_GRID = {
@@ -91,6 +92,8 @@ def test_up_plan_profiles_plans_and_serves_the_planned_kind(tmp_path: Path) -> N
     )
     cached = autoplan.profile_path(request)
     assert cached.is_file()
+    # It was measured with the serving path's host work, which the plan priced.
+    assert read_profile(cached).serving is not None
     before = cached.stat().st_mtime_ns
     assert autoplan.ensure_profile(request, open("/dev/null", "w")) == cached
     assert cached.stat().st_mtime_ns == before
