@@ -29,8 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
-
 from exegpt.plan_file import PlanFile
 from exegpt.schedule import ScheduleKind
 
@@ -221,26 +219,9 @@ def _loads(path: Path) -> bool:
 
 def scaled_task(task_id: str, length_scale: float) -> Any:
     """A task's distribution with lengths scaled as `exegpt bench --length-scale` does."""
-    from exegpt.workloads import scale_length
     from services.scheduler.problem import WorkloadDistribution
 
-    task = WorkloadDistribution.from_task(task_id)
-    if length_scale == 1.0:
-        return task
-
-    def scale(pmf: np.ndarray) -> np.ndarray:
-        lengths = [scale_length(n, length_scale, None) for n in range(1, len(pmf))]
-        scaled = np.zeros(max(lengths) + 1)
-        np.add.at(scaled, lengths, pmf[1:])
-        return scaled
-
-    p99 = task.declared_output_p99_tokens
-    return WorkloadDistribution(
-        f"{task.name} (lengths x{length_scale:g})",
-        scale(task.input_pmf),
-        scale(task.output_pmf),
-        None if p99 is None else scale_length(p99, length_scale, None),
-    )
+    return WorkloadDistribution.from_scaled_task(task_id, length_scale)
 
 
 def workload_distribution(spec: str, length_scale: float | None, max_context: int) -> Any:

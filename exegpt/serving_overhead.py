@@ -38,6 +38,12 @@ class ServingOverhead:
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"serving overhead {name} must be finite and >= 0, got {value}")
 
+    def scaled(self, factor: float) -> ServingOverhead:
+        """Every term times `factor` (a calibration's correction)."""
+        if factor == 1.0:
+            return self
+        return ServingOverhead(self.step_s * factor, self.token_s * factor, self.request_s * factor)
+
     def decode_step_s(self, num_rows: float) -> float:
         """Host time of a decode step of `num_rows` sequences."""
         return self.step_s + self.token_s * num_rows

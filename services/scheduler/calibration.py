@@ -18,7 +18,6 @@ the profile (calibration_store.py) so that the next plan starts from it.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -171,18 +170,8 @@ class ScaledCostModel:
 
     @property
     def serving_overhead(self) -> ServingOverhead:
-        """The base's serving-overhead terms, every one of them (each float field) times the
-        overhead factor."""
-        overhead = serving_overhead_of(self.base)
-        factor = self.calibration.factor(StageKind.OVERHEAD)
-        if factor == 1.0:
-            return overhead
-        scaled = {
-            item.name: getattr(overhead, item.name) * factor
-            for item in dataclasses.fields(overhead)
-            if isinstance(getattr(overhead, item.name), float)
-        }
-        return dataclasses.replace(overhead, **scaled)
+        """The base's serving-overhead terms, each times the overhead factor."""
+        return serving_overhead_of(self.base).scaled(self.calibration.factor(StageKind.OVERHEAD))
 
     def encode_attention_s(self, batch_size: int, seq_len_tokens: int, tp_degree: int) -> float:
         return self._encode * self.base.encode_attention_s(batch_size, seq_len_tokens, tp_degree)

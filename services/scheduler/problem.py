@@ -13,7 +13,7 @@ import numpy as np
 
 from exegpt.cost_model import CostModel
 from exegpt.schedule import SEARCHED_KINDS, Schedule, ScheduleKind
-from exegpt.workloads import get_task, load_trace
+from exegpt.workloads import get_task, load_trace, scale_length
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,28 @@ class WorkloadDistribution:
         task = get_task(task_id)
         return cls(
             f"task:{task.task_id}", task.input.pmf(), task.output.pmf(), task.output_p99_tokens
+        )
+
+    @classmethod
+    def from_scaled_task(cls, task_id: str, length_scale: float) -> WorkloadDistribution:
+        """A task with every length scaled as `exegpt bench --length-scale` draws it
+        (exegpt/workloads.py `scale_length`)."""
+        task = cls.from_task(task_id)
+        if length_scale == 1.0:
+            return task
+
+        def scale(pmf: np.ndarray) -> np.ndarray:
+            lengths = [scale_length(n, length_scale, None) for n in range(1, len(pmf))]
+            scaled = np.zeros(max(lengths) + 1)
+            np.add.at(scaled, lengths, pmf[1:])
+            return scaled
+
+        p99 = task.declared_output_p99_tokens
+        return cls(
+            f"{task.name} (lengths x{length_scale:g})",
+            scale(task.input_pmf),
+            scale(task.output_pmf),
+            None if p99 is None else scale_length(p99, length_scale, None),
         )
 
     @classmethod

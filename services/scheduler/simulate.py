@@ -14,12 +14,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from exegpt.plan_file import PlanFile
 from exegpt.schedule import SEARCHED_KINDS, Schedule, ScheduleKind
 from exegpt.serving_overhead import serving_overhead_of
-from exegpt.workloads import scale_length
 from services.scheduler.problem import PlanProblem, WorkloadDistribution
 from services.scheduler.problem_builder import calibrated_model, load_cost_model
 from services.scheduler.report import prediction_to_dict, problem_header
@@ -84,25 +81,12 @@ def workload_of(spec: str, length_scale: float | None, max_context: int) -> Work
     (exegpt/workloads.py `scale_length`), a trace's by the trace reader."""
     if length_scale is not None and not (length_scale > 0 and math.isfinite(length_scale)):
         raise ValueError(f"--length-scale must be positive, got {length_scale}")
-    if length_scale is None or length_scale == 1.0 or not spec.startswith("task:"):
-        return WorkloadDistribution.parse(
-            spec, max_context_tokens=max_context, length_scale=length_scale
-        )
-    task = WorkloadDistribution.from_task(spec.removeprefix("task:"))
-    p99 = task.declared_output_p99_tokens
-    return WorkloadDistribution(
-        f"{task.name} (lengths x{length_scale:g})",
-        _scaled_pmf(task.input_pmf, length_scale),
-        _scaled_pmf(task.output_pmf, length_scale),
-        scale_length(p99, length_scale, None) if p99 is not None else None,
+    if spec.startswith("task:"):
+        scale = 1.0 if length_scale is None else length_scale
+        return WorkloadDistribution.from_scaled_task(spec.removeprefix("task:"), scale)
+    return WorkloadDistribution.parse(
+        spec, max_context_tokens=max_context, length_scale=length_scale
     )
-
-
-def _scaled_pmf(pmf: np.ndarray, scale: float) -> np.ndarray:
-    lengths = [scale_length(n, scale, None) if n else 0 for n in range(len(pmf))]
-    scaled = np.zeros(max(lengths) + 1)
-    np.add.at(scaled, lengths, pmf)
-    return scaled
 
 
 def build_problem(request: PredictRequest) -> tuple[PlanProblem, Schedule, str, bool]:

@@ -211,6 +211,8 @@ def build_plan(
     block_size: int,
 ) -> StepPlan:
     """The plan of one step of `seqs`; grows their block tables to hold what it writes."""
+    starts: tuple[int, ...] = ()
+    prefix_ids: tuple[tuple[int, ...], ...] = tuple(() for _ in seqs)
     if kind is StepKind.PREFILL:
         prompts = [s.request.prompt_token_ids for s in seqs]
         prefixes = [list(s.output_token_ids) for s in seqs]
@@ -219,12 +221,11 @@ def build_plan(
         token_ids = tuple(tuple(p) for p in prompts)
         prefix_ids = tuple(tuple(p) for p in prefixes)
     elif kind in (StepKind.CHUNK, StepKind.MIXED):
-        return _packed_plan(step_id, kind, seqs, allocator, block_size)
+        token_ids, starts = _packed_tokens(seqs, allocator, block_size)
     else:
         lengths = [s.kv.num_self_tokens + 1 for s in seqs]
         allocator.grow([s.kv for s in seqs], block_size, lengths, None)
         token_ids = tuple((s.output_token_ids[-1],) for s in seqs)
-        prefix_ids = tuple(() for _ in seqs)
     return StepPlan(
         step_id=step_id,
         kind=kind,
@@ -233,13 +234,15 @@ def build_plan(
         token_ids=token_ids,
         prefixes=prefix_ids,
         sampling=tuple(row_sampling(s) for s in seqs),
+        starts=starts,
     )
 
 
-def _packed_plan(
-    step_id: int, kind: StepKind, seqs: list[Sequence], allocator: BlockAllocator, block_size: int
-) -> StepPlan:
-    """A step of prefill chunks and (MIXED) decodes. A chunk row holds its tokens
+def _packed_tokens(
+    seqs: list[Sequence], allocator: BlockAllocator, block_size: int
+) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
+    """The new tokens and start positions of a step of prefill chunks and (MIXED) decodes,
+    growing the block tables to hold them. A chunk row holds its tokens
     [chunk_start, chunk_end) of prompt + generated (set by the chunk planner) and samples with
     the whole prefill's index; a decode row holds its last token after its cached K/V."""
     starts = [s.kv.num_self_tokens if s.prefilled else s.chunk_start for s in seqs]
@@ -256,13 +259,4 @@ def _packed_plan(
         else tuple([*s.request.prompt_token_ids, *s.output_token_ids][start:end])
         for s, start, end in zip(seqs, starts, ends, strict=True)
     )
-    return StepPlan(
-        step_id=step_id,
-        kind=kind,
-        seq_ids=tuple(s.seq_id for s in seqs),
-        kv=tuple(copy_kv(s.kv) for s in seqs),
-        token_ids=token_ids,
-        prefixes=tuple(() for _ in seqs),
-        sampling=tuple(row_sampling(s) for s in seqs),
-        starts=tuple(starts),
-    )
+    return token_ids, tuple(starts)
