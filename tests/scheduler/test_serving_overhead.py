@@ -48,16 +48,21 @@ def both(schedule: Schedule, overhead: ServingOverhead = OVERHEAD, num_devices: 
 def test_static_batch_pays_each_step_each_streamed_token_and_each_request() -> None:
     batch = 8
     bare, served = both(Schedule(ScheduleKind.STATIC, batch, batch))
-    # One prefill step, then MAX_OUT decode steps; the batch streams B x mean tokens in them.
+    # One prefill step, then E[max of 8 outputs] = 2 + (1 - 0.4^8) decode steps; the batch
+    # streams B x mean tokens in them.
+    num_steps = 2 + (1 - 0.4**8)
     expected = (
         OVERHEAD.prefill_step_s(batch)
-        + MAX_OUT * OVERHEAD.step_s
+        + num_steps * OVERHEAD.step_s
         + OVERHEAD.token_s * batch * MEAN_OUT
     )
-    assert served.latency_s - bare.latency_s == pytest.approx(expected)
     assert batch / served.throughput_seq_s - batch / bare.throughput_seq_s == pytest.approx(
         expected
     )
+    # The p99-length (3-token) sequence: the prefill, then 3 steps beside 1 + 7 x 2.6 / 3 rows.
+    p99_rows = 1 + (batch - 1) * MEAN_OUT / MAX_OUT
+    expected_latency = OVERHEAD.prefill_step_s(batch) + MAX_OUT * OVERHEAD.decode_step_s(p99_rows)
+    assert served.latency_s - bare.latency_s == pytest.approx(expected_latency)
 
 
 def test_continuous_iteration_pays_a_decode_step_and_its_share_of_a_prefill() -> None:

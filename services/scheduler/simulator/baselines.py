@@ -3,15 +3,23 @@
 Both baselines place the model on N / t pipeline stages, each a TP group of t devices (t = 1
 is plain pipeline parallelism, t = N plain tensor parallelism), layers split evenly.
 
-Static batching (FasterTransformer). A batch of B queries is encoded, then decoded for the
-MAXIMUM output length: there is no early termination, so every sequence occupies its slot to
-the end and the batch's latency is the latency at the maximum length. One batch is served at
-a time; like FasterTransformer's pipeline parallelism (its `getLocalBatchSize`), the batch is
-split into one micro-batch per pipeline stage, min(P, B) micro-batches of ceil(B / m), which
-flow through the stages together in the encoding and in every decode iteration (an iteration
-takes `pipeline_period_s`, as in WAA's decode side). Throughput = B / (encode + max_len x
-iteration), latency = that same batch time. KV is reserved for the maximum input and output
-lengths of all B sequences.
+Static batching, as the engine runs it (services/worker/modes/static.py). A batch of B queries
+is encoded, then decoded until its LONGEST member finishes: finished sequences leave at once
+(they stop costing rows), but the next batch is only admitted when the batch is empty. So a
+batch takes E[max of B output lengths] decode steps, not the workload's maximum
+(FasterTransformer, with no early termination, would run every batch to the maximum). That
+expectation is the order statistic computed exactly from P_D (`expected_max_tokens`), not
+sampled: deterministic, and exact for any distribution. A step at position t holds the rows
+still running, B x P(S >= t) in expectation, so over a batch's E[max] steps the rows sum to
+B x E[S]; each step is priced at their mean (`_decode_times_at`, linear between whole batch
+sizes, exact where a step's cost is affine in its rows). Like FasterTransformer's pipeline
+parallelism (its `getLocalBatchSize`), the batch is split into one micro-batch per pipeline
+stage, min(P, B) micro-batches of ceil(B / m), which flow through the stages together in the
+encoding and in every decode iteration (an iteration takes `pipeline_period_s`, as in WAA's
+decode side). Throughput = B / (encode + E[max] x iteration). Latency: the p99-length
+request waits for its batch's encoding, then decodes S99 steps beside the rows still running
+(1 + (B' - 1) x mean P(S >= t) over its steps t = 1..S99, B' its micro-batch). KV is reserved
+for the maximum input and output lengths of all B sequences.
 
 Continuous / iteration-level batching (Orca, vLLM). Up to B sequences run; finished ones leave
 at once and new ones are admitted, B / mean output per iteration at steady state. With P
@@ -27,6 +35,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from exegpt.placement import Stage, build_stages, stage_groups
 from exegpt.schedule import Schedule, ScheduleKind
@@ -112,20 +122,54 @@ def _memory(
     return memory
 
 
-def static_kv_tokens(costs: LayerCosts, *, mean: bool) -> tuple[float, float]:
-    """(self, cross) KV lengths of a static batch: mean over the run, or reserved (maximum)."""
+def static_kv_tokens(costs: LayerCosts) -> tuple[float, float]:
+    """(self, cross) KV lengths a static batch reserves: the maximum input and output."""
     stats = costs.stats
-    generated = (stats.max_output_tokens + 1) / 2 if mean else stats.max_output_tokens
-    prompt = stats.mean_input_tokens if mean else stats.max_input_tokens
     if costs.model.shape.is_encoder_decoder:
-        return generated, prompt
-    return generated + prompt, 0.0
+        return stats.max_output_tokens, stats.max_input_tokens
+    return stats.max_output_tokens + stats.max_input_tokens, 0.0
 
 
 def static_micro_batches(batch_size: int, num_stages: int) -> tuple[int, int]:
     """(number of micro-batches, sequences in each) of a static batch on `num_stages`."""
     num_micro = min(num_stages, batch_size)
     return num_micro, math.ceil(batch_size / num_micro)
+
+
+def survival(output_pmf: np.ndarray) -> np.ndarray:
+    """P(S >= t) for t = 0..max (index t) of an output-length PMF."""
+    return np.cumsum(output_pmf[::-1])[::-1]
+
+
+def expected_max_tokens(output_pmf: np.ndarray, num_draws: int) -> float:
+    """E[max of `num_draws` independent output lengths] = sum over t >= 1 of
+    1 - P(S <= t - 1)^n: the steps a static batch of that many sequences decodes."""
+    at_least = survival(output_pmf)[1:]
+    return float(np.sum(1.0 - (1.0 - at_least) ** num_draws))
+
+
+def rows_beside(output_pmf: np.ndarray, num_tokens: int, batch_size: int) -> float:
+    """Mean rows of a static batch of `batch_size` over the steps 1..num_tokens of one of its
+    sequences that runs that long: itself plus each other one still running at step t."""
+    at_least = survival(output_pmf)[1 : num_tokens + 1]
+    at_least = np.pad(at_least, (0, num_tokens - len(at_least)))
+    return 1.0 + (batch_size - 1) * float(at_least.mean())
+
+
+def _decode_times_at(costs: LayerCosts, stages: list[Stage], rows: float) -> StageTimes:
+    """Stage times of a decode step of `rows` sequences on average (at least one): linear
+    between the whole batch sizes around it; the host work is paid per row as it is."""
+    rows = max(1.0, rows)
+    low = math.floor(rows)
+    share = rows - low
+    below = decode_times(costs, stages, low, live_rows=rows)
+    if share == 0:
+        return below
+    above = decode_times(costs, stages, low + 1, live_rows=rows)
+    return [
+        ((1 - share) * c0 + share * c1, (1 - share) * s0 + share * s1)
+        for (c0, s0), (c1, s1) in zip(below, above, strict=True)
+    ]
 
 
 def run_static(
@@ -147,15 +191,16 @@ def run_static(
         # Each micro-batch's encoder output goes to every stage's cross-attention.
         broadcast_s = costs.activation_transfer_s(costs.encode_tokens(micro_batch))
         encode_s += broadcast_s
-    kv_tokens = round(static_kv_tokens(costs, mean=True)[0])
-    # Finished sequences stop streaming: on average a row produces mean/max of the steps.
     stats = costs.stats
-    live_rows = micro_batch * stats.mean_output_tokens / stats.max_output_tokens
-    dec_times = decode_times(costs, stages, micro_batch, kv_tokens, live_rows)
+    num_steps = expected_max_tokens(stats.output_pmf, batch)
+    live_rows = micro_batch * stats.mean_output_tokens / num_steps
+    dec_times = _decode_times_at(costs, stages, live_rows)
     hop_s = costs.activation_transfer_s(micro_batch)
     iteration_s = pipeline_period_s(dec_times, hop_s, num_micro)
-    num_steps = costs.stats.max_output_tokens
     batch_s = encode_s + num_steps * iteration_s
+    p99_rows = rows_beside(stats.output_pmf, stats.output_p99_tokens, micro_batch)
+    p99_times = _decode_times_at(costs, stages, p99_rows)
+    latency_s = encode_s + stats.output_p99_tokens * pipeline_period_s(p99_times, hop_s, num_micro)
     if events is not None:
         # Each micro-batch starts decoding when its own encoding (and broadcast) is done.
         state = micro_batch_events(
@@ -169,15 +214,18 @@ def run_static(
                     for d in stage.devices
                 )
             state.ready_s = [end_s + broadcast_s for end_s in state.ready_s]
-        micro_batch_events(stages, dec_times, hop_s, num_micro, num_steps, 0.0, events, state=state)
+        shown_steps = max(1, round(num_steps))
+        micro_batch_events(
+            stages, dec_times, hop_s, num_micro, shown_steps, 0.0, events, state=state
+        )
     busy = [
         num_micro * (sum(e) + num_steps * sum(d)) for e, d in zip(enc_times, dec_times, strict=True)
     ]
-    self_kv, cross_kv = static_kv_tokens(costs, mean=False)
+    self_kv, cross_kv = static_kv_tokens(costs)
     memory = _memory(costs, stages, num_devices, batch, self_kv, cross_kv)
-    mean_out = costs.stats.mean_output_tokens
+    mean_out = stats.mean_output_tokens
     return BaselineOutcome(
-        stages, batch / batch_s, batch * mean_out / batch_s, batch_s, busy, batch_s, memory
+        stages, batch / batch_s, batch * mean_out / batch_s, latency_s, busy, batch_s, memory
     )
 
 

@@ -128,14 +128,10 @@ class LayerCosts:
             )
         return self._encode[key]
 
-    def decode(
-        self, batch_size: int, tp_degree: int, kv_tokens: int | None = None
-    ) -> tuple[float, float]:
-        """One decode step of one layer; `kv_tokens` overrides the running-batch self-KV
-        length (the static baseline decodes every sequence to the maximum length)."""
+    def decode(self, batch_size: int, tp_degree: int) -> tuple[float, float]:
+        """One decode step of one layer at the running batch's expected KV lengths (a static
+        batch's rows, weighted by the steps they run, sit at the same expected position)."""
         self_kv, cross_kv = self.kv_lengths()
-        if kv_tokens is not None:
-            self_kv = kv_tokens
         key = (batch_size, tp_degree, self_kv, cross_kv)
         if key not in self._decode:
             self._decode[key] = decode_layer_s(self.model, batch_size, self_kv, cross_kv, tp_degree)
@@ -237,7 +233,6 @@ def decode_times(
     costs: LayerCosts,
     stages: list[Stage],
     batch_size: int,
-    kv_tokens: int | None = None,
     live_rows: float | None = None,
 ) -> StageTimes:
     """Per-stage times of a decode step; `live_rows` (default: the batch) are the sequences
@@ -245,7 +240,7 @@ def decode_times(
     rows = batch_size if live_rows is None else live_rows
     times = []
     for index, stage in enumerate(stages):
-        compute_s, sync_s = costs.decode(batch_size, stage.tp_degree, kv_tokens)
+        compute_s, sync_s = costs.decode(batch_size, stage.tp_degree)
         extra_s = 0.0
         if index == 0:
             extra_s = costs.embedding_s(batch_size) + costs.overhead.decode_step_s(rows)
