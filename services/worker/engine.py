@@ -364,7 +364,11 @@ class Engine:
         self._deliver(self._scheduler.complete(result))
         if submitted is not None:
             kind = "decode" if submitted[0] is StepKind.DECODE else "prefill"
-            self._clock.charge(kind, submitted[1], result.forward_s or result.compute_s)
+            host_s = self._clock.charge(kind, submitted[1], result.forward_s or result.compute_s)
+            # Only a forward measured apart (in process) leaves pure host work: over stages
+            # the rest also holds hand-offs, and overlapping steps share their wall time.
+            if result.error is None and result.forward_s > 0:
+                self._scheduler.observe_host_time(submitted[0], submitted[1], host_s)
 
     def _observe(self, submitted: tuple[StepKind, int] | None, result: StepResult) -> None:
         if submitted is None or result.error is not None:

@@ -55,8 +55,9 @@ class EngineClock:
         """The engine is about to wait with nothing in flight: that time is not charged."""
         self._mark_s = None
 
-    def charge(self, kind: str, num_rows: int, forward_s: float) -> None:
-        """A step's result was applied: charge it the wall time since the last mark."""
+    def charge(self, kind: str, num_rows: int, forward_s: float) -> float:
+        """A step's result was applied: charge it the wall time since the last mark.
+        Returns the host seconds charged (the wall time beyond its forward)."""
         now = time.perf_counter()
         wall_s = now - self._mark_s if self._mark_s is not None else forward_s
         self._mark_s = now
@@ -67,6 +68,7 @@ class EngineClock:
             totals.num_rows += num_rows
             totals.forward_s += forward_s
             totals.host_s += wall_s - forward_s
+        return wall_s - forward_s
 
     def totals(self) -> list[StepTotals]:
         with self._lock:

@@ -78,6 +78,9 @@ class StepResult:
     # Time inside the model call alone (no batch building, no sampling); 0: not measured
     # apart from compute_s (the engine's clock then charges compute_s as the forward).
     forward_s: float = 0.0
+    # Measured hand-offs of activations between its stages: (tokens, seconds) each
+    # (services/worker/handoff.py; none in process).
+    handoffs: tuple[tuple[int, float], ...] = ()
     # Per row, where its sampling asked for them: the token's logprob and alternatives.
     logprobs: tuple[TokenLogprob | None, ...] = ()
 

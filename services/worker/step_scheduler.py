@@ -66,6 +66,7 @@ class StepScheduler(Admission):
         self._pending_aborts: set[str] = set()
         self._running: list[Sequence] = []
         self._plans: dict[int, list[Sequence]] = {}  # in flight, by step id
+        self._plan_kinds: dict[int, StepKind] = {}  # their kinds
         self._busy_groups: dict[int, int] = {}  # group -> step id of its decode in flight
         self._next_group = 0
         self._step_ids = itertools.count()
@@ -207,6 +208,7 @@ class StepScheduler(Admission):
     def complete(self, result: StepResult) -> list[Delivery]:
         """Apply a step's result: tokens, finishes, failures. Returns the events to deliver."""
         seqs = self._plans.pop(result.step_id, None)
+        kind = self._plan_kinds.pop(result.step_id, None)
         if seqs is None:  # a step of before fail_all
             return []
         for seq in seqs:
@@ -220,6 +222,10 @@ class StepScheduler(Admission):
                 else:
                     seq.retry_alone = True
             return []
+        if result.error is None:  # observed before tokens advance and finished KV is freed
+            self._observations.add_handoffs(len(seqs), result)
+            if kind in (StepKind.PREFILL, StepKind.DECODE):  # see observations.py
+                self._observations.add_step(seqs, result, kind is StepKind.DECODE)
         deliveries: list[Delivery] = []
         now_s = time.monotonic()
         num_finished = 0  # of the rows that decoded
@@ -239,8 +245,6 @@ class StepScheduler(Admission):
             deliveries.append(with_logprobs(advanced, result, row))
         if any(decoded):
             self.mode.on_decoded(num_finished)
-        if result.error is None and len(set(decoded)) == 1:  # a mixed step times neither kind
-            self._observations.add_step(seqs, result, decoded[0])
         return deliveries
 
     def set_mode(self, config: EngineConfig) -> None:
@@ -262,6 +266,12 @@ class StepScheduler(Admission):
             seq.retry_alone = False
         self._busy_groups.clear()
 
+    def observe_host_time(self, kind: StepKind, num_rows: int, host_s: float) -> None:
+        """The engine's host time of a step beyond its forward (kept for decode steps, the
+        ones the serving overhead's decode term prices)."""
+        if kind is StepKind.DECODE:
+            self._observations.add_host_time(num_rows, host_s)
+
     def drain_observations(self) -> Observations:
         """What was observed since the last call (lengths, step times), for the scheduler."""
         drained, self._observations = self._observations, Observations()
@@ -282,6 +292,7 @@ class StepScheduler(Admission):
                 deliveries.append(failure(seq, message, unavailable))
             self._remove(seq)
         self._plans.clear()
+        self._plan_kinds.clear()
         self._busy_groups.clear()
         return deliveries
 
@@ -298,6 +309,7 @@ class StepScheduler(Admission):
         for seq in seqs:
             seq.in_flight = True
         self._plans[plan.step_id] = seqs
+        self._plan_kinds[plan.step_id] = plan.kind
         return plan
 
     def _advance(self, seq: Sequence, token: int, now_s: float, batch_size: int) -> Delivery:

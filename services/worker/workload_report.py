@@ -7,8 +7,10 @@ degree. A prefill is STAGE_KIND_ENCODE on the stages that encode it: T5's encode
 in the cost model and is not reported), a decoder-only model's prefill stages (the decode
 stages storing handed-off KV are not reported). A decode step is STAGE_KIND_DECODE on each
 decoder stage. In process, the one measured time covers the whole model: the encoder's (T5)
-or the decoder's layers. The scheduler refuses a whole report for one invalid item, so items
-it would refuse are dropped here.
+or the decoder's layers. Each measured hand-off of activations (handoff.py) is a
+STAGE_KIND_TRANSFER of its tokens, and each in-process decode step's host time beyond its
+forward (engine_clock.py) a STAGE_KIND_OVERHEAD of its rows. The scheduler refuses a whole
+report for one invalid item, so items it would refuse are dropped here.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from services.worker.observations import MAX_KEPT, Observations, StepTime
 
 ENCODE = scheduler_pb2.STAGE_KIND_ENCODE
 DECODE = scheduler_pb2.STAGE_KIND_DECODE
+TRANSFER = scheduler_pb2.STAGE_KIND_TRANSFER
+OVERHEAD = scheduler_pb2.STAGE_KIND_OVERHEAD
 MAX_LENGTH_TOKENS = 1 << 17  # the scheduler's default limit on a reported length
 
 
@@ -78,7 +82,7 @@ def stage_times(
     for stage, measured_s in zip(route, step.stage_s, strict=True):
         if not stage.kind or stage.num_layers < 1:
             continue
-        if not (math.isfinite(measured_s) and measured_s > 0):
+        if not _positive(measured_s):
             continue
         observations.append(
             scheduler_pb2.StageTimeObservation(
@@ -92,6 +96,39 @@ def stage_times(
             )
         )
     return observations
+
+
+def _positive(seconds: float) -> bool:
+    return math.isfinite(seconds) and seconds > 0
+
+
+def transfers_and_overheads(
+    observations: Observations,
+) -> list[scheduler_pb2.StageTimeObservation]:
+    """The measured hand-offs (TRANSFER) and decode steps' host times (OVERHEAD)."""
+    items = [
+        scheduler_pb2.StageTimeObservation(
+            stage=TRANSFER,
+            batch_size=h.batch_size,
+            num_tokens=h.num_tokens,
+            tp_degree=1,
+            measured_s=h.measured_s,
+        )
+        for h in observations.handoffs
+        if 1 <= h.batch_size <= h.num_tokens and _positive(h.measured_s)
+    ]
+    items += [
+        scheduler_pb2.StageTimeObservation(
+            stage=OVERHEAD,
+            batch_size=t.batch_size,
+            num_tokens=t.batch_size,
+            tp_degree=1,
+            measured_s=t.measured_s,
+        )
+        for t in observations.host_times
+        if t.batch_size >= 1 and _positive(t.measured_s)
+    ]
+    return items
 
 
 def _lengths(values: Sequence[int]) -> list[int]:
@@ -115,6 +152,7 @@ def build_reports(
     if with_stage_times:
         for step in observations.step_times:
             times += stage_times(step, placement, model)
+        times += transfers_and_overheads(observations)
     reports = []
     pending: list[list] = [inputs, outputs, times]
     while any(pending):
@@ -137,4 +175,6 @@ def merge(backlog: Observations, more: Observations) -> Observations:
         input_tokens=(backlog.input_tokens + more.input_tokens)[-MAX_KEPT:],
         output_tokens=(backlog.output_tokens + more.output_tokens)[-MAX_KEPT:],
         step_times=(backlog.step_times + more.step_times)[-MAX_KEPT:],
+        handoffs=(backlog.handoffs + more.handoffs)[-MAX_KEPT:],
+        host_times=(backlog.host_times + more.host_times)[-MAX_KEPT:],
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -16,18 +17,27 @@ from exegpt.models.defaults import default_model_config
 from exegpt.models.loader import load_model, save_default_model
 from exegpt.models.stage_spec import LayerRange
 from exegpt.placement import Placement, StagePlacement
-from exegpt.v1 import scheduler_pb2
 from services.scheduler import convert
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.observations import StageKind
 from services.scheduler.service import SchedulerCore
 from services.worker.config import EngineConfig
 from services.worker.engine import EngineRequest
+from services.worker.executor.pipeline import PipelineConfig
 from services.worker.observations import Observations, StepTime
 from services.worker.schedule_board import Finish, p99_length_latency
 from services.worker.schedule_link import placement_to_apply
-from services.worker.server import build_engine
-from services.worker.workload_report import ENCODE, build_reports, stage_times
+from services.worker.server import build_engine, build_pipeline_engine
+from services.worker.workload_report import (
+    DECODE,
+    ENCODE,
+    OVERHEAD,
+    TRANSFER,
+    build_reports,
+    stage_times,
+)
+from tests.worker.stages import StagePool
+from tests.worker.test_engine import submit
 
 T5 = default_model_config()
 
@@ -36,7 +46,9 @@ def _stage(enc: tuple[int, int], dec: tuple[int, int], tp: int = 1, **kw) -> Sta
     return StagePlacement(LayerRange(*enc), LayerRange(*dec), tp, **kw)
 
 
-def test_a_real_engines_observations_are_a_report_the_scheduler_takes(tmp_path: Path) -> None:
+def test_a_real_engines_observations_are_a_report_the_scheduler_takes(
+    tmp_path: Path, measured_tiny_profile: Path
+) -> None:
     engine = build_engine(load_model("exegpt-tiny-t5"), EngineConfig(max_batch_size=4))
     engine.start()
     try:
@@ -60,12 +72,26 @@ def test_a_real_engines_observations_are_a_report_the_scheduler_takes(tmp_path: 
     (report,) = build_reports(
         observations, None, T5, replica_id="w", max_items=8192, with_stage_times=True
     )
-    kinds = {t.stage for t in report.stage_times}
-    assert kinds == {scheduler_pb2.STAGE_KIND_ENCODE, scheduler_pb2.STAGE_KIND_DECODE}
-    assert all(t.num_layers == 4 and t.tp_degree == 1 for t in report.stage_times)
+    by_kind = {k: [t for t in report.stage_times if t.stage == k] for k in (ENCODE, DECODE)}
+    assert by_kind[ENCODE] and by_kind[DECODE]
+    assert all(t.num_layers == 4 and t.tp_degree == 1 for k in by_kind for t in by_kind[k])
+    # In process: no hand-offs, and each decode step's host time beyond its forward.
+    overheads = [t for t in report.stage_times if t.stage == OVERHEAD]
+    assert not [t for t in report.stage_times if t.stage == TRANSFER]
+    assert [t.batch_size for t in overheads] == [t.batch_size for t in by_kind[DECODE]]
+    assert all(t.measured_s > 0 for t in overheads)
 
+    # A profile whose serving section prices a decode step's host work: the overhead
+    # observations are judged against it (the measured tiny profile, with terms added).
+    profile = json.loads(measured_tiny_profile.read_text())
+    profile["serving"] = {
+        "step_s": 1e-3, "token_s": 1e-4, "request_s": 0.0, "num_steps": 1,
+        "busy_fraction": 0.5, "method": "hand-made",
+    }  # fmt: skip
+    served_profile = tmp_path / "served.json"
+    served_profile.write_text(json.dumps(profile))
     model_dir = save_default_model(tmp_path / "model")
-    config = SchedulerConfig(profile="analytic:a40", model_config=str(model_dir))
+    config = SchedulerConfig(profile=str(served_profile), model_config=str(model_dir))
 
     async def report_to_core() -> SchedulerCore:
         core = SchedulerCore(config)
@@ -78,6 +104,54 @@ def test_a_real_engines_observations_are_a_report_the_scheduler_takes(tmp_path: 
     windows = core._windows  # the ratios calibration and drift judge
     assert len(windows.outputs) == 6
     assert windows.median_ratio(StageKind.ENCODE) and windows.median_ratio(StageKind.DECODE)
+    assert len(windows.stage_ratios[StageKind.OVERHEAD]) == len(overheads)
+
+
+def test_a_pipelines_handoffs_are_reported_as_transfers(
+    four_layer_models, stage_pool: StagePool
+) -> None:
+    path: Path = four_layer_models["llama-gqa"][0]
+    loaded = load_model(str(path))
+    placement = Placement((_stage((0, 0), (0, 2)), _stage((0, 0), (2, 4))))
+    pipeline = PipelineConfig(
+        model=str(path),
+        dtype="float32",
+        placement=placement,
+        stage_addresses=stage_pool.addresses([1, 1]),
+        num_blocks=64,
+        block_size_tokens=4,
+    )
+    config = EngineConfig(max_batch_size=4, kv_block_size_tokens=4)
+    engine = build_pipeline_engine(loaded, config, pipeline)
+    engine.start()
+    try:
+        collectors = [
+            submit(engine, list(range(5, 9 + i)), f"r{i}", max_tokens=4, ignore_eos=True)
+            for i in range(3)
+        ]
+        for collector in collectors:
+            collector.wait()
+            assert collector.events[-1].error is None
+        observations = engine.drain_observations()
+    finally:
+        engine.stop()
+    # One step in flight at a time: the second stage is idle when each hand-off is sent,
+    # so every step's one hop is measured: a prefill's prompt tokens, a decode's one a row.
+    steps = observations.step_times
+    assert len(observations.handoffs) == len(steps) >= 2
+    for step, handoff in zip(steps, observations.handoffs, strict=True):
+        assert handoff.batch_size == step.batch_size and handoff.measured_s > 0
+        if step.is_decode:
+            assert handoff.num_tokens == step.batch_size
+        else:
+            assert handoff.num_tokens >= step.num_tokens
+    assert not observations.host_times  # over stages the forward is not measured apart
+    (report,) = build_reports(observations, placement, loaded.config, replica_id="w",
+                              max_items=8192)  # fmt: skip
+    transfers = [t for t in report.stage_times if t.stage == TRANSFER]
+    assert [(t.batch_size, t.num_tokens) for t in transfers] == [
+        (h.batch_size, h.num_tokens) for h in observations.handoffs
+    ]
 
 
 def test_step_times_map_onto_the_stages_they_passed() -> None:

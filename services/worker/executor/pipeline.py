@@ -32,6 +32,7 @@ from exegpt.security import SecurityConfig, sync_channel
 from exegpt.transport import FrameError, PushFanout, TensorMessage, TensorSocket
 from exegpt.v1 import stage_pb2, stage_pb2_grpc
 from services.worker.executor.routes import first_hops, next_hops
+from services.worker.handoff import HANDOFFS_KEY, parse_handoffs
 from services.worker.sampling import logprobs_from_tensors, sampling_tensors
 from services.worker.step_plan import StepKind, StepPlan, StepResult
 
@@ -242,6 +243,7 @@ class PipelineExecutor:
         return StepResult(
             plan.step_id, tuple(token_ids), errors, compute_s=compute_s, stage_s=stage_s,
             logprobs=tuple(logprobs),
+            handoffs=parse_handoffs(message.attributes.get(HANDOFFS_KEY, "")),
         )  # fmt: skip
 
     def _expire_late_steps(self) -> None:

@@ -37,6 +37,7 @@ from exegpt.models.stage import build_stage, stage_kv_spec
 from exegpt.models.stage_spec import LayerRange, StageSpec
 from exegpt.transport import FrameError, PushFanout, TensorMessage, TensorSocket
 from exegpt.v1 import stage_pb2
+from services.worker.handoff import HANDOFFS_KEY, append_handoff, measured_handoff, stamp
 from services.worker.sampling import logprob_tensors, rows_from_tensors, sample_rows
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class StageRuntime:
         self._stage: LoadedStage | None = None
         self._step_lock = threading.Lock()  # a Load waits for the step in hand
         self._stopping = threading.Event()
+        self._idle_since_s = time.time()  # when it last finished a step (handoff.py)
         self.counters = StageCounters()
         self._thread = threading.Thread(target=self._loop, name="stage-loop", daemon=True)
 
@@ -195,11 +197,15 @@ class StageRuntime:
                     self.counters.num_bad_frames += 1
                 logger.warning("refused a frame: %s", exc)
                 continue
+            received_s = time.time()
+            handoff = measured_handoff(
+                message.attributes, message.tensors, self._idle_since_s, received_s
+            )
             with self._step_lock:
-                self._handle(message)
+                self._handle(message, handoff)
             del message  # its tensors may view a sender's shared-memory slot: hand it back
 
-    def _handle(self, message: TensorMessage) -> None:
+    def _handle(self, message: TensorMessage, handoff: tuple[int, float] | None = None) -> None:
         stage = self._stage
         step_id = message.attributes.get("step_id", "?")
         if stage is None:
@@ -228,6 +234,8 @@ class StageRuntime:
             out = TensorMessage("error", {}, attributes={"step_id": step_id, "error": str(exc)})
             hop = [stage.request.engine_address]
         elapsed_s = time.perf_counter() - start_s
+        # Idle from here on (before its own send, so a reply to it is sent after this mark).
+        self._idle_since_s = time.time()
         with self.counters.lock:
             self.counters.num_steps += 1
             self.counters.compute_s += elapsed_s
@@ -242,7 +250,9 @@ class StageRuntime:
         out.attributes["stage_s"] = (
             f"{stage_times},{elapsed_s!r}" if stage_times else repr(elapsed_s)
         )
+        append_handoff(out.attributes, message.attributes.get(HANDOFFS_KEY, ""), handoff)
         out.trace_context = dict(message.trace_context)
+        stamp(out.attributes)
         self._fanout.send(hop, out)
 
     def _run(self, stage: LoadedStage, message: TensorMessage) -> tuple[TensorMessage, list[str]]:
