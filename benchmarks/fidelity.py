@@ -3,7 +3,10 @@
 For each task, batching mode and batch size, `exegpt simulate` (services/scheduler/simulate.py)
 predicts the schedule on the given profile, then a local deployment (`exegpt up`'s launcher,
 one replica) runs it and `exegpt bench` drives it at saturation with the same workload
-(lengths scaled alike). Measured figures are read as `exegpt bench --against-plan` reads them
+(lengths scaled alike). With --calibrate (the default) each deployment first serves a short
+burst whose engine-clock totals calibrate the profile kind by kind (calibration_pass.py); the
+row's prediction is then the calibrated one, and the uncalibrated one's error is printed
+beside it. Measured figures are read as `exegpt bench --against-plan` reads them
 (exegpt/bench/against_plan.py): steady-state seq/s and the p99-length latency. Prints one
 row per run as it finishes, then the median and worst absolute errors and their signs.
 
@@ -27,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpc  # noqa: E402
+from calibration_pass import calibrated_copy, calibration_from_totals, totals_between  # noqa: E402
 from deployments import free_port  # noqa: E402
 
 from exegpt.bench.against_plan import measure, percent, relative_error, run_bench  # noqa: E402
@@ -49,6 +53,9 @@ class Run:
     measured_seq_s: float
     predicted_latency_s: float
     measured_latency_s: float
+    uncalibrated_seq_s: float  # the prediction before the calibration pass
+    uncalibrated_latency_s: float
+    calibration: str  # what the pass corrected ('uncalibrated' without one)
     num_failed: int
     busy_fraction: float  # the engine's forward time / busy wall time during the run
     decode_host_ms: float  # the engine's host work per decode step (engine clock)
@@ -61,35 +68,69 @@ class Run:
     def latency_error(self) -> float:
         return relative_error(self.measured_latency_s, self.predicted_latency_s)
 
+    @property
+    def uncalibrated_seq_error(self) -> float:
+        return relative_error(self.measured_seq_s, self.uncalibrated_seq_s)
+
+    @property
+    def uncalibrated_latency_error(self) -> float:
+        return relative_error(self.measured_latency_s, self.uncalibrated_latency_s)
+
 
 def one_run(args: argparse.Namespace, task: str, mode: str, batch: int, scratch: Path) -> Run:
     schedule = f"{mode}:encode_batch_size={batch},decode_batch_size={batch}"
-    request = PredictRequest(
-        profile=args.profile,
-        workload=f"task:{task}",
-        num_devices=1,
-        schedule=schedule,
-        length_scale=args.length_scale,
-    )
-    predicted = predict(request)
+    workload = f"task:{task}"
+
+    def predicted_by(profile: str) -> dict:
+        request = PredictRequest(
+            profile=profile,
+            workload=workload,
+            num_devices=1,
+            schedule=schedule,
+            length_scale=args.length_scale,
+        )
+        return predict(request)
+
+    uncalibrated = predicted_by(args.profile)
     num_requests = max(args.min_requests, args.requests_per_slot * batch)
     config = DeploymentConfig(
         batching=mode, max_batch_size=batch, log_dir=scratch, startup_timeout_s=300.0
     )
     config = replace(config, http_port=free_port(), grpc_port=free_port())
-    document_path = scratch / f"{task}-{mode}-{batch}.json"
+    name = f"{task}-{mode}-{batch}"
     with Deployment(config) as deployment:
+        worker = deployment.worker_addresses[0]
+        predicted, calibration = uncalibrated, "uncalibrated"
+        if args.calibrate:
+            # A first burst is not steady state (first forwards, pools filling): unused.
+            run_bench(
+                deployment.http_url, workload, batch, scratch / f"{name}-warmup.json",
+                args.length_scale,
+            )  # fmt: skip
+            before = engine_totals(worker)
+            run_bench(
+                deployment.http_url, workload, max(args.min_requests, 2 * batch),
+                scratch / f"{name}-calibration.json", args.length_scale,
+            )  # fmt: skip
+            totals = totals_between(before, engine_totals(worker))
+            calibrated = calibration_from_totals(args.profile, workload, args.length_scale, totals)
+            profile = calibrated_copy(args.profile, calibrated, scratch, name)
+            predicted, calibration = predicted_by(profile), calibrated.describe()
+        before = engine_totals(worker)
         document = run_bench(
-            deployment.http_url, f"task:{task}", num_requests, document_path, args.length_scale
-        )
-        totals = engine_totals(deployment.worker_addresses[0])
+            deployment.http_url, workload, num_requests, scratch / f"{name}.json",
+            args.length_scale,
+        )  # fmt: skip
+        totals = totals_between(before, engine_totals(worker))
     measured = measure(document, int(predicted["output_p99_tokens"]))
+    decode = totals.get("decode")
     return Run(
         task, mode, batch, num_requests,
         predicted["predicted"]["throughput_seq_s"], measured.throughput_seq_s,
         predicted["predicted"]["latency_s"], measured.p99_length_latency_s,
-        measured.num_failed, busy_fraction(totals),
-        1e3 * totals["decode"].host_s / max(1, totals["decode"].num_steps),
+        uncalibrated["predicted"]["throughput_seq_s"], uncalibrated["predicted"]["latency_s"],
+        calibration, measured.num_failed, busy_fraction(totals),
+        1e3 * decode.host_s / max(1, decode.num_steps) if decode else math.nan,
     )  # fmt: skip
 
 
@@ -108,18 +149,21 @@ def busy_fraction(totals: dict) -> float:
 
 HEADER = (
     f"{'task':<5}{'mode':<11}{'batch':>6}{'reqs':>6} {'pred seq/s':>11}{'meas seq/s':>11}"
-    f"{'err':>7} {'pred p99 s':>11}{'meas p99 s':>11}{'err':>7}{'failed':>7}{'busy':>6}"
-    f"{'host ms/dec':>12}"
+    f"{'err':>7}{'uncal':>7} {'pred p99 s':>11}{'meas p99 s':>11}{'err':>7}{'uncal':>7}"
+    f"{'failed':>7}{'busy':>6}{'host ms/dec':>12}"
 )
 
 
 def row(run: Run) -> str:
+    """One run; 'uncal' is the error against the prediction before calibration."""
     return (
         f"{run.task:<5}{run.mode:<11}{run.batch_size:>6}{run.num_requests:>6} "
-        f"{run.predicted_seq_s:>11.3f}{run.measured_seq_s:>11.3f}{percent(run.seq_error):>7} "
+        f"{run.predicted_seq_s:>11.3f}{run.measured_seq_s:>11.3f}{percent(run.seq_error):>7}"
+        f"{percent(run.uncalibrated_seq_error):>7} "
         f"{run.predicted_latency_s:>11.3f}{run.measured_latency_s:>11.3f}"
-        f"{percent(run.latency_error):>7}{run.num_failed:>7}{run.busy_fraction:>6.0%}"
-        f"{run.decode_host_ms:>12.2f}"
+        f"{percent(run.latency_error):>7}{percent(run.uncalibrated_latency_error):>7}"
+        f"{run.num_failed:>7}{run.busy_fraction:>6.0%}{run.decode_host_ms:>12.2f}\n"
+        f"     {run.calibration}"
     )
 
 
@@ -158,6 +202,13 @@ def main() -> int:
     )
     parser.add_argument("--requests-per-slot", type=int, default=4, help="requests per batch slot")
     parser.add_argument("--min-requests", type=int, default=32, help="requests per run at least")
+    parser.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="before each measured burst, a short burst calibrates the profile by kind and "
+        "the row predicts from the calibrated profile (the uncalibrated error is beside it)",
+    )
     parser.add_argument("--json", type=Path, help="write every run's figures here")
     args = parser.parse_args()
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -166,7 +217,8 @@ def main() -> int:
     scratch = Path(tempfile.mkdtemp(prefix="exegpt-fidelity-"))
     sys.stdout.write(
         f"fidelity on 1 device: profile {args.profile}, lengths x{args.length_scale:g}, "
-        f"{args.requests_per_slot} requests per slot (at least {args.min_requests})\n{HEADER}\n"
+        f"{args.requests_per_slot} requests per slot (at least {args.min_requests}), "
+        f"{'calibrated' if args.calibrate else 'uncalibrated'}\n{HEADER}\n"
     )
     runs: list[Run] = []
     for task in tasks:
@@ -177,6 +229,11 @@ def main() -> int:
                 sys.stdout.flush()
     sys.stdout.write(summary("throughput (seq/s)", [r.seq_error for r in runs]) + "\n")
     sys.stdout.write(summary("p99-length latency", [r.latency_error for r in runs]) + "\n")
+    if args.calibrate:
+        uncal_seq = [r.uncalibrated_seq_error for r in runs]
+        uncal_latency = [r.uncalibrated_latency_error for r in runs]
+        sys.stdout.write(summary("  uncalibrated seq/s", uncal_seq) + "\n")
+        sys.stdout.write(summary("  uncalibrated latency", uncal_latency) + "\n")
     for mode in modes:
         chosen = [r for r in runs if r.mode == mode]
         sys.stdout.write(summary(f"  {mode} seq/s", [r.seq_error for r in chosen]) + "\n")

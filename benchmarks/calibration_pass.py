@@ -1,0 +1,126 @@
+"""The benchmarks' "after calibration" protocol: a short pass on the real serving path, fed to
+the calibration by kind, then a prediction from the calibrated profile.
+
+Before its measured burst, a deployment serves a short saturating burst of the same workload
+(router, gRPC, HTTP and the bench client all running, as in the measurement). The engine's
+clock over that burst (GetStats `step_totals`: steps, rows, forward and host seconds by step
+kind; services/worker/engine_clock.py) becomes one observation per kind of cost, each compared
+with what the uncalibrated profile predicts for the same steps:
+
+- ENCODE: a prefill step's forward at the mean rows admitted per step and the workload's
+  prompts, less what the simulator prices beside the layers (the embedding);
+- DECODE: a decode step's forward at the mean rows per step and the workload's expected KV
+  lengths, less the embedding and the LM head;
+- OVERHEAD: the host seconds of all steps against the serving-overhead terms over the same
+  steps, rows and admitted requests (linear in them, so the totals compare exactly).
+
+The ratios go through `Calibration.updated` (services/scheduler/calibration.py), the result is
+stored beside a copy of the profile (calibration_store.py) and the prediction is made from
+that copy, as every later plan on it would be. Kinds without steps, or without a term in the
+profile, keep their factor of 1.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.scheduler.calibration import Calibration
+from services.scheduler.calibration_store import calibration_path, save_calibration
+from services.scheduler.observations import StageKind
+from services.scheduler.problem_builder import load_cost_model
+from services.scheduler.simulate import workload_of
+from services.scheduler.simulator.common import LayerCosts, WorkloadStats
+
+
+@dataclass(frozen=True)
+class KindTotals:
+    """One step kind's engine-clock totals over the calibration pass."""
+
+    num_steps: int
+    num_rows: int
+    forward_s: float
+    host_s: float
+
+
+def totals_between(before: dict, after: dict) -> dict[str, KindTotals]:
+    """Per step kind, `after` minus `before` (GetStats step_totals keyed by kind)."""
+    delta = {}
+    for kind, end in after.items():
+        start = before.get(kind)
+
+        def minus(name: str, end=end, start=start) -> float:
+            return getattr(end, name) - (getattr(start, name) if start is not None else 0)
+
+        delta[kind] = KindTotals(
+            int(minus("num_steps")), int(minus("num_rows")), minus("forward_s"), minus("host_s")
+        )
+    return delta
+
+
+def calibration_from_totals(
+    profile: str, workload: str, length_scale: float | None, totals: dict[str, KindTotals]
+) -> Calibration:
+    """The uncalibrated profile corrected, kind by kind, by what the pass measured."""
+    cost_model = load_cost_model(profile).model
+    stats = WorkloadStats.from_workload(
+        workload_of(workload, length_scale, cost_model.shape.max_context_tokens)
+    )
+    costs = LayerCosts(cost_model, stats)
+    shape = cost_model.shape
+    ratios: dict[StageKind, float] = {}
+    counts: dict[StageKind, int] = {}
+    prefill, decode = totals.get("prefill"), totals.get("decode")
+    if prefill is not None and prefill.num_steps > 0:
+        rows = max(1, round(prefill.num_rows / prefill.num_steps))
+        layers_s = (prefill.forward_s / prefill.num_steps) - costs.embedding_s(
+            costs.encode_tokens(rows)
+        )
+        predicted_s = shape.num_encode_layers * sum(costs.encode(rows, 1))
+        _keep(ratios, counts, StageKind.ENCODE, layers_s, predicted_s, prefill.num_steps)
+    if decode is not None and decode.num_steps > 0:
+        rows = max(1, round(decode.num_rows / decode.num_steps))
+        layers_s = decode.forward_s / decode.num_steps - costs.embedding_s(rows)
+        layers_s -= costs.lm_head_s(rows)
+        predicted_s = shape.num_decode_layers * sum(costs.decode(rows, 1))
+        _keep(ratios, counts, StageKind.DECODE, layers_s, predicted_s, decode.num_steps)
+    host_s = predicted_host_s = 0.0
+    num_steps = 0
+    overhead = costs.overhead
+    for kind, per_step in (
+        ("prefill", overhead.prefill_step_s),
+        ("decode", overhead.decode_step_s),
+    ):
+        part = totals.get(kind)
+        if part is None or part.num_steps == 0:
+            continue
+        predicted_host_s += part.num_steps * per_step(part.num_rows / part.num_steps)
+        host_s += part.host_s
+        num_steps += part.num_steps
+    _keep(ratios, counts, StageKind.OVERHEAD, host_s, predicted_host_s, num_steps)
+    return Calibration().updated(ratios, counts)
+
+
+def _keep(
+    ratios: dict[StageKind, float],
+    counts: dict[StageKind, int],
+    kind: StageKind,
+    measured_s: float,
+    predicted_s: float,
+    count: int,
+) -> None:
+    if measured_s > 0 and predicted_s > 0 and count > 0:
+        ratios[kind] = measured_s / predicted_s
+        counts[kind] = count
+
+
+def calibrated_copy(profile: str, calibration: Calibration, directory: Path, name: str) -> str:
+    """A copy of `profile` in `directory` with `calibration` stored beside it."""
+    copy = directory / f"{name}.json"
+    shutil.copyfile(profile, copy)
+    path = calibration_path(str(copy))
+    assert path is not None
+    if not save_calibration(path, calibration):
+        raise OSError(f"could not store the calibration at {path}")
+    return str(copy)
