@@ -1,0 +1,54 @@
+"""benchmarks/calibration_pass.py: engine-clock totals that took known multiples of what the
+profile predicts give back those multiples, kind by kind, and a calibrated copy predicts
+with them (hand-made totals on the analytic roofline profile)."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+from services.scheduler.observations import StageKind
+from services.scheduler.problem_builder import load_cost_model
+from services.scheduler.simulate import workload_of
+from services.scheduler.simulator.common import LayerCosts, WorkloadStats
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "calibration_pass.py"
+PROFILE = "analytic:a40:opt-13b"
+
+
+def test_totals_that_took_known_multiples_calibrate_each_kind_by_its_own() -> None:
+    module = runpy.run_path(str(SCRIPT), run_name="calibration_pass")
+    KindTotals, calibration_from_totals = module["KindTotals"], module["calibration_from_totals"]
+    model = load_cost_model(PROFILE).model
+    workload = workload_of("task:S", 0.25, model.shape.max_context_tokens)
+    costs = LayerCosts(model, WorkloadStats.from_workload(workload))
+    shape = model.shape
+    # 5 prefill steps of 4 requests whose layers took 2x the profile, 50 decode steps of 8
+    # rows at 1.5x; the embedding and LM head ran as priced (they are not calibrated).
+    prefill_s = costs.embedding_s(costs.encode_tokens(4)) + 2.0 * shape.num_encode_layers * sum(
+        costs.encode(4, 1)
+    )
+    decode_s = costs.embedding_s(8) + costs.lm_head_s(8)
+    decode_s += 1.5 * shape.num_decode_layers * sum(costs.decode(8, 1))
+    totals = {
+        "prefill": KindTotals(5, 20, 5 * prefill_s, 0.01),
+        "decode": KindTotals(50, 400, 50 * decode_s, 0.1),
+    }
+    calibration = calibration_from_totals(PROFILE, "task:S", 0.25, totals)
+    assert calibration.factor(StageKind.ENCODE) == pytest.approx(2.0)
+    assert calibration.factor(StageKind.DECODE) == pytest.approx(1.5)
+    # The analytic profile prices no serving overhead: that kind stays uncalibrated.
+    assert StageKind.OVERHEAD not in calibration.factors
+    assert calibration.counts == {StageKind.ENCODE: 5, StageKind.DECODE: 50}
+
+
+def test_totals_between_reads_the_pass_alone() -> None:
+    module = runpy.run_path(str(SCRIPT), run_name="calibration_pass")
+    KindTotals, totals_between = module["KindTotals"], module["totals_between"]
+    before = {"decode": KindTotals(10, 40, 1.0, 0.5)}
+    after = {"decode": KindTotals(30, 100, 4.0, 0.75), "prefill": KindTotals(3, 9, 0.3, 0.1)}
+    delta = totals_between(before, after)
+    assert delta["decode"] == KindTotals(20, 60, 3.0, 0.25)
+    assert delta["prefill"] == KindTotals(3, 9, 0.3, 0.1)
