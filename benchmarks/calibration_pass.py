@@ -59,6 +59,21 @@ def totals_between(before: dict, after: dict) -> dict[str, KindTotals]:
     return delta
 
 
+def sum_totals(parts: list[dict[str, KindTotals]]) -> dict[str, KindTotals]:
+    """Per step kind, the totals of several replicas added up."""
+    summed: dict[str, KindTotals] = {}
+    for part in parts:
+        for kind, t in part.items():
+            s = summed.get(kind, KindTotals(0, 0, 0.0, 0.0))
+            summed[kind] = KindTotals(
+                s.num_steps + t.num_steps,
+                s.num_rows + t.num_rows,
+                s.forward_s + t.forward_s,
+                s.host_s + t.host_s,
+            )
+    return summed
+
+
 def calibration_from_totals(
     profile: str, workload: str, length_scale: float | None, totals: dict[str, KindTotals]
 ) -> Calibration:

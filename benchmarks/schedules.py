@@ -13,6 +13,15 @@ exegpt/bench/against_plan.py).
 Lengths are scaled (`--length-scale`, default 0.25) in the plan and in the benchmark alike so
 a run stays tractable on a CPU.
 
+After calibration (--calibrate, the default): the continuous data-parallel baseline runs
+first, in process on each replica, and before its measured burst serves a warm-up burst and a
+calibration burst whose engine-clock totals calibrate the profile by kind
+(calibration_pass.py). The planned schedule is then predicted again from the calibrated
+profile (`exegpt simulate`'s library, the plan file as given) and that prediction is the one
+judged; the uncalibrated error is printed beside it. The calibration comes from another
+schedule on purpose: a kind's factor belongs to the model on this machine, not to a
+schedule. Transfers are not calibrated this way (the replicas hand nothing off).
+
     python benchmarks/schedules.py --tasks S --bounds 1          # one row, a few minutes
     python benchmarks/schedules.py                               # 5 tasks x 2 bounds
 """
@@ -27,8 +36,16 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import grpc
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from calibration_pass import (  # noqa: E402
+    calibrated_copy,
+    calibration_from_totals,
+    sum_totals,
+    totals_between,
+)
 from deployments import free_port  # noqa: E402
 
 from exegpt import autoplan  # noqa: E402
@@ -36,6 +53,8 @@ from exegpt.bench import against_plan  # noqa: E402
 from exegpt.launcher import Deployment, DeploymentConfig  # noqa: E402
 from exegpt.schedule import Schedule, ScheduleKind  # noqa: E402
 from exegpt.topology import Topology  # noqa: E402
+from exegpt.v1 import worker_pb2, worker_pb2_grpc  # noqa: E402
+from services.scheduler.simulate import PredictRequest, predict  # noqa: E402
 
 TASKS = ("S", "T", "G", "C1", "C2")
 BOUND_QUANTILES = (0.3, 0.7)
@@ -51,6 +70,8 @@ class Row:
     kind: str
     describe: str
     planned: against_plan.Comparison
+    uncalibrated: against_plan.Comparison  # the same measurement against the plan's own
+    calibration: str
     static: against_plan.Measured | None
     continuous_dp: against_plan.Measured
 
@@ -67,6 +88,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--profile", type=Path, help="a profile (default: the cached one)")
     parser.add_argument(
         "--profile-dir", type=Path, default=autoplan.DEFAULT_PROFILE_DIR.expanduser()
+    )
+    parser.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="calibrate the profile on the continuous baseline's deployment first and judge "
+        "the planned schedule's calibrated prediction (the uncalibrated error beside it)",
     )
     parser.add_argument("--json", type=Path, help="write the rows here")
     return parser.parse_args()
@@ -144,16 +172,59 @@ def dp_config(auto: autoplan.AutoPlan, profile: Path, log_dir: Path) -> Deployme
 
 
 def measure(
-    config: DeploymentConfig, args: argparse.Namespace, task: str, num: int, s99: int, out: Path
-) -> against_plan.Measured:
+    config: DeploymentConfig,
+    args: argparse.Namespace,
+    task: str,
+    num: int,
+    s99: int,
+    out: Path,
+    calibrate: bool = False,
+) -> tuple[against_plan.Measured, dict | None]:
+    """The measured burst; with `calibrate`, first a warm-up and a calibration burst, and
+    the engine-clock totals of the calibration burst summed over the replicas."""
     config = replace(config, http_port=free_port(), grpc_port=free_port())
     if config.log_dir is not None:
         config.log_dir.mkdir(parents=True, exist_ok=True)
+    totals = None
+    workload = f"task:{task}"
     with Deployment(config) as deployment:
+        if calibrate:
+            url, scale = deployment.http_url, args.length_scale
+            warmup = out.with_suffix(".warmup.json")
+            against_plan.run_bench(url, workload, max(16, num // 8), warmup, scale)
+            before = [engine_totals(a) for a in deployment.worker_addresses]
+            calibration_burst = out.with_suffix(".calibration.json")
+            against_plan.run_bench(url, workload, max(32, num // 2), calibration_burst, scale)
+            after = [engine_totals(a) for a in deployment.worker_addresses]
+            totals = sum_totals([totals_between(b, a) for b, a in zip(before, after, strict=True)])
         document = against_plan.run_bench(
-            deployment.http_url, f"task:{task}", num, out, args.length_scale
+            deployment.http_url, workload, num, out, args.length_scale
         )
-    return against_plan.measure(document, s99)
+    return against_plan.measure(document, s99), totals
+
+
+def engine_totals(address: str) -> dict:
+    """A worker's engine clock by step kind (GetStats step_totals)."""
+    with grpc.insecure_channel(address) as channel:
+        stats = worker_pb2_grpc.WorkerStub(channel).GetStats(worker_pb2.GetStatsRequest())
+    return {t.kind: t for t in stats.step_totals}
+
+
+def calibrated_prediction(
+    args: argparse.Namespace, task: str, auto: autoplan.AutoPlan, profile: Path, totals: dict
+) -> tuple[dict, str]:
+    """The plan's schedule predicted from a copy of `profile` calibrated by `totals`."""
+    workload = f"task:{task}"
+    calibration = calibration_from_totals(str(profile), workload, args.length_scale, totals)
+    copy = calibrated_copy(str(profile), calibration, auto.path.parent, f"{auto.path.stem}.profile")
+    request = PredictRequest(
+        profile=copy,
+        workload=workload,
+        num_devices=args.devices,
+        plan=str(auto.path),
+        length_scale=args.length_scale,
+    )
+    return predict(request)["predicted"], calibration.describe()
 
 
 def run_row(args: argparse.Namespace, task: str, bound_s: float, profile: Path, work: Path) -> Row:
@@ -166,7 +237,14 @@ def run_row(args: argparse.Namespace, task: str, bound_s: float, profile: Path, 
     pred = int(15 * auto.predicted["throughput_seq_s"])
     num = args.num_requests or min(MAX_REQUESTS, max(64, 4 * batch, pred))
     tag = f"{task}-{bound_s:.3g}"
-    planned = measure(
+    dp, totals = measure(
+        dp_config(auto, profile, work / f"{tag}-dp"), args, task, num, s99,
+        work / f"{tag}-dp.json", calibrate=args.calibrate,
+    )  # fmt: skip
+    predicted, calibration = auto.predicted, "uncalibrated"
+    if totals is not None:
+        predicted, calibration = calibrated_prediction(args, task, auto, profile, totals)
+    planned, _ = measure(
         planned_config(auto, profile, work / f"{tag}-planned"), args, task, num, s99,
         work / f"{tag}-planned.json",
     )  # fmt: skip
@@ -175,17 +253,14 @@ def run_row(args: argparse.Namespace, task: str, bound_s: float, profile: Path, 
     if static_plan is auto:
         static = planned
     elif static_plan is not None:
-        static = measure(
+        static, _ = measure(
             planned_config(static_plan, profile, work / f"{tag}-static"), args, task, num, s99,
             work / f"{tag}-static.json",
         )  # fmt: skip
-    dp = measure(
-        dp_config(auto, profile, work / f"{tag}-dp"), args, task, num, s99,
-        work / f"{tag}-dp.json",
-    )  # fmt: skip
     return Row(
         task, bound_s, auto.report["chosen_kind"], auto.predicted["describe"],
-        against_plan.compare(auto.predicted, planned, bound_s), static, dp,
+        against_plan.compare(predicted, planned, bound_s),
+        against_plan.compare(auto.predicted, planned, bound_s), calibration, static, dp,
     )  # fmt: skip
 
 
@@ -196,25 +271,29 @@ def _ratio(value: float, base: against_plan.Measured | None) -> str:
 
 
 def format_rows(rows: list[Row]) -> str:
+    """The table; 'uncal' is the error against the plan's uncalibrated prediction."""
+    percent = against_plan.percent
     header = (
         f"{'task':<5}{'bound s':>8}  {'kind':<11}{'seq/s pred':>11}{'meas':>7}{'err':>6}"
-        f"{'lat s pred':>11}{'meas':>7}{'err':>6}{'met':>5}{'static':>8}{'cont-DP':>8}"
-        f"{'vs static':>10}{'vs DP':>7}"
+        f"{'uncal':>6}{'lat s pred':>11}{'meas':>7}{'err':>6}{'uncal':>6}{'met':>5}"
+        f"{'static':>8}{'cont-DP':>8}{'vs static':>10}{'vs DP':>7}"
     )
     lines = [header]
     for row in rows:
-        c = row.planned
+        c, u = row.planned, row.uncalibrated
         met = {True: "yes", False: "no", None: "-"}[c.meets_bound]
         static = f"{row.static.throughput_seq_s:.2f}" if row.static else "-"
         lines.append(
             f"{row.task:<5}{row.bound_s:8.2f}  {row.kind:<11}{c.predicted_seq_s:11.2f}"
-            f"{c.measured_seq_s:7.2f}{against_plan.percent(c.throughput_error):>6}"
-            f"{c.predicted_latency_s:11.2f}{c.measured_latency_s:7.2f}"
-            f"{against_plan.percent(c.latency_error):>6}{met:>5}{static:>8}"
+            f"{c.measured_seq_s:7.2f}{percent(c.throughput_error):>6}"
+            f"{percent(u.throughput_error):>6}{c.predicted_latency_s:11.2f}"
+            f"{c.measured_latency_s:7.2f}{percent(c.latency_error):>6}"
+            f"{percent(u.latency_error):>6}{met:>5}{static:>8}"
             f"{row.continuous_dp.throughput_seq_s:8.2f}{_ratio(c.measured_seq_s, row.static):>10}"
             f"{_ratio(c.measured_seq_s, row.continuous_dp):>7}"
         )
-    lines += ["", *(f"{r.task} @ {r.bound_s:.2f} s: {r.describe}" for r in rows)]
+    lines += [""]
+    lines += [f"{r.task} @ {r.bound_s:.2f} s: {r.describe}; {r.calibration}" for r in rows]
     return "\n".join(lines)
 
 
@@ -253,6 +332,9 @@ def _row_json(row: Row) -> dict:
         "task": row.task, "bound_s": row.bound_s, "kind": row.kind, "schedule": row.describe,
         "predicted_seq_s": c.predicted_seq_s, "measured_seq_s": c.measured_seq_s,
         "predicted_latency_s": c.predicted_latency_s,
+        "uncalibrated_seq_s": row.uncalibrated.predicted_seq_s,
+        "uncalibrated_latency_s": row.uncalibrated.predicted_latency_s,
+        "calibration": row.calibration,
         "measured_latency_s": nan_none(c.measured_latency_s), "meets_bound": c.meets_bound,
         "static_seq_s": row.static.throughput_seq_s if row.static else None,
         "continuous_dp_seq_s": row.continuous_dp.throughput_seq_s,

@@ -161,7 +161,7 @@ class WorkerMetrics:
         ).labels(model_name)  # fmt: skip
         self.stage_step = Histogram(
             "exegpt:stage_step_seconds",
-            "Compute time of one step at one stage (stage 0 is the whole model in process).",
+            "Compute time of one step at one stage (in process: stage 0, the forward alone).",
             ["model_name", "stage", "phase"], buckets=STEP_BUCKETS, registry=registry,
         )  # fmt: skip
         self.steps = Counter(
