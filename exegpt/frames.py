@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 
-from exegpt.shm_ring import ShmReader, ShmRefError, ShmRing, SlotRef, aligned_bytes
+from exegpt.shm_ring import (
+    ALIGN_BYTES,
+    ShmReader,
+    ShmRefError,
+    ShmRing,
+    SlotRef,
+    aligned_bytes,
+)
 from exegpt.v1 import transport_pb2
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -200,6 +207,8 @@ def _tensors_from_slot(
     except ShmRefError as exc:
         raise FrameError(f"shared-memory reference refused: {exc}") from None
     try:
+        if ref.payload_bytes % ALIGN_BYTES:
+            raise FrameError(f"slot payload of {ref.payload_bytes} bytes is not whole lines")
         layout = [_slot_layout(meta, ref.payload_bytes) for meta in header.tensors]
     except FrameError:
         reader.release(ref)  # the ref was genuine: the slot goes back to the sender
@@ -208,15 +217,28 @@ def _tensors_from_slot(
         reader.release(ref)
         return {name: torch.empty(shape, dtype=dtype) for name, dtype, shape, _, _ in layout}
     # Every tensor's storage holds the lease; the lease ends when the last of them is freed.
-    lease = reader.lease(ref)
-    return {
-        name: torch.frombuffer(
-            lease, dtype=dtype, count=num_bytes // dtype.itemsize, offset=offset
-        ).view(shape)
-        if num_bytes
-        else torch.empty(shape, dtype=dtype)
-        for name, dtype, shape, offset, num_bytes in layout
-    }
+    # One typed view of the whole payload per dtype, then one strided view per tensor: a
+    # third of the cost of a frombuffer per tensor (payloads are whole cache lines).
+    payload = torch.frombuffer(reader.lease(ref), dtype=torch.uint8)
+    typed: dict[torch.dtype, torch.Tensor] = {}
+    tensors = {}
+    for name, dtype, shape, offset, num_bytes in layout:
+        if not num_bytes:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        whole = typed.get(dtype)
+        if whole is None:
+            whole = typed[dtype] = payload.view(dtype)
+        tensors[name] = whole.as_strided(shape, _strides(shape), offset // dtype.itemsize)
+    return tensors
+
+
+def _strides(shape: list[int]) -> list[int]:
+    """A contiguous tensor's strides, in elements."""
+    strides = [1] * len(shape)
+    for dim in range(len(shape) - 1, 0, -1):
+        strides[dim - 1] = strides[dim] * shape[dim]
+    return strides
 
 
 def _slot_layout(
