@@ -95,16 +95,48 @@ def encode_into_ring(message: TensorMessage, ring: ShmRing, *, wait_s: float = 0
     if slot is None:
         return None
     address = ring.slot_address(slot)
-    header = _new_header(message)
-    add_meta = header.tensors.add
+    metas = []
     for (name, tensor), offset in zip(message.tensors.items(), offsets_bytes, strict=True):
-        add_meta(name=name, dtype=_dtype_name(name, tensor), shape=tensor.shape, shm_offset=offset)
+        metas.append(_meta_field(name, _dtype_name(name, tensor), tensor.shape, offset))
         _copy_into_slot(ring, slot, address + offset, offset, tensor)
     ref = ring.publish(slot, payload_bytes)
+    header = _new_header(message)
     shm = header.shm
     shm.segment, shm.slot, shm.ticket = ref.segment, ref.slot, ref.ticket
     shm.payload_bytes = payload_bytes
-    return header.SerializeToString()
+    # Protobuf fields may come in any order and a repeated field's entries simply follow one
+    # another, so the tensors' entries are appended, already serialised.
+    return header.SerializeToString() + b"".join(metas)
+
+
+# FrameHeader.tensors (field 3, length-delimited) entries by (name, dtype, shape, offset): a
+# sender's steps repeat the same few, and building one costs more than the tensor's copy.
+_META_FIELDS: dict[tuple[str, str, tuple[int, ...], int], bytes] = {}
+_MAX_META_FIELDS = 4096
+_TENSORS_TAG = bytes([3 << 3 | 2])
+
+
+def _meta_field(name: str, dtype_name: str, shape: tuple[int, ...], offset: int) -> bytes:
+    key = (name, dtype_name, shape, offset)
+    field_bytes = _META_FIELDS.get(key)
+    if field_bytes is None:
+        body = transport_pb2.TensorMeta(
+            name=name, dtype=dtype_name, shape=shape, shm_offset=offset
+        ).SerializeToString()
+        field_bytes = _TENSORS_TAG + _varint(len(body)) + body
+        if len(_META_FIELDS) >= _MAX_META_FIELDS:
+            _META_FIELDS.clear()
+        _META_FIELDS[key] = field_bytes
+    return field_bytes
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _copy_into_slot(

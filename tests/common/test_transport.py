@@ -187,3 +187,28 @@ def test_oversized_messages_are_dropped_by_the_socket() -> None:
         sender.close()
         receiver.close()
         context.term()
+
+
+def test_slot_headers_keep_long_names_and_many_dims(tmp_path: Path) -> None:
+    # A slot header's tensor entries are appended already serialised (and reused from one
+    # message to the next): entries over 127 bytes need a two-byte length, and the same
+    # entry sent twice must still parse as its own tensor.
+    context = zmq.Context()
+    receiver = TensorSocket(context, zmq.PULL)
+    sender = TensorSocket(context, zmq.PUSH)
+    sender.connect(receiver.bind(f"shm+ipc://{tmp_path}/long.sock"))
+    try:
+        tensors = {
+            "n" * 300: torch.arange(2 * 3 * 1 * 2 * 5, dtype=torch.int32).view(2, 3, 1, 2, 5),
+            "short": torch.tensor([1.5, -2.0], dtype=torch.float64),
+        }
+        for step in range(2):
+            sender.send(TensorMessage("kv", tensors, sequence=step))
+            received = receiver.recv(timeout_ms=5000)
+            assert received.sequence == step
+            assert_same_tensors(received.tensors, tensors)
+        assert receiver.stats.received_shm == 2
+    finally:
+        sender.close()
+        receiver.close()
+        context.term()
