@@ -70,7 +70,6 @@ def measure(
     allocator = BlockAllocator(NUM_BLOCKS)
     seqs = [SequenceKV() for _ in range(batch_size)]
     prompts = [[3 + (i * 7 + j) % 300 for j in range(prompt_tokens)] for i in range(batch_size)]
-    greedy = tuple(RowSampling(0.0, 1.0, 0, 0) for _ in seqs)
     self_lengths, cross_lengths = prefill_lengths(config, prompts, [[] for _ in seqs])
     allocator.grow(seqs, DEFAULT_BLOCK_SIZE_TOKENS, self_lengths, cross_lengths)
 
@@ -80,6 +79,8 @@ def measure(
             for s in seqs
         )
         prefixes = tuple(() for _ in seqs)
+        # Greedy rows; the index counts the tokens generated before, as the engine's does.
+        greedy = tuple(RowSampling(0.0, 1.0, 0, step_id) for _ in seqs)
         return StepPlan(step_id, kind, tuple(range(len(seqs))), kv, token_ids, prefixes, greedy)
 
     try:

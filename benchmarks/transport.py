@@ -1,8 +1,12 @@
 """Data-plane hand-off bandwidth: in-process copy vs same-host shared memory vs ZeroMQ TCP.
 
 For each tensor size it measures, side by side in one run:
-- memcpy: one thread copying the tensor into a preallocated buffer (numpy), and clone: a
-  fresh tensor copied from it (torch), both in this process;
+- memcpy: one thread copying the tensor into a preallocated buffer (numpy), again and again:
+  both buffers stay in the caches (L2/L3 up to a few MB), as a just-computed activation is;
+- cold: the same copy, round robin over enough buffer pairs (>= 96 MiB of each) that none is
+  still cached: what a copy of data no core has touched lately costs (DRAM bandwidth);
+- clone: a fresh tensor copied from it (torch; large sizes pay the allocator's page faults),
+  all three in this process;
 - shm: exegpt.transport over `shm+ipc://` (payload through the sender's shared-memory ring,
   header over ZeroMQ), and tcp: the same transport over `tcp://127.0.0.1`, each with the
   sender here and the receiver in a separate (spawned) process that decodes every message.
@@ -62,18 +66,31 @@ def timed_round(action: Callable[[], object], count: int) -> float:
     return time.perf_counter() - start_s
 
 
+COLD_BYTES = 96 * 2**20  # well past this machine's caches (32 MiB of L3 here)
+
+
 class InProcessCopies:
-    """The references: a numpy memcpy into a preallocated buffer, and a torch clone."""
+    """The references: a numpy memcpy into a preallocated buffer (hot, and cold over many
+    buffer pairs), and a torch clone."""
 
     def __init__(self, size_bytes: int) -> None:
         self._source = np.ones(size_bytes, dtype=np.uint8)
         self._target = np.empty_like(self._source)
+        num_cold = max(2, -(-COLD_BYTES // size_bytes))
+        self._cold = [(np.ones(size_bytes, np.uint8), np.ones(size_bytes, np.uint8))
+                      for _ in range(num_cold)]  # fmt: skip
+        self._next_cold = 0
         self._tensor = torch.ones(size_bytes, dtype=torch.uint8)
         self.memcpy()  # warm-up: first-touch page faults and allocator growth
         self.clone()
 
     def memcpy(self) -> None:
         np.copyto(self._target, self._source)
+
+    def cold(self) -> None:
+        source, target = self._cold[self._next_cold]
+        self._next_cold = (self._next_cold + 1) % len(self._cold)
+        np.copyto(target, source)
 
     def clone(self) -> None:
         self._tensor.clone()
@@ -190,9 +207,12 @@ def measure_point(
         transport.one_round(tensor, min(count, 8))  # warm-up: ring pages, sockets, allocator
     shm = transports["shm"].sender.stats
     shm_before, inline_before = shm.sent_shm, shm.sent_inline
-    columns: dict[str, list[float]] = {"memcpy": [], "clone": [], **{k: [] for k in transports}}
+    columns: dict[str, list[float]] = {
+        "memcpy": [], "cold": [], "clone": [], **{k: [] for k in transports}
+    }  # fmt: skip
     for _ in range(rounds):
         times_s = {"memcpy": timed_round(copies.memcpy, count)}
+        times_s["cold"] = timed_round(copies.cold, count)
         times_s["clone"] = timed_round(copies.clone, count)
         for name, transport in transports.items():
             times_s[name] = transport.one_round(tensor, count)
@@ -219,20 +239,22 @@ def main() -> None:
         "tcp": RemoteReceiver("tcp://127.0.0.1:0", max(sizes_bytes), args.slots),
     }
     header = (
-        f"{'size':>7} {'memcpy':>8} {'clone':>8} {'shm':>8} {'shm/memcpy':>10} {'via slot':>8} "
-        f"{'tcp':>8} {'tcp/memcpy':>10}"
+        f"{'size':>7} {'memcpy':>8} {'cold':>8} {'clone':>8} {'shm':>8} {'shm/memcpy':>10} "
+        f"{'shm/cold':>8} {'via slot':>8} {'tcp':>8} {'tcp/memcpy':>10}"
     )
     print("hand-off bandwidth, GB/s, median of rounds (shm and tcp: sender and receiver in")
-    print("separate processes; ratios: median of per-round ratios, rounds interleaved)")
+    print("separate processes; ratios: median of per-round ratios, rounds interleaved;")
+    print("the target, shm >= 0.5 x memcpy at >= 1 MB, is against the cached memcpy)")
     print(header)
     try:
         for size_bytes in sizes_bytes:
             point = measure_point(size_bytes, round_bytes, args.rounds, transports)
             print(
                 f"{format_size(size_bytes):>7} {point.median('memcpy'):8.2f} "
-                f"{point.median('clone'):8.2f} {point.median('shm'):8.2f} "
-                f"{point.ratio('shm'):10.2f} {point.shm_share:8.0%} {point.median('tcp'):8.2f} "
-                f"{point.ratio('tcp'):10.2f}",
+                f"{point.median('cold'):8.2f} {point.median('clone'):8.2f} "
+                f"{point.median('shm'):8.2f} {point.ratio('shm'):10.2f} "
+                f"{point.ratio('shm', 'cold'):8.2f} {point.shm_share:8.0%} "
+                f"{point.median('tcp'):8.2f} {point.ratio('tcp'):10.2f}",
                 flush=True,
             )
     finally:

@@ -85,6 +85,8 @@ def test_every_dtype_round_trips_over_both_kinds_of_hand_off(any_pair) -> None:
     used_shm = kind.startswith("shm")
     assert (sender.stats.sent_shm, sender.stats.sent_inline) == (int(used_shm), int(not used_shm))
     assert receiver.stats.received_shm == int(used_shm)
+    # Same-host peers also skip ZeroMQ: the header goes over a direct link (direct_link.py).
+    assert receiver.stats.received_direct == sender.stats.sent_direct == int(used_shm)
 
 
 def test_large_tensors_round_trip_over_both_kinds(any_pair) -> None:
@@ -181,6 +183,31 @@ def test_oversized_messages_are_dropped_by_the_socket() -> None:
         with pytest.raises(TimeoutError):
             while True:
                 assert receiver.recv(timeout_ms=300).kind != "big"
+    finally:
+        sender.close()
+        receiver.close()
+        context.term()
+
+
+def test_slot_headers_keep_long_names_and_many_dims(tmp_path: Path) -> None:
+    # A slot header's tensor entries are appended already serialised (and reused from one
+    # message to the next): entries over 127 bytes need a two-byte length, and the same
+    # entry sent twice must still parse as its own tensor.
+    context = zmq.Context()
+    receiver = TensorSocket(context, zmq.PULL)
+    sender = TensorSocket(context, zmq.PUSH)
+    sender.connect(receiver.bind(f"shm+ipc://{tmp_path}/long.sock"))
+    try:
+        tensors = {
+            "n" * 300: torch.arange(2 * 3 * 1 * 2 * 5, dtype=torch.int32).view(2, 3, 1, 2, 5),
+            "short": torch.tensor([1.5, -2.0], dtype=torch.float64),
+        }
+        for step in range(2):
+            sender.send(TensorMessage("kv", tensors, sequence=step))
+            received = receiver.recv(timeout_ms=5000)
+            assert received.sequence == step
+            assert_same_tensors(received.tensors, tensors)
+        assert receiver.stats.received_shm == 2
     finally:
         sender.close()
         receiver.close()

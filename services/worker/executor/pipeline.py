@@ -25,15 +25,16 @@ import torch
 import zmq
 from opentelemetry import propagate, trace
 
-from exegpt.models.batch import BatchBuilder, batch_frame_tensors
+from exegpt.models.batch import BatchBuilder
 from exegpt.models.config import ModelConfig
 from exegpt.placement import Placement
 from exegpt.security import SecurityConfig, sync_channel
 from exegpt.transport import FrameError, PushFanout, TensorMessage, TensorSocket
 from exegpt.v1 import stage_pb2, stage_pb2_grpc
+from services.worker.executor.ahead import DecodeAhead
 from services.worker.executor.routes import first_hops, next_hops
 from services.worker.handoff import HANDOFFS_KEY, parse_handoffs
-from services.worker.sampling import logprobs_from_tensors, sampling_tensors
+from services.worker.sampling import logprobs_from_tensors
 from services.worker.step_plan import StepKind, StepPlan, StepResult
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,9 @@ class PipelineExecutor:
         self._model_config = model_config
         self.max_in_flight = len(placement.stages)
         null_slot = config.num_blocks * config.block_size_tokens
-        self._builder = BatchBuilder(model_config, config.block_size_tokens, null_slot, _CPU)
+        builder = BatchBuilder(model_config, config.block_size_tokens, null_slot, _CPU)
+        # A decode step's successor is built while it runs (one per micro-batch in flight).
+        self._ahead = DecodeAhead(builder, max_kept=len(placement.stages))
         self._context = zmq.Context()
         self._results = TensorSocket(self._context, zmq.PULL, same_host=True)
         self.data_address = self._results.bind(f"tcp://{config.data_host}:0")
@@ -157,10 +160,7 @@ class PipelineExecutor:
 
     def submit(self, plan: StepPlan) -> None:
         try:
-            tensors = {
-                **batch_frame_tensors(plan.batch(self._builder)),
-                **sampling_tensors(list(plan.sampling)),
-            }
+            tensors = self._ahead.tensors(plan)
         except Exception as exc:  # the plan's own input is bad: fail this step only
             with self._lock:
                 self._failed.append(StepResult.failed(plan, f"engine error: {exc}"))
@@ -190,6 +190,7 @@ class PipelineExecutor:
             self._in_flight[plan.step_id] = (plan, time.monotonic() + self._config.step_timeout_s)
             self._spans[plan.step_id] = span
         self._fanout.send(self._first_hops[hop], message)
+        self._ahead.build_next(plan)  # while the stages compute this step
 
     def next_result(self, timeout_s: float) -> StepResult | None:
         with self._lock:
