@@ -37,8 +37,7 @@ _MAGIC = 0x45584431  # "EXD1"
 _PREAMBLE = struct.Struct("=4I")
 _LENGTH = struct.Struct("=Q")
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
-MAX_FRAMES = 8192  # far more tensors than a MAX_HEADER_BYTES header can describe
-_MAX_IOV = 1000  # buffers per sendmsg, under Linux's IOV_MAX of 1024
+MAX_FRAMES = 1024
 # Messages a sender queues behind a partly written one before a send waits (then drops).
 MAX_PENDING = 64
 # Connections a receiver keeps (a sender keeps one per peer, PushFanout a few peers each).
@@ -102,8 +101,6 @@ class DirectSender:
             _LENGTH.pack(n) for n in lengths[1:]
         )
         buffers = [head, *frames]
-        if len(buffers) > _MAX_IOV:  # rare: one buffer, at the cost of a copy
-            buffers = [b"".join(memoryview(b).cast("B") for b in buffers)]
         with self._changed:
             sock = self._live_socket()
             if sock is None or not self._room_to_queue():
@@ -127,11 +124,6 @@ class DirectSender:
                 self._start_flusher()
                 self._changed.notify_all()
             return True
-
-    def reachable(self) -> bool:
-        """Whether the peer's link is up (reconnecting first, once the pause is over)."""
-        with self._changed:
-            return self._live_socket() is not None
 
     def close(self) -> None:
         with self._changed:

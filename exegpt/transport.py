@@ -184,9 +184,6 @@ class TensorSocket:
     def send(self, message: TensorMessage, extra: Mapping[str, str] | None = None) -> None:
         if extra:
             message.attributes.update(extra)
-        if self._direct is not None and not self._direct.reachable():
-            self.stats.dropped_direct += 1  # the peer has gone: no slot taken, no wait
-            return
         ring = self._ring_for_send()
         header = None
         if ring is not None:
