@@ -40,8 +40,6 @@ _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 MAX_FRAMES = 1024
 # Messages a sender queues behind a partly written one before a send waits (then drops).
 MAX_PENDING = 64
-# Connections a receiver keeps (a sender keeps one per peer, PushFanout a few peers each).
-MAX_LINKS = 256
 # A blocked write (a receiver that stopped reading) or a stalled read mid-message gives up
 # after this long: the link is closed rather than left hanging.
 IO_TIMEOUT_S = 5.0
@@ -263,8 +261,6 @@ class DirectListener:
                 return
             try:
                 _check_same_user(conn)
-                if len(self.connections) >= MAX_LINKS:
-                    raise PermissionError(f"already {MAX_LINKS} links open")
             except PermissionError as exc:
                 logger.warning("refused a direct link: %s", exc)
                 conn.close()
