@@ -12,11 +12,6 @@ garbage collected: a consumer that keeps a message keeps its slot. A payload lar
 slot, or a ring still full after `shm_wait_s`, goes inline; so does everything from a plain
 socket. Only a same-host socket accepts slot references, and it checks each against the
 segment.
-
-A same-host PULL socket bound to a tcp:// or ipc:// address also listens on a direct link
-(exegpt/direct_link.py): a Unix stream socket named after that address. A same-host PUSH
-socket that reaches it writes its messages there instead of through ZeroMQ, which wakes no IO
-thread on either side; one that cannot (another host, an older peer) uses ZeroMQ.
 """
 
 from __future__ import annotations
@@ -24,14 +19,12 @@ from __future__ import annotations
 import logging
 import socket as stdlib_socket
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import zmq
 
-from exegpt.direct_link import DirectListener, DirectSender, LinkClosed
 from exegpt.frames import FrameError, TensorMessage, decode, encode, encode_into_ring
 from exegpt.shm_ring import ShmReader, ShmRing
 
@@ -68,11 +61,6 @@ class TransportStats:
     sent_inline: int = 0
     received_shm: int = 0
     received_inline: int = 0
-    # Of the above, those that went over a direct link rather than ZeroMQ; and sends to a
-    # direct peer that had gone (dropped).
-    sent_direct: int = 0
-    received_direct: int = 0
-    dropped_direct: int = 0
 
 
 def split_shm_scheme(address: str) -> tuple[str, bool]:
@@ -130,8 +118,6 @@ class TensorSocket:
         shm_wait_s: float = DEFAULT_SHM_WAIT_S,
     ) -> None:
         self.socket = context.socket(socket_type)
-        self.socket_type = socket_type
-        self.max_message_bytes = max_message_bytes
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.same_host = same_host
@@ -142,11 +128,6 @@ class TensorSocket:
         self._ring: ShmRing | None = None
         self._ring_unavailable = False
         self._reader = ShmReader(max_payload_bytes=max_message_bytes)
-        self._direct: DirectSender | None = None  # a PUSH socket's link to its peer
-        self._listener: DirectListener | None = None  # a PULL socket's links from peers
-        self._poller: zmq.Poller | None = None
-        self._turn = 0
-        self._connected = False
 
     @property
     def shm_segment(self) -> str | None:
@@ -160,25 +141,15 @@ class TensorSocket:
         prefix = SHM_SCHEME_PREFIX if shm else ""
         if zmq_address.endswith(":0"):
             port = self.socket.bind_to_random_port(zmq_address.rsplit(":", 1)[0])
-            zmq_address = f"{zmq_address.rsplit(':', 1)[0]}:{port}"
-        else:
-            self.socket.bind(zmq_address)
-        if self.same_host and self.socket_type == zmq.PULL and self._listener is None:
-            if zmq_address.startswith(("tcp://", "ipc://")):
-                self._listener = DirectListener.bind(zmq_address)
-        return prefix + zmq_address
+            return f"{prefix}{zmq_address.rsplit(':', 1)[0]}:{port}"
+        self.socket.bind(zmq_address)
+        return address
 
     def connect(self, address: str) -> None:
         zmq_address, shm = split_shm_scheme(address)
         if shm and not is_same_host(zmq_address):
             raise ValueError(f"{address}: shared memory needs a peer on this host")
         self.same_host = self.same_host or shm
-        first = not self._connected
-        self._connected = True
-        if self.same_host and first and self.socket_type == zmq.PUSH:
-            self._direct = DirectSender.connect(zmq_address)
-            if self._direct is not None:
-                return
         self.socket.connect(zmq_address)
 
     def send(self, message: TensorMessage, extra: Mapping[str, str] | None = None) -> None:
@@ -188,29 +159,21 @@ class TensorSocket:
         header = None
         if ring is not None:
             header = encode_into_ring(message, ring, wait_s=self.shm_wait_s)
-        if self._direct is not None:
-            if not self._direct.send([header] if header is not None else encode(message)):
-                self.stats.dropped_direct += 1  # the peer has gone (its slot stays taken)
-                return
-            self.stats.sent_direct += 1
-        elif header is not None:
-            self.socket.send(header)  # a few hundred bytes: copying beats a zero-copy hand-off
-        else:
-            self.socket.send_multipart(encode(message), copy=False)
         if header is not None:
             self.stats.sent_shm += 1
-        else:
-            self.stats.sent_inline += 1
+            self.socket.send(header)  # a few hundred bytes: copying beats a zero-copy hand-off
+            return
+        self.stats.sent_inline += 1
+        self.socket.send_multipart(encode(message), copy=False)
 
     def recv(self, timeout_ms: int | None = None) -> TensorMessage:
         """The next message. A shared-memory message's tensors are views of its slot: keep
         them only as long as needed (the sender has `shm_num_slots` slots in all)."""
-        if self._listener is None:
-            if timeout_ms is not None and not self.socket.poll(timeout_ms):
-                raise TimeoutError(f"no message within {timeout_ms} ms")
-            frames = self._zmq_frames()
-        else:
-            frames = self._next_frames(timeout_ms)
+        if timeout_ms is not None and not self.socket.poll(timeout_ms):
+            raise TimeoutError(f"no message within {timeout_ms} ms")
+        frames: list[zmq.Frame | bytes] = [self.socket.recv()]  # the header, copied: small
+        if self.socket.getsockopt(zmq.RCVMORE):
+            frames.extend(self.socket.recv_multipart(copy=False))  # tensor frames: no copy
         message = decode(frames, shm=self._reader if self.same_host else None)
         if len(frames) == 1 and message.tensors:
             self.stats.received_shm += 1
@@ -218,62 +181,10 @@ class TensorSocket:
             self.stats.received_inline += 1
         return message
 
-    def _zmq_frames(self) -> list:
-        frames: list = [self.socket.recv()]  # the header, copied: small
-        if self.socket.getsockopt(zmq.RCVMORE):
-            frames.extend(self.socket.recv_multipart(copy=False))  # tensor frames: no copy
-        return frames
-
-    def _next_frames(self, timeout_ms: int | None) -> list:
-        """The next message's frames from ZeroMQ or a direct link, taking turns when several
-        are ready so that no sender starves the others."""
-        listener = self._listener
-        assert listener is not None
-        deadline_s = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
-        while True:
-            wait_ms = None if deadline_s is None else max(0, (deadline_s - time.monotonic()) * 1e3)
-            ready = [source for source, _ in self._poll_set().poll(wait_ms)]
-            if listener.fileno() in ready:
-                listener.accept_all()
-                self._poller = None
-                ready.remove(listener.fileno())
-            if not ready:
-                if deadline_s is not None and time.monotonic() >= deadline_s:
-                    raise TimeoutError(f"no message within {timeout_ms} ms")
-                continue
-            self._turn += 1
-            source = ready[self._turn % len(ready)]
-            if source is self.socket:
-                return self._zmq_frames()
-            try:
-                frames = listener.read(source, self.max_message_bytes)
-            except LinkClosed:
-                self._poller = None
-                continue
-            except FrameError:
-                self._poller = None
-                raise
-            self.stats.received_direct += 1
-            return frames
-
-    def _poll_set(self) -> zmq.Poller:
-        if self._poller is None:
-            assert self._listener is not None
-            self._poller = zmq.Poller()
-            self._poller.register(self.socket, zmq.POLLIN)
-            self._poller.register(self._listener.fileno(), zmq.POLLIN)
-            for fd in self._listener.connections:
-                self._poller.register(fd, zmq.POLLIN)
-        return self._poller
-
     def close(self) -> None:
         if self._ring is not None:
             self._ring.close()
             self._ring = None
-        if self._direct is not None:
-            self._direct.close()
-        if self._listener is not None:
-            self._listener.close()
         self._reader.close()
         self.socket.close(linger=0)
 
