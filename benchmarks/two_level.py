@@ -203,6 +203,7 @@ def main() -> int:
     parser.add_argument("--latency-bound-s", type=float, help="default: e2e p50 at capacity")
     parser.add_argument("--model", help="default: a seeded random 4-layer Llama")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json-dir", type=Path, help="keep every replay's bench JSON here")
     args = parser.parse_args()
     args.loads = [float(x) for x in args.loads.split(",")]
     traces = args.traces.split(",")
@@ -218,6 +219,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         model = args.model or str(build_tiny_llama(tmp / "tiny-llama"))
+        if args.json_dir is not None:
+            args.json_dir.mkdir(parents=True, exist_ok=True)
+            tmp = args.json_dir
         setup = Setup(model, args.kv_cache_mb, args.max_batch_size, torch_threads=1)
         results = {name: run_trace(name, runs, setup, args, tmp) for name in traces}
     print(

@@ -9,9 +9,11 @@ and attends to its own cached K/V, so decodes and chunks share the step (`StepKi
 prefill yields a token. When the ready decodes alone fill the budget and prefills wait, every
 other step leaves the decodes out and carries a chunk, so no prompt waits forever.
 
-Encoder-decoder models (T5) are not chunked: the encoder attends to the whole prompt at once,
-and the decoder's prefill is its start token (plus any tokens to recompute); their prefill and
-decode steps alternate as without a budget.
+Encoder-decoder models (T5) cannot be chunked, and a budget given for one is refused at start:
+the encoder is bidirectional (every prompt token attends to every other, later ones
+included), so a chunk cannot be encoded alone. Each chunk would need the whole prompt's
+encoder pass again, and the decoder's own prefill is only its start token. Their prefill and
+decode steps alternate.
 """
 
 from __future__ import annotations
@@ -57,7 +59,14 @@ class ChunkBudget:
 
 
 def chunk_budget(max_tokens_per_step: int | None, is_encoder_decoder: bool) -> ChunkBudget | None:
-    """The budget, or None where prompts are prefilled whole (off, or a T5 model)."""
-    if max_tokens_per_step is None or is_encoder_decoder:
+    """The budget, or None where prompts are prefilled whole (off). A budget for an
+    encoder-decoder model is a ValueError: its prompts cannot be chunked (see above)."""
+    if max_tokens_per_step is None:
         return None
+    if is_encoder_decoder:
+        raise ValueError(
+            "--max-tokens-per-step (chunked prefill) needs a decoder-only model: an "
+            "encoder-decoder model's encoder attends to the whole prompt at once, so a prompt "
+            "cannot be encoded in chunks; leave the option out for this model"
+        )
     return ChunkBudget(max_tokens_per_step)

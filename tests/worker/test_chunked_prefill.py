@@ -1,7 +1,7 @@
 """Chunked prefill (--max-tokens-per-step) on the real engine: greedy tokens equal the
 unchunked ones (in process, under preemption by recompute, over 2 pipeline stages), no step
 carries more tokens than the budget, a long prompt's chunks share steps with the running
-decodes (mixed steps), and T5 prompts are not chunked."""
+decodes (mixed steps), and a budget for T5 is refused."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from exegpt import cli
 from exegpt.generation import SamplingParams
 from exegpt.models.kv_cache import KVCachePool, KVCacheSpec
 from exegpt.models.loader import LoadedModel, load_model
@@ -218,15 +219,13 @@ def _max_stall(plans: list[StepPlan]) -> int:
     return worst
 
 
-def test_t5_prompts_are_not_chunked() -> None:
+def test_a_budget_for_t5_is_refused_with_a_clear_error() -> None:
     loaded = load_model("exegpt-tiny-t5")
-    long_prompts = [[5 + j % 50 for j in range(n)] for n in (3, 12, 30)]
-    expected = _run(build_engine(loaded, _config(None)), long_prompts)
-    assert _run(build_engine(loaded, _config(4)), long_prompts) == expected
-    scheduler = StepScheduler(_config(4), loaded.config, KVCachePool.for_memory(
-        KVCacheSpec.for_model(loaded.config, dtype=loaded.dtype), 2**22, block_size_tokens=BLOCK
-    ).allocator)  # fmt: skip
-    sampling = SamplingParams(max_tokens=2)
-    scheduler.enqueue(EngineRequest("t5", long_prompts[2], sampling, lambda event: None))
-    plan = scheduler.next_plan()
-    assert plan is not None and plan.kind is StepKind.PREFILL and len(plan.token_ids[0]) == 30
+    with pytest.raises(ValueError, match="needs a decoder-only model"):
+        build_engine(loaded, _config(4))
+
+
+def test_the_worker_refuses_a_budget_for_t5_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    args = ["worker", "--model", "exegpt-tiny-t5", "--port", "0", "--max-tokens-per-step", "4"]
+    assert cli.main(args) == 1
+    assert "worker failed to start: --max-tokens-per-step" in caplog.text
