@@ -165,9 +165,10 @@ class StepScheduler(Admission):
         prefills_wait = bool(pending) or self.num_waiting() > 0
         chunk_turn = not self._chunks.decodes_go_in(len(decodes), prefills_wait)
         num_decodes = 0 if chunk_turn else len(decodes)
-        if self._chunks.has_room(pending, num_decodes):
+        decoding = any(s.prefilled for s in self._running)  # else prefills go whole
+        if self._chunks.has_room(pending, num_decodes, decoding):
             pending += self._admit()
-        chunks = self._chunks.select(pending, num_decodes)
+        chunks = self._chunks.select(pending, num_decodes, decoding)
         if chunk_turn and chunks:  # else no prefill could start: the decodes go on
             decodes = []
         rows = self._make_room(decodes + chunks)  # a victim leaves the step

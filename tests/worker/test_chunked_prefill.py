@@ -29,6 +29,9 @@ BLOCK = 4
 NUM_TOKENS = 6
 # Lengths around the chunk boundaries of budgets 4 and 5 (and the 4-token blocks).
 PROMPTS = [[(7 * i + 3 * j) % 190 + 5 for j in range(n)] for i, n in enumerate([3, 4, 5, 8, 9, 13])]
+# Uneven lengths: in a batch of 2, a prompt is admitted while the other request decodes (with
+# no sequence decoding, prompts are prefilled whole), so it is chunked into mixed steps.
+STAGGERED = [NUM_TOKENS, 2 * NUM_TOKENS] * 3
 BYTES_PER_TOKEN = 4 * 2 * 16 * 2 * 4  # llama-gqa: layers x KV heads x head dim x K,V x fp32
 
 
@@ -38,12 +41,15 @@ def llama(four_layer_models) -> tuple[Path, LoadedModel]:
     return path, load_model(str(path))
 
 
-def _run(engine, prompts: list[list[int]], num_tokens: int = NUM_TOKENS) -> list[list[int]]:
+def _run(
+    engine, prompts: list[list[int]], num_tokens: int | list[int] = NUM_TOKENS
+) -> list[list[int]]:
     """Every request queued before the engine starts, so that batches do not depend on when
-    the engine thread wakes."""
+    the engine thread wakes. `num_tokens`: one for all, or one per prompt."""
+    counts = num_tokens if isinstance(num_tokens, list) else [num_tokens] * len(prompts)
     collectors = [
-        submit(engine, p, f"r{i}", max_tokens=num_tokens, ignore_eos=True)
-        for i, p in enumerate(prompts)
+        submit(engine, p, f"r{i}", max_tokens=n, ignore_eos=True)
+        for i, (p, n) in enumerate(zip(prompts, counts, strict=True))
     ]
     engine.start()
     try:
@@ -71,11 +77,12 @@ def _config(budget: int | None, max_batch_size: int = 8, **options) -> EngineCon
 def test_chunked_greedy_tokens_equal_unchunked_in_process(llama, budget: int, policy) -> None:
     _, loaded = llama
     policy_config = PolicyConfig(policy)
-    expected = _run(build_engine(loaded, _config(None, policy=policy_config)), PROMPTS)
-    chunked = build_engine(loaded, _config(budget, policy=policy_config))
+    unchunked = build_engine(loaded, _config(None, policy=policy_config))
+    expected = _run(unchunked, PROMPTS, STAGGERED)
+    chunked = build_engine(loaded, _config(budget, 2, policy=policy_config))
     kinds: list[StepKind] = []
     chunked.step_observers.append(lambda kind, num_rows, result: kinds.append(kind))
-    assert _run(chunked, PROMPTS) == expected
+    assert _run(chunked, PROMPTS, STAGGERED) == expected
     assert StepKind.MIXED in kinds
 
 
@@ -94,7 +101,7 @@ def test_chunked_tokens_over_two_pipeline_stages_equal_unchunked(
     llama, stage_pool: StagePool
 ) -> None:
     path, loaded = llama
-    expected = _run(build_engine(loaded, _config(None)), PROMPTS)
+    expected = _run(build_engine(loaded, _config(None)), PROMPTS, STAGGERED)
     placement, layout = topologies(False)["pp2"]
     pipeline = PipelineConfig(
         model=str(path),
@@ -104,11 +111,11 @@ def test_chunked_tokens_over_two_pipeline_stages_equal_unchunked(
         num_blocks=64,
         block_size_tokens=BLOCK,
     )
-    config = _config(4, num_micro_batches=2)
+    config = _config(4, max_batch_size=4, num_micro_batches=2)
     engine = build_pipeline_engine(loaded, config, pipeline)
     kinds: list[StepKind] = []
     engine.step_observers.append(lambda kind, num_rows, result: kinds.append(kind))
-    assert _run(engine, PROMPTS) == expected
+    assert _run(engine, PROMPTS, STAGGERED) == expected
     assert StepKind.MIXED in kinds  # decodes and chunks shared steps across the stages
 
 
