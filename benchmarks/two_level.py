@@ -46,9 +46,11 @@ from services.scheduler.simulator.kv_policy import SimRequest, simulate_kv_polic
 TRACES = {"conv": "azure2023_conv.csv", "code": "azure2023_code.csv"}
 DEFAULT_COMBOS = (
     "fcfs+round_robin,fcfs+least_requests,fcfs+power_of_two,fcfs+token_aware,"
-    "memory_aware+round_robin,memory_aware+token_aware,memory_aware+token_aware+chunk256"
+    "memory_aware+round_robin,memory_aware+token_aware,memory_aware+token_aware+chunk64"
 )
-TARGET = "memory_aware+token_aware+chunk256"
+# A budget of 64 keeps a mixed step within ~3x a decode step on the tiny model (measured: a
+# 256-token chunk step took ~6x).
+TARGET = "memory_aware+token_aware+chunk64"
 BURST = math.inf  # the load of a replay with every request at once
 
 
@@ -130,19 +132,21 @@ def format_matrix(name: str, results: TraceResults, runs: list[Run], loads: list
     return "\n".join(lines)
 
 
-def check_targets(all_results: dict[str, TraceResults], loads: list[float]) -> list[str]:
+def check_targets(
+    all_results: dict[str, TraceResults], loads: list[float], target: str = TARGET
+) -> list[str]:
     """One line per target and trace: the measured figure and whether it is met."""
     lines = []
     for name, results in all_results.items():
         for load in [x for x in loads if x >= 0.8]:
-            base, best = results.cells.get((BASELINE, load)), results.cells.get((TARGET, load))
+            base, best = results.cells.get((BASELINE, load)), results.cells.get((target, load))
             if base is None or best is None:
                 continue
             ttft = _ratio(best, base, ("ttft_s", "p99"))
             tput = _ratio(best, base, ("throughput", "sequences_per_s"))
             met = ttft is not None and tput is not None and ttft <= 0.5 and tput >= 0.97
             lines.append(
-                f"{name} {load:.0%}: {TARGET} TTFT p99 x{_fmt(ttft)} of {BASELINE} (target "
+                f"{name} {load:.0%}: {target} TTFT p99 x{_fmt(ttft)} of {BASELINE} (target "
                 f"<= 0.5), throughput x{_fmt(tput)} (target >= 1, noise 3%): "
                 f"{'met' if met else 'NOT met'}"
             )
@@ -203,6 +207,7 @@ def main() -> int:
     parser.add_argument("--latency-bound-s", type=float, help="default: e2e p50 at capacity")
     parser.add_argument("--model", help="default: a seeded random 4-layer Llama")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target", default=TARGET, help="the combo the targets are checked on")
     parser.add_argument("--json-dir", type=Path, help="keep every replay's bench JSON here")
     args = parser.parse_args()
     args.loads = [float(x) for x in args.loads.split(",")]
@@ -231,7 +236,7 @@ def main() -> int:
     )
     for name in traces:
         print(format_matrix(name, results[name], runs, args.loads))
-    print("\n".join(check_targets(results, args.loads)))
+    print("\n".join(check_targets(results, args.loads, args.target)))
     return 0
 
 
