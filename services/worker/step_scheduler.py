@@ -98,8 +98,15 @@ class StepScheduler(Admission):
             queued = [request_load(r) for r in self._waiting]
             queued += [s.load() for s in self._preempted]
             running = [s.load() for s in self._running]
+            prefill_left = sum(
+                s.prefill_tokens - s.chunk_start for s in self._running if not s.prefilled
+            )
         return Snapshot.of(
-            queued, running, self._allocator.num_free_blocks, self.lengths.expected_remaining
+            queued,
+            running,
+            self._allocator.num_free_blocks,
+            self.lengths.expected_remaining,
+            prefill_left,
         )
 
     def max_blocks_for(self, request: EngineRequest) -> int:

@@ -236,3 +236,34 @@ def test_the_worker_refuses_a_budget_for_t5_at_start(caplog: pytest.LogCaptureFi
     args = ["worker", "--model", "exegpt-tiny-t5", "--port", "0", "--max-tokens-per-step", "4"]
     assert cli.main(args) == 1
     assert "worker failed to start: --max-tokens-per-step" in caplog.text
+
+
+def test_the_load_counts_the_prompt_tokens_an_admitted_request_has_yet_to_chunk(llama) -> None:
+    _, loaded = llama
+    config = _config(8)
+    pool = KVCachePool.for_memory(
+        KVCacheSpec.for_model(loaded.config, dtype=loaded.dtype),
+        config.kv_capacity_bytes,
+        block_size_tokens=BLOCK,
+    )
+    scheduler = StepScheduler(config, loaded.config, pool.allocator)
+    executor = LocalExecutor(loaded.model, pool)
+
+    def step() -> StepPlan:
+        plan = scheduler.next_plan()
+        assert plan is not None
+        executor.submit(plan)
+        result = executor.next_result(5.0)
+        assert result is not None
+        scheduler.complete(result)
+        return plan
+
+    sampling = SamplingParams(max_tokens=20, ignore_eos=True)
+    scheduler.enqueue(EngineRequest("short", PROMPTS[0], sampling, lambda event: None))
+    step()  # its prefill: it decodes from now on
+    scheduler.enqueue(EngineRequest("long", [5] * 40, sampling, lambda event: None))
+    assert scheduler.snapshot().num_pending_prefill_tokens == 40  # queued
+    assert step().kind is StepKind.MIXED  # one decode and 7 of its tokens
+    assert scheduler.snapshot().num_pending_prefill_tokens == 33  # admitted, 33 to chunk
+    step()
+    assert scheduler.snapshot().num_pending_prefill_tokens == 26
