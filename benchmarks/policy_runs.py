@@ -27,6 +27,11 @@ COLUMNS = (  # label, metrics path, scale, format
     ("TPOT p99", ("tpot_s", "p99"), 1e3, "{:9.1f}"),
     ("e2e p99", ("e2e_latency_s", "p99"), 1.0, "{:8.2f}"),
     ("failed", ("num_failed",), 1.0, "{:7.0f}"),
+    # The replicas' mean step wall time (GetStats deltas): a decode step, and a step with
+    # prompt tokens (prefill, chunk or mixed). Against one engine alone
+    # (chunk_budget.py), they show what the shared cores added.
+    ("dec step", ("step_ms", "decode"), 1.0, "{:9.1f}"),
+    ("pre step", ("step_ms", "prefill"), 1.0, "{:9.1f}"),
 )
 RATIOS = (("TTFT p99", ("ttft_s", "p99")), ("TPOT p99", ("tpot_s", "p99")),
           ("seq/s", ("throughput", "sequences_per_s")))  # fmt: skip
@@ -105,10 +110,29 @@ def replay(deployment: Deployment, bench_args: list[str], json_path: Path) -> di
         a.num_preemptions - b.num_preemptions for a, b in zip(after, before, strict=True)
     )
     metrics["kv_num_blocks"] = after[0].kv_num_blocks
+    metrics["step_ms"] = mean_step_ms(before, after)
     metrics["finished_per_replica"] = [
         a.num_finished - b.num_finished for a, b in zip(after, before, strict=True)
     ]
     return metrics
+
+
+def mean_step_ms(
+    before: list[worker_pb2.WorkerStats], after: list[worker_pb2.WorkerStats]
+) -> dict[str, float]:
+    """Per step kind, the mean wall time (forward + host) of the steps between the stats."""
+    sums: dict[str, list[float]] = {}
+    for earlier, later in zip(before, after, strict=True):
+        start = {t.kind: t for t in earlier.step_totals}
+        for totals in later.step_totals:
+            first = start.get(totals.kind)
+            steps = totals.num_steps - (first.num_steps if first else 0)
+            seconds = totals.forward_s + totals.host_s
+            seconds -= first.forward_s + first.host_s if first else 0.0
+            entry = sums.setdefault(totals.kind, [0.0, 0.0])
+            entry[0] += steps
+            entry[1] += seconds
+    return {kind: 1e3 * s / n for kind, (n, s) in sums.items() if n > 0}
 
 
 def cells(metrics: dict) -> str:
