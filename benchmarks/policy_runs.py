@@ -30,6 +30,7 @@ COLUMNS = (  # label, metrics path, scale, format
     # The replicas' mean step wall time (GetStats deltas): a decode step, and a step with
     # prompt tokens (prefill, chunk or mixed). Against one engine alone
     # (chunk_budget.py), they show what the shared cores added.
+    ("queue", ("queue_ms",), 1.0, "{:9.0f}"),  # mean arrival to admission, at the engine
     ("dec step", ("step_ms", "decode"), 1.0, "{:9.1f}"),
     ("pre step", ("step_ms", "prefill"), 1.0, "{:9.1f}"),
 )
@@ -110,10 +111,13 @@ def replay(deployment: Deployment, bench_args: list[str], json_path: Path) -> di
         a.num_preemptions - b.num_preemptions for a, b in zip(after, before, strict=True)
     )
     metrics["kv_num_blocks"] = after[0].kv_num_blocks
-    metrics["step_ms"] = mean_step_ms(before, after)
     metrics["finished_per_replica"] = [
         a.num_finished - b.num_finished for a, b in zip(after, before, strict=True)
     ]
+    metrics["step_ms"] = mean_step_ms(before, after)
+    finished = sum(metrics["finished_per_replica"])
+    queued_s = sum(a.queue_time_s - b.queue_time_s for a, b in zip(after, before, strict=True))
+    metrics["queue_ms"] = 1e3 * queued_s / finished if finished else None
     return metrics
 
 
