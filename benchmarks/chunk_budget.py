@@ -7,9 +7,10 @@ chunked-prefill budget, side by side in one run.
 For each budget (`off`: whole prompts) it prints TTFT p50/p99 and TPOT p50/p99 as the
 engine's own token times give them (TPOT as the bench defines it: (last token - first) /
 (tokens - 1) per request), TPOT p99 / p50, the p99 of each request's longest gap between two
-tokens, and every step kind's mean, p99 and max time. A request with few output tokens has a
-TPOT of one or two gaps: the step after its first token is what it sees, so the ratio of a
-step that carries a chunk to a decode step bounds its TPOT against the median's.
+tokens, every step kind's mean, p99 and max time, and the same of the requests' queue time
+(arrival to admission). A request with few output tokens has a TPOT of one or two gaps: the
+step after its first token is what it sees, so the ratio of a step that carries a chunk to a
+decode step bounds its TPOT against the median's.
 Compare with benchmarks/two_level.py, which adds the serving path (router, HTTP, client) on the
 same cores.
 """
@@ -41,18 +42,22 @@ from services.worker.server import build_engine  # noqa: E402
 def replay(
     loaded: LoadedModel, config: EngineConfig, rows: list[TraceRequest], gaps_s: list[float]
 ) -> tuple[dict[int, list[float]], dict[str, list[float]]]:
-    """Every request's token times (from its arrival) and every step's time by kind."""
+    """Every request's token times (from its arrival), and every step's time by kind plus
+    every request's queue time (arrival to admission) as `queue`."""
     engine = build_engine(loaded, config)
     steps: dict[str, list[float]] = {}
     engine.step_observers.append(
         lambda kind, rows, result: steps.setdefault(kind.value, []).append(result.compute_s)
     )
     times: dict[int, list[float]] = {}
+    queued: list[float] = []  # arrival to admission, a request
     finished = threading.Semaphore(0)
 
     def collector(index: int):
         def on_event(event: EngineEvent) -> None:
             times.setdefault(index, []).extend(event.token_times_s)
+            if event.timings is not None:
+                queued.append((event.timings.admitted_ns - event.timings.arrival_ns) / 1e9)
             if event.finish_reason is not None or event.error is not None:
                 finished.release()
 
@@ -70,6 +75,7 @@ def replay(
                 raise TimeoutError("a request did not finish in 10 minutes")
     finally:
         engine.stop()
+    steps["queue"] = queued  # reported beside the steps
     return times, steps
 
 
@@ -87,8 +93,8 @@ def report(label: str, times: dict[int, list[float]], steps: dict[str, list[floa
     for kind, seconds in sorted(steps.items()):
         mean, p99, most = (f(seconds) * 1e3 for f in (np.mean, _p99, max))
         lines.append(
-            f"{'':8}  {kind:7} steps {len(seconds):5d}: mean {mean:6.1f}, p99 {p99:6.1f}, "
-            f"max {most:6.1f}"
+            f"{'':8}  {kind:7} {'times' if kind == 'queue' else 'steps'} {len(seconds):5d}: "
+            f"mean {mean:6.1f}, p99 {p99:6.1f}, max {most:6.1f}"
         )
     return "\n".join(lines)
 
