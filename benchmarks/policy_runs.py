@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -119,6 +120,23 @@ def replay(deployment: Deployment, bench_args: list[str], json_path: Path) -> di
     queued_s = sum(a.queue_time_s - b.queue_time_s for a, b in zip(after, before, strict=True))
     metrics["queue_ms"] = 1e3 * queued_s / finished if finished else None
     return metrics
+
+
+def combine(replays: list[dict]) -> dict:
+    """Repeated replays of one cell as one: the median of every number (the preemptions
+    summed), the first replay's value of anything else."""
+    combined: dict = {}
+    for key, first in replays[0].items():
+        values = [r.get(key) for r in replays]
+        if all(isinstance(v, dict) for v in values):
+            combined[key] = combine(values)
+        elif key == "preemptions":
+            combined[key] = sum(values)
+        elif all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            combined[key] = statistics.median(values)
+        else:
+            combined[key] = first
+    return combined
 
 
 def mean_step_ms(

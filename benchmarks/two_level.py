@@ -14,7 +14,9 @@ capacity, and its e2e p50 the latency bound (unless --latency-bound-s). Then eve
 combination replays it as Poisson arrivals at each load, on one deployment per combination
 and trace (the loads in increasing order). One matrix per trace and load:
 throughput, TTFT p50/p99, TPOT p50/p99, e2e p99, failures, preemptions (GetStats deltas),
-the fraction within the bound, and ratios to the baseline. The targets are checked last.
+the fraction within the bound, and ratios to the baseline. With --repeats R, each load is
+replayed R times on its deployment and every figure is the median of the R (preemptions: the
+sum): a shared machine's noise moves single p99s by 2x. The targets are checked last.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from policy_runs import (  # noqa: E402
     Run,
     Setup,
     cells,
+    combine,
     deployment_config,
     header,
     ratios,
@@ -104,9 +107,12 @@ def run_trace(
             for load in args.loads:
                 rate = f"{load * results.capacity_seq_s:.4f}"
                 sys.stderr.write(f"{name}: {run.name} at {load:.0%} ({rate} req/s)\n")
-                json_path = tmp / f"{name}-{run.name}-{load}.json"
                 bench = bench_args(args, trace, rate, results.bound_s)
-                results.cells[(run.name, load)] = replay(deployment, bench, json_path)
+                replays = [
+                    replay(deployment, bench, tmp / f"{name}-{run.name}-{load}-{i}.json")
+                    for i in range(args.repeats)
+                ]
+                results.cells[(run.name, load)] = combine(replays)
     num_blocks = results.cells[(BASELINE, BURST)]["kv_num_blocks"]
     results.prediction = predicted_preemptions(trace, args, num_blocks)
     return results
@@ -207,10 +213,15 @@ def main() -> int:
     parser.add_argument("--latency-bound-s", type=float, help="default: e2e p50 at capacity")
     parser.add_argument("--model", help="default: a seeded random 4-layer Llama")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="replays a load cell; medians are reported"
+    )
     parser.add_argument("--target", default=TARGET, help="the combo the targets are checked on")
     parser.add_argument("--json-dir", type=Path, help="keep every replay's bench JSON here")
     args = parser.parse_args()
     args.loads = [float(x) for x in args.loads.split(",")]
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
     traces = args.traces.split(",")
     if unknown := [t for t in traces if t not in TRACES]:
         parser.error(f"unknown traces {unknown}; pick from {list(TRACES)}")
