@@ -116,6 +116,9 @@ def replay(deployment: Deployment, bench_args: list[str], json_path: Path) -> di
         a.num_finished - b.num_finished for a, b in zip(after, before, strict=True)
     ]
     metrics["step_ms"] = mean_step_ms(before, after)
+    tpot_p50, tpot_p99 = metric(metrics, ("tpot_s", "p50")), metric(metrics, ("tpot_s", "p99"))
+    # Within the run: with --repeats, the median of this, not a ratio of two medians.
+    metrics["tpot_p99_over_p50"] = tpot_p99 / tpot_p50 if tpot_p50 and tpot_p99 else None
     finished = sum(metrics["finished_per_replica"])
     queued_s = sum(a.queue_time_s - b.queue_time_s for a, b in zip(after, before, strict=True))
     metrics["queue_ms"] = 1e3 * queued_s / finished if finished else None
