@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -27,6 +28,12 @@ COLUMNS = (  # label, metrics path, scale, format
     ("TPOT p99", ("tpot_s", "p99"), 1e3, "{:9.1f}"),
     ("e2e p99", ("e2e_latency_s", "p99"), 1.0, "{:8.2f}"),
     ("failed", ("num_failed",), 1.0, "{:7.0f}"),
+    # The replicas' mean step wall time (GetStats deltas): a decode step, and a step with
+    # prompt tokens (prefill, chunk or mixed). Against one engine alone
+    # (chunk_budget.py), they show what the shared cores added.
+    ("queue", ("queue_ms",), 1.0, "{:9.0f}"),  # mean arrival to admission, at the engine
+    ("dec step", ("step_ms", "decode"), 1.0, "{:9.1f}"),
+    ("pre step", ("step_ms", "prefill"), 1.0, "{:9.1f}"),
 )
 RATIOS = (("TTFT p99", ("ttft_s", "p99")), ("TPOT p99", ("tpot_s", "p99")),
           ("seq/s", ("throughput", "sequences_per_s")))  # fmt: skip
@@ -108,7 +115,49 @@ def replay(deployment: Deployment, bench_args: list[str], json_path: Path) -> di
     metrics["finished_per_replica"] = [
         a.num_finished - b.num_finished for a, b in zip(after, before, strict=True)
     ]
+    metrics["step_ms"] = mean_step_ms(before, after)
+    tpot_p50, tpot_p99 = metric(metrics, ("tpot_s", "p50")), metric(metrics, ("tpot_s", "p99"))
+    # Within the run: with --repeats, the median of this, not a ratio of two medians.
+    metrics["tpot_p99_over_p50"] = tpot_p99 / tpot_p50 if tpot_p50 and tpot_p99 else None
+    finished = sum(metrics["finished_per_replica"])
+    queued_s = sum(a.queue_time_s - b.queue_time_s for a, b in zip(after, before, strict=True))
+    metrics["queue_ms"] = 1e3 * queued_s / finished if finished else None
     return metrics
+
+
+def combine(replays: list[dict]) -> dict:
+    """Repeated replays of one cell as one: the median of every number (the preemptions
+    summed), the first replay's value of anything else."""
+    combined: dict = {}
+    for key, first in replays[0].items():
+        values = [r.get(key) for r in replays]
+        if all(isinstance(v, dict) for v in values):
+            combined[key] = combine(values)
+        elif key == "preemptions":
+            combined[key] = sum(values)
+        elif all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            combined[key] = statistics.median(values)
+        else:
+            combined[key] = first
+    return combined
+
+
+def mean_step_ms(
+    before: list[worker_pb2.WorkerStats], after: list[worker_pb2.WorkerStats]
+) -> dict[str, float]:
+    """Per step kind, the mean wall time (forward + host) of the steps between the stats."""
+    sums: dict[str, list[float]] = {}
+    for earlier, later in zip(before, after, strict=True):
+        start = {t.kind: t for t in earlier.step_totals}
+        for totals in later.step_totals:
+            first = start.get(totals.kind)
+            steps = totals.num_steps - (first.num_steps if first else 0)
+            seconds = totals.forward_s + totals.host_s
+            seconds -= first.forward_s + first.host_s if first else 0.0
+            entry = sums.setdefault(totals.kind, [0.0, 0.0])
+            entry[0] += steps
+            entry[1] += seconds
+    return {kind: 1e3 * s / n for kind, (n, s) in sums.items() if n > 0}
 
 
 def cells(metrics: dict) -> str:

@@ -78,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-tokens-per-step",
         type=int,
         default=None,
-        help="every worker's chunked-prefill budget: prompt tokens a step (default off)",
+        help="every worker's chunked-prefill budget: tokens a step, decodes included "
+        "(decoder-only models; default off)",
     )
     parser.add_argument(
         "--dtype",

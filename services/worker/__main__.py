@@ -155,8 +155,9 @@ def _add_policy_arguments(parser: argparse.ArgumentParser, policy: PolicyConfig)
         "--max-tokens-per-step",
         type=int,
         default=None,
-        help="chunked prefill: at most N prompt tokens a step, a long prompt split over "
-        "several steps that alternate with decode steps (decoder-only models; default off)",
+        help="chunked prefill: while requests decode, at most N tokens a step, their decodes "
+        "first and chunks of the waiting prompts in what they leave (decoder-only models: "
+        "refused for T5, whose encoder cannot take a prompt in chunks; default off)",
     )
 
 

@@ -9,12 +9,22 @@ and attends to its own cached K/V, so decodes and chunks share the step (`StepKi
 prefill yields a token. When the ready decodes alone fill the budget and prefills wait, every
 other step leaves the decodes out and carries a chunk, so no prompt waits forever.
 
-Encoder-decoder models (T5) are not chunked: the encoder attends to the whole prompt at once,
-and the decoder's prefill is its start token (plus any tokens to recompute); their prefill and
-decode steps alternate as without a budget.
+The budget exists to bound the step time the running decodes wait through (a request's time
+per output token): a step that carries a chunk lasts about as long as a decode step plus the
+chunk's tokens. While no admitted sequence decodes, no one waits through the step, so the
+prefills go whole, as unchunked: one large step costs less than the same tokens over several
+(each step has its fixed cost), and the first tokens come sooner.
+
+Encoder-decoder models (T5) cannot be chunked, and a budget given for one is refused at start:
+the encoder is bidirectional (every prompt token attends to every other, later ones
+included), so a chunk cannot be encoded alone. Each chunk would need the whole prompt's
+encoder pass again, and the decoder's own prefill is only its start token. Their prefill and
+decode steps alternate.
 """
 
 from __future__ import annotations
+
+import math
 
 from services.worker.sequence import Sequence
 
@@ -36,28 +46,44 @@ class ChunkBudget:
         self._starved = starved
         return True
 
-    def has_room(self, pending: list[Sequence], num_decodes: int = 0) -> bool:
+    def has_room(
+        self, pending: list[Sequence], num_decodes: int = 0, decoding: bool = True
+    ) -> bool:
         """Whether the prefills already waiting leave budget for newly admitted ones."""
         waiting_tokens = sum(s.prefill_tokens - s.chunk_start for s in pending)
-        return waiting_tokens + num_decodes < self.max_tokens
+        return waiting_tokens + num_decodes < self._limit(decoding)
 
-    def select(self, pending: list[Sequence], num_decodes: int = 0) -> list[Sequence]:
+    def select(
+        self, pending: list[Sequence], num_decodes: int = 0, decoding: bool = True
+    ) -> list[Sequence]:
         """The chunk rows of the next step, in order, each with `chunk_end` set: the rest of
-        its prefill or what the budget leaves after `num_decodes` decode tokens."""
-        budget = self.max_tokens - num_decodes
+        its prefill or what the budget leaves after `num_decodes` decode tokens. `decoding`:
+        whether any admitted sequence decodes (else the prefills go whole)."""
+        budget = self._limit(decoding) - num_decodes
         chosen: list[Sequence] = []
         for seq in pending:
             if budget <= 0:
                 break
             start = seq.chunk_start
-            seq.chunk_end = min(seq.prefill_tokens, start + budget)
+            seq.chunk_end = int(min(seq.prefill_tokens, start + budget))
             budget -= seq.chunk_end - start
             chosen.append(seq)
         return chosen
 
+    def _limit(self, decoding: bool) -> float:
+        """Tokens a step may carry: the budget while sequences decode, else no limit."""
+        return self.max_tokens if decoding else math.inf
+
 
 def chunk_budget(max_tokens_per_step: int | None, is_encoder_decoder: bool) -> ChunkBudget | None:
-    """The budget, or None where prompts are prefilled whole (off, or a T5 model)."""
-    if max_tokens_per_step is None or is_encoder_decoder:
+    """The budget, or None where prompts are prefilled whole (off). A budget for an
+    encoder-decoder model is a ValueError: its prompts cannot be chunked (see above)."""
+    if max_tokens_per_step is None:
         return None
+    if is_encoder_decoder:
+        raise ValueError(
+            "--max-tokens-per-step (chunked prefill) needs a decoder-only model: an "
+            "encoder-decoder model's encoder attends to the whole prompt at once, so a prompt "
+            "cannot be encoded in chunks; leave the option out for this model"
+        )
     return ChunkBudget(max_tokens_per_step)

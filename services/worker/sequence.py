@@ -142,13 +142,17 @@ class Snapshot:
         running: list[Load],
         num_free_blocks: int,
         expected_remaining: Callable[[int, int], float],
+        admitted_prefill_tokens: int = 0,
     ) -> Snapshot:
-        """The queue's state for stats: queued (waiting or preempted) and running loads."""
+        """The queue's state for stats: queued (waiting or preempted) and running loads.
+        `admitted_prefill_tokens`: the prefill tokens the running sequences have yet to
+        store (chunks to go), pending like the queued ones'."""
+        queued_prefill = sum(q.prompt_tokens + q.num_generated for q in queued)
         return cls(
             num_waiting=len(queued),
             num_running=len(running),
             num_free_blocks=num_free_blocks,
-            num_pending_prefill_tokens=sum(q.prompt_tokens + q.num_generated for q in queued),
+            num_pending_prefill_tokens=queued_prefill + admitted_prefill_tokens,
             num_remaining_decode_tokens=round(
                 sum(expected_remaining(x.num_generated, x.max_tokens) for x in queued + running)
             ),

@@ -99,8 +99,15 @@ class StepScheduler(Admission):
             queued = [request_load(r) for r in self._waiting]
             queued += [s.load() for s in self._preempted]
             running = [s.load() for s in self._running]
+            prefill_left = sum(
+                s.prefill_tokens - s.chunk_start for s in self._running if not s.prefilled
+            )
         return Snapshot.of(
-            queued, running, self._allocator.num_free_blocks, self.lengths.expected_remaining
+            queued,
+            running,
+            self._allocator.num_free_blocks,
+            self.lengths.expected_remaining,
+            prefill_left,
         )
 
     def max_blocks_for(self, request: EngineRequest) -> int:
@@ -166,9 +173,10 @@ class StepScheduler(Admission):
         prefills_wait = bool(pending) or self.num_waiting() > 0
         chunk_turn = not self._chunks.decodes_go_in(len(decodes), prefills_wait)
         num_decodes = 0 if chunk_turn else len(decodes)
-        if self._chunks.has_room(pending, num_decodes):
+        decoding = any(s.prefilled for s in self._running)  # else prefills go whole
+        if self._chunks.has_room(pending, num_decodes, decoding):
             pending += self._admit()
-        chunks = self._chunks.select(pending, num_decodes)
+        chunks = self._chunks.select(pending, num_decodes, decoding)
         if chunk_turn and chunks:  # else no prefill could start: the decodes go on
             decodes = []
         rows = self._make_room(decodes + chunks)  # a victim leaves the step

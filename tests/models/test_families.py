@@ -16,9 +16,11 @@ from exegpt.models.loader import LoadedModel
 from exegpt.models.tensor_parallel import Split, split_of
 from services.worker.config import EngineConfig
 from services.worker.server import build_engine
+from services.worker.step_plan import StepKind
 from tests.models.conftest import FAMILY_VARIANTS, LLAMA3_ROPE, SLIDING_WINDOW, Checkpoint
 from tests.models.helpers import PROMPTS, greedy, make_runner
 from tests.models.test_hf_equivalence import NUM_NEW_TOKENS, hf_greedy_single
+from tests.wait import wait_until
 from tests.worker.test_engine import submit
 
 
@@ -29,22 +31,31 @@ from tests.worker.test_engine import submit
 def test_engine_tokens_match_transformers(
     checkpoints: dict[str, Checkpoint], variant: str, chunk: int | None
 ) -> None:
-    """Chunked prefill (`chunk` prompt tokens a step) attends to cached keys: the sliding
-    window must hold across chunk boundaries too."""
+    """Chunked prefill (`chunk` tokens a step) attends to cached keys: the sliding window
+    must hold across chunk boundaries too. The budget binds while a sequence decodes, so a
+    leader request decodes while the prompts are admitted."""
     ckpt = checkpoints[variant]
     config = EngineConfig(max_batch_size=8, kv_block_size_tokens=4, max_tokens_per_step=chunk)
     engine = build_engine(ckpt.loaded, config)
+    kinds: list[StepKind] = []
+    engine.step_observers.append(lambda kind, num_rows, result: kinds.append(kind))
     engine.start()
     try:
+        leader = submit(
+            engine, PROMPTS[3], "leader", max_tokens=4 * NUM_NEW_TOKENS, ignore_eos=True
+        )
+        wait_until(lambda: leader.token_ids, what="the leader's first token")
         collectors = [
             submit(engine, p, f"r{i}", max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
             for i, p in enumerate(PROMPTS)
         ]
         ours = [c.wait().token_ids for c in collectors]
+        leader.wait()
     finally:
         engine.stop()
     assert ours == [hf_greedy_single(ckpt, prompt) for prompt in PROMPTS]
     assert len({tuple(out) for out in ours}) == len(PROMPTS)
+    assert chunk is None or StepKind.MIXED in kinds  # chunks rode along the leader's decodes
 
 
 def _without(loaded: LoadedModel, feature: str) -> LoadedModel:

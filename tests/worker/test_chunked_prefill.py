@@ -1,7 +1,7 @@
 """Chunked prefill (--max-tokens-per-step) on the real engine: greedy tokens equal the
 unchunked ones (in process, under preemption by recompute, over 2 pipeline stages), no step
 carries more tokens than the budget, a long prompt's chunks share steps with the running
-decodes (mixed steps), and T5 prompts are not chunked."""
+decodes (mixed steps), and a budget for T5 is refused."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from exegpt import cli
 from exegpt.generation import SamplingParams
 from exegpt.models.kv_cache import KVCachePool, KVCacheSpec
 from exegpt.models.loader import LoadedModel, load_model
@@ -28,6 +29,9 @@ BLOCK = 4
 NUM_TOKENS = 6
 # Lengths around the chunk boundaries of budgets 4 and 5 (and the 4-token blocks).
 PROMPTS = [[(7 * i + 3 * j) % 190 + 5 for j in range(n)] for i, n in enumerate([3, 4, 5, 8, 9, 13])]
+# Uneven lengths: in a batch of 2, a prompt is admitted while the other request decodes (with
+# no sequence decoding, prompts are prefilled whole), so it is chunked into mixed steps.
+STAGGERED = [NUM_TOKENS, 2 * NUM_TOKENS] * 3
 BYTES_PER_TOKEN = 4 * 2 * 16 * 2 * 4  # llama-gqa: layers x KV heads x head dim x K,V x fp32
 
 
@@ -37,12 +41,15 @@ def llama(four_layer_models) -> tuple[Path, LoadedModel]:
     return path, load_model(str(path))
 
 
-def _run(engine, prompts: list[list[int]], num_tokens: int = NUM_TOKENS) -> list[list[int]]:
+def _run(
+    engine, prompts: list[list[int]], num_tokens: int | list[int] = NUM_TOKENS
+) -> list[list[int]]:
     """Every request queued before the engine starts, so that batches do not depend on when
-    the engine thread wakes."""
+    the engine thread wakes. `num_tokens`: one for all, or one per prompt."""
+    counts = num_tokens if isinstance(num_tokens, list) else [num_tokens] * len(prompts)
     collectors = [
-        submit(engine, p, f"r{i}", max_tokens=num_tokens, ignore_eos=True)
-        for i, p in enumerate(prompts)
+        submit(engine, p, f"r{i}", max_tokens=n, ignore_eos=True)
+        for i, (p, n) in enumerate(zip(prompts, counts, strict=True))
     ]
     engine.start()
     try:
@@ -70,11 +77,12 @@ def _config(budget: int | None, max_batch_size: int = 8, **options) -> EngineCon
 def test_chunked_greedy_tokens_equal_unchunked_in_process(llama, budget: int, policy) -> None:
     _, loaded = llama
     policy_config = PolicyConfig(policy)
-    expected = _run(build_engine(loaded, _config(None, policy=policy_config)), PROMPTS)
-    chunked = build_engine(loaded, _config(budget, policy=policy_config))
+    unchunked = build_engine(loaded, _config(None, policy=policy_config))
+    expected = _run(unchunked, PROMPTS, STAGGERED)
+    chunked = build_engine(loaded, _config(budget, 2, policy=policy_config))
     kinds: list[StepKind] = []
     chunked.step_observers.append(lambda kind, num_rows, result: kinds.append(kind))
-    assert _run(chunked, PROMPTS) == expected
+    assert _run(chunked, PROMPTS, STAGGERED) == expected
     assert StepKind.MIXED in kinds
 
 
@@ -93,7 +101,7 @@ def test_chunked_tokens_over_two_pipeline_stages_equal_unchunked(
     llama, stage_pool: StagePool
 ) -> None:
     path, loaded = llama
-    expected = _run(build_engine(loaded, _config(None)), PROMPTS)
+    expected = _run(build_engine(loaded, _config(None)), PROMPTS, STAGGERED)
     placement, layout = topologies(False)["pp2"]
     pipeline = PipelineConfig(
         model=str(path),
@@ -103,11 +111,11 @@ def test_chunked_tokens_over_two_pipeline_stages_equal_unchunked(
         num_blocks=64,
         block_size_tokens=BLOCK,
     )
-    config = _config(4, num_micro_batches=2)
+    config = _config(4, max_batch_size=4, num_micro_batches=2)
     engine = build_pipeline_engine(loaded, config, pipeline)
     kinds: list[StepKind] = []
     engine.step_observers.append(lambda kind, num_rows, result: kinds.append(kind))
-    assert _run(engine, PROMPTS) == expected
+    assert _run(engine, PROMPTS, STAGGERED) == expected
     assert StepKind.MIXED in kinds  # decodes and chunks shared steps across the stages
 
 
@@ -218,15 +226,44 @@ def _max_stall(plans: list[StepPlan]) -> int:
     return worst
 
 
-def test_t5_prompts_are_not_chunked() -> None:
+def test_a_budget_for_t5_is_refused_with_a_clear_error() -> None:
     loaded = load_model("exegpt-tiny-t5")
-    long_prompts = [[5 + j % 50 for j in range(n)] for n in (3, 12, 30)]
-    expected = _run(build_engine(loaded, _config(None)), long_prompts)
-    assert _run(build_engine(loaded, _config(4)), long_prompts) == expected
-    scheduler = StepScheduler(_config(4), loaded.config, KVCachePool.for_memory(
-        KVCacheSpec.for_model(loaded.config, dtype=loaded.dtype), 2**22, block_size_tokens=BLOCK
-    ).allocator)  # fmt: skip
-    sampling = SamplingParams(max_tokens=2)
-    scheduler.enqueue(EngineRequest("t5", long_prompts[2], sampling, lambda event: None))
-    plan = scheduler.next_plan()
-    assert plan is not None and plan.kind is StepKind.PREFILL and len(plan.token_ids[0]) == 30
+    with pytest.raises(ValueError, match="needs a decoder-only model"):
+        build_engine(loaded, _config(4))
+
+
+def test_the_worker_refuses_a_budget_for_t5_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    args = ["worker", "--model", "exegpt-tiny-t5", "--port", "0", "--max-tokens-per-step", "4"]
+    assert cli.main(args) == 1
+    assert "worker failed to start: --max-tokens-per-step" in caplog.text
+
+
+def test_the_load_counts_the_prompt_tokens_an_admitted_request_has_yet_to_chunk(llama) -> None:
+    _, loaded = llama
+    config = _config(8)
+    pool = KVCachePool.for_memory(
+        KVCacheSpec.for_model(loaded.config, dtype=loaded.dtype),
+        config.kv_capacity_bytes,
+        block_size_tokens=BLOCK,
+    )
+    scheduler = StepScheduler(config, loaded.config, pool.allocator)
+    executor = LocalExecutor(loaded.model, pool)
+
+    def step() -> StepPlan:
+        plan = scheduler.next_plan()
+        assert plan is not None
+        executor.submit(plan)
+        result = executor.next_result(5.0)
+        assert result is not None
+        scheduler.complete(result)
+        return plan
+
+    sampling = SamplingParams(max_tokens=20, ignore_eos=True)
+    scheduler.enqueue(EngineRequest("short", PROMPTS[0], sampling, lambda event: None))
+    step()  # its prefill: it decodes from now on
+    scheduler.enqueue(EngineRequest("long", [5] * 40, sampling, lambda event: None))
+    assert scheduler.snapshot().num_pending_prefill_tokens == 40  # queued
+    assert step().kind is StepKind.MIXED  # one decode and 7 of its tokens
+    assert scheduler.snapshot().num_pending_prefill_tokens == 33  # admitted, 33 to chunk
+    step()
+    assert scheduler.snapshot().num_pending_prefill_tokens == 26
