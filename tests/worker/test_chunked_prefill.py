@@ -14,6 +14,7 @@ from exegpt.generation import SamplingParams
 from exegpt.models.kv_cache import KVCachePool, KVCacheSpec
 from exegpt.models.loader import LoadedModel, load_model
 from services.worker.config import EngineConfig
+from services.worker.engine import Engine
 from services.worker.executor.local import LocalExecutor
 from services.worker.executor.pipeline import PipelineConfig
 from services.worker.policies import EnginePolicy, PolicyConfig
@@ -92,9 +93,45 @@ def test_a_preempted_chunked_request_is_recomputed_in_chunks_with_the_same_token
     expected = _run(build_engine(loaded, _config(None)), PROMPTS, num_tokens)
     # 12 blocks of 4: the six requests grow past them, so the newest are preempted.
     capacity = 12 * BLOCK * BYTES_PER_TOKEN + BYTES_PER_TOKEN
-    engine = build_engine(loaded, _config(5, kv_capacity_bytes=capacity))
+    config = _config(5, kv_capacity_bytes=capacity)
+    pool = KVCachePool.for_memory(
+        KVCacheSpec.for_model(loaded.config, dtype=loaded.dtype),
+        config.kv_capacity_bytes,
+        block_size_tokens=BLOCK,
+    )
+    executor = PlanRecordingExecutor(loaded.model, pool)
+    engine = Engine(
+        executor,
+        config,
+        model_config=loaded.config,
+        num_blocks=pool.num_blocks,
+        bytes_per_block=pool.bytes_per_block,
+    )
     assert _run(engine, PROMPTS, num_tokens) == expected
     assert engine.stats().num_preemptions > 0
+    # A chunk row of several tokens reaching past the longest prompt holds generated tokens:
+    # a recompute, continued in chunk steps like a prompt (a decode row carries one token).
+    longest_prompt = max(len(p) for p in PROMPTS)
+    recompute_chunks = [
+        (start, len(tokens))
+        for plan in executor.plans
+        if plan.kind in (StepKind.CHUNK, StepKind.MIXED)
+        for start, tokens in zip(plan.starts, plan.token_ids, strict=True)
+        if len(tokens) > 1 and start + len(tokens) > longest_prompt
+    ]
+    assert recompute_chunks
+
+
+class PlanRecordingExecutor(LocalExecutor):
+    """The in-process executor, keeping every plan it was given."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.plans: list[StepPlan] = []
+
+    def submit(self, plan: StepPlan) -> None:
+        self.plans.append(plan)
+        super().submit(plan)
 
 
 def test_chunked_tokens_over_two_pipeline_stages_equal_unchunked(
