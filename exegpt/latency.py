@@ -15,7 +15,8 @@ Measured, it is read the same way on both sides:
   gateway's path stays in, as the serving-overhead terms price it.
 
 The p99-length latency of measured requests is the mean generation latency of those whose
-output is at or beyond the p99 output length.
+output is at or beyond the p99 output length (a short run with fewer of them reads it off
+the line of latency against length through all of its requests).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 P99 = 0.99
+MIN_TAIL = 3  # requests at or beyond the p99 length needed to average them alone
 
 
 @dataclass(frozen=True)
@@ -46,18 +48,31 @@ def p99_length(output_tokens: Iterable[int]) -> int:
 def p99_length_latency(
     generations: list[Generation], p99_tokens: int | None = None
 ) -> tuple[float, int]:
-    """(mean generation latency of the requests at or beyond the p99 output length, that
-    length); (nan, 0) without requests.
+    """(the p99-length latency of these requests, the p99 length); (nan, 0) without any.
 
-    `p99_tokens` is the workload's p99 length (what the prediction is for); None reads it
-    from `generations`. When no request reached it (a short run), the longest ones stand in
-    and the length returned says so.
+    `p99_tokens` is the workload's p99 length (what a prediction is for); None reads it
+    from `generations`. The latency is the mean of the requests at or beyond that length.
+    When fewer than MIN_TAIL reached it (a short run), it is read off the least-squares
+    line of latency against output length over all of them, at that length: a request's
+    generation latency is its encoding plus one step per output token, so the line holds
+    the same quantity with every request's evidence.
     """
     if not generations:
         return math.nan, 0
     length = p99_length(g.output_tokens for g in generations) if p99_tokens is None else p99_tokens
-    tail = [g for g in generations if g.output_tokens >= length]
-    if not tail:
-        length = max(g.output_tokens for g in generations)
-        tail = [g for g in generations if g.output_tokens == length]
-    return sum(g.latency_s for g in tail) / len(tail), length
+    tail = [g.latency_s for g in generations if g.output_tokens >= length]
+    if len(tail) >= MIN_TAIL or len({g.output_tokens for g in generations}) < 2:
+        chosen = tail or [g.latency_s for g in generations]
+        return sum(chosen) / len(chosen), length
+    return line_at(generations, length), length
+
+
+def line_at(generations: list[Generation], output_tokens: int) -> float:
+    """The least-squares line of latency against output length, at `output_tokens` (needs
+    two distinct lengths)."""
+    n = len(generations)
+    mean_x = sum(g.output_tokens for g in generations) / n
+    mean_y = sum(g.latency_s for g in generations) / n
+    sxx = sum((g.output_tokens - mean_x) ** 2 for g in generations)
+    sxy = sum((g.output_tokens - mean_x) * (g.latency_s - mean_y) for g in generations)
+    return mean_y + sxy / sxx * (output_tokens - mean_x)

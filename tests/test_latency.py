@@ -17,15 +17,21 @@ def test_p99_length_is_the_nearest_rank() -> None:
 
 
 def test_latency_is_the_mean_of_the_requests_at_or_beyond_the_p99_length() -> None:
+    generations = [Generation(n, n / 10) for n in range(1, 98)] + [Generation(100, 12.0)] * 3
+    assert p99_length_latency(generations) == (pytest.approx(12.0), 100)
     generations = [Generation(n, n / 10) for n in range(1, 101)]
-    assert p99_length_latency(generations) == (pytest.approx(9.95), 99)
     # The workload's p99 length can be given: the prediction is for that length.
     assert p99_length_latency(generations, 50) == (pytest.approx(7.5), 50)
 
 
-def test_a_short_run_that_never_reached_the_length_reads_its_longest() -> None:
-    generations = [Generation(10, 1.0), Generation(20, 2.0), Generation(20, 3.0)]
-    assert p99_length_latency(generations, 400) == (pytest.approx(2.5), 20)
+def test_a_short_run_reads_the_line_through_all_its_requests() -> None:
+    # 0.5 s of encoding, then 0.1 s a token; only one request reached the p99 length.
+    generations = [Generation(n, 0.5 + 0.1 * n) for n in (5, 10, 15, 20, 40)]
+    assert p99_length_latency(generations, 40) == (pytest.approx(4.5), 40)
+    # None reached it: the line is extended to it.
+    assert p99_length_latency(generations, 60) == (pytest.approx(6.5), 60)
+    # One length only: their mean.
+    assert p99_length_latency([Generation(8, 1.0), Generation(8, 2.0)], 60)[0] == 1.5
 
 
 def test_nothing_measured_is_nan() -> None:

@@ -8,12 +8,14 @@ a queue, so the measured figures are read the same way:
 - **throughput**: completions per second between the 10th and the 90th percentile
   completion time (the middle of the burst, at steady state);
 - **p99-length latency**: as exegpt/latency.py defines it, the mean generation latency of
-  the requests at or beyond the workload's p99 output length, preferring those that
-  completed in that window. A request's generation latency here is its end-to-end latency
-  minus the queue seconds the engine reported (`queue_s`): from its admission into a batch
-  to its last token, its encoding (a static batch's whole prefill) included, the router's
-  and the gateway's path included; queueing before admission left out, as in the
-  prediction (a burst's queue says how long the burst is, not how the schedule serves).
+  the requests that completed in that window at or beyond the workload's p99 output length
+  (with too few of them there, of the whole burst's; with too few in the burst, the line of
+  latency against length through all its requests).
+  A request's generation latency here is its end-to-end latency minus the queue seconds the
+  engine reported (`queue_s`): from its admission into a batch to its last token, its
+  encoding (a static batch's whole prefill) included, the router's and the gateway's path
+  included; queueing before admission left out, as in the prediction (a burst's queue says
+  how long the burst is, not how the schedule serves).
 """
 
 from __future__ import annotations
@@ -126,10 +128,15 @@ def generation_latency_s(row: dict[str, Any]) -> float | None:
 def p99_length_latency(
     rows: list[dict[str, Any]], steady: list[dict[str, Any]], p99_output_tokens: int
 ) -> float:
-    """The p99-length latency of the bench rows: those of the steady window at or beyond the
-    p99 length when there are any, else those of the whole burst; nan without queue_s."""
-    reached = [g for g in _generations(steady) if g.output_tokens >= p99_output_tokens]
-    return latency.p99_length_latency(reached or _generations(rows), p99_output_tokens)[0]
+    """The p99-length latency (exegpt/latency.py) of the steady window's rows, or of the
+    whole burst's when too few in the window reached the p99 length; nan without the
+    engine's queue_s."""
+    for chosen in (steady, rows):
+        generations = _generations(chosen)
+        reached = sum(g.output_tokens >= p99_output_tokens for g in generations)
+        if reached >= latency.MIN_TAIL:
+            break
+    return latency.p99_length_latency(generations, p99_output_tokens)[0]
 
 
 def _generations(rows: list[dict[str, Any]]) -> list[Generation]:

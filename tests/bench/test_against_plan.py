@@ -46,8 +46,9 @@ def test_a_static_batchs_prefill_is_counted() -> None:
 
 
 def test_only_the_p99_length_requests_count() -> None:
-    # 99 short requests served in 1 s, the long ones (at the p99 length) in 5 s.
-    rows = [_row(0.0, 0.1, 1.0, 10) for _ in range(97)] + [_row(0.0, 0.1, 5.0, 90)] * 3
+    # Short requests served in 1 s, three long ones (at the p99 length) among them in 5 s.
+    rows = [_row(i, 0.1, 5.0 if i in (30, 50, 70) else 1.0, 90 if i in (30, 50, 70) else 10)
+            for i in range(100)]  # fmt: skip
     assert against_plan.measure(_document(rows), 90).p99_length_latency_s == pytest.approx(5.0)
 
 
