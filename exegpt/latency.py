@@ -61,18 +61,22 @@ def p99_length_latency(
         return math.nan, 0
     length = p99_length(g.output_tokens for g in generations) if p99_tokens is None else p99_tokens
     tail = [g.latency_s for g in generations if g.output_tokens >= length]
-    if len(tail) >= MIN_TAIL or len({g.output_tokens for g in generations}) < 2:
-        chosen = tail or [g.latency_s for g in generations]
-        return sum(chosen) / len(chosen), length
-    return line_at(generations, length), length
+    if len(tail) < MIN_TAIL and (on_line := line_at(generations, length)) is not None:
+        return on_line, length
+    if not tail:  # too noisy for a line: the longest stand in
+        longest = max(g.output_tokens for g in generations)
+        tail = [g.latency_s for g in generations if g.output_tokens == longest]
+    return sum(tail) / len(tail), length
 
 
-def line_at(generations: list[Generation], output_tokens: int) -> float:
-    """The least-squares line of latency against output length, at `output_tokens` (needs
-    two distinct lengths)."""
+def line_at(generations: list[Generation], output_tokens: int) -> float | None:
+    """The least-squares line of latency against output length, at `output_tokens`; None
+    when it does not rise with length (one length only, or noise)."""
     n = len(generations)
     mean_x = sum(g.output_tokens for g in generations) / n
     mean_y = sum(g.latency_s for g in generations) / n
     sxx = sum((g.output_tokens - mean_x) ** 2 for g in generations)
     sxy = sum((g.output_tokens - mean_x) * (g.latency_s - mean_y) for g in generations)
+    if sxx <= 0 or sxy <= 0:
+        return None
     return mean_y + sxy / sxx * (output_tokens - mean_x)

@@ -30,8 +30,10 @@ def test_a_short_run_reads_the_line_through_all_its_requests() -> None:
     assert p99_length_latency(generations, 40) == (pytest.approx(4.5), 40)
     # None reached it: the line is extended to it.
     assert p99_length_latency(generations, 60) == (pytest.approx(6.5), 60)
-    # One length only: their mean.
+    # One length only, or a line falling with length (noise): the longest ones' mean.
     assert p99_length_latency([Generation(8, 1.0), Generation(8, 2.0)], 60)[0] == 1.5
+    falling = [Generation(4, 3.0), Generation(8, 2.0), Generation(9, 1.0)]
+    assert p99_length_latency(falling, 60) == (1.0, 60)
 
 
 def test_nothing_measured_is_nan() -> None:
