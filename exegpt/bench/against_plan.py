@@ -10,7 +10,7 @@ a queue, so the measured figures are read the same way:
 - **p99-length latency**: as exegpt/latency.py defines it, the mean generation latency of
   the requests that completed in that window at or beyond the workload's p99 output length
   (with too few of them there, of the whole burst's; with too few in the burst, the line of
-  latency against length through all its requests).
+  latency against length through the window's requests).
   A request's generation latency here is its end-to-end latency minus the queue seconds the
   engine reported (`queue_s`): from its admission into a batch to its last token, its
   encoding (a static batch's whole prefill) included, the router's and the gateway's path
@@ -129,14 +129,17 @@ def p99_length_latency(
     rows: list[dict[str, Any]], steady: list[dict[str, Any]], p99_output_tokens: int
 ) -> float:
     """The p99-length latency (exegpt/latency.py) of the steady window's rows, or of the
-    whole burst's when too few in the window reached the p99 length; nan without the
-    engine's queue_s."""
-    for chosen in (steady, rows):
-        generations = _generations(chosen)
-        reached = sum(g.output_tokens >= p99_output_tokens for g in generations)
-        if reached >= latency.MIN_TAIL:
-            break
+    whole burst's when only it holds enough requests at the p99 length (else the window's
+    line); nan without the engine's queue_s."""
+    window, burst = _generations(steady), _generations(rows)
+    generations = window if len(window) >= 2 else burst
+    if _reached(window, p99_output_tokens) < latency.MIN_TAIL <= _reached(burst, p99_output_tokens):
+        generations = burst
     return latency.p99_length_latency(generations, p99_output_tokens)[0]
+
+
+def _reached(generations: list[Generation], p99_output_tokens: int) -> int:
+    return sum(g.output_tokens >= p99_output_tokens for g in generations)
 
 
 def _generations(rows: list[dict[str, Any]]) -> list[Generation]:
