@@ -34,9 +34,12 @@ def test_sdk_results_carry_the_wait_before_admission(one_slot: Stack) -> None:
                 ([5, 6, 7], [8, 9, 10], [11, 12, 13]),
             )
         )
+        chunks = list(client.stream([5, 6], max_tokens=3, ignore_eos=True))
     for result in results:
         # Admitted after the engine got it and before its first token.
         assert 0 < result.queue_s < result.token_times_s[0]
+    # Streamed, the last chunk carries it with the usage.
+    assert chunks[-1].finish_reason == "length" and chunks[-1].queue_s > 0
     # One slot: the last admitted waited for at least one whole other generation.
     generations = sorted(r.latency_s - r.queue_s for r in results)
     assert max(r.queue_s for r in results) > generations[0]
