@@ -153,7 +153,7 @@ def _run_burst(
     )
     _out(
         f"  latency bound {auto.bound_s:.3f} s met: {met}  (measured at steady state, "
-        "queueing excluded; see exegpt/bench/against_plan.py)"
+        "admission to last token; see exegpt/latency.py)"
     )
 
 

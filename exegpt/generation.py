@@ -131,6 +131,8 @@ class GenerationChunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked
+    # With the finish: seconds from the engine receiving the request to its first admission.
+    queue_s: float = 0.0
 
 
 def sampling_from_proto(msg: generate_pb2.SamplingParams) -> SamplingParams:
@@ -204,6 +206,7 @@ def chunk_to_proto(chunk: GenerationChunk) -> generate_pb2.GenerateChunk:
         msg.finish_reason = _FINISH_TO_PROTO[chunk.finish_reason]
         msg.usage.prompt_tokens = chunk.prompt_tokens
         msg.usage.completion_tokens = chunk.completion_tokens
+        msg.usage.queue_s = chunk.queue_s
     return msg
 
 
@@ -218,6 +221,7 @@ def chunk_from_proto(msg: generate_pb2.GenerateChunk) -> GenerationChunk:
         prompt_tokens=msg.usage.prompt_tokens,
         completion_tokens=msg.usage.completion_tokens,
         logprobs=logprobs_from_proto(msg.logprobs),
+        queue_s=msg.usage.queue_s,
     )
 
 

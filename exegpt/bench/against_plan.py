@@ -7,23 +7,29 @@ a queue, so the measured figures are read the same way:
 
 - **throughput**: completions per second between the 10th and the 90th percentile
   completion time (the middle of the burst, at steady state);
-- **p99-length latency**: the p99 output length times the median time per output token
-  (first to last token) of the requests that completed in that window: at steady state a
-  sequence waits about one step for its encoding and then one step per token, so this is
-  its life in the batch. Queueing before admission is left out, as in the prediction (a
-  burst's queue says how long the burst is, not how the schedule serves).
+- **p99-length latency**: as exegpt/latency.py defines it, the mean generation latency of
+  the requests that completed in that window at or beyond the workload's p99 output length
+  (with too few of them there, of the whole burst's; with too few in the burst, the line of
+  latency against length through the window's requests).
+  A request's generation latency here is its end-to-end latency minus the queue seconds the
+  engine reported (`queue_s`): from its admission into a batch to its last token, its
+  encoding (a static batch's whole prefill) included, the router's and the gateway's path
+  included; queueing before admission left out, as in the prediction (a burst's queue says
+  how long the burst is, not how the schedule serves).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from exegpt import latency
+from exegpt.latency import Generation
 
 STEADY_WINDOW = (0.1, 0.9)
 
@@ -95,7 +101,7 @@ def measure(document: dict[str, Any], p99_output_tokens: int) -> Measured:
     steady = [r for r in rows if first <= r["send_s"] + r["e2e_s"] <= last]
     return Measured(
         throughput_seq_s=steady_throughput(ends) or burst,
-        p99_length_latency_s=p99_length_latency(steady or rows, p99_output_tokens),
+        p99_length_latency_s=p99_length_latency(rows, steady, p99_output_tokens),
         num_ok=len(rows),
         num_failed=int(metrics["num_failed"]),
         burst_throughput_seq_s=burst,
@@ -112,15 +118,36 @@ def steady_throughput(end_times_s: list[float]) -> float | None:
     return (last - first) / (ends[last] - ends[first])
 
 
-def p99_length_latency(rows: list[dict[str, Any]], p99_output_tokens: int) -> float:
-    per_token = [
-        (r["e2e_s"] - r["ttft_s"]) / (r["output_tokens"] - 1)
+def generation_latency_s(row: dict[str, Any]) -> float | None:
+    """A bench row's admission-to-last-token seconds: e2e minus the engine's queue seconds;
+    None when the server did not report them (no exegpt engine behind the URL)."""
+    queue_s = row.get("queue_s")
+    return None if queue_s is None else row["e2e_s"] - queue_s
+
+
+def p99_length_latency(
+    rows: list[dict[str, Any]], steady: list[dict[str, Any]], p99_output_tokens: int
+) -> float:
+    """The p99-length latency (exegpt/latency.py) of the steady window's rows, or of the
+    whole burst's when only it holds enough requests at the p99 length (else the window's
+    line); nan without the engine's queue_s."""
+    window, burst = _generations(steady), _generations(rows)
+    generations = window if len(window) >= 2 else burst
+    if _reached(window, p99_output_tokens) < latency.MIN_TAIL <= _reached(burst, p99_output_tokens):
+        generations = burst
+    return latency.p99_length_latency(generations, p99_output_tokens)[0]
+
+
+def _reached(generations: list[Generation], p99_output_tokens: int) -> int:
+    return sum(g.output_tokens >= p99_output_tokens for g in generations)
+
+
+def _generations(rows: list[dict[str, Any]]) -> list[Generation]:
+    return [
+        Generation(r["output_tokens"], s)
         for r in rows
-        if r["ttft_s"] is not None and r["output_tokens"] > 1
+        if (s := generation_latency_s(r)) is not None
     ]
-    if not per_token:
-        return math.nan
-    return p99_output_tokens * statistics.median(per_token)
 
 
 def compare(predicted: dict[str, Any], measured: Measured, bound_s: float | None) -> Comparison:

@@ -65,6 +65,7 @@ class RequestRecord:
     token_times_s: list[float] = field(default_factory=list)  # one per output token
     usage_prompt_tokens: int | None = None
     usage_completion_tokens: int | None = None
+    queue_s: float | None = None  # the engine's, from usage.exegpt_queue_s (None: not sent)
     finish_reason: str | None = None
     error: str | None = None
 
@@ -266,6 +267,8 @@ def apply_event(record: RequestRecord, event: Any, now_s: float) -> None:
     if isinstance(usage, dict):
         record.usage_prompt_tokens = usage.get("prompt_tokens")
         record.usage_completion_tokens = usage.get("completion_tokens")
+        queue_s = usage.get("exegpt_queue_s")
+        record.queue_s = float(queue_s) if isinstance(queue_s, int | float) else None
     for choice in event.get("choices") or []:
         token_ids = choice.get("token_ids")
         # Without token ids (a server ignoring return_token_ids) a chunk with text counts as one.

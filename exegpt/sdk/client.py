@@ -82,6 +82,7 @@ def _completion_from_result(result: generate_pb2.GenerateResult, start_s: float)
         ttft_s=times[0] if times else time.perf_counter() - start_s,
         token_times_s=times,
         request_id=result.request_id,
+        queue_s=result.usage.queue_s,
     )
 
 
@@ -94,6 +95,7 @@ def _chunk_from_message(message: generate_pb2.GenerateChunk, start_s: float) -> 
         finish_reason=str(reason) if reason else None,
         prompt_tokens=message.usage.prompt_tokens,
         completion_tokens=message.usage.completion_tokens,
+        queue_s=message.usage.queue_s,
     )
 
 

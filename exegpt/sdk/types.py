@@ -24,6 +24,9 @@ class CompletionChunk:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # With the finish: seconds the request waited in the engine's queue before its first
+    # admission into a batch.
+    queue_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,9 @@ class Completion:
     # unary: as stamped by the engine, relative to its receipt of the request).
     token_times_s: list[float] = field(default_factory=list)
     request_id: str = ""
+    # Seconds the request waited in the engine's queue before its first admission: latency_s
+    # minus this is its generation latency (admission to last token).
+    queue_s: float = 0.0
 
     @property
     def latency_s(self) -> float:

@@ -152,14 +152,17 @@ def usage_chunk_body(request_id: str, model: str, lasts: list[GenerationChunk]) 
     }
 
 
-def usage_body(results: list[GenerationChunk]) -> dict[str, int]:
-    """The prompt once, the completion tokens of every choice."""
+def usage_body(results: list[GenerationChunk]) -> dict[str, int | float]:
+    """The prompt once, the completion tokens of every choice, and (an extension OpenAI
+    clients tolerate) `exegpt_queue_s`: the longest seconds a choice waited in the engine's
+    queue before its first admission; end to end minus it is the generation latency."""
     prompt = max((r.prompt_tokens for r in results), default=0)
     completion = sum(r.completion_tokens for r in results)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "exegpt_queue_s": max((r.queue_s for r in results), default=0.0),
     }
 
 

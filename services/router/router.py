@@ -197,6 +197,7 @@ class Router:
                 result.finish_reason = chunk.finish_reason
                 result.prompt_tokens = chunk.prompt_tokens
                 result.completion_tokens = chunk.completion_tokens
+                result.queue_s = chunk.queue_s
         return result
 
 

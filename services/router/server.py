@@ -86,6 +86,7 @@ def _result_to_proto(result: GenerationChunk, model: str) -> generate_pb2.Genera
         message.finish_reason = finish_reason_to_proto(result.finish_reason)
     message.usage.prompt_tokens = result.prompt_tokens
     message.usage.completion_tokens = result.completion_tokens
+    message.usage.queue_s = result.queue_s
     return message
 
 

@@ -42,6 +42,8 @@ class EngineEvent:
     unavailable: bool = False
     # One per token in token_ids when the request asked for logprobs.
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Seconds from arrival (the engine's receipt) to the request's first admission.
+    queue_s: float = 0.0
 
 
 @dataclass

@@ -11,7 +11,6 @@ event loop: finishes are recorded by the Generate handler, offers by the schedul
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from exegpt import latency
+from exegpt.latency import Generation
 from exegpt.plan_file import PlanFile
 from exegpt.schedule import Schedule
 from exegpt.schedule_proto import schedule_to_proto
@@ -89,7 +90,7 @@ class ScheduleOrigin:
 class Finish:
     at_s: float  # monotonic
     output_tokens: int
-    latency_s: float  # arrival to last token
+    latency_s: float  # generation latency: first admission to last token (exegpt/latency.py)
 
 
 @dataclass(frozen=True)
@@ -102,14 +103,11 @@ class Measured:
 
 
 def p99_length_latency(finishes: list[Finish]) -> tuple[float, int]:
-    """(mean latency of the finishes at or beyond the 99th-percentile output length, that
-    length); (0, 0) without finishes."""
+    """(the p99-length latency of these finishes, as exegpt/latency.py defines it, and the
+    p99 output length); (0, 0) without finishes."""
     if not finishes:
         return 0.0, 0
-    lengths = sorted(f.output_tokens for f in finishes)
-    p99_tokens = lengths[max(0, math.ceil(0.99 * len(lengths)) - 1)]
-    tail = [f.latency_s for f in finishes if f.output_tokens >= p99_tokens]
-    return sum(tail) / len(tail), p99_tokens
+    return latency.p99_length_latency([Generation(f.output_tokens, f.latency_s) for f in finishes])
 
 
 class ScheduleBoard:

@@ -128,6 +128,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         detokenizer = IncrementalDetokenizer(self._loaded.tokenizer)
         stops = StopMatcher(generation.sampling.stop)
         num_generated = 0
+        queue_s = 0.0
         finished = False
         token_times: list[float] = []
         timings: RequestTimings | None = None
@@ -148,6 +149,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     chunk.token_ids += event.token_ids
                     chunk.token_times_s += event.token_times_s
                     chunk.logprobs += event.logprobs
+                    queue_s = event.queue_s or queue_s  # token events carry it
                     if event.finish_reason is not None:
                         finished = True
                         chunk.finish_reason = event.finish_reason
@@ -172,7 +174,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 if finished:
                     chunk.prompt_tokens = len(prompt_ids)
                     chunk.completion_tokens = num_generated
-                    self._board.record_finish(num_generated, time.monotonic() - started_s)
+                    chunk.queue_s = queue_s
+                    latency_s = time.monotonic() - started_s - queue_s
+                    self._board.record_finish(num_generated, latency_s)
                 yield chunk
         finally:
             if not finished:

@@ -331,8 +331,9 @@ class StepScheduler(Admission):
             timings = seq.timings()
         request = seq.request
         event = EngineEvent(
-            request.request_id, [token], [now_s - request.arrival_s], finish, timings=timings
-        )
+            request.request_id, [token], [now_s - request.arrival_s], finish, timings=timings,
+            queue_s=seq.admitted_s - request.arrival_s,
+        )  # fmt: skip
         return deliver(seq, event)
 
     def _remove(self, seq: Sequence) -> None:

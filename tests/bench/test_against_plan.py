@@ -9,9 +9,9 @@ import pytest
 from exegpt.bench import against_plan
 
 
-def _row(send_s: float, ttft_s: float, e2e_s: float, tokens: int) -> dict:
+def _row(send_s: float, ttft_s: float, e2e_s: float, tokens: int, queue_s: float | None = 0.0):
     return {"send_s": send_s, "ttft_s": ttft_s, "e2e_s": e2e_s, "output_tokens": tokens,
-            "error": None}  # fmt: skip
+            "queue_s": queue_s, "error": None}  # fmt: skip
 
 
 def _document(rows: list[dict], num_failed: int = 0) -> dict:
@@ -26,12 +26,35 @@ def test_steady_rate_ignores_the_fill_and_the_drain() -> None:
     assert against_plan.steady_throughput(ends) == pytest.approx(10.0, rel=0.15)
 
 
-def test_p99_length_latency_is_time_in_batch_not_queueing() -> None:
-    # Every request decodes at 0.1 s per token; later ones waited longer in the queue.
-    rows = [_row(0.0, 5.0 * i, 5.0 * i + 0.1 * 9, 10) for i in range(1, 40)]
-    measured = against_plan.measure(_document(rows), p99_output_tokens=20)
+def test_p99_length_latency_leaves_the_queueing_out() -> None:
+    # Every request is served in 2 s once admitted; later ones waited longer in the queue.
+    rows = [_row(0.0, 5.0 * i + 0.3, 5.0 * i + 2.0, 10, queue_s=5.0 * i) for i in range(40)]
+    measured = against_plan.measure(_document(rows), p99_output_tokens=10)
     assert measured.p99_length_latency_s == pytest.approx(2.0)
-    assert measured.num_ok == 39
+    assert measured.num_ok == 40
+
+
+def test_a_static_batchs_prefill_is_counted() -> None:
+    # Static batches of 8: the whole batch's prefill (3 s) precedes each first token, then
+    # 0.1 s per token. A request's latency is its batch's prefill plus its decode steps.
+    rows = [
+        _row(0.0, 4.0 * (i // 8) + 3.0, 4.0 * (i // 8) + 3.0 + 0.1 * 9, 10, queue_s=4.0 * (i // 8))
+        for i in range(64)
+    ]
+    measured = against_plan.measure(_document(rows), p99_output_tokens=10)
+    assert measured.p99_length_latency_s == pytest.approx(3.9)
+
+
+def test_only_the_p99_length_requests_count() -> None:
+    # Short requests served in 1 s, three long ones (at the p99 length) among them in 5 s.
+    rows = [_row(i, 0.1, 5.0 if i in (30, 50, 70) else 1.0, 90 if i in (30, 50, 70) else 10)
+            for i in range(100)]  # fmt: skip
+    assert against_plan.measure(_document(rows), 90).p99_length_latency_s == pytest.approx(5.0)
+
+
+def test_without_the_engines_queue_seconds_there_is_no_latency() -> None:
+    rows = [_row(0.0, 0.1, 1.0, 10, queue_s=None) for _ in range(20)]
+    assert math.isnan(against_plan.measure(_document(rows), 10).p99_length_latency_s)
 
 
 def test_comparison_reports_errors_and_the_bound() -> None:

@@ -215,3 +215,23 @@ def test_a_request_that_breaks_the_model_fails_alone() -> None:
         assert engine.stats().kv_used_bytes == 0
     finally:
         engine.stop()
+
+
+def test_events_carry_the_wait_from_arrival_to_first_admission(engine_factory) -> None:
+    engine = engine_factory(max_batch_size=1)
+    collectors = [Collector(), Collector()]
+    requests = [
+        EngineRequest(f"q{i}", [3, 4], SamplingParams(max_tokens=6, ignore_eos=True), c)
+        for i, c in enumerate(collectors)
+    ]
+    for request in requests:
+        engine.submit(request)
+    first, second = (c.wait() for c in collectors)
+    for collector in (first, second):
+        waits = {e.queue_s for e in collector.events}
+        assert len(waits) == 1  # every token event carries the same first admission
+        # Admitted before its first token was sampled.
+        assert 0 < waits.pop() < collector.events[0].token_times_s[0]
+    # With one slot the second request is admitted only after the first one's last token.
+    first_done_s = requests[0].arrival_s + first.events[-1].token_times_s[-1]
+    assert requests[1].arrival_s + second.events[0].queue_s > first_done_s

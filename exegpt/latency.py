@@ -1,0 +1,82 @@
+"""What "latency" means in exegpt, predicted and measured alike: one definition.
+
+The planner's latency is the **p99-length latency**: the generation latency of a request
+whose output is at the 99th percentile of output lengths. A request's **generation latency**
+runs from its first admission into a batch (the start of its encoding) to its last token.
+It counts the prefill (for a static batch, the whole batch's prefill), every decode step and
+the serving path after admission; it leaves out the time the request queued before it was
+admitted, which at saturation says how long the burst is, not how the schedule serves.
+
+Measured, it is read the same way on both sides:
+
+- the engine (GET /schedule): from the request's first admission to its last token;
+- a client (`exegpt bench`): end to end minus the queue seconds the engine reports with the
+  last chunk (gRPC `Usage.queue_s`, HTTP `usage.exegpt_queue_s`), so the router's and the
+  gateway's path stays in, as the serving-overhead terms price it.
+
+The p99-length latency of measured requests is the mean generation latency of those whose
+output is at or beyond the p99 output length (a short run with fewer of them reads it off
+the line of latency against length through all of its requests).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+P99 = 0.99
+MIN_TAIL = 3  # requests at or beyond the p99 length needed to average them alone
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One finished request as the latency definition reads it."""
+
+    output_tokens: int
+    latency_s: float  # first admission to last token
+
+
+def p99_length(output_tokens: Iterable[int]) -> int:
+    """The 99th-percentile output length (nearest rank); 0 without outputs."""
+    lengths = sorted(output_tokens)
+    if not lengths:
+        return 0
+    return lengths[max(0, math.ceil(P99 * len(lengths)) - 1)]
+
+
+def p99_length_latency(
+    generations: list[Generation], p99_tokens: int | None = None
+) -> tuple[float, int]:
+    """(the p99-length latency of these requests, the p99 length); (nan, 0) without any.
+
+    `p99_tokens` is the workload's p99 length (what a prediction is for); None reads it
+    from `generations`. The latency is the mean of the requests at or beyond that length.
+    When fewer than MIN_TAIL reached it (a short run), it is read off the least-squares
+    line of latency against output length over all of them, at that length: a request's
+    generation latency is its encoding plus one step per output token, so the line holds
+    the same quantity with every request's evidence.
+    """
+    if not generations:
+        return math.nan, 0
+    length = p99_length(g.output_tokens for g in generations) if p99_tokens is None else p99_tokens
+    tail = [g.latency_s for g in generations if g.output_tokens >= length]
+    if len(tail) < MIN_TAIL and (on_line := line_at(generations, length)) is not None:
+        return on_line, length
+    if not tail:  # too noisy for a line: the longest stand in
+        longest = max(g.output_tokens for g in generations)
+        tail = [g.latency_s for g in generations if g.output_tokens == longest]
+    return sum(tail) / len(tail), length
+
+
+def line_at(generations: list[Generation], output_tokens: int) -> float | None:
+    """The least-squares line of latency against output length, at `output_tokens`; None
+    when it does not rise with length (one length only, or noise)."""
+    n = len(generations)
+    mean_x = sum(g.output_tokens for g in generations) / n
+    mean_y = sum(g.latency_s for g in generations) / n
+    sxx = sum((g.output_tokens - mean_x) ** 2 for g in generations)
+    sxy = sum((g.output_tokens - mean_x) * (g.latency_s - mean_y) for g in generations)
+    if sxx <= 0 or sxy <= 0:
+        return None
+    return mean_y + sxy / sxx * (output_tokens - mean_x)

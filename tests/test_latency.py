@@ -1,0 +1,41 @@
+"""The one definition of latency: the p99-length request's admission to last token."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from exegpt.latency import Generation, p99_length, p99_length_latency
+
+
+def test_p99_length_is_the_nearest_rank() -> None:
+    assert p99_length([]) == 0
+    assert p99_length(range(1, 101)) == 99
+    assert p99_length([7]) == 7
+    assert p99_length([3, 50] + [10] * 98) == 10  # ceil(0.99 * 100) = 99th of 100
+
+
+def test_latency_is_the_mean_of_the_requests_at_or_beyond_the_p99_length() -> None:
+    generations = [Generation(n, n / 10) for n in range(1, 98)] + [Generation(100, 12.0)] * 3
+    assert p99_length_latency(generations) == (pytest.approx(12.0), 100)
+    generations = [Generation(n, n / 10) for n in range(1, 101)]
+    # The workload's p99 length can be given: the prediction is for that length.
+    assert p99_length_latency(generations, 50) == (pytest.approx(7.5), 50)
+
+
+def test_a_short_run_reads_the_line_through_all_its_requests() -> None:
+    # 0.5 s of encoding, then 0.1 s a token; only one request reached the p99 length.
+    generations = [Generation(n, 0.5 + 0.1 * n) for n in (5, 10, 15, 20, 40)]
+    assert p99_length_latency(generations, 40) == (pytest.approx(4.5), 40)
+    # None reached it: the line is extended to it.
+    assert p99_length_latency(generations, 60) == (pytest.approx(6.5), 60)
+    # One length only, or a line falling with length (noise): the longest ones' mean.
+    assert p99_length_latency([Generation(8, 1.0), Generation(8, 2.0)], 60)[0] == 1.5
+    falling = [Generation(4, 3.0), Generation(8, 2.0), Generation(9, 1.0)]
+    assert p99_length_latency(falling, 60) == (1.0, 60)
+
+
+def test_nothing_measured_is_nan() -> None:
+    latency_s, length = p99_length_latency([])
+    assert math.isnan(latency_s) and length == 0
