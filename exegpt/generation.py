@@ -133,6 +133,8 @@ class GenerationChunk:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked
     # With the finish: seconds from the engine receiving the request to its first admission.
     queue_s: float = 0.0
+    # With the finish: seconds from its first admission to its last token (exegpt/latency.py).
+    generation_s: float = 0.0
 
 
 def sampling_from_proto(msg: generate_pb2.SamplingParams) -> SamplingParams:
@@ -207,6 +209,7 @@ def chunk_to_proto(chunk: GenerationChunk) -> generate_pb2.GenerateChunk:
         msg.usage.prompt_tokens = chunk.prompt_tokens
         msg.usage.completion_tokens = chunk.completion_tokens
         msg.usage.queue_s = chunk.queue_s
+        msg.usage.generation_s = chunk.generation_s
     return msg
 
 
@@ -222,6 +225,7 @@ def chunk_from_proto(msg: generate_pb2.GenerateChunk) -> GenerationChunk:
         completion_tokens=msg.usage.completion_tokens,
         logprobs=logprobs_from_proto(msg.logprobs),
         queue_s=msg.usage.queue_s,
+        generation_s=msg.usage.generation_s,
     )
 
 

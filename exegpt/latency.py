@@ -10,9 +10,10 @@ admitted, which at saturation says how long the burst is, not how the schedule s
 Measured, it is read the same way on both sides:
 
 - the engine (GET /schedule): from the request's first admission to its last token;
-- a client (`exegpt bench`): end to end minus the queue seconds the engine reports with the
-  last chunk (gRPC `Usage.queue_s`, HTTP `usage.exegpt_queue_s`), so the router's and the
-  gateway's path stays in, as the serving-overhead terms price it.
+- a client (`exegpt bench`): the admission-to-last-token seconds the engine reports with
+  the last chunk (gRPC `Usage.generation_s`, HTTP `usage.exegpt_generation_s`). End to end
+  minus the queue seconds would also hold a burst's backlog in the client, the gateway and
+  the router before the engine received the request.
 
 The p99-length latency of measured requests is the mean generation latency of those whose
 output is at or beyond the p99 output length (a short run with fewer of them reads it off

@@ -11,11 +11,12 @@ a queue, so the measured figures are read the same way:
   the requests that completed in that window at or beyond the workload's p99 output length
   (with too few of them there, of the whole burst's; with too few in the burst, the line of
   latency against length through the window's requests).
-  A request's generation latency here is its end-to-end latency minus the queue seconds the
-  engine reported (`queue_s`): from its admission into a batch to its last token, its
-  encoding (a static batch's whole prefill) included, the router's and the gateway's path
-  included; queueing before admission left out, as in the prediction (a burst's queue says
-  how long the burst is, not how the schedule serves).
+  A request's generation latency is what the engine reported with its last chunk
+  (`generation_s`): from its admission into a batch to its last token, its encoding (a
+  static batch's whole prefill) included; queueing left out, as in the prediction (a
+  burst's queue says how long the burst is, not how the schedule serves). The client's end
+  to end minus the engine's queue seconds would also hold the burst's backlog in the
+  client, the gateway and the router before the engine received the request.
 """
 
 from __future__ import annotations
@@ -119,10 +120,9 @@ def steady_throughput(end_times_s: list[float]) -> float | None:
 
 
 def generation_latency_s(row: dict[str, Any]) -> float | None:
-    """A bench row's admission-to-last-token seconds: e2e minus the engine's queue seconds;
-    None when the server did not report them (no exegpt engine behind the URL)."""
-    queue_s = row.get("queue_s")
-    return None if queue_s is None else row["e2e_s"] - queue_s
+    """A bench row's admission-to-last-token seconds, as the engine measured them; None
+    when the server did not report them (no exegpt engine behind the URL)."""
+    return row.get("generation_s")
 
 
 def p99_length_latency(
@@ -130,7 +130,7 @@ def p99_length_latency(
 ) -> float:
     """The p99-length latency (exegpt/latency.py) of the steady window's rows, or of the
     whole burst's when only it holds enough requests at the p99 length (else the window's
-    line); nan without the engine's queue_s."""
+    line); nan without the engine's generation_s."""
     window, burst = _generations(steady), _generations(rows)
     generations = window if len(window) >= 2 else burst
     if _reached(window, p99_output_tokens) < latency.MIN_TAIL <= _reached(burst, p99_output_tokens):

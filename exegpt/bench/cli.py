@@ -264,6 +264,7 @@ def _request_row(record: RequestRecord) -> dict[str, Any]:
         "ttft_s": record.ttft_s,
         "e2e_s": record.e2e_s,
         "queue_s": record.queue_s,
+        "generation_s": record.generation_s,
         "input_tokens": record.input_tokens,
         "expected_output_tokens": record.expected_output_tokens,
         "output_tokens": record.num_output_tokens,

@@ -66,6 +66,7 @@ class RequestRecord:
     usage_prompt_tokens: int | None = None
     usage_completion_tokens: int | None = None
     queue_s: float | None = None  # the engine's, from usage.exegpt_queue_s (None: not sent)
+    generation_s: float | None = None  # the engine's, from usage.exegpt_generation_s
     finish_reason: str | None = None
     error: str | None = None
 
@@ -267,8 +268,8 @@ def apply_event(record: RequestRecord, event: Any, now_s: float) -> None:
     if isinstance(usage, dict):
         record.usage_prompt_tokens = usage.get("prompt_tokens")
         record.usage_completion_tokens = usage.get("completion_tokens")
-        queue_s = usage.get("exegpt_queue_s")
-        record.queue_s = float(queue_s) if isinstance(queue_s, int | float) else None
+        record.queue_s = _seconds(usage.get("exegpt_queue_s"))
+        record.generation_s = _seconds(usage.get("exegpt_generation_s"))
     for choice in event.get("choices") or []:
         token_ids = choice.get("token_ids")
         # Without token ids (a server ignoring return_token_ids) a chunk with text counts as one.
@@ -278,3 +279,8 @@ def apply_event(record: RequestRecord, event: Any, now_s: float) -> None:
         record.token_times_s.extend([now_s] * num_tokens)
         if choice.get("finish_reason"):
             record.finish_reason = choice["finish_reason"]
+
+
+def _seconds(value: Any) -> float | None:
+    """A usage extension's seconds; None when the server did not send a number."""
+    return float(value) if isinstance(value, int | float) else None

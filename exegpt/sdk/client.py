@@ -83,6 +83,7 @@ def _completion_from_result(result: generate_pb2.GenerateResult, start_s: float)
         token_times_s=times,
         request_id=result.request_id,
         queue_s=result.usage.queue_s,
+        generation_s=result.usage.generation_s,
     )
 
 
@@ -96,6 +97,7 @@ def _chunk_from_message(message: generate_pb2.GenerateChunk, start_s: float) -> 
         prompt_tokens=message.usage.prompt_tokens,
         completion_tokens=message.usage.completion_tokens,
         queue_s=message.usage.queue_s,
+        generation_s=message.usage.generation_s,
     )
 
 

@@ -25,8 +25,10 @@ class CompletionChunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     # With the finish: seconds the request waited in the engine's queue before its first
-    # admission into a batch.
+    # admission into a batch, and from that admission to its last token (its generation
+    # latency, exegpt/latency.py), both as the engine measured them.
     queue_s: float = 0.0
+    generation_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,11 @@ class Completion:
     token_times_s: list[float] = field(default_factory=list)
     request_id: str = ""
     # Seconds the request waited in the engine's queue before its first admission: latency_s
-    # minus this is its generation latency (admission to last token).
+    # minus this also holds the time before the engine received it.
     queue_s: float = 0.0
+    # Seconds from its first admission to its last token, as the engine measured them: its
+    # generation latency (exegpt/latency.py).
+    generation_s: float = 0.0
 
     @property
     def latency_s(self) -> float:

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65xegpt/v1/generate.proto\x12\texegpt.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xf7\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12\x15\n\x08logprobs\x18\n \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"\xa5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x13.exegpt.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.exegpt.v1.SamplingParamsB\x08\n\x06prompt\"J\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x0f\n\x07queue_s\x18\x03 \x01(\x01\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05token\x18\x03 \x01(\t\"d\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05token\x18\x03 \x01(\t\x12\"\n\x03top\x18\x04 \x03(\x0b\x32\x15.exegpt.v1.TopLogprob\"\xd7\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.exegpt.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.exegpt.v1.Usage\x12\x15\n\rtoken_times_s\x18\x06 \x03(\x01\x12)\n\x08logprobs\x18\x07 \x03(\x0b\x32\x17.exegpt.v1.TokenLogprob\"\xe7\x01\n\x0eGenerateResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.exegpt.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.exegpt.v1.Usage\x12\x15\n\rtoken_times_s\x18\x06 \x03(\x01\x12\r\n\x05model\x18\x07 \x01(\t\x12)\n\x08logprobs\x18\x08 \x03(\x0b\x32\x17.exegpt.v1.TokenLogprob\"\xad\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x04 \x01(\r\x12\x15\n\rhas_tokenizer\x18\x05 \x01(\x08\x12\x15\n\rchat_template\x18\x06 \x01(\t\x12\x11\n\tbos_token\x18\x07 \x01(\t\x12\x11\n\teos_token\x18\x08 \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65xegpt/v1/generate.proto\x12\texegpt.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xf7\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12\x15\n\x08logprobs\x18\n \x01(\rH\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"\xa5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x13.exegpt.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.exegpt.v1.SamplingParamsB\x08\n\x06prompt\"`\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x0f\n\x07queue_s\x18\x03 \x01(\x01\x12\x14\n\x0cgeneration_s\x18\x04 \x01(\x01\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05token\x18\x03 \x01(\t\"d\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05token\x18\x03 \x01(\t\x12\"\n\x03top\x18\x04 \x03(\x0b\x32\x15.exegpt.v1.TopLogprob\"\xd7\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.exegpt.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.exegpt.v1.Usage\x12\x15\n\rtoken_times_s\x18\x06 \x03(\x01\x12)\n\x08logprobs\x18\x07 \x03(\x0b\x32\x17.exegpt.v1.TokenLogprob\"\xe7\x01\n\x0eGenerateResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.exegpt.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.exegpt.v1.Usage\x12\x15\n\rtoken_times_s\x18\x06 \x03(\x01\x12\r\n\x05model\x18\x07 \x01(\t\x12)\n\x08logprobs\x18\x08 \x03(\x0b\x32\x17.exegpt.v1.TokenLogprob\"\xad\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x04 \x01(\r\x12\x15\n\rhas_tokenizer\x18\x05 \x01(\x08\x12\x15\n\rchat_template\x18\x06 \x01(\t\x12\x11\n\tbos_token\x18\x07 \x01(\t\x12\x11\n\teos_token\x18\x08 \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'exegpt.v1.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1352
-  _globals['_FINISHREASON']._serialized_end=1447
+  _globals['_FINISHREASON']._serialized_start=1374
+  _globals['_FINISHREASON']._serialized_end=1469
   _globals['_TOKENIDS']._serialized_start=39
   _globals['_TOKENIDS']._serialized_end=62
   _globals['_SAMPLINGPARAMS']._serialized_start=65
@@ -40,15 +40,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=315
   _globals['_GENERATEREQUEST']._serialized_end=480
   _globals['_USAGE']._serialized_start=482
-  _globals['_USAGE']._serialized_end=556
-  _globals['_TOPLOGPROB']._serialized_start=558
-  _globals['_TOPLOGPROB']._serialized_end=620
-  _globals['_TOKENLOGPROB']._serialized_start=622
-  _globals['_TOKENLOGPROB']._serialized_end=722
-  _globals['_GENERATECHUNK']._serialized_start=725
-  _globals['_GENERATECHUNK']._serialized_end=940
-  _globals['_GENERATERESULT']._serialized_start=943
-  _globals['_GENERATERESULT']._serialized_end=1174
-  _globals['_MODELINFO']._serialized_start=1177
-  _globals['_MODELINFO']._serialized_end=1350
+  _globals['_USAGE']._serialized_end=578
+  _globals['_TOPLOGPROB']._serialized_start=580
+  _globals['_TOPLOGPROB']._serialized_end=642
+  _globals['_TOKENLOGPROB']._serialized_start=644
+  _globals['_TOKENLOGPROB']._serialized_end=744
+  _globals['_GENERATECHUNK']._serialized_start=747
+  _globals['_GENERATECHUNK']._serialized_end=962
+  _globals['_GENERATERESULT']._serialized_start=965
+  _globals['_GENERATERESULT']._serialized_end=1196
+  _globals['_MODELINFO']._serialized_start=1199
+  _globals['_MODELINFO']._serialized_end=1372
 # @@protoc_insertion_point(module_scope)

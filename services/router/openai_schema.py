@@ -153,9 +153,10 @@ def usage_chunk_body(request_id: str, model: str, lasts: list[GenerationChunk]) 
 
 
 def usage_body(results: list[GenerationChunk]) -> dict[str, int | float]:
-    """The prompt once, the completion tokens of every choice, and (an extension OpenAI
-    clients tolerate) `exegpt_queue_s`: the longest seconds a choice waited in the engine's
-    queue before its first admission; end to end minus it is the generation latency."""
+    """The prompt once, the completion tokens of every choice, and (extensions OpenAI
+    clients tolerate) `exegpt_queue_s`, the longest seconds a choice waited in the engine's
+    queue before its first admission, and `exegpt_generation_s`, the longest seconds from a
+    choice's first admission to its last token (its generation latency, exegpt/latency.py)."""
     prompt = max((r.prompt_tokens for r in results), default=0)
     completion = sum(r.completion_tokens for r in results)
     return {
@@ -163,6 +164,7 @@ def usage_body(results: list[GenerationChunk]) -> dict[str, int | float]:
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "exegpt_queue_s": max((r.queue_s for r in results), default=0.0),
+        "exegpt_generation_s": max((r.generation_s for r in results), default=0.0),
     }
 
 

@@ -198,6 +198,7 @@ class Router:
                 result.prompt_tokens = chunk.prompt_tokens
                 result.completion_tokens = chunk.completion_tokens
                 result.queue_s = chunk.queue_s
+                result.generation_s = chunk.generation_s
         return result
 
 

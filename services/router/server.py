@@ -87,6 +87,7 @@ def _result_to_proto(result: GenerationChunk, model: str) -> generate_pb2.Genera
     message.usage.prompt_tokens = result.prompt_tokens
     message.usage.completion_tokens = result.completion_tokens
     message.usage.queue_s = result.queue_s
+    message.usage.generation_s = result.generation_s
     return message
 
 

@@ -175,8 +175,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     chunk.prompt_tokens = len(prompt_ids)
                     chunk.completion_tokens = num_generated
                     chunk.queue_s = queue_s
-                    latency_s = time.monotonic() - started_s - queue_s
-                    self._board.record_finish(num_generated, latency_s)
+                    chunk.generation_s = time.monotonic() - started_s - queue_s
+                    self._board.record_finish(num_generated, chunk.generation_s)
                 yield chunk
         finally:
             if not finished:

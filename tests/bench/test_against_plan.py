@@ -9,9 +9,20 @@ import pytest
 from exegpt.bench import against_plan
 
 
-def _row(send_s: float, ttft_s: float, e2e_s: float, tokens: int, queue_s: float | None = 0.0):
+def _row(
+    send_s: float,
+    ttft_s: float,
+    e2e_s: float,
+    tokens: int,
+    queue_s: float = 0.0,
+    backlog_s: float = 0.0,
+    reported: bool = True,
+) -> dict:
+    """A bench row; the engine reports the seconds from admission to last token, which
+    leave out its queue and the backlog before it received the request."""
+    generation_s = e2e_s - queue_s - backlog_s if reported else None
     return {"send_s": send_s, "ttft_s": ttft_s, "e2e_s": e2e_s, "output_tokens": tokens,
-            "queue_s": queue_s, "error": None}  # fmt: skip
+            "queue_s": queue_s, "generation_s": generation_s, "error": None}  # fmt: skip
 
 
 def _document(rows: list[dict], num_failed: int = 0) -> dict:
@@ -52,8 +63,16 @@ def test_only_the_p99_length_requests_count() -> None:
     assert against_plan.measure(_document(rows), 90).p99_length_latency_s == pytest.approx(5.0)
 
 
-def test_without_the_engines_queue_seconds_there_is_no_latency() -> None:
-    rows = [_row(0.0, 0.1, 1.0, 10, queue_s=None) for _ in range(20)]
+def test_a_bursts_backlog_before_the_engine_is_left_out() -> None:
+    # Every request is served in 2 s once admitted, after waiting up to 3 s in the client's,
+    # the gateway's and the router's backlog before the engine received it.
+    rows = [_row(0.0, 0.5, 2.0 + 0.1 * i, 10, backlog_s=0.1 * i) for i in range(30)]
+    measured = against_plan.measure(_document(rows), p99_output_tokens=10)
+    assert measured.p99_length_latency_s == pytest.approx(2.0)
+
+
+def test_without_the_engines_generation_seconds_there_is_no_latency() -> None:
+    rows = [_row(0.0, 0.1, 1.0, 10, reported=False) for _ in range(20)]
     assert math.isnan(against_plan.measure(_document(rows), 10).p99_length_latency_s)
 
 

@@ -39,6 +39,8 @@ def test_bench_task_s_against_the_gateway(gateway_url: str, tmp_path: Path) -> N
     assert all(r["usage_completion_tokens"] == r["output_tokens"] for r in rows)
     # The engine's queue seconds: admitted after sending, before the first token arrived.
     assert all(0 < r["queue_s"] < r["ttft_s"] for r in rows)
+    # And admission to last token, within the client's end to end after the queue.
+    assert all(0 < r["generation_s"] <= r["e2e_s"] - r["queue_s"] for r in rows)
     assert all(r["finish_reason"] == "length" for r in rows)
     assert metrics["num_output_tokens"] == sum(p.output_tokens for p in plan)
     assert metrics["num_input_tokens"] == sum(p.input_tokens for p in plan)

@@ -125,9 +125,10 @@ def test_sse_lines_and_events() -> None:
     record = RequestRecord(0, 0.0, 1, 3, send_s=0.0)
     apply_event(record, {"choices": [{"text": "ab", "token_ids": [4, 5]}]}, now_s=0.5)
     apply_event(record, {"choices": [{"text": "c", "finish_reason": "length"}]}, now_s=0.7)
-    usage = {"prompt_tokens": 1, "completion_tokens": 3, "exegpt_queue_s": 0.25}
+    usage = {"prompt_tokens": 1, "completion_tokens": 3, "exegpt_queue_s": 0.25,
+             "exegpt_generation_s": 0.5}  # fmt: skip
     apply_event(record, {"choices": [], "usage": usage}, 0.8)
-    assert record.queue_s == 0.25
+    assert (record.queue_s, record.generation_s) == (0.25, 0.5)
     assert record.token_times_s == [0.5, 0.5, 0.7]
     assert (record.first_token_s, record.finish_reason, record.usage_completion_tokens) == (
         0.5,

@@ -34,6 +34,7 @@ def test_completion_with_text_prompt_reports_usage(http: httpx.Client) -> None:
     assert "token_ids" not in choice
     # "Hello" is 5 bytes in the byte-level tokenizer.
     assert body["usage"].pop("exegpt_queue_s") > 0  # the engine's queue seconds
+    assert body["usage"].pop("exegpt_generation_s") > 0  # admission to last token
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
 
 

@@ -38,10 +38,12 @@ def test_sdk_results_carry_the_wait_before_admission(one_slot: Stack) -> None:
     for result in results:
         # Admitted after the engine got it and before its first token.
         assert 0 < result.queue_s < result.token_times_s[0]
+        assert result.generation_s > 0  # then admission to last token
     # Streamed, the last chunk carries it with the usage.
     assert chunks[-1].finish_reason == "length" and chunks[-1].queue_s > 0
+    assert chunks[-1].generation_s > 0
     # One slot: the last admitted waited for at least one whole other generation.
-    generations = sorted(r.latency_s - r.queue_s for r in results)
+    generations = sorted(r.generation_s for r in results)
     assert max(r.queue_s for r in results) > generations[0]
 
     with grpc.insecure_channel(one_slot.workers[0].address) as channel:
@@ -63,6 +65,7 @@ def test_http_usage_reports_the_queue_seconds(one_slot: Stack) -> None:
     assert usage["completion_tokens"] == 6
     # n=2 on one slot: one choice waited for the other; the longest wait is reported.
     assert isinstance(usage["exegpt_queue_s"], float) and usage["exegpt_queue_s"] > 0
+    assert isinstance(usage["exegpt_generation_s"], float) and usage["exegpt_generation_s"] > 0
 
 
 def test_openai_client_reads_the_extra_usage_field(one_slot: Stack) -> None:
@@ -74,3 +77,4 @@ def test_openai_client_reads_the_extra_usage_field(one_slot: Stack) -> None:
     usage = list(stream)[-1].usage
     assert usage is not None and usage.completion_tokens == 4
     assert usage.model_extra["exegpt_queue_s"] > 0
+    assert usage.model_extra["exegpt_generation_s"] > 0
