@@ -107,28 +107,28 @@ def transfers_and_overheads(
 ) -> list[scheduler_pb2.StageTimeObservation]:
     """The measured hand-offs (TRANSFER) and decode steps' host times (OVERHEAD)."""
     items = [
-        scheduler_pb2.StageTimeObservation(
-            stage=TRANSFER,
-            batch_size=h.batch_size,
-            num_tokens=h.num_tokens,
-            tp_degree=1,
-            measured_s=h.measured_s,
-        )
+        _observation(TRANSFER, h.batch_size, h.num_tokens, h.measured_s)
         for h in observations.handoffs
         if 1 <= h.batch_size <= h.num_tokens and _positive(h.measured_s)
     ]
     items += [
-        scheduler_pb2.StageTimeObservation(
-            stage=OVERHEAD,
-            batch_size=t.batch_size,
-            num_tokens=t.batch_size,
-            tp_degree=1,
-            measured_s=t.measured_s,
-        )
+        _observation(OVERHEAD, t.batch_size, t.batch_size, t.measured_s)
         for t in observations.host_times
         if t.batch_size >= 1 and _positive(t.measured_s)
     ]
     return items
+
+
+def _observation(
+    stage: int, batch_size: int, num_tokens: int, measured_s: float
+) -> scheduler_pb2.StageTimeObservation:
+    return scheduler_pb2.StageTimeObservation(
+        stage=stage,
+        batch_size=batch_size,
+        num_tokens=num_tokens,
+        tp_degree=1,
+        measured_s=measured_s,
+    )
 
 
 def _lengths(values: Sequence[int]) -> list[int]:

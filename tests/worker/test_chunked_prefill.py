@@ -64,6 +64,14 @@ def _run(
         engine.stop()
 
 
+def _pool(loaded: LoadedModel, config: EngineConfig) -> KVCachePool:
+    return KVCachePool.for_memory(
+        KVCacheSpec.for_model(loaded.config, dtype=loaded.dtype),
+        config.kv_capacity_bytes,
+        block_size_tokens=BLOCK,
+    )
+
+
 def _config(budget: int | None, max_batch_size: int = 8, **options) -> EngineConfig:
     return EngineConfig(
         max_batch_size=max_batch_size,
@@ -94,11 +102,7 @@ def test_a_preempted_chunked_request_is_recomputed_in_chunks_with_the_same_token
     # 12 blocks of 4: the six requests grow past them, so the newest are preempted.
     capacity = 12 * BLOCK * BYTES_PER_TOKEN + BYTES_PER_TOKEN
     config = _config(5, kv_capacity_bytes=capacity)
-    pool = KVCachePool.for_memory(
-        KVCacheSpec.for_model(loaded.config, dtype=loaded.dtype),
-        config.kv_capacity_bytes,
-        block_size_tokens=BLOCK,
-    )
+    pool = _pool(loaded, config)
     executor = PlanRecordingExecutor(loaded.model, pool)
     engine = Engine(
         executor,
@@ -163,11 +167,7 @@ def _drive(
     (there must always be one to run) and the tokens of each request (the real scheduler
     over the real in-process model)."""
     config = _config(budget, max_batch_size)
-    pool = KVCachePool.for_memory(
-        KVCacheSpec.for_model(loaded.config, dtype=loaded.dtype),
-        config.kv_capacity_bytes,
-        block_size_tokens=BLOCK,
-    )
+    pool = _pool(loaded, config)
     scheduler = StepScheduler(config, loaded.config, pool.allocator)
     executor = LocalExecutor(loaded.model, pool)
     tokens: dict[str, list[int]] = {}
@@ -278,11 +278,7 @@ def test_the_worker_refuses_a_budget_for_t5_at_start(caplog: pytest.LogCaptureFi
 def test_the_load_counts_the_prompt_tokens_an_admitted_request_has_yet_to_chunk(llama) -> None:
     _, loaded = llama
     config = _config(8)
-    pool = KVCachePool.for_memory(
-        KVCacheSpec.for_model(loaded.config, dtype=loaded.dtype),
-        config.kv_capacity_bytes,
-        block_size_tokens=BLOCK,
-    )
+    pool = _pool(loaded, config)
     scheduler = StepScheduler(config, loaded.config, pool.allocator)
     executor = LocalExecutor(loaded.model, pool)
 
