@@ -20,10 +20,12 @@ from exegpt.models.packed import PackedLayout, packed_attention
 
 @dataclass(frozen=True)
 class LayerKV:
-    """One layer's slice of the KV pool: flat slot-major storage."""
+    """One layer's slice of the KV pool: flat slot-major storage, slot `i * block_size_tokens
+    + j` holding token j of block i."""
 
     k: Tensor  # [num_slots, H_kv, D]
     v: Tensor  # [num_slots, H_kv, D]
+    block_size_tokens: int = 1  # 1: scratch rows addressed slot by slot
 
 
 @dataclass(frozen=True)
