@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from exegpt.models.decode_attention import decode_kernel, matmul_decode_applies
 from exegpt.models.packed import PackedLayout, packed_attention
 
 
@@ -95,8 +96,10 @@ def attention_kernel(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float
     """softmax(q k^T * scale + bias) v with grouped-query heads.
 
     q [B, T_q, H, D], k and v [B, T_kv, H_kv, D], bias broadcastable to [B, H, T_q, T_kv];
-    returns [B, T_q, H, D].
+    returns [B, T_q, H, D]. One query token per row (a T5 decode step) goes to `decode_kernel`.
     """
+    if q.shape[1] == 1 and matmul_decode_applies(q):
+        return decode_kernel(q[:, 0], k, v, bias[:, :, 0, None], scale)[:, None]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),  # [B, H, T_q, D]
         k.transpose(1, 2),  # [B, H_kv, T_kv, D]

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from exegpt.models.decode_attention import decode_kernel
+
 # A decode row joins a bucket while its KV length is at least (1 - this) x the bucket's longest.
 DECODE_BUCKET_PADDING = 0.25
 
@@ -40,6 +42,7 @@ class DecodeBucket:
     query_index: Tensor  # [b] token index (in the packed N) of each row's query
     key_blocks: Tensor  # [b, M] KV blocks of each row's keys (padding repeats its last block)
     mask: Tensor | None  # [b, 1, 1, M * block_size] True where the key is visible; None: all
+    hidden_keys: Tensor | None  # [n] the hidden ones in the flattened [b * M * block_size]
 
 
 @dataclass(frozen=True)
@@ -163,12 +166,16 @@ def _decode_buckets(
         visible = columns[None] < lengths[:, None]  # [b, M * block_size]
         if window is not None:
             visible = visible & (columns[None] > lengths[:, None] - 1 - window)
-        mask = None if bool(visible.all()) else visible[:, None, None, :].to(device)
+        mask = hidden_keys = None
+        if not bool(visible.all()):
+            mask = visible[:, None, None, :].to(device)
+            hidden_keys = (~visible).flatten().nonzero().squeeze(1).to(device)
         buckets.append(
             DecodeBucket(
                 query_index=torch.tensor([starts[b] for b in group], device=device),
                 key_blocks=read_slots[index.to(device)] // block_size,
                 mask=mask,
+                hidden_keys=hidden_keys,
             )
         )
     return tuple(buckets)
@@ -201,6 +208,12 @@ def packed_attention(
         queries = q[bucket.query_index]  # [b, H, D]
         keys = gather_blocks(cache_k, bucket.key_blocks, layout.block_size)  # [b, T, H_kv, D]
         values = gather_blocks(cache_v, bucket.key_blocks, layout.block_size)
+        if bucket.hidden_keys is not None:
+            # The hidden columns of a row's last block may hold stale K/V of a freed block's
+            # earlier owner, even non-finite: zero them so no other request sees a NaN (a
+            # row index fill: a broadcast masked_fill of [b, T, 1, 1] ran 15x slower).
+            keys.view(-1, *keys.shape[2:]).index_fill_(0, bucket.hidden_keys, 0)
+            values.view(-1, *values.shape[2:]).index_fill_(0, bucket.hidden_keys, 0)
         out[bucket.query_index] = decode_kernel(queries, keys, values, bucket.mask, scale)
     return out[None]
 
@@ -212,30 +225,6 @@ def gather_blocks(cache: Tensor, blocks: Tensor, block_size: int) -> Tensor:
     paged = cache[: num_blocks * block_size].view(num_blocks, block_size, *cache.shape[1:])
     rows = paged.index_select(0, blocks.flatten())  # [b * M, block_size, H_kv, D]
     return rows.view(blocks.shape[0], -1, *cache.shape[1:])
-
-
-def decode_kernel(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-    """Attention of one query token per row: q [b, H, D] over k, v [b, T, H_kv, D] (mask
-    [b, 1, 1, T] True where visible; None: all keys). Returns [b, H, D].
-
-    bfloat16 and float16 on a CPU run as two batched matmuls with each KV head's group of
-    query heads as the rows (no K/V repeated for GQA) and the softmax in float32: CPU
-    `scaled_dot_product_attention` in bf16 ran a batch-32 decode 10-20x slower than that on the
-    development machine, its flash kernel tiling a single query row. float32 and GPUs keep
-    SDPA (as fast or faster there, and float32 stays token-identical to transformers).
-    """
-    if q.dtype == torch.float32 or q.device.type != "cpu":
-        return _kernel(q[:, None], k, v, mask, scale, q.shape[1] != k.shape[2])[:, 0]
-    batch, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
-    grouped = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    keys = k.to(q.dtype).transpose(1, 2).contiguous()  # [b, H_kv, T, D]: rows the matmul reads
-    values = v.to(q.dtype).transpose(1, 2).contiguous()
-    scores = torch.matmul(grouped, keys.transpose(2, 3)).float() * scale  # [b, H_kv, G, T]
-    if mask is not None:
-        scores.masked_fill_(~mask, float("-inf"))  # every row sees at least its own key
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    return torch.matmul(probs, values).view(batch, num_heads, head_dim)
 
 
 def _kernel(
