@@ -1,9 +1,10 @@
 """Attention of one query token per row (a decode step), over keys already gathered.
 
 On a CPU, `scaled_dot_product_attention` in bfloat16 tiles its flash kernel over query rows:
-with a single query row per sequence it ran a batch-32 decode step's attention 10-20x slower
-than two batched matmuls on the development machine (AVX512-BF16, torch 2.13; measured with
-the llama shape of benchmarks/vs_transformers.py, 12 query heads over 4 KV heads, KV ~200).
+with a single query row per sequence it ran a batch-32 decode step's attention 4x slower than
+two batched matmuls for the ~100M Llama shape (12 query heads over 4 KV heads) and 1.3x for
+t5-small's (8 heads) on the development machine (AVX512-BF16, torch 2.13, KV 100-200;
+benchmarks/decode_attention.py).
 So bfloat16 and float16 on a CPU take the matmul path: each KV head's group of query heads
 are the rows of one matmul (grouped-query attention without repeating K/V), and the softmax
 runs in float32. float32 and GPUs keep SDPA: as fast or faster there, and float32 then stays
