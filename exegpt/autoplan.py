@@ -185,7 +185,7 @@ def ensure_profile(request: PlanRequest, out: TextIO = sys.stdout) -> Path:
     if request.profile is not None:
         return request.profile
     path = profile_path(request)
-    if path.is_file() and _loads(path):
+    if path.is_file() and _loads(path, request):
         out.write(f"profile: cached {path}\n")
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,17 +201,22 @@ def ensure_profile(request: PlanRequest, out: TextIO = sys.stdout) -> Path:
     return path
 
 
-def _loads(path: Path) -> bool:
-    """A cached profile is used when it loads and carries the serving path's host work (the
-    planner prices it beside the forwards); one measured without it is measured again."""
+def _loads(path: Path, request: PlanRequest) -> bool:
+    """A cached profile is used when it loads, carries the serving path's host work (the
+    planner prices it beside the forwards) and timed the Linear kernel serving runs here; one
+    measured otherwise is measured again."""
+    from exegpt.dtypes import torch_dtype
+    from exegpt.models.prepack import linear_kernel
     from exegpt.profile.format import ProfileError, read_profile
     from exegpt.profile.layer_profile import load_profile
 
     try:
         load_profile(str(path))
-        return read_profile(path).serving is not None
+        data = read_profile(path)
     except (ProfileError, ValueError, OSError):
         return False
+    serving_kernel = linear_kernel(torch_dtype(request.dtype), request.device)
+    return data.serving is not None and data.model.linear_kernel == serving_kernel
 
 
 # ---- plan ----------------------------------------------------------------------------------

@@ -177,6 +177,7 @@ class KVCachePool:
             LayerKV(
                 torch.zeros(shape, dtype=spec.dtype, device=self.device),
                 torch.zeros(shape, dtype=spec.dtype, device=self.device),
+                block_size_tokens,
             )
             for _ in range(spec.num_layers)
         ]

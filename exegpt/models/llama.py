@@ -130,7 +130,11 @@ class LlamaModel(nn.Module):
             raise ValueError(f"a Llama step takes a packed batch, got {type(batch).__name__}")
         self_kv = batch.self_kv
         layout = packed_layout(
-            batch.query_starts, batch.positions, self_kv.read_slots, self.config.sliding_window
+            batch.query_starts,
+            batch.positions,
+            self_kv.read_slots,
+            self.config.sliding_window,
+            block_size=kv[0].block_size_tokens if kv else 1,
         )
         meta = AttentionMetadata(
             write_slots=self_kv.write_slots,

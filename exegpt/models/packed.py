@@ -13,7 +13,9 @@ mix them. Attention runs per kind of row, over valid keys only:
   tokens, which does work on every pair of rows (benchmarks/packed_prefill.py measures both);
 - decode rows (one query token) are batched: sorted by KV length and cut into buckets in which
   every row holds at least `1 - DECODE_BUCKET_PADDING` of the bucket's longest, so a bucket's
-  padded keys stay under a third of its valid ones, and each bucket is one kernel call.
+  padded keys stay under a third of its valid ones, and each bucket is one kernel call. Their
+  keys are gathered whole KV blocks at a time (one `index_select` of contiguous blocks, not
+  one of every slot), up to the last block of the bucket's longest row.
 
 The layout is read from the batch's small index tensors once per step (one host read), then
 every layer reuses it.
@@ -27,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from exegpt.models.decode_attention import decode_kernel
+
 # A decode row joins a bucket while its KV length is at least (1 - this) x the bucket's longest.
 DECODE_BUCKET_PADDING = 0.25
 
@@ -36,8 +40,9 @@ class DecodeBucket:
     """Decode rows attended together: their query tokens and their keys padded to the longest."""
 
     query_index: Tensor  # [b] token index (in the packed N) of each row's query
-    key_slots: Tensor  # [b, T] pool slots of each row's keys (padding repeats a valid slot)
-    mask: Tensor | None  # [b, 1, 1, T] True where the key is visible; None: all are
+    key_blocks: Tensor  # [b, M] KV blocks of each row's keys (padding repeats its last block)
+    mask: Tensor | None  # [b, 1, 1, M * block_size] True where the key is visible; None: all
+    hidden_keys: Tensor | None  # [n] the hidden ones in the flattened [b * M * block_size]
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class PackedLayout:
     """How a packed step's attention is cut, built once per step for every layer."""
 
     num_tokens: int
+    block_size: int  # tokens per KV block of the pool the step reads
     groups: tuple[RowGroup, ...]
     buckets: tuple[DecodeBucket, ...]
     token_positions: Tensor  # [N] absolute position of each new token
@@ -66,10 +72,11 @@ def packed_layout(
     read_slots: Tensor | None,
     window: int | None,
     padding: float = DECODE_BUCKET_PADDING,
+    block_size: int = 1,
 ) -> PackedLayout:
     """The layout of rows whose tokens are `query_starts[b]:query_starts[b + 1]`, starting at
     KV position `positions[b]`; `read_slots` (None: no row has cached K/V) are every row's
-    valid key slots back to back."""
+    valid key slots back to back, in a pool of `block_size`-token blocks."""
     device = query_starts.device
     starts = query_starts.tolist()
     first_positions = positions.tolist()
@@ -98,13 +105,14 @@ def packed_layout(
     if decodes:
         assert read_slots is not None
         buckets = _decode_buckets(
-            decodes, starts, kv_lengths, key_starts, read_slots, window, padding
+            decodes, starts, kv_lengths, key_starts, read_slots, window, padding, block_size
         )
     token_positions = torch.cat(
         [torch.arange(p, p + n) for p, n in zip(first_positions, num_new, strict=True)]
     )
     return PackedLayout(
         num_tokens=starts[-1],
+        block_size=block_size,
         groups=tuple(groups),
         buckets=buckets,
         token_positions=token_positions.to(device),
@@ -135,6 +143,7 @@ def _decode_buckets(
     read_slots: Tensor,
     window: int | None,
     padding: float,
+    block_size: int,
 ) -> tuple[DecodeBucket, ...]:
     """Decode rows, longest KV first, cut where a row would pad past the bound."""
     order = sorted(decodes, key=lambda b: kv_lengths[b], reverse=True)
@@ -147,21 +156,26 @@ def _decode_buckets(
     device = read_slots.device
     buckets = []
     for group in groups:
-        width = kv_lengths[group[0]]
-        columns = torch.arange(width)
+        num_blocks = -(-kv_lengths[group[0]] // block_size)
+        columns = torch.arange(num_blocks * block_size)
         lengths = torch.tensor([kv_lengths[b] for b in group])
         offsets = torch.tensor([key_starts[b] for b in group])
-        # Padding columns repeat the row's last key; the mask hides them.
-        index = offsets[:, None] + torch.minimum(columns[None], lengths[:, None] - 1)
-        visible = columns[None] < lengths[:, None]  # [b, T]
+        # A row's block j holds its key j * block_size; padding blocks repeat its last block.
+        first_keys = torch.arange(0, num_blocks * block_size, block_size)
+        index = offsets[:, None] + torch.minimum(first_keys[None], lengths[:, None] - 1)
+        visible = columns[None] < lengths[:, None]  # [b, M * block_size]
         if window is not None:
             visible = visible & (columns[None] > lengths[:, None] - 1 - window)
-        mask = None if bool(visible.all()) else visible[:, None, None, :].to(device)
+        mask = hidden_keys = None
+        if not bool(visible.all()):
+            mask = visible[:, None, None, :].to(device)
+            hidden_keys = (~visible).flatten().nonzero().squeeze(1).to(device)
         buckets.append(
             DecodeBucket(
                 query_index=torch.tensor([starts[b] for b in group], device=device),
-                key_slots=read_slots[index.to(device)],
+                key_blocks=read_slots[index.to(device)] // block_size,
                 mask=mask,
+                hidden_keys=hidden_keys,
             )
         )
     return tuple(buckets)
@@ -191,10 +205,26 @@ def packed_attention(
         out[group.query_index] = _kernel(queries, keys, values, group.mask, scale, gqa)
     for bucket in layout.buckets:
         assert cache_k is not None and cache_v is not None
-        queries = q[bucket.query_index][:, None]  # [b, 1, H, D]
-        keys, values = cache_k[bucket.key_slots], cache_v[bucket.key_slots]  # [b, T, H_kv, D]
-        out[bucket.query_index] = _kernel(queries, keys, values, bucket.mask, scale, gqa)[:, 0]
+        queries = q[bucket.query_index]  # [b, H, D]
+        keys = gather_blocks(cache_k, bucket.key_blocks, layout.block_size)  # [b, T, H_kv, D]
+        values = gather_blocks(cache_v, bucket.key_blocks, layout.block_size)
+        if bucket.hidden_keys is not None:
+            # The hidden columns of a row's last block may hold stale K/V of a freed block's
+            # earlier owner, even non-finite: zero them so no other request sees a NaN (a
+            # row index fill: a broadcast masked_fill of [b, T, 1, 1] ran 15x slower).
+            keys.view(-1, *keys.shape[2:]).index_fill_(0, bucket.hidden_keys, 0)
+            values.view(-1, *values.shape[2:]).index_fill_(0, bucket.hidden_keys, 0)
+        out[bucket.query_index] = decode_kernel(queries, keys, values, bucket.mask, scale)
     return out[None]
+
+
+def gather_blocks(cache: Tensor, blocks: Tensor, block_size: int) -> Tensor:
+    """The K or V [b, M * block_size, H_kv, D] of blocks [b, M] of a pool [slots, H_kv, D] whose
+    slot `i * block_size + j` is token j of block i (a trailing null slot is left out)."""
+    num_blocks = cache.shape[0] // block_size
+    paged = cache[: num_blocks * block_size].view(num_blocks, block_size, *cache.shape[1:])
+    rows = paged.index_select(0, blocks.flatten())  # [b * M, block_size, H_kv, D]
+    return rows.view(blocks.shape[0], -1, *cache.shape[1:])
 
 
 def _kernel(

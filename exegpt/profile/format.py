@@ -112,6 +112,9 @@ class ModelData(_Strict):
     # measured in float32. The planner refuses to plan for workers of another dtype.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     dtype_bytes: PositiveInt = 4
+    # How the Linears ran (exegpt/models/prepack.py), as serving runs them in this dtype; a
+    # profile written before the field existed ran plain ones.
+    linear_kernel: Literal["aten", "onednn-packed"] = "aten"
     max_context_tokens: PositiveInt
 
 

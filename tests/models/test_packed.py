@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from exegpt.models.decode_attention import decode_kernel
 from exegpt.models.kv_cache import SequenceKV
+from exegpt.models.loader import load_model
 from exegpt.models.packed import packed_layout
 from tests.models.conftest import Checkpoint
 from tests.models.helpers import assert_logits_close, make_runner
@@ -37,25 +39,41 @@ def test_prefill_projections_see_only_the_valid_tokens(
     assert [shape[:2] for shape in seen] == expected
 
 
+@pytest.mark.parametrize("block_size", [1, 4])
 @pytest.mark.parametrize("padding", [0.0, 0.25, 0.5])
-def test_decode_buckets_hold_every_row_once_within_the_padding_bound(padding: float) -> None:
+def test_decode_buckets_hold_every_row_once_within_the_padding_bound(
+    padding: float, block_size: int
+) -> None:
+    """Each row's blocks are its own, in order; the mask shows exactly its keys."""
     kv_lengths = [100, 9, 90, 10, 76, 60, 1, 75]
     positions = torch.tensor([n - 1 for n in kv_lengths])  # one new token each
     query_starts = torch.arange(len(kv_lengths) + 1)
-    read_slots = torch.arange(sum(kv_lengths)) + 1000
-    layout = packed_layout(query_starts, positions, read_slots, None, padding)
+    # Row b's blocks are 1000 + 10 b + j: every key's slot follows from its row and position.
+    table = [
+        [1000 + 10 * b + j for j in range(-(-n // block_size))] for b, n in enumerate(kv_lengths)
+    ]
+    read_slots = torch.tensor(
+        [
+            table[b][p // block_size] * block_size + p % block_size
+            for b, n in enumerate(kv_lengths)
+            for p in range(n)
+        ]
+    )
+    layout = packed_layout(query_starts, positions, read_slots, None, padding, block_size)
     assert layout.groups == ()
     queries = sorted(q for b in layout.buckets for q in b.query_index.tolist())
     assert queries == list(range(len(kv_lengths)))
-    starts = [sum(kv_lengths[:b]) for b in range(len(kv_lengths))]
     for bucket in layout.buckets:
-        width = bucket.key_slots.shape[1]
+        width = bucket.key_blocks.shape[1] * block_size
         for row, b in enumerate(bucket.query_index.tolist()):
-            assert kv_lengths[b] >= (1 - padding) * width
-            valid = bucket.key_slots[row, : kv_lengths[b]] - 1000
-            assert valid.tolist() == list(range(starts[b], starts[b] + kv_lengths[b]))
+            own = len(table[b])
+            assert bucket.key_blocks[row, :own].tolist() == table[b]
+            assert set(bucket.key_blocks[row, own:].tolist()) <= {table[b][-1]}
+            assert kv_lengths[b] >= (1 - padding) * width - block_size + 1
             if bucket.mask is not None:
-                assert int(bucket.mask[row].sum()) == kv_lengths[b]
+                assert bucket.mask[row, 0, 0].tolist() == [p < kv_lengths[b] for p in range(width)]
+            else:
+                assert kv_lengths[b] == width
     if padding == 0.0:  # no padding at all: one bucket per distinct length
         assert len(layout.buckets) == len(set(kv_lengths))
 
@@ -110,3 +128,63 @@ def test_prefill_rows_of_the_same_shape_share_one_kernel_call() -> None:
             assert index == list(range(index[0], index[0] + len(index)))
     assert sorted(g.query_index[:, 0].tolist() for g in layout.groups) == [[0, 12, 17], [5]]
     assert layout.last_tokens.tolist() == [4, 11, 16, 21]  # each row's last token
+
+
+@pytest.mark.parametrize("additive", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_kernel_attends_to_the_visible_keys_only(dtype: torch.dtype, additive: bool) -> None:
+    """Grouped queries (12 heads over 4 KV heads), rows of different lengths: each row's output
+    is the float32 softmax attention over its own visible keys, within the dtype's rounding;
+    the hidden keys (filled with huge values) change nothing. The mask is SDPA's bool one, or
+    additive with a per-head bias (as T5's position bias plus its length mask)."""
+    generator = torch.Generator().manual_seed(0)
+    rows, heads, kv_heads, dim, width = 5, 12, 4, 16, 9
+    q = torch.randn(rows, heads, dim, generator=generator)
+    k = torch.randn(rows, width, kv_heads, dim, generator=generator)
+    v = torch.randn(rows, width, kv_heads, dim, generator=generator)
+    lengths = torch.tensor([9, 1, 4, 7, 9])
+    visible = torch.arange(width)[None] < lengths[:, None]  # [rows, width]
+    k[~visible], v[~visible] = 1e4, 1e4
+    bias = torch.zeros(rows, heads, 1, width)
+    mask: torch.Tensor = visible[:, None, None]  # [rows, 1, 1, width]
+    if additive:
+        bias = torch.randn(rows, heads, 1, width, generator=generator)
+        mask = bias.masked_fill(~mask, torch.finfo(torch.float32).min)
+    got = decode_kernel(q.to(dtype), k.to(dtype), v.to(dtype), mask, 0.25)
+    assert got.dtype == dtype and got.shape == (rows, heads, dim)
+    for row, length in enumerate(lengths.tolist()):
+        keys = k[row, :length].repeat_interleave(heads // kv_heads, dim=1)  # [T, H, D]
+        values = v[row, :length].repeat_interleave(heads // kv_heads, dim=1)
+        scores = torch.einsum("hd,thd->ht", q[row], keys) * 0.25 + bias[row, :, 0, :length]
+        want = torch.einsum("ht,thd->hd", scores.softmax(-1), values)
+        tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(got[row].float(), want, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("variant", ["llama", "t5"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stale_non_finite_kv_in_reused_blocks_reaches_no_request(
+    checkpoints: dict[str, Checkpoint], variant: str, dtype: torch.dtype
+) -> None:
+    """Every slot of the pool starts as NaN (what a freed block of a failed request may hold):
+    decode steps over rows of different lengths, whose last blocks are partly unwritten, give
+    the logits of a clean pool."""
+    loaded = load_model(str(checkpoints[variant].path), dtype=dtype)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30 + j for j in range(13)]]
+
+    def decode_logits(poisoned: bool) -> torch.Tensor:
+        runner = make_runner(loaded)
+        if poisoned:
+            for layer in runner.pool.layers:
+                layer.k[:-1].fill_(float("nan"))  # all but the pool's null slot
+                layer.v[:-1].fill_(float("nan"))
+        seqs = [SequenceKV() for _ in prompts]
+        last = runner.prefill(seqs, prompts).argmax(-1).tolist()
+        for _ in range(3):
+            logits = runner.decode(seqs, last)
+            last = logits.argmax(-1).tolist()
+        return logits
+
+    poisoned = decode_logits(poisoned=True)
+    assert torch.isfinite(poisoned).all()
+    torch.testing.assert_close(poisoned, decode_logits(poisoned=False), rtol=0, atol=0)

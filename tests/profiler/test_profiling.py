@@ -9,12 +9,13 @@ import torch
 
 from exegpt.models.kv_cache import KVCacheSpec
 from exegpt.models.loader import load_model
+from exegpt.models.prepack import PackedLinear, linear_kernel, packing_applies
 from exegpt.profile.layer_profile import LayerProfile, load_profile
 from services.profiler.measure import layers as measure_layers
 from services.profiler.measure.forwards import WholeForwards, decode, prefill
 from services.profiler.measure.grid import FULL, QUICK, ProfileGrid, build_grid
 from services.profiler.measure.layers import spread_evenly
-from services.profiler.measure.run import ProfileRequest, check_request, run_profile
+from services.profiler.measure.run import ProfileRequest, check_request, prepare_run, run_profile
 from services.profiler.measure.timing import stats_of
 from services.profiler.measure.validate import (
     ValidationPoint,
@@ -231,3 +232,18 @@ def test_a_round_spreads_every_kind_of_measurement_over_its_length() -> None:
     merged = spread_evenly([list("abcdef"), [1, 2], ["x"]])
     assert merged == ["a", "b", 1, "c", "x", "d", "e", 2, "f"]
     assert spread_evenly([[], [1]]) == [1]
+
+
+def test_a_bf16_profile_times_the_linears_serving_runs() -> None:
+    """Every Linear the profiler times (the whole model and each TP degree's shards) is the
+    module a serving worker runs in bfloat16 here: packed for oneDNN where that applies."""
+    run = prepare_run(tiny_request(tp_degrees=(1, 2), dtype="bfloat16"))
+    profiler = measure_layers.LayerProfiler(run.loaded, run.grid, run.tp_degrees, 2)
+    modules = [*run.loaded.model.modules()]
+    for shards in profiler.shards.values():
+        for layer in (*shards.encode_layers, *shards.decode_layers):
+            modules += [*layer.modules()]
+    kinds = {type(m) for m in modules if isinstance(m, (torch.nn.Linear, PackedLinear))}
+    served = PackedLinear if packing_applies(torch.bfloat16, "cpu") else torch.nn.Linear
+    assert kinds == {served}
+    assert profiler.linear_kernel == linear_kernel(torch.bfloat16, "cpu")

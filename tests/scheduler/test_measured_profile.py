@@ -10,9 +10,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from exegpt.cli import main
 from exegpt.dtypes import detect_and_choose
+from exegpt.models.prepack import linear_kernel
 from exegpt.profile.format import write_profile
 from exegpt.profile.layer_profile import load_profile
 from services.profiler.measure.run import run_profile
@@ -76,6 +78,14 @@ def test_the_profile_records_its_dtype_and_the_kv_bytes_follow(
     assert (float32.data.model.dtype, float32.data.model.dtype_bytes) == ("float32", 4)
     assert (bfloat16.data.model.dtype, bfloat16.data.model.dtype_bytes) == ("bfloat16", 2)
     assert bfloat16.kv_bytes_per_token(1) * 2 == float32.kv_bytes_per_token(1)
+    # Weights are counted before the profiler packs its Linears as serving does.
+    memory16, memory32 = bfloat16.data.memory, float32.data.memory
+    assert memory16.embedding_weight_bytes * 2 == memory32.embedding_weight_bytes
+    assert {tp: n * 2 for tp, n in memory16.decode_layer_weight_bytes.items()} == (
+        memory32.decode_layer_weight_bytes
+    )
+    assert float32.data.model.linear_kernel == "aten"
+    assert bfloat16.data.model.linear_kernel == linear_kernel(torch.bfloat16, "cpu")
 
 
 def test_a_profile_from_before_the_dtype_field_means_float32(

@@ -18,6 +18,9 @@ The parts:
   forward;
 - T5's cross K/V write over encoder tokens.
 
+Every Linear timed runs as serving runs it: packed for oneDNN in bfloat16 on a CPU
+(exegpt/models/prepack.py), and the profile records that kernel.
+
 Each TP degree runs with `threads // tp` torch threads: the threads one rank would have.
 """
 
@@ -34,6 +37,7 @@ from torch import Tensor
 
 from exegpt.models.kv_cache import KVCacheSpec, blocks_for
 from exegpt.models.loader import LoadedModel
+from exegpt.models.prepack import linear_kernel, pack_linears
 from exegpt.models.tensor_parallel import Layer, shard_layer
 from services.profiler.measure.forwards import (
     ForwardPoint,
@@ -153,6 +157,17 @@ class LayerProfiler:
         self.probe = Probe(loaded, num_blocks, block_size_tokens)
         self.whole = WholeForwards(loaded, steps, max_kv_bytes=MAX_KV_STORE_BYTES)
         self.shards = {tp: self._shard_set(tp, num_blocks, block_size_tokens) for tp in tp_degrees}
+        self.linear_kernel = self._pack_as_served()
+
+    def _pack_as_served(self) -> str:
+        """Pack the Linears of everything timed as a serving worker packs its model
+        (`pack_linears`): a bf16 profile prices the kernels serving runs. The shards were cut
+        from the plain weights first. Returns the kernel the Linears now run."""
+        pack_linears(self.loaded.model)  # whole forwards, the probe, TP 1's layers
+        for shards in self.shards.values():  # TP > 1: copies cut from the model's weights
+            for layer in (*shards.encode_layers, *shards.decode_layers):
+                pack_linears(layer)
+        return linear_kernel(self.loaded.dtype, self.loaded.device)
 
     def _shard_set(self, tp_degree: int, num_blocks: int, block_size_tokens: int) -> ShardSet:
         model, config = self.loaded.model, self.config

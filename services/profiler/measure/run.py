@@ -239,6 +239,7 @@ def measure(
     allocator = configure_allocator()
     num_threads = torch.get_num_threads()
     start = time.perf_counter()
+    memory = memory_data(loaded.model, loaded.dtype, tp_degrees)  # before the Linears are packed
     profiler = LayerProfiler(loaded, grid, tp_degrees, num_threads)
     steps = _Steps(profiler.num_steps() + len(tp_degrees), on_progress)
     steps.report("starting")
@@ -276,7 +277,10 @@ def measure(
                 "num_retries": sum(t.num_retries for t in profiler.timers()),
                 "num_contended": sum(t.num_contended for t in profiler.timers()),
             },
-            "model": _model_info(loaded, request.model),
+            "model": {
+                **_model_info(loaded, request.model),
+                "linear_kernel": profiler.linear_kernel,
+            },
             "hardware": {
                 "device": str(device),
                 "device_name": _device_name(device),
@@ -294,7 +298,7 @@ def measure(
             **_layer_sections(layers, profiler),
             "allreduce": {tp: _comm(series) for tp, series in allreduce.items()},
             "transfer": _comm(transfer),
-            "memory": memory_data(loaded.model, loaded.dtype, tp_degrees),
+            "memory": memory,
         }
     )
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from exegpt.allocator import configure_allocator
 from exegpt.cost_model import CostModel, decode_layer_s, encode_layer_s
 from exegpt.models.loader import LoadedModel
+from exegpt.models.prepack import pack_linears
 from services.profiler.measure.forwards import ForwardPoint, WholeForwards, decode, prefill
 from services.profiler.measure.grid import SAMPLE_S
 from services.profiler.measure.layers import torch_threads
@@ -124,6 +125,7 @@ def validate_profile(
     measurements; `on_point` gets each finished point.
     """
     configure_allocator()  # as the profile was taken (see allocator.py)
+    pack_linears(loaded.model)  # as the profile timed them and serving runs them
     forwards = WholeForwards(loaded, points)
     points = forwards.usable(points)
     timer = Timer(loaded.device, num_warmup, num_repeats, min_sample_s=SAMPLE_S)

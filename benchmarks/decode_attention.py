@@ -1,0 +1,99 @@
+"""A decode step's attention (one query token per row) over a paged KV pool, side by side:
+the kernel exegpt serves with (blocks gathered whole, exegpt/models/decode_attention.py) and
+the paths it replaced, at batch 32 with the benchmark models' head shapes.
+
+    python benchmarks/decode_attention.py                 # bfloat16, KV lengths 100-200
+    python benchmarks/decode_attention.py --kv 400,512 --batch 8
+
+Paths, for the same queries, pool and rows:
+
+- `slots + sdpa`: every key's slot gathered, then `scaled_dot_product_attention` (before);
+- `blocks + sdpa`: whole blocks gathered, then SDPA;
+- `blocks + exegpt`: whole blocks gathered, then `decode_kernel` (what serving runs).
+
+Each is timed in turn, `--reps` times, in the thread's CPU time (one torch thread), and the
+best is kept: a shared machine's preemption does not count. Prints milliseconds and the
+ratio to the first path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from exegpt.models.decode_attention import decode_kernel
+from exegpt.models.packed import gather_blocks
+
+SHAPES = {"llama": (12, 4, 64), "t5": (8, 8, 64)}  # query heads, KV heads, head dim
+BLOCK = 16
+POOL_BLOCKS = 4096
+
+
+def best_cpu_s(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.thread_time()
+            fn()
+            best[name] = min(best[name], time.thread_time() - start)
+    return best
+
+
+@torch.inference_mode()
+def paths(shape: str, batch: int, kv: tuple[int, int], dtype: torch.dtype) -> dict:
+    heads, kv_heads, dim = SHAPES[shape]
+    generator = torch.Generator().manual_seed(0)
+    cache = torch.randn(POOL_BLOCKS * BLOCK, kv_heads, dim, generator=generator).to(dtype)
+    lengths = torch.randint(kv[0], kv[1] + 1, (batch,), generator=generator)
+    width = -(-int(lengths.max()) // BLOCK) * BLOCK
+    blocks = torch.stack(
+        [torch.randperm(POOL_BLOCKS, generator=generator)[: width // BLOCK] for _ in lengths]
+    )  # scattered blocks, as in a served pool
+    slots = (blocks[:, :, None] * BLOCK + torch.arange(BLOCK)).flatten(1)  # [b, width]
+    mask = (torch.arange(width)[None] < lengths[:, None])[:, None, None, :]
+    q = torch.randn(batch, heads, dim, generator=generator).to(dtype)
+
+    def sdpa(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            scale=dim**-0.5, enable_gqa=heads != kv_heads,
+        )  # fmt: skip
+
+    def blocks_kv() -> tuple[torch.Tensor, torch.Tensor]:
+        return gather_blocks(cache, blocks, BLOCK), gather_blocks(cache, blocks, BLOCK)
+
+    return {
+        "slots + sdpa": lambda: sdpa(cache[slots], cache[slots]),
+        "blocks + sdpa": lambda: sdpa(*blocks_kv()),
+        "blocks + exegpt": lambda: decode_kernel(q, *blocks_kv(), mask, dim**-0.5),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--kv", default="100,200", help="MIN,MAX KV length of the rows")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--reps", type=int, default=20)
+    args = parser.parse_args()
+    low, high = (int(n) for n in args.kv.split(","))
+    torch.set_num_threads(1)
+    dtype = getattr(torch, args.dtype)
+    print(f"decode attention, {args.dtype}, batch {args.batch}, KV {low}-{high}, 1 thread")
+    for shape in SHAPES:
+        best = best_cpu_s(paths(shape, args.batch, (low, high), dtype), args.reps)
+        base = next(iter(best.values()))
+        for name, seconds in best.items():
+            print(f"  {shape:<6}{name:<18}{seconds * 1e3:>9.3f} ms  {base / seconds:>6.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
