@@ -48,12 +48,12 @@ from exegpt.calibration_pass import (  # noqa: E402
     calibrated_copy,
     calibration_burst,
     calibration_from_totals,
+    predicted_on,
     replan,
 )
 from exegpt.launcher import Deployment, DeploymentConfig  # noqa: E402
 from exegpt.schedule import Schedule, ScheduleKind  # noqa: E402
 from exegpt.topology import Topology  # noqa: E402
-from services.scheduler.simulate import PredictRequest, predict  # noqa: E402
 
 TASKS = ("S", "T", "G", "C1", "C2")
 BOUND_QUANTILES = (0.3, 0.7)
@@ -210,27 +210,14 @@ def measure(
     return against_plan.measure(document, s99), totals
 
 
-def predicted_on(
-    args: argparse.Namespace, task: str, auto: autoplan.AutoPlan, profile: Path
-) -> dict:
-    """The plan's schedule predicted from `profile` (`exegpt simulate`'s library)."""
-    request = PredictRequest(
-        profile=str(profile),
-        workload=f"task:{task}",
-        num_devices=args.devices,
-        plan=str(auto.path),
-        length_scale=args.length_scale,
-    )
-    return predict(request)["predicted"]
-
-
 def calibrated_plan(
     args: argparse.Namespace, task: str, first: autoplan.AutoPlan, profile: Path, totals: dict
 ) -> tuple[autoplan.AutoPlan, FirstChoice, str]:
     """The plan made again from a copy of `profile` calibrated by `totals` (the first choice
     stays when no schedule meets the bound on the calibrated profile)."""
     calibration = calibration_from_totals(str(profile), f"task:{task}", args.length_scale, totals)
-    copy = calibrated_copy(str(profile), calibration, first.path.parent, f"{first.path.stem}.cal")
+    name = f"{profile.stem}.cal-{task}-{first.bound_s:.3g}"
+    copy = calibrated_copy(str(profile), calibration, first.path.parent, name)
     request = plan_request(args, task, f"{first.bound_s:.6f}")
     try:
         auto = replan(request, Path(copy), first.bound_s, first.path.parent)
@@ -238,7 +225,7 @@ def calibrated_plan(
     except ValueError as exc:
         auto, outcome = first, f"none meets the bound calibrated ({exc})"
     sys.stderr.write("re-planned after calibration:\n" + autoplan.format_choice(auto) + "\n")
-    calibrated = predicted_on(args, task, first, Path(copy))
+    calibrated = predicted_on(Path(copy), first, request)
     choice = FirstChoice(first.predicted["describe"], first.predicted, calibrated, outcome)
     if auto is first:
         auto = replace(first, report={**first.report, "predicted": calibrated})

@@ -190,3 +190,18 @@ def replan(request: PlanRequest, calibrated: Path, bound_s: float, out_dir: Path
 
     request = replace(request, latency_bound=repr(bound_s), profile=calibrated)
     return autoplan.make_plan(request, calibrated, out_dir)
+
+
+def predicted_on(profile: Path, auto: AutoPlan, request: PlanRequest) -> dict:
+    """What `profile` (with any calibration beside it) predicts for `auto`'s schedule, as
+    `exegpt simulate --plan` does: the first choice judged by what calibration knows."""
+    from services.scheduler.simulate import PredictRequest, predict
+
+    query = PredictRequest(
+        profile=str(profile),
+        workload=request.workload,
+        num_devices=request.num_devices,
+        plan=str(auto.path),
+        length_scale=request.length_scale,
+    )
+    return predict(query)["predicted"]
