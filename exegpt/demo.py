@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--burst",
         type=int,
         default=None,
-        help="requests sent at once to measure the schedule (default: 3 x B_D, 64..600)",
+        help="requests sent at once to measure the schedule (default: 3 x B_D, 64..600); "
+        "the calibration burst before it is half as many (at least 32)",
     )
     autoplan.add_arguments(parser, plan_flag=False)
     # Task S with a quarter of its lengths: short steps keep the burst brief on a CPU. The
