@@ -4,11 +4,12 @@ For each task, batching mode and batch size, `exegpt simulate` (services/schedul
 predicts the schedule on the given profile, then a local deployment (`exegpt up`'s launcher,
 one replica) runs it and `exegpt bench` drives it at saturation with the same workload
 (lengths scaled alike). With --calibrate (the default) each deployment first serves a short
-burst whose engine-clock totals calibrate the profile kind by kind (exegpt/calibration_pass.py); the
-row's prediction is then the calibrated one, and the uncalibrated one's error is printed
-beside it. Measured figures are read as `exegpt bench --against-plan` reads them
-(exegpt/bench/against_plan.py): steady-state seq/s and the p99-length latency. Prints one
-row per run as it finishes, then the median and worst absolute errors and their signs.
+burst whose engine-clock totals calibrate the profile kind by kind
+(exegpt/calibration_pass.py); the row's prediction is then the calibrated one, and the
+uncalibrated one's error is printed beside it. Measured figures are read as
+`exegpt bench --against-plan` reads them (exegpt/bench/against_plan.py): steady-state seq/s
+and the p99-length latency. Prints one row per run as it finishes, then the median and
+worst absolute errors and their signs.
 
     .venv/bin/python benchmarks/fidelity.py --profile quick.json            # 30 runs
     .venv/bin/python benchmarks/fidelity.py --profile quick.json --tasks S --batch-sizes 32
