@@ -4,11 +4,12 @@ For each task, batching mode and batch size, `exegpt simulate` (services/schedul
 predicts the schedule on the given profile, then a local deployment (`exegpt up`'s launcher,
 one replica) runs it and `exegpt bench` drives it at saturation with the same workload
 (lengths scaled alike). With --calibrate (the default) each deployment first serves a short
-burst whose engine-clock totals calibrate the profile kind by kind (calibration_pass.py); the
-row's prediction is then the calibrated one, and the uncalibrated one's error is printed
-beside it. Measured figures are read as `exegpt bench --against-plan` reads them
-(exegpt/bench/against_plan.py): steady-state seq/s and the p99-length latency. Prints one
-row per run as it finishes, then the median and worst absolute errors and their signs.
+burst whose engine-clock totals calibrate the profile kind by kind
+(exegpt/calibration_pass.py); the row's prediction is then the calibrated one, and the
+uncalibrated one's error is printed beside it. Measured figures are read as
+`exegpt bench --against-plan` reads them (exegpt/bench/against_plan.py): steady-state seq/s
+and the p99-length latency. Prints one row per run as it finishes, then the median and
+worst absolute errors and their signs.
 
     .venv/bin/python benchmarks/fidelity.py --profile quick.json            # 30 runs
     .venv/bin/python benchmarks/fidelity.py --profile quick.json --tasks S --batch-sizes 32
@@ -29,13 +30,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import grpc  # noqa: E402
-from calibration_pass import calibrated_copy, calibration_from_totals, totals_between  # noqa: E402
 from deployments import free_port  # noqa: E402
 
 from exegpt.bench.against_plan import measure, percent, relative_error, run_bench  # noqa: E402
+from exegpt.calibration_pass import (  # noqa: E402
+    calibrated_copy,
+    calibration_from_totals,
+    engine_totals,
+    totals_between,
+)
 from exegpt.launcher import Deployment, DeploymentConfig  # noqa: E402
-from exegpt.v1 import worker_pb2, worker_pb2_grpc  # noqa: E402
 from services.scheduler.simulate import PredictRequest, predict  # noqa: E402
 
 TASKS = ("S", "T", "G", "C1", "C2")
@@ -132,13 +136,6 @@ def one_run(args: argparse.Namespace, task: str, mode: str, batch: int, scratch:
         calibration, measured.num_failed, busy_fraction(totals),
         1e3 * decode.host_s / max(1, decode.num_steps) if decode else math.nan,
     )  # fmt: skip
-
-
-def engine_totals(address: str) -> dict:
-    """The worker's engine clock by step kind (GetStats step_totals)."""
-    with grpc.insecure_channel(address) as channel:
-        stats = worker_pb2_grpc.WorkerStub(channel).GetStats(worker_pb2.GetStatsRequest())
-    return {t.kind: t for t in stats.step_totals}
 
 
 def busy_fraction(totals: dict) -> float:

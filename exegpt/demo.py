@@ -2,9 +2,18 @@
 
 It profiles the embedded default model on this machine (cached; a small grid), plans the
 best schedule for a latency bound on 2 devices (2 stage processes here), deploys that
-schedule (router + worker + stage processes), sends a few requests through the gRPC SDK and
-the OpenAI-compatible HTTP gateway (plain and streaming), then a saturating burst, prints
-the chosen schedule's predicted and measured throughput and latency, and shuts down.
+schedule (router + worker + stage processes) and sends a few requests through the gRPC SDK
+and the OpenAI-compatible HTTP gateway (plain and streaming). Then it closes the loop:
+
+1. observe: a warm-up and a calibration burst, whose engine clock (GetStats step totals)
+   calibrates a copy of the profile kind by kind (exegpt/calibration_pass.py);
+2. re-plan: the same bound planned again from the calibrated copy;
+3. apply: a changed schedule is deployed in place of the first one (this demo runs no
+   scheduler service to push it live: a new deployment; an unchanged one keeps serving);
+4. measure: a saturating burst, against the prediction of the plan in force.
+
+It prints the first plan, the re-plan (and what the calibrated profile predicts for the
+first choice) and the measured figures, and shuts down.
 """
 
 from __future__ import annotations
@@ -16,13 +25,18 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
-from exegpt import autoplan
+import grpc
+
+from exegpt import autoplan, calibration_pass
 from exegpt.bench import against_plan
 from exegpt.launcher import Deployment, DeploymentConfig
+from exegpt.schedule_proto import schedule_from_proto
 from exegpt.sdk import Client
 from exegpt.topology import Topology
+from exegpt.v1 import worker_pb2, worker_pb2_grpc
 
 DESCRIPTION = "start a local deployment, send a few requests, print answers"
 logger = logging.getLogger("exegpt.demo")
@@ -40,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--burst",
         type=int,
         default=None,
-        help="requests sent at once to measure the schedule (default: 3 x B_D, 64..600)",
+        help="requests sent at once to measure the schedule (default: 3 x B_D, 64..600); "
+        "the calibration burst before it is half as many (at least 32)",
     )
     autoplan.add_arguments(parser, plan_flag=False)
     # Task S with a quarter of its lengths: short steps keep the burst brief on a CPU. The
@@ -85,15 +100,38 @@ def run(args: argparse.Namespace) -> int:
     try:
         request = autoplan.request_from_args(args, args.replicas)
         profile = autoplan.ensure_profile(request)
-        auto = autoplan.make_plan(request, profile)
-        kv_mb = autoplan.kv_cache_mb(auto, profile)
+        first = autoplan.make_plan(request, profile)
     except ValueError as exc:
         sys.stderr.write(f"exegpt demo: {exc}\n")
         return 2
-    _out(autoplan.format_choice(auto))
+    _out("First plan, on the uncalibrated profile:")
+    _out(autoplan.format_choice(first))
     _out()
     log_dir = Path(tempfile.mkdtemp(prefix="exegpt-demo-logs-"))
-    config = DeploymentConfig(
+    _out(f"Deploying it: router + {args.replicas} worker replica(s) of {args.model} ...")
+    with Deployment(_config(args, first, profile, request.threads, log_dir)) as deployment:
+        _print_endpoints(deployment, log_dir)
+        _run_requests(deployment, args.max_tokens)
+        _out()
+        auto = _replan(deployment, first, request, profile, args, log_dir)
+        if auto.report["schedule"] == first.report["schedule"]:
+            _out("The re-plan keeps the deployed schedule: measuring it as it runs.")
+            _run_burst(deployment, auto, args, log_dir)
+    if auto.report["schedule"] != first.report["schedule"]:
+        _out("Applying the re-plan: deploying it in place of the first plan ...")
+        plan_profile = Path(auto.report["profile"])
+        config = _config(args, auto, plan_profile, request.threads, log_dir)
+        with Deployment(config) as deployment:
+            _run_burst(deployment, auto, args, log_dir)
+    _out(f"All services stopped ({time.monotonic() - start_s:.0f} s in all).")
+    return 0
+
+
+def _config(
+    args: argparse.Namespace, auto: autoplan.AutoPlan, profile: Path, threads: int, log_dir: Path
+) -> DeploymentConfig:
+    """The deployment of `auto`: its placement, control variables and KV pool."""
+    return DeploymentConfig(
         model=args.model,
         num_replicas=args.replicas,
         http_port=0,
@@ -101,18 +139,50 @@ def run(args: argparse.Namespace) -> int:
         log_dir=log_dir,
         schedule_file=auto.path,
         max_batch_size=auto.plan.schedule.decode_batch_size,
-        kv_cache_mb=kv_mb,
-        topology=Topology(planned=auto.plan.placement, threads_per_device=request.threads),
+        kv_cache_mb=autoplan.kv_cache_mb(auto, profile),
+        topology=Topology(planned=auto.plan.placement, threads_per_device=threads),
         extra_worker_args=("--max-queue-size", str(max(1024, args.burst or 0))),
     )
-    _out(f"Deploying it: router + {args.replicas} worker replica(s) of {args.model} ...")
-    with Deployment(config) as deployment:
-        _print_endpoints(deployment, log_dir)
-        _run_requests(deployment, args.max_tokens)
-        _out()
-        _run_burst(deployment, auto, args, log_dir)
-    _out(f"All services stopped ({time.monotonic() - start_s:.0f} s in all).")
-    return 0
+
+
+def _replan(
+    deployment: Deployment,
+    first: autoplan.AutoPlan,
+    request: autoplan.PlanRequest,
+    profile: Path,
+    args: argparse.Namespace,
+    log_dir: Path,
+) -> autoplan.AutoPlan:
+    """Observe a calibration burst, calibrate a copy of the profile and plan again on it at
+    the same bound; the first plan stays when no schedule meets the bound calibrated."""
+    num = max(32, _burst_size(first, args) // 2)
+    _out(f"Calibration: a warm-up, then {num} requests; the engine clock calibrates the profile")
+    totals = calibration_pass.calibration_burst(
+        deployment, args.workload, num, log_dir, args.length_scale
+    )
+    calibration = calibration_pass.calibration_from_totals(
+        str(profile), args.workload, args.length_scale, totals
+    )
+    copy = calibration_pass.calibrated_copy(str(profile), calibration, log_dir, "calibrated")
+    _out(f"  {calibration.describe()}")
+    then = calibration_pass.predicted_on(Path(copy), first, request)
+    _out(
+        f"  the first plan, calibrated, predicts {then['throughput_seq_s']:.2f} seq/s and "
+        f"{then['latency_s']:.3f} s (bound {first.bound_s:.3f} s)"
+    )
+    try:
+        auto = calibration_pass.replan(request, Path(copy), first.bound_s, log_dir)
+    except ValueError as exc:
+        _out(f"  re-plan: {exc}; keeping the first plan")
+        return replace(first, report={**first.report, "predicted": then})
+    _out("Re-plan, on the calibrated profile:")
+    _out(autoplan.format_choice(auto))
+    _out()
+    return auto
+
+
+def _burst_size(auto: autoplan.AutoPlan, args: argparse.Namespace) -> int:
+    return args.burst or min(600, max(64, 3 * auto.plan.schedule.decode_batch_size))
 
 
 def _print_endpoints(deployment: Deployment, log_dir: Path) -> None:
@@ -130,7 +200,9 @@ def _run_burst(
     deployment: Deployment, auto: autoplan.AutoPlan, args: argparse.Namespace, log_dir: Path
 ) -> None:
     report = auto.report
-    burst = args.burst or min(600, max(64, 3 * auto.plan.schedule.decode_batch_size))
+    burst = _burst_size(auto, args)
+    for index, describe in enumerate(_in_force(deployment)):
+        _out(f"In force on replica {index} (its GetSchedule): {describe}")
     _out(f"Burst: {burst} requests of {report['workload']} at once ...")
     document = against_plan.run_bench(
         deployment.http_url, args.workload, burst, log_dir / "burst.json", args.length_scale
@@ -155,6 +227,18 @@ def _run_burst(
         f"  latency bound {auto.bound_s:.3f} s met: {met}  (measured at steady state, "
         "admission to last token; see exegpt/latency.py)"
     )
+
+
+def _in_force(deployment: Deployment) -> list[str]:
+    """The schedule each replica reports it runs (Worker.GetSchedule)."""
+    described = []
+    for address in deployment.worker_addresses:
+        with grpc.insecure_channel(address) as channel:
+            status = worker_pb2_grpc.WorkerStub(channel).GetSchedule(
+                worker_pb2.GetScheduleRequest(), timeout=10
+            )
+        described.append(schedule_from_proto(status.schedule).describe())
+    return described
 
 
 def _run_requests(deployment: Deployment, max_tokens: int) -> None:

@@ -1,26 +1,21 @@
-"""benchmarks/calibration_pass.py: engine-clock totals that took known multiples of what the
+"""exegpt/calibration_pass.py: engine-clock totals that took known multiples of what the
 profile predicts give back those multiples, kind by kind, and a calibrated copy predicts
 with them (hand-made totals on the analytic roofline profile)."""
 
 from __future__ import annotations
 
-import runpy
-from pathlib import Path
-
 import pytest
 
+from exegpt.calibration_pass import KindTotals, calibration_from_totals, totals_between
 from services.scheduler.observations import StageKind
 from services.scheduler.problem_builder import load_cost_model
 from services.scheduler.simulate import workload_of
 from services.scheduler.simulator.common import LayerCosts, WorkloadStats
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "calibration_pass.py"
 PROFILE = "analytic:a40:opt-13b"
 
 
 def test_totals_that_took_known_multiples_calibrate_each_kind_by_its_own() -> None:
-    module = runpy.run_path(str(SCRIPT), run_name="calibration_pass")
-    KindTotals, calibration_from_totals = module["KindTotals"], module["calibration_from_totals"]
     model = load_cost_model(PROFILE).model
     workload = workload_of("task:S", 0.25, model.shape.max_context_tokens)
     costs = LayerCosts(model, WorkloadStats.from_workload(workload))
@@ -45,8 +40,6 @@ def test_totals_that_took_known_multiples_calibrate_each_kind_by_its_own() -> No
 
 
 def test_totals_between_reads_the_pass_alone() -> None:
-    module = runpy.run_path(str(SCRIPT), run_name="calibration_pass")
-    KindTotals, totals_between = module["KindTotals"], module["totals_between"]
     before = {"decode": KindTotals(10, 40, 1.0, 0.5)}
     after = {"decode": KindTotals(30, 100, 4.0, 0.75), "prefill": KindTotals(3, 9, 0.3, 0.1)}
     delta = totals_between(before, after)

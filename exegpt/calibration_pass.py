@@ -1,5 +1,6 @@
-"""The benchmarks' "after calibration" protocol: a short pass on the real serving path, fed to
-the calibration by kind, then a prediction from the calibrated profile.
+"""The "after calibration" protocol of `exegpt demo` and the benchmarks: a short pass on the
+real serving path, fed to the calibration by kind, then a plan (or a prediction) from the
+calibrated profile.
 
 Before its measured burst, a deployment serves a short saturating burst of the same workload
 (router, gRPC, HTTP and the bench client all running, as in the measurement). The engine's
@@ -16,22 +17,28 @@ with what the uncalibrated profile predicts for the same steps:
 
 The ratios go through `Calibration.updated` (services/scheduler/calibration.py), the result is
 stored beside a copy of the profile (calibration_store.py) and the prediction is made from
-that copy, as every later plan on it would be. Kinds without steps, or without a term in the
-profile, keep their factor of 1.
+that copy, as every later plan on it would be (`exegpt plan` and the scheduler read the
+calibration stored beside a profile the same way). `replan` then plans again from the copy:
+the schedule chosen on the uncalibrated profile is only a first guess. Kinds without steps,
+or without a term in the profile, keep their factor of 1.
 """
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from services.scheduler.calibration import Calibration
-from services.scheduler.calibration_store import calibration_path, save_calibration
-from services.scheduler.observations import StageKind
-from services.scheduler.problem_builder import load_cost_model
-from services.scheduler.simulate import workload_of
-from services.scheduler.simulator.common import LayerCosts, WorkloadStats
+import grpc
+
+from exegpt.v1 import worker_pb2, worker_pb2_grpc
+
+if TYPE_CHECKING:  # the scheduler's library is imported where it is used, as autoplan.py does
+    from exegpt.autoplan import AutoPlan, PlanRequest
+    from exegpt.launcher import Deployment
+    from services.scheduler.calibration import Calibration
+    from services.scheduler.observations import StageKind
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,32 @@ class KindTotals:
     num_rows: int
     forward_s: float
     host_s: float
+
+
+def engine_totals(address: str) -> dict:
+    """A worker's engine clock by step kind (GetStats step_totals)."""
+    with grpc.insecure_channel(address) as channel:
+        stats = worker_pb2_grpc.WorkerStub(channel).GetStats(worker_pb2.GetStatsRequest())
+    return {t.kind: t for t in stats.step_totals}
+
+
+def calibration_burst(
+    deployment: Deployment,
+    workload: str,
+    num_requests: int,
+    work: Path,
+    length_scale: float | None,
+) -> dict[str, KindTotals]:
+    """A warm-up burst (first forwards, pools filling: unused), then a calibration burst of
+    `num_requests` whose engine-clock totals, summed over the replicas, come back."""
+    from exegpt.bench.against_plan import run_bench
+
+    url = deployment.http_url
+    run_bench(url, workload, max(16, num_requests // 4), work / "warmup.json", length_scale)
+    before = [engine_totals(a) for a in deployment.worker_addresses]
+    run_bench(url, workload, num_requests, work / "calibration.json", length_scale)
+    after = [engine_totals(a) for a in deployment.worker_addresses]
+    return sum_totals([totals_between(b, a) for b, a in zip(before, after, strict=True)])
 
 
 def totals_between(before: dict, after: dict) -> dict[str, KindTotals]:
@@ -78,6 +111,12 @@ def calibration_from_totals(
     profile: str, workload: str, length_scale: float | None, totals: dict[str, KindTotals]
 ) -> Calibration:
     """The uncalibrated profile corrected, kind by kind, by what the pass measured."""
+    from services.scheduler.calibration import Calibration
+    from services.scheduler.observations import StageKind
+    from services.scheduler.problem_builder import load_cost_model
+    from services.scheduler.simulate import workload_of
+    from services.scheduler.simulator.common import LayerCosts, WorkloadStats
+
     cost_model = load_cost_model(profile).model
     stats = WorkloadStats.from_workload(
         workload_of(workload, length_scale, cost_model.shape.max_context_tokens)
@@ -132,6 +171,8 @@ def _keep(
 
 def calibrated_copy(profile: str, calibration: Calibration, directory: Path, name: str) -> str:
     """A copy of `profile` in `directory` with `calibration` stored beside it."""
+    from services.scheduler.calibration_store import calibration_path, save_calibration
+
     copy = directory / f"{name}.json"
     shutil.copyfile(profile, copy)
     path = calibration_path(str(copy))
@@ -139,3 +180,28 @@ def calibrated_copy(profile: str, calibration: Calibration, directory: Path, nam
     if not save_calibration(path, calibration):
         raise OSError(f"could not store the calibration at {path}")
     return str(copy)
+
+
+def replan(request: PlanRequest, calibrated: Path, bound_s: float, out_dir: Path) -> AutoPlan:
+    """The plan for `request` at `bound_s`, made again from `calibrated`: a copy of the profile
+    with its calibration stored beside it (`calibrated_copy`), which the one problem builder
+    reads as `exegpt plan` does. ValueError when no schedule meets the bound there."""
+    from exegpt import autoplan
+
+    request = replace(request, latency_bound=repr(bound_s), profile=calibrated)
+    return autoplan.make_plan(request, calibrated, out_dir)
+
+
+def predicted_on(profile: Path, auto: AutoPlan, request: PlanRequest) -> dict:
+    """What `profile` (with any calibration beside it) predicts for `auto`'s schedule, as
+    `exegpt simulate --plan` does: the first choice judged by what calibration knows."""
+    from services.scheduler.simulate import PredictRequest, predict
+
+    query = PredictRequest(
+        profile=str(profile),
+        workload=request.workload,
+        num_devices=request.num_devices,
+        plan=str(auto.path),
+        length_scale=request.length_scale,
+    )
+    return predict(query)["predicted"]

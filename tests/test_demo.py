@@ -1,0 +1,43 @@
+"""`exegpt demo` closes the loop with real processes: it deploys the first plan, calibrates a
+copy of the profile from a calibration burst's engine clock, plans again at the same bound,
+and measures the burst on the plan in force, which the replica itself reports."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _chosen(text: str) -> str:
+    return re.search(r"chosen: (.+)", text).group(1).strip()
+
+
+def test_demo_replans_after_calibration_and_measures_the_plan_in_force(
+    measured_tiny_profile: Path, tmp_path: Path
+) -> None:
+    command = [
+        sys.executable, "-m", "exegpt.cli", "demo", "--profile", str(measured_tiny_profile),
+        "--profile-dir", str(tmp_path), "--burst", "16", "--max-tokens", "4",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    first_part, _, rest = out.partition("Calibration:")
+    assert rest, out
+    first = _chosen(first_part)
+    assert "calibrated from" in rest
+    assert "the first plan, calibrated, predicts" in rest
+    if "Re-plan, on the calibrated profile:" in rest:
+        in_force = _chosen(rest)
+    else:
+        assert "keeping the first plan" in rest
+        in_force = first
+    # The replica runs the plan in force, as it reports over GetSchedule.
+    assert re.search(r"In force on replica 0 \(its GetSchedule\): (.+)", rest).group(1) == in_force
+    assert ("Applying the re-plan" in rest) == (in_force != first)
+    burst = re.search(r"schedule (.+) \((\d+) ok, (\d+) failed\)", rest)
+    assert burst.group(1) == in_force
+    assert (int(burst.group(2)), int(burst.group(3))) == (16, 0)
+    assert "All services stopped" in out
