@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exegpt.v1 import worker_pb2, worker_pb2_grpc
 from tests.conftest import BackgroundLoop, start_stack, stop_stack
+from tests.wait import wait_until
 
 PROMPTS = ([5, 6, 7], [8, 9, 10, 11, 12], [13, 14])
 MAX_TOKENS = (6, 4, 5)
@@ -27,11 +28,22 @@ def served(background_loop: BackgroundLoop):
                 json={"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True},
             )
             assert answer.status_code == 200, answer.text
+        with grpc.insecure_channel(stack.workers[0].address) as channel:
+            stub = worker_pb2_grpc.WorkerStub(channel)
+            # A step is charged after its tokens are delivered: wait for the last charge.
+            rows = sum(MAX_TOKENS)
+            wait_until(
+                lambda: sum(t.num_rows for t in _stats(stub).step_totals) == rows,
+                what="every step charged",
+            )
+            stats = _stats(stub)
         scrape = http.get("/metrics").text
-    with grpc.insecure_channel(stack.workers[0].address) as channel:
-        stats = worker_pb2_grpc.WorkerStub(channel).GetStats(worker_pb2.GetStatsRequest())
     yield stats, scrape
     stop_stack(stack)
+
+
+def _stats(stub: worker_pb2_grpc.WorkerStub) -> worker_pb2.WorkerStats:
+    return stub.GetStats(worker_pb2.GetStatsRequest())
 
 
 def test_every_step_is_charged_to_its_kind(served) -> None:

@@ -76,10 +76,13 @@ def test_a_killed_stage_answers_every_request_and_the_other_replica_serves(deplo
     for thread in threads:
         thread.join(ANSWER_BOUND_S + 30)
     for stream in streams:
-        assert stream.done_s is not None and stream.done_s - killed_s < ANSWER_BOUND_S
+        assert stream.done_s is not None
         assert stream.error is not None or stream.num_tokens == MAX_TOKENS
+    # The killed replica's requests get their error within the bound; the others run on at
+    # the surviving replica's own pace (400 tokens, slower than the bound on a loaded CI).
     failed = [s for s in streams if s.error is not None]
     assert failed and all("unavailable" in (s.error or "") for s in failed)
+    assert all(s.done_s - killed_s < ANSWER_BOUND_S for s in failed)
 
     # Right away, new requests go to the surviving replica.
     with Client(address, timeout_s=60) as client:
