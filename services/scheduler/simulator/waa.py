@@ -4,9 +4,10 @@ it shares with the continuous-batching baseline.
 The first `num_encode_devices` devices only encode (a pipeline holding every encode layer;
 for decoder-only models that is a second copy of the decoder layers), the others only decode
 (a pipeline holding every decoder layer; partial TP applies to the decode side, whose first
-`num_tp_devices` devices form TP groups). They run asynchronously; as the paper simulates it,
-WAA is N_D = 1: every cycle one batch of B_E is encoded, handed over, and joins the decode
-batch, and the decode batch advances one token. So B_D = B_E x mean output length.
+`num_tp_devices` devices form TP groups). They run asynchronously: every cycle one batch of
+B_E is encoded, handed over, and joins the decode batch, whose cap is B_D = B_E x mean output
+length; the decode side iterates at its own pace meanwhile (several tokens per cycle when
+encoding is the slower side, as the paper's figures imply and as the engine's WAA mode runs).
 
 - Encode side: consecutive batches are independent, so it is a full pipeline: it accepts a
   batch every `max(stage time)`.
@@ -17,8 +18,13 @@ batch, and the decode batch advances one token. So B_D = B_E x mean output lengt
   previous one from the last stage, so one iteration of all micro-batches takes
   `max(sum of stage times + transfers, B_m x slowest stage)` (the steady state of that cyclic
   pipeline; the paper's figure: two tokens in 7 stage-times without micro-batches, 3 2/3 with).
-- cycle_s = max(encode period, hand-over, decode iteration); throughput = B_E / cycle_s.
-- Latency of the p99 sequence: encode traversal + hand-over + S99 cycles.
+- cycle_s = max(encode period, hand-over, decode iteration at B_D); throughput = B_E /
+  cycle_s (at the cap, B_D sequences finish every mean-output iterations).
+- The decode batch in steady state: a sequence stays for mean-output iterations, so by
+  Little's law it holds B = throughput x mean output x iteration(B) sequences, at most B_D.
+  When encoding is the slower side that is below B_D, and each iteration is shorter than a
+  cycle (`steady_decode_batch`).
+- Latency of the p99 sequence: encode traversal + hand-over + S99 iterations at that batch.
 
 How many devices encode: WAA-C gives N * C_E / (C_E + C_D) devices to encoding, C_E and C_D
 being the single-device compute times of one encode of B_E and one decode iteration of
@@ -128,6 +134,8 @@ class WaaOutcome:
     iteration_s: float
     cycle_s: float
     latency_s: float
+    steady_batch: float  # the decode batch in steady state (<= decode_batch, the cap)
+    token_s: float  # one decode iteration at that batch: the time per output token
 
 
 def _stages(
@@ -179,7 +187,10 @@ def run(costs: LayerCosts, schedule: Schedule, num_devices: int) -> WaaOutcome:
     hop_s = costs.activation_transfer_s(micro_batch)
     iteration_s = pipeline_period_s(dec_times, hop_s, schedule.num_micro_batches)
     cycle_s = max(encode_period_s, handoff_s, iteration_s)
-    latency_s = encode_traverse_s + handoff_s + costs.stats.output_p99_tokens * cycle_s
+    steady_batch, token_s = steady_decode_batch(
+        costs, decode_stages, schedule, decode_batch, iteration_s, cycle_s
+    )
+    latency_s = encode_traverse_s + handoff_s + costs.stats.output_p99_tokens * token_s
     return WaaOutcome(
         encode_stages,
         decode_stages,
@@ -193,7 +204,39 @@ def run(costs: LayerCosts, schedule: Schedule, num_devices: int) -> WaaOutcome:
         iteration_s,
         cycle_s,
         latency_s,
+        steady_batch,
+        token_s,
     )
+
+
+_STEADY_ITERATIONS = 12
+_STEADY_TOLERANCE = 0.01
+
+
+def steady_decode_batch(
+    costs: LayerCosts,
+    stages: list[Stage],
+    schedule: Schedule,
+    cap: float,
+    cap_iteration_s: float,
+    cycle_s: float,
+) -> tuple[float, float]:
+    """(decode batch, iteration time) in steady state: the largest B <= cap with
+    B = B_E x mean output x iteration(B) / cycle_s (Little's law; iteration(B) grows with B,
+    so the map is monotone and iterating it down from the cap converges)."""
+    arrivals_per_s = schedule.encode_batch_size / cycle_s
+    mean_out = costs.stats.mean_output_tokens
+    batch, iteration_s = cap, cap_iteration_s
+    for _ in range(_STEADY_ITERATIONS):
+        wanted = min(cap, max(1.0, arrivals_per_s * mean_out * iteration_s))
+        if wanted >= batch * (1 - _STEADY_TOLERANCE):
+            break
+        batch = wanted
+        micro_batch = as_batch(batch / schedule.num_micro_batches)
+        times = decode_times(costs, stages, micro_batch)
+        hop_s = costs.activation_transfer_s(micro_batch)
+        iteration_s = pipeline_period_s(times, hop_s, schedule.num_micro_batches)
+    return batch, iteration_s
 
 
 def memory_bytes(
