@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from exegpt.models.decode_attention import decode_kernel, matmul_decode_applies
-from exegpt.models.packed import PackedLayout, packed_attention
+from exegpt.models.packed import DecodeBucket, PackedLayout, attend_buckets, packed_attention
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ class AttentionMetadata:
     # A packed T5 encoder step: the prompts are one row [1, N], back to back with these lengths,
     # each attending to itself alone with `attn_bias` [1, H, S_max, S_max] cut to its length.
     row_lengths: tuple[int, ...] | None = None
+    # A T5 decode step (one query token per row [B, 1]): each bucket of rows attends over its
+    # own keys, gathered by blocks from the cache (a bucket's `mask` may be an additive bias).
+    buckets: tuple[DecodeBucket, ...] | None = None
 
 
 def mask_value(dtype: torch.dtype) -> float:
@@ -155,6 +158,13 @@ def paged_attention(
             raise ValueError("a packed step attends over its new K/V and the cache")
         cache_k, cache_v = (cache.k, cache.v) if cache is not None else (None, None)
         return packed_attention(q, k, v, cache_k, cache_v, meta.packed, scale)
+    if meta.buckets is not None:
+        if cache is None:
+            raise ValueError("decode buckets given but no KV cache")
+        out = torch.empty_like(q[:, 0])  # [B, H, D]
+        block_size = cache.block_size_tokens
+        attend_buckets(q[:, 0], out, cache.k, cache.v, meta.buckets, block_size, scale)
+        return out[:, None]
     if meta.read_slots is not None:
         if cache is None:
             raise ValueError("read_slots given but no KV cache")
