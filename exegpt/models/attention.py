@@ -1,10 +1,11 @@
 """Attention over a paged KV cache: metadata, cache write/gather, and the attention kernel.
 
 A batch step writes the new tokens' K/V into pool slots and, where the sequences have history
-(decode, T5 cross-attention), gathers each sequence's K/V through slot indices. T5 batches are
+(decode, T5 cross-attention), gathers each sequence's K/V through slot indices. T5 prefills are
 padded: a [B, T_kv, H_kv, D] view with an additive length mask, and nothing here reads a value
-back to the host. Decoder-only steps are packed (`meta.packed`, exegpt/models/packed.py): each
-row attends over its own valid keys only, cut by a layout read once per step.
+back to the host. Decoder-only steps are packed (`meta.packed`, exegpt/models/packed.py) and
+T5 decode steps bucketed (`meta.buckets`): each row attends over its own valid keys only (and
+a bounded share of padding), cut by a layout read once per step.
 """
 
 from __future__ import annotations

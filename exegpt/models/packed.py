@@ -18,7 +18,8 @@ mix them. Attention runs per kind of row, over valid keys only:
   one of every slot), up to the last block of the bucket's longest row.
 
 The layout is read from the batch's small index tensors once per step (one host read), then
-every layer reuses it.
+every layer reuses it. T5 decode steps (padded index tensors, one query token per row) use the
+same buckets: `padded_decode_buckets` cuts them from each row's slots and KV length.
 """
 
 from __future__ import annotations
