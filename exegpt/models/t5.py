@@ -26,7 +26,7 @@ from exegpt.models.attention import (
 from exegpt.models.batch import DecodeBatch, KVIndex, PrefillBatch
 from exegpt.models.config import ModelConfig
 from exegpt.models.layers import RMSNorm, build_ffn, embedding, relative_position_bias
-from exegpt.models.packed import DecodeBucket, padded_decode_buckets
+from exegpt.models.packed import DECODE_BUCKET_PADDING, DecodeBucket, padded_decode_buckets
 
 _SCALE = 1.0  # T5 folds 1/sqrt(d) into the initialisation of q
 
@@ -137,6 +137,10 @@ class T5DecoderLayer(nn.Module):
 
 
 class T5Model(nn.Module):
+    # A decode step's rows share a bucket while their KV length is at least (1 - this) x the
+    # bucket's longest (exegpt/models/packed.py); benchmarks/t5_decode_step.py compares bounds.
+    decode_bucket_padding: float = DECODE_BUCKET_PADDING
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         if config.family != "t5":
@@ -292,8 +296,9 @@ class T5Model(nn.Module):
         block_size = kv[0].block_size_tokens if kv else 1
         num_rows = batch.tokens.shape[0]
         lengths = torch.cat([batch.self_kv.lengths, batch.cross_kv.lengths]).tolist()  # 1 read
+        padding = self.decode_bucket_padding
         self_buckets = padded_decode_buckets(
-            batch.self_kv.read_slots, lengths[:num_rows], block_size
+            batch.self_kv.read_slots, lengths[:num_rows], block_size, padding
         )
         self_meta = AttentionMetadata(
             write_slots=batch.self_kv.write_slots,
@@ -301,7 +306,7 @@ class T5Model(nn.Module):
             buckets=self._with_position_bias(self_buckets, batch.positions, block_size),
         )
         cross_buckets = padded_decode_buckets(
-            batch.cross_kv.read_slots, lengths[num_rows:], block_size
+            batch.cross_kv.read_slots, lengths[num_rows:], block_size, padding
         )
         meta = T5DecoderMetadata(self_meta, AttentionMetadata(buckets=cross_buckets))
         hidden = self.run_decoder(batch.tokens, hidden, kv, meta)  # [B, 1, d_model]
