@@ -44,7 +44,7 @@ from exegpt.bench.workload_plan import (  # noqa: E402
 )
 from exegpt.dtypes import DTYPE_CHOICES, resolve_dtype  # noqa: E402
 from exegpt.launcher import Deployment, DeploymentConfig  # noqa: E402
-from exegpt.models.checkpoint import create_model, save_weights  # noqa: E402
+from exegpt.models.checkpoint import Model, create_model, save_weights  # noqa: E402
 from exegpt.models.config import ModelConfig  # noqa: E402
 from exegpt.security import SecurityConfig, sync_channel  # noqa: E402
 from exegpt.v1 import worker_pb2, worker_pb2_grpc  # noqa: E402
@@ -87,9 +87,8 @@ class Row:
     output_tokens: int
 
 
-def save_random_model(config: ModelConfig, directory: Path) -> Path:
-    """An HF-layout checkpoint with seeded random weights (scaled so activations stay O(1))."""
-    directory.mkdir(parents=True, exist_ok=True)
+def random_model(config: ModelConfig) -> Model:
+    """A float32 model with seeded random weights (scaled so activations stay O(1))."""
     model = create_model(config)
     generator = torch.Generator().manual_seed(SEED)
     with torch.no_grad():
@@ -99,6 +98,13 @@ def save_random_model(config: ModelConfig, directory: Path) -> Path:
             else:
                 std = param.shape[-1] ** -0.5
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return model
+
+
+def save_random_model(config: ModelConfig, directory: Path) -> Path:
+    """An HF-layout checkpoint with seeded random weights."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model = random_model(config)
     (directory / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
     save_weights(model, config, directory / "model.safetensors")
     return directory

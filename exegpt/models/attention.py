@@ -1,10 +1,11 @@
 """Attention over a paged KV cache: metadata, cache write/gather, and the attention kernel.
 
 A batch step writes the new tokens' K/V into pool slots and, where the sequences have history
-(decode, T5 cross-attention), gathers each sequence's K/V through slot indices. T5 batches are
+(decode, T5 cross-attention), gathers each sequence's K/V through slot indices. T5 prefills are
 padded: a [B, T_kv, H_kv, D] view with an additive length mask, and nothing here reads a value
-back to the host. Decoder-only steps are packed (`meta.packed`, exegpt/models/packed.py): each
-row attends over its own valid keys only, cut by a layout read once per step.
+back to the host. Decoder-only steps are packed (`meta.packed`, exegpt/models/packed.py) and
+T5 decode steps bucketed (`meta.buckets`): each row attends over its own valid keys only (and
+a bounded share of padding), cut by a layout read once per step.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from exegpt.models.decode_attention import decode_kernel, matmul_decode_applies
-from exegpt.models.packed import PackedLayout, packed_attention
+from exegpt.models.packed import DecodeBucket, PackedLayout, attend_buckets, packed_attention
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class AttentionMetadata:
     # A packed T5 encoder step: the prompts are one row [1, N], back to back with these lengths,
     # each attending to itself alone with `attn_bias` [1, H, S_max, S_max] cut to its length.
     row_lengths: tuple[int, ...] | None = None
+    # A T5 decode step (one query token per row [B, 1]): each bucket of rows attends over its
+    # own keys, gathered by blocks from the cache (a bucket's `mask` may be an additive bias).
+    buckets: tuple[DecodeBucket, ...] | None = None
 
 
 def mask_value(dtype: torch.dtype) -> float:
@@ -155,6 +159,13 @@ def paged_attention(
             raise ValueError("a packed step attends over its new K/V and the cache")
         cache_k, cache_v = (cache.k, cache.v) if cache is not None else (None, None)
         return packed_attention(q, k, v, cache_k, cache_v, meta.packed, scale)
+    if meta.buckets is not None:
+        if cache is None:
+            raise ValueError("decode buckets given but no KV cache")
+        out = torch.empty_like(q[:, 0])  # [B, H, D]
+        block_size = cache.block_size_tokens
+        attend_buckets(q[:, 0], out, cache.k, cache.v, meta.buckets, block_size, scale)
+        return out[:, None]
     if meta.read_slots is not None:
         if cache is None:
             raise ValueError("read_slots given but no KV cache")

@@ -18,7 +18,8 @@ mix them. Attention runs per kind of row, over valid keys only:
   one of every slot), up to the last block of the bucket's longest row.
 
 The layout is read from the batch's small index tensors once per step (one host read), then
-every layer reuses it.
+every layer reuses it. T5 decode steps (padded index tensors, one query token per row) use the
+same buckets: `padded_decode_buckets` cuts them from each row's slots and KV length.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def packed_layout(
     buckets: tuple[DecodeBucket, ...] = ()
     if decodes:
         assert read_slots is not None
-        buckets = _decode_buckets(
+        buckets = decode_buckets(
             decodes, starts, kv_lengths, key_starts, read_slots, window, padding, block_size
         )
     token_positions = torch.cat(
@@ -135,7 +136,7 @@ def _row_mask(
     return visible
 
 
-def _decode_buckets(
+def decode_buckets(
     decodes: list[int],
     starts: list[int],
     kv_lengths: list[int],
@@ -145,7 +146,8 @@ def _decode_buckets(
     padding: float,
     block_size: int,
 ) -> tuple[DecodeBucket, ...]:
-    """Decode rows, longest KV first, cut where a row would pad past the bound."""
+    """Decode rows, longest KV first, cut where a row would pad past the bound: row b's query
+    is token `starts[b]`, its keys `read_slots[key_starts[b]:][:kv_lengths[b]]`."""
     order = sorted(decodes, key=lambda b: kv_lengths[b], reverse=True)
     groups: list[list[int]] = []
     for b in order:
@@ -203,11 +205,26 @@ def packed_attention(
             keys, values = cache_k[group.key_slots], cache_v[group.key_slots]
         queries = q[group.query_index]  # [b, T_q, H, D]
         out[group.query_index] = _kernel(queries, keys, values, group.mask, scale, gqa)
-    for bucket in layout.buckets:
+    attend_buckets(q, out, cache_k, cache_v, layout.buckets, layout.block_size, scale)
+    return out[None]
+
+
+def attend_buckets(
+    q: Tensor,
+    out: Tensor,
+    cache_k: Tensor | None,
+    cache_v: Tensor | None,
+    buckets: tuple[DecodeBucket, ...],
+    block_size: int,
+    scale: float,
+) -> None:
+    """Decode rows' attention: each bucket's queries (rows of q [N, H, D]) over their keys
+    gathered whole blocks at a time from a pool of `block_size`-token blocks, into `out`."""
+    for bucket in buckets:
         assert cache_k is not None and cache_v is not None
         queries = q[bucket.query_index]  # [b, H, D]
-        keys = gather_blocks(cache_k, bucket.key_blocks, layout.block_size)  # [b, T, H_kv, D]
-        values = gather_blocks(cache_v, bucket.key_blocks, layout.block_size)
+        keys = gather_blocks(cache_k, bucket.key_blocks, block_size)  # [b, T, H_kv, D]
+        values = gather_blocks(cache_v, bucket.key_blocks, block_size)
         if bucket.hidden_keys is not None:
             # The hidden columns of a row's last block may hold stale K/V of a freed block's
             # earlier owner, even non-finite: zero them so no other request sees a NaN (a
@@ -215,7 +232,24 @@ def packed_attention(
             keys.view(-1, *keys.shape[2:]).index_fill_(0, bucket.hidden_keys, 0)
             values.view(-1, *values.shape[2:]).index_fill_(0, bucket.hidden_keys, 0)
         out[bucket.query_index] = decode_kernel(queries, keys, values, bucket.mask, scale)
-    return out[None]
+
+
+def padded_decode_buckets(
+    read_slots: Tensor,
+    lengths: list[int],
+    block_size: int,
+    padding: float = DECODE_BUCKET_PADDING,
+) -> tuple[DecodeBucket, ...]:
+    """Buckets of a padded decode step's rows (T5: one query token per row, row b reading the
+    first `lengths[b]` of its slots `read_slots[b]` [B, T_kv]): no row reads keys past its
+    bucket's longest, so padding costs what it costs a packed step."""
+    visible = torch.arange(read_slots.shape[1])[None] < torch.tensor(lengths)[:, None]
+    valid_slots = read_slots[visible.to(read_slots.device)]  # [sum lengths] back to back
+    key_starts = [0]
+    for length in lengths:
+        key_starts.append(key_starts[-1] + length)
+    rows = list(range(len(lengths)))
+    return decode_buckets(rows, rows, lengths, key_starts, valid_slots, None, padding, block_size)
 
 
 def gather_blocks(cache: Tensor, blocks: Tensor, block_size: int) -> Tensor:

@@ -8,7 +8,7 @@ layer's table and shared by all layers through the attention metadata.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +18,7 @@ from exegpt.models.attention import (
     LayerKV,
     attention_bias,
     attention_kernel,
+    mask_value,
     packed_rows_attention,
     paged_attention,
     write_kv,
@@ -25,6 +26,7 @@ from exegpt.models.attention import (
 from exegpt.models.batch import DecodeBatch, KVIndex, PrefillBatch
 from exegpt.models.config import ModelConfig
 from exegpt.models.layers import RMSNorm, build_ffn, embedding, relative_position_bias
+from exegpt.models.packed import DECODE_BUCKET_PADDING, DecodeBucket, padded_decode_buckets
 
 _SCALE = 1.0  # T5 folds 1/sqrt(d) into the initialisation of q
 
@@ -135,6 +137,10 @@ class T5DecoderLayer(nn.Module):
 
 
 class T5Model(nn.Module):
+    # A decode step's rows share a bucket while their KV length is at least (1 - this) x the
+    # bucket's longest (exegpt/models/packed.py); benchmarks/t5_decode_step.py compares bounds.
+    decode_bucket_padding: float = DECODE_BUCKET_PADDING
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         if config.family != "t5":
@@ -281,16 +287,44 @@ class T5Model(nn.Module):
     def decode(
         self, batch: DecodeBatch, kv: Sequence[LayerKV], hidden: Tensor | None = None
     ) -> Tensor:
+        """Logits [B, vocab] of one decode step (hidden states [B, 1, d_model] for a stage
+        without the head). Rows are bucketed by KV length, separately for self and cross
+        attention, so each reads its own keys and at most a bounded share of padding."""
         if batch.cross_kv is None or batch.self_kv.read_slots is None:
             raise ValueError("a T5 decode step needs self and cross KV slots")
+        assert batch.cross_kv.read_slots is not None
+        block_size = kv[0].block_size_tokens if kv else 1
+        num_rows = batch.tokens.shape[0]
+        lengths = torch.cat([batch.self_kv.lengths, batch.cross_kv.lengths]).tolist()  # 1 read
+        padding = self.decode_bucket_padding
+        self_buckets = padded_decode_buckets(
+            batch.self_kv.read_slots, lengths[:num_rows], block_size, padding
+        )
         self_meta = AttentionMetadata(
-            attn_bias=self.decoder_self_bias(
-                batch.positions[:, None], batch.self_kv.lengths, batch.self_kv.read_slots.shape[1]
-            ),
             write_slots=batch.self_kv.write_slots,
             write_rows=batch.self_kv.write_rows,
-            read_slots=batch.self_kv.read_slots,
+            buckets=self._with_position_bias(self_buckets, batch.positions, block_size),
         )
-        meta = T5DecoderMetadata(self_meta, self._cross_meta(batch.cross_kv, 1, self.compute_dtype))
+        cross_buckets = padded_decode_buckets(
+            batch.cross_kv.read_slots, lengths[num_rows:], block_size, padding
+        )
+        meta = T5DecoderMetadata(self_meta, AttentionMetadata(buckets=cross_buckets))
         hidden = self.run_decoder(batch.tokens, hidden, kv, meta)  # [B, 1, d_model]
         return self.logits(hidden[:, -1]) if self.has_head else hidden
+
+    def _with_position_bias(
+        self, buckets: tuple[DecodeBucket, ...], positions: Tensor, block_size: int
+    ) -> tuple[DecodeBucket, ...]:
+        """Self-attention buckets whose mask is the additive causal position bias [b, H, 1, T]
+        of their rows (query at `positions[b]`), with the keys past each row's length hidden."""
+        with_bias = []
+        for bucket in buckets:
+            query_pos = positions[bucket.query_index][:, None]  # [b, 1]
+            width = bucket.key_blocks.shape[1] * block_size
+            key_pos = torch.arange(width, device=positions.device)[None]  # [1, T]
+            table = self.position_tables.decoder
+            bias = self._position_bias(table, query_pos, key_pos, bidirectional=False)
+            if bucket.mask is not None:
+                bias = bias.masked_fill(~bucket.mask, mask_value(bias.dtype))
+            with_bias.append(replace(bucket, mask=bias))
+        return tuple(with_bias)

@@ -1,16 +1,18 @@
 """Packed steps (decoder-only, and the T5 encoder): no projection sees padding, decode buckets
-bound their padding, and one step that mixes a fresh prefill, a prefill chunk and decodes gives
-each row the logits it gets when its whole sequence is prefilled alone."""
+(of packed steps and of T5's decode steps) bound their padding, and one step that mixes a
+fresh prefill, a prefill chunk and decodes gives each row the logits it gets when its whole
+sequence is prefilled alone."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import exegpt.models.packed as packed
 from exegpt.models.decode_attention import decode_kernel
 from exegpt.models.kv_cache import SequenceKV
 from exegpt.models.loader import load_model
-from exegpt.models.packed import packed_layout
+from exegpt.models.packed import packed_layout, padded_decode_buckets
 from tests.models.conftest import Checkpoint
 from tests.models.helpers import assert_logits_close, make_runner
 
@@ -41,10 +43,12 @@ def test_prefill_projections_see_only_the_valid_tokens(
 
 @pytest.mark.parametrize("block_size", [1, 4])
 @pytest.mark.parametrize("padding", [0.0, 0.25, 0.5])
+@pytest.mark.parametrize("step", ["packed", "padded"])
 def test_decode_buckets_hold_every_row_once_within_the_padding_bound(
-    padding: float, block_size: int
+    padding: float, block_size: int, step: str
 ) -> None:
-    """Each row's blocks are its own, in order; the mask shows exactly its keys."""
+    """Each row's blocks are its own, in order; the mask shows exactly its keys. A padded
+    step (T5) gives its rows' slots as [B, T_max], padded with a null slot."""
     kv_lengths = [100, 9, 90, 10, 76, 60, 1, 75]
     positions = torch.tensor([n - 1 for n in kv_lengths])  # one new token each
     query_starts = torch.arange(len(kv_lengths) + 1)
@@ -59,11 +63,21 @@ def test_decode_buckets_hold_every_row_once_within_the_padding_bound(
             for p in range(n)
         ]
     )
-    layout = packed_layout(query_starts, positions, read_slots, None, padding, block_size)
-    assert layout.groups == ()
-    queries = sorted(q for b in layout.buckets for q in b.query_index.tolist())
+    if step == "packed":
+        layout = packed_layout(query_starts, positions, read_slots, None, padding, block_size)
+        assert layout.groups == ()
+        buckets = layout.buckets
+    else:
+        null_slot = 99_999
+        rows = read_slots.split(kv_lengths)
+        width = max(kv_lengths)
+        padded = torch.stack(
+            [torch.cat([r, r.new_full((width - len(r),), null_slot)]) for r in rows]
+        )
+        buckets = padded_decode_buckets(padded, kv_lengths, block_size, padding)
+    queries = sorted(q for b in buckets for q in b.query_index.tolist())
     assert queries == list(range(len(kv_lengths)))
-    for bucket in layout.buckets:
+    for bucket in buckets:
         width = bucket.key_blocks.shape[1] * block_size
         for row, b in enumerate(bucket.query_index.tolist()):
             own = len(table[b])
@@ -75,7 +89,34 @@ def test_decode_buckets_hold_every_row_once_within_the_padding_bound(
             else:
                 assert kv_lengths[b] == width
     if padding == 0.0:  # no padding at all: one bucket per distinct length
-        assert len(layout.buckets) == len(set(kv_lengths))
+        assert len(buckets) == len(set(kv_lengths))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_t5_decode_reads_each_rows_own_keys_only(
+    checkpoints: dict[str, Checkpoint], dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A T5 decode step with one long prompt among short ones: its cross-attention reads within
+    the bucket bound of each row's own encoder length, not every row padded to the longest."""
+    loaded = load_model(str(checkpoints["t5"].path), dtype=dtype)
+    runner = make_runner(loaded, block_size=4)
+    prompts = [[5] * 3, [6] * 40, [7] * 5, [8] * 6]
+    seqs = [SequenceKV() for _ in prompts]
+    last = runner.prefill(seqs, prompts).argmax(-1).tolist()
+    widths: list[tuple[int, int]] = []  # (rows, keys) of each attention call
+    real_kernel = packed.decode_kernel
+
+    def recording_kernel(q, k, v, mask, scale):  # the real kernel, its shapes noted
+        widths.append((k.shape[0], k.shape[1]))
+        return real_kernel(q, k, v, mask, scale)
+
+    monkeypatch.setattr(packed, "decode_kernel", recording_kernel)
+    runner.decode(seqs, last)
+    num_layers = loaded.config.num_decoder_layers
+    keys_read = sum(rows * keys for rows, keys in widths) // num_layers
+    # Self-attention: one bucket of 4 rows x one block. Cross: 40 alone, 5 and 6 in one
+    # bucket of two blocks, 3 alone in one block (not 4 rows x 40 keys).
+    assert keys_read == 4 * 4 + (40 + 2 * 8 + 4)
 
 
 @pytest.mark.parametrize("variant", FAMILIES)

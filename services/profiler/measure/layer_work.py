@@ -75,6 +75,12 @@ def _scale(layer: Layer) -> float:
 
 
 def shard_meta(meta: AttentionMetadata, tp_degree: int) -> AttentionMetadata:
+    if meta.buckets is not None:  # a T5 decode step: its self buckets' masks are per head
+        buckets = tuple(
+            replace(b, mask=shard_attention_bias(b.mask, 0, tp_degree)) if b.mask is not None else b
+            for b in meta.buckets
+        )
+        return replace(meta, buckets=buckets)
     if meta.attn_bias is None:  # a packed step: no bias, its layout holds for every head
         return meta
     return replace(meta, attn_bias=shard_attention_bias(meta.attn_bias, 0, tp_degree))
