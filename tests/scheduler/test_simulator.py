@@ -140,8 +140,9 @@ def test_waa_batch_period_latency_and_second_weight_copy() -> None:
     assert prediction.throughput_seq_s == pytest.approx(4 / cycle_s)
     # Encoding is the slower side: the decode batch settles where B = 50/s x 2.6 tokens x
     # iteration(B) (Little's law): 130 x 0.032 = 4.16 at the cap, then micro-batches of 2:
-    # iteration 2 x 0.012 + 0.002 = 0.026, B = 3.38, still micro-batches of 2. Each of the
-    # p99 sequence's 3 tokens takes one such iteration, not a whole cycle.
+    # iteration 2 x 0.012 + 0.002 = 0.026, B = 3.38, below the 4 an encoding hands over at
+    # once, so 4: still micro-batches of 2. Each of the p99 sequence's 3 tokens takes one
+    # such iteration, not a whole cycle.
     assert prediction.latency_s == pytest.approx(0.08 + 0.002 + 3 * 0.026)
     encode_memory = 2 * 1000 + 500 + 40 * 2 * 10  # a full copy of the layers + prefill KV
     decode_kv = math.ceil(10.4 * KV_HEADROOM * KV_TOKENS * 10)

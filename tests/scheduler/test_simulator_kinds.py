@@ -92,10 +92,11 @@ def test_waa_partial_tensor_parallelism_on_the_decode_side() -> None:
     cycle_s = 0.08
     assert prediction.throughput_seq_s == pytest.approx(4 / cycle_s)
     # The decode batch settles where B = 50/s x 2.6 tokens x iteration(B): 130 x 0.022 (the
-    # cap of 10) = 2.86, so batches of 3 (0.015 s), then B = 1.95 and batches of 2 (0.014 s),
-    # B = 1.82, still 2. The p99 sequence's 3 tokens take 0.014 s each.
+    # cap of 10) = 2.86, below the 4 sequences an encoding hands over at once, so 4
+    # (0.016 s, and 130 x 0.016 = 2.08 is still below 4). The p99 sequence's 3 tokens take
+    # 0.016 s each.
     assert decode_stage_s == pytest.approx(0.01 + 0.001 * 10 + 0.002)
-    assert prediction.latency_s == pytest.approx(0.08 + 0.002 + 3 * 0.014)
+    assert prediction.latency_s == pytest.approx(0.08 + 0.002 + 3 * 0.016)
     kv_bytes = math.ceil(10.4 * KV_HEADROOM * 2 * (10 + RUNNING_POSITION) * 5)  # half the heads
     assert prediction.memory_bytes_per_device == (
         2 * 1000 + 500 + 40 * 2 * 10,  # a full copy of the layers + the prefill KV in flight

@@ -21,9 +21,9 @@ encoding is the slower side, as the paper's figures imply and as the engine's WA
 - cycle_s = max(encode period, hand-over, decode iteration at B_D); throughput = B_E /
   cycle_s (at the cap, B_D sequences finish every mean-output iterations).
 - The decode batch in steady state: a sequence stays for mean-output iterations, so by
-  Little's law it holds B = throughput x mean output x iteration(B) sequences, at most B_D.
-  When encoding is the slower side that is below B_D, and each iteration is shorter than a
-  cycle (`steady_decode_batch`).
+  Little's law it holds B = throughput x mean output x iteration(B) sequences, at most B_D
+  and at least B_E (an encoding hands its batch over at once). When encoding is the slower
+  side that is below B_D, and each iteration is shorter than a cycle (`steady_decode_batch`).
 - Latency of the p99 sequence: encode traversal + hand-over + S99 iterations at that batch.
 
 How many devices encode: WAA-C gives N * C_E / (C_E + C_D) devices to encoding, C_E and C_D
@@ -223,12 +223,14 @@ def steady_decode_batch(
 ) -> tuple[float, float]:
     """(decode batch, iteration time) in steady state: the largest B <= cap with
     B = B_E x mean output x iteration(B) / cycle_s (Little's law; iteration(B) grows with B,
-    so the map is monotone and iterating it down from the cap converges)."""
+    so the map is monotone and iterating it down from the cap converges), and at least B_E:
+    encoded queries join in batches of B_E, so a batch's tokens never decode beside fewer."""
     arrivals_per_s = schedule.encode_batch_size / cycle_s
     mean_out = costs.stats.mean_output_tokens
+    floor = float(schedule.encode_batch_size)
     batch, iteration_s = cap, cap_iteration_s
     for _ in range(_STEADY_ITERATIONS):
-        wanted = min(cap, max(1.0, arrivals_per_s * mean_out * iteration_s))
+        wanted = min(cap, max(floor, arrivals_per_s * mean_out * iteration_s))
         if wanted >= batch * (1 - _STEADY_TOLERANCE):
             break
         batch = wanted
