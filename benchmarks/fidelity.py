@@ -35,6 +35,7 @@ from deployments import free_port  # noqa: E402
 from exegpt.bench.against_plan import measure, percent, relative_error, run_bench  # noqa: E402
 from exegpt.calibration_pass import (  # noqa: E402
     calibrated_copy,
+    calibration_burst,
     calibration_from_totals,
     engine_totals,
     totals_between,
@@ -106,17 +107,12 @@ def one_run(args: argparse.Namespace, task: str, mode: str, batch: int, scratch:
         worker = deployment.worker_addresses[0]
         predicted, calibration = uncalibrated, "uncalibrated"
         if args.calibrate:
-            # A first burst is not steady state (first forwards, pools filling): unused.
-            run_bench(
-                deployment.http_url, workload, batch, scratch / f"{name}-warmup.json",
-                args.length_scale,
+            work = scratch / f"{name}-calibration"
+            work.mkdir(exist_ok=True)
+            totals = calibration_burst(
+                deployment, workload, max(args.min_requests, 2 * batch), work,
+                args.length_scale, warmup_requests=batch,
             )  # fmt: skip
-            before = engine_totals(worker)
-            run_bench(
-                deployment.http_url, workload, max(args.min_requests, 2 * batch),
-                scratch / f"{name}-calibration.json", args.length_scale,
-            )  # fmt: skip
-            totals = totals_between(before, engine_totals(worker))
             calibrated = calibration_from_totals(args.profile, workload, args.length_scale, totals)
             profile = calibrated_copy(args.profile, calibrated, scratch, name)
             predicted, calibration = predicted_by(profile), calibrated.describe()

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 from deployments import free_port, metric
 
+from exegpt.calibration_pass import sum_totals, totals_between
 from exegpt.launcher import Deployment, DeploymentConfig
 from exegpt.v1 import worker_pb2, worker_pb2_grpc
 
@@ -146,18 +147,19 @@ def mean_step_ms(
     before: list[worker_pb2.WorkerStats], after: list[worker_pb2.WorkerStats]
 ) -> dict[str, float]:
     """Per step kind, the mean wall time (forward + host) of the steps between the stats."""
-    sums: dict[str, list[float]] = {}
-    for earlier, later in zip(before, after, strict=True):
-        start = {t.kind: t for t in earlier.step_totals}
-        for totals in later.step_totals:
-            first = start.get(totals.kind)
-            steps = totals.num_steps - (first.num_steps if first else 0)
-            seconds = totals.forward_s + totals.host_s
-            seconds -= first.forward_s + first.host_s if first else 0.0
-            entry = sums.setdefault(totals.kind, [0.0, 0.0])
-            entry[0] += steps
-            entry[1] += seconds
-    return {kind: 1e3 * s / n for kind, (n, s) in sums.items() if n > 0}
+    deltas = [
+        totals_between(_by_kind(earlier), _by_kind(later))
+        for earlier, later in zip(before, after, strict=True)
+    ]
+    return {
+        kind: 1e3 * (t.forward_s + t.host_s) / t.num_steps
+        for kind, t in sum_totals(deltas).items()
+        if t.num_steps > 0
+    }
+
+
+def _by_kind(stats: worker_pb2.WorkerStats) -> dict:
+    return {t.kind: t for t in stats.step_totals}
 
 
 def cells(metrics: dict) -> str:

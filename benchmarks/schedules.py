@@ -44,13 +44,7 @@ from deployments import free_port  # noqa: E402
 
 from exegpt import autoplan  # noqa: E402
 from exegpt.bench import against_plan  # noqa: E402
-from exegpt.calibration_pass import (  # noqa: E402
-    calibrated_copy,
-    calibration_burst,
-    calibration_from_totals,
-    predicted_on,
-    replan,
-)
+from exegpt.calibration_pass import calibration_burst, recalibrate  # noqa: E402
 from exegpt.launcher import Deployment, DeploymentConfig  # noqa: E402
 from exegpt.schedule import Schedule, ScheduleKind  # noqa: E402
 from exegpt.topology import Topology  # noqa: E402
@@ -66,8 +60,7 @@ WORKER_ARGS = ("--max-queue-size", "4096")
 class FirstChoice:
     """The plan chosen on the uncalibrated profile, before the calibration pass."""
 
-    describe: str
-    predicted: dict  # its uncalibrated prediction
+    predicted: dict  # its uncalibrated prediction (its "describe" names the schedule)
     calibrated: dict | None  # what the calibrated profile predicts for it (None: no pass)
     replanned: str  # what the re-plan did: "kept", "changed", or why it failed
 
@@ -211,25 +204,27 @@ def measure(
 
 
 def calibrated_plan(
-    args: argparse.Namespace, task: str, first: autoplan.AutoPlan, profile: Path, totals: dict
+    request: autoplan.PlanRequest,
+    task: str,
+    first: autoplan.AutoPlan,
+    profile: Path,
+    totals: dict,
 ) -> tuple[autoplan.AutoPlan, FirstChoice, str]:
     """The plan made again from a copy of `profile` calibrated by `totals` (the first choice
     stays when no schedule meets the bound on the calibrated profile)."""
-    calibration = calibration_from_totals(str(profile), f"task:{task}", args.length_scale, totals)
     name = f"{profile.stem}.cal-{task}-{first.bound_s:.3g}"
-    copy = calibrated_copy(str(profile), calibration, first.path.parent, name)
-    request = plan_request(args, task, f"{first.bound_s:.6f}")
-    try:
-        auto = replan(request, Path(copy), first.bound_s, first.path.parent)
-        outcome = "kept" if auto.report["schedule"] == first.report["schedule"] else "changed"
-    except ValueError as exc:
-        auto, outcome = first, f"none meets the bound calibrated ({exc})"
-    sys.stderr.write("re-planned after calibration:\n" + autoplan.format_choice(auto) + "\n")
-    calibrated = predicted_on(Path(copy), first, request)
-    choice = FirstChoice(first.predicted["describe"], first.predicted, calibrated, outcome)
-    if auto is first:
-        auto = replace(first, report={**first.report, "predicted": calibrated})
-    return auto, choice, calibration.describe()
+    again = recalibrate(first, request, profile, totals, first.path.parent, name)
+    if again.refused is not None:
+        outcome = f"none meets the bound calibrated ({again.refused})"
+        sys.stderr.write("re-planned after calibration:\n" + autoplan.format_choice(first) + "\n")
+    else:
+        same = again.plan.report["schedule"] == first.report["schedule"]
+        outcome = "kept" if same else "changed"
+        sys.stderr.write(
+            "re-planned after calibration:\n" + autoplan.format_choice(again.plan) + "\n"
+        )
+    choice = FirstChoice(first.predicted, again.first_calibrated, outcome)
+    return again.plan, choice, again.calibration.describe()
 
 
 def run_row(args: argparse.Namespace, task: str, bound_s: float, profile: Path, work: Path) -> Row:
@@ -243,9 +238,9 @@ def run_row(args: argparse.Namespace, task: str, bound_s: float, profile: Path, 
         s99, work / f"{tag}-dp.json", calibrate=args.calibrate,
     )  # fmt: skip
     auto, calibration = first, "uncalibrated"
-    choice = FirstChoice(first.predicted["describe"], first.predicted, None, "not re-planned")
+    choice = FirstChoice(first.predicted, None, "not re-planned")
     if totals is not None:
-        auto, choice, calibration = calibrated_plan(args, task, first, profile, totals)
+        auto, choice, calibration = calibrated_plan(request, task, first, profile, totals)
     plan_profile = Path(auto.report["profile"])
     num = requests_for(args, auto)
     planned, _ = measure(
@@ -313,7 +308,7 @@ def _first(first: FirstChoice) -> str:
     def figures(predicted: dict) -> str:
         return f"{predicted['throughput_seq_s']:.2f} seq/s, {predicted['latency_s']:.2f} s"
 
-    text = f"{first.describe}, predicted {figures(first.predicted)}"
+    text = f"{first.predicted['describe']}, predicted {figures(first.predicted)}"
     if first.calibrated is not None:
         text += f"; calibrated it predicts {figures(first.calibrated)}"
     return text
@@ -354,7 +349,7 @@ def _row_json(row: Row) -> dict:
         "task": row.task, "bound_s": row.bound_s, "kind": row.kind, "schedule": row.describe,
         "predicted_seq_s": c.predicted_seq_s, "measured_seq_s": c.measured_seq_s,
         "predicted_latency_s": c.predicted_latency_s,
-        "first_choice": row.first.describe, "replanned": row.first.replanned,
+        "first_choice": row.first.predicted["describe"], "replanned": row.first.replanned,
         "first_predicted": row.first.predicted, "first_calibrated": row.first.calibrated,
         "calibration": row.calibration,
         "measured_latency_s": nan_none(c.measured_latency_s), "meets_bound": c.meets_bound,

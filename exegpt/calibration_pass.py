@@ -64,13 +64,16 @@ def calibration_burst(
     num_requests: int,
     work: Path,
     length_scale: float | None,
+    warmup_requests: int | None = None,
 ) -> dict[str, KindTotals]:
-    """A warm-up burst (first forwards, pools filling: unused), then a calibration burst of
+    """A warm-up burst (first forwards, pools filling: unused; `warmup_requests`, by default
+    a quarter of the calibration's and at least 16), then a calibration burst of
     `num_requests` whose engine-clock totals, summed over the replicas, come back."""
     from exegpt.bench.against_plan import run_bench
 
     url = deployment.http_url
-    run_bench(url, workload, max(16, num_requests // 4), work / "warmup.json", length_scale)
+    warmup = warmup_requests or max(16, num_requests // 4)
+    run_bench(url, workload, warmup, work / "warmup.json", length_scale)
     before = [engine_totals(a) for a in deployment.worker_addresses]
     run_bench(url, workload, num_requests, work / "calibration.json", length_scale)
     after = [engine_totals(a) for a in deployment.worker_addresses]
@@ -79,15 +82,15 @@ def calibration_burst(
 
 def totals_between(before: dict, after: dict) -> dict[str, KindTotals]:
     """Per step kind, `after` minus `before` (GetStats step_totals keyed by kind)."""
+    none = KindTotals(0, 0, 0.0, 0.0)
     delta = {}
     for kind, end in after.items():
-        start = before.get(kind)
-
-        def minus(name: str, end=end, start=start) -> float:
-            return getattr(end, name) - (getattr(start, name) if start is not None else 0)
-
+        start = before.get(kind) or none
         delta[kind] = KindTotals(
-            int(minus("num_steps")), int(minus("num_rows")), minus("forward_s"), minus("host_s")
+            int(end.num_steps - start.num_steps),
+            int(end.num_rows - start.num_rows),
+            end.forward_s - start.forward_s,
+            end.host_s - start.host_s,
         )
     return delta
 
@@ -205,3 +208,36 @@ def predicted_on(profile: Path, auto: AutoPlan, request: PlanRequest) -> dict:
         length_scale=request.length_scale,
     )
     return predict(query)["predicted"]
+
+
+@dataclass(frozen=True)
+class Recalibrated:
+    """A plan made again after a calibration pass."""
+
+    plan: AutoPlan  # the re-plan; the first plan (judged calibrated) when none meets the bound
+    calibration: Calibration
+    first_calibrated: dict  # what the calibrated profile predicts for the first plan
+    refused: str | None  # why no schedule meets the bound calibrated (None: re-planned)
+
+
+def recalibrate(
+    first: AutoPlan,
+    request: PlanRequest,
+    profile: Path,
+    totals: dict[str, KindTotals],
+    directory: Path,
+    name: str,
+) -> Recalibrated:
+    """Calibrate a copy of `profile` (named `name` in `directory`) by `totals`, judge the
+    first plan on it, and plan again there at the first plan's bound."""
+    calibration = calibration_from_totals(
+        str(profile), request.workload, request.length_scale, totals
+    )
+    copy = Path(calibrated_copy(str(profile), calibration, directory, name))
+    then = predicted_on(copy, first, request)
+    try:
+        plan = replan(request, copy, first.bound_s, directory)
+        return Recalibrated(plan, calibration, then, None)
+    except ValueError as exc:
+        judged = replace(first, report={**first.report, "predicted": then})
+        return Recalibrated(judged, calibration, then, str(exc))

@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -160,25 +159,20 @@ def _replan(
     totals = calibration_pass.calibration_burst(
         deployment, args.workload, num, log_dir, args.length_scale
     )
-    calibration = calibration_pass.calibration_from_totals(
-        str(profile), args.workload, args.length_scale, totals
-    )
-    copy = calibration_pass.calibrated_copy(str(profile), calibration, log_dir, "calibrated")
-    _out(f"  {calibration.describe()}")
-    then = calibration_pass.predicted_on(Path(copy), first, request)
+    again = calibration_pass.recalibrate(first, request, profile, totals, log_dir, "calibrated")
+    then = again.first_calibrated
+    _out(f"  {again.calibration.describe()}")
     _out(
         f"  the first plan, calibrated, predicts {then['throughput_seq_s']:.2f} seq/s and "
         f"{then['latency_s']:.3f} s (bound {first.bound_s:.3f} s)"
     )
-    try:
-        auto = calibration_pass.replan(request, Path(copy), first.bound_s, log_dir)
-    except ValueError as exc:
-        _out(f"  re-plan: {exc}; keeping the first plan")
-        return replace(first, report={**first.report, "predicted": then})
+    if again.refused is not None:
+        _out(f"  re-plan: {again.refused}; keeping the first plan")
+        return again.plan
     _out("Re-plan, on the calibrated profile:")
-    _out(autoplan.format_choice(auto))
+    _out(autoplan.format_choice(again.plan))
     _out()
-    return auto
+    return again.plan
 
 
 def _burst_size(auto: autoplan.AutoPlan, args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from exegpt.models.decode_attention import decode_kernel, matmul_decode_applies
+from exegpt.models.decode_attention import decode_kernel
 from exegpt.models.packed import DecodeBucket, PackedLayout, attend_buckets, packed_attention
 
 
@@ -103,9 +103,10 @@ def attention_kernel(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float
     """softmax(q k^T * scale + bias) v with grouped-query heads.
 
     q [B, T_q, H, D], k and v [B, T_kv, H_kv, D], bias broadcastable to [B, H, T_q, T_kv];
-    returns [B, T_q, H, D]. One query token per row (a T5 decode step) goes to `decode_kernel`.
+    returns [B, T_q, H, D]. One query token per row (the start token of a T5 prefill's decoder
+    step; its decode steps go through buckets) goes to `decode_kernel`, which picks its path.
     """
-    if q.shape[1] == 1 and matmul_decode_applies(q):
+    if q.shape[1] == 1:
         return decode_kernel(q[:, 0], k, v, bias[:, :, 0, None], scale)[:, None]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),  # [B, H, T_q, D]

@@ -242,14 +242,14 @@ def padded_decode_buckets(
 ) -> tuple[DecodeBucket, ...]:
     """Buckets of a padded decode step's rows (T5: one query token per row, row b reading the
     first `lengths[b]` of its slots `read_slots[b]` [B, T_kv]): no row reads keys past its
-    bucket's longest, so padding costs what it costs a packed step."""
-    visible = torch.arange(read_slots.shape[1])[None] < torch.tensor(lengths)[:, None]
-    valid_slots = read_slots[visible.to(read_slots.device)]  # [sum lengths] back to back
-    key_starts = [0]
-    for length in lengths:
-        key_starts.append(key_starts[-1] + length)
+    bucket's longest, so padding costs what it costs a packed step. Row b's slots start at
+    b x T_kv of the flattened tensor, and a bucket reads only a row's first `lengths[b]`."""
+    width = read_slots.shape[1]
     rows = list(range(len(lengths)))
-    return decode_buckets(rows, rows, lengths, key_starts, valid_slots, None, padding, block_size)
+    key_starts = [b * width for b in rows]
+    return decode_buckets(
+        rows, rows, lengths, key_starts, read_slots.reshape(-1), None, padding, block_size
+    )
 
 
 def gather_blocks(cache: Tensor, blocks: Tensor, block_size: int) -> Tensor:

@@ -17,6 +17,7 @@ from services.worker.modes import ModeView, ScheduleMode
 from services.worker.policies import BasePolicy, KvState, Load
 from services.worker.requests import EngineRequest
 from services.worker.sequence import Sequence, request_load, seed_of
+from services.worker.step_plan import StepKind
 
 
 class Admission:
@@ -29,7 +30,7 @@ class Admission:
     _waiting: collections.deque[EngineRequest]
     _preempted: list[Sequence]
     _running: list[Sequence]
-    _plans: dict[int, list[Sequence]]
+    _plans: dict[int, tuple[StepKind, list[Sequence]]]
     _seq_ids: itertools.count
     _num_groups: int
     mode: ScheduleMode
@@ -40,7 +41,7 @@ class Admission:
 
     def _view(self) -> ModeView:
         num_prefilling = sum(
-            1 for seqs in self._plans.values() for seq in seqs if not seq.prefilled
+            1 for _, seqs in self._plans.values() for seq in seqs if not seq.prefilled
         )
         return ModeView(len(self._running), num_prefilling, self._config.max_batch_size)
 

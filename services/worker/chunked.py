@@ -50,7 +50,7 @@ class ChunkBudget:
         self, pending: list[Sequence], num_decodes: int = 0, decoding: bool = True
     ) -> bool:
         """Whether the prefills already waiting leave budget for newly admitted ones."""
-        waiting_tokens = sum(s.prefill_tokens - s.chunk_start for s in pending)
+        waiting_tokens = sum(s.prefill_left for s in pending)
         return waiting_tokens + num_decodes < self._limit(decoding)
 
     def select(

@@ -56,6 +56,11 @@ class Sequence:
         """Prefill tokens already cached by its chunks (0 once its KV was released)."""
         return self.num_chunked if self.kv.self_blocks and not self.prefilled else 0
 
+    @property
+    def prefill_left(self) -> int:
+        """Prefill tokens its chunks have yet to store."""
+        return self.prefill_tokens - self.chunk_start
+
     def next_step_tokens(self) -> tuple[int, int]:
         """(prompt, generated) tokens whose blocks its next step needs: a chunk's only
         reach its end."""

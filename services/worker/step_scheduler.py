@@ -65,8 +65,8 @@ class StepScheduler(Admission):
         self._preempted: list[Sequence] = []  # the head of the queue, oldest admission first
         self._pending_aborts: set[str] = set()
         self._running: list[Sequence] = []
-        self._plans: dict[int, list[Sequence]] = {}  # in flight, by step id
-        self._plan_kinds: dict[int, StepKind] = {}  # their kinds
+        # In flight, by step id: each step's kind and sequences.
+        self._plans: dict[int, tuple[StepKind, list[Sequence]]] = {}
         self._busy_groups: dict[int, int] = {}  # group -> step id of its decode in flight
         self._next_group = 0
         self._step_ids = itertools.count()
@@ -99,9 +99,7 @@ class StepScheduler(Admission):
             queued = [request_load(r) for r in self._waiting]
             queued += [s.load() for s in self._preempted]
             running = [s.load() for s in self._running]
-            prefill_left = sum(
-                s.prefill_tokens - s.chunk_start for s in self._running if not s.prefilled
-            )
+            prefill_left = sum(s.prefill_left for s in self._running if not s.prefilled)
         return Snapshot.of(
             queued,
             running,
@@ -215,8 +213,7 @@ class StepScheduler(Admission):
 
     def complete(self, result: StepResult) -> list[Delivery]:
         """Apply a step's result: tokens, finishes, failures. Returns the events to deliver."""
-        seqs = self._plans.pop(result.step_id, None)
-        kind = self._plan_kinds.pop(result.step_id, None)
+        kind, seqs = self._plans.pop(result.step_id, (None, None))
         if seqs is None:  # a step of before fail_all
             return []
         for seq in seqs:
@@ -300,7 +297,6 @@ class StepScheduler(Admission):
                 deliveries.append(failure(seq, message, unavailable))
             self._remove(seq)
         self._plans.clear()
-        self._plan_kinds.clear()
         self._busy_groups.clear()
         return deliveries
 
@@ -316,8 +312,7 @@ class StepScheduler(Admission):
         plan = replace(plan, trace_links=links)
         for seq in seqs:
             seq.in_flight = True
-        self._plans[plan.step_id] = seqs
-        self._plan_kinds[plan.step_id] = plan.kind
+        self._plans[plan.step_id] = (plan.kind, seqs)
         return plan
 
     def _advance(self, seq: Sequence, token: int, now_s: float, batch_size: int) -> Delivery:

@@ -114,7 +114,7 @@ def transfers_and_overheads(
     items += [
         _observation(OVERHEAD, t.batch_size, t.batch_size, t.measured_s)
         for t in observations.host_times
-        if t.batch_size >= 1 and _positive(t.measured_s)
+        if _positive(t.measured_s)
     ]
     return items
 

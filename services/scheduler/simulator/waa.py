@@ -134,8 +134,6 @@ class WaaOutcome:
     iteration_s: float
     cycle_s: float
     latency_s: float
-    steady_batch: float  # the decode batch in steady state (<= decode_batch, the cap)
-    token_s: float  # one decode iteration at that batch: the time per output token
 
 
 def _stages(
@@ -187,7 +185,7 @@ def run(costs: LayerCosts, schedule: Schedule, num_devices: int) -> WaaOutcome:
     hop_s = costs.activation_transfer_s(micro_batch)
     iteration_s = pipeline_period_s(dec_times, hop_s, schedule.num_micro_batches)
     cycle_s = max(encode_period_s, handoff_s, iteration_s)
-    steady_batch, token_s = steady_decode_batch(
+    _, token_s = steady_decode_batch(
         costs, decode_stages, schedule, decode_batch, iteration_s, cycle_s
     )
     latency_s = encode_traverse_s + handoff_s + costs.stats.output_p99_tokens * token_s
@@ -204,8 +202,6 @@ def run(costs: LayerCosts, schedule: Schedule, num_devices: int) -> WaaOutcome:
         iteration_s,
         cycle_s,
         latency_s,
-        steady_batch,
-        token_s,
     )
 
 

@@ -126,9 +126,6 @@ class DecodeAhead:
         while len(self._predicted) > self._max_kept:
             self._predicted.pop(next(iter(self._predicted)))
 
-    def clear(self) -> None:
-        self._predicted.clear()
-
     def _build(self, plan, kv, new_rows, placeholder) -> dict[str, torch.Tensor]:
         """The successor's batch tensors, with block `placeholder(row)` where one is new."""
         grown = tuple(

@@ -205,7 +205,7 @@ class StageRuntime:
                 self._handle(message, handoff)
             del message  # its tensors may view a sender's shared-memory slot: hand it back
 
-    def _handle(self, message: TensorMessage, handoff: tuple[int, float] | None = None) -> None:
+    def _handle(self, message: TensorMessage, handoff: tuple[int, float] | None) -> None:
         stage = self._stage
         step_id = message.attributes.get("step_id", "?")
         if stage is None:
