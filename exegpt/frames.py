@@ -84,21 +84,31 @@ def encode_into_ring(message: TensorMessage, ring: ShmRing, *, wait_s: float = 0
     """The header for a message whose tensors now lie in one of the ring's slots.
 
     None when the message should go inline instead: nothing to carry, larger than a slot, or
-    every slot still leased after `wait_s`.
+    every slot still leased after `wait_s`. A step carries a dozen small tensors, so the
+    per-tensor work is kept to a cached header entry and one memcpy.
     """
-    offsets_bytes: list[int] = []
+    entries: list[tuple[str, torch.Tensor, int, int]] = []
     payload_bytes = 0
-    for tensor in message.tensors.values():
-        offsets_bytes.append(payload_bytes)
-        payload_bytes += aligned_bytes(tensor.nbytes)
+    for name, tensor in message.tensors.items():
+        num_bytes = tensor.nbytes
+        entries.append((name, tensor, payload_bytes, num_bytes))
+        payload_bytes += aligned_bytes(num_bytes)
     slot = ring.reserve(payload_bytes, wait_s=wait_s) if payload_bytes else None
     if slot is None:
         return None
     address = ring.slot_address(slot)
     metas = []
-    for (name, tensor), offset in zip(message.tensors.items(), offsets_bytes, strict=True):
-        metas.append(_meta_field(name, _dtype_name(name, tensor), tensor.shape, offset))
-        _copy_into_slot(ring, slot, address + offset, offset, tensor)
+    for name, tensor, offset, num_bytes in entries:
+        metas.append(_meta_field(name, tensor, offset))
+        if not num_bytes:
+            continue
+        if tensor.is_cpu and tensor.is_contiguous():
+            # One plain memcpy on this thread, with no array or tensor made per copy, and off
+            # torch's intra-op pool, which the stage's compute owns. In bounds: the slot was
+            # reserved for these tensors' aligned sizes.
+            ctypes.memmove(address + offset, tensor.data_ptr(), num_bytes)
+        else:
+            _copy_strided_into_slot(ring, slot, offset, tensor)
     ref = ring.publish(slot, payload_bytes)
     header = _new_header(message)
     shm = header.shm
@@ -111,17 +121,17 @@ def encode_into_ring(message: TensorMessage, ring: ShmRing, *, wait_s: float = 0
 
 # FrameHeader.tensors (field 3, length-delimited) entries by (name, dtype, shape, offset): a
 # sender's steps repeat the same few, and building one costs more than the tensor's copy.
-_META_FIELDS: dict[tuple[str, str, tuple[int, ...], int], bytes] = {}
+_META_FIELDS: dict[tuple[str, torch.dtype, tuple[int, ...], int], bytes] = {}
 _MAX_META_FIELDS = 4096
 _TENSORS_TAG = bytes([3 << 3 | 2])
 
 
-def _meta_field(name: str, dtype_name: str, shape: tuple[int, ...], offset: int) -> bytes:
-    key = (name, dtype_name, shape, offset)
+def _meta_field(name: str, tensor: torch.Tensor, offset: int) -> bytes:
+    key = (name, tensor.dtype, tensor.shape, offset)
     field_bytes = _META_FIELDS.get(key)
     if field_bytes is None:
         body = transport_pb2.TensorMeta(
-            name=name, dtype=dtype_name, shape=shape, shm_offset=offset
+            name=name, dtype=_dtype_name(name, tensor), shape=tensor.shape, shm_offset=offset
         ).SerializeToString()
         field_bytes = _TENSORS_TAG + _varint(len(body)) + body
         if len(_META_FIELDS) >= _MAX_META_FIELDS:
@@ -139,21 +149,12 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _copy_into_slot(
-    ring: ShmRing, slot: int, address: int, offset_bytes: int, tensor: torch.Tensor
+def _copy_strided_into_slot(
+    ring: ShmRing, slot: int, offset_bytes: int, tensor: torch.Tensor
 ) -> None:
-    """Copy a tensor's bytes to `address`, inside a reserved slot with room for all of them."""
-    num_bytes = tensor.nbytes
-    if num_bytes == 0:
-        return
-    if tensor.device.type == "cpu" and tensor.is_contiguous():
-        # One plain memcpy on this thread, with no array or tensor made per copy (small tensors
-        # cost a microsecond, not five), and off torch's intra-op pool, which the stage's
-        # compute owns. In bounds: the slot was reserved for these tensors' aligned sizes.
-        ctypes.memmove(address, tensor.data_ptr(), num_bytes)
-        return
-    # Strided or on a GPU: one copy straight from the source into the slot's bytes.
-    target = torch.from_numpy(ring.slot_view(slot, offset_bytes + num_bytes)[offset_bytes:])
+    """Copy a strided or GPU tensor straight from its source into the slot's bytes."""
+    end_bytes = offset_bytes + tensor.nbytes
+    target = torch.from_numpy(ring.slot_view(slot, end_bytes)[offset_bytes:])
     target.view(tensor.dtype).view(tensor.shape).copy_(tensor.detach())
 
 
@@ -241,48 +242,84 @@ def _tensors_from_slot(
     try:
         if ref.payload_bytes % ALIGN_BYTES:
             raise FrameError(f"slot payload of {ref.payload_bytes} bytes is not whole lines")
-        layout = [_slot_layout(meta, ref.payload_bytes) for meta in header.tensors]
+        layouts = [_slot_layout(meta, ref.payload_bytes) for meta in header.tensors]
     except FrameError:
         reader.release(ref)  # the ref was genuine: the slot goes back to the sender
         raise
-    if not any(num_bytes for _, _, _, _, num_bytes in layout):
+    if not any(layout.num_bytes for layout in layouts):
         reader.release(ref)
-        return {name: torch.empty(shape, dtype=dtype) for name, dtype, shape, _, _ in layout}
+        return {layout.name: torch.empty(layout.shape, dtype=layout.dtype) for layout in layouts}
     # Every tensor's storage holds the lease; the lease ends when the last of them is freed.
     # One typed view of the whole payload per dtype, then one strided view per tensor: a
     # third of the cost of a frombuffer per tensor (payloads are whole cache lines).
     payload = torch.frombuffer(reader.lease(ref), dtype=torch.uint8)
     typed: dict[torch.dtype, torch.Tensor] = {}
     tensors = {}
-    for name, dtype, shape, offset, num_bytes in layout:
-        if not num_bytes:
-            tensors[name] = torch.empty(shape, dtype=dtype)
+    for layout in layouts:
+        if not layout.num_bytes:
+            tensors[layout.name] = torch.empty(layout.shape, dtype=layout.dtype)
             continue
-        whole = typed.get(dtype)
+        whole = typed.get(layout.dtype)
         if whole is None:
-            whole = typed[dtype] = payload.view(dtype)
-        tensors[name] = whole.as_strided(shape, _strides(shape), offset // dtype.itemsize)
+            whole = typed[layout.dtype] = payload.view(layout.dtype)
+        tensors[layout.name] = whole.as_strided(layout.shape, layout.strides, layout.start)
     return tensors
 
 
-def _strides(shape: list[int]) -> list[int]:
-    """A contiguous tensor's strides, in elements."""
+@dataclass(frozen=True)
+class _SlotLayout:
+    """Where one tensor lies in a slot, checked except against the payload's size."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]  # contiguous, in elements
+    start: int  # in elements of `dtype`
+    num_bytes: int
+    end_bytes: int
+
+
+# Checked layouts by their header entry: a sender's steps repeat the same few, and checking
+# one (dtype, sizes, alignment, strides) cost more than making its view. Only entries of a
+# plain size are kept, so that a peer's odd headers cannot make the cache large.
+_SLOT_LAYOUTS: dict[tuple[str, str, tuple[int, ...], int], _SlotLayout] = {}
+_MAX_SLOT_LAYOUTS = 1024
+_MAX_CACHED_NAME = 128
+_MAX_CACHED_DIMS = 8
+
+
+def _slot_layout(meta: transport_pb2.TensorMeta, payload_bytes: int) -> _SlotLayout:
+    """A tensor's layout in a slot, once it fits the payload (FrameError otherwise)."""
+    key = (meta.name, meta.dtype, tuple(meta.shape), meta.shm_offset)
+    layout = _SLOT_LAYOUTS.get(key)
+    if layout is None:
+        layout = _checked_slot_layout(meta)
+        if len(meta.name) <= _MAX_CACHED_NAME and len(layout.shape) <= _MAX_CACHED_DIMS:
+            if len(_SLOT_LAYOUTS) >= _MAX_SLOT_LAYOUTS:
+                _SLOT_LAYOUTS.clear()
+            _SLOT_LAYOUTS[key] = layout
+    if layout.end_bytes > payload_bytes:
+        raise FrameError(
+            f"tensor {meta.name!r}: bytes {meta.shm_offset}..{layout.end_bytes} outside the "
+            f"{payload_bytes}-byte slot payload"
+        )
+    return layout
+
+
+def _checked_slot_layout(meta: transport_pb2.TensorMeta) -> _SlotLayout:
+    dtype, shape, num_bytes = _checked_meta(meta)
+    offset = meta.shm_offset
+    if offset % dtype.itemsize:
+        raise FrameError(f"tensor {meta.name!r}: offset {offset} misaligned for {dtype}")
     strides = [1] * len(shape)
     for dim in range(len(shape) - 1, 0, -1):
         strides[dim - 1] = strides[dim] * shape[dim]
-    return strides
-
-
-def _slot_layout(
-    meta: transport_pb2.TensorMeta, payload_bytes: int
-) -> tuple[str, torch.dtype, list[int], int, int]:
-    """Name, dtype, shape, offset and size of a tensor in a slot, once they fit the payload."""
-    dtype, shape, num_bytes = _checked_meta(meta)
-    offset = meta.shm_offset
-    end_bytes = offset + num_bytes
-    if offset % dtype.itemsize or end_bytes > payload_bytes:
-        raise FrameError(
-            f"tensor {meta.name!r}: bytes {offset}..{end_bytes} outside the "
-            f"{payload_bytes}-byte slot payload or misaligned"
-        )
-    return meta.name, dtype, shape, offset, num_bytes
+    return _SlotLayout(
+        meta.name,
+        dtype,
+        tuple(shape),
+        tuple(strides),
+        offset // dtype.itemsize,
+        num_bytes,
+        offset + num_bytes,
+    )

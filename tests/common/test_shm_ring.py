@@ -181,6 +181,30 @@ def test_forged_and_stale_slot_references_are_refused_and_the_receiver_keeps_ser
     assert received.sequence == 7 and torch.equal(received.tensors["x"], numbered(7).tensors["x"])
 
 
+def test_a_layout_remembered_from_an_accepted_message_is_checked_against_each_payload(
+    pair: ShmPair,
+) -> None:
+    # The receiver caches each tensor entry's checked layout; the same entry naming a slot
+    # whose payload is too small for it must still be refused, and its slot handed back.
+    ring = ShmRing(slot_bytes=8192, num_slots=2)
+    try:
+        pair.forge(genuine_header(ring))  # "x": 1024 float32 at offset 0, 4 KiB payload
+        assert pair.receiver.recv(timeout_ms=5000).tensors["x"].numel() == 1024
+        header = genuine_header(ring, payload_bytes=2048)
+        header.tensors[0].shape[0] = 1024  # the accepted entry, in half the bytes
+        refused(pair, header, "outside")
+        gc.collect()
+        reserved = []
+        for _ in range(2):  # both slots came back: the read one and the refused one
+            slot = ring.reserve(4096)
+            assert slot is not None
+            ring.publish(slot, 4096)
+            reserved.append(slot)
+        assert sorted(reserved) == [0, 1]
+    finally:
+        ring.close()
+
+
 def test_a_refused_tensor_still_returns_its_genuine_slot_to_the_sender(pair: ShmPair) -> None:
     ring = ShmRing(slot_bytes=8192, num_slots=1)
     try:
