@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import zmq
 
-from exegpt.transport import TensorMessage, TensorSocket, data_plane_context
+from exegpt.transport import TensorMessage, TensorSocket
 
 SIZE_SUFFIXES = {"K": 2**10, "M": 2**20, "G": 2**30}
 DEFAULT_SIZES = "64K,256K,1M,4M,16M,64M"
@@ -101,7 +101,7 @@ class InProcessCopies:
 
 def receiver_main(address: str, report: Connection) -> None:
     """The receiving process: decode every message, report each round's end to the sender."""
-    context = data_plane_context()
+    context = zmq.Context()
     receiver = TensorSocket(context, zmq.PULL, max_message_bytes=2**31)
     try:
         report.send(receiver.bind(address))
@@ -124,7 +124,7 @@ class RemoteReceiver:
         self._report, child_end = spawn.Pipe()
         self._process = spawn.Process(target=receiver_main, args=(address, child_end))
         self._process.start()
-        self._context = data_plane_context()
+        self._context = zmq.Context()
         self.sender = TensorSocket(
             self._context,
             zmq.PUSH,

@@ -17,7 +17,6 @@ segment.
 from __future__ import annotations
 
 import logging
-import os
 import socket as stdlib_socket
 import threading
 from collections import OrderedDict
@@ -35,7 +34,6 @@ __all__ = [
     "TensorMessage",
     "TensorSocket",
     "TransportStats",
-    "data_plane_context",
     "decode",
     "encode",
     "is_same_host",
@@ -53,50 +51,6 @@ DEFAULT_SHM_WAIT_S = 0.05
 # A stage sends to a handful of addresses per load (next stage's TP ranks, the engine); the
 # bound only stops peers from piling up when routes change and nothing calls `retain`.
 DEFAULT_MAX_PEERS = 16
-
-
-def data_plane_context() -> zmq.Context:
-    """A ZeroMQ context whose I/O threads run at SCHED_BATCH where the OS allows it.
-
-    A send hands its message to the context's I/O thread and wakes it. At the normal policy
-    the woken thread preempts the sender on its own core, so each send after a pause (every
-    send that follows a copy or a step's compute) cost the sender 20-25 us of switches here
-    against under 1 us when the I/O thread may not preempt; the I/O thread still runs at once
-    on an idle core, or as soon as the sender blocks. The policy is probed on a throwaway
-    thread first: libzmq aborts the process if it cannot apply it.
-    """
-    context = zmq.Context()
-    if _batch_policy_allowed():
-        context.set(zmq.THREAD_SCHED_POLICY, os.SCHED_BATCH)
-    return context
-
-
-_BATCH_ALLOWED: list[bool] = []  # the probe's answer, once
-
-
-def _batch_policy_allowed() -> bool:
-    if not _BATCH_ALLOWED:
-        _BATCH_ALLOWED.append(_probe_batch_policy())
-    return _BATCH_ALLOWED[0]
-
-
-def _probe_batch_policy() -> bool:
-    if not hasattr(os, "SCHED_BATCH") or not hasattr(zmq, "THREAD_SCHED_POLICY"):
-        return False
-    outcome: list[bool] = []
-
-    def probe() -> None:  # on Linux, pid 0 names the calling thread alone
-        try:
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-            outcome.append(True)
-        except OSError as exc:
-            logger.info("ZeroMQ I/O threads keep the normal policy: %s", exc)
-            outcome.append(False)
-
-    thread = threading.Thread(target=probe, name="sched-probe", daemon=True)
-    thread.start()
-    thread.join()
-    return bool(outcome and outcome[0])
 
 
 @dataclass

@@ -7,7 +7,6 @@ and a hand-off across two processes are in test_shm_ring.py.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,12 +14,10 @@ import pytest
 import torch
 import zmq
 
-from exegpt import transport
 from exegpt.transport import (
     FrameError,
     TensorMessage,
     TensorSocket,
-    data_plane_context,
     decode,
     encode,
     is_same_host,
@@ -213,33 +210,3 @@ def test_slot_headers_keep_long_names_and_many_dims(tmp_path: Path) -> None:
         sender.close()
         receiver.close()
         context.term()
-
-
-def test_data_plane_context_io_threads_never_preempt_their_senders(tmp_path: Path) -> None:
-    # Where the OS allows SCHED_BATCH (the probe says so), the context's I/O threads run at
-    # it; either way its sockets carry messages as before.
-    threads_before = set(os.listdir("/proc/self/task"))
-    context = data_plane_context()
-    receiver = TensorSocket(context, zmq.PULL)
-    sender = TensorSocket(context, zmq.PUSH)
-    try:
-        sender.connect(receiver.bind(f"shm+ipc://{tmp_path}/batch.sock"))
-        sender.send(TensorMessage("activations", {"x": torch.arange(6.0)}))
-        assert torch.equal(receiver.recv(timeout_ms=5000).tensors["x"], torch.arange(6.0))
-        new_threads = set(os.listdir("/proc/self/task")) - threads_before
-        zmq_threads = [tid for tid in new_threads if _thread_name(tid).startswith("ZMQbg")]
-        assert zmq_threads, "the context started no I/O thread"
-        policies = {os.sched_getscheduler(int(tid)) for tid in zmq_threads}
-        expected = os.SCHED_BATCH if transport._batch_policy_allowed() else os.SCHED_OTHER
-        assert policies == {expected}
-    finally:
-        sender.close()
-        receiver.close()
-        context.term()
-
-
-def _thread_name(tid: str) -> str:
-    try:
-        return Path(f"/proc/self/task/{tid}/comm").read_text().strip()
-    except FileNotFoundError:  # ended since it was listed
-        return ""

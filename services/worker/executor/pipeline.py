@@ -29,13 +29,7 @@ from exegpt.models.batch import BatchBuilder
 from exegpt.models.config import ModelConfig
 from exegpt.placement import Placement
 from exegpt.security import SecurityConfig, sync_channel
-from exegpt.transport import (
-    FrameError,
-    PushFanout,
-    TensorMessage,
-    TensorSocket,
-    data_plane_context,
-)
+from exegpt.transport import FrameError, PushFanout, TensorMessage, TensorSocket
 from exegpt.v1 import stage_pb2, stage_pb2_grpc
 from services.worker.executor.ahead import DecodeAhead
 from services.worker.executor.routes import first_hops, next_hops
@@ -85,7 +79,7 @@ class PipelineExecutor:
         builder = BatchBuilder(model_config, config.block_size_tokens, null_slot, _CPU)
         # A decode step's successor is built while it runs (one per micro-batch in flight).
         self._ahead = DecodeAhead(builder, max_kept=len(placement.stages))
-        self._context = data_plane_context()
+        self._context = zmq.Context()
         self._results = TensorSocket(self._context, zmq.PULL, same_host=True)
         self.data_address = self._results.bind(f"tcp://{config.data_host}:0")
         self._fanout = PushFanout(self._context)

@@ -35,13 +35,7 @@ from exegpt.models.loader import load_model
 from exegpt.models.prepack import pack_linears
 from exegpt.models.stage import build_stage, stage_kv_spec
 from exegpt.models.stage_spec import LayerRange, StageSpec
-from exegpt.transport import (
-    FrameError,
-    PushFanout,
-    TensorMessage,
-    TensorSocket,
-    data_plane_context,
-)
+from exegpt.transport import FrameError, PushFanout, TensorMessage, TensorSocket
 from exegpt.v1 import stage_pb2
 from services.worker.handoff import HANDOFFS_KEY, append_handoff, measured_handoff, stamp
 from services.worker.sampling import logprob_tensors, rows_from_tensors, sample_rows
@@ -79,7 +73,7 @@ class StageRuntime:
     def __init__(self, data_host: str, device: str, model_roots: tuple[Path, ...] = ()) -> None:
         self._device = torch.device(device)
         self._model_roots = tuple(root.resolve() for root in model_roots)
-        self._context = data_plane_context()
+        self._context = zmq.Context()
         self._pull = TensorSocket(self._context, zmq.PULL, same_host=True)
         self.data_address = self._pull.bind(f"tcp://{data_host}:0")
         self._fanout = PushFanout(self._context)
