@@ -148,6 +148,7 @@ def baseline_plan(
 
 def planned_config(auto: autoplan.AutoPlan, profile: Path, log_dir: Path) -> DeploymentConfig:
     return DeploymentConfig(
+        num_replicas=auto.plan.num_replicas,
         schedule_file=auto.path,
         max_batch_size=auto.plan.schedule.decode_batch_size,
         kv_cache_mb=autoplan.kv_cache_mb(auto, profile),
@@ -162,7 +163,10 @@ def dp_config(auto: autoplan.AutoPlan, profile: Path, log_dir: Path) -> Deployme
     share of the continuous baseline's planned running batch (32 when none fits)."""
     devices = auto.report["num_devices"]
     best = auto.report["best_by_kind"].get(ScheduleKind.CONTINUOUS.value)
-    running = best["schedule"]["decode_batch_size"] if best else 32 * devices
+    running = 32 * devices
+    if best:  # B_D is per replica of the baseline's own plan
+        schedule = Schedule.from_dict(best["schedule"])
+        running = schedule.decode_batch_size * schedule.num_replicas
     return DeploymentConfig(
         num_replicas=devices,
         batching=ScheduleKind.CONTINUOUS.value,
