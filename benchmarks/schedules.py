@@ -3,8 +3,9 @@ thread), per task and latency bound, in one go.
 
 For each task and each bound (the 30% and 70% quantiles of static batching's predicted
 latencies over its batch sizes, as the paper derives bounds: docs/design.md section 4), the
-schedule `exegpt up --plan` would choose (the best predicted of any kind, baselines included),
-static batching (its best batch within the bound, on the same 2 devices) and continuous
+schedule `exegpt up --plan` would choose (the best predicted of any kind and replica count,
+baselines included; a plan of R data-parallel replicas runs as R workers), static batching
+(its best batch and replica count within the bound, on the same 2 devices) and continuous
 batching on 2 data-parallel replicas each run under `exegpt bench` at saturation. Per row:
 the kind chosen, predicted vs measured seq/s and p99-length latency (error %), whether the
 bound was met, and the measured ratios against both baselines (measured as in
