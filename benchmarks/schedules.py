@@ -3,8 +3,9 @@ thread), per task and latency bound, in one go.
 
 For each task and each bound (the 30% and 70% quantiles of static batching's predicted
 latencies over its batch sizes, as the paper derives bounds: docs/design.md section 4), the
-schedule `exegpt up --plan` would choose (the best predicted of any kind, baselines included),
-static batching (its best batch within the bound, on the same 2 devices) and continuous
+schedule `exegpt up --plan` would choose (the best predicted of any kind and replica count,
+baselines included; a plan of R data-parallel replicas runs as R workers), static batching
+(its best batch and replica count within the bound, on the same 2 devices) and continuous
 batching on 2 data-parallel replicas each run under `exegpt bench` at saturation. Per row:
 the kind chosen, predicted vs measured seq/s and p99-length latency (error %), whether the
 bound was met, and the measured ratios against both baselines (measured as in
@@ -148,6 +149,7 @@ def baseline_plan(
 
 def planned_config(auto: autoplan.AutoPlan, profile: Path, log_dir: Path) -> DeploymentConfig:
     return DeploymentConfig(
+        num_replicas=auto.plan.num_replicas,
         schedule_file=auto.path,
         max_batch_size=auto.plan.schedule.decode_batch_size,
         kv_cache_mb=autoplan.kv_cache_mb(auto, profile),
@@ -162,7 +164,10 @@ def dp_config(auto: autoplan.AutoPlan, profile: Path, log_dir: Path) -> Deployme
     share of the continuous baseline's planned running batch (32 when none fits)."""
     devices = auto.report["num_devices"]
     best = auto.report["best_by_kind"].get(ScheduleKind.CONTINUOUS.value)
-    running = best["schedule"]["decode_batch_size"] if best else 32 * devices
+    running = 32 * devices
+    if best:  # B_D is per replica of the baseline's own plan
+        schedule = Schedule.from_dict(best["schedule"])
+        running = schedule.decode_batch_size * schedule.num_replicas
     return DeploymentConfig(
         num_replicas=devices,
         batching=ScheduleKind.CONTINUOUS.value,

@@ -288,9 +288,9 @@ def make_plan(request: PlanRequest, profile: Path, out_dir: Path | None = None) 
     problem = replace(problem, latency_bound_s=bound_s)
     result = plan(problem)
     report = result_to_dict(problem, result, str(profile), exhaustive=False)
-    if not result.best_by_kind:
+    best = result.chosen  # the best of any kind, the baselines included
+    if best is None:
         raise ValueError(_no_plan(report, bound_s))
-    best = max(result.best_by_kind.values(), key=lambda p: p.throughput_seq_s)
     chosen = prediction_to_dict(best)
     report["schedule"] = chosen.pop("schedule")
     report["predicted"] = chosen

@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     _out(autoplan.format_choice(first))
     _out()
     log_dir = Path(tempfile.mkdtemp(prefix="exegpt-demo-logs-"))
-    _out(f"Deploying it: router + {args.replicas} worker replica(s) of {args.model} ...")
+    replicas = args.replicas * first.plan.num_replicas
+    _out(f"Deploying it: router + {replicas} worker replica(s) of {args.model} ...")
     with Deployment(_config(args, first, profile, request.threads, log_dir)) as deployment:
         _print_endpoints(deployment, log_dir)
         _run_requests(deployment, args.max_tokens)
@@ -132,7 +133,7 @@ def _config(
     """The deployment of `auto`: its placement, control variables and KV pool."""
     return DeploymentConfig(
         model=args.model,
-        num_replicas=args.replicas,
+        num_replicas=args.replicas * auto.plan.num_replicas,
         http_port=0,
         grpc_port=0,
         log_dir=log_dir,

@@ -212,8 +212,11 @@ class Deployment:
         return format_stage_addresses(grouped)
 
     def _spawn_worker(self, index: int, stages: str | None = None) -> _Child:
-        threads = self.config.torch_threads or max(
-            1, (os.cpu_count() or 1) // self.config.num_replicas
+        # An in-process replica computes itself: it is a device (--threads-per-device).
+        threads = (
+            self.config.torch_threads
+            or self.config.topology.threads_per_device
+            or max(1, (os.cpu_count() or 1) // self.config.num_replicas)
         )
         if stages is not None:
             threads = self.config.torch_threads or 1  # the stages compute; the engine plans

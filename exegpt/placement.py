@@ -1,5 +1,10 @@
 """Where a replica's layers live: its pipeline stages, each a layer range at a TP degree.
 
+A placement is always ONE replica's. A schedule of R data-parallel replicas
+(`Schedule.num_replicas`) on N devices runs R replicas of the same placement, each on N / R
+devices; the simulator lays out one replica (`placement_from_layout`) and the launcher starts
+R of it.
+
 A placement is configuration (`exegpt up --pipeline-stages N --tensor-parallel T`, or
 `--placement FILE`), checked against the model before anything starts. The stages holding
 encoder layers, in order, form the encoder pass; those holding decoder layers form the

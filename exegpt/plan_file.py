@@ -1,7 +1,8 @@
 """A plan as `exegpt plan --json` writes it, read back for deployment (`exegpt up --schedule`).
 
-Only what the runner needs is read: the chosen schedule (kind and control variables), where
-its layers go (the placement the simulator laid out), the workload's mean lengths (RRA keeps
+Only what the runner needs is read: the chosen schedule (kind, control variables and its
+number of data-parallel replicas), where each replica's layers go (the placement the
+simulator laid out), the workload's mean lengths (RRA keeps
 each encoding's prompt tokens near B_E x the mean input) and the prediction, for reports.
 """
 
@@ -28,6 +29,12 @@ class PlanFile:
     predicted: dict[str, Any]
     latency_bound_s: float | None = None  # None: planned without a bound
     meets_bound: bool = True
+
+    @property
+    def num_replicas(self) -> int:
+        """Data-parallel replicas the plan runs, each at `placement` (its prediction is for
+        all of them together)."""
+        return self.schedule.num_replicas
 
     @classmethod
     def read(cls, path: Path) -> PlanFile:

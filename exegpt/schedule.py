@@ -59,6 +59,8 @@ class Schedule:
     tp_degree              TP degree applied to `num_tp_devices` of the devices (partial TP)
     num_tp_devices         devices running tensor-parallel (0 when tp_degree == 1)
     num_encode_devices     WAA: devices that only encode (0 for RRA and the baselines)
+    num_replicas           R: data-parallel replicas, each running this schedule on
+                           devices / R devices (the other variables are per replica)
     """
 
     kind: ScheduleKind
@@ -69,6 +71,7 @@ class Schedule:
     tp_degree: int = 1
     num_tp_devices: int = 0
     num_encode_devices: int = 0
+    num_replicas: int = 1
 
     def __post_init__(self) -> None:
         if self.encode_batch_size < 1 or self.decode_batch_size < 1:
@@ -77,6 +80,8 @@ class Schedule:
             raise ValueError("num_decode_iterations and num_micro_batches must be at least 1")
         if self.tp_degree < 1 or self.num_tp_devices < 0 or self.num_encode_devices < 0:
             raise ValueError("tp_degree must be >= 1 and device counts >= 0")
+        if self.num_replicas < 1:
+            raise ValueError("num_replicas must be at least 1")
         if self.num_tp_devices % self.tp_degree:
             raise ValueError("num_tp_devices must be a multiple of tp_degree")
 
@@ -101,4 +106,6 @@ class Schedule:
             parts.append(f"encode_devices={self.num_encode_devices}")
         if self.tp_degree > 1:
             parts.append(f"TP={self.tp_degree}x{self.num_tp_devices // self.tp_degree}")
+        if self.num_replicas > 1:
+            parts.append(f"x{self.num_replicas} replicas")
         return " ".join(parts)

@@ -24,4 +24,5 @@ def schedule_from_proto(message: scheduler_pb2.Schedule) -> Schedule:
         tp_degree=message.tp_degree,
         num_tp_devices=message.num_tp_devices,
         num_encode_devices=message.num_encode_devices,
+        num_replicas=message.num_replicas or 1,
     )

@@ -30,7 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DeploymentConfig()
     parser.add_argument("--model", default=defaults.model, help="model name or HF directory")
     parser.add_argument(
-        "--replicas", type=int, default=defaults.num_replicas, help="worker processes"
+        "--replicas",
+        type=int,
+        default=defaults.num_replicas,
+        help="worker replicas (with --schedule/--plan: copies of the plan, each running the "
+        "plan's own data-parallel replicas)",
     )
     parser.add_argument("--host", default=defaults.host, help="interface the gateway binds")
     parser.add_argument(
@@ -132,7 +136,8 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
         args.log_dir.mkdir(parents=True, exist_ok=True)
     return DeploymentConfig(
         model=args.model,
-        num_replicas=args.replicas,
+        # --replicas copies of the plan, each running its R data-parallel replicas.
+        num_replicas=args.replicas * (plan.num_replicas if plan else 1),
         host=args.host,
         http_port=args.http_port,
         grpc_port=args.grpc_port,

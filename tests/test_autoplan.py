@@ -68,12 +68,18 @@ def test_up_plan_profiles_plans_and_serves_the_planned_kind(tmp_path: Path) -> N
         best = max(p["throughput_seq_s"] for p in plan["best_by_kind"].values())
         assert plan["predicted"]["throughput_seq_s"] == best
         http_url = re.search(r"http=(\S+)", lines[-1]).group(1)
-        worker = re.search(r"replicas=(\S+)", lines[-1]).group(1)
-        with grpc.insecure_channel(worker) as channel:
-            stats = worker_pb2_grpc.WorkerStub(channel).GetStats(worker_pb2.GetStatsRequest())
-        assert stats.batching == kind
-        stage_logs = sorted((tmp_path / "logs").glob("stage-0-*.log"))
-        assert len(stage_logs) == len(plan["placement"]["stages"]) == 2
+        workers = re.search(r"replicas=(\S+)", lines[-1]).group(1).split(",")
+        # The plan's R data-parallel replicas, each at the plan's placement on 2 / R devices.
+        num_replicas = plan["schedule"]["num_replicas"]
+        assert len(workers) == num_replicas
+        for worker in workers:
+            with grpc.insecure_channel(worker) as channel:
+                stub = worker_pb2_grpc.WorkerStub(channel)
+                assert stub.GetStats(worker_pb2.GetStatsRequest()).batching == kind
+        num_stages = len(plan["placement"]["stages"])
+        assert num_stages * num_replicas == 2
+        stage_logs = sorted((tmp_path / "logs").glob("stage-*.log"))
+        assert len(stage_logs) == (2 if num_stages > 1 else 0)  # in process on one device
         for index in range(3):
             body = httpx.post(
                 f"{http_url}/v1/completions",

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65xegpt/v1/scheduler.proto\x12\texegpt.v1\"\xcf\x01\n\x08Schedule\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x19\n\x11\x65ncode_batch_size\x18\x02 \x01(\r\x12\x19\n\x11\x64\x65\x63ode_batch_size\x18\x03 \x01(\r\x12\x1d\n\x15num_decode_iterations\x18\x04 \x01(\r\x12\x19\n\x11num_micro_batches\x18\x05 \x01(\r\x12\x11\n\ttp_degree\x18\x06 \x01(\r\x12\x16\n\x0enum_tp_devices\x18\x07 \x01(\r\x12\x1a\n\x12num_encode_devices\x18\x08 \x01(\r\"\xe0\x01\n\nPrediction\x12%\n\x08schedule\x18\x01 \x01(\x0b\x32\x13.exegpt.v1.Schedule\x12\x10\n\x08\x66\x65\x61sible\x18\x02 \x01(\x08\x12\x18\n\x10throughput_seq_s\x18\x03 \x01(\x01\x12\x1b\n\x13throughput_tokens_s\x18\x04 \x01(\x01\x12\x11\n\tlatency_s\x18\x05 \x01(\x01\x12\x1f\n\x17memory_bytes_per_device\x18\x06 \x03(\x04\x12\x1e\n\x16utilisation_per_device\x18\x07 \x03(\x01\x12\x0e\n\x06reason\x18\x08 \x01(\t\"\xa9\x02\n\x0bPlanRequest\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12\x10\n\x08workload\x18\x02 \x01(\t\x12\x1c\n\x0flatency_bound_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x10no_latency_bound\x18\x04 \x01(\x08\x12\x18\n\x0bnum_devices\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12 \n\x13\x64\x65vice_memory_bytes\x18\x06 \x01(\x03H\x02\x88\x01\x01\x12\r\n\x05kinds\x18\x07 \x03(\t\x12\x12\n\ntp_degrees\x18\x08 \x03(\r\x12\x12\n\nexhaustive\x18\t \x01(\x08\x12\x10\n\x08\x61\x63tivate\x18\n \x01(\x08\x42\x12\n\x10_latency_bound_sB\x0e\n\x0c_num_devicesB\x16\n\x14_device_memory_bytes\"\xd5\x02\n\x0cPlanResponse\x12%\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x15.exegpt.v1.Prediction\x12\x13\n\x0bmeets_bound\x18\x02 \x01(\x08\x12-\n\x0elowest_latency\x18\x03 \x01(\x0b\x32\x15.exegpt.v1.Prediction\x12=\n\x0c\x62\x65st_by_kind\x18\x04 \x03(\x0b\x32\'.exegpt.v1.PlanResponse.BestByKindEntry\x12\x17\n\x0fnum_evaluations\x18\x05 \x01(\x04\x12\x15\n\rsearch_wall_s\x18\x06 \x01(\x01\x12\x10\n\x08workload\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\x04\x1aH\n\x0f\x42\x65stByKindEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.exegpt.v1.Prediction:\x02\x38\x01\"A\n\x14WatchScheduleRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x15\n\rafter_version\x18\x02 \x01(\x04\"\xbd\x01\n\x0bLengthDrift\x12\x18\n\x10num_observations\x18\x01 \x01(\x04\x12\x13\n\x0bks_distance\x18\x02 \x01(\x01\x12\x16\n\x0eks_noise_floor\x18\x03 \x01(\x01\x12\x1c\n\x14observed_mean_tokens\x18\x04 \x01(\x01\x12\x1b\n\x13planned_mean_tokens\x18\x05 \x01(\x01\x12\x1b\n\x13relative_mean_shift\x18\x06 \x01(\x01\x12\x0f\n\x07\x64rifted\x18\x07 \x01(\x08\"\xd8\x01\n\x0f\x44riftStatistics\x12%\n\x05input\x18\x01 \x01(\x0b\x32\x16.exegpt.v1.LengthDrift\x12&\n\x06output\x18\x02 \x01(\x0b\x32\x16.exegpt.v1.LengthDrift\x12\x19\n\x11\x65ncode_time_ratio\x18\x03 \x01(\x01\x12\x19\n\x11\x64\x65\x63ode_time_ratio\x18\x04 \x01(\x01\x12\x1f\n\x17num_encode_observations\x18\x05 \x01(\x04\x12\x1f\n\x17num_decode_observations\x18\x06 \x01(\x04\"\x9b\x03\n\x0eScheduleUpdate\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\'\n\x06reason\x18\x02 \x01(\x0e\x32\x17.exegpt.v1.ReplanReason\x12%\n\x08schedule\x18\x03 \x01(\x0b\x32\x13.exegpt.v1.Schedule\x12)\n\nprediction\x18\x04 \x01(\x0b\x32\x15.exegpt.v1.Prediction\x12\x13\n\x0bmeets_bound\x18\x05 \x01(\x08\x12\x17\n\x0flatency_bound_s\x18\x06 \x01(\x01\x12\x10\n\x08workload\x18\x07 \x01(\t\x12\x19\n\x11mean_input_tokens\x18\x08 \x01(\x01\x12\x1a\n\x12mean_output_tokens\x18\t \x01(\x01\x12\x19\n\x11p99_output_tokens\x18\n \x01(\r\x12)\n\x05\x64rift\x18\x0b \x01(\x0b\x32\x1a.exegpt.v1.DriftStatistics\x12\x0e\n\x06\x64\x65tail\x18\x0c \x01(\t\x12\x18\n\x10published_unix_s\x18\r \x01(\x01\x12\x16\n\x0eplacement_json\x18\x0e \x01(\t\"\xb8\x01\n\x14StageTimeObservation\x12#\n\x05stage\x18\x01 \x01(\x0e\x32\x14.exegpt.v1.StageKind\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x18\n\x10num_cross_tokens\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x11\n\ttp_degree\x18\x06 \x01(\r\x12\x12\n\nmeasured_s\x18\x07 \x01(\x01\"\x87\x01\n\x0eWorkloadReport\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x02 \x03(\r\x12\x15\n\routput_tokens\x18\x03 \x03(\r\x12\x34\n\x0bstage_times\x18\x04 \x03(\x0b\x32\x1f.exegpt.v1.StageTimeObservation\"\x96\x01\n\x16ReportWorkloadResponse\x12\x13\n\x0bnum_reports\x18\x01 \x01(\x04\x12\x19\n\x11num_input_lengths\x18\x02 \x01(\x04\x12\x1a\n\x12num_output_lengths\x18\x03 \x01(\x04\x12\x17\n\x0fnum_stage_times\x18\x04 \x01(\x04\x12\x17\n\x0f\x63urrent_version\x18\x05 \x01(\x04*\xa9\x01\n\x0cReplanReason\x12\x1d\n\x19REPLAN_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15REPLAN_REASON_INITIAL\x10\x01\x12\x1e\n\x1aREPLAN_REASON_LENGTH_DRIFT\x10\x02\x12\"\n\x1eREPLAN_REASON_STAGE_TIME_DRIFT\x10\x03\x12\x1b\n\x17REPLAN_REASON_REQUESTED\x10\x04*\x87\x01\n\tStageKind\x12\x1a\n\x16STAGE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11STAGE_KIND_ENCODE\x10\x01\x12\x15\n\x11STAGE_KIND_DECODE\x10\x02\x12\x17\n\x13STAGE_KIND_TRANSFER\x10\x03\x12\x17\n\x13STAGE_KIND_OVERHEAD\x10\x04\x32\xe5\x01\n\tScheduler\x12\x37\n\x04Plan\x12\x16.exegpt.v1.PlanRequest\x1a\x17.exegpt.v1.PlanResponse\x12M\n\rWatchSchedule\x12\x1f.exegpt.v1.WatchScheduleRequest\x1a\x19.exegpt.v1.ScheduleUpdate0\x01\x12P\n\x0eReportWorkload\x12\x19.exegpt.v1.WorkloadReport\x1a!.exegpt.v1.ReportWorkloadResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65xegpt/v1/scheduler.proto\x12\texegpt.v1\"\xe5\x01\n\x08Schedule\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x19\n\x11\x65ncode_batch_size\x18\x02 \x01(\r\x12\x19\n\x11\x64\x65\x63ode_batch_size\x18\x03 \x01(\r\x12\x1d\n\x15num_decode_iterations\x18\x04 \x01(\r\x12\x19\n\x11num_micro_batches\x18\x05 \x01(\r\x12\x11\n\ttp_degree\x18\x06 \x01(\r\x12\x16\n\x0enum_tp_devices\x18\x07 \x01(\r\x12\x1a\n\x12num_encode_devices\x18\x08 \x01(\r\x12\x14\n\x0cnum_replicas\x18\t \x01(\r\"\xe0\x01\n\nPrediction\x12%\n\x08schedule\x18\x01 \x01(\x0b\x32\x13.exegpt.v1.Schedule\x12\x10\n\x08\x66\x65\x61sible\x18\x02 \x01(\x08\x12\x18\n\x10throughput_seq_s\x18\x03 \x01(\x01\x12\x1b\n\x13throughput_tokens_s\x18\x04 \x01(\x01\x12\x11\n\tlatency_s\x18\x05 \x01(\x01\x12\x1f\n\x17memory_bytes_per_device\x18\x06 \x03(\x04\x12\x1e\n\x16utilisation_per_device\x18\x07 \x03(\x01\x12\x0e\n\x06reason\x18\x08 \x01(\t\"\xa9\x02\n\x0bPlanRequest\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12\x10\n\x08workload\x18\x02 \x01(\t\x12\x1c\n\x0flatency_bound_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x10no_latency_bound\x18\x04 \x01(\x08\x12\x18\n\x0bnum_devices\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12 \n\x13\x64\x65vice_memory_bytes\x18\x06 \x01(\x03H\x02\x88\x01\x01\x12\r\n\x05kinds\x18\x07 \x03(\t\x12\x12\n\ntp_degrees\x18\x08 \x03(\r\x12\x12\n\nexhaustive\x18\t \x01(\x08\x12\x10\n\x08\x61\x63tivate\x18\n \x01(\x08\x42\x12\n\x10_latency_bound_sB\x0e\n\x0c_num_devicesB\x16\n\x14_device_memory_bytes\"\xd5\x02\n\x0cPlanResponse\x12%\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x15.exegpt.v1.Prediction\x12\x13\n\x0bmeets_bound\x18\x02 \x01(\x08\x12-\n\x0elowest_latency\x18\x03 \x01(\x0b\x32\x15.exegpt.v1.Prediction\x12=\n\x0c\x62\x65st_by_kind\x18\x04 \x03(\x0b\x32\'.exegpt.v1.PlanResponse.BestByKindEntry\x12\x17\n\x0fnum_evaluations\x18\x05 \x01(\x04\x12\x15\n\rsearch_wall_s\x18\x06 \x01(\x01\x12\x10\n\x08workload\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\x04\x1aH\n\x0f\x42\x65stByKindEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.exegpt.v1.Prediction:\x02\x38\x01\"A\n\x14WatchScheduleRequest\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x15\n\rafter_version\x18\x02 \x01(\x04\"\xbd\x01\n\x0bLengthDrift\x12\x18\n\x10num_observations\x18\x01 \x01(\x04\x12\x13\n\x0bks_distance\x18\x02 \x01(\x01\x12\x16\n\x0eks_noise_floor\x18\x03 \x01(\x01\x12\x1c\n\x14observed_mean_tokens\x18\x04 \x01(\x01\x12\x1b\n\x13planned_mean_tokens\x18\x05 \x01(\x01\x12\x1b\n\x13relative_mean_shift\x18\x06 \x01(\x01\x12\x0f\n\x07\x64rifted\x18\x07 \x01(\x08\"\xd8\x01\n\x0f\x44riftStatistics\x12%\n\x05input\x18\x01 \x01(\x0b\x32\x16.exegpt.v1.LengthDrift\x12&\n\x06output\x18\x02 \x01(\x0b\x32\x16.exegpt.v1.LengthDrift\x12\x19\n\x11\x65ncode_time_ratio\x18\x03 \x01(\x01\x12\x19\n\x11\x64\x65\x63ode_time_ratio\x18\x04 \x01(\x01\x12\x1f\n\x17num_encode_observations\x18\x05 \x01(\x04\x12\x1f\n\x17num_decode_observations\x18\x06 \x01(\x04\"\x9b\x03\n\x0eScheduleUpdate\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\'\n\x06reason\x18\x02 \x01(\x0e\x32\x17.exegpt.v1.ReplanReason\x12%\n\x08schedule\x18\x03 \x01(\x0b\x32\x13.exegpt.v1.Schedule\x12)\n\nprediction\x18\x04 \x01(\x0b\x32\x15.exegpt.v1.Prediction\x12\x13\n\x0bmeets_bound\x18\x05 \x01(\x08\x12\x17\n\x0flatency_bound_s\x18\x06 \x01(\x01\x12\x10\n\x08workload\x18\x07 \x01(\t\x12\x19\n\x11mean_input_tokens\x18\x08 \x01(\x01\x12\x1a\n\x12mean_output_tokens\x18\t \x01(\x01\x12\x19\n\x11p99_output_tokens\x18\n \x01(\r\x12)\n\x05\x64rift\x18\x0b \x01(\x0b\x32\x1a.exegpt.v1.DriftStatistics\x12\x0e\n\x06\x64\x65tail\x18\x0c \x01(\t\x12\x18\n\x10published_unix_s\x18\r \x01(\x01\x12\x16\n\x0eplacement_json\x18\x0e \x01(\t\"\xb8\x01\n\x14StageTimeObservation\x12#\n\x05stage\x18\x01 \x01(\x0e\x32\x14.exegpt.v1.StageKind\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x18\n\x10num_cross_tokens\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x11\n\ttp_degree\x18\x06 \x01(\r\x12\x12\n\nmeasured_s\x18\x07 \x01(\x01\"\x87\x01\n\x0eWorkloadReport\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x02 \x03(\r\x12\x15\n\routput_tokens\x18\x03 \x03(\r\x12\x34\n\x0bstage_times\x18\x04 \x03(\x0b\x32\x1f.exegpt.v1.StageTimeObservation\"\x96\x01\n\x16ReportWorkloadResponse\x12\x13\n\x0bnum_reports\x18\x01 \x01(\x04\x12\x19\n\x11num_input_lengths\x18\x02 \x01(\x04\x12\x1a\n\x12num_output_lengths\x18\x03 \x01(\x04\x12\x17\n\x0fnum_stage_times\x18\x04 \x01(\x04\x12\x17\n\x0f\x63urrent_version\x18\x05 \x01(\x04*\xa9\x01\n\x0cReplanReason\x12\x1d\n\x19REPLAN_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15REPLAN_REASON_INITIAL\x10\x01\x12\x1e\n\x1aREPLAN_REASON_LENGTH_DRIFT\x10\x02\x12\"\n\x1eREPLAN_REASON_STAGE_TIME_DRIFT\x10\x03\x12\x1b\n\x17REPLAN_REASON_REQUESTED\x10\x04*\x87\x01\n\tStageKind\x12\x1a\n\x16STAGE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11STAGE_KIND_ENCODE\x10\x01\x12\x15\n\x11STAGE_KIND_DECODE\x10\x02\x12\x17\n\x13STAGE_KIND_TRANSFER\x10\x03\x12\x17\n\x13STAGE_KIND_OVERHEAD\x10\x04\x32\xe5\x01\n\tScheduler\x12\x37\n\x04Plan\x12\x16.exegpt.v1.PlanRequest\x1a\x17.exegpt.v1.PlanResponse\x12M\n\rWatchSchedule\x12\x1f.exegpt.v1.WatchScheduleRequest\x1a\x19.exegpt.v1.ScheduleUpdate0\x01\x12P\n\x0eReportWorkload\x12\x19.exegpt.v1.WorkloadReport\x1a!.exegpt.v1.ReportWorkloadResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,34 +33,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PLANRESPONSE_BESTBYKINDENTRY']._loaded_options = None
   _globals['_PLANRESPONSE_BESTBYKINDENTRY']._serialized_options = b'8\001'
-  _globals['_REPLANREASON']._serialized_start=2492
-  _globals['_REPLANREASON']._serialized_end=2661
-  _globals['_STAGEKIND']._serialized_start=2664
-  _globals['_STAGEKIND']._serialized_end=2799
+  _globals['_REPLANREASON']._serialized_start=2514
+  _globals['_REPLANREASON']._serialized_end=2683
+  _globals['_STAGEKIND']._serialized_start=2686
+  _globals['_STAGEKIND']._serialized_end=2821
   _globals['_SCHEDULE']._serialized_start=41
-  _globals['_SCHEDULE']._serialized_end=248
-  _globals['_PREDICTION']._serialized_start=251
-  _globals['_PREDICTION']._serialized_end=475
-  _globals['_PLANREQUEST']._serialized_start=478
-  _globals['_PLANREQUEST']._serialized_end=775
-  _globals['_PLANRESPONSE']._serialized_start=778
-  _globals['_PLANRESPONSE']._serialized_end=1119
-  _globals['_PLANRESPONSE_BESTBYKINDENTRY']._serialized_start=1047
-  _globals['_PLANRESPONSE_BESTBYKINDENTRY']._serialized_end=1119
-  _globals['_WATCHSCHEDULEREQUEST']._serialized_start=1121
-  _globals['_WATCHSCHEDULEREQUEST']._serialized_end=1186
-  _globals['_LENGTHDRIFT']._serialized_start=1189
-  _globals['_LENGTHDRIFT']._serialized_end=1378
-  _globals['_DRIFTSTATISTICS']._serialized_start=1381
-  _globals['_DRIFTSTATISTICS']._serialized_end=1597
-  _globals['_SCHEDULEUPDATE']._serialized_start=1600
-  _globals['_SCHEDULEUPDATE']._serialized_end=2011
-  _globals['_STAGETIMEOBSERVATION']._serialized_start=2014
-  _globals['_STAGETIMEOBSERVATION']._serialized_end=2198
-  _globals['_WORKLOADREPORT']._serialized_start=2201
-  _globals['_WORKLOADREPORT']._serialized_end=2336
-  _globals['_REPORTWORKLOADRESPONSE']._serialized_start=2339
-  _globals['_REPORTWORKLOADRESPONSE']._serialized_end=2489
-  _globals['_SCHEDULER']._serialized_start=2802
-  _globals['_SCHEDULER']._serialized_end=3031
+  _globals['_SCHEDULE']._serialized_end=270
+  _globals['_PREDICTION']._serialized_start=273
+  _globals['_PREDICTION']._serialized_end=497
+  _globals['_PLANREQUEST']._serialized_start=500
+  _globals['_PLANREQUEST']._serialized_end=797
+  _globals['_PLANRESPONSE']._serialized_start=800
+  _globals['_PLANRESPONSE']._serialized_end=1141
+  _globals['_PLANRESPONSE_BESTBYKINDENTRY']._serialized_start=1069
+  _globals['_PLANRESPONSE_BESTBYKINDENTRY']._serialized_end=1141
+  _globals['_WATCHSCHEDULEREQUEST']._serialized_start=1143
+  _globals['_WATCHSCHEDULEREQUEST']._serialized_end=1208
+  _globals['_LENGTHDRIFT']._serialized_start=1211
+  _globals['_LENGTHDRIFT']._serialized_end=1400
+  _globals['_DRIFTSTATISTICS']._serialized_start=1403
+  _globals['_DRIFTSTATISTICS']._serialized_end=1619
+  _globals['_SCHEDULEUPDATE']._serialized_start=1622
+  _globals['_SCHEDULEUPDATE']._serialized_end=2033
+  _globals['_STAGETIMEOBSERVATION']._serialized_start=2036
+  _globals['_STAGETIMEOBSERVATION']._serialized_end=2220
+  _globals['_WORKLOADREPORT']._serialized_start=2223
+  _globals['_WORKLOADREPORT']._serialized_end=2358
+  _globals['_REPORTWORKLOADRESPONSE']._serialized_start=2361
+  _globals['_REPORTWORKLOADRESPONSE']._serialized_end=2511
+  _globals['_SCHEDULER']._serialized_start=2824
+  _globals['_SCHEDULER']._serialized_end=3053
 # @@protoc_insertion_point(module_scope)

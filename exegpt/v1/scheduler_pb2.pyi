@@ -34,7 +34,7 @@ STAGE_KIND_TRANSFER: StageKind
 STAGE_KIND_OVERHEAD: StageKind
 
 class Schedule(_message.Message):
-    __slots__ = ("kind", "encode_batch_size", "decode_batch_size", "num_decode_iterations", "num_micro_batches", "tp_degree", "num_tp_devices", "num_encode_devices")
+    __slots__ = ("kind", "encode_batch_size", "decode_batch_size", "num_decode_iterations", "num_micro_batches", "tp_degree", "num_tp_devices", "num_encode_devices", "num_replicas")
     KIND_FIELD_NUMBER: _ClassVar[int]
     ENCODE_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     DECODE_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class Schedule(_message.Message):
     TP_DEGREE_FIELD_NUMBER: _ClassVar[int]
     NUM_TP_DEVICES_FIELD_NUMBER: _ClassVar[int]
     NUM_ENCODE_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    NUM_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     kind: str
     encode_batch_size: int
     decode_batch_size: int
@@ -51,7 +52,8 @@ class Schedule(_message.Message):
     tp_degree: int
     num_tp_devices: int
     num_encode_devices: int
-    def __init__(self, kind: _Optional[str] = ..., encode_batch_size: _Optional[int] = ..., decode_batch_size: _Optional[int] = ..., num_decode_iterations: _Optional[int] = ..., num_micro_batches: _Optional[int] = ..., tp_degree: _Optional[int] = ..., num_tp_devices: _Optional[int] = ..., num_encode_devices: _Optional[int] = ...) -> None: ...
+    num_replicas: int
+    def __init__(self, kind: _Optional[str] = ..., encode_batch_size: _Optional[int] = ..., decode_batch_size: _Optional[int] = ..., num_decode_iterations: _Optional[int] = ..., num_micro_batches: _Optional[int] = ..., tp_degree: _Optional[int] = ..., num_tp_devices: _Optional[int] = ..., num_encode_devices: _Optional[int] = ..., num_replicas: _Optional[int] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("schedule", "feasible", "throughput_seq_s", "throughput_tokens_s", "latency_s", "memory_bytes_per_device", "utilisation_per_device", "reason")

@@ -26,6 +26,7 @@ def _schedule(message: scheduler_pb2.Schedule) -> dict[str, Any]:
         "tp_degree": message.tp_degree,
         "num_tp_devices": message.num_tp_devices,
         "num_encode_devices": message.num_encode_devices,
+        "num_replicas": message.num_replicas or 1,  # the plan's data-parallel replicas
     }
 
 

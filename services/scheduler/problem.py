@@ -203,7 +203,8 @@ class SearchStats:
 class PlanResult:
     """The chosen schedule, the best of each kind and baseline, and what the search cost."""
 
-    chosen: Prediction | None  # None when nothing meets the bound
+    # The best predicted of any kind, baselines included (None when nothing meets the bound).
+    chosen: Prediction | None
     meets_bound: bool
     best_by_kind: dict[str, Prediction]  # kind value -> best feasible point (searched + baselines)
     lowest_latency: Prediction | None  # the fastest feasible point, reported when nothing meets

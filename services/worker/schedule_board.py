@@ -39,7 +39,9 @@ class ScheduleSource(StrEnum):
 
 @dataclass(frozen=True)
 class PlannedPrediction:
-    """What a plan predicted for its schedule (exegpt plan --json, or a ScheduleUpdate)."""
+    """What a plan predicted for its schedule (exegpt plan --json, or a ScheduleUpdate), for
+    this replica: a plan of R data-parallel replicas predicts R times one replica's
+    throughput, so each replica expects 1/R of it (and the same latency)."""
 
     throughput_seq_s: float
     throughput_tokens_s: float
@@ -51,10 +53,11 @@ class PlannedPrediction:
     @classmethod
     def from_plan(cls, plan: PlanFile) -> PlannedPrediction | None:
         predicted = plan.predicted
+        share = 1 / plan.num_replicas
         try:
             return cls(
-                throughput_seq_s=float(predicted["throughput_seq_s"]),
-                throughput_tokens_s=float(predicted.get("throughput_tokens_s", 0.0)),
+                throughput_seq_s=float(predicted["throughput_seq_s"]) * share,
+                throughput_tokens_s=float(predicted.get("throughput_tokens_s", 0.0)) * share,
                 latency_s=float(predicted["latency_s"]),
                 meets_bound=plan.meets_bound,
                 latency_bound_s=plan.latency_bound_s,

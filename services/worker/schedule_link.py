@@ -77,13 +77,14 @@ def placement_to_apply(
 def origin_from_update(update: scheduler_pb2.ScheduleUpdate) -> ScheduleOrigin:
     """Raises ValueError for a schedule the engine cannot run."""
     prediction = update.prediction
+    share = update.schedule.num_replicas or 1
     return ScheduleOrigin(
         source=ScheduleSource.SCHEDULER,
         version=update.version,
         reason=REASONS.get(update.reason, "unspecified"),
-        prediction=PlannedPrediction(
-            throughput_seq_s=prediction.throughput_seq_s,
-            throughput_tokens_s=prediction.throughput_tokens_s,
+        prediction=PlannedPrediction(  # one replica's share of the plan's R replicas
+            throughput_seq_s=prediction.throughput_seq_s / share,
+            throughput_tokens_s=prediction.throughput_tokens_s / share,
             latency_s=prediction.latency_s,
             meets_bound=update.meets_bound,
             latency_bound_s=update.latency_bound_s or None,

@@ -144,14 +144,15 @@ def test_throughput_tolerance_is_slack_for_an_interior_peak() -> None:
     )
     problem = PlanProblem(model, toy_workload(), math.inf, 1, 10**9, kinds=(ScheduleKind.RRA,))
     space = SearchSpace(max_encode_batch_size=32)
+    # RRA's best (the plan may choose a baseline over it; the search is the point here).
     full = plan(problem, exhaustive=True, space=space)
-    assert full.chosen is not None and full.chosen.schedule.encode_batch_size == 18
+    assert full.best_by_kind["rra"].schedule.encode_batch_size == 18
     slack = plan(replace(problem, throughput_tolerance=0.05), space=space)
-    assert slack.chosen == full.chosen
+    assert slack.best_by_kind["rra"] == full.best_by_kind["rra"]
     assert slack.search.num_evaluations < full.search.num_evaluations
     strict = plan(replace(problem, throughput_tolerance=0.0), space=space)
-    assert strict.chosen is not None
-    assert strict.chosen.throughput_seq_s < full.chosen.throughput_seq_s / 1.03
+    peak_seq_s = full.best_by_kind["rra"].throughput_seq_s
+    assert strict.best_by_kind["rra"].throughput_seq_s < peak_seq_s / 1.03
 
 
 def test_nothing_fitting_in_memory_says_what_the_smallest_needs() -> None:

@@ -53,12 +53,13 @@ class SearchSpace:
 
 @dataclass(frozen=True)
 class SubSpace:
-    """One kind at one TP degree (and one WAA split): a box of three axes."""
+    """One kind at one replica count, TP degree (and WAA split): a box of three axes."""
 
     kind: ScheduleKind
     tp_degree: int
     num_encode_devices: int
     axes: tuple[tuple[int, ...], ...]  # (B_E, N_D or B_m, number of TP groups)
+    num_replicas: int = 1  # data-parallel replicas, each on N / R devices
 
     def schedule(self, index: Index) -> Schedule:
         encode_batch, second, groups = (axis[i] for axis, i in zip(self.axes, index, strict=True))
@@ -71,6 +72,7 @@ class SubSpace:
                 num_decode_iterations=second,
                 tp_degree=tp_degree,
                 num_tp_devices=groups * self.tp_degree,
+                num_replicas=self.num_replicas,
             )
         return Schedule(
             self.kind,
@@ -80,6 +82,7 @@ class SubSpace:
             tp_degree=tp_degree,
             num_tp_devices=groups * self.tp_degree,
             num_encode_devices=self.num_encode_devices,
+            num_replicas=self.num_replicas,
         )
 
     @property
@@ -132,6 +135,15 @@ def better(candidate: Prediction, incumbent: Prediction | None) -> bool:
     return candidate.latency_s < incumbent.latency_s
 
 
+def replica_counts(num_devices: int, kind: ScheduleKind | None = None) -> list[int]:
+    """Data-parallel replica counts R on `num_devices`: the divisors of N, each replica on
+    N / R devices (WAA needs at least 2 per replica: some encode, the others decode)."""
+    smallest = 2 if kind in (ScheduleKind.WAA_C, ScheduleKind.WAA_M) else 1
+    return [
+        r for r in range(1, num_devices + 1) if not num_devices % r and num_devices // r >= smallest
+    ]
+
+
 def sub_spaces(
     problem: PlanProblem,
     kind: ScheduleKind,
@@ -139,7 +151,23 @@ def sub_spaces(
     space: SearchSpace,
     evaluate: Evaluator,
 ) -> list[SubSpace]:
-    """Every (TP degree, split) sub-space of a kind, B_E trimmed to what can fit."""
+    """Every (replica count, TP degree, split) sub-space of a kind, B_E trimmed to what can
+    fit: a replica count R searches the same kind on N / R devices, R times over."""
+    result = []
+    for count in replica_counts(problem.num_devices, kind):
+        per_replica = replace(problem, num_devices=problem.num_devices // count)
+        for sub in _replica_sub_spaces(per_replica, kind, simulator, space):
+            sub = replace(sub, num_replicas=count)
+            trimmed = _trim_encode_axis(sub, evaluate, problem.device_memory_bytes)
+            if trimmed is not None:
+                result.extend(_slices(trimmed, space.enumerated_axes[kind != ScheduleKind.RRA]))
+    return result
+
+
+def _replica_sub_spaces(
+    problem: PlanProblem, kind: ScheduleKind, simulator: Simulator, space: SearchSpace
+) -> list[SubSpace]:
+    """The untrimmed (TP degree, split) sub-spaces of a kind on one replica's devices."""
     num_devices = problem.num_devices
     stats = simulator.stats
     if kind == ScheduleKind.RRA:
@@ -170,11 +198,7 @@ def sub_spaces(
             if not groups:
                 continue
             axes = (space.axis(space.max_encode_batch_size), second_axis, groups)
-            sub = _trim_encode_axis(
-                SubSpace(kind, tp, num_encode, axes), evaluate, problem.device_memory_bytes
-            )
-            if sub is not None:
-                result.extend(_slices(sub, space.enumerated_axes[kind != ScheduleKind.RRA]))
+            result.append(SubSpace(kind, tp, num_encode, axes))
     return result
 
 

@@ -12,6 +12,12 @@ batching); `KINDS` below maps each kind to its model, the one place the simulato
 on kind. The shared pieces are in `common` (expected workloads, per-layer costs, memory, a batch's
 time per stage and through the pipeline).
 
+A schedule with R data-parallel replicas (`num_replicas`) is R copies of the same schedule,
+each on N / R devices: the prediction is one replica's (one `Simulator` of N / R devices,
+sharing these costs) with its throughput times R, its latency (a replica serves 1/R of the
+load at the same steady state), and its per-device memory and utilisation repeated for each
+replica's devices.
+
 A schedule whose memory does not fit is returned with `feasible=False` and a reason, its
 throughput and latency still computed (the search bounds boxes with them); it is never
 clipped to fit. Invalid input (a TP degree the profile lacks, more devices than exist,
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from exegpt.placement import Placement, Stage, placement_from_layout
 from exegpt.schedule import Schedule, ScheduleKind
@@ -42,33 +48,79 @@ __all__ = ["Simulator", "TimelineEvent", "simulate", "timeline"]
 class Simulator:
     """The XSimulator for one `PlanProblem` (profile, workload, devices, memory)."""
 
-    def __init__(self, problem: PlanProblem) -> None:
+    def __init__(self, problem: PlanProblem, costs: LayerCosts | None = None) -> None:
         self.problem = problem
-        self.stats = WorkloadStats.from_workload(problem.workload)
-        self.costs = LayerCosts(problem.cost_model, self.stats)
+        self.stats = costs.stats if costs else WorkloadStats.from_workload(problem.workload)
+        self.costs = costs or LayerCosts(problem.cost_model, self.stats)
+        self._replicas: dict[int, Simulator] = {}
 
     @property
     def num_devices(self) -> int:
         return self.problem.num_devices
 
     def simulate(self, schedule: Schedule) -> Prediction:
+        if schedule.num_replicas > 1:
+            return self._replicated(schedule)
         self._validate(schedule)
         return KINDS[schedule.kind].simulate(self, schedule)
 
     def timeline(self, schedule: Schedule) -> list[TimelineEvent]:
-        self._validate(schedule)
-        events = KINDS[schedule.kind].timeline(self, schedule)
+        if schedule.num_replicas > 1:
+            per = self.num_devices // schedule.num_replicas
+            one = self.replica(schedule.num_replicas).timeline(replace(schedule, num_replicas=1))
+            events = [
+                replace(event, device=event.device + replica * per)
+                for replica in range(schedule.num_replicas)
+                for event in one
+            ]
+        else:
+            self._validate(schedule)
+            events = KINDS[schedule.kind].timeline(self, schedule)
         return sorted(events, key=lambda e: (e.device, e.start_s, e.end_s))
 
     def placement(self, schedule: Schedule) -> Placement:
-        """Where the schedule puts each layer, exactly as simulated: the runner deploys this
-        (`exegpt plan --json` writes it beside the schedule)."""
+        """Where the schedule puts each layer of ONE replica, exactly as simulated: the runner
+        deploys this on each of the `num_replicas` replicas (`exegpt plan --json` writes it
+        beside the schedule)."""
+        if schedule.num_replicas > 1:
+            return self.replica(schedule.num_replicas).placement(replace(schedule, num_replicas=1))
         self._validate(schedule)
         stages, num_encode_stages = KINDS[schedule.kind].stages(self, schedule)
         return placement_from_layout(
             stages,
             is_encoder_decoder=self.costs.model.shape.is_encoder_decoder,
             num_encode_stages=num_encode_stages,
+        )
+
+    def replica(self, num_replicas: int) -> Simulator:
+        """The simulator of one of `num_replicas` data-parallel replicas: N / R devices, the
+        same profile, workload, memory and (memoised) costs."""
+        if num_replicas < 1 or self.num_devices % num_replicas:
+            raise ValueError(
+                f"{num_replicas} replicas do not divide {self.num_devices} devices evenly"
+            )
+        if num_replicas == 1:
+            return self
+        simulator = self._replicas.get(num_replicas)
+        if simulator is None:
+            per = self.num_devices // num_replicas
+            kinds = self.problem.kinds if per > 1 else (ScheduleKind.RRA,)
+            problem = replace(self.problem, num_devices=per, kinds=kinds)
+            simulator = self._replicas[num_replicas] = Simulator(problem, self.costs)
+        return simulator
+
+    def _replicated(self, schedule: Schedule) -> Prediction:
+        """R copies of one replica's prediction: throughput x R, the same latency, the
+        per-device figures repeated for every replica's devices."""
+        count = schedule.num_replicas
+        one = self.replica(count).simulate(replace(schedule, num_replicas=1))
+        return replace(
+            one,
+            schedule=replace(one.schedule, num_replicas=count),
+            throughput_seq_s=one.throughput_seq_s * count,
+            throughput_tokens_s=one.throughput_tokens_s * count,
+            memory_bytes_per_device=one.memory_bytes_per_device * count,
+            utilisation_per_device=one.utilisation_per_device * count,
         )
 
     # ---- kinds -----------------------------------------------------------------------------
