@@ -56,7 +56,7 @@ from services.scheduler.search.space import (
     fits_memory,
     sub_spaces,
 )
-from services.scheduler.simulator import baselines
+from services.scheduler.simulator import baselines, continuous
 from services.scheduler.simulator.common import GIB
 from services.scheduler.simulator.predict import Simulator, is_meeting
 
@@ -132,7 +132,7 @@ def _baseline_points(
             if kind == ScheduleKind.STATIC:
                 schedule = baselines.static_schedule(batch, tp, num_devices)
             else:
-                schedule = baselines.continuous_schedule(costs, batch, tp, num_devices)
+                schedule = continuous.continuous_schedule(costs, batch, tp, num_devices)
             prediction = evaluate(schedule)
             if not fits_memory(prediction, problem.device_memory_bytes):
                 break
