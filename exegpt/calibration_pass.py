@@ -8,7 +8,8 @@ clock over that burst (GetStats `step_totals`: steps, rows, forward and host sec
 kind; services/worker/engine_clock.py) becomes one observation per kind of cost, each compared
 with what the uncalibrated profile predicts for the same steps:
 
-- ENCODE: a prefill step's forward at the mean rows admitted per step and the workload's
+- ENCODE: a prefill step's forward at the mean rows admitted per step (linear between the
+  whole batch sizes around it, as the simulator prices a fractional batch) and the workload's
   prompts, less what the simulator prices beside the layers (the embedding);
 - DECODE: a decode step's forward at the mean rows per step and the workload's expected KV
   lengths, less the embedding and the LM head;
@@ -26,6 +27,7 @@ or without a term in the profile, keep their factor of 1.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -130,17 +132,16 @@ def calibration_from_totals(
     counts: dict[StageKind, int] = {}
     prefill, decode = totals.get("prefill"), totals.get("decode")
     if prefill is not None and prefill.num_steps > 0:
-        rows = max(1, round(prefill.num_rows / prefill.num_steps))
-        layers_s = (prefill.forward_s / prefill.num_steps) - costs.embedding_s(
-            costs.encode_tokens(rows)
-        )
-        predicted_s = shape.num_encode_layers * sum(costs.encode(rows, 1))
+        rows = prefill.num_rows / prefill.num_steps
+        layers_s = prefill.forward_s / prefill.num_steps
+        layers_s -= at_rows(rows, lambda r: costs.embedding_s(costs.encode_tokens(r)))
+        predicted_s = at_rows(rows, lambda r: shape.num_encode_layers * sum(costs.encode(r, 1)))
         _keep(ratios, counts, StageKind.ENCODE, layers_s, predicted_s, prefill.num_steps)
     if decode is not None and decode.num_steps > 0:
-        rows = max(1, round(decode.num_rows / decode.num_steps))
-        layers_s = decode.forward_s / decode.num_steps - costs.embedding_s(rows)
-        layers_s -= costs.lm_head_s(rows)
-        predicted_s = shape.num_decode_layers * sum(costs.decode(rows, 1))
+        rows = decode.num_rows / decode.num_steps
+        layers_s = decode.forward_s / decode.num_steps
+        layers_s -= at_rows(rows, lambda r: costs.embedding_s(r) + costs.lm_head_s(r))
+        predicted_s = at_rows(rows, lambda r: shape.num_decode_layers * sum(costs.decode(r, 1)))
         _keep(ratios, counts, StageKind.DECODE, layers_s, predicted_s, decode.num_steps)
     host_s = predicted_host_s = 0.0
     num_steps = 0
@@ -157,6 +158,14 @@ def calibration_from_totals(
         num_steps += part.num_steps
     _keep(ratios, counts, StageKind.OVERHEAD, host_s, predicted_host_s, num_steps)
     return Calibration().updated(ratios, counts)
+
+
+def at_rows(rows: float, cost_of: Callable[[int], float]) -> float:
+    """`cost_of` at a mean of `rows` per step, linear between the whole batch sizes around
+    it (the simulator prices fractional batches so: `batch_weights`)."""
+    from services.scheduler.simulator.common import batch_weights
+
+    return sum(weight * cost_of(whole) for whole, weight in batch_weights(rows) if weight > 0)
 
 
 def _keep(

@@ -39,6 +39,23 @@ def test_totals_that_took_known_multiples_calibrate_each_kind_by_its_own() -> No
     assert calibration.counts == {StageKind.ENCODE: 5, StageKind.DECODE: 50}
 
 
+def test_a_fractional_mean_batch_is_priced_between_its_whole_neighbours() -> None:
+    model = load_cost_model(PROFILE).model
+    workload = workload_of("task:G", 0.25, model.shape.max_context_tokens)
+    costs = LayerCosts(model, WorkloadStats.from_workload(workload))
+    shape = model.shape
+
+    def prefill_s(rows: int) -> float:  # layers at 3x the profile, the embedding as priced
+        layers_s = 3.0 * shape.num_encode_layers * sum(costs.encode(rows, 1))
+        return costs.embedding_s(costs.encode_tokens(rows)) + layers_s
+
+    # Prefills of one and of two requests, 10 each (1.5 rows on average, as continuous
+    # batching at long outputs admits): the ratio is 3, not skewed by rounding 1.5 to 2.
+    totals = {"prefill": KindTotals(20, 30, 10 * prefill_s(1) + 10 * prefill_s(2), 0.01)}
+    calibration = calibration_from_totals(PROFILE, "task:G", 0.25, totals)
+    assert calibration.factor(StageKind.ENCODE) == pytest.approx(3.0)
+
+
 def test_totals_between_reads_the_pass_alone() -> None:
     before = {"decode": KindTotals(10, 40, 1.0, 0.5)}
     after = {"decode": KindTotals(30, 100, 4.0, 0.75), "prefill": KindTotals(3, 9, 0.3, 0.1)}

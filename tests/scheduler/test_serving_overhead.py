@@ -5,7 +5,6 @@ and the fit that derives the terms from an engine's step totals."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import pytest
 
@@ -21,17 +20,15 @@ from services.scheduler.calibration import Calibration, ScaledCostModel
 from services.scheduler.observations import StageKind
 from services.scheduler.problem import PlanProblem
 from services.scheduler.simulator.predict import simulate
-from tests.scheduler.toy_cost import ToyCostModel, decoder_only_shape, toy_workload
+from tests.scheduler.toy_cost import (
+    ServedToyCostModel,
+    ToyCostModel,
+    decoder_only_shape,
+    toy_workload,
+)
 
 MEAN_OUT, MAX_OUT = 2.6, 3  # toy outputs: 2 tokens (40%) or 3 (60%)
 OVERHEAD = ServingOverhead(step_s=0.004, token_s=0.0005, request_s=0.002)
-
-
-@dataclass(frozen=True)
-class ServedToyCostModel(ToyCostModel):
-    """The toy costs plus the serving path's host work, as a measured profile carries it."""
-
-    serving_overhead: ServingOverhead = NO_OVERHEAD
 
 
 def problem(overhead: ServingOverhead, num_devices: int = 1) -> PlanProblem:
@@ -69,14 +66,15 @@ def test_continuous_iteration_pays_a_decode_step_and_its_share_of_a_prefill() ->
     running = 8
     schedule = Schedule(ScheduleKind.CONTINUOUS, 3, running)
     bare, served = both(schedule)
-    admitted = running / MEAN_OUT  # per iteration, one virtual engine
-    prefill_batch = math.ceil(admitted)
-    expected = OVERHEAD.decode_step_s(running) + admitted / prefill_batch * (
-        OVERHEAD.prefill_step_s(prefill_batch)
-    )
+    # A sequence decodes MEAN_OUT - 1 steps (its first token comes with its prefill); a step
+    # is followed by a prefill when one of its 8 rows finished, of the rows freed.
+    decode_steps = MEAN_OUT - 1
+    prefills = 1 - (1 - 1 / decode_steps) ** running
+    prefill_rows = running / decode_steps / prefills
+    expected = OVERHEAD.decode_step_s(running) + prefills * OVERHEAD.prefill_step_s(prefill_rows)
 
     def iteration_s(prediction) -> float:
-        return running / (MEAN_OUT * prediction.throughput_seq_s)
+        return running / (decode_steps * prediction.throughput_seq_s)
 
     assert iteration_s(served) - iteration_s(bare) == pytest.approx(expected)
 

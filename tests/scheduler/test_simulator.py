@@ -9,6 +9,7 @@ import pytest
 
 from exegpt.placement import Stage
 from exegpt.schedule import Schedule, ScheduleKind
+from exegpt.serving_overhead import ServingOverhead
 from services.scheduler.analytic_cost import analytic_cost_model
 from services.scheduler.problem import PlanProblem, WorkloadDistribution
 from services.scheduler.simulator.baselines import expected_max_tokens, rows_beside
@@ -17,6 +18,7 @@ from services.scheduler.simulator.common import (
     LayerCosts,
     TimelineEvent,
 )
+from services.scheduler.simulator.continuous import steady_state
 from services.scheduler.simulator.predict import Simulator, simulate, timeline
 from services.scheduler.simulator.rra import (
     completion_pmf,
@@ -24,7 +26,13 @@ from services.scheduler.simulator.rra import (
     iteration_batch_sizes,
 )
 from services.scheduler.simulator.waa import micro_batch_events, pipeline_period_s
-from tests.scheduler.toy_cost import ToyCostModel, decoder_only_shape, pmf, toy_workload
+from tests.scheduler.toy_cost import (
+    ServedToyCostModel,
+    ToyCostModel,
+    decoder_only_shape,
+    pmf,
+    toy_workload,
+)
 
 # Output lengths 2 (40%) and 3 (60%): mean 2.6, E[S^2] 7.0, running position (7 + 2.6) / 5.2.
 RUNNING_POSITION = (7.0 + 2.6) / 5.2
@@ -228,11 +236,54 @@ def test_continuous_baseline_keeps_a_batch_per_stage_in_flight() -> None:
     prediction = simulate(
         toy_problem(), Schedule(ScheduleKind.CONTINUOUS, 1, 4, num_micro_batches=2)
     )
-    admitted = 4 / 2.6 / 2  # per virtual engine per iteration, prefilled one at a time
-    stage_s = 0.012 + admitted * 0.01
+    # Per virtual engine (2 rows): a sequence decodes m = 2.6 - 1 = 1.6 steps (its first
+    # token comes with its prefill), so 2 / 1.6 = 1.25 are admitted per iteration, in
+    # q = 1 - (1 - 1 / 1.6)^2 prefills of 1.25 / q rows (10 tokens each, 0.001 s a token).
+    decode_steps = 1.6
+    prefills = 1 - (1 - 1 / decode_steps) ** 2
+    prefill_rows = 2 / decode_steps / prefills
+    prefill_stage_s = prefill_rows * 10 * 0.001
+    stage_s = 0.012 + prefills * prefill_stage_s
     iteration_s = max(2 * stage_s + 0.002, 2 * stage_s)
-    assert prediction.throughput_seq_s == pytest.approx(4 / (2.6 * iteration_s))
-    assert prediction.latency_s == pytest.approx(0.022 + 3 * iteration_s)
+    assert prediction.throughput_seq_s == pytest.approx(4 / (decode_steps * iteration_s))
+    # The p99 (3-token) sequence: its prefill through both stages, then 2 iterations.
+    prefill_s = 2 * prefill_stage_s + 0.002
+    assert prediction.latency_s == pytest.approx(prefill_s + 2 * iteration_s)
+
+
+def test_continuous_prefills_come_as_slots_free() -> None:
+    # Outputs of exactly 11 tokens: each sequence decodes 10 steps, so a step of 8 rows
+    # frees 0.8 slots on average and is followed by a prefill only when one finished,
+    # 1 - 0.9^8 of the time, each admitting 0.8 / (1 - 0.9^8) sequences.
+    workload = WorkloadDistribution("fixed", pmf({10: 1.0}), pmf({11: 1.0}))
+    problem = PlanProblem(ToyCostModel(decoder_only_shape()), workload, math.inf, 1, 10**9)
+    steady = steady_state(Simulator(problem).costs, 8, 1)
+    assert steady.decode_steps == pytest.approx(10.0)
+    assert steady.prefills == pytest.approx(1 - 0.9**8)
+    assert steady.prefill_rows == pytest.approx(0.8 / (1 - 0.9**8))
+    assert steady.admitted == pytest.approx(0.8)
+    # Half the rows per micro-batch on 2 stages: fewer prefills, of fewer rows each.
+    halves = steady_state(Simulator(problem).costs, 8, 2)
+    assert halves.prefills == pytest.approx(1 - 0.9**4)
+    assert halves.admitted == pytest.approx(0.4)
+
+
+def test_continuous_prices_a_fixed_prefill_cost_per_prefill_step() -> None:
+    # A prefill step's fixed host cost (0.05 s) is paid by the q prefill steps of an
+    # iteration, not once per admitted sequence: 8 rows of 11-token outputs, 1 device.
+    workload = WorkloadDistribution("fixed", pmf({10: 1.0}), pmf({11: 1.0}))
+    schedule = Schedule(ScheduleKind.CONTINUOUS, 1, 8)
+
+    def iteration_s(step_s: float) -> float:
+        model = ServedToyCostModel(decoder_only_shape(), serving_overhead=ServingOverhead(step_s))
+        problem = PlanProblem(model, workload, math.inf, 1, 10**9)
+        return 8 / (10 * simulate(problem, schedule).throughput_seq_s)
+
+    # Two layers on one stage: decode 2 x (0.01 + 0.008), prefill 2 x 10 tokens x 0.001 per row.
+    prefills, rows = 1 - 0.9**8, 0.8 / (1 - 0.9**8)
+    assert iteration_s(0.0) == pytest.approx(2 * 0.018 + prefills * rows * 0.02)
+    # The overhead: one step_s for the decode step, q for the prefills.
+    assert iteration_s(0.05) - iteration_s(0.0) == pytest.approx(0.05 * (1 + prefills))
 
 
 # ---- feasibility, validation, sanity ------------------------------------------------------------

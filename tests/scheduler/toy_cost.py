@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from exegpt.cost_model import ModelShape
+from exegpt.serving_overhead import NO_OVERHEAD, ServingOverhead
 from services.scheduler.problem import WorkloadDistribution
 
 
@@ -68,6 +69,13 @@ class ToyCostModel:
 
     def cross_kv_bytes_per_token(self, tp_degree: int) -> int:
         return self.kv_bytes // tp_degree if self.shape.is_encoder_decoder else 0
+
+
+@dataclass(frozen=True)
+class ServedToyCostModel(ToyCostModel):
+    """The toy costs plus the serving path's host work, as a measured profile carries it."""
+
+    serving_overhead: ServingOverhead = NO_OVERHEAD
 
 
 def decoder_only_shape(num_layers: int = 2) -> ModelShape:

@@ -65,7 +65,7 @@ from services.scheduler.search.space import (
     replica_counts,
     sub_spaces,
 )
-from services.scheduler.simulator import baselines
+from services.scheduler.simulator import baselines, continuous
 from services.scheduler.simulator.common import GIB
 from services.scheduler.simulator.predict import Simulator, is_meeting
 
@@ -144,7 +144,7 @@ def _baseline_points(
                 if kind == ScheduleKind.STATIC:
                     schedule = baselines.static_schedule(batch, tp, num_devices)
                 else:
-                    schedule = baselines.continuous_schedule(costs, batch, tp, num_devices)
+                    schedule = continuous.continuous_schedule(costs, batch, tp, num_devices)
                 prediction = evaluate(replace(schedule, num_replicas=count))
                 if not fits_memory(prediction, problem.device_memory_bytes):
                     break

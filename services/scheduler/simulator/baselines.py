@@ -1,7 +1,8 @@
 """The schedules users run today, simulated on the same profile as RRA and WAA.
 
-Both baselines place the model on N / t pipeline stages, each a TP group of t devices (t = 1
-is plain pipeline parallelism, t = N plain tensor parallelism), layers split evenly.
+Both baselines (static batching here, continuous batching in continuous.py) place the model
+on N / t pipeline stages, each a TP group of t devices (t = 1 is plain pipeline parallelism,
+t = N plain tensor parallelism), layers split evenly.
 
 Static batching, as the engine runs it (services/worker/modes/static.py). A batch of B queries
 is encoded, then decoded until its LONGEST member finishes: finished sequences leave at once
@@ -11,7 +12,7 @@ batch takes E[max of B output lengths] decode steps, not the workload's maximum
 expectation is the order statistic computed exactly from P_D (`expected_max_tokens`), not
 sampled: deterministic, and exact for any distribution. A step at position t holds the rows
 still running, B x P(S >= t) in expectation, so over a batch's E[max] steps the rows sum to
-B x E[S]; each step is priced at their mean (`_decode_times_at`, linear between whole batch
+B x E[S]; each step is priced at their mean (`decode_times_at`, linear between whole batch
 sizes, exact where a step's cost is affine in its rows). Like FasterTransformer's pipeline
 parallelism (its `getLocalBatchSize`), the batch is split into one micro-batch per pipeline
 stage, min(P, B) micro-batches of ceil(B / m), which flow through the stages together in the
@@ -20,15 +21,6 @@ decode side). Throughput = B / (encode + E[max] x iteration). Latency: the p99-l
 request waits for its batch's encoding, then decodes S99 steps beside the rows still running
 (1 + (B' - 1) x mean P(S >= t) over its steps t = 1..S99, B' its micro-batch). KV is reserved
 for the maximum input and output lengths of all B sequences.
-
-Continuous / iteration-level batching (Orca, vLLM). Up to B sequences run; finished ones leave
-at once and new ones are admitted, B / mean output per iteration at steady state. With P
-stages the runtime keeps P batches in flight (vLLM's virtual engines), i.e. P micro-batches
-of B / P. Each micro-batch iteration decodes its sequences and prefills its share of the new
-ones; prefills of a virtual engine are batched (`ceil(admissions / P)` at a time) and their
-cost amortised over the iterations between them. One iteration of all micro-batches takes
-`pipeline_period_s` (as in WAA's decode side); throughput = B / (mean output x iteration);
-the p99 sequence waits for its prefill batch and then S99 iterations.
 """
 
 from __future__ import annotations
@@ -41,13 +33,9 @@ import numpy as np
 from exegpt.placement import Stage, build_stages, stage_groups
 from exegpt.schedule import Schedule, ScheduleKind
 from services.scheduler.simulator.common import (
-    KV_HEADROOM,
     LayerCosts,
-    StageTimes,
     TimelineEvent,
-    as_batch,
-    clip_window,
-    decode_times,
+    decode_times_at,
     encode_times,
     kv_bytes_per_sequence_layer,
     stage_weight_bytes,
@@ -92,16 +80,7 @@ class BaselineOutcome:
     memory_bytes: list[int]
 
 
-def _encode_s(costs: LayerCosts, stages: list[Stage], batch_size: int) -> tuple[StageTimes, float]:
-    times = encode_times(costs, stages, batch_size)
-    hop_s = costs.activation_transfer_s(costs.encode_tokens(batch_size))
-    end_s = traverse(stages, times, hop_s, 0.0, "encode", "", None)
-    if costs.model.shape.is_encoder_decoder and len(stages) > 1:
-        end_s += hop_s  # encoder output broadcast to every stage's cross-attention
-    return times, end_s
-
-
-def _memory(
+def baseline_memory(
     costs: LayerCosts,
     stages: list[Stage],
     num_devices: int,
@@ -156,22 +135,6 @@ def rows_beside(output_pmf: np.ndarray, num_tokens: int, batch_size: int) -> flo
     return 1.0 + (batch_size - 1) * float(at_least.mean())
 
 
-def _decode_times_at(costs: LayerCosts, stages: list[Stage], rows: float) -> StageTimes:
-    """Stage times of a decode step of `rows` sequences on average (at least one): linear
-    between the whole batch sizes around it; the host work is paid per row as it is."""
-    rows = max(1.0, rows)
-    low = math.floor(rows)
-    share = rows - low
-    below = decode_times(costs, stages, low, live_rows=rows)
-    if share == 0:
-        return below
-    above = decode_times(costs, stages, low + 1, live_rows=rows)
-    return [
-        ((1 - share) * c0 + share * c1, (1 - share) * s0 + share * s1)
-        for (c0, s0), (c1, s1) in zip(below, above, strict=True)
-    ]
-
-
 def run_static(
     costs: LayerCosts,
     schedule: Schedule,
@@ -194,12 +157,12 @@ def run_static(
     stats = costs.stats
     num_steps = expected_max_tokens(stats.output_pmf, batch)
     live_rows = micro_batch * stats.mean_output_tokens / num_steps
-    dec_times = _decode_times_at(costs, stages, live_rows)
+    dec_times = decode_times_at(costs, stages, live_rows)
     hop_s = costs.activation_transfer_s(micro_batch)
     iteration_s = pipeline_period_s(dec_times, hop_s, num_micro)
     batch_s = encode_s + num_steps * iteration_s
     p99_rows = rows_beside(stats.output_pmf, stats.output_p99_tokens, micro_batch)
-    p99_times = _decode_times_at(costs, stages, p99_rows)
+    p99_times = decode_times_at(costs, stages, p99_rows)
     latency_s = encode_s + stats.output_p99_tokens * pipeline_period_s(p99_times, hop_s, num_micro)
     if events is not None:
         # Each micro-batch starts decoding when its own encoding (and broadcast) is done.
@@ -222,66 +185,10 @@ def run_static(
         num_micro * (sum(e) + num_steps * sum(d)) for e, d in zip(enc_times, dec_times, strict=True)
     ]
     self_kv, cross_kv = static_kv_tokens(costs)
-    memory = _memory(costs, stages, num_devices, batch, self_kv, cross_kv)
+    memory = baseline_memory(costs, stages, num_devices, batch, self_kv, cross_kv)
     mean_out = stats.mean_output_tokens
     return BaselineOutcome(
         stages, batch / batch_s, batch * mean_out / batch_s, latency_s, busy, batch_s, memory
-    )
-
-
-def continuous_admissions(
-    costs: LayerCosts, running_batch: int, num_stages: int
-) -> tuple[float, int]:
-    """(new sequences per iteration per virtual engine, prefill batch size of one engine)."""
-    per_engine = running_batch / costs.stats.mean_output_tokens / num_stages
-    return per_engine, max(1, math.ceil(per_engine))
-
-
-def run_continuous(
-    costs: LayerCosts,
-    schedule: Schedule,
-    num_devices: int,
-    events: list[TimelineEvent] | None = None,
-) -> BaselineOutcome:
-    running = schedule.decode_batch_size
-    stages = even_stages(costs, schedule.tp_degree, num_devices)
-    num_stages = len(stages)
-    micro_batch = as_batch(running / num_stages)
-    admitted, prefill_batch = continuous_admissions(costs, running, num_stages)
-    prefill_times, prefill_s = _encode_s(costs, stages, prefill_batch)
-    share = admitted / prefill_batch  # prefills per iteration, amortised
-    dec_times = decode_times(costs, stages, micro_batch)
-    times = [
-        (dc + share * pc, ds + share * ps)
-        for (dc, ds), (pc, ps) in zip(dec_times, prefill_times, strict=True)
-    ]
-    hop_s = costs.activation_transfer_s(micro_batch)
-    iteration_s = pipeline_period_s(times, hop_s, num_stages)
-    if events is not None:
-        # Start empty, let the pipeline fill, then keep three iterations of steady state.
-        warmup, num_shown = num_stages + 1, 3
-        filling: list[TimelineEvent] = []
-        micro_batch_events(stages, times, hop_s, num_stages, warmup + num_shown, 0.0, filling)
-        events.extend(
-            clip_window(filling, warmup * iteration_s, (warmup + num_shown) * iteration_s)
-        )
-    stats = costs.stats
-    latency_s = prefill_s + stats.output_p99_tokens * iteration_s
-    busy = [num_stages * (c + s) for c, s in times]
-    self_kv = stats.running_position_tokens
-    cross_kv = stats.mean_input_tokens if costs.model.shape.is_encoder_decoder else 0.0
-    if not costs.model.shape.is_encoder_decoder:
-        self_kv += stats.mean_input_tokens
-    memory = _memory(costs, stages, num_devices, running * KV_HEADROOM, self_kv, cross_kv)
-    throughput = running / (stats.mean_output_tokens * iteration_s)
-    return BaselineOutcome(
-        stages,
-        throughput,
-        throughput * stats.mean_output_tokens,
-        latency_s,
-        busy,
-        iteration_s,
-        memory,
     )
 
 
@@ -290,21 +197,6 @@ def static_schedule(batch_size: int, tp_degree: int, num_devices: int) -> Schedu
         kind=ScheduleKind.STATIC,
         encode_batch_size=batch_size,
         decode_batch_size=batch_size,
-        tp_degree=tp_degree,
-        num_tp_devices=num_devices if tp_degree > 1 else 0,
-    )
-
-
-def continuous_schedule(
-    costs: LayerCosts, running_batch: int, tp_degree: int, num_devices: int
-) -> Schedule:
-    num_stages = num_devices // tp_degree
-    admitted, _ = continuous_admissions(costs, running_batch, num_stages)
-    return Schedule(
-        kind=ScheduleKind.CONTINUOUS,
-        encode_batch_size=as_batch(admitted * num_stages),
-        decode_batch_size=running_batch,
-        num_micro_batches=num_stages,
         tp_degree=tp_degree,
         num_tp_devices=num_devices if tp_degree > 1 else 0,
     )

@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from exegpt.placement import Placement, Stage, placement_from_layout
 from exegpt.schedule import Schedule, ScheduleKind
 from services.scheduler.problem import PlanProblem, Prediction
-from services.scheduler.simulator import baselines, rra, waa
+from services.scheduler.simulator import baselines, continuous, rra, waa
 from services.scheduler.simulator.common import (
     LayerCosts,
     TimelineEvent,
@@ -282,7 +282,7 @@ KINDS: dict[ScheduleKind, KindModel] = {
     ScheduleKind.WAA_C: _WAA,
     ScheduleKind.WAA_M: _WAA,
     ScheduleKind.STATIC: _baseline_model(baselines.run_static),
-    ScheduleKind.CONTINUOUS: _baseline_model(baselines.run_continuous),
+    ScheduleKind.CONTINUOUS: _baseline_model(continuous.run_continuous),
 }
 
 
