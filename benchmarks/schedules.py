@@ -6,24 +6,30 @@ latencies over its batch sizes, as the paper derives bounds: docs/design.md sect
 schedule `exegpt up --plan` would choose (the best predicted of any kind and replica count,
 baselines included; a plan of R data-parallel replicas runs as R workers), static batching
 (its best batch and replica count within the bound, on the same 2 devices) and continuous
-batching on 2 data-parallel replicas each run under `exegpt bench` at saturation. Per row:
-the kind chosen, predicted vs measured seq/s and p99-length latency (error %), whether the
-bound was met, and the measured ratios against both baselines (measured as in
+batching on 2 data-parallel replicas (its best running batch at R = 2 within the bound) each
+run in their own deployment under `exegpt bench` at saturation. Per row: the kind chosen,
+predicted vs measured seq/s and p99-length latency (error %), whether the bound was met, each
+baseline's measured seq/s and whether it met the bound, and the measured ratios against each
+baseline and against the best baseline that met the bound ("-" when none did; measured as in
 exegpt/bench/against_plan.py).
 
 Lengths are scaled (`--length-scale`, default 0.25) in the plan and in the benchmark alike so
 a run stays tractable on a CPU.
 
-After calibration (--calibrate, the default): the continuous data-parallel baseline runs
-first, in process on each replica, and before its measured burst serves a warm-up burst and a
+After calibration (--calibrate, the default): a deployment of continuous batching on 2
+data-parallel replicas (sized from the first, uncalibrated plan) serves a warm-up burst and a
 calibration burst whose engine-clock totals calibrate a copy of the profile by kind
 (exegpt/calibration_pass.py). The schedule is then PLANNED again from the calibrated copy at
 the same bound (the calibration stored beside it, as `exegpt plan` reads it) and that plan is
-the one deployed, measured and judged: the uncalibrated choice is only a first guess. Each
-row's footer line prints the first choice, its uncalibrated prediction and what the
-calibrated profile predicts for it, so the effect of re-planning shows. The calibration comes
-from another schedule on purpose: a kind's factor belongs to the model on this machine, not
-to a schedule. Transfers are not calibrated this way (the replicas hand nothing off).
+the one deployed, measured and judged: the uncalibrated choice is only a first guess. The
+baselines are sized on the same calibrated copy, so all three are held to the bound alike
+(benchmarks/schedule_baselines.py); when no continuous configuration meets the bound there,
+the row says so and the continuous baseline keeps the first plan's sizing (FALLBACK). Each
+row's footer lines print the first choice, its uncalibrated prediction and what the
+calibrated profile predicts for it, so the effect of re-planning shows, and how the
+continuous baseline was sized. The calibration comes from another schedule on purpose: a
+kind's factor belongs to the model on this machine, not to a schedule. Transfers are not
+calibrated this way (the replicas hand nothing off).
 
     python benchmarks/schedules.py --tasks S --bounds 1          # one row, a few minutes
     python benchmarks/schedules.py                               # 5 tasks x 2 bounds
@@ -42,19 +48,28 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from deployments import free_port  # noqa: E402
+from schedule_baselines import (  # noqa: E402
+    Baseline,
+    DpSizing,
+    baseline_plan,
+    best_met,
+    continuous_at_devices,
+    dp_config,
+    first_plan_sizing,
+    planned_config,
+    size_dp,
+)
 
 from exegpt import autoplan  # noqa: E402
 from exegpt.bench import against_plan  # noqa: E402
 from exegpt.calibration_pass import calibration_burst, recalibrate  # noqa: E402
 from exegpt.launcher import Deployment, DeploymentConfig  # noqa: E402
-from exegpt.schedule import Schedule, ScheduleKind  # noqa: E402
-from exegpt.topology import Topology  # noqa: E402
+from exegpt.schedule import ScheduleKind  # noqa: E402
 
 TASKS = ("S", "T", "G", "C1", "C2")
 BOUND_QUANTILES = (0.3, 0.7)
 MAX_REQUESTS = 1000
-# Every request of a burst waits in the replica's queue rather than being refused.
-WORKER_ARGS = ("--max-queue-size", "4096")
+NONE_MEETS = "none meets the bound calibrated"
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,11 @@ class FirstChoice:
     predicted: dict  # its uncalibrated prediction (its "describe" names the schedule)
     calibrated: dict | None  # what the calibrated profile predicts for it (None: no pass)
     replanned: str  # what the re-plan did: "kept", "changed", or why it failed
+
+    @property
+    def refused(self) -> bool:
+        """Whether no schedule met the bound on the calibrated profile."""
+        return self.replanned.startswith(NONE_MEETS)
 
 
 @dataclass(frozen=True)
@@ -75,8 +95,14 @@ class Row:
     planned: against_plan.Comparison  # the deployed plan: calibrated when calibrating
     first: FirstChoice
     calibration: str
-    static: against_plan.Measured | None
-    continuous_dp: against_plan.Measured
+    static: Baseline
+    continuous_dp: Baseline
+    dp_sizing: DpSizing
+
+    @property
+    def best_baseline(self) -> Baseline | None:
+        """The best measured baseline that met the bound (None: none did)."""
+        return best_met([self.static, self.continuous_dp])
 
 
 def parse_args() -> argparse.Namespace:
@@ -123,89 +149,33 @@ def static_bounds(args: argparse.Namespace, task: str, profile: Path) -> list[fl
     return static_latency_bounds(problem, BOUND_QUANTILES)
 
 
-def baseline_plan(
-    auto: autoplan.AutoPlan, kind: str, request: autoplan.PlanRequest, profile: Path
-) -> autoplan.AutoPlan | None:
-    """The plan file for a baseline's best configuration at this bound (None: none meets)."""
-    from services.scheduler.simulator.predict import Simulator
-
-    best = auto.report["best_by_kind"].get(kind)
-    if best is None:
-        return None
-    if kind == auto.report["chosen_kind"]:
-        return auto
-    schedule = Schedule.from_dict(best["schedule"])
-    problem = autoplan.build_problem(request, profile, auto.bound_s)
-    report = {
-        **auto.report,
-        "schedule": best["schedule"],
-        "predicted": {k: v for k, v in best.items() if k != "schedule"},
-        "placement": Simulator(problem).placement(schedule).to_dict(),
-    }
-    path = auto.path.with_suffix(f".{kind}.json")
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    return autoplan.AutoPlan(report, path, autoplan.PlanFile.from_dict(report), auto.bound_s)
-
-
-def planned_config(auto: autoplan.AutoPlan, profile: Path, log_dir: Path) -> DeploymentConfig:
-    return DeploymentConfig(
-        num_replicas=auto.plan.num_replicas,
-        schedule_file=auto.path,
-        max_batch_size=auto.plan.schedule.decode_batch_size,
-        kv_cache_mb=autoplan.kv_cache_mb(auto, profile),
-        topology=Topology(planned=auto.plan.placement, threads_per_device=1),
-        log_dir=log_dir,
-        extra_worker_args=WORKER_ARGS,
-    )
-
-
-def dp_config(auto: autoplan.AutoPlan, profile: Path, log_dir: Path) -> DeploymentConfig:
-    """Continuous batching on `devices` replicas of one process each; each replica takes a
-    share of the continuous baseline's planned running batch (32 when none fits)."""
-    devices = auto.report["num_devices"]
-    best = auto.report["best_by_kind"].get(ScheduleKind.CONTINUOUS.value)
-    running = 32 * devices
-    if best:  # B_D is per replica of the baseline's own plan
-        schedule = Schedule.from_dict(best["schedule"])
-        running = schedule.decode_batch_size * schedule.num_replicas
-    return DeploymentConfig(
-        num_replicas=devices,
-        batching=ScheduleKind.CONTINUOUS.value,
-        torch_threads=1,
-        max_batch_size=max(1, running // devices),
-        kv_cache_mb=autoplan.kv_cache_mb(auto, profile),
-        log_dir=log_dir,
-        extra_worker_args=WORKER_ARGS,
-    )
-
-
 def measure(
-    config: DeploymentConfig,
-    args: argparse.Namespace,
-    task: str,
-    num: int,
-    s99: int,
-    out: Path,
-    calibrate: bool = False,
-) -> tuple[against_plan.Measured, dict | None]:
-    """The measured burst; with `calibrate`, first a warm-up and a calibration burst, and
-    the engine-clock totals of the calibration burst summed over the replicas."""
-    config = replace(config, http_port=free_port(), grpc_port=free_port())
+    config: DeploymentConfig, args: argparse.Namespace, task: str, num: int, s99: int, out: Path
+) -> against_plan.Measured:
+    """A saturating burst of `num` requests on its own deployment of `config`."""
+    with Deployment(_on_free_ports(config)) as deployment:
+        document = against_plan.run_bench(
+            deployment.http_url, f"task:{task}", num, out, args.length_scale
+        )
+    return against_plan.measure(document, s99)
+
+
+def calibrate_on(
+    config: DeploymentConfig, args: argparse.Namespace, task: str, num: int, work: Path
+) -> dict:
+    """A warm-up and a calibration burst on a deployment of `config`; the calibration
+    burst's engine-clock totals summed over the replicas."""
+    work.mkdir(parents=True, exist_ok=True)
+    with Deployment(_on_free_ports(config)) as deployment:
+        return calibration_burst(
+            deployment, f"task:{task}", max(32, num // 2), work, args.length_scale
+        )
+
+
+def _on_free_ports(config: DeploymentConfig) -> DeploymentConfig:
     if config.log_dir is not None:
         config.log_dir.mkdir(parents=True, exist_ok=True)
-    totals = None
-    workload = f"task:{task}"
-    with Deployment(config) as deployment:
-        if calibrate:
-            work = out.with_suffix("")
-            work.mkdir(parents=True, exist_ok=True)
-            totals = calibration_burst(
-                deployment, workload, max(32, num // 2), work, args.length_scale
-            )
-        document = against_plan.run_bench(
-            deployment.http_url, workload, num, out, args.length_scale
-        )
-    return against_plan.measure(document, s99), totals
+    return replace(config, http_port=free_port(), grpc_port=free_port())
 
 
 def calibrated_plan(
@@ -220,7 +190,7 @@ def calibrated_plan(
     name = f"{profile.stem}.cal-{task}-{first.bound_s:.3g}"
     again = recalibrate(first, request, profile, totals, first.path.parent, name)
     if again.refused is not None:
-        outcome = f"none meets the bound calibrated ({again.refused})"
+        outcome = f"{NONE_MEETS} ({again.refused})"
         sys.stderr.write("re-planned after calibration:\n" + autoplan.format_choice(first) + "\n")
     else:
         same = again.plan.report["schedule"] == first.report["schedule"]
@@ -238,33 +208,44 @@ def run_row(args: argparse.Namespace, task: str, bound_s: float, profile: Path, 
     sys.stderr.write(autoplan.format_choice(first) + "\n")
     s99 = int(first.report["output_p99_tokens"])
     tag = f"{task}-{bound_s:.3g}"
-    dp, totals = measure(
-        dp_config(first, profile, work / f"{tag}-dp"), args, task, requests_for(args, first),
-        s99, work / f"{tag}-dp.json", calibrate=args.calibrate,
-    )  # fmt: skip
     auto, calibration = first, "uncalibrated"
     choice = FirstChoice(first.predicted, None, "not re-planned")
-    if totals is not None:
+    if args.calibrate:  # on continuous DP sized from the first plan, its own deployment
+        calibrating = dp_config(
+            first_plan_sizing(first.report), first, profile, work / f"{tag}-cal"
+        )
+        totals = calibrate_on(
+            calibrating, args, task, requests_for(args, first), work / f"{tag}-cal"
+        )
         auto, choice, calibration = calibrated_plan(request, task, first, profile, totals)
     plan_profile = Path(auto.report["profile"])
+    plan_request_ = replace(request, profile=plan_profile)
     num = requests_for(args, auto)
-    planned, _ = measure(
+    planned = measure(
         planned_config(auto, plan_profile, work / f"{tag}-planned"), args, task, num, s99,
         work / f"{tag}-planned.json",
     )  # fmt: skip
-    static_request = replace(request, profile=plan_profile)
-    static_plan = baseline_plan(auto, ScheduleKind.STATIC.value, static_request, plan_profile)
+    static_plan = baseline_plan(auto, ScheduleKind.STATIC.value, plan_request_, plan_profile)
     static = None
     if static_plan is auto:
         static = planned
     elif static_plan is not None:
-        static, _ = measure(
+        static = measure(
             planned_config(static_plan, plan_profile, work / f"{tag}-static"), args, task, num,
             s99, work / f"{tag}-static.json",
         )  # fmt: skip
+    at_devices = None
+    if not choice.refused:  # refused: nothing, continuous included, meets it calibrated
+        at_devices = continuous_at_devices(auto.report, plan_request_, plan_profile, bound_s)
+    sizing = size_dp(at_devices, first.report, "calibrated" if args.calibrate else "uncalibrated")
+    dp = measure(
+        dp_config(sizing, auto, plan_profile, work / f"{tag}-dp"), args, task, num, s99,
+        work / f"{tag}-dp.json",
+    )  # fmt: skip
     return Row(
         task, bound_s, auto.report["chosen_kind"], auto.predicted["describe"],
-        against_plan.compare(auto.predicted, planned, bound_s), choice, calibration, static, dp,
+        against_plan.compare(auto.predicted, planned, bound_s), choice, calibration,
+        Baseline("static", static, bound_s), Baseline("continuous-DP", dp, bound_s), sizing,
     )  # fmt: skip
 
 
@@ -275,37 +256,46 @@ def requests_for(args: argparse.Namespace, auto: autoplan.AutoPlan) -> int:
     return args.num_requests or min(MAX_REQUESTS, max(64, 4 * batch, pred))
 
 
-def _ratio(value: float, base: against_plan.Measured | None) -> str:
-    if base is None or not base.throughput_seq_s:
+def _ratio(value: float, base: Baseline | None) -> str:
+    if base is None or base.measured is None or not base.measured.throughput_seq_s:
         return "-"
-    return f"{value / base.throughput_seq_s:.2f}"
+    return f"{value / base.measured.throughput_seq_s:.2f}"
+
+
+def _seq_s(base: Baseline) -> str:
+    return f"{base.measured.throughput_seq_s:.2f}" if base.measured else "-"
+
+
+MET = {True: "yes", False: "no", None: "-"}
 
 
 def format_rows(rows: list[Row]) -> str:
-    """The table of deployed plans, then per row its first (uncalibrated) choice."""
+    """The table of deployed plans, then per row its first (uncalibrated) choice and how the
+    continuous baseline was sized. A baseline's "met" is its measured p99-length latency
+    within the bound; "vs best" divides by the best measured baseline that met it."""
     percent = against_plan.percent
     header = (
         f"{'task':<5}{'bound s':>8}  {'kind':<11}{'seq/s pred':>11}{'meas':>7}{'err':>6}"
-        f"{'lat s pred':>11}{'meas':>7}{'err':>6}{'met':>5}"
-        f"{'static':>8}{'cont-DP':>8}{'vs static':>10}{'vs DP':>7}"
+        f"{'lat s pred':>11}{'meas':>7}{'err':>6}{'met':>5}{'static':>8}{'met':>5}"
+        f"{'cont-DP':>8}{'met':>5}{'vs static':>10}{'vs DP':>7}{'vs best':>8}"
     )
     lines = [header]
     for row in rows:
-        c = row.planned
-        met = {True: "yes", False: "no", None: "-"}[c.meets_bound]
-        static = f"{row.static.throughput_seq_s:.2f}" if row.static else "-"
+        c, static, dp = row.planned, row.static, row.continuous_dp
         lines.append(
             f"{row.task:<5}{row.bound_s:8.2f}  {row.kind:<11}{c.predicted_seq_s:11.2f}"
             f"{c.measured_seq_s:7.2f}{percent(c.throughput_error):>6}"
-            f"{c.predicted_latency_s:11.2f}"
-            f"{c.measured_latency_s:7.2f}{percent(c.latency_error):>6}{met:>5}{static:>8}"
-            f"{row.continuous_dp.throughput_seq_s:8.2f}{_ratio(c.measured_seq_s, row.static):>10}"
-            f"{_ratio(c.measured_seq_s, row.continuous_dp):>7}"
+            f"{c.predicted_latency_s:11.2f}{c.measured_latency_s:7.2f}"
+            f"{percent(c.latency_error):>6}{MET[c.meets_bound]:>5}"
+            f"{_seq_s(static):>8}{MET[static.meets_bound]:>5}"
+            f"{_seq_s(dp):>8}{MET[dp.meets_bound]:>5}{_ratio(c.measured_seq_s, static):>10}"
+            f"{_ratio(c.measured_seq_s, dp):>7}{_ratio(c.measured_seq_s, row.best_baseline):>8}"
         )
     lines += [""]
     for r in rows:
         lines.append(f"{r.task} @ {r.bound_s:.2f} s: deployed {r.describe}; {r.calibration}")
         lines.append(f"  first choice (uncalibrated, {r.first.replanned}): {_first(r.first)}")
+        lines.append(f"  continuous DP baseline: {r.dp_sizing.source}")
     return "\n".join(lines)
 
 
@@ -349,7 +339,10 @@ def _row_json(row: Row) -> dict:
     def nan_none(value: float) -> float | None:
         return None if math.isnan(value) else value
 
-    c = row.planned
+    def seq_s(base: Baseline) -> float | None:
+        return base.measured.throughput_seq_s if base.measured else None
+
+    c, best = row.planned, row.best_baseline
     return {
         "task": row.task, "bound_s": row.bound_s, "kind": row.kind, "schedule": row.describe,
         "predicted_seq_s": c.predicted_seq_s, "measured_seq_s": c.measured_seq_s,
@@ -358,8 +351,13 @@ def _row_json(row: Row) -> dict:
         "first_predicted": row.first.predicted, "first_calibrated": row.first.calibrated,
         "calibration": row.calibration,
         "measured_latency_s": nan_none(c.measured_latency_s), "meets_bound": c.meets_bound,
-        "static_seq_s": row.static.throughput_seq_s if row.static else None,
-        "continuous_dp_seq_s": row.continuous_dp.throughput_seq_s,
+        "static_seq_s": seq_s(row.static), "static_meets_bound": row.static.meets_bound,
+        "continuous_dp_seq_s": seq_s(row.continuous_dp),
+        "continuous_dp_meets_bound": row.continuous_dp.meets_bound,
+        "continuous_dp_sizing": row.dp_sizing.source,
+        "continuous_dp_fallback": row.dp_sizing.fallback,
+        "best_baseline": best.name if best else None,
+        "vs_best_baseline": c.measured_seq_s / best.measured.throughput_seq_s if best else None,
     }  # fmt: skip
 
 
