@@ -105,7 +105,7 @@ class Simulator:
         if simulator is None:
             per = self.num_devices // num_replicas
             kinds = self.problem.kinds if per > 1 else (ScheduleKind.RRA,)
-            problem = replace(self.problem, num_devices=per, kinds=kinds)
+            problem = replace(self.problem, num_devices=per, kinds=kinds, replicas=None)
             simulator = self._replicas[num_replicas] = Simulator(problem, self.costs)
         return simulator
 
