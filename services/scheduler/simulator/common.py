@@ -315,3 +315,20 @@ def traverse(
                 )
         now += compute_s + sync_s
     return now
+
+
+def encoder_output_broadcast_s(costs: LayerCosts, num_stages: int, num_tokens: int) -> float:
+    """Sending the encoder output of `num_tokens` to every stage's cross-attention after an
+    encoding: one hop for an encoder-decoder model on more than one stage, else nothing."""
+    if not costs.model.shape.is_encoder_decoder or num_stages < 2:
+        return 0.0
+    return costs.activation_transfer_s(num_tokens)
+
+
+def broadcast_events(stages: list[Stage], start_s: float, duration_s: float) -> list[TimelineEvent]:
+    """The encoder output's broadcast on the timeline: the stages before the last send it."""
+    return [
+        TimelineEvent(d, start_s, start_s + duration_s, "transfer", "encoder output")
+        for stage in stages[:-1]
+        for d in stage.devices
+    ]
