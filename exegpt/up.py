@@ -138,8 +138,7 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
         args.log_dir.mkdir(parents=True, exist_ok=True)
     return DeploymentConfig(
         model=args.model,
-        # --replicas copies of the plan, each running its R data-parallel replicas.
-        num_replicas=args.replicas * (plan.num_replicas if plan else 1),
+        num_replicas=plan.num_workers(args.replicas) if plan else args.replicas,
         host=args.host,
         http_port=args.http_port,
         grpc_port=args.grpc_port,

@@ -102,3 +102,5 @@ def test_replicas_travel_through_dict_proto_and_plan_file() -> None:
     data = {k: v for k, v in schedule.to_dict().items() if k != "num_replicas"}
     assert PlanFile.from_dict({"schedule": data}).num_replicas == 1
     assert PlanFile.from_dict({"schedule": schedule.to_dict()}).num_replicas == 2
+    # `exegpt up --replicas 3` with this plan: 3 copies of its 2 replicas.
+    assert PlanFile.from_dict({"schedule": schedule.to_dict()}).num_workers(3) == 6
