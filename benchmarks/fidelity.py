@@ -136,8 +136,9 @@ def one_run(args: argparse.Namespace, task: str, mode: str, batch: int, scratch:
             args.length_scale,
         )  # fmt: skip
         totals = totals_between(before, engine_totals(worker))
-    own = calibration_from_totals(args.profile, workload, args.length_scale, totals)
-    itself = predicted_by(calibrated_copy(args.profile, own, scratch, f"{name}-self"))
+    self_calibration = calibration_from_totals(args.profile, workload, args.length_scale, totals)
+    self_profile = calibrated_copy(args.profile, self_calibration, scratch, f"{name}-self")
+    self_predicted = predicted_by(self_profile)
     measured = measure(document, int(predicted["output_p99_tokens"]))
     decode = totals.get("decode")
     return Run(
@@ -145,7 +146,7 @@ def one_run(args: argparse.Namespace, task: str, mode: str, batch: int, scratch:
         predicted["predicted"]["throughput_seq_s"], measured.throughput_seq_s,
         predicted["predicted"]["latency_s"], measured.p99_length_latency_s,
         uncalibrated["predicted"]["throughput_seq_s"], uncalibrated["predicted"]["latency_s"],
-        itself["predicted"]["throughput_seq_s"], itself["predicted"]["latency_s"],
+        self_predicted["predicted"]["throughput_seq_s"], self_predicted["predicted"]["latency_s"],
         calibration, measured.num_failed, busy_fraction(totals),
         1e3 * decode.host_s / max(1, decode.num_steps) if decode else math.nan,
     )  # fmt: skip

@@ -27,13 +27,13 @@ or without a term in the profile, keep their factor of 1.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 
+from exegpt.cost_model import at_rows
 from exegpt.v1 import worker_pb2, worker_pb2_grpc
 
 if TYPE_CHECKING:  # the scheduler's library is imported where it is used, as autoplan.py does
@@ -158,14 +158,6 @@ def calibration_from_totals(
         num_steps += part.num_steps
     _keep(ratios, counts, StageKind.OVERHEAD, host_s, predicted_host_s, num_steps)
     return Calibration().updated(ratios, counts)
-
-
-def at_rows(rows: float, cost_of: Callable[[int], float]) -> float:
-    """`cost_of` at a mean of `rows` per step, linear between the whole batch sizes around
-    it (the simulator prices fractional batches so: `batch_weights`)."""
-    from services.scheduler.simulator.common import batch_weights
-
-    return sum(weight * cost_of(whole) for whole, weight in batch_weights(rows) if weight > 0)
 
 
 def _keep(

@@ -20,8 +20,10 @@ Conventions
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -139,3 +141,18 @@ def decode_layer_s(
     compute_s = model.decode_attention_s(batch_size, kv_tokens, cross_tokens, tp_degree)
     compute_s += model.decode_rest_s(batch_size, tp_degree)
     return compute_s, layer_allreduce_s(model, batch_size, tp_degree)
+
+
+def batch_weights(rows: float) -> tuple[tuple[int, float], tuple[int, float]]:
+    """A mean batch of `rows` (at least one) as two whole batch sizes and their weights:
+    linear between them, so exact wherever a cost is affine in its rows."""
+    rows = max(1.0, rows)
+    low = math.floor(rows)
+    return (low, 1.0 - (rows - low)), (low + 1, rows - low)
+
+
+def at_rows(rows: float, cost_of: Callable[[int], Any]) -> Any:
+    """`cost_of` at a mean of `rows` per step (at least one), linear between the whole batch
+    sizes around it (`batch_weights`): the one way the simulator and the calibration price a
+    fractional batch. `cost_of` returns a number or a numpy array of them."""
+    return sum(weight * cost_of(whole) for whole, weight in batch_weights(rows) if weight > 0)

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     _out(autoplan.format_choice(first))
     _out()
     log_dir = Path(tempfile.mkdtemp(prefix="exegpt-demo-logs-"))
-    replicas = args.replicas * first.plan.num_replicas
+    replicas = first.plan.num_workers(args.replicas)
     _out(f"Deploying it: router + {replicas} worker replica(s) of {args.model} ...")
     with Deployment(_config(args, first, profile, request.threads, log_dir)) as deployment:
         _print_endpoints(deployment, log_dir)
@@ -133,7 +133,7 @@ def _config(
     """The deployment of `auto`: its placement, control variables and KV pool."""
     return DeploymentConfig(
         model=args.model,
-        num_replicas=args.replicas * auto.plan.num_replicas,
+        num_replicas=auto.plan.num_workers(args.replicas),
         http_port=0,
         grpc_port=0,
         log_dir=log_dir,

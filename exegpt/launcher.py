@@ -212,7 +212,12 @@ class Deployment:
         return format_stage_addresses(grouped)
 
     def _spawn_worker(self, index: int, stages: str | None = None) -> _Child:
-        # An in-process replica computes itself: it is a device (--threads-per-device).
+        return self._spawn(f"worker-{index}", "services.worker", self.worker_args(index, stages))
+
+    def worker_args(self, index: int, stages: str | None = None) -> list[str]:
+        """Replica `index`'s worker flags. An in-process replica computes itself: it is a
+        device (--threads-per-device), the `index`-th one (cuda: cuda:index; cpu stays cpu);
+        a pipelined one's stages hold its devices, `stages` their addresses."""
         threads = (
             self.config.torch_threads
             or self.config.topology.threads_per_device
@@ -220,7 +225,7 @@ class Deployment:
         )
         if stages is not None:
             threads = self.config.torch_threads or 1  # the stages compute; the engine plans
-        topology_args = []
+        topology_args = ["--device", self.config.topology.device_of(index)]
         if stages is not None:
             topology_args = ["--stages", stages, *self.config.topology.worker_args()]
         args = [
@@ -240,7 +245,7 @@ class Deployment:
             *topology_args,
             *self.config.extra_worker_args,
         ]  # fmt: skip
-        return self._spawn(f"worker-{index}", "services.worker", args)
+        return args
 
     def _spawn_router(self) -> _Child:
         args = [

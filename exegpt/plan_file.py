@@ -36,6 +36,11 @@ class PlanFile:
         all of them together)."""
         return self.schedule.num_replicas
 
+    def num_workers(self, copies: int) -> int:
+        """Worker replicas of `copies` copies of the plan (`exegpt up --replicas`), each
+        running the plan's R data-parallel replicas."""
+        return copies * self.num_replicas
+
     @classmethod
     def read(cls, path: Path) -> PlanFile:
         if not path.is_file() or path.stat().st_size > MAX_PLAN_BYTES:

@@ -97,13 +97,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",
         default="cpu",
-        help="where stage processes compute: cpu, cuda (one GPU per process, in order) or cuda:N",
+        help="where replicas compute: cpu, cuda (one GPU per process, in order: an in-process "
+        "replica i gets cuda:i, a pipelined replica's stage processes the next GPUs) or cuda:N",
     )
     parser.add_argument(
         "--threads-per-device",
         type=int,
         default=None,
-        help="intra-op threads of each stage process (default: cores / processes)",
+        help="intra-op threads of each computing process: a stage process, or an in-process "
+        "replica's worker (default: cores / processes)",
     )
     parser.add_argument("--log-dir", type=Path, default=None, help="write child logs here")
     restart = RestartPolicy()
@@ -136,8 +138,7 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
         args.log_dir.mkdir(parents=True, exist_ok=True)
     return DeploymentConfig(
         model=args.model,
-        # --replicas copies of the plan, each running its R data-parallel replicas.
-        num_replicas=args.replicas * (plan.num_replicas if plan else 1),
+        num_replicas=plan.num_workers(args.replicas) if plan else args.replicas,
         host=args.host,
         http_port=args.http_port,
         grpc_port=args.grpc_port,

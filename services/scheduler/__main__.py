@@ -43,6 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--devices", type=int, default=defaults.num_devices, help="devices the schedule spans"
     )
     parser.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="data-parallel replicas R the deployment runs; every pushed schedule keeps it "
+        "(default: the R of the first schedule published)",
+    )
+    parser.add_argument(
         "--device-memory-gb",
         type=float,
         default=defaults.device_memory_bytes / 2**30,
@@ -152,6 +159,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         workload=args.workload,
         latency_bound_s=args.latency_bound or math.inf,
         num_devices=args.devices,
+        num_replicas=args.replicas,
         device_memory_bytes=int(args.device_memory_gb * 2**30),
         kinds=searched_kinds(args.kinds.split(",")),
         drift=DriftThresholds(

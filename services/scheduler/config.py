@@ -55,6 +55,9 @@ class SchedulerConfig:
     workload: str = "task:S"
     latency_bound_s: float = math.inf
     num_devices: int = 1
+    # The data-parallel replicas R the deployment runs: every pushed schedule keeps it
+    # (None: the R of the first schedule published).
+    num_replicas: int | None = None
     device_memory_bytes: int = 80 * 2**30
     kinds: tuple[ScheduleKind, ...] = SEARCHED_KINDS
     drift: DriftThresholds = field(default_factory=DriftThresholds)
@@ -86,6 +89,10 @@ class SchedulerConfig:
             raise ValueError("latency_bound_s must be positive (math.inf: no bound)")
         if self.num_devices < 1 or self.device_memory_bytes <= 0:
             raise ValueError("num_devices and device_memory_bytes must be positive")
+        if self.num_replicas is not None and (
+            self.num_replicas < 1 or self.num_devices % self.num_replicas
+        ):
+            raise ValueError(f"--replicas must divide the {self.num_devices} devices")
         if not self.kinds or any(kind.is_baseline for kind in self.kinds):
             raise ValueError("kinds must be a non-empty subset of rra, waa-c, waa-m")
         if self.length_window_size < self.drift.min_observations:

@@ -158,6 +158,9 @@ class PlanProblem:
     # box's throughput bound, and eps_L, seconds over the latency bound.
     throughput_tolerance: float = 0.01
     latency_tolerance_s: float = 0.0
+    # Data-parallel replica counts R searched (None: every divisor of N); a deployment that
+    # is running keeps its R (the scheduler service's re-plans).
+    replicas: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.latency_bound_s > 0:
@@ -175,6 +178,12 @@ class PlanProblem:
             )
         if not (self.throughput_tolerance >= 0 and self.latency_tolerance_s >= 0):
             raise ValueError("tolerances must be non-negative")
+        if self.replicas is not None and (
+            not self.replicas or any(r < 1 or self.num_devices % r for r in self.replicas)
+        ):
+            raise ValueError(
+                f"replica counts {self.replicas} must each divide the {self.num_devices} devices"
+            )
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Protocol
 
 from exegpt.errors import ErrorCode, RequestError
@@ -32,7 +31,8 @@ from services.scheduler.observations import (
     StageKind,
     WorkloadObservations,
 )
-from services.scheduler.problem import PlanProblem, PlanResult, Prediction
+from services.scheduler.problem import PlanProblem, PlanResult
+from services.scheduler.published import PlanOutcome, PublishedSchedule, ReplanReason, ReportAck
 from services.scheduler.queries import (
     CostModelCache,
     CostModelLoader,
@@ -53,42 +53,6 @@ def default_planner(problem: PlanProblem, *, exhaustive: bool = False) -> PlanRe
     from services.scheduler.search.plan import plan
 
     return plan(problem, exhaustive=exhaustive)
-
-
-class ReplanReason(StrEnum):
-    INITIAL = "initial"
-    LENGTH_DRIFT = "length-drift"
-    STAGE_TIME_DRIFT = "stage-time-drift"
-    REQUESTED = "requested"
-
-
-@dataclass(frozen=True)
-class PublishedSchedule:
-    version: int
-    reason: ReplanReason
-    prediction: Prediction
-    meets_bound: bool
-    problem: PlanProblem
-    verdict: DriftVerdict | None
-    detail: str
-    published_unix_s: float
-    # Where the schedule puts each layer, as simulated (None: it could not be laid out).
-    placement: Placement | None = None
-
-
-@dataclass(frozen=True)
-class PlanOutcome:
-    result: PlanResult
-    workload_name: str
-    version: int  # the published version when activated, else 0
-
-
-@dataclass(frozen=True)
-class ReportAck:
-    num_input_lengths: int
-    num_output_lengths: int
-    num_stage_times: int
-    current_version: int
 
 
 @dataclass(frozen=True)
@@ -114,6 +78,8 @@ class SchedulerCore:
         self._windows = ObservationWindows(config.length_window_size, config.stage_window_size)
         self._plan_slots = asyncio.Semaphore(config.max_concurrent_plans)
         self._active: _ActivePlan | None = None
+        # The deployment's data-parallel replicas R: every pushed schedule keeps it.
+        self._replicas = config.num_replicas
         self._current: PublishedSchedule | None = None
         self._changed = asyncio.Event()
         self._last_replan_s = -float("inf")
@@ -156,6 +122,11 @@ class SchedulerCore:
 
     async def _plan_and_publish(self, query: PlanQuery, reason: ReplanReason | None) -> PlanOutcome:
         problem = await asyncio.to_thread(build_problem, query, self.config, self._cost_models)
+        if reason is not None:
+            try:
+                problem = self._keeping_replicas(problem)
+            except ValueError as exc:
+                raise invalid(str(exc)) from exc
         result = await self._run_planner(problem, exhaustive=query.exhaustive)
         if result.infeasible_reason:
             raise invalid(result.infeasible_reason)  # the model does not fit these devices
@@ -165,6 +136,13 @@ class SchedulerCore:
             published = self._publish(problem, planned, result, reason, None, reason.value)
             version = published.version if published else 0
         return PlanOutcome(result, problem.workload.name, version)
+
+    def _keeping_replicas(self, problem: PlanProblem) -> PlanProblem:
+        """`problem` searched at the deployment's R only, once R is known: its replicas
+        divide the plan's prediction and would run mis-sized control variables at another."""
+        if self._replicas is None:
+            return problem
+        return dataclasses.replace(problem, replicas=(self._replicas,))
 
     async def _run_planner(self, problem: PlanProblem, *, exhaustive: bool = False) -> PlanResult:
         async with self._plan_slots:
@@ -186,6 +164,13 @@ class SchedulerCore:
         if prediction is None:
             logger.error("no feasible schedule for %s; keeping the current one", detail)
             return None
+        replicas = prediction.schedule.num_replicas
+        if self._replicas is not None and replicas != self._replicas:
+            logger.error(
+                "%s plans %d replicas, not the %d deployed", detail, replicas, self._replicas
+            )
+            return None
+        self._replicas = replicas
         if self._active is None or self._active.problem.cost_model is not problem.cost_model:
             self._windows.clear_stage_ratios()  # ratios were against another cost model
         version = (self._current.version if self._current else 0) + 1
@@ -321,7 +306,7 @@ class SchedulerCore:
     async def _replan(self, verdict: DriftVerdict) -> None:
         assert self._active is not None and self._current is not None
         base_version = self._current.version
-        problem, planned = self._active.problem, self._active.planned
+        problem, planned = self._keeping_replicas(self._active.problem), self._active.planned
         reason = ReplanReason.STAGE_TIME_DRIFT
         if verdict.stage_time_drifted:
             cost_model = as_scaled(problem.cost_model).rescaled(

@@ -200,7 +200,11 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         security=security_from_args(args),
         planned=PlannedPrediction.from_plan(plan) if plan else None,
         schedule_link=(
-            ScheduleLinkConfig(args.scheduler, report_interval_s=args.report_interval_s)
+            ScheduleLinkConfig(
+                args.scheduler,
+                report_interval_s=args.report_interval_s,
+                num_replicas=plan.num_replicas if plan else None,
+            )
             if args.scheduler
             else None
         ),

@@ -68,6 +68,9 @@ class ScheduleLinkConfig:
     # Lengths plus stage times per WorkloadReport (the scheduler refuses more than its limit).
     max_report_items: int = 4096
     rpc_timeout_s: float = 10.0
+    # The deployment's data-parallel replicas R: a pushed schedule of another R is skipped
+    # (None: the R of the plan this replica started with, else of the first one pushed).
+    num_replicas: int | None = None
 
     def __post_init__(self) -> None:
         host, _, port = self.address.rpartition(":")

@@ -11,6 +11,7 @@ event loop: finishes are recorded by the Generate handler, offers by the schedul
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Callable
@@ -53,11 +54,10 @@ class PlannedPrediction:
     @classmethod
     def from_plan(cls, plan: PlanFile) -> PlannedPrediction | None:
         predicted = plan.predicted
-        share = 1 / plan.num_replicas
         try:
-            return cls(
-                throughput_seq_s=float(predicted["throughput_seq_s"]) * share,
-                throughput_tokens_s=float(predicted.get("throughput_tokens_s", 0.0)) * share,
+            whole = cls(
+                throughput_seq_s=float(predicted["throughput_seq_s"]),
+                throughput_tokens_s=float(predicted.get("throughput_tokens_s", 0.0)),
                 latency_s=float(predicted["latency_s"]),
                 meets_bound=plan.meets_bound,
                 latency_bound_s=plan.latency_bound_s,
@@ -65,6 +65,16 @@ class PlannedPrediction:
             )
         except (KeyError, TypeError, ValueError):
             return None  # a plan without its prediction still runs
+        return whole.per_replica(plan.num_replicas)
+
+    def per_replica(self, num_replicas: int) -> PlannedPrediction:
+        """One replica's share of this prediction for a plan of `num_replicas` data-parallel
+        replicas: 1/R of its throughput, the same latency."""
+        return dataclasses.replace(
+            self,
+            throughput_seq_s=self.throughput_seq_s / num_replicas,
+            throughput_tokens_s=self.throughput_tokens_s / num_replicas,
+        )
 
     def to_proto(self) -> worker_pb2.SchedulePrediction:
         return worker_pb2.SchedulePrediction(

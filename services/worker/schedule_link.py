@@ -74,22 +74,22 @@ def placement_to_apply(
     return Placement(stages), ""
 
 
-def origin_from_update(update: scheduler_pb2.ScheduleUpdate) -> ScheduleOrigin:
-    """Raises ValueError for a schedule the engine cannot run."""
+def origin_from_update(update: scheduler_pb2.ScheduleUpdate, num_replicas: int) -> ScheduleOrigin:
+    """The origin of a pushed schedule on one of the deployment's `num_replicas` replicas.
+    Raises ValueError for a schedule the engine cannot run."""
     prediction = update.prediction
-    share = update.schedule.num_replicas or 1
     return ScheduleOrigin(
         source=ScheduleSource.SCHEDULER,
         version=update.version,
         reason=REASONS.get(update.reason, "unspecified"),
-        prediction=PlannedPrediction(  # one replica's share of the plan's R replicas
-            throughput_seq_s=prediction.throughput_seq_s / share,
-            throughput_tokens_s=prediction.throughput_tokens_s / share,
+        prediction=PlannedPrediction(
+            throughput_seq_s=prediction.throughput_seq_s,
+            throughput_tokens_s=prediction.throughput_tokens_s,
             latency_s=prediction.latency_s,
             meets_bound=update.meets_bound,
             latency_bound_s=update.latency_bound_s or None,
             workload=update.workload,
-        ),
+        ).per_replica(num_replicas),
         schedule=schedule_from_proto(update.schedule),
         published_unix_s=update.published_unix_s,
     )
@@ -130,6 +130,8 @@ class ScheduleLink:
         self._report_task: asyncio.Task[None] | None = None
         self._backlog = Observations()
         self._watch_from: int | None = None  # None: the version handed to the engine
+        # The deployment's data-parallel replicas R (None: the first pushed schedule's).
+        self.deployed_replicas = config.num_replicas
         self.num_reports_sent = 0
         board.scheduler = config.address
 
@@ -185,12 +187,25 @@ class ScheduleLink:
         self._board.scheduler_connected = connected
 
     def apply(self, update: scheduler_pb2.ScheduleUpdate) -> None:
-        """Hand a pushed schedule to the engine (at its next step boundary)."""
+        """Hand a pushed schedule to the engine (at its next step boundary), unless it plans
+        another number of replicas than this deployment runs (its control variables are
+        sized for that many: skipped, logged)."""
+        replicas = update.schedule.num_replicas or 1  # 0: a sender without the field
+        deployed = self.deployed_replicas or replicas
+        if replicas != deployed:
+            logger.error(
+                "schedule v%d plans %d replicas, this deployment runs %d; skipped, keeping ours",
+                update.version,
+                replicas,
+                deployed,
+            )
+            return
         try:
-            origin = origin_from_update(update)
+            origin = origin_from_update(update, deployed)
         except ValueError as exc:
             logger.error("schedule v%d cannot run here (%s); keeping ours", update.version, exc)
             return
+        self.deployed_replicas = deployed
         offered = None
         if update.placement_json:
             try:

@@ -84,6 +84,8 @@ def test_the_plan_never_recommends_less_than_a_baseline_it_reports() -> None:
     problem = toy_problem(transfer_fixed_s=0.05)
     result = plan(problem, space=SMALL)
     assert result.chosen is not None and result.meets_bound
+    # With dear hops a baseline wins here: the rule under test is exercised, not vacuous.
+    assert result.chosen.schedule.kind.is_baseline
     best = max(p.throughput_seq_s for p in result.best_by_kind.values())
     assert result.chosen.throughput_seq_s == best
 
@@ -100,3 +102,5 @@ def test_replicas_travel_through_dict_proto_and_plan_file() -> None:
     data = {k: v for k, v in schedule.to_dict().items() if k != "num_replicas"}
     assert PlanFile.from_dict({"schedule": data}).num_replicas == 1
     assert PlanFile.from_dict({"schedule": schedule.to_dict()}).num_replicas == 2
+    # `exegpt up --replicas 3` with this plan: 3 copies of its 2 replicas.
+    assert PlanFile.from_dict({"schedule": schedule.to_dict()}).num_workers(3) == 6

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from exegpt.cost_model import ModelShape
 from exegpt.placement import Stage
 from exegpt.schedule import Schedule, ScheduleKind
 from exegpt.serving_overhead import ServingOverhead
@@ -249,6 +251,28 @@ def test_continuous_baseline_keeps_a_batch_per_stage_in_flight() -> None:
     # The p99 (3-token) sequence: its prefill through both stages, then 2 iterations.
     prefill_s = 2 * prefill_stage_s + 0.002
     assert prediction.latency_s == pytest.approx(prefill_s + 2 * iteration_s)
+
+
+def test_continuous_prefill_of_an_encoder_decoder_broadcasts_the_encoder_output() -> None:
+    # The case above on an encoder-decoder shape: each of the 2 stages holds one encoder and
+    # one decoder layer, so the stage times are the same; the p99 sequence's prefill also
+    # sends the encoder output to every stage's cross-attention (one 0.002 s hop).
+    shape = ModelShape("toy-t5", True, 2, 2, 8, 2, 1024)
+    problem = PlanProblem(ToyCostModel(shape), toy_workload(), math.inf, 2, 10**9)
+    prediction = simulate(problem, Schedule(ScheduleKind.CONTINUOUS, 1, 4, num_micro_batches=2))
+    decode_steps = 1.6
+    prefills = 1 - (1 - 1 / decode_steps) ** 2
+    prefill_stage_s = 2 / decode_steps / prefills * 10 * 0.001
+    iteration_s = 2 * (0.012 + prefills * prefill_stage_s) + 0.002
+    assert prediction.throughput_seq_s == pytest.approx(4 / (decode_steps * iteration_s))
+    prefill_s = 2 * prefill_stage_s + 0.002 + 0.002  # the hop between stages, the broadcast
+    assert prediction.latency_s == pytest.approx(prefill_s + 2 * iteration_s)
+    # On one stage (both layers of each kind, 4 rows) nothing is broadcast: a prefill of
+    # 2.5 / q rows, q = 1 - (1 - 1 / 1.6)^4, then 2 iterations of a decode step (2 x 0.014)
+    # and q prefills (2.5 rows x 10 tokens x 2 layers x 0.001 s).
+    one = simulate(replace(problem, num_devices=1), Schedule(ScheduleKind.CONTINUOUS, 1, 4))
+    q = 1 - (1 - 1 / decode_steps) ** 4
+    assert one.latency_s == pytest.approx(0.05 / q + 2 * (0.028 + 0.05))
 
 
 def test_continuous_prefills_come_as_slots_free() -> None:

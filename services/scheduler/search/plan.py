@@ -10,7 +10,8 @@ Data-parallel replicas are a dimension of every kind, baselines included: R divi
 devices and each replica runs the schedule on N / R devices (throughput x R, one replica's
 latency and per-device memory; simulator/predict.py). Each R is its own set of sub-spaces
 (WAA needs N / R >= 2), so a small model served by independent replicas, with no hand-offs,
-competes with one replica spread over all N devices.
+competes with one replica spread over all N devices. `problem.replicas` limits R (the
+scheduler service's re-plans keep the R of the deployment their replicas form).
 
 The space (the same for branch-and-bound and for `exhaustive=True`):
 - per kind, one sub-space per TP degree t (every degree of the profile up to the devices
@@ -130,11 +131,11 @@ def _baseline_points(
     space: SearchSpace,
     replicas: tuple[int, ...] | None = None,
 ) -> Iterator[Prediction]:
-    """Every replica count R (default: every divisor of N), layout on N / R devices (TP
-    degree dividing it) and batch size, up to the first that does not fit (memory grows
-    with the batch)."""
+    """Every replica count R (default: the problem's), layout on N / R devices (TP degree
+    dividing it) and batch size, up to the first that does not fit (memory grows with the
+    batch)."""
     costs = simulator.costs
-    for count in replicas or replica_counts(problem.num_devices):
+    for count in replicas or replica_counts(problem.num_devices, allowed=problem.replicas):
         num_devices = problem.num_devices // count
         for tp in baselines.layout_options(costs, num_devices):
             num_stages = num_devices // tp
@@ -160,7 +161,7 @@ def best_baseline(
     replicas: tuple[int, ...] | None = None,
 ) -> Prediction | None:
     """The baseline's best configuration within the bound (1-D search per replica count and
-    layout; `replicas` limits the replica counts, default every divisor of N)."""
+    layout; `replicas` limits the replica counts, default the problem's)."""
     best: Prediction | None = None
     for prediction in _baseline_points(problem, simulator, evaluate, kind, space, replicas):
         if is_meeting(prediction, problem.latency_bound_s) and better(prediction, best):

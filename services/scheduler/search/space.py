@@ -135,12 +135,21 @@ def better(candidate: Prediction, incumbent: Prediction | None) -> bool:
     return candidate.latency_s < incumbent.latency_s
 
 
-def replica_counts(num_devices: int, kind: ScheduleKind | None = None) -> list[int]:
-    """Data-parallel replica counts R on `num_devices`: the divisors of N, each replica on
-    N / R devices (WAA needs at least 2 per replica: some encode, the others decode)."""
+def replica_counts(
+    num_devices: int,
+    kind: ScheduleKind | None = None,
+    allowed: tuple[int, ...] | None = None,
+) -> list[int]:
+    """Data-parallel replica counts R on `num_devices`: the divisors of N (those `allowed`,
+    when given), each replica on N / R devices (WAA needs at least 2 per replica: some
+    encode, the others decode)."""
     smallest = 2 if kind in (ScheduleKind.WAA_C, ScheduleKind.WAA_M) else 1
     return [
-        r for r in range(1, num_devices + 1) if not num_devices % r and num_devices // r >= smallest
+        r
+        for r in range(1, num_devices + 1)
+        if not num_devices % r
+        and num_devices // r >= smallest
+        and (allowed is None or r in allowed)
     ]
 
 
@@ -154,8 +163,8 @@ def sub_spaces(
     """Every (replica count, TP degree, split) sub-space of a kind, B_E trimmed to what can
     fit: a replica count R searches the same kind on N / R devices, R times over."""
     result = []
-    for count in replica_counts(problem.num_devices, kind):
-        per_replica = replace(problem, num_devices=problem.num_devices // count)
+    for count in replica_counts(problem.num_devices, kind, problem.replicas):
+        per_replica = replace(problem, num_devices=problem.num_devices // count, replicas=None)
         for sub in _replica_sub_spaces(per_replica, kind, simulator, space):
             sub = replace(sub, num_replicas=count)
             trimmed = _trim_encode_axis(sub, evaluate, problem.device_memory_bytes)

@@ -35,8 +35,10 @@ from exegpt.schedule import Schedule, ScheduleKind
 from services.scheduler.simulator.common import (
     LayerCosts,
     TimelineEvent,
+    broadcast_events,
     decode_times_at,
     encode_times,
+    encoder_output_broadcast_s,
     kv_bytes_per_sequence_layer,
     stage_weight_bytes,
     traverse,
@@ -149,11 +151,9 @@ def run_static(
     # m micro-batches through P stages: the first one's traversal, then one per slowest stage.
     encode_s = traverse(stages, enc_times, enc_hop_s, 0.0, "encode", "", None)
     encode_s += (num_micro - 1) * max(c + sync for c, sync in enc_times)
-    broadcast_s = 0.0
-    if costs.model.shape.is_encoder_decoder and len(stages) > 1:
-        # Each micro-batch's encoder output goes to every stage's cross-attention.
-        broadcast_s = costs.activation_transfer_s(costs.encode_tokens(micro_batch))
-        encode_s += broadcast_s
+    # Each micro-batch's encoder output goes to every stage's cross-attention.
+    broadcast_s = encoder_output_broadcast_s(costs, len(stages), costs.encode_tokens(micro_batch))
+    encode_s += broadcast_s
     stats = costs.stats
     num_steps = expected_max_tokens(stats.output_pmf, batch)
     live_rows = micro_batch * stats.mean_output_tokens / num_steps
@@ -171,11 +171,7 @@ def run_static(
         )
         if broadcast_s > 0:
             for end_s in state.ready_s:
-                events.extend(
-                    TimelineEvent(d, end_s, end_s + broadcast_s, "transfer", "encoder output")
-                    for stage in stages[:-1]
-                    for d in stage.devices
-                )
+                events.extend(broadcast_events(stages, end_s, broadcast_s))
             state.ready_s = [end_s + broadcast_s for end_s in state.ready_s]
         shown_steps = max(1, round(num_steps))
         micro_batch_events(

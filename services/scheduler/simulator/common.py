@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from exegpt.cost_model import CostModel, decode_layer_s, encode_layer_s
+from exegpt.cost_model import CostModel, at_rows, decode_layer_s, encode_layer_s
 from exegpt.placement import Stage
 from exegpt.serving_overhead import serving_overhead_of
 from services.scheduler.problem import WorkloadDistribution
@@ -256,33 +256,21 @@ def decode_times_at(costs: LayerCosts, stages: list[Stage], rows: float) -> Stag
     """Stage times of a decode step of `rows` sequences on average (at least one): linear
     between the whole batch sizes around it; the host work is paid per row as it is."""
     rows = max(1.0, rows)
-    return _between(rows, lambda whole: decode_times(costs, stages, whole, live_rows=rows))
+    return _stage_times_between(
+        rows, lambda whole: decode_times(costs, stages, whole, live_rows=rows)
+    )
 
 
 def encode_times_at(costs: LayerCosts, stages: list[Stage], rows: float) -> StageTimes:
     """Stage times of a prefill of `rows` sequences on average (at least one): linear between
     the whole batch sizes around it (exact where a step's cost is affine in its rows)."""
-    return _between(max(1.0, rows), lambda whole: encode_times(costs, stages, whole))
+    return _stage_times_between(max(1.0, rows), lambda whole: encode_times(costs, stages, whole))
 
 
-def batch_weights(rows: float) -> tuple[tuple[int, float], tuple[int, float]]:
-    """A mean batch of `rows` (at least one) as two whole batch sizes and their weights:
-    linear between them, so exact wherever a cost is affine in its rows."""
-    rows = max(1.0, rows)
-    low = math.floor(rows)
-    return (low, 1.0 - (rows - low)), (low + 1, rows - low)
-
-
-def _between(rows: float, times_of: Callable[[int], StageTimes]) -> StageTimes:
-    (low, w_low), (high, w_high) = batch_weights(rows)
-    below = times_of(low)
-    if w_high == 0:
-        return below
-    above = times_of(high)
-    return [
-        (w_low * c0 + w_high * c1, w_low * s0 + w_high * s1)
-        for (c0, s0), (c1, s1) in zip(below, above, strict=True)
-    ]
+def _stage_times_between(rows: float, times_of: Callable[[int], StageTimes]) -> StageTimes:
+    """Every stage's times at a mean of `rows`, linear between whole batch sizes (`at_rows`)."""
+    mixed = at_rows(rows, lambda whole: np.asarray(times_of(whole), dtype=float))
+    return [(float(compute_s), float(sync_s)) for compute_s, sync_s in mixed]
 
 
 def traverse(
@@ -315,3 +303,20 @@ def traverse(
                 )
         now += compute_s + sync_s
     return now
+
+
+def encoder_output_broadcast_s(costs: LayerCosts, num_stages: int, num_tokens: int) -> float:
+    """Sending the encoder output of `num_tokens` to every stage's cross-attention after an
+    encoding: one hop for an encoder-decoder model on more than one stage, else nothing."""
+    if not costs.model.shape.is_encoder_decoder or num_stages < 2:
+        return 0.0
+    return costs.activation_transfer_s(num_tokens)
+
+
+def broadcast_events(stages: list[Stage], start_s: float, duration_s: float) -> list[TimelineEvent]:
+    """The encoder output's broadcast on the timeline: the stages before the last send it."""
+    return [
+        TimelineEvent(d, start_s, start_s + duration_s, "transfer", "encoder output")
+        for stage in stages[:-1]
+        for d in stage.devices
+    ]

@@ -18,7 +18,9 @@ WAA's decode side). Per micro-batch, at steady state with a queue waiting:
   step, many rows of short outputs (S) admit several nearly every step.
 - An iteration = a decode step of b rows + q prefills of b / (m q) rows (linear between whole
   batch sizes: `encode_times_at`). Throughput = B / (m x iteration). The p99-length sequence
-  waits for its own prefill, then S99 - 1 iterations.
+  waits for its own prefill (for an encoder-decoder model on more than one stage, with the
+  encoder output's broadcast to every stage's cross-attention, as the static baseline and
+  RRA charge it), then S99 - 1 iterations.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from services.scheduler.simulator.common import (
     clip_window,
     decode_times,
     encode_times_at,
+    encoder_output_broadcast_s,
     traverse,
 )
 from services.scheduler.simulator.waa import micro_batch_events, pipeline_period_s
@@ -93,6 +96,8 @@ def run_continuous(
     stats = costs.stats
     prefill_hop_s = costs.activation_transfer_s(costs.encode_tokens(as_batch(steady.prefill_rows)))
     prefill_s = traverse(stages, prefill_times, prefill_hop_s, 0.0, "encode", "", None)
+    prefill_tokens = costs.encode_tokens(as_batch(steady.prefill_rows))
+    prefill_s += encoder_output_broadcast_s(costs, num_stages, prefill_tokens)
     latency_s = prefill_s + max(0, stats.output_p99_tokens - 1) * iteration_s
     busy = [num_stages * (c + s) for c, s in times]
     self_kv = stats.running_position_tokens

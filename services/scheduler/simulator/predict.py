@@ -67,7 +67,9 @@ class Simulator:
     def timeline(self, schedule: Schedule) -> list[TimelineEvent]:
         if schedule.num_replicas > 1:
             per = self.num_devices // schedule.num_replicas
-            one = self.replica(schedule.num_replicas).timeline(replace(schedule, num_replicas=1))
+            one = self.replica_simulator(schedule.num_replicas).timeline(
+                replace(schedule, num_replicas=1)
+            )
             events = [
                 replace(event, device=event.device + replica * per)
                 for replica in range(schedule.num_replicas)
@@ -83,7 +85,9 @@ class Simulator:
         deploys this on each of the `num_replicas` replicas (`exegpt plan --json` writes it
         beside the schedule)."""
         if schedule.num_replicas > 1:
-            return self.replica(schedule.num_replicas).placement(replace(schedule, num_replicas=1))
+            return self.replica_simulator(schedule.num_replicas).placement(
+                replace(schedule, num_replicas=1)
+            )
         self._validate(schedule)
         stages, num_encode_stages = KINDS[schedule.kind].stages(self, schedule)
         return placement_from_layout(
@@ -92,7 +96,7 @@ class Simulator:
             num_encode_stages=num_encode_stages,
         )
 
-    def replica(self, num_replicas: int) -> Simulator:
+    def replica_simulator(self, num_replicas: int) -> Simulator:
         """The simulator of one of `num_replicas` data-parallel replicas: N / R devices, the
         same profile, workload, memory and (memoised) costs."""
         if num_replicas < 1 or self.num_devices % num_replicas:
@@ -105,7 +109,7 @@ class Simulator:
         if simulator is None:
             per = self.num_devices // num_replicas
             kinds = self.problem.kinds if per > 1 else (ScheduleKind.RRA,)
-            problem = replace(self.problem, num_devices=per, kinds=kinds)
+            problem = replace(self.problem, num_devices=per, kinds=kinds, replicas=None)
             simulator = self._replicas[num_replicas] = Simulator(problem, self.costs)
         return simulator
 
@@ -113,7 +117,7 @@ class Simulator:
         """R copies of one replica's prediction: throughput x R, the same latency, the
         per-device figures repeated for every replica's devices."""
         count = schedule.num_replicas
-        one = self.replica(count).simulate(replace(schedule, num_replicas=1))
+        one = self.replica_simulator(count).simulate(replace(schedule, num_replicas=1))
         return replace(
             one,
             schedule=replace(one.schedule, num_replicas=count),

@@ -37,8 +37,10 @@ from services.scheduler.simulator.common import (
     StageTimes,
     TimelineEvent,
     as_batch,
+    broadcast_events,
     decode_times,
     encode_times,
+    encoder_output_broadcast_s,
     kv_bytes_per_sequence_layer,
     stage_weight_bytes,
     traverse,
@@ -130,16 +132,11 @@ def run_cycle(
         "encode",
         events,
     )
-    if costs.model.shape.is_encoder_decoder and len(stages) > 1:
-        # Every stage's decoder layers cross-attend to the encoder output: broadcast it.
-        broadcast_s = costs.activation_transfer_s(enc_tokens)
-        if events is not None:
-            events.extend(
-                TimelineEvent(d, now, now + broadcast_s, "transfer", "encoder output")
-                for stage in stages[:-1]
-                for d in stage.devices
-            )
-        now += broadcast_s
+    # Every stage's decoder layers cross-attend to the encoder output: broadcast it.
+    broadcast_s = encoder_output_broadcast_s(costs, len(stages), enc_tokens)
+    if events is not None and broadcast_s > 0:
+        events.extend(broadcast_events(stages, now, broadcast_s))
+    now += broadcast_s
     encode_s = now
     for index, (compute_s, sync_s) in enumerate(enc_times):
         busy[index] += compute_s + sync_s
