@@ -45,18 +45,27 @@ class Run:
     engine_policy: str
     router_policy: str
     max_tokens_per_step: int | None = None  # chunked prefill; None: off
+    step_time_factor: float | None = None  # the budget adapts (--step-time-factor); None: fixed
 
     @property
     def name(self) -> str:
         chunked = f"+chunk{self.max_tokens_per_step}" if self.max_tokens_per_step else ""
-        return f"{self.engine_policy}+{self.router_policy}{chunked}"
+        adaptive = f"x{self.step_time_factor:g}" if self.step_time_factor else ""
+        return f"{self.engine_policy}+{self.router_policy}{chunked}{adaptive}"
 
     @classmethod
     def parse(cls, combo: str) -> Run:
-        """`engine+router` or `engine+router+chunkN`."""
+        """`engine+router`, `engine+router+chunkN` or `engine+router+chunkNxK` (the budget N
+        adapts under step time factor K)."""
         engine, router, *chunk = combo.split("+")
-        budget = int(chunk[0].removeprefix("chunk")) if chunk else None
-        return cls(engine, router, budget)
+        budget, factor = parse_budget(chunk[0].removeprefix("chunk")) if chunk else (None, None)
+        return cls(engine, router, budget, factor)
+
+
+def parse_budget(text: str) -> tuple[int, float | None]:
+    """`N` (a fixed budget of N tokens a step) or `NxK` (N adapting under step time factor K)."""
+    budget, _, factor = text.partition("x")
+    return int(budget), float(factor) if factor else None
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,9 @@ def deployment_config(run: Run, setup: Setup) -> DeploymentConfig:
         max_tokens_per_step=run.max_tokens_per_step,
         torch_threads=setup.torch_threads,
         extra_router_args=(f"--policy={run.router_policy}",),
+        extra_worker_args=(
+            ("--step-time-factor", str(run.step_time_factor)) if run.step_time_factor else ()
+        ),
     )
 
 

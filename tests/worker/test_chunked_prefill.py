@@ -95,6 +95,18 @@ def test_chunked_greedy_tokens_equal_unchunked_in_process(llama, budget: int, po
     assert StepKind.MIXED in kinds
 
 
+def test_an_adaptive_budget_keeps_the_greedy_tokens(llama) -> None:
+    """Under a step time factor the chunks take whatever sizes the engine's clock allows (its
+    choices are tested on synthetic clocks in test_chunk_budget.py): the tokens stay."""
+    _, loaded = llama
+    expected = _run(build_engine(loaded, _config(None)), PROMPTS, STAGGERED)
+    chunked = build_engine(loaded, _config(4, 2, step_time_factor=3.0))
+    kinds: list[StepKind] = []
+    chunked.step_observers.append(lambda kind, num_rows, result: kinds.append(kind))
+    assert _run(chunked, PROMPTS, STAGGERED) == expected
+    assert StepKind.MIXED in kinds
+
+
 def test_a_preempted_chunked_request_is_recomputed_in_chunks_with_the_same_tokens(llama) -> None:
     _, loaded = llama
     num_tokens = 16
