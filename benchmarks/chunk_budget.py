@@ -9,9 +9,11 @@ engine's own token times give them (TPOT as the bench defines it: (last token - 
 (tokens - 1) per request), TPOT p99 / p50, the p99 of each request's longest gap between two
 tokens, every step kind's mean, p99 and max time, and the same of the requests' queue time
 (arrival to admission), and the engine's busy seconds (its clock: forwards and host work
-while it had work; the same requests, so less is cheaper serving). A request with few output tokens has a TPOT of one or two gaps: the
-step after its first token is what it sees, so the ratio of a step that carries a chunk to a
-decode step bounds its TPOT against the median's.
+while it had work; the same requests, so less is cheaper serving). A request with few output
+tokens has a TPOT of one or two gaps: the step after its first token is what it sees, so the
+ratio of a step that carries a chunk to a decode step bounds its TPOT against the median's.
+A budget `NxK` adapts under step time factor K (--step-time-factor); --repeats R runs the
+budgets R times, interleaved, so that a shared machine's noise falls on all of them.
 Compare with benchmarks/two_level.py, which adds the serving path (router, HTTP, client) on the
 same cores.
 """
