@@ -21,12 +21,13 @@ engine's own clock predicts them (step_time.py: seconds = fixed + per_token x to
 on its recent steps). A step's fixed part is the same with one token or a hundred (each
 layer's kernels once, the weights read once, the host's planning and sampling), so a fixed
 small budget pays it again for every slice of a long prompt: on the tiny Llama of the
-benchmarks on one CPU thread, a 320-token prompt in 32-token chunks took 1.5-1.6x its
-whole-prompt prefill, of which prefix attention was 0.1x and the extra steps' fixed cost the
-rest (benchmarks/chunk_budget.py). Under K, a step lasts at most K decode steps, so a
-request's time per output token stays within K times a step of decodes alone, while the
-chunks grow as large as that allows: the more the fixed part weighs, the larger. The fixed
-budget stays the floor, and the whole budget while the clock has no fit yet.
+benchmarks on one CPU thread, a 320-token prompt in 32-token chunks took 1.5-1.7x its
+whole-prompt prefill, of which the same chunk sizes with no prefix to read took 1.3-1.5x
+(benchmarks/chunk_cost.py); in 64-token chunks 1.1-1.2x, in 128 about 1.0x. Under K, a
+step lasts at most K decode steps, so a request's time per output token stays within K times
+a step of decodes alone, while the chunks grow as large as that allows: the more the fixed
+part weighs, the larger. The fixed budget stays the floor, and the whole budget while the
+clock has no fit yet.
 
 Encoder-decoder models (T5) cannot be chunked, and a budget given for one is refused at start:
 the encoder is bidirectional (every prompt token attends to every other, later ones
