@@ -132,9 +132,8 @@ def format_matrix(name: str, results: TraceResults, runs: list[Run], loads: list
         for run in runs:
             metrics = results.cells[(run.name, load)]
             within = metric(metrics, ("fraction_within_bound",))
-            label = f"{run.router_policy} / {run.name.split('+', 1)[0]}" + (
-                f"+chunk{run.max_tokens_per_step}" if run.max_tokens_per_step else ""
-            )
+            engine, _, *chunked = run.name.split("+", 2)  # engine+router[+chunkN[xK]]
+            label = "+".join([f"{run.router_policy} / {engine}", *chunked])
             bound = f"{within:10.2f}" if within is not None else f"{'-':>10}"
             lines.append(f"{label:36}{cells(metrics)}{ratios(metrics, base)}{bound}")
     return "\n".join(lines)
@@ -206,7 +205,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trace-dir", type=Path, required=True, help="holds the Azure CSVs")
     parser.add_argument("--traces", default="conv,code", help="conv and/or code")
-    parser.add_argument("--combos", default=DEFAULT_COMBOS, help="engine+router[+chunkN],...")
+    parser.add_argument("--combos", default=DEFAULT_COMBOS, help="engine+router[+chunkN[xK]],...")
     parser.add_argument("--loads", default="0.5,0.8,0.95", help="fractions of the capacity")
     parser.add_argument("--requests-per-cell", type=int, default=40)
     parser.add_argument("--length-scale", type=float, default=0.125)
