@@ -90,10 +90,8 @@ def deployment_config(run: Run, setup: Setup) -> DeploymentConfig:
         engine_policy=run.engine_policy,
         max_tokens_per_step=run.max_tokens_per_step,
         torch_threads=setup.torch_threads,
+        step_time_factor=run.step_time_factor,
         extra_router_args=(f"--policy={run.router_policy}",),
-        extra_worker_args=(
-            ("--step-time-factor", str(run.step_time_factor)) if run.step_time_factor else ()
-        ),
     )
 
 

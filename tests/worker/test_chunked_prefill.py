@@ -287,6 +287,14 @@ def test_the_worker_refuses_a_budget_for_t5_at_start(caplog: pytest.LogCaptureFi
     assert "worker failed to start: --max-tokens-per-step" in caplog.text
 
 
+def test_the_worker_refuses_a_step_time_factor_without_a_budget(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    args = ["worker", "--model", "exegpt-tiny-t5", "--port", "0", "--step-time-factor", "2.5"]
+    assert cli.main(args) == 1
+    assert "step_time_factor must be > 1 and needs max_tokens_per_step" in caplog.text
+
+
 def test_the_load_counts_the_prompt_tokens_an_admitted_request_has_yet_to_chunk(llama) -> None:
     _, loaded = llama
     config = _config(8)
