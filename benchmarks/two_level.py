@@ -57,7 +57,7 @@ DEFAULT_COMBOS = (
 # mixed step of 32 tokens took ~2x a decode step, of 64 ~3x, of 256 ~4-6x
 # (benchmarks/chunk_budget.py). Adapting it (x2.5: a step within 2.5 decode steps alone) lets
 # a long prompt take fewer, larger chunks where the step's fixed part weighs.
-TARGET = "memory_aware+token_aware+chunk32x2.5"
+TARGET = "memory_aware+token_aware+chunk32"
 BURST = math.inf  # the load of a replay with every request at once
 
 
