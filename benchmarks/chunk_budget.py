@@ -12,8 +12,8 @@ tokens, every step kind's mean, p99 and max time, and the same of the requests' 
 while it had work; the same requests, so less is cheaper serving). A request with few output
 tokens has a TPOT of one or two gaps: the step after its first token is what it sees, so the
 ratio of a step that carries a chunk to a decode step bounds its TPOT against the median's.
-A budget `NxK` adapts under step time factor K (--step-time-factor); --repeats R runs the
-budgets R times, interleaved, so that a shared machine's noise falls on all of them.
+--repeats R runs the budgets R times, interleaved, so that a shared machine's noise falls on
+all of them.
 Compare with benchmarks/two_level.py, which adds the serving path (router, HTTP, client) on the
 same cores.
 """
@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from policy_runs import parse_budget  # noqa: E402
 from two_level import TRACES, build_tiny_llama  # noqa: E402
 
 from exegpt.generation import SamplingParams  # noqa: E402
@@ -121,9 +120,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trace-dir", type=Path, required=True, help="holds the Azure CSVs")
     parser.add_argument("--trace", choices=sorted(TRACES), default="conv")
-    parser.add_argument(
-        "--budgets", default="off,256,64", help="tokens a step, N or NxK (adapting), or off"
-    )
+    parser.add_argument("--budgets", default="off,256,64", help="tokens a step, or off")
     parser.add_argument("--rate", type=float, default=10.0, help="Poisson arrivals a second")
     parser.add_argument("--requests", type=int, default=80)
     parser.add_argument("--length-scale", type=float, default=0.125)
@@ -151,12 +148,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         loaded = load_model(str(build_tiny_llama(Path(tmp) / "tiny-llama")))
         for budget in args.budgets.split(",") * args.repeats:  # interleaved: same noise
-            tokens, factor = (None, None) if budget == "off" else parse_budget(budget)
             config = EngineConfig(
                 max_batch_size=args.max_batch_size,
                 kv_capacity_bytes=int(args.kv_cache_mb * 2**20),
-                max_tokens_per_step=tokens,
-                step_time_factor=factor,
+                max_tokens_per_step=None if budget == "off" else int(budget),
                 policy=PolicyConfig(EnginePolicy(args.engine_policy)),
             )
             times, steps = replay(loaded, config, rows, gaps_s)

@@ -45,27 +45,18 @@ class Run:
     engine_policy: str
     router_policy: str
     max_tokens_per_step: int | None = None  # chunked prefill; None: off
-    step_time_factor: float | None = None  # the budget adapts (--step-time-factor); None: fixed
 
     @property
     def name(self) -> str:
         chunked = f"+chunk{self.max_tokens_per_step}" if self.max_tokens_per_step else ""
-        adaptive = f"x{self.step_time_factor:g}" if self.step_time_factor else ""
-        return f"{self.engine_policy}+{self.router_policy}{chunked}{adaptive}"
+        return f"{self.engine_policy}+{self.router_policy}{chunked}"
 
     @classmethod
     def parse(cls, combo: str) -> Run:
-        """`engine+router`, `engine+router+chunkN` or `engine+router+chunkNxK` (the budget N
-        adapts under step time factor K)."""
+        """`engine+router` or `engine+router+chunkN`."""
         engine, router, *chunk = combo.split("+")
-        budget, factor = parse_budget(chunk[0].removeprefix("chunk")) if chunk else (None, None)
-        return cls(engine, router, budget, factor)
-
-
-def parse_budget(text: str) -> tuple[int, float | None]:
-    """`N` (a fixed budget of N tokens a step) or `NxK` (N adapting under step time factor K)."""
-    budget, _, factor = text.partition("x")
-    return int(budget), float(factor) if factor else None
+        budget = int(chunk[0].removeprefix("chunk")) if chunk else None
+        return cls(engine, router, budget)
 
 
 @dataclass(frozen=True)
@@ -90,7 +81,6 @@ def deployment_config(run: Run, setup: Setup) -> DeploymentConfig:
         engine_policy=run.engine_policy,
         max_tokens_per_step=run.max_tokens_per_step,
         torch_threads=setup.torch_threads,
-        step_time_factor=run.step_time_factor,
         extra_router_args=(f"--policy={run.router_policy}",),
     )
 

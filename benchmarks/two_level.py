@@ -50,13 +50,11 @@ from services.scheduler.simulator.kv_policy import SimRequest, simulate_kv_polic
 TRACES = {"conv": "azure2023_conv.csv", "code": "azure2023_code.csv"}
 DEFAULT_COMBOS = (
     "fcfs+round_robin,fcfs+least_requests,fcfs+power_of_two,fcfs+token_aware,"
-    "memory_aware+round_robin,memory_aware+token_aware,memory_aware+token_aware+chunk32,"
-    "memory_aware+token_aware+chunk32x2.5"
+    "memory_aware+round_robin,memory_aware+token_aware,memory_aware+token_aware+chunk32"
 )
 # The budget bounds the step a decode waits through: on the tiny model on one CPU thread a
 # mixed step of 32 tokens took ~2x a decode step, of 64 ~3x, of 256 ~4-6x
-# (benchmarks/chunk_budget.py). Adapting it (x2.5: a step within 2.5 decode steps alone) lets
-# a long prompt take fewer, larger chunks where the step's fixed part weighs.
+# (benchmarks/chunk_budget.py).
 TARGET = "memory_aware+token_aware+chunk32"
 BURST = math.inf  # the load of a replay with every request at once
 
@@ -134,8 +132,9 @@ def format_matrix(name: str, results: TraceResults, runs: list[Run], loads: list
         for run in runs:
             metrics = results.cells[(run.name, load)]
             within = metric(metrics, ("fraction_within_bound",))
-            engine, _, *chunked = run.name.split("+", 2)  # engine+router[+chunkN[xK]]
-            label = "+".join([f"{run.router_policy} / {engine}", *chunked])
+            label = f"{run.router_policy} / {run.name.split('+', 1)[0]}" + (
+                f"+chunk{run.max_tokens_per_step}" if run.max_tokens_per_step else ""
+            )
             bound = f"{within:10.2f}" if within is not None else f"{'-':>10}"
             lines.append(f"{label:36}{cells(metrics)}{ratios(metrics, base)}{bound}")
     return "\n".join(lines)
@@ -207,7 +206,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trace-dir", type=Path, required=True, help="holds the Azure CSVs")
     parser.add_argument("--traces", default="conv,code", help="conv and/or code")
-    parser.add_argument("--combos", default=DEFAULT_COMBOS, help="engine+router[+chunkN[xK]],...")
+    parser.add_argument("--combos", default=DEFAULT_COMBOS, help="engine+router[+chunkN],...")
     parser.add_argument("--loads", default="0.5,0.8,0.95", help="fractions of the capacity")
     parser.add_argument("--requests-per-cell", type=int, default=40)
     parser.add_argument("--length-scale", type=float, default=0.125)

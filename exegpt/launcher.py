@@ -73,7 +73,6 @@ class DeploymentConfig:
     max_batch_size: int = 32
     engine_policy: str | None = None  # None: the worker's default (fcfs)
     max_tokens_per_step: int | None = None  # chunked prefill budget; None: off
-    step_time_factor: float | None = None  # the budget adapts (--step-time-factor); None: fixed
     kv_cache_mb: float = 256.0
     # Passed to every worker, which resolves `auto` and tells its stages the result.
     dtype: str = DEFAULT_DTYPE
@@ -232,8 +231,6 @@ class Deployment:
             *(["--engine-policy", self.config.engine_policy] if self.config.engine_policy else []),
             *(["--max-tokens-per-step", str(self.config.max_tokens_per_step)]
               if self.config.max_tokens_per_step else []),
-            *(["--step-time-factor", str(self.config.step_time_factor)]
-              if self.config.step_time_factor else []),
             "--kv-cache-mb", str(self.config.kv_cache_mb),
             "--dtype", self.config.dtype,
             "--torch-threads", str(threads),

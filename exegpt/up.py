@@ -82,13 +82,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(decoder-only models; default off)",
     )
     parser.add_argument(
-        "--step-time-factor",
-        type=float,
-        default=None,
-        help="with --max-tokens-per-step N: a step may carry more than N while predicted to "
-        "last at most K times its decodes alone (default off: a fixed N)",
-    )
-    parser.add_argument(
         "--dtype",
         choices=DTYPE_CHOICES,
         default=defaults.dtype,
@@ -147,7 +140,6 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
         max_batch_size=args.max_batch_size,
         engine_policy=args.engine_policy,
         max_tokens_per_step=args.max_tokens_per_step,
-        step_time_factor=args.step_time_factor,
         kv_cache_mb=args.kv_cache_mb,
         dtype=args.dtype,
         torch_threads=args.torch_threads,

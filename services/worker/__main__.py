@@ -159,14 +159,6 @@ def _add_policy_arguments(parser: argparse.ArgumentParser, policy: PolicyConfig)
         "first and chunks of the waiting prompts in what they leave (decoder-only models: "
         "refused for T5, whose encoder cannot take a prompt in chunks; default off)",
     )
-    parser.add_argument(
-        "--step-time-factor",
-        type=float,
-        default=None,
-        help="with --max-tokens-per-step: let a step carry more prompt tokens than N while the "
-        "engine's clock predicts it lasts at most K (> 1) times a step of its decodes alone, "
-        "so time per output token stays within about K decode steps (default off: fixed N)",
-    )
 
 
 def policy_from_args(args: argparse.Namespace) -> PolicyConfig:
@@ -223,7 +215,6 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
             kv_block_size_tokens=args.kv_block_size,
             num_micro_batches=micro_batches,
             max_tokens_per_step=args.max_tokens_per_step,
-            step_time_factor=args.step_time_factor,
         ),
     )
 

@@ -39,9 +39,6 @@ class EngineConfig:
     # Chunked prefill (--max-tokens-per-step): at most this many prompt tokens a step, chunk
     # steps alternating with decode steps (services/worker/chunked.py); None: off.
     max_tokens_per_step: int | None = None
-    # --step-time-factor K: the budget above binds only where a step would last more than K
-    # times its decodes alone, as the engine's clock predicts (chunked.py); None: fixed.
-    step_time_factor: float | None = None
 
     def __post_init__(self) -> None:
         if not self.batching.is_baseline and self.schedule is None:
@@ -52,10 +49,6 @@ class EngineConfig:
             raise ValueError("max_batch_size and max_queue_size must be >= 1")
         if self.max_tokens_per_step is not None and self.max_tokens_per_step < 1:
             raise ValueError("max_tokens_per_step must be >= 1")
-        if self.step_time_factor is not None and not (
-            self.max_tokens_per_step is not None and self.step_time_factor > 1
-        ):
-            raise ValueError("step_time_factor must be > 1 and needs max_tokens_per_step")
         if self.num_micro_batches < 1:
             raise ValueError("num_micro_batches must be >= 1")
         if self.kv_capacity_bytes <= 0 or self.kv_block_size_tokens < 1:

@@ -68,10 +68,6 @@ class Sequence:
             return self.chunk_end, 1
         return len(self.request.prompt_token_ids), len(self.output_token_ids) + 1
 
-    def step_tokens(self) -> int:
-        """New tokens its planned (or in-flight) step carries: a decode's one, or its chunk."""
-        return 1 if self.prefilled else self.chunk_end - self.chunk_start
-
     def partial_chunk_done(self) -> bool:
         """After a step of it: True when it was a chunk before the prefill's last (its
         token is dropped: no token comes from the middle of a prompt)."""

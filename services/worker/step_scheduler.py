@@ -59,9 +59,7 @@ class StepScheduler(Admission):
         self.policy = make_policy(config.policy, self.lengths)
         self.mode = make_mode(config, self.policy)
         self._num_groups = self.mode.num_micro_batches
-        self._chunks = chunk_budget(
-            config.max_tokens_per_step, model_config.is_encoder_decoder, config.step_time_factor
-        )
+        self._chunks = chunk_budget(config.max_tokens_per_step, model_config.is_encoder_decoder)
         self._lock = threading.Lock()
         self._waiting: collections.deque[EngineRequest] = collections.deque()
         self._preempted: list[Sequence] = []  # the head of the queue, oldest admission first
@@ -231,8 +229,6 @@ class StepScheduler(Admission):
             return []
         if result.error is None:  # observed before tokens advance and finished KV is freed
             self._observations.add_handoffs(len(seqs), result)
-            if self._chunks is not None:
-                self._chunks.observe(sum(s.step_tokens() for s in seqs), result.compute_s)
             if kind in (StepKind.PREFILL, StepKind.DECODE):  # see observations.py
                 self._observations.add_step(seqs, result, kind is StepKind.DECODE)
         deliveries: list[Delivery] = []

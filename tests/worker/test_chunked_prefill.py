@@ -95,18 +95,6 @@ def test_chunked_greedy_tokens_equal_unchunked_in_process(llama, budget: int, po
     assert StepKind.MIXED in kinds
 
 
-def test_an_adaptive_budget_keeps_the_greedy_tokens(llama) -> None:
-    """Under a step time factor the chunks take whatever sizes the engine's clock allows (its
-    choices are tested on synthetic clocks in test_chunk_budget.py): the tokens stay."""
-    _, loaded = llama
-    expected = _run(build_engine(loaded, _config(None)), PROMPTS, STAGGERED)
-    chunked = build_engine(loaded, _config(4, 2, step_time_factor=3.0))
-    kinds: list[StepKind] = []
-    chunked.step_observers.append(lambda kind, num_rows, result: kinds.append(kind))
-    assert _run(chunked, PROMPTS, STAGGERED) == expected
-    assert StepKind.MIXED in kinds
-
-
 def test_a_preempted_chunked_request_is_recomputed_in_chunks_with_the_same_tokens(llama) -> None:
     _, loaded = llama
     num_tokens = 16
@@ -285,14 +273,6 @@ def test_the_worker_refuses_a_budget_for_t5_at_start(caplog: pytest.LogCaptureFi
     args = ["worker", "--model", "exegpt-tiny-t5", "--port", "0", "--max-tokens-per-step", "4"]
     assert cli.main(args) == 1
     assert "worker failed to start: --max-tokens-per-step" in caplog.text
-
-
-def test_the_worker_refuses_a_step_time_factor_without_a_budget(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    args = ["worker", "--model", "exegpt-tiny-t5", "--port", "0", "--step-time-factor", "2.5"]
-    assert cli.main(args) == 1
-    assert "step_time_factor must be > 1 and needs max_tokens_per_step" in caplog.text
 
 
 def test_the_load_counts_the_prompt_tokens_an_admitted_request_has_yet_to_chunk(llama) -> None:
