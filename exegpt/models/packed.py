@@ -145,9 +145,8 @@ def chunk_group(
     CPU), and the columns past a row's last key are masked and zeroed."""
     num_keys = first + count
     num_blocks = -(-num_keys // block_size)
-    first_keys = torch.arange(0, num_blocks * block_size, block_size).clamp(max=num_keys - 1)
-    index = torch.tensor(row_starts)[:, None] + first_keys[None]  # [b, M]
-    key_blocks = read_slots[index.to(read_slots.device)] // block_size
+    lengths = [num_keys] * len(row_starts)
+    key_blocks = block_index(read_slots, row_starts, lengths, num_blocks, block_size)
     width = num_blocks * block_size
     mask = _row_mask(first, count, num_keys, window, query_index.device, width)
     hidden_keys = None
@@ -204,11 +203,8 @@ def decode_buckets(
     for group in groups:
         num_blocks = -(-kv_lengths[group[0]] // block_size)
         columns = torch.arange(num_blocks * block_size)
-        lengths = torch.tensor([kv_lengths[b] for b in group])
-        offsets = torch.tensor([key_starts[b] for b in group])
-        # A row's block j holds its key j * block_size; padding blocks repeat its last block.
-        first_keys = torch.arange(0, num_blocks * block_size, block_size)
-        index = offsets[:, None] + torch.minimum(first_keys[None], lengths[:, None] - 1)
+        row_lengths = [kv_lengths[b] for b in group]
+        lengths = torch.tensor(row_lengths)
         visible = columns[None] < lengths[:, None]  # [b, M * block_size]
         if window is not None:
             visible = visible & (columns[None] > lengths[:, None] - 1 - window)
@@ -219,12 +215,30 @@ def decode_buckets(
         buckets.append(
             DecodeBucket(
                 query_index=torch.tensor([starts[b] for b in group], device=device),
-                key_blocks=read_slots[index.to(device)] // block_size,
+                key_blocks=block_index(
+                    read_slots, [key_starts[b] for b in group], row_lengths, num_blocks, block_size
+                ),
                 mask=mask,
                 hidden_keys=hidden_keys,
             )
         )
     return tuple(buckets)
+
+
+def block_index(
+    read_slots: Tensor,
+    key_starts: list[int],
+    lengths: list[int],
+    num_blocks: int,
+    block_size: int,
+) -> Tensor:
+    """The KV blocks [b, num_blocks] of rows whose keys are `read_slots[key_starts[b]:]
+    [:lengths[b]]`: block j holds key j * block_size. A row of fewer blocks than num_blocks
+    (a decode bucket's shorter rows) repeats its last block, whose columns the mask hides."""
+    first_keys = torch.arange(0, num_blocks * block_size, block_size)[None]
+    last_keys = torch.tensor(lengths)[:, None] - 1
+    index = torch.tensor(key_starts)[:, None] + torch.minimum(first_keys, last_keys)
+    return read_slots[index.to(read_slots.device)] // block_size
 
 
 def packed_attention(
@@ -246,11 +260,9 @@ def packed_attention(
             keys, values = k[group.query_index], v[group.query_index]  # [b, T, H_kv, D]
         else:
             assert cache_k is not None and cache_v is not None
-            keys = gather_blocks(cache_k, group.key_blocks, layout.block_size)
-            values = gather_blocks(cache_v, group.key_blocks, layout.block_size)
-            if group.hidden_keys is not None:  # stale, maybe non-finite: zeroed (see below)
-                keys.view(-1, *keys.shape[2:]).index_fill_(0, group.hidden_keys, 0)
-                values.view(-1, *values.shape[2:]).index_fill_(0, group.hidden_keys, 0)
+            keys, values = gather_keys(
+                cache_k, cache_v, group.key_blocks, group.hidden_keys, layout.block_size
+            )
         queries = q[group.query_index]  # [b, T_q, H, D]
         out[group.query_index] = _kernel(queries, keys, values, group.mask, scale, gqa)
     attend_buckets(q, out, cache_k, cache_v, layout.buckets, layout.block_size, scale)
@@ -271,14 +283,9 @@ def attend_buckets(
     for bucket in buckets:
         assert cache_k is not None and cache_v is not None
         queries = q[bucket.query_index]  # [b, H, D]
-        keys = gather_blocks(cache_k, bucket.key_blocks, block_size)  # [b, T, H_kv, D]
-        values = gather_blocks(cache_v, bucket.key_blocks, block_size)
-        if bucket.hidden_keys is not None:
-            # The hidden columns of a row's last block may hold stale K/V of a freed block's
-            # earlier owner, even non-finite: zero them so no other request sees a NaN (a
-            # row index fill: a broadcast masked_fill of [b, T, 1, 1] ran 15x slower).
-            keys.view(-1, *keys.shape[2:]).index_fill_(0, bucket.hidden_keys, 0)
-            values.view(-1, *values.shape[2:]).index_fill_(0, bucket.hidden_keys, 0)
+        keys, values = gather_keys(
+            cache_k, cache_v, bucket.key_blocks, bucket.hidden_keys, block_size
+        )
         out[bucket.query_index] = decode_kernel(queries, keys, values, bucket.mask, scale)
 
 
@@ -298,6 +305,26 @@ def padded_decode_buckets(
     return decode_buckets(
         rows, rows, lengths, key_starts, read_slots.reshape(-1), None, padding, block_size
     )
+
+
+def gather_keys(
+    cache_k: Tensor,
+    cache_v: Tensor,
+    key_blocks: Tensor,
+    hidden_keys: Tensor | None,
+    block_size: int,
+) -> tuple[Tensor, Tensor]:
+    """The K and V [b, M * block_size, H_kv, D] of blocks [b, M], with the `hidden_keys`
+    (indices into the flattened b * M * block_size) zeroed: a masked column of a row's last
+    block may hold stale K/V of a freed block's earlier owner, even non-finite, and a NaN
+    times a zero weight is still NaN. Zeroed by a row index fill (a broadcast masked_fill of
+    [b, T, 1, 1] ran 15x slower)."""
+    keys = gather_blocks(cache_k, key_blocks, block_size)
+    values = gather_blocks(cache_v, key_blocks, block_size)
+    if hidden_keys is not None:
+        keys.view(-1, *keys.shape[2:]).index_fill_(0, hidden_keys, 0)
+        values.view(-1, *values.shape[2:]).index_fill_(0, hidden_keys, 0)
+    return keys, values
 
 
 def gather_blocks(cache: Tensor, blocks: Tensor, block_size: int) -> Tensor:

@@ -235,11 +235,12 @@ def test_stale_non_finite_kv_in_reused_blocks_reaches_no_request(
 def test_stale_non_finite_kv_reaches_no_prefill_chunk(
     checkpoints: dict[str, Checkpoint], variant: str
 ) -> None:
-    """A 13-token prompt prefilled in chunks of 5, 5 and 3 over a pool of NaN (4-token blocks:
-    each chunk's keys end inside a block whose tail is unwritten) gives the logits of a clean
-    pool; each chunk reads its prefix and itself by whole blocks."""
+    """Two 13-token prompts prefilled in step, in chunks of 5, 5 and 3, over a pool of NaN
+    (4-token blocks: each chunk's keys end inside a block whose tail is unwritten) give the
+    logits of a clean pool. Each chunk reads its prefix and itself by whole blocks; the two
+    rows of a chunk step are one group, so the second row's tail sits one row further on."""
     loaded = checkpoints[variant].loaded
-    prompt = [(3 * j) % 90 + 4 for j in range(13)]
+    prompts = [[(3 * j) % 90 + 4 for j in range(13)], [(7 * j) % 90 + 5 for j in range(13)]]
 
     def chunked_logits(poisoned: bool) -> torch.Tensor:
         runner = make_runner(loaded)
@@ -248,14 +249,16 @@ def test_stale_non_finite_kv_reaches_no_prefill_chunk(
             for layer in pool.layers:
                 layer.k[:-1].fill_(float("nan"))  # all but the pool's null slot
                 layer.v[:-1].fill_(float("nan"))
-        seq = SequenceKV()
+        seqs = [SequenceKV() for _ in prompts]
         logits = []
         for start, end in [(0, 5), (5, 10), (10, 13)]:
-            pool.allocator.grow([seq], pool.block_size_tokens, [end], None)
+            pool.allocator.grow(seqs, pool.block_size_tokens, [end] * len(seqs), None)
             with torch.inference_mode():
-                batch = builder.packed([seq], [prompt[start:end]], [start])
-                logits.append(runner.model.decode(batch, pool.layers)[0])
-            seq.num_self_tokens = end
+                chunks = [prompt[start:end] for prompt in prompts]
+                batch = builder.packed(seqs, chunks, [start] * len(seqs))
+                logits.append(runner.model.decode(batch, pool.layers))  # [2, vocab]
+            for seq in seqs:
+                seq.num_self_tokens = end
         return torch.stack(logits)
 
     poisoned = chunked_logits(poisoned=True)
