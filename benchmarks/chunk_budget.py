@@ -8,9 +8,12 @@ For each budget (`off`: whole prompts) it prints TTFT p50/p99 and TPOT p50/p99 a
 engine's own token times give them (TPOT as the bench defines it: (last token - first) /
 (tokens - 1) per request), TPOT p99 / p50, the p99 of each request's longest gap between two
 tokens, every step kind's mean, p99 and max time, and the same of the requests' queue time
-(arrival to admission). A request with few output tokens has a TPOT of one or two gaps: the
-step after its first token is what it sees, so the ratio of a step that carries a chunk to a
-decode step bounds its TPOT against the median's.
+(arrival to admission), and the engine's busy seconds (its clock: forwards and host work
+while it had work; the same requests, so less is cheaper serving). A request with few output
+tokens has a TPOT of one or two gaps: the step after its first token is what it sees, so the
+ratio of a step that carries a chunk to a decode step bounds its TPOT against the median's.
+--repeats R runs the budgets R times, interleaved, so that a shared machine's noise falls on
+all of them.
 Compare with benchmarks/two_level.py, which adds the serving path (router, HTTP, client) on the
 same cores.
 """
@@ -76,6 +79,11 @@ def replay(
     finally:
         engine.stop()
     steps["queue"] = queued  # reported beside the steps
+    totals = engine.stats().step_totals
+    steps["busy"] = [  # the engine clock: forward and host seconds while it had work
+        sum(t.forward_s for t in totals),
+        sum(t.host_s for t in totals),
+    ]
     return times, steps
 
 
@@ -90,6 +98,11 @@ def report(label: str, times: dict[int, list[float]], steps: dict[str, list[floa
         f"{label:>8}{ttft50:10.0f}{ttft99:10.0f}{tpot50:10.1f}{tpot99:10.1f}"
         f"{tpot99 / tpot50:10.2f}{np.percentile(gaps, 99) * 1e3:10.0f}"
     ]
+    forward_s, host_s = steps.pop("busy")
+    lines.append(
+        f"{'':8}  busy {forward_s + host_s:6.2f} s: forward {forward_s:6.2f} s, host "
+        f"{host_s:6.2f} s"
+    )
     for kind, seconds in sorted(steps.items()):
         mean, p99, most = (f(seconds) * 1e3 for f in (np.mean, _p99, max))
         lines.append(
@@ -115,6 +128,7 @@ def main() -> int:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--engine-policy", default="memory_aware")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over the budgets")
     args = parser.parse_args()
     import torch
 
@@ -133,7 +147,7 @@ def main() -> int:
     print("".join(f"{h:>10}" if i else f"{h:>8}" for i, h in enumerate(head)))
     with tempfile.TemporaryDirectory() as tmp:
         loaded = load_model(str(build_tiny_llama(Path(tmp) / "tiny-llama")))
-        for budget in args.budgets.split(","):
+        for budget in args.budgets.split(",") * args.repeats:  # interleaved: same noise
             config = EngineConfig(
                 max_batch_size=args.max_batch_size,
                 kv_capacity_bytes=int(args.kv_cache_mb * 2**20),

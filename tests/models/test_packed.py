@@ -229,3 +229,38 @@ def test_stale_non_finite_kv_in_reused_blocks_reaches_no_request(
     poisoned = decode_logits(poisoned=True)
     assert torch.isfinite(poisoned).all()
     torch.testing.assert_close(poisoned, decode_logits(poisoned=False), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", FAMILIES)
+def test_stale_non_finite_kv_reaches_no_prefill_chunk(
+    checkpoints: dict[str, Checkpoint], variant: str
+) -> None:
+    """Two 13-token prompts prefilled in step, in chunks of 5, 5 and 3, over a pool of NaN
+    (4-token blocks: each chunk's keys end inside a block whose tail is unwritten) give the
+    logits of a clean pool. Each chunk reads its prefix and itself by whole blocks; the two
+    rows of a chunk step are one group, so the second row's tail sits one row further on."""
+    loaded = checkpoints[variant].loaded
+    prompts = [[(3 * j) % 90 + 4 for j in range(13)], [(7 * j) % 90 + 5 for j in range(13)]]
+
+    def chunked_logits(poisoned: bool) -> torch.Tensor:
+        runner = make_runner(loaded)
+        pool, builder = runner.pool, runner.builder
+        if poisoned:
+            for layer in pool.layers:
+                layer.k[:-1].fill_(float("nan"))  # all but the pool's null slot
+                layer.v[:-1].fill_(float("nan"))
+        seqs = [SequenceKV() for _ in prompts]
+        logits = []
+        for start, end in [(0, 5), (5, 10), (10, 13)]:
+            pool.allocator.grow(seqs, pool.block_size_tokens, [end] * len(seqs), None)
+            with torch.inference_mode():
+                chunks = [prompt[start:end] for prompt in prompts]
+                batch = builder.packed(seqs, chunks, [start] * len(seqs))
+                logits.append(runner.model.decode(batch, pool.layers))  # [2, vocab]
+            for seq in seqs:
+                seq.num_self_tokens = end
+        return torch.stack(logits)
+
+    poisoned = chunked_logits(poisoned=True)
+    assert torch.isfinite(poisoned).all()
+    torch.testing.assert_close(poisoned, chunked_logits(poisoned=False), rtol=0, atol=0)
