@@ -38,7 +38,10 @@ def test_plan_prints_and_writes_json_and_plots(
     assert "chosen:" in out and "static" in out and "continuous" in out and "evaluations" in out
     report = json.loads(report_path.read_text())
     assert report["meets_bound"] is True
-    assert report["schedule"]["kind"] in ("rra", "waa-c", "waa-m")
+    # The honest answer is the best predicted schedule, whatever its kind (baselines included).
+    feasible = {k: v for k, v in report["best_by_kind"].items() if v["feasible"]}
+    best = max(feasible, key=lambda k: feasible[k]["throughput_seq_s"])
+    assert report["schedule"]["kind"] == best
     control = {"encode_batch_size", "decode_batch_size", "num_decode_iterations"}
     control |= {"num_micro_batches", "tp_degree", "num_tp_devices", "num_encode_devices"}
     assert control <= set(report["schedule"])
@@ -124,4 +127,5 @@ def test_one_device_searches_rra_and_says_why_waa_is_absent(
     argv = ["plan", "--profile", PROFILE, "--workload", "task:S", "--gpus", "1"]
     assert main([*argv, "--latency-bound", "inf"]) == 0
     out = capsys.readouterr().out
-    assert "chosen: rra" in out and "(needs at least 2 devices)" in out
+    assert "chosen:" in out and "(needs at least 2 devices)" in out
+    assert "rra B_E=" in out  # RRA was searched on the one device

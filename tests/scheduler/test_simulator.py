@@ -54,17 +54,28 @@ def rra(encode_batch: int, iterations: int, **extra: int) -> Schedule:
 
 
 def test_completion_pmf_follows_the_paper_formula() -> None:
-    # S=2 <= N_D=2 finishes at U=2; S=3 > N_D: U = 1 + (2 mod 2) = 1 with weight 1/ceil(3/2).
+    # S=2 <= N_D=2 stays one cycle, S=3 > N_D stays ceil(3/2)=2: E[cycles] = 0.4 + 1.2 = 1.6.
+    # The batch holds them as 0.4/1.6 = 0.25 and 1.2/1.6 = 0.75. S=2 finishes at U=2 (0.25);
+    # S=3 at U = 1 + (2 mod 2) = 1, in one of its 2 cycles (0.75 / 2 = 0.375).
     by_iteration = completion_pmf(pmf({2: 0.4, 3: 0.6}), 2)
-    assert by_iteration == pytest.approx([0.0, 0.3, 0.4])
-    assert decode_batch_size(7, by_iteration) == pytest.approx(10.0)
-    assert iteration_batch_sizes(10.0, by_iteration) == pytest.approx([10.0, 7.0])
+    assert by_iteration == pytest.approx([0.0, 0.375, 0.25])
+    assert decode_batch_size(7, by_iteration) == pytest.approx(11.2)
+    assert iteration_batch_sizes(11.2, by_iteration) == pytest.approx([11.2, 7.0])
+
+
+def test_decode_batch_follows_littles_law() -> None:
+    # B_E=7 a cycle: 2.8 queries of S=2 stay 1 cycle, 4.2 of S=3 stay 2, so the batch holds
+    # 2.8 + 8.4 = 11.2 and, at iteration 2, the 4.2 in their last cycle (U=1) have left.
+    by_iteration = completion_pmf(pmf({2: 0.4, 3: 0.6}), 2)
+    assert decode_batch_size(7, by_iteration) == pytest.approx(2.8 * 1 + 4.2 * 2)
+    assert iteration_batch_sizes(11.2, by_iteration)[1] == pytest.approx(11.2 - 4.2)
 
 
 def test_completion_pmf_long_outputs_spread_over_cycles() -> None:
-    # S=1: U=1 (0.2). S=3: ceil(3/2)=2, U=1 -> 0.25. S=5: ceil(5/2)=3, U=1 -> 0.1.
+    # Cycles: S=1 -> 1, S=3 -> 2, S=5 -> 3; E = 0.2 + 1.0 + 0.9 = 2.1. All finish at U=1
+    # (1 + (S-1) mod 2), each in one of its cycles: (0.2 + 0.5 + 0.3) / 2.1.
     by_iteration = completion_pmf(pmf({1: 0.2, 3: 0.5, 5: 0.3}), 2)
-    assert by_iteration == pytest.approx([0.0, 0.55, 0.0])
+    assert by_iteration == pytest.approx([0.0, 1 / 2.1, 0.0])
     # N_D covering every length: each sequence finishes at U = S within one cycle.
     assert completion_pmf(pmf({1: 0.2, 3: 0.5, 5: 0.3}), 8)[1:6] == pytest.approx(
         [0.2, 0, 0.5, 0, 0.3]
@@ -77,23 +88,23 @@ def test_completion_pmf_long_outputs_spread_over_cycles() -> None:
 def test_rra_two_stage_cycle_matches_hand_computation() -> None:
     problem = toy_problem()
     prediction = simulate(problem, rra(7, 2))
-    # Encode 70 tokens: 0.07 s per one-layer stage + 0.002 s hop. Iterations at B=10 and B=7:
-    # 2 x (0.01 + 0.001 B) + 0.002.
-    encode_s, iteration_s = 0.142, [0.042, 0.036]
+    # Encode 70 tokens: 0.07 s per one-layer stage + 0.002 s hop. B_D = 7 x E[ceil(S/2)] =
+    # 7 x 1.6 = 11.2; iterations at B=11 and B=11.2 - 4.2 = 7: 2 x (0.01 + 0.001 B) + 0.002.
+    encode_s, iteration_s = 0.142, [0.044, 0.036]
     cycle_s = encode_s + sum(iteration_s)
     assert prediction.feasible
-    assert prediction.schedule.decode_batch_size == 10
+    assert prediction.schedule.decode_batch_size == 11
     assert prediction.throughput_seq_s == pytest.approx(7 / cycle_s)
     assert prediction.throughput_tokens_s == pytest.approx(7 / cycle_s * 2.6)
     # p99 = 3 tokens: ceil(3/2) = 2 encodings, finishing at iteration 1 of its second cycle.
     assert prediction.latency_s == pytest.approx(encode_s + cycle_s + iteration_s[0])
-    busy_s = 0.07 + 0.02 + 0.017
+    busy_s = 0.07 + 0.021 + 0.017
     assert prediction.utilisation_per_device == pytest.approx((busy_s / cycle_s,) * 2)
 
 
 def test_rra_memory_is_weights_plus_expected_kv() -> None:
     prediction = simulate(toy_problem(), rra(7, 2))
-    kv_bytes = math.ceil(10 * KV_HEADROOM * 1 * KV_TOKENS * 10)  # B_D x layers x tokens x 10 B
+    kv_bytes = math.ceil(11.2 * KV_HEADROOM * 1 * KV_TOKENS * 10)  # B_D x layers x tokens x 10 B
     assert prediction.memory_bytes_per_device == (1000 + 500 + kv_bytes,) * 2
 
 
@@ -101,14 +112,14 @@ def test_rra_timeline_of_a_two_stage_pipeline() -> None:
     events = timeline(toy_problem(), rra(7, 2))
     expected = [
         (0, 0.0, 0.07, "encode"),
-        (0, 0.142, 0.162, "decode"),
-        (0, 0.184, 0.201, "decode"),
+        (0, 0.142, 0.163, "decode"),
+        (0, 0.186, 0.203, "decode"),
         (1, 0.07, 0.072, "transfer"),
         (1, 0.072, 0.142, "encode"),
-        (1, 0.162, 0.164, "transfer"),
-        (1, 0.164, 0.184, "decode"),
-        (1, 0.201, 0.203, "transfer"),
-        (1, 0.203, 0.22, "decode"),
+        (1, 0.163, 0.165, "transfer"),
+        (1, 0.165, 0.186, "decode"),
+        (1, 0.203, 0.205, "transfer"),
+        (1, 0.205, 0.222, "decode"),
     ]
     got = [(e.device, e.start_s, e.end_s, e.kind) for e in events]
     assert len(got) == len(expected)
@@ -121,7 +132,7 @@ def test_rra_partial_tensor_parallelism_adds_allreduce() -> None:
     prediction = simulate(toy_problem(), rra(7, 2, tp_degree=2, num_tp_devices=2))
     # One TP stage holding both layers at half the compute, plus 2 all-reduces per layer.
     encode_s = 2 * 0.035 + 4 * 0.0005
-    iteration_s = [2 * 0.01 + 4 * 0.0005, 2 * 0.0085 + 4 * 0.0005]
+    iteration_s = [2 * 0.0105 + 4 * 0.0005, 2 * 0.0085 + 4 * 0.0005]  # B = 11, then 7
     cycle_s = encode_s + sum(iteration_s)
     assert prediction.throughput_seq_s == pytest.approx(7 / cycle_s)
     kinds = {e.kind for e in timeline(toy_problem(), prediction.schedule)}

@@ -12,7 +12,9 @@ stage times plus the P - 1 activation transfers, and a device idles while the ot
 The encoded batch joins the decode batch; encoding blocks decoding (the runtime alternates).
 
 Batch sizes follow the paper: a query of output length S finishes U iterations after an
-encoding with P_D(U|S) (docs/design.md section 3.2), B_D = B_E / sum_U P_D(U), and iteration u runs
+encoding with P_D(U|S) (docs/design.md section 3.2), weighted by the lengths of the sequences
+in the decode batch (a query stays ceil(S / N_D) cycles, so long ones are over-represented
+there), B_D = B_E / sum_U P_D(U) = B_E * E[ceil(S / N_D)], and iteration u runs
 the B_D sequences that have not finished in iterations 1..u-1: b_u = B_D (1 - sum_{U<u} P_D(U)).
 B_E sequences finish per cycle, so throughput = B_E / cycle_s. The p99-length sequence needs
 S99 iterations: it is encoded, waits through ceil(S99 / N_D) - 1 further encodings and
@@ -48,15 +50,24 @@ from services.scheduler.simulator.common import (
 
 
 def completion_pmf(output_pmf: np.ndarray, num_decode_iterations: int) -> np.ndarray:
-    """P_D(U) for U = 0..N_D (index 0 unused), from P_D(S) and the paper's P_D(U|S)."""
+    """P_D(U) for U = 0..N_D (index 0 unused): the paper's P_D(U|S) weighted by the output
+    lengths of the sequences IN the decode batch, not of the queries encoded.
+
+    A query of length S stays ceil(S / N_D) cycles, so the batch holds it in proportion to
+    P_D(S) * ceil(S / N_D) (Little's law). Weighting by the queries' P_D(S) instead would
+    over-count short sequences and size B_D too small for B_E (the engine, which keeps the
+    batch at B_D, then encodes fewer than B_E per cycle)."""
     n = num_decode_iterations
     lengths = np.arange(len(output_pmf))
+    cycles = np.ceil(lengths / n)
+    in_batch = np.where(lengths >= 1, output_pmf * cycles, 0.0)
+    in_batch = in_batch / in_batch.sum()
     by_iteration = np.zeros(n + 1)
     short = (lengths >= 1) & (lengths <= n)
-    by_iteration += np.bincount(lengths[short], output_pmf[short], minlength=n + 1)
+    by_iteration += np.bincount(lengths[short], in_batch[short], minlength=n + 1)
     long = lengths > n
     finish = 1 + (lengths[long] - 1) % n
-    weight = output_pmf[long] / np.ceil(lengths[long] / n)
+    weight = in_batch[long] / cycles[long]
     by_iteration += np.bincount(finish, weight, minlength=n + 1)
     return by_iteration
 
