@@ -53,13 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--burst",
         type=int,
         default=None,
-        help="requests sent at once to measure the schedule (default: 3 x B_D, 64..600); "
-        "the calibration burst before it is half as many (at least 32)",
+        help="requests sent at once to measure the schedule (default: 3 x B_D per worker "
+        "replica, 64..600); the calibration burst before it is half as many (at least 32)",
     )
     autoplan.add_arguments(parser, plan_flag=False)
     # Task S with a quarter of its lengths: short steps keep the burst brief on a CPU. The
     # bound (10% quantile of static latencies) keeps B_D small enough that a burst of 3 x B_D
-    # reaches a steady state.
+    # per replica reaches a steady state.
     parser.set_defaults(length_scale=0.25, latency_bound="auto:0.1")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
 
@@ -177,7 +177,9 @@ def _replan(
 
 
 def _burst_size(auto: autoplan.AutoPlan, args: argparse.Namespace) -> int:
-    return args.burst or min(600, max(64, 3 * auto.plan.schedule.decode_batch_size))
+    """Three running batches for every worker replica (B_D is one replica's batch)."""
+    batches = 3 * auto.plan.schedule.decode_batch_size * auto.plan.num_workers(args.replicas)
+    return args.burst or min(600, max(64, batches))
 
 
 def _print_endpoints(deployment: Deployment, log_dir: Path) -> None:
