@@ -22,7 +22,7 @@ from exegpt.sdk import Client
 from exegpt.v1 import worker_pb2, worker_pb2_grpc
 from services.worker.config import EngineConfig
 from services.worker.server import build_engine
-from tests.worker.test_engine import submit
+from tests.worker.test_engine import run_all_queued
 
 MODEL = "exegpt-tiny-t5"
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18], [19, 20, 21], [22, 23]]
@@ -30,16 +30,7 @@ NUM_TOKENS = 5
 
 
 def _single_process_tokens() -> list[list[int]]:
-    engine = build_engine(load_model(MODEL), EngineConfig())
-    collectors = [
-        submit(engine, p, f"r{i}", max_tokens=NUM_TOKENS, ignore_eos=True)
-        for i, p in enumerate(PROMPTS)
-    ]
-    engine.start()
-    try:
-        return [collector.wait().token_ids for collector in collectors]
-    finally:
-        engine.stop()
+    return run_all_queued(build_engine(load_model(MODEL), EngineConfig()), PROMPTS, NUM_TOKENS)
 
 
 def _write_plan(path: Path) -> Schedule:

@@ -49,6 +49,20 @@ def submit(engine: Engine, prompt: list[int], request_id: str = "r", **sampling)
     return collector
 
 
+def run_all_queued(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Greedy tokens of every prompt, all queued before the engine starts (so the batches do
+    not depend on when the engine thread wakes); stops the engine."""
+    collectors = [
+        submit(engine, p, f"r{i}", max_tokens=max_tokens, ignore_eos=True)
+        for i, p in enumerate(prompts)
+    ]
+    engine.start()
+    try:
+        return [collector.wait().token_ids for collector in collectors]
+    finally:
+        engine.stop()
+
+
 @pytest.fixture()
 def engine_factory(loaded: LoadedModel) -> Iterator:
     engines: list[Engine] = []

@@ -25,7 +25,7 @@ from services.worker.config import EngineConfig
 from services.worker.executor.pipeline import PipelineConfig
 from services.worker.server import build_engine, build_pipeline_engine
 from tests.worker.stages import StagePool, StageProcess
-from tests.worker.test_engine import submit
+from tests.worker.test_engine import run_all_queued, submit
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18]]
 NUM_TOKENS = 6
@@ -206,20 +206,6 @@ BF16_PROMPTS = [[(13 * i + 17 * j + i * j) % 190 + 5 for j in range(4 + 9 * i)] 
 BF16_BLOCKS = 128  # of 4 tokens: every prompt is admitted at the first step
 
 
-def _run_all_queued(engine, prompts: list[list[int]]) -> list[list[int]]:
-    """Like _run, with every request queued before the engine starts: bf16 rounding depends
-    on the GEMM shapes, so the batches must not depend on when the engine thread wakes."""
-    collectors = [
-        submit(engine, p, f"r{i}", max_tokens=NUM_TOKENS, ignore_eos=True)
-        for i, p in enumerate(prompts)
-    ]
-    engine.start()
-    try:
-        return [collector.wait().token_ids for collector in collectors]
-    finally:
-        engine.stop()
-
-
 @pytest.mark.parametrize("variant", ["t5", "llama-gqa"])
 def test_bf16_pipeline_tokens_equal_the_bf16_single_process_engine(
     variant: str, four_layer_models, stage_pool: StagePool
@@ -230,7 +216,7 @@ def test_bf16_pipeline_tokens_equal_the_bf16_single_process_engine(
     # Two micro-batches in both engines and room for every request at once, so each step
     # computes the same rows in both: only the stage boundary differs.
     config = EngineConfig(max_batch_size=8, num_micro_batches=2, kv_block_size_tokens=4)
-    expected = _run_all_queued(build_engine(loaded, config), BF16_PROMPTS)
+    expected = run_all_queued(build_engine(loaded, config), BF16_PROMPTS, NUM_TOKENS)
     pipeline = _pipeline(
         path, placement, stage_pool.addresses(layout), dtype="bfloat16", num_blocks=BF16_BLOCKS
     )
@@ -241,9 +227,9 @@ def test_bf16_pipeline_tokens_equal_the_bf16_single_process_engine(
     model = loaded.config
     bytes_per_token = 2 * model.num_kv_layers * model.num_kv_heads * model.head_dim * 2  # K, V
     assert engine.stats().kv_capacity_bytes == BF16_BLOCKS * 4 * bytes_per_token
-    assert _run_all_queued(engine, BF16_PROMPTS) == expected
+    assert run_all_queued(engine, BF16_PROMPTS, NUM_TOKENS) == expected
     # bf16 changes some of these tokens: equal tokens mean the stages ran bf16 too.
-    float32 = _run_all_queued(build_engine(load_model(str(path)), config), BF16_PROMPTS)
+    float32 = run_all_queued(build_engine(load_model(str(path)), config), BF16_PROMPTS, NUM_TOKENS)
     assert expected != float32
 
 
