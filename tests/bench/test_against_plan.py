@@ -63,6 +63,20 @@ def test_only_the_p99_length_requests_count() -> None:
     assert against_plan.measure(_document(rows), 90).p99_length_latency_s == pytest.approx(5.0)
 
 
+def test_the_drains_fast_tail_does_not_stand_in_for_the_steady_state() -> None:
+    # At steady state a request of S tokens takes 0.1 + 0.05 x S s (lengths 5..15); only three
+    # drain requests, running beside an emptying batch in 0.3 s, reach the p99 length of 16.
+    # The window's line reads 0.1 + 0.05 x 16 = 0.9 s there.
+    rows = [_row(0.0, 0.1, float(i + 1), 5 + i % 11) for i in range(90)]
+    for row in rows:
+        row["generation_s"] = 0.1 + 0.05 * row["output_tokens"]
+    drain = [_row(0.0, 0.1, 100.0 + i, 16 if i < 3 else 5) for i in range(10)]
+    for row in drain:
+        row["generation_s"] = 0.3
+    measured = against_plan.measure(_document(rows + drain), p99_output_tokens=16)
+    assert measured.p99_length_latency_s == pytest.approx(0.9)
+
+
 def test_a_bursts_backlog_before_the_engine_is_left_out() -> None:
     # Every request is served in 2 s once admitted, after waiting up to 3 s in the client's,
     # the gateway's and the router's backlog before the engine received it.
