@@ -144,7 +144,7 @@ def one_run(args: argparse.Namespace, task: str, mode: str, batch: int, scratch:
         calibrated = calibration_from_totals(
             args.profile, calibration_sent, None, calibration_totals
         )
-        profile = calibrated_copy(args.profile, calibrated, scratch, name)
+        profile = calibrated_copy(args.profile, calibrated, scratch, f"{name}-calibrated")
         predicted, calibration = predicted_by(profile, sent), calibrated.describe()
     self_calibration = calibration_from_totals(args.profile, sent, None, totals)
     self_profile = calibrated_copy(args.profile, self_calibration, scratch, f"{name}-self")
