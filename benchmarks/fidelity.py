@@ -10,6 +10,9 @@ uncalibrated one's error is printed beside it. A third prediction ('self') is ca
 the measured burst's own engine clock: the load of a shared machine changes between the
 calibration burst and the measured one, and this one has no such gap, so its error is the
 model's own (how it composes steps into throughput and latency), not the machine's drift.
+Every prediction and calibration is made on the lengths its burst actually sent (the
+burst's prompts and outputs as a trace, `sent_workload`), the latency at the task's p99
+length: a burst's seeded draws run a few percent off its task's distribution.
 Measured figures are read as
 `exegpt bench --against-plan` reads them (exegpt/bench/against_plan.py): steady-state seq/s
 and the p99-length latency. Prints one row per run as it finishes, then the median and
