@@ -10,6 +10,9 @@ uncalibrated one's error is printed beside it. A third prediction ('self') is ca
 the measured burst's own engine clock: the load of a shared machine changes between the
 calibration burst and the measured one, and this one has no such gap, so its error is the
 model's own (how it composes steps into throughput and latency), not the machine's drift.
+Every prediction and calibration is made on the lengths its burst actually sent (the
+burst's prompts and outputs as a trace, `sent_workload`), the latency at the task's p99
+length: a burst's seeded draws run a few percent off its task's distribution.
 Measured figures are read as
 `exegpt bench --against-plan` reads them (exegpt/bench/against_plan.py): steady-state seq/s
 and the p99-length latency. Prints one row per run as it finishes, then the median and
@@ -45,11 +48,12 @@ from exegpt.calibration_pass import (  # noqa: E402
     totals_between,
 )
 from exegpt.launcher import Deployment, DeploymentConfig  # noqa: E402
-from services.scheduler.simulate import PredictRequest, predict  # noqa: E402
+from services.scheduler.simulate import PredictRequest, predict, workload_of  # noqa: E402
 
 TASKS = ("S", "T", "G", "C1", "C2")
 MODES = ("static", "continuous")
 TARGET_MEDIAN, TARGET_WORST = 0.10, 0.20
+TRACE_TIME = "2026-01-01 00:00:00.0"  # a sent burst as a trace: its arrivals do not matter
 
 
 @dataclass(frozen=True)
@@ -99,18 +103,19 @@ class Run:
 def one_run(args: argparse.Namespace, task: str, mode: str, batch: int, scratch: Path) -> Run:
     schedule = f"{mode}:encode_batch_size={batch},decode_batch_size={batch}"
     workload = f"task:{task}"
+    # The latency is the task's p99-length request's, whatever lengths a burst drew.
+    p99_tokens = workload_of(workload, args.length_scale, 1 << 30).output_p99_tokens
 
-    def predicted_by(profile: str) -> dict:
+    def predicted_by(profile: str, sent: str) -> dict:
         request = PredictRequest(
             profile=profile,
-            workload=workload,
+            workload=sent,
             num_devices=1,
             schedule=schedule,
-            length_scale=args.length_scale,
+            latency_output_tokens=p99_tokens,
         )
         return predict(request)
 
-    uncalibrated = predicted_by(args.profile)
     num_requests = max(args.min_requests, args.requests_per_slot * batch)
     config = DeploymentConfig(
         batching=mode, max_batch_size=batch, log_dir=scratch, startup_timeout_s=300.0
@@ -119,27 +124,35 @@ def one_run(args: argparse.Namespace, task: str, mode: str, batch: int, scratch:
     name = f"{task}-{mode}-{batch}"
     with Deployment(config) as deployment:
         worker = deployment.worker_addresses[0]
-        predicted, calibration = uncalibrated, "uncalibrated"
         if args.calibrate:
             work = scratch / f"{name}-calibration"
             work.mkdir(exist_ok=True)
-            totals = calibration_burst(
+            calibration_totals = calibration_burst(
                 deployment, workload, max(args.min_requests, 2 * batch), work,
                 args.length_scale, warmup_requests=batch,
             )  # fmt: skip
-            calibrated = calibration_from_totals(args.profile, workload, args.length_scale, totals)
-            profile = calibrated_copy(args.profile, calibrated, scratch, name)
-            predicted, calibration = predicted_by(profile), calibrated.describe()
         before = engine_totals(worker)
         document = run_bench(
             deployment.http_url, workload, num_requests, scratch / f"{name}.json",
             args.length_scale,
         )  # fmt: skip
         totals = totals_between(before, engine_totals(worker))
-    self_calibration = calibration_from_totals(args.profile, workload, args.length_scale, totals)
+    # Every prediction and calibration is on the lengths its burst sent (`sent_workload`).
+    sent = sent_workload(document, scratch / f"{name}.sent.csv")
+    uncalibrated = predicted_by(args.profile, sent)
+    predicted, calibration = uncalibrated, "uncalibrated"
+    if args.calibrate:
+        calibration_document = json.loads((work / "calibration.json").read_text())
+        calibration_sent = sent_workload(calibration_document, work / "calibration.sent.csv")
+        calibrated = calibration_from_totals(
+            args.profile, calibration_sent, None, calibration_totals
+        )
+        profile = calibrated_copy(args.profile, calibrated, scratch, f"{name}-calibrated")
+        predicted, calibration = predicted_by(profile, sent), calibrated.describe()
+    self_calibration = calibration_from_totals(args.profile, sent, None, totals)
     self_profile = calibrated_copy(args.profile, self_calibration, scratch, f"{name}-self")
-    self_predicted = predicted_by(self_profile)
-    measured = measure(document, int(predicted["output_p99_tokens"]))
+    self_predicted = predicted_by(self_profile, sent)
+    measured = measure(document, p99_tokens)
     decode = totals.get("decode")
     return Run(
         task, mode, batch, num_requests,
@@ -150,6 +163,18 @@ def one_run(args: argparse.Namespace, task: str, mode: str, batch: int, scratch:
         calibration, measured.num_failed, busy_fraction(totals),
         1e3 * decode.host_s / max(1, decode.num_steps) if decode else math.nan,
     )  # fmt: skip
+
+
+def sent_workload(document: dict, path: Path) -> str:
+    """The lengths a bench burst sent (its completed requests' prompts and outputs) as a
+    trace workload, written to `path`. A burst of a hundred requests draws lengths a few
+    percent off its task's distribution (seeded, so always the same way: +4-6% on the outputs
+    of every task at 96-256 requests); predicting on the task would blame the model for it."""
+    rows = [r for r in document["requests"] if r["error"] is None and r["output_tokens"]]
+    lines = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
+    lines += [f"{TRACE_TIME},{r['input_tokens']},{r['output_tokens']}" for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return f"trace:{path}"
 
 
 def busy_fraction(totals: dict) -> float:

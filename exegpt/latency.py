@@ -17,7 +17,7 @@ Measured, it is read the same way on both sides:
 
 The p99-length latency of measured requests is the mean generation latency of those whose
 output is at or beyond the p99 output length (a short run with fewer of them reads it off
-the line of latency against length through all of its requests).
+the line of latency against length through its longer half of requests).
 """
 
 from __future__ import annotations
@@ -54,20 +54,34 @@ def p99_length_latency(
     `p99_tokens` is the workload's p99 length (what a prediction is for); None reads it
     from `generations`. The latency is the mean of the requests at or beyond that length.
     When fewer than MIN_TAIL reached it (a short run), it is read off the least-squares
-    line of latency against output length over all of them, at that length: a request's
-    generation latency is its encoding plus one step per output token, so the line holds
-    the same quantity with every request's evidence.
+    line of latency against output length, at that length: a request's generation latency
+    is its encoding plus one step per output token, so the line holds the same quantity
+    with more requests' evidence. The line runs through the longer half of the requests
+    (at or beyond the median length; all of them when that half does not rise): in a static
+    batch a request's early steps run beside more rows than its late ones, so latency is
+    concave in length, and a line through the short requests overstates the long ones
+    (by 7% on average over 15 static runs of benchmarks/fidelity.py; continuous batching,
+    linear in length, reads the same either way).
     """
     if not generations:
         return math.nan, 0
     length = p99_length(g.output_tokens for g in generations) if p99_tokens is None else p99_tokens
     tail = [g.latency_s for g in generations if g.output_tokens >= length]
-    if len(tail) < MIN_TAIL and (on_line := line_at(generations, length)) is not None:
-        return on_line, length
+    if len(tail) < MIN_TAIL:
+        on_line = line_at(longer_half(generations), length) or line_at(generations, length)
+        if on_line is not None:
+            return on_line, length
     if not tail:  # too noisy for a line: the longest stand in
         longest = max(g.output_tokens for g in generations)
         tail = [g.latency_s for g in generations if g.output_tokens == longest]
     return sum(tail) / len(tail), length
+
+
+def longer_half(generations: list[Generation]) -> list[Generation]:
+    """The requests at or beyond the median output length (the lower median)."""
+    lengths = sorted(g.output_tokens for g in generations)
+    median = lengths[(len(lengths) - 1) // 2]
+    return [g for g in generations if g.output_tokens >= median]
 
 
 def line_at(generations: list[Generation], output_tokens: int) -> float | None:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from exegpt.latency import Generation, p99_length, p99_length_latency
+from exegpt.latency import Generation, line_at, p99_length, p99_length_latency
 
 
 def test_p99_length_is_the_nearest_rank() -> None:
@@ -34,6 +34,19 @@ def test_a_short_run_reads_the_line_through_all_its_requests() -> None:
     assert p99_length_latency([Generation(8, 1.0), Generation(8, 2.0)], 60)[0] == 1.5
     falling = [Generation(4, 3.0), Generation(8, 2.0), Generation(9, 1.0)]
     assert p99_length_latency(falling, 60) == (1.0, 60)
+
+
+def test_a_static_batchs_concave_latency_reads_the_line_of_its_longer_half() -> None:
+    # Lengths 2..20 in static batches: the first 9 decode steps run beside the whole batch
+    # (0.1 s each), later ones beside the few rows left (0.02 s each), after 0.5 s of
+    # prefill. At 30 tokens: 0.5 + 9 x 0.1 + 20 x 0.02 = 1.8 s. The longer half (11..20)
+    # lies on the late slope; a line through all of them would read 2.29 s.
+    def latency_s(n: int) -> float:
+        return 0.5 + 0.1 * min(n - 1, 9) + 0.02 * max(0, n - 10)
+
+    generations = [Generation(n, latency_s(n)) for n in range(2, 21)]
+    assert p99_length_latency(generations, 30) == (pytest.approx(1.8), 30)
+    assert line_at(generations, 30) > 2.1
 
 
 def test_nothing_measured_is_nan() -> None:

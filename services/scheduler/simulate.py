@@ -10,7 +10,7 @@ a message that names what is wrong.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,9 @@ class PredictRequest:
     length_scale: float | None = None  # as `exegpt bench --length-scale` scales lengths
     gpu_memory_gb: float | None = None
     model_config: str | None = None
+    # The output length whose latency is predicted (default: the workload's p99 length);
+    # a sample of a task (a trace of what a burst sent) keeps the task's p99 this way.
+    latency_output_tokens: int | None = None
 
 
 def parse_schedule(spec: str) -> Schedule:
@@ -112,6 +115,12 @@ def build_problem(request: PredictRequest) -> tuple[PlanProblem, Schedule, str, 
     workload = workload_of(
         request.workload, request.length_scale, cost_model.shape.max_context_tokens
     )
+    if request.latency_output_tokens is not None:
+        if request.latency_output_tokens < 1:
+            raise ValueError(
+                f"the latency's output length must be >= 1, got {request.latency_output_tokens}"
+            )
+        workload = replace(workload, declared_output_p99_tokens=request.latency_output_tokens)
     # The kinds a plan would search; the simulator predicts any kind given to it.
     kinds = (ScheduleKind.RRA,) if request.num_devices < 2 else SEARCHED_KINDS
     problem = PlanProblem(

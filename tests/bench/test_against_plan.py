@@ -37,6 +37,29 @@ def test_steady_rate_ignores_the_fill_and_the_drain() -> None:
     assert against_plan.steady_throughput(ends) == pytest.approx(10.0, rel=0.15)
 
 
+def test_a_static_burst_counts_whole_batches() -> None:
+    # Static batches of 8 start every 2 s (admitted at 2k + 0.1); in each, 6 members finish
+    # after 0.2 s and 2 after 1.9 s. Completions cluster unevenly, so the window between the
+    # 10th and 90th percentile completions cuts batches (it reads 5.6% fast here); whole
+    # batches between admissions read B / period = 4 per second.
+    rows = []
+    for k in range(12):
+        for j in range(8):
+            generation_s = 0.2 if j < 6 else 1.9
+            rows.append(_row(0.0, 0.1, 2.0 * k + 0.1 + generation_s, 5, queue_s=2.0 * k + 0.1))
+    ends = [r["send_s"] + r["e2e_s"] for r in rows]
+    assert against_plan.steady_throughput(ends) == pytest.approx(76 / 18)
+    assert against_plan.measure(_document(rows), 5).throughput_seq_s == pytest.approx(4.0)
+
+
+def test_a_continuous_burst_leaves_its_fill_out() -> None:
+    # 16 requests enter at once at t = 0, then one every 0.1 s as one finishes (each takes
+    # 1.6 s once admitted): 10 per second, the first batch's admissions left out.
+    rows = [_row(0.0, 0.1, 1.6, 5) for _ in range(16)]
+    rows += [_row(0.0, 0.1, 1.6 + 1.6 + 0.1 * i, 5, queue_s=1.6 + 0.1 * i) for i in range(100)]
+    assert against_plan.measure(_document(rows), 5).throughput_seq_s == pytest.approx(10.0)
+
+
 def test_p99_length_latency_leaves_the_queueing_out() -> None:
     # Every request is served in 2 s once admitted; later ones waited longer in the queue.
     rows = [_row(0.0, 5.0 * i + 0.3, 5.0 * i + 2.0, 10, queue_s=5.0 * i) for i in range(40)]
@@ -61,6 +84,20 @@ def test_only_the_p99_length_requests_count() -> None:
     rows = [_row(i, 0.1, 5.0 if i in (30, 50, 70) else 1.0, 90 if i in (30, 50, 70) else 10)
             for i in range(100)]  # fmt: skip
     assert against_plan.measure(_document(rows), 90).p99_length_latency_s == pytest.approx(5.0)
+
+
+def test_the_drains_fast_tail_does_not_stand_in_for_the_steady_state() -> None:
+    # At steady state a request of S tokens takes 0.1 + 0.05 x S s (lengths 5..15); only three
+    # drain requests, running beside an emptying batch in 0.3 s, reach the p99 length of 16.
+    # The window's line reads 0.1 + 0.05 x 16 = 0.9 s there.
+    rows = [_row(0.0, 0.1, float(i + 1), 5 + i % 11) for i in range(90)]
+    for row in rows:
+        row["generation_s"] = 0.1 + 0.05 * row["output_tokens"]
+    drain = [_row(0.0, 0.1, 100.0 + i, 16 if i < 3 else 5) for i in range(10)]
+    for row in drain:
+        row["generation_s"] = 0.3
+    measured = against_plan.measure(_document(rows + drain), p99_output_tokens=16)
+    assert measured.p99_length_latency_s == pytest.approx(0.9)
 
 
 def test_a_bursts_backlog_before_the_engine_is_left_out() -> None:

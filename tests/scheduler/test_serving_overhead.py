@@ -45,20 +45,22 @@ def both(schedule: Schedule, overhead: ServingOverhead = OVERHEAD, num_devices: 
 def test_static_batch_pays_each_step_each_streamed_token_and_each_request() -> None:
     batch = 8
     bare, served = both(Schedule(ScheduleKind.STATIC, batch, batch))
-    # One prefill step, then E[max of 8 outputs] = 2 + (1 - 0.4^8) decode steps; the batch
-    # streams B x mean tokens in them.
-    num_steps = 2 + (1 - 0.4**8)
+    # One prefill step (each sequence's first token and its request), then E[max of 8
+    # outputs] - 1 = 1 + (1 - 0.4^8) decode steps streaming the B x (mean - 1) other tokens.
+    num_steps = 1 + (1 - 0.4**8)
     expected = (
         OVERHEAD.prefill_step_s(batch)
         + num_steps * OVERHEAD.step_s
-        + OVERHEAD.token_s * batch * MEAN_OUT
+        + OVERHEAD.token_s * batch * (MEAN_OUT - 1)
     )
     assert batch / served.throughput_seq_s - batch / bare.throughput_seq_s == pytest.approx(
         expected
     )
-    # The p99-length (3-token) sequence: the prefill, then 3 steps beside 1 + 7 x 2.6 / 3 rows.
-    p99_rows = 1 + (batch - 1) * MEAN_OUT / MAX_OUT
-    expected_latency = OVERHEAD.prefill_step_s(batch) + MAX_OUT * OVERHEAD.decode_step_s(p99_rows)
+    # The p99-length (3-token) sequence: the prefill, then 2 steps beside 1 + 7 x 1.6 / 2 rows.
+    p99_rows = 1 + (batch - 1) * (MEAN_OUT - 1) / (MAX_OUT - 1)
+    expected_latency = OVERHEAD.prefill_step_s(batch) + (MAX_OUT - 1) * OVERHEAD.decode_step_s(
+        p99_rows
+    )
     assert served.latency_s - bare.latency_s == pytest.approx(expected_latency)
 
 

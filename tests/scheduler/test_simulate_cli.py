@@ -88,6 +88,36 @@ def test_a_length_scale_shortens_a_task_as_the_bench_does(
     assert quarter["predicted"]["throughput_seq_s"] > full["predicted"]["throughput_seq_s"]
 
 
+def test_a_trace_of_sent_lengths_keeps_the_latency_length_it_is_given(
+    profiles: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A burst's lengths as a trace (benchmarks/fidelity.py): every output 10 tokens, the
+    latency asked at 20. Continuous batching runs m = 10 - 1 decode steps per sequence, so
+    throughput = B / (9 x iteration) and a 20-token request takes 10 iterations more than a
+    10-token one: exactly 10 x 8 / (9 x throughput) seconds."""
+    from services.scheduler.simulate import PredictRequest, predict
+
+    trace = tmp_path / "sent.csv"
+    trace.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n" + "2026-01-01 00:00:00.0,40,10\n" * 8
+    )
+
+    def predicted(length: int | None) -> dict:
+        request = PredictRequest(
+            str(profiles[0]), f"trace:{trace}", 1, CONTINUOUS, latency_output_tokens=length
+        )
+        return predict(request)
+
+    own, asked = predicted(None), predicted(20)
+    assert own["output_p99_tokens"] == 10 and asked["output_p99_tokens"] == 20
+    throughput = own["predicted"]["throughput_seq_s"]
+    assert asked["predicted"]["throughput_seq_s"] == pytest.approx(throughput)
+    extra_s = asked["predicted"]["latency_s"] - own["predicted"]["latency_s"]
+    assert extra_s == pytest.approx(10 * 8 / (9 * throughput))
+    with pytest.raises(ValueError, match="latency's output length must be >= 1"):
+        predicted(0)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

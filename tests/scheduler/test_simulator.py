@@ -200,9 +200,11 @@ def test_expected_max_is_the_order_statistic_of_the_output_lengths() -> None:
     skewed = pmf({1: 0.2, 3: 0.5, 5: 0.3})
     assert expected_max_tokens(skewed, 3) == pytest.approx(4.298)
     assert expected_max_tokens(skewed, 1) == pytest.approx(3.2)  # one draw: the mean
-    # A sequence of 3 tokens in a batch of 4 of {2: 40%, 3: 60%}: the other 3 run at steps 1
-    # and 2 and 60% of them at step 3, so 1 + 3 x (1 + 1 + 0.6) / 3 = 3.6 rows on average.
-    assert rows_beside(pmf({2: 0.4, 3: 0.6}), 3, 4) == pytest.approx(3.6)
+    # A sequence of 3 tokens in a batch of 4 of {2: 40%, 3: 60%} decodes its tokens 2 and 3
+    # (the first comes with the prefill): the other 3 all run at token 2 and 60% of them at
+    # token 3, so 1 + 3 x (1 + 0.6) / 2 = 3.4 rows on average.
+    assert rows_beside(pmf({2: 0.4, 3: 0.6}), 3, 4) == pytest.approx(3.4)
+    assert rows_beside(pmf({2: 0.4, 3: 0.6}), 1, 4) == 4.0  # no decode step: the prefill's rows
 
 
 def test_static_baseline_runs_until_its_longest_member_finishes() -> None:
@@ -210,37 +212,40 @@ def test_static_baseline_runs_until_its_longest_member_finishes() -> None:
     prediction = simulate(toy_problem(), schedule)
     # Two stages, so two micro-batches of 2 (FasterTransformer's pipeline split). Encode: 20
     # tokens a stage = 0.02 s; the first micro-batch takes 0.02 + 0.002 + 0.02, the second
-    # follows one stage later. The batch decodes E[max of 4] = 1 + 1 + (1 - 0.4^4) steps; its
-    # rows, 2 x 2.6 a micro-batch over them, are 1.748 a step on average, so a stage takes
-    # 0.01 + 0.001 x 1.748 and an iteration of both micro-batches 2 stages + one 0.002 hop.
-    num_steps = 2 + (1 - 0.4**4)
-    rows = 2 * 2.6 / num_steps
+    # follows one stage later. The first tokens come with the prefill, so the batch decodes
+    # E[max of 4] - 1 = 1 + (1 - 0.4^4) steps; its rows, 2 x (2.6 - 1) a micro-batch over
+    # them, are 1.62 a step on average, so a stage takes 0.01 + 0.001 x 1.62 and an
+    # iteration of both micro-batches 2 stages + one 0.002 hop.
+    num_steps = 1 + (1 - 0.4**4)
+    rows = 2 * 1.6 / num_steps
     iteration_s = 2 * (0.01 + 0.001 * rows) + 0.002
     encode_s = 0.042 + 0.02
     batch_s = encode_s + num_steps * iteration_s
     assert prediction.throughput_seq_s == pytest.approx(4 / batch_s)
     assert prediction.throughput_tokens_s == pytest.approx(4 * 2.6 / batch_s)
-    # The p99-length (3-token) sequence decodes beside 1 + (2 - 1) x 2.6 / 3 rows on average.
-    p99_iteration_s = 2 * (0.01 + 0.001 * (1 + 2.6 / 3)) + 0.002
-    assert prediction.latency_s == pytest.approx(encode_s + 3 * p99_iteration_s)
+    # The p99-length (3-token) sequence decodes 2 steps beside 1 + (2 - 1) x (1 + 0.6) / 2
+    # rows on average.
+    p99_iteration_s = 2 * (0.01 + 0.001 * 1.8) + 0.002
+    assert prediction.latency_s == pytest.approx(encode_s + 2 * p99_iteration_s)
     # KV reserved for the maximum input + output (13 tokens) of all 4 sequences.
     assert prediction.memory_bytes_per_device == (1000 + 500 + 4 * 13 * 10,) * 2
     events = timeline(toy_problem(), schedule)
-    assert max(e.end_s for e in events) == pytest.approx(encode_s + 3 * iteration_s)
+    assert max(e.end_s for e in events) == pytest.approx(encode_s + 2 * iteration_s)
     encodes = sorted((e.device, e.start_s) for e in events if e.kind == "encode")
     assert [device for device, _ in encodes] == [0, 0, 1, 1]
     assert [start for _, start in encodes] == pytest.approx([0.0, 0.02, 0.022, 0.042])
-    assert sum(e.kind == "decode" for e in events) == 3 * 2 * 2  # steps x micro x stages
+    assert sum(e.kind == "decode" for e in events) == 2 * 2 * 2  # steps x micro x stages
 
 
 def test_static_baseline_with_full_tensor_parallelism_has_one_stage() -> None:
     schedule = Schedule(ScheduleKind.STATIC, 4, 4, tp_degree=2, num_tp_devices=2)
     prediction = simulate(toy_problem(), schedule)
     # One TP stage holding both layers: compute halved, 2 all-reduces of 0.0005 s per layer.
-    # One micro-batch of 4: the p99 (3-token) sequence decodes beside 1 + 3 x 2.6 / 3 rows.
+    # One micro-batch of 4: the p99 (3-token) sequence decodes 2 steps beside
+    # 1 + 3 x (1 + 0.6) / 2 = 3.4 rows.
     encode_s = 2 * (40 * 0.001 / 2 + 2 * 0.0005)
-    iteration_s = 2 * ((0.01 + 0.001 * (1 + 2.6)) / 2 + 2 * 0.0005)
-    assert prediction.latency_s == pytest.approx(encode_s + 3 * iteration_s)
+    iteration_s = 2 * ((0.01 + 0.001 * 3.4) / 2 + 2 * 0.0005)
+    assert prediction.latency_s == pytest.approx(encode_s + 2 * iteration_s)
     kv_bytes = 4 * 13 * 2 * 5  # 4 sequences x 13 tokens x 2 layers x 5 bytes (half the heads)
     assert prediction.memory_bytes_per_device == (2 * 500 + 500 + kv_bytes,) * 2
 

@@ -5,22 +5,23 @@ on N / t pipeline stages, each a TP group of t devices (t = 1 is plain pipeline 
 t = N plain tensor parallelism), layers split evenly.
 
 Static batching, as the engine runs it (services/worker/modes/static.py). A batch of B queries
-is encoded, then decoded until its LONGEST member finishes: finished sequences leave at once
-(they stop costing rows), but the next batch is only admitted when the batch is empty. So a
-batch takes E[max of B output lengths] decode steps, not the workload's maximum
-(FasterTransformer, with no early termination, would run every batch to the maximum). That
-expectation is the order statistic computed exactly from P_D (`expected_max_tokens`), not
-sampled: deterministic, and exact for any distribution. A step at position t holds the rows
-still running, B x P(S >= t) in expectation, so over a batch's E[max] steps the rows sum to
-B x E[S]; each step is priced at their mean (`decode_times_at`, linear between whole batch
-sizes, exact where a step's cost is affine in its rows). Like FasterTransformer's pipeline
-parallelism (its `getLocalBatchSize`), the batch is split into one micro-batch per pipeline
-stage, min(P, B) micro-batches of ceil(B / m), which flow through the stages together in the
-encoding and in every decode iteration (an iteration takes `pipeline_period_s`, as in WAA's
-decode side). Throughput = B / (encode + E[max] x iteration). Latency: the p99-length
-request waits for its batch's encoding, then decodes S99 steps beside the rows still running
-(1 + (B' - 1) x mean P(S >= t) over its steps t = 1..S99, B' its micro-batch). KV is reserved
-for the maximum input and output lengths of all B sequences.
+is prefilled (each sequence's first token comes with it), then decoded until its LONGEST member
+finishes: finished sequences leave at once (they stop costing rows), but the next batch is
+only admitted when the batch is empty. So a batch takes E[max of B output lengths] - 1 decode
+steps, not the workload's maximum (FasterTransformer, with no early termination, would run
+every batch to the maximum). That expectation is the order statistic computed exactly from
+P_D (`expected_max_tokens`), not sampled: deterministic, and exact for any distribution. The
+decode step producing token t holds the rows still running, B x P(S >= t) in expectation, so
+over a batch's E[max] - 1 steps the rows sum to B x (E[S] - 1); each step is priced at their
+mean (`decode_times_at`, linear between whole batch sizes, exact where a step's cost is affine
+in its rows). Like FasterTransformer's pipeline parallelism (its `getLocalBatchSize`), the
+batch is split into one micro-batch per pipeline stage, min(P, B) micro-batches of
+ceil(B / m), which flow through the stages together in the encoding and in every decode
+iteration (an iteration takes `pipeline_period_s`, as in WAA's decode side). Throughput =
+B / (encode + (E[max] - 1) x iteration). Latency: the p99-length request waits for its
+batch's prefill, then decodes S99 - 1 steps beside the rows still running (1 + (B' - 1) x
+mean P(S >= t) over its tokens t = 2..S99, B' its micro-batch). KV is reserved for the
+maximum input and output lengths of all B sequences.
 """
 
 from __future__ import annotations
@@ -130,10 +131,14 @@ def expected_max_tokens(output_pmf: np.ndarray, num_draws: int) -> float:
 
 
 def rows_beside(output_pmf: np.ndarray, num_tokens: int, batch_size: int) -> float:
-    """Mean rows of a static batch of `batch_size` over the steps 1..num_tokens of one of its
-    sequences that runs that long: itself plus each other one still running at step t."""
-    at_least = survival(output_pmf)[1 : num_tokens + 1]
-    at_least = np.pad(at_least, (0, num_tokens - len(at_least)))
+    """Mean rows of a static batch of `batch_size` over the decode steps of one of its
+    sequences that runs `num_tokens` long (its tokens t = 2..num_tokens; the first comes with
+    the prefill): itself plus each other one still running, P(S >= t). A one-token sequence
+    decodes nothing: its batch's rows at the prefill, `batch_size`."""
+    if num_tokens < 2:
+        return float(batch_size)
+    at_least = survival(output_pmf)[2 : num_tokens + 1]
+    at_least = np.pad(at_least, (0, num_tokens - 1 - len(at_least)))
     return 1.0 + (batch_size - 1) * float(at_least.mean())
 
 
@@ -155,15 +160,18 @@ def run_static(
     broadcast_s = encoder_output_broadcast_s(costs, len(stages), costs.encode_tokens(micro_batch))
     encode_s += broadcast_s
     stats = costs.stats
-    num_steps = expected_max_tokens(stats.output_pmf, batch)
-    live_rows = micro_batch * stats.mean_output_tokens / num_steps
+    # The first token of each sequence comes with the prefill: E[max] - 1 decode steps hold
+    # the B x (E[S] - 1) rows that decode.
+    num_steps = max(0.0, expected_max_tokens(stats.output_pmf, batch) - 1.0)
+    live_rows = micro_batch * (stats.mean_output_tokens - 1.0) / num_steps if num_steps else 1.0
     dec_times = decode_times_at(costs, stages, live_rows)
     hop_s = costs.activation_transfer_s(micro_batch)
     iteration_s = pipeline_period_s(dec_times, hop_s, num_micro)
     batch_s = encode_s + num_steps * iteration_s
     p99_rows = rows_beside(stats.output_pmf, stats.output_p99_tokens, micro_batch)
     p99_times = decode_times_at(costs, stages, p99_rows)
-    latency_s = encode_s + stats.output_p99_tokens * pipeline_period_s(p99_times, hop_s, num_micro)
+    p99_steps = max(0, stats.output_p99_tokens - 1)
+    latency_s = encode_s + p99_steps * pipeline_period_s(p99_times, hop_s, num_micro)
     if events is not None:
         # Each micro-batch starts decoding when its own encoding (and broadcast) is done.
         state = micro_batch_events(
@@ -173,10 +181,10 @@ def run_static(
             for end_s in state.ready_s:
                 events.extend(broadcast_events(stages, end_s, broadcast_s))
             state.ready_s = [end_s + broadcast_s for end_s in state.ready_s]
-        shown_steps = max(1, round(num_steps))
-        micro_batch_events(
-            stages, dec_times, hop_s, num_micro, shown_steps, 0.0, events, state=state
-        )
+        if (shown_steps := round(num_steps)) > 0:
+            micro_batch_events(
+                stages, dec_times, hop_s, num_micro, shown_steps, 0.0, events, state=state
+            )
     busy = [
         num_micro * (sum(e) + num_steps * sum(d)) for e, d in zip(enc_times, dec_times, strict=True)
     ]
