@@ -16,7 +16,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import replace
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 
 import grpc
 import torch
@@ -26,18 +28,39 @@ from opentelemetry import propagate, trace
 from exegpt.models.batch import BatchBuilder
 from exegpt.models.config import ModelConfig
 from exegpt.placement import Placement
+from exegpt.security import SecurityConfig, sync_channel
 from exegpt.transport import FrameError, PushFanout, TensorMessage, TensorSocket
+from exegpt.v1 import stage_pb2, stage_pb2_grpc
 from services.worker.executor.ahead import DecodeAhead
-from services.worker.executor.pipeline_results import step_result
-from services.worker.executor.routes import batch_hops, first_hops
-from services.worker.executor.stage_control import PipelineConfig, PipelineError, StageControl
+from services.worker.executor.routes import first_hops, next_hops
+from services.worker.handoff import HANDOFFS_KEY, parse_handoffs
+from services.worker.sampling import logprobs_from_tensors
 from services.worker.step_plan import StepKind, StepPlan, StepResult
-from services.worker.wire import BATCH_KIND, BATCH_SENT
-
-__all__ = ["PipelineConfig", "PipelineError", "PipelineExecutor"]
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("exegpt.pipeline")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    model: str
+    dtype: str
+    placement: Placement
+    # gRPC address of every TP rank of every stage, in placement order.
+    stage_addresses: tuple[tuple[str, ...], ...]
+    num_blocks: int
+    block_size_tokens: int
+    data_host: str = "127.0.0.1"
+    step_timeout_s: float = 30.0
+    health_interval_s: float = 0.5
+    health_timeout_s: float = 2.0
+    load_timeout_s: float = 120.0
+    # API key and TLS of the gRPC control calls to the stages.
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+
+
+class PipelineError(ConnectionError):
+    """The stages could not be reached or loaded (the replica cannot start)."""
 
 
 class PipelineExecutor:
@@ -60,7 +83,11 @@ class PipelineExecutor:
         self._results = TensorSocket(self._context, zmq.PULL, same_host=True)
         self.data_address = self._results.bind(f"tcp://{config.data_host}:0")
         self._fanout = PushFanout(self._context)
-        self._control = StageControl(config)
+        self._channels = [
+            [sync_channel(address, config.security) for address in ranks]
+            for ranks in config.stage_addresses
+        ]
+        self._stubs = [[stage_pb2_grpc.StageStub(c) for c in ranks] for ranks in self._channels]
         self._lock = threading.Lock()
         self._load_lock = threading.RLock()  # a redeploy and the watchdog's reload
         self._in_flight: dict[int, tuple[StepPlan, float]] = {}
@@ -69,7 +96,6 @@ class PipelineExecutor:
         self._healthy = False
         self._load_id = ""
         self._first_hops: dict[str, list[str]] = {}
-        self._batch_hops: list[str] = []  # the decode route's stages past the first
         self._closing = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="pipeline-watch", daemon=True)
 
@@ -89,7 +115,9 @@ class PipelineExecutor:
             self._watchdog.join(5)
         self._fanout.close()
         self._results.close()
-        self._control.close()
+        for ranks in self._channels:
+            for channel in ranks:
+                channel.close()
 
     def healthy(self) -> bool:
         return self._healthy
@@ -103,20 +131,23 @@ class PipelineExecutor:
         may be in flight: the caller recomputes its sequences' KV afterwards."""
         placement.check(self._model_config)
         flat = [address for ranks in self._config.stage_addresses for address in ranks]
+        stubs = [stub for ranks in self._stubs for stub in ranks]
         if placement.num_processes != len(flat):
             raise ValueError(
                 f"the placement needs {placement.num_processes} processes; "
                 f"this replica has {len(flat)}"
             )
         grouped: list[tuple[str, ...]] = []
+        grouped_stubs: list[list[stage_pb2_grpc.StageStub]] = []
         for stage in placement.stages:
             start = sum(len(g) for g in grouped)
             grouped.append(tuple(flat[start : start + stage.tp_degree]))
+            grouped_stubs.append(stubs[start : start + stage.tp_degree])
         with self._load_lock:
             self._config = replace(
                 self._config, placement=placement, stage_addresses=tuple(grouped)
             )
-            self._control.regroup(placement)
+            self._stubs = grouped_stubs
             self.max_in_flight = len(placement.stages)
             self._load_all()
 
@@ -154,17 +185,11 @@ class PipelineExecutor:
             "load_id": self._load_id,
             "micro_batch": str(plan.micro_batch),
         }
-        batch_hops = self._batch_hops if kind == "decode" else []
-        if batch_hops:  # the later stages get the batch from here, not from stage to stage
-            attributes[BATCH_SENT] = "1"
         message = TensorMessage(kind, tensors, attributes=attributes, trace_context=carrier)
         with self._lock:
             self._in_flight[plan.step_id] = (plan, time.monotonic() + self._config.step_timeout_s)
             self._spans[plan.step_id] = span
         self._fanout.send(self._first_hops[hop], message)
-        if batch_hops:  # while the first stage computes
-            batch = TensorMessage(BATCH_KIND, tensors, attributes=dict(attributes))
-            self._fanout.send(batch_hops, batch)
         self._ahead.build_next(plan)  # while the stages compute this step
 
     def next_result(self, timeout_s: float) -> StepResult | None:
@@ -194,7 +219,33 @@ class PipelineExecutor:
             span.end()
         if entry is None or message.attributes.get("load_id") != self._load_id:
             return None  # a step of an earlier load, already failed
-        return step_result(entry[0], message)
+        plan = entry[0]
+        compute_s = float(message.attributes.get("compute_s", "0") or 0)
+        if message.kind == "error":
+            error = message.attributes.get("error", "a stage failed the step")
+            return StepResult(
+                plan.step_id,
+                (-1,) * len(plan),
+                (None,) * len(plan),
+                f"engine error: {error}",
+                compute_s=compute_s,
+            )
+        token_ids = message.tensors["token_ids"].tolist()
+        failed = message.tensors["failed"].tolist()
+        if len(token_ids) != len(plan) or len(failed) != len(plan):
+            return StepResult.failed(plan, "a stage returned a result of the wrong size")
+        row_error = message.attributes.get("row_error") or "the step failed for this request"
+        errors = tuple(row_error if bad else None for bad in failed)
+        stage_s = _floats(message.attributes.get("stage_s", ""))
+        try:
+            logprobs = logprobs_from_tensors(message.tensors, token_ids, list(plan.sampling))
+        except (KeyError, ValueError) as exc:
+            return StepResult.failed(plan, f"a stage returned bad logprobs: {exc}")
+        return StepResult(
+            plan.step_id, tuple(token_ids), errors, compute_s=compute_s, stage_s=stage_s,
+            logprobs=tuple(logprobs),
+            handoffs=parse_handoffs(message.attributes.get(HANDOFFS_KEY, "")),
+        )  # fmt: skip
 
     def _expire_late_steps(self) -> None:
         now = time.monotonic()
@@ -215,26 +266,82 @@ class PipelineExecutor:
             self._load_placement()
 
     def _load_placement(self) -> None:
-        loaded = self._control.load(self._config, self.data_address)
-        placement = self._config.placement
-        self._load_id = loaded.load_id
-        self._first_hops = first_hops(placement, loaded.data)
-        self._batch_hops = batch_hops(placement, loaded.data)
+        config = self._config
+        infos = self._each_rank(
+            lambda stub: stub.Describe(
+                stage_pb2.DescribeStageRequest(), timeout=config.health_timeout_s
+            )
+        )
+        data = [[info.data_address for info in ranks] for ranks in infos]
+        placement = config.placement
+        hops = next_hops(placement, data, self.data_address)
+        load_id = uuid.uuid4().hex
+        requests = []
+        for index, stage in enumerate(placement.stages):
+            host = config.stage_addresses[index][0].rsplit(":", 1)[0]
+            tp_init = f"tcp://{host}:{infos[index][0].free_port}" if stage.tp_degree > 1 else ""
+            after_encoder, after_decoder = hops[index]
+            requests.append(
+                [
+                    stage_pb2.LoadStageRequest(
+                        model=config.model,
+                        encoder_start=stage.encoder_layers.start,
+                        encoder_stop=stage.encoder_layers.stop,
+                        decoder_start=stage.decoder_layers.start,
+                        decoder_stop=stage.decoder_layers.stop,
+                        tp_rank=rank,
+                        tp_degree=stage.tp_degree,
+                        tp_init_method=tp_init,
+                        num_kv_blocks=config.num_blocks,
+                        kv_block_size_tokens=config.block_size_tokens,
+                        next_after_encoder=after_encoder,
+                        next_after_decoder=after_decoder,
+                        dtype=config.dtype,
+                        load_id=load_id,
+                        engine_address=self.data_address,
+                        role="" if stage.role == "both" else stage.role,
+                    )
+                    for rank in range(stage.tp_degree)
+                ]
+            )
+        calls = [
+            (self._stubs[i][r], requests[i][r])
+            for i in range(len(requests))
+            for r in range(len(requests[i]))
+        ]
+        with ThreadPoolExecutor(len(calls)) as pool:  # a TP group's ranks must join together
+            futures = [
+                pool.submit(stub.Load, request, timeout=config.load_timeout_s)
+                for stub, request in calls
+            ]
+            for future in futures:
+                try:
+                    future.result()
+                except grpc.RpcError as exc:
+                    raise PipelineError(f"a stage failed to load: {exc.details()}") from None
+        self._load_id = load_id
+        self._first_hops = first_hops(placement, data)
         # A restarted stage has a new data address: close the socket and ring of its old one.
-        routed = [*self._batch_hops, *(a for hop in self._first_hops.values() for a in hop)]
-        self._fanout.retain(routed)
+        self._fanout.retain(address for hop in self._first_hops.values() for address in hop)
         self._healthy = True
         logger.info(
             "pipeline loaded: %d stages, %d processes, load %s",
             len(placement.stages),
             placement.num_processes,
-            loaded.load_id[:8],
+            load_id[:8],
         )
+
+    def _each_rank(self, call):
+        return [[call(stub) for stub in ranks] for ranks in self._stubs]
 
     def _watch(self) -> None:
         while not self._closing.wait(self._config.health_interval_s):
             try:
-                infos = self._control.describe(self._config.health_timeout_s)
+                infos = self._each_rank(
+                    lambda stub: stub.Describe(
+                        stage_pb2.DescribeStageRequest(), timeout=self._config.health_timeout_s
+                    )
+                )
             except grpc.RpcError as exc:
                 if self._healthy:
                     logger.error(
@@ -272,6 +379,13 @@ class PipelineExecutor:
                 span.end()
             self._spans.clear()
             self._failed.extend(failed)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part)
+    except ValueError:
+        return ()
 
 
 _CPU = torch.device("cpu")  # index math runs on the host; stages move it to their device

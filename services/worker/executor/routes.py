@@ -20,13 +20,6 @@ def first_hops(placement: Placement, data: list[list[str]]) -> dict[str, list[st
     }
 
 
-def batch_hops(placement: Placement, data: list[list[str]]) -> list[str]:
-    """Where the engine sends a decode step's batch itself: every rank of every stage of the
-    decode route but the first (which gets the whole step), so stages pass on only hidden
-    states."""
-    return [address for index in placement.decoder_route()[1:] for address in data[index]]
-
-
 def next_hops(
     placement: Placement, data: list[list[str]], engine_address: str
 ) -> list[tuple[list[str], list[str]]]:

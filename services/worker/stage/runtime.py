@@ -1,7 +1,11 @@
 """The stage's forward loop: receive a step over ZeroMQ, run this stage's layers, pass it on.
 
-What each kind of step does is in stage/steps.py; a decode step whose batch the engine sent
-to this stage apart is first joined with its hidden state (stage/joins.py).
+A message is a step of one kind:
+- `encode` (T5): run this stage's encoder layers; the stage that ends the encoder turns the
+  step into a `prefill` for the first decoder stage, carrying the encoder output along;
+- `prefill` / `decode`: run this stage's decoder layers (a T5 prefill first writes the cross
+  KV of its layers from the encoder output); the stage that ends the decoder samples and
+  sends the tokens to the engine as a `result`.
 Every rank of a tensor-parallel stage receives the step and computes; rank 0 alone sends
 it on. A step that fails here goes back to the engine as an `error`; a frame that does not
 match its header is refused and logged, and the loop keeps serving.
@@ -12,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,6 +26,9 @@ import zmq
 from opentelemetry import propagate, trace
 
 from exegpt.dtypes import DtypeError, torch_dtype
+from exegpt.models.attention import LayerKV
+from exegpt.models.batch import DecodeBatch, PrefillBatch, batch_from_tensors
+from exegpt.models.checkpoint import Model
 from exegpt.models.defaults import DEFAULT_MODEL_NAME
 from exegpt.models.kv_cache import KVCachePool
 from exegpt.models.loader import load_model
@@ -31,9 +38,7 @@ from exegpt.models.stage_spec import LayerRange, StageSpec
 from exegpt.transport import FrameError, PushFanout, TensorMessage, TensorSocket
 from exegpt.v1 import stage_pb2
 from services.worker.handoff import HANDOFFS_KEY, append_handoff, measured_handoff, stamp
-from services.worker.stage.joins import Handoff, Joined, StepJoin
-from services.worker.stage.steps import LoadedStage, run_step
-from services.worker.wire import BATCH_KIND, BATCH_SENT
+from services.worker.sampling import logprob_tensors, rows_from_tensors, sample_rows
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("exegpt.stage")
@@ -43,6 +48,16 @@ _TP_TIMEOUT_S = 60.0
 
 class LoadError(ValueError):
     """The Load request cannot be carried out as given (INVALID_ARGUMENT)."""
+
+
+@dataclass
+class LoadedStage:
+    request: stage_pb2.LoadStageRequest
+    spec: StageSpec
+    model: Model
+    pool: KVCachePool | None
+    ends_encoder: bool
+    ends_decoder: bool
 
 
 @dataclass
@@ -64,7 +79,6 @@ class StageRuntime:
         self._fanout = PushFanout(self._context)
         self._stage: LoadedStage | None = None
         self._step_lock = threading.Lock()  # a Load waits for the step in hand
-        self._joins = StepJoin()  # decode steps' batches and hidden states, until both came
         self._stopping = threading.Event()
         self._idle_since_s = time.time()  # when it last finished a step (handoff.py)
         self.counters = StageCounters()
@@ -113,7 +127,6 @@ class StageRuntime:
         model_name = self._resolve_model(request.model)
         with self._step_lock:
             self._stage = None
-            self._joins.reset()
             self._fanout.retain(_routes(request))  # old loads' peers: their sockets and rings
             loaded = load_model(model_name, device=str(self._device), dtype=dtype)
             try:
@@ -178,9 +191,6 @@ class StageRuntime:
             try:
                 message = self._pull.recv(timeout_ms=100)
             except TimeoutError:
-                with self._step_lock:
-                    self._joins.expire()
-                    self._answer_refused()
                 continue
             except FrameError as exc:
                 with self.counters.lock:
@@ -192,55 +202,19 @@ class StageRuntime:
                 message.attributes, message.tensors, self._idle_since_s, received_s
             )
             with self._step_lock:
-                step = self._admit(message, handoff)
-                if step is not None:
-                    self._handle(*step)
-                self._joins.expire()
-                self._answer_refused()
-            # Its tensors may view a sender's shared-memory slot: hand it back.
-            del message, step
+                self._handle(message, handoff)
+            del message  # its tensors may view a sender's shared-memory slot: hand it back
 
-    def _admit(self, message: TensorMessage, handoff: Handoff) -> Joined | None:
-        """The step to run now: the message itself, or the decode step it completes (None:
-        dropped, or kept until its other part comes)."""
+    def _handle(self, message: TensorMessage, handoff: tuple[int, float] | None) -> None:
         stage = self._stage
         step_id = message.attributes.get("step_id", "?")
         if stage is None:
             logger.warning("step %s arrived before a Load; dropped", step_id)
-            return None
-        if message.attributes.get("load_id", "") != stage.request.load_id:
+            return
+        load_id = message.attributes.get("load_id", "")
+        if load_id != stage.request.load_id:
             logger.info("step %s belongs to an earlier load; dropped", step_id)
-            return None
-        if message.kind == BATCH_KIND:
-            return self._joins.add_batch(message)
-        if message.attributes.get(BATCH_SENT) and not _has_batch(message):
-            return self._joins.add_hidden(message, handoff)
-        return message, handoff
-
-    def _answer_refused(self) -> None:
-        """Tell the engine about each hidden state the joins refused: its step fails now."""
-        stage = self._stage
-        refused, self._joins.refused = self._joins.refused, []
-        for entry in refused:
-            with self.counters.lock:
-                self.counters.num_bad_frames += 1
-            logger.warning("%s", entry.reason)
-            if stage is None or stage.spec.tp_rank != 0:
-                continue
-            attributes = {
-                "step_id": entry.step_id,
-                "load_id": stage.request.load_id,
-                "error": entry.reason,
-            }
-            self._fanout.send(
-                [stage.request.engine_address], TensorMessage("error", {}, attributes=attributes)
-            )
-
-    def _handle(self, message: TensorMessage, handoff: Handoff) -> None:
-        stage = self._stage
-        assert stage is not None  # admitted under the step lock, which a Load takes
-        step_id = message.attributes.get("step_id", "?")
-        load_id = stage.request.load_id
+            return
         start_s = time.perf_counter()
         parent = propagate.extract(message.trace_context)
         try:
@@ -252,7 +226,7 @@ class StageRuntime:
                 ),
                 torch.inference_mode(),
             ):
-                out, hop = run_step(stage, message)
+                out, hop = self._run(stage, message)
         except Exception as exc:
             with self.counters.lock:
                 self.counters.num_errors += 1
@@ -281,11 +255,136 @@ class StageRuntime:
         stamp(out.attributes)
         self._fanout.send(hop, out)
 
+    def _run(self, stage: LoadedStage, message: TensorMessage) -> tuple[TensorMessage, list[str]]:
+        tensors = message.tensors
+        # What travels on with the step: its batch, sampling and any handed-off prefill KV.
+        carried = {k: v for k, v in tensors.items() if k.startswith(("batch.", "sampling.", "kv."))}
+        batch_part = {k[len("batch.") :]: v for k, v in carried.items() if k.startswith("batch.")}
+        hidden = tensors.get("hidden")
+        request = stage.request
+        if message.kind == "encode":
+            batch = batch_from_tensors(PrefillBatch, batch_part)
+            if batch.encoder_tokens is None or batch.encoder_lengths is None:
+                raise ValueError("an encode step needs encoder tokens")
+            x = stage.model.encode(batch.encoder_tokens, batch.encoder_lengths, hidden)
+            out = {**carried, "encoder_out": x} if stage.ends_encoder else {**carried, "hidden": x}
+            kind = "prefill" if stage.ends_encoder else "encode"
+            return TensorMessage(kind, out), list(request.next_after_encoder)
+        if message.kind == "kv":
+            return self._store_handoff(stage, message)
+        if message.kind == "prefill" and request.role == "prefill":
+            batch = batch_from_tensors(PrefillBatch, batch_part)
+            x = self._prefill_for_handoff(stage, batch, hidden, carried)
+            kind = "kv"  # the prefill group's output goes through the decode group
+        elif stage.pool is None:
+            raise ValueError(f"a {message.kind} step reached a stage without decoder layers")
+        elif message.kind == "prefill":
+            batch = batch_from_tensors(PrefillBatch, batch_part)
+            encoder_out = tensors.get("encoder_out")
+            if encoder_out is None:  # decoder-only
+                x = stage.model.prefill(batch, stage.pool.layers, hidden)
+            else:  # T5: the decoder stages write their cross KV from the encoder output
+                carried["encoder_out"] = encoder_out
+                x = stage.model.prefill(batch, stage.pool.layers, hidden, encoder_out)
+            kind = "result"
+        elif message.kind == "decode":
+            batch = batch_from_tensors(DecodeBatch, batch_part)
+            x = stage.model.decode(batch, stage.pool.layers, hidden)
+            kind = "result"
+        else:
+            raise ValueError(f"unknown step kind {message.kind!r}")
+        if not stage.ends_decoder:
+            return TensorMessage(message.kind, {**carried, "hidden": x}), list(
+                request.next_after_decoder
+            )
+        sampled = _sampled(x, tensors)
+        if kind == "kv":
+            sampled.tensors.update(carried)
+        return TensorMessage(kind, sampled.tensors, attributes=sampled.attributes), list(
+            request.next_after_decoder
+        )
 
-def _has_batch(message: TensorMessage) -> bool:
-    return any(name.startswith("batch.") for name in message.tensors)
+    def _prefill_for_handoff(
+        self,
+        stage: LoadedStage,
+        batch: PrefillBatch,
+        hidden: torch.Tensor | None,
+        carried: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """A prefill-group stage writes its layers' K/V into scratch rows (no cache of its
+        own) and adds them to the step, named by global layer, for the decode group."""
+        write_slots = batch.self_kv.write_slots
+        if write_slots is None:
+            raise ValueError("a prefill step needs write slots")
+        kv_spec = stage_kv_spec(stage.model, stage.spec, stage.model.compute_dtype)
+        shape = (write_slots.numel(), kv_spec.num_kv_heads, kv_spec.head_dim)
+        scratch = [
+            LayerKV(
+                torch.zeros(shape, dtype=kv_spec.dtype), torch.zeros(shape, dtype=kv_spec.dtype)
+            )
+            for _ in range(len(stage.spec.decoder_layers))
+        ]
+        rows = torch.arange(write_slots.numel())
+        local = replace(batch, self_kv=replace(batch.self_kv, write_slots=rows))
+        x = stage.model.prefill(local, scratch, hidden)
+        first = stage.spec.decoder_layers.start
+        for offset, layer_kv in enumerate(scratch):
+            carried[f"kv.{first + offset}.k"] = layer_kv.k
+            carried[f"kv.{first + offset}.v"] = layer_kv.v
+        return x
+
+    def _store_handoff(
+        self, stage: LoadedStage, message: TensorMessage
+    ) -> tuple[TensorMessage, list[str]]:
+        """A decode-group stage stores its layers' handed-off prefill K/V in its cache."""
+        if stage.pool is None:
+            raise ValueError("handed-off KV reached a stage without decoder layers")
+        tensors = message.tensors
+        write_slots = tensors.get("batch.self_kv.write_slots")
+        if write_slots is None:
+            raise ValueError("handed-off KV without its write slots")
+        spec = stage.spec
+        for offset, layer in enumerate(range(spec.decoder_layers.start, spec.decoder_layers.stop)):
+            cache = stage.pool.layers[offset]
+            for name, target in (("k", cache.k), ("v", cache.v)):
+                rows = tensors[f"kv.{layer}.{name}"]
+                if spec.tp_degree > 1:  # this rank's KV heads
+                    part = rows.shape[1] // spec.tp_degree
+                    rows = rows[:, spec.tp_rank * part : (spec.tp_rank + 1) * part]
+                target.index_copy_(0, write_slots, rows.to(target.dtype))
+        next_hop = list(stage.request.next_after_decoder)
+        if not stage.ends_decoder:
+            return TensorMessage("kv", dict(tensors), attributes=dict(message.attributes)), next_hop
+        result = {
+            name: tensor
+            for name, tensor in tensors.items()
+            if name in ("token_ids", "failed") or name.startswith("logprob.")
+        }
+        attributes = {"row_error": message.attributes.get("row_error", "")}
+        return TensorMessage("result", result, attributes=attributes), next_hop
 
 
 def _routes(request: stage_pb2.LoadStageRequest) -> list[str]:
     """Every address a stage loaded with `request` sends to."""
     return [*request.next_after_encoder, *request.next_after_decoder, request.engine_address]
+
+
+@dataclass
+class _Sampled:
+    tensors: dict[str, torch.Tensor]
+    attributes: dict[str, str]
+
+
+def _sampled(logits: torch.Tensor, tensors: dict[str, torch.Tensor]) -> _Sampled:
+    rows = rows_from_tensors(tensors)
+    sampled = sample_rows(logits, rows)
+    failed = [error is not None for error in sampled.errors]
+    row_error = next((e for e in sampled.errors if e is not None), "")
+    return _Sampled(
+        {
+            "token_ids": torch.tensor(sampled.token_ids, dtype=torch.int64),
+            "failed": torch.tensor(failed, dtype=torch.int8),
+            **logprob_tensors(sampled, rows),
+        },
+        {"row_error": row_error},
+    )
