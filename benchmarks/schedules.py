@@ -184,56 +184,81 @@ def calibrated_plan(
     return again.plan, choice, again.calibration
 
 
+@dataclass(frozen=True)
+class RowRun:
+    """One row's task, tag and scratch folder, and how its bursts are sized."""
+
+    args: argparse.Namespace
+    task: str
+    tag: str
+    s99: int
+    work: Path
+
+    def burst(self, name: str, running: int, predicted_seq_s: float) -> Burst:
+        """A warm-up and a measured burst sized for `running` sequences at once."""
+        num = burst_size(self.args, running, predicted_seq_s)
+        out = self.work / f"{self.tag}-{name}.json"
+        return Burst(self.task, num, warmup_requests(running), self.s99, out)
+
+    def plan_burst(self, name: str, plan: autoplan.AutoPlan) -> Burst:
+        return self.burst(name, running_batches(plan), plan.predicted["throughput_seq_s"])
+
+
+def choose(
+    run: RowRun, request: autoplan.PlanRequest, first: autoplan.AutoPlan, profile: Path
+) -> tuple[autoplan.AutoPlan, FirstChoice, Calibration]:
+    """The plan to deploy: the first, or (calibrating) the re-plan after a pass on continuous
+    DP sized from the first plan, in its own deployment."""
+    if not run.args.calibrate:
+        return first, FirstChoice(first.predicted, None, "not re-planned"), Calibration()
+    work = run.work / f"{run.tag}-cal"
+    calibrating = dp_config(first_plan_sizing(first.report), first, profile, work)
+    totals = calibrate_on(calibrating, run.args, run.task, calibration_requests(first), work)
+    return calibrated_plan(request, run.task, first, profile, totals)
+
+
+def run_planned(
+    run: RowRun,
+    auto: autoplan.AutoPlan,
+    request: autoplan.PlanRequest,
+    profile: Path,
+    calibration: Calibration,
+) -> tuple[against_plan.Measured, dict, str, DeployedPrediction | None]:
+    """The deployed plan measured: (measured, its prediction, the calibration that made it,
+    the prediction from the measured burst's own steps or None)."""
+    config = planned_config(auto, Path(auto.report["profile"]), run.work / f"{run.tag}-planned")
+    if not run.args.calibrate:
+        planned = measure(config, run.args, run.plan_burst("planned", auto))
+        return planned, auto.predicted, calibration.describe(), None
+    own = Calibrating(request, profile, calibration, run.work / f"{run.tag}-own", f"{run.tag}-own")
+    done = measure_planned(config, run.args, run.plan_burst("planned", auto), auto, own)
+    before = done.before
+    return done.measured, before.predicted, before.calibration.describe(), done.during
+
+
 def run_row(args: argparse.Namespace, task: str, bound_s: float, profile: Path, work: Path) -> Row:
     request = plan_request(args, task, f"{bound_s:.6f}")
     first = autoplan.make_plan(request, profile, work)
     sys.stderr.write(autoplan.format_choice(first) + "\n")
-    s99 = int(first.report["output_p99_tokens"])
-    tag = f"{task}-{bound_s:.3g}"
-    auto, calibration = first, Calibration()
-    choice = FirstChoice(first.predicted, None, "not re-planned")
-    if args.calibrate:  # on continuous DP sized from the first plan, its own deployment
-        calibrating = dp_config(
-            first_plan_sizing(first.report), first, profile, work / f"{tag}-cal"
-        )
-        totals = calibrate_on(
-            calibrating, args, task, calibration_requests(first), work / f"{tag}-cal"
-        )
-        auto, choice, calibration = calibrated_plan(request, task, first, profile, totals)
+    run = RowRun(args, task, f"{task}-{bound_s:.3g}", int(first.report["output_p99_tokens"]), work)
+    auto, choice, calibration = choose(run, request, first, profile)
+    planned, predicted, deployed_on, during = run_planned(run, auto, request, profile, calibration)
     plan_profile = Path(auto.report["profile"])
     plan_request_ = replace(request, profile=plan_profile)
-
-    def burst(name: str, running: int, predicted_seq_s: float) -> Burst:
-        """A warm-up and a measured burst sized for `running` sequences at once."""
-        num = burst_size(args, running, predicted_seq_s)
-        return Burst(task, num, warmup_requests(running), s99, work / f"{tag}-{name}.json")
-
-    def plan_burst(name: str, plan: autoplan.AutoPlan) -> Burst:
-        return burst(name, running_batches(plan), plan.predicted["throughput_seq_s"])
-
-    config = planned_config(auto, plan_profile, work / f"{tag}-planned")
-    predicted, deployed_on, during = auto.predicted, calibration.describe(), None
-    if args.calibrate:  # the deployment's own pass calibrates the plan's prediction
-        own = Calibrating(request, profile, calibration, work / f"{tag}-own", f"{tag}-own")
-        run = measure_planned(config, args, plan_burst("planned", auto), auto, own)
-        planned, during = run.measured, run.during
-        predicted, deployed_on = run.before.predicted, run.before.calibration.describe()
-    else:
-        planned = measure(config, args, plan_burst("planned", auto))
     static_plan = baseline_plan(auto, ScheduleKind.STATIC.value, plan_request_, plan_profile)
     static = None
     if static_plan is auto:
         static = planned
     elif static_plan is not None:
-        static_config = planned_config(static_plan, plan_profile, work / f"{tag}-static")
-        static = measure(static_config, args, plan_burst("static", static_plan))
+        static_config = planned_config(static_plan, plan_profile, work / f"{run.tag}-static")
+        static = measure(static_config, args, run.plan_burst("static", static_plan))
     at_devices = None
     if not choice.refused:  # refused: nothing, continuous included, meets it calibrated
         at_devices = continuous_at_devices(auto.report, plan_request_, plan_profile, bound_s)
     sizing = size_dp(at_devices, first.report, "calibrated" if args.calibrate else "uncalibrated")
-    dp_seq_s = at_devices["throughput_seq_s"] if at_devices else auto.predicted["throughput_seq_s"]
-    dp_burst = burst("dp", sizing.running_batch, dp_seq_s)
-    dp = measure(dp_config(sizing, auto, plan_profile, work / f"{tag}-dp"), args, dp_burst)
+    dp_seq_s = (at_devices or auto.predicted)["throughput_seq_s"]
+    dp_burst = run.burst("dp", sizing.running_batch, dp_seq_s)
+    dp = measure(dp_config(sizing, auto, plan_profile, work / f"{run.tag}-dp"), args, dp_burst)
     return Row(
         task, bound_s, auto.report["chosen_kind"], auto.predicted["describe"],
         against_plan.compare(predicted, planned, bound_s), choice, deployed_on,
