@@ -47,7 +47,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from deployments import free_port  # noqa: E402
 from schedule_baselines import (  # noqa: E402
     Baseline,
     DpSizing,
@@ -59,16 +58,26 @@ from schedule_baselines import (  # noqa: E402
     planned_config,
     size_dp,
 )
+from schedule_runs import (  # noqa: E402
+    Burst,
+    Calibrating,
+    burst_size,
+    calibrate_on,
+    calibration_requests,
+    measure,
+    measure_planned,
+    running_batches,
+    warmup_requests,
+)
 
 from exegpt import autoplan  # noqa: E402
 from exegpt.bench import against_plan  # noqa: E402
-from exegpt.calibration_pass import calibration_burst, recalibrate  # noqa: E402
-from exegpt.launcher import Deployment, DeploymentConfig  # noqa: E402
+from exegpt.calibration_pass import DeployedPrediction, recalibrate  # noqa: E402
 from exegpt.schedule import ScheduleKind  # noqa: E402
+from services.scheduler.calibration import Calibration  # noqa: E402
 
 TASKS = ("S", "T", "G", "C1", "C2")
 BOUND_QUANTILES = (0.3, 0.7)
-MAX_REQUESTS = 1000
 NONE_MEETS = "none meets the bound calibrated"
 
 
@@ -98,6 +107,8 @@ class Row:
     static: Baseline
     continuous_dp: Baseline
     dp_sizing: DpSizing
+    chosen: dict  # the deployed plan's prediction when it was chosen (before its own pass)
+    during: DeployedPrediction | None  # calibrated on the measured burst's steps (diagnosis)
 
     @property
     def best_baseline(self) -> Baseline | None:
@@ -149,42 +160,13 @@ def static_bounds(args: argparse.Namespace, task: str, profile: Path) -> list[fl
     return static_latency_bounds(problem, BOUND_QUANTILES)
 
 
-def measure(
-    config: DeploymentConfig, args: argparse.Namespace, task: str, num: int, s99: int, out: Path
-) -> against_plan.Measured:
-    """A saturating burst of `num` requests on its own deployment of `config`."""
-    with Deployment(_on_free_ports(config)) as deployment:
-        document = against_plan.run_bench(
-            deployment.http_url, f"task:{task}", num, out, args.length_scale
-        )
-    return against_plan.measure(document, s99)
-
-
-def calibrate_on(
-    config: DeploymentConfig, args: argparse.Namespace, task: str, num: int, work: Path
-) -> dict:
-    """A warm-up and a calibration burst on a deployment of `config`; the calibration
-    burst's engine-clock totals summed over the replicas."""
-    work.mkdir(parents=True, exist_ok=True)
-    with Deployment(_on_free_ports(config)) as deployment:
-        return calibration_burst(
-            deployment, f"task:{task}", max(32, num // 2), work, args.length_scale
-        )
-
-
-def _on_free_ports(config: DeploymentConfig) -> DeploymentConfig:
-    if config.log_dir is not None:
-        config.log_dir.mkdir(parents=True, exist_ok=True)
-    return replace(config, http_port=free_port(), grpc_port=free_port())
-
-
 def calibrated_plan(
     request: autoplan.PlanRequest,
     task: str,
     first: autoplan.AutoPlan,
     profile: Path,
     totals: dict,
-) -> tuple[autoplan.AutoPlan, FirstChoice, str]:
+) -> tuple[autoplan.AutoPlan, FirstChoice, Calibration]:
     """The plan made again from a copy of `profile` calibrated by `totals` (the first choice
     stays when no schedule meets the bound on the calibrated profile)."""
     name = f"{profile.stem}.cal-{task}-{first.bound_s:.3g}"
@@ -199,61 +181,90 @@ def calibrated_plan(
             "re-planned after calibration:\n" + autoplan.format_choice(again.plan) + "\n"
         )
     choice = FirstChoice(first.predicted, again.first_calibrated, outcome)
-    return again.plan, choice, again.calibration.describe()
+    return again.plan, choice, again.calibration
+
+
+@dataclass(frozen=True)
+class RowRun:
+    """One row's task, tag and scratch folder, and how its bursts are sized."""
+
+    args: argparse.Namespace
+    task: str
+    tag: str
+    s99: int
+    work: Path
+
+    def burst(self, name: str, running: int, predicted_seq_s: float) -> Burst:
+        """A warm-up and a measured burst sized for `running` sequences at once."""
+        num = burst_size(self.args, running, predicted_seq_s)
+        out = self.work / f"{self.tag}-{name}.json"
+        return Burst(self.task, num, warmup_requests(running), self.s99, out)
+
+    def plan_burst(self, name: str, plan: autoplan.AutoPlan) -> Burst:
+        return self.burst(name, running_batches(plan), plan.predicted["throughput_seq_s"])
+
+
+def choose(
+    run: RowRun, request: autoplan.PlanRequest, first: autoplan.AutoPlan, profile: Path
+) -> tuple[autoplan.AutoPlan, FirstChoice, Calibration]:
+    """The plan to deploy: the first, or (calibrating) the re-plan after a pass on continuous
+    DP sized from the first plan, in its own deployment."""
+    if not run.args.calibrate:
+        return first, FirstChoice(first.predicted, None, "not re-planned"), Calibration()
+    work = run.work / f"{run.tag}-cal"
+    calibrating = dp_config(first_plan_sizing(first.report), first, profile, work)
+    totals = calibrate_on(calibrating, run.args, run.task, calibration_requests(first), work)
+    return calibrated_plan(request, run.task, first, profile, totals)
+
+
+def run_planned(
+    run: RowRun,
+    auto: autoplan.AutoPlan,
+    request: autoplan.PlanRequest,
+    profile: Path,
+    calibration: Calibration,
+) -> tuple[against_plan.Measured, dict, str, DeployedPrediction | None]:
+    """The deployed plan measured: (measured, its prediction, the calibration that made it,
+    the prediction from the measured burst's own steps or None)."""
+    config = planned_config(auto, Path(auto.report["profile"]), run.work / f"{run.tag}-planned")
+    if not run.args.calibrate:
+        planned = measure(config, run.args, run.plan_burst("planned", auto))
+        return planned, auto.predicted, calibration.describe(), None
+    own = Calibrating(request, profile, calibration, run.work / f"{run.tag}-own", f"{run.tag}-own")
+    done = measure_planned(config, run.args, run.plan_burst("planned", auto), auto, own)
+    before = done.before
+    return done.measured, before.predicted, before.calibration.describe(), done.during
 
 
 def run_row(args: argparse.Namespace, task: str, bound_s: float, profile: Path, work: Path) -> Row:
     request = plan_request(args, task, f"{bound_s:.6f}")
     first = autoplan.make_plan(request, profile, work)
     sys.stderr.write(autoplan.format_choice(first) + "\n")
-    s99 = int(first.report["output_p99_tokens"])
-    tag = f"{task}-{bound_s:.3g}"
-    auto, calibration = first, "uncalibrated"
-    choice = FirstChoice(first.predicted, None, "not re-planned")
-    if args.calibrate:  # on continuous DP sized from the first plan, its own deployment
-        calibrating = dp_config(
-            first_plan_sizing(first.report), first, profile, work / f"{tag}-cal"
-        )
-        totals = calibrate_on(
-            calibrating, args, task, requests_for(args, first), work / f"{tag}-cal"
-        )
-        auto, choice, calibration = calibrated_plan(request, task, first, profile, totals)
+    run = RowRun(args, task, f"{task}-{bound_s:.3g}", int(first.report["output_p99_tokens"]), work)
+    auto, choice, calibration = choose(run, request, first, profile)
+    planned, predicted, deployed_on, during = run_planned(run, auto, request, profile, calibration)
     plan_profile = Path(auto.report["profile"])
     plan_request_ = replace(request, profile=plan_profile)
-    num = requests_for(args, auto)
-    planned = measure(
-        planned_config(auto, plan_profile, work / f"{tag}-planned"), args, task, num, s99,
-        work / f"{tag}-planned.json",
-    )  # fmt: skip
     static_plan = baseline_plan(auto, ScheduleKind.STATIC.value, plan_request_, plan_profile)
     static = None
     if static_plan is auto:
         static = planned
     elif static_plan is not None:
-        static = measure(
-            planned_config(static_plan, plan_profile, work / f"{tag}-static"), args, task, num,
-            s99, work / f"{tag}-static.json",
-        )  # fmt: skip
+        static_config = planned_config(static_plan, plan_profile, work / f"{run.tag}-static")
+        static = measure(static_config, args, run.plan_burst("static", static_plan))
     at_devices = None
     if not choice.refused:  # refused: nothing, continuous included, meets it calibrated
         at_devices = continuous_at_devices(auto.report, plan_request_, plan_profile, bound_s)
     sizing = size_dp(at_devices, first.report, "calibrated" if args.calibrate else "uncalibrated")
-    dp = measure(
-        dp_config(sizing, auto, plan_profile, work / f"{tag}-dp"), args, task, num, s99,
-        work / f"{tag}-dp.json",
-    )  # fmt: skip
+    dp_seq_s = (at_devices or auto.predicted)["throughput_seq_s"]
+    dp_burst = run.burst("dp", sizing.running_batch, dp_seq_s)
+    dp = measure(dp_config(sizing, auto, plan_profile, work / f"{run.tag}-dp"), args, dp_burst)
     return Row(
         task, bound_s, auto.report["chosen_kind"], auto.predicted["describe"],
-        against_plan.compare(auto.predicted, planned, bound_s), choice, calibration,
+        against_plan.compare(predicted, planned, bound_s), choice, deployed_on,
         Baseline("static", static, bound_s), Baseline("continuous-DP", dp, bound_s), sizing,
+        auto.predicted, during,
     )  # fmt: skip
-
-
-def requests_for(args: argparse.Namespace, auto: autoplan.AutoPlan) -> int:
-    """Several batches' worth, and ~15 s at the predicted rate, so the middle is steady."""
-    batch = auto.plan.schedule.decode_batch_size
-    pred = int(15 * auto.predicted["throughput_seq_s"])
-    return args.num_requests or min(MAX_REQUESTS, max(64, 4 * batch, pred))
 
 
 def _ratio(value: float, base: Baseline | None) -> str:
@@ -294,18 +305,34 @@ def format_rows(rows: list[Row]) -> str:
     lines += [""]
     for r in rows:
         lines.append(f"{r.task} @ {r.bound_s:.2f} s: deployed {r.describe}; {r.calibration}")
+        lines.append(f"  when chosen it was predicted {_figures(r.chosen)}")
+        if r.during is not None:
+            lines.append(f"  {_during(r.planned, r.during)}")
         lines.append(f"  first choice (uncalibrated, {r.first.replanned}): {_first(r.first)}")
         lines.append(f"  continuous DP baseline: {r.dp_sizing.source}")
     return "\n".join(lines)
 
 
-def _first(first: FirstChoice) -> str:
-    def figures(predicted: dict) -> str:
-        return f"{predicted['throughput_seq_s']:.2f} seq/s, {predicted['latency_s']:.2f} s"
+def _figures(predicted: dict) -> str:
+    return f"{predicted['throughput_seq_s']:.2f} seq/s, {predicted['latency_s']:.2f} s"
 
-    text = f"{first.predicted['describe']}, predicted {figures(first.predicted)}"
+
+def _during(planned: against_plan.Comparison, during: DeployedPrediction) -> str:
+    """The deployed plan priced with its steps as the measured burst ran them."""
+    percent = against_plan.percent
+    seq_s, latency_s = during.predicted["throughput_seq_s"], during.predicted["latency_s"]
+    seq_err = against_plan.relative_error(planned.measured_seq_s, seq_s)
+    lat_err = against_plan.relative_error(planned.measured_latency_s, latency_s)
+    return (
+        f"steps as the measured burst ran them ({during.calibration.describe()}): predicted "
+        f"{seq_s:.2f} seq/s ({percent(seq_err)}), {latency_s:.2f} s ({percent(lat_err)})"
+    )
+
+
+def _first(first: FirstChoice) -> str:
+    text = f"{first.predicted['describe']}, predicted {_figures(first.predicted)}"
     if first.calibrated is not None:
-        text += f"; calibrated it predicts {figures(first.calibrated)}"
+        text += f"; calibrated it predicts {_figures(first.calibrated)}"
     return text
 
 
@@ -349,7 +376,9 @@ def _row_json(row: Row) -> dict:
         "predicted_latency_s": c.predicted_latency_s,
         "first_choice": row.first.predicted["describe"], "replanned": row.first.replanned,
         "first_predicted": row.first.predicted, "first_calibrated": row.first.calibrated,
-        "calibration": row.calibration,
+        "calibration": row.calibration, "chosen_predicted": row.chosen,
+        "during_predicted": row.during.predicted if row.during else None,
+        "during_calibration": row.during.calibration.describe() if row.during else None,
         "measured_latency_s": nan_none(c.measured_latency_s), "meets_bound": c.meets_bound,
         "static_seq_s": seq_s(row.static), "static_meets_bound": row.static.meets_bound,
         "continuous_dp_seq_s": seq_s(row.continuous_dp),

@@ -212,6 +212,33 @@ def predicted_on(profile: Path, auto: AutoPlan, request: PlanRequest) -> dict:
 
 
 @dataclass(frozen=True)
+class DeployedPrediction:
+    """What a plan predicts once calibrated on its own deployment's pass."""
+
+    predicted: dict  # the plan's prediction on the profile so calibrated
+    calibration: Calibration  # the earlier calibration, with every kind the pass saw replaced
+
+
+def deployed_prediction(
+    auto: AutoPlan,
+    request: PlanRequest,
+    profile: Path,
+    earlier: Calibration,
+    totals: dict[str, KindTotals],
+    directory: Path,
+    name: str,
+) -> DeployedPrediction:
+    """Calibrate a copy of the uncalibrated `profile` by a pass on `auto`'s own deployment
+    (`totals`: its steps, at its rows, on the machine as loaded now) and predict `auto` there.
+    Kinds the pass did not see keep `earlier`'s factor. The schedule is not chosen again: the
+    pass only corrects what each step costs for the schedule already deployed."""
+    fresh = calibration_from_totals(str(profile), request.workload, request.length_scale, totals)
+    calibration = earlier.replaced_by(fresh)
+    copy = Path(calibrated_copy(str(profile), calibration, directory, name))
+    return DeployedPrediction(predicted_on(copy, auto, request), calibration)
+
+
+@dataclass(frozen=True)
 class Recalibrated:
     """A plan made again after a calibration pass."""
 

@@ -1,18 +1,23 @@
 """The plan made again after calibration (exegpt/calibration_pass.py `replan`): on the really
 measured tiny profile, a hand-made calibration saying decode steps take 4x the profile makes
 the re-plan at the same bound pick a smaller decode batch that meets the bound on the
-calibrated profile, where the first choice no longer does."""
+calibrated profile, where the first choice no longer does. A pass on the deployed plan's own
+deployment (`deployed_prediction`) recalibrates its prediction without choosing again."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from exegpt import autoplan
-from exegpt.calibration_pass import calibrated_copy, replan
+from exegpt.calibration_pass import KindTotals, calibrated_copy, deployed_prediction, replan
 from services.scheduler.calibration import Calibration
 from services.scheduler.calibration_store import calibration_path, load_calibration
 from services.scheduler.observations import StageKind
-from services.scheduler.simulate import PredictRequest, predict
+from services.scheduler.problem_builder import load_cost_model
+from services.scheduler.simulate import PredictRequest, predict, workload_of
+from services.scheduler.simulator.common import LayerCosts, WorkloadStats
 
 
 def _request(profile: Path, bound: str) -> autoplan.PlanRequest:
@@ -55,3 +60,50 @@ def test_a_slower_decode_makes_the_replan_choose_a_smaller_schedule(
     assert first_then["latency_s"] > first.bound_s
     assert again.report["schedule"] != first.report["schedule"]
     assert again.plan.schedule.decode_batch_size < first.plan.schedule.decode_batch_size
+
+
+def test_the_deployed_plan_is_predicted_on_its_own_pass_without_being_chosen_again(
+    measured_tiny_profile: Path, tmp_path: Path
+) -> None:
+    request = _request(measured_tiny_profile, "auto:0.5")
+    auto = autoplan.make_plan(request, measured_tiny_profile, tmp_path)
+    model = load_cost_model(str(measured_tiny_profile)).model
+    workload = workload_of("task:S", 0.25, model.shape.max_context_tokens)
+    costs = LayerCosts(model, WorkloadStats.from_workload(workload))
+    shape = model.shape
+    # The deployment's own pass: prefills of 6 requests whose layers took 3x the profile,
+    # decode steps of 20 rows at 2x; the embedding and LM head as priced; no host time seen.
+    prefill_s = costs.embedding_s(costs.encode_tokens(6))
+    prefill_s += 3.0 * shape.num_encode_layers * sum(costs.encode(6, 1))
+    decode_s = costs.embedding_s(20) + costs.lm_head_s(20)
+    decode_s += 2.0 * shape.num_decode_layers * sum(costs.decode(20, 1))
+    totals = {
+        "prefill": KindTotals(4, 24, 4 * prefill_s, 0.0),
+        "decode": KindTotals(30, 600, 30 * decode_s, 0.0),
+    }
+    earlier = Calibration(
+        {StageKind.ENCODE: 9.0, StageKind.OVERHEAD: 0.5},
+        {StageKind.ENCODE: 5, StageKind.OVERHEAD: 7},
+    )
+
+    own = deployed_prediction(
+        auto, request, measured_tiny_profile, earlier, totals, tmp_path, "own"
+    )
+
+    # Encode and decode come from the pass (against the uncalibrated profile); the overhead,
+    # which the pass did not see, keeps the earlier factor.
+    assert own.calibration.factor(StageKind.ENCODE) == pytest.approx(3.0)
+    assert own.calibration.factor(StageKind.DECODE) == pytest.approx(2.0)
+    assert own.calibration.factor(StageKind.OVERHEAD) == 0.5
+    # The same schedule, predicted as a copy calibrated by hand with those factors predicts it.
+    by_hand = Calibration({StageKind.ENCODE: 3.0, StageKind.DECODE: 2.0, StageKind.OVERHEAD: 0.5})
+    copy = calibrated_copy(str(measured_tiny_profile), by_hand, tmp_path, "by-hand")
+    expected = predict(
+        PredictRequest(profile=copy, workload="task:S", num_devices=2, plan=str(auto.path),
+                       length_scale=0.25)
+    )["predicted"]  # fmt: skip
+    assert own.predicted["describe"] == auto.predicted["describe"]
+    assert own.predicted["throughput_seq_s"] == pytest.approx(expected["throughput_seq_s"])
+    assert own.predicted["latency_s"] == pytest.approx(expected["latency_s"])
+    # Steps two and three times slower than the profile: fewer sequences per second.
+    assert own.predicted["throughput_seq_s"] < auto.predicted["throughput_seq_s"] / 1.5

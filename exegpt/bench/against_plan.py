@@ -5,10 +5,13 @@ latency of a p99-output-length sequence from the start of its encoding to its la
 A saturating burst (every request sent at once) also has a filling and a draining phase and
 a queue, so the measured figures are read the same way:
 
-- **throughput**: admissions per second over the whole batches that start between the
-  10th and the 90th percentile completion time (the middle of the burst, at steady state,
-  where requests enter as fast as they finish; `steady_admission_rate`), else completions
-  per second between those two times;
+- **throughput**: admissions per second, over whole batches, of the requests that
+  complete between the 10th and the 90th percentile completion time (the middle of the
+  burst, at steady state, where requests enter as fast as they finish;
+  `steady_admission_rate`), else completions per second between those two times. The
+  window ends no later than the admission of the burst's last request: after it the queue
+  is empty and the batches drain, with shorter steps and bunched completions that no
+  steady state has;
 - **p99-length latency**: as exegpt/latency.py defines it, the mean generation latency of
   the requests that completed in that window at or beyond the workload's p99 output length
   (with too few of them there, the line of latency against length through the window's
@@ -23,6 +26,7 @@ a queue, so the measured figures are read the same way:
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import subprocess
@@ -101,11 +105,15 @@ def measure(document: dict[str, Any], p99_output_tokens: int) -> Measured:
     if not rows:
         return Measured(0.0, math.nan, 0, int(metrics["num_failed"]), burst)
     ends = sorted(r["send_s"] + r["e2e_s"] for r in rows)
-    first, last = (ends[int(q * (len(ends) - 1))] for q in STEADY_WINDOW)
+    queued_until = last_admission_s(rows)
+    window = steady_window(ends, queued_until) or steady_window(ends)
+    first, last = window or (ends[0], ends[-1])
     steady = [r for r in rows if first <= r["send_s"] + r["e2e_s"] <= last]
-    rate = steady_admission_rate(admission_times_s(rows), first, last)
+    # The admissions of the requests that complete in the window: a drain's quick
+    # admissions after the last queued request fall outside it.
+    rate = steady_admission_rate(admission_times_s(steady), -math.inf, last)
     return Measured(
-        throughput_seq_s=rate or steady_throughput(ends) or burst,
+        throughput_seq_s=rate or steady_throughput(ends, queued_until) or burst,
         p99_length_latency_s=p99_length_latency(rows, steady, p99_output_tokens),
         num_ok=len(rows),
         num_failed=int(metrics["num_failed"]),
@@ -113,14 +121,45 @@ def measure(document: dict[str, Any], p99_output_tokens: int) -> Measured:
     )
 
 
-def steady_throughput(end_times_s: list[float]) -> float | None:
-    """Completions per second between the window's quantiles of completion times."""
+def last_admission_s(rows: list[dict[str, Any]]) -> float | None:
+    """When the engines admitted the burst's last request (client clock: its completion less
+    its admission-to-last-token seconds); None without the engine's generation_s."""
+    admitted = [
+        r["send_s"] + r["e2e_s"] - s for r in rows if (s := generation_latency_s(r)) is not None
+    ]
+    return max(admitted) if admitted else None
+
+
+def steady_window(
+    end_times_s: list[float], queued_until_s: float | None = None
+) -> tuple[float, float] | None:
+    """(first, last) completion times of the steady window: between the window's quantiles,
+    and no later than `queued_until_s`, when the last request was admitted. After it the
+    queue is empty and the batches drain: steps shrink and completions bunch up (a burst of
+    4 running batches per replica finishes a quarter of its requests there), which no
+    steady state does. None when fewer than 3 completions lie in it."""
     ends = sorted(end_times_s)
     first = int(STEADY_WINDOW[0] * (len(ends) - 1))
     last = int(STEADY_WINDOW[1] * (len(ends) - 1))
+    if queued_until_s is not None:
+        last = min(last, bisect.bisect_right(ends, queued_until_s) - 1)
     if last - first < 2 or ends[last] <= ends[first]:
         return None
-    return (last - first) / (ends[last] - ends[first])
+    return ends[first], ends[last]
+
+
+def steady_throughput(
+    end_times_s: list[float], queued_until_s: float | None = None
+) -> float | None:
+    """Completions per second in the steady window (`steady_window`; without one that ends
+    by `queued_until_s`, the window's quantiles alone)."""
+    ends = sorted(end_times_s)
+    window = steady_window(ends, queued_until_s) or steady_window(ends)
+    if window is None:
+        return None
+    first, last = window
+    count = bisect.bisect_right(ends, last) - bisect.bisect_left(ends, first) - 1
+    return count / (last - first)
 
 
 def admission_times_s(rows: list[dict[str, Any]]) -> list[float]:

@@ -80,6 +80,13 @@ class Calibration:
             totals[kind] = totals.get(kind, 0) + counts.get(kind, 0)
         return Calibration(factors, totals)
 
+    def replaced_by(self, newer: Calibration) -> Calibration:
+        """This calibration with every kind that `newer` measured taken from `newer` (a later
+        pass, made against the uncalibrated profile); the other kinds keep their factor."""
+        factors = {**self.factors, **newer.factors}
+        counts = {**self.counts, **{k: newer.counts.get(k, 0) for k in newer.factors}}
+        return Calibration(factors, counts)
+
     def describe(self) -> str:
         """'calibrated from N observations (encode x1.20 from 12, ...)', or 'uncalibrated'."""
         if not self.num_observations:

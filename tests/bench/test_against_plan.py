@@ -40,7 +40,7 @@ def test_steady_rate_ignores_the_fill_and_the_drain() -> None:
 def test_a_static_burst_counts_whole_batches() -> None:
     # Static batches of 8 start every 2 s (admitted at 2k + 0.1); in each, 6 members finish
     # after 0.2 s and 2 after 1.9 s. Completions cluster unevenly, so the window between the
-    # 10th and 90th percentile completions cuts batches (it reads 5.6% fast here); whole
+    # 10th and 90th percentile completions cuts batches (it reads 6.9% fast here); whole
     # batches between admissions read B / period = 4 per second.
     rows = []
     for k in range(12):
@@ -48,7 +48,7 @@ def test_a_static_burst_counts_whole_batches() -> None:
             generation_s = 0.2 if j < 6 else 1.9
             rows.append(_row(0.0, 0.1, 2.0 * k + 0.1 + generation_s, 5, queue_s=2.0 * k + 0.1))
     ends = [r["send_s"] + r["e2e_s"] for r in rows]
-    assert against_plan.steady_throughput(ends) == pytest.approx(76 / 18)
+    assert against_plan.steady_throughput(ends) == pytest.approx(77 / 18)
     assert against_plan.measure(_document(rows), 5).throughput_seq_s == pytest.approx(4.0)
 
 
@@ -58,6 +58,24 @@ def test_a_continuous_burst_leaves_its_fill_out() -> None:
     rows = [_row(0.0, 0.1, 1.6, 5) for _ in range(16)]
     rows += [_row(0.0, 0.1, 1.6 + 1.6 + 0.1 * i, 5, queue_s=1.6 + 0.1 * i) for i in range(100)]
     assert against_plan.measure(_document(rows), 5).throughput_seq_s == pytest.approx(10.0)
+
+
+def test_steady_rate_ends_when_the_last_request_is_admitted() -> None:
+    # 60 requests complete at 10 per second while a queue waits (each served 1 s after its
+    # admission); the last 40 were admitted by 6.9 s and drain in 0.4 s (100 per second).
+    steady = [_row(0.0, 0.5, 1.0 + 0.1 * i, 10, queue_s=0.1 * i) for i in range(60)]
+    drain = [_row(0.0, 0.5, 7.0 + 0.01 * j, 10, queue_s=6.0 + 0.0225 * j) for j in range(40)]
+    rows = steady + drain
+    assert against_plan.last_admission_s(rows) == pytest.approx(6.0 + 0.0225 * 39)
+    # The 10th..90th percentile completions alone: (89 - 9) / (7.29 - 1.9) = 14.8 per second.
+    ends = [r["send_s"] + r["e2e_s"] for r in rows]
+    assert against_plan.steady_throughput(ends) == pytest.approx(80 / 5.39)
+    # Cut where the queue emptied: completions 9..59, (59 - 9) / (6.9 - 1.9) = 10 per second.
+    measured = against_plan.measure(_document(rows), p99_output_tokens=10)
+    assert measured.throughput_seq_s == pytest.approx(10.0)
+    assert against_plan.steady_window(ends, 6.9) == pytest.approx((1.9, 6.9))
+    # A queue that empties before the window's start leaves the quantiles alone.
+    assert against_plan.steady_throughput(ends, 0.5) == pytest.approx(80 / 5.39)
 
 
 def test_p99_length_latency_leaves_the_queueing_out() -> None:

@@ -10,7 +10,10 @@ from pathlib import Path
 
 from exegpt import autoplan
 from exegpt.bench.against_plan import Comparison, Measured
+from exegpt.calibration_pass import DeployedPrediction
 from exegpt.schedule import Schedule, ScheduleKind
+from services.scheduler.calibration import Calibration
+from services.scheduler.observations import StageKind
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "schedules.py"
 SCHEDULES = runpy.run_path(str(SCRIPT), run_name="schedules")
@@ -70,12 +73,15 @@ def test_best_baseline_is_the_fastest_that_met_the_bound() -> None:
     assert best_met([fast_but_late, Baseline("static", None, 2.0)]) is None
 
 
-def _row(static: object, dp: object) -> object:
+def _row(static: object, dp: object, during: object = None) -> object:
     first = SCHEDULES["FirstChoice"]({"describe": "x", "throughput_seq_s": 1.0,
                                       "latency_s": 1.0}, None, "kept")  # fmt: skip
     planned = Comparison(8.0, 8.0, 1.8, 1.8, 2.0)
     sizing = SCHEDULES["DpSizing"](24, "calibrated: continuous", False)
-    return SCHEDULES["Row"]("S", 2.0, "rra", "rra", planned, first, "cal", static, dp, sizing)
+    chosen = {"throughput_seq_s": 7.0, "latency_s": 1.9}
+    return SCHEDULES["Row"](
+        "S", 2.0, "rra", "rra", planned, first, "cal", static, dp, sizing, chosen, during
+    )
 
 
 def test_table_prints_each_baselines_bound_and_the_ratio_to_the_best_that_met_it() -> None:
@@ -89,6 +95,18 @@ def test_table_prints_each_baselines_bound_and_the_ratio_to_the_best_that_met_it
     # static met (4.00 yes), DP did not (16.00 no); vs static 2.00, vs DP 0.50, vs best 2.00
     assert line.split()[-7:] == ["4.00", "yes", "16.00", "no", "2.00", "0.50", "2.00"]
     assert "continuous DP baseline: calibrated: continuous" in table
+    assert "when chosen it was predicted 7.00 seq/s, 1.90 s" in table
+    assert "steps as the measured burst ran them" not in table  # only with a pass
+    during = DeployedPrediction(
+        {"throughput_seq_s": 10.0, "latency_s": 1.5},
+        Calibration({StageKind.DECODE: 2.0}, {StageKind.DECODE: 40}),
+    )
+    diagnosed = SCHEDULES["format_rows"]([_row(static, late, during)])
+    # measured 8.0 seq/s and 1.8 s against 10.0 and 1.5: -20% and +20%
+    assert (
+        "steps as the measured burst ran them (calibrated from 40 observations (decode x2.00 "
+        "from 40)): predicted 10.00 seq/s (-20%), 1.50 s (+20%)"
+    ) in diagnosed
     none_met = SCHEDULES["format_rows"]([_row(Baseline("static", None, 2.0), late)])
     assert none_met.splitlines()[1].split()[-7:] == ["-", "-", "16.00", "no", "-", "0.50", "-"]
 

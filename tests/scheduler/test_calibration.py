@@ -102,6 +102,24 @@ def test_calibration_round_trips_and_refuses_bad_files(tmp_path: Path) -> None:
     assert calibration_path(str(tmp_path / "quick.json")) == tmp_path / "quick.calibration.json"
 
 
+def test_a_later_pass_replaces_the_kinds_it_measured_and_keeps_the_others() -> None:
+    earlier = Calibration(
+        {StageKind.ENCODE: 4.0, StageKind.DECODE: 3.0, StageKind.OVERHEAD: 0.5},
+        {StageKind.ENCODE: 10, StageKind.DECODE: 40, StageKind.OVERHEAD: 50},
+    )
+    # The later pass was made against the uncalibrated profile: its factors replace, they do
+    # not multiply (decode 2.0, not 3.0 x 2.0); overhead, which it did not see, stays 0.5.
+    later = Calibration({StageKind.DECODE: 2.0, StageKind.ENCODE: 1.5},
+                        {StageKind.DECODE: 30, StageKind.ENCODE: 6})  # fmt: skip
+    both = earlier.replaced_by(later)
+    assert both.factors == {
+        StageKind.ENCODE: 1.5, StageKind.DECODE: 2.0, StageKind.OVERHEAD: 0.5
+    }  # fmt: skip
+    assert both.counts == {StageKind.ENCODE: 6, StageKind.DECODE: 30, StageKind.OVERHEAD: 50}
+    assert Calibration().replaced_by(later) == later
+    assert earlier.replaced_by(Calibration()) == earlier
+
+
 def test_a_decode_slowdown_corrects_decode_not_prefill_and_is_kept(tmp_path: Path) -> None:
     profile = tmp_path / "hand-made.json"
     profile.write_text("{}")  # the loader below stands in for reading it
