@@ -39,7 +39,7 @@ class AttentionMetadata:
     write_slots: Tensor | None = None  # [N] pool slots that receive the new K/V
     write_rows: Tensor | None = None  # [N] rows of the flattened [B * T_q] new K/V to store
     read_slots: Tensor | None = None  # [B, T_kv] slots to attend to; None: attend to new K/V
-    rope: tuple[Tensor, Tensor] | None = None  # Llama cos, sin [B, T_q, D]
+    rope: tuple[Tensor, Tensor] | None = None  # Llama cos, signed sin [B, T_q, 1, D]
     # A packed step (decoder-only): the new tokens are one row [1, N] and `read_slots` are
     # every row's valid key slots back to back; the layout says how attention is cut.
     packed: PackedLayout | None = None

@@ -46,8 +46,9 @@ def decode_kernel(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: f
     if mask is not None:
         if mask.shape[1] != 1:  # per query head: [b, H, 1, T] -> [b, H_kv, G, T]
             mask = mask.reshape(batch, num_kv_heads, -1, mask.shape[-1])
-        if mask.dtype == torch.bool:
-            scores.masked_fill_(~mask, float("-inf"))  # every row sees at least its own key
+        if mask.dtype == torch.bool:  # every row sees at least its own key
+            # A hidden key's score is replaced, not added to: stale NaN keys are harmless.
+            scores = torch.where(mask, scores, float("-inf"))
         else:
             scores += mask
     probs = torch.softmax(scores, dim=-1).to(q.dtype)

@@ -27,10 +27,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Accumulate in float32 so half-precision activations do not overflow.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # Normalized in float32 so half-precision activations do not overflow, cast back, then
+        # scaled, as transformers does: bit-identical to its op chain (x.float(), pow, mean,
+        # add, rsqrt, mul, to) in 3 ops instead of 8. The weight goes outside: torch's fused
+        # kernel given a bf16 weight ran 4x slower than this at 4096 tokens (torch 2.13, CPU).
+        normalized = torch.rms_norm(x.float(), self.weight.shape, None, self.eps)
+        return self.weight * normalized.to(x.dtype)
 
 
 class ReluFFN(nn.Module):
@@ -59,16 +61,49 @@ class GatedGeluFFN(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """Llama MLP: down(silu(gate x) * up x)."""
+    """Llama MLP: down(silu(gate x) * up x). A serving model runs gate and up as one GEMM
+    (`fuse`); a checkpoint always holds them apart."""
 
     def __init__(self, d_model: int, d_ff: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
         self.up_proj = nn.Linear(d_model, d_ff, bias=False)
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # set by `fuse`
+
+    def fuse(self) -> None:
+        """Replace gate and up by one Linear of their stacked weights (serving only)."""
+        self.gate_up_proj = concat_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def concat_linears(*linears: nn.Linear) -> nn.Linear:
+    """One Linear whose outputs are those of `linears` side by side (weights stacked by rows):
+    one GEMM instead of several, each output column the same dot product as before."""
+    first = linears[0]
+    has_bias = first.bias is not None
+    if any((linear.bias is not None) != has_bias for linear in linears):
+        raise ValueError("cannot concatenate Linears with and without a bias")
+    if any(linear.in_features != first.in_features for linear in linears):
+        raise ValueError("concatenated Linears must share their input width")
+    out_features = sum(linear.out_features for linear in linears)
+    weight = first.weight
+    fused = nn.Linear(
+        first.in_features, out_features, bias=has_bias, device="meta", dtype=weight.dtype
+    )
+    fused.weight = nn.Parameter(
+        torch.cat([linear.weight.detach() for linear in linears]), requires_grad=False
+    )
+    if has_bias:
+        biases = [linear.bias.detach() for linear in linears if linear.bias is not None]
+        fused.bias = nn.Parameter(torch.cat(biases), requires_grad=False)
+    return fused
 
 
 def build_ffn(config: ModelConfig) -> nn.Module:
@@ -113,22 +148,25 @@ def rope_cos_sin(
     dtype: torch.dtype,
     scaling: RopeScaling | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """cos and sin tables [B, T, head_dim] for integer positions [B, T] (HF layout)."""
+    """cos and signed sin tables [B, T, 1, head_dim] for integer positions [B, T], built once
+    per step for every layer. The sin table's first half is negated (`apply_rope`)."""
     inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device)  # [head_dim / 2]
     freqs = positions.float()[..., None] * inv_freq  # [B, T, head_dim / 2]
-    angles = torch.cat((freqs, freqs), dim=-1)  # [B, T, head_dim]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+    cos = torch.cat((cos, cos), dim=-1)  # [B, T, head_dim]
+    signed_sin = torch.cat((-sin, sin), dim=-1)  # negation is exact
+    return cos[:, :, None], signed_sin[:, :, None]
 
 
-def _rotate_half(x: Tensor) -> Tensor:
+def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """Rotate x [B, T, H, D] by the tables [B, T, 1, D] of `rope_cos_sin`.
+
+    transformers computes x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1);
+    here (x2, x1) is one flip of the halves and the sign sits in the table: the same products
+    and sum, bit for bit, in 4 kernels instead of 6 (the sign costs nothing per layer)."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [B, T, H, D] by the tables [B, T, D]."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, D]: broadcast over heads
-    return x * cos + _rotate_half(x) * sin
+    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)  # (x2, x1)
+    return (x * cos).add_(swapped * signed_sin)
 
 
 # ---- relative position buckets (T5) --------------------------------------------------------

@@ -10,7 +10,14 @@ from torch import Tensor, nn
 from exegpt.models.attention import AttentionMetadata, LayerKV, paged_attention
 from exegpt.models.batch import PackedBatch
 from exegpt.models.config import ModelConfig
-from exegpt.models.layers import RMSNorm, SwiGLU, apply_rope, embedding, rope_cos_sin
+from exegpt.models.layers import (
+    RMSNorm,
+    SwiGLU,
+    apply_rope,
+    concat_linears,
+    embedding,
+    rope_cos_sin,
+)
 from exegpt.models.packed import packed_layout
 
 
@@ -26,13 +33,32 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(config.d_model, config.num_kv_heads * config.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.d_model, config.num_kv_heads * config.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.d_model, bias=False)
+        # A serving model projects q, k, v in one GEMM (`fuse`); its split, in heads:
+        self.qkv_proj: nn.Linear | None = None
+        self.qkv_heads: tuple[int, int] = (0, 0)  # (query heads, KV heads) of this shard
+
+    def fuse(self) -> None:
+        """Replace q, k and v by one Linear of their stacked weights (serving only: after any
+        tensor-parallel slicing, so the head counts are read from this shard's Linears)."""
+        head_dim = self.head_dim
+        self.qkv_heads = (
+            self.q_proj.out_features // head_dim,
+            self.k_proj.out_features // head_dim,
+        )
+        self.qkv_proj = concat_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def project_qkv(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         batch, num_tokens = x.shape[:2]
+        cos, sin = rope
+        if self.qkv_proj is not None:  # fused: q and k rotate together, in one pass
+            heads, kv_heads = self.qkv_heads
+            qkv = self.qkv_proj(x).view(batch, num_tokens, heads + 2 * kv_heads, self.head_dim)
+            qk = apply_rope(qkv[:, :, : heads + kv_heads], cos, sin)
+            return qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv_heads :]
         q = self.q_proj(x).view(batch, num_tokens, self.num_heads, self.head_dim)  # [B, T, H, D]
         k = self.k_proj(x).view(batch, num_tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, num_tokens, self.num_kv_heads, self.head_dim)
-        cos, sin = rope
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def project_out(self, attn: Tensor) -> Tensor:
@@ -93,7 +119,7 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin [B, T, D] for positions [B, T]; computed once per step for all layers."""
+        """cos, signed sin [B, T, 1, D] for positions [B, T]; once per step for all layers."""
         config = self.config
         return rope_cos_sin(
             positions, config.head_dim, config.rope_theta, self.compute_dtype, config.rope_scaling

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from exegpt.models.decode_attention import decode_kernel
+from exegpt.models.decode_attention import decode_kernel, matmul_decode_applies
 
 # A decode row joins a bucket while its KV length is at least (1 - this) x the bucket's longest.
 DECODE_BUCKET_PADDING = 0.25
@@ -283,8 +283,11 @@ def attend_buckets(
     for bucket in buckets:
         assert cache_k is not None and cache_v is not None
         queries = q[bucket.query_index]  # [b, H, D]
+        # The matmul kernel overwrites a hidden key's score whatever it is (a NaN included)
+        # when the mask is boolean: only the values need zeroing then.
+        keep_keys = matmul_decode_applies(queries) and _is_bool(bucket.mask)
         keys, values = gather_keys(
-            cache_k, cache_v, bucket.key_blocks, bucket.hidden_keys, block_size
+            cache_k, cache_v, bucket.key_blocks, bucket.hidden_keys, block_size, not keep_keys
         )
         out[bucket.query_index] = decode_kernel(queries, keys, values, bucket.mask, scale)
 
@@ -313,18 +316,25 @@ def gather_keys(
     key_blocks: Tensor,
     hidden_keys: Tensor | None,
     block_size: int,
+    zero_keys: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """The K and V [b, M * block_size, H_kv, D] of blocks [b, M], with the `hidden_keys`
     (indices into the flattened b * M * block_size) zeroed: a masked column of a row's last
     block may hold stale K/V of a freed block's earlier owner, even non-finite, and a NaN
     times a zero weight is still NaN. Zeroed by a row index fill (a broadcast masked_fill of
-    [b, T, 1, 1] ran 15x slower)."""
+    [b, T, 1, 1] ran 15x slower). `zero_keys=False` leaves the keys as gathered, for a kernel
+    that replaces a hidden key's score outright."""
     keys = gather_blocks(cache_k, key_blocks, block_size)
     values = gather_blocks(cache_v, key_blocks, block_size)
-    if hidden_keys is not None:
+    if hidden_keys is not None and zero_keys:
         keys.view(-1, *keys.shape[2:]).index_fill_(0, hidden_keys, 0)
+    if hidden_keys is not None:
         values.view(-1, *values.shape[2:]).index_fill_(0, hidden_keys, 0)
     return keys, values
+
+
+def _is_bool(mask: Tensor | None) -> bool:
+    return mask is None or mask.dtype == torch.bool
 
 
 def gather_blocks(cache: Tensor, blocks: Tensor, block_size: int) -> Tensor:

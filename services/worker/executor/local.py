@@ -71,7 +71,9 @@ class LocalExecutor:
                 logits = self._model.prefill(batch, self._pool.layers)
             else:
                 # Eager on purpose: torch.compile of the decode step compiled for minutes and
-                # then ran slower here (docs/design.md, section 6, has the figures).
+                # then ran slower here; compiling only the dense layer parts gained nothing
+                # (they are GEMM time) and the attention ran 8x slower compiled
+                # (docs/design.md, section 6, has the figures).
                 logits = self._model.decode(batch, self._pool.layers)
             if logits.device.type == "cuda":
                 torch.cuda.synchronize(logits.device)  # the forward's time, not its launch
