@@ -5,13 +5,14 @@ latency of a p99-output-length sequence from the start of its encoding to its la
 A saturating burst (every request sent at once) also has a filling and a draining phase and
 a queue, so the measured figures are read the same way:
 
-- **throughput**: admissions per second, over whole batches, of the requests that
-  complete between the 10th and the 90th percentile completion time (the middle of the
-  burst, at steady state, where requests enter as fast as they finish;
-  `steady_admission_rate`), else completions per second between those two times. The
-  window ends no later than the admission of the burst's last request: after it the queue
-  is empty and the batches drain, with shorter steps and bunched completions that no
-  steady state has;
+- **throughput**: completions per second between the 10th and the 90th percentile
+  completion time (the middle of the burst, at steady state), ending no later than the
+  admission of the burst's last request: after it the queue is empty and the batches drain,
+  with shorter steps and bunched completions that no steady state has. (Static batches'
+  completions bunch early in each batch, so the window's edges cut batches and static rows
+  read a few percent low; admissions over whole batches would count them exactly, but
+  admission times reconstructed on the client's clock carry its delivery jitter, which
+  splits batches and reads high, so the completion rate stays.)
 - **p99-length latency**: as exegpt/latency.py defines it, the mean generation latency of
   the requests that completed in that window at or beyond the workload's p99 output length
   (with too few of them there, the line of latency against length through the window's
@@ -39,7 +40,6 @@ from exegpt import latency
 from exegpt.latency import Generation
 
 STEADY_WINDOW = (0.1, 0.9)
-BATCH_GAP_S = 0.02  # admissions further apart than this enter different batches (steps)
 
 
 @dataclass(frozen=True)
@@ -109,11 +109,8 @@ def measure(document: dict[str, Any], p99_output_tokens: int) -> Measured:
     window = steady_window(ends, queued_until) or steady_window(ends)
     first, last = window or (ends[0], ends[-1])
     steady = [r for r in rows if first <= r["send_s"] + r["e2e_s"] <= last]
-    # The admissions of the requests that complete in the window: a drain's quick
-    # admissions after the last queued request fall outside it.
-    rate = steady_admission_rate(admission_times_s(steady), -math.inf, last)
     return Measured(
-        throughput_seq_s=rate or steady_throughput(ends, queued_until) or burst,
+        throughput_seq_s=steady_throughput(ends, queued_until) or burst,
         p99_length_latency_s=p99_length_latency(rows, steady, p99_output_tokens),
         num_ok=len(rows),
         num_failed=int(metrics["num_failed"]),
@@ -160,35 +157,6 @@ def steady_throughput(
     first, last = window
     count = bisect.bisect_right(ends, last) - bisect.bisect_left(ends, first) - 1
     return count / (last - first)
-
-
-def admission_times_s(rows: list[dict[str, Any]]) -> list[float]:
-    """When each request entered a batch, on the client's clock: its end less the engine's
-    admission-to-last-token seconds (rows without them are left out)."""
-    return sorted(
-        r["send_s"] + r["e2e_s"] - s for r in rows if (s := generation_latency_s(r)) is not None
-    )
-
-
-def steady_admission_rate(admitted_s: list[float], start_s: float, end_s: float) -> float | None:
-    """Admissions per second over whole batches inside the steady window [start_s, end_s]:
-    from the first batch that starts in it to the last one (a batch starts with a gap of
-    BATCH_GAP_S since the previous admission). At steady state requests enter as fast as
-    they finish, and a static batch's members enter together, so whole batches count
-    exactly; completions, spread over a batch by their lengths, cut batches at the window's
-    edges (static rows read 1-11% off B / batch period that way). None without at least
-    two batch starts in the window."""
-    starts = [
-        i
-        for i, t in enumerate(admitted_s)
-        if start_s <= t <= end_s and i > 0 and t - admitted_s[i - 1] > BATCH_GAP_S
-    ]
-    if len(starts) < 2:
-        return None
-    first, last = starts[0], starts[-1]
-    if last - first < 2 or admitted_s[last] <= admitted_s[first]:
-        return None
-    return (last - first) / (admitted_s[last] - admitted_s[first])
 
 
 def generation_latency_s(row: dict[str, Any]) -> float | None:

@@ -37,21 +37,6 @@ def test_steady_rate_ignores_the_fill_and_the_drain() -> None:
     assert against_plan.steady_throughput(ends) == pytest.approx(10.0, rel=0.15)
 
 
-def test_a_static_burst_counts_whole_batches() -> None:
-    # Static batches of 8 start every 2 s (admitted at 2k + 0.1); in each, 6 members finish
-    # after 0.2 s and 2 after 1.9 s. Completions cluster unevenly, so the window between the
-    # 10th and 90th percentile completions cuts batches (it reads 6.9% fast here); whole
-    # batches between admissions read B / period = 4 per second.
-    rows = []
-    for k in range(12):
-        for j in range(8):
-            generation_s = 0.2 if j < 6 else 1.9
-            rows.append(_row(0.0, 0.1, 2.0 * k + 0.1 + generation_s, 5, queue_s=2.0 * k + 0.1))
-    ends = [r["send_s"] + r["e2e_s"] for r in rows]
-    assert against_plan.steady_throughput(ends) == pytest.approx(77 / 18)
-    assert against_plan.measure(_document(rows), 5).throughput_seq_s == pytest.approx(4.0)
-
-
 def test_a_continuous_burst_leaves_its_fill_out() -> None:
     # 16 requests enter at once at t = 0, then one every 0.1 s as one finishes (each takes
     # 1.6 s once admitted): 10 per second, the first batch's admissions left out.
