@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from exegpt.errors import RequestError
+from exegpt.errors import ErrorCode, RequestError
 from exegpt.generation import GenerationChunk, GenerationRequest
 from services.router.router import Router
 
 _SEED_STRIDE = 0x9E3779B97F4A7C15
+logger = logging.getLogger(__name__)
 
 
 def fan_out(generation: GenerationRequest, n: int) -> list[GenerationRequest]:
@@ -67,6 +69,10 @@ async def stream_all(
                     queue.put_nowait((index, chunk))
         except RequestError as exc:
             queue.put_nowait((index, exc))
+        except Exception as exc:  # a bug, not the request's fault: still never an empty stream
+            logger.exception("choice %d of %s failed", index, generation.request_id)
+            message = f"the generation failed ({type(exc).__name__}: {exc})"
+            queue.put_nowait((index, RequestError(ErrorCode.INTERNAL, message)))
         finally:
             queue.put_nowait((index, None))
 

@@ -159,10 +159,13 @@ class Router:
         metadata = (*tracing.outgoing_metadata(), (ROUTER_ID_METADATA, self.router_id))
         call = replica.worker.Generate(message, timeout=timeout_s, metadata=metadata)
         stream = replica.open_stream(call)
+        finished = False
         try:
             async for chunk in call:
                 replica.made_progress()
-                yield chunk_from_proto(chunk)
+                generated = chunk_from_proto(chunk)
+                finished = generated.finish_reason is not None
+                yield generated
         except grpc.aio.AioRpcError as exc:
             if stream.stalled is not None:
                 raise _stalled(stream) from None
@@ -174,13 +177,15 @@ class Router:
             # grpc.aio raises CancelledError in the reader of a call cancelled by the
             # watchdog; only a cancellation of this task itself must propagate as one.
             task = asyncio.current_task()
-            if stream.stalled is None or (task is not None and task.cancelling()):
+            if task is not None and task.cancelling():
                 raise
-            raise _stalled(stream) from None
+            raise _ended_early(replica, stream) from None
         finally:
             replica.close_stream(stream)
             # The consumer left early (client disconnect): cancel so the worker frees its KV.
             call.cancel()
+        if not finished:  # a call cut off without a status (e.g. its channel closed)
+            raise _ended_early(replica, stream)
 
     async def generate(
         self, request: GenerationRequest, timeout_s: float | None = None
@@ -204,6 +209,17 @@ class Router:
 
 def _stalled(stream: OpenStream) -> RequestError:
     return RequestError(ErrorCode.UNAVAILABLE, stream.stalled or "replica stopped responding")
+
+
+def _ended_early(replica: Replica, stream: OpenStream) -> RequestError:
+    """A replica's stream that ended before the generation's last chunk: never a success
+    with a cut-off (or empty) output. UNAVAILABLE, so a request with nothing streamed yet
+    is tried on another replica."""
+    if stream.stalled is not None:
+        return _stalled(stream)
+    message = f"replica {replica.address} ended the stream before the generation finished"
+    logger.warning(message)
+    return RequestError(ErrorCode.UNAVAILABLE, message)
 
 
 def _expected_tokens(request: GenerationRequest) -> float:

@@ -83,3 +83,29 @@ def test_request_retried_on_another_replica_when_the_chosen_one_fails(
         assert router.router.pool.replicas[0].healthy is False
     finally:
         background_loop.run(router.stop(0.5))
+
+
+def test_a_stream_cut_off_without_a_status_is_an_error_not_a_short_success(
+    background_loop: BackgroundLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica whose stream ends OK before the generation's last chunk (as a call cut off
+    with its channel does) must not read as a finished generation: the client gets
+    UNAVAILABLE with a message, and a request with nothing streamed yet is retried."""
+    from exegpt.errors import ErrorCode
+    from exegpt.sdk import ExegptError
+    from exegpt.v1 import generate_pb2
+    from services.worker.server import WorkerServicer
+
+    async def cut_off(self, request, context):  # one token, then an OK end without finishing
+        yield generate_pb2.GenerateChunk(request_id=request.request_id, token_ids=[5])
+
+    monkeypatch.setattr(WorkerServicer, "Generate", cut_off)
+    stack = start_stack(background_loop, [EngineConfig()], policy=RouterPolicy.ROUND_ROBIN)
+    try:
+        with Client(stack.grpc_address) as client:
+            with pytest.raises(ExegptError) as failure:
+                client.generate([3, 4], max_tokens=4)
+        assert failure.value.code is ErrorCode.UNAVAILABLE
+        assert "ended the stream before the generation finished" in failure.value.message
+    finally:
+        stop_stack(stack)
