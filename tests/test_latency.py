@@ -24,7 +24,7 @@ def test_latency_is_the_mean_of_the_requests_at_or_beyond_the_p99_length() -> No
     assert p99_length_latency(generations, 50) == (pytest.approx(7.5), 50)
 
 
-def test_a_short_run_reads_the_line_through_all_its_requests() -> None:
+def test_a_short_run_reads_the_line_of_latency_against_length() -> None:
     # 0.5 s of encoding, then 0.1 s a token; only one request reached the p99 length.
     generations = [Generation(n, 0.5 + 0.1 * n) for n in (5, 10, 15, 20, 40)]
     assert p99_length_latency(generations, 40) == (pytest.approx(4.5), 40)
