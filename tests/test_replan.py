@@ -1,7 +1,9 @@
-"""The plan made again after calibration (exegpt/calibration_pass.py `replan`): on the really
-measured tiny profile, a hand-made calibration saying decode steps take 4x the profile makes
-the re-plan at the same bound pick a smaller decode batch that meets the bound on the
-calibrated profile, where the first choice no longer does. A pass on the deployed plan's own
+"""The plan made again after calibration (exegpt/calibration_pass.py `replan`): on the tiny
+profile with hand-made timings (tests/steady_profile.py: a really measured one's automatic
+bound moves with the machine's load, and once fell so far out that the first choice met it
+even at 4x), a hand-made calibration saying decode steps take 4x the profile makes the re-plan
+at the same bound pick a smaller decode batch that meets the bound on the calibrated profile,
+where the first choice no longer does. A pass on the deployed plan's own
 deployment (`deployed_prediction`) recalibrates its prediction without choosing again."""
 
 from __future__ import annotations
@@ -31,17 +33,17 @@ def _request(profile: Path, bound: str) -> autoplan.PlanRequest:
 
 
 def test_a_slower_decode_makes_the_replan_choose_a_smaller_schedule(
-    measured_tiny_profile: Path, tmp_path: Path
+    steady_tiny_profile: Path, tmp_path: Path
 ) -> None:
     first = autoplan.make_plan(
-        _request(measured_tiny_profile, "auto:0.5"), measured_tiny_profile, tmp_path
+        _request(steady_tiny_profile, "auto:0.5"), steady_tiny_profile, tmp_path
     )
     slow_decode = Calibration().updated({StageKind.DECODE: 4.0}, {StageKind.DECODE: 100})
-    copy = Path(calibrated_copy(str(measured_tiny_profile), slow_decode, tmp_path, "cal"))
+    copy = Path(calibrated_copy(str(steady_tiny_profile), slow_decode, tmp_path, "cal"))
     # The calibration sits beside the copy, where every plan on the copy reads it.
     assert load_calibration(calibration_path(str(copy))) == slow_decode
 
-    again = replan(_request(measured_tiny_profile, "inf"), copy, first.bound_s, tmp_path)
+    again = replan(_request(steady_tiny_profile, "inf"), copy, first.bound_s, tmp_path)
 
     assert again.bound_s == first.bound_s
     assert again.report["profile"] == str(copy)
