@@ -44,7 +44,7 @@ logger = logging.getLogger("exegpt.demo")
 # The demo's measured burst follows the benchmarks' rule (4 running batches for every worker
 # replica) but is the README's quick main command (about 30 s with a cached profile), not a
 # benchmark: it lasts at least 3 s at the predicted rate (the benchmarks' 15 s would make it
-# several times longer) and at most 1000 requests, 8 to 15 s at the 65 to 130 seq/s the
+# several times longer) and at most 1000 requests, 11 to 15 s at the 65 to 88 seq/s the
 # default model served here. At the demo's bound (10% quantile of static latencies) plans
 # here ran B_D 84 to 132 per replica on one or two replicas, so 4 running batches mostly fit
 # under the cap; past 250 sequences running in all the burst has fewer batches than the rule
