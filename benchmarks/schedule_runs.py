@@ -1,9 +1,8 @@
 """The deployments benchmarks/schedules.py measures, and how many requests each one gets.
 
-A burst measures a steady state only if it holds several running batches for every worker
-replica: B_D is ONE replica's batch, and a burst that fills each replica once measures a fill
-and a drain (a static-like run whose latencies are short and whose throughput is not the
-schedule's). So every burst is sized in running batches per worker replica. Every deployment
+Every burst is sized in running batches per worker replica by the one rule of
+exegpt/bench/burst.py (B_D is ONE replica's batch: a burst that fills each replica once
+measures a fill and a drain, not the schedule). Every deployment
 serves a warm-up burst before its measured one (first forwards, pools filling), so the
 planned schedule and both baselines are measured alike.
 
@@ -26,6 +25,7 @@ from deployments import free_port
 
 from exegpt import autoplan
 from exegpt.bench import against_plan
+from exegpt.bench.burst import MAX_REQUESTS, measured_burst, running_sequences
 from exegpt.calibration_pass import (
     DeployedPrediction,
     calibration_burst,
@@ -39,17 +39,13 @@ from exegpt.launcher import Deployment, DeploymentConfig
 if TYPE_CHECKING:
     from services.scheduler.calibration import Calibration
 
-MEASURED_BATCHES = 4  # running batches per worker replica in a measured burst
-CALIBRATION_BATCHES = 1  # ... in a calibration pass (it needs steps, not a steady state)
-MIN_REQUESTS = 64
-MAX_REQUESTS = 4000
-STEADY_S = 15  # a measured burst also lasts at least this long at the predicted rate
-CALIBRATION_S = 5  # ... and a calibration pass this long
+CALIBRATION_BATCHES = 1  # running batches per worker replica in a calibration pass
+CALIBRATION_S = 5  # ... and the seconds it lasts at least, at the predicted rate
 
 
 def running_batches(auto: autoplan.AutoPlan) -> int:
     """B_D x R: the sequences all of a plan's worker replicas run at once."""
-    return auto.plan.schedule.decode_batch_size * auto.plan.num_replicas
+    return running_sequences(auto)
 
 
 def requests_for(args: argparse.Namespace, auto: autoplan.AutoPlan) -> int:
@@ -58,10 +54,9 @@ def requests_for(args: argparse.Namespace, auto: autoplan.AutoPlan) -> int:
 
 
 def burst_size(args: argparse.Namespace, running: int, predicted_seq_s: float) -> int:
-    """MEASURED_BATCHES of `running` sequences (over all worker replicas) and STEADY_S at the
-    predicted rate (MIN_REQUESTS..MAX_REQUESTS), so the burst's middle is steady."""
-    wanted = max(MIN_REQUESTS, MEASURED_BATCHES * running, int(STEADY_S * predicted_seq_s))
-    return args.num_requests or min(MAX_REQUESTS, wanted)
+    """`--num-requests`, or the shared rule (exegpt/bench/burst.py) for `running` sequences
+    over all worker replicas at the predicted rate."""
+    return args.num_requests or measured_burst(running, predicted_seq_s)
 
 
 def calibration_requests(auto: autoplan.AutoPlan) -> int:

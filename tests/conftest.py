@@ -127,3 +127,16 @@ def measured_tiny_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     data = run_profile(tiny_request(tp_degrees=(1,)))
     return write_profile(data, tmp_path_factory.mktemp("measured") / "tiny.json")
+
+
+@pytest.fixture(scope="session")
+def steady_tiny_profile(
+    measured_tiny_profile: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The measured tiny profile's structure with hand-made timings (tests/steady_profile.py):
+    plans on it are the same however loaded the machine was while it was measured."""
+    from exegpt.profile.format import read_profile, write_profile
+    from tests.steady_profile import steady_timings
+
+    data = steady_timings(read_profile(measured_tiny_profile))
+    return write_profile(data, tmp_path_factory.mktemp("steady") / "steady-tiny.json")

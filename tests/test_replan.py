@@ -1,8 +1,12 @@
-"""The plan made again after calibration (exegpt/calibration_pass.py `replan`): on the really
-measured tiny profile, a hand-made calibration saying decode steps take 4x the profile makes
-the re-plan at the same bound pick a smaller decode batch that meets the bound on the
-calibrated profile, where the first choice no longer does. A pass on the deployed plan's own
-deployment (`deployed_prediction`) recalibrates its prediction without choosing again."""
+"""The plan made again after calibration (exegpt/calibration_pass.py `replan`): on the tiny
+profile with hand-made timings (tests/steady_profile.py: a really measured one's automatic
+bound moves with the machine's load, and once fell so far out that the first choice met it
+even at 4x), a hand-made calibration saying decode steps take 4x the profile makes the re-plan
+at the same bound pick a smaller decode batch that meets the bound on the calibrated profile,
+where the first choice no longer does. A pass on the deployed plan's own
+deployment (`deployed_prediction`) recalibrates its prediction without choosing again (on the
+same profile: a measured one's encode costs once came out as nothing under load, so the pass
+had no encode prediction to compare with)."""
 
 from __future__ import annotations
 
@@ -31,17 +35,17 @@ def _request(profile: Path, bound: str) -> autoplan.PlanRequest:
 
 
 def test_a_slower_decode_makes_the_replan_choose_a_smaller_schedule(
-    measured_tiny_profile: Path, tmp_path: Path
+    steady_tiny_profile: Path, tmp_path: Path
 ) -> None:
     first = autoplan.make_plan(
-        _request(measured_tiny_profile, "auto:0.5"), measured_tiny_profile, tmp_path
+        _request(steady_tiny_profile, "auto:0.5"), steady_tiny_profile, tmp_path
     )
     slow_decode = Calibration().updated({StageKind.DECODE: 4.0}, {StageKind.DECODE: 100})
-    copy = Path(calibrated_copy(str(measured_tiny_profile), slow_decode, tmp_path, "cal"))
+    copy = Path(calibrated_copy(str(steady_tiny_profile), slow_decode, tmp_path, "cal"))
     # The calibration sits beside the copy, where every plan on the copy reads it.
     assert load_calibration(calibration_path(str(copy))) == slow_decode
 
-    again = replan(_request(measured_tiny_profile, "inf"), copy, first.bound_s, tmp_path)
+    again = replan(_request(steady_tiny_profile, "inf"), copy, first.bound_s, tmp_path)
 
     assert again.bound_s == first.bound_s
     assert again.report["profile"] == str(copy)
@@ -63,11 +67,11 @@ def test_a_slower_decode_makes_the_replan_choose_a_smaller_schedule(
 
 
 def test_the_deployed_plan_is_predicted_on_its_own_pass_without_being_chosen_again(
-    measured_tiny_profile: Path, tmp_path: Path
+    steady_tiny_profile: Path, tmp_path: Path
 ) -> None:
-    request = _request(measured_tiny_profile, "auto:0.5")
-    auto = autoplan.make_plan(request, measured_tiny_profile, tmp_path)
-    model = load_cost_model(str(measured_tiny_profile)).model
+    request = _request(steady_tiny_profile, "auto:0.5")
+    auto = autoplan.make_plan(request, steady_tiny_profile, tmp_path)
+    model = load_cost_model(str(steady_tiny_profile)).model
     workload = workload_of("task:S", 0.25, model.shape.max_context_tokens)
     costs = LayerCosts(model, WorkloadStats.from_workload(workload))
     shape = model.shape
@@ -86,9 +90,7 @@ def test_the_deployed_plan_is_predicted_on_its_own_pass_without_being_chosen_aga
         {StageKind.ENCODE: 5, StageKind.OVERHEAD: 7},
     )
 
-    own = deployed_prediction(
-        auto, request, measured_tiny_profile, earlier, totals, tmp_path, "own"
-    )
+    own = deployed_prediction(auto, request, steady_tiny_profile, earlier, totals, tmp_path, "own")
 
     # Encode and decode come from the pass (against the uncalibrated profile); the overhead,
     # which the pass did not see, keeps the earlier factor.
@@ -97,7 +99,7 @@ def test_the_deployed_plan_is_predicted_on_its_own_pass_without_being_chosen_aga
     assert own.calibration.factor(StageKind.OVERHEAD) == 0.5
     # The same schedule, predicted as a copy calibrated by hand with those factors predicts it.
     by_hand = Calibration({StageKind.ENCODE: 3.0, StageKind.DECODE: 2.0, StageKind.OVERHEAD: 0.5})
-    copy = calibrated_copy(str(measured_tiny_profile), by_hand, tmp_path, "by-hand")
+    copy = calibrated_copy(str(steady_tiny_profile), by_hand, tmp_path, "by-hand")
     expected = predict(
         PredictRequest(profile=copy, workload="task:S", num_devices=2, plan=str(auto.path),
                        length_scale=0.25)
