@@ -160,3 +160,37 @@ def test_failed_health_checks_of_a_replica_whose_streams_progress_do_not_drop_it
     streaming.join(60)
     assert not errors, errors
     assert sum(chunks) == 1000
+
+
+def test_a_call_the_replica_cancels_is_a_refusal_not_the_clients_cancel(
+    background_loop: BackgroundLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gRPC's backlog of an overloaded worker drops calls as CANCELLED before any handler
+    runs; the client never cancelled, so it must not get 499/CANCELLED: unserved it is a
+    refusal (RESOURCE_EXHAUSTED, retry later), cut mid-stream it is UNAVAILABLE."""
+    import grpc
+
+    from exegpt.errors import ErrorCode
+    from exegpt.sdk import ExegptError
+    from exegpt.v1 import generate_pb2
+    from services.worker.server import WorkerServicer
+
+    async def dropped(self, request, context):  # cancelled on the replica's side
+        if request.sampling.max_tokens > 1:
+            yield generate_pb2.GenerateChunk(request_id=request.request_id, token_ids=[5])
+        await context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
+
+    monkeypatch.setattr(WorkerServicer, "Generate", dropped)
+    stack = start_stack(background_loop, [EngineConfig()], policy=RouterPolicy.ROUND_ROBIN)
+    try:
+        with Client(stack.grpc_address) as client:
+            with pytest.raises(ExegptError) as unserved:
+                client.generate([3, 4], max_tokens=1)
+            with pytest.raises(ExegptError) as cut:
+                client.generate([3, 4], max_tokens=4)
+        assert unserved.value.code is ErrorCode.RESOURCE_EXHAUSTED
+        assert "dropped the call unserved (overloaded); retry later" in unserved.value.message
+        assert cut.value.code is ErrorCode.UNAVAILABLE
+        assert "cancelled the stream before it finished" in cut.value.message
+    finally:
+        stop_stack(stack)
