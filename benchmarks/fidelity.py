@@ -16,7 +16,9 @@ length: a burst's seeded draws run a few percent off its task's distribution.
 Measured figures are read as
 `exegpt bench --against-plan` reads them (exegpt/bench/against_plan.py): steady-state seq/s
 and the p99-length latency. Prints one row per run as it finishes, then the median and
-worst absolute errors and their signs.
+worst absolute errors and their signs. A run whose measured (or calibration) burst completed
+no request is a row of NaN figures with a note saying why, left out of the summaries; the
+next run goes on.
 
     .venv/bin/python benchmarks/fidelity.py --profile quick.json            # 30 runs
     .venv/bin/python benchmarks/fidelity.py --profile quick.json --tasks S --batch-sizes 32
@@ -74,6 +76,7 @@ class Run:
     num_failed: int
     busy_fraction: float  # the engine's forward time / busy wall time during the run
     decode_host_ms: float  # the engine's host work per decode step (engine clock)
+    note: str = ""  # why the row has no figures (NaN), when it has none
 
     @property
     def seq_error(self) -> float:
@@ -137,12 +140,18 @@ def one_run(args: argparse.Namespace, task: str, mode: str, batch: int, scratch:
             args.length_scale,
         )  # fmt: skip
         totals = totals_between(before, engine_totals(worker))
+    if (unmeasured := no_completions(document, "measured")) is not None:
+        return unmeasured_run(task, mode, batch, num_requests, document, unmeasured)
+    if args.calibrate and (
+        unmeasured := no_completions(calibration_document_of(work), "calibration")
+    ):
+        return unmeasured_run(task, mode, batch, num_requests, document, unmeasured)
     # Every prediction and calibration is on the lengths its burst sent (`sent_workload`).
     sent = sent_workload(document, scratch / f"{name}.sent.csv")
     uncalibrated = predicted_by(args.profile, sent)
     predicted, calibration = uncalibrated, "uncalibrated"
     if args.calibrate:
-        calibration_document = json.loads((work / "calibration.json").read_text())
+        calibration_document = calibration_document_of(work)
         calibration_sent = sent_workload(calibration_document, work / "calibration.sent.csv")
         calibrated = calibration_from_totals(
             args.profile, calibration_sent, None, calibration_totals
@@ -162,6 +171,32 @@ def one_run(args: argparse.Namespace, task: str, mode: str, batch: int, scratch:
         self_predicted["predicted"]["throughput_seq_s"], self_predicted["predicted"]["latency_s"],
         calibration, measured.num_failed, busy_fraction(totals),
         1e3 * decode.host_s / max(1, decode.num_steps) if decode else math.nan,
+    )  # fmt: skip
+
+
+def calibration_document_of(work: Path) -> dict:
+    return json.loads((work / "calibration.json").read_text())
+
+
+def no_completions(document: dict, burst: str) -> str | None:
+    """Why a burst cannot be predicted or measured (none of its requests completed, so
+    there are no lengths to predict on), or None when some completed."""
+    if any(r["error"] is None and r["output_tokens"] for r in document["requests"]):
+        return None
+    errors = sorted({r["error"] for r in document["requests"] if r["error"]})
+    shown = "; ".join(errors[:3]) or "no output tokens"
+    return f"no request of the {burst} burst completed ({shown}): nothing to predict on"
+
+
+def unmeasured_run(
+    task: str, mode: str, batch: int, num_requests: int, document: dict, note: str
+) -> Run:
+    """A row without figures (NaN): the run goes on to the next one."""
+    nan = math.nan
+    num_failed = int(document["metrics"]["num_failed"])
+    return Run(
+        task, mode, batch, num_requests, nan, nan, nan, nan, nan, nan, nan, nan,
+        "not calibrated", num_failed, nan, nan, note,
     )  # fmt: skip
 
 
@@ -202,7 +237,7 @@ def row(run: Run) -> str:
         f"{percent(run.latency_error):>7}{percent(run.uncalibrated_latency_error):>7}"
         f"{percent(run.self_latency_error):>7}"
         f"{run.num_failed:>7}{run.busy_fraction:>6.0%}{run.decode_host_ms:>12.2f}\n"
-        f"     {run.calibration}"
+        f"     {run.note or run.calibration}"
     )
 
 

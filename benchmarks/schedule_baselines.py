@@ -14,6 +14,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from exegpt import autoplan
 from exegpt.bench import against_plan
@@ -25,6 +26,23 @@ CONTINUOUS = ScheduleKind.CONTINUOUS.value
 UNSIZED_BATCH = 32  # per replica, when no continuous configuration is known at all
 # Every request of a burst waits in the replica's queue rather than being refused.
 WORKER_ARGS = ("--max-queue-size", "4096")
+# A measured burst with more of its requests failed than this is no measurement.
+MAX_FAILED_FRACTION = 0.01
+
+
+def valid(measured: against_plan.Measured | None) -> bool:
+    """Whether at most MAX_FAILED_FRACTION of the measured burst failed (None: not run)."""
+    if measured is None:
+        return True
+    total = measured.num_ok + measured.num_failed
+    return total > 0 and measured.num_failed <= MAX_FAILED_FRACTION * total
+
+
+def failed_cell(measured: against_plan.Measured | None) -> str:
+    """The failed requests of a measured burst, "!" after it when too many failed."""
+    if measured is None:
+        return "-"
+    return f"{measured.num_failed}{'' if valid(measured) else '!'}"
 
 
 @dataclass(frozen=True)
@@ -49,6 +67,8 @@ class Baseline:
         """Its measured p99-length latency within the bound (None: not run or no bound)."""
         if self.measured is None or math.isinf(self.bound_s):
             return None
+        if not valid(self.measured):
+            return False  # too many failures: the latency of the rest says nothing
         return self.measured.p99_length_latency_s <= self.bound_s  # nan: False
 
 
@@ -165,3 +185,43 @@ def dp_config(
         log_dir=log_dir,
         extra_worker_args=WORKER_ARGS,
     )
+
+
+def row_json(row: Any) -> dict:
+    """One row of benchmarks/schedules.py as JSON (NaN as null)."""
+
+    def nan_none(value: float) -> float | None:
+        return None if math.isnan(value) else value
+
+    def seq_s(base: Baseline) -> float | None:
+        return base.measured.throughput_seq_s if base.measured else None
+
+    def failed(measured: against_plan.Measured | None) -> dict | None:
+        if measured is None:
+            return None
+        ok = valid(measured)
+        return {"num_failed": measured.num_failed, "num_ok": measured.num_ok, "valid": ok}
+
+    c, best = row.planned, row.best_baseline
+    return {
+        "task": row.task, "bound_s": row.bound_s, "kind": row.kind, "schedule": row.describe,
+        "predicted_seq_s": c.predicted_seq_s, "measured_seq_s": c.measured_seq_s,
+        "predicted_latency_s": c.predicted_latency_s,
+        "first_choice": row.first.predicted["describe"], "replanned": row.first.replanned,
+        "first_predicted": row.first.predicted, "first_calibrated": row.first.calibrated,
+        "calibration": row.calibration, "chosen_predicted": row.chosen,
+        "during_predicted": row.during.predicted if row.during else None,
+        "during_calibration": row.during.calibration.describe() if row.during else None,
+        "measured_latency_s": nan_none(c.measured_latency_s), "meets_bound": c.meets_bound,
+        "static_seq_s": seq_s(row.static), "static_meets_bound": row.static.meets_bound,
+        "continuous_dp_seq_s": seq_s(row.continuous_dp),
+        "continuous_dp_meets_bound": row.continuous_dp.meets_bound,
+        "continuous_dp_sizing": row.dp_sizing.source,
+        "continuous_dp_fallback": row.dp_sizing.fallback,
+        "best_baseline": best.name if best else None,
+        "vs_best_baseline": c.measured_seq_s / best.measured.throughput_seq_s if best else None,
+        "failed": {
+            "planned": failed(row.planned_measured), "static": failed(row.static.measured),
+            "continuous_dp": failed(row.continuous_dp.measured),
+        },
+    }  # fmt: skip

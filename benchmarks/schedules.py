@@ -11,7 +11,9 @@ run in their own deployment under `exegpt bench` at saturation. Per row: the kin
 predicted vs measured seq/s and p99-length latency (error %), whether the bound was met, each
 baseline's measured seq/s and whether it met the bound, and the measured ratios against each
 baseline and against the best baseline that met the bound ("-" when none did; measured as in
-exegpt/bench/against_plan.py).
+exegpt/bench/against_plan.py). Each of the three measured bursts prints its failed requests
+("fail"); over 1% failed marks that measurement INVALID ("!"): it meets no bound and no ratio
+is taken with it.
 
 Lengths are scaled (`--length-scale`, default 0.25) in the plan and in the benchmark alike so
 a run stays tractable on a CPU.
@@ -54,9 +56,12 @@ from schedule_baselines import (  # noqa: E402
     best_met,
     continuous_at_devices,
     dp_config,
+    failed_cell,
     first_plan_sizing,
     planned_config,
+    row_json,
     size_dp,
+    valid,
 )
 from schedule_runs import (  # noqa: E402
     Burst,
@@ -109,6 +114,7 @@ class Row:
     dp_sizing: DpSizing
     chosen: dict  # the deployed plan's prediction when it was chosen (before its own pass)
     during: DeployedPrediction | None  # calibrated on the measured burst's steps (diagnosis)
+    planned_measured: against_plan.Measured  # the deployed plan's burst (its failures)
 
     @property
     def best_baseline(self) -> Baseline | None:
@@ -263,12 +269,14 @@ def run_row(args: argparse.Namespace, task: str, bound_s: float, profile: Path, 
         task, bound_s, auto.report["chosen_kind"], auto.predicted["describe"],
         against_plan.compare(predicted, planned, bound_s), choice, deployed_on,
         Baseline("static", static, bound_s), Baseline("continuous-DP", dp, bound_s), sizing,
-        auto.predicted, during,
+        auto.predicted, during, planned,
     )  # fmt: skip
 
 
 def _ratio(value: float, base: Baseline | None) -> str:
     if base is None or base.measured is None or not base.measured.throughput_seq_s:
+        return "-"
+    if not valid(base.measured) or math.isnan(value):
         return "-"
     return f"{value / base.measured.throughput_seq_s:.2f}"
 
@@ -283,25 +291,34 @@ MET = {True: "yes", False: "no", None: "-"}
 def format_rows(rows: list[Row]) -> str:
     """The table of deployed plans, then per row its first (uncalibrated) choice and how the
     continuous baseline was sized. A baseline's "met" is its measured p99-length latency
-    within the bound; "vs best" divides by the best measured baseline that met it."""
+    within the bound; "vs best" divides by the best measured baseline that met it. "fail" is
+    each burst's failed requests, "!" after it when over 1% failed: that measurement is
+    invalid (it meets no bound and no ratio is taken with it)."""
     percent = against_plan.percent
     header = (
         f"{'task':<5}{'bound s':>8}  {'kind':<11}{'seq/s pred':>11}{'meas':>7}{'err':>6}"
-        f"{'lat s pred':>11}{'meas':>7}{'err':>6}{'met':>5}{'static':>8}{'met':>5}"
-        f"{'cont-DP':>8}{'met':>5}{'vs static':>10}{'vs DP':>7}{'vs best':>8}"
+        f"{'lat s pred':>11}{'meas':>7}{'err':>6}{'met':>5}{'fail':>6}{'static':>8}{'met':>5}"
+        f"{'fail':>6}{'cont-DP':>8}{'met':>5}{'fail':>6}{'vs static':>10}{'vs DP':>7}"
+        f"{'vs best':>8}"
     )
     lines = [header]
     for row in rows:
         c, static, dp = row.planned, row.static, row.continuous_dp
+        ok = valid(row.planned_measured)
+        seq_s = c.measured_seq_s if ok else math.nan
         lines.append(
             f"{row.task:<5}{row.bound_s:8.2f}  {row.kind:<11}{c.predicted_seq_s:11.2f}"
             f"{c.measured_seq_s:7.2f}{percent(c.throughput_error):>6}"
             f"{c.predicted_latency_s:11.2f}{c.measured_latency_s:7.2f}"
-            f"{percent(c.latency_error):>6}{MET[c.meets_bound]:>5}"
-            f"{_seq_s(static):>8}{MET[static.meets_bound]:>5}"
-            f"{_seq_s(dp):>8}{MET[dp.meets_bound]:>5}{_ratio(c.measured_seq_s, static):>10}"
-            f"{_ratio(c.measured_seq_s, dp):>7}{_ratio(c.measured_seq_s, row.best_baseline):>8}"
+            f"{percent(c.latency_error):>6}{MET[c.meets_bound and ok]:>5}"
+            f"{failed_cell(row.planned_measured):>6}"
+            f"{_seq_s(static):>8}{MET[static.meets_bound]:>5}{failed_cell(static.measured):>6}"
+            f"{_seq_s(dp):>8}{MET[dp.meets_bound]:>5}{failed_cell(dp.measured):>6}"
+            f"{_ratio(seq_s, static):>10}{_ratio(seq_s, dp):>7}"
+            f"{_ratio(seq_s, row.best_baseline):>8}"
         )
+    if not all(valid(m) for r in rows for m in _bursts(r)):
+        lines.append("! more than 1% of that burst's requests failed: its measurement is INVALID")
     lines += [""]
     for r in rows:
         lines.append(f"{r.task} @ {r.bound_s:.2f} s: deployed {r.describe}; {r.calibration}")
@@ -311,6 +328,10 @@ def format_rows(rows: list[Row]) -> str:
         lines.append(f"  first choice (uncalibrated, {r.first.replanned}): {_first(r.first)}")
         lines.append(f"  continuous DP baseline: {r.dp_sizing.source}")
     return "\n".join(lines)
+
+
+def _bursts(row: Row) -> list[against_plan.Measured | None]:
+    return [row.planned_measured, row.static.measured, row.continuous_dp.measured]
 
 
 def _figures(predicted: dict) -> str:
@@ -358,36 +379,8 @@ def main() -> int:
         f" profile {profile}; runs in {work}\n\n{format_rows(rows)}\n"
     )
     if args.json:
-        args.json.write_text(json.dumps([_row_json(r) for r in rows], indent=2) + "\n")
+        args.json.write_text(json.dumps([row_json(r) for r in rows], indent=2) + "\n")
     return 0
-
-
-def _row_json(row: Row) -> dict:
-    def nan_none(value: float) -> float | None:
-        return None if math.isnan(value) else value
-
-    def seq_s(base: Baseline) -> float | None:
-        return base.measured.throughput_seq_s if base.measured else None
-
-    c, best = row.planned, row.best_baseline
-    return {
-        "task": row.task, "bound_s": row.bound_s, "kind": row.kind, "schedule": row.describe,
-        "predicted_seq_s": c.predicted_seq_s, "measured_seq_s": c.measured_seq_s,
-        "predicted_latency_s": c.predicted_latency_s,
-        "first_choice": row.first.predicted["describe"], "replanned": row.first.replanned,
-        "first_predicted": row.first.predicted, "first_calibrated": row.first.calibrated,
-        "calibration": row.calibration, "chosen_predicted": row.chosen,
-        "during_predicted": row.during.predicted if row.during else None,
-        "during_calibration": row.during.calibration.describe() if row.during else None,
-        "measured_latency_s": nan_none(c.measured_latency_s), "meets_bound": c.meets_bound,
-        "static_seq_s": seq_s(row.static), "static_meets_bound": row.static.meets_bound,
-        "continuous_dp_seq_s": seq_s(row.continuous_dp),
-        "continuous_dp_meets_bound": row.continuous_dp.meets_bound,
-        "continuous_dp_sizing": row.dp_sizing.source,
-        "continuous_dp_fallback": row.dp_sizing.fallback,
-        "best_baseline": best.name if best else None,
-        "vs_best_baseline": c.measured_seq_s / best.measured.throughput_seq_s if best else None,
-    }  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -33,6 +33,26 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+# gRPC core's backlog of calls not yet picked up by the application: past the soft limit it
+# drops calls at random, past the hard limit every call, and a dropped call reaches its
+# client as a bare CANCELLED that the handler never saw.
+GRPC_PENDING_SOFT_LIMIT = 1000
+GRPC_PENDING_HARD_LIMIT = 3000
+
+
+def pending_call_options(max_pending_calls: int | None) -> list[tuple[str, int]]:
+    """Server options so that a burst of `max_pending_calls` calls arriving at once all
+    reach the handlers (which refuse what their own bounded queue cannot take, explicitly),
+    instead of gRPC dropping some before any handler ran; None keeps gRPC's limits."""
+    if max_pending_calls is None:
+        return []
+    soft = max(GRPC_PENDING_SOFT_LIMIT, max_pending_calls)
+    return [
+        ("grpc.server.max_pending_requests", soft),
+        ("grpc.server.max_pending_requests_hard_limit", max(GRPC_PENDING_HARD_LIMIT, 4 * soft)),
+    ]
+
+
 @dataclass
 class GrpcServer:
     server: grpc.aio.Server
@@ -189,8 +209,12 @@ async def start_grpc_server(
     max_message_bytes: int,
     security: SecurityConfig | None = None,
     require_client_cert: bool = True,
+    max_pending_calls: int | None = None,
 ) -> GrpcServer:
     """Start a grpc.aio server with the standard health service; port 0 picks a free port.
+
+    `max_pending_calls` raises gRPC's own backlog of calls that arrived but that this
+    process's event loop has not picked up yet (`pending_call_options`).
 
     With `security`, calls need its API key (health checks excepted) and the server speaks
     TLS when given a certificate, asking for client certificates signed by its CA when it
@@ -200,7 +224,8 @@ async def start_grpc_server(
     interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
     if security.api_key:
         interceptors.insert(0, AuthInterceptor(security.api_key))
-    server = grpc.aio.server(options=channel_options(max_message_bytes), interceptors=interceptors)
+    options = [*channel_options(max_message_bytes), *pending_call_options(max_pending_calls)]
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

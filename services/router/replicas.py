@@ -4,13 +4,16 @@ For token-aware routing, each replica's load comes from its Worker.WatchLoad str
 what this router sent it since the last push (services/router/load_watch.py).
 
 Each replica also tracks its open streams and when any of them last made progress, so a
-watchdog can cancel the streams of a replica that froze or became unreachable.
+watchdog can cancel the streams of a replica that froze or became unreachable. A replica whose
+streams keep delivering tokens is reachable whatever its health checks say: a health check
+that times out behind a burst of calls does not count against it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -28,6 +31,9 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 # A replica whose health RPC failed this many times in a row is unreachable: its open
 # streams are cancelled. One miss on a busy machine is not enough to drop live streams.
 UNREACHABLE_AFTER_FAILED_CHECKS = 2
+# A failed health check of a replica whose streams delivered a token this recently is not
+# counted: a burst queues the check behind thousands of calls, yet the replica is serving.
+PROGRESS_PROVES_ALIVE_S = 1.0
 
 
 def replica_channel_options(
@@ -65,6 +71,7 @@ class Replica:
     num_failed_checks: int = 0
     streams: set[OpenStream] = field(default_factory=set)
     last_progress_s: float = field(default_factory=time.monotonic)
+    last_token_s: float = -math.inf  # when a stream of this replica last delivered a chunk
     load: ReplicaLoad = field(default_factory=ReplicaLoad)
     _health: health_pb2_grpc.HealthStub = field(init=False)
 
@@ -99,7 +106,11 @@ class Replica:
         self.streams.discard(stream)
 
     def made_progress(self) -> None:
-        self.last_progress_s = time.monotonic()
+        self.last_progress_s = self.last_token_s = time.monotonic()
+
+    def streams_progressing(self, within_s: float) -> bool:
+        """Whether one of its streams delivered a chunk in the last `within_s` seconds."""
+        return time.monotonic() - self.last_token_s <= within_s
 
     def cancel_streams(self, reason: str) -> int:
         """Cancel every open stream, recording why; returns how many."""
@@ -122,7 +133,13 @@ class Replica:
                 )
             # NOT_SERVING is a replica draining on purpose: its streams may still finish.
             self.num_failed_checks = 0
-        except grpc.aio.AioRpcError:
+        except grpc.aio.AioRpcError as exc:
+            if self.streams_progressing(max(timeout_s, PROGRESS_PROVES_ALIVE_S)):
+                logger.info(
+                    "replica %s missed a health check (%s) but its streams progress: busy, "
+                    "not down", self.address, exc.code().name,
+                )  # fmt: skip
+                return self.healthy
             healthy = False
             self.num_failed_checks += 1
         if healthy != self.healthy:

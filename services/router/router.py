@@ -5,8 +5,10 @@ never sees tokens twice. Cancellation and deadlines travel down to the worker's 
 deadline is capped by `request_timeout_s`, a client's too.
 
 Only UNAVAILABLE (a replica that cannot be reached, or that the watchdog found frozen) marks
-a replica unhealthy and retries elsewhere. Any other error, INTERNAL included, is this
-request's own and goes back to the client: retrying it would spread a poison request.
+a replica unhealthy and retries elsewhere. A call the replica's side cancelled is never
+passed on as the client's own CANCELLED: unserved, it is RESOURCE_EXHAUSTED (retry later).
+Any other error, INTERNAL included, is this request's own and goes back to the client:
+retrying it would spread a poison request.
 
 A watchdog cancels the open streams of a replica that made no progress on any of them for
 `stall_timeout_s`, or whose health checks fail: streams with no token yet are retried on
@@ -159,9 +161,10 @@ class Router:
         metadata = (*tracing.outgoing_metadata(), (ROUTER_ID_METADATA, self.router_id))
         call = replica.worker.Generate(message, timeout=timeout_s, metadata=metadata)
         stream = replica.open_stream(call)
-        finished = False
+        finished = streamed = False
         try:
             async for chunk in call:
+                streamed = True
                 replica.made_progress()
                 generated = chunk_from_proto(chunk)
                 finished = generated.finish_reason is not None
@@ -169,6 +172,8 @@ class Router:
         except grpc.aio.AioRpcError as exc:
             if stream.stalled is not None:
                 raise _stalled(stream) from None
+            if exc.code() is grpc.StatusCode.CANCELLED:  # ours raise CancelledError instead
+                raise _dropped(replica, streamed) from None
             if exc.code() is grpc.StatusCode.UNAUTHENTICATED:  # our key, not the client's
                 message = f"replica {replica.address} refused the router's API key"
                 raise RequestError(ErrorCode.INTERNAL, message) from None
@@ -220,6 +225,17 @@ def _ended_early(replica: Replica, stream: OpenStream) -> RequestError:
     message = f"replica {replica.address} ended the stream before the generation finished"
     logger.warning(message)
     return RequestError(ErrorCode.UNAVAILABLE, message)
+
+
+def _dropped(replica: Replica, streamed: bool) -> RequestError:
+    """A call the replica's side cancelled (the router's own cancels surface as
+    CancelledError): never the client's 499. Before any token it is an overloaded replica's
+    gRPC backlog dropping the call, a refusal like a full queue (429)."""
+    if streamed:
+        message = f"replica {replica.address} cancelled the stream before it finished"
+        return RequestError(ErrorCode.UNAVAILABLE, message)
+    message = f"replica {replica.address} dropped the call unserved (overloaded); retry later"
+    return RequestError(ErrorCode.RESOURCE_EXHAUSTED, message)
 
 
 def _expected_tokens(request: GenerationRequest) -> float:

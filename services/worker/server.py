@@ -330,6 +330,7 @@ async def start_worker(
         port=config.port,
         max_message_bytes=config.max_message_bytes,
         security=config.security,
+        max_pending_calls=pending_calls_for(config.engine),
     )
     logger.info(
         "worker serving %s on %s (%s, %s batching, KV %.1f MiB)",
@@ -341,6 +342,13 @@ async def start_worker(
     )
     health_task = asyncio.create_task(_mirror_health(grpc_server, engine))
     return RunningWorker(grpc_server, engine, loaded, health_task, board, servicer.loads)
+
+
+def pending_calls_for(engine: EngineConfig) -> int:
+    """Calls a burst may open at once and all reach the handlers: four times what the
+    engine's queue and running batch hold (calls past the queue are refused by the handler
+    with RESOURCE_EXHAUSTED, once picked up; health checks and load watches wait there too)."""
+    return 4 * (engine.max_queue_size + engine.max_batch_size)
 
 
 def _register(server: grpc.aio.Server, servicer: WorkerServicer) -> None:

@@ -29,8 +29,11 @@ def _entry(kind: ScheduleKind, batch: int, replicas: int, latency_s: float = 1.0
             "throughput_seq_s": 10.0, "latency_s": latency_s}  # fmt: skip
 
 
-def _measured(seq_s: float, latency_s: float) -> Measured:
-    return Measured(seq_s, latency_s, num_ok=100, num_failed=0, burst_throughput_seq_s=seq_s)
+def _measured(seq_s: float, latency_s: float, num_failed: int = 0) -> Measured:
+    return Measured(
+        seq_s, latency_s, num_ok=100 - num_failed, num_failed=num_failed,
+        burst_throughput_seq_s=seq_s,
+    )  # fmt: skip
 
 
 def test_dp_is_sized_from_the_configuration_at_r_equal_devices() -> None:
@@ -73,15 +76,16 @@ def test_best_baseline_is_the_fastest_that_met_the_bound() -> None:
     assert best_met([fast_but_late, Baseline("static", None, 2.0)]) is None
 
 
-def _row(static: object, dp: object, during: object = None) -> object:
+def _row(static: object, dp: object, during: object = None, failed: int = 0) -> object:
     first = SCHEDULES["FirstChoice"]({"describe": "x", "throughput_seq_s": 1.0,
                                       "latency_s": 1.0}, None, "kept")  # fmt: skip
     planned = Comparison(8.0, 8.0, 1.8, 1.8, 2.0)
     sizing = SCHEDULES["DpSizing"](24, "calibrated: continuous", False)
     chosen = {"throughput_seq_s": 7.0, "latency_s": 1.9}
     return SCHEDULES["Row"](
-        "S", 2.0, "rra", "rra", planned, first, "cal", static, dp, sizing, chosen, during
-    )
+        "S", 2.0, "rra", "rra", planned, first, "cal", static, dp, sizing, chosen, during,
+        _measured(8.0, 1.8, failed),
+    )  # fmt: skip
 
 
 def test_table_prints_each_baselines_bound_and_the_ratio_to_the_best_that_met_it() -> None:
@@ -89,11 +93,15 @@ def test_table_prints_each_baselines_bound_and_the_ratio_to_the_best_that_met_it
     late = Baseline("continuous-DP", _measured(16.0, 2.5), 2.0)
     table = SCHEDULES["format_rows"]([_row(static, late)])
     header, line = table.splitlines()[:2]
-    assert header.split()[-10:] == [
-        "static", "met", "cont-DP", "met", "vs", "static", "vs", "DP", "vs", "best"
+    assert header.split()[-13:] == [
+        "fail", "static", "met", "fail", "cont-DP", "met", "fail", "vs", "static", "vs", "DP",
+        "vs", "best",
     ]  # fmt: skip
     # static met (4.00 yes), DP did not (16.00 no); vs static 2.00, vs DP 0.50, vs best 2.00
-    assert line.split()[-7:] == ["4.00", "yes", "16.00", "no", "2.00", "0.50", "2.00"]
+    assert line.split()[-10:] == [
+        "0", "4.00", "yes", "0", "16.00", "no", "0", "2.00", "0.50", "2.00"
+    ]  # fmt: skip
+    assert "INVALID" not in table
     assert "continuous DP baseline: calibrated: continuous" in table
     assert "when chosen it was predicted 7.00 seq/s, 1.90 s" in table
     assert "steps as the measured burst ran them" not in table  # only with a pass
@@ -108,7 +116,26 @@ def test_table_prints_each_baselines_bound_and_the_ratio_to_the_best_that_met_it
         "from 40)): predicted 10.00 seq/s (-20%), 1.50 s (+20%)"
     ) in diagnosed
     none_met = SCHEDULES["format_rows"]([_row(Baseline("static", None, 2.0), late)])
-    assert none_met.splitlines()[1].split()[-7:] == ["-", "-", "16.00", "no", "-", "0.50", "-"]
+    assert none_met.splitlines()[1].split()[-10:] == [
+        "0", "-", "-", "-", "16.00", "no", "0", "-", "0.50", "-"
+    ]  # fmt: skip
+
+
+def test_a_burst_with_over_one_percent_failed_is_marked_invalid_and_judged_on_nothing() -> None:
+    static = Baseline("static", _measured(4.0, 1.5, num_failed=2), 2.0)  # 2% failed
+    dp = Baseline("continuous-DP", _measured(6.0, 1.5, num_failed=1), 2.0)  # 1%: still valid
+    assert static.meets_bound is False
+    assert best_met([static, dp]) is dp
+    line = SCHEDULES["format_rows"]([_row(static, dp)]).splitlines()[1]
+    # static: 2 failed, invalid, no ratio; DP 1 failed, met, ratios 8/6
+    assert line.split()[-10:] == ["0", "4.00", "no", "2!", "6.00", "yes", "1", "-", "1.33", "1.33"]
+    bad_plan = SCHEDULES["format_rows"]([_row(static, dp, failed=5)])
+    assert bad_plan.splitlines()[1].split()[-11:-6] == ["no", "5!", "4.00", "no", "2!"]
+    assert bad_plan.splitlines()[1].split()[-3:] == ["-", "-", "-"]
+    assert "! more than 1% of that burst's requests failed: its measurement is INVALID" in bad_plan
+    document = SCHEDULES["row_json"](_row(static, dp, failed=5))
+    assert document["failed"]["planned"] == {"num_failed": 5, "num_ok": 95, "valid": False}
+    assert document["failed"]["continuous_dp"]["valid"] is True
 
 
 def test_continuous_at_devices_searches_r_equal_devices_within_the_bound(

@@ -3,8 +3,11 @@ token-aware choices from pushed loads, and the stream reopened across a worker r
 
 from __future__ import annotations
 
+import itertools
+
 from exegpt.models.loader import load_model
 from exegpt.v1 import worker_pb2
+from services.router import load_watch
 from services.router.load_watch import ReplicaLoad
 from services.router.policies import RouterPolicy, make_policy
 from services.worker.config import EngineConfig, WorkerConfig
@@ -77,6 +80,29 @@ def test_token_aware_chooses_the_least_pushed_load_plus_what_was_sent() -> None:
         chosen.load.sent(250.0)
         picks.append(chosen.address)
     assert picks == ["b", "b", "b", "a"]
+
+
+def test_token_aware_reads_each_load_once_while_sent_requests_expire(monkeypatch) -> None:
+    """A burst's unacknowledged requests expire while the policy compares loads: a second
+    reading lower than the first minimum once matched no replica (ZeroDivisionError)."""
+    clock = iter(itertools.count(2.0, 1.0))  # every reading of the clock is a second later
+    monkeypatch.setattr(load_watch.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(load_watch, "MAX_UNACKED_S", 2.5)
+
+    class View:
+        def __init__(self, address: str) -> None:
+            self.address, self.load, self.num_in_flight = address, ReplicaLoad(), 0
+
+        @property
+        def outstanding_tokens(self) -> float:
+            return self.load.outstanding_tokens
+
+    a, b = View("a"), View("b")
+    a.load.sent(100.0).sent_s = 0.0
+    b.load.sent(100.0).sent_s = 1.0
+    policy = make_policy(RouterPolicy.TOKEN_AWARE)
+    for _ in range(3):
+        assert policy.choose([a, b]) in (a, b)
 
 
 def test_the_router_watches_again_after_a_replica_restarts(

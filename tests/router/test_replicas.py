@@ -11,6 +11,7 @@ from exegpt.sdk import Client
 from services.router.policies import RouterPolicy
 from services.worker.config import EngineConfig
 from tests.conftest import BackgroundLoop, Stack, start_stack, stop_stack
+from tests.wait import wait_until
 
 
 def _dead_address() -> str:
@@ -107,5 +108,89 @@ def test_a_stream_cut_off_without_a_status_is_an_error_not_a_short_success(
                 client.generate([3, 4], max_tokens=4)
         assert failure.value.code is ErrorCode.UNAVAILABLE
         assert "ended the stream before the generation finished" in failure.value.message
+    finally:
+        stop_stack(stack)
+
+
+def test_failed_health_checks_of_a_replica_whose_streams_progress_do_not_drop_it(
+    two_replicas: Stack,
+) -> None:
+    """Under a burst a replica's health check waits behind thousands of calls and times
+    out, yet its streams deliver tokens: it stays healthy and its streams are not cut.
+    Its health checks go to a listener that never answers while its streams flow."""
+    import threading
+
+    import grpc
+    from grpc_health.v1 import health_pb2_grpc
+
+    router = two_replicas.router.router
+    chunks: list[int] = []
+    errors: list[Exception] = []
+
+    def consume() -> None:
+        with Client(two_replicas.grpc_address) as client:
+            try:
+                for chunk in client.stream([3, 4], max_tokens=1000, ignore_eos=True):
+                    chunks.append(len(chunk.token_ids))
+            except Exception as exc:  # noqa: BLE001 (the assertion below shows it)
+                errors.append(exc)
+
+    streaming = threading.Thread(target=consume)
+    streaming.start()
+    wait_until(lambda: sum(chunks) > 0, 30, "the first token")
+    (busy,) = [replica for replica in router.pool.replicas if replica.streams]
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+
+        async def checks_time_out() -> tuple[bool, bool]:
+            channel = grpc.aio.insecure_channel(address)
+            answering, busy._health = busy._health, health_pb2_grpc.HealthStub(channel)
+            try:
+                for _ in range(3):
+                    await busy.check(timeout_s=0.2)
+                return busy.healthy, busy.unreachable
+            finally:
+                busy._health = answering
+                await channel.close()
+
+        assert two_replicas.loop.run(checks_time_out()) == (True, False)
+    streaming.join(60)
+    assert not errors, errors
+    assert sum(chunks) == 1000
+
+
+def test_a_call_the_replica_cancels_is_a_refusal_not_the_clients_cancel(
+    background_loop: BackgroundLoop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gRPC's backlog of an overloaded worker drops calls as CANCELLED before any handler
+    runs; the client never cancelled, so it must not get 499/CANCELLED: unserved it is a
+    refusal (RESOURCE_EXHAUSTED, retry later), cut mid-stream it is UNAVAILABLE."""
+    import grpc
+
+    from exegpt.errors import ErrorCode
+    from exegpt.sdk import ExegptError
+    from exegpt.v1 import generate_pb2
+    from services.worker.server import WorkerServicer
+
+    async def dropped(self, request, context):  # cancelled on the replica's side
+        if request.sampling.max_tokens > 1:
+            yield generate_pb2.GenerateChunk(request_id=request.request_id, token_ids=[5])
+        await context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
+
+    monkeypatch.setattr(WorkerServicer, "Generate", dropped)
+    stack = start_stack(background_loop, [EngineConfig()], policy=RouterPolicy.ROUND_ROBIN)
+    try:
+        with Client(stack.grpc_address) as client:
+            with pytest.raises(ExegptError) as unserved:
+                client.generate([3, 4], max_tokens=1)
+            with pytest.raises(ExegptError) as cut:
+                client.generate([3, 4], max_tokens=4)
+        assert unserved.value.code is ErrorCode.RESOURCE_EXHAUSTED
+        assert "dropped the call unserved (overloaded); retry later" in unserved.value.message
+        assert cut.value.code is ErrorCode.UNAVAILABLE
+        assert "cancelled the stream before it finished" in cut.value.message
     finally:
         stop_stack(stack)
