@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -12,6 +13,22 @@ from services.router.policies import RouterPolicy
 from services.worker.config import EngineConfig
 from tests.conftest import BackgroundLoop, Stack, start_stack, stop_stack
 from tests.wait import wait_until
+
+
+@contextlib.contextmanager
+def _one_replica_serving(
+    loop: BackgroundLoop, monkeypatch: pytest.MonkeyPatch, generate: Callable
+) -> Iterator[str]:
+    """A router over one real worker whose Generate is `generate` (a misbehaving replica);
+    yields the router's gRPC address."""
+    from services.worker.server import WorkerServicer
+
+    monkeypatch.setattr(WorkerServicer, "Generate", generate)
+    stack = start_stack(loop, [EngineConfig()], policy=RouterPolicy.ROUND_ROBIN)
+    try:
+        yield stack.grpc_address
+    finally:
+        stop_stack(stack)
 
 
 def _dead_address() -> str:
@@ -95,21 +112,16 @@ def test_a_stream_cut_off_without_a_status_is_an_error_not_a_short_success(
     from exegpt.errors import ErrorCode
     from exegpt.sdk import ExegptError
     from exegpt.v1 import generate_pb2
-    from services.worker.server import WorkerServicer
 
     async def cut_off(self, request, context):  # one token, then an OK end without finishing
         yield generate_pb2.GenerateChunk(request_id=request.request_id, token_ids=[5])
 
-    monkeypatch.setattr(WorkerServicer, "Generate", cut_off)
-    stack = start_stack(background_loop, [EngineConfig()], policy=RouterPolicy.ROUND_ROBIN)
-    try:
-        with Client(stack.grpc_address) as client:
+    with _one_replica_serving(background_loop, monkeypatch, cut_off) as address:
+        with Client(address) as client:
             with pytest.raises(ExegptError) as failure:
                 client.generate([3, 4], max_tokens=4)
-        assert failure.value.code is ErrorCode.UNAVAILABLE
-        assert "ended the stream before the generation finished" in failure.value.message
-    finally:
-        stop_stack(stack)
+    assert failure.value.code is ErrorCode.UNAVAILABLE
+    assert "ended the stream before the generation finished" in failure.value.message
 
 
 def test_failed_health_checks_of_a_replica_whose_streams_progress_do_not_drop_it(
@@ -173,24 +185,19 @@ def test_a_call_the_replica_cancels_is_a_refusal_not_the_clients_cancel(
     from exegpt.errors import ErrorCode
     from exegpt.sdk import ExegptError
     from exegpt.v1 import generate_pb2
-    from services.worker.server import WorkerServicer
 
     async def dropped(self, request, context):  # cancelled on the replica's side
         if request.sampling.max_tokens > 1:
             yield generate_pb2.GenerateChunk(request_id=request.request_id, token_ids=[5])
         await context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
 
-    monkeypatch.setattr(WorkerServicer, "Generate", dropped)
-    stack = start_stack(background_loop, [EngineConfig()], policy=RouterPolicy.ROUND_ROBIN)
-    try:
-        with Client(stack.grpc_address) as client:
+    with _one_replica_serving(background_loop, monkeypatch, dropped) as address:
+        with Client(address) as client:
             with pytest.raises(ExegptError) as unserved:
                 client.generate([3, 4], max_tokens=1)
             with pytest.raises(ExegptError) as cut:
                 client.generate([3, 4], max_tokens=4)
-        assert unserved.value.code is ErrorCode.RESOURCE_EXHAUSTED
-        assert "dropped the call unserved (overloaded); retry later" in unserved.value.message
-        assert cut.value.code is ErrorCode.UNAVAILABLE
-        assert "cancelled the stream before it finished" in cut.value.message
-    finally:
-        stop_stack(stack)
+    assert unserved.value.code is ErrorCode.RESOURCE_EXHAUSTED
+    assert "dropped the call unserved (overloaded); retry later" in unserved.value.message
+    assert cut.value.code is ErrorCode.UNAVAILABLE
+    assert "cancelled the stream before it finished" in cut.value.message
