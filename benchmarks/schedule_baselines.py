@@ -203,6 +203,7 @@ def row_json(row: Any) -> dict:
         return {"num_failed": measured.num_failed, "num_ok": measured.num_ok, "valid": ok}
 
     c, best = row.planned, row.best_baseline
+    ok = valid(row.planned_measured)  # as the table reads it: an invalid burst meets nothing
     return {
         "task": row.task, "bound_s": row.bound_s, "kind": row.kind, "schedule": row.describe,
         "predicted_seq_s": c.predicted_seq_s, "measured_seq_s": c.measured_seq_s,
@@ -212,14 +213,16 @@ def row_json(row: Any) -> dict:
         "calibration": row.calibration, "chosen_predicted": row.chosen,
         "during_predicted": row.during.predicted if row.during else None,
         "during_calibration": row.during.calibration.describe() if row.during else None,
-        "measured_latency_s": nan_none(c.measured_latency_s), "meets_bound": c.meets_bound,
+        "measured_latency_s": nan_none(c.measured_latency_s), "meets_bound": c.meets_bound and ok,
         "static_seq_s": seq_s(row.static), "static_meets_bound": row.static.meets_bound,
         "continuous_dp_seq_s": seq_s(row.continuous_dp),
         "continuous_dp_meets_bound": row.continuous_dp.meets_bound,
         "continuous_dp_sizing": row.dp_sizing.source,
         "continuous_dp_fallback": row.dp_sizing.fallback,
         "best_baseline": best.name if best else None,
-        "vs_best_baseline": c.measured_seq_s / best.measured.throughput_seq_s if best else None,
+        "vs_best_baseline": (
+            c.measured_seq_s / best.measured.throughput_seq_s if best and ok else None
+        ),
         "failed": {
             "planned": failed(row.planned_measured), "static": failed(row.static.measured),
             "continuous_dp": failed(row.continuous_dp.measured),

@@ -38,6 +38,7 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 # client as a bare CANCELLED that the handler never saw.
 GRPC_PENDING_SOFT_LIMIT = 1000
 GRPC_PENDING_HARD_LIMIT = 3000
+GRPC_INT_MAX = 2**31 - 1  # gRPC's channel arguments are C ints
 
 
 def pending_call_options(max_pending_calls: int | None) -> list[tuple[str, int]]:
@@ -46,10 +47,11 @@ def pending_call_options(max_pending_calls: int | None) -> list[tuple[str, int]]
     instead of gRPC dropping some before any handler ran; None keeps gRPC's limits."""
     if max_pending_calls is None:
         return []
-    soft = max(GRPC_PENDING_SOFT_LIMIT, max_pending_calls)
+    soft = min(max(GRPC_PENDING_SOFT_LIMIT, max_pending_calls), GRPC_INT_MAX)
+    hard = min(max(GRPC_PENDING_HARD_LIMIT, 4 * soft), GRPC_INT_MAX)
     return [
         ("grpc.server.max_pending_requests", soft),
-        ("grpc.server.max_pending_requests_hard_limit", max(GRPC_PENDING_HARD_LIMIT, 4 * soft)),
+        ("grpc.server.max_pending_requests_hard_limit", hard),
     ]
 
 

@@ -4,9 +4,9 @@ For token-aware routing, each replica's load comes from its Worker.WatchLoad str
 what this router sent it since the last push (services/router/load_watch.py).
 
 Each replica also tracks its open streams and when any of them last made progress, so a
-watchdog can cancel the streams of a replica that froze or became unreachable. A replica whose
-streams keep delivering tokens is reachable whatever its health checks say: a health check
-that times out behind a burst of calls does not count against it.
+watchdog can cancel the streams of a replica that froze or became unreachable. A health check
+that times out while the replica's streams keep delivering tokens (it waited behind a burst
+of calls) changes nothing; an answer of NOT_SERVING, or a refused connection, still counts.
 """
 
 from __future__ import annotations
@@ -134,7 +134,10 @@ class Replica:
             # NOT_SERVING is a replica draining on purpose: its streams may still finish.
             self.num_failed_checks = 0
         except grpc.aio.AioRpcError as exc:
-            if self.streams_progressing(max(timeout_s, PROGRESS_PROVES_ALIVE_S)):
+            # Only a check that timed out behind a burst: a refused or reset connection
+            # (a replica restarting) counts whatever its streams did a moment ago.
+            timed_out = exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            if timed_out and self.streams_progressing(max(timeout_s, PROGRESS_PROVES_ALIVE_S)):
                 logger.info(
                     "replica %s missed a health check (%s) but its streams progress: busy, "
                     "not down", self.address, exc.code().name,

@@ -136,6 +136,7 @@ def test_a_burst_with_over_one_percent_failed_is_marked_invalid_and_judged_on_no
     document = SCHEDULES["row_json"](_row(static, dp, failed=5))
     assert document["failed"]["planned"] == {"num_failed": 5, "num_ok": 95, "valid": False}
     assert document["failed"]["continuous_dp"]["valid"] is True
+    assert document["meets_bound"] is False and document["vs_best_baseline"] is None
 
 
 def test_continuous_at_devices_searches_r_equal_devices_within_the_bound(
