@@ -6,8 +6,8 @@ measures a fill and a drain, not the schedule). Every deployment
 serves a warm-up burst before its measured one (first forwards, pools filling), so the
 planned schedule and both baselines are measured alike.
 
-The planned schedule's deployment, when calibrating, serves a calibration pass in place of
-its warm-up: its engine clock, over the schedule's own steps at its own rows and on the
+The planned schedule's deployment, when calibrating, serves a calibration pass after its
+warm-up: its engine clock, over the schedule's own steps at its own rows and on the
 machine as it is loaded just before the measured burst, calibrates a copy of the profile by
 kind, and the deployed plan's prediction is made from it (exegpt/calibration_pass.py
 `deployed_prediction`). On a shared machine a step's time swings with the load from one
