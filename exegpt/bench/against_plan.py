@@ -105,12 +105,11 @@ def measure(document: dict[str, Any], p99_output_tokens: int) -> Measured:
     if not rows:
         return Measured(0.0, math.nan, 0, int(metrics["num_failed"]), burst)
     ends = sorted(r["send_s"] + r["e2e_s"] for r in rows)
-    queued_until = last_admission_s(rows)
-    window = steady_window(ends, queued_until) or steady_window(ends)
+    window = _window(ends, last_admission_s(rows))
     first, last = window or (ends[0], ends[-1])
     steady = [r for r in rows if first <= r["send_s"] + r["e2e_s"] <= last]
     return Measured(
-        throughput_seq_s=steady_throughput(ends, queued_until) or burst,
+        throughput_seq_s=_completions_per_s(ends, window) or burst,
         p99_length_latency_s=p99_length_latency(rows, steady, p99_output_tokens),
         num_ok=len(rows),
         num_failed=int(metrics["num_failed"]),
@@ -151,7 +150,16 @@ def steady_throughput(
     """Completions per second in the steady window (`steady_window`; without one that ends
     by `queued_until_s`, the window's quantiles alone)."""
     ends = sorted(end_times_s)
-    window = steady_window(ends, queued_until_s) or steady_window(ends)
+    return _completions_per_s(ends, _window(ends, queued_until_s))
+
+
+def _window(ends: list[float], queued_until_s: float | None) -> tuple[float, float] | None:
+    """The steady window that ends by `queued_until_s`, else the quantiles' alone."""
+    return steady_window(ends, queued_until_s) or steady_window(ends)
+
+
+def _completions_per_s(ends: list[float], window: tuple[float, float] | None) -> float | None:
+    """Completions per second in `window` of the sorted completion times `ends`."""
     if window is None:
         return None
     first, last = window
