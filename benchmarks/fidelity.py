@@ -3,10 +3,13 @@
 For each task, batching mode and batch size, `exegpt simulate` (services/scheduler/simulate.py)
 predicts the schedule on the given profile, then a local deployment (`exegpt up`'s launcher,
 one replica) runs it and `exegpt bench` drives it at saturation with the same workload
-(lengths scaled alike). With --calibrate (the default) each deployment first serves a short
-burst whose engine-clock totals calibrate the profile kind by kind
-(exegpt/calibration_pass.py); the row's prediction is then the calibrated one, and the
-uncalibrated one's error is printed beside it. A third prediction ('self') is calibrated on
+(lengths scaled alike). With --calibrate (the default) each deployment first serves a
+calibration pass whose engine-clock totals calibrate the profile kind by kind
+(exegpt/calibration_pass.py), sized by the rule every calibration pass follows
+(exegpt/bench/burst.py `calibration_pass_size`: 2 running batches, 5 s at the uncalibrated
+profile's predicted rate, 64 decode steps, whichever is most); the row's prediction is then
+the calibrated one, and the uncalibrated one's error is printed beside it. The row's second
+line names the pass's size and what it calibrated. A third prediction ('self') is calibrated on
 the measured burst's own engine clock: the load of a shared machine changes between the
 calibration burst and the measured one, and this one has no such gap, so its error is the
 model's own (how it composes steps into throughput and latency), not the machine's drift.
@@ -18,7 +21,8 @@ Measured figures are read as
 and the p99-length latency. Prints one row per run as it finishes, then the median and
 worst absolute errors and their signs. A run whose measured (or calibration) burst completed
 no request is a row of NaN figures with a note saying why, left out of the summaries; the
-next run goes on.
+next run goes on. `--seed` draws every burst's lengths and prompts (default 0: every run
+sends the same ones).
 
     .venv/bin/python benchmarks/fidelity.py --profile quick.json            # 30 runs
     .venv/bin/python benchmarks/fidelity.py --profile quick.json --tasks S --batch-sizes 32
@@ -42,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from deployments import free_port  # noqa: E402
 
 from exegpt.bench.against_plan import measure, percent, relative_error, run_bench  # noqa: E402
+from exegpt.bench.burst import calibration_pass_size  # noqa: E402
 from exegpt.calibration_pass import (  # noqa: E402
     calibrated_copy,
     calibration_burst,
@@ -77,6 +82,7 @@ class Run:
     busy_fraction: float  # the engine's forward time / busy wall time during the run
     decode_host_ms: float  # the engine's host work per decode step (engine clock)
     note: str = ""  # why the row has no figures (NaN), when it has none
+    calibration_requests: int = 0  # the calibration pass's requests (0: none)
 
     @property
     def seq_error(self) -> float:
@@ -107,7 +113,8 @@ def one_run(args: argparse.Namespace, task: str, mode: str, batch: int, scratch:
     schedule = f"{mode}:encode_batch_size={batch},decode_batch_size={batch}"
     workload = f"task:{task}"
     # The latency is the task's p99-length request's, whatever lengths a burst drew.
-    p99_tokens = workload_of(workload, args.length_scale, 1 << 30).output_p99_tokens
+    lengths = workload_of(workload, args.length_scale, 1 << 30)
+    p99_tokens = lengths.output_p99_tokens
 
     def predicted_by(profile: str, sent: str) -> dict:
         request = PredictRequest(
@@ -120,6 +127,10 @@ def one_run(args: argparse.Namespace, task: str, mode: str, batch: int, scratch:
         return predict(request)
 
     num_requests = max(args.min_requests, args.requests_per_slot * batch)
+    calibration_requests = 0
+    if args.calibrate:  # sized before the pass, on what the uncalibrated profile predicts
+        rate = predicted_by(args.profile, workload)["predicted"]["throughput_seq_s"]
+        calibration_requests = calibration_pass_size(batch, rate, lengths.mean_output_tokens)
     config = DeploymentConfig(
         batching=mode, max_batch_size=batch, log_dir=scratch, startup_timeout_s=300.0
     )
@@ -131,13 +142,13 @@ def one_run(args: argparse.Namespace, task: str, mode: str, batch: int, scratch:
             work = scratch / f"{name}-calibration"
             work.mkdir(exist_ok=True)
             calibration_totals = calibration_burst(
-                deployment, workload, max(args.min_requests, 2 * batch), work,
-                args.length_scale, warmup_requests=batch,
+                deployment, workload, calibration_requests, work, args.length_scale,
+                warmup_requests=batch, seed=args.seed,
             )  # fmt: skip
         before = engine_totals(worker)
         document = run_bench(
             deployment.http_url, workload, num_requests, scratch / f"{name}.json",
-            args.length_scale,
+            args.length_scale, args.seed,
         )  # fmt: skip
         totals = totals_between(before, engine_totals(worker))
     if (unmeasured := no_completions(document, "measured")) is not None:
@@ -171,6 +182,7 @@ def one_run(args: argparse.Namespace, task: str, mode: str, batch: int, scratch:
         self_predicted["predicted"]["throughput_seq_s"], self_predicted["predicted"]["latency_s"],
         calibration, measured.num_failed, busy_fraction(totals),
         1e3 * decode.host_s / max(1, decode.num_steps) if decode else math.nan,
+        calibration_requests=calibration_requests,
     )  # fmt: skip
 
 
@@ -237,8 +249,15 @@ def row(run: Run) -> str:
         f"{percent(run.latency_error):>7}{percent(run.uncalibrated_latency_error):>7}"
         f"{percent(run.self_latency_error):>7}"
         f"{run.num_failed:>7}{run.busy_fraction:>6.0%}{run.decode_host_ms:>12.2f}\n"
-        f"     {run.note or run.calibration}"
+        f"     {run.note or pass_line(run)}"
     )
+
+
+def pass_line(run: Run) -> str:
+    """What the row's calibration pass was and what it corrected."""
+    if not run.calibration_requests:
+        return run.calibration
+    return f"pass of {run.calibration_requests} requests: {run.calibration}"
 
 
 def summary(label: str, errors: list[float]) -> str:
@@ -274,14 +293,24 @@ def main() -> int:
         help="multiply every input and output length (prediction and bench alike) so a full "
         "run fits in about 15 minutes on 2 cores",
     )
-    parser.add_argument("--requests-per-slot", type=int, default=4, help="requests per batch slot")
-    parser.add_argument("--min-requests", type=int, default=32, help="requests per run at least")
+    parser.add_argument(
+        "--requests-per-slot", type=int, default=4, help="measured requests per batch slot"
+    )
+    parser.add_argument(
+        "--min-requests",
+        type=int,
+        default=32,
+        help="measured requests per run at least (a calibration pass is sized by its own rule)",
+    )
     parser.add_argument(
         "--calibrate",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="before each measured burst, a short burst calibrates the profile by kind and "
         "the row predicts from the calibrated profile (the uncalibrated error is beside it)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seeds every burst's lengths and prompts"
     )
     parser.add_argument("--json", type=Path, help="write every run's figures here")
     args = parser.parse_args()
@@ -292,7 +321,7 @@ def main() -> int:
     sys.stdout.write(
         f"fidelity on 1 device: profile {args.profile}, lengths x{args.length_scale:g}, "
         f"{args.requests_per_slot} requests per slot (at least {args.min_requests}), "
-        f"{'calibrated' if args.calibrate else 'uncalibrated'}\n{HEADER}\n"
+        f"{'calibrated' if args.calibrate else 'uncalibrated'}, seed {args.seed}\n{HEADER}\n"
     )
     runs: list[Run] = []
     for task in tasks:

@@ -7,11 +7,13 @@ serves a warm-up burst before its measured one (first forwards, pools filling), 
 planned schedule and both baselines are measured alike.
 
 The planned schedule's deployment, when calibrating, serves a calibration pass after its
-warm-up: its engine clock, over the schedule's own steps at its own rows and on the
-machine as it is loaded just before the measured burst, calibrates a copy of the profile by
-kind, and the deployed plan's prediction is made from it (exegpt/calibration_pass.py
-`deployed_prediction`). On a shared machine a step's time swings with the load from one
-minute to the next; this pass reads it a few seconds before the measurement it predicts.
+warm-up: its engine clock, over the schedule's own steps at its own rows and on the machine as it is
+loaded just before the measured burst, calibrates a copy of the profile by kind, and the
+deployed plan's prediction is made from it (exegpt/calibration_pass.py `deployed_prediction`).
+Every calibration pass is sized by the one rule of exegpt/bench/burst.py
+(`plan_calibration_pass`: running batches, seconds at the predicted rate and decode steps on
+every replica). On a shared machine a step's time swings with the load from one minute to the
+next; this pass reads it a few seconds before the measurement it predicts.
 """
 
 from __future__ import annotations
@@ -25,7 +27,12 @@ from deployments import free_port
 
 from exegpt import autoplan
 from exegpt.bench import against_plan
-from exegpt.bench.burst import MAX_REQUESTS, measured_burst, running_sequences
+from exegpt.bench.burst import (
+    MAX_REQUESTS,
+    measured_burst,
+    plan_calibration_pass,
+    running_sequences,
+)
 from exegpt.calibration_pass import (
     DeployedPrediction,
     calibration_burst,
@@ -38,9 +45,6 @@ from exegpt.launcher import Deployment, DeploymentConfig
 
 if TYPE_CHECKING:
     from services.scheduler.calibration import Calibration
-
-CALIBRATION_BATCHES = 1  # running batches per worker replica in a calibration pass
-CALIBRATION_S = 5  # ... and the seconds it lasts at least, at the predicted rate
 
 
 def running_batches(auto: autoplan.AutoPlan) -> int:
@@ -57,14 +61,6 @@ def burst_size(args: argparse.Namespace, running: int, predicted_seq_s: float) -
     """`--num-requests`, or the shared rule (exegpt/bench/burst.py) for `running` sequences
     over all worker replicas at the predicted rate."""
     return args.num_requests or measured_burst(running, predicted_seq_s)
-
-
-def calibration_requests(auto: autoplan.AutoPlan) -> int:
-    """A calibration pass: CALIBRATION_BATCHES running batches per worker replica and
-    CALIBRATION_S at the predicted rate (at least 32): a pass of a second or two reads one
-    moment of a shared machine's load, not the minute the measured burst runs in."""
-    steady = int(CALIBRATION_S * auto.predicted["throughput_seq_s"])
-    return min(MAX_REQUESTS, max(32, CALIBRATION_BATCHES * running_batches(auto), steady))
 
 
 def warmup_requests(running: int) -> int:
@@ -154,7 +150,7 @@ def measure_planned(
     work.mkdir(parents=True, exist_ok=True)
     with Deployment(on_free_ports(config)) as deployment:
         totals = calibration_burst(
-            deployment, burst.workload, calibration_requests(auto), work, args.length_scale,
+            deployment, burst.workload, plan_calibration_pass(auto), work, args.length_scale,
             warmup_requests=burst.warmup_requests,
         )  # fmt: skip
         start = [engine_totals(address) for address in deployment.worker_addresses]

@@ -68,7 +68,6 @@ from schedule_runs import (  # noqa: E402
     Calibrating,
     burst_size,
     calibrate_on,
-    calibration_requests,
     measure,
     measure_planned,
     running_batches,
@@ -77,6 +76,7 @@ from schedule_runs import (  # noqa: E402
 
 from exegpt import autoplan  # noqa: E402
 from exegpt.bench import against_plan  # noqa: E402
+from exegpt.bench.burst import plan_calibration_pass  # noqa: E402
 from exegpt.calibration_pass import DeployedPrediction, recalibrate  # noqa: E402
 from exegpt.schedule import ScheduleKind  # noqa: E402
 from services.scheduler.calibration import Calibration  # noqa: E402
@@ -219,7 +219,7 @@ def choose(
         return first, FirstChoice(first.predicted, None, "not re-planned"), Calibration()
     work = run.work / f"{run.tag}-cal"
     calibrating = dp_config(first_plan_sizing(first.report), first, profile, work)
-    totals = calibrate_on(calibrating, run.args, run.task, calibration_requests(first), work)
+    totals = calibrate_on(calibrating, run.args, run.task, plan_calibration_pass(first), work)
     return calibrated_plan(request, run.task, first, profile, totals)
 
 

@@ -67,17 +67,20 @@ def calibration_burst(
     work: Path,
     length_scale: float | None,
     warmup_requests: int | None = None,
+    seed: int = 0,
 ) -> dict[str, KindTotals]:
     """A warm-up burst (first forwards, pools filling: unused; `warmup_requests`, by default
     a quarter of the calibration's and at least 16), then a calibration burst of
-    `num_requests` whose engine-clock totals, summed over the replicas, come back."""
+    `num_requests` (sized by exegpt/bench/burst.py `calibration_pass_size`; both bursts'
+    lengths drawn with `seed`) whose engine-clock totals, summed over the replicas, come
+    back."""
     from exegpt.bench.against_plan import run_bench
 
     url = deployment.http_url
     warmup = warmup_requests or max(16, num_requests // 4)
-    run_bench(url, workload, warmup, work / "warmup.json", length_scale)
+    run_bench(url, workload, warmup, work / "warmup.json", length_scale, seed)
     before = [engine_totals(a) for a in deployment.worker_addresses]
-    run_bench(url, workload, num_requests, work / "calibration.json", length_scale)
+    run_bench(url, workload, num_requests, work / "calibration.json", length_scale, seed)
     after = [engine_totals(a) for a in deployment.worker_addresses]
     return sum_totals([totals_between(b, a) for b, a in zip(before, after, strict=True)])
 

@@ -79,20 +79,32 @@ def relative_error(measured: float, predicted: float) -> float:
 
 
 def bench_command(
-    url: str, workload: str, num_requests: int, json_path: Path, length_scale: float | None
+    url: str,
+    workload: str,
+    num_requests: int,
+    json_path: Path,
+    length_scale: float | None,
+    seed: int = 0,
 ) -> list[str]:
     scale = ["--length-scale", str(length_scale)] if length_scale is not None else []
     return [
         sys.executable, "-m", "exegpt.cli", "bench", "--url", url, "--workload", workload,
-        "--num-requests", str(num_requests), "--rate", "inf", *scale, "--json", str(json_path),
+        "--num-requests", str(num_requests), "--rate", "inf", *scale, "--seed", str(seed),
+        "--json", str(json_path),
     ]  # fmt: skip
 
 
 def run_bench(
-    url: str, workload: str, num_requests: int, json_path: Path, length_scale: float | None
+    url: str,
+    workload: str,
+    num_requests: int,
+    json_path: Path,
+    length_scale: float | None,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """`exegpt bench` at saturation against `url`; its JSON document (requests included)."""
-    command = bench_command(url, workload, num_requests, json_path, length_scale)
+    """`exegpt bench` at saturation against `url`; its JSON document (requests included).
+    `seed` seeds its lengths and prompts (`exegpt bench --seed`)."""
+    command = bench_command(url, workload, num_requests, json_path, length_scale, seed)
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return json.loads(json_path.read_text())
 

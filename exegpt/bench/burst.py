@@ -1,4 +1,5 @@
-"""How many requests a measured burst sends, so that its middle is a steady state.
+"""How many requests a burst sends: a measured burst, so that its middle is a steady state,
+and a calibration pass, so that its factors are not one moment's reading of the machine.
 
 A burst measures a schedule only if it holds several running batches for every worker
 replica: B_D is ONE replica's batch, and a burst that fills each replica once measures a fill
@@ -7,10 +8,27 @@ schedule's). So a burst is MEASURED_BATCHES running batches of every worker repl
 lasts at least `steady_s` at the predicted rate, within MIN_REQUESTS..`max_requests`.
 `benchmarks/schedules.py` uses the rule as is; `exegpt demo` with a shorter steady time and a
 lower cap (exegpt/demo.py says why).
+
+A calibration pass (exegpt/calibration_pass.py) prices a whole pass's steps against the
+profile, kind by kind, so its factors are only as steady as the window it reads: on a shared
+machine a neighbour's burst of load moves a 2-second window's factors by a third (a pass of 96
+short requests read decode x2.58 where the passes beside it read x1.67-2.04). A pass is
+therefore sized in time and in decode steps, not only in batches: the most of
+CALIBRATION_BATCHES running batches per worker replica, CALIBRATION_S at the predicted rate and
+CALIBRATION_DECODE_STEPS decode steps on every worker replica, within
+MIN_CALIBRATION_REQUESTS..`max_requests`. The predicted rate is the profile's before the pass:
+an uncalibrated profile that predicts too high a rate (1.3-1.8x here) lengthens the pass, never
+shortens it. The decode steps are counted as the pass's decode rows (requests x mean output
+tokens) over the B_D rows of a full step on each replica (static batching runs more steps than
+that: a batch decodes until its longest output ends); the term binds where steps are slow
+(CALIBRATION_S holds fewer steps than it asks) or outputs short against B_D.
+`benchmarks/fidelity.py` and `benchmarks/schedules.py` use the rule as is; `exegpt demo` with
+its own steady time and cap.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -20,6 +38,11 @@ MEASURED_BATCHES = 4  # running batches per worker replica in a measured burst
 MIN_REQUESTS = 64
 MAX_REQUESTS = 4000
 STEADY_S = 15.0  # a measured burst also lasts at least this long at the predicted rate
+
+CALIBRATION_BATCHES = 2  # running batches per worker replica in a calibration pass
+CALIBRATION_S = 5.0  # a calibration pass also lasts at least this long at the predicted rate
+CALIBRATION_DECODE_STEPS = 64  # ... and runs at least this many decode steps on each replica
+MIN_CALIBRATION_REQUESTS = 32
 
 
 def running_sequences(auto: AutoPlan, copies: int = 1) -> int:
@@ -44,3 +67,56 @@ def measured_burst(
         )
     wanted = max(MIN_REQUESTS, MEASURED_BATCHES * running, int(steady_s * predicted_seq_s))
     return min(max_requests, wanted)
+
+
+def calibration_pass_size(
+    running: int,
+    predicted_seq_s: float,
+    mean_output_tokens: float,
+    *,
+    steady_s: float = CALIBRATION_S,
+    max_requests: int = MAX_REQUESTS,
+) -> int:
+    """The requests of a calibration pass for `running` sequences over all worker replicas
+    (B_D x R) at `predicted_seq_s`, on a workload of `mean_output_tokens`: the most of
+    CALIBRATION_BATCHES x `running`, `steady_s` at the predicted rate and enough decode rows
+    for CALIBRATION_DECODE_STEPS full steps on every replica (running / mean output tokens
+    requests per step), within MIN_CALIBRATION_REQUESTS..`max_requests`."""
+    if (
+        running < 1
+        or not 0 <= predicted_seq_s < math.inf
+        or not 0 < mean_output_tokens < math.inf
+        or steady_s < 0
+        or max_requests < MIN_CALIBRATION_REQUESTS
+    ):
+        raise ValueError(
+            f"a calibration pass needs running >= 1, a finite rate and a steady time >= 0, "
+            f"a finite mean output > 0 and a cap >= {MIN_CALIBRATION_REQUESTS} (got {running}, "
+            f"{predicted_seq_s}, {mean_output_tokens}, {steady_s}, {max_requests})"
+        )
+    decode_rows = CALIBRATION_DECODE_STEPS * running
+    wanted = max(
+        MIN_CALIBRATION_REQUESTS,
+        CALIBRATION_BATCHES * running,
+        math.ceil(steady_s * predicted_seq_s),
+        math.ceil(decode_rows / mean_output_tokens),
+    )
+    return min(max_requests, wanted)
+
+
+def plan_calibration_pass(
+    auto: AutoPlan,
+    copies: int = 1,
+    *,
+    steady_s: float = CALIBRATION_S,
+    max_requests: int = MAX_REQUESTS,
+) -> int:
+    """`calibration_pass_size` for `copies` copies of a plan (each at the plan's predicted
+    rate) on its workload's mean output length."""
+    return calibration_pass_size(
+        running_sequences(auto, copies),
+        copies * auto.predicted["throughput_seq_s"],
+        auto.plan.mean_output_tokens or math.nan,  # a plan file without it is refused
+        steady_s=steady_s,
+        max_requests=max_requests,
+    )

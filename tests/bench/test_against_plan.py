@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import math
+from pathlib import Path
 
 import pytest
 
-from exegpt.bench import against_plan
+from exegpt.bench import against_plan, cli
+from exegpt.bench.workload_plan import build_plan
 
 
 def _row(
@@ -130,3 +133,21 @@ def test_failed_burst_has_no_latency() -> None:
     failed = dict(_row(0.0, 0.0, 0.0, 0), error="HTTP 503")
     measured = against_plan.measure(_document([failed], num_failed=1), 10)
     assert measured.num_ok == 0 and math.isnan(measured.p99_length_latency_s)
+
+
+def _planned_lengths(seed: int) -> list[tuple[int, int]]:
+    """The lengths `exegpt bench` would send for the command run_bench builds with `seed`."""
+    command = against_plan.bench_command(
+        "http://127.0.0.1:1", "task:S", 16, Path("out.json"), 0.25, seed
+    )
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    settings = cli.settings_from_args(parser.parse_args(command[command.index("bench") + 1 :]))
+    planned = build_plan(settings.workload, settings.plan)
+    return [(r.input_tokens, r.output_tokens) for r in planned]
+
+
+def test_the_bench_command_draws_its_lengths_with_the_given_seed() -> None:
+    assert len(_planned_lengths(0)) == 16
+    assert _planned_lengths(3) == _planned_lengths(3)
+    assert _planned_lengths(3) != _planned_lengths(0)

@@ -37,3 +37,12 @@ def test_a_burst_with_no_completed_request_is_a_nan_row_with_a_note() -> None:
     assert FIDELITY["summary"]("seq/s", [run.seq_error, 0.05]).startswith(
         "seq/s: median |error| 5.0%"
     )
+
+
+def test_a_row_names_its_calibration_pass_size_and_what_it_corrected() -> None:
+    run = FIDELITY["unmeasured_run"]("S", "continuous", 16, 128, _document([None]), "")
+    calibrated = "calibrated from 300 observations (decode x1.90 from 140)"
+    sized = FIDELITY["Run"](**{**vars(run), "calibration": calibrated, "calibration_requests": 329})
+    assert FIDELITY["row"](sized).splitlines()[1].strip() == f"pass of 329 requests: {calibrated}"
+    unsized = FIDELITY["Run"](**{**vars(run), "calibration": "uncalibrated"})
+    assert FIDELITY["row"](unsized).splitlines()[1].strip() == "uncalibrated"

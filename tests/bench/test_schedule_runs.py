@@ -43,10 +43,7 @@ def test_a_measured_burst_holds_four_running_batches_per_worker_replica() -> Non
     assert RUNS["requests_for"](_args(77), rra) == 77
 
 
-def test_calibration_and_warm_up_bursts_are_sized_from_the_running_batches() -> None:
-    rra = _auto(ScheduleKind.RRA, 290, 300, 2, seq_s=50.0)
-    assert RUNS["calibration_requests"](rra) == 600  # one running batch per replica
+def test_warm_up_bursts_are_sized_from_the_running_batches() -> None:
+    # (Calibration passes follow exegpt/bench/burst.py's rule: tests/bench/test_burst.py.)
     assert RUNS["warmup_requests"](600) == 150  # a quarter
-    tiny = _auto(ScheduleKind.STATIC, 4, 4, 1, seq_s=5.0)
-    assert RUNS["calibration_requests"](tiny) == 32
     assert RUNS["warmup_requests"](4) == 16
