@@ -116,12 +116,13 @@ def one_run(args: argparse.Namespace, task: str, mode: str, batch: int, scratch:
     lengths = workload_of(workload, args.length_scale, 1 << 30)
     p99_tokens = lengths.output_p99_tokens
 
-    def predicted_by(profile: str, sent: str) -> dict:
+    def predicted_by(profile: str, sent: str, length_scale: float | None = None) -> dict:
         request = PredictRequest(
             profile=profile,
             workload=sent,
             num_devices=1,
             schedule=schedule,
+            length_scale=length_scale,
             latency_output_tokens=p99_tokens,
         )
         return predict(request)
@@ -129,7 +130,8 @@ def one_run(args: argparse.Namespace, task: str, mode: str, batch: int, scratch:
     num_requests = max(args.min_requests, args.requests_per_slot * batch)
     calibration_requests = 0
     if args.calibrate:  # sized before the pass, on what the uncalibrated profile predicts
-        rate = predicted_by(args.profile, workload)["predicted"]["throughput_seq_s"]
+        sizing = predicted_by(args.profile, workload, args.length_scale)  # the task's lengths
+        rate = sizing["predicted"]["throughput_seq_s"]
         calibration_requests = calibration_pass_size(batch, rate, lengths.mean_output_tokens)
     config = DeploymentConfig(
         batching=mode, max_batch_size=batch, log_dir=scratch, startup_timeout_s=300.0
