@@ -113,26 +113,22 @@ def one_run(args: argparse.Namespace, task: str, mode: str, batch: int, scratch:
     schedule = f"{mode}:encode_batch_size={batch},decode_batch_size={batch}"
     workload = f"task:{task}"
     # The latency is the task's p99-length request's, whatever lengths a burst drew.
-    lengths = workload_of(workload, args.length_scale, 1 << 30)
-    p99_tokens = lengths.output_p99_tokens
+    p99_tokens = workload_of(workload, args.length_scale, 1 << 30).output_p99_tokens
 
-    def predicted_by(profile: str, sent: str, length_scale: float | None = None) -> dict:
+    def predicted_by(profile: str, sent: str) -> dict:
         request = PredictRequest(
             profile=profile,
             workload=sent,
             num_devices=1,
             schedule=schedule,
-            length_scale=length_scale,
             latency_output_tokens=p99_tokens,
         )
         return predict(request)
 
     num_requests = max(args.min_requests, args.requests_per_slot * batch)
     calibration_requests = 0
-    if args.calibrate:  # sized before the pass, on what the uncalibrated profile predicts
-        sizing = predicted_by(args.profile, workload, args.length_scale)  # the task's lengths
-        rate = sizing["predicted"]["throughput_seq_s"]
-        calibration_requests = calibration_pass_size(batch, rate, lengths.mean_output_tokens)
+    if args.calibrate:
+        calibration_requests = pass_size(args.profile, task, schedule, batch, args.length_scale)
     config = DeploymentConfig(
         batching=mode, max_batch_size=batch, log_dir=scratch, startup_timeout_s=300.0
     )
@@ -186,6 +182,23 @@ def one_run(args: argparse.Namespace, task: str, mode: str, batch: int, scratch:
         1e3 * decode.host_s / max(1, decode.num_steps) if decode else math.nan,
         calibration_requests=calibration_requests,
     )  # fmt: skip
+
+
+def pass_size(profile: str, task: str, schedule: str, batch: int, length_scale: float) -> int:
+    """The calibration pass's requests by the rule every pass follows (exegpt/bench/burst.py),
+    sized before the pass: at the rate `profile` (uncalibrated) predicts for `schedule` on the
+    task's lengths as the bench sends them (scaled), and their mean output."""
+    workload = f"task:{task}"
+    query = PredictRequest(
+        profile=profile,
+        workload=workload,
+        num_devices=1,
+        schedule=schedule,
+        length_scale=length_scale,
+    )
+    rate = predict(query)["predicted"]["throughput_seq_s"]
+    lengths = workload_of(workload, length_scale, 1 << 30)
+    return calibration_pass_size(batch, rate, lengths.mean_output_tokens)
 
 
 def calibration_document_of(work: Path) -> dict:

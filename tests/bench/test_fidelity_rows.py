@@ -7,6 +7,9 @@ import math
 import runpy
 from pathlib import Path
 
+from exegpt.bench.burst import CALIBRATION_S
+from services.scheduler.simulate import PredictRequest, predict, workload_of
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fidelity.py"
 FIDELITY = runpy.run_path(str(SCRIPT), run_name="fidelity")
 
@@ -46,3 +49,21 @@ def test_a_row_names_its_calibration_pass_size_and_what_it_corrected() -> None:
     assert FIDELITY["row"](sized).splitlines()[1].strip() == f"pass of 329 requests: {calibrated}"
     unsized = FIDELITY["Run"](**{**vars(run), "calibration": "uncalibrated"})
     assert FIDELITY["row"](unsized).splitlines()[1].strip() == "uncalibrated"
+
+
+def test_a_calibration_pass_lasts_its_seconds_on_the_lengths_the_bench_sends() -> None:
+    """Sized before the pass on the task's lengths as scaled for the bench: 5 s at the rate the
+    profile predicts for them (task S at x0.25 runs about 3x the full-length rate here, which
+    would size a pass of under 2 s)."""
+    profile, schedule = (
+        "analytic:h100-80gb:opt-13b",
+        "continuous:encode_batch_size=8,decode_batch_size=8",
+    )
+    size = FIDELITY["pass_size"](profile, "S", schedule, 8, 0.25)
+    scaled = PredictRequest(profile, "task:S", 1, schedule=schedule, length_scale=0.25)
+    rate = predict(scaled)["predicted"]["throughput_seq_s"]
+    full = predict(PredictRequest(profile, "task:S", 1, schedule=schedule))
+    assert rate > 2 * full["predicted"]["throughput_seq_s"]
+    # The seconds bind here: 2 x 8 rows and 64 decode steps of 8 rows at 8.4 tokens are fewer.
+    assert size == math.ceil(CALIBRATION_S * rate)
+    assert size * workload_of("task:S", 0.25, 1 << 30).mean_output_tokens / 8 > 64
