@@ -21,7 +21,9 @@ an uncalibrated profile that predicts too high a rate (1.3-1.8x here) lengthens 
 shortens it. The decode steps are counted as the pass's decode rows (requests x mean output
 tokens) over the B_D rows of a full step on each replica (static batching runs more steps than
 that: a batch decodes until its longest output ends); the term binds where steps are slow
-(CALIBRATION_S holds fewer steps than it asks) or outputs short against B_D.
+(CALIBRATION_S holds fewer steps than it asks) or outputs short against B_D, where the cap
+(MAX_CALIBRATION_REQUESTS) stops it: a static plan of B_D 807 on 2 replicas at 8.4 output tokens
+would ask for 12240 requests (and run 2.4x the steps counted, its batches decoding ~20 steps).
 `benchmarks/fidelity.py` and `benchmarks/schedules.py` use the rule as is; `exegpt demo` with
 its own steady time and cap.
 """
@@ -43,6 +45,7 @@ CALIBRATION_BATCHES = 2  # running batches per worker replica in a calibration p
 CALIBRATION_S = 5.0  # a calibration pass also lasts at least this long at the predicted rate
 CALIBRATION_DECODE_STEPS = 64  # ... and runs at least this many decode steps on each replica
 MIN_CALIBRATION_REQUESTS = 32
+MAX_CALIBRATION_REQUESTS = 2000  # 15 s or more at the rates served here: time enough
 
 
 def running_sequences(auto: AutoPlan, copies: int = 1) -> int:
@@ -75,7 +78,7 @@ def calibration_pass_size(
     mean_output_tokens: float,
     *,
     steady_s: float = CALIBRATION_S,
-    max_requests: int = MAX_REQUESTS,
+    max_requests: int = MAX_CALIBRATION_REQUESTS,
 ) -> int:
     """The requests of a calibration pass for `running` sequences over all worker replicas
     (B_D x R) at `predicted_seq_s`, on a workload of `mean_output_tokens`: the most of
@@ -109,7 +112,7 @@ def plan_calibration_pass(
     copies: int = 1,
     *,
     steady_s: float = CALIBRATION_S,
-    max_requests: int = MAX_REQUESTS,
+    max_requests: int = MAX_CALIBRATION_REQUESTS,
 ) -> int:
     """`calibration_pass_size` for `copies` copies of a plan (each at the plan's predicted
     rate) on its workload's mean output length."""

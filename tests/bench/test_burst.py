@@ -84,7 +84,10 @@ def test_a_calibration_pass_is_the_most_of_batches_seconds_and_decode_steps() ->
 
 def test_a_calibration_pass_is_clamped_and_takes_a_steady_time_and_cap() -> None:
     assert calibration_pass_size(4, 1.0, 100.0) == 32  # 8, 5, 3: at least 32
-    assert calibration_pass_size(5000, 1.0, 100.0) == 4000  # 2 x 5000: at most 4000
+    assert calibration_pass_size(5000, 1.0, 100.0) == 2000  # 2 x 5000: at most 2000
+    # A static plan of B_D 807 on 2 replicas at 8 output tokens: 64 x 1614 / 8 = 12912 capped.
+    assert calibration_pass_size(1614, 200.0, 8.0) == 2000
+    assert calibration_pass_size(1614, 200.0, 8.0, max_requests=4000) == 4000
     assert calibration_pass_size(1, 0.0, 1000.0) == 32  # no rate predicted: the floor
     # The demo's: 3 s x 190 = 570 and 2 x 264 = 528 are under 64 x 264 / 8 = 2112: capped.
     assert calibration_pass_size(264, 190.0, 8.0, steady_s=3.0, max_requests=500) == 500
@@ -115,10 +118,11 @@ def test_a_plan_s_calibration_pass_counts_every_replica_and_copy() -> None:
     # Continuous B_D 16 on 1 replica at 64 seq/s, 8 output tokens: 320 as above.
     assert plan_calibration_pass(_auto(ScheduleKind.CONTINUOUS, 16, 1, 64.0)) == 320
     # RRA B_D 300 on 2 replicas, 50 seq/s, 100 output tokens: 2 x 600 = 1200 beats 250, 384;
-    # two copies of the plan: 2 x 1200 = 2400.
+    # two copies of the plan: 2 x 1200 = 2400, capped at 2000.
     rra = _auto(ScheduleKind.RRA, 300, 2, 50.0, mean_output=100.0)
     assert plan_calibration_pass(rra) == 1200
-    assert plan_calibration_pass(rra, copies=2) == 2400
+    assert plan_calibration_pass(rra, copies=2) == 2000
+    assert plan_calibration_pass(rra, copies=2, max_requests=4000) == 2400
     # Two copies of a fast small plan run at twice its rate: 5 s x 2 x 64 = 640.
     small = _auto(ScheduleKind.CONTINUOUS, 16, 1, 64.0)
     assert plan_calibration_pass(small, copies=2) == 640
