@@ -76,7 +76,7 @@ from schedule_runs import (  # noqa: E402
 
 from exegpt import autoplan  # noqa: E402
 from exegpt.bench import against_plan  # noqa: E402
-from exegpt.bench.burst import plan_calibration_pass  # noqa: E402
+from exegpt.bench.burst import calibration_pass_size  # noqa: E402
 from exegpt.calibration_pass import DeployedPrediction, recalibrate  # noqa: E402
 from exegpt.schedule import ScheduleKind  # noqa: E402
 from services.scheduler.calibration import Calibration  # noqa: E402
@@ -218,8 +218,17 @@ def choose(
     if not run.args.calibrate:
         return first, FirstChoice(first.predicted, None, "not re-planned"), Calibration()
     work = run.work / f"{run.tag}-cal"
-    calibrating = dp_config(first_plan_sizing(first.report), first, profile, work)
-    totals = calibrate_on(calibrating, run.args, run.task, plan_calibration_pass(first), work)
+    sizing = first_plan_sizing(first.report)
+    calibrating = dp_config(sizing, first, profile, work)
+    # Sized for the deployment it runs on: continuous DP at the first plan's best continuous
+    # configuration (its running batch and rate), not the first plan itself.
+    continuous = first.report["best_by_kind"].get(ScheduleKind.CONTINUOUS.value) or first.predicted
+    size = calibration_pass_size(
+        sizing.running_batch,
+        continuous["throughput_seq_s"],
+        first.plan.mean_output_tokens or math.nan,  # a plan without it is refused
+    )
+    totals = calibrate_on(calibrating, run.args, run.task, size, work)
     return calibrated_plan(request, run.task, first, profile, totals)
 
 

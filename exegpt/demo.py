@@ -31,7 +31,12 @@ import grpc
 
 from exegpt import autoplan, calibration_pass
 from exegpt.bench import against_plan
-from exegpt.bench.burst import measured_burst, plan_calibration_pass, running_sequences
+from exegpt.bench.burst import (
+    MIN_CALIBRATION_REQUESTS,
+    measured_burst,
+    plan_calibration_pass,
+    running_sequences,
+)
 from exegpt.launcher import Deployment, DeploymentConfig
 from exegpt.schedule_proto import schedule_from_proto
 from exegpt.sdk import Client
@@ -53,11 +58,11 @@ DEMO_STEADY_S = 3.0
 DEMO_MAX_REQUESTS = 1000
 # Its calibration pass follows the rule every pass follows (exegpt/bench/burst.py: running
 # batches, seconds at the predicted rate, decode steps on every replica) with the same steady
-# time and half the cap: the demo's large batches of short outputs ask for more decode steps
-# than 500 requests hold (64 steps of B_D 132 on each of 2 replicas at 8 output tokens is
-# 2112 requests), so the pass is mostly capped, at the size it had before the rule, a few
-# seconds; `exegpt demo` shows the loop, the benchmarks measure how well it predicts.
-DEMO_CALIBRATION_MAX_REQUESTS = DEMO_MAX_REQUESTS // 2
+# time, capped at half the measured burst (at least 32), the size it had before the rule: the
+# demo's large batches of short outputs ask for more decode steps than that holds (64 steps of
+# B_D 132 on each of 2 replicas at 8 output tokens is 2414 requests), so the pass is mostly
+# capped and the main command is never slower for the rule; `exegpt demo` shows the loop, the
+# benchmarks measure how well it predicts.
 
 PROMPTS = ("Translate to German: The house is small.", "def fibonacci(n):", "Hello, exegpt!")
 
@@ -211,15 +216,12 @@ def _burst_size(auto: autoplan.AutoPlan, args: argparse.Namespace) -> int:
 
 def _calibration_size(auto: autoplan.AutoPlan, args: argparse.Namespace) -> int:
     """Half of `--burst` (at least 32), or the rule every calibration pass follows
-    (exegpt/bench/burst.py) with the demo's steady time and cap: see
-    DEMO_CALIBRATION_MAX_REQUESTS."""
+    (exegpt/bench/burst.py) with the demo's steady time, capped at half the measured burst."""
+    half_burst = max(MIN_CALIBRATION_REQUESTS, _burst_size(auto, args) // 2)
     if args.burst:
-        return max(32, args.burst // 2)
+        return half_burst
     return plan_calibration_pass(
-        auto,
-        args.replicas,
-        steady_s=DEMO_STEADY_S,
-        max_requests=DEMO_CALIBRATION_MAX_REQUESTS,
+        auto, args.replicas, steady_s=DEMO_STEADY_S, max_requests=half_burst
     )
 
 

@@ -18,14 +18,14 @@ CALIBRATION_BATCHES running batches per worker replica, CALIBRATION_S at the pre
 CALIBRATION_DECODE_STEPS decode steps on every worker replica, within
 MIN_CALIBRATION_REQUESTS..`max_requests`. The predicted rate is the profile's before the pass:
 an uncalibrated profile that predicts too high a rate (1.3-1.8x here) lengthens the pass, never
-shortens it. The decode steps are counted as the pass's decode rows (requests x mean output
-tokens) over the B_D rows of a full step on each replica (static batching runs more steps than
-that: a batch decodes until its longest output ends); the term binds where steps are slow
-(CALIBRATION_S holds fewer steps than it asks) or outputs short against B_D, where the cap
-(MAX_CALIBRATION_REQUESTS) stops it: a static plan of B_D 807 on 2 replicas at 8.4 output tokens
-would ask for 12240 requests (and run 2.4x the steps counted, its batches decoding ~20 steps).
+shortens it. The decode steps are counted as the pass's decode rows, requests x (mean output
+tokens - 1) (the first token comes with the prefill), over the B_D rows of a full step on each
+replica (static batching runs more steps than that: a batch decodes until its longest output
+ends). The term binds where steps are slow (CALIBRATION_S holds fewer steps than it asks) or
+outputs short against B_D, where the cap (MAX_CALIBRATION_REQUESTS) stops it: a static plan of
+B_D 807 on 2 replicas at 8.4 output tokens would ask for 13959 requests.
 `benchmarks/fidelity.py` and `benchmarks/schedules.py` use the rule as is; `exegpt demo` with
-its own steady time and cap.
+its own steady time, capped at half its measured burst.
 """
 
 from __future__ import annotations
@@ -83,8 +83,9 @@ def calibration_pass_size(
     """The requests of a calibration pass for `running` sequences over all worker replicas
     (B_D x R) at `predicted_seq_s`, on a workload of `mean_output_tokens`: the most of
     CALIBRATION_BATCHES x `running`, `steady_s` at the predicted rate and enough decode rows
-    for CALIBRATION_DECODE_STEPS full steps on every replica (running / mean output tokens
-    requests per step), within MIN_CALIBRATION_REQUESTS..`max_requests`."""
+    for CALIBRATION_DECODE_STEPS full steps on every replica (running / (mean output tokens
+    - 1) requests per step: the first token comes with the prefill), within
+    MIN_CALIBRATION_REQUESTS..`max_requests`."""
     if (
         running < 1
         or not 0 <= predicted_seq_s < math.inf
@@ -97,12 +98,15 @@ def calibration_pass_size(
             f"a finite mean output > 0 and a cap >= {MIN_CALIBRATION_REQUESTS} (got {running}, "
             f"{predicted_seq_s}, {mean_output_tokens}, {steady_s}, {max_requests})"
         )
-    decode_rows = CALIBRATION_DECODE_STEPS * running
+    # A sequence decodes all but its first token (that one comes with the prefill).
+    decodes_per_request = mean_output_tokens - 1
     wanted = max(
         MIN_CALIBRATION_REQUESTS,
         CALIBRATION_BATCHES * running,
         math.ceil(steady_s * predicted_seq_s),
-        math.ceil(decode_rows / mean_output_tokens),
+        math.ceil(CALIBRATION_DECODE_STEPS * running / decodes_per_request)
+        if decodes_per_request > 0
+        else 0,
     )
     return min(max_requests, wanted)
 
