@@ -328,9 +328,13 @@ def _no_plan(report: dict[str, Any], bound_s: float) -> str:
 def format_choice(auto: AutoPlan) -> str:
     """The chosen schedule, its prediction, and how it compares with every other kind."""
     report, predicted = auto.report, auto.predicted
+    headroom = report.get("latency_headroom") or 0.0
+    planned = ""
+    if headroom and math.isfinite(auto.bound_s):
+        planned = f", planned against {1 - headroom:.2f} x bound"
     lines = [
         f"plan: {report['workload']} on {report['num_devices']} device(s), latency bound "
-        f"{auto.bound_s:.3f} s (p99 output {report['output_p99_tokens']} tokens)",
+        f"{auto.bound_s:.3f} s{planned} (p99 output {report['output_p99_tokens']} tokens)",
         f"  chosen: {predicted['describe']}",
         f"  predicted: {predicted['throughput_seq_s']:.2f} seq/s, p99-length latency "
         f"{predicted['latency_s']:.3f} s",

@@ -153,3 +153,20 @@ async def _first_latency(config: SchedulerConfig) -> float:
     finally:
         await channel.close()
         await running.stop(0.5)
+
+
+def test_up_plan_chooses_within_the_headroom_and_says_so(
+    steady_tiny_profile: Path, tmp_path: Path
+) -> None:
+    from exegpt import autoplan
+
+    request = autoplan.PlanRequest(
+        workload="task:S", length_scale=0.25, latency_headroom=0.2, threads=1, profile_dir=tmp_path
+    )
+    auto = autoplan.make_plan(request, steady_tiny_profile, tmp_path)
+    assert f"latency bound {auto.bound_s:.3f} s, planned against 0.80 x bound" in (
+        autoplan.format_choice(auto)
+    )
+    assert auto.plan.latency_bound_s == pytest.approx(auto.bound_s)  # the user's bound
+    assert auto.report["planned_bound_s"] == pytest.approx(0.8 * auto.bound_s)
+    assert auto.predicted["latency_s"] <= 0.8 * auto.bound_s
