@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from exegpt.headroom import DEFAULT_LATENCY_HEADROOM, add_headroom_argument
 from exegpt.plan_file import PlanFile
 from exegpt.schedule import ScheduleKind
 
@@ -67,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, plan_flag: bool = True) ->
         help="seconds for a p99-length output, inf, or auto (30%% quantile of static "
         "batching's predicted latencies)",
     )
+    add_headroom_argument(group)
     group.add_argument("--devices", type=int, default=2, help="stage processes per replica")
     group.add_argument(
         "--length-scale", type=float, default=None, help="multiply the workload's lengths"
@@ -98,6 +100,7 @@ class PlanRequest:
     threads: int = 1
     workload: str = "task:S"
     latency_bound: str = "auto"
+    latency_headroom: float = DEFAULT_LATENCY_HEADROOM
     num_devices: int = 2
     length_scale: float | None = None
     device_memory_gb: float = 1.0
@@ -133,6 +136,7 @@ def request_from_args(args: argparse.Namespace, num_replicas: int = 1) -> PlanRe
         threads=threads,
         workload=args.workload,
         latency_bound=str(args.latency_bound),
+        latency_headroom=getattr(args, "latency_headroom", DEFAULT_LATENCY_HEADROOM),
         num_devices=args.devices,
         length_scale=args.length_scale,
         device_memory_gb=args.device_memory_gb,
@@ -260,6 +264,7 @@ def build_problem(request: PlanRequest, profile: Path, bound_s: float = math.inf
         latency_bound_s=bound_s,
         num_devices=request.num_devices,
         device_memory_bytes=int(request.device_memory_gb * GIB),
+        latency_headroom=request.latency_headroom,
     )
     return problem_builder.build_problem(plan_request, loaded)
 
@@ -323,9 +328,13 @@ def _no_plan(report: dict[str, Any], bound_s: float) -> str:
 def format_choice(auto: AutoPlan) -> str:
     """The chosen schedule, its prediction, and how it compares with every other kind."""
     report, predicted = auto.report, auto.predicted
+    headroom = report.get("latency_headroom") or 0.0
+    planned = ""
+    if headroom and math.isfinite(auto.bound_s):
+        planned = f", planned against {1 - headroom:.2f} x bound"
     lines = [
         f"plan: {report['workload']} on {report['num_devices']} device(s), latency bound "
-        f"{auto.bound_s:.3f} s (p99 output {report['output_p99_tokens']} tokens)",
+        f"{auto.bound_s:.3f} s{planned} (p99 output {report['output_p99_tokens']} tokens)",
         f"  chosen: {predicted['describe']}",
         f"  predicted: {predicted['throughput_seq_s']:.2f} seq/s, p99-length latency "
         f"{predicted['latency_s']:.3f} s",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from exegpt.cli import service_main
 from exegpt.errors import RequestError
+from exegpt.headroom import add_headroom_argument
 from exegpt.schedule import searched_kinds
 from exegpt.security import add_security_arguments, security_from_args
 from exegpt.serving import run_service, wait_for_shutdown_signal, write_ready_file
@@ -39,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--latency-bound", type=float, default=0.0, help="seconds; 0 means no bound"
     )
+    add_headroom_argument(parser)
     parser.add_argument(
         "--devices", type=int, default=defaults.num_devices, help="devices the schedule spans"
     )
@@ -158,6 +160,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         model_config=args.model_config,
         workload=args.workload,
         latency_bound_s=args.latency_bound or math.inf,
+        latency_headroom=args.latency_headroom,
         num_devices=args.devices,
         num_replicas=args.replicas,
         device_memory_bytes=int(args.device_memory_gb * 2**30),

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from exegpt.headroom import DEFAULT_LATENCY_HEADROOM, check_latency_headroom
 from exegpt.schedule import SEARCHED_KINDS, ScheduleKind
 from exegpt.security import SecurityConfig
 
@@ -54,6 +55,8 @@ class SchedulerConfig:
     model_config: str | None = None
     workload: str = "task:S"
     latency_bound_s: float = math.inf
+    # Every plan, the drift re-plans included, is chosen against latency_bound_s x (1 - this).
+    latency_headroom: float = DEFAULT_LATENCY_HEADROOM
     num_devices: int = 1
     # The data-parallel replicas R the deployment runs: every pushed schedule keeps it
     # (None: the R of the first schedule published).
@@ -87,6 +90,7 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if not self.latency_bound_s > 0:
             raise ValueError("latency_bound_s must be positive (math.inf: no bound)")
+        check_latency_headroom(self.latency_headroom)
         if self.num_devices < 1 or self.device_memory_bytes <= 0:
             raise ValueError("num_devices and device_memory_bytes must be positive")
         if self.num_replicas is not None and (

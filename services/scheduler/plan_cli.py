@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from exegpt.headroom import add_headroom_argument
 from exegpt.schedule import ScheduleKind, searched_kinds
 from services.scheduler import problem_builder
 from services.scheduler.problem import PlanProblem, PlanResult
@@ -50,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "context); only with trace:PATH",
     )
     parser.add_argument("--latency-bound", help="seconds for a p99-length output, or inf")
+    add_headroom_argument(parser)
     parser.add_argument("--gpus", type=int, help="number of devices")
     parser.add_argument("--gpu-memory-gb", type=float, help="memory per device in GiB")
     parser.add_argument("--kinds", default="rra,waa-c,waa-m", help="schedule kinds to search")
@@ -111,6 +113,7 @@ def build_problem(args: argparse.Namespace) -> tuple[PlanProblem, str]:
         throughput_tolerance=args.throughput_tolerance,
         latency_tolerance_s=args.latency_tolerance_s,
         length_scale=args.length_scale,
+        latency_headroom=args.latency_headroom,
     )
     return problem_builder.build_problem(request, loaded), loaded.name
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from exegpt.cost_model import CostModel
+from exegpt.headroom import check_latency_headroom, planning_bound_s
 from exegpt.schedule import SEARCHED_KINDS, Schedule, ScheduleKind
 from exegpt.workloads import get_task, load_trace, scale_length
 
@@ -161,10 +162,15 @@ class PlanProblem:
     # Data-parallel replica counts R searched (None: every divisor of N); a deployment that
     # is running keeps its R (the scheduler service's re-plans).
     replicas: tuple[int, ...] | None = None
+    # The planner chooses against latency_bound_s x (1 - latency_headroom) (exegpt/latency.py):
+    # 0 here, the bound as given; the commands and the scheduler service default to
+    # DEFAULT_LATENCY_HEADROOM.
+    latency_headroom: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.latency_bound_s > 0:
             raise ValueError("latency bound must be positive")
+        check_latency_headroom(self.latency_headroom)
         if self.num_devices < 1:
             raise ValueError("number of devices must be at least 1")
         if self.device_memory_bytes <= 0:
@@ -184,6 +190,11 @@ class PlanProblem:
             raise ValueError(
                 f"replica counts {self.replicas} must each divide the {self.num_devices} devices"
             )
+
+    @property
+    def planning_bound_s(self) -> float:
+        """The bound a schedule's prediction must meet to be chosen (the headroom taken)."""
+        return planning_bound_s(self.latency_bound_s, self.latency_headroom)
 
 
 @dataclass(frozen=True)

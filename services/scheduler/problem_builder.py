@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exegpt.cost_model import CostModel
+from exegpt.headroom import DEFAULT_LATENCY_HEADROOM
 from exegpt.profile.layer_profile import load_profile
 from exegpt.schedule import SEARCHED_KINDS, ScheduleKind
 from services.scheduler.analytic_cost import analytic_cost_model
@@ -45,6 +46,8 @@ class ProblemRequest:
     throughput_tolerance: float = 0.01
     latency_tolerance_s: float = 0.0
     length_scale: float | None = None  # trace workloads only
+    # Planned against latency_bound_s x (1 - latency_headroom) (exegpt/latency.py).
+    latency_headroom: float = DEFAULT_LATENCY_HEADROOM
 
 
 def load_cost_model(spec: str, model_config: str | None = None) -> LoadedCostModel:
@@ -92,6 +95,7 @@ def build_problem(request: ProblemRequest, loaded: LoadedCostModel) -> PlanProbl
         kinds=request.kinds,
         throughput_tolerance=request.throughput_tolerance,
         latency_tolerance_s=request.latency_tolerance_s,
+        latency_headroom=request.latency_headroom,
     )
 
 

@@ -139,6 +139,7 @@ def build_problem(
         ),
         kinds=resolve_kinds(query, config),
         tp_degrees=query.tp_degrees,
+        latency_headroom=config.latency_headroom,
     )
     profile = resolve_profile(query, config)
     loaded = LoadedCostModel(cost_models.get(profile), profile, None, calibration_path(profile))

@@ -56,7 +56,12 @@ def result_to_dict(
         else None,
         "kinds": [kind.value for kind in problem.kinds],
         "device_memory_bytes": problem.device_memory_bytes,
+        # The user's bound (the promise) and the one the choice was made against.
         "latency_bound_s": None if math.isinf(problem.latency_bound_s) else problem.latency_bound_s,
+        "latency_headroom": problem.latency_headroom,
+        "planned_bound_s": (
+            None if math.isinf(problem.planning_bound_s) else problem.planning_bound_s
+        ),
         "meets_bound": result.meets_bound,
         "schedule": chosen["schedule"] if chosen else None,
         # Where the chosen schedule puts each layer, as simulated: `exegpt up --schedule`.
@@ -94,6 +99,11 @@ def _line(prediction: dict[str, Any]) -> str:
 def format_report(report: dict[str, Any]) -> str:
     bound = report["latency_bound_s"]
     bound_text = "none" if bound is None else f"{bound:.3f} s"
+    planned = report.get("planned_bound_s")
+    if bound is not None and planned is not None and planned < bound:
+        bound_text += (
+            f", planned against {1 - report['latency_headroom']:.2f} x bound ({planned:.3f} s)"
+        )
     num_devices = report["num_devices"]
     lines = [
         f"profile {report['profile']} ({report['model']}), {num_devices} "

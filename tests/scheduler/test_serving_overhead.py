@@ -101,12 +101,14 @@ def test_waa_decode_side_pays_per_micro_batch_step() -> None:
         return simulate(PlanProblem(model, toy_workload(), math.inf, 2, 10**9), schedule)
 
     bare, served = run(NO_OVERHEAD), run(overhead)
-    decode_batch = served.schedule.decode_batch_size  # B_E x E[S_out], rounded: 10
-    micro_step_s = overhead.decode_step_s(decode_batch / 2)
+    # The first token comes with the prefill: 4 x (2.6 - 1) = 6.4 rows decode, 2 micro-batches
+    # of 3 (the running cap B_E x E[S_out] = 10 also holds the encoding in flight).
+    assert served.schedule.decode_batch_size == 10
+    micro_step_s = overhead.decode_step_s(3)
     cycle_bare, cycle_served = (4 / p.throughput_seq_s for p in (bare, served))
     assert cycle_served - cycle_bare == pytest.approx(2 * micro_step_s)
-    # the p99 sequence: its prefill step, then S99 = 3 cycles of the decode side
-    expected_latency_s = overhead.prefill_step_s(4) + 3 * 2 * micro_step_s
+    # the p99 sequence: its prefill step (its first token), then S99 - 1 = 2 decode iterations
+    expected_latency_s = overhead.prefill_step_s(4) + 2 * 2 * micro_step_s
     assert served.latency_s - bare.latency_s == pytest.approx(expected_latency_s)
 
 

@@ -54,29 +54,32 @@ def rra(encode_batch: int, iterations: int, **extra: int) -> Schedule:
 
 
 def test_completion_pmf_follows_the_paper_formula() -> None:
-    # S=2 <= N_D=2 stays one cycle, S=3 > N_D stays ceil(3/2)=2: E[cycles] = 0.4 + 1.2 = 1.6.
-    # The batch holds them as 0.4/1.6 = 0.25 and 1.2/1.6 = 0.75. S=2 finishes at U=2 (0.25);
-    # S=3 at U = 1 + (2 mod 2) = 1, in one of its 2 cycles (0.75 / 2 = 0.375).
-    by_iteration = completion_pmf(pmf({2: 0.4, 3: 0.6}), 2)
+    # Queries of D decode steps: D=2 <= N_D=2 stays one cycle, D=3 > N_D stays ceil(3/2)=2:
+    # E[cycles] = 0.4 + 1.2 = 1.6. The batch holds them as 0.4/1.6 = 0.25 and 1.2/1.6 = 0.75.
+    # D=2 finishes at U=2 (0.25); D=3 at U = 1 + (2 mod 2) = 1, in one of its 2 cycles
+    # (0.75 / 2 = 0.375).
+    steps = pmf({2: 0.4, 3: 0.6})
+    by_iteration = completion_pmf(steps, 2)
     assert by_iteration == pytest.approx([0.0, 0.375, 0.25])
-    assert decode_batch_size(7, by_iteration) == pytest.approx(11.2)
+    assert decode_batch_size(7, steps, 2) == pytest.approx(11.2)
     assert iteration_batch_sizes(11.2, by_iteration) == pytest.approx([11.2, 7.0])
 
 
 def test_decode_batch_follows_littles_law() -> None:
-    # B_E=7 a cycle: 2.8 queries of S=2 stay 1 cycle, 4.2 of S=3 stay 2, so the batch holds
+    # B_E=7 a cycle: 2.8 queries of D=2 stay 1 cycle, 4.2 of D=3 stay 2, so the batch holds
     # 2.8 + 8.4 = 11.2 and, at iteration 2, the 4.2 in their last cycle (U=1) have left.
-    by_iteration = completion_pmf(pmf({2: 0.4, 3: 0.6}), 2)
-    assert decode_batch_size(7, by_iteration) == pytest.approx(2.8 * 1 + 4.2 * 2)
+    steps = pmf({2: 0.4, 3: 0.6})
+    by_iteration = completion_pmf(steps, 2)
+    assert decode_batch_size(7, steps, 2) == pytest.approx(2.8 * 1 + 4.2 * 2)
     assert iteration_batch_sizes(11.2, by_iteration)[1] == pytest.approx(11.2 - 4.2)
 
 
 def test_completion_pmf_long_outputs_spread_over_cycles() -> None:
-    # Cycles: S=1 -> 1, S=3 -> 2, S=5 -> 3; E = 0.2 + 1.0 + 0.9 = 2.1. All finish at U=1
-    # (1 + (S-1) mod 2), each in one of its cycles: (0.2 + 0.5 + 0.3) / 2.1.
+    # Cycles: D=1 -> 1, D=3 -> 2, D=5 -> 3; E = 0.2 + 1.0 + 0.9 = 2.1. All finish at U=1
+    # (1 + (D-1) mod 2), each in one of its cycles: (0.2 + 0.5 + 0.3) / 2.1.
     by_iteration = completion_pmf(pmf({1: 0.2, 3: 0.5, 5: 0.3}), 2)
     assert by_iteration == pytest.approx([0.0, 1 / 2.1, 0.0])
-    # N_D covering every length: each sequence finishes at U = S within one cycle.
+    # N_D covering every length: each sequence finishes at U = D within one cycle.
     assert completion_pmf(pmf({1: 0.2, 3: 0.5, 5: 0.3}), 8)[1:6] == pytest.approx(
         [0.2, 0, 0.5, 0, 0.3]
     )
@@ -88,22 +91,24 @@ def test_completion_pmf_long_outputs_spread_over_cycles() -> None:
 def test_rra_two_stage_cycle_matches_hand_computation() -> None:
     problem = toy_problem()
     prediction = simulate(problem, rra(7, 2))
-    # Encode 70 tokens: 0.07 s per one-layer stage + 0.002 s hop. B_D = 7 x E[ceil(S/2)] =
-    # 7 x 1.6 = 11.2; iterations at B=11 and B=11.2 - 4.2 = 7: 2 x (0.01 + 0.001 B) + 0.002.
-    encode_s, iteration_s = 0.142, [0.044, 0.036]
+    # Encode 70 tokens: 0.07 s per one-layer stage + 0.002 s hop. The first token comes with
+    # it, so outputs of 2 or 3 tokens decode D = 1 or 2 steps, within one cycle of N_D = 2:
+    # B_D = 7 x E[ceil(D/2)] = 7; iterations at B=7 and B=7 - 2.8 (D=1 finished) = 4.2 -> 4:
+    # 2 x (0.01 + 0.001 B) + 0.002.
+    encode_s, iteration_s = 0.142, [0.036, 0.030]
     cycle_s = encode_s + sum(iteration_s)
     assert prediction.feasible
-    assert prediction.schedule.decode_batch_size == 11
+    assert prediction.schedule.decode_batch_size == 7
     assert prediction.throughput_seq_s == pytest.approx(7 / cycle_s)
     assert prediction.throughput_tokens_s == pytest.approx(7 / cycle_s * 2.6)
-    # p99 = 3 tokens: ceil(3/2) = 2 encodings, finishing at iteration 1 of its second cycle.
-    assert prediction.latency_s == pytest.approx(encode_s + cycle_s + iteration_s[0])
-    busy_s = 0.07 + 0.021 + 0.017
+    # p99 = 3 tokens: its encoding and 2 decode steps, the whole of its one cycle.
+    assert prediction.latency_s == pytest.approx(encode_s + iteration_s[0] + iteration_s[1])
+    busy_s = 0.07 + 0.017 + 0.014
     assert prediction.utilisation_per_device == pytest.approx((busy_s / cycle_s,) * 2)
 
 
 def test_rra_memory_is_weights_plus_expected_kv() -> None:
-    prediction = simulate(toy_problem(), rra(7, 2))
+    prediction = simulate(toy_problem(), rra(7, 1))  # B_D = 7 x E[ceil(D/1)] = 7 x 1.6
     kv_bytes = math.ceil(11.2 * KV_HEADROOM * 1 * KV_TOKENS * 10)  # B_D x layers x tokens x 10 B
     assert prediction.memory_bytes_per_device == (1000 + 500 + kv_bytes,) * 2
 
@@ -112,14 +117,14 @@ def test_rra_timeline_of_a_two_stage_pipeline() -> None:
     events = timeline(toy_problem(), rra(7, 2))
     expected = [
         (0, 0.0, 0.07, "encode"),
-        (0, 0.142, 0.163, "decode"),
-        (0, 0.186, 0.203, "decode"),
+        (0, 0.142, 0.159, "decode"),
+        (0, 0.178, 0.192, "decode"),
         (1, 0.07, 0.072, "transfer"),
         (1, 0.072, 0.142, "encode"),
-        (1, 0.163, 0.165, "transfer"),
-        (1, 0.165, 0.186, "decode"),
-        (1, 0.203, 0.205, "transfer"),
-        (1, 0.205, 0.222, "decode"),
+        (1, 0.159, 0.161, "transfer"),
+        (1, 0.161, 0.178, "decode"),
+        (1, 0.192, 0.194, "transfer"),
+        (1, 0.194, 0.208, "decode"),
     ]
     got = [(e.device, e.start_s, e.end_s, e.kind) for e in events]
     assert len(got) == len(expected)
@@ -132,7 +137,7 @@ def test_rra_partial_tensor_parallelism_adds_allreduce() -> None:
     prediction = simulate(toy_problem(), rra(7, 2, tp_degree=2, num_tp_devices=2))
     # One TP stage holding both layers at half the compute, plus 2 all-reduces per layer.
     encode_s = 2 * 0.035 + 4 * 0.0005
-    iteration_s = [2 * 0.0105 + 4 * 0.0005, 2 * 0.0085 + 4 * 0.0005]  # B = 11, then 7
+    iteration_s = [2 * 0.0085 + 4 * 0.0005, 2 * 0.007 + 4 * 0.0005]  # B = 7, then 4
     cycle_s = encode_s + sum(iteration_s)
     assert prediction.throughput_seq_s == pytest.approx(7 / cycle_s)
     kinds = {e.kind for e in timeline(toy_problem(), prediction.schedule)}
@@ -155,16 +160,17 @@ def waa(encode_batch: int, micro_batches: int, encode_devices: int) -> Schedule:
 def test_waa_batch_period_latency_and_second_weight_copy() -> None:
     prediction = simulate(toy_problem(num_devices=3), waa(4, 2, 1))
     assert prediction.schedule.decode_batch_size == 10  # B_E x mean output = 10.4
-    # Encode device: both layers, 40 tokens -> 0.08 s a batch. Decode devices: one layer each,
-    # micro-batches of 5: 0.015 s; iteration max(0.015 + 0.002 + 0.015, 2 x 0.015) = 0.032.
+    # Encode device: both layers, 40 tokens -> 0.08 s a batch. The first token comes with the
+    # encoding, so a sequence decodes 1.6 steps: 4 x 1.6 = 6.4 rows decode at the cap (the
+    # running cap 10.4 also holds the encoding in flight). Decode devices: one layer each,
+    # micro-batches of 3: 0.013 s; iteration max(0.013 + 0.002 + 0.013, 2 x 0.013) = 0.028.
     cycle_s = 0.08
     assert prediction.throughput_seq_s == pytest.approx(4 / cycle_s)
-    # Encoding is the slower side: the decode batch settles where B = 50/s x 2.6 tokens x
-    # iteration(B) (Little's law): 130 x 0.032 = 4.16 at the cap, then micro-batches of 2:
-    # iteration 2 x 0.012 + 0.002 = 0.026, B = 3.38, below the 4 an encoding hands over at
-    # once, so 4: still micro-batches of 2. Each of the p99 sequence's 3 tokens takes one
-    # such iteration, not a whole cycle.
-    assert prediction.latency_s == pytest.approx(0.08 + 0.002 + 3 * 0.026)
+    # Encoding is the slower side: the decode batch settles where B = 50/s x 1.6 steps x
+    # iteration(B) (Little's law): 80 x 0.028 = 2.24, below the 4 an encoding hands over at
+    # once, so 4: micro-batches of 2, iteration 2 x 0.012 + 0.002 = 0.026 (80 x 0.026 is
+    # still below 4). The p99 sequence's 2 decode steps take one such iteration each.
+    assert prediction.latency_s == pytest.approx(0.08 + 0.002 + 2 * 0.026)
     encode_memory = 2 * 1000 + 500 + 40 * 2 * 10  # a full copy of the layers + prefill KV
     decode_kv = math.ceil(10.4 * KV_HEADROOM * KV_TOKENS * 10)
     assert prediction.memory_bytes_per_device == (
@@ -172,7 +178,7 @@ def test_waa_batch_period_latency_and_second_weight_copy() -> None:
         1000 + 500 + decode_kv,
         1000 + 500 + decode_kv,
     )
-    assert prediction.utilisation_per_device == pytest.approx((1.0, 0.375, 0.375))
+    assert prediction.utilisation_per_device == pytest.approx((1.0, 0.325, 0.325))
 
 
 def test_micro_batches_reproduce_the_papers_figure() -> None:

@@ -53,15 +53,16 @@ def test_encoder_decoder_rra_broadcasts_the_encoder_output_and_keeps_cross_kv() 
     # Each stage holds one encoder and one decoder layer. Encode 70 tokens: 0.07 + 0.002 hop
     # + 0.07, then the encoder output goes to stage 0's cross-attention (0.002).
     encode_s = 0.07 + 0.002 + 0.07 + 0.002
-    iteration_s = [0.021 + 0.002 + 0.021, 0.017 + 0.002 + 0.017]  # B_D = 11.2 -> 11, then 7
+    # The first token comes with the encoding: 1 or 2 decode steps, one cycle of N_D = 2.
+    iteration_s = [0.017 + 0.002 + 0.017, 0.014 + 0.002 + 0.014]  # B_D = 7, then 4
     cycle_s = encode_s + sum(iteration_s)
-    assert prediction.schedule.decode_batch_size == 11
+    assert prediction.schedule.decode_batch_size == 7
     assert prediction.throughput_seq_s == pytest.approx(7 / cycle_s)
-    assert prediction.latency_s == pytest.approx(encode_s + cycle_s + iteration_s[0])
+    assert prediction.latency_s == pytest.approx(encode_s + iteration_s[0] + iteration_s[1])
     # Weights: an encoder and a decoder layer (1000 each) + the embedding (first and last
     # stage). KV per sequence per layer: self at the running position + cross over the input.
     per_sequence = RUNNING_POSITION * 10 + 10 * 10
-    kv_bytes = math.ceil(11.2 * KV_HEADROOM * 1 * per_sequence)
+    kv_bytes = math.ceil(7 * KV_HEADROOM * 1 * per_sequence)
     assert prediction.memory_bytes_per_device == (2000 + 500 + kv_bytes,) * 2
     broadcast = [e for e in timeline(problem, schedule) if e.label == "encoder output"]
     assert [(e.device, e.start_s, e.end_s) for e in broadcast] == [
@@ -86,17 +87,17 @@ def waa(encode_batch: int, micro_batches: int, encode_devices: int, **extra: int
 def test_waa_partial_tensor_parallelism_on_the_decode_side() -> None:
     problem = decoder_only_problem(3)
     prediction = simulate(problem, waa(4, 1, 1, tp_degree=2, num_tp_devices=2))
-    # Devices 1-2 form one TP stage with both layers: (0.01 + 0.001 x 10) / 2 per layer plus
-    # two all-reduces of 0.0005; the encode device needs 0.08 s a batch and sets the cycle.
-    decode_stage_s = 2 * (0.02 / 2) + 2 * 2 * 0.0005
+    # Devices 1-2 form one TP stage with both layers: at the cap 4 x 1.6 = 6.4 rows decode
+    # (the first token comes with the encoding), (0.01 + 0.001 x 6) / 2 per layer plus two
+    # all-reduces of 0.0005; the encode device needs 0.08 s a batch and sets the cycle.
+    decode_stage_s = 2 * (0.016 / 2) + 2 * 2 * 0.0005
     cycle_s = 0.08
     assert prediction.throughput_seq_s == pytest.approx(4 / cycle_s)
-    # The decode batch settles where B = 50/s x 2.6 tokens x iteration(B): 130 x 0.022 (the
-    # cap of 10) = 2.86, below the 4 sequences an encoding hands over at once, so 4
-    # (0.016 s, and 130 x 0.016 = 2.08 is still below 4). The p99 sequence's 3 tokens take
-    # 0.016 s each.
-    assert decode_stage_s == pytest.approx(0.01 + 0.001 * 10 + 0.002)
-    assert prediction.latency_s == pytest.approx(0.08 + 0.002 + 3 * 0.016)
+    # The decode batch settles where B = 50/s x 1.6 steps x iteration(B): 80 x 0.018 = 1.44,
+    # below the 4 sequences an encoding hands over at once, so 4 (0.016 s, and 80 x 0.016 =
+    # 1.28 is still below 4). The p99 sequence's 2 decode steps take 0.016 s each.
+    assert decode_stage_s == pytest.approx(0.01 + 0.001 * 6 + 0.002)
+    assert prediction.latency_s == pytest.approx(0.08 + 0.002 + 2 * 0.016)
     kv_bytes = math.ceil(10.4 * KV_HEADROOM * 2 * (10 + RUNNING_POSITION) * 5)  # half the heads
     assert prediction.memory_bytes_per_device == (
         2 * 1000 + 500 + 40 * 2 * 10,  # a full copy of the layers + the prefill KV in flight
@@ -121,7 +122,7 @@ def test_waa_timeline_shows_steady_state_cycles() -> None:
     for device in (1, 2):
         decodes = [e for e in events if e.device == device and e.kind == "decode"]
         assert len(decodes) == 3 * 2  # a token per cycle for each of the two micro-batches
-        assert all(e.duration_s == pytest.approx(0.015) for e in decodes)
+        assert all(e.duration_s == pytest.approx(0.013) for e in decodes)  # micro-batches of 3
         handovers = [e for e in events if e.device == device and e.label.startswith("hand-over")]
         assert [e.start_s for e in handovers] == pytest.approx([0.0, cycle_s, 2 * cycle_s])
         assert _no_overlap(events, device, ("decode",))
@@ -129,7 +130,7 @@ def test_waa_timeline_shows_steady_state_cycles() -> None:
 
 
 def test_waa_more_micro_batches_than_sequences_is_infeasible() -> None:
-    prediction = simulate(decoder_only_problem(3), waa(1, 4, 1))  # B_D = 2.6
+    prediction = simulate(decoder_only_problem(3), waa(1, 4, 1))  # 1.6 rows decode
     assert not prediction.feasible and "micro-batches" in prediction.reason
 
 

@@ -45,7 +45,7 @@ def maximise(
     bound a box exactly only where the functions are monotonic, and measured profiles are
     monotonic within a tolerance, not exactly, so the slack keeps a box whose interior may
     beat its corners by up to that much."""
-    bound_s = problem.latency_bound_s + problem.latency_tolerance_s
+    bound_s = problem.planning_bound_s + problem.latency_tolerance_s
     capacity = problem.device_memory_bytes
 
     def rank(prediction: Prediction) -> tuple[float, float]:

@@ -78,7 +78,7 @@ logger = logging.getLogger(__name__)
 def _best_of_kind(
     subs: list[SubSpace], evaluate: Evaluator, problem: PlanProblem, exhaustive: bool
 ) -> Prediction | None:
-    bound_s = problem.latency_bound_s
+    bound_s = problem.planning_bound_s
     best: Prediction | None = None
     for sub in subs:
         if exhaustive:
@@ -164,7 +164,7 @@ def best_baseline(
     layout; `replicas` limits the replica counts, default the problem's)."""
     best: Prediction | None = None
     for prediction in _baseline_points(problem, simulator, evaluate, kind, space, replicas):
-        if is_meeting(prediction, problem.latency_bound_s) and better(prediction, best):
+        if is_meeting(prediction, problem.planning_bound_s) and better(prediction, best):
             best = prediction
     return best
 

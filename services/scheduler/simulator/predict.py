@@ -150,10 +150,10 @@ class Simulator:
         memory = waa.memory_bytes(self.costs, outcome, schedule, self.num_devices)
         throughput = schedule.encode_batch_size / outcome.cycle_s
         reason = idle_stage_reason(outcome.encode_stages + outcome.decode_stages)
-        if not reason and schedule.num_micro_batches > outcome.decode_batch:
+        if not reason and schedule.num_micro_batches > outcome.decoding_rows:
             reason = (
                 f"{schedule.num_micro_batches} micro-batches but only "
-                f"{outcome.decode_batch:.1f} sequences in the decode batch"
+                f"{outcome.decoding_rows:.1f} sequences in the decode batch"
             )
         return self._prediction(
             waa.normalised(schedule, outcome),

@@ -11,14 +11,17 @@ next token needs the one just sampled at the last stage): one token costs the SU
 stage times plus the P - 1 activation transfers, and a device idles while the others work.
 The encoded batch joins the decode batch; encoding blocks decoding (the runtime alternates).
 
-Batch sizes follow the paper: a query of output length S finishes U iterations after an
-encoding with P_D(U|S) (docs/design.md section 3.2), weighted by the lengths of the sequences
-in the decode batch (a query stays ceil(S / N_D) cycles, so long ones are over-represented
-there), B_D = B_E / sum_U P_D(U) = B_E * E[ceil(S / N_D)], and iteration u runs
-the B_D sequences that have not finished in iterations 1..u-1: b_u = B_D (1 - sum_{U<u} P_D(U)).
-B_E sequences finish per cycle, so throughput = B_E / cycle_s. The p99-length sequence needs
-S99 iterations: it is encoded, waits through ceil(S99 / N_D) - 1 further encodings and
-finishes at iteration 1 + (S99 - 1) mod N_D of its last cycle.
+A query's first token comes with its encoding (the engine samples it from the prefill, as in
+every kind), so a query of output length S decodes D = S - 1 tokens in the decode iterations
+(`decode_steps_pmf`). Batch sizes follow the paper: a query finishes U iterations after an
+encoding with P_D(U|D) (docs/design.md section 3.2), weighted by the lengths of the sequences
+in the decode batch (a query stays ceil(D / N_D) cycles, so long ones are over-represented
+there), B_D = B_E * E[ceil(D / N_D)] (Little's law; a one-token query never joins it), and
+iteration u runs the B_D sequences that have not finished in iterations 1..u-1:
+b_u = B_D (1 - sum_{U<u} P_D(U)). B_E sequences finish per cycle, so throughput =
+B_E / cycle_s. The p99-length sequence decodes D99 = S99 - 1 iterations: it is encoded, waits
+through ceil(D99 / N_D) - 1 further encodings and finishes at iteration 1 + (D99 - 1) mod N_D
+of its last cycle (at its encoding when D99 = 0).
 
 Memory per device: its layer weights, the embedding/LM head on the first and last stage, and
 KV for the B_D running sequences at their expected lengths (with `KV_HEADROOM`).
@@ -49,18 +52,30 @@ from services.scheduler.simulator.common import (
 )
 
 
-def completion_pmf(output_pmf: np.ndarray, num_decode_iterations: int) -> np.ndarray:
-    """P_D(U) for U = 0..N_D (index 0 unused): the paper's P_D(U|S) weighted by the output
-    lengths of the sequences IN the decode batch, not of the queries encoded.
+def decode_steps_pmf(output_pmf: np.ndarray) -> np.ndarray:
+    """P(D = d) of the decode steps D = S - 1 of an output of S tokens (the first comes with
+    the encoding; an empty output decodes nothing either)."""
+    steps = output_pmf[1:].copy()
+    if len(steps):
+        steps[0] += output_pmf[0]
+    return steps
 
-    A query of length S stays ceil(S / N_D) cycles, so the batch holds it in proportion to
-    P_D(S) * ceil(S / N_D) (Little's law). Weighting by the queries' P_D(S) instead would
+
+def completion_pmf(steps_pmf: np.ndarray, num_decode_iterations: int) -> np.ndarray:
+    """P_D(U) for U = 0..N_D (index 0 unused): the paper's P_D(U|D), D the decode steps of a
+    query (`decode_steps_pmf`), weighted by the lengths of the sequences IN the decode batch,
+    not of the queries encoded; the fraction of the batch that finishes at iteration U.
+
+    A query of D steps stays ceil(D / N_D) cycles, so the batch holds it in proportion to
+    P(D) * ceil(D / N_D) (Little's law). Weighting by the queries' P(D) instead would
     over-count short sequences and size B_D too small for B_E (the engine, which keeps the
     batch at B_D, then encodes fewer than B_E per cycle)."""
     n = num_decode_iterations
-    lengths = np.arange(len(output_pmf))
+    lengths = np.arange(len(steps_pmf))
     cycles = np.ceil(lengths / n)
-    in_batch = np.where(lengths >= 1, output_pmf * cycles, 0.0)
+    in_batch = np.where(lengths >= 1, steps_pmf * cycles, 0.0)
+    if in_batch.sum() <= 0:  # one-token outputs only: nothing is ever decoded
+        return np.zeros(n + 1)
     in_batch = in_batch / in_batch.sum()
     by_iteration = np.zeros(n + 1)
     short = (lengths >= 1) & (lengths <= n)
@@ -72,9 +87,14 @@ def completion_pmf(output_pmf: np.ndarray, num_decode_iterations: int) -> np.nda
     return by_iteration
 
 
-def decode_batch_size(encode_batch_size: int, by_iteration: np.ndarray) -> float:
-    """B_D = B_E / sum_U P_D(U)."""
-    return encode_batch_size / float(by_iteration.sum())
+def decode_batch_size(
+    encode_batch_size: int, steps_pmf: np.ndarray, num_decode_iterations: int
+) -> float:
+    """B_D = B_E * E[ceil(D / N_D)]: each cycle B_E queries join for their cycles (Little's
+    law; a query of no decode step finishes at its encoding and never joins)."""
+    lengths = np.arange(len(steps_pmf))
+    cycles = np.ceil(lengths / num_decode_iterations)
+    return encode_batch_size * float(np.dot(steps_pmf, cycles))
 
 
 def iteration_batch_sizes(decode_batch: float, by_iteration: np.ndarray) -> np.ndarray:
@@ -92,8 +112,11 @@ class RraLayout:
 
 def layout(costs: LayerCosts, schedule: Schedule, num_devices: int) -> RraLayout:
     shape = costs.model.shape
-    by_iteration = completion_pmf(costs.stats.output_pmf, schedule.num_decode_iterations)
-    decode_batch = decode_batch_size(schedule.encode_batch_size, by_iteration)
+    steps = decode_steps_pmf(costs.stats.output_pmf)
+    by_iteration = completion_pmf(steps, schedule.num_decode_iterations)
+    decode_batch = decode_batch_size(
+        schedule.encode_batch_size, steps, schedule.num_decode_iterations
+    )
     batches = [as_batch(b) for b in iteration_batch_sizes(decode_batch, by_iteration)]
     groups = stage_groups(0, num_devices, schedule.tp_degree, schedule.num_tp_devices)
     encode_cost = [sum(costs.encode(schedule.encode_batch_size, tp)) for _, tp in groups]
@@ -174,8 +197,12 @@ def run_cycle(
 def _p99_latency_s(
     p99_tokens: int, schedule: Schedule, encode_s: float, iteration_s: list[float], cycle_s: float
 ) -> float:
-    num_cycles = math.ceil(p99_tokens / schedule.num_decode_iterations)
-    last_iteration = 1 + (p99_tokens - 1) % schedule.num_decode_iterations
+    """The p99-length sequence: its encoding (the first token), then its S99 - 1 decode steps."""
+    decode_steps = p99_tokens - 1
+    if decode_steps < 1:
+        return encode_s
+    num_cycles = math.ceil(decode_steps / schedule.num_decode_iterations)
+    last_iteration = 1 + (decode_steps - 1) % schedule.num_decode_iterations
     return encode_s + (num_cycles - 1) * cycle_s + sum(iteration_s[:last_iteration])
 
 

@@ -5,9 +5,12 @@ The first `num_encode_devices` devices only encode (a pipeline holding every enc
 for decoder-only models that is a second copy of the decoder layers), the others only decode
 (a pipeline holding every decoder layer; partial TP applies to the decode side, whose first
 `num_tp_devices` devices form TP groups). They run asynchronously: every cycle one batch of
-B_E is encoded, handed over, and joins the decode batch, whose cap is B_D = B_E x mean output
-length; the decode side iterates at its own pace meanwhile (several tokens per cycle when
-encoding is the slower side, as the paper's figures imply and as the engine's WAA mode runs).
+B_E is encoded, handed over, and joins the decode batch; the decode side iterates at its own
+pace meanwhile (several tokens per cycle when encoding is the slower side, as the paper's
+figures imply and as the engine's WAA mode runs). A query's first token comes with its
+encoding (as in every kind), so it decodes m = mean output - 1 iterations (at least 1): at the
+cap B_E x m rows decode, and the engine's running cap B_D = B_E x mean output also holds the
+B_E queries of the encoding in flight.
 
 - Encode side: consecutive batches are independent, so it is a full pipeline: it accepts a
   batch every `max(stage time)`.
@@ -18,17 +21,18 @@ encoding is the slower side, as the paper's figures imply and as the engine's WA
   previous one from the last stage, so one iteration of all micro-batches takes
   `max(sum of stage times + transfers, B_m x slowest stage)` (the steady state of that cyclic
   pipeline; the paper's figure: two tokens in 7 stage-times without micro-batches, 3 2/3 with).
-- cycle_s = max(encode period, hand-over, decode iteration at B_D); throughput = B_E /
-  cycle_s (at the cap, B_D sequences finish every mean-output iterations).
-- The decode batch in steady state: a sequence stays for mean-output iterations, so by
-  Little's law it holds B = throughput x mean output x iteration(B) sequences, at most B_D
-  and at least B_E (an encoding hands its batch over at once). When encoding is the slower
-  side that is below B_D, and each iteration is shorter than a cycle (`steady_decode_batch`).
-- Latency of the p99 sequence: encode traversal + hand-over + S99 iterations at that batch.
+- cycle_s = max(encode period, hand-over, decode iteration at B_E x m rows); throughput =
+  B_E / cycle_s (at the cap, B_E x m sequences finish every m iterations).
+- The decode batch in steady state: a sequence stays for m iterations, so by Little's law
+  it holds B = throughput x m x iteration(B) sequences, at most B_E x m and at least B_E (an
+  encoding hands its batch over at once). When encoding is the slower side that is below
+  the cap, and each iteration is shorter than a cycle (`steady_decode_batch`).
+- Latency of the p99 sequence: encode traversal (its first token) + hand-over + S99 - 1
+  iterations at that batch.
 
 How many devices encode: WAA-C gives N * C_E / (C_E + C_D) devices to encoding, C_E and C_D
 being the single-device compute times of one encode of B_E and one decode iteration of
-B_E x mean output (the work of one cycle), evaluated at B_E = 1, 8 and 64; the search tries the
+B_E x m rows (the work of one cycle), evaluated at B_E = 1, 8 and 64; the search tries the
 floor and ceiling of each. WAA-M gives encoding the fewest devices that hold its weights and
 the decode side everything else, so that the most memory goes to KV.
 """
@@ -126,7 +130,8 @@ class WaaOutcome:
     decode_stages: list[Stage]
     encode_times: StageTimes
     decode_times: StageTimes
-    decode_batch: float
+    decode_batch: float  # the running cap B_D: the decoding rows and the encoding in flight
+    decoding_rows: float  # the rows a decode iteration holds at the cap: B_E x decode steps
     micro_batch: int
     encode_traverse_s: float
     encode_period_s: float
@@ -174,7 +179,8 @@ def _handoff_s(costs: LayerCosts, stages: list[Stage], encode_batch: int) -> flo
 
 def run(costs: LayerCosts, schedule: Schedule, num_devices: int) -> WaaOutcome:
     decode_batch = schedule.encode_batch_size * costs.stats.mean_output_tokens
-    micro_batch = as_batch(decode_batch / schedule.num_micro_batches)
+    decoding_rows = schedule.encode_batch_size * decode_steps(costs)
+    micro_batch = as_batch(decoding_rows / schedule.num_micro_batches)
     encode_stages, decode_stages = _stages(costs, schedule, num_devices, micro_batch)
     enc_times = encode_times(costs, encode_stages, schedule.encode_batch_size)
     enc_hop_s = costs.activation_transfer_s(costs.encode_tokens(schedule.encode_batch_size))
@@ -186,15 +192,17 @@ def run(costs: LayerCosts, schedule: Schedule, num_devices: int) -> WaaOutcome:
     iteration_s = pipeline_period_s(dec_times, hop_s, schedule.num_micro_batches)
     cycle_s = max(encode_period_s, handoff_s, iteration_s)
     _, token_s = steady_decode_batch(
-        costs, decode_stages, schedule, decode_batch, iteration_s, cycle_s
+        costs, decode_stages, schedule, decoding_rows, iteration_s, cycle_s
     )
-    latency_s = encode_traverse_s + handoff_s + costs.stats.output_p99_tokens * token_s
+    p99_steps = max(0, costs.stats.output_p99_tokens - 1)
+    latency_s = encode_traverse_s + handoff_s + p99_steps * token_s
     return WaaOutcome(
         encode_stages,
         decode_stages,
         enc_times,
         dec_times,
         decode_batch,
+        decoding_rows,
         micro_batch,
         encode_traverse_s,
         encode_period_s,
@@ -203,6 +211,11 @@ def run(costs: LayerCosts, schedule: Schedule, num_devices: int) -> WaaOutcome:
         cycle_s,
         latency_s,
     )
+
+
+def decode_steps(costs: LayerCosts) -> float:
+    """Decode iterations a sequence runs: its first token comes with its encoding."""
+    return max(1.0, costs.stats.mean_output_tokens - 1.0)
 
 
 _STEADY_ITERATIONS = 12
@@ -217,16 +230,17 @@ def steady_decode_batch(
     cap_iteration_s: float,
     cycle_s: float,
 ) -> tuple[float, float]:
-    """(decode batch, iteration time) in steady state: the largest B <= cap with
-    B = B_E x mean output x iteration(B) / cycle_s (Little's law; iteration(B) grows with B,
+    """(decode batch, iteration time) in steady state: the largest B <= cap (decoding rows)
+    with B = B_E x m x iteration(B) / cycle_s (Little's law, m = `decode_steps`; iteration(B)
+    grows with B,
     so the map is monotone and iterating it down from the cap converges), and at least B_E:
     encoded queries join in batches of B_E, so a batch's tokens never decode beside fewer."""
     arrivals_per_s = schedule.encode_batch_size / cycle_s
-    mean_out = costs.stats.mean_output_tokens
+    mean_steps = decode_steps(costs)
     floor = float(schedule.encode_batch_size)
     batch, iteration_s = cap, cap_iteration_s
     for _ in range(_STEADY_ITERATIONS):
-        wanted = min(cap, max(floor, arrivals_per_s * mean_out * iteration_s))
+        wanted = min(cap, max(floor, arrivals_per_s * mean_steps * iteration_s))
         if wanted >= batch * (1 - _STEADY_TOLERANCE):
             break
         batch = wanted
@@ -350,7 +364,7 @@ def split_candidates(
     candidates: set[int] = set()
     for batch in _WAA_C_REFERENCE_BATCHES:
         encode_s = shape.num_encode_layers * sum(costs.encode(batch, 1))
-        decode_batch = as_batch(batch * costs.stats.mean_output_tokens)
+        decode_batch = as_batch(batch * decode_steps(costs))
         decode_s = shape.num_decode_layers * sum(costs.decode(decode_batch, 1))
         share = num_devices * encode_s / (encode_s + decode_s)
         candidates.update((clamp(math.floor(share)), clamp(math.ceil(share))))
