@@ -18,6 +18,7 @@ from typing import Any
 
 from exegpt import autoplan
 from exegpt.bench import against_plan
+from exegpt.bench.burst import calibration_pass_size
 from exegpt.launcher import DeploymentConfig
 from exegpt.schedule import Schedule, ScheduleKind
 from exegpt.topology import Topology
@@ -102,6 +103,18 @@ def first_plan_sizing(first_report: dict) -> DpSizing:
     batch = running_batch(first) or UNSIZED_BATCH * int(first_report["num_devices"])
     where = first["describe"] if first else f"{UNSIZED_BATCH} per device"
     return DpSizing(batch, f"sized from the first plan's ({where})", False)
+
+
+def first_plan_pass(first: autoplan.AutoPlan, sizing: DpSizing) -> int:
+    """The calibration pass's requests on continuous DP at `sizing` (the first plan's best
+    continuous configuration): the one rule, on that deployment's running batch and predicted
+    rate, not the first plan's."""
+    continuous = first.report["best_by_kind"].get(CONTINUOUS) or first.predicted
+    return calibration_pass_size(
+        sizing.running_batch,
+        continuous["throughput_seq_s"],
+        first.plan.mean_output_tokens or math.nan,  # a plan without it is refused
+    )
 
 
 def continuous_at_devices(

@@ -61,6 +61,7 @@ from schedule_baselines import (  # noqa: E402
     continuous_at_devices,
     dp_config,
     failed_cell,
+    first_plan_pass,
     first_plan_sizing,
     planned_config,
     row_json,
@@ -80,7 +81,6 @@ from schedule_runs import (  # noqa: E402
 
 from exegpt import autoplan  # noqa: E402
 from exegpt.bench import against_plan  # noqa: E402
-from exegpt.bench.burst import calibration_pass_size  # noqa: E402
 from exegpt.calibration_pass import DeployedPrediction, recalibrate  # noqa: E402
 from exegpt.headroom import add_headroom_argument  # noqa: E402
 from exegpt.schedule import ScheduleKind  # noqa: E402
@@ -227,14 +227,7 @@ def choose(
     work = run.work / f"{run.tag}-cal"
     sizing = first_plan_sizing(first.report)
     calibrating = dp_config(sizing, first, profile, work)
-    # Sized for the deployment it runs on: continuous DP at the first plan's best continuous
-    # configuration (its running batch and rate), not the first plan itself.
-    continuous = first.report["best_by_kind"].get(ScheduleKind.CONTINUOUS.value) or first.predicted
-    size = calibration_pass_size(
-        sizing.running_batch,
-        continuous["throughput_seq_s"],
-        first.plan.mean_output_tokens or math.nan,  # a plan without it is refused
-    )
+    size = first_plan_pass(first, sizing)
     totals = calibrate_on(calibrating, run.args, run.task, size, work)
     return calibrated_plan(request, run.task, first, profile, totals)
 

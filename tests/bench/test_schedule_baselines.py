@@ -161,3 +161,24 @@ def test_continuous_at_devices_searches_r_equal_devices_within_the_bound(
     # No configuration meets a bound below any latency.
     assert continuous_at_devices({**auto.report, "best_by_kind": {}}, request,
                                  measured_tiny_profile, 1e-6) is None  # fmt: skip
+
+
+def test_the_calibration_pass_is_sized_for_the_continuous_dp_deployment_it_runs_on() -> None:
+    first_plan_pass = SCHEDULES["first_plan_pass"]
+    first_plan_sizing = SCHEDULES["first_plan_sizing"]
+    # The first plan is static B_D 807 x 2 at 200 seq/s; its best continuous configuration is
+    # B_D 64 x 2 at 10 seq/s (`_entry`), the deployment the pass runs on.
+    static = Schedule(ScheduleKind.STATIC, 807, 807, num_replicas=2)
+    report = {
+        "schedule": static.to_dict(),
+        "predicted": {"throughput_seq_s": 200.0},
+        "mean_output_tokens": 8.0,
+        "num_devices": 2,
+        "best_by_kind": {ScheduleKind.CONTINUOUS.value: _entry(ScheduleKind.CONTINUOUS, 64, 2)},
+    }
+    first = autoplan.AutoPlan(report, Path("plan.json"), autoplan.PlanFile.from_dict(report), 1.0)
+    sizing = first_plan_sizing(report)
+    assert sizing.running_batch == 128
+    # 2 x 128 = 256, 5 s x 10 = 50, 64 steps x 128 rows / 7 decode rows a request = 1171 (the
+    # first plan's own 1614 rows at 200 seq/s would ask for the 2000 cap).
+    assert first_plan_pass(first, sizing) == 1171
