@@ -16,12 +16,21 @@ def test_p99_length_is_the_nearest_rank() -> None:
     assert p99_length([3, 50] + [10] * 98) == 10  # ceil(0.99 * 100) = 99th of 100
 
 
-def test_latency_is_the_mean_of_the_requests_at_or_beyond_the_p99_length() -> None:
+def test_latency_is_the_mean_of_the_requests_at_the_p99_length() -> None:
     generations = [Generation(n, n / 10) for n in range(1, 98)] + [Generation(100, 12.0)] * 3
     assert p99_length_latency(generations) == (pytest.approx(12.0), 100)
+    # The workload's p99 length can be given: the prediction is for that length. One request
+    # has it, so the line through the longer half (50..100, 0.1 s a token) is read there.
     generations = [Generation(n, n / 10) for n in range(1, 101)]
-    # The workload's p99 length can be given: the prediction is for that length.
-    assert p99_length_latency(generations, 50) == (pytest.approx(7.5), 50)
+    assert p99_length_latency(generations, 50) == (pytest.approx(5.0), 50)
+
+
+def test_requests_beyond_the_p99_length_do_not_count() -> None:
+    # An RRA-like step: requests longer than the p99 length (36) finish after the next
+    # encoding, 4 s later. The p99-length request itself finishes within the cycle.
+    generations = [Generation(n, 9.0 + 0.01 * n) for n in range(20, 37) for _ in range(3)]
+    generations += [Generation(n, 13.5) for n in range(37, 41) for _ in range(3)]
+    assert p99_length_latency(generations, 36) == (pytest.approx(9.36), 36)
 
 
 def test_a_short_run_reads_the_line_of_latency_against_length() -> None:

@@ -162,8 +162,9 @@ class PlanProblem:
     # Data-parallel replica counts R searched (None: every divisor of N); a deployment that
     # is running keeps its R (the scheduler service's re-plans).
     replicas: tuple[int, ...] | None = None
-    # The planner chooses against latency_bound_s x (1 - latency_headroom) (exegpt/latency.py):
-    # 0 here, the bound as given; the commands and the scheduler service default to
+    # Chosen against latency_bound_s x (1 - latency_headroom) (exegpt/headroom.py); when nothing
+    # meets that but the bound itself is met, the lowest-latency schedule serves. 0 here: the
+    # bound as given; the commands and the scheduler service default to
     # DEFAULT_LATENCY_HEADROOM.
     latency_headroom: float = 0.0
 

@@ -46,7 +46,7 @@ class ProblemRequest:
     throughput_tolerance: float = 0.01
     latency_tolerance_s: float = 0.0
     length_scale: float | None = None  # trace workloads only
-    # Planned against latency_bound_s x (1 - latency_headroom) (exegpt/latency.py).
+    # Planned against latency_bound_s x (1 - latency_headroom) (exegpt/headroom.py).
     latency_headroom: float = DEFAULT_LATENCY_HEADROOM
 
 

@@ -170,3 +170,18 @@ def test_up_plan_chooses_within_the_headroom_and_says_so(
     assert auto.plan.latency_bound_s == pytest.approx(auto.bound_s)  # the user's bound
     assert auto.report["planned_bound_s"] == pytest.approx(0.8 * auto.bound_s)
     assert auto.predicted["latency_s"] <= 0.8 * auto.bound_s
+
+
+def test_a_schedule_inside_the_headroom_serves_when_nothing_meets_the_planned_bound() -> None:
+    # The toy problem's lowest reachable latency lies between 0.9 x 0.040 s and 0.040 s:
+    # nothing meets the planned bound, yet the user's is met: the lowest-latency schedule
+    # serves (the most margin left), and the result says the bound is met.
+    lowest = plan(toy_problem(math.inf), space=SPACE).evaluated
+    floor_s = min(p.latency_s for p in lowest if p.feasible)
+    bound_s = floor_s / 0.95  # floor = 0.95 x bound: inside a 10% headroom
+    result = plan(toy_problem(bound_s, HEADROOM), space=SPACE)
+    assert result.meets_bound and result.chosen is not None
+    assert planning_bound_s(bound_s, HEADROOM) < result.chosen.latency_s <= bound_s
+    assert result.chosen.latency_s == pytest.approx(floor_s, rel=0.02)
+    # Below the floor nothing is met, with or without headroom.
+    assert not plan(toy_problem(floor_s * 0.9, HEADROOM), space=SPACE).meets_bound
