@@ -14,7 +14,7 @@ a queue, so the measured figures are read the same way:
   admission times reconstructed on the client's clock carry its delivery jitter, which
   splits batches and reads high, so the completion rate stays.)
 - **p99-length latency**: as exegpt/latency.py defines it, the mean generation latency of
-  the requests that completed in that window at or beyond the workload's p99 output length
+  the requests that completed in that window at the workload's p99 output length
   (with too few of them there, the line of latency against length through the window's
   requests; never the burst's drain, where a shrinking batch runs faster).
   A request's generation latency is what the engine reported with its last chunk
