@@ -51,7 +51,7 @@ MAX_ATTACHED_SEGMENTS = 16  # a receiver maps at most this many senders' rings a
 # exegpt/shm_wait.py), which each release bumps and wakes; it looks at the slots again at
 # least this often, so a wake-up that never comes (a receiver of an older build) costs little.
 _WAIT_SLICE_S = 1e-3
-_RELEASES_WORD = 5  # u32 in the low half: bumped by every release (the futex word)
+_RELEASES_WORD = 5  # bumped by every release; its low half (first 4 bytes here) is the futex
 _WAITING_WORD = 6  # nonzero while the sender sleeps on _RELEASES_WORD
 
 _FENCE_LOCK = threading.Lock()
