@@ -30,7 +30,7 @@ from exegpt.dtypes import DEFAULT_DTYPE
 from exegpt.models.hub_cache import local_model_directory
 from exegpt.security import SecurityConfig
 from exegpt.serving import supervisor_environment
-from exegpt.shm_ring import sweep_dead_segments
+from exegpt.shm_sweep import sweep_dead_segments
 from exegpt.topology import (
     Topology,
     format_stage_addresses,

@@ -13,6 +13,7 @@ ring, or a payload larger than a slot, goes inline over ZeroMQ instead (exegpt/f
 
 Segment layout, native-endian u64 words (both sides are on one host):
   word 0..4  magic, version, num_slots, slot_bytes, data_offset
+  word 5, 6  release count (receivers bump it), sender waiting (receivers then wake it)
   slot i     words 8+16i, 9+16i: ticket, payload_bytes (the sender's cache line);
              word 16+16i: released ticket (the receiver's, on its own line to avoid sharing)
   data       slot i's bytes at data_offset + i * slot_bytes
@@ -21,10 +22,8 @@ Nothing in a segment is ever unpickled; the receiver reads only the words above 
 
 from __future__ import annotations
 
-import logging
 import mmap
 import os
-import re
 import secrets
 import stat
 import struct
@@ -37,12 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from exegpt.shm_sweep import SEGMENT_NAME, SEGMENT_PREFIX, SHM_DIR, sweep_dead_segments
+from exegpt.shm_wait import futex_wait, futex_wake
 
-SHM_DIR = Path("/dev/shm")
-SEGMENT_PREFIX = "exegpt-shm-"
-# Only names the ring itself makes: no '/', '.', or anything a path could be built from.
-_SEGMENT_NAME = re.compile(rf"^{re.escape(SEGMENT_PREFIX)}([0-9]+)-[0-9a-f]{{16}}$")
 _MAGIC = int.from_bytes(b"EXEGSHM1", "little")
 _VERSION = 1
 _HEADER_WORDS = 8
@@ -51,10 +47,12 @@ _PAGE_BYTES = 4096
 ALIGN_BYTES = 64  # each tensor starts on a cache line, which also satisfies every dtype
 MAX_ATTACHED_SEGMENTS = 16  # a receiver maps at most this many senders' rings at once
 
-# A sender waiting for a free slot polls the release words, backing off from 20 to 200 us:
-# a receiver frees a slot within one copy-out, so waits are short and a lost one costs little.
-_FIRST_PAUSE_S = 20e-6
-_LAST_PAUSE_S = 200e-6
+# A sender waiting for a free slot sleeps on the ring's release count (a futex,
+# exegpt/shm_wait.py), which each release bumps and wakes; it looks at the slots again at
+# least this often, so a wake-up that never comes (a receiver of an older build) costs little.
+_WAIT_SLICE_S = 1e-3
+_RELEASES_WORD = 5  # bumped by every release; its low half (first 4 bytes here) is the futex
+_WAITING_WORD = 6  # nonzero while the sender sleeps on _RELEASES_WORD
 
 _FENCE_LOCK = threading.Lock()
 
@@ -153,7 +151,14 @@ class _Mapping:
         if self._unmapped:
             return  # closed: the sender's segment is no longer ours to write
         _fence()  # the reads of the slot come before the stamp that frees it
-        self.words[_released_word(slot)] = ticket
+        words = self.words
+        words[_released_word(slot)] = ticket
+        # Bump the count a waiting sender sleeps on (a race between two receivers may lose a
+        # bump, never the change it waits for), then wake it if it is waiting.
+        words[_RELEASES_WORD] = (words[_RELEASES_WORD] + 1) & 0xFFFFFFFF
+        _fence()
+        if words[_WAITING_WORD]:
+            futex_wake(self.address + 8 * _RELEASES_WORD)
 
     def close(self) -> None:
         with self._lock:
@@ -220,18 +225,35 @@ class ShmRing:
         """A free slot for `payload_bytes`, or None: too big, or no slot freed within `wait_s`.
 
         Waiting is the ring's back-pressure: a sender that outruns its receiver would otherwise
-        push everything inline, which makes the receiver's side slower still.
+        push everything inline, which makes the receiver's side slower still. It sleeps until
+        a receiver releases a slot, not for a fixed pause.
         """
         if payload_bytes > self.slot_bytes:
             return None
-        deadline_s = time.monotonic() + wait_s
-        pause_s = _FIRST_PAUSE_S
-        while True:
-            slot = self._free_slot()
-            if slot is not None or time.monotonic() >= deadline_s:
-                return slot
-            time.sleep(pause_s)
-            pause_s = min(2 * pause_s, _LAST_PAUSE_S)
+        slot = self._free_slot()
+        if slot is not None or wait_s <= 0:
+            return slot
+        return self._wait_for_slot(time.monotonic() + wait_s)
+
+    def _wait_for_slot(self, deadline_s: float) -> int | None:
+        # Flag the wait, then look again: a receiver stamps its release before it reads the
+        # flag and this side flags before it reads the stamps, each with a full fence between,
+        # so a release is either seen here or followed by a wake-up.
+        mapping = self._live()
+        words = mapping.words
+        releases_address = mapping.address + 8 * _RELEASES_WORD
+        try:
+            while True:
+                seen = words[_RELEASES_WORD] & 0xFFFFFFFF
+                words[_WAITING_WORD] = 1
+                _fence()
+                slot = self._free_slot()
+                remaining_s = deadline_s - time.monotonic()
+                if slot is not None or remaining_s <= 0:
+                    return slot
+                futex_wait(releases_address, seen, min(remaining_s, _WAIT_SLICE_S))
+        finally:
+            words[_WAITING_WORD] = 0
 
     def _free_slot(self) -> int | None:
         # Lowest free index first, not round robin: a streaming sender then cycles through
@@ -324,7 +346,7 @@ class ShmReader:
         if mapping is not None:
             self._attached.move_to_end(name)
             return mapping
-        if not _SEGMENT_NAME.match(name):
+        if not SEGMENT_NAME.match(name):
             raise ShmRefError(f"segment name {name!r} is not a ring segment")
         mapping = self._map_checked(self.directory / name)
         self._attached[name] = mapping
@@ -361,40 +383,3 @@ def _checked_layout(mapped: mmap.mmap, name: str) -> _Mapping:
         mapped.close()
         raise ShmRefError(f"segment {name!r} does not have a ring's layout")
     return _Mapping(mapped, num_slots, slot_bytes)
-
-
-def leftover_segments(pid: int, directory: Path = SHM_DIR) -> list[Path]:
-    """Ring segments a process created that still exist (for tests and operators)."""
-    return sorted(directory.glob(f"{SEGMENT_PREFIX}{pid}-*"))
-
-
-def sweep_dead_segments(directory: Path = SHM_DIR, *, pid: int | None = None) -> list[Path]:
-    """Unlink the ring segments whose creator (the pid in the name) is dead; returns them.
-
-    A SIGKILLed sender never runs its finalizer, so its ring would hold memory until reboot.
-    A live creator's segment is never touched (a reused pid keeps a dead ring longer: the safe
-    side); receivers still mapping an unlinked segment read on until they unmap it.
-    """
-    removed = []
-    for path in directory.glob(f"{SEGMENT_PREFIX}{'*' if pid is None else pid}-*"):
-        match = _SEGMENT_NAME.match(path.name)
-        if match is None or not _is_dead(int(match.group(1))):
-            continue
-        try:
-            path.unlink()
-        except OSError:
-            continue  # swept by another process meanwhile, or not ours to remove
-        removed.append(path)
-    if removed:
-        logger.info("removed %d ring segment(s) of dead processes", len(removed))
-    return removed
-
-
-def _is_dead(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError):
-        pass  # another user's live process, or not a pid at all: not ours to judge
-    return False

@@ -16,7 +16,7 @@ import pytest
 import torch
 import zmq
 
-from exegpt.shm_ring import SHM_DIR
+from exegpt.shm_sweep import SHM_DIR
 from exegpt.transport import PushFanout, TensorMessage, TensorSocket
 
 

@@ -20,7 +20,8 @@ import pytest
 import torch
 import zmq
 
-from exegpt.shm_ring import SEGMENT_PREFIX, SHM_DIR, ShmRing, leftover_segments
+from exegpt.shm_ring import ShmRing
+from exegpt.shm_sweep import SEGMENT_PREFIX, SHM_DIR, leftover_segments
 from exegpt.transport import FrameError, TensorMessage, TensorSocket
 from exegpt.v1 import transport_pb2
 from tests.common.test_transport import assert_same_tensors, every_dtype_tensors

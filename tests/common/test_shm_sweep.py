@@ -1,4 +1,4 @@
-"""Rings of SIGKILLed senders do not pile up (exegpt/shm_ring.py, sweep_dead_segments).
+"""Rings of SIGKILLed senders do not pile up (exegpt/shm_sweep.py).
 
 Real processes make real rings; one is SIGKILLed so its finalizer never runs. The next ring
 made in that directory removes the dead sender's segment, never a live sender's, and a
@@ -13,7 +13,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from exegpt.shm_ring import ShmReader, ShmRing, SlotRef, sweep_dead_segments
+from exegpt.shm_ring import ShmReader, ShmRing, SlotRef
+from exegpt.shm_sweep import sweep_dead_segments
 from tests.common.test_shm_ring import ROOT
 
 PAYLOAD = bytes(range(64))

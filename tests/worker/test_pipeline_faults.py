@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from exegpt.sdk import Client, ExegptError
-from exegpt.shm_ring import leftover_segments
+from exegpt.shm_sweep import leftover_segments
 from tests.reliability.test_supervision import Launcher, launched
 
 NUM_STREAMS = 6

@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from exegpt.models.defaults import DEFAULT_MODEL_NAME
-from exegpt.shm_ring import SHM_DIR
+from exegpt.shm_sweep import SHM_DIR
 from exegpt.transport import TensorMessage, TensorSocket
 from exegpt.v1 import stage_pb2
 from services.worker.stage.runtime import StageRuntime
