@@ -153,8 +153,8 @@ class _Mapping:
         _fence()  # the reads of the slot come before the stamp that frees it
         words = self.words
         words[_released_word(slot)] = ticket
-        # Bump the count a waiting sender sleeps on (a race between two receivers may lose a
-        # bump, never the change it waits for), then wake it if it is waiting.
+        # Bump the count a waiting sender sleeps on, then wake it if it is waiting (two
+        # receivers racing here may lose a bump and so a wake: the sender's slice bounds it).
         words[_RELEASES_WORD] = (words[_RELEASES_WORD] + 1) & 0xFFFFFFFF
         _fence()
         if words[_WAITING_WORD]:
@@ -237,8 +237,10 @@ class ShmRing:
 
     def _wait_for_slot(self, deadline_s: float) -> int | None:
         # Flag the wait, then look again: a receiver stamps its release before it reads the
-        # flag and this side flags before it reads the stamps, each with a full fence between,
-        # so a release is either seen here or followed by a wake-up.
+        # flag and this side flags before it reads the stamps, each with a fence between, so
+        # on x86-64 (a full barrier) a release is either seen here or followed by a wake-up.
+        # Where a wake can be lost (ARM's weaker fence, two releasers racing on the count),
+        # the wait ends after _WAIT_SLICE_S anyway: a lost wake costs at most one slice.
         mapping = self._live()
         words = mapping.words
         releases_address = mapping.address + 8 * _RELEASES_WORD
@@ -253,7 +255,8 @@ class ShmRing:
                     return slot
                 futex_wait(releases_address, seen, min(remaining_s, _WAIT_SLICE_S))
         finally:
-            words[_WAITING_WORD] = 0
+            if not mapping._unmapped:  # closed under the wait: report that, not this write
+                words[_WAITING_WORD] = 0
 
     def _free_slot(self) -> int | None:
         # Lowest free index first, not round robin: a streaming sender then cycles through

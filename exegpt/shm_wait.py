@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import math
 import platform
+import struct
 import sys
 import time
 
@@ -25,7 +27,17 @@ _FUTEX_WAKE = 1
 _WAKE_ALL = 2**31 - 1
 _FALLBACK_PAUSE_S = 50e-6  # the poll interval where there is no futex
 
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" and _SYS_FUTEX else None
+# A 64-bit little-endian Linux process only: the word's low half, the syscall number and a
+# timespec of two C longs are what this module assumes.
+_USABLE = (
+    sys.platform == "linux"
+    and _SYS_FUTEX is not None
+    and struct.calcsize("P") == 8
+    and sys.byteorder == "little"
+)
+_libc = ctypes.CDLL(None, use_errno=True) if _USABLE else None
+if _libc is not None:
+    _libc.syscall.restype = ctypes.c_long
 
 
 class _Timespec(ctypes.Structure):
@@ -44,13 +56,14 @@ def futex_wait(address: int, expected: int, timeout_s: float) -> bool:
     GIL is released while asleep (ctypes calls into libc without it). `address` must be a
     4-byte aligned word of a shared mapping that stays mapped during the call.
     """
+    timeout_s = max(timeout_s, 0.0) if math.isfinite(timeout_s) else 0.0
     if _libc is None:
         time.sleep(min(timeout_s, _FALLBACK_PAUSE_S))
         return False
-    whole_s = int(max(timeout_s, 0.0))
-    spec = _Timespec(whole_s, int((max(timeout_s, 0.0) - whole_s) * 1e9))
+    whole_s = int(timeout_s)
+    spec = _Timespec(whole_s, int((timeout_s - whole_s) * 1e9))
     result = _libc.syscall(
-        _SYS_FUTEX,
+        ctypes.c_long(_SYS_FUTEX),
         ctypes.c_void_p(address),
         _FUTEX_WAIT,
         ctypes.c_uint32(expected),
@@ -58,7 +71,11 @@ def futex_wait(address: int, expected: int, timeout_s: float) -> bool:
         None,
         0,
     )
-    return result == 0 or ctypes.get_errno() != errno.ETIMEDOUT
+    if result == 0 or ctypes.get_errno() in (errno.EAGAIN, errno.EINTR):
+        return True  # woken, the word already differed, or a signal: look again
+    if ctypes.get_errno() != errno.ETIMEDOUT:  # refused (EINVAL, EFAULT, a seccomp filter)
+        time.sleep(min(timeout_s, _FALLBACK_PAUSE_S))  # never a busy loop: poll instead
+    return False
 
 
 def futex_wake(address: int) -> int:
@@ -66,6 +83,6 @@ def futex_wake(address: int) -> int:
     if _libc is None:
         return 0
     woken = _libc.syscall(
-        _SYS_FUTEX, ctypes.c_void_p(address), _FUTEX_WAKE, _WAKE_ALL, None, None, 0
+        ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(address), _FUTEX_WAKE, _WAKE_ALL, None, None, 0
     )
     return max(woken, 0)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exegpt import shm_ring
+from exegpt import shm_ring, shm_wait
 from exegpt.shm_ring import ShmReader, ShmRing
 from exegpt.shm_wait import futex_wait, futex_wake, has_futex
 from tests.common.test_shm_ring import ROOT
@@ -55,7 +55,9 @@ def test_a_futex_wait_returns_at_once_when_its_word_already_changed(
 def test_a_futex_wait_is_woken_by_a_wake(shared_word: tuple[np.ndarray, int]) -> None:
     word, address = shared_word
     results: list[bool] = []
-    waiter = threading.Thread(target=lambda: results.append(futex_wait(address, 0, 60.0)))
+    waiter = threading.Thread(
+        target=lambda: results.append(futex_wait(address, 0, 60.0)), daemon=True
+    )
     waiter.start()
     while futex_wake(address) == 0:  # until the waiter is asleep and this wakes it
         assert waiter.is_alive()
@@ -73,7 +75,9 @@ def slow_periodic_look(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def reserve_in_thread(ring: ShmRing) -> tuple[threading.Thread, list[int | None]]:
     results: list[int | None] = []
-    thread = threading.Thread(target=lambda: results.append(ring.reserve(64, wait_s=120)))
+    thread = threading.Thread(
+        target=lambda: results.append(ring.reserve(64, wait_s=120)), daemon=True
+    )
     thread.start()
     return thread, results
 
@@ -161,4 +165,32 @@ def test_a_wait_leaves_the_ring_flagged_as_not_waiting(tmp_path: Path) -> None:
         words = np.frombuffer(ring.path.read_bytes()[:64], dtype=np.uint64)
         assert words[shm_ring._WAITING_WORD] == 0
     finally:
+        ring.close()
+
+
+def test_a_refused_futex_wait_reports_no_wake(shared_word: tuple[np.ndarray, int]) -> None:
+    # A misaligned word is refused by the kernel (EINVAL): that is no wake-up, so a waiter
+    # does not look again at once (a busy loop for its whole wait), it polls.
+    _, address = shared_word
+    assert futex_wait(address + 1, 0, 0.01) is False
+
+
+def test_without_a_futex_a_waiting_reserve_still_gets_a_released_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(shm_wait, "_libc", None)  # polling, as on a machine without futexes
+    assert not has_futex()
+    ring = ShmRing(slot_bytes=4096, num_slots=1)
+    reader = ShmReader(max_payload_bytes=4096)
+    try:
+        ref = ring.publish(0, 64)
+        reader.check(ref)
+        thread, results = reserve_in_thread(ring)
+        thread.join(0.3)
+        assert thread.is_alive()
+        reader.release(ref)
+        thread.join(30)
+        assert results == [0]
+    finally:
+        reader.close()
         ring.close()
