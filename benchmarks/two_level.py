@@ -15,7 +15,7 @@ the highest rate the baseline sustains, so it is the burst's completions per sec
 steady window (exegpt/bench/against_plan.py: between the 10th and 90th percentile
 completions, ending when the last request was admitted), not its requests over the whole
 run: that run includes the first batch's fill, before anything completes, and the drain,
-where the batches shrink, and read 15-30% below the steady rate (conv 39.1 against 46.1
+where the batches shrink, and read 15-22% below the steady rate (conv 39.1 against 46.1
 seq/s, code 35.6 against 45.4, 80 requests), so "95% load" offered about 75-80% of what
 the baseline sustains and the queues stayed short. The matrix prints the whole burst's rate
 beside the capacity. Then every combination replays it as Poisson arrivals at each load
