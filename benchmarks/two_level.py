@@ -23,8 +23,8 @@ beside the capacity. Then every combination replays it as Poisson arrivals at ea
 replays of a cell alternate between them (repeat i of each before repeat i + 1): run one
 combination after another, a shared machine's load moved between them and the baseline's
 decode steps ran 2x the target's (15.6 against 7.9 ms), a ratio of the machine, not of the
-policies. Each deployment is 2 worker processes and a router (mind the memory of many
---combos). One matrix per trace and load:
+policies. Each deployment is 2 worker processes and a router: ~300 MiB a worker here, and
+~1% of a core while idle. One matrix per trace and load:
 throughput, TTFT p50/p99, TPOT p50/p99, e2e p99, failures, preemptions (GetStats deltas),
 the fraction within the bound, and ratios to the baseline. With --repeats R, each load is
 replayed R times on its deployment and every figure is the median of the R (preemptions: the
