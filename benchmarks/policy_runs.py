@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 from deployments import free_port, metric
 
+from exegpt.bench.against_plan import completed_rows, steady_rate
 from exegpt.calibration_pass import sum_totals, totals_between
 from exegpt.launcher import Deployment, DeploymentConfig
 from exegpt.v1 import worker_pb2, worker_pb2_grpc
@@ -108,7 +109,7 @@ def replay(deployment: Deployment, bench_args: list[str], json_path: Path) -> di
     ]  # fmt: skip
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     after = worker_stats(addresses)
-    metrics = json.loads(json_path.read_text())["metrics"]
+    metrics = report_metrics(json.loads(json_path.read_text()))
     metrics["preemptions"] = sum(
         a.num_preemptions - b.num_preemptions for a, b in zip(after, before, strict=True)
     )
@@ -123,6 +124,15 @@ def replay(deployment: Deployment, bench_args: list[str], json_path: Path) -> di
     finished = sum(metrics["finished_per_replica"])
     queued_s = sum(a.queue_time_s - b.queue_time_s for a, b in zip(after, before, strict=True))
     metrics["queue_ms"] = 1e3 * queued_s / finished if finished else None
+    return metrics
+
+
+def report_metrics(document: dict) -> dict:
+    """A bench JSON document's metrics, plus `steady_sequences_per_s`: the completions per
+    second in its steady window (against_plan.steady_rate: fill and drain left out; what a
+    burst sustains), None with too few completions."""
+    metrics = document["metrics"]
+    metrics["steady_sequences_per_s"] = steady_rate(completed_rows(document))
     return metrics
 
 

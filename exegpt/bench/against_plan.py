@@ -111,7 +111,7 @@ def run_bench(
 
 def measure(document: dict[str, Any], p99_output_tokens: int) -> Measured:
     """Steady-state throughput and the p99-length latency of a bench document."""
-    rows = [r for r in document["requests"] if r["error"] is None and r["e2e_s"] is not None]
+    rows = completed_rows(document)
     metrics = document["metrics"]
     burst = float(metrics["throughput"]["sequences_per_s"])
     if not rows:
@@ -127,6 +127,19 @@ def measure(document: dict[str, Any], p99_output_tokens: int) -> Measured:
         num_failed=int(metrics["num_failed"]),
         burst_throughput_seq_s=burst,
     )
+
+
+def completed_rows(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """A bench document's requests that completed without an error."""
+    return [r for r in document["requests"] if r["error"] is None and r["e2e_s"] is not None]
+
+
+def steady_rate(rows: list[dict[str, Any]]) -> float | None:
+    """Completions per second of a burst's completed `rows` in the steady window that ends
+    when the last of them was admitted (`measure`'s throughput); None with fewer than 3
+    completions in any window."""
+    ends = sorted(r["send_s"] + r["e2e_s"] for r in rows)
+    return _completions_per_s(ends, _window(ends, last_admission_s(rows)))
 
 
 def last_admission_s(rows: list[dict[str, Any]]) -> float | None:
