@@ -13,8 +13,9 @@ the output are kept. That multiplies the matmul work by H_kv, but a decode step'
 bound by moving K/V, and a bf16 bmm with few rows (the query group) runs far below its rate:
 against a grouped bmm over K/V transposed to [b, H_kv, T, D] the block-diagonal path ran
 1.6x faster for the Llama shape and 2.9x for t5-small's (batch 32, KV 100-200), 2.2x for 32
-heads over 8 KV heads of 128 and 1.6x for 32 over 32 (batch 8, KV 384-512). The softmax runs in float32. float32 and GPUs keep SDPA:
-as fast or faster there, and float32 then stays token-identical to transformers.
+heads over 8 KV heads of 128 and 1.6x for 32 over 32 (batch 8, KV 384-512). The softmax
+runs in float32. float32 and GPUs keep SDPA: as fast or faster there, and float32 then stays
+token-identical to transformers.
 """
 
 from __future__ import annotations
