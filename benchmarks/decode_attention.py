@@ -44,7 +44,7 @@ POOL_BLOCKS = 4096
 
 
 def grouped_bmm(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """The decode kernel's previous matmul path: K/V transposed to [b, H_kv, T, D] (a copy each),
     each KV head's group of query heads the rows of one bmm, the softmax in float32."""
@@ -53,8 +53,13 @@ def grouped_bmm(
     grouped = q.view(batch, kv_heads, heads // kv_heads, dim)
     keys = k.transpose(1, 2).contiguous()
     values = v.transpose(1, 2).contiguous()
-    scores = torch.matmul(grouped, keys.transpose(2, 3)).float() * dim**-0.5
-    scores = torch.where(mask, scores, float("-inf"))
+    scores = torch.matmul(grouped, keys.transpose(2, 3)).float() * scale
+    if mask.shape[1] != 1:  # per query head: [b, H, 1, T] -> [b, H_kv, G, T]
+        mask = mask.reshape(batch, kv_heads, -1, mask.shape[-1])
+    if mask.dtype == torch.bool:
+        scores = torch.where(mask, scores, float("-inf"))
+    else:
+        scores += mask
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     return torch.matmul(probs, values).view(batch, heads, dim)
 
@@ -97,7 +102,7 @@ def paths(shape: str, batch: int, kv: tuple[int, int], dtype: torch.dtype) -> di
     return {
         "slots + sdpa": lambda: sdpa(cache[slots], cache[slots]),
         "blocks + sdpa": lambda: sdpa(*blocks_kv()),
-        "blocks + grouped bmm": lambda: grouped_bmm(q, *blocks_kv(), mask),
+        "blocks + grouped bmm": lambda: grouped_bmm(q, *blocks_kv(), mask, dim**-0.5),
         "blocks + exegpt": lambda: decode_kernel(q, *blocks_kv(), mask, dim**-0.5),
     }
 
