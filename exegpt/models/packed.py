@@ -36,6 +36,9 @@ from exegpt.models.decode_attention import decode_kernel, matmul_decode_applies
 
 # A decode row joins a bucket while its KV length is at least (1 - this) x the bucket's longest.
 DECODE_BUCKET_PADDING = 0.25
+# ... or while it is at most this many keys shorter: each bucket costs a dozen small kernel calls
+# per layer whatever its size, so short rows share one (benchmarks/decode_buckets.py).
+DECODE_BUCKET_MIN_PADDING = 128
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ def packed_layout(
     window: int | None,
     padding: float = DECODE_BUCKET_PADDING,
     block_size: int = 1,
+    min_padding: int | None = None,
 ) -> PackedLayout:
     """The layout of rows whose tokens are `query_starts[b]:query_starts[b + 1]`, starting at
     KV position `positions[b]`; `read_slots` (None: no row has cached K/V) are every row's
@@ -115,7 +119,15 @@ def packed_layout(
     if decodes:
         assert read_slots is not None
         buckets = decode_buckets(
-            decodes, starts, kv_lengths, key_starts, read_slots, window, padding, block_size
+            decodes,
+            starts,
+            kv_lengths,
+            key_starts,
+            read_slots,
+            window,
+            padding,
+            block_size,
+            min_padding,
         )
     token_positions = torch.cat(
         [torch.arange(p, p + n) for p, n in zip(first_positions, num_new, strict=True)]
@@ -188,13 +200,18 @@ def decode_buckets(
     window: int | None,
     padding: float,
     block_size: int,
+    min_padding: int | None = None,
 ) -> tuple[DecodeBucket, ...]:
-    """Decode rows, longest KV first, cut where a row would pad past the bound: row b's query
-    is token `starts[b]`, its keys `read_slots[key_starts[b]:][:kv_lengths[b]]`."""
+    """Decode rows, longest KV first, cut where a row would pad past both bounds (a share
+    `padding` of the bucket's longest, `min_padding` keys): row b's query is token
+    `starts[b]`, its keys `read_slots[key_starts[b]:][:kv_lengths[b]]`. `min_padding` None:
+    DECODE_BUCKET_MIN_PADDING."""
+    if min_padding is None:
+        min_padding = DECODE_BUCKET_MIN_PADDING
     order = sorted(decodes, key=lambda b: kv_lengths[b], reverse=True)
     groups: list[list[int]] = []
     for b in order:
-        if groups and kv_lengths[b] >= (1 - padding) * kv_lengths[groups[-1][0]]:
+        if groups and _joins(kv_lengths[b], kv_lengths[groups[-1][0]], padding, min_padding):
             groups[-1].append(b)
         else:
             groups.append([b])
@@ -223,6 +240,11 @@ def decode_buckets(
             )
         )
     return tuple(buckets)
+
+
+def _joins(length: int, longest: int, padding: float, min_padding: int) -> bool:
+    """Whether a row of `length` keys joins a bucket whose longest row has `longest`."""
+    return length >= (1 - padding) * longest or longest - length <= min_padding
 
 
 def block_index(
@@ -297,6 +319,7 @@ def padded_decode_buckets(
     lengths: list[int],
     block_size: int,
     padding: float = DECODE_BUCKET_PADDING,
+    min_padding: int | None = None,
 ) -> tuple[DecodeBucket, ...]:
     """Buckets of a padded decode step's rows (T5: one query token per row, row b reading the
     first `lengths[b]` of its slots `read_slots[b]` [B, T_kv]): no row reads keys past its
@@ -305,8 +328,9 @@ def padded_decode_buckets(
     width = read_slots.shape[1]
     rows = list(range(len(lengths)))
     key_starts = [b * width for b in rows]
+    flat = read_slots.reshape(-1)
     return decode_buckets(
-        rows, rows, lengths, key_starts, read_slots.reshape(-1), None, padding, block_size
+        rows, rows, lengths, key_starts, flat, None, padding, block_size, min_padding
     )
 
 

@@ -140,6 +140,8 @@ class T5Model(nn.Module):
     # A decode step's rows share a bucket while their KV length is at least (1 - this) x the
     # bucket's longest (exegpt/models/packed.py); benchmarks/t5_decode_step.py compares bounds.
     decode_bucket_padding: float = DECODE_BUCKET_PADDING
+    # ... or at most this many keys shorter than it (None: DECODE_BUCKET_MIN_PADDING)
+    decode_bucket_min_padding: int | None = None
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -296,9 +298,9 @@ class T5Model(nn.Module):
         block_size = kv[0].block_size_tokens if kv else 1
         num_rows = batch.tokens.shape[0]
         lengths = torch.cat([batch.self_kv.lengths, batch.cross_kv.lengths]).tolist()  # 1 read
-        padding = self.decode_bucket_padding
+        padding, min_padding = self.decode_bucket_padding, self.decode_bucket_min_padding
         self_buckets = padded_decode_buckets(
-            batch.self_kv.read_slots, lengths[:num_rows], block_size, padding
+            batch.self_kv.read_slots, lengths[:num_rows], block_size, padding, min_padding
         )
         self_meta = AttentionMetadata(
             write_slots=batch.self_kv.write_slots,
@@ -306,7 +308,7 @@ class T5Model(nn.Module):
             buckets=self._with_position_bias(self_buckets, batch.positions, block_size),
         )
         cross_buckets = padded_decode_buckets(
-            batch.cross_kv.read_slots, lengths[num_rows:], block_size, padding
+            batch.cross_kv.read_slots, lengths[num_rows:], block_size, padding, min_padding
         )
         meta = T5DecoderMetadata(self_meta, AttentionMetadata(buckets=cross_buckets))
         hidden = self.run_decoder(batch.tokens, hidden, kv, meta)  # [B, 1, d_model]

@@ -42,13 +42,14 @@ def test_prefill_projections_see_only_the_valid_tokens(
 
 
 @pytest.mark.parametrize("block_size", [1, 4])
-@pytest.mark.parametrize("padding", [0.0, 0.25, 0.5])
+@pytest.mark.parametrize(("padding", "min_padding"), [(0.0, 0), (0.25, 0), (0.5, 0), (0.0, 32)])
 @pytest.mark.parametrize("step", ["packed", "padded"])
 def test_decode_buckets_hold_every_row_once_within_the_padding_bound(
-    padding: float, block_size: int, step: str
+    padding: float, min_padding: int, block_size: int, step: str
 ) -> None:
-    """Each row's blocks are its own, in order; the mask shows exactly its keys. A padded
-    step (T5) gives its rows' slots as [B, T_max], padded with a null slot."""
+    """Each row's blocks are its own, in order; the mask shows exactly its keys; a row pads
+    to at most a share `padding` of its bucket's width, or `min_padding` keys. A padded step
+    (T5) gives its rows' slots as [B, T_max], padded with a null slot."""
     kv_lengths = [100, 9, 90, 10, 76, 60, 1, 75]
     positions = torch.tensor([n - 1 for n in kv_lengths])  # one new token each
     query_starts = torch.arange(len(kv_lengths) + 1)
@@ -64,7 +65,9 @@ def test_decode_buckets_hold_every_row_once_within_the_padding_bound(
         ]
     )
     if step == "packed":
-        layout = packed_layout(query_starts, positions, read_slots, None, padding, block_size)
+        layout = packed_layout(
+            query_starts, positions, read_slots, None, padding, block_size, min_padding
+        )
         assert layout.groups == ()
         buckets = layout.buckets
     else:
@@ -74,7 +77,7 @@ def test_decode_buckets_hold_every_row_once_within_the_padding_bound(
         padded = torch.stack(
             [torch.cat([r, r.new_full((width - len(r),), null_slot)]) for r in rows]
         )
-        buckets = padded_decode_buckets(padded, kv_lengths, block_size, padding)
+        buckets = padded_decode_buckets(padded, kv_lengths, block_size, padding, min_padding)
     queries = sorted(q for b in buckets for q in b.query_index.tolist())
     assert queries == list(range(len(kv_lengths)))
     for bucket in buckets:
@@ -83,13 +86,18 @@ def test_decode_buckets_hold_every_row_once_within_the_padding_bound(
             own = len(table[b])
             assert bucket.key_blocks[row, :own].tolist() == table[b]
             assert set(bucket.key_blocks[row, own:].tolist()) <= {table[b][-1]}
-            assert kv_lengths[b] >= (1 - padding) * width - block_size + 1
+            within_share = kv_lengths[b] >= (1 - padding) * width - block_size + 1
+            within_keys = kv_lengths[b] >= width - block_size + 1 - min_padding
+            assert within_share or within_keys
             if bucket.mask is not None:
                 assert bucket.mask[row, 0, 0].tolist() == [p < kv_lengths[b] for p in range(width)]
             else:
                 assert kv_lengths[b] == width
-    if padding == 0.0:  # no padding at all: one bucket per distinct length
+    rows = sorted(sorted(bucket.query_index.tolist()) for bucket in buckets)
+    if padding == 0.0 and min_padding == 0:  # no padding at all: one bucket per distinct length
         assert len(buckets) == len(set(kv_lengths))
+    if min_padding == 32:  # 100, 90, 76, 75 (<= 32 keys short); 60 alone; 10, 9, 1
+        assert rows == [[0, 2, 4, 7], [1, 3, 6], [5]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -100,7 +108,7 @@ def test_t5_decode_reads_each_rows_own_keys_only(
     the bucket bound of each row's own encoder length, not every row padded to the longest."""
     loaded = load_model(str(checkpoints["t5"].path), dtype=dtype)
     runner = make_runner(loaded, block_size=4)
-    prompts = [[5] * 3, [6] * 40, [7] * 5, [8] * 6]
+    prompts = [[5] * 3, [6] * 200, [7] * 5, [8] * 6]
     seqs = [SequenceKV() for _ in prompts]
     last = runner.prefill(seqs, prompts).argmax(-1).tolist()
     widths: list[tuple[int, int]] = []  # (rows, keys) of each attention call
@@ -114,9 +122,9 @@ def test_t5_decode_reads_each_rows_own_keys_only(
     runner.decode(seqs, last)
     num_layers = loaded.config.num_decoder_layers
     keys_read = sum(rows * keys for rows, keys in widths) // num_layers
-    # Self-attention: one bucket of 4 rows x one block. Cross: 40 alone, 5 and 6 in one
-    # bucket of two blocks, 3 alone in one block (not 4 rows x 40 keys).
-    assert keys_read == 4 * 4 + (40 + 2 * 8 + 4)
+    # Self-attention: one bucket of 4 rows x one block. Cross: 200 alone (over the padding
+    # bounds: 25% and 128 keys), 3, 5 and 6 in one bucket of two blocks (not 4 rows x 200 keys).
+    assert keys_read == 4 * 4 + (200 + 3 * 8)
 
 
 @pytest.mark.parametrize("variant", FAMILIES)
