@@ -14,8 +14,8 @@ drift hits them alike):
 2. the attention kernel alone over the same rows: one call per row (what exegpt runs), one call
    over a block-diagonal causal mask of all tokens, and one padded batched call with a mask;
 3. decode attention over a paged KV cache with skewed KV lengths: decode rows bucketed by
-   length with padding bounds 0 (one bucket per length), 0.25 (exegpt's) and 1 (one padded
-   batch).
+   length with padding bounds 0 (one bucket per length, the 128-key allowance off), 0.25 and
+   the allowance (exegpt's) and 1 (one padded batch).
 """
 
 from __future__ import annotations
@@ -163,8 +163,15 @@ def decode_paths(kv_lengths: list[int], dtype: torch.dtype) -> dict[str, Callabl
     positions = torch.tensor([n - 1 for n in kv_lengths])
     read_slots = torch.randperm(num_slots - 1)  # scattered blocks, as in a real pool
     paths = {}
-    for padding, label in ((0.0, "per length"), (0.25, "0.25 (exegpt)"), (1.0, "one batch")):
-        layout = packed_layout(query_starts, positions, read_slots, None, padding)
+    paths_by_bound = (
+        (0.0, 0, "per length"),
+        (0.25, None, "0.25 (exegpt)"),
+        (1.0, None, "one batch"),
+    )
+    for padding, min_padding, label in paths_by_bound:
+        layout = packed_layout(
+            query_starts, positions, read_slots, None, padding, min_padding=min_padding
+        )
 
         def run(layout=layout) -> object:
             return packed_attention(q, new, new, cache_k, cache_v, layout, dim**-0.5)

@@ -32,8 +32,13 @@ def matmul_decode_applies(q: Tensor) -> bool:
 
 def decode_kernel(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     """softmax(q k^T * scale + mask) v for q [b, H, D] over k, v [b, T, H_kv, D]; `mask` as
-    SDPA's attn_mask, broadcastable to [b, H, 1, T]: bool (True where visible) or additive;
-    None: every key. Returns [b, H, D]."""
+    SDPA's attn_mask, 4-D [b | 1, H | 1, 1, T]: bool (True where visible) or additive; None:
+    every key. Returns [b, H, D].
+
+    Callers zero the values at hidden keys (and the keys too, unless the mask is bool): a
+    stale non-finite value there would reach the output as 0 x NaN. On the matmul path the
+    block-diagonal queries couple the heads of one token: a non-finite value in a visible key
+    would reach every head's score for it (never seen with finite weights)."""
     num_heads, num_kv_heads = q.shape[1], k.shape[2]
     if not matmul_decode_applies(q):
         out = F.scaled_dot_product_attention(

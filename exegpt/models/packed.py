@@ -15,7 +15,9 @@ mix them. Attention runs per kind of row, over valid keys only:
   KV blocks at a time, the tail of its last block masked and zeroed;
 - decode rows (one query token) are batched: sorted by KV length and cut into buckets in which
   every row holds at least `1 - DECODE_BUCKET_PADDING` of the bucket's longest, so a bucket's
-  padded keys stay under a third of its valid ones, and each bucket is one kernel call. Their
+  padded keys stay under a third of its valid ones, or is at most DECODE_BUCKET_MIN_PADDING
+  keys shorter (each bucket costs a fixed ~100 us a layer), and each bucket is one kernel
+  call. Their
   keys are gathered whole KV blocks at a time (one `index_select` of contiguous blocks, not
   one of every slot), up to the last block of the bucket's longest row.
 
