@@ -82,7 +82,7 @@ def reserve_in_thread(ring: ShmRing) -> tuple[threading.Thread, list[int | None]
     return thread, results
 
 
-def test_a_release_in_this_process_wakes_a_waiting_reserve(slow_periodic_look: None) -> None:
+def assert_a_waiting_reserve_gets_the_slot_released_in_this_process() -> None:
     ring = ShmRing(slot_bytes=4096, num_slots=1)
     reader = ShmReader(max_payload_bytes=4096)
     try:
@@ -97,6 +97,10 @@ def test_a_release_in_this_process_wakes_a_waiting_reserve(slow_periodic_look: N
     finally:
         reader.close()
         ring.close()
+
+
+def test_a_release_in_this_process_wakes_a_waiting_reserve(slow_periodic_look: None) -> None:
+    assert_a_waiting_reserve_gets_the_slot_released_in_this_process()
 
 
 # Leases the slot named on its command line, says so, and drops it when stdin has a line.
@@ -180,17 +184,4 @@ def test_without_a_futex_a_waiting_reserve_still_gets_a_released_slot(
 ) -> None:
     monkeypatch.setattr(shm_wait, "_libc", None)  # polling, as on a machine without futexes
     assert not has_futex()
-    ring = ShmRing(slot_bytes=4096, num_slots=1)
-    reader = ShmReader(max_payload_bytes=4096)
-    try:
-        ref = ring.publish(0, 64)
-        reader.check(ref)
-        thread, results = reserve_in_thread(ring)
-        thread.join(0.3)
-        assert thread.is_alive()
-        reader.release(ref)
-        thread.join(30)
-        assert results == [0]
-    finally:
-        reader.close()
-        ring.close()
+    assert_a_waiting_reserve_gets_the_slot_released_in_this_process()
