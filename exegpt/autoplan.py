@@ -329,9 +329,9 @@ def format_choice(auto: AutoPlan) -> str:
     """The chosen schedule, its prediction, and how it compares with every other kind."""
     report, predicted = auto.report, auto.predicted
     headroom = report.get("latency_headroom") or 0.0
-    planned = ""
+    planned, which = "", "the bound"
     if headroom and math.isfinite(auto.bound_s):
-        planned = f", planned against {1 - headroom:.2f} x bound"
+        planned, which = f", planned against {1 - headroom:.2f} x bound", "the planned bound"
     lines = [
         f"plan: {report['workload']} on {report['num_devices']} device(s), latency bound "
         f"{auto.bound_s:.3f} s{planned} (p99 output {report['output_p99_tokens']} tokens)",
@@ -347,8 +347,8 @@ def format_choice(auto: AutoPlan) -> str:
     missing = [k.value for k in ScheduleKind if k.value not in auto.margins]
     missing.remove(report["chosen_kind"])
     lines.append(
-        f"  {report['chosen_kind']} won: {', '.join(beaten) or 'nothing else meets the bound'}"
-        + (f" (none within the bound: {', '.join(missing)})" if missing else "")
+        f"  {report['chosen_kind']} won: {', '.join(beaten) or f'nothing else meets {which}'}"
+        + (f" (none within {which}: {', '.join(missing)})" if missing else "")
     )
     lines.append(f"  plan file: {auto.path}")
     return "\n".join(lines)

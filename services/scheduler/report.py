@@ -100,7 +100,9 @@ def format_report(report: dict[str, Any]) -> str:
     bound = report["latency_bound_s"]
     bound_text = "none" if bound is None else f"{bound:.3f} s"
     planned = report.get("planned_bound_s")
-    if bound is not None and planned is not None and planned < bound:
+    with_headroom = bound is not None and planned is not None and planned < bound
+    which = "the planned bound" if with_headroom else "the bound"
+    if with_headroom:
         bound_text += (
             f", planned against {1 - report['latency_headroom']:.2f} x bound ({planned:.3f} s)"
         )
@@ -134,7 +136,7 @@ def format_report(report: dict[str, Any]) -> str:
                 f"  lowest latency reachable: {lowest['latency_s']:.3f} s with "
                 f"{lowest['describe']} ({lowest['throughput_seq_s']:.3f} seq/s)"
             )
-    lines += ["", "best configuration of each kind within the bound:"]
+    lines += ["", f"best configuration of each kind within {which}:"]
     lines.append(
         f"  {'kind':<11} {'schedule':<56} {'latency_s':>10} {'seq/s':>10} {'tokens/s':>11} "
         f"{'peak GiB':>8}"
@@ -148,7 +150,7 @@ def format_report(report: dict[str, Any]) -> str:
         elif kind in (ScheduleKind.WAA_C, ScheduleKind.WAA_M) and num_devices < 2:
             text = "(needs at least 2 devices)"
         else:
-            text = "(nothing meets the bound)"
+            text = f"(nothing meets {which})"
         lines.append(f"  {kind.value:<11} {text}")
     search = report["search"]
     lines += [

@@ -170,8 +170,8 @@ def run_static(
     batch_s = encode_s + num_steps * iteration_s
     p99_rows = rows_beside(stats.output_pmf, stats.output_p99_tokens, micro_batch)
     p99_times = decode_times_at(costs, stages, p99_rows)
-    p99_steps = max(0, stats.output_p99_tokens - 1)
-    latency_s = encode_s + p99_steps * pipeline_period_s(p99_times, hop_s, num_micro)
+    period_s = pipeline_period_s(p99_times, hop_s, num_micro)
+    latency_s = encode_s + stats.p99_decode_steps * period_s
     if events is not None:
         # Each micro-batch starts decoding when its own encoding (and broadcast) is done.
         state = micro_batch_events(

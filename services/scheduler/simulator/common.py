@@ -68,6 +68,17 @@ class WorkloadStats:
             output_pmf=workload.output_pmf,
         )
 
+    @property
+    def mean_decode_steps(self) -> float:
+        """Decode steps of a mean sequence: its first token comes with its prefill (encoding),
+        the rest one a step; at least 1, so rates over it stay finite."""
+        return max(1.0, self.mean_output_tokens - 1.0)
+
+    @property
+    def p99_decode_steps(self) -> int:
+        """Decode steps of the p99-length sequence (0 when it is one token long)."""
+        return max(0, self.output_p99_tokens - 1)
+
 
 @dataclass(frozen=True)
 class TimelineEvent:

@@ -61,7 +61,7 @@ class SteadyState:
 def steady_state(costs: LayerCosts, running_batch: int, num_stages: int) -> SteadyState:
     """The steady state of one of `num_stages` micro-batches of a running batch."""
     running = running_batch / num_stages
-    decode_steps = max(1.0, costs.stats.mean_output_tokens - 1.0)
+    decode_steps = costs.stats.mean_decode_steps
     prefills = 1.0 - (1.0 - 1.0 / decode_steps) ** running
     return SteadyState(running, decode_steps, prefills, running / (decode_steps * prefills))
 
@@ -98,7 +98,7 @@ def run_continuous(
     prefill_s = traverse(stages, prefill_times, prefill_hop_s, 0.0, "encode", "", None)
     prefill_tokens = costs.encode_tokens(as_batch(steady.prefill_rows))
     prefill_s += encoder_output_broadcast_s(costs, num_stages, prefill_tokens)
-    latency_s = prefill_s + max(0, stats.output_p99_tokens - 1) * iteration_s
+    latency_s = prefill_s + stats.p99_decode_steps * iteration_s
     busy = [num_stages * (c + s) for c, s in times]
     self_kv = stats.running_position_tokens
     cross_kv = stats.mean_input_tokens if costs.model.shape.is_encoder_decoder else 0.0

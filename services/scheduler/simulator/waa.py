@@ -194,8 +194,7 @@ def run(costs: LayerCosts, schedule: Schedule, num_devices: int) -> WaaOutcome:
     _, token_s = steady_decode_batch(
         costs, decode_stages, schedule, decoding_rows, iteration_s, cycle_s
     )
-    p99_steps = max(0, costs.stats.output_p99_tokens - 1)
-    latency_s = encode_traverse_s + handoff_s + p99_steps * token_s
+    latency_s = encode_traverse_s + handoff_s + costs.stats.p99_decode_steps * token_s
     return WaaOutcome(
         encode_stages,
         decode_stages,
@@ -214,8 +213,8 @@ def run(costs: LayerCosts, schedule: Schedule, num_devices: int) -> WaaOutcome:
 
 
 def decode_steps(costs: LayerCosts) -> float:
-    """Decode iterations a sequence runs: its first token comes with its encoding."""
-    return max(1.0, costs.stats.mean_output_tokens - 1.0)
+    """Decode iterations a sequence runs (WorkloadStats.mean_decode_steps)."""
+    return costs.stats.mean_decode_steps
 
 
 _STEADY_ITERATIONS = 12
