@@ -82,7 +82,7 @@ from schedule_runs import (  # noqa: E402
 from exegpt import autoplan  # noqa: E402
 from exegpt.bench import against_plan  # noqa: E402
 from exegpt.calibration_pass import DeployedPrediction, recalibrate  # noqa: E402
-from exegpt.headroom import add_headroom_argument  # noqa: E402
+from exegpt.headroom import add_headroom_argument, planned_against  # noqa: E402
 from exegpt.schedule import ScheduleKind  # noqa: E402
 from services.scheduler.calibration import Calibration  # noqa: E402
 
@@ -385,7 +385,7 @@ def main() -> int:
     sys.stdout.write(
         f"{args.devices} devices ({args.devices} processes x 1 thread), lengths x"
         f"{args.length_scale:g}, bounds = static batching's {BOUND_QUANTILES} latency quantiles"
-        f" (planned against {1 - args.latency_headroom:.2f} x bound; met: within the bound);"
+        f" ({planned_against(args.latency_headroom)}; met: within the bound);"
         f" profile {profile}; runs in {work}\n\n{format_rows(rows)}\n"
     )
     if args.json:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from exegpt.headroom import DEFAULT_LATENCY_HEADROOM, add_headroom_argument
+from exegpt.headroom import DEFAULT_LATENCY_HEADROOM, add_headroom_argument, planned_against
 from exegpt.plan_file import PlanFile
 from exegpt.schedule import ScheduleKind
 
@@ -331,7 +331,7 @@ def format_choice(auto: AutoPlan) -> str:
     headroom = report.get("latency_headroom") or 0.0
     planned, which = "", "the bound"
     if headroom and math.isfinite(auto.bound_s):
-        planned, which = f", planned against {1 - headroom:.2f} x bound", "the planned bound"
+        planned, which = f", {planned_against(headroom)}", "the planned bound"
     lines = [
         f"plan: {report['workload']} on {report['num_devices']} device(s), latency bound "
         f"{auto.bound_s:.3f} s{planned} (p99 output {report['output_p99_tokens']} tokens)",

@@ -37,6 +37,11 @@ def planning_bound_s(latency_bound_s: float, headroom: float) -> float:
     return latency_bound_s * (1.0 - check_latency_headroom(headroom))
 
 
+def planned_against(headroom: float) -> str:
+    """How a plan names its headroom beside the user's bound: "planned against 0.90 x bound"."""
+    return f"planned against {1 - headroom:.2f} x bound"
+
+
 def add_headroom_argument(parser: Any) -> None:
     """`--latency-headroom`, as every planning command takes it."""
     parser.add_argument(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from exegpt.headroom import planned_against
 from exegpt.schedule import ScheduleKind
 from services.scheduler.problem import PlanProblem, PlanResult, Prediction
 from services.scheduler.simulator.common import GIB
@@ -103,9 +104,7 @@ def format_report(report: dict[str, Any]) -> str:
     with_headroom = bound is not None and planned is not None and planned < bound
     which = "the planned bound" if with_headroom else "the bound"
     if with_headroom:
-        bound_text += (
-            f", planned against {1 - report['latency_headroom']:.2f} x bound ({planned:.3f} s)"
-        )
+        bound_text += f", {planned_against(report['latency_headroom'])} ({planned:.3f} s)"
     num_devices = report["num_devices"]
     lines = [
         f"profile {report['profile']} ({report['model']}), {num_devices} "
