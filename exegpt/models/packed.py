@@ -17,9 +17,8 @@ mix them. Attention runs per kind of row, over valid keys only:
   every row holds at least `1 - DECODE_BUCKET_PADDING` of the bucket's longest, so a bucket's
   padded keys stay under a third of its valid ones, or is at most DECODE_BUCKET_MIN_PADDING
   keys shorter (each bucket costs a fixed ~100 us a layer), and each bucket is one kernel
-  call. Their
-  keys are gathered whole KV blocks at a time (one `index_select` of contiguous blocks, not
-  one of every slot), up to the last block of the bucket's longest row.
+  call. Their keys are gathered whole KV blocks at a time (one `index_select` of contiguous
+  blocks, not one of every slot), up to the last block of the bucket's longest row.
 
 The layout is read from the batch's small index tensors once per step (one host read), then
 every layer reuses it. T5 decode steps (padded index tensors, one query token per row) use the
