@@ -48,18 +48,28 @@ class Run:
     engine_policy: str
     router_policy: str
     max_tokens_per_step: int | None = None  # chunked prefill; None: off
+    long_output_tokens_per_step: int | None = None  # its budget for long outputs; None: off
 
     @property
     def name(self) -> str:
-        chunked = f"+chunk{self.max_tokens_per_step}" if self.max_tokens_per_step else ""
-        return f"{self.engine_policy}+{self.router_policy}{chunked}"
+        return f"{self.engine_policy}+{self.router_policy}{self.chunk_label}"
+
+    @property
+    def chunk_label(self) -> str:
+        """`+chunkN`, `+chunkN-M` with a long-output budget M, or nothing (unchunked)."""
+        if not self.max_tokens_per_step:
+            return ""
+        long = f"-{self.long_output_tokens_per_step}" if self.long_output_tokens_per_step else ""
+        return f"+chunk{self.max_tokens_per_step}{long}"
 
     @classmethod
     def parse(cls, combo: str) -> Run:
-        """`engine+router` or `engine+router+chunkN`."""
+        """`engine+router`, `engine+router+chunkN` or `engine+router+chunkN-M`."""
         engine, router, *chunk = combo.split("+")
-        budget = int(chunk[0].removeprefix("chunk")) if chunk else None
-        return cls(engine, router, budget)
+        if not chunk:
+            return cls(engine, router)
+        budget, _, long = chunk[0].removeprefix("chunk").partition("-")
+        return cls(engine, router, int(budget), int(long) if long else None)
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,7 @@ def deployment_config(run: Run, setup: Setup) -> DeploymentConfig:
         kv_cache_mb=setup.kv_cache_mb,
         engine_policy=run.engine_policy,
         max_tokens_per_step=run.max_tokens_per_step,
+        long_output_tokens_per_step=run.long_output_tokens_per_step,
         torch_threads=setup.torch_threads,
         extra_router_args=(f"--policy={run.router_policy}",),
     )

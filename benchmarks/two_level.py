@@ -192,9 +192,7 @@ def format_matrix(name: str, results: TraceResults, runs: list[Run], loads: list
         for run in runs:
             metrics = results.cells[(run.name, load)]
             within = metric(metrics, ("fraction_within_bound",))
-            label = f"{run.router_policy} / {run.name.split('+', 1)[0]}" + (
-                f"+chunk{run.max_tokens_per_step}" if run.max_tokens_per_step else ""
-            )
+            label = f"{run.router_policy} / {run.engine_policy}{run.chunk_label}"
             bound = f"{within:10.2f}" if within is not None else f"{'-':>10}"
             lines.append(f"{label:36}{cells(metrics)}{ratios(metrics, base)}{bound}")
     return "\n".join(lines)
