@@ -101,3 +101,12 @@ def test_the_capacity_burst_follows_the_measured_burst_rule() -> None:
     assert load[load.index("--num-requests") + 1] == "200"
     assert load[load.index("--seed") + 1] == "8"  # repeat 1: another arrival pattern
     assert load[load.index("--latency-bound") + 1] == "2.500"
+
+
+def test_a_combo_names_its_chunk_budgets() -> None:
+    run = POLICY_RUNS["Run"].parse("memory_aware+token_aware+chunk32-128")
+    assert (run.max_tokens_per_step, run.long_output_tokens_per_step) == (32, 128)
+    assert run.name == "memory_aware+token_aware+chunk32-128"
+    fixed = POLICY_RUNS["Run"].parse("memory_aware+token_aware+chunk32")
+    assert (fixed.max_tokens_per_step, fixed.long_output_tokens_per_step) == (32, None)
+    assert POLICY_RUNS["Run"].parse("fcfs+round_robin").chunk_label == ""

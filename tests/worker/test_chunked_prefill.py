@@ -325,3 +325,12 @@ def test_the_load_counts_the_prompt_tokens_an_admitted_request_has_yet_to_chunk(
     assert scheduler.snapshot().num_pending_prefill_tokens == 33  # admitted, 33 to chunk
     step()
     assert scheduler.snapshot().num_pending_prefill_tokens == 26
+
+
+def test_the_worker_refuses_a_long_output_budget_not_above_the_budget(
+    llama, caplog: pytest.LogCaptureFixture
+) -> None:
+    path, _ = llama
+    args = ["worker", "--model", str(path), "--port", "0", "--max-tokens-per-step", "32"]
+    assert cli.main([*args, "--long-output-tokens-per-step", "32"]) == 1
+    assert "must exceed --max-tokens-per-step (32)" in caplog.text
