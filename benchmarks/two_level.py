@@ -75,12 +75,16 @@ from services.scheduler.simulator.kv_policy import SimRequest, simulate_kv_polic
 TRACES = {"conv": "azure2023_conv.csv", "code": "azure2023_code.csv"}
 DEFAULT_COMBOS = (
     "fcfs+round_robin,fcfs+least_requests,fcfs+power_of_two,fcfs+token_aware,"
-    "memory_aware+round_robin,memory_aware+token_aware,memory_aware+token_aware+chunk32"
+    "memory_aware+round_robin,memory_aware+token_aware,memory_aware+token_aware+chunk32,"
+    "memory_aware+token_aware+chunk32-128"
 )
 # The budget bounds the step a decode waits through: on the tiny model on one CPU thread a
 # mixed step of 32 tokens took ~2x a decode step, of 64 ~3x, of 256 ~4-6x
-# (benchmarks/chunk_budget.py).
-TARGET = "memory_aware+token_aware+chunk32"
+# (benchmarks/chunk_budget.py). Up to 128 while every decoding request expects 16 or more
+# output tokens (services/worker/chunked.py), whose TPOT averages the longer step over its
+# gaps: a fixed 128 cut the conversation trace's TTFT p99 (queueing for the prefill) but
+# took the code trace's TPOT p99 over 3x its p50 (2-token outputs: one gap each).
+TARGET = "memory_aware+token_aware+chunk32-128"
 BURST = math.inf  # the load of a replay with every request at once
 
 
