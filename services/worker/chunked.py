@@ -35,6 +35,7 @@ decode steps alternate.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from services.worker.config import EngineConfig
@@ -63,17 +64,19 @@ class ChunkBudget:
         self._starved = False  # the last step's decodes left no budget to waiting prefills
         self._step_max = max_tokens_per_step  # the budget of the step being planned
 
-    def plan_step(self, expected_outputs: list[float]) -> int:
+    def plan_step(self, expected_outputs: Iterable[float]) -> int:
         """Set the budget of the next step from the expected output lengths (tokens so far
         plus the expected rest) of the sequences decoding now, and return it: the long-output
-        budget when every one expects at least its length, else max_tokens_per_step."""
+        budget when there are some and every one expects at least its length, else
+        max_tokens_per_step. Reads `expected_outputs` only as far as it must (lazily)."""
         long = self.long_output
-        absorbs = (
-            long is not None
-            and bool(expected_outputs)
-            and min(expected_outputs) >= long.min_output_tokens
-        )
-        self._step_max = long.max_tokens if absorbs else self.max_tokens
+        absorbs = False
+        if long is not None:
+            for expected in expected_outputs:
+                absorbs = expected >= long.min_output_tokens
+                if not absorbs:
+                    break
+        self._step_max = long.max_tokens if long is not None and absorbs else self.max_tokens
         return self._step_max
 
     def decodes_go_in(self, num_decodes: int, prefills_wait: bool) -> bool:

@@ -168,7 +168,7 @@ class StepScheduler(Admission):
         """--max-tokens-per-step (chunked.py): a group's ready decodes and, in the budget they
         leave, chunks of the waiting prefills, in one step."""
         assert self._chunks is not None
-        self._chunks.plan_step([self._expected_output(s) for s in self._running if s.prefilled])
+        self._chunks.plan_step(self._expected_output(s) for s in self._running if s.prefilled)
         group, decodes = self._ready_decodes()
         pending = self._idle_unprefilled()
         prefills_wait = bool(pending) or self.num_waiting() > 0

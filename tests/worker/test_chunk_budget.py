@@ -78,3 +78,18 @@ def test_a_long_output_budget_must_exceed_the_budget_and_needs_one() -> None:
         chunk_budget(None, False, LongOutputBudget(128, 16))
     with pytest.raises(ValueError, match=">= 1"):
         LongOutputBudget(128, 0)
+
+
+def test_the_expected_outputs_are_read_only_as_far_as_the_choice_needs() -> None:
+    read: list[float] = []
+
+    def expected(values: list[float]):
+        for value in values:
+            read.append(value)
+            yield value
+
+    assert ChunkBudget(32).plan_step(expected([40.0, 50.0])) == 32
+    assert read == []  # no long-output budget: nothing to estimate
+    budget = ChunkBudget(32, LongOutputBudget(max_tokens=128, min_output_tokens=16))
+    assert budget.plan_step(expected([40.0, 3.0, 50.0])) == 32
+    assert read == [40.0, 3.0]  # the first short one decides
