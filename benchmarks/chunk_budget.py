@@ -4,7 +4,8 @@ chunked-prefill budget, side by side in one run.
 
     python benchmarks/chunk_budget.py --trace-dir ../shared/traces --trace code --rate 5
 
-For each budget (`off`: whole prompts) it prints TTFT p50/p99 and TPOT p50/p99 as the
+For each budget (`off`: whole prompts; `N-M`: N, and M while every decode expects a long
+output, services/worker/chunked.py) it prints TTFT p50/p99 and TPOT p50/p99 as the
 engine's own token times give them (TPOT as the bench defines it: (last token - first) /
 (tokens - 1) per request), TPOT p99 / p50, the p99 of each request's longest gap between two
 tokens, every step kind's mean, p99 and max time, and the same of the requests' queue time
@@ -120,7 +121,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trace-dir", type=Path, required=True, help="holds the Azure CSVs")
     parser.add_argument("--trace", choices=sorted(TRACES), default="conv")
-    parser.add_argument("--budgets", default="off,256,64", help="tokens a step, or off")
+    parser.add_argument(
+        "--budgets", default="off,256,64", help="tokens a step (N, or N-M: long outputs M) or off"
+    )
     parser.add_argument("--rate", type=float, default=10.0, help="Poisson arrivals a second")
     parser.add_argument("--requests", type=int, default=80)
     parser.add_argument("--length-scale", type=float, default=0.125)
@@ -148,10 +151,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         loaded = load_model(str(build_tiny_llama(Path(tmp) / "tiny-llama")))
         for budget in args.budgets.split(",") * args.repeats:  # interleaved: same noise
+            fixed, _, long = budget.partition("-")  # N, or N-M with a long-output budget M
             config = EngineConfig(
                 max_batch_size=args.max_batch_size,
                 kv_capacity_bytes=int(args.kv_cache_mb * 2**20),
-                max_tokens_per_step=None if budget == "off" else int(budget),
+                max_tokens_per_step=None if fixed == "off" else int(fixed),
+                long_output_tokens_per_step=int(long) if long else None,
                 policy=PolicyConfig(EnginePolicy(args.engine_policy)),
             )
             times, steps = replay(loaded, config, rows, gaps_s)

@@ -16,11 +16,13 @@ import grpc
 from deployments import free_port, metric
 
 from exegpt.bench.against_plan import completed_rows, steady_rate
+from exegpt.bench.metrics import summarize
 from exegpt.calibration_pass import sum_totals, totals_between
 from exegpt.launcher import Deployment, DeploymentConfig
 from exegpt.v1 import worker_pb2, worker_pb2_grpc
 
 BASELINE = "fcfs+round_robin"
+NUM_REPLICAS = 2  # a deployment's
 COLUMNS = (  # label, metrics path, scale, format
     ("seq/s", ("throughput", "sequences_per_s"), 1.0, "{:8.2f}"),
     ("tok/s", ("throughput", "output_tokens_per_s"), 1.0, "{:8.1f}"),
@@ -46,18 +48,28 @@ class Run:
     engine_policy: str
     router_policy: str
     max_tokens_per_step: int | None = None  # chunked prefill; None: off
+    long_output_tokens_per_step: int | None = None  # its budget for long outputs; None: off
 
     @property
     def name(self) -> str:
-        chunked = f"+chunk{self.max_tokens_per_step}" if self.max_tokens_per_step else ""
-        return f"{self.engine_policy}+{self.router_policy}{chunked}"
+        return f"{self.engine_policy}+{self.router_policy}{self.chunk_label}"
+
+    @property
+    def chunk_label(self) -> str:
+        """`+chunkN`, `+chunkN-M` with a long-output budget M, or nothing (unchunked)."""
+        if not self.max_tokens_per_step:
+            return ""
+        long = f"-{self.long_output_tokens_per_step}" if self.long_output_tokens_per_step else ""
+        return f"+chunk{self.max_tokens_per_step}{long}"
 
     @classmethod
     def parse(cls, combo: str) -> Run:
-        """`engine+router` or `engine+router+chunkN`."""
+        """`engine+router`, `engine+router+chunkN` or `engine+router+chunkN-M`."""
         engine, router, *chunk = combo.split("+")
-        budget = int(chunk[0].removeprefix("chunk")) if chunk else None
-        return cls(engine, router, budget)
+        if not chunk:
+            return cls(engine, router)
+        budget, _, long = chunk[0].removeprefix("chunk").partition("-")
+        return cls(engine, router, int(budget), int(long) if long else None)
 
 
 @dataclass(frozen=True)
@@ -71,16 +83,17 @@ class Setup:
 
 
 def deployment_config(run: Run, setup: Setup) -> DeploymentConfig:
-    """2 replicas on free ports running `run`'s policies."""
+    """NUM_REPLICAS replicas on free ports running `run`'s policies."""
     return DeploymentConfig(
         model=setup.model,
-        num_replicas=2,
+        num_replicas=NUM_REPLICAS,
         http_port=free_port(),
         grpc_port=free_port(),
         max_batch_size=setup.max_batch_size,
         kv_cache_mb=setup.kv_cache_mb,
         engine_policy=run.engine_policy,
         max_tokens_per_step=run.max_tokens_per_step,
+        long_output_tokens_per_step=run.long_output_tokens_per_step,
         torch_threads=setup.torch_threads,
         extra_router_args=(f"--policy={run.router_policy}",),
     )
@@ -109,7 +122,9 @@ def replay(deployment: Deployment, bench_args: list[str], json_path: Path) -> di
     ]  # fmt: skip
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     after = worker_stats(addresses)
-    metrics = report_metrics(json.loads(json_path.read_text()))
+    document = json.loads(json_path.read_text())
+    metrics = report_metrics(document)
+    metrics["rows"] = document["requests"]  # every request, for pooled percentiles
     metrics["preemptions"] = sum(
         a.num_preemptions - b.num_preemptions for a, b in zip(after, before, strict=True)
     )
@@ -137,13 +152,53 @@ def report_metrics(document: dict) -> dict:
 
 
 def combine(replays: list[dict]) -> dict:
-    """Repeated replays of one cell as one: the median of every number (the preemptions
+    """Repeated replays of one cell as one: the latency percentiles (TTFT, TPOT, e2e, TPOT
+    p99/p50 and the fraction within the bound) over the pool of every replay's requests
+    (`pooled`), the median of every other number (the preemptions summed), the first
+    replay's value of anything else."""
+    combined = _medians(replays)
+    rows = [row for replay in replays for row in replay["rows"]]
+    combined.update(pooled(rows, replays[0].get("latency_bound_s")))
+    combined["rows"] = rows
+    return combined
+
+
+def pooled(rows: list[dict], bound_s: float | None) -> dict:
+    """The latency figures of bench request `rows` (several replays' requests pooled), as
+    `exegpt bench` reports them for one replay: a p99 of R x N requests is a statistic where
+    one replay's N = 80 made it the single slowest request."""
+    ok = [r for r in rows if r["error"] is None and r["e2e_s"] is not None]
+    ttfts = [r["ttft_s"] for r in ok if r["ttft_s"] is not None]
+    tpots = [tpot for r in ok if (tpot := _tpot_s(r)) is not None]
+    tpot = summarize(tpots, (50, 99))
+    figures = {
+        "ttft_s": summarize(ttfts, (50, 99)),
+        "tpot_s": tpot,
+        "e2e_latency_s": summarize([r["e2e_s"] for r in ok], (50, 90, 99)),
+        "tpot_p99_over_p50": tpot["p99"] / tpot["p50"] if tpot["p50"] else None,
+        "num_pooled": len(rows),
+        "num_failed": len(rows) - len(ok),
+    }
+    if bound_s is not None and rows:
+        figures["fraction_within_bound"] = sum(r["e2e_s"] <= bound_s for r in ok) / len(rows)
+    return figures
+
+
+def _tpot_s(row: dict) -> float | None:
+    """As exegpt bench defines it: (e2e - TTFT) / (output tokens - 1)."""
+    if row["ttft_s"] is None or row["output_tokens"] < 2:
+        return None
+    return (row["e2e_s"] - row["ttft_s"]) / (row["output_tokens"] - 1)
+
+
+def _medians(replays: list[dict]) -> dict:
+    """The median of every number of `replays` (nested dicts alike; the preemptions
     summed), the first replay's value of anything else."""
     combined: dict = {}
     for key, first in replays[0].items():
         values = [r.get(key) for r in replays]
         if all(isinstance(v, dict) for v in values):
-            combined[key] = combine(values)
+            combined[key] = _medians(values)
         elif key == "preemptions":
             combined[key] = sum(values)
         elif all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):

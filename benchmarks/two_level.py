@@ -2,7 +2,7 @@
 torch thread each), replaying the Azure conversation and code traces at 50%, 80% and 95% of
 the capacity measured for fcfs + round_robin.
 
-    python benchmarks/two_level.py --trace-dir ../shared/traces --requests-per-cell 40
+    python benchmarks/two_level.py --trace-dir ../shared/traces --traces conv --repeats 2
 
 The traces are read from --trace-dir (this repository holds none). Lengths are scaled by
 --length-scale to fit the model. The model is a seeded random 4-layer Llama built into a
@@ -10,7 +10,9 @@ temporary directory (decoder-only, so chunked prefill applies), unless --model n
 
 Per trace, every combination first replays the trace with every request at once (the burst
 fills the KV cache: this is where fcfs preempts); the baseline's steady-state rate there is
-the capacity, and its e2e p50 the latency bound (unless --latency-bound-s). The capacity is
+the capacity, and its e2e p50 the latency bound (unless --latency-bound-s). The burst's size
+is the rule every measured burst follows (exegpt/bench/burst.py): MEASURED_BATCHES running
+batches of each replica (4 x 16 x 2 = 128 requests at the default batch). The capacity is
 the highest rate the baseline sustains, so it is the burst's completions per second in its
 steady window (exegpt/bench/against_plan.py: between the 10th and 90th percentile
 completions, ending when the last request was admitted), not its requests over the whole
@@ -18,20 +20,26 @@ run: that run includes the first batch's fill, before anything completes, and th
 where the batches shrink, and read 15-22% below the steady rate (conv 39.1 against 46.1
 seq/s, code 35.6 against 45.4, 80 requests), so "95% load" offered about 75-80% of what
 the baseline sustains and the queues stayed short. The matrix prints the whole burst's rate
-beside the capacity. Then every combination replays it as Poisson arrivals at each load
-(in increasing order). Every combination of a trace has its deployment up at once, and the
-replays of a cell alternate between them (repeat i of each before repeat i + 1): run one
-combination after another, a shared machine's load moved between them and the baseline's
-decode steps ran 2x the target's (15.6 against 7.9 ms), a ratio of the machine, not of the
-policies. Each deployment is 2 worker processes and a router: ~300 MiB a worker here, and
-~1% of a core while idle. One matrix per trace and load:
+beside the capacity. Then every combination replays --requests-per-cell requests as Poisson
+arrivals at each load (in increasing order). Every combination of a trace has its
+deployment up at once, and the replays of a cell alternate between them (repeat i of each
+before repeat i + 1): run one combination after another, a shared machine's load moved
+between them and the baseline's decode steps ran 2x the target's (15.6 against 7.9 ms), a
+ratio of the machine, not of the policies. Each deployment is 2 worker processes and a
+router: ~300 MiB a worker here, and ~1% of a core while idle. One matrix per trace and load:
 throughput, TTFT p50/p99, TPOT p50/p99, e2e p99, failures, preemptions (GetStats deltas),
-the fraction within the bound, and ratios to the baseline. With --repeats R, each load is
-replayed R times on its deployment and every figure is the median of the R (preemptions: the
-sum; the TPOT target takes each replay's p99/p50, then their median): a shared machine's
-noise moves single p99s by 2x. The bursts too are replayed R times, so the capacity is the
-median of R steady rates (one 80-request burst read 26 to 49 seq/s within minutes, as other
-processes came and went). The targets are checked last.
+the fraction within the bound, and ratios to the baseline.
+
+Tails are statistics, not single requests: a p99 of one 80-request replay is its slowest
+request, which one long prompt arriving in a burst decides. With --repeats R, each load is
+replayed R times (repeat i seeded --seed + i: other arrivals and prompt tokens) and the
+latency figures (TTFT, TPOT, e2e, TPOT p99/p50, within bound) are taken over the pool of
+the R x --requests-per-cell requests; the default 200 requests and R = 2 put 4 requests
+beyond the p99. Throughput, queue and step times are the median of the R (a shared
+machine's noise moves one replay's rate), preemptions and failures the sum. The bursts too
+are replayed R times, so the capacity is the median of R steady rates (one 80-request burst
+read 26 to 49 seq/s within minutes, as other processes came and went). The targets are
+checked last.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from deployments import metric  # noqa: E402
 from policy_runs import (  # noqa: E402
     BASELINE,
+    NUM_REPLICAS,
     Run,
     Setup,
     cells,
@@ -58,6 +67,7 @@ from policy_runs import (  # noqa: E402
     replay,
 )
 
+from exegpt.bench.burst import measured_burst  # noqa: E402
 from exegpt.launcher import Deployment  # noqa: E402
 from exegpt.workloads import load_trace  # noqa: E402
 from services.scheduler.simulator.kv_policy import SimRequest, simulate_kv_policy  # noqa: E402
@@ -65,12 +75,16 @@ from services.scheduler.simulator.kv_policy import SimRequest, simulate_kv_polic
 TRACES = {"conv": "azure2023_conv.csv", "code": "azure2023_code.csv"}
 DEFAULT_COMBOS = (
     "fcfs+round_robin,fcfs+least_requests,fcfs+power_of_two,fcfs+token_aware,"
-    "memory_aware+round_robin,memory_aware+token_aware,memory_aware+token_aware+chunk32"
+    "memory_aware+round_robin,memory_aware+token_aware,memory_aware+token_aware+chunk32,"
+    "memory_aware+token_aware+chunk32-128"
 )
 # The budget bounds the step a decode waits through: on the tiny model on one CPU thread a
 # mixed step of 32 tokens took ~2x a decode step, of 64 ~3x, of 256 ~4-6x
-# (benchmarks/chunk_budget.py).
-TARGET = "memory_aware+token_aware+chunk32"
+# (benchmarks/chunk_budget.py). Up to 128 while every decoding request expects 16 or more
+# output tokens (services/worker/chunked.py), whose TPOT averages the longer step over its
+# gaps: a fixed 128 cut the conversation trace's TTFT p99 (queueing for the prefill) but
+# took the code trace's TPOT p99 over 3x its p50 (2-token outputs: one gap each).
+TARGET = "memory_aware+token_aware+chunk32-128"
 BURST = math.inf  # the load of a replay with every request at once
 
 
@@ -99,12 +113,25 @@ def build_tiny_llama(directory: Path) -> Path:
     return directory
 
 
-def bench_args(args: argparse.Namespace, trace: Path, rate: str, bound_s: float | None) -> list:
+def bench_args(
+    args: argparse.Namespace, trace: Path, rate: str, bound_s: float | None, repeat: int
+) -> list:
+    """One replay's `exegpt bench` options: a burst (`rate` inf) of `burst_size` requests,
+    else --requests-per-cell Poisson arrivals; repeat i seeded --seed + i (other arrivals
+    and prompt tokens, so the pooled repeats are not one arrival pattern R times)."""
+    num_requests = burst_size(args) if rate == "inf" else args.requests_per_cell
     bench = [
-        "--workload", f"trace:{trace}", "--num-requests", str(args.requests_per_cell),
-        "--rate", rate, "--length-scale", str(args.length_scale), "--seed", str(args.seed),
+        "--workload", f"trace:{trace}", "--num-requests", str(num_requests), "--rate", rate,
+        "--length-scale", str(args.length_scale), "--seed", str(args.seed + repeat),
     ]  # fmt: skip
     return bench + (["--latency-bound", f"{bound_s:.3f}"] if bound_s else [])
+
+
+def burst_size(args: argparse.Namespace) -> int:
+    """The capacity burst: the benchmarks' rule (exegpt/bench/burst.py), MEASURED_BATCHES
+    running batches of each of the 2 replicas. Its time term needs a rate predicted before
+    the burst, which this benchmark has none of (the burst is what measures it), so it is 0."""
+    return measured_burst(NUM_REPLICAS * args.max_batch_size, 0.0)
 
 
 def run_trace(
@@ -121,13 +148,13 @@ def run_trace(
         }
 
         def cell(load: float, some: list[Run]) -> None:
-            """`some` combinations' replays at `load`, each the median of --repeats."""
+            """`some` combinations' replays at `load`, --repeats of each (`combine`)."""
             rate = "inf" if load == BURST else f"{load * results.capacity_seq_s:.4f}"
             label = "burst" if load == BURST else f"{load}"
             sys.stderr.write(f"{name}: {', '.join(r.name for r in some)} at {rate} req/s\n")
-            bench = bench_args(args, trace, rate, results.bound_s or None)
             replays: dict[str, list[dict]] = {run.name: [] for run in some}
             for i in range(args.repeats):
+                bench = bench_args(args, trace, rate, results.bound_s or None, i)
                 for run in some:
                     path = tmp / f"{name}-{run.name}-{label}-{i}.json"
                     replays[run.name].append(replay(deployments[run.name], bench, path))
@@ -169,9 +196,7 @@ def format_matrix(name: str, results: TraceResults, runs: list[Run], loads: list
         for run in runs:
             metrics = results.cells[(run.name, load)]
             within = metric(metrics, ("fraction_within_bound",))
-            label = f"{run.router_policy} / {run.name.split('+', 1)[0]}" + (
-                f"+chunk{run.max_tokens_per_step}" if run.max_tokens_per_step else ""
-            )
+            label = f"{run.router_policy} / {run.engine_policy}{run.chunk_label}"
             bound = f"{within:10.2f}" if within is not None else f"{'-':>10}"
             lines.append(f"{label:36}{cells(metrics)}{ratios(metrics, base)}{bound}")
     return "\n".join(lines)
@@ -217,7 +242,7 @@ def check_targets(
 def predicted_preemptions(trace: Path, args: argparse.Namespace, num_blocks: int) -> str:
     """The simulator's fcfs and memory_aware preemptions for the burst: the trace's scaled
     requests dealt alternately to 2 replicas of `num_blocks` each."""
-    rows = load_trace(trace, length_scale=args.length_scale, limit=args.requests_per_cell)
+    rows = load_trace(trace, length_scale=args.length_scale, limit=burst_size(args))
     requests = [SimRequest(r.input_tokens, r.output_tokens, r.output_tokens) for r in rows]
     counts = {}
     for policy in ("fcfs", "memory_aware"):
@@ -245,7 +270,9 @@ def main() -> int:
     parser.add_argument("--traces", default="conv,code", help="conv and/or code")
     parser.add_argument("--combos", default=DEFAULT_COMBOS, help="engine+router[+chunkN],...")
     parser.add_argument("--loads", default="0.5,0.8,0.95", help="fractions of the capacity")
-    parser.add_argument("--requests-per-cell", type=int, default=40)
+    parser.add_argument(
+        "--requests-per-cell", type=int, default=200, help="Poisson requests a load replay"
+    )
     parser.add_argument("--length-scale", type=float, default=0.125)
     parser.add_argument("--kv-cache-mb", type=float, default=4.0, help="per replica")
     parser.add_argument("--max-batch-size", type=int, default=16)
@@ -253,7 +280,7 @@ def main() -> int:
     parser.add_argument("--model", help="default: a seeded random 4-layer Llama")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--repeats", type=int, default=1, help="replays a load cell; medians are reported"
+        "--repeats", type=int, default=1, help="replays of a cell, pooled (see above)"
     )
     parser.add_argument("--target", default=TARGET, help="the combo the targets are checked on")
     parser.add_argument("--json-dir", type=Path, help="keep every replay's bench JSON here")
@@ -280,7 +307,8 @@ def main() -> int:
         setup = Setup(model, args.kv_cache_mb, args.max_batch_size, torch_threads=1)
         results = {name: run_trace(name, runs, setup, args, tmp) for name in traces}
     print(
-        f"{args.requests_per_cell} requests a cell, lengths x{args.length_scale}, 2 replicas x "
+        f"{args.requests_per_cell} requests a load replay x {args.repeats} pooled, bursts of "
+        f"{burst_size(args)}, lengths x{args.length_scale}, 2 replicas x "
         f"1 thread, KV {args.kv_cache_mb} MiB and batch {args.max_batch_size} each, model "
         f"{args.model or 'tiny random Llama (4 layers, d=256)'}; ms unless noted, e2e in s"
     )

@@ -73,6 +73,7 @@ class DeploymentConfig:
     max_batch_size: int = 32
     engine_policy: str | None = None  # None: the worker's default (fcfs)
     max_tokens_per_step: int | None = None  # chunked prefill budget; None: off
+    long_output_tokens_per_step: int | None = None  # its budget for long outputs; None: off
     kv_cache_mb: float = 256.0
     # Passed to every worker, which resolves `auto` and tells its stages the result.
     dtype: str = DEFAULT_DTYPE
@@ -239,6 +240,8 @@ class Deployment:
             *(["--engine-policy", self.config.engine_policy] if self.config.engine_policy else []),
             *(["--max-tokens-per-step", str(self.config.max_tokens_per_step)]
               if self.config.max_tokens_per_step else []),
+            *(["--long-output-tokens-per-step", str(self.config.long_output_tokens_per_step)]
+              if self.config.long_output_tokens_per_step else []),
             "--kv-cache-mb", str(self.config.kv_cache_mb),
             "--dtype", self.config.dtype,
             "--torch-threads", str(threads),

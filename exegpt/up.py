@@ -86,6 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(decoder-only models; default off)",
     )
     parser.add_argument(
+        "--long-output-tokens-per-step",
+        type=int,
+        default=None,
+        help="every worker's chunk budget while all its decoding requests expect long outputs "
+        "(needs --max-tokens-per-step; default off)",
+    )
+    parser.add_argument(
         "--dtype",
         choices=DTYPE_CHOICES,
         default=defaults.dtype,
@@ -146,6 +153,7 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
         max_batch_size=args.max_batch_size,
         engine_policy=args.engine_policy,
         max_tokens_per_step=args.max_tokens_per_step,
+        long_output_tokens_per_step=args.long_output_tokens_per_step,
         kv_cache_mb=args.kv_cache_mb,
         dtype=args.dtype,
         torch_threads=args.torch_threads,

@@ -1,12 +1,15 @@
-"""The device each worker of `exegpt up` is told to compute on (its argument list; no GPU
-needed to check it)."""
+"""The device each worker of `exegpt up` is told to compute on, and the chunk budgets it
+runs (its argument list; no GPU needed to check it)."""
 
 from __future__ import annotations
 
+import argparse
 import shutil
 
+from exegpt import up
 from exegpt.launcher import Deployment, DeploymentConfig
 from exegpt.topology import Topology
+from services.worker import __main__ as worker_main
 
 
 def _worker_args(device: str, index: int, stages: str | None = None, **topology) -> list[str]:
@@ -40,3 +43,23 @@ def test_a_pipelined_worker_leaves_the_devices_to_its_stages() -> None:
     args = _worker_args("cuda", 1, "127.0.0.1:1,127.0.0.1:2", pipeline_stages=2)
     assert _flag(args, "--stages") == "127.0.0.1:1,127.0.0.1:2"
     assert "--device" not in args
+
+
+def test_up_hands_the_chunk_budgets_to_every_worker_engine() -> None:
+    """`exegpt up --max-tokens-per-step 32 --long-output-tokens-per-step 128` reaches each
+    worker's engine config through the launcher's worker flags."""
+    up_parser = argparse.ArgumentParser()
+    up.add_arguments(up_parser)
+    budgets = ["--max-tokens-per-step", "32", "--long-output-tokens-per-step", "128"]
+    config = up.config_from_args(up_parser.parse_args(budgets))
+    deployment = Deployment(config)
+    try:
+        args = deployment.worker_args(0)
+    finally:
+        shutil.rmtree(deployment._state_dir, ignore_errors=True)
+    assert _flag(args, "--long-output-tokens-per-step") == "128"
+    worker_parser = argparse.ArgumentParser()
+    worker_main.add_arguments(worker_parser)
+    engine = worker_main.config_from_args(worker_parser.parse_args(args)).engine
+    assert (engine.max_tokens_per_step, engine.long_output_tokens_per_step) == (32, 128)
+    assert engine.long_output_min_tokens == 16

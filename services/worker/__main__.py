@@ -159,6 +159,21 @@ def _add_policy_arguments(parser: argparse.ArgumentParser, policy: PolicyConfig)
         "first and chunks of the waiting prompts in what they leave (decoder-only models: "
         "refused for T5, whose encoder cannot take a prompt in chunks; default off)",
     )
+    parser.add_argument(
+        "--long-output-tokens-per-step",
+        type=int,
+        default=None,
+        help="with --max-tokens-per-step N: up to M (> N) tokens a step while every decoding "
+        "request is expected to produce at least --long-output-min-tokens tokens, whose time "
+        "per output token absorbs a longer step (default off: always N)",
+    )
+    parser.add_argument(
+        "--long-output-min-tokens",
+        type=int,
+        default=EngineConfig.long_output_min_tokens,
+        help="the expected output length (tokens so far plus the expected rest) every decoding "
+        "request needs for the --long-output-tokens-per-step budget",
+    )
 
 
 def policy_from_args(args: argparse.Namespace) -> PolicyConfig:
@@ -219,6 +234,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
             kv_block_size_tokens=args.kv_block_size,
             num_micro_batches=micro_batches,
             max_tokens_per_step=args.max_tokens_per_step,
+            long_output_tokens_per_step=args.long_output_tokens_per_step,
+            long_output_min_tokens=args.long_output_min_tokens,
         ),
     )
 

@@ -15,6 +15,16 @@ chunk's tokens. While no admitted sequence decodes, no one waits through the ste
 prefills go whole, as unchunked: one large step costs less than the same tokens over several
 (each step has its fixed cost), and the first tokens come sooner.
 
+With a long-output budget M (--long-output-tokens-per-step), a step may carry up to M tokens
+instead of N while every decoding sequence is expected to produce at least
+`long_output_tokens` tokens in all (its tokens so far plus the expected rest, from the
+output lengths seen: exegpt/output_lengths.py). A request's time per output token is the
+mean of its gaps: one long step among many gaps moves it little, while a request of one or
+two output tokens has a TPOT of that one step. So the larger budget goes where the running
+requests can absorb it (chat-like outputs), and N stays where they cannot (code-like outputs
+of 2-3 tokens). A larger chunk prefills a prompt in fewer steps, each paying the step's fixed
+part once, so prompts wait less for the prefill lane under load.
+
 Encoder-decoder models (T5) cannot be chunked, and a budget given for one is refused at start:
 the encoder is bidirectional (every prompt token attends to every other, later ones
 included), so a chunk cannot be encoded alone. Each chunk would need the whole prompt's
@@ -25,21 +35,54 @@ decode steps alternate.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from dataclasses import dataclass
 
+from services.worker.config import EngineConfig
 from services.worker.sequence import Sequence
 
 
+@dataclass(frozen=True)
+class LongOutputBudget:
+    """Up to `max_tokens` a step while every decoding sequence is expected to produce at
+    least `min_output_tokens` tokens in all."""
+
+    max_tokens: int
+    min_output_tokens: int  # EngineConfig.long_output_min_tokens by default
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1 or self.min_output_tokens < 1:
+            raise ValueError("the long-output budget and its output length must be >= 1")
+
+
 class ChunkBudget:
-    def __init__(self, max_tokens_per_step: int) -> None:
+    def __init__(self, max_tokens_per_step: int, long_output: LongOutputBudget | None = None):
         if max_tokens_per_step < 1:
             raise ValueError("max_tokens_per_step must be >= 1")
         self.max_tokens = max_tokens_per_step
+        self.long_output = long_output
         self._starved = False  # the last step's decodes left no budget to waiting prefills
+        self._step_max = max_tokens_per_step  # the budget of the step being planned
+
+    def plan_step(self, expected_outputs: Iterable[float]) -> int:
+        """Set the budget of the next step from the expected output lengths (tokens so far
+        plus the expected rest) of the sequences decoding now, and return it: the long-output
+        budget when there are some and every one expects at least its length, else
+        max_tokens_per_step. Reads `expected_outputs` only as far as it must (lazily)."""
+        long = self.long_output
+        absorbs = False
+        if long is not None:
+            for expected in expected_outputs:
+                absorbs = expected >= long.min_output_tokens
+                if not absorbs:
+                    break
+        self._step_max = long.max_tokens if long is not None and absorbs else self.max_tokens
+        return self._step_max
 
     def decodes_go_in(self, num_decodes: int, prefills_wait: bool) -> bool:
         """Whether this step carries the ready decodes: yes, unless they left no budget to
         the waiting prefills in the last step too (then this step is a chunk step)."""
-        starved = prefills_wait and num_decodes >= self.max_tokens
+        starved = prefills_wait and num_decodes >= self._step_max
         if starved and self._starved:
             self._starved = False
             return False
@@ -71,14 +114,20 @@ class ChunkBudget:
         return chosen
 
     def _limit(self, decoding: bool) -> float:
-        """Tokens a step may carry: the budget while sequences decode, else no limit."""
-        return self.max_tokens if decoding else math.inf
+        """Tokens a step may carry: the step's budget while sequences decode, else no limit."""
+        return self._step_max if decoding else math.inf
 
 
-def chunk_budget(max_tokens_per_step: int | None, is_encoder_decoder: bool) -> ChunkBudget | None:
+def chunk_budget(
+    max_tokens_per_step: int | None,
+    is_encoder_decoder: bool,
+    long_output: LongOutputBudget | None = None,
+) -> ChunkBudget | None:
     """The budget, or None where prompts are prefilled whole (off). A budget for an
     encoder-decoder model is a ValueError: its prompts cannot be chunked (see above)."""
     if max_tokens_per_step is None:
+        if long_output is not None:
+            raise ValueError("--long-output-tokens-per-step needs --max-tokens-per-step")
         return None
     if is_encoder_decoder:
         raise ValueError(
@@ -86,4 +135,16 @@ def chunk_budget(max_tokens_per_step: int | None, is_encoder_decoder: bool) -> C
             "encoder-decoder model's encoder attends to the whole prompt at once, so a prompt "
             "cannot be encoded in chunks; leave the option out for this model"
         )
-    return ChunkBudget(max_tokens_per_step)
+    if long_output is not None and long_output.max_tokens <= max_tokens_per_step:
+        raise ValueError(
+            f"--long-output-tokens-per-step ({long_output.max_tokens}) must exceed "
+            f"--max-tokens-per-step ({max_tokens_per_step})"
+        )
+    return ChunkBudget(max_tokens_per_step, long_output)
+
+
+def long_output_budget(config: EngineConfig) -> LongOutputBudget | None:
+    """The long-output budget an engine config asks for (None: the fixed budget only)."""
+    if config.long_output_tokens_per_step is None:
+        return None
+    return LongOutputBudget(config.long_output_tokens_per_step, config.long_output_min_tokens)

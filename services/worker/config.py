@@ -39,6 +39,11 @@ class EngineConfig:
     # Chunked prefill (--max-tokens-per-step): at most this many prompt tokens a step, chunk
     # steps alternating with decode steps (services/worker/chunked.py); None: off.
     max_tokens_per_step: int | None = None
+    # --long-output-tokens-per-step M: the budget is M while every decoding sequence expects
+    # at least long_output_min_tokens output tokens in all (chunked.py); None: always N.
+    long_output_tokens_per_step: int | None = None
+    # A request among this many gaps absorbs one longer step in its time per output token.
+    long_output_min_tokens: int = 16
 
     def __post_init__(self) -> None:
         if not self.batching.is_baseline and self.schedule is None:
@@ -49,6 +54,8 @@ class EngineConfig:
             raise ValueError("max_batch_size and max_queue_size must be >= 1")
         if self.max_tokens_per_step is not None and self.max_tokens_per_step < 1:
             raise ValueError("max_tokens_per_step must be >= 1")
+        if self.long_output_min_tokens < 1:
+            raise ValueError("long_output_min_tokens must be >= 1")
         if self.num_micro_batches < 1:
             raise ValueError("num_micro_batches must be >= 1")
         if self.kv_capacity_bytes <= 0 or self.kv_block_size_tokens < 1:

@@ -27,7 +27,7 @@ from dataclasses import replace
 from exegpt.models.config import ModelConfig
 from exegpt.models.kv_cache import BlockAllocator
 from services.worker.admission import Admission
-from services.worker.chunked import chunk_budget
+from services.worker.chunked import chunk_budget, long_output_budget
 from services.worker.config import EngineConfig
 from services.worker.modes import make_mode
 from services.worker.observations import Observations
@@ -59,7 +59,9 @@ class StepScheduler(Admission):
         self.policy = make_policy(config.policy, self.lengths)
         self.mode = make_mode(config, self.policy)
         self._num_groups = self.mode.num_micro_batches
-        self._chunks = chunk_budget(config.max_tokens_per_step, model_config.is_encoder_decoder)
+        self._chunks = chunk_budget(
+            config.max_tokens_per_step, model_config.is_encoder_decoder, long_output_budget(config)
+        )
         self._lock = threading.Lock()
         self._waiting: collections.deque[EngineRequest] = collections.deque()
         self._preempted: list[Sequence] = []  # the head of the queue, oldest admission first
@@ -166,6 +168,7 @@ class StepScheduler(Admission):
         """--max-tokens-per-step (chunked.py): a group's ready decodes and, in the budget they
         leave, chunks of the waiting prefills, in one step."""
         assert self._chunks is not None
+        self._chunks.plan_step(self._expected_output(s) for s in self._running if s.prefilled)
         group, decodes = self._ready_decodes()
         pending = self._idle_unprefilled()
         prefills_wait = bool(pending) or self.num_waiting() > 0
@@ -183,6 +186,13 @@ class StepScheduler(Admission):
         if not decodes:
             return self._plan(StepKind.CHUNK, chunks) if chunks else None
         return self._group_plan(StepKind.MIXED if chunks else StepKind.DECODE, rows, group)
+
+    def _expected_output(self, seq: Sequence) -> float:
+        """A sequence's output tokens in all: those so far plus the expected rest."""
+        generated = len(seq.output_token_ids)
+        return generated + self.lengths.expected_remaining(
+            generated, seq.request.sampling.max_tokens
+        )
 
     def _decode_plan(self) -> StepPlan | None:
         group, ready = self._ready_decodes()

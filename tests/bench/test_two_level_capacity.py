@@ -1,14 +1,19 @@
 """benchmarks/two_level.py offers its loads as fractions of the baseline's capacity: the
 steady-window completion rate of its burst (what it sustains), not the burst's requests over
-its whole run (fill and drain included); hand-made bench documents, no timing."""
+its whole run (fill and drain included); its burst follows the measured-burst rule, and its
+repeats pool their requests for the tails. Hand-made bench documents, no timing."""
 
 from __future__ import annotations
 
+import argparse
 import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from exegpt.bench.burst import measured_burst
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # as the benchmark scripts put their folder first
@@ -51,3 +56,57 @@ def test_without_a_steady_window_the_capacity_is_the_whole_bursts_rate() -> None
     metrics = POLICY_RUNS["report_metrics"](_document([_row(0.5, 0.5), _row(1.0, 1.0)]))
     assert metrics["steady_sequences_per_s"] is None
     assert TWO_LEVEL["capacity_seq_s"](metrics) == pytest.approx(2.0)
+
+
+def _timed_row(ttft_s: float, e2e_s: float, output_tokens: int, error: str | None = None) -> dict:
+    return {"send_s": 0.0, "ttft_s": ttft_s, "e2e_s": e2e_s, "output_tokens": output_tokens,
+            "queue_s": 0.0, "generation_s": e2e_s, "error": error}  # fmt: skip
+
+
+def _replay(rows: list[dict], seq_s: float, preemptions: int) -> dict:
+    """A replay's metrics as policy_runs.replay returns them (only what combine reads)."""
+    return {"rows": rows, "throughput": {"sequences_per_s": seq_s}, "preemptions": preemptions,
+            "latency_bound_s": 1.0, "ttft_s": {"p99": 99.0}}  # fmt: skip
+
+
+def test_repeats_pool_their_requests_for_the_latency_percentiles() -> None:
+    # Replay A: 100 fast requests; replay B: 98 fast, one slow and one failed. Each replay's
+    # own p99 would be its slowest request; the pool's is a statistic of all 200.
+    fast = [_timed_row(0.1, 0.5, 5) for _ in range(98)]
+    slow = _timed_row(2.0, 3.0, 3)
+    a = _replay([*fast, *fast[:2]], seq_s=10.0, preemptions=2)
+    b = _replay([*fast, slow, _timed_row(0.1, 0.2, 1, error="boom")], seq_s=12.0, preemptions=3)
+    combined = POLICY_RUNS["combine"]([a, b])
+    ttfts = [0.1] * 198 + [2.0]  # the failed request has no TTFT
+    assert combined["ttft_s"]["p99"] == pytest.approx(np.percentile(ttfts, 99))
+    assert combined["ttft_s"]["p50"] == pytest.approx(0.1)
+    # TPOT: (0.5 - 0.1) / 4 = 0.1 for the fast, (3 - 2) / 2 = 0.5 for the slow one.
+    tpots = [0.1] * 198 + [0.5]
+    assert combined["tpot_s"]["p99"] == pytest.approx(np.percentile(tpots, 99))
+    assert combined["tpot_p99_over_p50"] == pytest.approx(np.percentile(tpots, 99) / 0.1)
+    assert combined["num_pooled"] == 200 and combined["num_failed"] == 1
+    # Within the 1 s bound: all but the slow and the failed one, over all 200.
+    assert combined["fraction_within_bound"] == pytest.approx(198 / 200)
+    assert combined["throughput"]["sequences_per_s"] == pytest.approx(11.0)  # the median
+    assert combined["preemptions"] == 5  # summed
+
+
+def test_the_capacity_burst_follows_the_measured_burst_rule() -> None:
+    args = argparse.Namespace(max_batch_size=16, requests_per_cell=200, length_scale=0.125, seed=7)
+    # 4 running batches of 16 on each of the 2 replicas; no predicted rate before it.
+    assert TWO_LEVEL["burst_size"](args) == 128 == measured_burst(2 * 16, 0.0)
+    burst = TWO_LEVEL["bench_args"](args, Path("t.csv"), "inf", None, 0)
+    assert burst[burst.index("--num-requests") + 1] == "128"
+    load = TWO_LEVEL["bench_args"](args, Path("t.csv"), "30.0", 2.5, 1)
+    assert load[load.index("--num-requests") + 1] == "200"
+    assert load[load.index("--seed") + 1] == "8"  # repeat 1: another arrival pattern
+    assert load[load.index("--latency-bound") + 1] == "2.500"
+
+
+def test_a_combo_names_its_chunk_budgets() -> None:
+    run = POLICY_RUNS["Run"].parse("memory_aware+token_aware+chunk32-128")
+    assert (run.max_tokens_per_step, run.long_output_tokens_per_step) == (32, 128)
+    assert run.name == "memory_aware+token_aware+chunk32-128"
+    fixed = POLICY_RUNS["Run"].parse("memory_aware+token_aware+chunk32")
+    assert (fixed.max_tokens_per_step, fixed.long_output_tokens_per_step) == (32, None)
+    assert POLICY_RUNS["Run"].parse("fcfs+round_robin").chunk_label == ""

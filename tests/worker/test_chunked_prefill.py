@@ -1,7 +1,8 @@
 """Chunked prefill (--max-tokens-per-step) on the real engine: greedy tokens equal the
 unchunked ones (in process, under preemption by recompute, over 2 pipeline stages), no step
 carries more tokens than the budget, a long prompt's chunks share steps with the running
-decodes (mixed steps), and a budget for T5 is refused."""
+decodes (mixed steps), the long-output budget binds only while every decode expects a long
+output, and a budget for T5 is refused."""
 
 from __future__ import annotations
 
@@ -161,12 +162,16 @@ def test_chunked_tokens_over_two_pipeline_stages_equal_unchunked(
 
 
 def _drive(
-    loaded: LoadedModel, budget: int | None, long_prompt: list[int], max_batch_size: int = 8
+    loaded: LoadedModel,
+    budget: int | None,
+    long_prompt: list[int],
+    max_batch_size: int = 8,
+    **options,
 ):
     """Two short requests decode; after 3 steps a long prompt arrives. Returns every plan
     (there must always be one to run) and the tokens of each request (the real scheduler
-    over the real in-process model)."""
-    config = _config(budget, max_batch_size)
+    over the real in-process model). `options`: more EngineConfig fields."""
+    config = _config(budget, max_batch_size, **options)
     pool = _pool(loaded, config)
     scheduler = StepScheduler(config, loaded.config, pool.allocator)
     executor = LocalExecutor(loaded.model, pool)
@@ -221,6 +226,26 @@ def test_a_long_prompt_is_chunked_into_the_steps_of_the_running_decodes(llama) -
     assert all(_num_decodes(p) == 2 and _prompt_tokens(p) <= 6 for p in carrying)
     # The running requests never wait through a prompt: every step decodes them.
     assert _max_stall(plans) == 0 < _max_stall(whole_plans)
+
+
+@pytest.mark.parametrize(
+    ("min_output", "chunks"), [(20, [14, 14, 12]), (21, [6, 6, 6, 6, 6, 6, 4])]
+)
+def test_the_long_output_budget_binds_while_every_decode_expects_a_long_output(
+    llama, min_output: int, chunks: list[int]
+) -> None:
+    _, loaded = llama
+    long_prompt = [(11 * j) % 190 + 5 for j in range(40)]
+    options = {"long_output_tokens_per_step": 16, "long_output_min_tokens": min_output}
+    plans, tokens = _drive(loaded, 8, long_prompt, **options)
+    _, whole_tokens = _drive(loaded, None, long_prompt)
+    assert tokens == whole_tokens
+    # No lengths seen yet: each running request expects its max_tokens, 20 output tokens.
+    # At least 20 asked: the steps carry 16 tokens, 2 decodes and 14 of the prompt; at least
+    # 21: the fixed 8, 2 decodes and 6 of the prompt.
+    carrying = [p for p in plans if 2 in p.seq_ids and _prompt_tokens(p) > 0]
+    assert [_prompt_tokens(p) for p in carrying] == chunks
+    assert all(p.kind is StepKind.MIXED and _num_decodes(p) == 2 for p in carrying)
 
 
 def test_decodes_that_fill_the_budget_leave_every_other_step_to_a_chunk(llama) -> None:
@@ -300,3 +325,12 @@ def test_the_load_counts_the_prompt_tokens_an_admitted_request_has_yet_to_chunk(
     assert scheduler.snapshot().num_pending_prefill_tokens == 33  # admitted, 33 to chunk
     step()
     assert scheduler.snapshot().num_pending_prefill_tokens == 26
+
+
+def test_the_worker_refuses_a_long_output_budget_not_above_the_budget(
+    llama, caplog: pytest.LogCaptureFixture
+) -> None:
+    path, _ = llama
+    args = ["worker", "--model", str(path), "--port", "0", "--max-tokens-per-step", "32"]
+    assert cli.main([*args, "--long-output-tokens-per-step", "32"]) == 1
+    assert "must exceed --max-tokens-per-step (32)" in caplog.text
