@@ -138,3 +138,52 @@ def test_a_prefill_is_never_taken_for_a_predicted_decode() -> None:
     got, want = ahead.tensors(prefill), fresh(builder, prefill)
     assert list(got) == list(want) and all(torch.equal(got[n], want[n]) for n in want)
     assert ahead.hits == 0
+
+
+def test_a_deferred_successor_is_built_only_when_asked_and_dropped_once_late() -> None:
+    builder = BatchBuilder(T5, BLOCK_SIZE, NUM_BLOCKS * BLOCK_SIZE, torch.device("cpu"))
+    ahead = DecodeAhead(builder, max_kept=2)
+    engine = Engine(T5, num_seqs=3)
+    plan = engine.plan()
+    ahead.tensors(plan)
+    ahead.defer(plan)
+    assert ahead.has_deferred
+    ahead.build_deferred()  # the executor's grace has passed: built now
+    assert not ahead.has_deferred
+    engine.advance(plan)
+    plan = engine.plan()
+    got, want = ahead.tensors(plan), fresh(builder, plan)
+    assert all(torch.equal(got[name], want[name]) for name in want)
+    assert (ahead.hits, ahead.misses) == (1, 1)
+    ahead.defer(plan)
+    engine.advance(plan)
+    late = engine.plan()  # its predecessor's successor was never built: built from scratch
+    got, want = ahead.tensors(late), fresh(builder, late)
+    assert all(torch.equal(got[name], want[name]) for name in want)
+    assert not ahead.has_deferred and (ahead.hits, ahead.misses) == (1, 2)
+    ahead.build_deferred()  # nothing left to build: the late plan's prediction was dropped
+    assert not ahead.has_deferred
+
+
+def test_deferred_steps_are_bounded_by_the_micro_batches_kept() -> None:
+    builder = BatchBuilder(T5, BLOCK_SIZE, NUM_BLOCKS * BLOCK_SIZE, torch.device("cpu"))
+    ahead = DecodeAhead(builder, max_kept=2)
+    plans = [Engine(T5, num_seqs=2).plan(micro_batch) for micro_batch in range(4)]
+    for plan in plans:
+        ahead.defer(plan)
+    prefill = dataclasses.replace(plans[0], kind=StepKind.PREFILL, micro_batch=9)
+    ahead.defer(prefill)  # not a decode: nothing to predict
+    ahead.build_deferred()
+    hits = 0
+    for plan in plans:
+        advanced = dataclasses.replace(
+            plan,
+            kv=tuple(
+                dataclasses.replace(s, num_self_tokens=s.num_self_tokens + 1) for s in plan.kv
+            ),
+            sampling=tuple(dataclasses.replace(r, index=r.index + 1) for r in plan.sampling),
+        )
+        before = ahead.hits
+        ahead.tensors(advanced)
+        hits += ahead.hits - before
+    assert hits == 2  # only the last two micro-batches' successors were kept and built

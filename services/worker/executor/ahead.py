@@ -60,12 +60,33 @@ class DecodeAhead:
         self._builder = builder
         self._max_kept = max_kept
         self._predicted: dict[int, _Predicted] = {}
+        self._deferred: dict[int, StepPlan] = {}  # sent decode steps whose successor waits
         self.hits = 0
         self.misses = 0
+
+    def defer(self, plan: StepPlan) -> None:
+        """Note a step just sent; `build_deferred` builds its successor (no-op for steps that
+        are not decodes). The caller picks the moment: off the way of the step's hand-off."""
+        if plan.kind is not StepKind.DECODE or not len(plan):
+            return
+        self._deferred[plan.micro_batch] = plan
+        while len(self._deferred) > self._max_kept:
+            self._deferred.pop(next(iter(self._deferred)))
+
+    @property
+    def has_deferred(self) -> bool:
+        return bool(self._deferred)
+
+    def build_deferred(self) -> None:
+        """Build the successors of the steps noted by `defer`."""
+        plans, self._deferred = list(self._deferred.values()), {}
+        for plan in plans:
+            self.build_next(plan)
 
     def tensors(self, plan: StepPlan) -> dict[str, torch.Tensor]:
         """The plan's batch and sampling tensors: the prediction's, with this plan's tokens
         and new blocks, when it matches; built now otherwise. Raises what building raises."""
+        self._deferred.pop(plan.micro_batch, None)  # too late to build ahead
         predicted = self._predicted.pop(plan.micro_batch, None)
         new_blocks = _new_blocks(predicted, plan) if predicted is not None else None
         if predicted is None or new_blocks is None:

@@ -32,9 +32,8 @@ from exegpt.security import SecurityConfig, sync_channel
 from exegpt.transport import FrameError, PushFanout, TensorMessage, TensorSocket
 from exegpt.v1 import stage_pb2, stage_pb2_grpc
 from services.worker.executor.ahead import DecodeAhead
+from services.worker.executor.results import result_from_message
 from services.worker.executor.routes import first_hops, next_hops
-from services.worker.handoff import HANDOFFS_KEY, parse_handoffs
-from services.worker.sampling import logprobs_from_tensors
 from services.worker.step_plan import StepKind, StepPlan, StepResult
 
 logger = logging.getLogger(__name__)
@@ -55,6 +54,9 @@ class PipelineConfig:
     health_interval_s: float = 0.5
     health_timeout_s: float = 2.0
     load_timeout_s: float = 120.0
+    # How long after sending a decode step the engine waits before building its successor
+    # ahead (ahead.py): on a machine with few cores, building at once delays the hand-off.
+    ahead_grace_s: float = 0.001
     # API key and TLS of the gRPC control calls to the stages.
     security: SecurityConfig = field(default_factory=SecurityConfig)
 
@@ -72,6 +74,8 @@ class PipelineExecutor:
             for ranks, stage in zip(config.stage_addresses, placement.stages, strict=False)
         ):
             raise ValueError("give one address per TP rank of every stage of the placement")
+        if not 0 <= config.ahead_grace_s <= config.step_timeout_s:
+            raise ValueError("ahead_grace_s must lie between 0 and step_timeout_s")
         self._config = config
         self._model_config = model_config
         self.max_in_flight = len(placement.stages)
@@ -152,6 +156,11 @@ class PipelineExecutor:
             self._load_all()
 
     @property
+    def ahead_counts(self) -> tuple[int, int]:
+        """Decode steps sent with tensors built ahead, and decode steps built at submit."""
+        return self._ahead.hits, self._ahead.misses
+
+    @property
     def num_in_flight(self) -> int:
         with self._lock:
             return len(self._in_flight) + len(self._failed)
@@ -190,14 +199,25 @@ class PipelineExecutor:
             self._in_flight[plan.step_id] = (plan, time.monotonic() + self._config.step_timeout_s)
             self._spans[plan.step_id] = span
         self._fanout.send(self._first_hops[hop], message)
-        self._ahead.build_next(plan)  # while the stages compute this step
+        self._ahead.defer(plan)  # its successor is built while the stages compute it
+
+    def _build_ahead(self, timeout_ms: int) -> int:
+        """Build the sent steps' successors once they had `ahead_grace_s` to reach their first
+        stage (or a result came); returns what is left of `timeout_ms`."""
+        grace_ms = min(round(self._config.ahead_grace_s * 1000), timeout_ms)
+        self._results.socket.poll(grace_ms)
+        self._ahead.build_deferred()
+        return timeout_ms - grace_ms
 
     def next_result(self, timeout_s: float) -> StepResult | None:
         with self._lock:
             if self._failed:
                 return self._failed.pop(0)
+        timeout_ms = int(timeout_s * 1000)
+        if self._ahead.has_deferred:
+            timeout_ms = self._build_ahead(timeout_ms)
         try:
-            message = self._results.recv(timeout_ms=int(timeout_s * 1000))
+            message = self._results.recv(timeout_ms=timeout_ms)
         except TimeoutError:
             self._expire_late_steps()
             return None
@@ -219,33 +239,7 @@ class PipelineExecutor:
             span.end()
         if entry is None or message.attributes.get("load_id") != self._load_id:
             return None  # a step of an earlier load, already failed
-        plan = entry[0]
-        compute_s = float(message.attributes.get("compute_s", "0") or 0)
-        if message.kind == "error":
-            error = message.attributes.get("error", "a stage failed the step")
-            return StepResult(
-                plan.step_id,
-                (-1,) * len(plan),
-                (None,) * len(plan),
-                f"engine error: {error}",
-                compute_s=compute_s,
-            )
-        token_ids = message.tensors["token_ids"].tolist()
-        failed = message.tensors["failed"].tolist()
-        if len(token_ids) != len(plan) or len(failed) != len(plan):
-            return StepResult.failed(plan, "a stage returned a result of the wrong size")
-        row_error = message.attributes.get("row_error") or "the step failed for this request"
-        errors = tuple(row_error if bad else None for bad in failed)
-        stage_s = _floats(message.attributes.get("stage_s", ""))
-        try:
-            logprobs = logprobs_from_tensors(message.tensors, token_ids, list(plan.sampling))
-        except (KeyError, ValueError) as exc:
-            return StepResult.failed(plan, f"a stage returned bad logprobs: {exc}")
-        return StepResult(
-            plan.step_id, tuple(token_ids), errors, compute_s=compute_s, stage_s=stage_s,
-            logprobs=tuple(logprobs),
-            handoffs=parse_handoffs(message.attributes.get(HANDOFFS_KEY, "")),
-        )  # fmt: skip
+        return result_from_message(entry[0], message)
 
     def _expire_late_steps(self) -> None:
         now = time.monotonic()
@@ -379,13 +373,6 @@ class PipelineExecutor:
                 span.end()
             self._spans.clear()
             self._failed.extend(failed)
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(",") if part)
-    except ValueError:
-        return ()
 
 
 _CPU = torch.device("cpu")  # index math runs on the host; stages move it to their device
