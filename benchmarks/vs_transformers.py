@@ -5,17 +5,20 @@ Two random models (a t5-small shape and a ~100M Llama shape with grouped-query a
 get the same seeded requests (the paper's task S and task G, forced output lengths) along
 two paths:
 
-- `exegpt up` (one worker, continuous batching, max batch 32) driven by `exegpt bench` with
-  every request sent at once (saturation);
+- `exegpt up` (one worker, continuous batching, max batch 32, or each of `--exegpt-batches`)
+  driven by `exegpt bench` with every request sent at once (saturation);
 - transformers `generate` in static batches of 32, in the same dtype, on the same prompts.
 
 MFU is useful model FLOPs per second (matmul FLOPs of the tokens the requests need: prompt
 tokens once, output tokens once; attention scores left out) over the machine's GEMM rate in
 the run's dtype at the model's own widths, [2048 x d_model]·[d_model x d_ff], measured in
-the same run.
+the same run. Each exegpt row also splits the engine's busy time (its GetStats step totals)
+into prefill forwards, decode forwards and host work, and gives the prompts per prefill step.
 
     python benchmarks/vs_transformers.py                          # both models, tasks S and G
     python benchmarks/vs_transformers.py --models llama --tasks S --num-requests 16
+    python benchmarks/vs_transformers.py --models llama --tasks S --num-requests 128 \
+        --exegpt-batches 32,64,128 --kv-cache-mb 2048     # exegpt's batch at saturation
 """
 
 from __future__ import annotations

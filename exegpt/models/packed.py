@@ -11,7 +11,8 @@ mix them. Attention runs per kind of row, over valid keys only:
   row's last key): one call per row in a skewed batch, one for a batch of equal prompts. On
   this project's CPU that beats one call over a block-diagonal mask of all N tokens, which
   does work on every pair of rows (benchmarks/packed_prefill.py measures both). A fresh
-  prefill's keys are its new K/V; a chunk's (its cached prefix and itself) are gathered whole
+  prefill's keys are its new K/V (in bf16/fp16 on a CPU it takes prefill_attention.py's
+  blocked matmuls instead of SDPA); a chunk's (its cached prefix and itself) are gathered whole
   KV blocks at a time, the tail of its last block masked and zeroed;
 - decode rows (one query token) are batched: sorted by KV length and cut into buckets in which
   every row holds at least `1 - DECODE_BUCKET_PADDING` of the bucket's longest, so a bucket's
