@@ -45,17 +45,18 @@ def causal_prefill_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> T
     queries = queries.permute(0, 2, 3, 1, 4).reshape(rows, group, num_tokens, head_dim)
     keys_t = k.permute(0, 2, 3, 1).reshape(rows, head_dim, num_tokens)  # [b x H_kv, D, T]
     values = v.permute(0, 2, 1, 3).reshape(rows, num_tokens, head_dim)  # [b x H_kv, T, D]
-    visible = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=q.device).tril()
+    # Within a block, keys before its first token are all visible: only its own square (the
+    # last columns) is masked, in place.
+    hidden = torch.ones(QUERY_BLOCK, QUERY_BLOCK, dtype=torch.bool, device=q.device).triu(1)
     out = torch.empty(rows, group, num_tokens, head_dim, dtype=q.dtype, device=q.device)
     for start in range(0, num_tokens, QUERY_BLOCK):
         end = min(num_tokens, start + QUERY_BLOCK)  # keys 0..end-1 are all the block sees
-        block = queries[:, :, start:end].reshape(rows, group * (end - start), head_dim)
-        scores = torch.bmm(block, keys_t[:, :, :end]).view(rows, group, end - start, end)
-        scores = torch.where(visible[start:end, :end], scores, float("-inf"))
+        size = end - start
+        block = queries[:, :, start:end].reshape(rows, group * size, head_dim)
+        scores = torch.bmm(block, keys_t[:, :, :end]).view(rows, group, size, end)
+        scores[..., start:].masked_fill_(hidden[:size, :size], float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        probs = probs.view(rows, group * (end - start), end)
-        out[:, :, start:end] = torch.bmm(probs, values[:, :end]).view(
-            rows, group, end - start, head_dim
-        )
+        probs = probs.view(rows, group * size, end)
+        out[:, :, start:end] = torch.bmm(probs, values[:, :end]).view(rows, group, size, head_dim)
     out = out.view(batch, num_kv_heads, group, num_tokens, head_dim)
     return out.permute(0, 3, 1, 2, 4).reshape(q.shape)
