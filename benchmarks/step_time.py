@@ -5,7 +5,8 @@ transformers' own forward of the same decode step, in one run.
     python benchmarks/step_time.py                        # bf16, both models, ~1 minute
     python benchmarks/step_time.py --models llama --profile 15
 
-The models run as serving runs them (bf16 Linears packed for oneDNN on a CPU). The requests
+The models run as serving runs them (bf16 Linears packed for oneDNN on a CPU, malloc's
+thresholds set as a worker sets them: exegpt/allocator.py). The requests
 are task S's seeded prompts (as `exegpt bench` sends them): the decode step's rows hold
 their whole prompt in the KV cache. Each step is timed in the thread's CPU time on one torch
 thread and the best of `--steps` is kept, so a shared machine's preemption does not count.
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vs_transformers import MODELS, random_model, seeded_requests  # noqa: E402
 
+from exegpt.allocator import configure_allocator  # noqa: E402
 from exegpt.models.kv_cache import KVCachePool, KVCacheSpec, SequenceKV  # noqa: E402
 from exegpt.models.prepack import pack_linears  # noqa: E402
 from exegpt.models.runner import ModelRunner  # noqa: E402
@@ -136,6 +138,7 @@ def main() -> int:
     parser.add_argument("--profile", type=int, default=0, help="print the top N ops of a step")
     parser.add_argument("--no-transformers", action="store_true")
     args = parser.parse_args()
+    configure_allocator()  # malloc as the workers set it (exegpt/allocator.py)
     torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype)
     print(f"step time, {args.dtype}, 1 thread, best of {args.steps} (thread CPU ms); "

@@ -5,17 +5,20 @@ Two random models (a t5-small shape and a ~100M Llama shape with grouped-query a
 get the same seeded requests (the paper's task S and task G, forced output lengths) along
 two paths:
 
-- `exegpt up` (one worker, continuous batching, max batch 32) driven by `exegpt bench` with
-  every request sent at once (saturation);
+- `exegpt up` (one worker, continuous batching, max batch 32, or each of `--exegpt-batches`)
+  driven by `exegpt bench` with every request sent at once (saturation);
 - transformers `generate` in static batches of 32, in the same dtype, on the same prompts.
 
 MFU is useful model FLOPs per second (matmul FLOPs of the tokens the requests need: prompt
 tokens once, output tokens once; attention scores left out) over the machine's GEMM rate in
 the run's dtype at the model's own widths, [2048 x d_model]·[d_model x d_ff], measured in
-the same run.
+the same run. Each exegpt row also splits the engine's busy time (its GetStats step totals)
+into prefill forwards, decode forwards and host work, and gives the prompts per prefill step.
 
     python benchmarks/vs_transformers.py                          # both models, tasks S and G
     python benchmarks/vs_transformers.py --models llama --tasks S --num-requests 16
+    python benchmarks/vs_transformers.py --models llama --tasks S --num-requests 128 \
+        --exegpt-batches 32,64,128 --kv-cache-mb 2048     # exegpt's batch at saturation
 """
 
 from __future__ import annotations
@@ -75,12 +78,25 @@ class Requests:
 
 
 @dataclass(frozen=True)
+class EngineRun:
+    """One `exegpt up` + `exegpt bench` run at one max batch size."""
+
+    max_batch: int
+    wall_s: float  # wall seconds for all requests
+    busy_fraction: float | None
+    # Of the engine's busy wall time: inside prefill forwards, inside decode forwards, and
+    # host work (GetStats step_totals); None where the worker lacks them.
+    split: tuple[float, float, float] | None
+    prefill_steps: int
+    prefill_rows: int
+
+
+@dataclass(frozen=True)
 class Row:
     model: str
     task: str
-    exegpt_s: float  # wall seconds for all requests
+    exegpt: tuple[EngineRun, ...]
     transformers_s: float
-    busy_fraction: float | None
     useful_flops: float
     gemm_flops_s: float
     num_requests: int
@@ -153,34 +169,45 @@ def gemm_rate(config: ModelConfig, dtype: torch.dtype, reps: int = 20) -> float:
     return 2.0 * GEMM_ROWS * config.d_model * config.d_ff / best
 
 
-def worker_busy_fraction(address: str) -> float | None:
-    """The engine's busy fraction from Worker.GetStats; None where the worker lacks the field."""
-    if "busy_fraction" not in worker_pb2.WorkerStats.DESCRIPTOR.fields_by_name:
-        return None
+def engine_run(max_batch: int, wall_s: float, address: str) -> EngineRun:
+    """The run's figures with the engine's own (Worker.GetStats), where the worker has them."""
+    fields = worker_pb2.WorkerStats.DESCRIPTOR.fields_by_name
+    if "busy_fraction" not in fields or "step_totals" not in fields:
+        return EngineRun(max_batch, wall_s, None, None, 0, 0)
     with sync_channel(address, SecurityConfig()) as channel:
         stats = worker_pb2_grpc.WorkerStub(channel).GetStats(
             worker_pb2.GetStatsRequest(), timeout=10
         )
-    return float(stats.busy_fraction)
+    totals = {t.kind: t for t in stats.step_totals}
+    prefill, decode = totals["prefill"], totals["decode"]
+    busy_s = sum(t.forward_s + t.host_s for t in totals.values()) or 1.0
+    host_s = sum(t.host_s for t in totals.values())
+    split = (prefill.forward_s / busy_s, decode.forward_s / busy_s, host_s / busy_s)
+    return EngineRun(
+        max_batch, wall_s, float(stats.busy_fraction), split, prefill.num_steps, prefill.num_rows
+    )
 
 
-def run_exegpt(checkpoint: Path, task: str, args: argparse.Namespace, out_dir: Path) -> tuple:
-    """(wall seconds, busy fraction) of `exegpt bench` at saturation on a fresh deployment."""
+def run_exegpt(
+    checkpoint: Path, task: str, max_batch: int, args: argparse.Namespace, out_dir: Path
+) -> EngineRun:
+    """`exegpt bench` at saturation on a fresh deployment of max batch `max_batch`."""
     config = DeploymentConfig(
-        model=str(checkpoint), max_batch_size=BATCH, dtype=args.dtype,
+        model=str(checkpoint), max_batch_size=max_batch, dtype=args.dtype,
         kv_cache_mb=args.kv_cache_mb, log_dir=out_dir,
     )  # fmt: skip
     bench_args = [
         "--workload", f"task:{task}", "--num-requests", str(args.num_requests),
         "--rate", "inf", "--seed", str(SEED),
     ]  # fmt: skip
-    json_path = out_dir / f"{checkpoint.name}-{task}.json"
+    json_path = out_dir / f"{checkpoint.name}-{task}-b{max_batch}.json"
     with Deployment(on_free_ports(config)) as deployment:
         metrics = run_bench(deployment, bench_args, json_path)
-        busy = worker_busy_fraction(deployment.worker_addresses[0])
+        wall_s = args.num_requests / metrics["throughput"]["sequences_per_s"]
+        run = engine_run(max_batch, wall_s, deployment.worker_addresses[0])
     if metrics["num_failed"]:
         raise RuntimeError(f"{metrics['num_failed']} exegpt requests failed; see {out_dir}")
-    return args.num_requests / metrics["throughput"]["sequences_per_s"], busy
+    return run
 
 
 def measure(name: str, task: str, args: argparse.Namespace, out_dir: Path) -> Row:
@@ -195,33 +222,42 @@ def measure(name: str, task: str, args: argparse.Namespace, out_dir: Path) -> Ro
     run_hf(requests.prompts, requests.output_lengths)
     transformers_s = time.perf_counter() - start
     del run_hf
-    exegpt_s, busy = run_exegpt(checkpoint, task, args, out_dir)
+    runs = tuple(run_exegpt(checkpoint, task, b, args, out_dir) for b in args.exegpt_batches)
     return Row(
-        model=name, task=task, exegpt_s=exegpt_s, transformers_s=transformers_s,
-        busy_fraction=busy, useful_flops=useful_flops(config, requests),
+        model=name, task=task, exegpt=runs, transformers_s=transformers_s,
+        useful_flops=useful_flops(config, requests),
         gemm_flops_s=gemm_rate(config, dtype), num_requests=args.num_requests,
         output_tokens=sum(requests.output_lengths),
     )  # fmt: skip
 
 
 def format_rows(rows: list[Row]) -> str:
+    """One line per path; an exegpt line per max batch, labelled with it ('b32' is the batch
+    transformers runs), with where the engine's busy time went: prefill forwards, decode
+    forwards, host work, and the prompts per prefill step."""
     header = (
         f"{'model':<7}{'task':<5}{'path':<14}{'seq/s':>8}{'out tok/s':>11}{'ratio':>7}"
-        f"{'busy':>7}{'GFLOP/s':>9}{'GEMM GF/s':>11}{'MFU':>7}"
+        f"{'busy':>7}{'GFLOP/s':>9}{'GEMM GF/s':>11}{'MFU':>7}   prefill/decode/host, rows/prefill"
     )
     lines = [header]
     for row in rows:
-        for path, wall_s in (("exegpt", row.exegpt_s), ("transformers", row.transformers_s)):
+        paths = [(f"exegpt b{run.max_batch}", run.wall_s, run) for run in row.exegpt]
+        for path, wall_s, run in [*paths, ("transformers", row.transformers_s, None)]:
             ratio = row.transformers_s / wall_s
-            busy = "n/a" if row.busy_fraction is None else f"{row.busy_fraction:.0%}"
-            busy = busy if path == "exegpt" else "-"
+            busy = "-" if run is None else "n/a"
+            if run is not None and run.busy_fraction is not None:
+                busy = f"{run.busy_fraction:.0%}"
             flops_s = row.useful_flops / wall_s
-            lines.append(
+            line = (
                 f"{row.model:<7}{row.task:<5}{path:<14}{row.num_requests / wall_s:>8.2f}"
                 f"{row.output_tokens / wall_s:>11.1f}{ratio:>7.2f}{busy:>7}"
                 f"{flops_s / 1e9:>9.1f}{row.gemm_flops_s / 1e9:>11.1f}"
                 f"{flops_s / row.gemm_flops_s:>7.1%}"
             )
+            if run is not None and run.split is not None:
+                per_step = run.prefill_rows / max(1, run.prefill_steps)
+                line += "   " + "/".join(f"{f:.0%}" for f in run.split) + f", {per_step:.1f}"
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -232,7 +268,12 @@ def main() -> int:
     parser.add_argument("--num-requests", type=int, default=64, help="per model and task")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="bfloat16", help="both paths")
     parser.add_argument("--kv-cache-mb", type=float, default=1024.0, help="the worker's KV pool")
+    parser.add_argument(
+        "--exegpt-batches", default=str(BATCH),
+        help=f"exegpt's max batch sizes, comma-separated, a run each ({BATCH}: transformers')",
+    )  # fmt: skip
     args = parser.parse_args()
+    args.exegpt_batches = [int(b) for b in args.exegpt_batches.split(",")]
     names = args.models.split(",")
     unknown = [name for name in names if name not in MODELS]
     if unknown:
@@ -245,8 +286,9 @@ def main() -> int:
             sys.stderr.write(format_rows(rows[-1:]) + "\n")  # so far, in case of a long run
     print(
         f"exegpt vs transformers, {args.dtype}, {args.num_requests} requests per task "
-        f"(seed {SEED}, forced lengths), batch {BATCH}, {torch.get_num_threads()} threads; "
-        "ratio = exegpt seq/s over transformers seq/s, MFU = useful FLOP/s over the GEMM rate"
+        f"(seed {SEED}, forced lengths), transformers in static batches of {BATCH}, exegpt bN "
+        f"at max batch N, {torch.get_num_threads()} threads; ratio = seq/s over transformers' "
+        "seq/s, MFU = useful FLOP/s over the GEMM rate"
     )
     print(format_rows(rows))
     print(f"reports and logs: {out_dir}")

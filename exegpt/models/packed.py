@@ -11,7 +11,8 @@ mix them. Attention runs per kind of row, over valid keys only:
   row's last key): one call per row in a skewed batch, one for a batch of equal prompts. On
   this project's CPU that beats one call over a block-diagonal mask of all N tokens, which
   does work on every pair of rows (benchmarks/packed_prefill.py measures both). A fresh
-  prefill's keys are its new K/V; a chunk's (its cached prefix and itself) are gathered whole
+  prefill's keys are its new K/V (in bf16/fp16 on a CPU it takes prefill_attention.py's
+  blocked matmuls instead of SDPA); a chunk's (its cached prefix and itself) are gathered whole
   KV blocks at a time, the tail of its last block masked and zeroed;
 - decode rows (one query token) are batched: sorted by KV length and cut into buckets in which
   every row holds at least `1 - DECODE_BUCKET_PADDING` of the bucket's longest, so a bucket's
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from exegpt.models.decode_attention import decode_kernel, matmul_decode_applies
+from exegpt.models.prefill_attention import causal_prefill_attention, matmul_prefill_applies
 
 # A decode row joins a bucket while its KV length is at least (1 - this) x the bucket's longest.
 DECODE_BUCKET_PADDING = 0.25
@@ -374,8 +376,11 @@ def gather_blocks(cache: Tensor, blocks: Tensor, block_size: int) -> Tensor:
 def _kernel(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, gqa: bool
 ) -> Tensor:
-    """SDPA over [B, T, H, D] layouts; no mask means causal for a square row, or all keys."""
+    """SDPA over [B, T, H, D] layouts; no mask means causal for a square row, or all keys.
+    Fresh prompts in bf16/fp16 on a CPU take the blocked matmul path (prefill_attention.py)."""
     causal = mask is None and q.shape[1] > 1
+    if causal and q.shape[1] == k.shape[1] and matmul_prefill_applies(q):
+        return causal_prefill_attention(q, k.to(q.dtype), v.to(q.dtype), scale)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.to(q.dtype).transpose(1, 2),
