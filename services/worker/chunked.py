@@ -49,12 +49,8 @@ class LongOutputBudget:
     """Up to `max_tokens` a step while every decoding sequence is expected to produce at
     least `min_output_tokens` tokens in all."""
 
-    max_tokens: int
-    min_output_tokens: int  # EngineConfig.long_output_min_tokens by default
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1 or self.min_output_tokens < 1:
-            raise ValueError("the long-output budget and its output length must be >= 1")
+    max_tokens: int  # checked with the fixed budget in EngineConfig (exegpt/chunk_budgets.py)
+    min_output_tokens: int
 
 
 class ChunkBudget:
@@ -126,21 +122,15 @@ def chunk_budget(
     long_output: LongOutputBudget | None = None,
 ) -> ChunkBudget | None:
     """The budget, or None where prompts are prefilled whole (off). A budget for an
-    encoder-decoder model is a ValueError: its prompts cannot be chunked (see above)."""
+    encoder-decoder model is a ValueError: its prompts cannot be chunked (see above). The
+    budgets themselves are checked in EngineConfig."""
     if max_tokens_per_step is None:
-        if long_output is not None:
-            raise ValueError("--long-output-tokens-per-step needs --max-tokens-per-step")
         return None
     if is_encoder_decoder:
         raise ValueError(
             "--max-tokens-per-step (chunked prefill) needs a decoder-only model: an "
             "encoder-decoder model's encoder attends to the whole prompt at once, so a prompt "
             "cannot be encoded in chunks; leave the option out for this model"
-        )
-    if long_output is not None and long_output.max_tokens <= max_tokens_per_step:
-        raise ValueError(
-            f"--long-output-tokens-per-step ({long_output.max_tokens}) must exceed "
-            f"--max-tokens-per-step ({max_tokens_per_step})"
         )
     return ChunkBudget(max_tokens_per_step, long_output)
 

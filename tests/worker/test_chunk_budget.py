@@ -12,7 +12,7 @@ from exegpt.generation import SamplingParams
 from exegpt.models.kv_cache import KVCachePool, KVCacheSpec
 from exegpt.models.loader import load_model
 from exegpt.output_lengths import OutputLengthModel
-from services.worker.chunked import ChunkBudget, LongOutputBudget, chunk_budget
+from services.worker.chunked import ChunkBudget, LongOutputBudget
 from services.worker.config import EngineConfig
 from services.worker.executor.local import LocalExecutor
 from services.worker.requests import EngineRequest
@@ -82,13 +82,20 @@ def test_without_a_long_output_budget_the_budget_stays_fixed() -> None:
     assert _chunks(chosen) == [(0, 30)]
 
 
-def test_a_long_output_budget_must_exceed_the_budget_and_needs_one() -> None:
-    with pytest.raises(ValueError, match="must exceed --max-tokens-per-step"):
-        chunk_budget(64, False, LongOutputBudget(64, 16))
-    with pytest.raises(ValueError, match="needs --max-tokens-per-step"):
-        chunk_budget(None, False, LongOutputBudget(128, 16))
-    with pytest.raises(ValueError, match=">= 1"):
-        LongOutputBudget(128, 0)
+@pytest.mark.parametrize(
+    ("budgets", "message"),
+    [
+        ((64, 64, 16), r"\(64\) must exceed --max-tokens-per-step \(64\)"),
+        ((None, 128, 16), "--long-output-tokens-per-step needs --max-tokens-per-step"),
+        ((32, 128, 0), "--long-output-min-tokens must be >= 1"),
+        ((32, 0, 16), "--long-output-tokens-per-step must be >= 1"),
+        ((0, None, 16), "--max-tokens-per-step must be >= 1"),
+    ],
+)  # fmt: skip
+def test_the_engine_config_refuses_a_bad_pair_of_budgets(budgets, message: str) -> None:
+    n, m, g = budgets
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(max_tokens_per_step=n, long_output_tokens_per_step=m, long_output_min_tokens=g)
 
 
 def test_the_expected_outputs_are_read_only_as_far_as_the_choice_needs() -> None:
