@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from policy_runs import chunk_budgets  # noqa: E402
 from two_level import TRACES, build_tiny_llama  # noqa: E402
 
 from exegpt.generation import SamplingParams  # noqa: E402
@@ -151,12 +152,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         loaded = load_model(str(build_tiny_llama(Path(tmp) / "tiny-llama")))
         for budget in args.budgets.split(",") * args.repeats:  # interleaved: same noise
-            fixed, _, long = budget.partition("-")  # N, or N-M with a long-output budget M
+            fixed, long = chunk_budgets(budget)  # N, N-M (a long-output budget M) or off
             config = EngineConfig(
                 max_batch_size=args.max_batch_size,
                 kv_capacity_bytes=int(args.kv_cache_mb * 2**20),
-                max_tokens_per_step=None if fixed == "off" else int(fixed),
-                long_output_tokens_per_step=int(long) if long else None,
+                max_tokens_per_step=fixed,
+                long_output_tokens_per_step=long,
                 policy=PolicyConfig(EnginePolicy(args.engine_policy)),
             )
             times, steps = replay(loaded, config, rows, gaps_s)

@@ -16,7 +16,7 @@ import grpc
 from deployments import free_port, metric
 
 from exegpt.bench.against_plan import completed_rows, steady_rate
-from exegpt.bench.metrics import summarize
+from exegpt.bench.metrics import RowLatency, latency_figures
 from exegpt.calibration_pass import sum_totals, totals_between
 from exegpt.launcher import Deployment, DeploymentConfig
 from exegpt.v1 import worker_pb2, worker_pb2_grpc
@@ -68,8 +68,16 @@ class Run:
         engine, router, *chunk = combo.split("+")
         if not chunk:
             return cls(engine, router)
-        budget, _, long = chunk[0].removeprefix("chunk").partition("-")
-        return cls(engine, router, int(budget), int(long) if long else None)
+        return cls(engine, router, *chunk_budgets(chunk[0].removeprefix("chunk")))
+
+
+def chunk_budgets(text: str) -> tuple[int | None, int | None]:
+    """A budget as the benchmarks name it: `N`, `N-M` (a long-output budget M) or `off`, as
+    (--max-tokens-per-step, --long-output-tokens-per-step)."""
+    if text == "off":
+        return None, None
+    fixed, _, long = text.partition("-")
+    return int(fixed), int(long) if long else None
 
 
 @dataclass(frozen=True)
@@ -133,9 +141,6 @@ def replay(deployment: Deployment, bench_args: list[str], json_path: Path) -> di
         a.num_finished - b.num_finished for a, b in zip(after, before, strict=True)
     ]
     metrics["step_ms"] = mean_step_ms(before, after)
-    tpot_p50, tpot_p99 = metric(metrics, ("tpot_s", "p50")), metric(metrics, ("tpot_s", "p99"))
-    # Within the run: with --repeats, the median of this, not a ratio of two medians.
-    metrics["tpot_p99_over_p50"] = tpot_p99 / tpot_p50 if tpot_p50 and tpot_p99 else None
     finished = sum(metrics["finished_per_replica"])
     queued_s = sum(a.queue_time_s - b.queue_time_s for a, b in zip(after, before, strict=True))
     metrics["queue_ms"] = 1e3 * queued_s / finished if finished else None
@@ -167,28 +172,13 @@ def pooled(rows: list[dict], bound_s: float | None) -> dict:
     """The latency figures of bench request `rows` (several replays' requests pooled), as
     `exegpt bench` reports them for one replay: a p99 of R x N requests is a statistic where
     one replay's N = 80 made it the single slowest request."""
-    ok = [r for r in rows if r["error"] is None and r["e2e_s"] is not None]
-    ttfts = [r["ttft_s"] for r in ok if r["ttft_s"] is not None]
-    tpots = [tpot for r in ok if (tpot := _tpot_s(r)) is not None]
-    tpot = summarize(tpots, (50, 99))
-    figures = {
-        "ttft_s": summarize(ttfts, (50, 99)),
-        "tpot_s": tpot,
-        "e2e_latency_s": summarize([r["e2e_s"] for r in ok], (50, 90, 99)),
-        "tpot_p99_over_p50": tpot["p99"] / tpot["p50"] if tpot["p50"] else None,
-        "num_pooled": len(rows),
-        "num_failed": len(rows) - len(ok),
-    }
-    if bound_s is not None and rows:
-        figures["fraction_within_bound"] = sum(r["e2e_s"] <= bound_s for r in ok) / len(rows)
+    ok = [RowLatency.of(r) for r in completed_rows({"requests": rows})]
+    figures = latency_figures(ok, len(rows), bound_s)
+    tpot = figures["tpot_s"]
+    figures["tpot_p99_over_p50"] = tpot["p99"] / tpot["p50"] if tpot["p50"] else None
+    figures["num_pooled"] = len(rows)
+    figures["num_failed"] = len(rows) - len(ok)
     return figures
-
-
-def _tpot_s(row: dict) -> float | None:
-    """As exegpt bench defines it: (e2e - TTFT) / (output tokens - 1)."""
-    if row["ttft_s"] is None or row["output_tokens"] < 2:
-        return None
-    return (row["e2e_s"] - row["ttft_s"]) / (row["output_tokens"] - 1)
 
 
 def _medians(replays: list[dict]) -> dict:

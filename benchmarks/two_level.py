@@ -1,6 +1,6 @@
-"""Two-level scheduling on real traces: router x engine policies, each on 2 replicas (one
-torch thread each), replaying the Azure conversation and code traces at 50%, 80% and 95% of
-the capacity measured for fcfs + round_robin.
+"""Two-level scheduling on real traces: router x engine policies, each on NUM_REPLICAS = 2
+replicas (one torch thread each), replaying the Azure conversation and code traces at 50%,
+80% and 95% of the capacity measured for fcfs + round_robin.
 
     python benchmarks/two_level.py --trace-dir ../shared/traces --traces conv --repeats 2
 
@@ -30,12 +30,23 @@ router: ~300 MiB a worker here, and ~1% of a core while idle. One matrix per tra
 throughput, TTFT p50/p99, TPOT p50/p99, e2e p99, failures, preemptions (GetStats deltas),
 the fraction within the bound, and ratios to the baseline.
 
+What the policies know: the bench client sends each request's true output length (the
+trace's) as its max_tokens (exegpt/bench/client.py), and every predicted output length is
+capped by max_tokens, so memory_aware's quantile, token_aware's mean and the long-output
+budget's mean here are never above the truth: they predict better than they could in
+service, where max_tokens is only a bound. The baseline fcfs + round_robin, unchunked, uses
+no prediction. The target's long-output budget M = 128 and length G = 16 were chosen on
+these same two traces, so its figures here are in-sample, not a held-out test.
+
 Tails are statistics, not single requests: a p99 of one 80-request replay is its slowest
-request, which one long prompt arriving in a burst decides. With --repeats R, each load is
-replayed R times (repeat i seeded --seed + i: other arrivals and prompt tokens) and the
+request, which one long prompt arriving in a burst decides. With --repeats R (default 1),
+each load is replayed R times (repeat i seeded --seed + i: other Poisson arrivals and
+prompt token ids, but the same trace rows, so the same prompt and output lengths) and the
 latency figures (TTFT, TPOT, e2e, TPOT p99/p50, within bound) are taken over the pool of
-the R x --requests-per-cell requests; the default 200 requests and R = 2 put 4 requests
-beyond the p99. Throughput, queue and step times are the median of the R (a shared
+the R x --requests-per-cell requests. With R = 2 and the default 200 requests, 4 pooled
+requests lie beyond the p99, but they are not 4 independent ones: each trace row is there
+R times, so a request long enough to make the tail tends to make it in every repeat.
+Throughput, queue and step times are the median of the R (a shared
 machine's noise moves one replay's rate), preemptions and failures the sum. The bursts too
 are replayed R times, so the capacity is the median of R steady rates (one 80-request burst
 read 26 to 49 seq/s within minutes, as other processes came and went). The targets are
@@ -118,7 +129,8 @@ def bench_args(
 ) -> list:
     """One replay's `exegpt bench` options: a burst (`rate` inf) of `burst_size` requests,
     else --requests-per-cell Poisson arrivals; repeat i seeded --seed + i (other arrivals
-    and prompt tokens, so the pooled repeats are not one arrival pattern R times)."""
+    and prompt token ids over the same trace rows, so the pooled repeats are not one arrival
+    pattern R times)."""
     num_requests = burst_size(args) if rate == "inf" else args.requests_per_cell
     bench = [
         "--workload", f"trace:{trace}", "--num-requests", str(num_requests), "--rate", rate,
@@ -129,8 +141,9 @@ def bench_args(
 
 def burst_size(args: argparse.Namespace) -> int:
     """The capacity burst: the benchmarks' rule (exegpt/bench/burst.py), MEASURED_BATCHES
-    running batches of each of the 2 replicas. Its time term needs a rate predicted before
-    the burst, which this benchmark has none of (the burst is what measures it), so it is 0."""
+    running batches of each of the NUM_REPLICAS replicas. Its time term needs a rate
+    predicted before the burst, which this benchmark has none of (the burst is what measures
+    it), so it is 0."""
     return measured_burst(NUM_REPLICAS * args.max_batch_size, 0.0)
 
 
@@ -241,16 +254,19 @@ def check_targets(
 
 def predicted_preemptions(trace: Path, args: argparse.Namespace, num_blocks: int) -> str:
     """The simulator's fcfs and memory_aware preemptions for the burst: the trace's scaled
-    requests dealt alternately to 2 replicas of `num_blocks` each."""
+    requests dealt in turn to NUM_REPLICAS replicas of `num_blocks` each."""
     rows = load_trace(trace, length_scale=args.length_scale, limit=burst_size(args))
     requests = [SimRequest(r.input_tokens, r.output_tokens, r.output_tokens) for r in rows]
     counts = {}
     for policy in ("fcfs", "memory_aware"):
         counts[policy] = sum(
             simulate_kv_policy(
-                requests[replica::2], policy, num_blocks, max_batch_size=args.max_batch_size
+                requests[replica::NUM_REPLICAS],
+                policy,
+                num_blocks,
+                max_batch_size=args.max_batch_size,
             ).num_preemptions
-            for replica in range(2)
+            for replica in range(NUM_REPLICAS)
         )
     return f"simulator predicts fcfs {counts['fcfs']} vs memory_aware {counts['memory_aware']}"
 
@@ -308,7 +324,7 @@ def main() -> int:
         results = {name: run_trace(name, runs, setup, args, tmp) for name in traces}
     print(
         f"{args.requests_per_cell} requests a load replay x {args.repeats} pooled, bursts of "
-        f"{burst_size(args)}, lengths x{args.length_scale}, 2 replicas x "
+        f"{burst_size(args)}, lengths x{args.length_scale}, {NUM_REPLICAS} replicas x "
         f"1 thread, KV {args.kv_cache_mb} MiB and batch {args.max_batch_size} each, model "
         f"{args.model or 'tiny random Llama (4 layers, d=256)'}; ms unless noted, e2e in s"
     )

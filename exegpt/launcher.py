@@ -26,6 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from exegpt.chunk_budgets import check_chunk_budgets
 from exegpt.dtypes import DEFAULT_DTYPE
 from exegpt.models.hub_cache import local_model_directory
 from exegpt.security import SecurityConfig
@@ -74,6 +75,7 @@ class DeploymentConfig:
     engine_policy: str | None = None  # None: the worker's default (fcfs)
     max_tokens_per_step: int | None = None  # chunked prefill budget; None: off
     long_output_tokens_per_step: int | None = None  # its budget for long outputs; None: off
+    long_output_min_tokens: int | None = None  # the output length that takes it; None: default
     kv_cache_mb: float = 256.0
     # Passed to every worker, which resolves `auto` and tells its stages the result.
     dtype: str = DEFAULT_DTYPE
@@ -93,6 +95,9 @@ class DeploymentConfig:
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
             raise ValueError("--replicas must be >= 1")
+        check_chunk_budgets(
+            self.max_tokens_per_step, self.long_output_tokens_per_step, self.long_output_min_tokens
+        )
 
 
 @dataclass
@@ -238,10 +243,7 @@ class Deployment:
             *(["--scheduler", self.config.scheduler] if self.config.scheduler else []),
             "--max-batch-size", str(self.config.max_batch_size),
             *(["--engine-policy", self.config.engine_policy] if self.config.engine_policy else []),
-            *(["--max-tokens-per-step", str(self.config.max_tokens_per_step)]
-              if self.config.max_tokens_per_step else []),
-            *(["--long-output-tokens-per-step", str(self.config.long_output_tokens_per_step)]
-              if self.config.long_output_tokens_per_step else []),
+            *self._chunk_budget_args(),
             "--kv-cache-mb", str(self.config.kv_cache_mb),
             "--dtype", self.config.dtype,
             "--torch-threads", str(threads),
@@ -249,6 +251,16 @@ class Deployment:
             *self.config.extra_worker_args,
         ]  # fmt: skip
         return args
+
+    def _chunk_budget_args(self) -> list[str]:
+        """The worker flags of the chunk budgets given (0 included: the worker refuses it)."""
+        flags = {
+            "--max-tokens-per-step": self.config.max_tokens_per_step,
+            "--long-output-tokens-per-step": self.config.long_output_tokens_per_step,
+            "--long-output-min-tokens": self.config.long_output_min_tokens,
+        }
+        given = [(flag, value) for flag, value in flags.items() if value is not None]
+        return [arg for flag, value in given for arg in (flag, str(value))]
 
     def _spawn_router(self) -> _Child:
         args = [

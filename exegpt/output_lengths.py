@@ -49,11 +49,18 @@ class OutputLengthModel:
         return max(num_generated + 1, min(max_tokens, value))
 
     def expected_remaining(self, num_generated: int, max_tokens: int) -> float:
-        """Mean tokens still to come for a request that has generated `num_generated`."""
+        """Mean tokens still to come for a request that has generated `num_generated`
+        (max_tokens in all while too few lengths beyond them were seen: the worst case)."""
+        total = self.expected_total(num_generated, max_tokens)
+        return max(1.0, (max_tokens if total is None else total) - num_generated)
+
+    def expected_total(self, num_generated: int, max_tokens: int) -> float | None:
+        """The mean total output length of a request that has generated `num_generated`
+        tokens (of lengths seen beyond that), capped by max_tokens; None while fewer than
+        min_samples such lengths were seen (no estimate)."""
         with self._lock:
             tail = self._tail(num_generated)
-            mean = max_tokens if tail is None else sum(tail) / len(tail)
-        return max(1.0, min(max_tokens, mean) - num_generated)
+            return None if tail is None else min(max_tokens, sum(tail) / len(tail))
 
     def _tail(self, num_generated: int) -> list[int] | None:
         """The lengths seen beyond num_generated, or None while fewer than min_samples."""

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 from exegpt import autoplan
+from exegpt.chunk_budgets import DEFAULT_LONG_OUTPUT_MIN_TOKENS
 from exegpt.dtypes import DTYPE_CHOICES
 from exegpt.launcher import Deployment, DeploymentConfig, LaunchError, RestartPolicy
 from exegpt.plan_file import PlanFile
@@ -93,6 +94,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(needs --max-tokens-per-step; default off)",
     )
     parser.add_argument(
+        "--long-output-min-tokens",
+        type=int,
+        default=None,
+        help="the output length every decoding request must expect for the "
+        f"--long-output-tokens-per-step budget (default {DEFAULT_LONG_OUTPUT_MIN_TOKENS})",
+    )
+    parser.add_argument(
         "--dtype",
         choices=DTYPE_CHOICES,
         default=defaults.dtype,
@@ -154,6 +162,7 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
         engine_policy=args.engine_policy,
         max_tokens_per_step=args.max_tokens_per_step,
         long_output_tokens_per_step=args.long_output_tokens_per_step,
+        long_output_min_tokens=args.long_output_min_tokens,
         kv_cache_mb=args.kv_cache_mb,
         dtype=args.dtype,
         torch_threads=args.torch_threads,

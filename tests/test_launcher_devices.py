@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import shutil
 
+import pytest
+
 from exegpt import up
 from exegpt.launcher import Deployment, DeploymentConfig
 from exegpt.topology import Topology
@@ -63,3 +65,43 @@ def test_up_hands_the_chunk_budgets_to_every_worker_engine() -> None:
     engine = worker_main.config_from_args(worker_parser.parse_args(args)).engine
     assert (engine.max_tokens_per_step, engine.long_output_tokens_per_step) == (32, 128)
     assert engine.long_output_min_tokens == 16
+    # --long-output-min-tokens too, when given.
+    config = up.config_from_args(up_parser.parse_args([*budgets, "--long-output-min-tokens", "8"]))
+    assert _flag(_deployment_worker_args(config), "--long-output-min-tokens") == "8"
+
+
+def _deployment_worker_args(config: DeploymentConfig) -> list[str]:
+    deployment = Deployment(config)
+    try:
+        return deployment.worker_args(0)
+    finally:
+        shutil.rmtree(deployment._state_dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--long-output-tokens-per-step", "128"], "needs --max-tokens-per-step"),
+        (["--max-tokens-per-step", "32", "--long-output-tokens-per-step", "32"], "must exceed"),
+        (["--max-tokens-per-step", "0"], "--max-tokens-per-step must be >= 1"),
+        (["--max-tokens-per-step", "8", "--long-output-tokens-per-step", "0"],
+         "--long-output-tokens-per-step must be >= 1"),
+        (["--long-output-min-tokens", "0"], "--long-output-min-tokens must be >= 1"),
+    ],
+)  # fmt: skip
+def test_up_refuses_a_bad_pair_of_chunk_budgets(
+    flags: list[str], message: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The deployment is refused before any process starts (exit 2, the flags named); a 0
+    is refused, not dropped from the worker flags."""
+    parser = argparse.ArgumentParser()
+    up.add_arguments(parser)
+    with pytest.raises(ValueError, match=message):
+        up.config_from_args(parser.parse_args(flags))
+    assert up.run(parser.parse_args(flags)) == 2
+    assert message in caplog.text
+
+
+def test_a_zero_budget_given_to_the_launcher_is_refused_not_dropped() -> None:
+    with pytest.raises(ValueError, match="--max-tokens-per-step must be >= 1"):
+        DeploymentConfig(max_tokens_per_step=0)

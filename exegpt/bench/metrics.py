@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -29,7 +30,31 @@ def summarize(values: Sequence[float], points: Sequence[int]) -> dict[str, float
     return {key: float(value) for key, value in zip(keys, stats, strict=True)}
 
 
-def tpot_s(record: RequestRecord) -> float | None:
+class Latency(Protocol):
+    """What the latency figures read of a request (a RequestRecord, or a RowLatency)."""
+
+    @property
+    def e2e_s(self) -> float: ...
+    @property
+    def ttft_s(self) -> float | None: ...
+    @property
+    def num_output_tokens(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class RowLatency:
+    """A completed request of a bench JSON document's "requests" rows."""
+
+    e2e_s: float
+    ttft_s: float | None
+    num_output_tokens: int
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> RowLatency:
+        return cls(row["e2e_s"], row["ttft_s"], row["output_tokens"])
+
+
+def tpot_s(record: Latency) -> float | None:
     """Time per output token after the first: (e2e - ttft) / (n_out - 1)."""
     ttft_s = record.ttft_s
     if ttft_s is None or record.num_output_tokens < 2:
@@ -53,7 +78,6 @@ def build_report(
     num_input_tokens = sum(
         r.usage_prompt_tokens if r.usage_prompt_tokens is not None else r.input_tokens for r in ok
     )
-    tpots = [t for t in (tpot_s(r) for r in ok) if t is not None]
     errors = Counter(r.error for r in records if r.error)
     report: dict[str, Any] = {
         "num_requests": len(records),
@@ -67,24 +91,35 @@ def build_report(
             "output_tokens_per_s": _rate(num_output_tokens, elapsed_s),
             "total_tokens_per_s": _rate(num_input_tokens + num_output_tokens, elapsed_s),
         },
-        "e2e_latency_s": summarize([r.e2e_s for r in ok], (50, 90, 99)),
-        "ttft_s": summarize([r.ttft_s for r in ok if r.ttft_s is not None], (50, 99)),
-        "tpot_s": summarize(tpots, (50, 99)),
+        **latency_figures(ok, len(records), latency_bound_s),
         # How late the client sent requests against the plan (a saturated client, or the
         # --max-concurrency cap, shows here).
         "send_lag_s": summarize([r.send_s - r.arrival_s for r in records], (50, 99)),
         # Requests whose streamed token count differs from the forced output length.
         "num_length_mismatch": sum(r.num_output_tokens != r.expected_output_tokens for r in ok),
         "latency_bound_s": latency_bound_s,
+        "errors": dict(errors.most_common(NUM_ERRORS_REPORTED)),
+    }
+    return report
+
+
+def latency_figures(
+    ok: Sequence[Latency], num_requests: int, latency_bound_s: float | None
+) -> dict[str, Any]:
+    """The latency part of a report: e2e, TTFT and TPOT over the successful requests `ok`,
+    and with a bound, those within it (the fraction over all `num_requests`)."""
+    figures: dict[str, Any] = {
+        "e2e_latency_s": summarize([r.e2e_s for r in ok], (50, 90, 99)),
+        "ttft_s": summarize([r.ttft_s for r in ok if r.ttft_s is not None], (50, 99)),
+        "tpot_s": summarize([t for t in (tpot_s(r) for r in ok) if t is not None], (50, 99)),
         "num_within_bound": None,
         "fraction_within_bound": None,
-        "errors": dict(errors.most_common(NUM_ERRORS_REPORTED)),
     }
     if latency_bound_s is not None:
         within = sum(r.e2e_s <= latency_bound_s for r in ok)
-        report["num_within_bound"] = within
-        report["fraction_within_bound"] = within / len(records) if records else None
-    return report
+        figures["num_within_bound"] = within
+        figures["fraction_within_bound"] = within / num_requests if num_requests else None
+    return figures
 
 
 def _rate(count: float, elapsed_s: float) -> float:

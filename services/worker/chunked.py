@@ -18,7 +18,9 @@ prefills go whole, as unchunked: one large step costs less than the same tokens 
 With a long-output budget M (--long-output-tokens-per-step), a step may carry up to M tokens
 instead of N while every decoding sequence is expected to produce at least
 `long_output_tokens` tokens in all (its tokens so far plus the expected rest, from the
-output lengths seen: exegpt/output_lengths.py). A request's time per output token is the
+output lengths seen: exegpt/output_lengths.py). While too few lengths beyond its tokens so
+far were seen (a fresh replica), a sequence counts only its tokens so far, never its
+max_tokens, so short-output traffic gets N from the start. A request's time per output token is the
 mean of its gaps: one long step among many gaps moves it little, while a request of one or
 two output tokens has a TPOT of that one step. So the larger budget goes where the running
 requests can absorb it (chat-like outputs), and N stays where they cannot (code-like outputs
@@ -47,12 +49,8 @@ class LongOutputBudget:
     """Up to `max_tokens` a step while every decoding sequence is expected to produce at
     least `min_output_tokens` tokens in all."""
 
-    max_tokens: int
-    min_output_tokens: int  # EngineConfig.long_output_min_tokens by default
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1 or self.min_output_tokens < 1:
-            raise ValueError("the long-output budget and its output length must be >= 1")
+    max_tokens: int  # checked with the fixed budget in EngineConfig (exegpt/chunk_budgets.py)
+    min_output_tokens: int
 
 
 class ChunkBudget:
@@ -62,13 +60,12 @@ class ChunkBudget:
         self.max_tokens = max_tokens_per_step
         self.long_output = long_output
         self._starved = False  # the last step's decodes left no budget to waiting prefills
-        self._step_max = max_tokens_per_step  # the budget of the step being planned
 
     def plan_step(self, expected_outputs: Iterable[float]) -> int:
-        """Set the budget of the next step from the expected output lengths (tokens so far
-        plus the expected rest) of the sequences decoding now, and return it: the long-output
-        budget when there are some and every one expects at least its length, else
-        max_tokens_per_step. Reads `expected_outputs` only as far as it must (lazily)."""
+        """The budget of the next step (its `step_max` below) from the expected output
+        lengths (tokens so far plus the expected rest) of the sequences decoding now: the
+        long-output budget when there are some and every one expects at least its length,
+        else max_tokens_per_step. Reads `expected_outputs` only as far as it must (lazily)."""
         long = self.long_output
         absorbs = False
         if long is not None:
@@ -76,13 +73,12 @@ class ChunkBudget:
                 absorbs = expected >= long.min_output_tokens
                 if not absorbs:
                     break
-        self._step_max = long.max_tokens if long is not None and absorbs else self.max_tokens
-        return self._step_max
+        return long.max_tokens if long is not None and absorbs else self.max_tokens
 
-    def decodes_go_in(self, num_decodes: int, prefills_wait: bool) -> bool:
+    def decodes_go_in(self, num_decodes: int, prefills_wait: bool, step_max: int) -> bool:
         """Whether this step carries the ready decodes: yes, unless they left no budget to
         the waiting prefills in the last step too (then this step is a chunk step)."""
-        starved = prefills_wait and num_decodes >= self._step_max
+        starved = prefills_wait and num_decodes >= step_max
         if starved and self._starved:
             self._starved = False
             return False
@@ -90,19 +86,20 @@ class ChunkBudget:
         return True
 
     def has_room(
-        self, pending: list[Sequence], num_decodes: int = 0, decoding: bool = True
+        self, pending: list[Sequence], step_max: int, num_decodes: int = 0, decoding: bool = True
     ) -> bool:
         """Whether the prefills already waiting leave budget for newly admitted ones."""
         waiting_tokens = sum(s.prefill_left for s in pending)
-        return waiting_tokens + num_decodes < self._limit(decoding)
+        return waiting_tokens + num_decodes < _limit(step_max, decoding)
 
     def select(
-        self, pending: list[Sequence], num_decodes: int = 0, decoding: bool = True
+        self, pending: list[Sequence], step_max: int, num_decodes: int = 0, decoding: bool = True
     ) -> list[Sequence]:
         """The chunk rows of the next step, in order, each with `chunk_end` set: the rest of
-        its prefill or what the budget leaves after `num_decodes` decode tokens. `decoding`:
-        whether any admitted sequence decodes (else the prefills go whole)."""
-        budget = self._limit(decoding) - num_decodes
+        its prefill or what the step's budget `step_max` (plan_step) leaves after
+        `num_decodes` decode tokens. `decoding`: whether any admitted sequence decodes (else
+        the prefills go whole)."""
+        budget = _limit(step_max, decoding) - num_decodes
         chosen: list[Sequence] = []
         for seq in pending:
             if budget <= 0:
@@ -113,9 +110,10 @@ class ChunkBudget:
             chosen.append(seq)
         return chosen
 
-    def _limit(self, decoding: bool) -> float:
-        """Tokens a step may carry: the step's budget while sequences decode, else no limit."""
-        return self._step_max if decoding else math.inf
+
+def _limit(step_max: int, decoding: bool) -> float:
+    """Tokens a step may carry: its budget while sequences decode, else no limit."""
+    return step_max if decoding else math.inf
 
 
 def chunk_budget(
@@ -124,21 +122,15 @@ def chunk_budget(
     long_output: LongOutputBudget | None = None,
 ) -> ChunkBudget | None:
     """The budget, or None where prompts are prefilled whole (off). A budget for an
-    encoder-decoder model is a ValueError: its prompts cannot be chunked (see above)."""
+    encoder-decoder model is a ValueError: its prompts cannot be chunked (see above). The
+    budgets themselves are checked in EngineConfig."""
     if max_tokens_per_step is None:
-        if long_output is not None:
-            raise ValueError("--long-output-tokens-per-step needs --max-tokens-per-step")
         return None
     if is_encoder_decoder:
         raise ValueError(
             "--max-tokens-per-step (chunked prefill) needs a decoder-only model: an "
             "encoder-decoder model's encoder attends to the whole prompt at once, so a prompt "
             "cannot be encoded in chunks; leave the option out for this model"
-        )
-    if long_output is not None and long_output.max_tokens <= max_tokens_per_step:
-        raise ValueError(
-            f"--long-output-tokens-per-step ({long_output.max_tokens}) must exceed "
-            f"--max-tokens-per-step ({max_tokens_per_step})"
         )
     return ChunkBudget(max_tokens_per_step, long_output)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from exegpt.chunk_budgets import DEFAULT_LONG_OUTPUT_MIN_TOKENS, check_chunk_budgets
 from exegpt.dtypes import DEFAULT_DTYPE
 from exegpt.models.kv_cache import DEFAULT_BLOCK_SIZE_TOKENS
 from exegpt.schedule import Schedule, ScheduleKind
@@ -42,8 +43,9 @@ class EngineConfig:
     # --long-output-tokens-per-step M: the budget is M while every decoding sequence expects
     # at least long_output_min_tokens output tokens in all (chunked.py); None: always N.
     long_output_tokens_per_step: int | None = None
-    # A request among this many gaps absorbs one longer step in its time per output token.
-    long_output_min_tokens: int = 16
+    # A request of this many output tokens (G - 1 gaps) absorbs one longer step in its time
+    # per output token.
+    long_output_min_tokens: int = DEFAULT_LONG_OUTPUT_MIN_TOKENS
 
     def __post_init__(self) -> None:
         if not self.batching.is_baseline and self.schedule is None:
@@ -52,10 +54,9 @@ class EngineConfig:
             raise ValueError("input_band must be in [0, 1)")
         if self.max_batch_size < 1 or self.max_queue_size < 1:
             raise ValueError("max_batch_size and max_queue_size must be >= 1")
-        if self.max_tokens_per_step is not None and self.max_tokens_per_step < 1:
-            raise ValueError("max_tokens_per_step must be >= 1")
-        if self.long_output_min_tokens < 1:
-            raise ValueError("long_output_min_tokens must be >= 1")
+        check_chunk_budgets(
+            self.max_tokens_per_step, self.long_output_tokens_per_step, self.long_output_min_tokens
+        )
         if self.num_micro_batches < 1:
             raise ValueError("num_micro_batches must be >= 1")
         if self.kv_capacity_bytes <= 0 or self.kv_block_size_tokens < 1:

@@ -22,6 +22,7 @@ import collections
 import itertools
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 
 from exegpt.models.config import ModelConfig
@@ -142,7 +143,7 @@ class StepScheduler(Admission):
         lone = next((s for s in self._running if s.retry_alone and not s.in_flight), None)
         kind = StepKind.DECODE if lone is None or lone.prefilled else self._prefill_kind()
         if kind is StepKind.CHUNK and self._chunks is not None:
-            self._chunks.select([lone])
+            self._chunks.select([lone], self._step_limit())
         if lone is not None and self._make_room([lone]):
             lone.retry_alone = False
             return self._plan(kind, [lone])
@@ -168,16 +169,16 @@ class StepScheduler(Admission):
         """--max-tokens-per-step (chunked.py): a group's ready decodes and, in the budget they
         leave, chunks of the waiting prefills, in one step."""
         assert self._chunks is not None
-        self._chunks.plan_step(self._expected_output(s) for s in self._running if s.prefilled)
+        step_max = self._step_limit()
         group, decodes = self._ready_decodes()
         pending = self._idle_unprefilled()
         prefills_wait = bool(pending) or self.num_waiting() > 0
-        chunk_turn = not self._chunks.decodes_go_in(len(decodes), prefills_wait)
+        chunk_turn = not self._chunks.decodes_go_in(len(decodes), prefills_wait, step_max)
         num_decodes = 0 if chunk_turn else len(decodes)
         decoding = any(s.prefilled for s in self._running)  # else prefills go whole
-        if self._chunks.has_room(pending, num_decodes, decoding):
+        if self._chunks.has_room(pending, step_max, num_decodes, decoding):
             pending += self._admit()
-        chunks = self._chunks.select(pending, num_decodes, decoding)
+        chunks = self._chunks.select(pending, step_max, num_decodes, decoding)
         if chunk_turn and chunks:  # else no prefill could start: the decodes go on
             decodes = []
         rows = self._make_room(decodes + chunks)  # a victim leaves the step
@@ -187,12 +188,31 @@ class StepScheduler(Admission):
             return self._plan(StepKind.CHUNK, chunks) if chunks else None
         return self._group_plan(StepKind.MIXED if chunks else StepKind.DECODE, rows, group)
 
-    def _expected_output(self, seq: Sequence) -> float:
-        """A sequence's output tokens in all: those so far plus the expected rest."""
-        generated = len(seq.output_token_ids)
-        return generated + self.lengths.expected_remaining(
-            generated, seq.request.sampling.max_tokens
-        )
+    def _step_limit(self) -> int:
+        """The chunk budget of the step being planned (chunked.py), from the expected outputs
+        of the sequences decoding now."""
+        assert self._chunks is not None
+        return self._chunks.plan_step(self._expected_outputs())
+
+    def _expected_outputs(self) -> Iterator[float]:
+        """Lazily, each decoding sequence's expected output: one estimate per distinct
+        (tokens so far, max_tokens), as each reads the tail of the lengths seen."""
+        estimates: dict[tuple[int, int], float] = {}
+        for seq in self._running:
+            if seq.prefilled:
+                key = (len(seq.output_token_ids), seq.request.sampling.max_tokens)
+                if key not in estimates:
+                    estimates[key] = self._expected_output(*key)
+                yield estimates[key]
+
+    def _expected_output(self, generated: int, max_tokens: int) -> float:
+        """A sequence's output tokens in all: those so far plus the expected rest. While the
+        length model has too few lengths beyond those so far (a fresh replica, or a sequence
+        longer than most seen), those so far alone: the rule rests on what is known, not on
+        max_tokens (the worst case admission plans for, which would hand the larger budget
+        to short-output traffic on a fresh replica)."""
+        total = self.lengths.expected_total(generated, max_tokens)
+        return generated if total is None else max(generated + 1.0, total)
 
     def _decode_plan(self) -> StepPlan | None:
         group, ready = self._ready_decodes()

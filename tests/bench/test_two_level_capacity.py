@@ -87,6 +87,7 @@ def test_repeats_pool_their_requests_for_the_latency_percentiles() -> None:
     assert combined["num_pooled"] == 200 and combined["num_failed"] == 1
     # Within the 1 s bound: all but the slow and the failed one, over all 200.
     assert combined["fraction_within_bound"] == pytest.approx(198 / 200)
+    assert combined["num_within_bound"] == 198
     assert combined["throughput"]["sequences_per_s"] == pytest.approx(11.0)  # the median
     assert combined["preemptions"] == 5  # summed
 
@@ -110,3 +111,7 @@ def test_a_combo_names_its_chunk_budgets() -> None:
     fixed = POLICY_RUNS["Run"].parse("memory_aware+token_aware+chunk32")
     assert (fixed.max_tokens_per_step, fixed.long_output_tokens_per_step) == (32, None)
     assert POLICY_RUNS["Run"].parse("fcfs+round_robin").chunk_label == ""
+    # The one parser of a budget, as chunk_budget.py's --budgets names them too.
+    assert POLICY_RUNS["chunk_budgets"]("32-128") == (32, 128)
+    assert POLICY_RUNS["chunk_budgets"]("64") == (64, None)
+    assert POLICY_RUNS["chunk_budgets"]("off") == (None, None)

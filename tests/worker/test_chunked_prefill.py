@@ -166,14 +166,18 @@ def _drive(
     budget: int | None,
     long_prompt: list[int],
     max_batch_size: int = 8,
+    seen_lengths: tuple[int, ...] = (),
     **options,
 ):
     """Two short requests decode; after 3 steps a long prompt arrives. Returns every plan
     (there must always be one to run) and the tokens of each request (the real scheduler
-    over the real in-process model). `options`: more EngineConfig fields."""
+    over the real in-process model). `seen_lengths`: output lengths of earlier requests the
+    scheduler has learned; `options`: more EngineConfig fields."""
     config = _config(budget, max_batch_size, **options)
     pool = _pool(loaded, config)
     scheduler = StepScheduler(config, loaded.config, pool.allocator)
+    for length in seen_lengths:
+        scheduler.lengths.observe(length)
     executor = LocalExecutor(loaded.model, pool)
     tokens: dict[str, list[int]] = {}
 
@@ -228,21 +232,34 @@ def test_a_long_prompt_is_chunked_into_the_steps_of_the_running_decodes(llama) -
     assert _max_stall(plans) == 0 < _max_stall(whole_plans)
 
 
+LONG_OUTPUT_CHUNKS = [14, 14, 12]  # 16 a step: 2 decodes and 14 of the 40-token prompt
+FIXED_CHUNKS = [6, 6, 6, 6, 6, 6, 4]  # 8 a step: 2 decodes and 6 of the prompt
+
+
 @pytest.mark.parametrize(
-    ("min_output", "chunks"), [(20, [14, 14, 12]), (21, [6, 6, 6, 6, 6, 6, 4])]
+    ("seen_lengths", "min_output", "chunks"),
+    [
+        ((40,) * 8, 20, LONG_OUTPUT_CHUNKS),  # learned: min(20 max_tokens, 40) >= 20
+        ((40,) * 8, 21, FIXED_CHUNKS),  # the same expected 20, short of 21
+        ((12,) * 8, 10, LONG_OUTPUT_CHUNKS),  # learned short outputs, 12 >= 10
+        ((12,) * 8, 16, FIXED_CHUNKS),  # 12 < 16, though max_tokens is 20
+        ((40,) * 7, 12, FIXED_CHUNKS),  # 7 lengths (< 8 min_samples): no estimate yet
+        ((), 12, FIXED_CHUNKS),  # a fresh replica: the fixed budget, not max_tokens' 20
+        ((), 4, [6, 14, 14, 6]),  # no estimate, but 4 tokens so far from the 2nd chunk on
+    ],
 )
 def test_the_long_output_budget_binds_while_every_decode_expects_a_long_output(
-    llama, min_output: int, chunks: list[int]
+    llama, seen_lengths: tuple[int, ...], min_output: int, chunks: list[int]
 ) -> None:
+    """Each running request asks for 20 tokens and decodes fewer than 12 while the prompt
+    is chunked. With 8 or more lengths seen beyond its tokens so far, it expects their
+    mean, capped by max_tokens; with fewer, only its tokens so far (3 to 9 here)."""
     _, loaded = llama
     long_prompt = [(11 * j) % 190 + 5 for j in range(40)]
     options = {"long_output_tokens_per_step": 16, "long_output_min_tokens": min_output}
-    plans, tokens = _drive(loaded, 8, long_prompt, **options)
+    plans, tokens = _drive(loaded, 8, long_prompt, seen_lengths=seen_lengths, **options)
     _, whole_tokens = _drive(loaded, None, long_prompt)
     assert tokens == whole_tokens
-    # No lengths seen yet: each running request expects its max_tokens, 20 output tokens.
-    # At least 20 asked: the steps carry 16 tokens, 2 decodes and 14 of the prompt; at least
-    # 21: the fixed 8, 2 decodes and 6 of the prompt.
     carrying = [p for p in plans if 2 in p.seq_ids and _prompt_tokens(p) > 0]
     assert [_prompt_tokens(p) for p in carrying] == chunks
     assert all(p.kind is StepKind.MIXED and _num_decodes(p) == 2 for p in carrying)

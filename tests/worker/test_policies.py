@@ -201,3 +201,9 @@ def test_output_length_model_conditions_on_the_tokens_generated() -> None:
     assert lengths.quantile(0.5, 35, 100) == 100  # one length beyond 35: too few, max_tokens
     assert lengths.expected_remaining(0, 100) == 25.0
     assert lengths.expected_remaining(0, 12) == 12.0  # capped by max_tokens
+    # The expected total is None (no estimate) where the remaining falls back to max_tokens.
+    assert lengths.expected_total(0, 100) == 25.0
+    assert lengths.expected_total(25, 100) == 35.0  # of 30 and 40
+    assert lengths.expected_total(25, 32) == 32  # capped by max_tokens
+    assert lengths.expected_total(35, 100) is None
+    assert lengths.expected_remaining(35, 100) == 65.0
