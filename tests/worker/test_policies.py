@@ -127,11 +127,19 @@ def test_sjf_aging_bounds_the_wait_of_a_long_request(engine_factory) -> None:
     timings = long.wait().events[-1].timings
     assert timings is not None
     waited_s = (timings.admitted_ns - timings.arrival_ns) / 1e9
-    assert max_wait_s <= waited_s < max_wait_s + 1.0
-    served_before = [
-        c for c in shorts if c.wait().events[-1].timings.admitted_ns < timings.admitted_ns
+    assert waited_s >= max_wait_s
+    admitted_before = [
+        c.wait().events[-1].timings.admitted_ns
+        for c in shorts
+        if c.wait().events[-1].timings.admitted_ns < timings.admitted_ns
     ]
-    assert len(served_before) >= 5  # shorter ones went first until the bound
+    assert len(admitted_before) >= 5  # shorter ones went first until the bound
+    # Once the long request had waited its bound, no shorter one went before it. (The bound
+    # on its whole wait also holds the one step running when it aged, which a loaded machine
+    # can stretch, so the test judges the order, not the wall time.) The slack covers the
+    # admission's clock read after the policy's, microseconds apart.
+    aged_ns = timings.arrival_ns + int(max_wait_s * 1e9)
+    assert max(admitted_before) < aged_ns + 50_000_000
 
 
 # ---- synthetic queues ----------------------------------------------------------------------
