@@ -189,10 +189,6 @@ class Engine:
         return self._config
 
     @property
-    def executor(self) -> Executor:
-        return self._executor
-
-    @property
     def placement(self) -> Placement | None:
         return self._executor.placement
 

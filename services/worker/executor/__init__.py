@@ -21,7 +21,9 @@ class Executor(Protocol):
         ...
 
     def next_result(self, timeout_s: float) -> StepResult | None:
-        """The next finished step, or None after `timeout_s` without one."""
+        """The next finished step, or None after `timeout_s` without one. The wait is also
+        the executor's idle time: a pipeline builds its sent decode steps' successors in it
+        (a grace first, then the build), within the same `timeout_s`."""
         ...
 
     def healthy(self) -> bool:
