@@ -115,9 +115,6 @@ def test_an_ahead_grace_rounds_up_to_whole_milliseconds() -> None:
         "m", Placement.even(default_model_config(), 2), (("127.0.0.1:1",), ("127.0.0.1:2",))
     )
     assert pipeline.ahead_grace_ms == 1
-    assert [replace(pipeline, ahead_grace_s=s).ahead_grace_ms for s in (0, 0.0002, 0.0015)] == [
-        0,
-        1,
-        2,
-    ]
+    graces = (0, 0.0002, 0.0015, 0.003, 0.1)
+    assert [replace(pipeline, ahead_grace_s=s).ahead_grace_ms for s in graces] == [0, 1, 2, 3, 100]
     replace(pipeline, ahead_grace_s=MAX_AHEAD_GRACE_S, step_timeout_s=float("inf"))  # accepted

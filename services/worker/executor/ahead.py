@@ -9,8 +9,8 @@ counted in its sampling row. So once a decode step is sent, the executor builds 
 of that predicted step with placeholder tokens while the stages compute: not at once, but
 when it next waits for a result, after a short grace that lets the step's frame reach its
 first stage first (`defer`, then `build_deferred`). When the next plan of that micro-batch
-arrives and equals the prediction in everything but its
-tokens, only the token tensor is made; any other plan is built from scratch as before.
+arrives and equals the prediction in everything but its tokens, only the token tensor is
+made; any other plan is built from scratch as before.
 
 A sequence whose next token starts a block gets one the engine has not chosen yet. A KV slot
 is `block * block_size + offset`, linear in the block id, so the prediction is built twice,

@@ -75,8 +75,10 @@ class PipelineConfig:
 
     @property
     def ahead_grace_ms(self) -> int:
-        """`ahead_grace_s` in whole milliseconds, rounded up (a nonzero grace stays nonzero)."""
-        return math.ceil(self.ahead_grace_s * 1000)
+        """`ahead_grace_s` in whole milliseconds, rounded up (a nonzero grace stays nonzero);
+        taken to the microsecond first, so float error (0.003 s: 3.0000000000000004 ms) does
+        not add a millisecond."""
+        return math.ceil(round(self.ahead_grace_s * 1e6) / 1000)
 
 
 class PipelineError(ConnectionError):
