@@ -11,14 +11,13 @@ from dataclasses import replace
 import pytest
 
 from exegpt.models.defaults import default_model_config
-from exegpt.models.kv_cache import KVCacheSpec
 from exegpt.models.loader import LoadedModel, load_model
 from exegpt.placement import Placement
 from services.worker.config import EngineConfig
-from services.worker.engine import Engine
 from services.worker.executor.ahead import DecodeAhead
-from services.worker.executor.pipeline import MAX_AHEAD_GRACE_S, PipelineConfig, PipelineExecutor
-from services.worker.server import build_engine
+from services.worker.executor.pipeline import MAX_AHEAD_GRACE_S, PipelineExecutor
+from services.worker.metrics import EngineCollector
+from services.worker.server import build_engine, build_pipeline_engine
 from tests.worker.stages import StagePool
 from tests.worker.test_engine import run_all_queued
 from tests.worker.test_pipeline import NUM_TOKENS, PROMPTS, _pipeline, topologies
@@ -32,20 +31,14 @@ def t5(four_layer_models) -> tuple[LoadedModel, list[list[int]]]:
     return loaded, run_all_queued(single, PROMPTS, NUM_TOKENS)
 
 
-def _engine(loaded: LoadedModel, pipeline: PipelineConfig, config: EngineConfig):
-    """An engine over a started executor, as build_pipeline_engine makes it, and the executor
-    (for its decode-ahead counts)."""
-    executor = PipelineExecutor(pipeline, loaded.config)
-    executor.start()
-    spec = KVCacheSpec.for_model(loaded.config, loaded.dtype)
-    engine = Engine(
-        executor,
-        config,
-        model_config=loaded.config,
-        num_blocks=pipeline.num_blocks,
-        bytes_per_block=spec.bytes_per_block(pipeline.block_size_tokens),
-    )
-    return engine, executor
+def _ahead_metric(engine) -> dict[str, float]:
+    """The engine's scraped decode-ahead counter, by result."""
+    return {
+        sample.labels["result"]: sample.value
+        for family in EngineCollector(engine, "t5").collect()
+        if family.name == "exegpt:decode_ahead_steps"
+        for sample in family.samples
+    }
 
 
 @pytest.fixture()
@@ -82,10 +75,11 @@ def test_each_decode_successor_is_built_in_the_wait_not_in_the_submit(
     # One micro-batch, every prompt queued before the engine starts: one batch throughout,
     # whose decode steps each follow the one before.
     config = EngineConfig(max_batch_size=8, kv_block_size_tokens=4)
-    engine, executor = _engine(loaded, replace(pipeline, ahead_grace_s=grace_s), config)
+    engine = build_pipeline_engine(loaded, config, replace(pipeline, ahead_grace_s=grace_s))
     assert run_all_queued(engine, PROMPTS, NUM_TOKENS) == expected
     assert builds == ["wait"] * (NUM_TOKENS - 1)  # every decode step's successor, once
-    assert executor.ahead_counts == (NUM_TOKENS - 2, 1)  # all but the first decode hit
+    assert engine.stats().decode_ahead == (NUM_TOKENS - 2, 1)  # all but the first decode hit
+    assert _ahead_metric(engine) == {"hit": NUM_TOKENS - 2, "miss": 1}
 
 
 def test_more_micro_batches_than_stages_keep_their_predictions(
@@ -95,9 +89,9 @@ def test_more_micro_batches_than_stages_keep_their_predictions(
     placement, layout = topologies(True)["pp2"]
     pipeline = _pipeline(four_layer_models["t5"][0], placement, stage_pool.addresses(layout))
     config = EngineConfig(max_batch_size=8, num_micro_batches=3, kv_block_size_tokens=4)
-    engine, executor = _engine(loaded, pipeline, config)
+    engine = build_pipeline_engine(loaded, config, pipeline)
     assert run_all_queued(engine, PROMPTS, NUM_TOKENS) == expected
-    hits, misses = executor.ahead_counts
+    hits, misses = engine.stats().decode_ahead
     assert hits > misses  # each micro-batch misses its first decode step or two at most
 
 

@@ -16,6 +16,12 @@ class Executor(Protocol):
     @property
     def num_in_flight(self) -> int: ...
 
+    @property
+    def ahead_counts(self) -> tuple[int, int]:
+        """Decode steps sent with tensors built ahead, and decode steps built at submit
+        ((0, 0) where nothing is built ahead)."""
+        ...
+
     def submit(self, plan: StepPlan) -> None:
         """Start a step (never raises for a bad step: its result carries the error)."""
         ...
