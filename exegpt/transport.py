@@ -166,10 +166,14 @@ class TensorSocket:
         self.stats.sent_inline += 1
         self.socket.send_multipart(encode(message), copy=False)
 
+    def poll(self, timeout_ms: int) -> bool:
+        """Whether a message is ready to `recv` within `timeout_ms` (0: look, do not wait)."""
+        return bool(self.socket.poll(timeout_ms))
+
     def recv(self, timeout_ms: int | None = None) -> TensorMessage:
         """The next message. A shared-memory message's tensors are views of its slot: keep
         them only as long as needed (the sender has `shm_num_slots` slots in all)."""
-        if timeout_ms is not None and not self.socket.poll(timeout_ms):
+        if timeout_ms is not None and not self.poll(timeout_ms):
             raise TimeoutError(f"no message within {timeout_ms} ms")
         frames: list[zmq.Frame | bytes] = [self.socket.recv()]  # the header, copied: small
         if self.socket.getsockopt(zmq.RCVMORE):

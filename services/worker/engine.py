@@ -95,6 +95,8 @@ class EngineStats:
     # Busy wall time split into forwards and host work, by step kind (engine_clock.py).
     step_totals: tuple[StepTotals, ...] = ()
     busy_fraction: float = 0.0  # forward time / busy wall time
+    # Pipelines: decode steps sent with tensors built ahead (hits), and built at submit.
+    decode_ahead: tuple[int, int] = (0, 0)
 
 
 class Engine:
@@ -189,10 +191,6 @@ class Engine:
         return self._config
 
     @property
-    def executor(self) -> Executor:
-        return self._executor
-
-    @property
     def placement(self) -> Placement | None:
         return self._executor.placement
 
@@ -225,6 +223,7 @@ class Engine:
             queue_time_s=self._scheduler.queue_time_s,
             step_totals=tuple(totals := self._clock.totals()),
             busy_fraction=busy_fraction(totals),
+            decode_ahead=self._executor.ahead_counts,
         )
 
     def _validate(self, request: EngineRequest) -> None:

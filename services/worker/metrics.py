@@ -73,6 +73,14 @@ class EngineCollector:
         preemptions.add_metric(values, float(getattr(stats, "num_preemptions", 0)))
         yield preemptions
         yield from self._clock(stats, values)
+        ahead = CounterMetricFamily(
+            "exegpt:decode_ahead_steps",
+            "Pipeline decode steps sent with tensors built ahead (hit) or built at submit (miss).",
+            labels=["model_name", "result"],
+        )
+        for result, count in zip(("hit", "miss"), stats.decode_ahead, strict=True):
+            ahead.add_metric([*values, result], float(count))
+        yield ahead
         yield from self._schedule()
 
     @staticmethod

@@ -201,6 +201,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     ) -> worker_pb2.WorkerStats:
         stats = self._engine.stats()
         fields = {**stats.__dict__, "step_totals": [t.__dict__ for t in stats.step_totals]}
+        del fields["decode_ahead"]  # scraped as exegpt:decode_ahead_steps, not in WorkerStats
         return worker_pb2.WorkerStats(**fields)
 
     async def WatchLoad(  # noqa: N802

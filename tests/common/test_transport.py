@@ -156,6 +156,15 @@ def test_receive_times_out_cleanly(pair) -> None:
         receiver.recv(timeout_ms=50)
 
 
+def test_poll_tells_whether_a_message_is_ready_without_taking_it(pair) -> None:
+    sender, receiver = pair
+    assert receiver.poll(0) is False and receiver.poll(20) is False
+    sender.send(TensorMessage("activations", {"ids": torch.arange(3)}, sequence=4))
+    assert receiver.poll(5000) is True and receiver.poll(0) is True  # still there
+    assert receiver.recv(timeout_ms=0).sequence == 4
+    assert receiver.poll(0) is False
+
+
 def test_frames_that_disagree_with_the_header_are_refused() -> None:
     frames = encode(TensorMessage("kv", {"k": torch.ones(2, 3)}))
     with pytest.raises(FrameError, match="bytes"):

@@ -16,14 +16,13 @@ import pytest
 import torch
 import zmq
 
-from exegpt.models.defaults import default_model_config
 from exegpt.models.loader import LoadedModel, load_model
 from exegpt.models.stage_spec import LayerRange
 from exegpt.placement import Placement, StagePlacement
 from exegpt.schedule import Schedule, ScheduleKind
 from exegpt.v1 import stage_pb2, stage_pb2_grpc, transport_pb2
 from services.worker.config import EngineConfig
-from services.worker.executor.pipeline import PipelineConfig, PipelineExecutor
+from services.worker.executor.pipeline import PipelineConfig
 from services.worker.server import build_engine, build_pipeline_engine
 from tests.worker.stages import StagePool, StageProcess
 from tests.worker.test_engine import run_all_queued, submit
@@ -146,30 +145,6 @@ def test_pipeline_tokens_equal_the_single_process_engine(
     )
     engine = build_pipeline_engine(loaded, config, pipeline)
     assert _run(engine, PROMPTS) == expected
-
-
-@pytest.mark.parametrize("grace_s", [0.0, 0.001])
-def test_decode_steps_are_built_ahead_after_the_grace_and_tokens_stay_equal(
-    grace_s: float, references, four_layer_models, stage_pool: StagePool
-) -> None:
-    loaded, expected = references["t5"]
-    placement, layout = topologies(True)["pp2"]
-    pipeline = _pipeline(four_layer_models["t5"][0], placement, stage_pool.addresses(layout))
-    pipeline = replace(pipeline, ahead_grace_s=grace_s)
-    # One micro-batch: every decode step but the first follows one of the same sequences.
-    config = EngineConfig(max_batch_size=8, kv_block_size_tokens=4)
-    engine = build_pipeline_engine(loaded, config, pipeline)
-    assert _run(engine, PROMPTS) == expected
-    hits, misses = engine.executor.ahead_counts
-    assert hits == NUM_TOKENS - 2 and misses == 1
-
-
-def test_an_ahead_grace_outside_zero_to_the_step_timeout_is_refused() -> None:
-    config = default_model_config()
-    pipeline = _pipeline("m", Placement.even(config, 2), (("127.0.0.1:1",), ("127.0.0.1:2",)))
-    for grace_s in (-0.001, pipeline.step_timeout_s + 1):
-        with pytest.raises(ValueError, match="ahead_grace_s"):
-            PipelineExecutor(replace(pipeline, ahead_grace_s=grace_s), config)
 
 
 def test_a_frame_that_lies_about_its_tensors_is_refused_and_the_stage_serves_on(

@@ -16,12 +16,20 @@ class Executor(Protocol):
     @property
     def num_in_flight(self) -> int: ...
 
+    @property
+    def ahead_counts(self) -> tuple[int, int]:
+        """Decode steps sent with tensors built ahead, and decode steps built at submit
+        ((0, 0) where nothing is built ahead)."""
+        ...
+
     def submit(self, plan: StepPlan) -> None:
         """Start a step (never raises for a bad step: its result carries the error)."""
         ...
 
     def next_result(self, timeout_s: float) -> StepResult | None:
-        """The next finished step, or None after `timeout_s` without one."""
+        """The next finished step, or None after `timeout_s` without one. The wait is also
+        the executor's idle time: a pipeline builds its sent decode steps' successors in it
+        (a grace first, then the build), within the same `timeout_s`."""
         ...
 
     def healthy(self) -> bool:

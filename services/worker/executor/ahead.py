@@ -5,10 +5,12 @@ A pipeline step's wall time includes the engine's host work to build its index t
 that does not depend on the tokens the previous step returns: a running micro-batch's next
 decode step is, nearly always, the same sequences one position further on, each with the
 same blocks (the engine adds one only every block's worth of tokens) and one more token
-counted in its sampling row. So right after a decode step is sent, the executor builds the
-tensors of that predicted step with placeholder tokens, while the stages compute. When the
-next plan of that micro-batch arrives and equals the prediction in everything but its
-tokens, only the token tensor is made; any other plan is built from scratch as before.
+counted in its sampling row. So once a decode step is sent, the executor builds the tensors
+of that predicted step with placeholder tokens while the stages compute: not at once, but
+when it next waits for a result, after a short grace that lets the step's frame reach its
+first stage first (`defer`, then `build_deferred`). When the next plan of that micro-batch
+arrives and equals the prediction in everything but its tokens, only the token tensor is
+made; any other plan is built from scratch as before.
 
 A sequence whose next token starts a block gets one the engine has not chosen yet. A KV slot
 is `block * block_size + offset`, linear in the block id, so the prediction is built twice,
@@ -54,11 +56,12 @@ class _Predicted:
 
 
 class DecodeAhead:
-    """Per micro-batch, the tensors of its predicted next decode step (at most `max_kept`)."""
+    """Per micro-batch, the tensors of its predicted next decode step. Both dicts are keyed by
+    micro-batch id (the engine's 0..n-1, and -1 for its unsplit batch), so they hold at most
+    one entry per micro-batch without any cap of their own."""
 
-    def __init__(self, builder: BatchBuilder, max_kept: int) -> None:
+    def __init__(self, builder: BatchBuilder) -> None:
         self._builder = builder
-        self._max_kept = max_kept
         self._predicted: dict[int, _Predicted] = {}
         self._deferred: dict[int, StepPlan] = {}  # sent decode steps whose successor waits
         self.hits = 0
@@ -67,11 +70,8 @@ class DecodeAhead:
     def defer(self, plan: StepPlan) -> None:
         """Note a step just sent; `build_deferred` builds its successor (no-op for steps that
         are not decodes). The caller picks the moment: off the way of the step's hand-off."""
-        if plan.kind is not StepKind.DECODE or not len(plan):
-            return
-        self._deferred[plan.micro_batch] = plan
-        while len(self._deferred) > self._max_kept:
-            self._deferred.pop(next(iter(self._deferred)))
+        if _predictable(plan):
+            self._deferred[plan.micro_batch] = plan
 
     @property
     def has_deferred(self) -> bool:
@@ -111,8 +111,9 @@ class DecodeAhead:
         return tensors
 
     def build_next(self, plan: StepPlan) -> None:
-        """Build the predicted successor of a decode step just sent (no-op for other steps)."""
-        if plan.kind is not StepKind.DECODE or not len(plan):
+        """Build and keep the predicted successor of a sent decode step (no-op for other steps).
+        The executor calls it through `build_deferred`, after the step's grace."""
+        if not _predictable(plan):
             return
         block_size = self._builder.block_size_tokens
         kv = tuple(
@@ -144,8 +145,6 @@ class DecodeAhead:
         self._predicted[plan.micro_batch] = _Predicted(
             plan.seq_ids, kv, new_rows, sampling, tensors, patches
         )
-        while len(self._predicted) > self._max_kept:
-            self._predicted.pop(next(iter(self._predicted)))
 
     def _build(self, plan, kv, new_rows, placeholder) -> dict[str, torch.Tensor]:
         """The successor's batch tensors, with block `placeholder(row)` where one is new."""
@@ -155,6 +154,11 @@ class DecodeAhead:
         )
         successor = replace(plan, kv=grown, token_ids=tuple((0,) for _ in kv))
         return batch_frame_tensors(successor.batch(self._builder))
+
+
+def _predictable(plan: StepPlan) -> bool:
+    """Whether a sent step has a successor worth building ahead: a non-empty decode."""
+    return plan.kind is StepKind.DECODE and len(plan) > 0
 
 
 def _patches(

@@ -30,6 +30,11 @@ class LocalExecutor:
         self._done: collections.deque[StepResult] = collections.deque()
 
     @property
+    def ahead_counts(self) -> tuple[int, int]:
+        """Nothing is built ahead in process: every step builds its batch as it runs."""
+        return 0, 0
+
+    @property
     def num_in_flight(self) -> int:
         return len(self._done)
 

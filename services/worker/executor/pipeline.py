@@ -14,6 +14,7 @@ new load id. Messages are stamped with that id, so a stage drops steps of an ear
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
@@ -39,6 +40,10 @@ from services.worker.step_plan import StepKind, StepPlan, StepResult
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("exegpt.pipeline")
 
+# A grace is a head start for a frame already sent, a fraction of a step: a longer one only
+# delays the build it was meant to hide.
+MAX_AHEAD_GRACE_S = 0.1
+
 
 @dataclass(frozen=True)
 class PipelineConfig:
@@ -56,9 +61,24 @@ class PipelineConfig:
     load_timeout_s: float = 120.0
     # How long after sending a decode step the engine waits before building its successor
     # ahead (ahead.py): on a machine with few cores, building at once delays the hand-off.
+    # Whole milliseconds (the result socket's poll), rounded up; at most MAX_AHEAD_GRACE_S.
     ahead_grace_s: float = 0.001
     # API key and TLS of the gRPC control calls to the stages.
     security: SecurityConfig = field(default_factory=SecurityConfig)
+
+    def __post_init__(self) -> None:
+        grace = self.ahead_grace_s
+        if not (math.isfinite(grace) and 0 <= grace <= MAX_AHEAD_GRACE_S):
+            raise ValueError(
+                f"ahead_grace_s must lie between 0 and {MAX_AHEAD_GRACE_S} s, not {grace!r}"
+            )
+
+    @property
+    def ahead_grace_ms(self) -> int:
+        """`ahead_grace_s` in whole milliseconds, rounded up (a nonzero grace stays nonzero);
+        taken to the microsecond first, so float error (0.003 s: 3.0000000000000004 ms) does
+        not add a millisecond."""
+        return math.ceil(round(self.ahead_grace_s * 1e6) / 1000)
 
 
 class PipelineError(ConnectionError):
@@ -74,15 +94,14 @@ class PipelineExecutor:
             for ranks, stage in zip(config.stage_addresses, placement.stages, strict=False)
         ):
             raise ValueError("give one address per TP rank of every stage of the placement")
-        if not 0 <= config.ahead_grace_s <= config.step_timeout_s:
-            raise ValueError("ahead_grace_s must lie between 0 and step_timeout_s")
         self._config = config
         self._model_config = model_config
         self.max_in_flight = len(placement.stages)
         null_slot = config.num_blocks * config.block_size_tokens
         builder = BatchBuilder(model_config, config.block_size_tokens, null_slot, _CPU)
-        # A decode step's successor is built while it runs (one per micro-batch in flight).
-        self._ahead = DecodeAhead(builder, max_kept=len(placement.stages))
+        # A decode step's successor is built while it runs (one kept per micro-batch, however
+        # many micro-batches the schedule runs over the stages).
+        self._ahead = DecodeAhead(builder)
         self._context = zmq.Context()
         self._results = TensorSocket(self._context, zmq.PULL, same_host=True)
         self.data_address = self._results.bind(f"tcp://{config.data_host}:0")
@@ -204,8 +223,8 @@ class PipelineExecutor:
     def _build_ahead(self, timeout_ms: int) -> int:
         """Build the sent steps' successors once they had `ahead_grace_s` to reach their first
         stage (or a result came); returns what is left of `timeout_ms`."""
-        grace_ms = min(round(self._config.ahead_grace_s * 1000), timeout_ms)
-        self._results.socket.poll(grace_ms)
+        grace_ms = min(self._config.ahead_grace_ms, timeout_ms)
+        self._results.poll(grace_ms)
         self._ahead.build_deferred()
         return timeout_ms - grace_ms
 
@@ -213,7 +232,7 @@ class PipelineExecutor:
         with self._lock:
             if self._failed:
                 return self._failed.pop(0)
-        timeout_ms = int(timeout_s * 1000)
+        timeout_ms = int(min(timeout_s, _MAX_WAIT_S) * 1000)
         if self._ahead.has_deferred:
             timeout_ms = self._build_ahead(timeout_ms)
         try:
@@ -375,4 +394,5 @@ class PipelineExecutor:
             self._failed.extend(failed)
 
 
+_MAX_WAIT_S = 3600.0  # one wait's bound in ms fits an int (an infinite timeout overflows)
 _CPU = torch.device("cpu")  # index math runs on the host; stages move it to their device

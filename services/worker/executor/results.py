@@ -2,7 +2,8 @@
 
 The frame carries the sampled `token_ids`, a `failed` flag per row and the logprob tensors,
 with attributes for the stages' compute (`compute_s`, and `stage_s` per stage in route
-order), the measured hand-offs and the first row error. An `error` frame fails every row.
+order), the measured hand-offs and the first row error. An `error` frame fails every row;
+so does a frame that does not fit the step (its own error says how): reading never raises.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from services.worker.step_plan import StepPlan, StepResult
 
 def result_from_message(plan: StepPlan, message: TensorMessage) -> StepResult:
     """The result of `plan` that `message` reports (a failed one when it does not fit)."""
-    compute_s = float(message.attributes.get("compute_s", "0") or 0)
+    compute_s = next(iter(_floats(message.attributes.get("compute_s", ""))), 0.0)
     if message.kind == "error":
         error = message.attributes.get("error", "a stage failed the step")
         return StepResult(
@@ -25,6 +26,8 @@ def result_from_message(plan: StepPlan, message: TensorMessage) -> StepResult:
             f"engine error: {error}",
             compute_s=compute_s,
         )
+    if "token_ids" not in message.tensors or "failed" not in message.tensors:
+        return StepResult.failed(plan, "a stage returned a result without token_ids or failed")
     token_ids = message.tensors["token_ids"].tolist()
     failed = message.tensors["failed"].tolist()
     if len(token_ids) != len(plan) or len(failed) != len(plan):
