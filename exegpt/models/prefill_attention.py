@@ -10,18 +10,22 @@ last token, so the causal upper triangle is mostly skipped) and a float32 softma
 heads of one KV head are the rows of one matmul (grouped-query attention without repeating
 K/V). A block's scores stay in cache: the (prompt, KV head) rows are taken a few at a time,
 at most `SCORES_BUDGET` score elements per block, so the scratch does not grow with the
-number of prompts, and prompts longer than `MAX_TOKENS` (beyond the measured range) or whose
-one row alone would overflow the budget keep SDPA. benchmarks/prefill_attention.py measures
-the kernel against flash by batch and prompt length.
+number of equal-length prompts packed_layout groups into one call. Against flash (one thread,
+bf16, that head shape; benchmarks/prefill_attention.py) it ran 1.15-1.9x faster for 1-32
+prompts of 128-1024 tokens (one cell, 1 prompt of 256, at 0.94x, then 1.42x on a rerun),
+where all rows in one block fell to 0.69-0.93x at 32 prompts.
+Prompts over `MAX_TOKENS` (beyond that measured range), or whose one row alone would overflow
+the budget, keep SDPA.
 
 Accuracy: the scores are rounded to the input dtype (bf16: 8 significant bits) before the
 float32 softmax, as transformers' eager bf16 attention and the decode kernel
-(decode_attention.py) round theirs. A score s then carries an error up to |s| x 2^-9, and the
-softmax weights a relative error of about the spread of that error across a row's keys, so
-the error grows with the logits' size, while flash keeps its scores in float32. Against
-float32 attention (T=256, 12 query heads over 4 KV heads of 64) the largest output error was
-0.016 (flash 0.008) for logits of std 1, 0.051 (flash 0.008) for std 4 and 0.25 (flash 0.016)
-for std 16. float32 and GPUs keep SDPA (float32 stays token-identical to transformers).
+(decode_attention.py) round theirs, while flash keeps them in float32. A score s moves by up
+to |s| x 2^-8 (half a bf16 unit), so a softmax weight's relative error grows with the size of
+the row's logits, not one fixed rounding: against float32 attention (256 tokens, 12 query
+heads over 4 KV heads of 64) the largest output error was 0.016 (flash 0.008) at logits of
+std 1, 0.051 (flash 0.008) at std 4 and 0.25 (flash 0.016) at std 16.
+tests/models/test_prefill_attention.py derives the bound from the logits and holds the kernel
+to it. float32 and GPUs keep SDPA (float32 stays token-identical to transformers).
 """
 
 from __future__ import annotations
