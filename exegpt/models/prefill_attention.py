@@ -11,9 +11,9 @@ heads of one KV head are the rows of one matmul (grouped-query attention without
 K/V). A block's scores stay in cache: the (prompt, KV head) rows are taken a few at a time,
 at most `SCORES_BUDGET` score elements per block, so the scratch does not grow with the
 number of equal-length prompts packed_layout groups into one call. Against flash (one thread,
-bf16, that head shape; benchmarks/prefill_attention.py) it ran 1.15-1.9x faster for 1-32
-prompts of 128-1024 tokens (one cell, 1 prompt of 256, at 0.94x, then 1.42x on a rerun),
-where all rows in one block fell to 0.69-0.93x at 32 prompts.
+bf16, that head shape; benchmarks/prefill_attention.py) it ran 1.15-1.9x faster for 1, 8
+and 32 prompts of 256-1024 tokens and 1 and 8 of 128 (one cell, 1 prompt of 256, at 0.94x,
+then 1.42x on a rerun), where all rows in one block fell to 0.69-0.93x at 32 prompts.
 Prompts over `MAX_TOKENS` (beyond that measured range), or whose one row alone would overflow
 the budget, keep SDPA.
 
