@@ -6,7 +6,9 @@ transformers' own forward of the same decode step, in one run.
     python benchmarks/step_time.py --models llama --profile 15
 
 The models run as serving runs them (bf16 Linears packed for oneDNN on a CPU, malloc's
-thresholds set as a worker sets them: exegpt/allocator.py). The requests
+thresholds set as a worker sets them: exegpt/allocator.py). Both paths, exegpt's and
+transformers', run under those malloc thresholds (set once for the process), so the ratios
+are not comparable with ones recorded before the thresholds were set here. The requests
 are task S's seeded prompts (as `exegpt bench` sends them): the decode step's rows hold
 their whole prompt in the KV cache. Each step is timed in the thread's CPU time on one torch
 thread and the best of `--steps` is kept, so a shared machine's preemption does not count.

@@ -13,7 +13,9 @@ MFU is useful model FLOPs per second (matmul FLOPs of the tokens the requests ne
 tokens once, output tokens once; attention scores left out) over the machine's GEMM rate in
 the run's dtype at the model's own widths, [2048 x d_model]·[d_model x d_ff], measured in
 the same run. Each exegpt row also splits the engine's busy time (its GetStats step totals)
-into prefill forwards, decode forwards and host work, and gives the prompts per prefill step.
+into non-decode forwards (fresh prefills, prompt chunks and mixed steps alike: every step
+that is not a pure decode step), decode forwards and host work, and gives the rows per
+non-decode step.
 
     python benchmarks/vs_transformers.py                          # both models, tasks S and G
     python benchmarks/vs_transformers.py --models llama --tasks S --num-requests 16
@@ -233,11 +235,13 @@ def measure(name: str, task: str, args: argparse.Namespace, out_dir: Path) -> Ro
 
 def format_rows(rows: list[Row]) -> str:
     """One line per path; an exegpt line per max batch, labelled with it ('b32' is the batch
-    transformers runs), with where the engine's busy time went: prefill forwards, decode
-    forwards, host work, and the prompts per prefill step."""
+    transformers runs), with where the engine's busy time went: non-decode forwards (fresh
+    prefills, chunks and mixed steps), decode forwards, host work, and the rows per non-decode
+    step."""
     header = (
         f"{'model':<7}{'task':<5}{'path':<14}{'seq/s':>8}{'out tok/s':>11}{'ratio':>7}"
-        f"{'busy':>7}{'GFLOP/s':>9}{'GEMM GF/s':>11}{'MFU':>7}   prefill/decode/host, rows/prefill"
+        f"{'busy':>7}{'GFLOP/s':>9}{'GEMM GF/s':>11}{'MFU':>7}"
+        "   non-decode/decode/host, rows/non-decode"
     )
     lines = [header]
     for row in rows:

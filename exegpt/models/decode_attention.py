@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def matmul_decode_applies(q: Tensor) -> bool:
-    """Whether a decode step with queries `q` takes the matmul path (see the module doc)."""
+def matmul_attention_applies(q: Tensor) -> bool:
+    """Whether attention with queries `q` may take a matmul path instead of SDPA: bf16/fp16 on
+    a CPU (see the module doc; prefill_attention.py adds its own length bound)."""
     return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
 
 
@@ -40,7 +41,7 @@ def decode_kernel(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: f
     block-diagonal queries couple the heads of one token: a non-finite value in a visible key
     would reach every head's score for it (never seen with finite weights)."""
     num_heads, num_kv_heads = q.shape[1], k.shape[2]
-    if not matmul_decode_applies(q):
+    if not matmul_attention_applies(q):
         out = F.scaled_dot_product_attention(
             q[:, :, None],  # [b, H, 1, D]
             k.to(q.dtype).transpose(1, 2),

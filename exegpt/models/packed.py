@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from exegpt.models.decode_attention import decode_kernel, matmul_decode_applies
+from exegpt.models.decode_attention import decode_kernel, matmul_attention_applies
 from exegpt.models.prefill_attention import causal_prefill_attention, matmul_prefill_applies
 
 # A decode row joins a bucket while its KV length is at least (1 - this) x the bucket's longest.
@@ -310,7 +310,7 @@ def attend_buckets(
         queries = q[bucket.query_index]  # [b, H, D]
         # The matmul kernel overwrites a hidden key's score whatever it is (a NaN included)
         # when the mask is boolean: only the values need zeroing then.
-        keep_keys = matmul_decode_applies(queries) and _is_bool(bucket.mask)
+        keep_keys = matmul_attention_applies(queries) and _is_bool(bucket.mask)
         keys, values = gather_keys(
             cache_k, cache_v, bucket.key_blocks, bucket.hidden_keys, block_size, not keep_keys
         )
@@ -379,7 +379,7 @@ def _kernel(
     """SDPA over [B, T, H, D] layouts; no mask means causal for a square row, or all keys.
     Fresh prompts in bf16/fp16 on a CPU take the blocked matmul path (prefill_attention.py)."""
     causal = mask is None and q.shape[1] > 1
-    if causal and q.shape[1] == k.shape[1] and matmul_prefill_applies(q):
+    if causal and q.shape[1] == k.shape[1] and matmul_prefill_applies(q, k.shape[2]):
         return causal_prefill_attention(q, k.to(q.dtype), v.to(q.dtype), scale)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),

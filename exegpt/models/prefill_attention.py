@@ -6,17 +6,26 @@ CPU `scaled_dot_product_attention`'s flash kernel in bfloat16 ran task-S-sized p
 development machine, no faster than in float32, while a bf16 bmm of the same scores ran at
 ~200: the flash kernel was ~19% of a packed Llama prefill's time. Here each block of
 `QUERY_BLOCK` query tokens is two bf16 batched matmuls (scores over the keys up to the block's
-last token, so the causal upper triangle is mostly skipped) and a float32 softmax, the scores
-of a block staying in cache; the query heads of one KV head are the rows of one matmul
-(grouped-query attention without repeating K/V). Measured on one thread (prompts of 256 and
-512 tokens, that shape): 1.4x and 1.7x faster than flash; blocks of 64 and 128 tokens ran
-alike, the whole square at once 2.5x slower than flash at 512 tokens (its float32 scores
-leave the cache).
+last token, so the causal upper triangle is mostly skipped) and a float32 softmax; the query
+heads of one KV head are the rows of one matmul (grouped-query attention without repeating
+K/V). A block's scores stay in cache: the (prompt, KV head) rows are taken a few at a time,
+at most `SCORES_BUDGET` score elements per block, so the scratch does not grow with the
+number of equal-length prompts packed_layout groups into one call. Against flash (one thread,
+bf16, that head shape; benchmarks/prefill_attention.py) it ran 1.15-1.9x faster for 1, 8
+and 32 prompts of 256-1024 tokens and 1 and 8 of 128 (one cell, 1 prompt of 256, at 0.94x,
+then 1.42x on a rerun), where all rows in one block fell to 0.69-0.93x at 32 prompts.
+Prompts over `MAX_TOKENS` (beyond that measured range), or whose one row alone would overflow
+the budget, keep SDPA.
 
-The scores are rounded to bf16 before the softmax (as the decode kernel's are,
-decode_attention.py), so outputs differ from flash's by about one more bf16 rounding; the
-bfloat16 tolerance against transformers (tests/models/test_bf16_equivalence.py) covers it.
-float32 and GPUs keep SDPA (float32 stays token-identical to transformers).
+Accuracy: the scores are rounded to the input dtype (bf16: 8 significant bits) before the
+float32 softmax, as transformers' eager bf16 attention and the decode kernel
+(decode_attention.py) round theirs, while flash keeps them in float32. A score s moves by up
+to |s| x 2^-8 (half a bf16 unit), so a softmax weight's relative error grows with the size of
+the row's logits, not one fixed rounding: against float32 attention (256 tokens, 12 query
+heads over 4 KV heads of 64) the largest output error was 0.016 (flash 0.008) at logits of
+std 1, 0.051 (flash 0.008) at std 4 and 0.25 (flash 0.016) at std 16.
+tests/models/test_prefill_attention.py derives the bound from the logits and holds the kernel
+to it. float32 and GPUs keep SDPA (float32 stays token-identical to transformers).
 """
 
 from __future__ import annotations
@@ -24,13 +33,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Query tokens per block: each block's scores [heads, block, keys] fit in a core's cache.
+from exegpt.models.decode_attention import matmul_attention_applies
+
+# Query tokens per block.
 QUERY_BLOCK = 64
+# Most score elements [rows, group x block, keys] one block computes at once (~8 bytes each:
+# bf16 scores, their float32 softmax, bf16 weights): rows are taken a few at a time under it.
+SCORES_BUDGET = 1 << 19
+# Longest prompt the blocked path runs (the measured range); longer ones keep SDPA.
+MAX_TOKENS = 1024
+# Within a block, keys before its first token are all visible: only its own square is masked.
+_HIDDEN = torch.ones(QUERY_BLOCK, QUERY_BLOCK, dtype=torch.bool).triu(1)
 
 
-def matmul_prefill_applies(q: Tensor) -> bool:
-    """Whether a causal prefill with queries `q` takes the blocked matmul path."""
-    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+def matmul_prefill_applies(q: Tensor, num_kv_heads: int) -> bool:
+    """Whether a causal prefill with queries `q` [b, T, H, D] over `num_kv_heads` KV heads takes
+    the blocked matmul path: bf16/fp16 on a CPU, T within the measured range, and one row's
+    block within the scores budget."""
+    num_tokens, group = q.shape[1], q.shape[2] // num_kv_heads
+    return (
+        matmul_attention_applies(q)
+        and num_tokens <= MAX_TOKENS
+        and group * QUERY_BLOCK * num_tokens <= SCORES_BUDGET
+    )
 
 
 def causal_prefill_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -45,18 +70,25 @@ def causal_prefill_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> T
     queries = queries.permute(0, 2, 3, 1, 4).reshape(rows, group, num_tokens, head_dim)
     keys_t = k.permute(0, 2, 3, 1).reshape(rows, head_dim, num_tokens)  # [b x H_kv, D, T]
     values = v.permute(0, 2, 1, 3).reshape(rows, num_tokens, head_dim)  # [b x H_kv, T, D]
-    # Within a block, keys before its first token are all visible: only its own square (the
-    # last columns) is masked, in place.
-    hidden = torch.ones(QUERY_BLOCK, QUERY_BLOCK, dtype=torch.bool, device=q.device).triu(1)
     out = torch.empty(rows, group, num_tokens, head_dim, dtype=q.dtype, device=q.device)
+    step = max(1, SCORES_BUDGET // (group * QUERY_BLOCK * num_tokens))
+    for first in range(0, rows, step):
+        chunk = slice(first, min(rows, first + step))
+        _attend_rows(queries[chunk], keys_t[chunk], values[chunk], out[chunk])
+    out = out.view(batch, num_kv_heads, group, num_tokens, head_dim)
+    return out.permute(0, 3, 1, 2, 4).reshape(q.shape)
+
+
+def _attend_rows(queries: Tensor, keys_t: Tensor, values: Tensor, out: Tensor) -> None:
+    """Causal attention of some rows, block by block of query tokens, into `out`: queries and
+    out [rows, group, T, D] (already scaled), keys_t [rows, D, T], values [rows, T, D]."""
+    rows, group, num_tokens, head_dim = queries.shape
     for start in range(0, num_tokens, QUERY_BLOCK):
         end = min(num_tokens, start + QUERY_BLOCK)  # keys 0..end-1 are all the block sees
         size = end - start
         block = queries[:, :, start:end].reshape(rows, group * size, head_dim)
         scores = torch.bmm(block, keys_t[:, :, :end]).view(rows, group, size, end)
-        scores[..., start:].masked_fill_(hidden[:size, :size], float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        scores[..., start:].masked_fill_(_HIDDEN[:size, :size], float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(queries.dtype)
         probs = probs.view(rows, group * size, end)
         out[:, :, start:end] = torch.bmm(probs, values[:, :end]).view(rows, group, size, head_dim)
-    out = out.view(batch, num_kv_heads, group, num_tokens, head_dim)
-    return out.permute(0, 3, 1, 2, 4).reshape(q.shape)
