@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from exegpt.models.decode_attention import decode_kernel, matmul_attention_applies
+from exegpt.models.gather_budget import DECODE_GATHER_MAX_BYTES, within_budget
 from exegpt.models.prefill_attention import causal_prefill_attention, matmul_prefill_applies
 
 # A decode row joins a bucket while its KV length is at least (1 - this) x the bucket's longest.
@@ -304,17 +305,20 @@ def attend_buckets(
     scale: float,
 ) -> None:
     """Decode rows' attention: each bucket's queries (rows of q [N, H, D]) over their keys
-    gathered whole blocks at a time from a pool of `block_size`-token blocks, into `out`."""
-    for bucket in buckets:
+    gathered whole blocks at a time from a pool of `block_size`-token blocks, into `out`; a
+    bucket whose K/V would not fit DECODE_GATHER_MAX_BYTES runs in row slices
+    (gather_budget.py)."""
+    for whole in buckets:
         assert cache_k is not None and cache_v is not None
-        queries = q[bucket.query_index]  # [b, H, D]
-        # The matmul kernel overwrites a hidden key's score whatever it is (a NaN included)
-        # when the mask is boolean: only the values need zeroing then.
-        keep_keys = matmul_attention_applies(queries) and _is_bool(bucket.mask)
-        keys, values = gather_keys(
-            cache_k, cache_v, bucket.key_blocks, bucket.hidden_keys, block_size, not keep_keys
-        )
-        out[bucket.query_index] = decode_kernel(queries, keys, values, bucket.mask, scale)
+        for bucket in within_budget(whole, block_size, cache_k, DECODE_GATHER_MAX_BYTES):
+            queries = q[bucket.query_index]  # [b, H, D]
+            # The matmul kernel overwrites a hidden key's score whatever it is (a NaN
+            # included) when the mask is boolean: only the values need zeroing then.
+            keep_keys = matmul_attention_applies(queries) and _is_bool(bucket.mask)
+            keys, values = gather_keys(
+                cache_k, cache_v, bucket.key_blocks, bucket.hidden_keys, block_size, not keep_keys
+            )
+            out[bucket.query_index] = decode_kernel(queries, keys, values, bucket.mask, scale)
 
 
 def padded_decode_buckets(

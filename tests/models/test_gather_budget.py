@@ -1,0 +1,95 @@
+"""A decode bucket whose gathered K/V would pass the heap's ceiling runs in row slices within
+the budget (exegpt/models/gather_budget.py), and a sliced step gives the logits of a whole one,
+stale non-finite K/V in reused blocks included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import exegpt.models.packed as packed
+from exegpt.allocator import MMAP_THRESHOLD_BYTES
+from exegpt.models.gather_budget import DECODE_GATHER_MAX_BYTES, gathered_bytes, within_budget
+from exegpt.models.kv_cache import SequenceKV
+from exegpt.models.loader import load_model
+from exegpt.models.packed import DecodeBucket
+from tests.models.conftest import Checkpoint
+from tests.models.helpers import assert_logits_close, make_runner
+
+
+def _bucket(lengths: list[int], block_size: int) -> DecodeBucket:
+    """Rows of `lengths` keys padded to the longest, the padding hidden (as decode_buckets cuts)."""
+    width = -(-max(lengths) // block_size) * block_size
+    visible = torch.arange(width)[None] < torch.tensor(lengths)[:, None]
+    return DecodeBucket(
+        query_index=torch.arange(len(lengths)),
+        key_blocks=torch.arange(len(lengths) * (width // block_size)).view(len(lengths), -1),
+        mask=visible[:, None, None, :],
+        hidden_keys=(~visible).flatten().nonzero().squeeze(1),
+    )
+
+
+def test_a_bucket_past_the_heap_ceiling_is_sliced_within_the_budget() -> None:
+    """300 rows of up to 128 cross keys of the default model (4 heads x 64, float32): 37.5 MiB
+    of K gathered at once, past glibc's mmap threshold; the slices each stay within the
+    budget, cover every row once in order, and keep each row's visible keys."""
+    lengths = [128 - (b % 90) for b in range(300)]
+    bucket = _bucket(lengths, block_size=16)
+    pool = torch.zeros(1, 4, 64)  # only its bytes per key are read
+    assert gathered_bytes(bucket, 16, pool) > MMAP_THRESHOLD_BYTES
+    slices = within_budget(bucket, 16, pool)
+    assert len(slices) > 1
+    assert all(gathered_bytes(s, 16, pool) <= DECODE_GATHER_MAX_BYTES for s in slices)
+    assert torch.cat([s.query_index for s in slices]).tolist() == list(range(300))
+    width = bucket.key_blocks.shape[1] * 16
+    for part in slices:
+        hidden = torch.zeros(len(part.query_index) * width, dtype=torch.bool)
+        hidden[part.hidden_keys] = True
+        rows = part.query_index.tolist()
+        expected = torch.arange(width)[None] >= torch.tensor([lengths[b] for b in rows])[:, None]
+        assert torch.equal(hidden.view(len(rows), width), expected)
+        assert torch.equal(part.mask[:, 0, 0], ~expected)
+
+
+def test_a_bucket_within_the_budget_stays_whole() -> None:
+    bucket = _bucket([40, 33, 38], block_size=16)
+    assert within_budget(bucket, 16, torch.zeros(1, 4, 64)) == (bucket,)
+
+
+@pytest.mark.parametrize("variant", ["llama", "t5"])
+def test_sliced_decode_steps_give_the_logits_of_whole_ones(
+    checkpoints: dict[str, Checkpoint], variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decode steps over rows of different lengths in a pool whose every slot starts as NaN,
+    with a budget of one row's K/V per slice, against the default budget: the same logits."""
+    loaded = load_model(str(checkpoints[variant].path))
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30 + j for j in range(13)], [40, 41]]
+    rows_per_call: list[int] = []
+    real_kernel = packed.decode_kernel
+
+    def recording_kernel(q, k, v, mask, scale):
+        rows_per_call.append(k.shape[0])
+        return real_kernel(q, k, v, mask, scale)
+
+    monkeypatch.setattr(packed, "decode_kernel", recording_kernel)
+
+    def decode_logits() -> torch.Tensor:
+        runner = make_runner(loaded)
+        for layer in runner.pool.layers:
+            layer.k[:-1].fill_(float("nan"))  # all but the pool's null slot
+            layer.v[:-1].fill_(float("nan"))
+        seqs = [SequenceKV() for _ in prompts]
+        last = runner.prefill(seqs, prompts).argmax(-1).tolist()
+        for _ in range(3):
+            logits = runner.decode(seqs, last)
+            last = logits.argmax(-1).tolist()
+        return logits
+
+    whole = decode_logits()
+    assert max(rows_per_call) > 1  # the default budget attends the rows together
+    rows_per_call.clear()
+    monkeypatch.setattr(packed, "DECODE_GATHER_MAX_BYTES", 1)  # one row per slice
+    sliced = decode_logits()
+    assert rows_per_call and max(rows_per_call) == 1
+    assert torch.isfinite(sliced).all()
+    assert_logits_close(sliced, whole)
