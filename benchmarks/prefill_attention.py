@@ -15,8 +15,9 @@ path's speed-up over flash.
 from __future__ import annotations
 
 import argparse
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,16 +25,8 @@ import torch.nn.functional as F
 from exegpt.models import prefill_attention
 from exegpt.models.prefill_attention import causal_prefill_attention
 
-
-def best_cpu_s(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    """Best thread CPU seconds of each function, the functions alternated `reps` times."""
-    best = {name: float("inf") for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.thread_time()
-            fn()
-            best[name] = min(best[name], time.thread_time() - start)
-    return best
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_attention import best_cpu_s  # noqa: E402
 
 
 def blocked(budget: int) -> Callable[..., torch.Tensor]:

@@ -41,3 +41,22 @@ PROMPTS = [
     [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47],
     [100],
 ]
+
+
+def decode_logits(
+    loaded: LoadedModel, prompts: list[list[int]], poisoned: bool, steps: int = 3
+) -> torch.Tensor:
+    """The logits of `steps` greedy decode steps after prefilling `prompts` on a fresh runner;
+    `poisoned`: every slot of its pool but the null one starts as NaN, what a freed block of a
+    failed request may hold."""
+    runner = make_runner(loaded)
+    if poisoned:
+        for layer in runner.pool.layers:
+            layer.k[:-1].fill_(float("nan"))
+            layer.v[:-1].fill_(float("nan"))
+    seqs = [SequenceKV() for _ in prompts]
+    last = runner.prefill(seqs, prompts).argmax(-1).tolist()
+    for _ in range(steps):
+        logits = runner.decode(seqs, last)
+        last = logits.argmax(-1).tolist()
+    return logits

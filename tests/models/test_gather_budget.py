@@ -10,11 +10,10 @@ import torch
 import exegpt.models.packed as packed
 from exegpt.allocator import MMAP_THRESHOLD_BYTES
 from exegpt.models.gather_budget import DECODE_GATHER_MAX_BYTES, gathered_bytes, within_budget
-from exegpt.models.kv_cache import SequenceKV
 from exegpt.models.loader import load_model
 from exegpt.models.packed import DecodeBucket
 from tests.models.conftest import Checkpoint
-from tests.models.helpers import assert_logits_close, make_runner
+from tests.models.helpers import assert_logits_close, decode_logits
 
 
 def _bucket(lengths: list[int], block_size: int) -> DecodeBucket:
@@ -73,23 +72,11 @@ def test_sliced_decode_steps_give_the_logits_of_whole_ones(
 
     monkeypatch.setattr(packed, "decode_kernel", recording_kernel)
 
-    def decode_logits() -> torch.Tensor:
-        runner = make_runner(loaded)
-        for layer in runner.pool.layers:
-            layer.k[:-1].fill_(float("nan"))  # all but the pool's null slot
-            layer.v[:-1].fill_(float("nan"))
-        seqs = [SequenceKV() for _ in prompts]
-        last = runner.prefill(seqs, prompts).argmax(-1).tolist()
-        for _ in range(3):
-            logits = runner.decode(seqs, last)
-            last = logits.argmax(-1).tolist()
-        return logits
-
-    whole = decode_logits()
+    whole = decode_logits(loaded, prompts, poisoned=True)
     assert max(rows_per_call) > 1  # the default budget attends the rows together
     rows_per_call.clear()
     monkeypatch.setattr(packed, "DECODE_GATHER_MAX_BYTES", 1)  # one row per slice
-    sliced = decode_logits()
+    sliced = decode_logits(loaded, prompts, poisoned=True)
     assert rows_per_call and max(rows_per_call) == 1
     assert torch.isfinite(sliced).all()
     assert_logits_close(sliced, whole)

@@ -14,7 +14,7 @@ from exegpt.models.kv_cache import SequenceKV
 from exegpt.models.loader import load_model
 from exegpt.models.packed import packed_layout, padded_decode_buckets
 from tests.models.conftest import Checkpoint
-from tests.models.helpers import assert_logits_close, make_runner
+from tests.models.helpers import assert_logits_close, decode_logits, make_runner
 
 FAMILIES = ["llama", "mistral-window", "qwen2"]
 
@@ -221,22 +221,10 @@ def test_stale_non_finite_kv_in_reused_blocks_reaches_no_request(
     loaded = load_model(str(checkpoints[variant].path), dtype=dtype)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30 + j for j in range(13)]]
 
-    def decode_logits(poisoned: bool) -> torch.Tensor:
-        runner = make_runner(loaded)
-        if poisoned:
-            for layer in runner.pool.layers:
-                layer.k[:-1].fill_(float("nan"))  # all but the pool's null slot
-                layer.v[:-1].fill_(float("nan"))
-        seqs = [SequenceKV() for _ in prompts]
-        last = runner.prefill(seqs, prompts).argmax(-1).tolist()
-        for _ in range(3):
-            logits = runner.decode(seqs, last)
-            last = logits.argmax(-1).tolist()
-        return logits
-
-    poisoned = decode_logits(poisoned=True)
+    poisoned = decode_logits(loaded, prompts, poisoned=True)
     assert torch.isfinite(poisoned).all()
-    torch.testing.assert_close(poisoned, decode_logits(poisoned=False), rtol=0, atol=0)
+    clean = decode_logits(loaded, prompts, poisoned=False)
+    torch.testing.assert_close(poisoned, clean, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("variant", FAMILIES)
