@@ -4,11 +4,12 @@ A decode bucket's keys are gathered into fresh K and V tensors of rows x padded 
 pool's bytes per key (exegpt/models/packed.py `gather_keys`). glibc serves a block over its
 mmap threshold (32 MiB at most, pinned by exegpt/allocator.py) with a fresh mmap, and every
 step then pays the page faults of touching it again: past that size a decode step of the
-default model measured 1.7-1.8x its time per row below it (batch 256 -> 320 at 128 cross keys,
+default model measured 1.78-1.85x its time per row below it (batch 320-512 at 128 cross keys,
 float32), a cliff the profile cannot see (its grid stops at 2**15 KV tokens, below it) and that
 a schedule with a large decode batch (RRA, static) walked into. Each bucket is therefore
-attended in row slices whose gathered K (and V) stay within `DECODE_GATHER_MAX_BYTES`; a slice
-costs one more small kernel call per layer, which a step of that size does not notice.
+attended in row slices whose gathered K (and V) stay within `DECODE_GATHER_MAX_BYTES`; each
+extra slice costs one bucket's fixed kernel calls per layer, which a step of that size does not
+notice. Only a CPU pool is sliced: the cliff is the host heap's, and a GPU gains nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from exegpt.allocator import MMAP_THRESHOLD_BYTES
 if TYPE_CHECKING:
     from exegpt.models.packed import DecodeBucket
 
-# Half the heap's ceiling: the kernels' own copies of K/V (SDPA's transposes) stay under it too.
+# Half the heap's ceiling: a copy of K/V the size of the gathered one (a cast to the queries'
+# dtype, a grouped-query expansion in SDPA's math path) stays under it too.
 DECODE_GATHER_MAX_BYTES = MMAP_THRESHOLD_BYTES // 2
 
 
@@ -37,8 +39,10 @@ def within_budget(
     bucket: DecodeBucket, block_size: int, cache: Tensor, max_bytes: int = DECODE_GATHER_MAX_BYTES
 ) -> tuple[DecodeBucket, ...]:
     """`bucket` as consecutive row slices whose gathered K/V each fit `max_bytes` (one row
-    at least), or itself when it fits whole."""
+    at least), or itself when it fits whole or the pool is not in host memory."""
     rows, blocks = bucket.key_blocks.shape
+    if cache.device.type != "cpu":
+        return (bucket,)
     per_row = max(1, gathered_bytes(bucket, block_size, cache) // max(1, rows))
     per_slice = max(1, max_bytes // per_row)
     if rows <= per_slice:

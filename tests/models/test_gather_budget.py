@@ -40,6 +40,7 @@ def test_a_bucket_past_the_heap_ceiling_is_sliced_within_the_budget() -> None:
     assert len(slices) > 1
     assert all(gathered_bytes(s, 16, pool) <= DECODE_GATHER_MAX_BYTES for s in slices)
     assert torch.cat([s.query_index for s in slices]).tolist() == list(range(300))
+    assert torch.equal(torch.cat([s.key_blocks for s in slices]), bucket.key_blocks)
     width = bucket.key_blocks.shape[1] * 16
     for part in slices:
         hidden = torch.zeros(len(part.query_index) * width, dtype=torch.bool)
@@ -52,7 +53,17 @@ def test_a_bucket_past_the_heap_ceiling_is_sliced_within_the_budget() -> None:
 
 def test_a_bucket_within_the_budget_stays_whole() -> None:
     bucket = _bucket([40, 33, 38], block_size=16)
-    assert within_budget(bucket, 16, torch.zeros(1, 4, 64)) == (bucket,)
+    (whole,) = within_budget(bucket, 16, torch.zeros(1, 4, 64))
+    assert whole is bucket
+
+
+def test_a_pool_off_the_host_is_never_sliced() -> None:
+    """The cliff is glibc's heap: a pool on another device (here `meta`, which allocates
+    nothing) keeps the bucket whole at a budget that would cut a host pool into rows."""
+    bucket = _bucket([40, 33, 38], block_size=16)
+    assert len(within_budget(bucket, 16, torch.zeros(1, 4, 64), max_bytes=1)) == 3
+    (whole,) = within_budget(bucket, 16, torch.zeros(1, 4, 64, device="meta"), max_bytes=1)
+    assert whole is bucket
 
 
 @pytest.mark.parametrize("variant", ["llama", "t5"])
