@@ -72,22 +72,27 @@ class RraMode(FcfsMode):
         waiting = self.policy.order(waiting)
         mean = self._mean_input(waiting)
         upper_tokens = limit * mean * (1 + self.band)
+        # Requests by identity and queue position: the queue may hold thousands (list
+        # membership and index() made one encoding quadratic in it).
+        position = {id(r): i for i, r in enumerate(waiting)}
         chosen = [r for r in waiting if r.request_id in self._passed_over][:limit]
+        chosen_ids = {id(r) for r in chosen}
         self._took_passed_over = bool(chosen)
         total = sum(len(r.prompt_token_ids) for r in chosen)
         for request in waiting:
             if len(chosen) >= limit:
                 break
-            if request in chosen:
+            if id(request) in chosen_ids:
                 continue
             num_tokens = len(request.prompt_token_ids)
             if not chosen or total + num_tokens <= upper_tokens:
                 chosen.append(request)
+                chosen_ids.add(id(request))
                 total += num_tokens
-        last = max((waiting.index(r) for r in chosen), default=-1)
-        self._passed_over = {r.request_id for r in waiting[:last] if r not in chosen}
+        last = max((position[id(r)] for r in chosen), default=-1)
+        self._passed_over = {r.request_id for r in waiting[:last] if id(r) not in chosen_ids}
         self._chosen_tokens = total
-        return sorted(chosen, key=waiting.index)
+        return sorted(chosen, key=lambda r: position[id(r)])
 
     def on_admitted(self, num_admitted: int, view: ModeView) -> None:
         if not self._encoding:
