@@ -127,7 +127,12 @@ def test_start_get_and_list_a_profile(profiler: RunningProfiler) -> None:
     assert profile.data.profile_id == done.profile_id
     assert profile.data.grid["batch_sizes"] == list(QUICK.batch_sizes)
     assert profile.data.grid["min_sample_s"] == 0.005
-    assert profile.encode_attention_s(8, 512, 1) > 0 and profile.transfer_s(4096) > 0
+    # Measured attention is floored at the kernel alone, so every grid point is positive; a
+    # reconciled query may be zero where a noisy one-round forward came in under its parts
+    # (exegpt/profile/reconcile.py), so the whole prefill is what must cost time.
+    attention = profile.data.compute[1].encode_attention
+    assert all(v > 0 for row in attention.rows for v in row.median_s)
+    assert profile.prefill_parts_s(8, 512) > 0 and profile.transfer_s(4096) > 0
     assert not profile.is_extrapolated("decode_attention_s", 16, 1000, 1000, 1)
     assert got.summary == done.summary
 
