@@ -34,8 +34,12 @@ from exegpt.plan_file import PlanFile
 from exegpt.schedule import ScheduleKind
 
 DEFAULT_PROFILE_DIR = Path("~/.cache/exegpt/profiles")
-# The "auto" grid: small enough to profile in about a minute on 2 cores, wide enough that
-# the simulator interpolates (not extrapolates) the batches a CPU plan picks.
+# The "auto" grid: small enough to profile in seconds on 2 cores (about 11 s here). The
+# plans it serves pick far larger batches (B_E and B_D of 100 to 800 rows on a CPU, at up to
+# tens of thousands of encoder tokens) than its largest measured batch (32 rows) and token
+# count (2048): the simulator extrapolates those linearly from the largest measured points
+# (layer_profile.py counts and warns), and a plan's calibration against measured serving
+# (calibration_pass.py) rescales each kind of step to what the engine really takes.
 AUTO_GRID = {
     "batch_sizes": "1,4,32",
     "seq_lens": "16,128",

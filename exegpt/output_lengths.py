@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import itertools
 import math
 import threading
 from collections.abc import Callable, Iterable
@@ -24,6 +25,9 @@ class OutputLengthModel:
         self._min_samples = min_samples
         self._order: collections.deque[int] = collections.deque()
         self._sorted: list[int] = []
+        # Running sums of _sorted (prefix[i]: the first i lengths), rebuilt after a change,
+        # so a mean over a tail costs a bisection, not a walk of the window.
+        self._prefix: list[int] | None = None
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -36,6 +40,7 @@ class OutputLengthModel:
                 del self._sorted[bisect.bisect_left(self._sorted, oldest)]
             self._order.append(num_output_tokens)
             bisect.insort(self._sorted, num_output_tokens)
+            self._prefix = None
 
     def quantile(self, q: float, num_generated: int, max_tokens: int) -> int:
         """The q-quantile of the total output length of a request that has generated
@@ -59,8 +64,13 @@ class OutputLengthModel:
         tokens (of lengths seen beyond that), capped by max_tokens; None while fewer than
         min_samples such lengths were seen (no estimate)."""
         with self._lock:
-            tail = self._tail(num_generated)
-            return None if tail is None else min(max_tokens, sum(tail) / len(tail))
+            start = bisect.bisect_right(self._sorted, num_generated)
+            count = len(self._sorted) - start
+            if count < self._min_samples:
+                return None
+            if self._prefix is None:
+                self._prefix = [0, *itertools.accumulate(self._sorted)]
+            return min(max_tokens, (self._prefix[-1] - self._prefix[start]) / count)
 
     def _tail(self, num_generated: int) -> list[int] | None:
         """The lengths seen beyond num_generated, or None while fewer than min_samples."""

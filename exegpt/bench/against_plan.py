@@ -184,12 +184,25 @@ def _window(ends: list[float], queued_until_s: float | None) -> tuple[float, flo
 
 
 def _completions_per_s(ends: list[float], window: tuple[float, float] | None) -> float | None:
-    """Completions per second in `window` of the sorted completion times `ends`."""
+    """Completions per second in `window` of the sorted completion times `ends`: the slope
+    of the completions counted against time (least squares), not the count between the
+    window's ends. RRA and static batching finish their requests in bunches, one per cycle,
+    and a window that opens at one bunch's start and closes at another's end holds a bunch
+    more than its cycles deliver: task S's RRA read 137.9 seq/s where its cycles (about
+    6.8 s for 750 requests over both replicas) give 110, the slope 108. A steady stream reads
+    the same either way. None with fewer than 3 completions in the window."""
     if window is None:
         return None
     first, last = window
-    count = bisect.bisect_right(ends, last) - bisect.bisect_left(ends, first) - 1
-    return count / (last - first)
+    times = ends[bisect.bisect_left(ends, first) : bisect.bisect_right(ends, last)]
+    if len(times) < 3:
+        return None
+    mean_s = sum(times) / len(times)
+    mean_index = (len(times) - 1) / 2
+    spread = sum((t - mean_s) ** 2 for t in times)
+    if spread <= 0:
+        return None
+    return sum((t - mean_s) * (i - mean_index) for i, t in enumerate(times)) / spread
 
 
 def generation_latency_s(row: dict[str, Any]) -> float | None:

@@ -18,6 +18,7 @@ from services.worker.policies import BasePolicy, KvState, Load
 from services.worker.requests import EngineRequest
 from services.worker.sequence import Sequence, request_load, seed_of
 from services.worker.step_plan import StepKind
+from services.worker.waiting_queue import WaitingQueue
 
 
 class Admission:
@@ -27,7 +28,7 @@ class Admission:
     _model_config: ModelConfig
     _allocator: BlockAllocator
     _lock: threading.Lock
-    _waiting: collections.deque[EngineRequest]
+    _waiting: WaitingQueue
     _preempted: list[Sequence]
     _running: list[Sequence]
     _plans: dict[int, tuple[StepKind, list[Sequence]]]

@@ -133,6 +133,15 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class QueuedTotals:
+    """The waiting requests in sum (waiting_queue.py keeps them as the queue changes)."""
+
+    num_requests: int
+    prompt_tokens: int
+    expected_decode_tokens: float
+
+
+@dataclass(frozen=True)
 class Snapshot:
     num_waiting: int
     num_running: int
@@ -143,24 +152,29 @@ class Snapshot:
     @classmethod
     def of(
         cls,
-        queued: list[Load],
+        waiting: QueuedTotals,
+        preempted: list[Load],
         running: list[Load],
         num_free_blocks: int,
         expected_remaining: Callable[[int, int], float],
         admitted_prefill_tokens: int = 0,
     ) -> Snapshot:
-        """The queue's state for stats: queued (waiting or preempted) and running loads.
-        `admitted_prefill_tokens`: the prefill tokens the running sequences have yet to
-        store (chunks to go), pending like the queued ones'."""
-        queued_prefill = sum(q.prompt_tokens + q.num_generated for q in queued)
+        """The queue's state for stats: the waiting requests' totals, the preempted (queued
+        again with their tokens) and running loads. `admitted_prefill_tokens`: the prefill
+        tokens the running sequences have yet to store (chunks to go), pending like the
+        queued ones'."""
+        preempted_prefill = sum(q.prompt_tokens + q.num_generated for q in preempted)
+        admitted_decode = sum(
+            expected_remaining(x.num_generated, x.max_tokens) for x in preempted + running
+        )
         return cls(
-            num_waiting=len(queued),
+            num_waiting=waiting.num_requests + len(preempted),
             num_running=len(running),
             num_free_blocks=num_free_blocks,
-            num_pending_prefill_tokens=queued_prefill + admitted_prefill_tokens,
-            num_remaining_decode_tokens=round(
-                sum(expected_remaining(x.num_generated, x.max_tokens) for x in queued + running)
+            num_pending_prefill_tokens=(
+                waiting.prompt_tokens + preempted_prefill + admitted_prefill_tokens
             ),
+            num_remaining_decode_tokens=round(waiting.expected_decode_tokens + admitted_decode),
         )
 
 

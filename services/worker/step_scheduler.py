@@ -18,7 +18,6 @@ and `snapshot`: everything else runs on the engine thread.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import threading
 import time
@@ -36,15 +35,16 @@ from services.worker.policies import OutputLengthModel, make_policy
 from services.worker.requests import EngineEvent, EngineRequest
 from services.worker.sequence import (
     Delivery,
+    QueuedTotals,
     Sequence,
     Snapshot,
     build_plan,
     deliver,
     failure,
-    request_load,
     with_logprobs,
 )
 from services.worker.step_plan import StepKind, StepPlan, StepResult
+from services.worker.waiting_queue import WaitingQueue
 
 __all__ = ["Delivery", "Sequence", "Snapshot", "StepScheduler"]
 
@@ -64,7 +64,7 @@ class StepScheduler(Admission):
             config.max_tokens_per_step, model_config.is_encoder_decoder, long_output_budget(config)
         )
         self._lock = threading.Lock()
-        self._waiting: collections.deque[EngineRequest] = collections.deque()
+        self._waiting = WaitingQueue()
         self._preempted: list[Sequence] = []  # the head of the queue, oldest admission first
         self._pending_aborts: set[str] = set()
         self._running: list[Sequence] = []
@@ -98,17 +98,19 @@ class StepScheduler(Admission):
             self._pending_aborts.add(request_id)
 
     def snapshot(self) -> Snapshot:
+        """The queue's load without walking the waiting requests (the queue keeps its sums)."""
+        expected = self.lengths.expected_remaining
         with self._lock:
-            queued = [request_load(r) for r in self._waiting]
-            queued += [s.load() for s in self._preempted]
+            waiting = QueuedTotals(
+                len(self._waiting),
+                self._waiting.prompt_tokens,
+                self._waiting.expected_decode_tokens(expected),
+            )
+            preempted = [s.load() for s in self._preempted]
             running = [s.load() for s in self._running]
             prefill_left = sum(s.prefill_left for s in self._running if not s.prefilled)
         return Snapshot.of(
-            queued,
-            running,
-            self._allocator.num_free_blocks,
-            self.lengths.expected_remaining,
-            prefill_left,
+            waiting, preempted, running, self._allocator.num_free_blocks, expected, prefill_left
         )
 
     def max_blocks_for(self, request: EngineRequest) -> int:
@@ -315,7 +317,7 @@ class StepScheduler(Admission):
     def fail_all(self, message: str, unavailable: bool = False) -> list[Delivery]:
         """Fail every request, queued or running (the engine is stopping or broken)."""
         with self._lock:
-            waiting, self._waiting = list(self._waiting), collections.deque()
+            waiting = self._waiting.take_all()
             preempted, self._preempted = self._preempted, []
         deliveries = [
             Delivery(r, EngineEvent(r.request_id, [], [], error=message, unavailable=unavailable))

@@ -45,7 +45,11 @@ def test_a_continuous_burst_leaves_its_fill_out() -> None:
     # 1.6 s once admitted): 10 per second, the first batch's admissions left out.
     rows = [_row(0.0, 0.1, 1.6, 5) for _ in range(16)]
     rows += [_row(0.0, 0.1, 1.6 + 1.6 + 0.1 * i, 5, queue_s=1.6 + 0.1 * i) for i in range(100)]
-    assert against_plan.measure(_document(rows), 5).throughput_seq_s == pytest.approx(10.0)
+    # The window opens on the last 5 of the first batch's 16 (all at 1.6 s, a bunch the
+    # steady stream does not have): the slope reads 9.4 per second.
+    assert against_plan.measure(_document(rows), 5).throughput_seq_s == pytest.approx(
+        10.0, rel=0.07
+    )
 
 
 def test_steady_rate_ends_when_the_last_request_is_admitted() -> None:
@@ -55,15 +59,30 @@ def test_steady_rate_ends_when_the_last_request_is_admitted() -> None:
     drain = [_row(0.0, 0.5, 7.0 + 0.01 * j, 10, queue_s=6.0 + 0.0225 * j) for j in range(40)]
     rows = steady + drain
     assert against_plan.last_admission_s(rows) == pytest.approx(6.0 + 0.0225 * 39)
-    # The 10th..90th percentile completions alone: (89 - 9) / (7.29 - 1.9) = 14.8 per second.
+    # The 10th..90th percentile completions alone run into the drain: faster than steady.
     ends = [r["send_s"] + r["e2e_s"] for r in rows]
-    assert against_plan.steady_throughput(ends) == pytest.approx(80 / 5.39)
+    assert against_plan.steady_window(ends) == pytest.approx((1.9, 7.29))
+    drained = against_plan.steady_throughput(ends)
+    assert drained is not None and 11.0 < drained < 100.0
     # Cut where the queue emptied: completions 9..59, (59 - 9) / (6.9 - 1.9) = 10 per second.
     measured = against_plan.measure(_document(rows), p99_output_tokens=10)
     assert measured.throughput_seq_s == pytest.approx(10.0)
     assert against_plan.steady_window(ends, 6.9) == pytest.approx((1.9, 6.9))
     # A queue that empties before the window's start leaves the quantiles alone.
-    assert against_plan.steady_throughput(ends, 0.5) == pytest.approx(80 / 5.39)
+    assert against_plan.steady_throughput(ends, 0.5) == pytest.approx(drained)
+
+
+def test_a_schedule_that_finishes_in_bunches_reads_its_cycle_rate() -> None:
+    # RRA at saturation: after a fill of 111 completions, each 2 s cycle ends with its 100
+    # requests finishing within 0.2 s, 50 per second. The window (10th..90th percentile)
+    # opens at one bunch's start and closes near another's end: counting between its ends
+    # reads 54.9 per second (a bunch more than its cycles deliver), the slope 49.9.
+    ends = [0.5 + 0.01 * i for i in range(111)]
+    ends += [2.0 * (c + 1) + 0.002 * k for c in range(10) for k in range(100)]
+    rows = [_row(0.0, 0.1, end, 5, queue_s=end - 1.0) for end in ends]
+    assert against_plan.steady_window(ends) == pytest.approx((2.0, 18.176))
+    measured = against_plan.measure(_document(rows), 5)
+    assert measured.throughput_seq_s == pytest.approx(50.0, rel=0.03)
 
 
 def test_p99_length_latency_leaves_the_queueing_out() -> None:

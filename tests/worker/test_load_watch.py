@@ -58,7 +58,10 @@ def test_pushes_at_once_then_on_queue_changes(worker: RunningWorker) -> None:
         for request_id in ids:  # one runs, three wait with their 4-token prompts
             _submit(worker, request_id)
         loaded = _next_until(stream, lambda u: u.num_waiting == 3 and u.num_running == 1)
-        assert loaded.num_pending_prefill_tokens == 3 * 4
+        # The three waiting prompts are pending, and the running one's too while its prefill
+        # is in flight (it has generated nothing: all 4 x 200 tokens are still owed).
+        prefilling = loaded.num_remaining_decode_tokens == 4 * 200
+        assert loaded.num_pending_prefill_tokens == 3 * 4 + (4 if prefilling else 0)
         # Before anything finished, the decode tokens owed are the max_tokens of each.
         assert loaded.num_remaining_decode_tokens > 3 * 190
         for request_id in ids:

@@ -255,6 +255,10 @@ def test_a_pushed_placement_applies_under_load_and_no_request_fails(
     before, layout = topologies(is_t5)["pp2"]
     after, _ = topologies(is_t5)["encode-beside-decode"]
     pipeline = _pipeline(four_layer_models[variant][0], before, stage_pool.addresses(layout))
+    # The watchdog asks the stages all the time, so it sees them in the middle of the
+    # redeploy's load (empty, or on the new load id before the executor is): it must not
+    # take them for restarted stages and reload them under the steps already sent.
+    pipeline = replace(pipeline, health_interval_s=0.002)
     engine = build_pipeline_engine(loaded, EngineConfig(kv_block_size_tokens=4), pipeline)
     engine.start()
     try:

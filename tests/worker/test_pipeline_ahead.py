@@ -15,7 +15,8 @@ from exegpt.models.loader import LoadedModel, load_model
 from exegpt.placement import Placement
 from services.worker.config import EngineConfig
 from services.worker.executor.ahead import DecodeAhead
-from services.worker.executor.pipeline import MAX_AHEAD_GRACE_S, PipelineExecutor
+from services.worker.executor.pipeline import PipelineExecutor
+from services.worker.executor.pipeline_config import MAX_AHEAD_GRACE_S
 from services.worker.metrics import EngineCollector
 from services.worker.server import build_engine, build_pipeline_engine
 from tests.worker.stages import StagePool

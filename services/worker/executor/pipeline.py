@@ -9,17 +9,18 @@ A watchdog asks every rank for a sign of life; a rank that stops answering, or c
 empty (restarted), takes the replica out of service at once: the steps in flight fail as
 unavailable, and once every rank answers again the whole placement is loaded afresh under a
 new load id. Messages are stamped with that id, so a stage drops steps of an earlier load.
+The watchdog judges the ranks under the load lock, so a stage caught mid-way through a
+redeploy's load is never mistaken for a restarted one.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import grpc
 import torch
@@ -29,60 +30,17 @@ from opentelemetry import propagate, trace
 from exegpt.models.batch import BatchBuilder
 from exegpt.models.config import ModelConfig
 from exegpt.placement import Placement
-from exegpt.security import SecurityConfig, sync_channel
+from exegpt.security import sync_channel
 from exegpt.transport import FrameError, PushFanout, TensorMessage, TensorSocket
 from exegpt.v1 import stage_pb2, stage_pb2_grpc
 from services.worker.executor.ahead import DecodeAhead
+from services.worker.executor.pipeline_config import PipelineConfig, PipelineError
 from services.worker.executor.results import result_from_message
 from services.worker.executor.routes import first_hops, next_hops
 from services.worker.step_plan import StepKind, StepPlan, StepResult
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("exegpt.pipeline")
-
-# A grace is a head start for a frame already sent, a fraction of a step: a longer one only
-# delays the build it was meant to hide.
-MAX_AHEAD_GRACE_S = 0.1
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    model: str
-    dtype: str
-    placement: Placement
-    # gRPC address of every TP rank of every stage, in placement order.
-    stage_addresses: tuple[tuple[str, ...], ...]
-    num_blocks: int
-    block_size_tokens: int
-    data_host: str = "127.0.0.1"
-    step_timeout_s: float = 30.0
-    health_interval_s: float = 0.5
-    health_timeout_s: float = 2.0
-    load_timeout_s: float = 120.0
-    # How long after sending a decode step the engine waits before building its successor
-    # ahead (ahead.py): on a machine with few cores, building at once delays the hand-off.
-    # Whole milliseconds (the result socket's poll), rounded up; at most MAX_AHEAD_GRACE_S.
-    ahead_grace_s: float = 0.001
-    # API key and TLS of the gRPC control calls to the stages.
-    security: SecurityConfig = field(default_factory=SecurityConfig)
-
-    def __post_init__(self) -> None:
-        grace = self.ahead_grace_s
-        if not (math.isfinite(grace) and 0 <= grace <= MAX_AHEAD_GRACE_S):
-            raise ValueError(
-                f"ahead_grace_s must lie between 0 and {MAX_AHEAD_GRACE_S} s, not {grace!r}"
-            )
-
-    @property
-    def ahead_grace_ms(self) -> int:
-        """`ahead_grace_s` in whole milliseconds, rounded up (a nonzero grace stays nonzero);
-        taken to the microsecond first, so float error (0.003 s: 3.0000000000000004 ms) does
-        not add a millisecond."""
-        return math.ceil(round(self.ahead_grace_s * 1e6) / 1000)
-
-
-class PipelineError(ConnectionError):
-    """The stages could not be reached or loaded (the replica cannot start)."""
 
 
 class PipelineExecutor:
@@ -208,15 +166,21 @@ class PipelineExecutor:
         )
         carrier: dict[str, str] = {}
         propagate.inject(carrier, context=trace.set_span_in_context(span))
+        with self._lock:
+            load_id = self._load_id
+            if not load_id:  # out of service since the engine looked: no stage would answer
+                self._failed.append(StepResult.failed(plan, _UNAVAILABLE, unavailable=True))
+                span.set_status(trace.Status(trace.StatusCode.ERROR, "a stage is down"))
+                span.end()
+                return
+            self._in_flight[plan.step_id] = (plan, time.monotonic() + self._config.step_timeout_s)
+            self._spans[plan.step_id] = span
         attributes = {
             "step_id": str(plan.step_id),
-            "load_id": self._load_id,
+            "load_id": load_id,
             "micro_batch": str(plan.micro_batch),
         }
         message = TensorMessage(kind, tensors, attributes=attributes, trace_context=carrier)
-        with self._lock:
-            self._in_flight[plan.step_id] = (plan, time.monotonic() + self._config.step_timeout_s)
-            self._spans[plan.step_id] = span
         self._fanout.send(self._first_hops[hop], message)
         self._ahead.defer(plan)  # its successor is built while the stages compute it
 
@@ -349,41 +313,42 @@ class PipelineExecutor:
 
     def _watch(self) -> None:
         while not self._closing.wait(self._config.health_interval_s):
-            try:
-                infos = self._each_rank(
-                    lambda stub: stub.Describe(
-                        stage_pb2.DescribeStageRequest(), timeout=self._config.health_timeout_s
-                    )
+            # Judged under the load lock: a stage caught mid-load (a redeploy's, empty or
+            # already on the new load id) is not a restarted one.
+            with self._load_lock:
+                self._check_stages()
+
+    def _check_stages(self) -> None:
+        """Take the replica out of service when a rank is down or restarted; reload it once
+        every rank answers."""
+        try:
+            infos = self._each_rank(
+                lambda stub: stub.Describe(
+                    stage_pb2.DescribeStageRequest(), timeout=self._config.health_timeout_s
                 )
-            except grpc.RpcError as exc:
-                if self._healthy:
-                    logger.error(
-                        "a stage stopped answering (%s); replica out of service", exc.code()
-                    )
-                    self._take_out_of_service()
-                continue
-            current = all(
-                info.loaded and info.load_id == self._load_id for ranks in infos for info in ranks
             )
-            if current:
-                continue
+        except grpc.RpcError as exc:
             if self._healthy:
-                logger.error("a stage restarted empty; replica out of service until reloaded")
+                logger.error("a stage stopped answering (%s); replica out of service", exc.code())
                 self._take_out_of_service()
-            try:
-                self._load_all()
-                logger.info("stages reloaded; replica back in service")
-            except (PipelineError, grpc.RpcError) as exc:
-                logger.warning("reload failed, retrying: %s", exc)
+            return
+        if all(info.loaded and info.load_id == self._load_id for ranks in infos for info in ranks):
+            return
+        if self._healthy:
+            logger.error("a stage restarted empty; replica out of service until reloaded")
+            self._take_out_of_service()
+        try:
+            self._load_all()
+            logger.info("stages reloaded; replica back in service")
+        except (PipelineError, grpc.RpcError) as exc:
+            logger.warning("reload failed, retrying: %s", exc)
 
     def _take_out_of_service(self) -> None:
         with self._lock:
             self._healthy = False
             self._load_id = ""
             failed = [
-                StepResult.failed(
-                    plan, "replica unavailable: a pipeline stage is down", unavailable=True
-                )
+                StepResult.failed(plan, _UNAVAILABLE, unavailable=True)
                 for plan, _ in self._in_flight.values()
             ]
             self._in_flight.clear()
@@ -394,5 +359,6 @@ class PipelineExecutor:
             self._failed.extend(failed)
 
 
+_UNAVAILABLE = "replica unavailable: a pipeline stage is down"
 _MAX_WAIT_S = 3600.0  # one wait's bound in ms fits an int (an infinite timeout overflows)
 _CPU = torch.device("cpu")  # index math runs on the host; stages move it to their device
