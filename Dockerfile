@@ -47,7 +47,7 @@ COPY pyproject.toml README.md ./
 COPY exegpt ./exegpt
 COPY services ./services
 COPY protos ./protos
-RUN pip install . && python -c "import exegpt.cli, services.worker.server"
+RUN pip install . && python -c "import exegpt.commands.cli, services.worker.server"
 
 RUN useradd --create-home --uid 10001 exegpt && mkdir -p /models /profiles \
     && chown exegpt /models /profiles

@@ -43,7 +43,7 @@ def on_free_ports(config: DeploymentConfig) -> DeploymentConfig:
 def run_bench(deployment: Deployment, bench_args: list[str], json_path: Path) -> dict:
     """Run `exegpt bench` against a started deployment; return its report's metrics."""
     command = [
-        sys.executable, "-m", "exegpt.cli", "bench", "--url", deployment.http_url,
+        sys.executable, "-m", "exegpt.commands.cli", "bench", "--url", deployment.http_url,
         *bench_args, "--json", str(json_path),
     ]  # fmt: skip
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)

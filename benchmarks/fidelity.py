@@ -5,7 +5,7 @@ predicts the schedule on the given profile, then a local deployment (`exegpt up`
 one replica) runs it and `exegpt bench` drives it at saturation with the same workload
 (lengths scaled alike). With --calibrate (the default) each deployment first serves a
 calibration pass whose engine-clock totals calibrate the profile kind by kind
-(exegpt/calibration_pass.py), sized by the rule every calibration pass follows
+(exegpt/commands/calibration_pass.py), sized by the rule every calibration pass follows
 (exegpt/bench/burst.py `calibration_pass_size`: 2 running batches, 5 s at the uncalibrated
 profile's predicted rate, 64 decode steps, whichever is most); the row's prediction is then
 the calibrated one, and the uncalibrated one's error is printed beside it. The row's second
@@ -47,7 +47,7 @@ from deployments import free_port  # noqa: E402
 
 from exegpt.bench.against_plan import measure, percent, relative_error, run_bench  # noqa: E402
 from exegpt.bench.burst import calibration_pass_size  # noqa: E402
-from exegpt.calibration_pass import (  # noqa: E402
+from exegpt.commands.calibration_pass import (  # noqa: E402
     calibrated_copy,
     calibration_burst,
     calibration_from_totals,

@@ -17,7 +17,7 @@ from deployments import free_port, metric
 
 from exegpt.bench.against_plan import completed_rows, steady_rate
 from exegpt.bench.metrics import RowLatency, latency_figures
-from exegpt.calibration_pass import sum_totals, totals_between
+from exegpt.commands.calibration_pass import sum_totals, totals_between
 from exegpt.launcher import Deployment, DeploymentConfig
 from exegpt.v1 import worker_pb2, worker_pb2_grpc
 
@@ -125,7 +125,7 @@ def replay(deployment: Deployment, bench_args: list[str], json_path: Path) -> di
     addresses = list(deployment.worker_addresses)
     before = worker_stats(addresses)
     command = [
-        sys.executable, "-m", "exegpt.cli", "bench", "--url", deployment.http_url,
+        sys.executable, "-m", "exegpt.commands.cli", "bench", "--url", deployment.http_url,
         *bench_args, "--json", str(json_path),
     ]  # fmt: skip
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)

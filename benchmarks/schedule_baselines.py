@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exegpt import autoplan
 from exegpt.bench import against_plan
 from exegpt.bench.burst import calibration_pass_size
+from exegpt.commands import autoplan
 from exegpt.launcher import DeploymentConfig
 from exegpt.schedule import Schedule, ScheduleKind
 from exegpt.topology import Topology

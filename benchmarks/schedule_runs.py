@@ -9,7 +9,8 @@ planned schedule and both baselines are measured alike.
 The planned schedule's deployment, when calibrating, serves a calibration pass after its
 warm-up: its engine clock, over the schedule's own steps at its own rows and on the machine as it is
 loaded just before the measured burst, calibrates a copy of the profile by kind, and the
-deployed plan's prediction is made from it (exegpt/calibration_pass.py `deployed_prediction`).
+deployed plan's prediction is made from it (exegpt/commands/calibration_pass.py
+`deployed_prediction`).
 Every calibration pass is sized by the one rule of exegpt/bench/burst.py
 (`plan_calibration_pass`: running batches, seconds at the predicted rate and decode steps on
 every replica). On a shared machine a step's time swings with the load from one minute to the
@@ -25,7 +26,6 @@ from typing import TYPE_CHECKING
 
 from deployments import free_port
 
-from exegpt import autoplan
 from exegpt.bench import against_plan
 from exegpt.bench.burst import (
     MAX_REQUESTS,
@@ -33,7 +33,8 @@ from exegpt.bench.burst import (
     plan_calibration_pass,
     running_sequences,
 )
-from exegpt.calibration_pass import (
+from exegpt.commands import autoplan
+from exegpt.commands.calibration_pass import (
     DeployedPrediction,
     calibration_burst,
     deployed_prediction,

@@ -21,8 +21,8 @@ a run stays tractable on a CPU.
 After calibration (--calibrate, the default): a deployment of continuous batching on 2
 data-parallel replicas (sized from the first, uncalibrated plan) serves a warm-up burst and a
 calibration burst whose engine-clock totals calibrate a copy of the profile by kind
-(exegpt/calibration_pass.py). The schedule is then PLANNED again from the calibrated copy at
-the same bound (the calibration stored beside it, as `exegpt plan` reads it) and that plan is
+(exegpt/commands/calibration_pass.py). The schedule is then PLANNED again from the calibrated copy
+at the same bound (the calibration stored beside it, as `exegpt plan` reads it) and that plan is
 the one deployed, measured and judged: the uncalibrated choice is only a first guess. The
 baselines are sized on the same calibrated copy, so all three are held to the bound alike
 (benchmarks/schedule_baselines.py); when no continuous configuration meets the bound there,
@@ -79,9 +79,9 @@ from schedule_runs import (  # noqa: E402
     warmup_requests,
 )
 
-from exegpt import autoplan  # noqa: E402
 from exegpt.bench import against_plan  # noqa: E402
-from exegpt.calibration_pass import DeployedPrediction, recalibrate  # noqa: E402
+from exegpt.commands import autoplan  # noqa: E402
+from exegpt.commands.calibration_pass import DeployedPrediction, recalibrate  # noqa: E402
 from exegpt.headroom import add_headroom_argument, planned_against  # noqa: E402
 from exegpt.schedule import ScheduleKind  # noqa: E402
 from services.scheduler.calibration import Calibration  # noqa: E402

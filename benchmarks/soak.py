@@ -79,7 +79,7 @@ def rss_mb(pid: int | None) -> float:
 
 def start_up(model: Path, log_dir: Path, replicas: int) -> Up:
     command = [
-        sys.executable, "-m", "exegpt.cli", "up", "--replicas", str(replicas),
+        sys.executable, "-m", "exegpt.commands.cli", "up", "--replicas", str(replicas),
         "--model", str(model), "--torch-threads", "1", "--http-port", "0", "--grpc-port", "0",
         "--max-batch-size", "16", "--log-dir", str(log_dir),
     ]  # fmt: skip

@@ -1,6 +1,6 @@
 """The processes of a local deployment: the router, N worker replicas and their stage
 processes, started, supervised and stopped together (`exegpt up` is its command line, in
-exegpt/up.py).
+exegpt/commands/up.py).
 
 Workers start on free ports and publish their address through a ready file; the router is
 started with those addresses. `ready` is printed once every process reports healthy, and

@@ -17,7 +17,7 @@ import grpc
 import httpx
 import numpy as np
 
-from exegpt import autoplan
+from exegpt.commands import autoplan
 from exegpt.profile.format import read_profile
 from exegpt.v1 import worker_pb2, worker_pb2_grpc
 
@@ -49,7 +49,7 @@ def test_up_plan_profiles_plans_and_serves_the_planned_kind(tmp_path: Path) -> N
     grid.write_text(json.dumps(TINY_GRID))
     profile_dir = tmp_path / "profiles"
     command = [
-        sys.executable, "-m", "exegpt.cli", "up", "--plan", "--workload", "task:S",
+        sys.executable, "-m", "exegpt.commands.cli", "up", "--plan", "--workload", "task:S",
         "--length-scale", "0.1", "--latency-bound", "inf", "--devices", "2",
         "--threads-per-device", "1", "--profile-dir", str(profile_dir),
         "--profile-grid", str(grid), "--http-port", "0", "--grpc-port", "0",

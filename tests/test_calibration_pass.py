@@ -1,4 +1,4 @@
-"""exegpt/calibration_pass.py: engine-clock totals that took known multiples of what the
+"""exegpt/commands/calibration_pass.py: engine-clock totals that took known multiples of what the
 profile predicts give back those multiples, kind by kind, and a calibrated copy predicts
 with them (hand-made totals on the analytic roofline profile)."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from exegpt.calibration_pass import KindTotals, calibration_from_totals, totals_between
+from exegpt.commands.calibration_pass import KindTotals, calibration_from_totals, totals_between
 from services.scheduler.observations import StageKind
 from services.scheduler.problem_builder import load_cost_model
 from services.scheduler.simulate import workload_of

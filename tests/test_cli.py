@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from exegpt import cli
+from exegpt.commands import cli
 
 
 @pytest.mark.parametrize("name", sorted(cli.COMMANDS))

@@ -18,8 +18,9 @@ def test_demo_replans_after_calibration_and_measures_the_plan_in_force(
     measured_tiny_profile: Path, tmp_path: Path
 ) -> None:
     command = [
-        sys.executable, "-m", "exegpt.cli", "demo", "--profile", str(measured_tiny_profile),
-        "--profile-dir", str(tmp_path), "--burst", "16", "--max-tokens", "4",
+        sys.executable, "-m", "exegpt.commands.cli", "demo",
+        "--profile", str(measured_tiny_profile), "--profile-dir", str(tmp_path),
+        "--burst", "16", "--max-tokens", "4",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from exegpt import cli
+from exegpt.command_line import DefaultsHelpFormatter
+from exegpt.commands import cli
 from exegpt.security import API_KEY_ENV
 from exegpt.topology import parse_stage_addresses
 
@@ -33,11 +34,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
-    """What `exegpt COMMAND` builds (exegpt/cli.py), raising instead of exiting."""
+    """What `exegpt COMMAND` builds (exegpt/commands/cli.py), raising instead of exiting."""
     parser = _Parser(
         prog=f"exegpt {command}",
         description=cli.COMMANDS[command],
-        formatter_class=cli._DefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     cli.load_command(command).add_arguments(parser)
     return parser

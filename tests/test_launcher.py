@@ -49,7 +49,7 @@ def _port_is_free(host: str, port: int) -> bool:
 
 def test_up_serves_two_replicas_and_stops_cleanly(tmp_path: Path) -> None:
     command = [
-        sys.executable, "-m", "exegpt.cli", "up", "--replicas", "2",
+        sys.executable, "-m", "exegpt.commands.cli", "up", "--replicas", "2",
         "--http-port", "0", "--grpc-port", "0", "--log-dir", str(tmp_path),
     ]  # fmt: skip
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -83,7 +83,7 @@ def test_up_serves_two_replicas_and_stops_cleanly(tmp_path: Path) -> None:
 
 def test_up_reports_a_bad_model_and_exits_nonzero(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "exegpt.cli", "up", "--model", str(tmp_path / "missing"),
+        [sys.executable, "-m", "exegpt.commands.cli", "up", "--model", str(tmp_path / "missing"),
          "--http-port", "0", "--grpc-port", "0", "--log-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

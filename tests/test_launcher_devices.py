@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from exegpt import up
+from exegpt.commands import up
 from exegpt.launcher import Deployment, DeploymentConfig
 from exegpt.topology import Topology
 from services.worker import __main__ as worker_main

@@ -28,7 +28,7 @@ def test_up_serves_a_hub_id_from_the_local_cache_over_two_stages(tmp_path: Path)
     with torch.no_grad():
         expected = hf_model.generate(torch.tensor([PROMPT]), max_new_tokens=5, do_sample=False)
     command = [
-        sys.executable, "-m", "exegpt.cli", "up", "--model", "acme/tiny-qwen2",
+        sys.executable, "-m", "exegpt.commands.cli", "up", "--model", "acme/tiny-qwen2",
         "--pipeline-stages", "2", "--http-port", "0", "--grpc-port", "0",
         "--log-dir", str(tmp_path / "logs"),
     ]  # fmt: skip

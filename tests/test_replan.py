@@ -1,4 +1,4 @@
-"""The plan made again after calibration (exegpt/calibration_pass.py `replan`): on the tiny
+"""The plan made again after calibration (exegpt/commands/calibration_pass.py `replan`): on the tiny
 profile with hand-made timings (tests/steady_profile.py: a really measured one's automatic
 bound moves with the machine's load, and once fell so far out that the first choice met it
 even at 4x), a hand-made calibration saying decode steps take 4x the profile makes the re-plan
@@ -14,8 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from exegpt import autoplan
-from exegpt.calibration_pass import KindTotals, calibrated_copy, deployed_prediction, replan
+from exegpt.commands import autoplan
+from exegpt.commands.calibration_pass import (
+    KindTotals,
+    calibrated_copy,
+    deployed_prediction,
+    replan,
+)
 from services.scheduler.calibration import Calibration
 from services.scheduler.calibration_store import calibration_path, load_calibration
 from services.scheduler.observations import StageKind

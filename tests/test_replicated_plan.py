@@ -55,7 +55,7 @@ def test_a_plan_of_two_replicas_deploys_two_and_serves_the_same_greedy_tokens(
     plan_path = tmp_path / "plan.json"
     schedule = _write_plan(plan_path)
     command = [
-        sys.executable, "-m", "exegpt.cli", "up", "--schedule", str(plan_path),
+        sys.executable, "-m", "exegpt.commands.cli", "up", "--schedule", str(plan_path),
         "--torch-threads", "1", "--http-port", "0", "--grpc-port", "0",
         "--log-dir", str(tmp_path / "logs"),
     ]  # fmt: skip

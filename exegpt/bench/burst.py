@@ -7,9 +7,9 @@ and a drain (a static-like run whose latencies are short and whose throughput is
 schedule's). So a burst is MEASURED_BATCHES running batches of every worker replica, and also
 lasts at least `steady_s` at the predicted rate, within MIN_REQUESTS..`max_requests`.
 `benchmarks/schedules.py` uses the rule as is; `exegpt demo` with a shorter steady time and a
-lower cap (exegpt/demo.py says why).
+lower cap (exegpt/commands/demo.py says why).
 
-A calibration pass (exegpt/calibration_pass.py) prices a whole pass's steps against the
+A calibration pass (exegpt/commands/calibration_pass.py) prices a whole pass's steps against the
 profile, kind by kind, so its factors are only as steady as the window it reads: on a shared
 machine a neighbour's burst of load moves a 2-second window's factors by a third (a pass of 96
 short requests read decode x2.58 where the passes beside it read x1.67-2.04). A pass is
@@ -34,7 +34,7 @@ import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from exegpt.autoplan import AutoPlan
+    from exegpt.commands.autoplan import AutoPlan
 
 MEASURED_BATCHES = 4  # running batches per worker replica in a measured burst
 MIN_REQUESTS = 64

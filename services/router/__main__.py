@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from exegpt.cli import service_main
+from exegpt.command_line import service_main
 from exegpt.security import add_security_arguments, security_from_args
 from exegpt.serving import run_service, wait_for_shutdown_signal, write_ready_file
 from services.router.config import RouterConfig

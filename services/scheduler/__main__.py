@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from exegpt.cli import service_main
+from exegpt.command_line import service_main
 from exegpt.errors import RequestError
 from exegpt.headroom import add_headroom_argument
 from exegpt.schedule import searched_kinds

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from exegpt.cli import service_main
+from exegpt.command_line import service_main
 from exegpt.dtypes import DTYPE_CHOICES, resolve_dtype
 from exegpt.plan_file import PlanFile
 from exegpt.schedule import ScheduleKind

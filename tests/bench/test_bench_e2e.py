@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from exegpt.bench.workload_plan import PlanOptions, build_plan, parse_workload
-from exegpt.cli import main
+from exegpt.commands.cli import main
 
 NUM_REQUESTS = 6
 SEED = 11

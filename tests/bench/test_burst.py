@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from exegpt import autoplan, demo
 from exegpt.bench.burst import (
     calibration_pass_size,
     measured_burst,
     plan_calibration_pass,
     running_sequences,
 )
+from exegpt.commands import autoplan, demo
 from exegpt.schedule import Schedule, ScheduleKind
 
 

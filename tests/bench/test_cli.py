@@ -15,7 +15,7 @@ from exegpt.bench.workload_plan import (
     clamp_to_context,
     parse_workload,
 )
-from exegpt.cli import main
+from exegpt.commands.cli import main
 from tests.bench import fake_gateway
 from tests.bench.fake_gateway import FakeGateway
 

@@ -8,9 +8,9 @@ import math
 import runpy
 from pathlib import Path
 
-from exegpt import autoplan
 from exegpt.bench.against_plan import Comparison, Measured
-from exegpt.calibration_pass import DeployedPrediction
+from exegpt.commands import autoplan
+from exegpt.commands.calibration_pass import DeployedPrediction
 from exegpt.schedule import Schedule, ScheduleKind
 from services.scheduler.calibration import Calibration
 from services.scheduler.observations import StageKind

@@ -9,7 +9,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from exegpt import autoplan
+from exegpt.commands import autoplan
 from exegpt.schedule import Schedule, ScheduleKind
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"

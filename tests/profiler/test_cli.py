@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from exegpt import cli
+from exegpt.commands import cli
 from exegpt.profile.layer_profile import load_profile
 from services.profiler.measure import validate
 from services.profiler.measure.comm import MeasurementError

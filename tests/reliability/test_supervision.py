@@ -43,7 +43,7 @@ class Launcher:
 @contextmanager
 def launched(tmp_path: Path, *extra: str, replicas: int = 2) -> Iterator[Launcher]:
     command = [
-        sys.executable, "-m", "exegpt.cli", "up", "--replicas", str(replicas),
+        sys.executable, "-m", "exegpt.commands.cli", "up", "--replicas", str(replicas),
         "--torch-threads", "1", "--http-port", "0", "--grpc-port", "0",
         "--log-dir", str(tmp_path), *extra,
     ]  # fmt: skip

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from exegpt.cli import main
+from exegpt.commands.cli import main
 from exegpt.headroom import DEFAULT_LATENCY_HEADROOM, planning_bound_s
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.problem import PlanProblem
@@ -158,7 +158,7 @@ async def _first_latency(config: SchedulerConfig) -> float:
 def test_up_plan_chooses_within_the_headroom_and_says_so(
     steady_tiny_profile: Path, tmp_path: Path
 ) -> None:
-    from exegpt import autoplan
+    from exegpt.commands import autoplan
 
     request = autoplan.PlanRequest(
         workload="task:S", length_scale=0.25, latency_headroom=0.2, threads=1, profile_dir=tmp_path

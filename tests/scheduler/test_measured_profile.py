@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from exegpt.cli import main
+from exegpt.commands.cli import main
 from exegpt.dtypes import detect_and_choose
 from exegpt.models.prepack import linear_kernel
 from exegpt.profile.format import write_profile

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from exegpt.cli import main
+from exegpt.commands.cli import main
 
 PROFILE = "analytic:cpu"  # the default tiny T5 on a CPU worker
 BASE = ["plan", "--profile", PROFILE, "--workload", "task:S", "--gpus", "2"]

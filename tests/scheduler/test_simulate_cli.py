@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from exegpt.cli import main
+from exegpt.commands.cli import main
 from exegpt.profile.format import ServingData, read_profile, write_profile
 
 CONTINUOUS = "continuous:encode_batch_size=8,decode_batch_size=8"

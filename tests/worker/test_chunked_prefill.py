@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from exegpt import cli
+from exegpt.commands import cli
 from exegpt.generation import SamplingParams
 from exegpt.models.kv_cache import KVCachePool, KVCacheSpec
 from exegpt.models.loader import LoadedModel, load_model

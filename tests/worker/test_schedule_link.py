@@ -103,8 +103,8 @@ def http_json(url: str) -> dict:
 def exegpt_up(log_dir: Path, scheduler: str) -> Iterator[tuple[str, str]]:
     """`exegpt up --scheduler` with one replica: (worker address, gateway URL)."""
     command = [
-        sys.executable, "-m", "exegpt.cli", "up", "--replicas", "1", "--torch-threads", "1",
-        "--http-port", "0", "--grpc-port", "0", "--log-dir", str(log_dir),
+        sys.executable, "-m", "exegpt.commands.cli", "up", "--replicas", "1",
+        "--torch-threads", "1", "--http-port", "0", "--grpc-port", "0", "--log-dir", str(log_dir),
         "--scheduler", scheduler,
     ]  # fmt: skip
     launcher = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exegpt.cli import service_main
+from exegpt.command_line import service_main
 from exegpt.security import SecurityConfig, add_security_arguments, security_from_args
 from exegpt.serving import run_service, start_grpc_server, write_ready_file
 

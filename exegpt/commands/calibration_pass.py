@@ -37,7 +37,7 @@ from exegpt.cost_model import at_rows
 from exegpt.v1 import worker_pb2, worker_pb2_grpc
 
 if TYPE_CHECKING:  # the scheduler's library is imported where it is used, as autoplan.py does
-    from exegpt.autoplan import AutoPlan, PlanRequest
+    from exegpt.commands.autoplan import AutoPlan, PlanRequest
     from exegpt.launcher import Deployment
     from services.scheduler.calibration import Calibration
     from services.scheduler.observations import StageKind
@@ -193,7 +193,7 @@ def replan(request: PlanRequest, calibrated: Path, bound_s: float, out_dir: Path
     """The plan for `request` at `bound_s`, made again from `calibrated`: a copy of the profile
     with its calibration stored beside it (`calibrated_copy`), which the one problem builder
     reads as `exegpt plan` does. ValueError when no schedule meets the bound there."""
-    from exegpt import autoplan
+    from exegpt.commands import autoplan
 
     request = replace(request, latency_bound=repr(bound_s), profile=calibrated)
     return autoplan.make_plan(request, calibrated, out_dir)

@@ -182,7 +182,7 @@ def profile_command(request: PlanRequest, out: Path) -> list[str]:
         for flag, value in AUTO_GRID.items():
             grid += [f"--{flag.replace('_', '-')}", value]
     return [
-        sys.executable, "-m", "exegpt.cli", "profile", "--model", request.model,
+        sys.executable, "-m", "exegpt.commands.cli", "profile", "--model", request.model,
         "--device", request.device, "--dtype", request.dtype, "--tp", "1",
         "--threads", str(request.threads), *grid, "--serving", "--out", str(out),
     ]  # fmt: skip

@@ -1,8 +1,9 @@
 """`exegpt up`: the command line of a local deployment (exegpt/launcher.py runs it).
 
-Its flags become one `DeploymentConfig`; `--plan` first profiles and plans (exegpt/autoplan.py),
-`--schedule` deploys a plan file. It prints one `exegpt ready` line with the endpoints and
-keeps every child running until Ctrl-C or SIGTERM, or until one of them crash-loops.
+Its flags become one `DeploymentConfig`; `--plan` first profiles and plans
+(exegpt/commands/autoplan.py), `--schedule` deploys a plan file. It prints one `exegpt ready`
+line with the endpoints and keeps every child running until Ctrl-C or SIGTERM, or until one of
+them crash-loops.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import sys
 import threading
 from pathlib import Path
 
-from exegpt import autoplan
 from exegpt.chunk_budgets import DEFAULT_LONG_OUTPUT_MIN_TOKENS
+from exegpt.commands import autoplan
 from exegpt.dtypes import DTYPE_CHOICES
 from exegpt.launcher import Deployment, DeploymentConfig, LaunchError, RestartPolicy
 from exegpt.plan_file import PlanFile

@@ -8,10 +8,10 @@ heavy imports (torch, grpc) happen only when that command runs.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from collections.abc import Callable
 from types import ModuleType
+
+from exegpt.command_line import DefaultsHelpFormatter, configure_logging
 
 
 def load_command(name: str) -> ModuleType:
@@ -19,9 +19,9 @@ def load_command(name: str) -> ModuleType:
     that `exegpt --help` does not pay for torch or grpc."""
     match name:
         case "demo":
-            from exegpt import demo as module
+            from exegpt.commands import demo as module
         case "up":
-            from exegpt import up as module
+            from exegpt.commands import up as module
         case "worker":
             from services.worker import __main__ as module
         case "stage":
@@ -61,45 +61,11 @@ COMMANDS: dict[str, str] = {
 }
 
 
-class _DefaultsHelpFormatter(argparse.HelpFormatter):
-    """Append each option's default to its help, unless it has none worth showing."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        shown = not any(action.default is hidden for hidden in (None, False, argparse.SUPPRESS))
-        if action.option_strings and shown and "default" not in text.lower():
-            text = f"{text} (default: %(default)s)".strip()
-        return text
-
-
 def _top_level_help() -> str:
     lines = ["usage: exegpt COMMAND [options]", "", "commands:"]
     lines += [f"  {name:<10} {summary}" for name, summary in COMMANDS.items()]
     lines += ["", "Run `exegpt COMMAND --help` for a command's options."]
     return "\n".join(lines)
-
-
-def _configure_logging(args: argparse.Namespace) -> None:
-    logging.basicConfig(
-        level=getattr(args, "log_level", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-def service_main(
-    prog: str,
-    description: str,
-    add_arguments: Callable[[argparse.ArgumentParser], None],
-    run: Callable[[argparse.Namespace], int],
-) -> int:
-    """`python -m services.NAME`: the same options and behaviour as `exegpt NAME`."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=_DefaultsHelpFormatter
-    )
-    add_arguments(parser)
-    args = parser.parse_args()
-    _configure_logging(args)
-    return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=f"exegpt {name}",
         description=COMMANDS[name],
-        formatter_class=_DefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    _configure_logging(args)
+    configure_logging(args)
     return int(module.run(args) or 0)
 
 

@@ -6,7 +6,7 @@ schedule (router + worker + stage processes) and sends a few requests through th
 and the OpenAI-compatible HTTP gateway (plain and streaming). Then it closes the loop:
 
 1. observe: a warm-up and a calibration burst, whose engine clock (GetStats step totals)
-   calibrates a copy of the profile kind by kind (exegpt/calibration_pass.py);
+   calibrates a copy of the profile kind by kind (exegpt/commands/calibration_pass.py);
 2. re-plan: the same bound planned again from the calibrated copy;
 3. apply: a changed schedule is deployed in place of the first one (this demo runs no
    scheduler service to push it live: a new deployment; an unchanged one keeps serving);
@@ -29,7 +29,6 @@ from pathlib import Path
 
 import grpc
 
-from exegpt import autoplan, calibration_pass
 from exegpt.bench import against_plan
 from exegpt.bench.burst import (
     MIN_CALIBRATION_REQUESTS,
@@ -37,6 +36,7 @@ from exegpt.bench.burst import (
     plan_calibration_pass,
     running_sequences,
 )
+from exegpt.commands import autoplan, calibration_pass
 from exegpt.launcher import Deployment, DeploymentConfig
 from exegpt.schedule_proto import schedule_from_proto
 from exegpt.sdk import Client

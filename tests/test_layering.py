@@ -1,0 +1,131 @@
+"""The layering of the packages, read from the source (every import, those inside functions
+too): services import the `exegpt` library and never each other; the library imports no
+service; only `exegpt/commands/` (the `exegpt` command line and the orchestration that starts
+and drives services) imports both, and neither the library nor a service imports it."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = "exegpt.commands"
+
+
+@dataclass(frozen=True)
+class Import:
+    """One imported module, where it is imported and whether only a type checker runs it."""
+
+    path: str  # relative to the repository root
+    line: int
+    module: str
+    type_only: bool
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imported_modules(node: ast.Import | ast.ImportFrom) -> list[str]:
+    """`from services import worker` imports `services.worker`: a name taken from a
+    top-level package counts as its subpackage (a name that is not one changes no rule)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if node.level or not node.module:  # relative imports: none in this tree
+        return []
+    if node.module in ("services", "exegpt"):
+        return [f"{node.module}.{alias.name}" for alias in node.names]
+    return [node.module]
+
+
+def _imports_of(tree: ast.AST, path: str, type_only: bool = False) -> list[Import]:
+    found: list[Import] = []
+    for child in ast.iter_child_nodes(tree):
+        if isinstance(child, ast.Import | ast.ImportFrom):
+            found += [Import(path, child.lineno, m, type_only) for m in _imported_modules(child)]
+        if isinstance(child, ast.If) and _is_type_checking(child.test):
+            found += _imports_of(ast.Module(body=child.body, type_ignores=[]), path, True)
+            found += _imports_of(ast.Module(body=child.orelse, type_ignores=[]), path, type_only)
+        else:
+            found += _imports_of(child, path, type_only)
+    return found
+
+
+def source_imports(package: str) -> list[Import]:
+    """Every import in every module under `package/` (a top-level folder of the repo)."""
+    found: list[Import] = []
+    for file in sorted((ROOT / package).rglob("*.py")):
+        path = file.relative_to(ROOT).as_posix()
+        found += _imports_of(ast.parse(file.read_text(), filename=path), path)
+    return found
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def _dotted(path: str) -> str:
+    return path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+
+
+def violation(found: Import) -> str | None:
+    """Why `found` breaks the layering, or None when it keeps it."""
+    where = _dotted(found.path)
+    if _within(where, "services"):
+        service = ".".join(where.split(".")[:2])
+        if found.module.startswith("services.") and not _within(found.module, service):
+            return f"the service {service} imports another service; share it via exegpt/"
+        if _within(found.module, COMMANDS):
+            return f"the service {service} imports the orchestration package {COMMANDS}"
+    elif _within(where, "exegpt") and not _within(where, COMMANDS):
+        if _within(found.module, "services"):
+            return f"the library imports a service; only {COMMANDS} may"
+        if _within(found.module, COMMANDS) and not found.type_only:
+            return f"the library imports the orchestration package {COMMANDS} at run time"
+    return None
+
+
+def layering_violations(imports: list[Import]) -> list[str]:
+    return [
+        f"{found.path}:{found.line}: import of {found.module}: {reason}"
+        for found in imports
+        if (reason := violation(found)) is not None
+    ]
+
+
+def test_the_source_keeps_the_layering() -> None:
+    imports = source_imports("exegpt") + source_imports("services")
+    assert {i.path.split("/")[0] for i in imports} == {"exegpt", "services"}  # the walk found both
+    violations = layering_violations(imports)
+    assert not violations, "imports that break the layering:\n" + "\n".join(violations)
+
+
+@pytest.mark.parametrize(
+    ("source", "path", "broken"),
+    [
+        ("from services.worker import engine", "services/router/x.py", True),
+        ("def f():\n    import services.scheduler.search.plan", "services/worker/x.py", True),
+        ("from services import profiler", "services/scheduler/x.py", True),
+        ("from services.worker.modes import rra", "services/worker/stage/x.py", False),
+        ("from exegpt.commands import launcher", "services/router/x.py", True),
+        ("def f():\n    from services.scheduler import plan_cli", "exegpt/x.py", True),
+        ("from services.scheduler import plan_cli", "exegpt/commands/x.py", False),
+        ("from exegpt.commands.autoplan import AutoPlan", "exegpt/bench/x.py", True),
+        ("if TYPE_CHECKING:\n    from exegpt.commands import autoplan", "exegpt/x.py", False),
+        ("if TYPE_CHECKING:\n    from services.worker import engine", "exegpt/x.py", True),
+        ("from exegpt.schedule import Schedule", "services/router/x.py", False),
+    ],
+)
+def test_a_broken_rule_names_the_file_the_line_and_the_import(
+    source: str, path: str, broken: bool
+) -> None:
+    imports = _imports_of(ast.parse(source), path)
+    violations = layering_violations(imports)
+    assert bool(violations) == broken, violations
+    for message in violations:
+        assert message.startswith(f"{path}:") and imports[-1].module in message
