@@ -49,10 +49,12 @@ class Run:
     router_policy: str
     max_tokens_per_step: int | None = None  # chunked prefill; None: off
     long_output_tokens_per_step: int | None = None  # its budget for long outputs; None: off
+    backfill: bool = True  # memory_aware's (`+nobackfill`: --no-backfill)
 
     @property
     def name(self) -> str:
-        return f"{self.engine_policy}+{self.router_policy}{self.chunk_label}"
+        plain = "" if self.backfill else "+nobackfill"
+        return f"{self.engine_policy}+{self.router_policy}{self.chunk_label}{plain}"
 
     @property
     def chunk_label(self) -> str:
@@ -64,11 +66,14 @@ class Run:
 
     @classmethod
     def parse(cls, combo: str) -> Run:
-        """`engine+router`, `engine+router+chunkN` or `engine+router+chunkN-M`."""
-        engine, router, *chunk = combo.split("+")
+        """`engine+router`, then optionally `+chunkN` or `+chunkN-M`, then `+nobackfill`."""
+        engine, router, *rest = combo.split("+")
+        backfill = "nobackfill" not in rest
+        chunk = [part for part in rest if part != "nobackfill"]
         if not chunk:
-            return cls(engine, router)
-        return cls(engine, router, *chunk_budgets(chunk[0].removeprefix("chunk")))
+            return cls(engine, router, backfill=backfill)
+        fixed, long = chunk_budgets(chunk[0].removeprefix("chunk"))
+        return cls(engine, router, fixed, long, backfill)
 
 
 def chunk_budgets(text: str) -> tuple[int | None, int | None]:
@@ -103,6 +108,7 @@ def deployment_config(run: Run, setup: Setup) -> DeploymentConfig:
         max_tokens_per_step=run.max_tokens_per_step,
         long_output_tokens_per_step=run.long_output_tokens_per_step,
         torch_threads=setup.torch_threads,
+        extra_worker_args=() if run.backfill else ("--no-backfill",),
         extra_router_args=(f"--policy={run.router_policy}",),
     )
 

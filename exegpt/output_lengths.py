@@ -113,3 +113,24 @@ def predicted_peak_blocks(
         )
         peak = max(peak, held)
     return peak
+
+
+def predicted_start_step(
+    sequences: Iterable[tuple[int, int, int]],
+    head: tuple[int, int, int],
+    budget_blocks: int,
+    blocks_at: Callable[[int, int], int],
+) -> int:
+    """The first step from now at which `head` (prompt, generated, predicted left, as in
+    `predicted_peak_blocks`) is predicted to fit beside the sequences still running: the
+    first of the moments they finish (a sequence with `left` tokens to come holds its blocks
+    through step `left`, and from step T on the others hold those of their tokens + T) at
+    which the predicted peak of the rest and the head is within `budget_blocks`. The last
+    finish when nothing fits before (the head alone then)."""
+    sequences = list(sequences)
+    moments = sorted({0, *(left for _, _, left in sequences)})
+    for start in moments:
+        rest = [(p, g + start, left - start) for p, g, left in sequences if left > start]
+        if predicted_peak_blocks([*rest, head], blocks_at) <= budget_blocks:
+            return start
+    return moments[-1]

@@ -146,6 +146,13 @@ def _add_policy_arguments(parser: argparse.ArgumentParser, policy: PolicyConfig)
         "to reach",
     )
     parser.add_argument(
+        "--no-backfill",
+        dest="backfill",
+        action="store_false",
+        help="memory_aware: admit in strict order (default: a request may pass a head that "
+        "does not fit while it is predicted to finish by the time the head fits)",
+    )
+    parser.add_argument(
         "--max-wait-s",
         type=float,
         default=policy.max_wait_s,
@@ -180,6 +187,7 @@ def policy_from_args(args: argparse.Namespace) -> PolicyConfig:
     return PolicyConfig(
         EnginePolicy(args.engine_policy),
         length_quantile=args.length_quantile,
+        backfill=args.backfill,
         max_wait_s=args.max_wait_s,
     )
 

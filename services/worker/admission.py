@@ -83,15 +83,24 @@ class Admission:
                 self._running.append(seq)
                 admitted.append(seq)
             if self._waiting and not self._preempted and len(admitted) < limit:
+                window: int | None = None  # once one did not fit: the steps to pass it in
                 for head in self.mode.choose(list(self._waiting), limit - len(admitted)):
                     load = request_load(head)
-                    if not self._fits(load, state):
-                        break
+                    if window is None and not self._fits(load, state):
+                        window = self.policy.backfill_steps(load, state)
+                        continue
+                    if window is not None and not self._passes(load, window, state):
+                        continue
                     self._waiting.remove(head)
                     state = _with(state, load)
                     admitted.append(self._new_sequence(head))
         self.mode.on_admitted(len(admitted), view)
         return admitted
+
+    def _passes(self, load: Load, window: int, state: KvState) -> bool:
+        """Whether `load` may be admitted before a request ahead that did not fit: it fits
+        and is predicted to finish within the policy's backfill `window` (in steps)."""
+        return 0 < window and self.policy.predicted_left(load) <= window and self._fits(load, state)
 
     def _new_sequence(self, request: EngineRequest) -> Sequence:
         seq = Sequence(
