@@ -115,3 +115,14 @@ def test_a_combo_names_its_chunk_budgets() -> None:
     assert POLICY_RUNS["chunk_budgets"]("32-128") == (32, 128)
     assert POLICY_RUNS["chunk_budgets"]("64") == (64, None)
     assert POLICY_RUNS["chunk_budgets"]("off") == (None, None)
+
+
+def test_a_combo_may_turn_memory_awares_backfill_off() -> None:
+    run = POLICY_RUNS["Run"].parse("memory_aware+token_aware+chunk32-128+nobackfill")
+    assert (run.max_tokens_per_step, run.long_output_tokens_per_step, run.backfill) == (
+        32, 128, False,
+    )  # fmt: skip
+    assert run.name == "memory_aware+token_aware+chunk32-128+nobackfill"
+    plain = POLICY_RUNS["Run"].parse("memory_aware+round_robin+nobackfill")
+    assert (plain.max_tokens_per_step, plain.backfill) == (None, False)
+    assert POLICY_RUNS["Run"].parse("memory_aware+token_aware").backfill

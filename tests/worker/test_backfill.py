@@ -5,6 +5,7 @@ by then, a longer one not, and neither with backfill off."""
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from exegpt.generation import SamplingParams
 from exegpt.models.kv_cache import BlockAllocator
 from exegpt.models.loader import load_model
 from exegpt.output_lengths import predicted_start_step
+from services.worker.__main__ import add_arguments, policy_from_args
 from services.worker.config import EngineConfig
 from services.worker.policies import EnginePolicy, KvState, Load, PolicyConfig, make_policy
 from services.worker.requests import EngineRequest
@@ -84,3 +86,11 @@ def test_a_short_request_passes_a_head_that_does_not_fit(llama_config, backfill:
     else:
         assert plan is None
     assert scheduler.num_waiting() == (2 if backfill else 3)
+
+
+def test_the_worker_flag_turns_backfill_off() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--model", "m", "--engine-policy", "memory_aware"]
+    assert policy_from_args(parser.parse_args(base)).backfill
+    assert not policy_from_args(parser.parse_args([*base, "--no-backfill"])).backfill
