@@ -99,8 +99,15 @@ class Admission:
 
     def _passes(self, load: Load, window: int, state: KvState) -> bool:
         """Whether `load` may be admitted before a request ahead that did not fit: it fits
-        and is predicted to finish within the policy's backfill `window` (in steps)."""
-        return 0 < window and self.policy.predicted_left(load) <= window and self._fits(load, state)
+        and is predicted to finish within the policy's backfill `window` (in steps): its
+        predicted output tokens, one a step, the first with the prefill, plus the further
+        steps a chunked prefill takes at --max-tokens-per-step tokens a step (the fixed
+        budget: fewer when decodes share the step, more under a long-output budget)."""
+        if window <= 0:
+            return False
+        chunk = self._config.max_tokens_per_step
+        extra = 0 if chunk is None else -(-load.prompt_tokens // chunk) - 1
+        return self.policy.predicted_left(load) + extra <= window and self._fits(load, state)
 
     def _new_sequence(self, request: EngineRequest) -> Sequence:
         seq = Sequence(

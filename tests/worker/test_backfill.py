@@ -94,3 +94,31 @@ def test_the_worker_flag_turns_backfill_off() -> None:
     base = ["--model", "m", "--engine-policy", "memory_aware"]
     assert policy_from_args(parser.parse_args(base)).backfill
     assert not policy_from_args(parser.parse_args([*base, "--no-backfill"])).backfill
+
+
+@pytest.mark.parametrize("max_tokens_per_step", [None, 2])
+def test_a_chunked_prefill_counts_its_steps_against_the_window(
+    llama_config, max_tokens_per_step: int | None
+) -> None:
+    """As above, R0 runs and H waits until step 24. L2 (prompt 8, max_tokens 22) fits beside
+    R0 (11 + 8 = 19 blocks at step 22) and decodes in 22 steps: unchunked it passes H; in
+    chunks of 2 its prefill takes 3 steps more, 25 > 24, and it waits."""
+    config = EngineConfig(
+        kv_block_size_tokens=4,
+        max_tokens_per_step=max_tokens_per_step,
+        policy=PolicyConfig(EnginePolicy.MEMORY_AWARE),
+    )
+    scheduler = StepScheduler(config, llama_config, BlockAllocator(20))
+    sampling = {name: SamplingParams(max_tokens=n, ignore_eos=True) for name, n in
+                (("R0", 24), ("H", 8), ("L2", 22))}  # fmt: skip
+    prompts = {"R0": 20, "H": 44, "L2": 8}
+    for request_id in ("R0", "H", "L2"):
+        request = EngineRequest(request_id, [5] * prompts[request_id], sampling[request_id], print)
+        scheduler.enqueue(request)
+        if request_id == "R0":
+            assert scheduler.next_plan() is not None  # R0 alone, in flight from here on
+    plan = scheduler.next_plan()
+    if max_tokens_per_step is None:
+        assert plan is not None and [len(t) for t in plan.token_ids] == [8]  # L2 whole
+    else:
+        assert plan is None
