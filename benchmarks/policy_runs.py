@@ -49,12 +49,11 @@ class Run:
     router_policy: str
     max_tokens_per_step: int | None = None  # chunked prefill; None: off
     long_output_tokens_per_step: int | None = None  # its budget for long outputs; None: off
-    backfill: bool = True  # memory_aware's (`+nobackfill`: --no-backfill)
+    backfill: bool = False  # memory_aware's (`+backfill`: --backfill)
 
     @property
     def name(self) -> str:
-        plain = "" if self.backfill else "+nobackfill"
-        return f"{self.engine_policy}+{self.router_policy}{self.chunk_label}{plain}"
+        return f"{self.engine_policy}+{self.router_policy}{self.chunk_label}{self.backfill_label}"
 
     @property
     def chunk_label(self) -> str:
@@ -64,12 +63,17 @@ class Run:
         long = f"-{self.long_output_tokens_per_step}" if self.long_output_tokens_per_step else ""
         return f"+chunk{self.max_tokens_per_step}{long}"
 
+    @property
+    def backfill_label(self) -> str:
+        """`+backfill` (memory_aware's --backfill) or nothing."""
+        return "+backfill" if self.backfill else ""
+
     @classmethod
     def parse(cls, combo: str) -> Run:
-        """`engine+router`, then optionally `+chunkN` or `+chunkN-M`, then `+nobackfill`."""
+        """`engine+router`, then optionally `+chunkN` or `+chunkN-M`, then `+backfill`."""
         engine, router, *rest = combo.split("+")
-        backfill = "nobackfill" not in rest
-        chunk = [part for part in rest if part != "nobackfill"]
+        backfill = "backfill" in rest
+        chunk = [part for part in rest if part != "backfill"]
         if not chunk:
             return cls(engine, router, backfill=backfill)
         fixed, long = chunk_budgets(chunk[0].removeprefix("chunk"))
@@ -108,7 +112,7 @@ def deployment_config(run: Run, setup: Setup) -> DeploymentConfig:
         max_tokens_per_step=run.max_tokens_per_step,
         long_output_tokens_per_step=run.long_output_tokens_per_step,
         torch_threads=setup.torch_threads,
-        extra_worker_args=() if run.backfill else ("--no-backfill",),
+        extra_worker_args=("--backfill",) if run.backfill else (),
         extra_router_args=(f"--policy={run.router_policy}",),
     )
 

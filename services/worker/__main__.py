@@ -146,11 +146,10 @@ def _add_policy_arguments(parser: argparse.ArgumentParser, policy: PolicyConfig)
         "to reach",
     )
     parser.add_argument(
-        "--no-backfill",
-        dest="backfill",
-        action="store_false",
-        help="memory_aware: admit in strict order (default: a request may pass a head that "
-        "does not fit while it is predicted to finish by the time the head fits)",
+        "--backfill",
+        action="store_true",
+        help="memory_aware: a request may pass one ahead that does not fit while it is "
+        "predicted to finish by the time that one fits (default: strict order)",
     )
     parser.add_argument(
         "--max-wait-s",

@@ -43,10 +43,10 @@ def test_only_memory_aware_with_backfill_lets_requests_pass_a_blocked_head() -> 
     running = (Load(32, 4, 12, seq_id=0),)  # no lengths seen: predicted to reach max_tokens
     state = KvState(23, 23 - 9, running, _blocks_at)  # watermark 1: budget 22
     head = Load(40, 0, 8)  # 12 blocks beside the running one's 11 at step 8: from step 8 on
-    aware = make_policy(PolicyConfig(EnginePolicy.MEMORY_AWARE))
+    aware = make_policy(PolicyConfig(EnginePolicy.MEMORY_AWARE, backfill=True))
     assert not aware.can_admit(head, state)
     assert aware.backfill_steps(head, state) == 8
-    strict = make_policy(PolicyConfig(EnginePolicy.MEMORY_AWARE, backfill=False))
+    strict = make_policy(PolicyConfig(EnginePolicy.MEMORY_AWARE))  # off by default
     assert strict.backfill_steps(head, state) == 0
     assert make_policy(PolicyConfig(EnginePolicy.FCFS)).backfill_steps(head, state) == 0
 
@@ -88,12 +88,12 @@ def test_a_short_request_passes_a_head_that_does_not_fit(llama_config, backfill:
     assert scheduler.num_waiting() == (2 if backfill else 3)
 
 
-def test_the_worker_flag_turns_backfill_off() -> None:
+def test_the_worker_flag_turns_backfill_on() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     base = ["--model", "m", "--engine-policy", "memory_aware"]
-    assert policy_from_args(parser.parse_args(base)).backfill
-    assert not policy_from_args(parser.parse_args([*base, "--no-backfill"])).backfill
+    assert not policy_from_args(parser.parse_args(base)).backfill
+    assert policy_from_args(parser.parse_args([*base, "--backfill"])).backfill
 
 
 @pytest.mark.parametrize("max_tokens_per_step", [None, 2])
@@ -106,7 +106,7 @@ def test_a_chunked_prefill_counts_its_steps_against_the_window(
     config = EngineConfig(
         kv_block_size_tokens=4,
         max_tokens_per_step=max_tokens_per_step,
-        policy=PolicyConfig(EnginePolicy.MEMORY_AWARE),
+        policy=PolicyConfig(EnginePolicy.MEMORY_AWARE, backfill=True),
     )
     scheduler = StepScheduler(config, llama_config, BlockAllocator(20))
     sampling = {name: SamplingParams(max_tokens=n, ignore_eos=True) for name, n in

@@ -14,9 +14,10 @@ the same rules:
 - A decode that finds no free block preempts the newest running sequence (itself, when it
   is the newest) by recompute: its blocks are freed, it waits at the head of the queue with
   its tokens, and its prompt + tokens are prefilled again when it is readmitted.
-- memory_aware backfills (unless `backfill=False`): when the head of the waiting queue does
-  not fit, a request behind it that fits is admitted if its predicted output ends by the step
-  the head is predicted to fit (exegpt/output_lengths.predicted_start_step).
+- memory_aware with `backfill=True` (off by default, as in the engine): when the head of the
+  waiting queue does not fit, a request behind it that fits is admitted if its predicted
+  output ends by the step the head is predicted to fit
+  (exegpt/output_lengths.predicted_start_step).
 
 It predicts counts (preemptions, recomputed tokens, steps), not times.
 """
@@ -70,7 +71,7 @@ class _Engine:
     max_batch_size: int
     length_quantile: float
     lengths: OutputLengthModel
-    backfill: bool = True
+    backfill: bool = False
     free: int = 0
     running: list[_Seq] = field(default_factory=list)
     preempted: list[_Seq] = field(default_factory=list)
@@ -183,7 +184,7 @@ def simulate_kv_policy(
     max_batch_size: int = 64,
     length_quantile: float = 0.95,
     min_samples: int = 8,
-    backfill: bool = True,
+    backfill: bool = False,
 ) -> KvPolicyResult:
     """Run `requests` (in arrival order) under `policy` with a cache of `num_blocks`."""
     if policy not in KV_POLICIES:

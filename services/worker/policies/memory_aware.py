@@ -8,7 +8,7 @@ so the peak is taken over the moments each one is predicted to finish: at the t-
 now every sequence still running holds the blocks of its tokens so far plus t.
 Preemptions become rare, while the cache is used better than by a worst-case reservation.
 
-Backfill (PolicyConfig.backfill, worker --no-backfill to turn it off): when the request at
+Backfill (PolicyConfig.backfill, worker --backfill; off by default): when the request at
 the head of the queue does not fit, a request behind it is admitted if it fits now and is
 predicted to finish (its predicted output, from the same quantile) by the step at which the
 head is predicted to fit (`predicted_start_step`: the first moment the running sequences'
