@@ -5,12 +5,13 @@ chunked-prefill budget, side by side in one run.
     python benchmarks/chunk_budget.py --trace-dir ../shared/traces --trace code --rate 5
 
 For each budget (`off`: whole prompts; `N-M`: N, and M while every decode expects a long
-output, services/worker/chunked.py) it prints TTFT p50/p99 and TPOT p50/p99 as the
-engine's own token times give them (TPOT as the bench defines it: (last token - first) /
-(tokens - 1) per request), TPOT p99 / p50, the p99 of each request's longest gap between two
-tokens, every step kind's mean, p99 and max time, and the same of the requests' queue time
-(arrival to admission), and the engine's busy seconds (its clock: forwards and host work
-while it had work; the same requests, so less is cheaper serving). A request with few output
+output, services/worker/chunked.py; a `+backfill` suffix runs memory_aware with --backfill)
+it prints TTFT p50/p99 and TPOT p50/p99 as the engine's own token times give them (TPOT
+as the bench defines it: (last token - first) / (tokens - 1) per request), TPOT p99 / p50,
+the p99 of each request's longest gap between two tokens, every step kind's mean, p99 and
+max time, and the same of the requests' queue time (arrival to admission), and the engine's
+busy seconds (its clock: forwards and host work while it had work; the same requests, so
+less is cheaper serving). A request with few output
 tokens has a TPOT of one or two gaps: the step after its first token is what it sees, so the
 ratio of a step that carries a chunk to a decode step bounds its TPOT against the median's.
 --repeats R runs the budgets R times, interleaved, so that a shared machine's noise falls on
@@ -123,7 +124,9 @@ def main() -> int:
     parser.add_argument("--trace-dir", type=Path, required=True, help="holds the Azure CSVs")
     parser.add_argument("--trace", choices=sorted(TRACES), default="conv")
     parser.add_argument(
-        "--budgets", default="off,256,64", help="tokens a step (N, or N-M: long outputs M) or off"
+        "--budgets",
+        default="off,256,64",
+        help="tokens a step (N, or N-M: long outputs M) or off, each optionally +backfill",
     )
     parser.add_argument("--rate", type=float, default=10.0, help="Poisson arrivals a second")
     parser.add_argument("--requests", type=int, default=80)
@@ -152,13 +155,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         loaded = load_model(str(build_tiny_llama(Path(tmp) / "tiny-llama")))
         for budget in args.budgets.split(",") * args.repeats:  # interleaved: same noise
-            fixed, long = chunk_budgets(budget)  # N, N-M (a long-output budget M) or off
+            chunks, _, extra = budget.partition("+")  # `+backfill`: memory_aware's --backfill
+            fixed, long = chunk_budgets(chunks)  # N, N-M (a long-output budget M) or off
             config = EngineConfig(
                 max_batch_size=args.max_batch_size,
                 kv_capacity_bytes=int(args.kv_cache_mb * 2**20),
                 max_tokens_per_step=fixed,
                 long_output_tokens_per_step=long,
-                policy=PolicyConfig(EnginePolicy(args.engine_policy)),
+                policy=PolicyConfig(EnginePolicy(args.engine_policy), backfill=extra == "backfill"),
             )
             times, steps = replay(loaded, config, rows, gaps_s)
             print(report(budget, times, steps), flush=True)

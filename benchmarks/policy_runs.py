@@ -49,10 +49,11 @@ class Run:
     router_policy: str
     max_tokens_per_step: int | None = None  # chunked prefill; None: off
     long_output_tokens_per_step: int | None = None  # its budget for long outputs; None: off
+    backfill: bool = False  # memory_aware's (`+backfill`: --backfill)
 
     @property
     def name(self) -> str:
-        return f"{self.engine_policy}+{self.router_policy}{self.chunk_label}"
+        return f"{self.engine_policy}+{self.router_policy}{self.chunk_label}{self.backfill_label}"
 
     @property
     def chunk_label(self) -> str:
@@ -62,13 +63,21 @@ class Run:
         long = f"-{self.long_output_tokens_per_step}" if self.long_output_tokens_per_step else ""
         return f"+chunk{self.max_tokens_per_step}{long}"
 
+    @property
+    def backfill_label(self) -> str:
+        """`+backfill` (memory_aware's --backfill) or nothing."""
+        return "+backfill" if self.backfill else ""
+
     @classmethod
     def parse(cls, combo: str) -> Run:
-        """`engine+router`, `engine+router+chunkN` or `engine+router+chunkN-M`."""
-        engine, router, *chunk = combo.split("+")
+        """`engine+router`, then optionally `+chunkN` or `+chunkN-M`, then `+backfill`."""
+        engine, router, *rest = combo.split("+")
+        backfill = "backfill" in rest
+        chunk = [part for part in rest if part != "backfill"]
         if not chunk:
-            return cls(engine, router)
-        return cls(engine, router, *chunk_budgets(chunk[0].removeprefix("chunk")))
+            return cls(engine, router, backfill=backfill)
+        fixed, long = chunk_budgets(chunk[0].removeprefix("chunk"))
+        return cls(engine, router, fixed, long, backfill)
 
 
 def chunk_budgets(text: str) -> tuple[int | None, int | None]:
@@ -103,6 +112,7 @@ def deployment_config(run: Run, setup: Setup) -> DeploymentConfig:
         max_tokens_per_step=run.max_tokens_per_step,
         long_output_tokens_per_step=run.long_output_tokens_per_step,
         torch_threads=setup.torch_threads,
+        extra_worker_args=("--backfill",) if run.backfill else (),
         extra_router_args=(f"--policy={run.router_policy}",),
     )
 

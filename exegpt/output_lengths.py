@@ -5,13 +5,18 @@ work), conditioned on the tokens a request has generated so far and capped by it
 
 Before anything finished the model knows nothing and predicts max_tokens (the worst case).
 Thread-safe: the engine thread learns, the stats thread reads.
+
+Reads are kept cheap because the engine makes one per decoding sequence a step (the
+long-output chunk budget) and the load push one per request: beside the sorted lengths the
+model keeps their suffix sums, updated as each length is observed (O(window), once per
+finished request), so a mean of the lengths beyond n tokens is one bisection and a
+division, and a quantile one bisection and an index: no read copies or sums the window.
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
-import itertools
 import math
 import threading
 from collections.abc import Callable, Iterable
@@ -25,9 +30,8 @@ class OutputLengthModel:
         self._min_samples = min_samples
         self._order: collections.deque[int] = collections.deque()
         self._sorted: list[int] = []
-        # Running sums of _sorted (prefix[i]: the first i lengths), rebuilt after a change,
-        # so a mean over a tail costs a bisection, not a walk of the window.
-        self._prefix: list[int] | None = None
+        # _suffix[i]: the sum of _sorted[i:] (one entry more than _sorted: _suffix[-1] == 0).
+        self._suffix: list[int] = [0]
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -36,21 +40,36 @@ class OutputLengthModel:
     def observe(self, num_output_tokens: int) -> None:
         with self._lock:
             if len(self._order) >= self._window:
-                oldest = self._order.popleft()
-                del self._sorted[bisect.bisect_left(self._sorted, oldest)]
+                self._remove(self._order.popleft())
             self._order.append(num_output_tokens)
-            bisect.insort(self._sorted, num_output_tokens)
-            self._prefix = None
+            self._insert(num_output_tokens)
+
+    def _insert(self, length: int) -> None:
+        """Insert `length` in order; every suffix sum up to its place grows by it."""
+        index = bisect.bisect_right(self._sorted, length)
+        self._sorted.insert(index, length)
+        self._suffix.insert(index + 1, self._suffix[index])
+        for i in range(index + 1):
+            self._suffix[i] += length
+
+    def _remove(self, length: int) -> None:
+        """Remove one `length`; every suffix sum up to its place shrinks by it."""
+        index = bisect.bisect_left(self._sorted, length)
+        del self._sorted[index]
+        del self._suffix[index]
+        for i in range(index):
+            self._suffix[i] -= length
 
     def quantile(self, q: float, num_generated: int, max_tokens: int) -> int:
         """The q-quantile of the total output length of a request that has generated
         `num_generated` tokens (of lengths seen beyond that), in [num_generated + 1,
         max_tokens]; max_tokens while too few such lengths were seen."""
         with self._lock:
-            tail = self._tail(num_generated)
-            if tail is None:
+            start = self._tail_start(num_generated)
+            if start is None:
                 return max_tokens
-            value = tail[min(len(tail) - 1, math.ceil(q * len(tail)) - 1)] if q > 0 else tail[0]
+            count = len(self._sorted) - start
+            value = self._sorted[start + max(0, min(count - 1, math.ceil(q * count) - 1))]
         return max(num_generated + 1, min(max_tokens, value))
 
     def expected_remaining(self, num_generated: int, max_tokens: int) -> float:
@@ -64,18 +83,16 @@ class OutputLengthModel:
         tokens (of lengths seen beyond that), capped by max_tokens; None while fewer than
         min_samples such lengths were seen (no estimate)."""
         with self._lock:
-            start = bisect.bisect_right(self._sorted, num_generated)
-            count = len(self._sorted) - start
-            if count < self._min_samples:
+            start = self._tail_start(num_generated)
+            if start is None:
                 return None
-            if self._prefix is None:
-                self._prefix = [0, *itertools.accumulate(self._sorted)]
-            return min(max_tokens, (self._prefix[-1] - self._prefix[start]) / count)
+            return min(max_tokens, self._suffix[start] / (len(self._sorted) - start))
 
-    def _tail(self, num_generated: int) -> list[int] | None:
-        """The lengths seen beyond num_generated, or None while fewer than min_samples."""
-        tail = self._sorted[bisect.bisect_right(self._sorted, num_generated) :]
-        return tail if len(tail) >= self._min_samples else None
+    def _tail_start(self, num_generated: int) -> int | None:
+        """Where the lengths seen beyond num_generated start in the sorted window, or None
+        while fewer than min_samples lie there."""
+        start = bisect.bisect_right(self._sorted, num_generated)
+        return start if len(self._sorted) - start >= self._min_samples else None
 
 
 def predicted_peak_blocks(
@@ -96,3 +113,24 @@ def predicted_peak_blocks(
         )
         peak = max(peak, held)
     return peak
+
+
+def predicted_start_step(
+    sequences: Iterable[tuple[int, int, int]],
+    head: tuple[int, int, int],
+    budget_blocks: int,
+    blocks_at: Callable[[int, int], int],
+) -> int:
+    """The first step from now at which `head` (prompt, generated, predicted left, as in
+    `predicted_peak_blocks`) is predicted to fit beside the sequences still running: the
+    first of the moments they finish (a sequence with `left` tokens to come holds its blocks
+    through step `left`, and from step T on the others hold those of their tokens + T) at
+    which the predicted peak of the rest and the head is within `budget_blocks`. The last
+    finish when nothing fits before (the head alone then)."""
+    sequences = list(sequences)
+    moments = sorted({0, *(left for _, _, left in sequences)})
+    for start in moments:
+        rest = [(p, g + start, left - start) for p, g, left in sequences if left > start]
+        if predicted_peak_blocks([*rest, head], blocks_at) <= budget_blocks:
+            return start
+    return moments[-1]

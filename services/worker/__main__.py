@@ -146,6 +146,12 @@ def _add_policy_arguments(parser: argparse.ArgumentParser, policy: PolicyConfig)
         "to reach",
     )
     parser.add_argument(
+        "--backfill",
+        action="store_true",
+        help="memory_aware: a request may pass one ahead that does not fit while it is "
+        "predicted to finish by the time that one fits (default: strict order)",
+    )
+    parser.add_argument(
         "--max-wait-s",
         type=float,
         default=policy.max_wait_s,
@@ -180,6 +186,7 @@ def policy_from_args(args: argparse.Namespace) -> PolicyConfig:
     return PolicyConfig(
         EnginePolicy(args.engine_policy),
         length_quantile=args.length_quantile,
+        backfill=args.backfill,
         max_wait_s=args.max_wait_s,
     )
 

@@ -84,15 +84,31 @@ class Admission:
                 self._running.append(seq)
                 admitted.append(seq)
             if self._waiting and not self._preempted and len(admitted) < limit:
+                window: int | None = None  # once one did not fit: the steps to pass it in
                 for head in self.mode.choose(list(self._waiting), limit - len(admitted)):
                     load = request_load(head)
-                    if not self._fits(load, state):
-                        break
+                    if window is None and not self._fits(load, state):
+                        window = self.policy.backfill_steps(load, state)
+                        continue
+                    if window is not None and not self._passes(load, window, state):
+                        continue
                     self._waiting.remove(head)
                     state = _with(state, load)
                     admitted.append(self._new_sequence(head))
         self.mode.on_admitted(len(admitted), view)
         return admitted
+
+    def _passes(self, load: Load, window: int, state: KvState) -> bool:
+        """Whether `load` may be admitted before a request ahead that did not fit: it fits
+        and is predicted to finish within the policy's backfill `window` (in steps): its
+        predicted output tokens, one a step, the first with the prefill, plus the further
+        steps a chunked prefill takes at --max-tokens-per-step tokens a step (the fixed
+        budget: fewer when decodes share the step, more under a long-output budget)."""
+        if window <= 0:
+            return False
+        chunk = self._config.max_tokens_per_step
+        extra = 0 if chunk is None else -(-load.prompt_tokens // chunk) - 1
+        return self.policy.predicted_left(load) + extra <= window and self._fits(load, state)
 
     def _new_sequence(self, request: EngineRequest) -> Sequence:
         seq = Sequence(

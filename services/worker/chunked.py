@@ -36,6 +36,7 @@ decode steps alternate.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -67,13 +68,14 @@ class ChunkBudget:
         long-output budget when there are some and every one expects at least its length,
         else max_tokens_per_step. Reads `expected_outputs` only as far as it must (lazily)."""
         long = self.long_output
-        absorbs = False
-        if long is not None:
-            for expected in expected_outputs:
-                absorbs = expected >= long.min_output_tokens
-                if not absorbs:
-                    break
-        return long.max_tokens if long is not None and absorbs else self.max_tokens
+        if long is None:
+            return self.max_tokens
+        expected = iter(expected_outputs)
+        first = next(expected, None)  # none decoding: the fixed budget
+        absorbs = first is not None and all(
+            e >= long.min_output_tokens for e in itertools.chain([first], expected)
+        )
+        return long.max_tokens if absorbs else self.max_tokens
 
     def decodes_go_in(self, num_decodes: int, prefills_wait: bool, step_max: int) -> bool:
         """Whether this step carries the ready decodes: yes, unless they left no budget to

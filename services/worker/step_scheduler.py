@@ -197,15 +197,13 @@ class StepScheduler(Admission):
         return self._chunks.plan_step(self._expected_outputs())
 
     def _expected_outputs(self) -> Iterator[float]:
-        """Lazily, each decoding sequence's expected output: one estimate per distinct
-        (tokens so far, max_tokens), as each reads the tail of the lengths seen."""
-        estimates: dict[tuple[int, int], float] = {}
+        """Lazily, each decoding sequence's expected output (each estimate is a bisection of
+        the length model's sorted window and a read of its suffix sums)."""
         for seq in self._running:
             if seq.prefilled:
-                key = (len(seq.output_token_ids), seq.request.sampling.max_tokens)
-                if key not in estimates:
-                    estimates[key] = self._expected_output(*key)
-                yield estimates[key]
+                yield self._expected_output(
+                    len(seq.output_token_ids), seq.request.sampling.max_tokens
+                )
 
     def _expected_output(self, generated: int, max_tokens: int) -> float:
         """A sequence's output tokens in all: those so far plus the expected rest. While the

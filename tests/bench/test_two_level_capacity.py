@@ -115,3 +115,14 @@ def test_a_combo_names_its_chunk_budgets() -> None:
     assert POLICY_RUNS["chunk_budgets"]("32-128") == (32, 128)
     assert POLICY_RUNS["chunk_budgets"]("64") == (64, None)
     assert POLICY_RUNS["chunk_budgets"]("off") == (None, None)
+
+
+def test_a_combo_may_turn_memory_awares_backfill_on() -> None:
+    run = POLICY_RUNS["Run"].parse("memory_aware+token_aware+chunk32-128+backfill")
+    assert (run.max_tokens_per_step, run.long_output_tokens_per_step, run.backfill) == (
+        32, 128, True,
+    )  # fmt: skip
+    assert run.name == "memory_aware+token_aware+chunk32-128+backfill"
+    plain = POLICY_RUNS["Run"].parse("memory_aware+round_robin+backfill")
+    assert (plain.max_tokens_per_step, plain.backfill) == (None, True)
+    assert not POLICY_RUNS["Run"].parse("memory_aware+token_aware").backfill

@@ -58,3 +58,21 @@ def test_bad_input_is_refused() -> None:
         simulate_kv_policy([SimRequest(200, 2, 64)], "fcfs", num_blocks=4)
     with pytest.raises(ValueError, match="output_tokens"):
         simulate_kv_policy([SimRequest(2, 9, 4)], "fcfs", num_blocks=10)
+
+
+def test_memory_aware_backfills_a_short_request_past_a_head_that_does_not_fit() -> None:
+    # Blocks of one token, 11 blocks (watermark 1: budget 10). A (prompt 2, 6 out) starts
+    # alone; H (prompt 6, 2 out) would hold 7 blocks beside A's 4 two steps on: 11 > 10, and
+    # A holds more every step, so H is predicted to fit only once A ends, 5 steps on. S
+    # (prompt 1, 4 out) fits beside A (6 + 4 = 10 at its end) and ends within those 5 steps.
+    # With backfill S runs beside A from step 0 and is done when H starts at step 6 (H ends
+    # at step 7: 8 steps); without, S waits for H and runs steps 6-9 (10 steps).
+    requests = [SimRequest(2, 6, 6), SimRequest(6, 2, 2), SimRequest(1, 4, 4)]
+    runs = {
+        backfill: simulate_kv_policy(
+            requests, "memory_aware", num_blocks=11, block_size_tokens=1, backfill=backfill
+        )
+        for backfill in (True, False)
+    }
+    assert (runs[True].num_steps, runs[False].num_steps) == (8, 10)
+    assert runs[True].num_preemptions == runs[False].num_preemptions == 0

@@ -1,8 +1,7 @@
 """The chunk budget on synthetic sequences (chunked.py): while a sequence decodes, a step's
 chunks fit the budget left by its decodes; while none does, prefills go whole; the
 long-output budget holds while every decoding sequence expects a long output. And in the
-real step scheduler: a chunk retried alone gets its own step's budget, and each expected
-output is estimated once per distinct (tokens so far, max_tokens) in a step."""
+real step scheduler: a chunk retried alone gets its own step's budget."""
 
 from __future__ import annotations
 
@@ -11,7 +10,6 @@ import pytest
 from exegpt.generation import SamplingParams
 from exegpt.models.kv_cache import KVCachePool, KVCacheSpec
 from exegpt.models.loader import load_model
-from exegpt.output_lengths import OutputLengthModel
 from services.worker.chunked import ChunkBudget, LongOutputBudget
 from services.worker.config import EngineConfig
 from services.worker.executor.local import LocalExecutor
@@ -113,18 +111,6 @@ def test_the_expected_outputs_are_read_only_as_far_as_the_choice_needs() -> None
     assert read == [40.0, 3.0]  # the first short one decides
 
 
-class _CountingLengths(OutputLengthModel):
-    """The real length model, counting its estimates of an expected output."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.estimates = 0
-
-    def expected_total(self, num_generated: int, max_tokens: int) -> float | None:
-        self.estimates += 1
-        return super().expected_total(num_generated, max_tokens)
-
-
 @pytest.fixture(scope="module")
 def llama_scheduler(four_layer_models):
     """A fresh real scheduler over the real in-process model, with budgets 8 and 16 (the
@@ -183,13 +169,3 @@ def test_a_chunk_retried_alone_gets_its_own_steps_budget(llama_scheduler) -> Non
     retried = [scheduler.next_plan() for _ in range(3)]  # each row alone, none run yet
     chunk = [p for p in retried if p is not None and p.kind is StepKind.CHUNK]
     assert [len(p.token_ids[0]) for p in chunk] == [8]  # the fixed budget, not 16
-
-
-def test_each_distinct_expected_output_is_estimated_once_a_step(llama_scheduler) -> None:
-    scheduler, executor = llama_scheduler()
-    lengths = _CountingLengths()
-    for _ in range(8):
-        lengths.observe(40)
-    scheduler.lengths = lengths
-    _start(scheduler, executor, 3)  # 3 decodes, each 1 token so far and 20 max_tokens
-    assert lengths.estimates == 1

@@ -14,6 +14,10 @@ the same rules:
 - A decode that finds no free block preempts the newest running sequence (itself, when it
   is the newest) by recompute: its blocks are freed, it waits at the head of the queue with
   its tokens, and its prompt + tokens are prefilled again when it is readmitted.
+- memory_aware with `backfill=True` (off by default, as in the engine): when the head of the
+  waiting queue does not fit, a request behind it that fits is admitted if its predicted
+  output ends by the step the head is predicted to fit
+  (exegpt/output_lengths.predicted_start_step).
 
 It predicts counts (preemptions, recomputed tokens, steps), not times.
 """
@@ -25,7 +29,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from exegpt.models.kv_cache import blocks_for
-from exegpt.output_lengths import OutputLengthModel, predicted_peak_blocks
+from exegpt.output_lengths import (
+    OutputLengthModel,
+    predicted_peak_blocks,
+    predicted_start_step,
+)
 
 KV_POLICIES = ("fcfs", "memory_aware")
 
@@ -63,6 +71,7 @@ class _Engine:
     max_batch_size: int
     length_quantile: float
     lengths: OutputLengthModel
+    backfill: bool = False
     free: int = 0
     running: list[_Seq] = field(default_factory=list)
     preempted: list[_Seq] = field(default_factory=list)
@@ -107,10 +116,33 @@ class _Engine:
             seq = queue.pop(0)
             if resumed:
                 self.num_recomputed_tokens += seq.request.prompt_tokens + seq.generated
-            self._grow(seq, seq.generated + 1)  # the prefill samples the next token
-            self.running.append(seq)
-            admitted.append(seq)
+            self._start(seq, admitted)
+        if waiting and not self.preempted and len(self.running) < self.max_batch_size:
+            self._backfill(waiting, admitted)  # the head does not fit
         return admitted
+
+    def _start(self, seq: _Seq, admitted: list[_Seq]) -> None:
+        self._grow(seq, seq.generated + 1)  # the prefill samples the next token
+        self.running.append(seq)
+        admitted.append(seq)
+
+    def _backfill(self, waiting: list[_Seq], admitted: list[_Seq]) -> None:
+        """memory_aware's backfill: admit the requests behind the blocked head `waiting[0]`
+        that fit and are predicted to finish by the step the head is predicted to fit."""
+        if self.policy != "memory_aware" or not self.backfill:
+            return
+        window = predicted_start_step(
+            [self._prediction(s) for s in self.running],
+            self._prediction(waiting[0]),
+            self.num_blocks - self.watermark,
+            self.blocks_at,
+        )
+        for seq in list(waiting[1:]):
+            if len(self.running) >= self.max_batch_size:
+                return
+            if self._prediction(seq)[2] <= window and self.fits(seq, self.running):
+                waiting.remove(seq)
+                self._start(seq, admitted)
 
     def decode(self, seq: _Seq) -> None:
         """One decode step of `seq`, preempting the newest sequences while blocks run out."""
@@ -152,6 +184,7 @@ def simulate_kv_policy(
     max_batch_size: int = 64,
     length_quantile: float = 0.95,
     min_samples: int = 8,
+    backfill: bool = False,
 ) -> KvPolicyResult:
     """Run `requests` (in arrival order) under `policy` with a cache of `num_blocks`."""
     if policy not in KV_POLICIES:
@@ -163,6 +196,7 @@ def simulate_kv_policy(
         max_batch_size,
         length_quantile,
         OutputLengthModel(min_samples=min_samples),
+        backfill,
         free=num_blocks,
     )
     for request in requests:

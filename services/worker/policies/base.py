@@ -72,6 +72,16 @@ class BasePolicy:
         """Whether `candidate` may be (re)admitted now."""
         return state.prefill_blocks(candidate) + state.watermark <= state.free_blocks
 
+    def backfill_steps(self, blocked: Load, state: KvState) -> int:
+        """Requests behind `blocked` (a request that does not fit now) may pass it if they
+        fit and are predicted to finish within this many steps (`predicted_left`): 0 here,
+        strict order; memory_aware's backfill."""
+        return 0
+
+    def predicted_left(self, load: Load) -> float:
+        """Output tokens `load` is predicted still to generate (the mean)."""
+        return self.lengths.expected_remaining(load.num_generated, load.max_tokens)
+
     def victim(self, candidates: Sequence[Load]) -> Load:
         """Which of the (non-empty) preemptible sequences to preempt first."""
         return max(candidates, key=lambda load: load.seq_id)

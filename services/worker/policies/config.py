@@ -18,6 +18,10 @@ class PolicyConfig:
     # memory_aware: the quantile of the observed output lengths a running request is
     # predicted to reach (conditioned on what it generated, capped by its max_tokens).
     length_quantile: float = 0.95
+    # memory_aware: admit a request past a head that does not fit while it is predicted to
+    # finish by the step the head is predicted to fit (memory_aware.py). Off by default: it
+    # measured no better than strict order within this machine's noise (README).
+    backfill: bool = False
     # sjf: a request that waited this long goes before every shorter one (aging bound).
     max_wait_s: float = 10.0
     # sjf: how much one prompt token weighs against one decode token in predicted work.

@@ -7,13 +7,21 @@ is also the prediction until enough lengths were seen). Sequences finish at diff
 so the peak is taken over the moments each one is predicted to finish: at the t-th step from
 now every sequence still running holds the blocks of its tokens so far plus t.
 Preemptions become rare, while the cache is used better than by a worst-case reservation.
+
+Backfill (PolicyConfig.backfill, worker --backfill; off by default): when the request at
+the head of the queue does not fit, a request behind it is admitted if it fits now and is
+predicted to finish (its predicted output, from the same quantile) by the step at which the
+head is predicted to fit (`predicted_start_step`: the first moment the running sequences'
+predicted finishes leave room for it). It then uses memory that would stand idle while the
+head waits, without delaying the head's start by the prediction. Without it one large
+prompt at the head holds back every smaller request behind it while memory drains.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from exegpt.output_lengths import predicted_peak_blocks
+from exegpt.output_lengths import predicted_peak_blocks, predicted_start_step
 from services.worker.policies.base import BasePolicy, KvState, Load
 
 
@@ -25,6 +33,18 @@ class MemoryAwarePolicy(BasePolicy):
             return False
         budget = state.num_blocks - state.watermark
         return self.predicted_peak([*state.admitted, candidate], state) <= budget
+
+    def backfill_steps(self, blocked: Load, state: KvState) -> int:
+        """With backfill on, the step at which the `blocked` head is predicted to fit: a
+        request behind it predicted to finish by then may pass it."""
+        if not self.config.backfill:
+            return 0
+        return predicted_start_step(
+            [self._prediction(load) for load in state.admitted],
+            self._prediction(blocked),
+            state.num_blocks - state.watermark,
+            state.blocks_at,
+        )
 
     def predicted_total(self, load: Load) -> int:
         """Output tokens `load` is predicted to end with."""
@@ -38,12 +58,9 @@ class MemoryAwarePolicy(BasePolicy):
 
     def predicted_peak(self, loads: Sequence[Load], state: KvState) -> int:
         """Most blocks the sequences are predicted to hold at once from now on."""
-        sequences = [
-            (
-                load.prompt_tokens,
-                load.num_generated,
-                self.predicted_total(load) - load.num_generated,
-            )
-            for load in loads
-        ]
+        sequences = [self._prediction(load) for load in loads]
         return predicted_peak_blocks(sequences, state.blocks_at)
+
+    def _prediction(self, load: Load) -> tuple[int, int, int]:
+        """(prompt tokens, generated, predicted left), as predicted_peak_blocks reads them."""
+        return load.prompt_tokens, load.num_generated, self.predicted_left(load)

@@ -1,0 +1,46 @@
+"""The output-length model's reads from its incremental suffix sums (exegpt/output_lengths.py):
+the mean and quantile of the lengths beyond n tokens, as the window slides, against the
+same figures computed from the window's lengths directly, and a hand-computed case."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from exegpt.output_lengths import OutputLengthModel
+
+
+def test_the_mean_beyond_n_tokens_follows_the_window_as_it_slides() -> None:
+    lengths = OutputLengthModel(window=3, min_samples=1)
+    for length in (10, 30, 20):
+        lengths.observe(length)
+    assert lengths.expected_total(0, 100) == 20.0  # (10 + 30 + 20) / 3
+    assert lengths.expected_total(15, 100) == 25.0  # (30 + 20) / 2
+    lengths.observe(40)  # 10 leaves the window: 30, 20, 40
+    assert lengths.expected_total(0, 100) == 30.0
+    assert lengths.expected_total(25, 100) == 35.0  # (30 + 40) / 2
+    lengths.observe(20)  # 30 leaves: 20, 40, 20 (a repeated length)
+    assert lengths.expected_total(0, 100) == 80 / 3
+    assert lengths.expected_total(20, 100) == 40.0  # beyond 20: 40 alone
+    assert lengths.expected_total(40, 100) is None  # none beyond 40
+
+
+def test_incremental_reads_match_the_window_recomputed_on_random_lengths() -> None:
+    rng = random.Random(7)
+    window, min_samples = 50, 4
+    lengths = OutputLengthModel(window=window, min_samples=min_samples)
+    seen: list[int] = []
+    for _ in range(400):
+        length = rng.randint(1, 120)
+        lengths.observe(length)
+        seen = (seen + [length])[-window:]
+        generated = rng.randint(0, 120)
+        tail = sorted(x for x in seen if x > generated)
+        if len(tail) < min_samples:
+            assert lengths.expected_total(generated, 500) is None
+            assert lengths.quantile(0.9, generated, 500) == 500
+            continue
+        assert math.isclose(lengths.expected_total(generated, 500), sum(tail) / len(tail))
+        expected_q = tail[min(len(tail) - 1, math.ceil(0.9 * len(tail)) - 1)]
+        assert lengths.quantile(0.9, generated, 500) == expected_q
+        assert lengths.quantile(0.0, generated, 500) == max(generated + 1, tail[0])

@@ -1,0 +1,124 @@
+"""memory_aware's backfill on hand-computed cases: the step at which a blocked head is
+predicted to fit (exegpt/output_lengths.predicted_start_step), and in the real step
+scheduler, a request behind a head that does not fit admitted when it is predicted to finish
+by then, a longer one not, and neither with backfill off."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import pytest
+
+from exegpt.generation import SamplingParams
+from exegpt.models.kv_cache import BlockAllocator
+from exegpt.models.loader import load_model
+from exegpt.output_lengths import predicted_start_step
+from services.worker.__main__ import add_arguments, policy_from_args
+from services.worker.config import EngineConfig
+from services.worker.policies import EnginePolicy, KvState, Load, PolicyConfig, make_policy
+from services.worker.requests import EngineRequest
+from services.worker.step_plan import StepKind
+from services.worker.step_scheduler import StepScheduler
+
+
+def _blocks_at(prompt_tokens: int, num_generated: int) -> int:
+    return math.ceil((prompt_tokens + num_generated) / 4)
+
+
+def test_the_head_is_predicted_to_start_at_the_first_finish_that_leaves_it_room() -> None:
+    # A: 16 + 4 tokens, 4 to come (5 -> 6 blocks); B: 32 + 4, 8 to come (9 -> 11); the head
+    # H: 40 tokens, 8 to come (10 -> 12). Finishes at steps 0, 4 and 8.
+    a, b, head = (16, 4, 4), (32, 4, 8), (40, 0, 8)
+    # From step 0: at t = 4 A holds 6, B 10 and H 11 = 27. From step 4 (A done): B, advanced
+    # to 8 generated with 4 to come, holds 11 at t = 4 beside H's 11 = 22.
+    assert predicted_start_step([a, b], head, 27, _blocks_at) == 0
+    assert predicted_start_step([a, b], head, 26, _blocks_at) == 4
+    assert predicted_start_step([a, b], head, 22, _blocks_at) == 4
+    assert predicted_start_step([a, b], head, 21, _blocks_at) == 8  # H alone: 12
+    assert predicted_start_step([], head, 12, _blocks_at) == 0
+
+
+def test_only_memory_aware_with_backfill_lets_requests_pass_a_blocked_head() -> None:
+    running = (Load(32, 4, 12, seq_id=0),)  # no lengths seen: predicted to reach max_tokens
+    state = KvState(23, 23 - 9, running, _blocks_at)  # watermark 1: budget 22
+    head = Load(40, 0, 8)  # 12 blocks beside the running one's 11 at step 8: from step 8 on
+    aware = make_policy(PolicyConfig(EnginePolicy.MEMORY_AWARE, backfill=True))
+    assert not aware.can_admit(head, state)
+    assert aware.backfill_steps(head, state) == 8
+    strict = make_policy(PolicyConfig(EnginePolicy.MEMORY_AWARE))  # off by default
+    assert strict.backfill_steps(head, state) == 0
+    assert make_policy(PolicyConfig(EnginePolicy.FCFS)).backfill_steps(head, state) == 0
+
+
+@pytest.fixture(scope="module")
+def llama_config(four_layer_models):
+    return load_model(str(four_layer_models["llama-gqa"][0])).config
+
+
+@pytest.mark.parametrize("backfill", [True, False])
+def test_a_short_request_passes_a_head_that_does_not_fit(llama_config, backfill: bool) -> None:
+    """20 blocks of 4 tokens (watermark 1: budget 19); Llama holds prompt + generated - 1
+    tokens. R0 (prompt 20, max_tokens 24) runs, predicted to end with 11 blocks at step 24.
+    H (prompt 44, max_tokens 8) would hold 13 beside R0's 7 at step 8: 20 > 19, so it waits
+    until step 24. S (prompt 4, max_tokens 4) fits (peak 6 + 2 at step 4, then 11) and ends
+    by step 24: it passes. L (prompt 4, max_tokens 30) fits too (11 + 7 = 18 at step 24) but
+    would still run at step 24: it waits."""
+    config = EngineConfig(
+        kv_block_size_tokens=4,
+        policy=PolicyConfig(EnginePolicy.MEMORY_AWARE, backfill=backfill),
+    )
+    scheduler = StepScheduler(config, llama_config, BlockAllocator(20))
+
+    def enqueue(request_id: str, prompt_tokens: int, max_tokens: int) -> None:
+        sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        scheduler.enqueue(EngineRequest(request_id, [5] * prompt_tokens, sampling, print))
+
+    enqueue("R0", 20, 24)
+    first = scheduler.next_plan()
+    assert first is not None and first.kind is StepKind.PREFILL and len(first.token_ids) == 1
+    for request_id, prompt_tokens, max_tokens in (("H", 44, 8), ("S", 4, 4), ("L", 4, 30)):
+        enqueue(request_id, prompt_tokens, max_tokens)
+    plan = scheduler.next_plan()  # R0's prefill is in flight: only admissions can run
+    if backfill:
+        assert plan is not None and plan.kind is StepKind.PREFILL
+        assert [len(tokens) for tokens in plan.token_ids] == [4]  # S alone
+    else:
+        assert plan is None
+    assert scheduler.num_waiting() == (2 if backfill else 3)
+
+
+def test_the_worker_flag_turns_backfill_on() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--model", "m", "--engine-policy", "memory_aware"]
+    assert not policy_from_args(parser.parse_args(base)).backfill
+    assert policy_from_args(parser.parse_args([*base, "--backfill"])).backfill
+
+
+@pytest.mark.parametrize("max_tokens_per_step", [None, 2])
+def test_a_chunked_prefill_counts_its_steps_against_the_window(
+    llama_config, max_tokens_per_step: int | None
+) -> None:
+    """As above, R0 runs and H waits until step 24. L2 (prompt 8, max_tokens 22) fits beside
+    R0 (11 + 8 = 19 blocks at step 22) and decodes in 22 steps: unchunked it passes H; in
+    chunks of 2 its prefill takes 3 steps more, 25 > 24, and it waits."""
+    config = EngineConfig(
+        kv_block_size_tokens=4,
+        max_tokens_per_step=max_tokens_per_step,
+        policy=PolicyConfig(EnginePolicy.MEMORY_AWARE, backfill=True),
+    )
+    scheduler = StepScheduler(config, llama_config, BlockAllocator(20))
+    sampling = {name: SamplingParams(max_tokens=n, ignore_eos=True) for name, n in
+                (("R0", 24), ("H", 8), ("L2", 22))}  # fmt: skip
+    prompts = {"R0": 20, "H": 44, "L2": 8}
+    for request_id in ("R0", "H", "L2"):
+        request = EngineRequest(request_id, [5] * prompts[request_id], sampling[request_id], print)
+        scheduler.enqueue(request)
+        if request_id == "R0":
+            assert scheduler.next_plan() is not None  # R0 alone, in flight from here on
+    plan = scheduler.next_plan()
+    if max_tokens_per_step is None:
+        assert plan is not None and [len(t) for t in plan.token_ids] == [8]  # L2 whole
+    else:
+        assert plan is None
