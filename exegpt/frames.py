@@ -285,10 +285,12 @@ class _SlotLayout:
 
 # Checked layouts by their table's bytes: a sender's steps repeat the same few tables, and
 # checking one (parsing, dtypes, sizes, alignment, strides) costs more than making its views.
-# Only tables of a plain size are kept, so that a peer's odd headers cannot make the cache large.
+# Only tables of a plain size are kept (a decode step's is ~0.5 KiB; a KV hand-off's of a few
+# dozen layers ~3 KiB), so that a peer's odd headers cannot make the cache large: at most
+# 64 tables of some 700 entries each.
 _TABLES: dict[bytes, tuple[_SlotLayout, ...]] = {}
-_MAX_TABLES = 256
-_MAX_CACHED_TABLE_BYTES = 16 * 1024
+_MAX_TABLES = 64
+_MAX_CACHED_TABLE_BYTES = 4 * 1024
 
 
 def _table_layouts(table: bytes, payload_bytes: int) -> tuple[_SlotLayout, ...]:
