@@ -14,6 +14,7 @@ import pytest
 import torch
 import zmq
 
+from exegpt.frames import _MAX_TABLES, _TABLES
 from exegpt.transport import (
     FrameError,
     TensorMessage,
@@ -215,6 +216,29 @@ def test_slot_headers_keep_long_names_and_many_dims(tmp_path: Path) -> None:
             assert received.sequence == step
             assert_same_tensors(received.tensors, tensors)
         assert receiver.stats.received_shm == 2
+    finally:
+        sender.close()
+        receiver.close()
+        context.term()
+
+
+def test_slot_tables_are_remembered_within_a_bound_and_each_message_reads_its_own(
+    tmp_path: Path,
+) -> None:
+    # The receiver keeps checked tables by their bytes: many distinct ones (here, shapes) and
+    # one too large to keep must each still give their own tensors, and the cache stays small.
+    context = zmq.Context()
+    receiver = TensorSocket(context, zmq.PULL)
+    sender = TensorSocket(context, zmq.PUSH)
+    sender.connect(receiver.bind(f"shm+ipc://{tmp_path}/tables.sock"))
+    try:
+        messages = [{"x": torch.arange(n, dtype=torch.int64)} for n in range(1, 2 * _MAX_TABLES)]
+        messages.append({f"t{i}": torch.full((2,), float(i)) for i in range(300)})  # ~4.5 KiB
+        for tensors in messages:
+            sender.send(TensorMessage("step", tensors))
+            assert_same_tensors(receiver.recv(timeout_ms=5000).tensors, tensors)
+            assert len(_TABLES) <= _MAX_TABLES
+        assert receiver.stats.received_shm == len(messages)
     finally:
         sender.close()
         receiver.close()

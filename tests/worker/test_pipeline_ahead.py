@@ -45,10 +45,18 @@ def _ahead_metric(engine) -> dict[str, float]:
 @pytest.fixture()
 def builds(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """Where each decode successor was built: "submit" (inside PipelineExecutor.submit, which
-    sends the step) or "wait" (anywhere else: the wait for results)."""
+    sends the step) or "wait" (anywhere else: the wait for results); "ready" where a wait left
+    it unbuilt because a result was ready first."""
     where: list[str] = []
     inside = [False]
     submit, build_next = PipelineExecutor.submit, DecodeAhead.build_next
+    build_ahead = PipelineExecutor._build_ahead
+
+    def traced_build_ahead(self, timeout_ms):
+        left = build_ahead(self, timeout_ms)
+        if self._ahead.has_deferred:
+            where.append("ready")
+        return left
 
     def traced_submit(self, plan):
         inside[0] = True
@@ -63,6 +71,7 @@ def builds(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 
     monkeypatch.setattr(PipelineExecutor, "submit", traced_submit)
     monkeypatch.setattr(DecodeAhead, "build_next", traced_build_next)
+    monkeypatch.setattr(PipelineExecutor, "_build_ahead", traced_build_ahead)
     yield where
 
 
@@ -78,9 +87,15 @@ def test_each_decode_successor_is_built_in_the_wait_not_in_the_submit(
     config = EngineConfig(max_batch_size=8, kv_block_size_tokens=4)
     engine = build_pipeline_engine(loaded, config, replace(pipeline, ahead_grace_s=grace_s))
     assert run_all_queued(engine, PROMPTS, NUM_TOKENS) == expected
-    assert builds == ["wait"] * (NUM_TOKENS - 1)  # every decode step's successor, once
-    assert engine.stats().decode_ahead == (NUM_TOKENS - 2, 1)  # all but the first decode hit
-    assert _ahead_metric(engine) == {"hit": NUM_TOKENS - 2, "miss": 1}
+    # Every decode step's successor, once: built in the wait, or left for its submit when
+    # the step's result was ready first (a grace of 0 on a fast stage); never in a submit.
+    assert "submit" not in builds
+    built, ready_first = builds.count("wait"), builds.count("ready")
+    assert built + ready_first == NUM_TOKENS - 1, builds
+    hits, misses = engine.stats().decode_ahead
+    assert hits + misses == NUM_TOKENS - 1  # the first decode always misses
+    assert hits in (built - 1, built)  # each build is used but the last decode's
+    assert _ahead_metric(engine) == {"hit": hits, "miss": misses}
 
 
 def test_more_micro_batches_than_stages_keep_their_predictions(
@@ -113,3 +128,39 @@ def test_an_ahead_grace_rounds_up_to_whole_milliseconds() -> None:
     graces = (0, 0.0002, 0.0015, 0.003, 0.1)
     assert [replace(pipeline, ahead_grace_s=s).ahead_grace_ms for s in graces] == [0, 1, 2, 3, 100]
     replace(pipeline, ahead_grace_s=MAX_AHEAD_GRACE_S, step_timeout_s=float("inf"))  # accepted
+
+
+def test_a_result_already_waiting_is_returned_before_any_successor_is_built(
+    t5, four_layer_models, stage_pool: StagePool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each wait for a result starts only once the result is on the socket: it must come back
+    at once, with no successor built before it (building it then would only delay it)."""
+    loaded, expected = t5
+    placement, layout = topologies(True)["pp2"]
+    pipeline = _pipeline(four_layer_models["t5"][0], placement, stage_pool.addresses(layout))
+    events: list[str] = []
+    next_result, build_next = PipelineExecutor.next_result, DecodeAhead.build_next
+
+    def next_result_once_ready(self, timeout_s):
+        if self.num_in_flight and self._results.poll(10_000):  # the result is waiting
+            events.append("waiting")
+        result = next_result(self, timeout_s)
+        if result is not None:
+            events.append("result")
+        return result
+
+    def traced_build_next(self, plan):
+        events.append("build")
+        build_next(self, plan)
+
+    monkeypatch.setattr(PipelineExecutor, "next_result", next_result_once_ready)
+    monkeypatch.setattr(DecodeAhead, "build_next", traced_build_next)
+    config = EngineConfig(max_batch_size=8, kv_block_size_tokens=4)
+    engine = build_pipeline_engine(loaded, config, pipeline)
+    assert run_all_queued(engine, PROMPTS, NUM_TOKENS) == expected
+    waits = "".join(e[0] for e in events).split("w")[1:]  # from each ready result on
+    assert len(waits) >= NUM_TOKENS and all(w.startswith("r") for w in waits), events
+    # Each decode's successor was noted but, its result being there first, never built: the
+    # next plan was built at its submit instead.
+    assert "build" not in events
+    assert engine.stats().decode_ahead == (0, NUM_TOKENS - 1)

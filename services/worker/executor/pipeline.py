@@ -186,9 +186,11 @@ class PipelineExecutor:
 
     def _build_ahead(self, timeout_ms: int) -> int:
         """Build the sent steps' successors once they had `ahead_grace_s` to reach their first
-        stage (or a result came); returns what is left of `timeout_ms`."""
+        stage; returns what is left of `timeout_ms`. A result that is ready first is returned
+        first: the build waits for a wait with nothing to return."""
         grace_ms = min(self._config.ahead_grace_ms, timeout_ms)
-        self._results.poll(grace_ms)
+        if self._results.poll(grace_ms):
+            return timeout_ms
         self._ahead.build_deferred()
         return timeout_ms - grace_ms
 
