@@ -114,18 +114,16 @@ def encode_into_ring(message: TensorMessage, ring: ShmRing, *, wait_s: float = 0
     shm = header.shm
     shm.segment, shm.slot, shm.ticket = ref.segment, ref.slot, ref.ticket
     shm.payload_bytes = payload_bytes
-    # Protobuf fields may come in any order, so the table (a bytes field of already serialised
-    # entries) is appended to the rest of the header.
-    table = b"".join(metas)
-    return header.SerializeToString() + _TABLE_TAG + _varint(len(table)) + table
+    # Protobuf fields may come in any order and a repeated field's entries simply follow one
+    # another, so the tensors' entries are appended, already serialised.
+    return header.SerializeToString() + b"".join(metas)
 
 
-# TensorTable.tensors (field 1, length-delimited) entries by (name, dtype, shape, offset): a
+# FrameHeader.tensors (field 3, length-delimited) entries by (name, dtype, shape, offset): a
 # sender's steps repeat the same few, and building one costs more than the tensor's copy.
 _META_FIELDS: dict[tuple[str, torch.dtype, tuple[int, ...], int], bytes] = {}
 _MAX_META_FIELDS = 4096
-_TENSORS_TAG = bytes([1 << 3 | 2])
-_TABLE_TAG = bytes([7 << 3 | 2])  # FrameHeader.shm_tensor_table
+_TENSORS_TAG = bytes([3 << 3 | 2])
 
 
 def _meta_field(name: str, tensor: torch.Tensor, offset: int) -> bytes:
@@ -214,6 +212,9 @@ def _checked_meta(meta: transport_pb2.TensorMeta) -> tuple[torch.dtype, list[int
     shape = list(meta.shape)
     if shape and min(shape) < 0:
         raise FrameError(f"tensor {meta.name!r}: negative dimension in {shape}")
+    # A zero-size tensor may still name dimensions whose strides overflow torch's int64.
+    if math.prod(max(d, 1) for d in shape) * dtype.itemsize >= 2**63:
+        raise FrameError(f"tensor {meta.name!r}: shape {shape} is too large to address")
     return dtype, shape, math.prod(shape) * dtype.itemsize
 
 
@@ -244,9 +245,7 @@ def _tensors_from_slot(
     try:
         if ref.payload_bytes % ALIGN_BYTES:
             raise FrameError(f"slot payload of {ref.payload_bytes} bytes is not whole lines")
-        if header.tensors:
-            raise FrameError("a shared-memory message lists its tensors outside its table")
-        layouts = _table_layouts(header.shm_tensor_table, ref.payload_bytes)
+        layouts = [_slot_layout(meta, ref.payload_bytes) for meta in header.tensors]
     except FrameError:
         reader.release(ref)  # the ref was genuine: the slot goes back to the sender
         raise
@@ -283,42 +282,31 @@ class _SlotLayout:
     end_bytes: int
 
 
-# Checked layouts by their table's bytes: a sender's steps repeat the same few tables, and
-# checking one (parsing, dtypes, sizes, alignment, strides) costs more than making its views.
-# Only tables of a plain size are kept (a decode step's is ~0.5 KiB; a KV hand-off's of a few
-# dozen layers ~3 KiB), so that a peer's odd headers cannot make the cache large: at most
-# 64 tables of some 700 entries each.
-_TABLES: dict[bytes, tuple[_SlotLayout, ...]] = {}
-_MAX_TABLES = 64
-_MAX_CACHED_TABLE_BYTES = 4 * 1024
+# Checked layouts by their header entry: a sender's steps repeat the same few, and checking
+# one (dtype, sizes, alignment, strides) cost more than making its view. Only entries of a
+# plain size are kept, so that a peer's odd headers cannot make the cache large.
+_SLOT_LAYOUTS: dict[tuple[str, str, tuple[int, ...], int], _SlotLayout] = {}
+_MAX_SLOT_LAYOUTS = 1024
+_MAX_CACHED_NAME = 128
+_MAX_CACHED_DIMS = 8
 
 
-def _table_layouts(table: bytes, payload_bytes: int) -> tuple[_SlotLayout, ...]:
-    """The layouts a serialized TensorTable gives, once each fits the payload (FrameError
-    otherwise)."""
-    layouts = _TABLES.get(table)
-    if layouts is None:
-        layouts = tuple(_checked_slot_layout(meta) for meta in _parse_table(table).tensors)
-        if len(table) <= _MAX_CACHED_TABLE_BYTES:
-            if len(_TABLES) >= _MAX_TABLES:
-                _TABLES.clear()
-            _TABLES[table] = layouts
-    for layout in layouts:
-        if layout.end_bytes > payload_bytes:
-            raise FrameError(
-                f"tensor {layout.name!r}: bytes {layout.end_bytes - layout.num_bytes}.."
-                f"{layout.end_bytes} outside the {payload_bytes}-byte slot payload"
-            )
-    return layouts
-
-
-def _parse_table(table: bytes) -> transport_pb2.TensorTable:
-    parsed = transport_pb2.TensorTable()
-    try:
-        parsed.ParseFromString(table)
-    except Exception as exc:  # protobuf raises DecodeError, a bare Exception subclass
-        raise FrameError(f"malformed tensor table: {exc}") from None
-    return parsed
+def _slot_layout(meta: transport_pb2.TensorMeta, payload_bytes: int) -> _SlotLayout:
+    """A tensor's layout in a slot, once it fits the payload (FrameError otherwise)."""
+    key = (meta.name, meta.dtype, tuple(meta.shape), meta.shm_offset)
+    layout = _SLOT_LAYOUTS.get(key)
+    if layout is None:
+        layout = _checked_slot_layout(meta)
+        if len(meta.name) <= _MAX_CACHED_NAME and len(layout.shape) <= _MAX_CACHED_DIMS:
+            if len(_SLOT_LAYOUTS) >= _MAX_SLOT_LAYOUTS:
+                _SLOT_LAYOUTS.clear()
+            _SLOT_LAYOUTS[key] = layout
+    if layout.end_bytes > payload_bytes:
+        raise FrameError(
+            f"tensor {meta.name!r}: bytes {meta.shm_offset}..{layout.end_bytes} outside the "
+            f"{payload_bytes}-byte slot payload"
+        )
+    return layout
 
 
 def _checked_slot_layout(meta: transport_pb2.TensorMeta) -> _SlotLayout:

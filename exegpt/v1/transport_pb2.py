@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65xegpt/v1/transport.proto\x12\texegpt.v1\"L\n\nTensorMeta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x12\n\nshm_offset\x18\x04 \x01(\x04\"5\n\x0bTensorTable\x12&\n\x07tensors\x18\x01 \x03(\x0b\x32\x15.exegpt.v1.TensorMeta\"R\n\nShmSlotRef\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\r\x12\x0e\n\x06ticket\x18\x03 \x01(\x04\x12\x15\n\rpayload_bytes\x18\x04 \x01(\x04\"\xf8\x02\n\x0b\x46rameHeader\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12&\n\x07tensors\x18\x03 \x03(\x0b\x32\x15.exegpt.v1.TensorMeta\x12?\n\rtrace_context\x18\x04 \x03(\x0b\x32(.exegpt.v1.FrameHeader.TraceContextEntry\x12:\n\nattributes\x18\x05 \x03(\x0b\x32&.exegpt.v1.FrameHeader.AttributesEntry\x12\"\n\x03shm\x18\x06 \x01(\x0b\x32\x15.exegpt.v1.ShmSlotRef\x12\x18\n\x10shm_tensor_table\x18\x07 \x01(\x0c\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65xegpt/v1/transport.proto\x12\texegpt.v1\"L\n\nTensorMeta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x12\n\nshm_offset\x18\x04 \x01(\x04\"R\n\nShmSlotRef\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\r\x12\x0e\n\x06ticket\x18\x03 \x01(\x04\x12\x15\n\rpayload_bytes\x18\x04 \x01(\x04\"\xde\x02\n\x0b\x46rameHeader\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12&\n\x07tensors\x18\x03 \x03(\x0b\x32\x15.exegpt.v1.TensorMeta\x12?\n\rtrace_context\x18\x04 \x03(\x0b\x32(.exegpt.v1.FrameHeader.TraceContextEntry\x12:\n\nattributes\x18\x05 \x03(\x0b\x32&.exegpt.v1.FrameHeader.AttributesEntry\x12\"\n\x03shm\x18\x06 \x01(\x0b\x32\x15.exegpt.v1.ShmSlotRef\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,14 +37,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FRAMEHEADER_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_TENSORMETA']._serialized_start=40
   _globals['_TENSORMETA']._serialized_end=116
-  _globals['_TENSORTABLE']._serialized_start=118
-  _globals['_TENSORTABLE']._serialized_end=171
-  _globals['_SHMSLOTREF']._serialized_start=173
-  _globals['_SHMSLOTREF']._serialized_end=255
-  _globals['_FRAMEHEADER']._serialized_start=258
-  _globals['_FRAMEHEADER']._serialized_end=634
-  _globals['_FRAMEHEADER_TRACECONTEXTENTRY']._serialized_start=532
-  _globals['_FRAMEHEADER_TRACECONTEXTENTRY']._serialized_end=583
-  _globals['_FRAMEHEADER_ATTRIBUTESENTRY']._serialized_start=585
-  _globals['_FRAMEHEADER_ATTRIBUTESENTRY']._serialized_end=634
+  _globals['_SHMSLOTREF']._serialized_start=118
+  _globals['_SHMSLOTREF']._serialized_end=200
+  _globals['_FRAMEHEADER']._serialized_start=203
+  _globals['_FRAMEHEADER']._serialized_end=553
+  _globals['_FRAMEHEADER_TRACECONTEXTENTRY']._serialized_start=451
+  _globals['_FRAMEHEADER_TRACECONTEXTENTRY']._serialized_end=502
+  _globals['_FRAMEHEADER_ATTRIBUTESENTRY']._serialized_start=504
+  _globals['_FRAMEHEADER_ATTRIBUTESENTRY']._serialized_end=553
 # @@protoc_insertion_point(module_scope)

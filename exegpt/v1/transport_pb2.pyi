@@ -18,12 +18,6 @@ class TensorMeta(_message.Message):
     shm_offset: int
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., shm_offset: _Optional[int] = ...) -> None: ...
 
-class TensorTable(_message.Message):
-    __slots__ = ("tensors",)
-    TENSORS_FIELD_NUMBER: _ClassVar[int]
-    tensors: _containers.RepeatedCompositeFieldContainer[TensorMeta]
-    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ...) -> None: ...
-
 class ShmSlotRef(_message.Message):
     __slots__ = ("segment", "slot", "ticket", "payload_bytes")
     SEGMENT_FIELD_NUMBER: _ClassVar[int]
@@ -37,7 +31,7 @@ class ShmSlotRef(_message.Message):
     def __init__(self, segment: _Optional[str] = ..., slot: _Optional[int] = ..., ticket: _Optional[int] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class FrameHeader(_message.Message):
-    __slots__ = ("kind", "sequence", "tensors", "trace_context", "attributes", "shm", "shm_tensor_table")
+    __slots__ = ("kind", "sequence", "tensors", "trace_context", "attributes", "shm")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -58,12 +52,10 @@ class FrameHeader(_message.Message):
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     SHM_FIELD_NUMBER: _ClassVar[int]
-    SHM_TENSOR_TABLE_FIELD_NUMBER: _ClassVar[int]
     kind: str
     sequence: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorMeta]
     trace_context: _containers.ScalarMap[str, str]
     attributes: _containers.ScalarMap[str, str]
     shm: ShmSlotRef
-    shm_tensor_table: bytes
-    def __init__(self, kind: _Optional[str] = ..., sequence: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., attributes: _Optional[_Mapping[str, str]] = ..., shm: _Optional[_Union[ShmSlotRef, _Mapping]] = ..., shm_tensor_table: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, kind: _Optional[str] = ..., sequence: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., attributes: _Optional[_Mapping[str, str]] = ..., shm: _Optional[_Union[ShmSlotRef, _Mapping]] = ...) -> None: ...

@@ -117,16 +117,13 @@ def test_large_tensors_of_every_dtype_go_through_a_ring_sized_for_them(tmp_path:
         assert pair.sender.stats.sent_shm == 3
 
 
-def genuine_header(ring: ShmRing, payload_bytes: int = 4096, **entry) -> transport_pb2.FrameHeader:
-    """A header naming a slot the ring really published, with one float32 tensor in it (its
-    table entry's fields replaced by `entry`)."""
+def genuine_header(ring: ShmRing, payload_bytes: int = 4096) -> transport_pb2.FrameHeader:
+    """A header naming a slot the ring really published, with one float32 tensor in it."""
     slot = ring.reserve(payload_bytes)
     assert slot is not None
     ref = ring.publish(slot, payload_bytes)
     header = transport_pb2.FrameHeader(kind="forged")
-    fields = {"name": "x", "dtype": "float32", "shape": [payload_bytes // 4], **entry}
-    table = transport_pb2.TensorTable(tensors=[transport_pb2.TensorMeta(**fields)])
-    header.shm_tensor_table = table.SerializeToString()
+    header.tensors.add(name="x", dtype="float32", shape=[payload_bytes // 4])
     header.shm.CopyFrom(
         transport_pb2.ShmSlotRef(
             segment=ref.segment, slot=ref.slot, ticket=ref.ticket, payload_bytes=payload_bytes
@@ -163,17 +160,12 @@ def test_forged_and_stale_slot_references_are_refused_and_the_receiver_keeps_ser
         header = genuine_header(ring)
         header.shm.payload_bytes = 2 * 8192
         refused(pair, header, "exceeds")
-        # The tensor's last bytes fall outside the payload.
-        header = genuine_header(ring, shm_offset=64)
-        refused(pair, header, "outside")
-        header = genuine_header(ring, shape=[4096])  # 16 KiB claimed in a 4 KiB payload
+        header = genuine_header(ring)
+        header.tensors[0].shm_offset = 64  # the tensor's last bytes fall outside the payload
         refused(pair, header, "outside")
         header = genuine_header(ring)
-        header.tensors.add(name="y", dtype="float32", shape=[1])  # beside the table
-        refused(pair, header, "outside its table")
-        header = genuine_header(ring)
-        header.shm_tensor_table = b"\x0a\xff not a table"
-        refused(pair, header, "malformed tensor table")
+        header.tensors[0].shape[0] = 4096  # 16 KiB claimed in a 4 KiB payload
+        refused(pair, header, "outside")
 
         header = genuine_header(ring)
         pair.forge(header)
@@ -193,14 +185,14 @@ def test_forged_and_stale_slot_references_are_refused_and_the_receiver_keeps_ser
 def test_a_layout_remembered_from_an_accepted_message_is_checked_against_each_payload(
     pair: ShmPair,
 ) -> None:
-    # The receiver caches each table's checked layouts; the same table naming a slot whose
-    # payload is too small for it must still be refused, and its slot handed back.
+    # The receiver caches each tensor entry's checked layout; the same entry naming a slot
+    # whose payload is too small for it must still be refused, and its slot handed back.
     ring = ShmRing(slot_bytes=8192, num_slots=2)
     try:
         pair.forge(genuine_header(ring))  # "x": 1024 float32 at offset 0, 4 KiB payload
         assert pair.receiver.recv(timeout_ms=5000).tensors["x"].numel() == 1024
-        # The accepted table, in half the bytes.
-        header = genuine_header(ring, payload_bytes=2048, shape=[1024])
+        header = genuine_header(ring, payload_bytes=2048)
+        header.tensors[0].shape[0] = 1024  # the accepted entry, in half the bytes
         refused(pair, header, "outside")
         gc.collect()
         reserved = []
@@ -217,7 +209,8 @@ def test_a_layout_remembered_from_an_accepted_message_is_checked_against_each_pa
 def test_a_refused_tensor_still_returns_its_genuine_slot_to_the_sender(pair: ShmPair) -> None:
     ring = ShmRing(slot_bytes=8192, num_slots=1)
     try:
-        header = genuine_header(ring, dtype="complex64")
+        header = genuine_header(ring)
+        header.tensors[0].dtype = "complex64"
         refused(pair, header, "unsupported dtype")
         assert ring.reserve(4096) == 0  # released, so the only slot is free again
     finally:

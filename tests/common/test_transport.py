@@ -14,7 +14,6 @@ import pytest
 import torch
 import zmq
 
-from exegpt.frames import _MAX_TABLES, _TABLES
 from exegpt.transport import (
     FrameError,
     TensorMessage,
@@ -23,6 +22,7 @@ from exegpt.transport import (
     encode,
     is_same_host,
 )
+from exegpt.v1 import transport_pb2
 
 ALL_DTYPES = (
     torch.float32,
@@ -178,6 +178,17 @@ def test_frames_that_disagree_with_the_header_are_refused() -> None:
         decode([])
 
 
+def test_a_zero_size_tensor_with_unaddressable_dimensions_is_refused() -> None:
+    # No bytes, but strides past int64: torch itself would raise a RuntimeError, which a
+    # stage's receive loop does not expect from a peer's frame.
+    header = transport_pb2.FrameHeader()
+    header.ParseFromString(bytes(encode(TensorMessage("kv", {"k": torch.ones(0)}))[0]))
+    del header.tensors[0].shape[:]
+    header.tensors[0].shape.extend([0, 2**62, 2**62])
+    with pytest.raises(FrameError, match="too large to address"):
+        decode([header.SerializeToString(), b""])
+
+
 def test_oversized_messages_are_dropped_by_the_socket() -> None:
     context = zmq.Context()
     receiver = TensorSocket(context, zmq.PULL, max_message_bytes=1024)
@@ -216,29 +227,6 @@ def test_slot_headers_keep_long_names_and_many_dims(tmp_path: Path) -> None:
             assert received.sequence == step
             assert_same_tensors(received.tensors, tensors)
         assert receiver.stats.received_shm == 2
-    finally:
-        sender.close()
-        receiver.close()
-        context.term()
-
-
-def test_slot_tables_are_remembered_within_a_bound_and_each_message_reads_its_own(
-    tmp_path: Path,
-) -> None:
-    # The receiver keeps checked tables by their bytes: many distinct ones (here, shapes) and
-    # one too large to keep must each still give their own tensors, and the cache stays small.
-    context = zmq.Context()
-    receiver = TensorSocket(context, zmq.PULL)
-    sender = TensorSocket(context, zmq.PUSH)
-    sender.connect(receiver.bind(f"shm+ipc://{tmp_path}/tables.sock"))
-    try:
-        messages = [{"x": torch.arange(n, dtype=torch.int64)} for n in range(1, 2 * _MAX_TABLES)]
-        messages.append({f"t{i}": torch.full((2,), float(i)) for i in range(300)})  # ~4.5 KiB
-        for tensors in messages:
-            sender.send(TensorMessage("step", tensors))
-            assert_same_tensors(receiver.recv(timeout_ms=5000).tensors, tensors)
-            assert len(_TABLES) <= _MAX_TABLES
-        assert receiver.stats.received_shm == len(messages)
     finally:
         sender.close()
         receiver.close()
