@@ -31,23 +31,43 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
-def _imported_modules(node: ast.Import | ast.ImportFrom) -> list[str]:
+def _dotted(path: str) -> str:
+    return path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+
+
+def _absolute(node: ast.ImportFrom, path: str) -> str:
+    """The package a `from` import reads from, a relative one resolved as Python does against
+    the module at `path`: `from ..commands import cli` in exegpt/bench/x.py reads
+    `exegpt.commands` (one dot is the module's own package; an `__init__.py` is its package)."""
+    if not node.level:
+        return node.module or ""
+    package = _dotted(path).split(".")
+    if not path.endswith("/__init__.py"):
+        package = package[:-1]
+    if node.level > len(package):
+        raise ValueError(f"{path}:{node.lineno}: relative import beyond the top-level package")
+    base = package[: len(package) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _imported_modules(node: ast.Import | ast.ImportFrom, path: str) -> list[str]:
     """`from services import worker` imports `services.worker`: a name taken from a
-    top-level package counts as its subpackage (a name that is not one changes no rule)."""
+    top-level package, or from a package named only by dots (`from .. import commands`),
+    counts as its subpackage (a name that is not one changes no rule)."""
     if isinstance(node, ast.Import):
         return [alias.name for alias in node.names]
-    if node.level or not node.module:  # relative imports: none in this tree
-        return []
-    if node.module in ("services", "exegpt"):
-        return [f"{node.module}.{alias.name}" for alias in node.names]
-    return [node.module]
+    module = _absolute(node, path)
+    if module in ("services", "exegpt") or not node.module:
+        return [f"{module}.{alias.name}" for alias in node.names]
+    return [module]
 
 
 def _imports_of(tree: ast.AST, path: str, type_only: bool = False) -> list[Import]:
     found: list[Import] = []
     for child in ast.iter_child_nodes(tree):
         if isinstance(child, ast.Import | ast.ImportFrom):
-            found += [Import(path, child.lineno, m, type_only) for m in _imported_modules(child)]
+            modules = _imported_modules(child, path)
+            found += [Import(path, child.lineno, m, type_only) for m in modules]
         if isinstance(child, ast.If) and _is_type_checking(child.test):
             found += _imports_of(ast.Module(body=child.body, type_ignores=[]), path, True)
             found += _imports_of(ast.Module(body=child.orelse, type_ignores=[]), path, type_only)
@@ -67,10 +87,6 @@ def source_imports(package: str) -> list[Import]:
 
 def _within(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
-
-
-def _dotted(path: str) -> str:
-    return path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
 
 
 def violation(found: Import) -> str | None:
@@ -119,6 +135,14 @@ def test_the_source_keeps_the_layering() -> None:
         ("if TYPE_CHECKING:\n    from exegpt.commands import autoplan", "exegpt/x.py", False),
         ("if TYPE_CHECKING:\n    from services.worker import engine", "exegpt/x.py", True),
         ("from exegpt.schedule import Schedule", "services/router/x.py", False),
+        ("from ..commands import cli", "exegpt/bench/x.py", True),
+        ("from .. import commands", "exegpt/bench/x.py", True),
+        ("def f():\n    from ..scheduler import plan_cli", "services/router/x.py", True),
+        ("from .modes import rra", "services/worker/x.py", False),
+        ("from ..modes import rra", "services/worker/stage/x.py", False),
+        ("from . import engine", "services/worker/__init__.py", False),
+        ("from .. import router", "services/worker/__init__.py", True),
+        ("from ... import router", "services/worker/modes/x.py", True),
     ],
 )
 def test_a_broken_rule_names_the_file_the_line_and_the_import(
@@ -129,3 +153,8 @@ def test_a_broken_rule_names_the_file_the_line_and_the_import(
     assert bool(violations) == broken, violations
     for message in violations:
         assert message.startswith(f"{path}:") and imports[-1].module in message
+
+
+def test_a_relative_import_above_the_top_level_package_is_refused_with_its_place() -> None:
+    with pytest.raises(ValueError, match="^services/router/x.py:1: relative import beyond"):
+        _imports_of(ast.parse("from ...exegpt import commands"), "services/router/x.py")
