@@ -1,7 +1,8 @@
 """The layering of the packages, read from the source (every import, those inside functions
-too): services import the `exegpt` library and never each other; the library imports no
-service; only `exegpt/commands/` (the `exegpt` command line and the orchestration that starts
-and drives services) imports both, and neither the library nor a service imports it."""
+and under TYPE_CHECKING too): services import the `exegpt` library and never each other; the
+library imports no service; only `exegpt/commands/` (the `exegpt` command line and the
+orchestration that starts and drives services) imports both, and neither the library nor a
+service imports it, not even for a type."""
 
 from __future__ import annotations
 
@@ -17,18 +18,11 @@ COMMANDS = "exegpt.commands"
 
 @dataclass(frozen=True)
 class Import:
-    """One imported module, where it is imported and whether only a type checker runs it."""
+    """One imported module and where it is imported."""
 
     path: str  # relative to the repository root
     line: int
     module: str
-    type_only: bool
-
-
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
 
 
 def _dotted(path: str) -> str:
@@ -62,18 +56,15 @@ def _imported_modules(node: ast.Import | ast.ImportFrom, path: str) -> list[str]
     return [module]
 
 
-def _imports_of(tree: ast.AST, path: str, type_only: bool = False) -> list[Import]:
-    found: list[Import] = []
-    for child in ast.iter_child_nodes(tree):
-        if isinstance(child, ast.Import | ast.ImportFrom):
-            modules = _imported_modules(child, path)
-            found += [Import(path, child.lineno, m, type_only) for m in modules]
-        if isinstance(child, ast.If) and _is_type_checking(child.test):
-            found += _imports_of(ast.Module(body=child.body, type_ignores=[]), path, True)
-            found += _imports_of(ast.Module(body=child.orelse, type_ignores=[]), path, type_only)
-        else:
-            found += _imports_of(child, path, type_only)
-    return found
+def _imports_of(tree: ast.AST, path: str) -> list[Import]:
+    """Every import in `tree`, at any depth: in functions, classes and `if TYPE_CHECKING:`
+    blocks too (a type-only import is still a dependency on the module it names)."""
+    return [
+        Import(path, node.lineno, module)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for module in _imported_modules(node, path)
+    ]
 
 
 def source_imports(package: str) -> list[Import]:
@@ -101,8 +92,8 @@ def violation(found: Import) -> str | None:
     elif _within(where, "exegpt") and not _within(where, COMMANDS):
         if _within(found.module, "services"):
             return f"the library imports a service; only {COMMANDS} may"
-        if _within(found.module, COMMANDS) and not found.type_only:
-            return f"the library imports the orchestration package {COMMANDS} at run time"
+        if _within(found.module, COMMANDS):
+            return f"the library imports the orchestration package {COMMANDS}"
     return None
 
 
@@ -142,7 +133,7 @@ def test_the_source_keeps_the_layering() -> None:
         ("def f():\n    from services.scheduler import plan_cli", "exegpt/x.py", True),
         ("from services.scheduler import plan_cli", "exegpt/commands/x.py", False),
         ("from exegpt.commands.autoplan import AutoPlan", "exegpt/bench/x.py", True),
-        ("if TYPE_CHECKING:\n    from exegpt.commands import autoplan", "exegpt/x.py", False),
+        ("if TYPE_CHECKING:\n    from exegpt.commands import autoplan", "exegpt/x.py", True),
         ("if TYPE_CHECKING:\n    from services.worker import engine", "exegpt/x.py", True),
         ("from exegpt.schedule import Schedule", "services/router/x.py", False),
         ("from ..commands import cli", "exegpt/bench/x.py", True),
