@@ -50,12 +50,17 @@ if TYPE_CHECKING:
 
 def running_batches(auto: autoplan.AutoPlan) -> int:
     """B_D x R: the sequences all of a plan's worker replicas run at once."""
-    return running_sequences(auto)
+    return running_sequences(auto.plan)
 
 
 def requests_for(args: argparse.Namespace, auto: autoplan.AutoPlan) -> int:
     """A measured burst of `auto` (see `burst_size`)."""
     return burst_size(args, running_batches(auto), auto.predicted["throughput_seq_s"])
+
+
+def calibration_requests(auto: autoplan.AutoPlan) -> int:
+    """A calibration pass of `auto` at its predicted rate (`plan_calibration_pass`)."""
+    return plan_calibration_pass(auto.plan, auto.predicted["throughput_seq_s"])
 
 
 def burst_size(args: argparse.Namespace, running: int, predicted_seq_s: float) -> int:
@@ -151,7 +156,7 @@ def measure_planned(
     work.mkdir(parents=True, exist_ok=True)
     with Deployment(on_free_ports(config)) as deployment:
         totals = calibration_burst(
-            deployment, burst.workload, plan_calibration_pass(auto), work, args.length_scale,
+            deployment, burst.workload, calibration_requests(auto), work, args.length_scale,
             warmup_requests=burst.warmup_requests,
         )  # fmt: skip
         start = [engine_totals(address) for address in deployment.worker_addresses]

@@ -1,7 +1,7 @@
-"""What every command line shares, `exegpt COMMAND` and `python -m services.NAME` alike:
-help that shows each option's default, one logging format, and `service_main`, the entry
-point of a service's `__main__.py` (exegpt/commands/cli.py runs the same module's options
-as `exegpt NAME`)."""
+"""What every command line shares, `exegpt COMMAND`, `python -m services.NAME` and
+`python -m exegpt.bench` alike: help that shows each option's default, one logging format, and
+`command_main`, which builds a command's parser from its module, parses, sets up logging and
+runs it (exegpt/commands/cli.py calls it for `exegpt NAME`; each `__main__.py` calls it)."""
 
 from __future__ import annotations
 
@@ -22,23 +22,28 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
 
 def configure_logging(args: argparse.Namespace) -> None:
+    """One log format for every process, at the command's `--log-level` (INFO when it has
+    none)."""
     logging.basicConfig(
         level=getattr(args, "log_level", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 
 
-def service_main(
+def command_main(
     prog: str,
     description: str,
     add_arguments: Callable[[argparse.ArgumentParser], None],
-    run: Callable[[argparse.Namespace], int],
+    run: Callable[[argparse.Namespace], int | None],
+    argv: list[str] | None = None,
 ) -> int:
-    """`python -m services.NAME`: the same options and behaviour as `exegpt NAME`."""
+    """Run one command: its options from `add_arguments`, parsed from `argv` (the process's
+    arguments when None), then `run`; the exit code (0 when `run` returns None). `exegpt NAME`
+    and `python -m MODULE` of the same module therefore take the same options."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=DefaultsHelpFormatter
     )
     add_arguments(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     configure_logging(args)
-    return run(args)
+    return int(run(args) or 0)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from exegpt.commands import cli
@@ -44,3 +47,26 @@ def test_a_service_with_a_bad_flag_exits_with_one_clear_line(
 ) -> None:
     assert cli.main(["scheduler", "--port", "0", "--workload", "task:Q"]) == 1
     assert "scheduler failed to start: unknown task 'Q'" in caplog.text
+
+
+def _options(help_text: str) -> str:
+    """The options part of a help text (the usage line above it names the program)."""
+    return help_text[help_text.index("\noptions:\n") :]
+
+
+@pytest.mark.parametrize(
+    ("name", "module"), [("bench", "exegpt.bench"), ("router", "services.router")]
+)
+def test_python_m_takes_the_same_options_as_the_exegpt_command(
+    name: str, module: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "100")  # one help width for both processes
+    with pytest.raises(SystemExit):
+        cli.main([name, "--help"])
+    exegpt_help = capsys.readouterr().out
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: python -m {module}")
+    assert _options(done.stdout) == _options(exegpt_help)

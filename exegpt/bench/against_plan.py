@@ -88,7 +88,7 @@ def bench_command(
 ) -> list[str]:
     scale = ["--length-scale", str(length_scale)] if length_scale is not None else []
     return [
-        sys.executable, "-m", "exegpt.commands.cli", "bench", "--url", url, "--workload", workload,
+        sys.executable, "-m", "exegpt.bench", "--url", url, "--workload", workload,
         "--num-requests", str(num_requests), "--rate", "inf", *scale, "--seed", str(seed),
         "--json", str(json_path),
     ]  # fmt: skip

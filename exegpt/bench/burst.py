@@ -31,10 +31,8 @@ its own steady time, capped at half its measured burst.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from exegpt.commands.autoplan import AutoPlan
+from exegpt.plan_file import PlanFile
 
 MEASURED_BATCHES = 4  # running batches per worker replica in a measured burst
 MIN_REQUESTS = 64
@@ -48,10 +46,10 @@ MIN_CALIBRATION_REQUESTS = 32
 MAX_CALIBRATION_REQUESTS = 2000  # 15 s or more at the rates served here: time enough
 
 
-def running_sequences(auto: AutoPlan, copies: int = 1) -> int:
-    """B_D x workers: the sequences all worker replicas of `copies` copies of the plan run at
+def running_sequences(plan: PlanFile, copies: int = 1) -> int:
+    """B_D x workers: the sequences all worker replicas of `copies` copies of `plan` run at
     once (each copy runs the plan's R data-parallel replicas)."""
-    return auto.plan.schedule.decode_batch_size * auto.plan.num_workers(copies)
+    return plan.schedule.decode_batch_size * plan.num_workers(copies)
 
 
 def measured_burst(
@@ -112,18 +110,19 @@ def calibration_pass_size(
 
 
 def plan_calibration_pass(
-    auto: AutoPlan,
+    plan: PlanFile,
+    predicted_seq_s: float,
     copies: int = 1,
     *,
     steady_s: float = CALIBRATION_S,
     max_requests: int = MAX_CALIBRATION_REQUESTS,
 ) -> int:
-    """`calibration_pass_size` for `copies` copies of a plan (each at the plan's predicted
-    rate) on its workload's mean output length."""
+    """`calibration_pass_size` for `copies` copies of `plan`, each at `predicted_seq_s` (the
+    plan's predicted rate), on its workload's mean output length."""
     return calibration_pass_size(
-        running_sequences(auto, copies),
-        copies * auto.predicted["throughput_seq_s"],
-        auto.plan.mean_output_tokens or math.nan,  # a plan file without it is refused
+        running_sequences(plan, copies),
+        copies * predicted_seq_s,
+        plan.mean_output_tokens or math.nan,  # a plan file without it is refused
         steady_s=steady_s,
         max_requests=max_requests,
     )

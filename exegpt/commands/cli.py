@@ -7,11 +7,10 @@ heavy imports (torch, grpc) happen only when that command runs.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from types import ModuleType
 
-from exegpt.command_line import DefaultsHelpFormatter, configure_logging
+from exegpt.command_line import command_main
 
 
 def load_command(name: str) -> ModuleType:
@@ -78,15 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"exegpt: unknown command {name!r}\n\n{_top_level_help()}\n")
         return 2
     module = load_command(name)
-    parser = argparse.ArgumentParser(
-        prog=f"exegpt {name}",
-        description=COMMANDS[name],
-        formatter_class=DefaultsHelpFormatter,
-    )
-    module.add_arguments(parser)
-    args = parser.parse_args(rest)
-    configure_logging(args)
-    return int(module.run(args) or 0)
+    return command_main(f"exegpt {name}", COMMANDS[name], module.add_arguments, module.run, rest)
 
 
 if __name__ == "__main__":

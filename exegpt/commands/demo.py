@@ -205,7 +205,7 @@ def _replan(
 def _burst_size(auto: autoplan.AutoPlan, args: argparse.Namespace) -> int:
     """`--burst`, or the benchmarks' rule (exegpt/bench/burst.py: 4 running batches for every
     worker replica) with a demo's steady time and cap: see DEMO_STEADY_S."""
-    running = running_sequences(auto, args.replicas)
+    running = running_sequences(auto.plan, args.replicas)
     return args.burst or measured_burst(
         running,
         auto.predicted["throughput_seq_s"],
@@ -221,7 +221,11 @@ def _calibration_size(auto: autoplan.AutoPlan, args: argparse.Namespace) -> int:
     if args.burst:
         return half_burst
     return plan_calibration_pass(
-        auto, args.replicas, steady_s=DEMO_STEADY_S, max_requests=half_burst
+        auto.plan,
+        auto.predicted["throughput_seq_s"],
+        args.replicas,
+        steady_s=DEMO_STEADY_S,
+        max_requests=half_burst,
     )
 
 

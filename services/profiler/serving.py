@@ -135,7 +135,7 @@ def _step_totals(address: str) -> Totals:
 def _bench(url: str, settings: ServingSettings, batch_size: int, scratch: Path) -> None:
     num_requests = max(64, REQUESTS_PER_SLOT * batch_size)
     command = [
-        sys.executable, "-m", "exegpt.commands.cli", "bench", "--url", url,
+        sys.executable, "-m", "exegpt.bench", "--url", url,
         "--workload", settings.workload, "--length-scale", str(settings.length_scale),
         "--num-requests", str(num_requests), "--rate", "inf",
         "--json", str(scratch / f"bench-{batch_size}.json"),

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from exegpt.command_line import service_main
+from exegpt.command_line import command_main
 from exegpt.security import add_security_arguments, security_from_args
 from exegpt.serving import run_service, wait_for_shutdown_signal, write_ready_file
 from services.router.config import RouterConfig
@@ -112,4 +112,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(service_main("python -m services.router", DESCRIPTION, add_arguments, run))
+    sys.exit(command_main("python -m services.router", DESCRIPTION, add_arguments, run))

@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from exegpt.command_line import service_main
+from exegpt.command_line import command_main
 from exegpt.errors import RequestError
 from exegpt.headroom import add_headroom_argument
 from exegpt.schedule import searched_kinds
@@ -204,4 +204,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(service_main("python -m services.scheduler", DESCRIPTION, add_arguments, run))
+    sys.exit(command_main("python -m services.scheduler", DESCRIPTION, add_arguments, run))

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from exegpt.command_line import service_main
+from exegpt.command_line import command_main
 from exegpt.dtypes import DTYPE_CHOICES, resolve_dtype
 from exegpt.plan_file import PlanFile
 from exegpt.schedule import ScheduleKind
@@ -325,4 +325,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(service_main("python -m services.worker", DESCRIPTION, add_arguments, run))
+    sys.exit(command_main("python -m services.worker", DESCRIPTION, add_arguments, run))

@@ -161,7 +161,8 @@ def _planned_lengths(seed: int) -> list[tuple[int, int]]:
     )
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
-    settings = cli.settings_from_args(parser.parse_args(command[command.index("bench") + 1 :]))
+    assert command[1:3] == ["-m", "exegpt.bench"]  # the library's own entry point
+    settings = cli.settings_from_args(parser.parse_args(command[3:]))
     planned = build_plan(settings.workload, settings.plan)
     return [(r.input_tokens, r.output_tokens) for r in planned]
 

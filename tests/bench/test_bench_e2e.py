@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from exegpt.bench import against_plan
 from exegpt.bench.workload_plan import PlanOptions, build_plan, parse_workload
 from exegpt.commands.cli import main
 
@@ -47,3 +48,15 @@ def test_bench_task_s_against_the_gateway(gateway_url: str, tmp_path: Path) -> N
     assert metrics["num_length_mismatch"] == 0
     assert metrics["fraction_within_bound"] == 1.0
     assert metrics["throughput"]["sequences_per_s"] > 0
+
+
+def test_the_library_runs_bench_as_its_own_module(gateway_url: str, tmp_path: Path) -> None:
+    """against_plan.run_bench (the demo's, the benchmarks' and the calibration pass's burst)
+    runs `python -m exegpt.bench` in a child process, not the `exegpt` command line."""
+    out = tmp_path / "burst.json"
+    document = against_plan.run_bench(gateway_url, "task:S", 4, out, 0.1, seed=SEED)
+    assert document == json.loads(out.read_text())
+    metrics = document["metrics"]
+    assert (metrics["num_requests"], metrics["num_ok"], metrics["num_failed"]) == (4, 4, 0)
+    settings = document["settings"]
+    assert (settings["url"], settings["seed"], settings["length_scale"]) == (gateway_url, SEED, 0.1)

@@ -17,23 +17,34 @@ from exegpt.bench.burst import (
     running_sequences,
 )
 from exegpt.commands import autoplan, demo
+from exegpt.plan_file import PlanFile
 from exegpt.schedule import Schedule, ScheduleKind
+
+
+def _report(
+    kind: ScheduleKind, b_d: int, replicas: int, seq_s: float, mean_output: float | None
+) -> dict[str, object]:
+    schedule = Schedule(kind, 8, b_d, num_replicas=replicas)
+    return {
+        "schedule": schedule.to_dict(),
+        "predicted": {"throughput_seq_s": seq_s},
+        "mean_output_tokens": mean_output,
+    }
+
+
+def _plan(kind: ScheduleKind, b_d: int, replicas: int, mean_output: float | None = 8.0) -> PlanFile:
+    return PlanFile.from_dict(_report(kind, b_d, replicas, 1.0, mean_output))
 
 
 def _auto(
     kind: ScheduleKind, b_d: int, replicas: int, seq_s: float, mean_output: float | None = 8.0
 ) -> autoplan.AutoPlan:
-    schedule = Schedule(kind, 8, b_d, num_replicas=replicas)
-    report = {
-        "schedule": schedule.to_dict(),
-        "predicted": {"throughput_seq_s": seq_s},
-        "mean_output_tokens": mean_output,
-    }
-    return autoplan.AutoPlan(report, Path("plan.json"), autoplan.PlanFile.from_dict(report), 1.0)
+    report = _report(kind, b_d, replicas, seq_s, mean_output)
+    return autoplan.AutoPlan(report, Path("plan.json"), PlanFile.from_dict(report), 1.0)
 
 
 def test_running_sequences_count_every_worker_replica() -> None:
-    rra = _auto(ScheduleKind.RRA, 300, 2, 10.0)
+    rra = _plan(ScheduleKind.RRA, 300, 2)
     assert running_sequences(rra) == 600  # B_D 300 x R 2
     assert running_sequences(rra, copies=2) == 1200  # two copies of the plan
 
@@ -119,18 +130,18 @@ def test_a_calibration_pass_of_nothing_is_refused(
 
 def test_a_plan_s_calibration_pass_counts_every_replica_and_copy() -> None:
     # Continuous B_D 16 on 1 replica at 64 seq/s, 8 output tokens: 320 as above.
-    assert plan_calibration_pass(_auto(ScheduleKind.CONTINUOUS, 16, 1, 64.0)) == 320
+    assert plan_calibration_pass(_plan(ScheduleKind.CONTINUOUS, 16, 1), 64.0) == 320
     # RRA B_D 300 on 2 replicas, 50 seq/s, 100 output tokens: 2 x 600 = 1200 beats 250, 388;
     # two copies of the plan: 2 x 1200 = 2400, capped at 2000.
-    rra = _auto(ScheduleKind.RRA, 300, 2, 50.0, mean_output=100.0)
-    assert plan_calibration_pass(rra) == 1200
-    assert plan_calibration_pass(rra, copies=2) == 2000
-    assert plan_calibration_pass(rra, copies=2, max_requests=4000) == 2400
+    rra = _plan(ScheduleKind.RRA, 300, 2, mean_output=100.0)
+    assert plan_calibration_pass(rra, 50.0) == 1200
+    assert plan_calibration_pass(rra, 50.0, copies=2) == 2000
+    assert plan_calibration_pass(rra, 50.0, copies=2, max_requests=4000) == 2400
     # Two copies of a fast small plan run at twice its rate: 5 s x 2 x 64 = 640.
-    small = _auto(ScheduleKind.CONTINUOUS, 16, 1, 64.0)
-    assert plan_calibration_pass(small, copies=2) == 640
+    small = _plan(ScheduleKind.CONTINUOUS, 16, 1)
+    assert plan_calibration_pass(small, 64.0, copies=2) == 640
     with pytest.raises(ValueError, match="a calibration pass needs"):  # no mean output known
-        plan_calibration_pass(_auto(ScheduleKind.CONTINUOUS, 16, 1, 64.0, mean_output=None))
+        plan_calibration_pass(_plan(ScheduleKind.CONTINUOUS, 16, 1, mean_output=None), 64.0)
 
 
 def test_the_demo_sizes_its_calibration_pass_by_the_rule_with_its_own_time_and_cap() -> None:

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exegpt.command_line import service_main
+from exegpt.command_line import command_main
 from exegpt.security import SecurityConfig, add_security_arguments, security_from_args
 from exegpt.serving import run_service, start_grpc_server, write_ready_file
 
@@ -101,4 +101,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(service_main("python -m services.worker.stage", DESCRIPTION, add_arguments, run))
+    sys.exit(command_main("python -m services.worker.stage", DESCRIPTION, add_arguments, run))
