@@ -31,8 +31,21 @@ class RMSNorm(nn.Module):
         # scaled, as transformers does: bit-identical to its op chain (x.float(), pow, mean,
         # add, rsqrt, mul, to) in 3 ops instead of 8. The weight goes outside: torch's fused
         # kernel given a bf16 weight ran 4x slower than this at 4096 tokens (torch 2.13, CPU).
-        normalized = torch.rms_norm(x.float(), self.weight.shape, None, self.eps)
-        return self.weight * normalized.to(x.dtype)
+        # Scaled in place (the same products as weight * normalized) where the dtypes agree:
+        # one activation-sized allocation fewer (see the note above the feed-forwards).
+        normalized = torch.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
+        if normalized.dtype != self.weight.dtype:
+            return self.weight * normalized
+        return normalized.mul_(self.weight)
+
+
+# The feed-forwards apply their activation and gate in place on tensors of their own (the
+# same values, bit for bit): each avoids one fresh [tokens x d_ff] tensor. A prefill step of
+# thousands of tokens makes that tensor tens of MiB, past glibc's mmap threshold
+# (exegpt/allocator.py), so every fresh one is a new mapping whose pages fault in on first
+# touch: at 8192 tokens (bf16, d_ff 2048, one thread) silu(gate) * up took 34.1 ms and
+# silu(gate).mul_(up) 18.8 ms; at 2048 tokens 3.94 and 3.60 ms (RMSNorm's scale in place:
+# 8.16 and 7.52 ms at 8192 tokens).
 
 
 class ReluFFN(nn.Module):
@@ -44,7 +57,7 @@ class ReluFFN(nn.Module):
         self.wo = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.wo(F.relu(self.wi(x)))
+        return self.wo(F.relu(self.wi(x), inplace=True))  # wi's output is this call's own
 
 
 class GatedGeluFFN(nn.Module):
@@ -57,7 +70,7 @@ class GatedGeluFFN(nn.Module):
         self.wo = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.wo(F.gelu(self.wi_0(x), approximate="tanh") * self.wi_1(x))
+        return self.wo(F.gelu(self.wi_0(x), approximate="tanh").mul_(self.wi_1(x)))
 
 
 class SwiGLU(nn.Module):
@@ -78,9 +91,9 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up_proj is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(F.silu(self.gate_proj(x)).mul_(self.up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate).mul_(up))
 
 
 def concat_linears(*linears: nn.Linear) -> nn.Linear:
