@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from exegpt.allocator import MMAP_THRESHOLD_BYTES
 from exegpt.models.config import ModelConfig, RopeScaling
 
 
@@ -39,6 +41,27 @@ class RMSNorm(nn.Module):
         return normalized.mul_(self.weight)
 
 
+# A feed-forward's widest intermediate ([tokens x d_ff], two of them gated) stays under this
+# on a CPU: longer inputs run in token chunks (`in_token_chunks`), at least this many tokens.
+FFN_CHUNK_MAX_BYTES = MMAP_THRESHOLD_BYTES // 2
+FFN_CHUNK_MIN_TOKENS = 256
+
+
+def in_token_chunks(ffn: Callable[[Tensor], Tensor], x: Tensor, width: int) -> Tensor:
+    """ffn(x) for x [..., d_model], over consecutive slices of its tokens whose intermediate
+    of `width` values a token stays within FFN_CHUNK_MAX_BYTES (on a CPU; elsewhere whole).
+    A token's output depends on its own row only, so the slices give the same values; each
+    slice's tensors stay under glibc's mmap threshold and reuse heap memory, where a whole
+    prefill of thousands of tokens maps fresh pages for each and faults them in."""
+    flat = x.reshape(-1, x.shape[-1])
+    tokens = flat.shape[0]
+    chunk = max(FFN_CHUNK_MIN_TOKENS, FFN_CHUNK_MAX_BYTES // (width * x.element_size()))
+    if x.device.type != "cpu" or tokens <= chunk:
+        return ffn(x)
+    parts = [ffn(flat[start : start + chunk]) for start in range(0, tokens, chunk)]
+    return torch.cat(parts).view(*x.shape[:-1], parts[0].shape[-1])
+
+
 # The feed-forwards apply their activation and gate in place on tensors of their own (the
 # same values, bit for bit): each avoids one fresh [tokens x d_ff] tensor. A prefill step of
 # thousands of tokens makes that tensor tens of MiB, past glibc's mmap threshold
@@ -57,6 +80,9 @@ class ReluFFN(nn.Module):
         self.wo = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        return in_token_chunks(self._forward, x, self.wi.out_features)
+
+    def _forward(self, x: Tensor) -> Tensor:
         return self.wo(F.relu(self.wi(x), inplace=True))  # wi's output is this call's own
 
 
@@ -70,6 +96,9 @@ class GatedGeluFFN(nn.Module):
         self.wo = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        return in_token_chunks(self._forward, x, 2 * self.wi_0.out_features)
+
+    def _forward(self, x: Tensor) -> Tensor:
         return self.wo(F.gelu(self.wi_0(x), approximate="tanh").mul_(self.wi_1(x)))
 
 
@@ -90,6 +119,9 @@ class SwiGLU(nn.Module):
         del self.gate_proj, self.up_proj
 
     def forward(self, x: Tensor) -> Tensor:
+        return in_token_chunks(self._forward, x, 2 * self.down_proj.in_features)
+
+    def _forward(self, x: Tensor) -> Tensor:
         if self.gate_up_proj is None:
             return self.down_proj(F.silu(self.gate_proj(x)).mul_(self.up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
