@@ -29,8 +29,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from exegpt.models.block_gather import gather_blocks
 from exegpt.models.decode_attention import decode_kernel
-from exegpt.models.packed import gather_blocks
 
 # query heads, KV heads, head dim: the benchmark models', then two of larger models
 SHAPES = {

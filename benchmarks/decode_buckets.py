@@ -1,5 +1,5 @@
 """A batch-32 decode step over task S's prompts, for several allowances of a decode bucket's
-padding in keys (`DECODE_BUCKET_MIN_PADDING`, exegpt/models/packed.py), side by side.
+padding in keys (`DECODE_BUCKET_MIN_PADDING`, exegpt/models/decode_buckets.py), side by side.
 
     python benchmarks/decode_buckets.py                  # bf16, both models, ~2 minutes
     python benchmarks/decode_buckets.py --models llama --allowances 0,64,128,256
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_time import exegpt_steps  # noqa: E402
 
 import exegpt.models.attention as attention  # noqa: E402
+import exegpt.models.decode_buckets as buckets  # noqa: E402
 import exegpt.models.packed as packed  # noqa: E402
 
 
@@ -42,7 +43,7 @@ def buckets_per_step(decode: object, allowance: int) -> int:
     # packed steps (Llama) look it up in packed, T5 decode steps in attention
     packed.attend_buckets = attention.attend_buckets = counting
     try:
-        packed.DECODE_BUCKET_MIN_PADDING = allowance
+        buckets.DECODE_BUCKET_MIN_PADDING = allowance
         decode()  # type: ignore[operator]
     finally:
         packed.attend_buckets = attention.attend_buckets = real
@@ -57,7 +58,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     allowances = [int(a) for a in args.allowances.split(",")]
-    default = packed.DECODE_BUCKET_MIN_PADDING
+    default = buckets.DECODE_BUCKET_MIN_PADDING
     print(f"decode step, bfloat16, batch 32, task-S prompts, 1 thread, best of {args.steps}; "
           f"default {default} keys; ratio = first allowance's ms over this ms")  # fmt: skip
     for name in args.models.split(","):
@@ -67,12 +68,12 @@ def main() -> int:
             counts = {a: buckets_per_step(decode, a) for a in allowances}
             for _ in range(args.steps):
                 for allowance in allowances:
-                    packed.DECODE_BUCKET_MIN_PADDING = allowance
+                    buckets.DECODE_BUCKET_MIN_PADDING = allowance
                     start = time.thread_time()
                     decode()
                     best[allowance] = min(best[allowance], time.thread_time() - start)
         finally:
-            packed.DECODE_BUCKET_MIN_PADDING = default
+            buckets.DECODE_BUCKET_MIN_PADDING = default
         first = best[allowances[0]]
         for allowance, seconds in best.items():
             print(f"  {name:6s} allowance {allowance:4d} keys  {counts[allowance]:4d} buckets  "

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from exegpt.models.decode_attention import decode_kernel
-from exegpt.models.packed import DecodeBucket, PackedLayout, attend_buckets, packed_attention
+from exegpt.models.decode_buckets import DecodeBucket, attend_buckets
+from exegpt.models.packed import PackedLayout, packed_attention
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,14 @@
 """A decode bucket's K/V gathered in parts that stay on the heap.
 
 A decode bucket's keys are gathered into fresh K and V tensors of rows x padded keys x the
-pool's bytes per key (exegpt/models/packed.py `gather_keys`). glibc serves a block over its
-mmap threshold (32 MiB at most, pinned by exegpt/allocator.py) with a fresh mmap, and every
+pool's bytes per key (exegpt/models/block_gather.py `gather_keys`). glibc serves a block over
+its mmap threshold (32 MiB at most, pinned by exegpt/allocator.py) with a fresh mmap, and every
 step then pays the page faults of touching it again: past that size a decode step of the
 default model measured 1.78-1.85x its time per row below it (batch 320-512 at 128 cross keys,
 float32), a cliff the profile cannot see (its grid stops at 2**15 KV tokens, below it) and that
 a schedule with a large decode batch (RRA, static) walked into. Each bucket is therefore
-attended in row slices whose gathered K (and V) stay within `DECODE_GATHER_MAX_BYTES`; each
+attended in row slices whose gathered K (and V) stay within `DECODE_GATHER_MAX_BYTES`, cut once
+per step when the step's layout is built (exegpt/models/decode_buckets.py), not per layer; each
 extra slice costs one bucket's fixed kernel calls per layer, which a step of that size does not
 notice. Only a CPU pool is sliced: the cliff is the host heap's, and a GPU gains nothing.
 """
@@ -22,7 +23,7 @@ from torch import Tensor
 from exegpt.allocator import MMAP_THRESHOLD_BYTES
 
 if TYPE_CHECKING:
-    from exegpt.models.packed import DecodeBucket
+    from exegpt.models.decode_buckets import DecodeBucket
 
 # Half the heap's ceiling: a copy of K/V the size of the gathered one (a cast to the queries'
 # dtype, a grouped-query expansion in SDPA's math path) stays under it too.

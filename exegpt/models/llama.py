@@ -161,6 +161,7 @@ class LlamaModel(nn.Module):
             self_kv.read_slots,
             self.config.sliding_window,
             block_size=kv[0].block_size_tokens if kv else 1,
+            pool=kv[0].k if kv else None,
         )
         meta = AttentionMetadata(
             write_slots=self_kv.write_slots,

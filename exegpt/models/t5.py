@@ -25,8 +25,12 @@ from exegpt.models.attention import (
 )
 from exegpt.models.batch import DecodeBatch, KVIndex, PrefillBatch
 from exegpt.models.config import ModelConfig
+from exegpt.models.decode_buckets import (
+    DECODE_BUCKET_PADDING,
+    DecodeBucket,
+    padded_decode_buckets,
+)
 from exegpt.models.layers import RMSNorm, build_ffn, embedding, relative_position_bias
-from exegpt.models.packed import DECODE_BUCKET_PADDING, DecodeBucket, padded_decode_buckets
 
 _SCALE = 1.0  # T5 folds 1/sqrt(d) into the initialisation of q
 
@@ -138,7 +142,8 @@ class T5DecoderLayer(nn.Module):
 
 class T5Model(nn.Module):
     # A decode step's rows share a bucket while their KV length is at least (1 - this) x the
-    # bucket's longest (exegpt/models/packed.py); benchmarks/t5_decode_step.py compares bounds.
+    # bucket's longest (exegpt/models/decode_buckets.py); benchmarks/t5_decode_step.py compares
+    # bounds.
     decode_bucket_padding: float = DECODE_BUCKET_PADDING
     # ... or at most this many keys shorter than it (None: DECODE_BUCKET_MIN_PADDING)
     decode_bucket_min_padding: int | None = None
@@ -296,11 +301,12 @@ class T5Model(nn.Module):
             raise ValueError("a T5 decode step needs self and cross KV slots")
         assert batch.cross_kv.read_slots is not None
         block_size = kv[0].block_size_tokens if kv else 1
+        pool = kv[0].k if kv else None  # its bytes per key bound a bucket's gathered K/V
         num_rows = batch.tokens.shape[0]
         lengths = torch.cat([batch.self_kv.lengths, batch.cross_kv.lengths]).tolist()  # 1 read
         padding, min_padding = self.decode_bucket_padding, self.decode_bucket_min_padding
         self_buckets = padded_decode_buckets(
-            batch.self_kv.read_slots, lengths[:num_rows], block_size, padding, min_padding
+            batch.self_kv.read_slots, lengths[:num_rows], block_size, padding, min_padding, pool
         )
         self_meta = AttentionMetadata(
             write_slots=batch.self_kv.write_slots,
@@ -308,7 +314,7 @@ class T5Model(nn.Module):
             buckets=self._with_position_bias(self_buckets, batch.positions, block_size),
         )
         cross_buckets = padded_decode_buckets(
-            batch.cross_kv.read_slots, lengths[num_rows:], block_size, padding, min_padding
+            batch.cross_kv.read_slots, lengths[num_rows:], block_size, padding, min_padding, pool
         )
         meta = T5DecoderMetadata(self_meta, AttentionMetadata(buckets=cross_buckets))
         hidden = self.run_decoder(batch.tokens, hidden, kv, meta)  # [B, 1, d_model]

@@ -1,17 +1,19 @@
 """A decode bucket whose gathered K/V would pass the heap's ceiling runs in row slices within
-the budget (exegpt/models/gather_budget.py), and a sliced step gives the logits of a whole one,
-stale non-finite K/V in reused blocks included."""
+the budget (exegpt/models/gather_budget.py), cut once per step into the step's layout (not per
+layer), and a sliced step gives the logits of a whole one, stale non-finite K/V in reused
+blocks included."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import exegpt.models.packed as packed
+import exegpt.models.decode_buckets as buckets
 from exegpt.allocator import MMAP_THRESHOLD_BYTES
+from exegpt.models.decode_buckets import DecodeBucket
 from exegpt.models.gather_budget import DECODE_GATHER_MAX_BYTES, gathered_bytes, within_budget
 from exegpt.models.loader import load_model
-from exegpt.models.packed import DecodeBucket
+from exegpt.models.packed import packed_layout
 from tests.models.conftest import Checkpoint
 from tests.models.helpers import assert_logits_close, decode_logits
 
@@ -66,6 +68,67 @@ def test_a_pool_off_the_host_is_never_sliced() -> None:
     assert whole is bucket
 
 
+def _decode_layout(pool: torch.Tensor | None):
+    """The packed layout of four decode rows of 40, 33, 38 and 36 keys in 16-token blocks
+    (row b's slots 1000 b onwards): one bucket by the padding bounds."""
+    kv_lengths = [40, 33, 38, 36]
+    read_slots = torch.cat([torch.arange(1000 * b, 1000 * b + n) for b, n in enumerate(kv_lengths)])
+    positions = torch.tensor([n - 1 for n in kv_lengths])
+    return packed_layout(torch.arange(5), positions, read_slots, None, block_size=16, pool=pool)
+
+
+def test_the_layout_carries_the_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step's layout holds the budget's row slices, cut from its pool's bytes per key:
+    every layer reuses them. Without a pool (or with one off the host) the bucket stays whole.
+    """
+    assert len(_decode_layout(torch.zeros(1, 4, 64)).buckets) == 1
+    monkeypatch.setattr(buckets, "DECODE_GATHER_MAX_BYTES", 1)  # one row per slice
+    sliced = _decode_layout(torch.zeros(1, 4, 64)).buckets
+    assert [s.query_index.tolist() for s in sliced] == [[0], [2], [3], [1]]  # longest first
+    for part, length in zip(sliced, [40, 38, 36, 33], strict=True):
+        assert part.key_blocks.shape == (1, 3)
+        assert part.mask[0, 0, 0].tolist() == [p < length for p in range(48)]
+        assert part.hidden_keys.tolist() == list(range(length, 48))
+    assert len(_decode_layout(None).buckets) == 1
+    assert len(_decode_layout(torch.zeros(1, 4, 64, device="meta")).buckets) == 1
+
+
+@pytest.mark.parametrize("variant", ["llama", "t5"])
+def test_a_decode_step_cuts_its_slices_once_not_per_layer(
+    checkpoints: dict[str, Checkpoint], variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every layer of a decode step attends the same slices, cut by one budget check per
+    bucket of the step (T5: its self and its cross buckets), not one per layer."""
+    loaded = load_model(str(checkpoints[variant].path))
+    checks = 0
+    real_within = buckets.within_budget
+
+    def counting_within(*args, **kwargs):
+        nonlocal checks
+        checks += 1
+        return real_within(*args, **kwargs)
+
+    monkeypatch.setattr(buckets, "within_budget", counting_within)
+    monkeypatch.setattr(buckets, "DECODE_GATHER_MAX_BYTES", 1)  # one row per slice
+    rows_per_call: list[int] = []
+    real_kernel = buckets.decode_kernel
+
+    def recording_kernel(q, k, v, mask, scale):
+        rows_per_call.append(k.shape[0])
+        return real_kernel(q, k, v, mask, scale)
+
+    monkeypatch.setattr(buckets, "decode_kernel", recording_kernel)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [40, 41]]
+    decode_logits(loaded, prompts, poisoned=False, steps=1)
+    layers = loaded.config.num_decoder_layers
+    assert rows_per_call and set(rows_per_call) == {1}  # sliced to one row per call
+    # one step, at most one bucket per row and attention kind: a per-layer cut would make
+    # `layers` times as many checks
+    kinds = 2 if variant == "t5" else 1
+    assert 1 <= checks <= kinds * len(prompts)
+    assert len(rows_per_call) == layers * kinds * len(prompts)
+
+
 @pytest.mark.parametrize("variant", ["llama", "t5"])
 def test_sliced_decode_steps_give_the_logits_of_whole_ones(
     checkpoints: dict[str, Checkpoint], variant: str, monkeypatch: pytest.MonkeyPatch
@@ -75,18 +138,18 @@ def test_sliced_decode_steps_give_the_logits_of_whole_ones(
     loaded = load_model(str(checkpoints[variant].path))
     prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30 + j for j in range(13)], [40, 41]]
     rows_per_call: list[int] = []
-    real_kernel = packed.decode_kernel
+    real_kernel = buckets.decode_kernel
 
     def recording_kernel(q, k, v, mask, scale):
         rows_per_call.append(k.shape[0])
         return real_kernel(q, k, v, mask, scale)
 
-    monkeypatch.setattr(packed, "decode_kernel", recording_kernel)
+    monkeypatch.setattr(buckets, "decode_kernel", recording_kernel)
 
     whole = decode_logits(loaded, prompts, poisoned=True)
     assert max(rows_per_call) > 1  # the default budget attends the rows together
     rows_per_call.clear()
-    monkeypatch.setattr(packed, "DECODE_GATHER_MAX_BYTES", 1)  # one row per slice
+    monkeypatch.setattr(buckets, "DECODE_GATHER_MAX_BYTES", 1)  # one row per slice
     sliced = decode_logits(loaded, prompts, poisoned=True)
     assert rows_per_call and max(rows_per_call) == 1
     assert torch.isfinite(sliced).all()

@@ -8,11 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import exegpt.models.packed as packed
+import exegpt.models.decode_buckets as buckets
 from exegpt.models.decode_attention import decode_kernel
+from exegpt.models.decode_buckets import padded_decode_buckets
 from exegpt.models.kv_cache import SequenceKV
 from exegpt.models.loader import load_model
-from exegpt.models.packed import packed_layout, padded_decode_buckets
+from exegpt.models.packed import packed_layout
 from tests.models.conftest import Checkpoint
 from tests.models.helpers import assert_logits_close, decode_logits, make_runner
 
@@ -112,13 +113,13 @@ def test_t5_decode_reads_each_rows_own_keys_only(
     seqs = [SequenceKV() for _ in prompts]
     last = runner.prefill(seqs, prompts).argmax(-1).tolist()
     widths: list[tuple[int, int]] = []  # (rows, keys) of each attention call
-    real_kernel = packed.decode_kernel
+    real_kernel = buckets.decode_kernel
 
     def recording_kernel(q, k, v, mask, scale):  # the real kernel, its shapes noted
         widths.append((k.shape[0], k.shape[1]))
         return real_kernel(q, k, v, mask, scale)
 
-    monkeypatch.setattr(packed, "decode_kernel", recording_kernel)
+    monkeypatch.setattr(buckets, "decode_kernel", recording_kernel)
     runner.decode(seqs, last)
     num_layers = loaded.config.num_decoder_layers
     keys_read = sum(rows * keys for rows, keys in widths) // num_layers
