@@ -23,7 +23,8 @@ from exegpt.models.batch import prefill_lengths
 from exegpt.models.defaults import DEFAULT_MODEL_NAME, default_model_config
 from exegpt.models.kv_cache import DEFAULT_BLOCK_SIZE_TOKENS, BlockAllocator, SequenceKV
 from exegpt.placement import Placement
-from services.worker.executor.pipeline import PipelineConfig, PipelineExecutor
+from services.worker.executor.pipeline import PipelineExecutor
+from services.worker.executor.pipeline_config import PipelineConfig
 from services.worker.sampling import RowSampling
 from services.worker.step_plan import StepKind, StepPlan, StepResult
 

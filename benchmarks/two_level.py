@@ -13,13 +13,14 @@ fills the KV cache: this is where fcfs preempts); the baseline's steady-state ra
 the capacity, and its e2e p50 the latency bound (unless --latency-bound-s). The burst's size
 is the rule every measured burst follows (exegpt/bench/burst.py): MEASURED_BATCHES running
 batches of each replica (4 x 16 x 2 = 128 requests at the default batch). The capacity is
-the highest rate the baseline sustains, so it is the burst's completions per second in its
-steady window (exegpt/bench/against_plan.py: between the 10th and 90th percentile
-completions, ending when the last request was admitted), not its requests over the whole
-run: that run includes the first batch's fill, before anything completes, and the drain,
-where the batches shrink, and read 15-22% below the steady rate (conv 39.1 against 46.1
-seq/s, code 35.6 against 45.4, 80 requests), so "95% load" offered about 75-80% of what
-the baseline sustains and the queues stayed short. The matrix prints the whole burst's rate
+the highest rate the baseline sustains, so it is the burst's completion rate in its
+steady window (exegpt/bench/against_plan.py: the slope of the completions between the 10th
+and 90th percentile completions, ending when the last request was admitted), not its
+requests over the whole run: that run includes the first batch's fill, before anything
+completes, and the drain, where the batches shrink, and read 15-22% below the steady rate
+(conv 39.1 against 46.1 seq/s, code 35.6 against 45.4, 80 requests; the steady rates
+counted between the window's ends, before the slope), so "95% load" offered about 75-80%
+of what the baseline sustains and the queues stayed short. The matrix prints the whole burst's rate
 beside the capacity. Then every combination replays --requests-per-cell requests as Poisson
 arrivals at each load (in increasing order). Every combination of a trace has its
 deployment up at once, and the replays of a cell alternate between them (repeat i of each

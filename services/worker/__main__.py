@@ -27,7 +27,7 @@ from services.worker.schedule_board import PlannedPrediction
 
 if TYPE_CHECKING:
     from exegpt.models.loader import ModelCard
-    from services.worker.executor.pipeline import PipelineConfig
+    from services.worker.executor.pipeline_config import PipelineConfig
     from services.worker.schedule_link import ScheduleLink
     from services.worker.server import RunningWorker
 
@@ -299,7 +299,7 @@ async def _link(config: WorkerConfig, worker: RunningWorker) -> ScheduleLink | N
 def _pipeline(config: WorkerConfig, card: ModelCard) -> PipelineConfig:
     from exegpt.dtypes import dtype_name
     from exegpt.models.kv_cache import KVCacheSpec
-    from services.worker.executor.pipeline import PipelineConfig
+    from services.worker.executor.pipeline_config import PipelineConfig
 
     assert config.stage_addresses is not None
     engine = config.engine

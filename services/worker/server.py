@@ -45,7 +45,8 @@ from services.worker.engine import (
     RequestTimings,
 )
 from services.worker.executor.local import LocalExecutor
-from services.worker.executor.pipeline import PipelineConfig, PipelineExecutor
+from services.worker.executor.pipeline import PipelineExecutor
+from services.worker.executor.pipeline_config import PipelineConfig
 from services.worker.load_watch import LoadBoard, TooManyWatchersError
 from services.worker.metrics import (
     MetricsServicer,

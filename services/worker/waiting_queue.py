@@ -5,7 +5,13 @@ tokens the queue is expected to generate. Walking thousands of waiting requests 
 took milliseconds on the engine's hot lock, so the queue keeps the sums as requests come
 and go: the prompt tokens, and how many requests wait with each `max_tokens` (a waiting
 request has generated nothing, so its expected remaining tokens depend on `max_tokens`
-alone; the few distinct values are priced against the learned lengths when asked).
+alone). Each distinct value is priced against the learned lengths when asked: a client
+that sends one max_tokens costs one estimate, while `exegpt bench` sends each request's
+true output length, so a snapshot may price hundreds of values (each a bisection).
+
+Only the load push is spared the walk. Admission (services/worker/admission.py) still
+copies the queue for the mode to choose from and removes each admitted request from the
+deque by search, both under the scheduler's lock, once per admission pass.
 Not thread-safe: the scheduler guards it with its lock.
 """
 

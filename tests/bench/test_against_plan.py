@@ -59,11 +59,14 @@ def test_steady_rate_ends_when_the_last_request_is_admitted() -> None:
     drain = [_row(0.0, 0.5, 7.0 + 0.01 * j, 10, queue_s=6.0 + 0.0225 * j) for j in range(40)]
     rows = steady + drain
     assert against_plan.last_admission_s(rows) == pytest.approx(6.0 + 0.0225 * 39)
-    # The 10th..90th percentile completions alone run into the drain: faster than steady.
+    # The 10th..90th percentile completions alone run into the drain: 51 completions at 10
+    # per second (1.9..6.9 s), then 30 at 100 per second (7.0..7.29 s). Their least-squares
+    # slope reads 12.75 per second, faster than steady (counting between the window's ends
+    # would read 80 / 5.39 = 14.8).
     ends = [r["send_s"] + r["e2e_s"] for r in rows]
     assert against_plan.steady_window(ends) == pytest.approx((1.9, 7.29))
     drained = against_plan.steady_throughput(ends)
-    assert drained is not None and 11.0 < drained < 100.0
+    assert drained == pytest.approx(12.75, abs=0.01)
     # Cut where the queue emptied: completions 9..59, (59 - 9) / (6.9 - 1.9) = 10 per second.
     measured = against_plan.measure(_document(rows), p99_output_tokens=10)
     assert measured.throughput_seq_s == pytest.approx(10.0)
@@ -83,6 +86,22 @@ def test_a_schedule_that_finishes_in_bunches_reads_its_cycle_rate() -> None:
     assert against_plan.steady_window(ends) == pytest.approx((2.0, 18.176))
     measured = against_plan.measure(_document(rows), 5)
     assert measured.throughput_seq_s == pytest.approx(50.0, rel=0.03)
+
+
+@pytest.mark.parametrize("phase_s", [0.0, 0.3, 0.7, 1.1, 1.5, 1.9])
+def test_few_cycles_read_low_never_high(phase_s: float) -> None:
+    # Static batching, 4 batches a replica (the measured-burst rule), 2 replicas: each
+    # replica finishes its 100 requests every 2 s within 0.2 s, 100 per second in all, the
+    # second replica `phase_s` behind. With ~3 cycles in the window the slope reads a few
+    # percent low, whatever the phase: against the plan, never in its favour.
+    ends = sorted(
+        offset + 2.0 * (c + 1) + 0.002 * k
+        for offset in (0.0, phase_s)
+        for c in range(4)
+        for k in range(100)
+    )
+    rate = against_plan.steady_throughput(ends)
+    assert rate is not None and 88.0 < rate < 100.0
 
 
 def test_p99_length_latency_leaves_the_queueing_out() -> None:

@@ -17,7 +17,7 @@ from exegpt.models.loader import LoadedModel, load_model
 from services.worker.config import EngineConfig
 from services.worker.engine import Engine
 from services.worker.executor.local import LocalExecutor
-from services.worker.executor.pipeline import PipelineConfig
+from services.worker.executor.pipeline_config import PipelineConfig
 from services.worker.policies import EnginePolicy, PolicyConfig
 from services.worker.requests import EngineRequest
 from services.worker.server import build_engine, build_pipeline_engine

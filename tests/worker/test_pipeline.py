@@ -22,7 +22,7 @@ from exegpt.placement import Placement, StagePlacement
 from exegpt.schedule import Schedule, ScheduleKind
 from exegpt.v1 import stage_pb2, stage_pb2_grpc, transport_pb2
 from services.worker.config import EngineConfig
-from services.worker.executor.pipeline import PipelineConfig
+from services.worker.executor.pipeline_config import PipelineConfig
 from services.worker.server import build_engine, build_pipeline_engine
 from tests.worker.stages import StagePool, StageProcess
 from tests.worker.test_engine import run_all_queued, submit

@@ -9,7 +9,7 @@ import pytest
 
 from exegpt.models.loader import load_model
 from services.worker.config import EngineConfig
-from services.worker.executor.pipeline import PipelineConfig
+from services.worker.executor.pipeline_config import PipelineConfig
 from services.worker.server import build_engine, build_pipeline_engine
 from tests.models.conftest import build_family_hf
 from tests.worker.stages import StagePool

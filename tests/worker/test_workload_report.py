@@ -23,7 +23,7 @@ from services.scheduler.observations import StageKind
 from services.scheduler.service import SchedulerCore
 from services.worker.config import EngineConfig
 from services.worker.engine import EngineRequest
-from services.worker.executor.pipeline import PipelineConfig
+from services.worker.executor.pipeline_config import PipelineConfig
 from services.worker.observations import Observations, StepTime
 from services.worker.schedule_board import Finish, p99_length_latency
 from services.worker.schedule_link import placement_to_apply

@@ -173,6 +173,7 @@ class PipelineExecutor:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, "a stage is down"))
                 span.end()
                 return
+            addresses = self._first_hops[hop]
             self._in_flight[plan.step_id] = (plan, time.monotonic() + self._config.step_timeout_s)
             self._spans[plan.step_id] = span
         attributes = {
@@ -181,7 +182,7 @@ class PipelineExecutor:
             "micro_batch": str(plan.micro_batch),
         }
         message = TensorMessage(kind, tensors, attributes=attributes, trace_context=carrier)
-        self._fanout.send(self._first_hops[hop], message)
+        self._fanout.send(addresses, message)
         self._ahead.defer(plan)  # its successor is built while the stages compute it
 
     def _build_ahead(self, timeout_ms: int) -> int:
@@ -298,11 +299,13 @@ class PipelineExecutor:
                     future.result()
                 except grpc.RpcError as exc:
                     raise PipelineError(f"a stage failed to load: {exc.details()}") from None
-        self._load_id = load_id
-        self._first_hops = first_hops(placement, data)
+        hops_in = first_hops(placement, data)
         # A restarted stage has a new data address: close the socket and ring of its old one.
-        self._fanout.retain(address for hop in self._first_hops.values() for address in hop)
-        self._healthy = True
+        self._fanout.retain(address for hop in hops_in.values() for address in hop)
+        with self._lock:  # a submit reads the load id and its hops together
+            self._first_hops = hops_in
+            self._load_id = load_id
+            self._healthy = True
         logger.info(
             "pipeline loaded: %d stages, %d processes, load %s",
             len(placement.stages),
