@@ -42,20 +42,28 @@ class RMSNorm(nn.Module):
 
 
 # A feed-forward's widest intermediate ([tokens x d_ff], two of them gated) stays under this
-# on a CPU: longer inputs run in token chunks (`in_token_chunks`), at least this many tokens.
+# on a CPU: longer inputs run in token chunks (`in_token_chunks`). A chunk keeps at least
+# FFN_CHUNK_MIN_TOKENS tokens, so that each GEMM keeps an M the matrix engine runs at its
+# rate; a very wide d_ff (over 16k in float32) then passes the budget rather than shrink M.
 FFN_CHUNK_MAX_BYTES = MMAP_THRESHOLD_BYTES // 2
 FFN_CHUNK_MIN_TOKENS = 256
 
 
+def ffn_chunk_tokens(width: int, element_size: int) -> int:
+    """Tokens per chunk for an intermediate of `width` values a token of `element_size`
+    bytes: within FFN_CHUNK_MAX_BYTES, or FFN_CHUNK_MIN_TOKENS where that is more."""
+    return max(FFN_CHUNK_MIN_TOKENS, FFN_CHUNK_MAX_BYTES // (width * element_size))
+
+
 def in_token_chunks(ffn: Callable[[Tensor], Tensor], x: Tensor, width: int) -> Tensor:
-    """ffn(x) for x [..., d_model], over consecutive slices of its tokens whose intermediate
-    of `width` values a token stays within FFN_CHUNK_MAX_BYTES (on a CPU; elsewhere whole).
-    A token's output depends on its own row only, so the slices give the same values; each
-    slice's tensors stay under glibc's mmap threshold and reuse heap memory, where a whole
-    prefill of thousands of tokens maps fresh pages for each and faults them in."""
+    """ffn(x) for x [..., d_model], over consecutive slices of its tokens of
+    `ffn_chunk_tokens` each (on a CPU; elsewhere whole). A token's output depends on its own
+    row only, so the slices give the same values; each slice's tensors stay under glibc's
+    mmap threshold and reuse heap memory, where a whole prefill of thousands of tokens maps
+    fresh pages for each and faults them in."""
     flat = x.reshape(-1, x.shape[-1])
     tokens = flat.shape[0]
-    chunk = max(FFN_CHUNK_MIN_TOKENS, FFN_CHUNK_MAX_BYTES // (width * x.element_size()))
+    chunk = ffn_chunk_tokens(width, x.element_size())
     if x.device.type != "cpu" or tokens <= chunk:
         return ffn(x)
     parts = [ffn(flat[start : start + chunk]) for start in range(0, tokens, chunk)]

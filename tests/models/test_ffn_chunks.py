@@ -29,6 +29,27 @@ def _ffns() -> dict[str, tuple[nn.Module, nn.Module]]:
     }
 
 
+@pytest.mark.parametrize(
+    ("ffn", "dtype", "chunk"),
+    [
+        # Gated: two [tokens x 2048] bf16 intermediates, 8 KiB a token: 2048 tokens a chunk.
+        (lambda: SwiGLU(8, 2048), torch.bfloat16, 2048),
+        (lambda: GatedGeluFFN(8, 2048), torch.bfloat16, 2048),
+        # One [tokens x 1024] float32 intermediate, 4 KiB a token: 4096 tokens a chunk.
+        (lambda: ReluFFN(8, 1024), torch.float32, 4096),
+    ],
+)
+def test_chunks_at_the_real_budget_keep_the_intermediate_within_it(ffn, dtype, chunk) -> None:
+    """Half the 32 MiB mmap threshold, in tokens: the sizes the design doc gives."""
+    module = ffn().to(dtype)
+    output = module.wo if hasattr(module, "wo") else module.down_proj
+    rows: list[int] = []
+    output.register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[0]))
+    with torch.inference_mode():
+        module(torch.randn(2 * chunk + 1, 8, dtype=dtype))
+    assert rows == [chunk, chunk, 1]
+
+
 @pytest.mark.parametrize("name", ["relu", "gated-gelu", "swiglu", "swiglu-fused"])
 @pytest.mark.parametrize("shape", [(1, 700), (3, 250)])
 def test_a_long_input_runs_in_chunks_with_the_whole_calls_outputs(
