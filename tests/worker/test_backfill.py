@@ -18,7 +18,7 @@ from services.worker.__main__ import add_arguments, policy_from_args
 from services.worker.config import EngineConfig
 from services.worker.policies import EnginePolicy, KvState, Load, PolicyConfig, make_policy
 from services.worker.requests import EngineRequest
-from services.worker.step_plan import StepKind
+from services.worker.step_plan import StepKind, StepPlan, StepResult
 from services.worker.step_scheduler import StepScheduler
 
 
@@ -122,3 +122,43 @@ def test_a_chunked_prefill_counts_its_steps_against_the_window(
         assert plan is not None and [len(t) for t in plan.token_ids] == [8]  # L2 whole
     else:
         assert plan is None
+
+
+def test_the_head_s_deadline_is_not_moved_out_by_a_sequence_outliving_its_prediction(
+    llama_config,
+) -> None:
+    """Outputs of 4 seen: R0 (prompt 20, max_tokens 24, generating all 24) is predicted to end
+    with 4. H (prompt 56) would hold 15 blocks beside R0's 6 (21 > budget 19): predicted to
+    fit 3 steps on, when it first blocks at step 1, so its deadline is step 4. S1 (2 tokens)
+    ends by then and passes. R0 runs on past 4 tokens and is predicted again (max_tokens: 16
+    more); a window recomputed from now would let S2 pass too, but step 4 has gone: S2
+    waits behind H."""
+    config = EngineConfig(
+        kv_block_size_tokens=4, policy=PolicyConfig(EnginePolicy.MEMORY_AWARE, backfill=True)
+    )
+    scheduler = StepScheduler(config, llama_config, BlockAllocator(20))
+    for _ in range(8):
+        scheduler.lengths.observe(4)
+
+    def enqueue(request_id: str, prompt_tokens: int, max_tokens: int) -> None:
+        sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        scheduler.enqueue(EngineRequest(request_id, [5] * prompt_tokens, sampling, print))
+
+    def run_step() -> StepPlan:
+        plan = scheduler.next_plan()
+        assert plan is not None
+        rows = len(plan.seq_ids)
+        scheduler.complete(StepResult(plan.step_id, (7,) * rows, (None,) * rows))
+        return plan
+
+    enqueue("R0", 20, 24)
+    run_step()  # R0's prefill: step 1
+    enqueue("H", 56, 8)
+    enqueue("S1", 4, 2)
+    assert [len(tokens) for tokens in run_step().token_ids] == [4]  # S1 passes H
+    for _ in range(5):  # S1 ends in the first; R0 reaches 6 tokens, past its prediction
+        assert run_step().kind is StepKind.DECODE
+    assert (scheduler.snapshot().num_running, scheduler.num_waiting()) == (1, 1)
+    enqueue("S2", 4, 2)
+    assert run_step().kind is StepKind.DECODE  # R0 alone: S2 does not pass
+    assert scheduler.num_waiting() == 2
