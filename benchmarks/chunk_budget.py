@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from policy_runs import chunk_budgets  # noqa: E402
+from policy_runs import parse_budget  # noqa: E402
 from two_level import TRACES, build_tiny_llama  # noqa: E402
 
 from exegpt.generation import SamplingParams  # noqa: E402
@@ -137,6 +137,14 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1, help="rounds over the budgets")
     args = parser.parse_args()
+    try:  # every budget checked before the runs: N, N-M or off, each optionally +backfill
+        budgets = {budget: parse_budget(budget) for budget in args.budgets.split(",")}
+        policies = {
+            budget: PolicyConfig(EnginePolicy(args.engine_policy), backfill=backfill)
+            for budget, (_, _, backfill) in budgets.items()
+        }
+    except ValueError as exc:
+        parser.error(str(exc))
     import torch
 
     torch.set_num_threads(1)
@@ -155,14 +163,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         loaded = load_model(str(build_tiny_llama(Path(tmp) / "tiny-llama")))
         for budget in args.budgets.split(",") * args.repeats:  # interleaved: same noise
-            chunks, _, extra = budget.partition("+")  # `+backfill`: memory_aware's --backfill
-            fixed, long = chunk_budgets(chunks)  # N, N-M (a long-output budget M) or off
+            fixed, long, _ = budgets[budget]  # N, N-M (a long-output budget M) or off
             config = EngineConfig(
                 max_batch_size=args.max_batch_size,
                 kv_capacity_bytes=int(args.kv_cache_mb * 2**20),
                 max_tokens_per_step=fixed,
                 long_output_tokens_per_step=long,
-                policy=PolicyConfig(EnginePolicy(args.engine_policy), backfill=extra == "backfill"),
+                policy=policies[budget],
             )
             times, steps = replay(loaded, config, rows, gaps_s)
             print(report(budget, times, steps), flush=True)

@@ -96,6 +96,17 @@ def test_the_worker_flag_turns_backfill_on() -> None:
     assert policy_from_args(parser.parse_args([*base, "--backfill"])).backfill
 
 
+@pytest.mark.parametrize("policy", ["fcfs", "sjf"])
+def test_backfill_under_another_policy_is_refused(policy: str) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", "m", "--engine-policy", policy, "--backfill"])
+    with pytest.raises(ValueError, match="backfill.*memory_aware"):
+        policy_from_args(args)
+    with pytest.raises(ValueError, match="backfill.*memory_aware"):
+        PolicyConfig(EnginePolicy(policy), backfill=True)
+
+
 @pytest.mark.parametrize("max_tokens_per_step", [None, 2])
 def test_a_chunked_prefill_counts_its_steps_against_the_window(
     llama_config, max_tokens_per_step: int | None
