@@ -50,16 +50,14 @@ class OutputLengthModel:
         index = bisect.bisect_right(self._sorted, length)
         self._sorted.insert(index, length)
         self._suffix.insert(index + 1, self._suffix[index])
-        for i in range(index + 1):
-            self._suffix[i] += length
+        self._suffix[: index + 1] = [total + length for total in self._suffix[: index + 1]]
 
     def _remove(self, length: int) -> None:
         """Remove one `length`; every suffix sum up to its place shrinks by it."""
         index = bisect.bisect_left(self._sorted, length)
         del self._sorted[index]
         del self._suffix[index]
-        for i in range(index):
-            self._suffix[i] -= length
+        self._suffix[:index] = [total - length for total in self._suffix[:index]]
 
     def quantile(self, q: float, num_generated: int, max_tokens: int) -> int:
         """The q-quantile of the total output length of a request that has generated

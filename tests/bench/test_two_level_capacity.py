@@ -154,3 +154,20 @@ def test_a_budget_may_turn_backfill_on_and_nothing_else() -> None:
     for bad in ("off+backfil", "64+backfill+x", "64x"):
         with pytest.raises(ValueError, match="budget"):
             parse(bad)
+
+
+def test_the_matrix_label_column_fits_its_longest_label() -> None:
+    Run = POLICY_RUNS["Run"]
+    runs = [
+        Run.parse("fcfs+round_robin"),
+        Run.parse("memory_aware+power_of_two+chunk512-2048+backfill"),
+    ]
+    metrics = {"preemptions": 0}  # every other column prints as missing
+    cells = {(run.name, load): metrics for run in runs for load in (TWO_LEVEL["BURST"], 0.8)}
+    results = TWO_LEVEL["TraceResults"](1.0, 1.0, 2.0, cells)
+    lines = TWO_LEVEL["format_matrix"]("conv", results, runs, [0.8]).splitlines()
+    long = "power_of_two / memory_aware+chunk512-2048+backfill"
+    rows = [line for line in lines if line.startswith(long)]
+    assert len(rows) == 2 and all(row[len(long) : len(long) + 2] == "  " for row in rows)
+    headers = [line for line in lines if line.startswith("router / engine")]
+    assert all(len(h) == len(rows[0]) for h in headers)  # the columns line up

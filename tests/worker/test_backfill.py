@@ -36,6 +36,7 @@ def test_the_head_is_predicted_to_start_at_the_first_finish_that_leaves_it_room(
     assert predicted_start_step([a, b], head, 26, _blocks_at) == 4
     assert predicted_start_step([a, b], head, 22, _blocks_at) == 4
     assert predicted_start_step([a, b], head, 21, _blocks_at) == 8  # H alone: 12
+    assert predicted_start_step([a, b], head, 11, _blocks_at) == 8  # never fits: the last finish
     assert predicted_start_step([], head, 12, _blocks_at) == 0
 
 

@@ -80,7 +80,9 @@ class BasePolicy:
         return 0
 
     def predicted_left(self, load: Load) -> float:
-        """Output tokens `load` is predicted still to generate (the mean)."""
+        """Output tokens `load` is predicted still to generate: here the mean of the lengths
+        seen beyond what it generated; memory_aware, whose backfill is the one reader in the
+        admission, predicts with its quantile instead."""
         return self.lengths.expected_remaining(load.num_generated, load.max_tokens)
 
     def victim(self, candidates: Sequence[Load]) -> Load:
