@@ -42,6 +42,11 @@ class Admission:
     num_preemptions: int
     num_recomputed_tokens: int
     queue_time_s: float
+    # Admission rounds in which the queue's head was not admitted, by cause: "free_blocks"
+    # (its prefill and the watermark exceed the free blocks), "policy" (the policy refused
+    # it: memory_aware's predicted peak), "batch" (no admission slot), "preempted" (the
+    # preempted resume first), "chunk_budget" (chunked prefill left no room this step).
+    head_waits: collections.Counter[str]
 
     def _view(self) -> ModeView:
         num_prefilling = sum(
@@ -72,6 +77,7 @@ class Admission:
         view = self._view()
         limit = self.mode.admission_limit(view)
         if limit <= 0:
+            self._count_head_wait("batch")
             return []
         state = self._kv_state()
         admitted: list[Sequence] = []
@@ -92,14 +98,21 @@ class Admission:
                     load = request_load(head)
                     if deadline is None and not self._fits(load, state):
                         deadline = self._deadline(head.request_id, load, state)
+                        self.head_waits[_refusal(load, state)] += 1
                         continue
                     if deadline is not None and not self._passes(load, deadline, state):
                         continue
                     self._waiting.remove(head)
                     state = _with(state, load)
                     admitted.append(self._new_sequence(head))
+            if self._preempted:
+                self._count_head_wait("preempted")
         self.mode.on_admitted(len(admitted), view)
         return admitted
+
+    def _count_head_wait(self, cause: str) -> None:
+        if self._waiting:
+            self.head_waits[cause] += 1
 
     def _clock(self) -> int:
         """Engine steps so far: one step of every running sequence is a plan per
@@ -184,3 +197,9 @@ def _with(state: KvState, load: Load) -> KvState:
     """`state` after admitting `load` (its prefill blocks are taken)."""
     free = state.free_blocks - state.prefill_blocks(load)
     return replace(state, free_blocks=free, admitted=(*state.admitted, load))
+
+
+def _refusal(load: Load, state: KvState) -> str:
+    """Why a request that did not fit was refused: the free blocks, or the policy."""
+    needed = state.prefill_blocks(load) + (state.watermark if state.admitted else 0)
+    return "free_blocks" if needed > state.free_blocks else "policy"

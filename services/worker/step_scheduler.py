@@ -18,6 +18,7 @@ and `snapshot`: everything else runs on the engine thread.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import threading
 import time
@@ -76,6 +77,7 @@ class StepScheduler(Admission):
         self._step_ids = itertools.count()
         self._steps = 0.0  # the backfill deadlines' clock (admission.py)
         self._backfill_deadline = BackfillDeadline()
+        self.head_waits: collections.Counter[str] = collections.Counter()  # admission.py
         self._seq_ids = itertools.count()
         self.num_finished = 0
         self.num_aborted = 0
@@ -183,6 +185,8 @@ class StepScheduler(Admission):
         decoding = any(s.prefilled for s in self._running)  # else prefills go whole
         if self._chunks.has_room(pending, step_max, num_decodes, decoding):
             pending += self._admit()
+        elif self._waiting:
+            self.head_waits["chunk_budget"] += 1
         chunks = self._chunks.select(pending, step_max, num_decodes, decoding)
         if chunk_turn and chunks:  # else no prefill could start: the decodes go on
             decodes = []

@@ -174,3 +174,20 @@ def test_the_head_s_deadline_is_not_moved_out_by_a_sequence_outliving_its_predic
     enqueue("S2", 4, 2)
     assert run_step().kind is StepKind.DECODE  # R0 alone: S2 does not pass
     assert scheduler.num_waiting() == 2
+
+
+@pytest.mark.parametrize(("prompt_tokens", "cause"), [(44, "policy"), (60, "free_blocks")])
+def test_each_round_the_head_waits_is_counted_by_its_cause(
+    llama_config, prompt_tokens: int, cause: str
+) -> None:
+    """R0 (prompt 20: 5 of 20 blocks) runs. A head of 44 tokens takes 11 blocks + the
+    watermark, within the 15 free, but memory_aware's predicted peak refuses it; one of 60
+    takes 15 + 1 > 15: no free blocks."""
+    config = EngineConfig(kv_block_size_tokens=4, policy=PolicyConfig(EnginePolicy.MEMORY_AWARE))
+    scheduler = StepScheduler(config, llama_config, BlockAllocator(20))
+    for request_id, prompt, max_tokens in (("R0", 20, 24), ("H", prompt_tokens, 8)):
+        sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        scheduler.enqueue(EngineRequest(request_id, [5] * prompt, sampling, print))
+        assert (scheduler.next_plan() is None) == (request_id == "H")
+    assert scheduler.next_plan() is None
+    assert dict(scheduler.head_waits) == {cause: 2}
