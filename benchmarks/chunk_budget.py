@@ -11,9 +11,11 @@ as the bench defines it: (last token - first) / (tokens - 1) per request), TPOT 
 the p99 of each request's longest gap between two tokens, every step kind's mean, p99 and
 max time, and the same of the requests' queue time (arrival to admission), and the engine's
 busy seconds (its clock: forwards and host work while it had work; the same requests, so
-less is cheaper serving). A request with few output
-tokens has a TPOT of one or two gaps: the step after its first token is what it sees, so the
-ratio of a step that carries a chunk to a decode step bounds its TPOT against the median's.
+less is cheaper serving), and the admission rounds in which the queue's head waited, by
+cause (no free blocks for its prefill, the policy's predicted peak, no batch slot, the
+preempted first, no room in the chunk budget). A request with few output tokens has a TPOT
+of one or two gaps: the step after its first token is what it sees, so the ratio of a step
+that carries a chunk to a decode step bounds its TPOT against the median's.
 --repeats R runs the budgets R times, interleaved, so that a shared machine's noise falls on
 all of them.
 Compare with benchmarks/two_level.py, which adds the serving path (router, HTTP, client) on the
@@ -33,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from policy_runs import chunk_budgets  # noqa: E402
+from policy_runs import parse_budget  # noqa: E402
 from two_level import TRACES, build_tiny_llama  # noqa: E402
 
 from exegpt.generation import SamplingParams  # noqa: E402
@@ -47,9 +49,10 @@ from services.worker.server import build_engine  # noqa: E402
 
 def replay(
     loaded: LoadedModel, config: EngineConfig, rows: list[TraceRequest], gaps_s: list[float]
-) -> tuple[dict[int, list[float]], dict[str, list[float]]]:
-    """Every request's token times (from its arrival), and every step's time by kind plus
-    every request's queue time (arrival to admission) as `queue`."""
+) -> tuple[dict[int, list[float]], dict[str, list[float]], dict[str, int]]:
+    """Every request's token times (from its arrival), every step's time by kind plus every
+    request's queue time (arrival to admission) as `queue`, and the admission rounds the
+    queue's head waited by cause (services/worker/admission.py, `head_waits`)."""
     engine = build_engine(loaded, config)
     steps: dict[str, list[float]] = {}
     engine.step_observers.append(
@@ -82,15 +85,21 @@ def replay(
     finally:
         engine.stop()
     steps["queue"] = queued  # reported beside the steps
-    totals = engine.stats().step_totals
+    stats = engine.stats()
+    totals = stats.step_totals
     steps["busy"] = [  # the engine clock: forward and host seconds while it had work
         sum(t.forward_s for t in totals),
         sum(t.host_s for t in totals),
     ]
-    return times, steps
+    return times, steps, dict(stats.head_waits)
 
 
-def report(label: str, times: dict[int, list[float]], steps: dict[str, list[float]]) -> str:
+def report(
+    label: str,
+    times: dict[int, list[float]],
+    steps: dict[str, list[float]],
+    head_waits: dict[str, int],
+) -> str:
     ttfts = [t[0] for t in times.values() if t]
     multi = [t for t in times.values() if len(t) >= 2]
     tpots = [(t[-1] - t[0]) / (len(t) - 1) for t in multi]
@@ -106,6 +115,8 @@ def report(label: str, times: dict[int, list[float]], steps: dict[str, list[floa
         f"{'':8}  busy {forward_s + host_s:6.2f} s: forward {forward_s:6.2f} s, host "
         f"{host_s:6.2f} s"
     )
+    waits = ", ".join(f"{cause} {n}" for cause, n in sorted(head_waits.items())) or "none"
+    lines.append(f"{'':8}  head waited (admission rounds): {waits}")
     for kind, seconds in sorted(steps.items()):
         mean, p99, most = (f(seconds) * 1e3 for f in (np.mean, _p99, max))
         lines.append(
@@ -137,6 +148,14 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1, help="rounds over the budgets")
     args = parser.parse_args()
+    try:  # every budget checked before the runs: N, N-M or off, each optionally +backfill
+        budgets = {budget: parse_budget(budget) for budget in args.budgets.split(",")}
+        policies = {
+            budget: PolicyConfig(EnginePolicy(args.engine_policy), backfill=backfill)
+            for budget, (_, _, backfill) in budgets.items()
+        }
+    except ValueError as exc:
+        parser.error(str(exc))
     import torch
 
     torch.set_num_threads(1)
@@ -155,17 +174,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         loaded = load_model(str(build_tiny_llama(Path(tmp) / "tiny-llama")))
         for budget in args.budgets.split(",") * args.repeats:  # interleaved: same noise
-            chunks, _, extra = budget.partition("+")  # `+backfill`: memory_aware's --backfill
-            fixed, long = chunk_budgets(chunks)  # N, N-M (a long-output budget M) or off
+            fixed, long, _ = budgets[budget]  # N, N-M (a long-output budget M) or off
             config = EngineConfig(
                 max_batch_size=args.max_batch_size,
                 kv_capacity_bytes=int(args.kv_cache_mb * 2**20),
                 max_tokens_per_step=fixed,
                 long_output_tokens_per_step=long,
-                policy=PolicyConfig(EnginePolicy(args.engine_policy), backfill=extra == "backfill"),
+                policy=policies[budget],
             )
-            times, steps = replay(loaded, config, rows, gaps_s)
-            print(report(budget, times, steps), flush=True)
+            print(report(budget, *replay(loaded, config, rows, gaps_s)), flush=True)
     return 0
 
 

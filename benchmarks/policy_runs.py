@@ -68,12 +68,22 @@ class Run:
         """`+backfill` (memory_aware's --backfill) or nothing."""
         return "+backfill" if self.backfill else ""
 
+    def __post_init__(self) -> None:
+        if self.backfill and self.engine_policy != "memory_aware":
+            raise ValueError(f"+backfill needs the memory_aware engine policy: {self.name}")
+
     @classmethod
     def parse(cls, combo: str) -> Run:
-        """`engine+router`, then optionally `+chunkN` or `+chunkN-M`, then `+backfill`."""
-        engine, router, *rest = combo.split("+")
-        backfill = "backfill" in rest
-        chunk = [part for part in rest if part != "backfill"]
+        """`engine+router`, then optionally `+chunkN` or `+chunkN-M`, then `+backfill`;
+        anything else is refused."""
+        parts = combo.split("+")
+        if len(parts) < 2 or not all(parts[:2]):
+            raise ValueError(f"a run is engine+router[+chunkN[-M]][+backfill], not {combo!r}")
+        engine, router, *rest = parts
+        backfill = rest[-1:] == ["backfill"]
+        chunk = rest[:-1] if backfill else rest
+        if len(chunk) > 1 or (chunk and not chunk[0].startswith("chunk")):
+            raise ValueError(f"unknown part {'+'.join(chunk)!r} in run {combo!r}")
         if not chunk:
             return cls(engine, router, backfill=backfill)
         fixed, long = chunk_budgets(chunk[0].removeprefix("chunk"))
@@ -86,7 +96,19 @@ def chunk_budgets(text: str) -> tuple[int | None, int | None]:
     if text == "off":
         return None, None
     fixed, _, long = text.partition("-")
-    return int(fixed), int(long) if long else None
+    try:
+        return int(fixed), int(long) if long else None
+    except ValueError:
+        raise ValueError(f"a chunk budget is N, N-M or off, not {text!r}") from None
+
+
+def parse_budget(text: str) -> tuple[int | None, int | None, bool]:
+    """chunk_budget.py's budget: a chunk budget (`chunk_budgets`), optionally `+backfill`
+    (memory_aware's), as (fixed, long-output budget, backfill); anything else is refused."""
+    chunks, plus, extra = text.partition("+")
+    if plus and extra != "backfill":
+        raise ValueError(f"a budget is N, N-M or off, then optionally +backfill, not {text!r}")
+    return *chunk_budgets(chunks), extra == "backfill"
 
 
 @dataclass(frozen=True)

@@ -203,17 +203,22 @@ def format_matrix(name: str, results: TraceResults, runs: list[Run], loads: list
         f"once, steady window; whole burst {results.whole_burst_seq_s:.2f}); latency bound "
         f"{results.bound_s:.2f} s"
     ]
+    labels = {
+        run.name: f"{run.router_policy} / {run.engine_policy}{run.chunk_label}{run.backfill_label}"
+        for run in runs
+    }
+    width = max(len("router / engine"), *map(len, labels.values())) + 2  # the longest fits
     for load in [BURST, *loads]:
         lines.append(f"-- load {'every request at once' if load == BURST else f'{load:.0%}'}")
-        lines.append(header("router / engine", 48) + f"{'in bound':>10}")
+        lines.append(header("router / engine", width) + f"{'in bound':>10}")
         base = results.cells.get((BASELINE, load))
         for run in runs:
             metrics = results.cells[(run.name, load)]
             within = metric(metrics, ("fraction_within_bound",))
-            engine = f"{run.engine_policy}{run.chunk_label}{run.backfill_label}"
-            label = f"{run.router_policy} / {engine}"
             bound = f"{within:10.2f}" if within is not None else f"{'-':>10}"
-            lines.append(f"{label:48}{cells(metrics)}{ratios(metrics, base)}{bound}")
+            lines.append(
+                f"{labels[run.name]:{width}}{cells(metrics)}{ratios(metrics, base)}{bound}"
+            )
     return "\n".join(lines)
 
 

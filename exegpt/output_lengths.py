@@ -20,6 +20,7 @@ import collections
 import math
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 
 class OutputLengthModel:
@@ -49,16 +50,14 @@ class OutputLengthModel:
         index = bisect.bisect_right(self._sorted, length)
         self._sorted.insert(index, length)
         self._suffix.insert(index + 1, self._suffix[index])
-        for i in range(index + 1):
-            self._suffix[i] += length
+        self._suffix[: index + 1] = [total + length for total in self._suffix[: index + 1]]
 
     def _remove(self, length: int) -> None:
         """Remove one `length`; every suffix sum up to its place shrinks by it."""
         index = bisect.bisect_left(self._sorted, length)
         del self._sorted[index]
         del self._suffix[index]
-        for i in range(index):
-            self._suffix[i] -= length
+        self._suffix[:index] = [total - length for total in self._suffix[:index]]
 
     def quantile(self, q: float, num_generated: int, max_tokens: int) -> int:
         """The q-quantile of the total output length of a request that has generated
@@ -134,3 +133,29 @@ def predicted_start_step(
         if predicted_peak_blocks([*rest, head], blocks_at) <= budget_blocks:
             return start
     return moments[-1]
+
+
+@dataclass
+class BackfillDeadline:
+    """The step by which a blocked head of the queue was first predicted to fit, fixed when
+    it first blocks and never extended: requests behind it may pass it only if they are
+    predicted to finish by then (`within_backfill`), and in strict order once it passed. A
+    window recomputed each round instead moves out whenever a running sequence outlives its
+    prediction, and a stream of short requests can then starve the head indefinitely."""
+
+    head: object = None  # the blocked head's key (a request or sequence id); None: none yet
+    step: int = 0  # the absolute step (the caller's clock) the head was predicted to fit by
+
+    def of(self, head: object, now: int, start_in: int) -> int:
+        """The deadline for `head`: now + `start_in` (predicted_start_step) when it is a new
+        blocked head, else the one recorded when it first blocked."""
+        if head != self.head:
+            self.head, self.step = head, now + start_in
+        return self.step
+
+
+def within_backfill(now: int, steps_to_finish: float, deadline: int) -> bool:
+    """Whether a request predicted to finish `steps_to_finish` steps from `now` may pass a
+    blocked head whose `BackfillDeadline` is the absolute step `deadline`: before the
+    deadline, and finishing by it."""
+    return now < deadline and now + steps_to_finish <= deadline

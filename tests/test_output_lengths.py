@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import random
 
-from exegpt.output_lengths import OutputLengthModel
+from exegpt.output_lengths import BackfillDeadline, OutputLengthModel, within_backfill
 
 
 def test_the_mean_beyond_n_tokens_follows_the_window_as_it_slides() -> None:
@@ -44,3 +44,12 @@ def test_incremental_reads_match_the_window_recomputed_on_random_lengths() -> No
         expected_q = tail[min(len(tail) - 1, math.ceil(0.9 * len(tail)) - 1)]
         assert lengths.quantile(0.9, generated, 500) == expected_q
         assert lengths.quantile(0.0, generated, 500) == max(generated + 1, tail[0])
+
+
+def test_a_backfill_deadline_is_fixed_when_a_head_first_blocks_and_never_extended() -> None:
+    deadline = BackfillDeadline()
+    assert deadline.of("H", now=10, start_in=5) == 15
+    assert deadline.of("H", now=12, start_in=20) == 15  # predicted again, further: kept
+    assert within_backfill(12, 3, 15) and not within_backfill(12, 4, 15)
+    assert not within_backfill(15, 0, 15)  # passed: strict order
+    assert deadline.of("H2", now=30, start_in=4) == 34  # a new blocked head: its own

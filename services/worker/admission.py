@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from exegpt.models.config import ModelConfig
 from exegpt.models.kv_cache import BlockAllocator, num_blocks_needed
+from exegpt.output_lengths import BackfillDeadline, within_backfill
 from services.worker.config import EngineConfig
 from services.worker.modes import ModeView, ScheduleMode
 from services.worker.policies import BasePolicy, KvState, Load
@@ -34,11 +35,18 @@ class Admission:
     _plans: dict[int, tuple[StepKind, list[Sequence]]]
     _seq_ids: itertools.count
     _num_groups: int
+    _steps: float  # plans made so far, each 1 / micro-batch groups: the deadlines' clock
+    _backfill_deadline: BackfillDeadline
     mode: ScheduleMode
     policy: BasePolicy
     num_preemptions: int
     num_recomputed_tokens: int
     queue_time_s: float
+    # Admission rounds in which the queue's head was not admitted, by cause: "free_blocks"
+    # (its prefill and the watermark exceed the free blocks), "policy" (the policy refused
+    # it: memory_aware's predicted peak), "batch" (no admission slot), "preempted" (the
+    # preempted resume first), "chunk_budget" (chunked prefill left no room this step).
+    head_waits: collections.Counter[str]
 
     def _view(self) -> ModeView:
         num_prefilling = sum(
@@ -69,6 +77,7 @@ class Admission:
         view = self._view()
         limit = self.mode.admission_limit(view)
         if limit <= 0:
+            self._count_head_wait("batch")
             return []
         state = self._kv_state()
         admitted: list[Sequence] = []
@@ -84,31 +93,50 @@ class Admission:
                 self._running.append(seq)
                 admitted.append(seq)
             if self._waiting and not self._preempted and len(admitted) < limit:
-                window: int | None = None  # once one did not fit: the steps to pass it in
+                deadline: int | None = None  # once one did not fit: the step to pass it by
                 for head in self.mode.choose(list(self._waiting), limit - len(admitted)):
                     load = request_load(head)
-                    if window is None and not self._fits(load, state):
-                        window = self.policy.backfill_steps(load, state)
+                    if deadline is None and not self._fits(load, state):
+                        deadline = self._deadline(head.request_id, load, state)
+                        self.head_waits[_refusal(load, state)] += 1
                         continue
-                    if window is not None and not self._passes(load, window, state):
+                    if deadline is not None and not self._passes(load, deadline, state):
                         continue
                     self._waiting.remove(head)
                     state = _with(state, load)
                     admitted.append(self._new_sequence(head))
+            if self._preempted:
+                self._count_head_wait("preempted")
         self.mode.on_admitted(len(admitted), view)
         return admitted
 
-    def _passes(self, load: Load, window: int, state: KvState) -> bool:
+    def _count_head_wait(self, cause: str) -> None:
+        if self._waiting:
+            self.head_waits[cause] += 1
+
+    def _clock(self) -> int:
+        """Engine steps so far: one step of every running sequence is a plan per
+        micro-batch group. Prefill plans count too, so the clock runs no slower than the
+        sequences' steps and a deadline comes no later than predicted."""
+        return int(self._steps + 1e-9)  # 1/3 + 1/3 + 1/3 is a step
+
+    def _deadline(self, request_id: str, load: Load, state: KvState) -> int:
+        """The step by which the blocked head `load` was predicted to fit when it first
+        blocked (the policy's backfill steps from then; 0, now, without backfill), kept
+        while it stays the blocked head and never extended."""
+        start_in = self.policy.backfill_steps(load, state)
+        return self._backfill_deadline.of(request_id, self._clock(), start_in)
+
+    def _passes(self, load: Load, deadline: int, state: KvState) -> bool:
         """Whether `load` may be admitted before a request ahead that did not fit: it fits
-        and is predicted to finish within the policy's backfill `window` (in steps): its
+        and is predicted to finish by that request's `deadline` (`within_backfill`): its
         predicted output tokens, one a step, the first with the prefill, plus the further
         steps a chunked prefill takes at --max-tokens-per-step tokens a step (the fixed
         budget: fewer when decodes share the step, more under a long-output budget)."""
-        if window <= 0:
-            return False
         chunk = self._config.max_tokens_per_step
         extra = 0 if chunk is None else -(-load.prompt_tokens // chunk) - 1
-        return self.policy.predicted_left(load) + extra <= window and self._fits(load, state)
+        steps = self.policy.predicted_left(load) + extra
+        return within_backfill(self._clock(), steps, deadline) and self._fits(load, state)
 
     def _new_sequence(self, request: EngineRequest) -> Sequence:
         seq = Sequence(
@@ -169,3 +197,9 @@ def _with(state: KvState, load: Load) -> KvState:
     """`state` after admitting `load` (its prefill blocks are taken)."""
     free = state.free_blocks - state.prefill_blocks(load)
     return replace(state, free_blocks=free, admitted=(*state.admitted, load))
+
+
+def _refusal(load: Load, state: KvState) -> str:
+    """Why a request that did not fit was refused: the free blocks, or the policy."""
+    needed = state.prefill_blocks(load) + (state.watermark if state.admitted else 0)
+    return "free_blocks" if needed > state.free_blocks else "policy"

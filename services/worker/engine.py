@@ -97,6 +97,8 @@ class EngineStats:
     busy_fraction: float = 0.0  # forward time / busy wall time
     # Pipelines: decode steps sent with tensors built ahead (hits), and built at submit.
     decode_ahead: tuple[int, int] = (0, 0)
+    # Admission rounds the queue's head waited, by cause (Admission.head_waits).
+    head_waits: tuple[tuple[str, int], ...] = ()
 
 
 class Engine:
@@ -224,6 +226,7 @@ class Engine:
             step_totals=tuple(totals := self._clock.totals()),
             busy_fraction=busy_fraction(totals),
             decode_ahead=self._executor.ahead_counts,
+            head_waits=tuple(sorted(self._scheduler.head_waits.items())),
         )
 
     def _validate(self, request: EngineRequest) -> None:

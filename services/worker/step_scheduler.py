@@ -18,6 +18,7 @@ and `snapshot`: everything else runs on the engine thread.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import threading
 import time
@@ -26,6 +27,7 @@ from dataclasses import replace
 
 from exegpt.models.config import ModelConfig
 from exegpt.models.kv_cache import BlockAllocator
+from exegpt.output_lengths import BackfillDeadline
 from services.worker.admission import Admission
 from services.worker.chunked import chunk_budget, long_output_budget
 from services.worker.config import EngineConfig
@@ -73,6 +75,9 @@ class StepScheduler(Admission):
         self._busy_groups: dict[int, int] = {}  # group -> step id of its decode in flight
         self._next_group = 0
         self._step_ids = itertools.count()
+        self._steps = 0.0  # the backfill deadlines' clock (admission.py)
+        self._backfill_deadline = BackfillDeadline()
+        self.head_waits: collections.Counter[str] = collections.Counter()  # admission.py
         self._seq_ids = itertools.count()
         self.num_finished = 0
         self.num_aborted = 0
@@ -180,6 +185,8 @@ class StepScheduler(Admission):
         decoding = any(s.prefilled for s in self._running)  # else prefills go whole
         if self._chunks.has_room(pending, step_max, num_decodes, decoding):
             pending += self._admit()
+        elif self._waiting:
+            self.head_waits["chunk_budget"] += 1
         chunks = self._chunks.select(pending, step_max, num_decodes, decoding)
         if chunk_turn and chunks:  # else no prefill could start: the decodes go on
             decodes = []
@@ -336,6 +343,7 @@ class StepScheduler(Admission):
         """A step of `seqs`, their block tables grown to what it writes."""
         block_size = self._config.kv_block_size_tokens
         step_id = next(self._step_ids)
+        self._steps += 1 / self._num_groups  # a step of each group: one of every sequence
         plan = build_plan(step_id, kind, seqs, self._model_config, self._allocator, block_size)
         # The step's span links to each request's trace (a step serves many requests).
         links = tuple(s.request.trace_context for s in seqs if s.request.trace_context)

@@ -126,3 +126,48 @@ def test_a_combo_may_turn_memory_awares_backfill_on() -> None:
     plain = POLICY_RUNS["Run"].parse("memory_aware+round_robin+backfill")
     assert (plain.max_tokens_per_step, plain.backfill) == (None, True)
     assert not POLICY_RUNS["Run"].parse("memory_aware+token_aware").backfill
+
+
+@pytest.mark.parametrize(
+    ("combo", "message"),
+    [
+        ("memory_aware+token_aware+chunk32+backfil", "backfil"),  # a typo is not dropped
+        ("memory_aware+token_aware+backfill+chunk32", "chunk32"),  # backfill comes last
+        ("memory_aware+token_aware+chunk32+chunk64", "chunk64"),
+        ("fcfs+round_robin+backfill", "memory_aware"),
+        ("sjf+token_aware+chunk32+backfill", "memory_aware"),
+        ("memory_aware", "engine\\+router"),
+    ],
+)
+def test_a_combo_with_an_unknown_part_or_backfill_off_memory_aware_is_refused(
+    combo: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        POLICY_RUNS["Run"].parse(combo)
+
+
+def test_a_budget_may_turn_backfill_on_and_nothing_else() -> None:
+    # chunk_budget.py's --budgets: `N`, `N-M` or `off`, each optionally `+backfill`.
+    parse = POLICY_RUNS["parse_budget"]
+    assert parse("32-128+backfill") == (32, 128, True)
+    assert parse("off") == (None, None, False)
+    for bad in ("off+backfil", "64+backfill+x", "64x"):
+        with pytest.raises(ValueError, match="budget"):
+            parse(bad)
+
+
+def test_the_matrix_label_column_fits_its_longest_label() -> None:
+    Run = POLICY_RUNS["Run"]
+    runs = [
+        Run.parse("fcfs+round_robin"),
+        Run.parse("memory_aware+power_of_two+chunk512-2048+backfill"),
+    ]
+    metrics = {"preemptions": 0}  # every other column prints as missing
+    cells = {(run.name, load): metrics for run in runs for load in (TWO_LEVEL["BURST"], 0.8)}
+    results = TWO_LEVEL["TraceResults"](1.0, 1.0, 2.0, cells)
+    lines = TWO_LEVEL["format_matrix"]("conv", results, runs, [0.8]).splitlines()
+    long = "power_of_two / memory_aware+chunk512-2048+backfill"
+    rows = [line for line in lines if line.startswith(long)]
+    assert len(rows) == 2 and all(row[len(long) : len(long) + 2] == "  " for row in rows)
+    headers = [line for line in lines if line.startswith("router / engine")]
+    assert all(len(h) == len(rows[0]) for h in headers)  # the columns line up

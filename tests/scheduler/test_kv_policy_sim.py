@@ -76,3 +76,36 @@ def test_memory_aware_backfills_a_short_request_past_a_head_that_does_not_fit() 
     }
     assert (runs[True].num_steps, runs[False].num_steps) == (8, 10)
     assert runs[True].num_preemptions == runs[False].num_preemptions == 0
+
+
+def _stream_behind_a_large_head(steps: int) -> list[SimRequest]:
+    """8 primers teach outputs of 4; from step 40 two short requests (prompt 2, 4 out,
+    max_tokens 40) arrive a step, one in 30 generating 30 (it outlives its prediction and is
+    predicted again, further out); at step 60 a head H (prompt 92, 2 out) arrives, which
+    fits in 100 one-token blocks only once nearly everything else is done. H is index 8."""
+    requests = [SimRequest(2, 4, 40, 0) for _ in range(8)]
+    requests.append(SimRequest(92, 2, 2, 60))
+    for i in range(2 * steps):
+        requests.append(SimRequest(2, 30 if (i + 1) % 30 == 0 else 4, 40, 40 + i // 2))
+    return requests
+
+
+@pytest.mark.parametrize("steps", [200, 800])
+def test_backfill_never_starves_the_head_however_long_the_stream(steps: int) -> None:
+    # The head's deadline is fixed when it first blocks (never moved out by a running
+    # sequence predicted again): backfill stops at it, and H starts once the sequences
+    # admitted by then are done, each within its max_tokens (40) of the deadline. A window
+    # recomputed each round kept admitting the stream: H waited the whole stream.
+    waits = {
+        backfill: simulate_kv_policy(
+            _stream_behind_a_large_head(steps),
+            "memory_aware",
+            num_blocks=100,
+            block_size_tokens=1,
+            backfill=backfill,
+        ).first_admitted_steps[8]
+        - 60
+        for backfill in (True, False)
+    }
+    assert waits[False] <= 30  # strict order
+    assert waits[True] <= waits[False] + 40

@@ -18,7 +18,7 @@ from services.worker.__main__ import add_arguments, policy_from_args
 from services.worker.config import EngineConfig
 from services.worker.policies import EnginePolicy, KvState, Load, PolicyConfig, make_policy
 from services.worker.requests import EngineRequest
-from services.worker.step_plan import StepKind
+from services.worker.step_plan import StepKind, StepPlan, StepResult
 from services.worker.step_scheduler import StepScheduler
 
 
@@ -36,6 +36,7 @@ def test_the_head_is_predicted_to_start_at_the_first_finish_that_leaves_it_room(
     assert predicted_start_step([a, b], head, 26, _blocks_at) == 4
     assert predicted_start_step([a, b], head, 22, _blocks_at) == 4
     assert predicted_start_step([a, b], head, 21, _blocks_at) == 8  # H alone: 12
+    assert predicted_start_step([a, b], head, 11, _blocks_at) == 8  # never fits: the last finish
     assert predicted_start_step([], head, 12, _blocks_at) == 0
 
 
@@ -96,6 +97,17 @@ def test_the_worker_flag_turns_backfill_on() -> None:
     assert policy_from_args(parser.parse_args([*base, "--backfill"])).backfill
 
 
+@pytest.mark.parametrize("policy", ["fcfs", "sjf"])
+def test_backfill_under_another_policy_is_refused(policy: str) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", "m", "--engine-policy", policy, "--backfill"])
+    with pytest.raises(ValueError, match="backfill.*memory_aware"):
+        policy_from_args(args)
+    with pytest.raises(ValueError, match="backfill.*memory_aware"):
+        PolicyConfig(EnginePolicy(policy), backfill=True)
+
+
 @pytest.mark.parametrize("max_tokens_per_step", [None, 2])
 def test_a_chunked_prefill_counts_its_steps_against_the_window(
     llama_config, max_tokens_per_step: int | None
@@ -122,3 +134,60 @@ def test_a_chunked_prefill_counts_its_steps_against_the_window(
         assert plan is not None and [len(t) for t in plan.token_ids] == [8]  # L2 whole
     else:
         assert plan is None
+
+
+def test_the_head_s_deadline_is_not_moved_out_by_a_sequence_outliving_its_prediction(
+    llama_config,
+) -> None:
+    """Outputs of 4 seen: R0 (prompt 20, max_tokens 24, generating all 24) is predicted to end
+    with 4. H (prompt 56) would hold 15 blocks beside R0's 6 (21 > budget 19): predicted to
+    fit 3 steps on, when it first blocks at step 1, so its deadline is step 4. S1 (2 tokens)
+    ends by then and passes. R0 runs on past 4 tokens and is predicted again (max_tokens: 16
+    more); a window recomputed from now would let S2 pass too, but step 4 has gone: S2
+    waits behind H."""
+    config = EngineConfig(
+        kv_block_size_tokens=4, policy=PolicyConfig(EnginePolicy.MEMORY_AWARE, backfill=True)
+    )
+    scheduler = StepScheduler(config, llama_config, BlockAllocator(20))
+    for _ in range(8):
+        scheduler.lengths.observe(4)
+
+    def enqueue(request_id: str, prompt_tokens: int, max_tokens: int) -> None:
+        sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        scheduler.enqueue(EngineRequest(request_id, [5] * prompt_tokens, sampling, print))
+
+    def run_step() -> StepPlan:
+        plan = scheduler.next_plan()
+        assert plan is not None
+        rows = len(plan.seq_ids)
+        scheduler.complete(StepResult(plan.step_id, (7,) * rows, (None,) * rows))
+        return plan
+
+    enqueue("R0", 20, 24)
+    run_step()  # R0's prefill: step 1
+    enqueue("H", 56, 8)
+    enqueue("S1", 4, 2)
+    assert [len(tokens) for tokens in run_step().token_ids] == [4]  # S1 passes H
+    for _ in range(5):  # S1 ends in the first; R0 reaches 6 tokens, past its prediction
+        assert run_step().kind is StepKind.DECODE
+    assert (scheduler.snapshot().num_running, scheduler.num_waiting()) == (1, 1)
+    enqueue("S2", 4, 2)
+    assert run_step().kind is StepKind.DECODE  # R0 alone: S2 does not pass
+    assert scheduler.num_waiting() == 2
+
+
+@pytest.mark.parametrize(("prompt_tokens", "cause"), [(44, "policy"), (60, "free_blocks")])
+def test_each_round_the_head_waits_is_counted_by_its_cause(
+    llama_config, prompt_tokens: int, cause: str
+) -> None:
+    """R0 (prompt 20: 5 of 20 blocks) runs. A head of 44 tokens takes 11 blocks + the
+    watermark, within the 15 free, but memory_aware's predicted peak refuses it; one of 60
+    takes 15 + 1 > 15: no free blocks."""
+    config = EngineConfig(kv_block_size_tokens=4, policy=PolicyConfig(EnginePolicy.MEMORY_AWARE))
+    scheduler = StepScheduler(config, llama_config, BlockAllocator(20))
+    for request_id, prompt, max_tokens in (("R0", 20, 24), ("H", prompt_tokens, 8)):
+        sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        scheduler.enqueue(EngineRequest(request_id, [5] * prompt, sampling, print))
+        assert (scheduler.next_plan() is None) == (request_id == "H")
+    assert scheduler.next_plan() is None
+    assert dict(scheduler.head_waits) == {cause: 2}

@@ -178,6 +178,17 @@ def test_memory_aware_admission_against_a_hand_computed_budget() -> None:
     assert cold.predicted_peak([candidate], _state(100, ())) == 2 + 25
 
 
+def test_a_policy_learns_from_the_length_model_it_is_given_while_it_is_still_empty() -> None:
+    # The step scheduler hands its (empty) model to the policy and then observes into it: the
+    # policy must read that model, not one of its own (an empty model is falsy: it has len).
+    lengths = OutputLengthModel(min_samples=1)
+    for name in EnginePolicy:
+        assert make_policy(PolicyConfig(name), lengths).lengths is lengths
+    policy = make_policy(PolicyConfig(EnginePolicy.MEMORY_AWARE), lengths)
+    lengths.observe(8)
+    assert policy.predicted_left(Load(8, 0, 100)) == 8
+
+
 def _state(num_blocks: int, admitted: tuple[Load, ...]) -> KvState:
     return KvState(num_blocks, num_blocks - 4 * len(admitted), admitted, _blocks_at)
 

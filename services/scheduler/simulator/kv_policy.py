@@ -16,8 +16,9 @@ the same rules:
   its tokens, and its prompt + tokens are prefilled again when it is readmitted.
 - memory_aware with `backfill=True` (off by default, as in the engine): when the head of the
   waiting queue does not fit, a request behind it that fits is admitted if its predicted
-  output ends by the step the head is predicted to fit
-  (exegpt/output_lengths.predicted_start_step).
+  output ends by the step the head was predicted to fit when it first blocked
+  (exegpt/output_lengths: predicted_start_step, a BackfillDeadline never extended,
+  within_backfill); in strict order once that step passed.
 
 It predicts counts (preemptions, recomputed tokens, steps), not times.
 """
@@ -30,9 +31,11 @@ from dataclasses import dataclass, field
 
 from exegpt.models.kv_cache import blocks_for
 from exegpt.output_lengths import (
+    BackfillDeadline,
     OutputLengthModel,
     predicted_peak_blocks,
     predicted_start_step,
+    within_backfill,
 )
 
 KV_POLICIES = ("fcfs", "memory_aware")
@@ -53,6 +56,7 @@ class KvPolicyResult:
     num_recomputed_tokens: int
     num_steps: int
     peak_blocks_used: int
+    first_admitted_steps: tuple[int, ...] = ()  # by request, the step it was first admitted
 
 
 @dataclass(eq=False)
@@ -61,6 +65,7 @@ class _Seq:
     seq_id: int
     generated: int = 0
     blocks: int = 0
+    first_admitted: int = -1  # the step it was first admitted at; -1: not yet
 
 
 @dataclass
@@ -73,6 +78,8 @@ class _Engine:
     lengths: OutputLengthModel
     backfill: bool = False
     free: int = 0
+    step: int = 0  # the simulation's clock
+    deadline: BackfillDeadline = field(default_factory=BackfillDeadline)
     running: list[_Seq] = field(default_factory=list)
     preempted: list[_Seq] = field(default_factory=list)
     num_preemptions: int = 0
@@ -123,24 +130,29 @@ class _Engine:
 
     def _start(self, seq: _Seq, admitted: list[_Seq]) -> None:
         self._grow(seq, seq.generated + 1)  # the prefill samples the next token
+        if seq.first_admitted < 0:
+            seq.first_admitted = self.step
         self.running.append(seq)
         admitted.append(seq)
 
     def _backfill(self, waiting: list[_Seq], admitted: list[_Seq]) -> None:
         """memory_aware's backfill: admit the requests behind the blocked head `waiting[0]`
-        that fit and are predicted to finish by the step the head is predicted to fit."""
+        that fit and are predicted to finish by the step the head was predicted to fit when it
+        first blocked (its deadline, never extended)."""
         if self.policy != "memory_aware" or not self.backfill:
             return
-        window = predicted_start_step(
+        start_in = predicted_start_step(
             [self._prediction(s) for s in self.running],
             self._prediction(waiting[0]),
             self.num_blocks - self.watermark,
             self.blocks_at,
         )
+        deadline = self.deadline.of(waiting[0].seq_id, self.step, start_in)
         for seq in list(waiting[1:]):
             if len(self.running) >= self.max_batch_size:
                 return
-            if self._prediction(seq)[2] <= window and self.fits(seq, self.running):
+            left = self._prediction(seq)[2]
+            if within_backfill(self.step, left, deadline) and self.fits(seq, self.running):
                 waiting.remove(seq)
                 self._start(seq, admitted)
 
@@ -204,14 +216,14 @@ def simulate_kv_policy(
             raise ValueError("each request needs 1 <= output_tokens <= max_tokens")
         if engine.blocks_at(request.prompt_tokens, request.max_tokens) > num_blocks:
             raise ValueError(f"a request needs more than the cache's {num_blocks} blocks")
-    pending = sorted(
-        (_Seq(r, i) for i, r in enumerate(requests)), key=lambda s: s.request.arrival_step
-    )
+    seqs = [_Seq(r, i) for i, r in enumerate(requests)]
+    pending = sorted(seqs, key=lambda s: s.request.arrival_step)
     waiting: list[_Seq] = []
     step = 0
     while pending or waiting or engine.running or engine.preempted:
         while pending and pending[0].request.arrival_step <= step:
             waiting.append(pending.pop(0))
+        engine.step = step
         admitted = engine.admit(waiting)
         for seq in sorted(engine.running, key=lambda s: s.seq_id):
             if seq not in admitted and seq in engine.running:
@@ -219,5 +231,10 @@ def simulate_kv_policy(
         engine.finish_done()
         step += 1
     return KvPolicyResult(
-        policy, engine.num_preemptions, engine.num_recomputed_tokens, step, engine.peak_used
+        policy,
+        engine.num_preemptions,
+        engine.num_recomputed_tokens,
+        step,
+        engine.peak_used,
+        tuple(s.first_admitted for s in seqs),
     )

@@ -38,4 +38,6 @@ ENGINE_POLICIES = tuple(policy.value for policy in EnginePolicy)
 
 
 def make_policy(config: PolicyConfig, lengths: OutputLengthModel | None = None) -> BasePolicy:
-    return _REGISTRY[config.name](config, lengths or OutputLengthModel(config.length_window))
+    if lengths is None:  # not `or`: an empty model is falsy (it has a len)
+        lengths = OutputLengthModel(config.length_window)
+    return _REGISTRY[config.name](config, lengths)

@@ -73,13 +73,16 @@ class BasePolicy:
         return state.prefill_blocks(candidate) + state.watermark <= state.free_blocks
 
     def backfill_steps(self, blocked: Load, state: KvState) -> int:
-        """Requests behind `blocked` (a request that does not fit now) may pass it if they
-        fit and are predicted to finish within this many steps (`predicted_left`): 0 here,
+        """Steps from now until `blocked` (a request that does not fit now) is predicted to
+        fit: the admission fixes its deadline from the first answer, and a request behind it
+        that fits and is predicted to finish by then (`predicted_left`) may pass it. 0 here,
         strict order; memory_aware's backfill."""
         return 0
 
     def predicted_left(self, load: Load) -> float:
-        """Output tokens `load` is predicted still to generate (the mean)."""
+        """Output tokens `load` is predicted still to generate: here the mean of the lengths
+        seen beyond what it generated; memory_aware, whose backfill is the one reader in the
+        admission, predicts with its quantile instead."""
         return self.lengths.expected_remaining(load.num_generated, load.max_tokens)
 
     def victim(self, candidates: Sequence[Load]) -> Load:

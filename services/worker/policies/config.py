@@ -34,3 +34,7 @@ class PolicyConfig:
             raise ValueError("length_quantile must be in (0, 1]")
         if self.max_wait_s <= 0 or self.prefill_token_weight < 0 or self.length_window < 1:
             raise ValueError("max_wait_s > 0, prefill_token_weight >= 0, length_window >= 1")
+        if self.backfill and self.name != EnginePolicy.MEMORY_AWARE:
+            raise ValueError(
+                f"backfill (--backfill) needs --engine-policy memory_aware, not {self.name}"
+            )

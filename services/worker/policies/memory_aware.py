@@ -10,11 +10,15 @@ Preemptions become rare, while the cache is used better than by a worst-case res
 
 Backfill (PolicyConfig.backfill, worker --backfill; off by default): when the request at
 the head of the queue does not fit, a request behind it is admitted if it fits now and is
-predicted to finish (its predicted output, from the same quantile) by the step at which the
-head is predicted to fit (`predicted_start_step`: the first moment the running sequences'
-predicted finishes leave room for it). It then uses memory that would stand idle while the
-head waits, without delaying the head's start by the prediction. Without it one large
-prompt at the head holds back every smaller request behind it while memory drains.
+predicted to finish (its predicted output, from the same quantile) by the head's deadline:
+the step at which the head was predicted to fit when it first blocked
+(`predicted_start_step`: the first moment the running sequences' predicted finishes leave
+room for it), fixed then and never extended (exegpt/output_lengths.BackfillDeadline); in
+strict order once it has passed. It uses memory that would stand idle while the head waits.
+The head's start is delayed by at most what the backfilled requests run past the deadline:
+nothing if their predictions hold, and each ends by its max_tokens in any case. Without
+backfill one large prompt at the head holds back every smaller request behind it while
+memory drains.
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ class MemoryAwarePolicy(BasePolicy):
         return self.predicted_peak([*state.admitted, candidate], state) <= budget
 
     def backfill_steps(self, blocked: Load, state: KvState) -> int:
-        """With backfill on, the step at which the `blocked` head is predicted to fit: a
-        request behind it predicted to finish by then may pass it."""
+        """With backfill on, the steps from now until the `blocked` head is predicted to fit
+        (the admission fixes its deadline from the first answer for that head)."""
         if not self.config.backfill:
             return 0
         return predicted_start_step(
