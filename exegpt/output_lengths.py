@@ -20,7 +20,6 @@ import collections
 import math
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 
 class OutputLengthModel:
@@ -135,27 +134,42 @@ def predicted_start_step(
     return moments[-1]
 
 
-@dataclass
-class BackfillDeadline:
-    """The step by which a blocked head of the queue was first predicted to fit, fixed when
-    it first blocks and never extended: requests behind it may pass it only if they are
-    predicted to finish by then (`within_backfill`), and in strict order once it passed. A
-    window recomputed each round instead moves out whenever a running sequence outlives its
-    prediction, and a stream of short requests can then starve the head indefinitely."""
+class BackfillDeadlines:
+    """For each request that blocked the queue, the step by which it was first predicted to
+    fit: fixed when it first blocks and never extended, whatever request blocks in between
+    (a mode may offer the waiting requests in another order from one round to the next).
+    Requests behind it may pass it only if they are predicted to finish by then
+    (`within_backfill`), and in strict order once it passed. A window recomputed each round
+    instead moves out whenever a running sequence outlives its prediction, and a stream of
+    short requests can then starve the head indefinitely. The caller forgets a request once
+    it is admitted or gone (`forget`, `keep_only`), so the table is bounded by the queue."""
 
-    head: object = None  # the blocked head's key (a request or sequence id); None: none yet
-    step: int = 0  # the absolute step (the caller's clock) the head was predicted to fit by
+    def __init__(self) -> None:
+        self._steps: dict[object, int] = {}
 
-    def of(self, head: object, now: int, start_in: int) -> int:
-        """The deadline for `head`: now + `start_in` (predicted_start_step) when it is a new
-        blocked head, else the one recorded when it first blocked."""
-        if head != self.head:
-            self.head, self.step = head, now + start_in
-        return self.step
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def of(self, head: object, now: int, start_in: Callable[[], int]) -> int:
+        """The deadline for `head` (a request or sequence id): now + `start_in()`
+        (predicted_start_step, asked only then) the first time it blocks, else the one
+        recorded then."""
+        step = self._steps.get(head)
+        if step is None:
+            step = self._steps[head] = now + start_in()
+        return step
+
+    def forget(self, head: object) -> None:
+        self._steps.pop(head, None)
+
+    def keep_only(self, heads: Iterable[object]) -> None:
+        """Drop the deadlines of every request not in `heads` (those still waiting)."""
+        waiting = set(heads)
+        self._steps = {h: step for h, step in self._steps.items() if h in waiting}
 
 
 def within_backfill(now: int, steps_to_finish: float, deadline: int) -> bool:
     """Whether a request predicted to finish `steps_to_finish` steps from `now` may pass a
-    blocked head whose `BackfillDeadline` is the absolute step `deadline`: before the
+    blocked head whose deadline (`BackfillDeadlines`) is the absolute step `deadline`: before the
     deadline, and finishing by it."""
     return now < deadline and now + steps_to_finish <= deadline

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import random
 
-from exegpt.output_lengths import BackfillDeadline, OutputLengthModel, within_backfill
+from exegpt.output_lengths import BackfillDeadlines, OutputLengthModel, within_backfill
 
 
 def test_the_mean_beyond_n_tokens_follows_the_window_as_it_slides() -> None:
@@ -47,9 +47,21 @@ def test_incremental_reads_match_the_window_recomputed_on_random_lengths() -> No
 
 
 def test_a_backfill_deadline_is_fixed_when_a_head_first_blocks_and_never_extended() -> None:
-    deadline = BackfillDeadline()
-    assert deadline.of("H", now=10, start_in=5) == 15
-    assert deadline.of("H", now=12, start_in=20) == 15  # predicted again, further: kept
+    deadlines = BackfillDeadlines()
+    asked: list[int] = []
+
+    def start_in(steps: int):
+        return lambda: asked.append(steps) or steps
+
+    assert deadlines.of("H", now=10, start_in=start_in(5)) == 15
+    assert deadlines.of("H", now=12, start_in=start_in(20)) == 15  # kept, not asked again
+    assert asked == [5]
     assert within_backfill(12, 3, 15) and not within_backfill(12, 4, 15)
     assert not within_backfill(15, 0, 15)  # passed: strict order
-    assert deadline.of("H2", now=30, start_in=4) == 34  # a new blocked head: its own
+    assert deadlines.of("H2", now=30, start_in=start_in(4)) == 34  # a new blocked head
+    # H blocks again after H2 did (a mode offering passed-over requests first): still 15.
+    assert deadlines.of("H", now=31, start_in=start_in(9)) == 15
+    deadlines.forget("H")  # admitted
+    assert deadlines.of("H", now=40, start_in=start_in(1)) == 41
+    deadlines.keep_only(["H2"])  # H gone (aborted)
+    assert len(deadlines) == 1 and deadlines.of("H2", now=50, start_in=start_in(0)) == 34

@@ -49,7 +49,14 @@ class LoadUpdate(_message.Message):
     def __init__(self, num_pending_prefill_tokens: _Optional[int] = ..., num_remaining_decode_tokens: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_accepted: _Optional[int] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("num_waiting", "num_running", "kv_used_bytes", "kv_capacity_bytes", "kv_num_free_blocks", "kv_num_blocks", "num_finished", "num_aborted", "batching", "num_pending_prefill_tokens", "num_remaining_decode_tokens", "engine_policy", "num_preemptions", "num_recomputed_tokens", "queue_time_s", "step_totals", "busy_fraction")
+    __slots__ = ("num_waiting", "num_running", "kv_used_bytes", "kv_capacity_bytes", "kv_num_free_blocks", "kv_num_blocks", "num_finished", "num_aborted", "batching", "num_pending_prefill_tokens", "num_remaining_decode_tokens", "engine_policy", "num_preemptions", "num_recomputed_tokens", "queue_time_s", "step_totals", "busy_fraction", "head_waits")
+    class HeadWaitsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     KV_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +74,7 @@ class WorkerStats(_message.Message):
     QUEUE_TIME_S_FIELD_NUMBER: _ClassVar[int]
     STEP_TOTALS_FIELD_NUMBER: _ClassVar[int]
     BUSY_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    HEAD_WAITS_FIELD_NUMBER: _ClassVar[int]
     num_waiting: int
     num_running: int
     kv_used_bytes: int
@@ -84,7 +92,8 @@ class WorkerStats(_message.Message):
     queue_time_s: float
     step_totals: _containers.RepeatedCompositeFieldContainer[StepTotals]
     busy_fraction: float
-    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ..., kv_num_free_blocks: _Optional[int] = ..., kv_num_blocks: _Optional[int] = ..., num_finished: _Optional[int] = ..., num_aborted: _Optional[int] = ..., batching: _Optional[str] = ..., num_pending_prefill_tokens: _Optional[int] = ..., num_remaining_decode_tokens: _Optional[int] = ..., engine_policy: _Optional[str] = ..., num_preemptions: _Optional[int] = ..., num_recomputed_tokens: _Optional[int] = ..., queue_time_s: _Optional[float] = ..., step_totals: _Optional[_Iterable[_Union[StepTotals, _Mapping]]] = ..., busy_fraction: _Optional[float] = ...) -> None: ...
+    head_waits: _containers.ScalarMap[str, int]
+    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ..., kv_num_free_blocks: _Optional[int] = ..., kv_num_blocks: _Optional[int] = ..., num_finished: _Optional[int] = ..., num_aborted: _Optional[int] = ..., batching: _Optional[str] = ..., num_pending_prefill_tokens: _Optional[int] = ..., num_remaining_decode_tokens: _Optional[int] = ..., engine_policy: _Optional[str] = ..., num_preemptions: _Optional[int] = ..., num_recomputed_tokens: _Optional[int] = ..., queue_time_s: _Optional[float] = ..., step_totals: _Optional[_Iterable[_Union[StepTotals, _Mapping]]] = ..., busy_fraction: _Optional[float] = ..., head_waits: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class StepTotals(_message.Message):
     __slots__ = ("kind", "num_steps", "num_rows", "forward_s", "host_s")

@@ -9,10 +9,11 @@ import itertools
 import threading
 import time
 from dataclasses import replace
+from fractions import Fraction
 
 from exegpt.models.config import ModelConfig
 from exegpt.models.kv_cache import BlockAllocator, num_blocks_needed
-from exegpt.output_lengths import BackfillDeadline, within_backfill
+from exegpt.output_lengths import BackfillDeadlines, within_backfill
 from services.worker.config import EngineConfig
 from services.worker.modes import ModeView, ScheduleMode
 from services.worker.policies import BasePolicy, KvState, Load
@@ -35,8 +36,8 @@ class Admission:
     _plans: dict[int, tuple[StepKind, list[Sequence]]]
     _seq_ids: itertools.count
     _num_groups: int
-    _steps: float  # plans made so far, each 1 / micro-batch groups: the deadlines' clock
-    _backfill_deadline: BackfillDeadline
+    _steps: Fraction  # plans made so far, each 1 / micro-batch groups: the deadlines' clock
+    _backfill_deadlines: BackfillDeadlines
     mode: ScheduleMode
     policy: BasePolicy
     num_preemptions: int
@@ -103,8 +104,11 @@ class Admission:
                     if deadline is not None and not self._passes(load, deadline, state):
                         continue
                     self._waiting.remove(head)
+                    self._backfill_deadlines.forget(head.request_id)
                     state = _with(state, load)
                     admitted.append(self._new_sequence(head))
+                if len(self._backfill_deadlines) > 2 * len(self._waiting) + 16:  # aborted ones
+                    self._backfill_deadlines.keep_only(r.request_id for r in self._waiting)
             if self._preempted:
                 self._count_head_wait("preempted")
         self.mode.on_admitted(len(admitted), view)
@@ -118,14 +122,15 @@ class Admission:
         """Engine steps so far: one step of every running sequence is a plan per
         micro-batch group. Prefill plans count too, so the clock runs no slower than the
         sequences' steps and a deadline comes no later than predicted."""
-        return int(self._steps + 1e-9)  # 1/3 + 1/3 + 1/3 is a step
+        return int(self._steps)  # exact: 1/3 + 1/3 + 1/3 is a step
 
     def _deadline(self, request_id: str, load: Load, state: KvState) -> int:
-        """The step by which the blocked head `load` was predicted to fit when it first
+        """The step by which the blocked request `load` was predicted to fit when it first
         blocked (the policy's backfill steps from then; 0, now, without backfill), kept
-        while it stays the blocked head and never extended."""
-        start_in = self.policy.backfill_steps(load, state)
-        return self._backfill_deadline.of(request_id, self._clock(), start_in)
+        until it is admitted and never extended."""
+        return self._backfill_deadlines.of(
+            request_id, self._clock(), lambda: self.policy.backfill_steps(load, state)
+        )
 
     def _passes(self, load: Load, deadline: int, state: KvState) -> bool:
         """Whether `load` may be admitted before a request ahead that did not fit: it fits

@@ -201,7 +201,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.WorkerStats:
         stats = self._engine.stats()
-        fields = {**stats.__dict__, "step_totals": [t.__dict__ for t in stats.step_totals]}
+        fields = {
+            **stats.__dict__,
+            "step_totals": [t.__dict__ for t in stats.step_totals],
+            "head_waits": dict(stats.head_waits),
+        }
         del fields["decode_ahead"]  # scraped as exegpt:decode_ahead_steps, not in WorkerStats
         return worker_pb2.WorkerStats(**fields)
 

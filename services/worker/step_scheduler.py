@@ -24,10 +24,11 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from fractions import Fraction
 
 from exegpt.models.config import ModelConfig
 from exegpt.models.kv_cache import BlockAllocator
-from exegpt.output_lengths import BackfillDeadline
+from exegpt.output_lengths import BackfillDeadlines
 from services.worker.admission import Admission
 from services.worker.chunked import chunk_budget, long_output_budget
 from services.worker.config import EngineConfig
@@ -75,8 +76,8 @@ class StepScheduler(Admission):
         self._busy_groups: dict[int, int] = {}  # group -> step id of its decode in flight
         self._next_group = 0
         self._step_ids = itertools.count()
-        self._steps = 0.0  # the backfill deadlines' clock (admission.py)
-        self._backfill_deadline = BackfillDeadline()
+        self._steps = Fraction(0)  # the backfill deadlines' clock (admission.py)
+        self._backfill_deadlines = BackfillDeadlines()
         self.head_waits: collections.Counter[str] = collections.Counter()  # admission.py
         self._seq_ids = itertools.count()
         self.num_finished = 0
@@ -343,7 +344,7 @@ class StepScheduler(Admission):
         """A step of `seqs`, their block tables grown to what it writes."""
         block_size = self._config.kv_block_size_tokens
         step_id = next(self._step_ids)
-        self._steps += 1 / self._num_groups  # a step of each group: one of every sequence
+        self._steps += Fraction(1, self._num_groups)  # a step of each group: one of each sequence
         plan = build_plan(step_id, kind, seqs, self._model_config, self._allocator, block_size)
         # The step's span links to each request's trace (a step serves many requests).
         links = tuple(s.request.trace_context for s in seqs if s.request.trace_context)

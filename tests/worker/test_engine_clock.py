@@ -79,3 +79,28 @@ def test_busy_fraction_is_forward_time_over_busy_wall_time(served) -> None:
     ]
     decode = next(t for t in stats.step_totals if t.kind == "decode")
     assert seconds and seconds[0].value == pytest.approx(decode.forward_s)
+
+
+def test_head_waits_reach_get_stats_by_cause(background_loop: BackgroundLoop) -> None:
+    """Three requests at once on a replica that runs one at a time: the queue's head waits
+    for a batch slot, and GetStats carries that count under its cause."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.worker.config import EngineConfig
+
+    stack = start_stack(background_loop, [EngineConfig(max_batch_size=1)])
+    try:
+        with httpx.Client(base_url=stack.http_url, timeout=60) as http:
+
+            def complete(prompt: list[int]) -> int:
+                body = {"prompt": prompt, "max_tokens": 8, "ignore_eos": True}
+                return http.post("/v1/completions", json=body).status_code
+
+            with ThreadPoolExecutor(len(PROMPTS)) as pool:
+                assert list(pool.map(complete, PROMPTS)) == [200] * len(PROMPTS)
+        with grpc.insecure_channel(stack.workers[0].address) as channel:
+            waits = dict(_stats(worker_pb2_grpc.WorkerStub(channel)).head_waits)
+        assert waits.get("batch", 0) > 0, waits
+        assert set(waits) <= {"free_blocks", "policy", "batch", "preempted", "chunk_budget"}
+    finally:
+        stop_stack(stack)

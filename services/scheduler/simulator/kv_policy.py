@@ -17,7 +17,7 @@ the same rules:
 - memory_aware with `backfill=True` (off by default, as in the engine): when the head of the
   waiting queue does not fit, a request behind it that fits is admitted if its predicted
   output ends by the step the head was predicted to fit when it first blocked
-  (exegpt/output_lengths: predicted_start_step, a BackfillDeadline never extended,
+  (exegpt/output_lengths: predicted_start_step, BackfillDeadlines, never extended,
   within_backfill); in strict order once that step passed.
 
 It predicts counts (preemptions, recomputed tokens, steps), not times.
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from exegpt.models.kv_cache import blocks_for
 from exegpt.output_lengths import (
-    BackfillDeadline,
+    BackfillDeadlines,
     OutputLengthModel,
     predicted_peak_blocks,
     predicted_start_step,
@@ -79,7 +79,7 @@ class _Engine:
     backfill: bool = False
     free: int = 0
     step: int = 0  # the simulation's clock
-    deadline: BackfillDeadline = field(default_factory=BackfillDeadline)
+    deadlines: BackfillDeadlines = field(default_factory=BackfillDeadlines)
     running: list[_Seq] = field(default_factory=list)
     preempted: list[_Seq] = field(default_factory=list)
     num_preemptions: int = 0
@@ -141,19 +141,23 @@ class _Engine:
         first blocked (its deadline, never extended)."""
         if self.policy != "memory_aware" or not self.backfill:
             return
-        start_in = predicted_start_step(
-            [self._prediction(s) for s in self.running],
-            self._prediction(waiting[0]),
-            self.num_blocks - self.watermark,
-            self.blocks_at,
+        deadline = self.deadlines.of(
+            waiting[0].seq_id,
+            self.step,
+            lambda: predicted_start_step(
+                [self._prediction(s) for s in self.running],
+                self._prediction(waiting[0]),
+                self.num_blocks - self.watermark,
+                self.blocks_at,
+            ),
         )
-        deadline = self.deadline.of(waiting[0].seq_id, self.step, start_in)
         for seq in list(waiting[1:]):
             if len(self.running) >= self.max_batch_size:
                 return
             left = self._prediction(seq)[2]
             if within_backfill(self.step, left, deadline) and self.fits(seq, self.running):
                 waiting.remove(seq)
+                self.deadlines.forget(seq.seq_id)
                 self._start(seq, admitted)
 
     def decode(self, seq: _Seq) -> None:

@@ -13,10 +13,11 @@ the head of the queue does not fit, a request behind it is admitted if it fits n
 predicted to finish (its predicted output, from the same quantile) by the head's deadline:
 the step at which the head was predicted to fit when it first blocked
 (`predicted_start_step`: the first moment the running sequences' predicted finishes leave
-room for it), fixed then and never extended (exegpt/output_lengths.BackfillDeadline); in
+room for it), fixed then and never extended (exegpt/output_lengths.BackfillDeadlines); in
 strict order once it has passed. It uses memory that would stand idle while the head waits.
 The head's start is delayed by at most what the backfilled requests run past the deadline:
-nothing if their predictions hold, and each ends by its max_tokens in any case. Without
+little if their predictions hold (under chunked prefill a decode may sit out a step the
+token budget gives to others), and each ends by its max_tokens in any case. Without
 backfill one large prompt at the head holds back every smaller request behind it while
 memory drains.
 """
