@@ -85,7 +85,7 @@ class Admission:
                 admitted.append(seq)
             if self._waiting and not self._preempted and len(admitted) < limit:
                 window: int | None = None  # once one did not fit: the steps to pass it in
-                for head in self.mode.choose(list(self._waiting), limit - len(admitted)):
+                for head in self.mode.choose(self._waiting, limit - len(admitted)):
                     load = request_load(head)
                     if window is None and not self._fits(load, state):
                         window = self.policy.backfill_steps(load, state)
