@@ -111,8 +111,8 @@ def test_rra_reading_lazily_chooses_what_a_walk_of_the_queue_chose(policy_name) 
     rng = random.Random(11)
     queue = WaitingQueue()
     arrivals = iter(range(10**6))
-    took_passed_over = 0
-    for _ in range(60):
+    took_passed_over = owed_past_limit = 0
+    for _ in range(200):
         for _ in range(rng.randrange(0, 12)):
             i = next(arrivals)
             queue.append(_request(i, rng.choice([4, 8, 12, 40, 90]), rng.randrange(2, 300)))
@@ -120,6 +120,7 @@ def test_rra_reading_lazily_chooses_what_a_walk_of_the_queue_chose(policy_name) 
             continue
         limit = rng.randrange(1, 7)
         owed = set(mode._passed_over)
+        owed_past_limit += sum(queue.get(i) is not None for i in owed) > limit
         expected = _walked_choice(mode, policy, list(queue), limit, owed)
         chosen = mode.choose(queue, limit)
         assert ([r.request_id for r in chosen], mode._passed_over) == expected[:2]
@@ -128,3 +129,4 @@ def test_rra_reading_lazily_chooses_what_a_walk_of_the_queue_chose(policy_name) 
         for request in chosen[: rng.randrange(0, len(chosen) + 1)]:  # some do not fit
             queue.remove(request)
     assert took_passed_over >= 5  # the band passed queries over, and they were owed
+    assert owed_past_limit >= 3  # more were owed than an encoding took

@@ -82,24 +82,25 @@ class RraMode(FcfsMode):
         skipped: list[str] = []  # not taken since the last taken
         owed_seen = num_filled = 0
         for request in self.policy.order(waiting):
-            if owed_seen == num_owed and num_owed + num_filled >= limit:
+            full = num_owed + num_filled >= limit
+            if full and owed_seen == num_owed:
                 break
             num_tokens = len(request.prompt_token_ids)
-            if request.request_id in owed_ids and owed_seen < num_owed:
+            if request.request_id in owed_ids:  # one of the first num_owed: the loop ends
+                take = True  # at the last of them when more are owed than `limit`
                 owed_seen += 1
-                total += 0 if len(owed) <= limit else num_tokens
-            elif request.request_id in owed_ids or num_owed + num_filled >= limit:
-                skipped.append(request.request_id)
-                continue
-            elif num_owed + num_filled and total + num_tokens > upper_tokens:
-                skipped.append(request.request_id)
-                continue
+                total += num_tokens if len(owed) > limit else 0
             else:
-                num_filled += 1
-                total += num_tokens
-            chosen.append(request)
-            passed += skipped
-            skipped = []
+                in_band = not (num_owed + num_filled) or total + num_tokens <= upper_tokens
+                take = not full and in_band
+                num_filled += take
+                total += num_tokens if take else 0
+            if take:
+                chosen.append(request)
+                passed += skipped
+                skipped = []
+            else:
+                skipped.append(request.request_id)
         self._passed_over = set(passed)
         self._took_passed_over = bool(num_owed)
         self._chosen_tokens = total
