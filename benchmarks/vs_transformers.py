@@ -12,7 +12,10 @@ two paths:
 MFU is useful model FLOPs per second (matmul FLOPs of the tokens the requests need: prompt
 tokens once, output tokens once; attention scores left out) over the machine's GEMM rate in
 the run's dtype at the model's own widths, [2048 x d_model]·[d_model x d_ff], measured in
-the same run. Each exegpt row also splits the engine's busy time (its GetStats step totals)
+the same run: before the first path, between paths and after the last, the best sample
+taken as the machine's rate (a busy machine only ever reads low) and the lowest over the
+best printed beside MFU (`min/best`: well under 1, the rate was disturbed during the run and
+MFU is less sure). Each exegpt row also splits the engine's busy time (its GetStats step totals)
 into non-decode forwards (fresh prefills, prompt chunks and mixed steps alike: every step
 that is not a pure decode step), decode forwards and host work, and gives the rows per
 non-decode step.
@@ -94,13 +97,29 @@ class EngineRun:
 
 
 @dataclass(frozen=True)
+class GemmRate:
+    """The GEMM rate (FLOP/s) sampled over a run; the best is the machine's capability."""
+
+    samples: tuple[float, ...]
+
+    @property
+    def best(self) -> float:
+        return max(self.samples)
+
+    @property
+    def spread(self) -> float:
+        """The lowest sample over the best (1.0: undisturbed)."""
+        return min(self.samples) / self.best
+
+
+@dataclass(frozen=True)
 class Row:
     model: str
     task: str
     exegpt: tuple[EngineRun, ...]
     transformers_s: float
     useful_flops: float
-    gemm_flops_s: float
+    gemm: GemmRate
     num_requests: int
     output_tokens: int
 
@@ -159,7 +178,9 @@ def useful_flops(config: ModelConfig, requests: Requests) -> float:
 
 
 def gemm_rate(config: ModelConfig, dtype: torch.dtype, reps: int = 20) -> float:
-    """FLOP/s of [2048 x d_model]·[d_model x d_ff] in `dtype` on this machine, best of reps."""
+    """FLOP/s of [2048 x d_model]·[d_model x d_ff] in `dtype` on this machine, best of reps
+    (by wall time: torch.mm runs on all of torch's threads, so one thread's CPU time, as
+    decode_attention.best_cpu_s reads it, would not count them)."""
     a = torch.randn(GEMM_ROWS, config.d_model).to(dtype)
     b = torch.randn(config.d_model, config.d_ff).to(dtype)
     torch.mm(a, b)  # oneDNN builds its kernel on first use
@@ -220,16 +241,20 @@ def measure(name: str, task: str, args: argparse.Namespace, out_dir: Path) -> Ro
     run_hf = transformers_runner(checkpoint, dtype, BATCH)
     warmup = requests.prompts[:BATCH]  # oneDNN builds kernels for the shapes it meets first
     run_hf(warmup, [2] * len(warmup))
+    rates = [gemm_rate(config, dtype)]  # before the first path, between paths, after the last
     start = time.perf_counter()
     run_hf(requests.prompts, requests.output_lengths)
     transformers_s = time.perf_counter() - start
     del run_hf
-    runs = tuple(run_exegpt(checkpoint, task, b, args, out_dir) for b in args.exegpt_batches)
+    runs = []
+    for batch in args.exegpt_batches:
+        rates.append(gemm_rate(config, dtype))
+        runs.append(run_exegpt(checkpoint, task, batch, args, out_dir))
+    rates.append(gemm_rate(config, dtype))
     return Row(
-        model=name, task=task, exegpt=runs, transformers_s=transformers_s,
-        useful_flops=useful_flops(config, requests),
-        gemm_flops_s=gemm_rate(config, dtype), num_requests=args.num_requests,
-        output_tokens=sum(requests.output_lengths),
+        model=name, task=task, exegpt=tuple(runs), transformers_s=transformers_s,
+        useful_flops=useful_flops(config, requests), gemm=GemmRate(tuple(rates)),
+        num_requests=args.num_requests, output_tokens=sum(requests.output_lengths),
     )  # fmt: skip
 
 
@@ -237,10 +262,10 @@ def format_rows(rows: list[Row]) -> str:
     """One line per path; an exegpt line per max batch, labelled with it ('b32' is the batch
     transformers runs), with where the engine's busy time went: non-decode forwards (fresh
     prefills, chunks and mixed steps), decode forwards, host work, and the rows per non-decode
-    step."""
+    step. MFU is over the best GEMM sample; `min/best` is the lowest sample over it."""
     header = (
         f"{'model':<7}{'task':<5}{'path':<14}{'seq/s':>8}{'out tok/s':>11}{'ratio':>7}"
-        f"{'busy':>7}{'GFLOP/s':>9}{'GEMM GF/s':>11}{'MFU':>7}"
+        f"{'busy':>7}{'GFLOP/s':>9}{'GEMM GF/s':>11}{'min/best':>9}{'MFU':>7}"
         "   non-decode/decode/host, rows/non-decode"
     )
     lines = [header]
@@ -255,8 +280,8 @@ def format_rows(rows: list[Row]) -> str:
             line = (
                 f"{row.model:<7}{row.task:<5}{path:<14}{row.num_requests / wall_s:>8.2f}"
                 f"{row.output_tokens / wall_s:>11.1f}{ratio:>7.2f}{busy:>7}"
-                f"{flops_s / 1e9:>9.1f}{row.gemm_flops_s / 1e9:>11.1f}"
-                f"{flops_s / row.gemm_flops_s:>7.1%}"
+                f"{flops_s / 1e9:>9.1f}{row.gemm.best / 1e9:>11.1f}{row.gemm.spread:>9.2f}"
+                f"{flops_s / row.gemm.best:>7.1%}"
             )
             if run is not None and run.split is not None:
                 per_step = run.prefill_rows / max(1, run.prefill_steps)
@@ -292,7 +317,9 @@ def main() -> int:
         f"exegpt vs transformers, {args.dtype}, {args.num_requests} requests per task "
         f"(seed {SEED}, forced lengths), transformers in static batches of {BATCH}, exegpt bN "
         f"at max batch N, {torch.get_num_threads()} threads; ratio = seq/s over transformers' "
-        "seq/s, MFU = useful FLOP/s over the GEMM rate"
+        "seq/s, MFU = useful FLOP/s over the best of the GEMM rates sampled before, between "
+        "and after the paths (min/best: the lowest sample over it; well under 1, the "
+        "machine was disturbed)"
     )
     print(format_rows(rows))
     print(f"reports and logs: {out_dir}")

@@ -95,7 +95,7 @@ class Admission:
                 admitted.append(seq)
             if self._waiting and not self._preempted and len(admitted) < limit:
                 deadline: int | None = None  # once one did not fit: the step to pass it by
-                for head in self.mode.choose(list(self._waiting), limit - len(admitted)):
+                for head in self.mode.choose(self._waiting, limit - len(admitted)):
                     load = request_load(head)
                     if deadline is None and not self._fits(load, state):
                         deadline = self._deadline(head.request_id, load, state)

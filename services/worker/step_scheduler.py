@@ -134,9 +134,7 @@ class StepScheduler(Admission):
             aborts, self._pending_aborts = self._pending_aborts, set()
             if not aborts:
                 return
-            dropped = [r for r in self._waiting if r.request_id in aborts]
-            for request in dropped:
-                self._waiting.remove(request)
+            dropped = [r for r in map(self._waiting.pop, aborts) if r is not None]
             resumable = [s for s in self._preempted if s.request.request_id in aborts]
             self._preempted = [s for s in self._preempted if s not in resumable]
         self.num_aborted += len(dropped) + len(resumable)

@@ -9,9 +9,11 @@ alone). Each distinct value is priced against the learned lengths when asked: a 
 that sends one max_tokens costs one estimate, while `exegpt bench` sends each request's
 true output length, so a snapshot may price hundreds of values (each a bisection).
 
-Only the load push is spared the walk. Admission (services/worker/admission.py) still
-copies the queue for the mode to choose from and removes each admitted request from the
-deque by search, both under the scheduler's lock, once per admission pass.
+Admission does not walk the queue either: the requests are held in an insertion-ordered
+dict keyed by request id (the server makes ids unique), so a schedule mode iterates them
+lazily in arrival order and stops once it has chosen, and an admitted or aborted request
+leaves by its id, not by a search. (sjf must still read every waiting request to find the
+shortest, and an RRA encoding reads on until its input band is filled.)
 Not thread-safe: the scheduler guards it with its lock.
 """
 
@@ -27,7 +29,7 @@ class WaitingQueue:
     """Requests in arrival order (a policy may admit any of them), with their totals."""
 
     def __init__(self) -> None:
-        self._requests: collections.deque[EngineRequest] = collections.deque()
+        self._requests: dict[str, EngineRequest] = {}
         self._max_tokens: collections.Counter[int] = collections.Counter()
         self.prompt_tokens = 0
 
@@ -38,20 +40,36 @@ class WaitingQueue:
         return bool(self._requests)
 
     def __iter__(self) -> Iterator[EngineRequest]:
-        return iter(self._requests)
+        """The waiting requests, oldest first (do not change the queue while iterating)."""
+        return iter(self._requests.values())
+
+    def get(self, request_id: str) -> EngineRequest | None:
+        """The queued request of this id, or None."""
+        return self._requests.get(request_id)
 
     def append(self, request: EngineRequest) -> None:
-        self._requests.append(request)
+        """Queue `request` last (ValueError when its id is already queued)."""
+        if request.request_id in self._requests:
+            raise ValueError(f"request {request.request_id!r} is already queued")
+        self._requests[request.request_id] = request
         self._count(request, 1)
 
     def remove(self, request: EngineRequest) -> None:
-        """Take `request` out (ValueError when it is not queued)."""
-        self._requests.remove(request)
-        self._count(request, -1)
+        """Take `request` out by its id (ValueError when it is not queued)."""
+        if self._requests.get(request.request_id) is not request:
+            raise ValueError(f"request {request.request_id!r} is not queued")
+        self.pop(request.request_id)
+
+    def pop(self, request_id: str) -> EngineRequest | None:
+        """Take the request of this id out; None when none is queued."""
+        request = self._requests.pop(request_id, None)
+        if request is not None:
+            self._count(request, -1)
+        return request
 
     def take_all(self) -> list[EngineRequest]:
         """Empty the queue; returns what waited, oldest first."""
-        taken = list(self._requests)
+        taken = list(self._requests.values())
         self._requests.clear()
         self._max_tokens.clear()
         self.prompt_tokens = 0

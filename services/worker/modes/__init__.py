@@ -19,6 +19,7 @@ from services.worker.modes.static import StaticMode
 from services.worker.modes.waa import WaaMode
 from services.worker.policies import BasePolicy, Load
 from services.worker.requests import EngineRequest
+from services.worker.waiting_queue import WaitingQueue
 
 __all__ = ["ModeView", "ScheduleMode", "make_mode"]
 
@@ -28,7 +29,7 @@ class ScheduleMode(Protocol):
 
     def admission_limit(self, view: ModeView) -> int: ...
 
-    def choose(self, waiting: list[EngineRequest], limit: int) -> list[EngineRequest]: ...
+    def choose(self, waiting: WaitingQueue, limit: int) -> list[EngineRequest]: ...
 
     def victim(self, candidates: list[Load]) -> Load: ...
 

@@ -1,14 +1,16 @@
 """What a schedule mode sees and decides at a step boundary, and the defaults the simple
 modes keep. Whom to admit first and whom to preempt is the engine policy's (policies/): a mode
-takes the waiting queue in the policy's order."""
+takes the waiting queue in the policy's order, lazily: it reads only as far as it chooses."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.worker.policies import BasePolicy, Load, OutputLengthModel, PolicyConfig, make_policy
 from services.worker.requests import EngineRequest
+from services.worker.waiting_queue import WaitingQueue
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,10 @@ class FcfsMode:
         """How many waiting requests may be admitted now (0: none)."""
         return max(0, view.max_batch_size - view.num_running)
 
-    def choose(self, waiting: Sequence[EngineRequest], limit: int) -> list[EngineRequest]:
-        """Which waiting requests to admit, at most `limit`, in the order to admit them."""
-        return self.policy.order(waiting)[:limit]
+    def choose(self, waiting: WaitingQueue, limit: int) -> list[EngineRequest]:
+        """Which waiting requests to admit, at most `limit`, in the order to admit them
+        (under fcfs and memory_aware, the first `limit` read: the rest are not walked)."""
+        return list(itertools.islice(self.policy.order(waiting), limit))
 
     def victim(self, candidates: Sequence[Load]) -> Load:
         """Whom to preempt first when the KV cache runs out (the policy decides)."""

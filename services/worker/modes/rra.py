@@ -13,12 +13,12 @@ band's bottom is not forced: an encoding of short queries stays short rather tha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from exegpt.schedule import Schedule
 from services.worker.modes.base import FcfsMode, ModeView
 from services.worker.requests import EngineRequest
+from services.worker.waiting_queue import WaitingQueue
 
 
 @dataclass(frozen=True)
@@ -67,32 +67,44 @@ class RraMode(FcfsMode):
             self.on_admitted(0, view)
         return limit
 
-    def choose(self, waiting: Sequence[EngineRequest], limit: int) -> list[EngineRequest]:
+    def choose(self, waiting: WaitingQueue, limit: int) -> list[EngineRequest]:
+        """Up to `limit` queries in the policy's order: first those passed over at the last
+        encoding (up to `limit`), then each next one that keeps the prompt tokens within the
+        band's top. Reads the queue lazily, up to the last query it takes."""
         self._limit = limit
-        waiting = self.policy.order(waiting)
-        mean = self._mean_input(waiting)
-        upper_tokens = limit * mean * (1 + self.band)
-        # Requests by identity and queue position: the queue may hold thousands (list
-        # membership and index() made one encoding quadratic in it).
-        position = {id(r): i for i, r in enumerate(waiting)}
-        chosen = [r for r in waiting if r.request_id in self._passed_over][:limit]
-        chosen_ids = {id(r) for r in chosen}
-        self._took_passed_over = bool(chosen)
-        total = sum(len(r.prompt_token_ids) for r in chosen)
-        for request in waiting:
-            if len(chosen) >= limit:
+        upper_tokens = limit * self._mean_input(waiting) * (1 + self.band)
+        owed = [r for r in map(waiting.get, self._passed_over) if r is not None]
+        owed_ids = {r.request_id for r in owed}
+        num_owed = min(len(owed), limit)  # the first num_owed of them in order are taken
+        total = sum(len(r.prompt_token_ids) for r in owed) if len(owed) <= limit else 0
+        chosen: list[EngineRequest] = []
+        passed: list[str] = []  # not taken, ahead of the last taken
+        skipped: list[str] = []  # not taken since the last taken
+        owed_seen = num_filled = 0
+        for request in self.policy.order(waiting):
+            full = num_owed + num_filled >= limit
+            if full and owed_seen == num_owed:
                 break
-            if id(request) in chosen_ids:
-                continue
             num_tokens = len(request.prompt_token_ids)
-            if not chosen or total + num_tokens <= upper_tokens:
+            if request.request_id in owed_ids:  # one of the first num_owed: the loop ends
+                take = True  # at the last of them when more are owed than `limit`
+                owed_seen += 1
+                total += num_tokens if len(owed) > limit else 0
+            else:
+                in_band = not (num_owed + num_filled) or total + num_tokens <= upper_tokens
+                take = not full and in_band
+                num_filled += take
+                total += num_tokens if take else 0
+            if take:
                 chosen.append(request)
-                chosen_ids.add(id(request))
-                total += num_tokens
-        last = max((position[id(r)] for r in chosen), default=-1)
-        self._passed_over = {r.request_id for r in waiting[:last] if id(r) not in chosen_ids}
+                passed += skipped
+                skipped = []
+            else:
+                skipped.append(request.request_id)
+        self._passed_over = set(passed)
+        self._took_passed_over = bool(num_owed)
         self._chosen_tokens = total
-        return sorted(chosen, key=lambda r: position[id(r)])
+        return chosen
 
     def on_admitted(self, num_admitted: int, view: ModeView) -> None:
         if not self._encoding:
@@ -121,10 +133,11 @@ class RraMode(FcfsMode):
             self._encoding = True
             self._completed_before = self._completed
 
-    def _mean_input(self, waiting: Sequence[EngineRequest]) -> float:
-        """The planned mean prompt length, or (without a plan's) the mean seen so far."""
+    def _mean_input(self, waiting: WaitingQueue) -> float:
+        """The planned mean prompt length, or (without a plan's) the mean seen so far (over
+        the queue at each encoding, from its kept totals)."""
         if self.mean_input_tokens:
             return self.mean_input_tokens
         self._num_seen += len(waiting)
-        self._seen_tokens += sum(len(r.prompt_token_ids) for r in waiting)
+        self._seen_tokens += waiting.prompt_tokens
         return self._seen_tokens / max(1, self._num_seen)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from exegpt.output_lengths import OutputLengthModel
@@ -64,9 +64,10 @@ class BasePolicy:
         self.config = config
         self.lengths = lengths
 
-    def order(self, waiting: Sequence[EngineRequest]) -> list[EngineRequest]:
-        """The waiting requests in the order they should be admitted."""
-        return list(waiting)
+    def order(self, waiting: Iterable[EngineRequest]) -> Iterator[EngineRequest]:
+        """The waiting requests (oldest first) in the order they should be admitted, lazily:
+        a caller that stops early leaves the rest of the queue unread."""
+        return iter(waiting)
 
     def can_admit(self, candidate: Load, state: KvState) -> bool:
         """Whether `candidate` may be (re)admitted now."""

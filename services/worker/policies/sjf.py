@@ -6,8 +6,9 @@ preempted (it would have waited longest under this policy)."""
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from services.worker.policies.base import BasePolicy, Load
 from services.worker.requests import EngineRequest
@@ -16,12 +17,16 @@ from services.worker.requests import EngineRequest
 class SjfPolicy(BasePolicy):
     name = "sjf"
 
-    def order(self, waiting: Sequence[EngineRequest]) -> list[EngineRequest]:
+    def order(self, waiting: Iterable[EngineRequest]) -> Iterator[EngineRequest]:
+        """Reads every waiting request (the shortest may have come last), once."""
         now_s = time.monotonic()
-        aged = [r for r in waiting if self.waited_s(r, now_s) >= self.config.max_wait_s]
-        aged_ids = {id(r) for r in aged}
-        fresh = [r for r in waiting if id(r) not in aged_ids]
-        return aged + sorted(fresh, key=self.predicted_work)  # sorted() is stable: FCFS ties
+        aged: list[EngineRequest] = []
+        fresh: list[EngineRequest] = []
+        for request in waiting:
+            is_aged = self.waited_s(request, now_s) >= self.config.max_wait_s
+            (aged if is_aged else fresh).append(request)
+        fresh.sort(key=self.predicted_work)  # a stable sort: FCFS among ties
+        return itertools.chain(aged, fresh)
 
     def victim(self, candidates: Sequence[Load]) -> Load:
         def work_left(load: Load) -> tuple[float, int]:
