@@ -119,25 +119,29 @@ def encode_into_ring(message: TensorMessage, ring: ShmRing, *, wait_s: float = 0
     return header.SerializeToString() + b"".join(metas)
 
 
-# FrameHeader.tensors (field 3, length-delimited) entries by (name, dtype, shape, offset): a
-# sender's steps repeat the same few, and building one costs more than the tensor's copy.
-_META_FIELDS: dict[tuple[str, torch.dtype, tuple[int, ...], int], bytes] = {}
-_MAX_META_FIELDS = 4096
+# FrameHeader.tensors (field 3, length-delimited) entries less their offset, by (name, dtype,
+# shape): a sender's steps repeat the same few tensors, and building an entry costs more than
+# the tensor's copy. The offset stays out of the key because a decode step's read_slots grow
+# every step, which moves every tensor after them; it is appended per message (field 4).
+_META_BODIES: dict[tuple[str, torch.dtype, tuple[int, ...]], bytes] = {}
+_MAX_META_BODIES = 4096
 _TENSORS_TAG = bytes([3 << 3 | 2])
+_SHM_OFFSET_TAG = bytes([4 << 3])  # TensorMeta.shm_offset, a varint
 
 
 def _meta_field(name: str, tensor: torch.Tensor, offset: int) -> bytes:
-    key = (name, tensor.dtype, tensor.shape, offset)
-    field_bytes = _META_FIELDS.get(key)
-    if field_bytes is None:
+    key = (name, tensor.dtype, tensor.shape)
+    body = _META_BODIES.get(key)
+    if body is None:
         body = transport_pb2.TensorMeta(
-            name=name, dtype=_dtype_name(name, tensor), shape=tensor.shape, shm_offset=offset
+            name=name, dtype=_dtype_name(name, tensor), shape=tensor.shape
         ).SerializeToString()
-        field_bytes = _TENSORS_TAG + _varint(len(body)) + body
-        if len(_META_FIELDS) >= _MAX_META_FIELDS:
-            _META_FIELDS.clear()
-        _META_FIELDS[key] = field_bytes
-    return field_bytes
+        if len(_META_BODIES) >= _MAX_META_BODIES:
+            _META_BODIES.clear()
+        _META_BODIES[key] = body
+    if offset:  # proto3 leaves a zero out
+        body += _SHM_OFFSET_TAG + _varint(offset)
+    return _TENSORS_TAG + _varint(len(body)) + body
 
 
 def _varint(value: int) -> bytes:
