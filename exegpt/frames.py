@@ -12,6 +12,7 @@ frames, or its slot, before a byte is interpreted.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -139,7 +140,13 @@ def _meta_field(name: str, tensor: torch.Tensor, offset: int) -> bytes:
         if len(_META_BODIES) >= _MAX_META_BODIES:
             _META_BODIES.clear()
         _META_BODIES[key] = body
-    if offset:  # proto3 leaves a zero out
+    return _field_at(body, offset)
+
+
+@functools.lru_cache(maxsize=_MAX_META_BODIES)
+def _field_at(body: bytes, offset: int) -> bytes:
+    """The whole header entry: `body` with its offset (proto3 leaves a zero out), framed."""
+    if offset:
         body += _SHM_OFFSET_TAG + _varint(offset)
     return _TENSORS_TAG + _varint(len(body)) + body
 
