@@ -4,7 +4,9 @@ A pipeline step carries a dozen small tensors (batch indexes, sampling rows) bes
 activations, so a hop's host work is mostly per-tensor. This times, in CPU time of this
 thread (so that other processes on a shared machine do not count), `encode_into_ring` +
 `decode` + the slot's release, for a decode-step-like message and for one 1 MB tensor; each
-figure is the minimum over repeats. No sockets: the transport's own cost.
+figure is the minimum over repeats. No sockets: the transport's own cost. The growing
+decode step adds a per-token slot list one token longer every message, as a real decode
+step's is, which moves every tensor after it in the slot.
 Run it against another checkout by pointing PYTHONPATH there:
 
     .venv/bin/python benchmarks/frame_cost.py
@@ -14,8 +16,11 @@ Run it against another checkout by pointing PYTHONPATH there:
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 import timeit
+from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 
@@ -38,14 +43,24 @@ def step_message(batch_size: int = 32) -> TensorMessage:
                          trace_context={"traceparent": TRACEPARENT})  # fmt: skip
 
 
-def round_trip_us(message: TensorMessage, number: int, repeats: int) -> float:
+def growing_messages(batch_size: int = 32, max_tokens: int = 2048) -> Iterator[TensorMessage]:
+    """The step message with a self-attention slot list of 1, 2, ... tokens a row, cycling
+    (a cycle longer than the frame caches, as a long generation's is)."""
+    message = step_message(batch_size)
+    slots = torch.zeros(batch_size * max_tokens, dtype=torch.int64)
+    for tokens in itertools.cycle(range(1, max_tokens + 1)):
+        grown = {"batch.self_kv.read_slots": slots[: batch_size * tokens].view(batch_size, -1)}
+        yield replace(message, tensors={**grown, **message.tensors})
+
+
+def round_trip_us(messages: Iterator[TensorMessage], number: int, repeats: int) -> float:
     """Microseconds of CPU for encode + decode + the slot's release, best of `repeats`."""
     ring = ShmRing(slot_bytes=2 * 2**20, num_slots=8)
     reader = ShmReader(max_payload_bytes=2**30)
     try:
 
         def round_trip() -> None:
-            header = encode_into_ring(message, ring)
+            header = encode_into_ring(next(messages), ring)
             if header is None:
                 raise RuntimeError("the ring refused the message")
             decode([header], shm=reader)  # dropped at once: its slot goes back
@@ -63,8 +78,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=11)
     args = parser.parse_args()
     messages = {
-        "decode step (15 tensors)": step_message(),
-        "1 MB tensor": TensorMessage("activations", {"hidden": torch.ones(2**18)}),
+        "decode step (15 tensors)": itertools.repeat(step_message()),
+        "growing decode step (16)": growing_messages(),
+        "1 MB tensor": itertools.repeat(
+            TensorMessage("activations", {"hidden": torch.ones(2**18)})
+        ),
     }
     for name, message in messages.items():
         cost = round_trip_us(message, args.number, args.repeats)

@@ -12,6 +12,7 @@ frames, or its slot, before a byte is interpreted.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -119,25 +120,35 @@ def encode_into_ring(message: TensorMessage, ring: ShmRing, *, wait_s: float = 0
     return header.SerializeToString() + b"".join(metas)
 
 
-# FrameHeader.tensors (field 3, length-delimited) entries by (name, dtype, shape, offset): a
-# sender's steps repeat the same few, and building one costs more than the tensor's copy.
-_META_FIELDS: dict[tuple[str, torch.dtype, tuple[int, ...], int], bytes] = {}
-_MAX_META_FIELDS = 4096
+# FrameHeader.tensors (field 3, length-delimited) entries less their offset, by (name, dtype,
+# shape): a sender's steps repeat the same few tensors, and building an entry costs more than
+# the tensor's copy. The offset stays out of the key because a decode step's read_slots grow
+# every step, which moves every tensor after them; it is appended per message (field 4).
+_META_BODIES: dict[tuple[str, torch.dtype, tuple[int, ...]], bytes] = {}
+_MAX_META_BODIES = 4096
 _TENSORS_TAG = bytes([3 << 3 | 2])
+_SHM_OFFSET_TAG = bytes([4 << 3])  # TensorMeta.shm_offset, a varint
 
 
 def _meta_field(name: str, tensor: torch.Tensor, offset: int) -> bytes:
-    key = (name, tensor.dtype, tensor.shape, offset)
-    field_bytes = _META_FIELDS.get(key)
-    if field_bytes is None:
+    key = (name, tensor.dtype, tensor.shape)
+    body = _META_BODIES.get(key)
+    if body is None:
         body = transport_pb2.TensorMeta(
-            name=name, dtype=_dtype_name(name, tensor), shape=tensor.shape, shm_offset=offset
+            name=name, dtype=_dtype_name(name, tensor), shape=tensor.shape
         ).SerializeToString()
-        field_bytes = _TENSORS_TAG + _varint(len(body)) + body
-        if len(_META_FIELDS) >= _MAX_META_FIELDS:
-            _META_FIELDS.clear()
-        _META_FIELDS[key] = field_bytes
-    return field_bytes
+        if len(_META_BODIES) >= _MAX_META_BODIES:
+            _META_BODIES.clear()
+        _META_BODIES[key] = body
+    return _field_at(body, offset)
+
+
+@functools.lru_cache(maxsize=_MAX_META_BODIES)
+def _field_at(body: bytes, offset: int) -> bytes:
+    """The whole header entry: `body` with its offset (proto3 leaves a zero out), framed."""
+    if offset:
+        body += _SHM_OFFSET_TAG + _varint(offset)
+    return _TENSORS_TAG + _varint(len(body)) + body
 
 
 def _varint(value: int) -> bytes:
@@ -249,80 +260,75 @@ def _tensors_from_slot(
     except FrameError:
         reader.release(ref)  # the ref was genuine: the slot goes back to the sender
         raise
-    if not any(layout.num_bytes for layout in layouts):
+    if not any(layout.num_bytes for layout, _ in layouts):
         reader.release(ref)
-        return {layout.name: torch.empty(layout.shape, dtype=layout.dtype) for layout in layouts}
+        return {layout.name: torch.empty(layout.shape, dtype=layout.dtype) for layout, _ in layouts}
     # Every tensor's storage holds the lease; the lease ends when the last of them is freed.
     # One typed view of the whole payload per dtype, then one strided view per tensor: a
     # third of the cost of a frombuffer per tensor (payloads are whole cache lines).
     payload = torch.frombuffer(reader.lease(ref), dtype=torch.uint8)
     typed: dict[torch.dtype, torch.Tensor] = {}
     tensors = {}
-    for layout in layouts:
+    for layout, start in layouts:
         if not layout.num_bytes:
             tensors[layout.name] = torch.empty(layout.shape, dtype=layout.dtype)
             continue
         whole = typed.get(layout.dtype)
         if whole is None:
             whole = typed[layout.dtype] = payload.view(layout.dtype)
-        tensors[layout.name] = whole.as_strided(layout.shape, layout.strides, layout.start)
+        tensors[layout.name] = whole.as_strided(layout.shape, layout.strides, start)
     return tensors
 
 
 @dataclass(frozen=True)
 class _SlotLayout:
-    """Where one tensor lies in a slot, checked except against the payload's size."""
+    """A tensor's checked header entry, apart from where in the slot it lies."""
 
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
     strides: tuple[int, ...]  # contiguous, in elements
-    start: int  # in elements of `dtype`
     num_bytes: int
-    end_bytes: int
 
 
-# Checked layouts by their header entry: a sender's steps repeat the same few, and checking
-# one (dtype, sizes, alignment, strides) cost more than making its view. Only entries of a
-# plain size are kept, so that a peer's odd headers cannot make the cache large.
-_SLOT_LAYOUTS: dict[tuple[str, str, tuple[int, ...], int], _SlotLayout] = {}
+# Checked layouts by their header entry less its offset: a sender's steps repeat the same few
+# tensors, and checking one (dtype, sizes, strides) cost more than making its view. The
+# offset stays out of the key because a decode step's read_slots grow every step, which moves
+# every tensor after them; it is checked per message. Only entries of a plain size are kept,
+# so that a peer's odd headers cannot make the cache large.
+_SLOT_LAYOUTS: dict[tuple[str, str, tuple[int, ...]], _SlotLayout] = {}
 _MAX_SLOT_LAYOUTS = 1024
 _MAX_CACHED_NAME = 128
 _MAX_CACHED_DIMS = 8
 
 
-def _slot_layout(meta: transport_pb2.TensorMeta, payload_bytes: int) -> _SlotLayout:
-    """A tensor's layout in a slot, once it fits the payload (FrameError otherwise)."""
-    key = (meta.name, meta.dtype, tuple(meta.shape), meta.shm_offset)
+def _slot_layout(meta: transport_pb2.TensorMeta, payload_bytes: int) -> tuple[_SlotLayout, int]:
+    """A tensor's layout and its start (in elements of its dtype) in a slot, once it fits the
+    payload (FrameError otherwise)."""
+    shape = tuple(meta.shape)
+    key = (meta.name, meta.dtype, shape)
     layout = _SLOT_LAYOUTS.get(key)
     if layout is None:
         layout = _checked_slot_layout(meta)
-        if len(meta.name) <= _MAX_CACHED_NAME and len(layout.shape) <= _MAX_CACHED_DIMS:
+        if len(meta.name) <= _MAX_CACHED_NAME and len(shape) <= _MAX_CACHED_DIMS:
             if len(_SLOT_LAYOUTS) >= _MAX_SLOT_LAYOUTS:
                 _SLOT_LAYOUTS.clear()
             _SLOT_LAYOUTS[key] = layout
-    if layout.end_bytes > payload_bytes:
+    offset = meta.shm_offset
+    start, misaligned = divmod(offset, layout.dtype.itemsize)
+    if misaligned:
+        raise FrameError(f"tensor {meta.name!r}: offset {offset} misaligned for {layout.dtype}")
+    if offset + layout.num_bytes > payload_bytes:
         raise FrameError(
-            f"tensor {meta.name!r}: bytes {meta.shm_offset}..{layout.end_bytes} outside the "
+            f"tensor {meta.name!r}: bytes {offset}..{offset + layout.num_bytes} outside the "
             f"{payload_bytes}-byte slot payload"
         )
-    return layout
+    return layout, start
 
 
 def _checked_slot_layout(meta: transport_pb2.TensorMeta) -> _SlotLayout:
     dtype, shape, num_bytes = _checked_meta(meta)
-    offset = meta.shm_offset
-    if offset % dtype.itemsize:
-        raise FrameError(f"tensor {meta.name!r}: offset {offset} misaligned for {dtype}")
     strides = [1] * len(shape)
     for dim in range(len(shape) - 1, 0, -1):
         strides[dim - 1] = strides[dim] * shape[dim]
-    return _SlotLayout(
-        meta.name,
-        dtype,
-        tuple(shape),
-        tuple(strides),
-        offset // dtype.itemsize,
-        num_bytes,
-        offset + num_bytes,
-    )
+    return _SlotLayout(meta.name, dtype, tuple(shape), tuple(strides), num_bytes)

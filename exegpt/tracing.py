@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -59,6 +59,36 @@ def _make_exporter(name: str) -> SpanExporter:
             ) from exc
         return OTLPSpanExporter()
     raise ValueError(f"unknown OTEL_TRACES_EXPORTER {name!r}; use one of {EXPORTERS}")
+
+
+def recording() -> bool:
+    """Whether spans are recorded: a tracer provider has been installed.
+
+    Without one every span is a non-recording stand-in for its parent, so a hot path may skip
+    making it; the W3C context it carries on must then be passed along as received.
+    """
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+
+
+def remote_child_span(
+    tracer: trace.Tracer,
+    name: str,
+    carrier: Mapping[str, str],
+    attributes: Mapping[str, str | int],
+) -> AbstractContextManager[object]:
+    """A span under the W3C context in `carrier` (a data-plane frame's), made current; a
+    no-op when nothing is recorded.
+
+    A span that is not recorded changes nothing a process sends on (it passes the frame's
+    context along as received), while parsing and attaching the context cost a woken
+    pipeline stage ~0.1 ms of CPU per step.
+    """
+    if not recording():
+        return nullcontext()
+    return tracer.start_as_current_span(
+        name, context=propagate.extract(carrier), attributes=attributes
+    )
 
 
 def outgoing_metadata() -> tuple[tuple[str, str], ...]:

@@ -206,6 +206,36 @@ def test_a_layout_remembered_from_an_accepted_message_is_checked_against_each_pa
         ring.close()
 
 
+def test_a_remembered_tensor_is_read_wherever_the_next_message_places_it(pair: ShmPair) -> None:
+    # As in a decode step: the slots list grows every step, moving the tensors after it. The
+    # receiver remembers each entry's checked layout, but reads and checks its offset anew.
+    for step in range(1, 4):
+        message = TensorMessage(
+            "decode",
+            {
+                "read_slots": torch.arange(16 * step, dtype=torch.int64),
+                "tokens": torch.arange(32, dtype=torch.int64) + step,
+                "scale": torch.full((2, 3), float(step), dtype=torch.float32),
+            },
+        )
+        pair.sender.send(message)
+        assert_same_tensors(pair.receiver.recv(timeout_ms=5000).tensors, message.tensors)
+    ring = ShmRing(slot_bytes=8192, num_slots=2)
+    try:
+        header = genuine_header(ring)
+        header.tensors[0].name = "tokens"  # the remembered entry: 32 int64, now misplaced
+        header.tensors[0].dtype, header.tensors[0].shape[0] = "int64", 32
+        header.tensors[0].shm_offset = 4  # inside the payload, but not on an int64
+        refused(pair, header, "misaligned")
+        header = genuine_header(ring)
+        header.tensors[0].name = "tokens"
+        header.tensors[0].dtype, header.tensors[0].shape[0] = "int64", 32
+        header.tensors[0].shm_offset = 4096 - 128  # its last bytes past the payload
+        refused(pair, header, "outside")
+    finally:
+        ring.close()
+
+
 def test_a_refused_tensor_still_returns_its_genuine_slot_to_the_sender(pair: ShmPair) -> None:
     ring = ShmRing(slot_bytes=8192, num_slots=1)
     try:

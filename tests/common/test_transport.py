@@ -231,3 +231,32 @@ def test_slot_headers_keep_long_names_and_many_dims(tmp_path: Path) -> None:
         sender.close()
         receiver.close()
         context.term()
+
+
+def test_slot_headers_name_each_tensor_where_this_message_placed_it() -> None:
+    # The sender remembers each tensor's header entry but adds its offset per message: a
+    # decode step's growing slot list moves the tensors after it from one step to the next.
+    from exegpt.frames import encode_into_ring
+    from exegpt.shm_ring import ShmRing, aligned_bytes
+
+    ring = ShmRing(slot_bytes=64 * 1024, num_slots=4)
+    try:
+        for step in (1, 2, 3):
+            tensors = {
+                "read_slots": torch.arange(24 * step, dtype=torch.int64),
+                "tokens": torch.zeros(32, 1, dtype=torch.int64),
+                "scale": torch.ones((), dtype=torch.float32),
+            }
+            header = transport_pb2.FrameHeader()
+            raw = encode_into_ring(TensorMessage("decode", tensors), ring)
+            assert raw is not None
+            header.ParseFromString(raw)
+            offset, entries = 0, []
+            for name, tensor in tensors.items():
+                entries.append((name, str(tensor.dtype)[6:], list(tensor.shape), offset))
+                offset += aligned_bytes(tensor.nbytes)
+            metas = [(m.name, m.dtype, list(m.shape), m.shm_offset) for m in header.tensors]
+            assert metas == entries
+            assert entries[1][3] == aligned_bytes(24 * step * 8)  # moved with the slot list
+    finally:
+        ring.close()

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import zmq
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 
+from exegpt import tracing
 from exegpt.dtypes import DtypeError, torch_dtype
 from exegpt.models.attention import LayerKV
 from exegpt.models.batch import DecodeBatch, PrefillBatch, batch_from_tensors
@@ -216,13 +217,13 @@ class StageRuntime:
             logger.info("step %s belongs to an earlier load; dropped", step_id)
             return
         start_s = time.perf_counter()
-        parent = propagate.extract(message.trace_context)
         try:
             with (
-                tracer.start_as_current_span(
+                tracing.remote_child_span(
+                    tracer,
                     f"stage.{message.kind}",
-                    context=parent,
-                    attributes={"exegpt.step_id": step_id, "exegpt.tp_rank": stage.spec.tp_rank},
+                    message.trace_context,
+                    {"exegpt.step_id": step_id, "exegpt.tp_rank": stage.spec.tp_rank},
                 ),
                 torch.inference_mode(),
             ):
