@@ -142,7 +142,8 @@ class BackfillDeadlines:
     (`within_backfill`), and in strict order once it passed. A window recomputed each round
     instead moves out whenever a running sequence outlives its prediction, and a stream of
     short requests can then starve the head indefinitely. The caller forgets a request once
-    it is admitted or gone (`forget`, `keep_only`), so the table is bounded by the queue."""
+    it is admitted, aborted or failed (`forget`, `keep_only`), so the table is bounded by
+    the queue."""
 
     def __init__(self) -> None:
         self._steps: dict[object, int] = {}

@@ -43,7 +43,8 @@ class Admission:
     num_preemptions: int
     num_recomputed_tokens: int
     queue_time_s: float
-    # Admission rounds in which the queue's head was not admitted, by cause: "free_blocks"
+    # Calls in which a request offered could not start (the first refusal of a call), by
+    # cause: "free_blocks"
     # (its prefill and the watermark exceed the free blocks), "policy" (the policy refused
     # it: memory_aware's predicted peak), "batch" (no admission slot), "preempted" (the
     # preempted resume first), "chunk_budget" (chunked prefill left no room this step).
@@ -107,8 +108,6 @@ class Admission:
                     self._backfill_deadlines.forget(head.request_id)
                     state = _with(state, load)
                     admitted.append(self._new_sequence(head))
-                if len(self._backfill_deadlines) > 2 * len(self._waiting) + 16:  # aborted ones
-                    self._backfill_deadlines.keep_only(r.request_id for r in self._waiting)
             if self._preempted:
                 self._count_head_wait("preempted")
         self.mode.on_admitted(len(admitted), view)

@@ -97,7 +97,7 @@ class EngineStats:
     busy_fraction: float = 0.0  # forward time / busy wall time
     # Pipelines: decode steps sent with tensors built ahead (hits), and built at submit.
     decode_ahead: tuple[int, int] = (0, 0)
-    # Admission rounds the queue's head waited, by cause (Admission.head_waits).
+    # Calls in which a request offered could not start, by cause (Admission.head_waits).
     head_waits: tuple[tuple[str, int], ...] = ()
 
 

@@ -135,6 +135,8 @@ class StepScheduler(Admission):
             if not aborts:
                 return
             dropped = [r for r in map(self._waiting.pop, aborts) if r is not None]
+            for request in dropped:
+                self._backfill_deadlines.forget(request.request_id)
             resumable = [s for s in self._preempted if s.request.request_id in aborts]
             self._preempted = [s for s in self._preempted if s not in resumable]
         self.num_aborted += len(dropped) + len(resumable)
@@ -322,6 +324,7 @@ class StepScheduler(Admission):
         """Fail every request, queued or running (the engine is stopping or broken)."""
         with self._lock:
             waiting = self._waiting.take_all()
+            self._backfill_deadlines.keep_only(())
             preempted, self._preempted = self._preempted, []
         deliveries = [
             Delivery(r, EngineEvent(r.request_id, [], [], error=message, unavailable=unavailable))

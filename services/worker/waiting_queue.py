@@ -13,7 +13,8 @@ Admission does not walk the queue either: the requests are held in an insertion-
 dict keyed by request id (the server makes ids unique), so a schedule mode iterates them
 lazily in arrival order and stops once it has chosen, and an admitted or aborted request
 leaves by its id, not by a search. (sjf must still read every waiting request to find the
-shortest, and an RRA encoding reads on until its input band is filled.)
+shortest, and an RRA encoding reads on to the last query it takes, or to the end of the
+queue when its input band leaves the encoding short.)
 Not thread-safe: the scheduler guards it with its lock.
 """
 

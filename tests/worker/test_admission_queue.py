@@ -1,5 +1,6 @@
 """Admission reads the waiting queue lazily: under fcfs one admission from 2,000 waiting reads
-the one request it admits and takes it out by its id (no copy, no search), and an RRA
+the one request it admits, and it and an aborted one deep in the queue are taken out by
+their ids (no copy, no search), and an RRA
 encoding, read lazily, chooses exactly what a full walk of the queue chose."""
 
 from __future__ import annotations
@@ -63,7 +64,12 @@ def test_fcfs_admits_one_of_2000_waiting_reading_only_that_one() -> None:
     assert len(queue) == 1999 and queue.get("r0") is None and queue.get("r1") is not None
     assert queue.prompt_tokens == 1999 * 8
     assert queue.reads == 1  # neither copied nor walked
-    assert _ComparedRequest.comparisons == 0  # taken out by its id, not by a search
+    # An abort deep in the queue takes the request out by its id, not by a search (a deque's
+    # remove would compare it with the 1,499 ahead of it).
+    scheduler.request_abort("r1500")
+    scheduler.apply_aborts()
+    assert queue.get("r1500") is None and len(queue) == 1998
+    assert queue.reads == 1 and _ComparedRequest.comparisons == 0
 
 
 def test_a_queued_request_id_is_refused_and_only_the_queued_object_is_removed() -> None:

@@ -87,6 +87,12 @@ def test_a_short_request_passes_a_head_that_does_not_fit(llama_config, backfill:
     else:
         assert plan is None
     assert scheduler.num_waiting() == (2 if backfill else 3)
+    # H blocked and got a deadline (kept until it leaves the queue, whoever blocks between);
+    # aborted, it takes its deadline with it.
+    assert len(scheduler._backfill_deadlines) == 1
+    scheduler.request_abort("H")
+    scheduler.apply_aborts()
+    assert len(scheduler._backfill_deadlines) == 0
 
 
 def test_the_worker_flag_turns_backfill_on() -> None:

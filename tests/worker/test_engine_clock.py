@@ -82,24 +82,30 @@ def test_busy_fraction_is_forward_time_over_busy_wall_time(served) -> None:
 
 
 def test_head_waits_reach_get_stats_by_cause(background_loop: BackgroundLoop) -> None:
-    """Three requests at once on a replica that runs one at a time: the queue's head waits
-    for a batch slot, and GetStats carries that count under its cause."""
+    """A replica that runs one request at a time, busy with a long one: two more requests
+    wait for its batch slot, and GetStats carries those waits under their cause."""
     from concurrent.futures import ThreadPoolExecutor
 
     from services.worker.config import EngineConfig
 
     stack = start_stack(background_loop, [EngineConfig(max_batch_size=1)])
     try:
-        with httpx.Client(base_url=stack.http_url, timeout=60) as http:
+        with (
+            httpx.Client(base_url=stack.http_url, timeout=120) as http,
+            grpc.insecure_channel(stack.workers[0].address) as channel,
+            ThreadPoolExecutor(len(PROMPTS)) as pool,
+        ):
+            stub = worker_pb2_grpc.WorkerStub(channel)
 
-            def complete(prompt: list[int]) -> int:
-                body = {"prompt": prompt, "max_tokens": 8, "ignore_eos": True}
+            def complete(prompt: list[int], max_tokens: int) -> int:
+                body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True}
                 return http.post("/v1/completions", json=body).status_code
 
-            with ThreadPoolExecutor(len(PROMPTS)) as pool:
-                assert list(pool.map(complete, PROMPTS)) == [200] * len(PROMPTS)
-        with grpc.insecure_channel(stack.workers[0].address) as channel:
-            waits = dict(_stats(worker_pb2_grpc.WorkerStub(channel)).head_waits)
+            long = pool.submit(complete, PROMPTS[0], 200)
+            wait_until(lambda: _stats(stub).num_running == 1, what="the long request running")
+            short = [pool.submit(complete, prompt, 2) for prompt in PROMPTS[1:]]
+            assert [f.result() for f in [long, *short]] == [200] * len(PROMPTS)
+            waits = dict(_stats(stub).head_waits)
         assert waits.get("batch", 0) > 0, waits
         assert set(waits) <= {"free_blocks", "policy", "batch", "preempted", "chunk_budget"}
     finally:

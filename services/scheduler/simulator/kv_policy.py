@@ -123,6 +123,8 @@ class _Engine:
             seq = queue.pop(0)
             if resumed:
                 self.num_recomputed_tokens += seq.request.prompt_tokens + seq.generated
+            else:
+                self.deadlines.forget(seq.seq_id)  # the head, admitted
             self._start(seq, admitted)
         if waiting and not self.preempted and len(self.running) < self.max_batch_size:
             self._backfill(waiting, admitted)  # the head does not fit
@@ -157,7 +159,6 @@ class _Engine:
             left = self._prediction(seq)[2]
             if within_backfill(self.step, left, deadline) and self.fits(seq, self.running):
                 waiting.remove(seq)
-                self.deadlines.forget(seq.seq_id)
                 self._start(seq, admitted)
 
     def decode(self, seq: _Seq) -> None:

@@ -70,7 +70,8 @@ class RraMode(FcfsMode):
     def choose(self, waiting: WaitingQueue, limit: int) -> list[EngineRequest]:
         """Up to `limit` queries in the policy's order: first those passed over at the last
         encoding (up to `limit`), then each next one that keeps the prompt tokens within the
-        band's top. Reads the queue lazily, up to the last query it takes."""
+        band's top. Reads the queue lazily, up to the last query it takes (to its end when the
+        band leaves the encoding short)."""
         self._limit = limit
         upper_tokens = limit * self._mean_input(waiting) * (1 + self.band)
         owed = [r for r in map(waiting.get, self._passed_over) if r is not None]
