@@ -6,7 +6,8 @@ thread (so that other processes on a shared machine do not count), `encode_into_
 `decode` + the slot's release, for a decode-step-like message and for one 1 MB tensor; each
 figure is the minimum over repeats. No sockets: the transport's own cost. The growing
 decode step adds a per-token slot list one token longer every message, as a real decode
-step's is, which moves every tensor after it in the slot.
+step's is, which moves every tensor after it in the slot. Messages are made before the
+timer starts: the figures are the frames' cost alone.
 Run it against another checkout by pointing PYTHONPATH there:
 
     .venv/bin/python benchmarks/frame_cost.py
@@ -16,6 +17,7 @@ Run it against another checkout by pointing PYTHONPATH there:
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import time
 import timeit
@@ -45,7 +47,7 @@ def step_message(batch_size: int = 32) -> TensorMessage:
 
 def growing_messages(batch_size: int = 32, max_tokens: int = 2048) -> Iterator[TensorMessage]:
     """The step message with a self-attention slot list of 1, 2, ... tokens a row, cycling
-    (a cycle longer than the frame caches, as a long generation's is)."""
+    (a cycle longer than the receiver's layout cache, as a long generation's is)."""
     message = step_message(batch_size)
     slots = torch.zeros(batch_size * max_tokens, dtype=torch.int64)
     for tokens in itertools.cycle(range(1, max_tokens + 1)):
@@ -54,19 +56,26 @@ def growing_messages(batch_size: int = 32, max_tokens: int = 2048) -> Iterator[T
 
 
 def round_trip_us(messages: Iterator[TensorMessage], number: int, repeats: int) -> float:
-    """Microseconds of CPU for encode + decode + the slot's release, best of `repeats`."""
+    """Microseconds of CPU for encode + decode + the slot's release, best of `repeats` runs
+    of `number` messages each. Each run's messages are made before its timer starts, so the
+    figure is the frames' cost alone."""
     ring = ShmRing(slot_bytes=2 * 2**20, num_slots=8)
     reader = ShmReader(max_payload_bytes=2**30)
-    try:
 
-        def round_trip() -> None:
-            header = encode_into_ring(next(messages), ring)
+    def round_trips(batch: list[TensorMessage]) -> None:
+        for message in batch:
+            header = encode_into_ring(message, ring)
             if header is None:
                 raise RuntimeError("the ring refused the message")
             decode([header], shm=reader)  # dropped at once: its slot goes back
 
-        timer = timeit.Timer(round_trip, timer=time.thread_time)
-        return min(timer.repeat(repeat=repeats, number=number)) / number * 1e6
+    try:
+        costs = []
+        for _ in range(repeats):
+            batch = list(itertools.islice(messages, number))
+            timer = timeit.Timer(functools.partial(round_trips, batch), timer=time.thread_time)
+            costs.append(timer.timeit(number=1))
+        return min(costs) / number * 1e6
     finally:
         reader.close()
         ring.close()

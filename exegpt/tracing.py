@@ -5,7 +5,9 @@ The exporter is chosen the standard way (`exporter_from_environment`): OTEL_TRAC
 (OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT), else none. The OTLP
 exporter speaks gRPC and reads the other OTEL_EXPORTER_OTLP_* variables itself (headers,
 certificates, insecure, timeout). With "none" spans are still created and propagated, so a
-test or an embedding process can install its own provider.
+test or an embedding process can install its own provider. The one exception is a pipeline
+stage's step span (`remote_child_span`): with no provider installed it is not made, and the
+stage forwards its frame's W3C context as received.
 """
 
 from __future__ import annotations
@@ -61,8 +63,8 @@ def _make_exporter(name: str) -> SpanExporter:
     raise ValueError(f"unknown OTEL_TRACES_EXPORTER {name!r}; use one of {EXPORTERS}")
 
 
-def recording() -> bool:
-    """Whether spans are recorded: a tracer provider has been installed.
+def provider_installed() -> bool:
+    """Whether a tracer provider has been installed, so that spans are recorded.
 
     Without one every span is a non-recording stand-in for its parent, so a hot path may skip
     making it; the W3C context it carries on must then be passed along as received.
@@ -78,13 +80,13 @@ def remote_child_span(
     attributes: Mapping[str, str | int],
 ) -> AbstractContextManager[object]:
     """A span under the W3C context in `carrier` (a data-plane frame's), made current; a
-    no-op when nothing is recorded.
+    no-op when no provider is installed.
 
     A span that is not recorded changes nothing a process sends on (it passes the frame's
     context along as received), while parsing and attaching the context cost a woken
-    pipeline stage ~0.1 ms of CPU per step.
+    pipeline stage ~40 µs of CPU per step.
     """
-    if not recording():
+    if not provider_installed():
         return nullcontext()
     return tracer.start_as_current_span(
         name, context=propagate.extract(carrier), attributes=attributes

@@ -220,6 +220,8 @@ def test_a_remembered_tensor_is_read_wherever_the_next_message_places_it(pair: S
         )
         pair.sender.send(message)
         assert_same_tensors(pair.receiver.recv(timeout_ms=5000).tensors, message.tensors)
+    # All three through shared memory, so "tokens" has a remembered layout for the forgeries.
+    assert (pair.receiver.stats.received_shm, pair.receiver.stats.received_inline) == (3, 0)
     ring = ShmRing(slot_bytes=8192, num_slots=2)
     try:
         header = genuine_header(ring)

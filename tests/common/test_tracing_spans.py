@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import textwrap
 
 from opentelemetry import trace
 
@@ -17,7 +18,7 @@ CARRIER = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
 
 def test_a_remote_child_span_joins_the_frames_trace(spans) -> None:
     # The test session installs an in-memory provider (tests/conftest.py).
-    assert tracing.recording()
+    assert tracing.provider_installed()
     spans.clear()
     tracer = trace.get_tracer("test")
     with tracing.remote_child_span(tracer, "stage.decode", CARRIER, {"exegpt.step_id": "7"}):
@@ -30,20 +31,39 @@ def test_a_remote_child_span_joins_the_frames_trace(spans) -> None:
     assert span.attributes["exegpt.step_id"] == "7"
 
 
-def test_without_a_provider_no_span_is_made_until_one_is_installed() -> None:
-    # A fresh process: no provider, so the hot path makes no span and attaches no context.
-    script = (
-        "from opentelemetry import trace\n"
-        "from exegpt import tracing\n"
-        "assert not tracing.recording()\n"
-        f"with tracing.remote_child_span(trace.get_tracer('t'), 's', {CARRIER!r}, {{}}):\n"
-        "    assert trace.get_current_span() is trace.INVALID_SPAN\n"
-        "tracing.configure_tracing('exegpt-test', 'console')\n"
-        "assert tracing.recording()\n"
-        "print('ok')\n"
+def test_without_a_provider_no_span_is_made_and_the_frames_context_goes_on() -> None:
+    # A fresh process: no provider, so the stage's hot path makes no span and attaches no
+    # context, yet what it sends on carries the frame's context unchanged. Once a provider is
+    # installed, the same call makes a recording span in the frame's trace.
+    script = textwrap.dedent(
+        f"""
+        from opentelemetry import trace
+        from exegpt import tracing
+        from exegpt.transport import TensorMessage
+        from services.worker.stage.onward import carry_on
+
+        carrier = {CARRIER!r}
+        tracer = trace.get_tracer("t")
+        assert not tracing.provider_installed()
+        received = TensorMessage("decode", {{}}, trace_context=carrier)
+        out = TensorMessage("result", {{}})
+        with tracing.remote_child_span(tracer, "stage.decode", carrier, {{}}):
+            assert trace.get_current_span() is trace.INVALID_SPAN
+            carry_on(received, out, load_id="l", elapsed_s=0.001, handoff=None)
+        assert out.trace_context == carrier and out.trace_context is not carrier
+        tracing.configure_tracing("exegpt-test", "console")
+        assert tracing.provider_installed()
+        with tracing.remote_child_span(tracer, "stage.decode", carrier, {{}}):
+            span = trace.get_current_span()
+            assert span.is_recording()
+            assert f"{{span.get_span_context().trace_id:032x}}" == "{TRACE_ID}"
+        print("ok", flush=True)
+        """
     )
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "ok"
+    assert done.stdout.splitlines()[0] == "ok"
+    # The console exporter printed the span at exit, in the frame's trace.
+    assert '"name": "stage.decode"' in done.stdout and f"0x{TRACE_ID}" in done.stdout

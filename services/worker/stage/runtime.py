@@ -38,8 +38,9 @@ from exegpt.models.stage import build_stage, stage_kv_spec
 from exegpt.models.stage_spec import LayerRange, StageSpec
 from exegpt.transport import FrameError, PushFanout, TensorMessage, TensorSocket
 from exegpt.v1 import stage_pb2
-from services.worker.handoff import HANDOFFS_KEY, append_handoff, measured_handoff, stamp
+from services.worker.handoff import measured_handoff
 from services.worker.sampling import logprob_tensors, rows_from_tensors, sample_rows
+from services.worker.stage.onward import carry_on
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("exegpt.stage")
@@ -242,18 +243,7 @@ class StageRuntime:
             self.counters.compute_s += elapsed_s
         if stage.spec.tp_rank != 0:
             return
-        previous_s = float(message.attributes.get("compute_s", "0") or 0)
-        out.attributes.setdefault("step_id", step_id)
-        out.attributes["load_id"] = load_id
-        out.attributes["compute_s"] = repr(previous_s + elapsed_s)
-        # Each stage's own time, in route order: the engine reports them for calibration.
-        stage_times = message.attributes.get("stage_s", "")
-        out.attributes["stage_s"] = (
-            f"{stage_times},{elapsed_s!r}" if stage_times else repr(elapsed_s)
-        )
-        append_handoff(out.attributes, message.attributes.get(HANDOFFS_KEY, ""), handoff)
-        out.trace_context = dict(message.trace_context)
-        stamp(out.attributes)
+        carry_on(message, out, load_id=load_id, elapsed_s=elapsed_s, handoff=handoff)
         self._fanout.send(hop, out)
 
     def _run(self, stage: LoadedStage, message: TensorMessage) -> tuple[TensorMessage, list[str]]:
