@@ -20,7 +20,7 @@ class PolicyConfig:
     length_quantile: float = 0.95
     # memory_aware: admit a request past a head that does not fit while it is predicted to
     # finish by the step the head is predicted to fit (memory_aware.py). Off by default: it
-    # measured no better than strict order within this machine's noise (README).
+    # measured no better than strict order within this machine's noise (docs/measurements.md).
     backfill: bool = False
     # sjf: a request that waited this long goes before every shorter one (aging bound).
     max_wait_s: float = 10.0
