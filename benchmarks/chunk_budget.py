@@ -11,7 +11,8 @@ as the bench defines it: (last token - first) / (tokens - 1) per request), TPOT 
 the p99 of each request's longest gap between two tokens, every step kind's mean, p99 and
 max time, and the same of the requests' queue time (arrival to admission), and the engine's
 busy seconds (its clock: forwards and host work while it had work; the same requests, so
-less is cheaper serving), and the admission rounds in which the queue's head waited, by
+less is cheaper serving), and the step scheduler's calls in which the first request it was
+offered could not start (the engine's `head_waits`, by calls, not steps), by
 cause (no free blocks for its prefill, the policy's predicted peak, no batch slot, the
 preempted first, no room in the chunk budget). A request with few output tokens has a TPOT
 of one or two gaps: the step after its first token is what it sees, so the ratio of a step
@@ -51,8 +52,8 @@ def replay(
     loaded: LoadedModel, config: EngineConfig, rows: list[TraceRequest], gaps_s: list[float]
 ) -> tuple[dict[int, list[float]], dict[str, list[float]], dict[str, int]]:
     """Every request's token times (from its arrival), every step's time by kind plus every
-    request's queue time (arrival to admission) as `queue`, and the admission rounds the
-    queue's head waited by cause (services/worker/admission.py, `head_waits`)."""
+    request's queue time (arrival to admission) as `queue`, and the calls in which the
+    first request offered could not start, by cause (services/worker/admission.py, `head_waits`)."""
     engine = build_engine(loaded, config)
     steps: dict[str, list[float]] = {}
     engine.step_observers.append(
@@ -116,7 +117,7 @@ def report(
         f"{host_s:6.2f} s"
     )
     waits = ", ".join(f"{cause} {n}" for cause, n in sorted(head_waits.items())) or "none"
-    lines.append(f"{'':8}  head waited (admission rounds): {waits}")
+    lines.append(f"{'':8}  head waited (calls): {waits}")
     for kind, seconds in sorted(steps.items()):
         mean, p99, most = (f(seconds) * 1e3 for f in (np.mean, _p99, max))
         lines.append(

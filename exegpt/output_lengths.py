@@ -169,6 +169,11 @@ class BackfillDeadlines:
         self._steps = {h: step for h, step in self._steps.items() if h in waiting}
 
 
+# Backfill reads at most this many requests behind a blocked head, engine and simulator alike:
+# each is checked against the running batch, and a blocked head is re-tried every step.
+BACKFILL_WINDOW = 32
+
+
 def within_backfill(now: int, steps_to_finish: float, deadline: int) -> bool:
     """Whether a request predicted to finish `steps_to_finish` steps from `now` may pass a
     blocked head whose deadline (`BackfillDeadlines`) is the absolute step `deadline`: before the

@@ -13,7 +13,7 @@ from fractions import Fraction
 
 from exegpt.models.config import ModelConfig
 from exegpt.models.kv_cache import BlockAllocator, num_blocks_needed
-from exegpt.output_lengths import BackfillDeadlines, within_backfill
+from exegpt.output_lengths import BACKFILL_WINDOW, BackfillDeadlines, within_backfill
 from services.worker.config import EngineConfig
 from services.worker.modes import ModeView, ScheduleMode
 from services.worker.policies import BasePolicy, KvState, Load
@@ -36,7 +36,7 @@ class Admission:
     _plans: dict[int, tuple[StepKind, list[Sequence]]]
     _seq_ids: itertools.count
     _num_groups: int
-    _steps: Fraction  # plans made so far, each 1 / micro-batch groups: the deadlines' clock
+    _steps: Fraction  # plans made so far, each 1 / occupied groups: the deadlines' clock
     _backfill_deadlines: BackfillDeadlines
     mode: ScheduleMode
     policy: BasePolicy
@@ -95,22 +95,43 @@ class Admission:
                 self._running.append(seq)
                 admitted.append(seq)
             if self._waiting and not self._preempted and len(admitted) < limit:
-                deadline: int | None = None  # once one did not fit: the step to pass it by
-                for head in self.mode.choose(self._waiting, limit - len(admitted)):
-                    load = request_load(head)
-                    if deadline is None and not self._fits(load, state):
-                        deadline = self._deadline(head.request_id, load, state)
-                        self.head_waits[_refusal(load, state)] += 1
-                        continue
-                    if deadline is not None and not self._passes(load, deadline, state):
-                        continue
-                    self._waiting.remove(head)
-                    self._backfill_deadlines.forget(head.request_id)
-                    state = _with(state, load)
-                    admitted.append(self._new_sequence(head))
+                admitted += self._admit_waiting(limit - len(admitted), state)
             if self._preempted:
                 self._count_head_wait("preempted")
         self.mode.on_admitted(len(admitted), view)
+        return admitted
+
+    def _admit_waiting(self, limit: int, state: KvState) -> list[Sequence]:
+        """Admit up to `limit` of the mode's candidates in order while they fit. Past the
+        first that does not, read on only to backfill: at most BACKFILL_WINDOW more, and only
+        before its deadline (without backfill the deadline is now: strict order)."""
+        admitted: list[Sequence] = []
+        taken: list[EngineRequest] = []  # out of the queue after the walk, which reads it
+        deadline: int | None = None  # once one did not fit: the step to pass it by
+        num_behind = 0  # candidates read since one did not fit
+        for head in self.mode.choose(self._waiting, limit):
+            load = request_load(head)
+            if deadline is None:
+                if not self._fits(load, state):
+                    deadline = self._deadline(head.request_id, load, state)
+                    self.head_waits[_refusal(load, state)] += 1
+                    if self._clock() >= deadline:
+                        break
+                    continue
+            else:
+                num_behind += 1
+                if num_behind > BACKFILL_WINDOW:
+                    break
+                if not self._passes(load, deadline, state):
+                    continue
+            taken.append(head)
+            self._backfill_deadlines.forget(head.request_id)
+            state = _with(state, load)
+            admitted.append(self._new_sequence(head))
+            if len(admitted) == limit:
+                break  # before reading the next
+        for head in taken:
+            self._waiting.remove(head)
         return admitted
 
     def _count_head_wait(self, cause: str) -> None:
@@ -118,9 +139,10 @@ class Admission:
             self.head_waits[cause] += 1
 
     def _clock(self) -> int:
-        """Engine steps so far: one step of every running sequence is a plan per
-        micro-batch group. Prefill plans count too, so the clock runs no slower than the
-        sequences' steps and a deadline comes no later than predicted."""
+        """Engine steps so far: one step of every running sequence is a plan per occupied
+        micro-batch group (an empty group makes none). Prefill plans count too, so the clock
+        runs no slower than the sequences' steps and a deadline comes no later than
+        predicted."""
         return int(self._steps)  # exact: 1/3 + 1/3 + 1/3 is a step
 
     def _deadline(self, request_id: str, load: Load, state: KvState) -> int:

@@ -143,7 +143,8 @@ class Engine:
         self._executor.close()
 
     def submit(self, request: EngineRequest) -> None:
-        """Queue a request; raises InvalidRequestError, QueueFullError or EngineStoppedError."""
+        """Queue a request; raises InvalidRequestError (also for an id already queued),
+        QueueFullError or EngineStoppedError."""
         self._validate(request)
         needed = self._scheduler.max_blocks_for(request)
         if needed > self._allocator.num_blocks:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable, Iterator
 
+from exegpt.generation import InvalidRequestError
 from services.worker.requests import EngineRequest
 
 
@@ -49,9 +50,9 @@ class WaitingQueue:
         return self._requests.get(request_id)
 
     def append(self, request: EngineRequest) -> None:
-        """Queue `request` last (ValueError when its id is already queued)."""
+        """Queue `request` last (InvalidRequestError when its id is already queued)."""
         if request.request_id in self._requests:
-            raise ValueError(f"request {request.request_id!r} is already queued")
+            raise InvalidRequestError(f"request {request.request_id!r} is already queued")
         self._requests[request.request_id] = request
         self._count(request, 1)
 

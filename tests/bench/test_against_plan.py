@@ -89,19 +89,22 @@ def test_a_schedule_that_finishes_in_bunches_reads_its_cycle_rate() -> None:
 
 
 @pytest.mark.parametrize("phase_s", [0.0, 0.3, 0.7, 1.1, 1.5, 1.9])
-def test_few_cycles_read_low_never_high(phase_s: float) -> None:
+@pytest.mark.parametrize(("cycles", "highest"), [(4, 100.0), (5, 102.0)])
+def test_few_cycles_read_a_few_percent_off_mostly_low(
+    phase_s: float, cycles: int, highest: float
+) -> None:
     # Static batching, 4 batches a replica (the measured-burst rule), 2 replicas: each
     # replica finishes its 100 requests every 2 s within 0.2 s, 100 per second in all, the
     # second replica `phase_s` behind. With ~3 cycles in the window the slope reads a few
-    # percent low, whatever the phase: against the plan, never in its favour.
+    # percent low, whatever the phase; with 5, a late phase reads up to ~1.4% high.
     ends = sorted(
         offset + 2.0 * (c + 1) + 0.002 * k
         for offset in (0.0, phase_s)
-        for c in range(4)
+        for c in range(cycles)
         for k in range(100)
     )
     rate = against_plan.steady_throughput(ends)
-    assert rate is not None and 88.0 < rate < 100.0
+    assert rate is not None and 88.0 < rate < highest
 
 
 def test_p99_length_latency_leaves_the_queueing_out() -> None:

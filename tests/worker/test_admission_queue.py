@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from exegpt.generation import SamplingParams
+from exegpt.generation import InvalidRequestError, SamplingParams
 from exegpt.models.defaults import default_model_config
 from exegpt.models.kv_cache import BlockAllocator
 from exegpt.schedule import Schedule, ScheduleKind
@@ -76,7 +76,7 @@ def test_a_queued_request_id_is_refused_and_only_the_queued_object_is_removed() 
     queue = WaitingQueue()
     first = _request(0)
     queue.append(first)
-    with pytest.raises(ValueError, match="already queued"):
+    with pytest.raises(InvalidRequestError, match="already queued"):  # the engine's 4xx kind
         queue.append(_request(0))
     with pytest.raises(ValueError, match="not queued"):
         queue.remove(_request(0))  # an equal request, but not the one queued

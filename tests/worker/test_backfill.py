@@ -13,7 +13,8 @@ import pytest
 from exegpt.generation import SamplingParams
 from exegpt.models.kv_cache import BlockAllocator
 from exegpt.models.loader import load_model
-from exegpt.output_lengths import predicted_start_step
+from exegpt.output_lengths import BACKFILL_WINDOW, predicted_start_step
+from services.scheduler.simulator.kv_policy import SimRequest, simulate_kv_policy
 from services.worker.__main__ import add_arguments, policy_from_args
 from services.worker.config import EngineConfig
 from services.worker.policies import EnginePolicy, KvState, Load, PolicyConfig, make_policy
@@ -57,16 +58,21 @@ def llama_config(four_layer_models):
     return load_model(str(four_layer_models["llama-gqa"][0])).config
 
 
+@pytest.mark.parametrize("max_batch_size", [2, 3, 32])
 @pytest.mark.parametrize("backfill", [True, False])
-def test_a_short_request_passes_a_head_that_does_not_fit(llama_config, backfill: bool) -> None:
+def test_a_short_request_passes_a_head_that_does_not_fit(
+    llama_config, backfill: bool, max_batch_size: int
+) -> None:
     """20 blocks of 4 tokens (watermark 1: budget 19); Llama holds prompt + generated - 1
     tokens. R0 (prompt 20, max_tokens 24) runs, predicted to end with 11 blocks at step 24.
     H (prompt 44, max_tokens 8) would hold 13 beside R0's 7 at step 8: 20 > 19, so it waits
-    until step 24. S (prompt 4, max_tokens 4) fits (peak 6 + 2 at step 4, then 11) and ends
-    by step 24: it passes. L (prompt 4, max_tokens 30) fits too (11 + 7 = 18 at step 24) but
-    would still run at step 24: it waits."""
+    until step 24. L (prompt 4, max_tokens 30) fits (11 + 7 = 18 at step 24) but would still
+    run at step 24: it waits. S (prompt 4, max_tokens 4) fits (peak 6 + 2 at step 4, then 11)
+    and ends by step 24: it passes, even with one batch slot left (neither H's place nor L's
+    crowds it out of the candidates read)."""
     config = EngineConfig(
         kv_block_size_tokens=4,
+        max_batch_size=max_batch_size,
         policy=PolicyConfig(EnginePolicy.MEMORY_AWARE, backfill=backfill),
     )
     scheduler = StepScheduler(config, llama_config, BlockAllocator(20))
@@ -78,7 +84,7 @@ def test_a_short_request_passes_a_head_that_does_not_fit(llama_config, backfill:
     enqueue("R0", 20, 24)
     first = scheduler.next_plan()
     assert first is not None and first.kind is StepKind.PREFILL and len(first.token_ids) == 1
-    for request_id, prompt_tokens, max_tokens in (("H", 44, 8), ("S", 4, 4), ("L", 4, 30)):
+    for request_id, prompt_tokens, max_tokens in (("H", 44, 8), ("L", 4, 30), ("S", 4, 4)):
         enqueue(request_id, prompt_tokens, max_tokens)
     plan = scheduler.next_plan()  # R0's prefill is in flight: only admissions can run
     if backfill:
@@ -183,7 +189,7 @@ def test_the_head_s_deadline_is_not_moved_out_by_a_sequence_outliving_its_predic
 
 
 @pytest.mark.parametrize(("prompt_tokens", "cause"), [(44, "policy"), (60, "free_blocks")])
-def test_each_round_the_head_waits_is_counted_by_its_cause(
+def test_each_call_the_head_waits_is_counted_by_its_cause(
     llama_config, prompt_tokens: int, cause: str
 ) -> None:
     """R0 (prompt 20: 5 of 20 blocks) runs. A head of 44 tokens takes 11 blocks + the
@@ -197,3 +203,52 @@ def test_each_round_the_head_waits_is_counted_by_its_cause(
         assert (scheduler.next_plan() is None) == (request_id == "H")
     assert scheduler.next_plan() is None
     assert dict(scheduler.head_waits) == {cause: 2}
+
+
+@pytest.mark.parametrize("num_long", [BACKFILL_WINDOW - 1, BACKFILL_WINDOW])
+def test_backfill_reads_a_window_behind_the_blocked_head(llama_config, num_long: int) -> None:
+    """The case above with L repeated: S is the window's last candidate behind H after
+    BACKFILL_WINDOW - 1 of them and passes; one more and S is beyond it and waits."""
+    config = EngineConfig(
+        kv_block_size_tokens=4, policy=PolicyConfig(EnginePolicy.MEMORY_AWARE, backfill=True)
+    )
+    scheduler = StepScheduler(config, llama_config, BlockAllocator(20))
+    requests = [("R0", 20, 24), ("H", 44, 8)]
+    requests += [(f"L{i}", 4, 30) for i in range(num_long)] + [("S", 4, 4)]
+    for request_id, prompt_tokens, max_tokens in requests:
+        sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        scheduler.enqueue(EngineRequest(request_id, [5] * prompt_tokens, sampling, print))
+        if request_id == "R0":
+            assert scheduler.next_plan() is not None  # R0's prefill, in flight
+    plan = scheduler.next_plan()
+    if num_long < BACKFILL_WINDOW:
+        assert plan is not None and [len(tokens) for tokens in plan.token_ids] == [4]  # S
+    else:
+        assert plan is None
+    # The simulator reads the same window.
+    waiting = [SimRequest(44, 8, 8)] + [SimRequest(4, 30, 30)] * num_long + [SimRequest(4, 4, 4)]
+    starts = simulate_kv_policy(
+        [SimRequest(20, 24, 24), *waiting], "memory_aware", num_blocks=20,
+        block_size_tokens=4, max_batch_size=64, backfill=True,
+    ).first_admitted_steps  # fmt: skip
+    assert (starts[-1] < starts[1]) == (num_long < BACKFILL_WINDOW)
+
+
+def test_the_backfill_clock_counts_a_step_of_every_sequence_with_groups_empty(
+    llama_config,
+) -> None:
+    """Two micro-batch groups, one sequence: every plan is a step of it, so the clock that
+    deadlines are set in keeps up with its tokens (an empty group makes no plan)."""
+    config = EngineConfig(
+        kv_block_size_tokens=4,
+        num_micro_batches=2,
+        policy=PolicyConfig(EnginePolicy.MEMORY_AWARE, backfill=True),
+    )
+    scheduler = StepScheduler(config, llama_config, BlockAllocator(20))
+    sampling = SamplingParams(max_tokens=24, ignore_eos=True)
+    scheduler.enqueue(EngineRequest("R0", [5] * 20, sampling, print))
+    for _ in range(10):
+        plan = scheduler.next_plan()
+        assert plan is not None and len(plan.seq_ids) == 1
+        scheduler.complete(StepResult(plan.step_id, (7,), (None,)))
+    assert scheduler._clock() == 10

@@ -15,8 +15,9 @@ the same rules:
   is the newest) by recompute: its blocks are freed, it waits at the head of the queue with
   its tokens, and its prompt + tokens are prefilled again when it is readmitted.
 - memory_aware with `backfill=True` (off by default, as in the engine): when the head of the
-  waiting queue does not fit, a request behind it that fits is admitted if its predicted
-  output ends by the step the head was predicted to fit when it first blocked
+  waiting queue does not fit, a request behind it (among the next BACKFILL_WINDOW) that
+  fits is admitted if its predicted output ends by the step the head was predicted to fit
+  when it first blocked
   (exegpt/output_lengths: predicted_start_step, BackfillDeadlines, never extended,
   within_backfill); in strict order once that step passed.
 
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 
 from exegpt.models.kv_cache import blocks_for
 from exegpt.output_lengths import (
+    BACKFILL_WINDOW,
     BackfillDeadlines,
     OutputLengthModel,
     predicted_peak_blocks,
@@ -138,8 +140,8 @@ class _Engine:
         admitted.append(seq)
 
     def _backfill(self, waiting: list[_Seq], admitted: list[_Seq]) -> None:
-        """memory_aware's backfill: admit the requests behind the blocked head `waiting[0]`
-        that fit and are predicted to finish by the step the head was predicted to fit when it
+        """memory_aware's backfill: admit the requests among the BACKFILL_WINDOW behind the
+        blocked head `waiting[0]` that fit and are predicted to finish by the step the head was predicted to fit when it
         first blocked (its deadline, never extended)."""
         if self.policy != "memory_aware" or not self.backfill:
             return
@@ -153,7 +155,7 @@ class _Engine:
                 self.blocks_at,
             ),
         )
-        for seq in list(waiting[1:]):
+        for seq in waiting[1 : 1 + BACKFILL_WINDOW]:  # a copy: admitted ones leave `waiting`
             if len(self.running) >= self.max_batch_size:
                 return
             left = self._prediction(seq)[2]

@@ -7,7 +7,7 @@ The baselines (continuous, static) sit beside ExeGPT's planned schedules (rra, w
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from exegpt.schedule import Schedule, ScheduleKind
@@ -29,7 +29,7 @@ class ScheduleMode(Protocol):
 
     def admission_limit(self, view: ModeView) -> int: ...
 
-    def choose(self, waiting: WaitingQueue, limit: int) -> list[EngineRequest]: ...
+    def choose(self, waiting: WaitingQueue, limit: int) -> Iterable[EngineRequest]: ...
 
     def victim(self, candidates: list[Load]) -> Load: ...
 

@@ -4,8 +4,7 @@ takes the waiting queue in the policy's order, lazily: it reads only as far as i
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from services.worker.policies import BasePolicy, Load, OutputLengthModel, PolicyConfig, make_policy
@@ -35,10 +34,11 @@ class FcfsMode:
         """How many waiting requests may be admitted now (0: none)."""
         return max(0, view.max_batch_size - view.num_running)
 
-    def choose(self, waiting: WaitingQueue, limit: int) -> list[EngineRequest]:
-        """Which waiting requests to admit, at most `limit`, in the order to admit them
-        (under fcfs and memory_aware, the first `limit` read: the rest are not walked)."""
-        return list(itertools.islice(self.policy.order(waiting), limit))
+    def choose(self, waiting: WaitingQueue, limit: int) -> Iterable[EngineRequest]:
+        """The candidates to admit, in the order to admit them: the admission admits at most
+        `limit`, and reads on lazily only while it admits, or while it backfills past one that
+        did not fit (services/worker/admission.py): the rest of the queue is not walked."""
+        return self.policy.order(waiting)
 
     def victim(self, candidates: Sequence[Load]) -> Load:
         """Whom to preempt first when the KV cache runs out (the policy decides)."""
