@@ -185,3 +185,18 @@ def test_a_schedule_inside_the_headroom_serves_when_nothing_meets_the_planned_bo
     assert result.chosen.latency_s == pytest.approx(floor_s, rel=0.02)
     # Below the floor nothing is met, with or without headroom.
     assert not plan(toy_problem(floor_s * 0.9, HEADROOM), space=SPACE).meets_bound
+
+
+@pytest.mark.parametrize("exhaustive", [True, False])
+def test_at_the_lowest_latency_the_most_throughput_serves(exhaustive: bool) -> None:
+    # Nothing meets the planned bound, the user's is met: of the schedules at the lowest
+    # latency, baselines included, the one serving the most sequences a second is chosen (a
+    # static batch of 1 can be as fast as RRA's and serve twice as many).
+    lowest = plan(toy_problem(math.inf), exhaustive=True, space=SPACE).evaluated
+    floor_s = min(p.latency_s for p in lowest if p.feasible)
+    result = plan(toy_problem(floor_s / 0.95, HEADROOM), exhaustive=exhaustive, space=SPACE)
+    assert result.meets_bound and result.chosen is not None
+    every = plan(toy_problem(floor_s / 0.95, HEADROOM), exhaustive=True, space=SPACE).evaluated
+    at_floor = [p for p in every if p.feasible and p.latency_s == floor_s]
+    assert result.chosen.latency_s == floor_s
+    assert result.chosen.throughput_seq_s == max(p.throughput_seq_s for p in at_floor)

@@ -39,7 +39,8 @@ def maximise(
     incumbent: Prediction | None,
     tolerance: Callable[[float], float],
 ) -> Prediction | None:
-    """The admissible point of `sub` with the highest `score` (ties: lower latency), or the
+    """The admissible point of `sub` with the highest `score` (ties: lower latency, then higher
+    throughput), or the
     given incumbent if nothing beats it. A box is dropped only when its bound plus
     `tolerance(bound)` is still below the incumbent's score (the paper's rule): the corners
     bound a box exactly only where the functions are monotonic, and measured profiles are
@@ -48,8 +49,8 @@ def maximise(
     bound_s = problem.planning_bound_s + problem.latency_tolerance_s
     capacity = problem.device_memory_bytes
 
-    def rank(prediction: Prediction) -> tuple[float, float]:
-        return score(prediction), -prediction.latency_s
+    def rank(prediction: Prediction) -> tuple[float, float, float]:
+        return score(prediction), -prediction.latency_s, prediction.throughput_seq_s
 
     def beaten(value: float) -> bool:
         return incumbent is not None and value + tolerance(value) <= score(incumbent)

@@ -135,6 +135,15 @@ def better(candidate: Prediction, incumbent: Prediction | None) -> bool:
     return candidate.latency_s < incumbent.latency_s
 
 
+def faster(candidate: Prediction, incumbent: Prediction | None) -> bool:
+    """Lower latency, and at equal latency higher throughput (`better`'s mirror)."""
+    if incumbent is None:
+        return True
+    if candidate.latency_s != incumbent.latency_s:
+        return candidate.latency_s < incumbent.latency_s
+    return candidate.throughput_seq_s > incumbent.throughput_seq_s
+
+
 def replica_counts(
     num_devices: int,
     kind: ScheduleKind | None = None,

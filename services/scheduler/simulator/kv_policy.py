@@ -141,8 +141,8 @@ class _Engine:
 
     def _backfill(self, waiting: list[_Seq], admitted: list[_Seq]) -> None:
         """memory_aware's backfill: admit the requests among the BACKFILL_WINDOW behind the
-        blocked head `waiting[0]` that fit and are predicted to finish by the step the head was predicted to fit when it
-        first blocked (its deadline, never extended)."""
+        blocked head `waiting[0]` that fit and are predicted to finish by the step the head
+        was predicted to fit when it first blocked (its deadline, never extended)."""
         if self.policy != "memory_aware" or not self.backfill:
             return
         deadline = self.deadlines.of(
