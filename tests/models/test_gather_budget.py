@@ -93,6 +93,19 @@ def test_the_layout_carries_the_slices(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(_decode_layout(torch.zeros(1, 4, 64, device="meta")).buckets) == 1
 
 
+def _record_kernel_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The rows of every decode-kernel call from now on, in order."""
+    rows_per_call: list[int] = []
+    real_kernel = buckets.decode_kernel
+
+    def recording_kernel(q, k, v, mask, scale):
+        rows_per_call.append(k.shape[0])
+        return real_kernel(q, k, v, mask, scale)
+
+    monkeypatch.setattr(buckets, "decode_kernel", recording_kernel)
+    return rows_per_call
+
+
 @pytest.mark.parametrize("variant", ["llama", "t5"])
 def test_a_decode_step_cuts_its_slices_once_not_per_layer(
     checkpoints: dict[str, Checkpoint], variant: str, monkeypatch: pytest.MonkeyPatch
@@ -110,14 +123,7 @@ def test_a_decode_step_cuts_its_slices_once_not_per_layer(
 
     monkeypatch.setattr(buckets, "within_budget", counting_within)
     monkeypatch.setattr(buckets, "DECODE_GATHER_MAX_BYTES", 1)  # one row per slice
-    rows_per_call: list[int] = []
-    real_kernel = buckets.decode_kernel
-
-    def recording_kernel(q, k, v, mask, scale):
-        rows_per_call.append(k.shape[0])
-        return real_kernel(q, k, v, mask, scale)
-
-    monkeypatch.setattr(buckets, "decode_kernel", recording_kernel)
+    rows_per_call = _record_kernel_rows(monkeypatch)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [40, 41]]
     decode_logits(loaded, prompts, poisoned=False, steps=1)
     layers = loaded.config.num_decoder_layers
@@ -137,14 +143,7 @@ def test_sliced_decode_steps_give_the_logits_of_whole_ones(
     with a budget of one row's K/V per slice, against the default budget: the same logits."""
     loaded = load_model(str(checkpoints[variant].path))
     prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30 + j for j in range(13)], [40, 41]]
-    rows_per_call: list[int] = []
-    real_kernel = buckets.decode_kernel
-
-    def recording_kernel(q, k, v, mask, scale):
-        rows_per_call.append(k.shape[0])
-        return real_kernel(q, k, v, mask, scale)
-
-    monkeypatch.setattr(buckets, "decode_kernel", recording_kernel)
+    rows_per_call = _record_kernel_rows(monkeypatch)
 
     whole = decode_logits(loaded, prompts, poisoned=True)
     assert max(rows_per_call) > 1  # the default budget attends the rows together
