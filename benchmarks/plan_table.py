@@ -2,8 +2,8 @@
 bound, against the static-batching (FasterTransformer) baseline, and what the search costs
 against exhaustive search. All numbers are the simulator's predictions from one profile.
 
-For each task the bounds are derived from the lowest p99 latency any searched schedule can
-reach on this profile (L_min): tight = 1.5 x L_min, loose = 4 x L_min (`--factors`).
+For each task the bounds are derived from the lowest p99 latency any schedule can reach on
+this profile, the baselines included (L_min): tight = 1.5 x L_min, loose = 4 x L_min (`--factors`).
 
     .venv/bin/python benchmarks/plan_table.py --profile /tmp/tiny-quick.json --gpus 4 \\
         --gpu-memory-gb 4
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = cost_model.shape
     sys.stdout.write(
         f"profile {name} ({shape.model_name}), {args.gpus} devices x "
-        f"{memory_bytes / GIB:.1f} GiB; L_min: lowest p99 latency of any searched schedule\n\n"
+        f"{memory_bytes / GIB:.1f} GiB; L_min: lowest p99 latency of any schedule\n\n"
     )
     sys.stdout.write(format_table(rows))
     extrapolated = getattr(cost_model, "num_extrapolated_queries", None)

@@ -194,10 +194,10 @@ def _completions_per_s(ends: list[float], window: tuple[float, float] | None) ->
     6.8 s for 750 requests over both replicas) give 110, the slope 108. A steady stream
     reads within a few percent either way, not the same (the continuous data-parallel
     baseline read 149.5 by count, 145.6 by slope). With few cycles in the window the slope
-    reads a bunched schedule a few percent off, mostly low (about 5% low at 4 cycles per
-    replica, 1% at 8), but up to ~1.5% high at some phases of the replicas' bunches (5
-    cycles, the second replica 1.0-1.9 s of a 2 s cycle behind). None with fewer than 3
-    completions in the window."""
+    reads a bunched schedule a few percent off: low at 4, 6 and 8 cycles per replica (about
+    5% at 4, 1% at 8), but at 5 cycles about half the phases of the replicas' bunches read
+    high, up to +1.4% (the second replica 1.0-1.9 s of a 2 s cycle behind). None with
+    fewer than 3 completions in the window."""
     if window is None:
         return None
     first, last = window

@@ -107,6 +107,17 @@ class Admission:
         before its deadline (without backfill the deadline is now: strict order)."""
         admitted: list[Sequence] = []
         taken: list[EngineRequest] = []  # out of the queue after the walk, which reads it
+        try:
+            self._walk(limit, state, admitted, taken)
+        finally:
+            for head in taken:  # even if the walk raised: none is admitted twice
+                self._waiting.remove(head)
+        return admitted
+
+    def _walk(
+        self, limit: int, state: KvState, admitted: list[Sequence], taken: list[EngineRequest]
+    ) -> None:
+        """`_admit_waiting`'s walk: appends to `admitted` and `taken` as it admits."""
         deadline: int | None = None  # once one did not fit: the step to pass it by
         num_behind = 0  # candidates read since one did not fit
         for head in self.mode.choose(self._waiting, limit):
@@ -130,19 +141,17 @@ class Admission:
             admitted.append(self._new_sequence(head))
             if len(admitted) == limit:
                 break  # before reading the next
-        for head in taken:
-            self._waiting.remove(head)
-        return admitted
 
     def _count_head_wait(self, cause: str) -> None:
         if self._waiting:
             self.head_waits[cause] += 1
 
     def _clock(self) -> int:
-        """Engine steps so far: one step of every running sequence is a plan per occupied
-        micro-batch group (an empty group makes none). Prefill plans count too, so the clock
-        runs no slower than the sequences' steps and a deadline comes no later than
-        predicted."""
+        """Engine steps so far: one step of every running sequence is a plan of each occupied
+        micro-batch group (an empty group makes none), and a plan counts for the groups its
+        sequences are in (a mixed plan's chunks advance theirs). Prefill plans count too, so
+        the clock runs no slower than the sequences' steps and a deadline comes no later
+        than predicted."""
         return int(self._steps)  # exact: 1/3 + 1/3 + 1/3 is a step
 
     def _deadline(self, request_id: str, load: Load, state: KvState) -> int:

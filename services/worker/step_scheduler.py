@@ -345,9 +345,11 @@ class StepScheduler(Admission):
         """A step of `seqs`, their block tables grown to what it writes."""
         block_size = self._config.kv_block_size_tokens
         step_id = next(self._step_ids)
-        # One plan of each occupied group is a step of every sequence (empty groups make none).
-        occupied = len({s.group for s in self._running})
-        self._steps += Fraction(1, min(self._num_groups, max(1, occupied)))
+        # A step of every sequence is a plan of each occupied group (an empty group makes
+        # none); a plan advances the groups of its sequences (a mixed plan's chunks too).
+        occupied = {s.group for s in self._running}
+        advanced = len({s.group for s in seqs} & occupied)
+        self._steps += min(Fraction(1), Fraction(max(1, advanced), max(1, len(occupied))))
         plan = build_plan(step_id, kind, seqs, self._model_config, self._allocator, block_size)
         # The step's span links to each request's trace (a step serves many requests).
         links = tuple(s.request.trace_context for s in seqs if s.request.trace_context)

@@ -10,11 +10,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from exegpt.schedule import ScheduleKind
+from exegpt.schedule import Schedule, ScheduleKind
 from exegpt.workloads import LengthSpec
 from services.scheduler.analytic_cost import analytic_cost_model
-from services.scheduler.problem import PlanProblem, PlanResult, WorkloadDistribution
+from services.scheduler.problem import PlanProblem, PlanResult, Prediction, WorkloadDistribution
 from services.scheduler.search.plan import SearchSpace, plan, static_latency_bounds
+from services.scheduler.search.space import faster
 from services.scheduler.simulator.predict import is_meeting
 from tests.scheduler.random_cost import random_cost_model
 from tests.scheduler.toy_cost import BumpyCostModel, decoder_only_shape, toy_workload
@@ -205,3 +206,19 @@ def test_simulator_and_search_do_not_import_grpc() -> None:
         "sys.exit(any(name.split('.')[0] == 'grpc' for name in sys.modules))"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_latencies_a_rounding_apart_tie_and_the_higher_throughput_is_faster() -> None:
+    # Two schedules' latencies, sums of the same steps in another order, one float step
+    # apart (0.038 and 0.038000000000000006 on the toy problem): a tie, which throughput
+    # breaks, whichever way the rounding fell.
+    def point(kind: ScheduleKind, latency_s: float, seq_s: float) -> Prediction:
+        schedule = Schedule(kind, encode_batch_size=1, decode_batch_size=1)
+        return Prediction(schedule, True, seq_s, seq_s, latency_s, (0,), (0.0,))
+
+    low, high = 0.038, math.nextafter(0.038, 1.0)
+    for rra_latency, static_latency in ((low, high), (high, low)):
+        rra = point(ScheduleKind.RRA, rra_latency, 26.3)
+        static = point(ScheduleKind.STATIC, static_latency, 53.0)
+        assert faster(static, rra) and not faster(rra, static)
+    assert faster(point(ScheduleKind.RRA, 0.037, 1.0), point(ScheduleKind.STATIC, 0.038, 9.0))

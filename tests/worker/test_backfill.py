@@ -252,3 +252,40 @@ def test_the_backfill_clock_counts_a_step_of_every_sequence_with_groups_empty(
         assert plan is not None and len(plan.seq_ids) == 1
         scheduler.complete(StepResult(plan.step_id, (7,), (None,)))
     assert scheduler._clock() == 10
+
+
+def test_the_backfill_clock_keeps_up_when_chunks_ride_in_another_group_s_plans(
+    llama_config,
+) -> None:
+    """Two groups: A decodes in one, B's long prompt is chunk-prefilled in the other, its
+    chunks riding in A's mixed plans. Each plan is a step of A and a chunk of B: the clock
+    gains no less than A's tokens (it counted half a step a plan before)."""
+    config = EngineConfig(
+        kv_block_size_tokens=4,
+        num_micro_batches=2,
+        max_tokens_per_step=8,
+        policy=PolicyConfig(EnginePolicy.MEMORY_AWARE, backfill=True),
+    )
+    scheduler = StepScheduler(config, llama_config, BlockAllocator(400))
+
+    def enqueue(request_id: str, prompt_tokens: int) -> None:
+        sampling = SamplingParams(max_tokens=100, ignore_eos=True)
+        scheduler.enqueue(EngineRequest(request_id, [5] * prompt_tokens, sampling, print))
+
+    def run_step() -> StepPlan:
+        plan = scheduler.next_plan()
+        assert plan is not None
+        rows = len(plan.seq_ids)
+        scheduler.complete(StepResult(plan.step_id, (7,) * rows, (None,) * rows))
+        return plan
+
+    enqueue("A", 4)
+    for _ in range(3):
+        run_step()
+    a = scheduler._running[0]
+    tokens, clock = len(a.output_token_ids), scheduler._clock()
+    enqueue("B", 120)
+    kinds = {run_step().kind for _ in range(10)}
+    assert StepKind.MIXED in kinds
+    assert {s.group for s in scheduler._running} == {0, 1}  # B has a group of its own
+    assert scheduler._clock() - clock >= len(a.output_token_ids) - tokens

@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import random
 import threading
+from dataclasses import replace
 
 import pytest
 
+from exegpt.generation import SamplingParams
+from exegpt.models.defaults import default_model_config
+from exegpt.models.kv_cache import BlockAllocator
 from exegpt.models.loader import LoadedModel, load_model
 from exegpt.schedule import Schedule, ScheduleKind
 from services.worker.config import EngineConfig
 from services.worker.modes.rra import RraMode
+from services.worker.requests import EngineRequest
 from services.worker.server import build_engine
+from services.worker.step_scheduler import StepScheduler
 from tests.worker.test_engine import Collector, submit
 
 RRA = Schedule(ScheduleKind.RRA, encode_batch_size=4, decode_batch_size=8, num_decode_iterations=3)
@@ -115,3 +121,27 @@ def test_an_idle_engine_takes_a_pushed_schedule_at_once(loaded) -> None:
         assert [s.redeployed for s in engine.switches] == [False]
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("kind", [ScheduleKind.STATIC, ScheduleKind.CONTINUOUS])
+def test_a_pushed_baseline_runs_at_its_planned_batch(kind: ScheduleKind) -> None:
+    """A baseline schedule (pushed, or from --schedule) sizes the running batch: a static
+    batch of 1 admits one of five waiting requests, not the replica's --max-batch-size of 32;
+    without a schedule the replica's maximum holds."""
+    config = EngineConfig(kv_block_size_tokens=4, max_batch_size=32)
+    scheduler = StepScheduler(config, default_model_config(), BlockAllocator(4000))
+    batch = 1 if kind is ScheduleKind.STATIC else 2
+    planned = Schedule(kind=kind, encode_batch_size=1, decode_batch_size=batch)
+    scheduler.set_mode(replace(config, batching=kind, schedule=planned))
+    for i in range(5):
+        sampling = SamplingParams(max_tokens=4, ignore_eos=True)
+        scheduler.enqueue(EngineRequest(f"r{i}", [5] * 8, sampling, print))
+    plan = scheduler.next_plan()
+    assert plan is not None and len(plan.seq_ids) == planned.decode_batch_size
+    unplanned = StepScheduler(config, default_model_config(), BlockAllocator(4000))
+    unplanned.set_mode(replace(config, batching=kind))
+    for i in range(5):
+        sampling = SamplingParams(max_tokens=4, ignore_eos=True)
+        unplanned.enqueue(EngineRequest(f"r{i}", [5] * 8, sampling, print))
+    plan = unplanned.next_plan()
+    assert plan is not None and len(plan.seq_ids) == 5

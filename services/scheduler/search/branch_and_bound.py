@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from services.scheduler.problem import PlanProblem, Prediction
-from services.scheduler.search.space import Evaluator, Index, SubSpace
+from services.scheduler.search.space import Evaluator, Index, SubSpace, same_latency
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,14 @@ def maximise(
     bound_s = problem.planning_bound_s + problem.latency_tolerance_s
     capacity = problem.device_memory_bytes
 
-    def rank(prediction: Prediction) -> tuple[float, float, float]:
-        return score(prediction), -prediction.latency_s, prediction.throughput_seq_s
+    def outranks(prediction: Prediction, other: Prediction) -> bool:
+        """A higher score; at the same score (but for rounding) lower latency, then higher
+        throughput."""
+        if not math.isclose(score(prediction), score(other), rel_tol=1e-9):
+            return score(prediction) > score(other)
+        if not same_latency(prediction, other):
+            return prediction.latency_s < other.latency_s
+        return prediction.throughput_seq_s > other.throughput_seq_s
 
     def beaten(value: float) -> bool:
         return incumbent is not None and value + tolerance(value) <= score(incumbent)
@@ -60,7 +67,7 @@ def maximise(
         nonlocal incumbent
         corners = [evaluate(sub.schedule(index)) for index in box.corners()]
         for prediction in corners:
-            if admissible(prediction) and (incumbent is None or rank(prediction) > rank(incumbent)):
+            if admissible(prediction) and (incumbent is None or outranks(prediction, incumbent)):
                 incumbent = prediction
         if min(p.latency_s for p in corners) > bound_s:
             return None

@@ -6,6 +6,7 @@ See plan.py for what the axes are and why some are enumerated rather than bisect
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -135,11 +136,16 @@ def better(candidate: Prediction, incumbent: Prediction | None) -> bool:
     return candidate.latency_s < incumbent.latency_s
 
 
+def same_latency(a: Prediction, b: Prediction) -> bool:
+    """Latencies equal but for float rounding (two schedules' sums of the same steps)."""
+    return math.isclose(a.latency_s, b.latency_s, rel_tol=1e-9)
+
+
 def faster(candidate: Prediction, incumbent: Prediction | None) -> bool:
-    """Lower latency, and at equal latency higher throughput (`better`'s mirror)."""
+    """Lower latency, and at the same latency higher throughput (`better`'s mirror)."""
     if incumbent is None:
         return True
-    if candidate.latency_s != incumbent.latency_s:
+    if not same_latency(candidate, incumbent):
         return candidate.latency_s < incumbent.latency_s
     return candidate.throughput_seq_s > incumbent.throughput_seq_s
 

@@ -47,9 +47,22 @@ def _schedule(config: EngineConfig) -> Schedule:
     return config.schedule
 
 
+def _baseline(mode: type[FcfsMode]) -> Callable[[EngineConfig], FcfsMode]:
+    """A baseline's mode: with a planned schedule (pushed, or `--schedule`), its batch size
+    and micro-batches; without one, the replica's --max-batch-size and micro-batches."""
+
+    def make(config: EngineConfig) -> FcfsMode:
+        if config.schedule is None:
+            return mode(config.num_micro_batches)
+        schedule = config.schedule
+        return mode(schedule.num_micro_batches, schedule.decode_batch_size)
+
+    return make
+
+
 _MODES: dict[ScheduleKind, Callable[[EngineConfig], FcfsMode]] = {
-    ScheduleKind.CONTINUOUS: lambda c: ContinuousMode(c.num_micro_batches),
-    ScheduleKind.STATIC: lambda c: StaticMode(c.num_micro_batches),
+    ScheduleKind.CONTINUOUS: _baseline(ContinuousMode),
+    ScheduleKind.STATIC: _baseline(StaticMode),
     ScheduleKind.RRA: lambda c: RraMode(_schedule(c), c.mean_input_tokens, c.input_band),
     ScheduleKind.WAA_C: lambda c: WaaMode(_schedule(c)),
     ScheduleKind.WAA_M: lambda c: WaaMode(_schedule(c)),

@@ -23,16 +23,23 @@ class FcfsMode:
     """Admit in the policy's order (arrival order by default); decode whenever sequences are
     ready."""
 
-    def __init__(self, num_micro_batches: int = 1) -> None:
+    def __init__(self, num_micro_batches: int = 1, batch_size: int | None = None) -> None:
         self.num_micro_batches = num_micro_batches
+        self.batch_size = batch_size  # a planned schedule's batch (None: the replica's max)
         self.policy: BasePolicy = make_policy(PolicyConfig(), OutputLengthModel())
 
     def use_policy(self, policy: BasePolicy) -> None:
         self.policy = policy
 
+    def batch_cap(self, view: ModeView) -> int:
+        """The running batch's size limit: the planned batch, within the replica's maximum."""
+        if self.batch_size is None:
+            return view.max_batch_size
+        return min(self.batch_size, view.max_batch_size)
+
     def admission_limit(self, view: ModeView) -> int:
         """How many waiting requests may be admitted now (0: none)."""
-        return max(0, view.max_batch_size - view.num_running)
+        return max(0, self.batch_cap(view) - view.num_running)
 
     def choose(self, waiting: WaitingQueue, limit: int) -> Iterable[EngineRequest]:
         """The candidates to admit, in the order to admit them: the admission admits at most

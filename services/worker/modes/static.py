@@ -8,4 +8,4 @@ from services.worker.modes.base import FcfsMode, ModeView
 
 class StaticMode(FcfsMode):
     def admission_limit(self, view: ModeView) -> int:
-        return view.max_batch_size if view.num_running == 0 else 0
+        return self.batch_cap(view) if view.num_running == 0 else 0
