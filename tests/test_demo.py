@@ -45,6 +45,13 @@ def test_demo_replans_after_calibration_and_measures_the_plan_in_force(
     applied = rest.count("Applying the re-plan")
     assert applied == (0 if in_force == first and not replanned_again else 1 + replanned_again)
     assert rest.count("the re-plan, calibrated on its own steps, predicts") == applied
+    if applied:  # the burst is judged against the plan in force priced on its own steps
+        own = re.findall(
+            r"calibrated on its own steps, predicts ([\d.]+) seq/s and ([\d.]+) s", rest
+        )
+        seq_s = re.search(r"throughput \(seq/s\)\s+([\d.]+)", rest).group(1)
+        latency_s = re.search(r"p99-length latency \(s\)\s+([\d.]+)", rest).group(1)
+        assert (seq_s, latency_s) == own[-1]
     burst = re.search(r"schedule (.+) \((\d+) ok, (\d+) failed\)", rest)
     assert burst.group(1) == in_force
     assert (int(burst.group(2)), int(burst.group(3))) == (16, 0)

@@ -242,7 +242,11 @@ def _apply(
         )
         if not final and predicted["latency_s"] > auto.bound_s:
             again = calibration_pass.recalibrate(auto, request, profile, totals, log_dir, name)
-            if again.refused is None and again.plan.report["schedule"] != auto.report["schedule"]:
+            if again.refused is not None:
+                _out(f"On its own steps it misses the bound; re-plan: {again.refused}")
+            elif again.plan.report["schedule"] == auto.report["schedule"]:
+                _out("On its own steps it misses the bound; a re-plan from them keeps it")
+            else:
                 _out("On its own steps it misses the bound; re-plan from them:")
                 _out(autoplan.format_choice(again.plan))
                 _out()

@@ -135,10 +135,10 @@ class Admission:
                     break
                 if not self._passes(load, deadline, state):
                     continue
-            taken.append(head)
+            admitted.append(self._new_sequence(head))
+            taken.append(head)  # running now: it leaves the queue whatever follows
             self._backfill_deadlines.forget(head.request_id)
             state = _with(state, load)
-            admitted.append(self._new_sequence(head))
             if len(admitted) == limit:
                 break  # before reading the next
 

@@ -17,6 +17,7 @@ from exegpt.models.kv_cache import BlockAllocator
 from exegpt.models.loader import LoadedModel, load_model
 from exegpt.schedule import Schedule, ScheduleKind
 from services.worker.config import EngineConfig
+from services.worker.modes import ModeView
 from services.worker.modes.rra import RraMode
 from services.worker.requests import EngineRequest
 from services.worker.server import build_engine
@@ -145,3 +146,15 @@ def test_a_pushed_baseline_runs_at_its_planned_batch(kind: ScheduleKind) -> None
         unplanned.enqueue(EngineRequest(f"r{i}", [5] * 8, sampling, print))
     plan = unplanned.next_plan()
     assert plan is not None and len(plan.seq_ids) == 5
+
+
+def test_a_planned_static_batch_keeps_the_replica_s_micro_batch_groups() -> None:
+    """Static batching's schedules leave num_micro_batches at 1, yet a static batch on two
+    stages runs as two groups in flight, as the simulator prices it: the groups are the
+    replica's, the batch is the plan's."""
+    config = EngineConfig(kv_block_size_tokens=4, max_batch_size=32, num_micro_batches=2)
+    scheduler = StepScheduler(config, default_model_config(), BlockAllocator(4000))
+    planned = Schedule(kind=ScheduleKind.STATIC, encode_batch_size=8, decode_batch_size=8)
+    scheduler.set_mode(replace(config, batching=ScheduleKind.STATIC, schedule=planned))
+    assert scheduler.mode.num_micro_batches == 2
+    assert scheduler.mode.admission_limit(ModeView(0, 0, 32)) == 8

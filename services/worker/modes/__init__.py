@@ -49,13 +49,13 @@ def _schedule(config: EngineConfig) -> Schedule:
 
 def _baseline(mode: type[FcfsMode]) -> Callable[[EngineConfig], FcfsMode]:
     """A baseline's mode: with a planned schedule (pushed, or `--schedule`), its batch size
-    and micro-batches; without one, the replica's --max-batch-size and micro-batches."""
+    caps the running batch (without one, the replica's --max-batch-size). Its micro-batch
+    groups stay the replica's (one per stage): the stages in force, not the schedule's
+    field, which static batching's schedules leave at 1."""
 
     def make(config: EngineConfig) -> FcfsMode:
-        if config.schedule is None:
-            return mode(config.num_micro_batches)
-        schedule = config.schedule
-        return mode(schedule.num_micro_batches, schedule.decode_batch_size)
+        batch = None if config.schedule is None else config.schedule.decode_batch_size
+        return mode(config.num_micro_batches, batch)
 
     return make
 
