@@ -2,12 +2,8 @@
 
 It runs on its own thread so the model loop never blocks the gRPC event loop. Callers
 `submit()` a request with a callback that receives `EngineEvent`s (tokens, the finish, or an
-error) on the engine thread, and `abort()` it when their client goes away.
-
-The loop keeps as many steps in flight as the executor takes (one in process, one per stage
-in a pipeline), and applies each result as it comes back. The same loop drives the local and
-the pipeline executor.
-"""
+error) on the engine thread, and `abort()` it when their client goes away. The loop keeps as
+many steps in flight as the executor takes (one in process, one per stage in a pipeline)."""
 
 from __future__ import annotations
 
@@ -127,7 +123,7 @@ class Engine:
         self._queue_state: tuple[int, ...] = ()
         self._submitted: dict[int, tuple[StepKind, int]] = {}  # step id -> kind, rows
         self._clock = EngineClock()
-        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     # ---- called from other threads -------------------------------------------------------
 
@@ -250,6 +246,19 @@ class Engine:
             )
 
     # ---- the engine thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        """The engine thread. Should the loop raise (a defect), its requests get an error and
+        the replica reports itself unhealthy and refuses new ones, rather than hang."""
+        try:
+            self._loop()
+        except Exception as exc:
+            logger.exception("the engine loop failed; failing its requests")
+            with self._wake:
+                self._stopping = True
+            message = f"replica unavailable: its engine failed ({type(exc).__name__})"
+            self._deliver(self._scheduler.fail_all(message, True))
+            self._notify_load()
 
     def _loop(self) -> None:
         scheduler, executor = self._scheduler, self._executor

@@ -13,7 +13,13 @@ from exegpt.generation import FinishReason, InvalidRequestError, SamplingParams
 from exegpt.models.loader import LoadedModel, load_model
 from exegpt.schedule import ScheduleKind
 from services.worker.config import EngineConfig
-from services.worker.engine import Engine, EngineEvent, EngineRequest, QueueFullError
+from services.worker.engine import (
+    Engine,
+    EngineEvent,
+    EngineRequest,
+    EngineStoppedError,
+    QueueFullError,
+)
 from services.worker.server import build_engine
 
 
@@ -249,3 +255,23 @@ def test_events_carry_the_wait_from_arrival_to_first_admission(engine_factory) -
     # With one slot the second request is admitted only after the first one's last token.
     first_done_s = requests[0].arrival_s + first.events[-1].token_times_s[-1]
     assert requests[1].arrival_s + second.events[0].queue_s > first_done_s
+
+
+def test_a_defect_in_the_engine_loop_fails_its_requests_instead_of_hanging(
+    engine_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should the step scheduler raise (a defect, here forced), the requests waiting get an
+    error marked unavailable, the replica reports itself unhealthy and refuses new ones."""
+    engine = engine_factory()  # started, idle
+
+    def broken() -> None:
+        raise RuntimeError("a defect")
+
+    monkeypatch.setattr(engine._scheduler, "next_plan", broken)
+    waiting = submit(engine, [5, 6, 7], "a", max_tokens=4)
+    assert waiting.done.wait(10)
+    assert waiting.events[-1].error and waiting.events[-1].unavailable
+    assert "engine failed (RuntimeError)" in waiting.events[-1].error
+    assert not engine.healthy()
+    with pytest.raises(EngineStoppedError):
+        submit(engine, [5, 6, 7], "b", max_tokens=4)
