@@ -258,12 +258,16 @@ def recalibrate(
     totals: dict[str, KindTotals],
     directory: Path,
     name: str,
+    earlier: Calibration | None = None,
 ) -> Recalibrated:
     """Calibrate a copy of `profile` (named `name` in `directory`) by `totals`, judge the
-    first plan on it, and plan again there at the first plan's bound."""
+    first plan on it, and plan again there at the first plan's bound. Kinds the pass did not
+    see keep `earlier`'s factor, as in `deployed_prediction`."""
     calibration = calibration_from_totals(
         str(profile), request.workload, request.length_scale, totals
     )
+    if earlier is not None:
+        calibration = earlier.replaced_by(calibration)
     copy = Path(calibrated_copy(str(profile), calibration, directory, name))
     then = predicted_on(copy, first, request)
     try:

@@ -241,7 +241,9 @@ def _apply(
             f"(bound {auto.bound_s:.3f} s)"
         )
         if not final and predicted["latency_s"] > auto.bound_s:
-            again = calibration_pass.recalibrate(auto, request, profile, totals, log_dir, name)
+            again = calibration_pass.recalibrate(
+                auto, request, profile, totals, log_dir, name, earlier=calibration
+            )
             if again.refused is not None:
                 _out(f"On its own steps it misses the bound; re-plan: {again.refused}")
             elif again.plan.report["schedule"] == auto.report["schedule"]:

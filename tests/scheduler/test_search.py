@@ -15,7 +15,7 @@ from exegpt.workloads import LengthSpec
 from services.scheduler.analytic_cost import analytic_cost_model
 from services.scheduler.problem import PlanProblem, PlanResult, Prediction, WorkloadDistribution
 from services.scheduler.search.plan import SearchSpace, plan, static_latency_bounds
-from services.scheduler.search.space import faster
+from services.scheduler.search.space import better, faster
 from services.scheduler.simulator.predict import is_meeting
 from tests.scheduler.random_cost import random_cost_model
 from tests.scheduler.toy_cost import BumpyCostModel, decoder_only_shape, toy_workload
@@ -222,3 +222,15 @@ def test_latencies_a_rounding_apart_tie_and_the_higher_throughput_is_faster() ->
         static = point(ScheduleKind.STATIC, static_latency, 53.0)
         assert faster(static, rra) and not faster(rra, static)
     assert faster(point(ScheduleKind.RRA, 0.037, 1.0), point(ScheduleKind.STATIC, 0.038, 9.0))
+
+
+def test_throughputs_a_rounding_apart_tie_and_the_lower_latency_is_better() -> None:
+    def point(latency_s: float, seq_s: float) -> Prediction:
+        schedule = Schedule(ScheduleKind.RRA, encode_batch_size=1, decode_batch_size=1)
+        return Prediction(schedule, True, seq_s, seq_s, latency_s, (0,), (0.0,))
+
+    low, high = 26.3, math.nextafter(26.3, 100.0)
+    for slow_seq_s, fast_seq_s in ((low, high), (high, low)):
+        assert better(point(1.0, fast_seq_s), point(2.0, slow_seq_s))
+        assert not better(point(2.0, slow_seq_s), point(1.0, fast_seq_s))
+    assert better(point(2.0, 27.0), point(1.0, 26.3))

@@ -131,9 +131,9 @@ def fits_memory(prediction: Prediction, capacity_bytes: int) -> bool:
 def better(candidate: Prediction, incumbent: Prediction | None) -> bool:
     if incumbent is None:
         return True
-    if candidate.throughput_seq_s != incumbent.throughput_seq_s:
+    if not math.isclose(candidate.throughput_seq_s, incumbent.throughput_seq_s, rel_tol=1e-9):
         return candidate.throughput_seq_s > incumbent.throughput_seq_s
-    return candidate.latency_s < incumbent.latency_s
+    return candidate.latency_s < incumbent.latency_s  # the same throughput but for rounding
 
 
 def same_latency(a: Prediction, b: Prediction) -> bool:
