@@ -53,6 +53,22 @@ def test_only_memory_aware_with_backfill_lets_requests_pass_a_blocked_head() -> 
     assert make_policy(PolicyConfig(EnginePolicy.FCFS)).backfill_steps(head, state) == 0
 
 
+def _enqueue(
+    scheduler: StepScheduler, request_id: str, prompt_tokens: int, max_tokens: int
+) -> None:
+    sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    scheduler.enqueue(EngineRequest(request_id, [5] * prompt_tokens, sampling, print))
+
+
+def _run_step(scheduler: StepScheduler) -> StepPlan:
+    """Plan a step and complete it at once, every row sampling token 7."""
+    plan = scheduler.next_plan()
+    assert plan is not None
+    rows = len(plan.seq_ids)
+    scheduler.complete(StepResult(plan.step_id, (7,) * rows, (None,) * rows))
+    return plan
+
+
 @pytest.fixture(scope="module")
 def llama_config(four_layer_models):
     return load_model(str(four_layer_models["llama-gqa"][0])).config
@@ -77,15 +93,11 @@ def test_a_short_request_passes_a_head_that_does_not_fit(
     )
     scheduler = StepScheduler(config, llama_config, BlockAllocator(20))
 
-    def enqueue(request_id: str, prompt_tokens: int, max_tokens: int) -> None:
-        sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-        scheduler.enqueue(EngineRequest(request_id, [5] * prompt_tokens, sampling, print))
-
-    enqueue("R0", 20, 24)
+    _enqueue(scheduler, "R0", 20, 24)
     first = scheduler.next_plan()
     assert first is not None and first.kind is StepKind.PREFILL and len(first.token_ids) == 1
     for request_id, prompt_tokens, max_tokens in (("H", 44, 8), ("L", 4, 30), ("S", 4, 4)):
-        enqueue(request_id, prompt_tokens, max_tokens)
+        _enqueue(scheduler, request_id, prompt_tokens, max_tokens)
     plan = scheduler.next_plan()  # R0's prefill is in flight: only admissions can run
     if backfill:
         assert plan is not None and plan.kind is StepKind.PREFILL
@@ -133,12 +145,8 @@ def test_a_chunked_prefill_counts_its_steps_against_the_window(
         policy=PolicyConfig(EnginePolicy.MEMORY_AWARE, backfill=True),
     )
     scheduler = StepScheduler(config, llama_config, BlockAllocator(20))
-    sampling = {name: SamplingParams(max_tokens=n, ignore_eos=True) for name, n in
-                (("R0", 24), ("H", 8), ("L2", 22))}  # fmt: skip
-    prompts = {"R0": 20, "H": 44, "L2": 8}
-    for request_id in ("R0", "H", "L2"):
-        request = EngineRequest(request_id, [5] * prompts[request_id], sampling[request_id], print)
-        scheduler.enqueue(request)
+    for request_id, prompt_tokens, max_tokens in (("R0", 20, 24), ("H", 44, 8), ("L2", 8, 22)):
+        _enqueue(scheduler, request_id, prompt_tokens, max_tokens)
         if request_id == "R0":
             assert scheduler.next_plan() is not None  # R0 alone, in flight from here on
     plan = scheduler.next_plan()
@@ -164,27 +172,16 @@ def test_the_head_s_deadline_is_not_moved_out_by_a_sequence_outliving_its_predic
     for _ in range(8):
         scheduler.lengths.observe(4)
 
-    def enqueue(request_id: str, prompt_tokens: int, max_tokens: int) -> None:
-        sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-        scheduler.enqueue(EngineRequest(request_id, [5] * prompt_tokens, sampling, print))
-
-    def run_step() -> StepPlan:
-        plan = scheduler.next_plan()
-        assert plan is not None
-        rows = len(plan.seq_ids)
-        scheduler.complete(StepResult(plan.step_id, (7,) * rows, (None,) * rows))
-        return plan
-
-    enqueue("R0", 20, 24)
-    run_step()  # R0's prefill: step 1
-    enqueue("H", 56, 8)
-    enqueue("S1", 4, 2)
-    assert [len(tokens) for tokens in run_step().token_ids] == [4]  # S1 passes H
+    _enqueue(scheduler, "R0", 20, 24)
+    _run_step(scheduler)  # R0's prefill: step 1
+    _enqueue(scheduler, "H", 56, 8)
+    _enqueue(scheduler, "S1", 4, 2)
+    assert [len(tokens) for tokens in _run_step(scheduler).token_ids] == [4]  # S1 passes H
     for _ in range(5):  # S1 ends in the first; R0 reaches 6 tokens, past its prediction
-        assert run_step().kind is StepKind.DECODE
+        assert _run_step(scheduler).kind is StepKind.DECODE
     assert (scheduler.snapshot().num_running, scheduler.num_waiting()) == (1, 1)
-    enqueue("S2", 4, 2)
-    assert run_step().kind is StepKind.DECODE  # R0 alone: S2 does not pass
+    _enqueue(scheduler, "S2", 4, 2)
+    assert _run_step(scheduler).kind is StepKind.DECODE  # R0 alone: S2 does not pass
     assert scheduler.num_waiting() == 2
 
 
@@ -198,8 +195,7 @@ def test_each_call_the_head_waits_is_counted_by_its_cause(
     config = EngineConfig(kv_block_size_tokens=4, policy=PolicyConfig(EnginePolicy.MEMORY_AWARE))
     scheduler = StepScheduler(config, llama_config, BlockAllocator(20))
     for request_id, prompt, max_tokens in (("R0", 20, 24), ("H", prompt_tokens, 8)):
-        sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-        scheduler.enqueue(EngineRequest(request_id, [5] * prompt, sampling, print))
+        _enqueue(scheduler, request_id, prompt, max_tokens)
         assert (scheduler.next_plan() is None) == (request_id == "H")
     assert scheduler.next_plan() is None
     assert dict(scheduler.head_waits) == {cause: 2}
@@ -216,8 +212,7 @@ def test_backfill_reads_a_window_behind_the_blocked_head(llama_config, num_long:
     requests = [("R0", 20, 24), ("H", 44, 8)]
     requests += [(f"L{i}", 4, 30) for i in range(num_long)] + [("S", 4, 4)]
     for request_id, prompt_tokens, max_tokens in requests:
-        sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-        scheduler.enqueue(EngineRequest(request_id, [5] * prompt_tokens, sampling, print))
+        _enqueue(scheduler, request_id, prompt_tokens, max_tokens)
         if request_id == "R0":
             assert scheduler.next_plan() is not None  # R0's prefill, in flight
     plan = scheduler.next_plan()
@@ -245,12 +240,9 @@ def test_the_backfill_clock_counts_a_step_of_every_sequence_with_groups_empty(
         policy=PolicyConfig(EnginePolicy.MEMORY_AWARE, backfill=True),
     )
     scheduler = StepScheduler(config, llama_config, BlockAllocator(20))
-    sampling = SamplingParams(max_tokens=24, ignore_eos=True)
-    scheduler.enqueue(EngineRequest("R0", [5] * 20, sampling, print))
+    _enqueue(scheduler, "R0", 20, 24)
     for _ in range(10):
-        plan = scheduler.next_plan()
-        assert plan is not None and len(plan.seq_ids) == 1
-        scheduler.complete(StepResult(plan.step_id, (7,), (None,)))
+        assert len(_run_step(scheduler).seq_ids) == 1
     assert scheduler._clock() == 10
 
 
@@ -268,24 +260,13 @@ def test_the_backfill_clock_keeps_up_when_chunks_ride_in_another_group_s_plans(
     )
     scheduler = StepScheduler(config, llama_config, BlockAllocator(400))
 
-    def enqueue(request_id: str, prompt_tokens: int) -> None:
-        sampling = SamplingParams(max_tokens=100, ignore_eos=True)
-        scheduler.enqueue(EngineRequest(request_id, [5] * prompt_tokens, sampling, print))
-
-    def run_step() -> StepPlan:
-        plan = scheduler.next_plan()
-        assert plan is not None
-        rows = len(plan.seq_ids)
-        scheduler.complete(StepResult(plan.step_id, (7,) * rows, (None,) * rows))
-        return plan
-
-    enqueue("A", 4)
+    _enqueue(scheduler, "A", 4, 100)
     for _ in range(3):
-        run_step()
+        _run_step(scheduler)
     a = scheduler._running[0]
     tokens, clock = len(a.output_token_ids), scheduler._clock()
-    enqueue("B", 120)
-    kinds = {run_step().kind for _ in range(10)}
+    _enqueue(scheduler, "B", 120, 100)
+    kinds = {_run_step(scheduler).kind for _ in range(10)}
     assert StepKind.MIXED in kinds
     assert {s.group for s in scheduler._running} == {0, 1}  # B has a group of its own
     assert scheduler._clock() - clock >= len(a.output_token_ids) - tokens
