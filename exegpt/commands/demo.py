@@ -186,18 +186,11 @@ def _replan(
 ) -> tuple[autoplan.AutoPlan, Calibration]:
     """Observe a calibration burst, calibrate a copy of the profile and plan again on it at
     the same bound; the first plan stays when no schedule meets the bound calibrated."""
-    num = _calibration_size(first, args)
-    _out(f"Calibration: a warm-up, then {num} requests; the engine clock calibrates the profile")
-    totals = calibration_pass.calibration_burst(
-        deployment, args.workload, num, log_dir, args.length_scale
-    )
+    header = "Calibration: a warm-up, then {} requests; the engine clock calibrates the profile"
+    totals = _calibration_totals(deployment, first, args, log_dir, header)
     again = calibration_pass.recalibrate(first, request, profile, totals, log_dir, "calibrated")
-    then = again.first_calibrated
     _out(f"  {again.calibration.describe()}")
-    _out(
-        f"  the first plan, calibrated, predicts {then['throughput_seq_s']:.2f} seq/s and "
-        f"{then['latency_s']:.3f} s (bound {first.bound_s:.3f} s)"
-    )
+    _out_prediction("the first plan, calibrated", again.first_calibrated, first.bound_s)
     if again.refused is not None:
         _out(f"  re-plan: {again.refused}; keeping the first plan")
         return again.plan, again.calibration
@@ -225,21 +218,14 @@ def _apply(
     _out("Applying the re-plan: deploying it in place of the plan before it ...")
     config = _config(args, auto, Path(auto.report["profile"]), request.threads, log_dir)
     with Deployment(config) as deployment:
-        num = _calibration_size(auto, args)
-        _out(f"Its own calibration pass: a warm-up, then {num} requests")
-        totals = calibration_pass.calibration_burst(
-            deployment, args.workload, num, log_dir, args.length_scale
-        )
+        header = "Its own calibration pass: a warm-up, then {} requests"
+        totals = _calibration_totals(deployment, auto, args, log_dir, header)
         own = calibration_pass.deployed_prediction(
             auto, request, profile, calibration, totals, log_dir, f"{name}-own"
         )
         predicted = own.predicted
         _out(f"  {own.calibration.describe()}")
-        _out(
-            f"  the re-plan, calibrated on its own steps, predicts "
-            f"{predicted['throughput_seq_s']:.2f} seq/s and {predicted['latency_s']:.3f} s "
-            f"(bound {auto.bound_s:.3f} s)"
-        )
+        _out_prediction("the re-plan, calibrated on its own steps", predicted, auto.bound_s)
         if not final and predicted["latency_s"] > auto.bound_s:
             again = calibration_pass.recalibrate(
                 auto, request, profile, totals, log_dir, name, earlier=calibration
@@ -255,6 +241,29 @@ def _apply(
                 return again
         _run_burst(deployment, auto, predicted, args, log_dir)
     return None
+
+
+def _calibration_totals(
+    deployment: Deployment,
+    auto: autoplan.AutoPlan,
+    args: argparse.Namespace,
+    log_dir: Path,
+    header: str,
+) -> dict[str, calibration_pass.KindTotals]:
+    """A warm-up and a calibration pass sized for `auto` (`header` names its size), on
+    `deployment`: the engines' clock totals by kind."""
+    num = _calibration_size(auto, args)
+    _out(header.format(num))
+    return calibration_pass.calibration_burst(
+        deployment, args.workload, num, log_dir, args.length_scale
+    )
+
+
+def _out_prediction(what: str, predicted: dict, bound_s: float) -> None:
+    _out(
+        f"  {what}, predicts {predicted['throughput_seq_s']:.2f} seq/s and "
+        f"{predicted['latency_s']:.3f} s (bound {bound_s:.3f} s)"
+    )
 
 
 def _burst_size(auto: autoplan.AutoPlan, args: argparse.Namespace) -> int:
