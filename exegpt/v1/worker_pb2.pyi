@@ -49,7 +49,7 @@ class LoadUpdate(_message.Message):
     def __init__(self, num_pending_prefill_tokens: _Optional[int] = ..., num_remaining_decode_tokens: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_accepted: _Optional[int] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("num_waiting", "num_running", "kv_used_bytes", "kv_capacity_bytes", "kv_num_free_blocks", "kv_num_blocks", "num_finished", "num_aborted", "batching", "num_pending_prefill_tokens", "num_remaining_decode_tokens", "engine_policy", "num_preemptions", "num_recomputed_tokens", "queue_time_s", "step_totals", "busy_fraction", "head_waits")
+    __slots__ = ("num_waiting", "num_running", "kv_used_bytes", "kv_capacity_bytes", "kv_num_free_blocks", "kv_num_blocks", "num_finished", "num_aborted", "batching", "num_pending_prefill_tokens", "num_remaining_decode_tokens", "engine_policy", "num_preemptions", "num_recomputed_tokens", "queue_time_s", "step_totals", "busy_fraction", "head_waits", "step_totals_by_rows")
     class HeadWaitsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class WorkerStats(_message.Message):
     STEP_TOTALS_FIELD_NUMBER: _ClassVar[int]
     BUSY_FRACTION_FIELD_NUMBER: _ClassVar[int]
     HEAD_WAITS_FIELD_NUMBER: _ClassVar[int]
+    STEP_TOTALS_BY_ROWS_FIELD_NUMBER: _ClassVar[int]
     num_waiting: int
     num_running: int
     kv_used_bytes: int
@@ -93,21 +94,24 @@ class WorkerStats(_message.Message):
     step_totals: _containers.RepeatedCompositeFieldContainer[StepTotals]
     busy_fraction: float
     head_waits: _containers.ScalarMap[str, int]
-    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ..., kv_num_free_blocks: _Optional[int] = ..., kv_num_blocks: _Optional[int] = ..., num_finished: _Optional[int] = ..., num_aborted: _Optional[int] = ..., batching: _Optional[str] = ..., num_pending_prefill_tokens: _Optional[int] = ..., num_remaining_decode_tokens: _Optional[int] = ..., engine_policy: _Optional[str] = ..., num_preemptions: _Optional[int] = ..., num_recomputed_tokens: _Optional[int] = ..., queue_time_s: _Optional[float] = ..., step_totals: _Optional[_Iterable[_Union[StepTotals, _Mapping]]] = ..., busy_fraction: _Optional[float] = ..., head_waits: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    step_totals_by_rows: _containers.RepeatedCompositeFieldContainer[StepTotals]
+    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ..., kv_num_free_blocks: _Optional[int] = ..., kv_num_blocks: _Optional[int] = ..., num_finished: _Optional[int] = ..., num_aborted: _Optional[int] = ..., batching: _Optional[str] = ..., num_pending_prefill_tokens: _Optional[int] = ..., num_remaining_decode_tokens: _Optional[int] = ..., engine_policy: _Optional[str] = ..., num_preemptions: _Optional[int] = ..., num_recomputed_tokens: _Optional[int] = ..., queue_time_s: _Optional[float] = ..., step_totals: _Optional[_Iterable[_Union[StepTotals, _Mapping]]] = ..., busy_fraction: _Optional[float] = ..., head_waits: _Optional[_Mapping[str, int]] = ..., step_totals_by_rows: _Optional[_Iterable[_Union[StepTotals, _Mapping]]] = ...) -> None: ...
 
 class StepTotals(_message.Message):
-    __slots__ = ("kind", "num_steps", "num_rows", "forward_s", "host_s")
+    __slots__ = ("kind", "num_steps", "num_rows", "forward_s", "host_s", "min_rows")
     KIND_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_S_FIELD_NUMBER: _ClassVar[int]
     HOST_S_FIELD_NUMBER: _ClassVar[int]
+    MIN_ROWS_FIELD_NUMBER: _ClassVar[int]
     kind: str
     num_steps: int
     num_rows: int
     forward_s: float
     host_s: float
-    def __init__(self, kind: _Optional[str] = ..., num_steps: _Optional[int] = ..., num_rows: _Optional[int] = ..., forward_s: _Optional[float] = ..., host_s: _Optional[float] = ...) -> None: ...
+    min_rows: int
+    def __init__(self, kind: _Optional[str] = ..., num_steps: _Optional[int] = ..., num_rows: _Optional[int] = ..., forward_s: _Optional[float] = ..., host_s: _Optional[float] = ..., min_rows: _Optional[int] = ...) -> None: ...
 
 class SchedulePrediction(_message.Message):
     __slots__ = ("throughput_seq_s", "throughput_tokens_s", "latency_s", "meets_bound", "latency_bound_s", "workload")

@@ -91,6 +91,7 @@ class EngineStats:
     # Busy wall time split into forwards and host work, by step kind (engine_clock.py).
     step_totals: tuple[StepTotals, ...] = ()
     busy_fraction: float = 0.0  # forward time / busy wall time
+    step_totals_by_rows: tuple[StepTotals, ...] = ()  # the same, per power-of-two band of rows
     # Pipelines: decode steps sent with tensors built ahead (hits), and built at submit.
     decode_ahead: tuple[int, int] = (0, 0)
     # Calls in which a request offered could not start, by cause (Admission.head_waits).
@@ -222,6 +223,7 @@ class Engine:
             queue_time_s=self._scheduler.queue_time_s,
             step_totals=tuple(totals := self._clock.totals()),
             busy_fraction=busy_fraction(totals),
+            step_totals_by_rows=tuple(self._clock.totals_by_rows()),
             decode_ahead=self._executor.ahead_counts,
             head_waits=tuple(sorted(self._scheduler.head_waits.items())),
         )

@@ -7,6 +7,10 @@ host work (planning, batching, sampling, applying the result, delivering tokens,
 waiting for the GIL or a core while the server streams). The totals, by step kind, feed the
 worker's stats (GetStats, /metrics) and the profiler's fit of the serving overhead
 (exegpt/serving_overhead.py). The busy fraction is forward time over wall time while busy.
+
+The same totals are also kept by step size, in power-of-two bands of rows (`rows_band`): a
+step's cost is not proportional to its rows (a fixed part per step weighs most on small steps),
+and the calibration (exegpt/commands/calibration_pass.py) reads that shape from them.
 """
 
 from __future__ import annotations
@@ -25,6 +29,13 @@ class StepTotals:
     num_rows: int
     forward_s: float
     host_s: float
+    min_rows: int = 0  # by rows: the band's smallest rows (`rows_band`); 0: every step
+
+
+def rows_band(num_rows: int) -> int:
+    """The smallest rows of the power-of-two band a step of `num_rows` is kept in (1, 2, 4,
+    8, ...: the band of 4 holds steps of 4 to 7 rows)."""
+    return 1 << (max(1, num_rows).bit_length() - 1)
 
 
 @dataclass
@@ -44,6 +55,7 @@ class EngineClock:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._totals = {kind: _Totals() for kind in self.KINDS}
+        self._by_rows: dict[tuple[str, int], _Totals] = {}
         self._mark_s: float | None = None
 
     def start_busy(self) -> None:
@@ -63,11 +75,12 @@ class EngineClock:
         self._mark_s = now
         forward_s = min(max(0.0, forward_s), wall_s) if wall_s > 0 else 0.0
         with self._lock:
-            totals = self._totals[kind]
-            totals.num_steps += 1
-            totals.num_rows += num_rows
-            totals.forward_s += forward_s
-            totals.host_s += wall_s - forward_s
+            band = self._by_rows.setdefault((kind, rows_band(num_rows)), _Totals())
+            for totals in (self._totals[kind], band):
+                totals.num_steps += 1
+                totals.num_rows += num_rows
+                totals.forward_s += forward_s
+                totals.host_s += wall_s - forward_s
         return wall_s - forward_s
 
     def totals(self) -> list[StepTotals]:
@@ -75,6 +88,14 @@ class EngineClock:
             return [
                 StepTotals(kind, t.num_steps, t.num_rows, t.forward_s, t.host_s)
                 for kind, t in self._totals.items()
+            ]
+
+    def totals_by_rows(self) -> list[StepTotals]:
+        """The totals per kind and band of rows, in kind then band order (bands with steps)."""
+        with self._lock:
+            return [
+                StepTotals(kind, t.num_steps, t.num_rows, t.forward_s, t.host_s, band)
+                for (kind, band), t in sorted(self._by_rows.items())
             ]
 
 

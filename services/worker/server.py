@@ -204,6 +204,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         fields = {
             **stats.__dict__,
             "step_totals": [t.__dict__ for t in stats.step_totals],
+            "step_totals_by_rows": [t.__dict__ for t in stats.step_totals_by_rows],
             "head_waits": dict(stats.head_waits),
         }
         del fields["decode_ahead"]  # scraped as exegpt:decode_ahead_steps, not in WorkerStats

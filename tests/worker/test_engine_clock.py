@@ -58,6 +58,35 @@ def test_every_step_is_charged_to_its_kind(served) -> None:
         assert kind.forward_s > 0 and kind.host_s > 0, kind
 
 
+def test_the_steps_by_rows_add_up_to_their_kind_s_totals(served) -> None:
+    stats, _ = served
+    assert stats.step_totals_by_rows
+    for kind in stats.step_totals:
+        assert kind.min_rows == 0  # the kind's totals cover every step
+        bands = [t for t in stats.step_totals_by_rows if t.kind == kind.kind]
+        assert sum(t.num_steps for t in bands) == kind.num_steps
+        assert sum(t.num_rows for t in bands) == kind.num_rows
+        assert sum(t.forward_s for t in bands) == pytest.approx(kind.forward_s)
+        assert sum(t.host_s for t in bands) == pytest.approx(kind.host_s)
+        for band in bands:  # every step of a band has min_rows .. 2 x min_rows - 1 rows
+            assert band.min_rows * band.num_steps <= band.num_rows
+            assert band.num_rows <= (2 * band.min_rows - 1) * band.num_steps
+
+
+def test_a_step_is_kept_in_the_power_of_two_band_of_its_rows() -> None:
+    from services.worker.engine_clock import EngineClock, rows_band
+
+    assert [rows_band(n) for n in (1, 2, 3, 4, 7, 8, 255, 256, 257)] == [
+        1, 2, 2, 4, 4, 8, 128, 256, 256,
+    ]  # fmt: skip
+    clock = EngineClock()
+    clock.start_busy()
+    for kind, rows in (("decode", 3), ("decode", 2), ("decode", 5), ("prefill", 1)):
+        clock.charge(kind, rows, 0.0)
+    bands = {(t.kind, t.min_rows): (t.num_steps, t.num_rows) for t in clock.totals_by_rows()}
+    assert bands == {("decode", 2): (2, 5), ("decode", 4): (1, 5), ("prefill", 1): (1, 1)}
+
+
 def test_busy_fraction_is_forward_time_over_busy_wall_time(served) -> None:
     stats, scrape = served
     forward_s = sum(t.forward_s for t in stats.step_totals)
