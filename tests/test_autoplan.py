@@ -115,3 +115,33 @@ def test_scaled_task_matches_what_bench_sends() -> None:
     outputs = np.array([r.output_tokens for r in requests])
     assert abs(outputs.mean() - scaled.mean_output_tokens) < 0.05 * scaled.mean_output_tokens
     assert scaled.max_output_tokens == 20 and scaled.output_p99_tokens == 16
+
+
+def test_a_cached_auto_profile_measured_on_another_grid_is_measured_again(
+    measured_tiny_profile: Path, tmp_path: Path
+) -> None:
+    import argparse
+    from dataclasses import asdict
+
+    from exegpt.profile.format import ServingData
+    from services.profiler.cli import add_arguments, grid_from_args
+
+    # The grid the profiler records when `exegpt up --plan` profiles on the auto grid.
+    request = autoplan.PlanRequest(workload="task:S", threads=1, profile_dir=tmp_path)
+    command = autoplan.profile_command(request, tmp_path / "out.json")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    _, auto_grid = grid_from_args(parser.parse_args(command[command.index("profile") + 1 :]))
+    # A profile that carries the serving path's host work and serving's Linear kernel, on
+    # the auto grid's sizes: the cache uses it.
+    data = read_profile(measured_tiny_profile)
+    serving = ServingData(
+        step_s=1e-3, token_s=1e-4, request_s=5e-4, num_steps=100, busy_fraction=0.8, method="test"
+    )
+    on_auto = data.model_copy(update={"grid": asdict(auto_grid), "serving": serving})
+    path = tmp_path / "cached.json"
+    path.write_text(on_auto.model_dump_json())
+    assert autoplan._loads(path, request)
+    # The same profile measured on another grid (an older auto grid) is not used.
+    path.write_text(on_auto.model_copy(update={"grid": data.grid}).model_dump_json())
+    assert not autoplan._loads(path, request)

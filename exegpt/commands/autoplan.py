@@ -34,17 +34,21 @@ from exegpt.plan_file import PlanFile
 from exegpt.schedule import ScheduleKind
 
 DEFAULT_PROFILE_DIR = Path("~/.cache/exegpt/profiles")
-# The "auto" grid: small enough to profile in seconds on 2 cores (about 11 s here). The
-# plans it serves pick far larger batches (B_E and B_D of 100 to 800 rows on a CPU, at up to
-# tens of thousands of encoder tokens) than its largest measured batch (32 rows) and token
-# count (2048): the simulator extrapolates those linearly from the largest measured points
-# (layer_profile.py counts and warns), and a plan's calibration against measured serving
-# (calibration_pass.py) rescales each kind of step to what the engine really takes.
+# The "auto" grid: small enough to profile in about 20 s on 2 cores (plus about 12 s of
+# serving), wide enough for the plans it serves. Those pick batches of 100 to 800 rows on a
+# CPU, so the grid reaches 256 rows and 16384 tokens; past that the simulator extrapolates
+# linearly (layer_profile.py counts and warns). Decode attention is measured at cached
+# lengths a factor 8 apart: its cost is about a + b x length, and with points 64x apart
+# (1, 64, 512 before) interpolation overpriced the lengths between them, the tasks' usual
+# ones, by up to 58% at 256 rows. That error grew with the batch, so a calibration factor
+# read on one schedule's steps (calibration_pass.py) did not carry to another's; on this
+# grid whole forwards of 16 to 512 rows come within 9% of the profile
+# (docs/measurements.md). A cached profile of another grid is measured again (`_loads`).
 AUTO_GRID = {
-    "batch_sizes": "1,4,32",
+    "batch_sizes": "1,4,32,256",
     "seq_lens": "16,128",
-    "kv_lens": "1,64,512",
-    "num_tokens": "1,16,256,2048",
+    "kv_lens": "1,8,64,512",
+    "num_tokens": "1,16,256,2048,16384",
     "message_bytes": "1024,1048576",
     "warmup": "1",
     "repeats": "3",
@@ -211,8 +215,9 @@ def ensure_profile(request: PlanRequest, out: TextIO = sys.stdout) -> Path:
 
 def _loads(path: Path, request: PlanRequest) -> bool:
     """A cached profile is used when it loads, carries the serving path's host work (the
-    planner prices it beside the forwards) and timed the Linear kernel serving runs here; one
-    measured otherwise is measured again."""
+    planner prices it beside the forwards), timed the Linear kernel serving runs here and,
+    for the auto grid, was measured on today's `AUTO_GRID`; one measured otherwise is
+    measured again."""
     from exegpt.dtypes import torch_dtype
     from exegpt.models.prepack import linear_kernel
     from exegpt.profile.format import ProfileError, read_profile
@@ -224,7 +229,20 @@ def _loads(path: Path, request: PlanRequest) -> bool:
     except (ProfileError, ValueError, OSError):
         return False
     serving_kernel = linear_kernel(torch_dtype(request.dtype), request.device)
+    if request.profile_grid == "auto" and not _on_auto_grid(data.grid):
+        return False
     return data.serving is not None and data.model.linear_kernel == serving_kernel
+
+
+def _on_auto_grid(grid: dict[str, Any]) -> bool:
+    """Whether a profile's recorded grid (ProfileData.grid) has the auto grid's sizes."""
+    from services.profiler.cli import AXIS_FLAGS
+
+    for flag, field_name in AXIS_FLAGS.items():
+        sizes = [int(size) for size in AUTO_GRID[flag].split(",")]
+        if list(grid.get(field_name, ())) != sizes:
+            return False
+    return True
 
 
 # ---- plan ----------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from exegpt.models.defaults import DEFAULT_MODEL_NAME
 DESCRIPTION = "profile the model's layers on a device, or check a profile against whole forwards"
 
 # --flag -> grid field, for the per-axis overrides of the chosen grid.
-_AXIS_FLAGS = {
+AXIS_FLAGS = {
     "batch_sizes": "batch_sizes",
     "seq_lens": "seq_lens_tokens",
     "kv_lens": "kv_lens_tokens",
@@ -152,7 +152,7 @@ def grid_from_args(args: argparse.Namespace) -> tuple[str, Any]:
     from services.profiler.measure.grid import PRESETS, build_grid
 
     overrides: dict[str, Any] = {}
-    for attr, field in _AXIS_FLAGS.items():
+    for attr, field in AXIS_FLAGS.items():
         value = getattr(args, attr)
         if value is not None:
             overrides[field] = parse_sizes(value, "--" + attr.replace("_", "-"))
