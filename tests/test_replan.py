@@ -26,7 +26,7 @@ from services.scheduler.calibration_store import calibration_path, load_calibrat
 from services.scheduler.observations import StageKind
 from services.scheduler.problem_builder import load_cost_model
 from services.scheduler.simulate import PredictRequest, predict, workload_of
-from services.scheduler.simulator.common import LayerCosts, WorkloadStats
+from services.scheduler.simulator.common import LayerCosts, WorkloadStats, prefill_parts
 
 
 def _request(profile: Path, bound: str) -> autoplan.PlanRequest:
@@ -65,10 +65,14 @@ def test_a_slower_decode_makes_the_replan_choose_a_smaller_schedule(
         )
     )["predicted"]
     # Calibrated, the first choice is slower than the bound; the re-plan is another schedule
-    # that runs fewer sequences at once.
+    # that runs fewer sequences at once (over all its replicas).
     assert first_then["latency_s"] > first.bound_s
     assert again.report["schedule"] != first.report["schedule"]
-    assert again.plan.schedule.decode_batch_size < first.plan.schedule.decode_batch_size
+
+    def running(plan: autoplan.AutoPlan) -> int:
+        return plan.plan.schedule.decode_batch_size * plan.plan.schedule.num_replicas
+
+    assert running(again) < running(first)
 
 
 def test_the_deployed_plan_is_predicted_on_its_own_pass_without_being_chosen_again(
@@ -82,8 +86,8 @@ def test_the_deployed_plan_is_predicted_on_its_own_pass_without_being_chosen_aga
     shape = model.shape
     # The deployment's own pass: prefills of 6 requests whose layers took 3x the profile,
     # decode steps of 20 rows at 2x; the embedding and LM head as priced; no host time seen.
-    prefill_s = costs.embedding_s(costs.encode_tokens(6))
-    prefill_s += 3.0 * shape.num_encode_layers * sum(costs.encode(6, 1))
+    parts = prefill_parts(costs, 6)  # the decoder's first step at the decode factor
+    prefill_s = parts.outside_s + 3.0 * parts.encoder_s + 2.0 * parts.first_step_s
     decode_s = costs.embedding_s(20) + costs.lm_head_s(20)
     decode_s += 2.0 * shape.num_decode_layers * sum(costs.decode(20, 1))
     totals = {

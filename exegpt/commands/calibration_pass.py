@@ -10,7 +10,9 @@ with what the uncalibrated profile predicts for the same steps:
 
 - ENCODE: a prefill step's forward at the mean rows admitted per step (linear between the
   whole batch sizes around it, as the simulator prices a fractional batch) and the workload's
-  prompts, less what the simulator prices beside the layers (the embedding);
+  prompts, less what the simulator prices beside the encoder layers (the embeddings, the LM
+  head and an encoder-decoder's first decoder step, that one at the pass's decode factor:
+  `prefill_parts` in services/scheduler/simulator/common.py);
 - DECODE: a decode step's forward at the mean rows per step and the workload's expected KV
   lengths, less the embedding and the LM head;
 - OVERHEAD: the host seconds of all steps against the serving-overhead terms over the same
@@ -41,6 +43,7 @@ if TYPE_CHECKING:  # the scheduler's library is imported where it is used, as au
     from exegpt.launcher import Deployment
     from services.scheduler.calibration import Calibration
     from services.scheduler.observations import StageKind
+    from services.scheduler.simulator.common import LayerCosts
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,7 @@ def calibration_from_totals(
     from services.scheduler.observations import StageKind
     from services.scheduler.problem_builder import load_cost_model
     from services.scheduler.simulate import workload_of
-    from services.scheduler.simulator.common import LayerCosts, WorkloadStats
+    from services.scheduler.simulator.common import LayerCosts, WorkloadStats, prefill_parts
 
     cost_model = load_cost_model(profile).model
     stats = WorkloadStats.from_workload(
@@ -134,18 +137,22 @@ def calibration_from_totals(
     ratios: dict[StageKind, float] = {}
     counts: dict[StageKind, int] = {}
     prefill, decode = totals.get("prefill"), totals.get("decode")
-    if prefill is not None and prefill.num_steps > 0:
-        rows = prefill.num_rows / prefill.num_steps
-        layers_s = prefill.forward_s / prefill.num_steps
-        layers_s -= at_rows(rows, lambda r: costs.embedding_s(costs.encode_tokens(r)))
-        predicted_s = at_rows(rows, lambda r: shape.num_encode_layers * sum(costs.encode(r, 1)))
-        _keep(ratios, counts, StageKind.ENCODE, layers_s, predicted_s, prefill.num_steps)
     if decode is not None and decode.num_steps > 0:
         rows = decode.num_rows / decode.num_steps
         layers_s = decode.forward_s / decode.num_steps
         layers_s -= at_rows(rows, lambda r: costs.embedding_s(r) + costs.lm_head_s(r))
         predicted_s = at_rows(rows, lambda r: shape.num_decode_layers * sum(costs.decode(r, 1)))
         _keep(ratios, counts, StageKind.DECODE, layers_s, predicted_s, decode.num_steps)
+    if prefill is not None and prefill.num_steps > 0:
+        # The encoder layers: the forward less what the simulator prices beside them (the
+        # embeddings, the LM head and an encoder-decoder's first decoder step, that one at
+        # the decode factor the same pass read, as the calibrated simulator prices it).
+        rows = prefill.num_rows / prefill.num_steps
+        decode_factor = ratios.get(StageKind.DECODE, 1.0)
+        layers_s = prefill.forward_s / prefill.num_steps
+        layers_s -= at_rows(rows, lambda r: _beside_encoder_s(costs, r, decode_factor))
+        predicted_s = at_rows(rows, lambda r: prefill_parts(costs, r).encoder_s)
+        _keep(ratios, counts, StageKind.ENCODE, layers_s, predicted_s, prefill.num_steps)
     host_s = predicted_host_s = 0.0
     num_steps = 0
     overhead = costs.overhead
@@ -161,6 +168,14 @@ def calibration_from_totals(
         num_steps += part.num_steps
     _keep(ratios, counts, StageKind.OVERHEAD, host_s, predicted_host_s, num_steps)
     return Calibration().updated(ratios, counts)
+
+
+def _beside_encoder_s(costs: LayerCosts, rows: int, decode_factor: float) -> float:
+    """What the calibrated simulator prices in a prefill of `rows` beside its encoder layers."""
+    from services.scheduler.simulator.common import prefill_parts
+
+    parts = prefill_parts(costs, rows)
+    return parts.outside_s + decode_factor * parts.first_step_s
 
 
 def _keep(

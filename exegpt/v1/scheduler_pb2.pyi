@@ -201,7 +201,7 @@ class ScheduleUpdate(_message.Message):
     def __init__(self, version: _Optional[int] = ..., reason: _Optional[_Union[ReplanReason, str]] = ..., schedule: _Optional[_Union[Schedule, _Mapping]] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., meets_bound: _Optional[bool] = ..., latency_bound_s: _Optional[float] = ..., workload: _Optional[str] = ..., mean_input_tokens: _Optional[float] = ..., mean_output_tokens: _Optional[float] = ..., p99_output_tokens: _Optional[int] = ..., drift: _Optional[_Union[DriftStatistics, _Mapping]] = ..., detail: _Optional[str] = ..., published_unix_s: _Optional[float] = ..., placement_json: _Optional[str] = ...) -> None: ...
 
 class StageTimeObservation(_message.Message):
-    __slots__ = ("stage", "batch_size", "num_tokens", "num_cross_tokens", "num_layers", "tp_degree", "measured_s")
+    __slots__ = ("stage", "batch_size", "num_tokens", "num_cross_tokens", "num_layers", "tp_degree", "measured_s", "num_first_step_layers")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +209,7 @@ class StageTimeObservation(_message.Message):
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     TP_DEGREE_FIELD_NUMBER: _ClassVar[int]
     MEASURED_S_FIELD_NUMBER: _ClassVar[int]
+    NUM_FIRST_STEP_LAYERS_FIELD_NUMBER: _ClassVar[int]
     stage: StageKind
     batch_size: int
     num_tokens: int
@@ -216,7 +217,8 @@ class StageTimeObservation(_message.Message):
     num_layers: int
     tp_degree: int
     measured_s: float
-    def __init__(self, stage: _Optional[_Union[StageKind, str]] = ..., batch_size: _Optional[int] = ..., num_tokens: _Optional[int] = ..., num_cross_tokens: _Optional[int] = ..., num_layers: _Optional[int] = ..., tp_degree: _Optional[int] = ..., measured_s: _Optional[float] = ...) -> None: ...
+    num_first_step_layers: int
+    def __init__(self, stage: _Optional[_Union[StageKind, str]] = ..., batch_size: _Optional[int] = ..., num_tokens: _Optional[int] = ..., num_cross_tokens: _Optional[int] = ..., num_layers: _Optional[int] = ..., tp_degree: _Optional[int] = ..., measured_s: _Optional[float] = ..., num_first_step_layers: _Optional[int] = ...) -> None: ...
 
 class WorkloadReport(_message.Message):
     __slots__ = ("replica_id", "input_tokens", "output_tokens", "stage_times")

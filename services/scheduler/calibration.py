@@ -4,7 +4,9 @@ An observation (observations.StageTimeObservation) is compared with what the cos
 predicts for the same work, composed as the simulator composes it (exegpt/cost_model.py):
 
 - encode / decode: `num_layers` times one layer's compute plus its TP all-reduces, at the
-  observed batch size and mean length (no embedding, LM head or transfer);
+  observed batch size and mean length (no embedding, LM head or transfer); an encode timed
+  with an encoder-decoder's decoder layers adds their first decode step (KV 1, over the
+  prompt), as the simulator prices a prefill (simulator/common.py `encode_times`);
 - transfer: `transfer_s` of the observed tokens' activations;
 - overhead: the serving path's host work of a step of `batch_size` rows, when the cost model
   carries such terms (`serving_overhead`); without them there is nothing to correct.
@@ -42,9 +44,13 @@ def predict_stage_s(cost_model: CostModel, observation: StageTimeObservation) ->
     mean_tokens = max(1, round(observation.num_tokens / batch))
     if observation.stage == StageKind.ENCODE:
         layer = encode_layer_s(cost_model, batch, mean_tokens, observation.num_tokens, tp)
-    else:
-        mean_cross_tokens = round(observation.num_cross_tokens / batch)
-        layer = decode_layer_s(cost_model, batch, mean_tokens, mean_cross_tokens, tp)
+        predicted_s = observation.num_layers * sum(layer)
+        if observation.num_first_step_layers:
+            first_step = decode_layer_s(cost_model, batch, 1, mean_tokens, tp)
+            predicted_s += observation.num_first_step_layers * sum(first_step)
+        return predicted_s
+    mean_cross_tokens = round(observation.num_cross_tokens / batch)
+    layer = decode_layer_s(cost_model, batch, mean_tokens, mean_cross_tokens, tp)
     return observation.num_layers * sum(layer)
 
 

@@ -154,6 +154,7 @@ def _stage_time_from_proto(message: scheduler_pb2.StageTimeObservation) -> Stage
             measured_s=message.measured_s,
             tp_degree=message.tp_degree or 1,
             num_cross_tokens=message.num_cross_tokens,
+            num_first_step_layers=message.num_first_step_layers,
         )
     except ValueError as exc:
         raise invalid(str(exc)) from exc

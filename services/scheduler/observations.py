@@ -32,7 +32,9 @@ class StageTimeObservation:
     batch for a decode step; num_cross_tokens is the encoder tokens summed over the batch
     (decode of an encoder-decoder model, else 0). TRANSFER: one hand-off of `num_tokens`
     tokens' activations between stages. OVERHEAD: one engine step's host time beyond its
-    forward, for `batch_size` rows. num_layers is only checked for the layer kinds.
+    forward, for `batch_size` rows. num_layers is only checked for the layer kinds. An ENCODE
+    of an encoder-decoder timed with its decoder layers (in process) also holds their first
+    decode step: `num_first_step_layers` of them (0: the encode layers alone).
     """
 
     stage: StageKind
@@ -42,6 +44,7 @@ class StageTimeObservation:
     measured_s: float
     tp_degree: int = 1
     num_cross_tokens: int = 0
+    num_first_step_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.tp_degree < 1:
@@ -52,6 +55,10 @@ class StageTimeObservation:
             raise ValueError("stage time: num_tokens must be at least one per sequence")
         if self.num_cross_tokens < 0:
             raise ValueError("stage time: num_cross_tokens must be >= 0")
+        if self.num_first_step_layers < 0:
+            raise ValueError("stage time: num_first_step_layers must be >= 0")
+        if self.num_first_step_layers and self.stage != StageKind.ENCODE:
+            raise ValueError("stage time: only an encode holds a first decode step")
         if not (math.isfinite(self.measured_s) and self.measured_s > 0):
             raise ValueError("stage time: measured_s must be positive and finite")
 

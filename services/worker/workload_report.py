@@ -6,10 +6,11 @@ degree. A prefill is STAGE_KIND_ENCODE on the stages that encode it: T5's encode
 (its decoder stages' part of a prefill, the cross-KV write and first token, is not an encode
 in the cost model and is not reported), a decoder-only model's prefill stages (the decode
 stages storing handed-off KV are not reported). A decode step is STAGE_KIND_DECODE on each
-decoder stage. In process, the one measured time covers the whole model: the encoder's (T5)
-or the decoder's layers. Each measured hand-off of activations (handoff.py) is a
-STAGE_KIND_TRANSFER of its tokens, and each in-process decode step's host time beyond its
-forward (engine_clock.py) a STAGE_KIND_OVERHEAD of its rows. The scheduler refuses a whole
+decoder stage. In process, the one measured time covers the whole model: the encoder's (T5,
+with its decoder layers' first step: `num_first_step_layers`) or the decoder's layers. Each
+measured hand-off of activations (handoff.py) is a STAGE_KIND_TRANSFER of its tokens, and
+each in-process decode step's host time beyond its forward (engine_clock.py) a
+STAGE_KIND_OVERHEAD of its rows. The scheduler refuses a whole
 report for one invalid item, so items it would refuse are dropped here.
 """
 
@@ -36,6 +37,7 @@ class _RouteStage:
     kind: int  # ENCODE, DECODE, or 0: passed but not reported
     num_layers: int
     tp_degree: int
+    num_first_step_layers: int = 0  # decoder layers whose first step the time also holds
 
 
 def _route(step: StepTime, placement: Placement, model: ModelConfig) -> list[_RouteStage]:
@@ -64,8 +66,9 @@ def _route(step: StepTime, placement: Placement, model: ModelConfig) -> list[_Ro
 def _whole_model(step: StepTime, model: ModelConfig) -> list[_RouteStage]:
     if step.is_decode:
         return [_RouteStage(DECODE, model.num_decoder_layers, 1)]
-    layers = model.num_encoder_layers if model.is_encoder_decoder else model.num_decoder_layers
-    return [_RouteStage(ENCODE, layers, 1)]
+    if model.is_encoder_decoder:  # the forward also ran the decoder's first step
+        return [_RouteStage(ENCODE, model.num_encoder_layers, 1, model.num_decoder_layers)]
+    return [_RouteStage(ENCODE, model.num_decoder_layers, 1)]
 
 
 def stage_times(
@@ -93,6 +96,7 @@ def stage_times(
                 num_layers=stage.num_layers,
                 tp_degree=stage.tp_degree,
                 measured_s=measured_s,
+                num_first_step_layers=stage.num_first_step_layers,
             )
         )
     return observations

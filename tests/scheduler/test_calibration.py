@@ -86,6 +86,22 @@ def test_each_kind_is_predicted_and_scaled_on_its_own() -> None:
     assert predict_stage_s(ScaledCostModel(BASE, calibration=calibration), overhead) == 0.0
 
 
+def test_an_encode_timed_with_the_decoder_s_first_step_is_predicted_with_it() -> None:
+    from exegpt.cost_model import decode_layer_s, encode_layer_s
+
+    model = analytic_cost_model("a40:t5-11b")
+    alone = StageTimeObservation(StageKind.ENCODE, 4, 4 * 50, 24, 1.0)
+    with_step = StageTimeObservation(StageKind.ENCODE, 4, 4 * 50, 24, 1.0, num_first_step_layers=24)
+    encode = 24 * sum(encode_layer_s(model, 4, 50, 200, 1))
+    first_step = 24 * sum(decode_layer_s(model, 4, 1, 50, 1))
+    assert predict_stage_s(model, alone) == pytest.approx(encode)
+    assert predict_stage_s(model, with_step) == pytest.approx(encode + first_step)
+    with pytest.raises(ValueError, match="only an encode"):
+        StageTimeObservation(StageKind.DECODE, 4, 200, 24, 1.0, num_first_step_layers=24)
+    with pytest.raises(ValueError, match="num_first_step_layers"):
+        StageTimeObservation(StageKind.ENCODE, 4, 200, 24, 1.0, num_first_step_layers=-1)
+
+
 def test_calibration_round_trips_and_refuses_bad_files(tmp_path: Path) -> None:
     calibration = Calibration({StageKind.DECODE: 1.25}, {StageKind.DECODE: 40})
     path = tmp_path / "p.calibration.json"

@@ -277,24 +277,30 @@ def test_continuous_baseline_keeps_a_batch_per_stage_in_flight() -> None:
 
 def test_continuous_prefill_of_an_encoder_decoder_broadcasts_the_encoder_output() -> None:
     # The case above on an encoder-decoder shape: each of the 2 stages holds one encoder and
-    # one decoder layer, so the stage times are the same; the p99 sequence's prefill also
-    # sends the encoder output to every stage's cross-attention (one 0.002 s hop).
+    # one decoder layer, so the stage times are the same but for the prefill's first decode
+    # step, which each stage's decoder layer adds to it (0.01 + 0.001 a row); the p99
+    # sequence's prefill also sends the encoder output to every stage's cross-attention (one
+    # 0.002 s hop).
     shape = ModelShape("toy-t5", True, 2, 2, 8, 2, 1024)
     problem = PlanProblem(ToyCostModel(shape), toy_workload(), math.inf, 2, 10**9)
     prediction = simulate(problem, Schedule(ScheduleKind.CONTINUOUS, 1, 4, num_micro_batches=2))
     decode_steps = 1.6
     prefills = 1 - (1 - 1 / decode_steps) ** 2
-    prefill_stage_s = 2 / decode_steps / prefills * 10 * 0.001
+    prefill_rows = 2 / decode_steps / prefills
+    prefill_stage_s = prefill_rows * 10 * 0.001 + (0.01 + 0.001 * prefill_rows)
     iteration_s = 2 * (0.012 + prefills * prefill_stage_s) + 0.002
     assert prediction.throughput_seq_s == pytest.approx(4 / (decode_steps * iteration_s))
     prefill_s = 2 * prefill_stage_s + 0.002 + 0.002  # the hop between stages, the broadcast
     assert prediction.latency_s == pytest.approx(prefill_s + 2 * iteration_s)
     # On one stage (both layers of each kind, 4 rows) nothing is broadcast: a prefill of
-    # 2.5 / q rows, q = 1 - (1 - 1 / 1.6)^4, then 2 iterations of a decode step (2 x 0.014)
-    # and q prefills (2.5 rows x 10 tokens x 2 layers x 0.001 s).
+    # r = 2.5 / q rows, q = 1 - (1 - 1 / 1.6)^4 (r x 10 tokens x 2 layers x 0.001 s, and 2
+    # decoder layers' first step, 0.01 + 0.001 r each), then 2 iterations of a decode step
+    # (2 x 0.014) and q such prefills.
     one = simulate(replace(problem, num_devices=1), Schedule(ScheduleKind.CONTINUOUS, 1, 4))
     q = 1 - (1 - 1 / decode_steps) ** 4
-    assert one.latency_s == pytest.approx(0.05 / q + 2 * (0.028 + 0.05))
+    rows = 2.5 / q
+    prefill_s = rows * 10 * 2 * 0.001 + 2 * (0.01 + 0.001 * rows)
+    assert one.latency_s == pytest.approx(prefill_s + 2 * (0.028 + q * prefill_s))
 
 
 def test_continuous_prefills_come_as_slots_free() -> None:

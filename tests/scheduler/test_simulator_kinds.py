@@ -50,9 +50,10 @@ def test_encoder_decoder_rra_broadcasts_the_encoder_output_and_keeps_cross_kv() 
     problem = encoder_decoder_problem()
     schedule = Schedule(ScheduleKind.RRA, 7, 1, num_decode_iterations=2)
     prediction = simulate(problem, schedule)
-    # Each stage holds one encoder and one decoder layer. Encode 70 tokens: 0.07 + 0.002 hop
-    # + 0.07, then the encoder output goes to stage 0's cross-attention (0.002).
-    encode_s = 0.07 + 0.002 + 0.07 + 0.002
+    # Each stage holds one encoder and one decoder layer. Encode 70 tokens with the first
+    # token's decode step of 7 rows on each stage's decoder layer (0.07 + 0.017), a 0.002 hop,
+    # the same on stage 1, then the encoder output goes to stage 0's cross-attention (0.002).
+    encode_s = 0.087 + 0.002 + 0.087 + 0.002
     # The first token comes with the encoding: 1 or 2 decode steps, one cycle of N_D = 2.
     iteration_s = [0.017 + 0.002 + 0.017, 0.014 + 0.002 + 0.014]  # B_D = 7, then 4
     cycle_s = encode_s + sum(iteration_s)
@@ -66,7 +67,7 @@ def test_encoder_decoder_rra_broadcasts_the_encoder_output_and_keeps_cross_kv() 
     assert prediction.memory_bytes_per_device == (2000 + 500 + kv_bytes,) * 2
     broadcast = [e for e in timeline(problem, schedule) if e.label == "encoder output"]
     assert [(e.device, e.start_s, e.end_s) for e in broadcast] == [
-        (0, pytest.approx(0.142), pytest.approx(0.144))
+        (0, pytest.approx(0.176), pytest.approx(0.178))
     ]
 
 
@@ -200,3 +201,18 @@ def test_more_stages_than_layers_is_infeasible_and_not_searched() -> None:
     # The baselines, too, use only layouts with a layer per stage: none divides 3 devices
     # into at most 2 stages, so only 3 one-device replicas remain, never an idle device.
     assert result.best_by_kind["static"].schedule.num_replicas == 3
+
+
+def test_a_prefill_pays_the_first_token_where_the_decoder_layers_are() -> None:
+    from exegpt.placement import Stage
+    from services.scheduler.simulator.common import LayerCosts, WorkloadStats, encode_times
+
+    problem = encoder_decoder_problem()
+    costs = LayerCosts(problem.cost_model, WorkloadStats.from_workload(problem.workload))
+    both = Stage((0,), 1, 1, 1)
+    # A stage with a decoder layer runs its first step for the prefill's 7 rows (0.01 +
+    # 0.007) beside its encoder layer's 70 tokens.
+    assert encode_times(costs, [both], 7) == [(pytest.approx(0.07 + 0.017), 0.0)]
+    # WAA's encoding devices hold no decoder layer: the decoding devices make that token.
+    encoder_only = Stage((0,), 1, 1, 0)
+    assert encode_times(costs, [encoder_only], 7) == [(pytest.approx(0.07), 0.0)]

@@ -17,6 +17,7 @@ from exegpt.models.defaults import default_model_config
 from exegpt.models.loader import load_model, save_default_model
 from exegpt.models.stage_spec import LayerRange
 from exegpt.placement import Placement, StagePlacement
+from exegpt.v1 import scheduler_pb2
 from services.scheduler import convert
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.observations import StageKind
@@ -171,6 +172,18 @@ def test_step_times_map_onto_the_stages_they_passed() -> None:
     waa = Placement((_stage((0, 4), (0, 0)), _stage((0, 0), (0, 4))))
     (encode,) = stage_times(StepTime(False, 3, 60, 0, (0.5, 0.1)), waa, T5)
     assert (encode.num_layers, encode.num_tokens, encode.batch_size) == (4, 60, 3)
+    # A stage's encode time holds only its encoder layers: the decoder's first step is a
+    # pass of its own, not reported.
+    assert {t.num_first_step_layers for t in stage_times(prefill, rra, T5)} == {0}
+    assert encode.num_first_step_layers == 0
+    # In process, the one forward also ran every decoder layer's first step.
+    (whole,) = stage_times(StepTime(False, 2, 40, 0, (0.3,)), None, T5)
+    assert (whole.stage, whole.num_layers, whole.num_first_step_layers) == (ENCODE, 4, 4)
+    (whole_decode,) = stage_times(StepTime(True, 2, 30, 40, (0.01,)), None, T5)
+    assert (whole_decode.num_layers, whole_decode.num_first_step_layers) == (4, 0)
+    report = scheduler_pb2.WorkloadReport(stage_times=[whole, whole_decode])
+    taken = convert.observations_from_proto(report, max_items=10).stage_times
+    assert [t.num_first_step_layers for t in taken] == [4, 0]
 
     llama = dataclasses.replace(T5, family="llama", num_encoder_layers=0, ffn="swiglu")
     split = Placement(
@@ -178,6 +191,8 @@ def test_step_times_map_onto_the_stages_they_passed() -> None:
     )
     (prefill_only,) = stage_times(StepTime(False, 1, 9, 0, (0.3, 0.05)), split, llama)
     assert (prefill_only.stage, prefill_only.num_layers) == (ENCODE, 4)
+    (in_process,) = stage_times(StepTime(False, 1, 9, 0, (0.3,)), None, llama)
+    assert (in_process.num_layers, in_process.num_first_step_layers) == (4, 0)
 
 
 def test_invalid_items_are_dropped_and_reports_keep_to_the_item_limit() -> None:

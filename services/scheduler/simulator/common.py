@@ -17,6 +17,14 @@ Expected workload of a batch (the paper's "expected encoding / decoding workload
   position is uniform in 1..S. Its expected position is (E[S^2] + E[S]) / (2 E[S]); the self
   KV length is that position (plus the prompt for decoder-only models) and the cross-attention
   length is E[input].
+
+A prefill (an encode batch) is priced as the profile composes the whole forward it was
+reconciled to (exegpt/profile/layer_profile.py): the encoder layers, and for an
+encoder-decoder the first output token's decode step (every decoder layer at KV 1 over the
+E[input] encoder tokens, with its embedding and LM head), or for a decoder-only model the LM
+head of each row's last token. Without that step a T5 prefill of a few rows was priced at half
+its whole forward and one of hundreds at about 90%, so a calibration factor read on small
+prefills overpriced large ones (docs/measurements.md, Profiling and calibration).
 """
 
 from __future__ import annotations
@@ -121,6 +129,7 @@ class LayerCosts:
         self.overhead = serving_overhead_of(cost_model)
         self._encode: dict[tuple[int, int], tuple[float, float]] = {}
         self._decode: dict[tuple[int, int, int, int], tuple[float, float]] = {}
+        self._first_step: dict[tuple[int, int], tuple[float, float]] = {}
         self._misc: dict[tuple[str, int], float] = {}
 
     def check_tp(self, tp_degree: int) -> None:
@@ -148,6 +157,20 @@ class LayerCosts:
         if key not in self._decode:
             self._decode[key] = decode_layer_s(self.model, batch_size, self_kv, cross_kv, tp_degree)
         return self._decode[key]
+
+    def first_step(self, batch_size: int, tp_degree: int) -> tuple[float, float]:
+        """One decoder layer's part of an encoder-decoder prefill: the decode step of its first
+        output token (KV 1, over the E[input] encoder tokens); (0, 0) for a decoder-only model,
+        whose prefill is its layers' encode."""
+        if not self.model.shape.is_encoder_decoder:
+            return 0.0, 0.0
+        key = (batch_size, tp_degree)
+        if key not in self._first_step:
+            cross_tokens = max(1, round(self.stats.mean_input_tokens))
+            self._first_step[key] = decode_layer_s(
+                self.model, batch_size, 1, cross_tokens, tp_degree
+            )
+        return self._first_step[key]
 
     def kv_lengths(self) -> tuple[int, int]:
         """(self, cross) attention lengths of an average running sequence."""
@@ -228,17 +251,51 @@ StageTimes = list[tuple[float, float]]  # per stage: (compute_s, allreduce_s)
 
 
 def encode_times(costs: LayerCosts, stages: list[Stage], batch_size: int) -> StageTimes:
+    """Per-stage times of a prefill of `batch_size` rows: each stage's encoder layers and
+    (encoder-decoder) its decoder layers' first step (`LayerCosts.first_step`); the first
+    stage pays the embedding and the engine's host work, the last the LM head of the first
+    token. An encoder-decoder's stages without decoder layers (WAA's encoding devices) pay no
+    first step: the decoding devices produce that token."""
+    first_token = not costs.model.shape.is_encoder_decoder or any(
+        stage.num_decode_layers for stage in stages
+    )
     times = []
     for index, stage in enumerate(stages):
         compute_s, sync_s = costs.encode(batch_size, stage.tp_degree)
+        step_s, step_sync_s = costs.first_step(batch_size, stage.tp_degree)
         extra_s = 0.0
         if index == 0:  # the engine's host work for the step is paid where it enters
             extra_s = costs.embedding_s(costs.encode_tokens(batch_size))
             extra_s += costs.overhead.prefill_step_s(batch_size)
-        times.append(
-            (stage.num_encode_layers * compute_s + extra_s, stage.num_encode_layers * sync_s)
-        )
+            if first_token and costs.model.shape.is_encoder_decoder:
+                extra_s += costs.embedding_s(batch_size)  # the decoder's start tokens
+        if index == len(stages) - 1 and first_token:
+            extra_s += costs.lm_head_s(batch_size)
+        layers_s = stage.num_encode_layers * compute_s + stage.num_decode_layers * step_s
+        sync_total_s = stage.num_encode_layers * sync_s + stage.num_decode_layers * step_sync_s
+        times.append((layers_s + extra_s, sync_total_s))
     return times
+
+
+@dataclass(frozen=True)
+class PrefillParts:
+    """A prefill of the whole model on one device (TP 1) as `encode_times` prices it."""
+
+    encoder_s: float  # the encoder layers (decoder-only: every layer's prefill)
+    first_step_s: float  # encoder-decoder: the decoder layers' first step (else 0)
+    outside_s: float  # embeddings and the LM head of the first token
+
+
+def prefill_parts(costs: LayerCosts, batch_size: int) -> PrefillParts:
+    """`encode_times` of one whole-model stage at TP 1, by part, without the host work: what
+    a calibration compares an engine's measured prefill forwards with."""
+    shape = costs.model.shape
+    stage = Stage((0,), 1, shape.num_encode_layers, shape.num_decode_layers)
+    [(total_s, _)] = encode_times(costs, [stage], batch_size)
+    encoder_s = shape.num_encode_layers * costs.encode(batch_size, 1)[0]
+    first_step_s = shape.num_decode_layers * costs.first_step(batch_size, 1)[0]
+    outside_s = total_s - encoder_s - first_step_s - costs.overhead.prefill_step_s(batch_size)
+    return PrefillParts(encoder_s, first_step_s, outside_s)
 
 
 def decode_times(
