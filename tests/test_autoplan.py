@@ -145,3 +145,11 @@ def test_a_cached_auto_profile_measured_on_another_grid_is_measured_again(
     # The same profile measured on another grid (an older auto grid) is not used.
     path.write_text(on_auto.model_copy(update={"grid": data.grid}).model_dump_json())
     assert not autoplan._loads(path, request)
+    # A model of a short context has the lengths past it dropped from the grid it records
+    # (ProfileGrid.for_context): that is still the auto grid.
+    short_model = data.model.model_copy(update={"max_context_tokens": 100})
+    short_grid = asdict(auto_grid.for_context(100))
+    assert list(short_grid["kv_lens_tokens"]) == [1, 8, 64]
+    short = on_auto.model_copy(update={"grid": short_grid, "model": short_model})
+    path.write_text(short.model_dump_json())
+    assert autoplan._loads(path, request)

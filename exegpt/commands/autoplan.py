@@ -40,10 +40,11 @@ DEFAULT_PROFILE_DIR = Path("~/.cache/exegpt/profiles")
 # linearly (layer_profile.py counts and warns). Decode attention is measured at cached
 # lengths a factor 8 apart: its cost is about a + b x length, and with points 64x apart
 # (1, 64, 512 before) interpolation overpriced the lengths between them, the tasks' usual
-# ones, by up to 58% at 256 rows. That error grew with the batch, so a calibration factor
-# read on one schedule's steps (calibration_pass.py) did not carry to another's; on this
-# grid whole forwards of 16 to 512 rows come within 9% of the profile
-# (docs/measurements.md). A cached profile of another grid is measured again (`_loads`).
+# ones, by 21% at 16 rows to 39% at 256 (task T's lengths). That error grew with the batch,
+# so a calibration factor read on one schedule's steps (calibration_pass.py) did not carry to
+# another's; on this grid the same decode steps of 16 to 256 rows come within 6% and 512
+# rows (extrapolated) within 18% (docs/measurements.md). A cached profile of another grid
+# is measured again (`_loads`).
 AUTO_GRID = {
     "batch_sizes": "1,4,32,256",
     "seq_lens": "16,128",
@@ -216,7 +217,7 @@ def ensure_profile(request: PlanRequest, out: TextIO = sys.stdout) -> Path:
 def _loads(path: Path, request: PlanRequest) -> bool:
     """A cached profile is used when it loads, carries the serving path's host work (the
     planner prices it beside the forwards), timed the Linear kernel serving runs here and,
-    for the auto grid, was measured on today's `AUTO_GRID`; one measured otherwise is
+    for the auto grid, was measured at today's `AUTO_GRID` sizes; one measured otherwise is
     measured again."""
     from exegpt.dtypes import torch_dtype
     from exegpt.models.prepack import linear_kernel
@@ -229,17 +230,23 @@ def _loads(path: Path, request: PlanRequest) -> bool:
     except (ProfileError, ValueError, OSError):
         return False
     serving_kernel = linear_kernel(torch_dtype(request.dtype), request.device)
-    if request.profile_grid == "auto" and not _on_auto_grid(data.grid):
+    if request.profile_grid == "auto" and not _on_auto_grid(
+        data.grid, data.model.max_context_tokens
+    ):
         return False
     return data.serving is not None and data.model.linear_kernel == serving_kernel
 
 
-def _on_auto_grid(grid: dict[str, Any]) -> bool:
-    """Whether a profile's recorded grid (ProfileData.grid) has the auto grid's sizes."""
+def _on_auto_grid(grid: dict[str, Any], max_context_tokens: int) -> bool:
+    """Whether a profile's recorded grid (ProfileData.grid) has the auto grid's size axes as
+    the profiler records them for a model of `max_context_tokens` (lengths past the context
+    dropped: ProfileGrid.for_context)."""
     from services.profiler.cli import AXIS_FLAGS
 
     for flag, field_name in AXIS_FLAGS.items():
         sizes = [int(size) for size in AUTO_GRID[flag].split(",")]
+        if field_name in ("seq_lens_tokens", "kv_lens_tokens"):
+            sizes = [size for size in sizes if size <= max_context_tokens]
         if list(grid.get(field_name, ())) != sizes:
             return False
     return True

@@ -9,8 +9,9 @@ worker's stats (GetStats, /metrics) and the profiler's fit of the serving overhe
 (exegpt/serving_overhead.py). The busy fraction is forward time over wall time while busy.
 
 The same totals are also kept by step size, in power-of-two bands of rows (`rows_band`): a
-step's cost is not proportional to its rows (a fixed part per step weighs most on small steps),
-and the calibration (exegpt/commands/calibration_pass.py) reads that shape from them.
+step's cost is not proportional to its rows (a fixed part per step weighs most on small
+steps), and one total per kind hides how it grows. They are a diagnosis (GetStats
+step_totals_by_rows; benchmarks/step_bands.py prices each band against the profile).
 """
 
 from __future__ import annotations
