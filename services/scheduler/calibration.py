@@ -44,14 +44,35 @@ def predict_stage_s(cost_model: CostModel, observation: StageTimeObservation) ->
     mean_tokens = max(1, round(observation.num_tokens / batch))
     if observation.stage == StageKind.ENCODE:
         layer = encode_layer_s(cost_model, batch, mean_tokens, observation.num_tokens, tp)
-        predicted_s = observation.num_layers * sum(layer)
-        if observation.num_first_step_layers:
-            first_step = decode_layer_s(cost_model, batch, 1, mean_tokens, tp)
-            predicted_s += observation.num_first_step_layers * sum(first_step)
-        return predicted_s
+        return observation.num_layers * sum(layer) + first_step_s(cost_model, observation)
     mean_cross_tokens = round(observation.num_cross_tokens / batch)
     layer = decode_layer_s(cost_model, batch, mean_tokens, mean_cross_tokens, tp)
     return observation.num_layers * sum(layer)
+
+
+def first_step_s(cost_model: CostModel, observation: StageTimeObservation) -> float:
+    """The decoder's first step an encode observation holds (0 when it holds none): its
+    `num_first_step_layers` at KV 1 over the batch's mean prompt."""
+    if not observation.num_first_step_layers:
+        return 0.0
+    batch = observation.batch_size
+    mean_tokens = max(1, round(observation.num_tokens / batch))
+    layer = decode_layer_s(cost_model, batch, 1, mean_tokens, observation.tp_degree)
+    return observation.num_first_step_layers * sum(layer)
+
+
+def stage_ratio(cost_model: CostModel, observation: StageTimeObservation) -> float | None:
+    """Measured / predicted for the observation's own kind of cost (None: nothing to compare).
+    An encode that holds the decoder's first step has that step, as `cost_model` prices it
+    (at its decode factor), taken off first, so only the encoder layers' error moves the
+    encode factor, as the calibration pass reads it (exegpt/commands/calibration_pass.py)."""
+    predicted_s = predict_stage_s(cost_model, observation)
+    step_s = first_step_s(cost_model, observation)
+    measured_s = observation.measured_s - step_s
+    predicted_s -= step_s
+    if predicted_s <= 0 or measured_s <= 0:
+        return None
+    return measured_s / predicted_s
 
 
 @dataclass(frozen=True)

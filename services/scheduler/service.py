@@ -22,7 +22,7 @@ from typing import Protocol
 from exegpt.errors import ErrorCode, RequestError
 from exegpt.placement import Placement
 from exegpt.schedule import Schedule
-from services.scheduler.calibration import as_scaled, predict_stage_s
+from services.scheduler.calibration import as_scaled, stage_ratio
 from services.scheduler.calibration_store import save_calibration
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.drift import DriftDetector, DriftVerdict, PlannedWorkload, observed_workload
@@ -275,9 +275,9 @@ class SchedulerCore:
                     f"stage time at TP degree {observation.tp_degree}: the profile has "
                     f"{', '.join(map(str, cost_model.tp_degrees))}"
                 )
-            predicted_s = predict_stage_s(cost_model, observation)
-            if predicted_s > 0:
-                ratios.append((observation.stage, observation.measured_s / predicted_s))
+            ratio = stage_ratio(cost_model, observation)
+            if ratio is not None:
+                ratios.append((observation.stage, ratio))
         return ratios
 
     def _maybe_replan(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from services.scheduler.calibration import (
     Calibration,
     ScaledCostModel,
     predict_stage_s,
+    stage_ratio,
 )
 from services.scheduler.calibration_store import (
     calibration_path,
@@ -96,6 +98,16 @@ def test_an_encode_timed_with_the_decoder_s_first_step_is_predicted_with_it() ->
     first_step = 24 * sum(decode_layer_s(model, 4, 1, 50, 1))
     assert predict_stage_s(model, alone) == pytest.approx(encode)
     assert predict_stage_s(model, with_step) == pytest.approx(encode + first_step)
+    # Its ratio is the encoder layers' alone: the step, priced by the model calibrated so far
+    # (decode x2 here), comes off first. Encoder layers at 1.5x the model give 1.5.
+    scaled = ScaledCostModel(model, calibration=Calibration({StageKind.DECODE: 2.0}))
+    measured_s = 1.5 * encode + 2.0 * first_step
+    timed = StageTimeObservation(
+        StageKind.ENCODE, 4, 4 * 50, 24, measured_s, num_first_step_layers=24
+    )
+    assert stage_ratio(scaled, timed) == pytest.approx(1.5)
+    assert stage_ratio(scaled, dataclasses.replace(timed, measured_s=first_step)) is None
+    assert stage_ratio(model, dataclasses.replace(alone, measured_s=2 * encode)) == pytest.approx(2)
     with pytest.raises(ValueError, match="only an encode"):
         StageTimeObservation(StageKind.DECODE, 4, 200, 24, 1.0, num_first_step_layers=24)
     with pytest.raises(ValueError, match="num_first_step_layers"):

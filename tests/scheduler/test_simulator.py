@@ -278,9 +278,9 @@ def test_continuous_baseline_keeps_a_batch_per_stage_in_flight() -> None:
 def test_continuous_prefill_of_an_encoder_decoder_broadcasts_the_encoder_output() -> None:
     # The case above on an encoder-decoder shape: each of the 2 stages holds one encoder and
     # one decoder layer, so the stage times are the same but for the prefill's first decode
-    # step, which each stage's decoder layer adds to it (0.01 + 0.001 a row); the p99
-    # sequence's prefill also sends the encoder output to every stage's cross-attention (one
-    # 0.002 s hop).
+    # step, which each stage's decoder layer adds to it (0.01 + 0.001 a row), with a hop of
+    # its own into stage 1 (0.002); the p99 sequence's prefill also sends the encoder output
+    # to every stage's cross-attention (one 0.002 s hop).
     shape = ModelShape("toy-t5", True, 2, 2, 8, 2, 1024)
     problem = PlanProblem(ToyCostModel(shape), toy_workload(), math.inf, 2, 10**9)
     prediction = simulate(problem, Schedule(ScheduleKind.CONTINUOUS, 1, 4, num_micro_batches=2))
@@ -288,9 +288,10 @@ def test_continuous_prefill_of_an_encoder_decoder_broadcasts_the_encoder_output(
     prefills = 1 - (1 - 1 / decode_steps) ** 2
     prefill_rows = 2 / decode_steps / prefills
     prefill_stage_s = prefill_rows * 10 * 0.001 + (0.01 + 0.001 * prefill_rows)
-    iteration_s = 2 * (0.012 + prefills * prefill_stage_s) + 0.002
+    iteration_s = 2 * (0.012 + prefills * prefill_stage_s) + prefills * 0.002 + 0.002
     assert prediction.throughput_seq_s == pytest.approx(4 / (decode_steps * iteration_s))
-    prefill_s = 2 * prefill_stage_s + 0.002 + 0.002  # the hop between stages, the broadcast
+    # The hop between stages, the first token's hop, the broadcast.
+    prefill_s = 2 * prefill_stage_s + 0.002 + 0.002 + 0.002
     assert prediction.latency_s == pytest.approx(prefill_s + 2 * iteration_s)
     # On one stage (both layers of each kind, 4 rows) nothing is broadcast: a prefill of
     # r = 2.5 / q rows, q = 1 - (1 - 1 / 1.6)^4 (r x 10 tokens x 2 layers x 0.001 s, and 2

@@ -52,8 +52,9 @@ def test_encoder_decoder_rra_broadcasts_the_encoder_output_and_keeps_cross_kv() 
     prediction = simulate(problem, schedule)
     # Each stage holds one encoder and one decoder layer. Encode 70 tokens with the first
     # token's decode step of 7 rows on each stage's decoder layer (0.07 + 0.017), a 0.002 hop,
-    # the same on stage 1, then the encoder output goes to stage 0's cross-attention (0.002).
-    encode_s = 0.087 + 0.002 + 0.087 + 0.002
+    # the same on stage 1 with the first token's own hop into it (0.002), then the encoder
+    # output goes to stage 0's cross-attention (0.002).
+    encode_s = 0.087 + 0.002 + 0.089 + 0.002
     # The first token comes with the encoding: 1 or 2 decode steps, one cycle of N_D = 2.
     iteration_s = [0.017 + 0.002 + 0.017, 0.014 + 0.002 + 0.014]  # B_D = 7, then 4
     cycle_s = encode_s + sum(iteration_s)
@@ -67,7 +68,7 @@ def test_encoder_decoder_rra_broadcasts_the_encoder_output_and_keeps_cross_kv() 
     assert prediction.memory_bytes_per_device == (2000 + 500 + kv_bytes,) * 2
     broadcast = [e for e in timeline(problem, schedule) if e.label == "encoder output"]
     assert [(e.device, e.start_s, e.end_s) for e in broadcast] == [
-        (0, pytest.approx(0.176), pytest.approx(0.178))
+        (0, pytest.approx(0.178), pytest.approx(0.180))
     ]
 
 
@@ -110,6 +111,25 @@ def test_waa_partial_tensor_parallelism_on_the_decode_side() -> None:
     )
     kinds = {e.kind for e in timeline(problem, prediction.schedule) if e.device == 1}
     assert kinds == {"decode", "allreduce", "transfer"}
+
+
+def test_waa_of_an_encoder_decoder_makes_the_first_token_on_the_decode_side() -> None:
+    prediction = simulate(encoder_decoder_problem(2), waa(4, 1, 1))
+    # Device 0 encodes 4 x 10 tokens over 2 layers (0.08 s a batch, the cycle); device 1
+    # holds both decoder layers: at the cap 6 rows decode (2 x 0.016 a step), and each
+    # handed-over batch of 4 gets its first token from a pass of those layers (2 x 0.014):
+    # 0.060 of each 0.08 s cycle.
+    first_pass_s = 2 * (0.01 + 0.001 * 4)
+    cycle_s = 0.08
+    assert prediction.throughput_seq_s == pytest.approx(4 / cycle_s)
+    # The pass takes 0.028 of every cycle from the iterations: a running sequence's step
+    # lasts 0.08 / 0.052 times an iteration. At 50 sequences/s x 1.6 steps the batch settles
+    # at the 4 an encoding hands over (2 x 0.014 an iteration).
+    token_s = 2 * 0.014 * cycle_s / (cycle_s - first_pass_s)
+    assert prediction.latency_s == pytest.approx(0.08 + 0.002 + first_pass_s + 2 * token_s)
+    assert prediction.utilisation_per_device == pytest.approx(
+        (1.0, (2 * 0.016 + first_pass_s) / cycle_s)
+    )
 
 
 def test_waa_timeline_shows_steady_state_cycles() -> None:

@@ -22,9 +22,10 @@ A prefill (an encode batch) is priced as the profile composes the whole forward 
 reconciled to (exegpt/profile/layer_profile.py): the encoder layers, and for an
 encoder-decoder the first output token's decode step (every decoder layer at KV 1 over the
 E[input] encoder tokens, with its embedding and LM head), or for a decoder-only model the LM
-head of each row's last token. Without that step a T5 prefill of a few rows was priced at half
-its whole forward and one of hundreds at about 90%, so a calibration factor read on small
-prefills overpriced large ones (docs/measurements.md, Profiling and calibration).
+head of each row's last token. Without that step a T5 prefill of one row was priced at about
+two thirds of its whole forward and one of hundreds at about 92%, so a calibration factor
+read on small prefills overpriced large ones (docs/measurements.md, Profiling and
+calibration).
 """
 
 from __future__ import annotations
@@ -251,29 +252,51 @@ StageTimes = list[tuple[float, float]]  # per stage: (compute_s, allreduce_s)
 
 
 def encode_times(costs: LayerCosts, stages: list[Stage], batch_size: int) -> StageTimes:
-    """Per-stage times of a prefill of `batch_size` rows: each stage's encoder layers and
-    (encoder-decoder) its decoder layers' first step (`LayerCosts.first_step`); the first
-    stage pays the embedding and the engine's host work, the last the LM head of the first
-    token. An encoder-decoder's stages without decoder layers (WAA's encoding devices) pay no
-    first step: the decoding devices produce that token."""
-    first_token = not costs.model.shape.is_encoder_decoder or any(
-        stage.num_decode_layers for stage in stages
-    )
+    """Per-stage times of a prefill of `batch_size` rows: each stage's encoder layers, the
+    first stage paying the prompt's embedding and the engine's host work, and the first
+    token's pass (`first_token_times`) on the stages that hold decoder layers. WAA's encoding
+    devices hold none: the decoding devices run that pass (waa.py)."""
+    first_token = first_token_times(costs, stages, batch_size)
     times = []
     for index, stage in enumerate(stages):
         compute_s, sync_s = costs.encode(batch_size, stage.tp_degree)
-        step_s, step_sync_s = costs.first_step(batch_size, stage.tp_degree)
         extra_s = 0.0
         if index == 0:  # the engine's host work for the step is paid where it enters
             extra_s = costs.embedding_s(costs.encode_tokens(batch_size))
             extra_s += costs.overhead.prefill_step_s(batch_size)
-            if first_token and costs.model.shape.is_encoder_decoder:
-                extra_s += costs.embedding_s(batch_size)  # the decoder's start tokens
-        if index == len(stages) - 1 and first_token:
+        step_s, step_sync_s = first_token[index]
+        layers_s = stage.num_encode_layers * compute_s + step_s
+        times.append((layers_s + extra_s, stage.num_encode_layers * sync_s + step_sync_s))
+    return times
+
+
+def first_token_times(costs: LayerCosts, stages: list[Stage], batch_size: int) -> StageTimes:
+    """Per-stage times of a prefill's first token beyond its encode. Encoder-decoder: every
+    decoder layer's first step (`LayerCosts.first_step`), the start tokens' embedding on the
+    first stage that holds decoder layers and the LM head on the last, and, past one such
+    stage, a hop of the rows' activations into each later one (the decoder's pass is a
+    traversal of its own after the encoder's). Decoder-only: the LM head of each row's last
+    token on the last stage. Stages without decoder layers (an encoder-decoder's encoding
+    devices) pay nothing."""
+    shape = costs.model.shape
+    times: StageTimes = [(0.0, 0.0)] * len(stages)
+    if not shape.is_encoder_decoder:
+        if stages:
+            times[-1] = (costs.lm_head_s(batch_size), 0.0)
+        return times
+    decoding = [i for i, stage in enumerate(stages) if stage.num_decode_layers]
+    for index in decoding:
+        stage = stages[index]
+        step_s, step_sync_s = costs.first_step(batch_size, stage.tp_degree)
+        extra_s = 0.0
+        if index == decoding[0]:
+            extra_s += costs.embedding_s(batch_size)  # the decoder's start tokens
+        else:
+            extra_s += costs.activation_transfer_s(batch_size)
+        if index == decoding[-1]:
             extra_s += costs.lm_head_s(batch_size)
-        layers_s = stage.num_encode_layers * compute_s + stage.num_decode_layers * step_s
-        sync_total_s = stage.num_encode_layers * sync_s + stage.num_decode_layers * step_sync_s
-        times.append((layers_s + extra_s, sync_total_s))
+        layers_s = stage.num_decode_layers * step_s
+        times[index] = (layers_s + extra_s, stage.num_decode_layers * step_sync_s)
     return times
 
 

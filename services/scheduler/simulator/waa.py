@@ -8,9 +8,12 @@ for decoder-only models that is a second copy of the decoder layers), the others
 B_E is encoded, handed over, and joins the decode batch; the decode side iterates at its own
 pace meanwhile (several tokens per cycle when encoding is the slower side, as the paper's
 figures imply and as the engine's WAA mode runs). A query's first token comes with its
-encoding (as in every kind), so it decodes m = mean output - 1 iterations (at least 1): at the
+prefill (as in every kind), so it decodes m = mean output - 1 iterations (at least 1): at the
 cap B_E x m rows decode, and the engine's running cap B_D = B_E x mean output also holds the
-B_E queries of the encoding in flight.
+B_E queries of the encoding in flight. An encoder-decoder's encoding devices hold no decoder
+layer, so its first token comes from a pass of its own on the decode side once the encoder
+output is handed over (`first_token_times`: every decoder layer's first step of the B_E
+rows): once a cycle, beside the iterations.
 
 - Encode side: consecutive batches are independent, so it is a full pipeline: it accepts a
   batch every `max(stage time)`.
@@ -21,13 +24,15 @@ B_E queries of the encoding in flight.
   previous one from the last stage, so one iteration of all micro-batches takes
   `max(sum of stage times + transfers, B_m x slowest stage)` (the steady state of that cyclic
   pipeline; the paper's figure: two tokens in 7 stage-times without micro-batches, 3 2/3 with).
-- cycle_s = max(encode period, hand-over, decode iteration at B_E x m rows); throughput =
-  B_E / cycle_s (at the cap, B_E x m sequences finish every m iterations).
+- cycle_s = max(encode period, hand-over, decode iteration at B_E x m rows plus the first-token
+  pass); throughput = B_E / cycle_s (at the cap, B_E x m sequences finish every m
+  iterations). The pass takes its share of every cycle from the iterations, so each
+  iteration of a running sequence lasts cycle / (cycle - pass) times its own time.
 - The decode batch in steady state: a sequence stays for m iterations, so by Little's law
   it holds B = throughput x m x iteration(B) sequences, at most B_E x m and at least B_E (an
   encoding hands its batch over at once). When encoding is the slower side that is below
   the cap, and each iteration is shorter than a cycle (`steady_decode_batch`).
-- Latency of the p99 sequence: encode traversal (its first token) + hand-over + S99 - 1
+- Latency of the p99 sequence: encode traversal + hand-over (+ the first-token pass) + S99 - 1
   iterations at that batch.
 
 How many devices encode: WAA-C gives N * C_E / (C_E + C_D) devices to encoding, C_E and C_D
@@ -53,6 +58,7 @@ from services.scheduler.simulator.common import (
     clip_window,
     decode_times,
     encode_times,
+    first_token_times,
     kv_bytes_per_sequence_layer,
     stage_weight_bytes,
     traverse,
@@ -139,6 +145,9 @@ class WaaOutcome:
     iteration_s: float
     cycle_s: float
     latency_s: float
+    # Encoder-decoder: the decode stages' pass for each encoded batch's first token (zeros
+    # for a decoder-only model, whose prefill on the encoding devices makes it).
+    first_token_times: StageTimes
 
 
 def _stages(
@@ -190,11 +199,16 @@ def run(costs: LayerCosts, schedule: Schedule, num_devices: int) -> WaaOutcome:
     dec_times = decode_times(costs, decode_stages, micro_batch)
     hop_s = costs.activation_transfer_s(micro_batch)
     iteration_s = pipeline_period_s(dec_times, hop_s, schedule.num_micro_batches)
-    cycle_s = max(encode_period_s, handoff_s, iteration_s)
+    first_times: StageTimes = [(0.0, 0.0)] * len(decode_stages)
+    if costs.model.shape.is_encoder_decoder:
+        first_times = first_token_times(costs, decode_stages, schedule.encode_batch_size)
+    first_pass_s = sum(compute_s + sync_s for compute_s, sync_s in first_times)
+    cycle_s = max(encode_period_s, handoff_s, iteration_s + first_pass_s)
     _, token_s = steady_decode_batch(
-        costs, decode_stages, schedule, decoding_rows, iteration_s, cycle_s
+        costs, decode_stages, schedule, decoding_rows, iteration_s, cycle_s, first_pass_s
     )
-    latency_s = encode_traverse_s + handoff_s + costs.stats.p99_decode_steps * token_s
+    latency_s = encode_traverse_s + handoff_s + first_pass_s
+    latency_s += costs.stats.p99_decode_steps * token_s
     return WaaOutcome(
         encode_stages,
         decode_stages,
@@ -209,6 +223,7 @@ def run(costs: LayerCosts, schedule: Schedule, num_devices: int) -> WaaOutcome:
         iteration_s,
         cycle_s,
         latency_s,
+        first_times,
     )
 
 
@@ -228,18 +243,21 @@ def steady_decode_batch(
     cap: float,
     cap_iteration_s: float,
     cycle_s: float,
+    first_pass_s: float = 0.0,
 ) -> tuple[float, float]:
-    """(decode batch, iteration time) in steady state: the largest B <= cap (decoding rows)
-    with B = B_E x m x iteration(B) / cycle_s (Little's law, m = `decode_steps`; iteration(B)
-    grows with B,
-    so the map is monotone and iterating it down from the cap converges), and at least B_E:
-    encoded queries join in batches of B_E, so a batch's tokens never decode beside fewer."""
+    """(decode batch, a running sequence's time per token) in steady state: the largest
+    B <= cap (decoding rows) with B = B_E x m x token(B) / cycle_s (Little's law, m =
+    `decode_steps`; token(B), an iteration at B stretched by cycle / (cycle - first_pass_s)
+    for the first-token pass each cycle, grows with B, so the map is monotone and iterating
+    it down from the cap converges), and at least B_E: encoded queries join in batches of
+    B_E, so a batch's tokens never decode beside fewer."""
     arrivals_per_s = schedule.encode_batch_size / cycle_s
+    stretch = cycle_s / (cycle_s - first_pass_s)  # cycle_s > first_pass_s: run() makes it so
     mean_steps = decode_steps(costs)
     floor = float(schedule.encode_batch_size)
     batch, iteration_s = cap, cap_iteration_s
     for _ in range(_STEADY_ITERATIONS):
-        wanted = min(cap, max(floor, arrivals_per_s * mean_steps * iteration_s))
+        wanted = min(cap, max(floor, arrivals_per_s * mean_steps * iteration_s * stretch))
         if wanted >= batch * (1 - _STEADY_TOLERANCE):
             break
         batch = wanted
@@ -247,7 +265,7 @@ def steady_decode_batch(
         times = decode_times(costs, stages, micro_batch)
         hop_s = costs.activation_transfer_s(micro_batch)
         iteration_s = pipeline_period_s(times, hop_s, schedule.num_micro_batches)
-    return batch, iteration_s
+    return batch, iteration_s * stretch
 
 
 def memory_bytes(
@@ -289,9 +307,13 @@ def utilisation(outcome: WaaOutcome, schedule: Schedule, num_devices: int) -> li
     for stage, (compute_s, sync_s) in zip(outcome.encode_stages, outcome.encode_times, strict=True):
         for device in stage.devices:
             busy[device] = compute_s + sync_s
-    for stage, (compute_s, sync_s) in zip(outcome.decode_stages, outcome.decode_times, strict=True):
+    decode_side = zip(
+        outcome.decode_stages, outcome.decode_times, outcome.first_token_times, strict=True
+    )
+    for stage, (compute_s, sync_s), (first_s, first_sync_s) in decode_side:
         for device in stage.devices:
             busy[device] = schedule.num_micro_batches * (compute_s + sync_s)
+            busy[device] += first_s + first_sync_s
     return [min(1.0, b / outcome.cycle_s) for b in busy]
 
 
