@@ -99,6 +99,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "each next to the profile's prediction, with the relative errors",
     )
     parser.add_argument("--json", help="with --validate: also write the points to this file")
+    parser.add_argument(
+        "--points",
+        help="with --validate: these forwards instead of the standard set, comma-separated "
+        "prefill:BATCH:PROMPT and decode:BATCH:PROMPT:CACHED (e.g. decode:256:32:21)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
 
@@ -147,6 +152,31 @@ def parse_sizes(text: str, flag: str) -> tuple[int, ...]:
         raise UsageError(f"{flag} must be comma-separated integers, got {text!r}") from None
 
 
+def parse_points(text: str) -> tuple[Any, ...]:
+    """'prefill:64:32,decode:256:32:21' -> the forwards `--validate` times."""
+    from services.profiler.measure.forwards import decode, prefill
+
+    points = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        kind, *sizes = item.split(":")
+        try:
+            numbers = [int(size) for size in sizes]
+        except ValueError:
+            numbers = []
+        if kind == "prefill" and len(numbers) == 2 and min(numbers) >= 1:
+            points.append(prefill(*numbers))
+        elif kind == "decode" and len(numbers) == 3 and min(numbers[:2]) >= 1 and numbers[2] >= 0:
+            points.append(decode(*numbers))
+        else:
+            raise UsageError(
+                f"--points: {item!r} is not prefill:BATCH:PROMPT or decode:BATCH:PROMPT:CACHED "
+                "(whole numbers, batch and prompt at least 1)"
+            )
+    if not points:
+        raise UsageError("--points names no forward")
+    return tuple(points)
+
+
 def grid_from_args(args: argparse.Namespace) -> tuple[str, Any]:
     """(grid name, ProfileGrid) from --grid and the per-axis overrides."""
     from services.profiler.measure.grid import PRESETS, build_grid
@@ -190,8 +220,8 @@ def _profile(args: argparse.Namespace) -> int:
 
     if not args.out:
         raise UsageError("--out FILE is required (or --validate FILE to check a profile)")
-    if args.json:
-        raise UsageError("--json only applies with --validate")
+    if args.json or args.points:
+        raise UsageError("--json and --points only apply with --validate")
     grid_name, grid = grid_from_args(args)
     tp = parse_sizes(args.tp, "--tp") if args.tp is not None else None
     if tp is not None and not tp:
@@ -280,6 +310,7 @@ def _validate(args: argparse.Namespace) -> int:
 
     if args.out:
         raise UsageError("--out does not apply with --validate")
+    chosen = {"points": parse_points(args.points)} if args.points else {}
     profile = load_profile(args.validate)
     data = profile.data
     device = check_device(args.device or data.hardware.device)
@@ -305,7 +336,12 @@ def _validate(args: argparse.Namespace) -> int:
             bar.update(done - bar.n)
 
         points = validate_profile(
-            profile, loaded, num_threads=num_threads, num_rounds=num_rounds, on_step=step
+            profile,
+            loaded,
+            num_threads=num_threads,
+            num_rounds=num_rounds,
+            on_step=step,
+            **chosen,
         )
     sys.stdout.write(format_table(points) + "\n")
     if args.json:

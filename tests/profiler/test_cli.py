@@ -149,6 +149,15 @@ def test_profile_then_validate(
     for point in data["points"]:
         error = point["predicted_s"] / point["measured_s"] - 1
         assert point["relative_error"] == pytest.approx(error)
+    # --points names the forwards to time instead.
+    named = ("--points=decode:2:8:3,prefill:1:8", f"--json={report}")
+    assert profile_cli(f"--validate={out}", "--rounds=1", "--no-progress", *named) == 0
+    data = json.loads(report.read_text())
+    assert [(p["kind"], p["batch_size"]) for p in data["points"]] == [("decode", 2), ("prefill", 1)]
+    capsys.readouterr()
+    for bad in ("decode:2:8", "prefill:0:8", "encode:1:8", ","):
+        assert profile_cli(f"--validate={out}", f"--points={bad}", "--no-progress") == 2
+        assert "--points" in capsys.readouterr().err
 
 
 def test_grid_from_a_json_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
