@@ -174,7 +174,7 @@ def parse_points(text: str) -> tuple[Any, ...]:
             )
     if not points:
         raise UsageError("--points names no forward")
-    return tuple(points)
+    return tuple(dict.fromkeys(points))  # each forward once, in the order named
 
 
 def grid_from_args(args: argparse.Namespace) -> tuple[str, Any]:
@@ -316,6 +316,12 @@ def _validate(args: argparse.Namespace) -> int:
     device = check_device(args.device or data.hardware.device)
     model = args.model or data.model.source
     loaded = load_model(model, device=str(device), dtype=torch_dtype(data.model.dtype))
+    past = [p for p in chosen.get("points", ()) if not p.fits(loaded.config)]
+    if past:
+        raise UsageError(
+            f"--points: {len(past)} forward(s) pass the model's context of "
+            f"{loaded.config.max_context_tokens} tokens (e.g. {past[0]})"
+        )
     profile = load_profile(args.validate, expected_config_hash=loaded.config.config_hash())
     num_threads = args.threads or data.software.torch_threads
     num_rounds = args.rounds if args.rounds is not None else VALIDATION_ROUNDS

@@ -150,12 +150,12 @@ def test_profile_then_validate(
         error = point["predicted_s"] / point["measured_s"] - 1
         assert point["relative_error"] == pytest.approx(error)
     # --points names the forwards to time instead.
-    named = ("--points=decode:2:8:3,prefill:1:8", f"--json={report}")
+    named = ("--points=decode:2:8:3,prefill:1:8,decode:2:8:3", f"--json={report}")
     assert profile_cli(f"--validate={out}", "--rounds=1", "--no-progress", *named) == 0
     data = json.loads(report.read_text())
     assert [(p["kind"], p["batch_size"]) for p in data["points"]] == [("decode", 2), ("prefill", 1)]
     capsys.readouterr()
-    for bad in ("decode:2:8", "prefill:0:8", "encode:1:8", ","):
+    for bad in ("decode:2:8", "prefill:0:8", "encode:1:8", ",", "prefill:1:100000"):
         assert profile_cli(f"--validate={out}", f"--points={bad}", "--no-progress") == 2
         assert "--points" in capsys.readouterr().err
 

@@ -236,3 +236,22 @@ def test_a_prefill_pays_the_first_token_where_the_decoder_layers_are() -> None:
     # WAA's encoding devices hold no decoder layer: the decoding devices make that token.
     encoder_only = Stage((0,), 1, 1, 0)
     assert encode_times(costs, [encoder_only], 7) == [(pytest.approx(0.07), 0.0)]
+
+
+def test_a_first_token_pass_overlaps_the_micro_batches_on_a_pipeline() -> None:
+    from services.scheduler.simulator.waa import decode_demand_s, pipeline_period_s
+
+    stages, hop_s = [(0.01, 0.0), (0.01, 0.0)], 0.002
+    first = [(0.005, 0.0), (0.007, 0.0)]
+    # 2 micro-batches: the loop (0.022) and then the pass's longest stage bound it.
+    two = waa(4, 2, 1)
+    assert decode_demand_s(stages, hop_s, two, first) == pytest.approx(0.022 + 0.007)
+    # 4: the busiest stage, its 4 steps and its part of the pass (0.047), not the iteration
+    # and the whole pass one after the other (0.052).
+    four = waa(4, 4, 1)
+    assert pipeline_period_s(stages, hop_s, 4) == pytest.approx(0.04)
+    assert decode_demand_s(stages, hop_s, four, first) == pytest.approx(0.047)
+    # One stage: the pass simply adds; no pass (decoder-only): the iteration alone.
+    one = [(0.01, 0.0)]
+    assert decode_demand_s(one, hop_s, two, [(0.005, 0.0)]) == pytest.approx(0.025)
+    assert decode_demand_s(stages, hop_s, four, [(0.0, 0.0)] * 2) == pytest.approx(0.04)

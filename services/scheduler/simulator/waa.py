@@ -26,19 +26,21 @@ rows): once a cycle, beside the iterations.
   pipeline; the paper's figure: two tokens in 7 stage-times without micro-batches, 3 2/3 with).
 - cycle_s = max(encode period, hand-over, decode iteration at B_E x m rows plus the first-token
   pass); throughput = B_E / cycle_s (at the cap, B_E x m sequences finish every m
-  iterations). The pass takes its share of every cycle from the iterations, so each
-  iteration of a running sequence lasts cycle / (cycle - pass) times its own time.
+  iterations). The pass takes its share of every cycle from the iterations (on several
+  stages it overlaps the micro-batches' steps: `decode_demand_s`), so each iteration of a
+  running sequence lasts cycle / (cycle - that share) times its own time.
 - The decode batch in steady state: a sequence stays for m iterations, so by Little's law
   it holds B = throughput x m x iteration(B) sequences, at most B_E x m and at least B_E (an
   encoding hands its batch over at once). When encoding is the slower side that is below
   the cap, and each iteration is shorter than a cycle (`steady_decode_batch`).
 - Latency of the p99 sequence: encode traversal + hand-over (+ the first-token pass) + S99 - 1
-  iterations at that batch.
+  tokens at that batch (iterations, stretched by the pass's share of the cycle).
 
 How many devices encode: WAA-C gives N * C_E / (C_E + C_D) devices to encoding, C_E and C_D
 being the single-device compute times of one encode of B_E and one decode iteration of
 B_E x m rows (the work of one cycle), evaluated at B_E = 1, 8 and 64; the search tries the
-floor and ceiling of each. WAA-M gives encoding the fewest devices that hold its weights and
+floor and ceiling of each (C_D also holds an encoder-decoder's first-token pass). WAA-M
+gives encoding the fewest devices that hold its weights and
 the decode side everything else, so that the most memory goes to KV.
 """
 
@@ -72,6 +74,22 @@ def pipeline_period_s(times: StageTimes, hop_s: float, num_micro_batches: int) -
     stage_s = [compute_s + sync_s for compute_s, sync_s in times]
     loop_s = sum(stage_s) + hop_s * (len(stage_s) - 1)
     return max(loop_s, num_micro_batches * max(stage_s))
+
+
+def decode_demand_s(
+    times: StageTimes, hop_s: float, schedule: Schedule, first_times: StageTimes
+) -> float:
+    """The decode side's time for one iteration of every micro-batch plus one first-token pass
+    (`first_times`, zeros for a decoder-only model): the pass's own traversal holds each
+    stage once, beside the micro-batches' steps, so a pipeline of several stages overlaps
+    it with them; on one stage it simply adds."""
+    stage_s = [compute_s + sync_s for compute_s, sync_s in times]
+    first_s = [compute_s + sync_s for compute_s, sync_s in first_times]
+    loop_s = sum(stage_s) + hop_s * (len(stage_s) - 1)
+    busiest_s = max(
+        schedule.num_micro_batches * s + f for s, f in zip(stage_s, first_s, strict=True)
+    )
+    return max(loop_s + max(first_s), busiest_s)
 
 
 @dataclass
@@ -203,9 +221,10 @@ def run(costs: LayerCosts, schedule: Schedule, num_devices: int) -> WaaOutcome:
     if costs.model.shape.is_encoder_decoder:
         first_times = first_token_times(costs, decode_stages, schedule.encode_batch_size)
     first_pass_s = sum(compute_s + sync_s for compute_s, sync_s in first_times)
-    cycle_s = max(encode_period_s, handoff_s, iteration_s + first_pass_s)
+    pass_share_s = decode_demand_s(dec_times, hop_s, schedule, first_times) - iteration_s
+    cycle_s = max(encode_period_s, handoff_s, iteration_s + pass_share_s)
     _, token_s = steady_decode_batch(
-        costs, decode_stages, schedule, decoding_rows, iteration_s, cycle_s, first_pass_s
+        costs, decode_stages, schedule, decoding_rows, iteration_s, cycle_s, pass_share_s
     )
     latency_s = encode_traverse_s + handoff_s + first_pass_s
     latency_s += costs.stats.p99_decode_steps * token_s
@@ -387,6 +406,8 @@ def split_candidates(
         encode_s = shape.num_encode_layers * sum(costs.encode(batch, 1))
         decode_batch = as_batch(batch * decode_steps(costs))
         decode_s = shape.num_decode_layers * sum(costs.decode(decode_batch, 1))
+        # An encoder-decoder's decode side also makes each batch's first token.
+        decode_s += shape.num_decode_layers * sum(costs.first_step(batch, 1))
         share = num_devices * encode_s / (encode_s + decode_s)
         candidates.update((clamp(math.floor(share)), clamp(math.ceil(share))))
     return sorted(candidates)
