@@ -29,7 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from schedule_runs import on_free_ports  # noqa: E402
 
 from exegpt.bench.against_plan import run_bench  # noqa: E402
-from exegpt.commands.calibration_pass import KindTotals  # noqa: E402
+from exegpt.commands.calibration_pass import (  # noqa: E402
+    KindTotals,
+    sum_totals,
+    totals_between,
+)
 from exegpt.cost_model import at_rows  # noqa: E402
 from exegpt.launcher import Deployment, DeploymentConfig  # noqa: E402
 from services.scheduler.problem_builder import load_cost_model  # noqa: E402
@@ -84,18 +88,7 @@ def burst_bands(args: argparse.Namespace, work: Path) -> dict[Band, KindTotals]:
         f"requests, {metrics['num_failed']} failed, "
         f"{metrics['throughput']['sequences_per_s']:.2f} seq/s over the burst"
     )
-    summed: dict[Band, KindTotals] = {}
-    none = KindTotals(0, 0, 0.0, 0.0)
-    for start, end in zip(before, after, strict=True):
-        for band, last in end.items():
-            first, total = start.get(band, none), summed.get(band, none)
-            summed[band] = KindTotals(
-                total.num_steps + last.num_steps - first.num_steps,
-                total.num_rows + last.num_rows - first.num_rows,
-                total.forward_s + last.forward_s - first.forward_s,
-                total.host_s + last.host_s - first.host_s,
-            )
-    return summed
+    return sum_totals([totals_between(b, a) for b, a in zip(before, after, strict=True)])
 
 
 def priced_s(costs: LayerCosts, kind: str, rows: float) -> float:
