@@ -1,6 +1,8 @@
 """A decode step's attention (one query token per row) over a paged KV pool, side by side:
-the kernel exegpt serves with (blocks gathered whole, exegpt/models/decode_attention.py) and
-the paths it replaced, at batch 32 with the benchmark models' head shapes.
+the kernels exegpt serves with (the native kernel reading the pool in place,
+exegpt/models/paged_decode.py, and the torch path it falls back to, blocks gathered whole,
+exegpt/models/decode_attention.py) and the paths they replaced, at batch 32 with the
+benchmark models' head shapes.
 
     python benchmarks/decode_attention.py                 # bfloat16, KV lengths 100-200
     python benchmarks/decode_attention.py --kv 384,512 --batch 8 --shapes 32x8x128,32x32x128
@@ -11,8 +13,10 @@ Paths, for the same queries, pool and rows:
 - `blocks + sdpa`: whole blocks gathered, then SDPA;
 - `blocks + grouped bmm`: whole blocks gathered, K/V transposed to [b, H_kv, T, D], then two
   batched matmuls with each KV head's group of query heads as the rows (before);
-- `blocks + exegpt`: whole blocks gathered, then `decode_kernel` (what serving runs: the
-  gathered [b, T, H_kv x D] rows against block-diagonal queries, no K/V copy).
+- `blocks + block-diagonal`: whole blocks gathered, then `decode_kernel` (the torch path
+  serving falls back to: the gathered [b, T, H_kv x D] rows against block-diagonal queries);
+- `in place (native)`: `paged_decode`, each row's visible keys read from their slots in the
+  pool, no copy (what bfloat16 serving runs on a CPU; not in a float32 run).
 
 Each is timed in turn, `--reps` times, in the thread's CPU time (one torch thread), and the
 best is kept: a shared machine's preemption does not count. Prints milliseconds and the
@@ -31,6 +35,7 @@ import torch.nn.functional as F
 
 from exegpt.models.block_gather import gather_blocks
 from exegpt.models.decode_attention import decode_kernel
+from exegpt.models.paged_decode import paged_decode
 
 # query heads, KV heads, head dim: the benchmark models', then two of larger models
 SHAPES = {
@@ -99,12 +104,18 @@ def paths(shape: str, batch: int, kv: tuple[int, int], dtype: torch.dtype) -> di
     def blocks_kv() -> tuple[torch.Tensor, torch.Tensor]:
         return gather_blocks(cache, blocks, BLOCK), gather_blocks(cache, blocks, BLOCK)
 
-    return {
+    ranges = torch.stack([torch.zeros_like(lengths), lengths], dim=1)
+    runs = {
         "slots + sdpa": lambda: sdpa(cache[slots], cache[slots]),
         "blocks + sdpa": lambda: sdpa(*blocks_kv()),
         "blocks + grouped bmm": lambda: grouped_bmm(q, *blocks_kv(), mask, dim**-0.5),
-        "blocks + exegpt": lambda: decode_kernel(q, *blocks_kv(), mask, dim**-0.5),
+        "blocks + block-diagonal": lambda: decode_kernel(q, *blocks_kv(), mask, dim**-0.5),
     }
+    if dtype == torch.bfloat16:
+        runs["in place (native)"] = lambda: paged_decode(
+            q, cache, cache, blocks, ranges, None, BLOCK, dim**-0.5
+        )
+    return runs
 
 
 def main() -> int:
@@ -123,7 +134,7 @@ def main() -> int:
         best = best_cpu_s(paths(shape, args.batch, (low, high), dtype), args.reps)
         base = next(iter(best.values()))
         for name, seconds in best.items():
-            print(f"  {shape:<10}{name:<22}{seconds * 1e3:>9.3f} ms  {base / seconds:>6.2f}x")
+            print(f"  {shape:<10}{name:<25}{seconds * 1e3:>9.3f} ms  {base / seconds:>6.2f}x")
     return 0
 
 

@@ -20,6 +20,7 @@ from torch import Tensor
 from exegpt.models.block_gather import block_index, gather_keys
 from exegpt.models.decode_attention import decode_kernel, matmul_attention_applies
 from exegpt.models.gather_budget import DECODE_GATHER_MAX_BYTES, within_budget
+from exegpt.models.paged_decode import paged_decode, reads_the_pool
 
 # A decode row joins a bucket while its KV length is at least (1 - this) x the bucket's longest.
 DECODE_BUCKET_PADDING = 0.25
@@ -36,6 +37,9 @@ class DecodeBucket:
     key_blocks: Tensor  # [b, M] KV blocks of each row's keys (padding repeats its last block)
     mask: Tensor | None  # [b, 1, 1, M * block_size] True where the key is visible; None: all
     hidden_keys: Tensor | None  # [n] the hidden ones in the flattened [b * M * block_size]
+    # [b, 2] int32: each row's visible keys, first and one past the last (its window, its
+    # length), for a kernel that reads only those (paged_decode.py); None: every key.
+    key_ranges: Tensor | None = None
 
 
 def decode_buckets(
@@ -92,6 +96,8 @@ def _bucket(
     visible = columns[None] < lengths[:, None]  # [b, M * block_size]
     if window is not None:
         visible = visible & (columns[None] > lengths[:, None] - 1 - window)
+    first_keys = lengths - window if window is not None else torch.zeros_like(lengths)
+    key_ranges = torch.stack([first_keys.clamp(min=0), lengths], dim=1).to(torch.int32)
     mask = hidden_keys = None
     if not bool(visible.all()):
         mask = visible[:, None, None, :].to(device)
@@ -103,6 +109,7 @@ def _bucket(
         ),
         mask=mask,
         hidden_keys=hidden_keys,
+        key_ranges=key_ranges,
     )
 
 
@@ -142,11 +149,19 @@ def attend_buckets(
     block_size: int,
     scale: float,
 ) -> None:
-    """Decode rows' attention: each bucket's queries (rows of q [N, H, D]) over their keys
-    gathered whole blocks at a time from a pool of `block_size`-token blocks, into `out`."""
+    """Decode rows' attention: each bucket's queries (rows of q [N, H, D]) over their keys in
+    a pool of `block_size`-token blocks, into `out`: read in place by the native kernel where
+    it applies (paged_decode.py), otherwise gathered whole blocks at a time."""
     for bucket in buckets:
         assert cache_k is not None and cache_v is not None
         queries = q[bucket.query_index]  # [b, H, D]
+        if bucket.key_ranges is not None and reads_the_pool(queries, cache_k):
+            bias = None if _is_bool(bucket.mask) else bucket.mask  # T5's position bias
+            out[bucket.query_index] = paged_decode(
+                queries, cache_k, cache_v, bucket.key_blocks, bucket.key_ranges, bias,
+                block_size, scale,
+            )  # fmt: skip
+            continue
         # The matmul kernel overwrites a hidden key's score whatever it is (a NaN included)
         # when the mask is boolean: only the values need zeroing then.
         keep_keys = matmul_attention_applies(queries) and _is_bool(bucket.mask)

@@ -71,4 +71,5 @@ def _rows(bucket: DecodeBucket, start: int, end: int, width: int) -> DecodeBucke
         key_blocks=bucket.key_blocks[start:end],
         mask=mask,
         hidden_keys=hidden,
+        key_ranges=None if bucket.key_ranges is None else bucket.key_ranges[start:end],
     )

@@ -30,6 +30,7 @@ from exegpt.generation import (
 )
 from exegpt.models.kv_cache import KVCachePool, KVCacheSpec
 from exegpt.models.loader import LoadedModel, ModelCard
+from exegpt.models import paged_decode
 from exegpt.models.prepack import linear_kernel, pack_linears
 from exegpt.serving import ROUTER_ID_METADATA, GrpcServer, start_grpc_server
 from exegpt.stops import StopMatcher
@@ -303,6 +304,8 @@ def build_engine(loaded: LoadedModel, config: EngineConfig) -> Engine:
     """An engine over the whole model in this process (its bf16 CPU Linears packed once)."""
     if packed := pack_linears(loaded.model):
         logger.info("%d Linears run %s", packed, linear_kernel(loaded.dtype, loaded.device))
+    if paged_decode.prepare(loaded.dtype, loaded.device):
+        logger.info("decode attention reads the KV pool in place (native kernel)")
     spec = KVCacheSpec.for_model(loaded.config, dtype=loaded.dtype)
     pool = KVCachePool.for_memory(
         spec, config.kv_capacity_bytes, block_size_tokens=config.kv_block_size_tokens

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from services.worker.sampling import (
@@ -56,6 +57,20 @@ def test_a_row_with_non_finite_logits_fails_alone() -> None:
     assert sampled.token_ids[0] == 1 and sampled.token_ids[2] == 0
     assert sampled.errors[0] is None and sampled.errors[2] is None
     assert "non-finite" in (sampled.errors[1] or "")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("column", [0, 517, 999])
+def test_one_non_finite_logit_anywhere_in_a_wide_row_fails_that_row(
+    bad: float, column: int
+) -> None:
+    """The check reads each row's largest and smallest logits (vectorised reductions): one
+    NaN or infinity at the start, inside or at the end of a 1000-wide row is caught."""
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0))
+    logits[1, column] = bad
+    sampled = sample_rows(logits, [row(), row(), row()])
+    assert sampled.errors[0] is None and sampled.errors[2] is None
+    assert "non-finite" in (sampled.errors[1] or "") and sampled.token_ids[1] == -1
 
 
 def test_rows_cross_the_data_plane_as_tensors() -> None:

@@ -33,6 +33,7 @@ from exegpt.models.checkpoint import Model
 from exegpt.models.defaults import DEFAULT_MODEL_NAME
 from exegpt.models.kv_cache import KVCachePool
 from exegpt.models.loader import load_model
+from exegpt.models import paged_decode
 from exegpt.models.prepack import pack_linears
 from exegpt.models.stage import build_stage, stage_kv_spec
 from exegpt.models.stage_spec import LayerRange, StageSpec
@@ -138,6 +139,7 @@ class StageRuntime:
             all_reduce = self._join_tp_group(request, spec) if spec.tp_degree > 1 else None
             model = build_stage(loaded.model, spec, all_reduce)
             pack_linears(model)  # bf16 on CPU: weights packed once for oneDNN (no-op otherwise)
+            paged_decode.prepare(dtype, self._device)  # built before the first decode step
             pool = None
             if len(spec.decoder_layers):
                 kv_spec = stage_kv_spec(loaded.model, spec, dtype)

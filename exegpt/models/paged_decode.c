@@ -1,0 +1,172 @@
+/* Decode attention straight from a paged bfloat16 KV pool, for a CPU (exegpt/models/paged_decode.py
+ * builds and loads this file; the module doc there says why it exists).
+ *
+ * One query token per row. Row r attends over its keys lo[r] .. hi[r]-1, key t living in slot
+ * key_blocks[r][t / block_size] * block_size + t % block_size of the pool [slots, H_kv, D]: only
+ * those slots are read, each once, so no padding, no gathered copy and no stale slot is touched.
+ * Scores, softmax and the weighted sum of values run in float32; q, K, V and the output are
+ * bfloat16 (raw 16-bit words). An optional additive bias [rows, bias_heads, bias_stride] (float32,
+ * bias_heads 1 or H) is added to query head h's score of key t as bias[r][h][t].
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+static inline float bf16_to_float(uint16_t x) {
+    uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u); /* round to nearest, ties to even */
+    return (uint16_t)(bits >> 16);
+}
+
+/* row[d] = x[d] as float32, d < n. */
+static inline void widen(const uint16_t *x, float *row, int64_t n) {
+    int64_t d = 0;
+#if defined(__AVX512F__)
+    for (; d + 16 <= n; d += 16) {
+        __m256i half = _mm256_loadu_si256((const __m256i *)(x + d));
+        __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16);
+        _mm512_storeu_ps(row + d, _mm512_castsi512_ps(wide));
+    }
+#endif
+    for (; d < n; d++) row[d] = bf16_to_float(x[d]);
+}
+
+/* sum of a[d] * b[d], d < n. */
+static inline float dot(const float *a, const float *b, int64_t n) {
+    int64_t d = 0;
+    float s = 0.0f;
+#if defined(__AVX512F__)
+    __m512 sum = _mm512_setzero_ps();
+    for (; d + 16 <= n; d += 16)
+        sum = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), sum);
+    s = _mm512_reduce_add_ps(sum);
+#endif
+    for (; d < n; d++) s += a[d] * b[d];
+    return s;
+}
+
+/* y[d] += p * x[d], d < n. */
+static inline void axpy(float p, const float *x, float *y, int64_t n) {
+    int64_t d = 0;
+#if defined(__AVX512F__)
+    const __m512 scale = _mm512_set1_ps(p);
+    for (; d + 16 <= n; d += 16)
+        _mm512_storeu_ps(y + d, _mm512_fmadd_ps(scale, _mm512_loadu_ps(x + d),
+                                                _mm512_loadu_ps(y + d)));
+#endif
+    for (; d < n; d++) y[d] += p * x[d];
+}
+
+/* One row: its H query heads over its visible keys lo .. hi-1, every key's slot read once, all
+ * KV heads together (a slot's H_kv x D values are contiguous). `scores` holds H x (hi - lo)
+ * floats, `qf` and `acc` H x D, `row` D. */
+static void attend_row(const uint16_t *q, const uint16_t *k_pool, const uint16_t *v_pool,
+                       const int64_t *blocks, int64_t lo, int64_t hi, const float *bias,
+                       int64_t bias_heads, int64_t bias_stride, uint16_t *out, int64_t num_heads,
+                       int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale,
+                       float *scores, float *qf, float *row, float *acc) {
+    const int64_t n = hi - lo, group = num_heads / num_kv_heads, width = num_kv_heads * head_dim;
+    for (int64_t e = 0; e < num_heads * head_dim; e++) qf[e] = bf16_to_float(q[e]) * scale;
+    for (int64_t i = 0, t = lo, block = lo / block_size, j = lo % block_size; i < n;
+         i++, t++, j = j + 1 == block_size ? (block++, 0) : j + 1) {
+        const uint16_t *kp = k_pool + (blocks[block] * block_size + j) * width;
+        for (int64_t kv = 0; kv < num_kv_heads; kv++) {
+            widen(kp + kv * head_dim, row, head_dim);
+            for (int64_t h = kv * group; h < (kv + 1) * group; h++) {
+                float s = dot(qf + h * head_dim, row, head_dim);
+                if (bias) s += bias[(bias_heads == 1 ? 0 : h) * bias_stride + t];
+                scores[h * n + i] = s;
+            }
+        }
+    }
+    for (int64_t h = 0; h < num_heads; h++) {
+        float *sh = scores + h * n;
+        float top = -INFINITY, total = 0.0f;
+        for (int64_t i = 0; i < n; i++) top = sh[i] > top ? sh[i] : top;
+        for (int64_t i = 0; i < n; i++) total += (sh[i] = expf(sh[i] - top));
+        const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+        for (int64_t i = 0; i < n; i++) sh[i] *= inv;
+    }
+    memset(acc, 0, sizeof(float) * num_heads * head_dim);
+    for (int64_t i = 0, block = lo / block_size, j = lo % block_size; i < n;
+         i++, j = j + 1 == block_size ? (block++, 0) : j + 1) {
+        const uint16_t *vp = v_pool + (blocks[block] * block_size + j) * width;
+        for (int64_t kv = 0; kv < num_kv_heads; kv++) {
+            widen(vp + kv * head_dim, row, head_dim);
+            for (int64_t h = kv * group; h < (kv + 1) * group; h++)
+                axpy(scores[h * n + i], row, acc + h * head_dim, head_dim);
+        }
+    }
+    for (int64_t e = 0; e < num_heads * head_dim; e++) out[e] = float_to_bf16(acc[e]);
+}
+
+/* Rows first .. last-1 of the call below, with scratch of their own; returns 0, or -1 when the
+ * scratch cannot be allocated. */
+static int attend_rows(int64_t first, int64_t last, const uint16_t *q, const uint16_t *k_pool,
+                       const uint16_t *v_pool, const int64_t *key_blocks, int64_t max_blocks,
+                       const int32_t *key_ranges, const float *bias, int64_t bias_heads,
+                       int64_t bias_stride, uint16_t *out, int64_t num_heads,
+                       int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale) {
+    int64_t longest = 1;
+    for (int64_t r = first; r < last; r++) {
+        const int64_t n = (int64_t)key_ranges[2 * r + 1] - key_ranges[2 * r];
+        longest = n > longest ? n : longest;
+    }
+    const int64_t features = num_heads * head_dim;
+    float *scratch = malloc(sizeof(float) * (num_heads * longest + 2 * features + head_dim));
+    if (!scratch) return -1;
+    float *scores = scratch, *qf = scores + num_heads * longest, *acc = qf + features;
+    float *row = acc + features;
+    for (int64_t r = first; r < last; r++)
+        attend_row(q + r * features, k_pool, v_pool, key_blocks + r * max_blocks,
+                   key_ranges[2 * r], key_ranges[2 * r + 1],
+                   bias ? bias + r * bias_heads * bias_stride : NULL, bias_heads, bias_stride,
+                   out + r * features, num_heads, num_kv_heads, head_dim, block_size, scale,
+                   scores, qf, row, acc);
+    free(scratch);
+    return 0;
+}
+
+/* q and out [rows, H, D]; k_pool, v_pool [slots, H_kv, D]; key_blocks [rows, max_blocks];
+ * key_ranges [rows, 2] (lo, hi) with 0 <= lo < hi <= max_blocks x block_size. Rows are split
+ * among `num_threads` OpenMP threads. Returns 0, or -1 when scratch memory ran out. */
+int exegpt_paged_decode_bf16(const uint16_t *q, const uint16_t *k_pool, const uint16_t *v_pool,
+                             const int64_t *key_blocks, int64_t max_blocks,
+                             const int32_t *key_ranges, const float *bias, int64_t bias_heads,
+                             int64_t bias_stride, uint16_t *out, int64_t rows, int64_t num_heads,
+                             int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                             float scale, int num_threads) {
+    int failed = 0;
+    if (num_threads < 2 || rows < 2)
+        return attend_rows(0, rows, q, k_pool, v_pool, key_blocks, max_blocks, key_ranges, bias,
+                           bias_heads, bias_stride, out, num_heads, num_kv_heads, head_dim,
+                           block_size, scale);
+#pragma omp parallel num_threads(num_threads) reduction(| : failed)
+    {
+#ifdef _OPENMP
+        extern int omp_get_thread_num(void);
+        extern int omp_get_num_threads(void);
+        const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
+#else
+        const int64_t part = 0, parts = 1;
+#endif
+        const int64_t first = rows * part / parts, last = rows * (part + 1) / parts;
+        failed |= attend_rows(first, last, q, k_pool, v_pool, key_blocks, max_blocks, key_ranges,
+                              bias, bias_heads, bias_stride, out, num_heads, num_kv_heads,
+                              head_dim, block_size, scale) != 0;
+    }
+    return failed ? -1 : 0;
+}

@@ -1,0 +1,191 @@
+"""Decode attention read straight from the paged KV pool, by a small C kernel (paged_decode.c).
+
+Without it, a bfloat16 decode step on a CPU gathers each bucket's K/V blocks into a fresh copy,
+zeroes the stale tail of each row's last block and runs two batched matmuls over the copy with
+the queries laid out block-diagonally (decode_buckets.py, decode_attention.py): K and V are moved
+three times and the matmuls do H_kv times the useful work. On this project's development VM (an
+AMD EPYC with AVX512-BF16 and no AMX) that attention was 47% of a ~100M Llama decode step at 128
+rows (torch.profiler: bmm 29%, index_select 12%, index_fill 3%; benchmarks/step_time.py). The C
+kernel reads each visible key's K and V once, from its slot, in float32 arithmetic, and touches no
+padding and no stale slot: benchmarks/decode_attention.py compares the two.
+
+The kernel is compiled on first use with the machine's C compiler (`cc`, or $CC) for this CPU
+(-O3 -march=native, OpenMP across rows) into a cache directory ($EXEGPT_KERNEL_CACHE, default
+~/.cache/exegpt/kernels), keyed by the source, the flags and the CPU's feature flags, and loaded
+with ctypes (the call releases the GIL). Where no compiler works the step keeps the torch path,
+with one warning in the log; EXEGPT_NATIVE_DECODE=0 keeps it on purpose. It serves bfloat16 on a
+CPU only: float32 keeps SDPA (token-identical to transformers) and GPUs keep their kernels.
+
+Accuracy: scores, softmax and the weighted sum run in float32 and only the output is rounded to
+bfloat16, where the torch path also rounds the scores and the softmax weights to bfloat16, so
+this kernel is the closer of the two to float32 attention (tests/models/test_paged_decode.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("paged_decode.c")
+_FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
+_OPENMP = ("-fopenmp",)
+_NO_OPENMP = ("-fopenmp-simd",)  # vectorize the simd loops without the OpenMP runtime
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_tried = False
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept ($EXEGPT_KERNEL_CACHE, default ~/.cache/exegpt/kernels)."""
+    configured = os.environ.get("EXEGPT_KERNEL_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "exegpt" / "kernels"
+
+
+def enabled() -> bool:
+    """False where EXEGPT_NATIVE_DECODE=0 asks for the torch path."""
+    return os.environ.get("EXEGPT_NATIVE_DECODE", "1") != "0"
+
+
+def reads_the_pool(q: Tensor, cache_k: Tensor) -> bool:
+    """Whether decode queries `q` over the pool `cache_k` take this kernel: both bfloat16 in
+    host memory, contiguous pools, the kernel enabled and built."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.bfloat16
+        and cache_k.dtype == torch.bfloat16
+        and cache_k.is_contiguous()
+        and enabled()
+        and library() is not None
+    )
+
+
+def prepare(dtype: torch.dtype, device: torch.device) -> bool:
+    """Build (or load) the kernel now where a model of `dtype` on `device` decodes through it,
+    so that the first decode step does not wait for the compiler; returns whether it does."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or not enabled():
+        return False
+    return library() is not None
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel (built on first call), or None where it cannot be built."""
+    global _library, _tried
+    if _tried:
+        return _library
+    with _lock:
+        if not _tried:
+            try:
+                _library = _load(_build())
+            except (OSError, subprocess.SubprocessError) as exc:
+                logger.warning(
+                    "the native decode kernel could not be built (%s); decode attention "
+                    "keeps the torch path",
+                    exc,
+                )
+            _tried = True
+    return _library
+
+
+def paged_decode(
+    q: Tensor,
+    cache_k: Tensor,
+    cache_v: Tensor,
+    key_blocks: Tensor,
+    key_ranges: Tensor,
+    bias: Tensor | None,
+    block_size: int,
+    scale: float,
+) -> Tensor:
+    """softmax(q k^T * scale + bias) v for q [b, H, D] (one query token per row), row r over
+    its keys key_ranges[r, 0] .. key_ranges[r, 1] - 1, key t in block key_blocks[r, t //
+    block_size] of the pools [slots, H_kv, D]. `bias`: None or additive [b, H | 1, 1 | T]
+    (read at each visible key's column). Returns [b, H, D] in q's dtype."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native decode kernel is not built")
+    rows, num_heads, head_dim = q.shape
+    num_kv_heads = cache_k.shape[1]
+    if num_heads % num_kv_heads or cache_k.shape[2] != head_dim or cache_v.shape != cache_k.shape:
+        raise ValueError(f"queries {tuple(q.shape)} do not match the pool {tuple(cache_k.shape)}")
+    q = q.contiguous()
+    blocks = key_blocks.to(torch.int64).contiguous()
+    ranges = key_ranges.to(torch.int32).contiguous()
+    out = torch.empty_like(q)
+    bias_heads = bias_stride = 0
+    if bias is not None:
+        bias = bias.reshape(bias.shape[0], bias.shape[1], -1).to(torch.float32)
+        bias = bias.expand(rows, -1, -1).contiguous()
+        bias_heads, bias_stride = bias.shape[1], bias.shape[2]
+    status = lib.exegpt_paged_decode_bf16(
+        q.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), blocks.data_ptr(),
+        blocks.shape[1], ranges.data_ptr(), bias.data_ptr() if bias is not None else None,
+        bias_heads, bias_stride, out.data_ptr(), rows, num_heads, num_kv_heads, head_dim,
+        block_size, scale, torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("the native decode kernel could not allocate its scratch")
+    return out
+
+
+def _build() -> Path:
+    """The compiled kernel's path, compiling it unless the cache holds this build."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (cc, gcc or $CC) found")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        source + " ".join((compiler, *_FLAGS, platform.machine(), _cpu_flags())).encode()
+    ).hexdigest()[:16]
+    target = cache_dir() / f"paged_decode-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        errors = []
+        for extra in (_OPENMP, _NO_OPENMP):
+            command = [compiler, *_FLAGS, *extra, str(SOURCE), "-o", str(built), "-lm"]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            if done.returncode == 0:
+                os.replace(built, target)  # atomic: a concurrent builder finds a whole file
+                logger.info("built the native decode kernel: %s", " ".join(command))
+                return target
+            errors.append(done.stderr.strip()[-400:])
+    raise OSError(f"{compiler} failed: {' | '.join(errors)}")
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (-march=native builds for them), or '' where unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    function = lib.exegpt_paged_decode_bf16
+    pointer, int64 = ctypes.c_void_p, ctypes.c_int64
+    function.argtypes = [
+        pointer, pointer, pointer, pointer, int64, pointer, pointer, int64, int64, pointer,
+        int64, int64, int64, int64, int64, ctypes.c_float, ctypes.c_int,
+    ]  # fmt: skip
+    function.restype = ctypes.c_int
+    return lib
