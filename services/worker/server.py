@@ -28,9 +28,9 @@ from exegpt.generation import (
     chunk_to_proto,
     request_from_proto,
 )
+from exegpt.models import paged_decode
 from exegpt.models.kv_cache import KVCachePool, KVCacheSpec
 from exegpt.models.loader import LoadedModel, ModelCard
-from exegpt.models import paged_decode
 from exegpt.models.prepack import linear_kernel, pack_linears
 from exegpt.serving import ROUTER_ID_METADATA, GrpcServer, start_grpc_server
 from exegpt.stops import StopMatcher

@@ -27,13 +27,13 @@ from opentelemetry import trace
 
 from exegpt import tracing
 from exegpt.dtypes import DtypeError, torch_dtype
+from exegpt.models import paged_decode
 from exegpt.models.attention import LayerKV
 from exegpt.models.batch import DecodeBatch, PrefillBatch, batch_from_tensors
 from exegpt.models.checkpoint import Model
 from exegpt.models.defaults import DEFAULT_MODEL_NAME
 from exegpt.models.kv_cache import KVCachePool
 from exegpt.models.loader import load_model
-from exegpt.models import paged_decode
 from exegpt.models.prepack import pack_linears
 from exegpt.models.stage import build_stage, stage_kv_spec
 from exegpt.models.stage_spec import LayerRange, StageSpec
