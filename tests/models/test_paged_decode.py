@@ -219,3 +219,19 @@ def test_a_built_kernel_is_reused_from_the_cache(
     built_ns = first.stat().st_mtime_ns
     assert native._build() == first and first.stat().st_mtime_ns == built_ns
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no scratch left behind
+
+
+def test_a_portable_build_attends_the_same(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Built for any x86-64 (no AVX512: the C fallbacks of every vectorised loop), the kernel
+    gives the native build's attention within float32 summation order and one bf16 rounding."""
+    case = _case(12, 4, 40, 16, [70, 1, 33, 16, 17], window=50, seed=7)
+    bias = torch.randn(5, 12, 1, 80, generator=torch.Generator().manual_seed(2))
+    tuned = _run(case, bias, 0.2)
+    portable_flags = tuple(f for f in native._FLAGS if not f.startswith("-march"))
+    monkeypatch.setattr(native, "_FLAGS", portable_flags)
+    monkeypatch.setenv("EXEGPT_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_tried", False)
+    portable = _run(case, bias, 0.2)
+    torch.testing.assert_close(portable.float(), tuned.float(), rtol=2**-7, atol=1e-6)
+    torch.testing.assert_close(portable.float(), _reference(case, bias, 0.2), rtol=2**-8, atol=1e-6)
