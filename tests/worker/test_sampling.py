@@ -20,6 +20,19 @@ def test_greedy_takes_argmax_per_row() -> None:
     assert sample_rows(logits, [row(), row()]).token_ids == [1, 0]
 
 
+def test_greedy_picks_the_first_of_equal_maxima_as_torch_does() -> None:
+    # bfloat16 logits of a real vocabulary's width tie often: rounded to 8 bits of mantissa,
+    # and non-contiguous rows (a slice of a wider tensor) too.
+    generator = torch.Generator().manual_seed(0)
+    wide = torch.randn(16, 2 * 32128, generator=generator).round().to(torch.bfloat16)
+    logits = wide[:, ::2]
+    assert not logits.is_contiguous()
+    expected = logits.float().argmax(dim=-1).tolist()
+    for r in range(16):  # a tie at the top in every row
+        assert int((logits[r] == logits[r].max()).sum()) > 1
+    assert sample_rows(logits, [row()] * 16).token_ids == expected
+
+
 def test_seeded_sampling_is_reproducible_and_top_p_limits_choices() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     draws = [
