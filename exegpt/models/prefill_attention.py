@@ -30,6 +30,8 @@ to it. float32 and GPUs keep SDPA (float32 stays token-identical to transformers
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -42,8 +44,14 @@ QUERY_BLOCK = 64
 SCORES_BUDGET = 1 << 19
 # Longest prompt the blocked path runs (the measured range); longer ones keep SDPA.
 MAX_TOKENS = 1024
-# Within a block, keys before its first token are all visible: only its own square is masked.
-_HIDDEN = torch.ones(QUERY_BLOCK, QUERY_BLOCK, dtype=torch.bool).triu(1)
+
+
+@functools.cache
+def _hidden() -> Tensor:
+    """Within a block, keys before its first token are all visible: only its own square is
+    masked. Built on first use, not at import: any tensor op opens an OpenMP team on the
+    importing thread (exegpt/compute_threads.py)."""
+    return torch.ones(QUERY_BLOCK, QUERY_BLOCK, dtype=torch.bool).triu(1)
 
 
 def matmul_prefill_applies(q: Tensor, num_kv_heads: int) -> bool:
@@ -88,7 +96,7 @@ def _attend_rows(queries: Tensor, keys_t: Tensor, values: Tensor, out: Tensor) -
         size = end - start
         block = queries[:, :, start:end].reshape(rows, group * size, head_dim)
         scores = torch.bmm(block, keys_t[:, :, :end]).view(rows, group, size, end)
-        scores[..., start:].masked_fill_(_HIDDEN[:size, :size], float("-inf"))
+        scores[..., start:].masked_fill_(_hidden()[:size, :size], float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(queries.dtype)
         probs = probs.view(rows, group * size, end)
         out[:, :, start:end] = torch.bmm(probs, values[:, :end]).view(rows, group, size, head_dim)

@@ -248,9 +248,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
 
 
 async def serve(config: WorkerConfig) -> None:
-    import torch
-
     from exegpt.allocator import configure_allocator
+    from exegpt.compute_threads import in_passing_thread, serial_main_thread
     from exegpt.models.loader import load_model, read_model_card
     from services.worker.server import build_pipeline_engine, start_worker
 
@@ -258,14 +257,17 @@ async def serve(config: WorkerConfig) -> None:
     allocator = configure_allocator()
     if allocator:
         logger.info("malloc: %s", allocator)
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
+    # Only the engine's thread computes: the model loads on a thread that ends with the load,
+    # and this one stays serial (exegpt/compute_threads.py says why).
+    threads = serial_main_thread(config.torch_threads)
     # `auto` is decided for the device that runs the layers: this one, or the stages'.
     compute_device = config.device if config.stage_addresses is None else config.topology.device
     dtype = resolve_dtype(config.dtype, compute_device)
     if config.stage_addresses is None:
-        loaded = load_model(config.model, device=config.device, dtype=dtype)
-        worker = await start_worker(config, loaded)
+        loaded = await in_passing_thread(
+            lambda: load_model(config.model, device=config.device, dtype=dtype), threads, "load"
+        )
+        worker = await start_worker(config, loaded, torch_threads=threads)
     else:
         card = read_model_card(config.model, dtype=dtype)
         pipeline = _pipeline(config, card)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from exegpt.compute_threads import use_threads
 from exegpt.generation import InvalidRequestError
 from exegpt.models.config import ModelConfig
 from exegpt.models.kv_cache import BlockAllocator
@@ -125,10 +126,15 @@ class Engine:
         self._submitted: dict[int, tuple[StepKind, int]] = {}  # step id -> kind, rows
         self._clock = EngineClock()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._torch_threads: int | None = None
 
     # ---- called from other threads -------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, torch_threads: int | None = None) -> None:
+        """Run the engine loop on its thread, with `torch_threads` OpenMP threads (None: the
+        thread's default). It should be the process's one computing thread
+        (exegpt/compute_threads.py)."""
+        self._torch_threads = torch_threads
         self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -253,6 +259,7 @@ class Engine:
         """The engine thread. Should the loop raise (a defect), its requests get an error and
         the replica reports itself unhealthy and refuses new ones, rather than hang."""
         try:
+            use_threads(self._torch_threads)
             self._loop()
         except Exception as exc:
             logger.exception("the engine loop failed; failing its requests")

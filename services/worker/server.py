@@ -19,6 +19,7 @@ from opentelemetry import trace
 
 from exegpt import tracing
 from exegpt.chat import ChatTemplate
+from exegpt.compute_threads import in_passing_thread
 from exegpt.dtypes import dtype_name
 from exegpt.generation import (
     FinishReason,
@@ -320,13 +321,20 @@ def build_engine(loaded: LoadedModel, config: EngineConfig) -> Engine:
 
 
 async def start_worker(
-    config: WorkerConfig, loaded: LoadedModel | ModelCard, engine: Engine | None = None
+    config: WorkerConfig,
+    loaded: LoadedModel | ModelCard,
+    engine: Engine | None = None,
+    torch_threads: int | None = None,
 ) -> RunningWorker:
-    """Serve `engine` (default: one over `loaded` in this process) over gRPC."""
+    """Serve `engine` (default: one over `loaded` in this process, built on a passing thread
+    and run with `torch_threads`: exegpt/compute_threads.py) over gRPC."""
     if engine is None:
         assert isinstance(loaded, LoadedModel), "an in-process engine needs the weights"
-        engine = build_engine(loaded, config.engine)
-    engine.start()
+        model = loaded
+        engine = await in_passing_thread(
+            lambda: build_engine(model, config.engine), torch_threads, "build-engine"
+        )
+    engine.start(torch_threads)
     metrics_port = await start_metrics_port(
         config.metrics_host, config.metrics_port, config.security, metrics_of(engine, loaded.name)
     )

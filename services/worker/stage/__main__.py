@@ -64,19 +64,18 @@ def config_from_args(args: argparse.Namespace) -> StageConfig:
 
 
 async def serve(config: StageConfig) -> None:
-    import torch
-
     from exegpt.allocator import configure_allocator
+    from exegpt.compute_threads import serial_main_thread
     from exegpt.serving import wait_for_shutdown_signal
     from exegpt.v1 import stage_pb2_grpc
     from services.worker.stage.runtime import StageRuntime
     from services.worker.stage.server import StageServicer
 
+    # Only the stage loop computes: this thread stays serial (exegpt/compute_threads.py).
+    threads = serial_main_thread(config.torch_threads)
     configure_allocator()
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
     runtime = StageRuntime(config.host, config.device, config.model_roots)
-    runtime.start()
+    runtime.start(threads)
     stop = asyncio.Event()
     servicer = StageServicer(runtime, config.host, stop)
     server = await start_grpc_server(

@@ -26,6 +26,7 @@ import zmq
 from opentelemetry import trace
 
 from exegpt import tracing
+from exegpt.compute_threads import use_threads
 from exegpt.dtypes import DtypeError, torch_dtype
 from exegpt.models import paged_decode
 from exegpt.models.attention import LayerKV
@@ -86,8 +87,12 @@ class StageRuntime:
         self._idle_since_s = time.time()  # when it last finished a step (handoff.py)
         self.counters = StageCounters()
         self._thread = threading.Thread(target=self._loop, name="stage-loop", daemon=True)
+        self.torch_threads: int | None = None
 
-    def start(self) -> None:
+    def start(self, torch_threads: int | None = None) -> None:
+        """Run the stage loop on its thread with `torch_threads` OpenMP threads (None: the
+        thread's default): the process's one computing thread (exegpt/compute_threads.py)."""
+        self.torch_threads = torch_threads
         self._thread.start()
 
     def stop(self) -> None:
@@ -191,6 +196,7 @@ class StageRuntime:
     # ---- the loop --------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        use_threads(self.torch_threads)
         while not self._stopping.is_set():
             try:
                 message = self._pull.recv(timeout_ms=100)

@@ -8,6 +8,7 @@ import socket
 
 import grpc
 
+from exegpt.compute_threads import in_passing_thread
 from exegpt.v1 import stage_pb2, stage_pb2_grpc
 from services.worker.stage.runtime import LoadError, StageRuntime
 
@@ -46,7 +47,12 @@ class StageServicer(stage_pb2_grpc.StageServicer):
     ) -> stage_pb2.StageInfo:
         async with self._load_lock:
             try:
-                await asyncio.to_thread(self._runtime.load, request)
+                # On a thread that ends with the load, so that its OpenMP team goes with it
+                # and the stage loop's stays the only one (exegpt/compute_threads.py).
+                runtime = self._runtime
+                await in_passing_thread(
+                    lambda: runtime.load(request), runtime.torch_threads, "stage-load"
+                )
             except LoadError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except (OSError, RuntimeError, ValueError) as exc:
