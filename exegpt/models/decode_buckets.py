@@ -154,14 +154,14 @@ def attend_buckets(
     it applies (paged_decode.py), otherwise gathered whole blocks at a time."""
     for bucket in buckets:
         assert cache_k is not None and cache_v is not None
-        queries = q[bucket.query_index]  # [b, H, D]
-        if bucket.key_ranges is not None and reads_the_pool(queries, cache_k):
+        if bucket.key_ranges is not None and reads_the_pool(q, cache_k) and out.is_contiguous():
             bias = None if _is_bool(bucket.mask) else bucket.mask  # T5's position bias
-            out[bucket.query_index] = paged_decode(
-                queries, cache_k, cache_v, bucket.key_blocks, bucket.key_ranges, bias,
-                block_size, scale,
+            paged_decode(
+                q, cache_k, cache_v, bucket.key_blocks, bucket.key_ranges, bias, block_size,
+                scale, bucket.query_index, out,
             )  # fmt: skip
             continue
+        queries = q[bucket.query_index]  # [b, H, D]
         # The matmul kernel overwrites a hidden key's score whatever it is (a NaN included)
         # when the mask is boolean: only the values need zeroing then.
         keep_keys = matmul_attention_applies(queries) and _is_bool(bucket.mask)

@@ -166,8 +166,9 @@ static void attend_row(const uint16_t *q, const uint16_t *k_pool, const uint16_t
 
 /* Rows first .. last-1 of the call below, with scratch of their own; returns 0, or -1 when the
  * scratch cannot be allocated. */
-static int attend_rows(int64_t first, int64_t last, const uint16_t *q, const uint16_t *k_pool,
-                       const uint16_t *v_pool, const int64_t *key_blocks, int64_t max_blocks,
+static int attend_rows(int64_t first, int64_t last, const uint16_t *q, const int64_t *row_index,
+                       const uint16_t *k_pool, const uint16_t *v_pool,
+                       const int64_t *key_blocks, int64_t max_blocks,
                        const int32_t *key_ranges, const float *bias, int64_t bias_heads,
                        int64_t bias_stride, uint16_t *out, int64_t num_heads,
                        int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale) {
@@ -181,20 +182,25 @@ static int attend_rows(int64_t first, int64_t last, const uint16_t *q, const uin
     if (!scratch) return -1;
     float *scores = scratch, *acc = scores + num_heads * longest;
     float *row = acc + features;
-    for (int64_t r = first; r < last; r++)
-        attend_row(q + r * features, k_pool, v_pool, key_blocks + r * max_blocks,
+    for (int64_t r = first; r < last; r++) {
+        const int64_t at = row_index ? row_index[r] : r; /* the row's query and output */
+        attend_row(q + at * features, k_pool, v_pool, key_blocks + r * max_blocks,
                    key_ranges[2 * r], key_ranges[2 * r + 1],
                    bias ? bias + r * bias_heads * bias_stride : NULL, bias_heads, bias_stride,
-                   out + r * features, num_heads, num_kv_heads, head_dim, block_size, scale,
+                   out + at * features, num_heads, num_kv_heads, head_dim, block_size, scale,
                    scores, row, acc);
+    }
     free(scratch);
     return 0;
 }
 
-/* q and out [rows, H, D]; k_pool, v_pool [slots, H_kv, D]; key_blocks [rows, max_blocks];
- * key_ranges [rows, 2] (lo, hi) with 0 <= lo < hi <= max_blocks x block_size. Rows are split
- * among `num_threads` OpenMP threads. Returns 0, or -1 when scratch memory ran out. */
-int exegpt_paged_decode_bf16(const uint16_t *q, const uint16_t *k_pool, const uint16_t *v_pool,
+/* q and out [N, H, D]; row r reads q[row_index[r]] and writes out[row_index[r]] (row_index
+ * NULL: row r itself, N = rows); k_pool, v_pool [slots, H_kv, D]; key_blocks [rows,
+ * max_blocks]; key_ranges [rows, 2] (lo, hi) with 0 <= lo < hi <= max_blocks x block_size.
+ * Rows are split among `num_threads` OpenMP threads. Returns 0, or -1 when scratch memory ran
+ * out. */
+int exegpt_paged_decode_bf16(const uint16_t *q, const int64_t *row_index, const uint16_t *k_pool,
+                             const uint16_t *v_pool,
                              const int64_t *key_blocks, int64_t max_blocks,
                              const int32_t *key_ranges, const float *bias, int64_t bias_heads,
                              int64_t bias_stride, uint16_t *out, int64_t rows, int64_t num_heads,
@@ -202,7 +208,8 @@ int exegpt_paged_decode_bf16(const uint16_t *q, const uint16_t *k_pool, const ui
                              float scale, int num_threads) {
     int failed = 0;
     if (num_threads < 2 || rows < 2)
-        return attend_rows(0, rows, q, k_pool, v_pool, key_blocks, max_blocks, key_ranges, bias,
+        return attend_rows(0, rows, q, row_index, k_pool, v_pool, key_blocks, max_blocks,
+                           key_ranges, bias,
                            bias_heads, bias_stride, out, num_heads, num_kv_heads, head_dim,
                            block_size, scale);
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
@@ -215,7 +222,8 @@ int exegpt_paged_decode_bf16(const uint16_t *q, const uint16_t *k_pool, const ui
         const int64_t part = 0, parts = 1;
 #endif
         const int64_t first = rows * part / parts, last = rows * (part + 1) / parts;
-        failed |= attend_rows(first, last, q, k_pool, v_pool, key_blocks, max_blocks, key_ranges,
+        failed |= attend_rows(first, last, q, row_index, k_pool, v_pool, key_blocks,
+                              max_blocks, key_ranges,
                               bias, bias_heads, bias_stride, out, num_heads, num_kv_heads,
                               head_dim, block_size, scale) != 0;
     }

@@ -109,32 +109,49 @@ def paged_decode(
     bias: Tensor | None,
     block_size: int,
     scale: float,
+    query_index: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """softmax(q k^T * scale + bias) v for q [b, H, D] (one query token per row), row r over
-    its keys key_ranges[r, 0] .. key_ranges[r, 1] - 1, key t in block key_blocks[r, t //
-    block_size] of the pools [slots, H_kv, D]. `bias`: None or additive [b, H | 1, 1 | T]
-    (read at each visible key's column). Returns [b, H, D] in q's dtype."""
+    """softmax(q k^T * scale + bias) v for one query token per row: row r over its keys
+    key_ranges[r, 0] .. key_ranges[r, 1] - 1, key t in block key_blocks[r, t // block_size] of
+    the pools [slots, H_kv, D]. `bias`: None or additive [b, H | 1, 1 | T] (read at each
+    visible key's column).
+
+    Without `query_index`, q is [b, H, D] and a new [b, H, D] is returned. With it ([b]
+    distinct token indices), row r's query is q[query_index[r]] of q [N, H, D], and its output
+    is written to out[query_index[r]] of `out` (q's shape and dtype; the other rows are left as
+    they are), which is returned: a step's rows are read and written in place, with no gather
+    or scatter around the call."""
     lib = library()
     if lib is None:
         raise RuntimeError("the native decode kernel is not built")
-    rows, num_heads, head_dim = q.shape
+    num_heads, head_dim = q.shape[1:]
     num_kv_heads = cache_k.shape[1]
     if num_heads % num_kv_heads or cache_k.shape[2] != head_dim or cache_v.shape != cache_k.shape:
         raise ValueError(f"queries {tuple(q.shape)} do not match the pool {tuple(cache_k.shape)}")
     q = q.contiguous()
     blocks = key_blocks.to(torch.int64).contiguous()
     ranges = key_ranges.to(torch.int32).contiguous()
-    out = torch.empty_like(q)
+    rows = blocks.shape[0]
+    index = None
+    if query_index is None:
+        out = torch.empty_like(q)
+    else:
+        index = query_index.to(torch.int64).contiguous()
+        if out is None or out.shape != q.shape or out.dtype != q.dtype or index.shape != (rows,):
+            raise ValueError("an indexed call needs `out` like q and one index per row")
+        if not out.is_contiguous():
+            raise ValueError("`out` must be contiguous")
     bias_heads = bias_stride = 0
     if bias is not None:
         bias = bias.reshape(bias.shape[0], bias.shape[1], -1).to(torch.float32)
         bias = bias.expand(rows, -1, -1).contiguous()
         bias_heads, bias_stride = bias.shape[1], bias.shape[2]
     status = lib.exegpt_paged_decode_bf16(
-        q.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), blocks.data_ptr(),
-        blocks.shape[1], ranges.data_ptr(), bias.data_ptr() if bias is not None else None,
-        bias_heads, bias_stride, out.data_ptr(), rows, num_heads, num_kv_heads, head_dim,
-        block_size, scale, torch.get_num_threads(),
+        q.data_ptr(), index.data_ptr() if index is not None else None, cache_k.data_ptr(),
+        cache_v.data_ptr(), blocks.data_ptr(), blocks.shape[1], ranges.data_ptr(),
+        bias.data_ptr() if bias is not None else None, bias_heads, bias_stride, out.data_ptr(),
+        rows, num_heads, num_kv_heads, head_dim, block_size, scale, torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
         raise MemoryError("the native decode kernel could not allocate its scratch")
@@ -184,8 +201,8 @@ def _load(path: Path) -> ctypes.CDLL:
     function = lib.exegpt_paged_decode_bf16
     pointer, int64 = ctypes.c_void_p, ctypes.c_int64
     function.argtypes = [
-        pointer, pointer, pointer, pointer, int64, pointer, pointer, int64, int64, pointer,
-        int64, int64, int64, int64, int64, ctypes.c_float, ctypes.c_int,
+        pointer, pointer, pointer, pointer, pointer, int64, pointer, pointer, int64, int64,
+        pointer, int64, int64, int64, int64, int64, ctypes.c_float, ctypes.c_int,
     ]  # fmt: skip
     function.restype = ctypes.c_int
     return lib

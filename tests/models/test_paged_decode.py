@@ -122,6 +122,31 @@ def test_the_kernel_is_closer_to_float32_than_the_gathered_path() -> None:
     assert native_error < gathered_error
 
 
+def test_an_indexed_call_reads_and_writes_its_rows_in_place() -> None:
+    """Rows named by a query index read their queries from a larger q and write their outputs
+    into `out` at those tokens, leaving every other token's row as it was: the same bits as
+    gathering the queries, calling without an index and scattering the result."""
+    case = _case(12, 4, 64, 16, [40, 3, 17, 64, 9], seed=7)
+    tokens = torch.randn(9, 12, 64, generator=torch.Generator().manual_seed(2))
+    index = torch.tensor([6, 0, 8, 3, 1])  # a step's decode rows among its tokens, any order
+    q = tokens.to(torch.bfloat16)
+    q[index] = case["q"]
+    bias = torch.randn(5, 12, 1, 64, generator=torch.Generator().manual_seed(3))
+    out = torch.full_like(q, 7.0)
+    returned = native.paged_decode(
+        q, case["k"], case["v"], case["blocks"], case["ranges"], bias, 16, 0.125, index, out
+    )
+    assert returned is out
+    assert torch.equal(out[index], _run(case, bias, 0.125))
+    others = torch.ones(9, dtype=torch.bool)
+    others[index] = False
+    assert bool((out[others] == 7.0).all())
+    with pytest.raises(ValueError, match="one index per row"):
+        native.paged_decode(
+            q, case["k"], case["v"], case["blocks"], case["ranges"], None, 16, 0.1, index[:4], out
+        )
+
+
 def test_rows_split_among_threads_give_the_same_bits() -> None:
     case = _case(12, 4, 64, 16, [90, 3, 47, 64, 1, 128, 33], seed=5)
     threads = torch.get_num_threads()
