@@ -35,7 +35,13 @@ ENV PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/exegpt \
     PATH=/opt/exegpt/bin:${PATH}
 
-RUN if ! command -v python3 >/dev/null || ! python3 -m venv --help >/dev/null 2>&1; then \
+# gcc: the native bf16 decode kernel is compiled on first use (exegpt/models/paged_decode.py);
+# without a compiler the worker logs a warning and keeps the slower torch path.
+RUN if ! command -v gcc >/dev/null; then \
+        apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && if ! command -v python3 >/dev/null || ! python3 -m venv --help >/dev/null 2>&1; then \
         apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
         && rm -rf /var/lib/apt/lists/*; \
     fi \

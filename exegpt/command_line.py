@@ -21,6 +21,17 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return text
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (a count of threads, of items)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
 def configure_logging(args: argparse.Namespace) -> None:
     """One log format for every process, at the command's `--log-level` (INFO when it has
     none)."""

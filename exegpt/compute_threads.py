@@ -73,8 +73,8 @@ def run_in_passing_thread(fn: Callable[[], T], num_threads: int | None, name: st
     outcome: list = []
 
     def body() -> None:
-        use_threads(num_threads)
         try:
+            use_threads(num_threads)
             outcome.append((True, fn()))
         except BaseException as exc:  # re-raised in the caller
             outcome.append((False, exc))

@@ -49,6 +49,17 @@ def test_a_service_with_a_bad_flag_exits_with_one_clear_line(
     assert "scheduler failed to start: unknown task 'Q'" in caplog.text
 
 
+@pytest.mark.parametrize("name", ["worker", "stage", "up"])
+@pytest.mark.parametrize("count", ["0", "-2", "two"])
+def test_a_thread_count_below_one_is_refused_at_parse(
+    name: str, count: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main([name, "--torch-threads", count])
+    assert exited.value.code == 2
+    assert "--torch-threads" in capsys.readouterr().err
+
+
 def _options(help_text: str) -> str:
     """The options part of a help text (the usage line above it names the program)."""
     return help_text[help_text.index("\noptions:\n") :]

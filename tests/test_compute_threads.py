@@ -61,7 +61,10 @@ def test_a_passing_thread_returns_and_raises_what_its_function_does() -> None:
         raise ValueError("bad checkpoint")
 
     with pytest.raises(ValueError, match="bad checkpoint"):
-        run_in_passing_thread(broken, 1, "t")
+        run_in_passing_thread(broken, None, "t")  # None: the process's count stays as it is
+
+    with pytest.raises(RuntimeError, match="positive"):  # the real error, not a lost one
+        run_in_passing_thread(lambda: 0, -1, "t")
 
 
 def test_a_serving_process_takes_short_gil_turns() -> None:

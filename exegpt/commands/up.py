@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 from exegpt.chunk_budgets import DEFAULT_LONG_OUTPUT_MIN_TOKENS
+from exegpt.command_line import positive_int
 from exegpt.commands import autoplan
 from exegpt.dtypes import DTYPE_CHOICES
 from exegpt.launcher import Deployment, DeploymentConfig, LaunchError, RestartPolicy
@@ -108,7 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights, activations and KV cache of every worker (auto: bfloat16 where the "
         "device computes it fast, else float32)",
     )
-    parser.add_argument("--torch-threads", type=int, default=None, help="per worker")
+    parser.add_argument("--torch-threads", type=positive_int, default=None, help="per worker")
     add_topology_arguments(parser)
     parser.add_argument(
         "--device",

@@ -229,3 +229,13 @@ int exegpt_paged_decode_bf16(const uint16_t *q, const int64_t *row_index, const 
     }
     return failed ? -1 : 0;
 }
+
+/* 1 where this build splits rows among OpenMP threads, 0 where it runs them on the caller's
+ * thread (built without OpenMP: paged_decode.py falls back to that build). */
+int exegpt_paged_decode_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}

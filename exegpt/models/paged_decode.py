@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -129,12 +130,23 @@ def paged_decode(
     num_kv_heads = cache_k.shape[1]
     if num_heads % num_kv_heads or cache_k.shape[2] != head_dim or cache_v.shape != cache_k.shape:
         raise ValueError(f"queries {tuple(q.shape)} do not match the pool {tuple(cache_k.shape)}")
+    # The kernel trusts what it is given (C, no bounds checks): every shape and dtype it
+    # relies on is checked here, on metadata only. The values (ranges within the blocks,
+    # distinct indices within q) are the caller's: decode_buckets.py builds them so.
+    if not (q.dtype == cache_k.dtype == cache_v.dtype == torch.bfloat16):
+        raise ValueError("the kernel reads bfloat16 queries and pools")
+    if not (cache_k.is_contiguous() and cache_v.is_contiguous()):
+        raise ValueError("the pools must be contiguous")
     q = q.contiguous()
     blocks = key_blocks.to(torch.int64).contiguous()
     ranges = key_ranges.to(torch.int32).contiguous()
     rows = blocks.shape[0]
+    if ranges.shape != (rows, 2):
+        raise ValueError(f"key_ranges {tuple(ranges.shape)} is not one (first, end) per row")
     index = None
     if query_index is None:
+        if q.shape[0] != rows:
+            raise ValueError(f"{q.shape[0]} queries for {rows} rows of keys")
         out = torch.empty_like(q)
     else:
         index = query_index.to(torch.int64).contiguous()
@@ -147,6 +159,11 @@ def paged_decode(
         bias = bias.reshape(bias.shape[0], bias.shape[1], -1).to(torch.float32)
         bias = bias.expand(rows, -1, -1).contiguous()
         bias_heads, bias_stride = bias.shape[1], bias.shape[2]
+        if bias_heads not in (1, num_heads) or bias_stride < blocks.shape[1] * block_size:
+            raise ValueError(
+                f"bias {tuple(bias.shape)} does not cover {num_heads} heads (or 1) over "
+                f"{blocks.shape[1] * block_size} keys"
+            )
     status = lib.exegpt_paged_decode_bf16(
         q.data_ptr(), index.data_ptr() if index is not None else None, cache_k.data_ptr(),
         cache_v.data_ptr(), blocks.data_ptr(), blocks.shape[1], ranges.data_ptr(),
@@ -160,12 +177,14 @@ def paged_decode(
 
 def _build() -> Path:
     """The compiled kernel's path, compiling it unless the cache holds this build."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    configured = shlex.split(os.environ.get("CC", ""))  # e.g. CC="ccache gcc"
+    found = shutil.which("cc") or shutil.which("gcc")
+    compiler = configured or ([found] if found else [])
+    if not compiler:
         raise OSError("no C compiler (cc, gcc or $CC) found")
     source = SOURCE.read_bytes()
     key = hashlib.sha256(
-        source + " ".join((compiler, *_FLAGS, platform.machine(), _cpu_flags())).encode()
+        source + " ".join((*compiler, *_FLAGS, platform.machine(), _cpu_flags())).encode()
     ).hexdigest()[:16]
     target = cache_dir() / f"paged_decode-{key}.so"
     if target.exists():
@@ -175,14 +194,14 @@ def _build() -> Path:
         built = Path(scratch) / target.name
         errors = []
         for extra in (_OPENMP, _NO_OPENMP):
-            command = [compiler, *_FLAGS, *extra, str(SOURCE), "-o", str(built), "-lm"]
+            command = [*compiler, *_FLAGS, *extra, str(SOURCE), "-o", str(built), "-lm"]
             done = subprocess.run(command, capture_output=True, text=True, timeout=120)
             if done.returncode == 0:
                 os.replace(built, target)  # atomic: a concurrent builder finds a whole file
                 logger.info("built the native decode kernel: %s", " ".join(command))
                 return target
             errors.append(done.stderr.strip()[-400:])
-    raise OSError(f"{compiler} failed: {' | '.join(errors)}")
+    raise OSError(f"{' '.join(compiler)} failed: {' | '.join(errors)}")
 
 
 def _cpu_flags() -> str:
@@ -205,4 +224,13 @@ def _load(path: Path) -> ctypes.CDLL:
         pointer, int64, int64, int64, int64, int64, ctypes.c_float, ctypes.c_int,
     ]  # fmt: skip
     function.restype = ctypes.c_int
+    lib.exegpt_paged_decode_openmp.argtypes = []
+    lib.exegpt_paged_decode_openmp.restype = ctypes.c_int
     return lib
+
+
+def splits_rows() -> bool:
+    """Whether the built kernel splits a call's rows among OpenMP threads (False: it was
+    built without OpenMP, or not at all)."""
+    lib = library()
+    return lib is not None and bool(lib.exegpt_paged_decode_openmp())

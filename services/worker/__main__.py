@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from exegpt.command_line import command_main
+from exegpt.command_line import command_main, positive_int
 from exegpt.dtypes import DTYPE_CHOICES, resolve_dtype
 from exegpt.plan_file import PlanFile
 from exegpt.schedule import ScheduleKind
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights, activations and KV cache (auto: bfloat16 where the device computes it "
         "fast, else float32); logits and sampling stay float32",
     )
-    parser.add_argument("--torch-threads", type=int, default=None, help="intra-op threads")
+    parser.add_argument("--torch-threads", type=positive_int, default=None, help="intra-op threads")
     parser.add_argument(
         "--batching",
         choices=BATCHING_KINDS,

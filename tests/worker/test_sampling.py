@@ -5,6 +5,7 @@ import torch
 
 from services.worker.sampling import (
     RowSampling,
+    _argmax_rows,
     rows_from_tensors,
     sample_rows,
     sampling_tensors,
@@ -31,6 +32,13 @@ def test_greedy_picks_the_first_of_equal_maxima_as_torch_does() -> None:
     for r in range(16):  # a tie at the top in every row
         assert int((logits[r] == logits[r].max()).sum()) > 1
     assert sample_rows(logits, [row()] * 16).token_ids == expected
+    # The argmax itself on strided float32 rows (sample_rows hands it a float32 copy), with
+    # a NaN in one row: both libraries take a NaN over any number.
+    strided = wide.float()[:, ::2]
+    strided[3, 7] = float("nan")
+    assert not strided.is_contiguous()
+    assert _argmax_rows(strided) == strided.argmax(dim=-1).tolist()
+    assert _argmax_rows(strided)[3] == 7
 
 
 def test_seeded_sampling_is_reproducible_and_top_p_limits_choices() -> None:

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exegpt.command_line import command_main
+from exegpt.command_line import command_main, positive_int
 from exegpt.security import SecurityConfig, add_security_arguments, security_from_args
 from exegpt.serving import run_service, start_grpc_server, write_ready_file
 
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=defaults.host, help="interface to bind (gRPC and data)")
     parser.add_argument("--port", type=int, default=defaults.port, help="gRPC; 0 picks one")
     parser.add_argument("--device", default=defaults.device, help="cpu or cuda[:N]")
-    parser.add_argument("--torch-threads", type=int, default=None, help="intra-op threads")
+    parser.add_argument("--torch-threads", type=positive_int, default=None, help="intra-op threads")
     parser.add_argument(
         "--model-root",
         type=Path,
