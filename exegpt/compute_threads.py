@@ -14,19 +14,11 @@ So a computing process keeps its main thread serial (`serial_main_thread`, one O
 so it never opens a team), loads its model on a thread that ends when the load does
 (`in_passing_thread`: an ended thread's team goes with it), and gives the long-lived thread
 that computes (the engine loop, a stage's loop) the configured count (`use_threads`).
-
-The computing thread also shares the GIL with the serving loop, which streams each step's
-tokens. Python hands the GIL over on request only every switch interval (5 ms by default), so
-each time the loop woke to stream a step, the engine could wait up to 5 ms to run its next
-line. Serving processes take 0.5 ms turns (`short_gil_turns`): the loop's work then slips into
-the forward's GIL-free kernels. Measured on the development VM serving t5-small task G, two
-runs each, alternating: the engine's busy fraction 84% and 84% at 5 ms, 86% and 87% at 0.5 ms.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -34,8 +26,6 @@ from typing import TypeVar
 import torch
 
 T = TypeVar("T")
-
-GIL_TURN_S = 0.0005  # a serving process's switch interval (see the module's docstring)
 
 
 def serial_main_thread(num_threads: int | None) -> int:
@@ -45,11 +35,6 @@ def serial_main_thread(num_threads: int | None) -> int:
     count = num_threads or torch.get_num_threads()
     _settle(1)
     return count
-
-
-def short_gil_turns() -> None:
-    """Make this process's threads hand the GIL over every GIL_TURN_S when another waits."""
-    sys.setswitchinterval(GIL_TURN_S)
 
 
 def use_threads(num_threads: int | None) -> None:

@@ -65,15 +65,3 @@ def test_a_passing_thread_returns_and_raises_what_its_function_does() -> None:
 
     with pytest.raises(RuntimeError, match="positive"):  # the real error, not a lost one
         run_in_passing_thread(lambda: 0, -1, "t")
-
-
-def test_a_serving_process_takes_short_gil_turns() -> None:
-    # In a subprocess: the switch interval is the whole interpreter's.
-    out = run_python(
-        "import sys\n"
-        "from exegpt.compute_threads import GIL_TURN_S, short_gil_turns\n"
-        "before = sys.getswitchinterval()\n"
-        "short_gil_turns()\n"
-        "print(before, sys.getswitchinterval() == GIL_TURN_S < before)\n"
-    )
-    assert out == "0.005 True"

@@ -249,7 +249,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
 
 async def serve(config: WorkerConfig) -> None:
     from exegpt.allocator import configure_allocator
-    from exegpt.compute_threads import in_passing_thread, serial_main_thread, short_gil_turns
+    from exegpt.compute_threads import in_passing_thread, serial_main_thread
     from exegpt.models.loader import load_model, read_model_card
     from services.worker.server import build_pipeline_engine, start_worker
 
@@ -258,10 +258,8 @@ async def serve(config: WorkerConfig) -> None:
     if allocator:
         logger.info("malloc: %s", allocator)
     # Only the engine's thread computes: the model loads on a thread that ends with the load,
-    # and this one stays serial; the GIL changes hands in short turns (exegpt/compute_threads.py
-    # says why).
+    # and this one stays serial (exegpt/compute_threads.py says why).
     threads = serial_main_thread(config.torch_threads)
-    short_gil_turns()
     # `auto` is decided for the device that runs the layers: this one, or the stages'.
     compute_device = config.device if config.stage_addresses is None else config.topology.device
     dtype = resolve_dtype(config.dtype, compute_device)

@@ -65,16 +65,14 @@ def config_from_args(args: argparse.Namespace) -> StageConfig:
 
 async def serve(config: StageConfig) -> None:
     from exegpt.allocator import configure_allocator
-    from exegpt.compute_threads import serial_main_thread, short_gil_turns
+    from exegpt.compute_threads import serial_main_thread
     from exegpt.serving import wait_for_shutdown_signal
     from exegpt.v1 import stage_pb2_grpc
     from services.worker.stage.runtime import StageRuntime
     from services.worker.stage.server import StageServicer
 
-    # Only the stage loop computes: this thread stays serial, and the GIL changes hands in
-    # short turns (exegpt/compute_threads.py).
+    # Only the stage loop computes: this thread stays serial (exegpt/compute_threads.py).
     threads = serial_main_thread(config.torch_threads)
-    short_gil_turns()
     configure_allocator()
     runtime = StageRuntime(config.host, config.device, config.model_roots)
     runtime.start(threads)
