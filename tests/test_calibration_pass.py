@@ -40,6 +40,29 @@ def test_totals_that_took_known_multiples_calibrate_each_kind_by_its_own() -> No
     assert calibration.counts == {StageKind.ENCODE: 5, StageKind.DECODE: 50}
 
 
+def test_overlapping_steps_are_priced_on_their_whole_compute() -> None:
+    """A pipelined deployment's steps overlap (a WAA encode beside decode steps): the engine
+    caps each step's forward at its share of the wall time, and only the stages' compute
+    (compute_s) gives the factors; a worker without it (0) is read by its forward."""
+    model = load_cost_model(PROFILE).model
+    workload = workload_of("task:S", 0.25, model.shape.max_context_tokens)
+    costs = LayerCosts(model, WorkloadStats.from_workload(workload))
+    shape = model.shape
+    prefill_s = prefill_parts(costs, 4).outside_s + 2.0 * shape.num_encode_layers * sum(
+        costs.encode(4, 1)
+    )
+    decode_s = costs.embedding_s(8) + costs.lm_head_s(8)
+    decode_s += 1.5 * shape.num_decode_layers * sum(costs.decode(8, 1))
+    totals = {  # forwards cut to a fifth and a half by the overlap
+        "prefill": KindTotals(5, 20, prefill_s, 0.01, 5 * prefill_s),
+        "decode": KindTotals(50, 400, 25 * decode_s, 0.1, 50 * decode_s),
+    }
+    calibration = calibration_from_totals(PROFILE, "task:S", 0.25, totals)
+    assert calibration.factor(StageKind.ENCODE) == pytest.approx(2.0)
+    assert calibration.factor(StageKind.DECODE) == pytest.approx(1.5)
+    assert KindTotals(5, 20, 1.0, 0.0).work_s == 1.0  # no compute_s: the forward
+
+
 def test_a_fractional_mean_batch_is_priced_between_its_whole_neighbours() -> None:
     model = load_cost_model(PROFILE).model
     workload = workload_of("task:G", 0.25, model.shape.max_context_tokens)

@@ -4,16 +4,16 @@ calibrated profile.
 
 Before its measured burst, a deployment serves a short saturating burst of the same workload
 (router, gRPC, HTTP and the bench client all running, as in the measurement). The engine's
-clock over that burst (GetStats `step_totals`: steps, rows, forward and host seconds by step
-kind; services/worker/engine_clock.py) becomes one observation per kind of cost, each compared
-with what the uncalibrated profile predicts for the same steps:
+clock over that burst (GetStats `step_totals`: steps, rows, compute, forward and host seconds
+by step kind; services/worker/engine_clock.py) becomes one observation per kind of cost, each
+compared with what the uncalibrated profile predicts for the same steps:
 
-- ENCODE: a prefill step's forward at the mean rows admitted per step (linear between the
-  whole batch sizes around it, as the simulator prices a fractional batch) and the workload's
-  prompts, less what the simulator prices beside the encoder layers (the embeddings, the LM
-  head and an encoder-decoder's first decoder step, that one at the pass's decode factor:
-  `prefill_parts` in services/scheduler/simulator/common.py);
-- DECODE: a decode step's forward at the mean rows per step and the workload's expected KV
+- ENCODE: a prefill step's compute (`KindTotals.work_s`) at the mean rows admitted per step
+  (linear between the whole batch sizes around it, as the simulator prices a fractional
+  batch) and the workload's prompts, less what the simulator prices beside the encoder
+  layers (the embeddings, the LM head and an encoder-decoder's first decoder step, that one
+  at the pass's decode factor: `prefill_parts` in services/scheduler/simulator/common.py);
+- DECODE: a decode step's compute at the mean rows per step and the workload's expected KV
   lengths, less the embedding and the LM head;
 - OVERHEAD: the host seconds of all steps against the serving-overhead terms over the same
   steps, rows and admitted requests (linear in them, so the totals compare exactly).
@@ -54,6 +54,16 @@ class KindTotals:
     num_rows: int
     forward_s: float
     host_s: float
+    # The executor's compute, uncapped (GetStats compute_s): 0 from a worker without it.
+    compute_s: float = 0.0
+
+    @property
+    def work_s(self) -> float:
+        """The steps' compute to price: `compute_s`, else `forward_s`. forward_s is capped at
+        each step's share of the engine's wall time, so on a deployment whose steps overlap
+        (a WAA encode on its own device beside decode steps) it cuts them short: it read a
+        WAA-C encode factor of x0.24 where single-device deployments read x1.4-1.6."""
+        return self.compute_s if self.compute_s > 0 else self.forward_s
 
 
 def engine_totals(address: str) -> dict:
@@ -99,6 +109,7 @@ def totals_between(before: dict, after: dict) -> dict[str, KindTotals]:
             int(end.num_rows - start.num_rows),
             end.forward_s - start.forward_s,
             end.host_s - start.host_s,
+            end.compute_s - start.compute_s,
         )
     return delta
 
@@ -114,6 +125,7 @@ def sum_totals(parts: list[dict[str, KindTotals]]) -> dict[str, KindTotals]:
                 s.num_rows + t.num_rows,
                 s.forward_s + t.forward_s,
                 s.host_s + t.host_s,
+                s.compute_s + t.compute_s,
             )
     return summed
 
@@ -139,7 +151,7 @@ def calibration_from_totals(
     prefill, decode = totals.get("prefill"), totals.get("decode")
     if decode is not None and decode.num_steps > 0:
         rows = decode.num_rows / decode.num_steps
-        layers_s = decode.forward_s / decode.num_steps
+        layers_s = decode.work_s / decode.num_steps
         layers_s -= at_rows(rows, lambda r: costs.embedding_s(r) + costs.lm_head_s(r))
         predicted_s = at_rows(rows, lambda r: shape.num_decode_layers * sum(costs.decode(r, 1)))
         _keep(ratios, counts, StageKind.DECODE, layers_s, predicted_s, decode.num_steps)
@@ -149,7 +161,7 @@ def calibration_from_totals(
         # the decode factor the same pass read, as the calibrated simulator prices it).
         rows = prefill.num_rows / prefill.num_steps
         decode_factor = ratios.get(StageKind.DECODE, 1.0)
-        layers_s = prefill.forward_s / prefill.num_steps
+        layers_s = prefill.work_s / prefill.num_steps
         layers_s -= at_rows(rows, lambda r: _beside_encoder_s(costs, r, decode_factor))
         predicted_s = at_rows(rows, lambda r: prefill_parts(costs, r).encoder_s)
         _keep(ratios, counts, StageKind.ENCODE, layers_s, predicted_s, prefill.num_steps)

@@ -98,20 +98,22 @@ class WorkerStats(_message.Message):
     def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ..., kv_num_free_blocks: _Optional[int] = ..., kv_num_blocks: _Optional[int] = ..., num_finished: _Optional[int] = ..., num_aborted: _Optional[int] = ..., batching: _Optional[str] = ..., num_pending_prefill_tokens: _Optional[int] = ..., num_remaining_decode_tokens: _Optional[int] = ..., engine_policy: _Optional[str] = ..., num_preemptions: _Optional[int] = ..., num_recomputed_tokens: _Optional[int] = ..., queue_time_s: _Optional[float] = ..., step_totals: _Optional[_Iterable[_Union[StepTotals, _Mapping]]] = ..., busy_fraction: _Optional[float] = ..., head_waits: _Optional[_Mapping[str, int]] = ..., step_totals_by_rows: _Optional[_Iterable[_Union[StepTotals, _Mapping]]] = ...) -> None: ...
 
 class StepTotals(_message.Message):
-    __slots__ = ("kind", "num_steps", "num_rows", "forward_s", "host_s", "min_rows")
+    __slots__ = ("kind", "num_steps", "num_rows", "forward_s", "host_s", "min_rows", "compute_s")
     KIND_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_S_FIELD_NUMBER: _ClassVar[int]
     HOST_S_FIELD_NUMBER: _ClassVar[int]
     MIN_ROWS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     kind: str
     num_steps: int
     num_rows: int
     forward_s: float
     host_s: float
     min_rows: int
-    def __init__(self, kind: _Optional[str] = ..., num_steps: _Optional[int] = ..., num_rows: _Optional[int] = ..., forward_s: _Optional[float] = ..., host_s: _Optional[float] = ..., min_rows: _Optional[int] = ...) -> None: ...
+    compute_s: float
+    def __init__(self, kind: _Optional[str] = ..., num_steps: _Optional[int] = ..., num_rows: _Optional[int] = ..., forward_s: _Optional[float] = ..., host_s: _Optional[float] = ..., min_rows: _Optional[int] = ..., compute_s: _Optional[float] = ...) -> None: ...
 
 class SchedulePrediction(_message.Message):
     __slots__ = ("throughput_seq_s", "throughput_tokens_s", "latency_s", "meets_bound", "latency_bound_s", "workload")

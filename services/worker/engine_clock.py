@@ -31,6 +31,9 @@ class StepTotals:
     forward_s: float
     host_s: float
     min_rows: int = 0  # by rows: the band's smallest rows (`rows_band`); 0: every step
+    # The executor's compute, uncapped: forward_s is capped at each step's share of the wall
+    # time, which cuts short steps that overlapped others (a pipeline's); this is not.
+    compute_s: float = 0.0
 
 
 def rows_band(num_rows: int) -> int:
@@ -45,6 +48,7 @@ class _Totals:
     num_rows: int = 0
     forward_s: float = 0.0
     host_s: float = 0.0
+    compute_s: float = 0.0
 
 
 class EngineClock:
@@ -72,9 +76,10 @@ class EngineClock:
         """A step's result was applied: charge it the wall time since the last mark.
         Returns the host seconds charged (the wall time beyond its forward)."""
         now = time.perf_counter()
-        wall_s = now - self._mark_s if self._mark_s is not None else forward_s
+        compute_s = max(0.0, forward_s)
+        wall_s = now - self._mark_s if self._mark_s is not None else compute_s
         self._mark_s = now
-        forward_s = min(max(0.0, forward_s), wall_s) if wall_s > 0 else 0.0
+        forward_s = min(compute_s, wall_s) if wall_s > 0 else 0.0
         with self._lock:
             band = self._by_rows.setdefault((kind, rows_band(num_rows)), _Totals())
             for totals in (self._totals[kind], band):
@@ -82,12 +87,13 @@ class EngineClock:
                 totals.num_rows += num_rows
                 totals.forward_s += forward_s
                 totals.host_s += wall_s - forward_s
+                totals.compute_s += compute_s
         return wall_s - forward_s
 
     def totals(self) -> list[StepTotals]:
         with self._lock:
             return [
-                StepTotals(kind, t.num_steps, t.num_rows, t.forward_s, t.host_s)
+                StepTotals(kind, t.num_steps, t.num_rows, t.forward_s, t.host_s, 0, t.compute_s)
                 for kind, t in self._totals.items()
             ]
 
@@ -95,7 +101,7 @@ class EngineClock:
         """The totals per kind and band of rows, in kind then band order (bands with steps)."""
         with self._lock:
             return [
-                StepTotals(kind, t.num_steps, t.num_rows, t.forward_s, t.host_s, band)
+                StepTotals(kind, t.num_steps, t.num_rows, t.forward_s, t.host_s, band, t.compute_s)
                 for (kind, band), t in sorted(self._by_rows.items())
             ]
 

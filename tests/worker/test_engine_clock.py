@@ -56,6 +56,26 @@ def test_every_step_is_charged_to_its_kind(served) -> None:
     assert totals["decode"].num_steps >= max(MAX_TOKENS) - 1
     for kind in totals.values():
         assert kind.forward_s > 0 and kind.host_s > 0, kind
+        # In process a step's forward fits between two marks: nothing is capped.
+        assert kind.compute_s == pytest.approx(kind.forward_s), kind
+
+
+def test_a_step_that_overlapped_others_keeps_its_whole_compute() -> None:
+    # A WAA encode on its own device finishes just after a decode step: its share of the
+    # engine's wall time is a sliver, which caps its forward (the busy fraction stays a
+    # fraction), but its compute is counted whole for calibration.
+    from services.worker.engine_clock import EngineClock, busy_fraction
+
+    clock = EngineClock()
+    clock.start_busy()
+    clock.charge("decode", 8, 0.0)
+    clock.charge("prefill", 4, 0.5)  # reported by its stages; microseconds of wall since
+    prefill = next(t for t in clock.totals() if t.kind == "prefill")
+    assert prefill.compute_s == 0.5
+    assert prefill.forward_s < 0.01 and prefill.host_s == 0.0
+    assert 0.0 <= busy_fraction(clock.totals()) <= 1.0
+    (band,) = [t for t in clock.totals_by_rows() if t.kind == "prefill"]
+    assert band.compute_s == 0.5
 
 
 def test_the_steps_by_rows_add_up_to_their_kind_s_totals(served) -> None:
