@@ -16,18 +16,24 @@ PROFILE = "analytic:a40:opt-13b"
 ENCODER_DECODER = "analytic:a40:t5-11b"
 
 
-def test_totals_that_took_known_multiples_calibrate_each_kind_by_its_own() -> None:
+def _steps_at_known_multiples() -> tuple[float, float]:
+    """A prefill step of 4 requests whose layers took 2x the profile and a decode step of 8
+    rows at 1.5x, on task S x0.25; the embedding and LM head ran as priced (they are not
+    calibrated): their seconds."""
     model = load_cost_model(PROFILE).model
     workload = workload_of("task:S", 0.25, model.shape.max_context_tokens)
     costs = LayerCosts(model, WorkloadStats.from_workload(workload))
     shape = model.shape
-    # 5 prefill steps of 4 requests whose layers took 2x the profile, 50 decode steps of 8
-    # rows at 1.5x; the embedding and LM head ran as priced (they are not calibrated).
     prefill_s = prefill_parts(costs, 4).outside_s + 2.0 * shape.num_encode_layers * sum(
         costs.encode(4, 1)
     )
     decode_s = costs.embedding_s(8) + costs.lm_head_s(8)
     decode_s += 1.5 * shape.num_decode_layers * sum(costs.decode(8, 1))
+    return prefill_s, decode_s
+
+
+def test_totals_that_took_known_multiples_calibrate_each_kind_by_its_own() -> None:
+    prefill_s, decode_s = _steps_at_known_multiples()  # 5 prefill steps, 50 decode steps
     totals = {
         "prefill": KindTotals(5, 20, 5 * prefill_s, 0.01),
         "decode": KindTotals(50, 400, 50 * decode_s, 0.1),
@@ -44,15 +50,7 @@ def test_overlapping_steps_are_priced_on_their_whole_compute() -> None:
     """A pipelined deployment's steps overlap (a WAA encode beside decode steps): the engine
     caps each step's forward at its share of the wall time, and only the stages' compute
     (compute_s) gives the factors; a worker without it (0) is read by its forward."""
-    model = load_cost_model(PROFILE).model
-    workload = workload_of("task:S", 0.25, model.shape.max_context_tokens)
-    costs = LayerCosts(model, WorkloadStats.from_workload(workload))
-    shape = model.shape
-    prefill_s = prefill_parts(costs, 4).outside_s + 2.0 * shape.num_encode_layers * sum(
-        costs.encode(4, 1)
-    )
-    decode_s = costs.embedding_s(8) + costs.lm_head_s(8)
-    decode_s += 1.5 * shape.num_decode_layers * sum(costs.decode(8, 1))
+    prefill_s, decode_s = _steps_at_known_multiples()
     totals = {  # forwards cut to a fifth and a half by the overlap
         "prefill": KindTotals(5, 20, prefill_s, 0.01, 5 * prefill_s),
         "decode": KindTotals(50, 400, 25 * decode_s, 0.1, 50 * decode_s),
