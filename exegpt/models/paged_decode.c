@@ -166,8 +166,8 @@ static void attend_row(const uint16_t *q, const uint16_t *k_pool, const uint16_t
 
 /* Rows first .. last-1 of the call below, with scratch of their own; returns 0, or -1 when the
  * scratch cannot be allocated. */
-static int attend_rows(int64_t first, int64_t last, const uint16_t *q, const int64_t *row_index,
-                       const uint16_t *k_pool, const uint16_t *v_pool,
+static int attend_rows(int64_t first, int64_t last, const uint16_t *q,
+                       const int64_t *row_index, const uint16_t *k_pool, const uint16_t *v_pool,
                        const int64_t *key_blocks, int64_t max_blocks,
                        const int32_t *key_ranges, const float *bias, int64_t bias_heads,
                        int64_t bias_stride, uint16_t *out, int64_t num_heads,
@@ -199,8 +199,8 @@ static int attend_rows(int64_t first, int64_t last, const uint16_t *q, const int
  * max_blocks]; key_ranges [rows, 2] (lo, hi) with 0 <= lo < hi <= max_blocks x block_size.
  * Rows are split among `num_threads` OpenMP threads. Returns 0, or -1 when scratch memory ran
  * out. */
-int exegpt_paged_decode_bf16(const uint16_t *q, const int64_t *row_index, const uint16_t *k_pool,
-                             const uint16_t *v_pool,
+int exegpt_paged_decode_bf16(const uint16_t *q, const int64_t *row_index,
+                             const uint16_t *k_pool, const uint16_t *v_pool,
                              const int64_t *key_blocks, int64_t max_blocks,
                              const int32_t *key_ranges, const float *bias, int64_t bias_heads,
                              int64_t bias_stride, uint16_t *out, int64_t rows, int64_t num_heads,
@@ -209,9 +209,8 @@ int exegpt_paged_decode_bf16(const uint16_t *q, const int64_t *row_index, const 
     int failed = 0;
     if (num_threads < 2 || rows < 2)
         return attend_rows(0, rows, q, row_index, k_pool, v_pool, key_blocks, max_blocks,
-                           key_ranges, bias,
-                           bias_heads, bias_stride, out, num_heads, num_kv_heads, head_dim,
-                           block_size, scale);
+                           key_ranges, bias, bias_heads, bias_stride, out, num_heads,
+                           num_kv_heads, head_dim, block_size, scale);
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
 #ifdef _OPENMP
@@ -223,9 +222,8 @@ int exegpt_paged_decode_bf16(const uint16_t *q, const int64_t *row_index, const 
 #endif
         const int64_t first = rows * part / parts, last = rows * (part + 1) / parts;
         failed |= attend_rows(first, last, q, row_index, k_pool, v_pool, key_blocks,
-                              max_blocks, key_ranges,
-                              bias, bias_heads, bias_stride, out, num_heads, num_kv_heads,
-                              head_dim, block_size, scale) != 0;
+                              max_blocks, key_ranges, bias, bias_heads, bias_stride, out,
+                              num_heads, num_kv_heads, head_dim, block_size, scale) != 0;
     }
     return failed ? -1 : 0;
 }
