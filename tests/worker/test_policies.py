@@ -113,7 +113,9 @@ def test_sjf_serves_a_short_request_before_the_long_ones_queued_ahead(engine_fac
 
 
 def test_sjf_aging_bounds_the_wait_of_a_long_request(engine_factory) -> None:
-    max_wait_s = 0.3
+    # A bound long enough for several short requests to go first even on a loaded machine
+    # (at 0.3 s a loaded CI run admitted only 4 of them before it).
+    max_wait_s = 1.0
     engine = engine_factory(EnginePolicy.SJF, max_batch_size=1, max_wait_s=max_wait_s)
     first = submit(engine, [3, 4], "first", max_tokens=4, ignore_eos=True)
     long = submit(engine, [5, 6], "long", max_tokens=20, ignore_eos=True)
