@@ -72,11 +72,13 @@ class EngineClock:
         """The engine is about to wait with nothing in flight: that time is not charged."""
         self._mark_s = None
 
-    def charge(self, kind: str, num_rows: int, forward_s: float) -> float:
-        """A step's result was applied: charge it the wall time since the last mark.
-        Returns the host seconds charged (the wall time beyond its forward)."""
+    def charge(self, kind: str, num_rows: int, compute_s: float) -> float:
+        """A step's result was applied: charge it the wall time since the last mark, of
+        which its forward is the executor's `compute_s` capped at that wall time (compute_s
+        itself is kept whole). Returns the host seconds charged (the wall time beyond its
+        forward)."""
         now = time.perf_counter()
-        compute_s = max(0.0, forward_s)
+        compute_s = max(0.0, compute_s)
         wall_s = now - self._mark_s if self._mark_s is not None else compute_s
         self._mark_s = now
         forward_s = min(compute_s, wall_s) if wall_s > 0 else 0.0
