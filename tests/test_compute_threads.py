@@ -8,7 +8,16 @@ import pytest
 
 from exegpt.compute_threads import run_in_passing_thread
 
-COUNT = "import os\ndef threads():\n    return len(os.listdir('/proc/self/task'))\n"
+COUNT = (
+    "import os, time\n"
+    "def threads():\n"
+    "    return len(os.listdir('/proc/self/task'))\n"
+    "def threads_settled_at(want):\n"  # an ended thread's OS thread and team leave after join
+    "    deadline = time.monotonic() + 10\n"
+    "    while threads() != want and time.monotonic() < deadline:\n"
+    "        time.sleep(0.01)\n"
+    "    return threads()\n"
+)
 
 
 def run_python(code: str) -> str:
@@ -46,7 +55,8 @@ def test_a_passing_thread_takes_its_team_along_and_the_main_thread_stays_serial(
         "work = lambda: (torch.get_num_threads(), int(torch.ones(256, 256).triu(1).sum()))\n"
         "inside = run_in_passing_thread(work, count, 'load')\n"
         "torch.ones(256, 256).triu_(1)\n"  # main's first op after the loader set 2
-        "print(count, inside[0], inside[1], torch.get_num_threads(), before, threads())\n"
+        "print(count, inside[0], inside[1], torch.get_num_threads(), before,"
+        " threads_settled_at(before))\n"
     )
     count, inside, total, main_threads, before, after = map(int, out.split())
     assert (count, inside, total) == (2, 2, 256 * 255 // 2)
