@@ -246,6 +246,15 @@ def relative_position_bucket(
     return buckets + torch.where(is_small, distance, large)
 
 
+def causal_distance_bias(table: nn.Embedding, max_distance: int) -> Tensor:
+    """A causal (decoder) stack's bias by distance: [max_distance + 1, H], row d for a key d
+    positions before its query (d = 0 also for a key at or after it, as the bucketing has
+    it). Every distance from `max_distance` on falls in the last bucket, so the bias of any
+    query and key positions is this table read at (query - key) clamped to 0..max_distance."""
+    distance = torch.arange(max_distance + 1, device=table.weight.device)
+    return table(relative_position_bucket(-distance, False, table.num_embeddings, max_distance))
+
+
 def relative_position_bias(
     table: nn.Embedding,
     query_positions: Tensor,

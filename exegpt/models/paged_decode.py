@@ -64,9 +64,20 @@ def enabled() -> bool:
 def reads_the_pool(q: Tensor, cache_k: Tensor) -> bool:
     """Whether decode queries `q` over the pool `cache_k` take this kernel: both bfloat16 in
     host memory, contiguous pools, the kernel enabled and built."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and _serves(cache_k)
+
+
+def bias_dtype(pool: Tensor | None) -> torch.dtype | None:
+    """The dtype to build a decode step's additive bias over `pool` in: float32 where this
+    kernel reads the pool (it adds the bias in float32 and takes one built so as it is, where
+    one in the model's dtype would be converted again in every layer); None elsewhere: the
+    model's own."""
+    return torch.float32 if pool is not None and _serves(pool) else None
+
+
+def _serves(cache_k: Tensor) -> bool:
     return (
-        q.device.type == "cpu"
-        and q.dtype == torch.bfloat16
+        cache_k.device.type == "cpu"
         and cache_k.dtype == torch.bfloat16
         and cache_k.is_contiguous()
         and enabled()
