@@ -50,6 +50,12 @@ class _Totals:
     host_s: float = 0.0
     compute_s: float = 0.0
 
+    def as_step_totals(self, kind: str, min_rows: int = 0) -> StepTotals:
+        return StepTotals(
+            kind, self.num_steps, self.num_rows, self.forward_s, self.host_s, min_rows,
+            self.compute_s,
+        )  # fmt: skip
+
 
 class EngineClock:
     """Charges the engine thread's busy wall time to the steps it applies (thread-safe
@@ -94,17 +100,13 @@ class EngineClock:
 
     def totals(self) -> list[StepTotals]:
         with self._lock:
-            return [
-                StepTotals(kind, t.num_steps, t.num_rows, t.forward_s, t.host_s, 0, t.compute_s)
-                for kind, t in self._totals.items()
-            ]
+            return [t.as_step_totals(kind) for kind, t in self._totals.items()]
 
     def totals_by_rows(self) -> list[StepTotals]:
         """The totals per kind and band of rows, in kind then band order (bands with steps)."""
         with self._lock:
             return [
-                StepTotals(kind, t.num_steps, t.num_rows, t.forward_s, t.host_s, band, t.compute_s)
-                for (kind, band), t in sorted(self._by_rows.items())
+                t.as_step_totals(kind, band) for (kind, band), t in sorted(self._by_rows.items())
             ]
 
 
